@@ -1,0 +1,154 @@
+// Recording onto the tape, value bookkeeping and saved-slot unpacking.
+#include "autograd/graph.h"
+
+#include "autograd/grad_mode.h"
+
+namespace remat {
+
+const char* slot_state_name(SlotState s) {
+  switch (s) {
+    case SlotState::kept: return "kept";
+    case SlotState::dropped: return "dropped";
+    case SlotState::offloaded: return "offloaded";
+    case SlotState::released: return "released";
+  }
+  return "?";
+}
+
+std::string ValueInfo::meta_str() const {
+  return std::string(dtype_name(dtype)) + shape_str(shape) + " on " + device.str();
+}
+
+Tensor BackwardContext::saved(size_t slot) const { return graph_.unpack(node_, slot); }
+
+namespace {
+thread_local std::weak_ptr<Graph> t_graph;
+}
+
+std::shared_ptr<Graph> current_graph() {
+  std::shared_ptr<Graph> g = t_graph.lock();
+  if (!g || g->freed) {
+    g = std::make_shared<Graph>();
+    t_graph = g;
+  }
+  return g;
+}
+
+int64_t Graph::add_value(const Tensor& t, int64_t producer, int output_index, bool requires_grad) {
+  ValueInfo v;
+  v.shape = t.shape();
+  v.dtype = t.dtype();
+  v.device = t.device();
+  v.producer = producer;
+  v.output_index = output_index;
+  v.requires_grad = requires_grad;
+  v.version = t.version();
+  v.tag = t.tag();
+  values.push_back(std::move(v));
+  return static_cast<int64_t>(values.size()) - 1;
+}
+
+int64_t Graph::value_of(const Tensor& t) {
+  const auto& meta = t.autograd_meta_ptr();
+  if (meta && meta->graph.get() == this) return meta->value_id;
+  if (meta && meta->graph) {
+    // A non-leaf of another graph: that graph was freed by a backward (or lives on another thread).
+    int64_t id = add_value(t, -1, 0, t.requires_grad());
+    values[id].stale = true;
+    return id;
+  }
+  if (t.requires_grad()) {
+    // One value per leaf, so that its gradient is summed once and a region holds it once.
+    auto found = leaf_values.find(meta.get());
+    if (found != leaf_values.end()) return found->second;
+    int64_t id = add_value(t, -1, 0, true);
+    values[id].leaf = meta;
+    leaf_values[meta.get()] = id;
+    return id;
+  }
+  return add_value(t, -1, 0, false);
+}
+
+void Graph::hold(int64_t value, const Tensor& data) {
+  ValueInfo& v = values[value];
+  if (v.holds++ == 0) v.data = data.detach();
+}
+
+void Graph::release(int64_t value) {
+  ValueInfo& v = values[value];
+  REMAT_ASSERT(v.holds > 0, "release of value ", value, " that nothing holds");
+  if (--v.holds == 0) v.data = Tensor();
+}
+
+Tensor Graph::unpack(int64_t node, size_t slot) {
+  Node& n = *nodes[node];
+  REMAT_ASSERT(slot < n.saved.size(), n.name(), " has ", n.saved.size(), " saved slots, asked for ", slot);
+  const SavedSlot& s = n.saved[slot];
+  switch (s.state) {
+    case SlotState::kept: {
+      const ValueInfo& v = values[s.value];
+      REMAT_ASSERT(v.data.defined(), "kept slot without data");
+      REMAT_CHECK(v.data.version() == v.version, "backward of ", n.name(), " (node ", node,
+                  "): a tensor it saved (", v.meta_str(), ") was modified by an in-place operation after it was ",
+                  "saved (version ", v.data.version(), ", expected ", v.version, ")");
+      return v.data;
+    }
+    case SlotState::released:
+      REMAT_FAIL("backward through the graph a second time: the saved tensors of ", n.name(), " (node ", node,
+                 ") were freed by an earlier backward; pass retain_graph=true to that backward to run it twice");
+    case SlotState::dropped:
+    case SlotState::offloaded:
+      REMAT_ASSERT(hooks != nullptr, "a slot is ", slot_state_name(s.state), " but no checkpoint layer is installed");
+      return hooks->unpack_dropped(*this, node, slot);
+  }
+  return Tensor();
+}
+
+void Graph::drop_slot(int64_t node, size_t slot) {
+  SavedSlot& s = nodes[node]->saved[slot];
+  if (s.state != SlotState::kept) return;
+  s.state = SlotState::dropped;
+  release(s.value);
+}
+
+std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>& inputs) {
+  bool needs_grad = false;
+  if (grad_enabled())
+    for (const Tensor& t : inputs) needs_grad = needs_grad || (t.defined() && t.requires_grad());
+  std::vector<Tensor> outputs;
+  {
+    NoGradGuard no_grad;  // forward is pure kernels; nothing inside is recorded
+    outputs = node->forward(inputs);
+  }
+  for (Tensor& out : outputs) out = out.detach();  // fresh autograd state, even for views and pass-throughs
+  if (!needs_grad) return outputs;
+
+  std::shared_ptr<Graph> graph = current_graph();
+  Graph& g = *graph;
+  int64_t index = static_cast<int64_t>(g.nodes.size());
+  for (const Tensor& t : inputs) node->inputs.push_back(t.defined() ? g.value_of(t) : -1);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    bool differentiable = node->output_differentiable(i) && is_floating(outputs[i].dtype());
+    int64_t id = g.add_value(outputs[i], index, static_cast<int>(i), differentiable);
+    AutogradMeta& meta = outputs[i].autograd_meta();
+    meta.requires_grad = differentiable;
+    meta.graph = graph;
+    meta.value_id = id;
+    node->outputs.push_back(id);
+  }
+  size_t n_in = inputs.size();
+  for (int idx : node->saved_indices(n_in)) {
+    REMAT_CHECK(idx >= 0 && static_cast<size_t>(idx) < n_in + outputs.size(), node->name(), ": saves index ", idx,
+                " but has ", n_in, " inputs and ", outputs.size(), " outputs");
+    const Tensor& t = static_cast<size_t>(idx) < n_in ? inputs[idx] : outputs[idx - n_in];
+    int64_t value = static_cast<size_t>(idx) < n_in ? node->inputs[idx] : node->outputs[idx - n_in];
+    REMAT_ASSERT(value >= 0, node->name(), " saves an undefined input");
+    g.hold(value, t);
+    node->saved.push_back({value, SlotState::kept});
+  }
+  g.nodes.push_back(std::move(node));
+  if (g.hooks) g.hooks->on_record(g, index, inputs);
+  return outputs;
+}
+
+}  // namespace remat

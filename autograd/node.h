@@ -1,0 +1,65 @@
+// A node of the tape: one recorded op with typed attributes (in the subclass), a pure forward,
+// the saved slots its backward reads, and its backward. Forward depends on inputs and attributes
+// only, which is what lets checkpointing replay a node exactly.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/op_list.h"
+#include "runtime/tensor.h"
+
+namespace remat {
+
+class Graph;
+
+// kept: the graph holds the value's data for this slot. dropped: metadata only; a checkpoint
+// region can rebuild it by replay. offloaded: held in host memory. released: freed by backward.
+enum class SlotState : uint8_t { kept, dropped, offloaded, released };
+const char* slot_state_name(SlotState s);
+
+struct SavedSlot {
+  int64_t value = -1;  // value id in the graph
+  SlotState state = SlotState::kept;
+};
+
+// What a node's backward sees: output gradients (undefined = zero), which input gradients are
+// wanted, and its saved tensors, each reached only through unpack.
+class BackwardContext {
+ public:
+  BackwardContext(Graph& graph, int64_t node, std::vector<Tensor> grad_outputs, std::vector<bool> needs_input_grad)
+      : graph_(graph), node_(node), grad_outputs_(std::move(grad_outputs)), needs_(std::move(needs_input_grad)) {}
+  const Tensor& grad_output(size_t i) const { return grad_outputs_[i]; }
+  bool needs_input_grad(size_t i) const { return needs_[i]; }
+  Tensor saved(size_t slot) const;  // unpacks the node's saved slot (may replay a checkpoint region)
+
+ private:
+  Graph& graph_;
+  int64_t node_;
+  std::vector<Tensor> grad_outputs_;
+  std::vector<bool> needs_;
+};
+
+class Node {
+ public:
+  virtual ~Node() = default;
+  virtual OpKind kind() const = 0;
+  virtual const char* name() const { return op_name(kind()); }
+  // Pure: the outputs as a function of inputs and attributes.
+  virtual std::vector<Tensor> forward(const std::vector<Tensor>& inputs) const = 0;
+  // The tensors backward needs, as indices into inputs (0..n-1) then outputs (n..n+m-1).
+  virtual std::vector<int> saved_indices(size_t num_inputs) const = 0;
+  // Gradients for each input (undefined where not needed or zero).
+  virtual std::vector<Tensor> backward(const BackwardContext& ctx) const = 0;
+  // Outputs that carry no gradient (statistics such as mean/rstd, log-sum-exp).
+  virtual bool output_differentiable(size_t) const { return true; }
+
+  // Filled in when recorded.
+  std::vector<int64_t> inputs;
+  std::vector<int64_t> outputs;
+  std::vector<SavedSlot> saved;
+  int region = -1;  // innermost checkpoint region containing the node, -1 if none
+};
+
+}  // namespace remat

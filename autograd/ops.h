@@ -1,0 +1,88 @@
+// Differentiable ops on tensors. Shapes: B batch, T time, C channels, H heads, D head dim, V vocab.
+// Every op validates its inputs and throws remat::Error naming what it expected and what it got.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.h"
+
+namespace remat {
+
+// Elementwise, broadcasting like NumPy.
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor add_scalar(const Tensor& x, double s);
+Tensor mul_scalar(const Tensor& x, double s);
+Tensor pow_scalar(const Tensor& x, double exponent);
+Tensor neg(const Tensor& x);
+Tensor exp(const Tensor& x);
+Tensor log(const Tensor& x);
+Tensor tanh(const Tensor& x);
+Tensor sqrt(const Tensor& x);
+Tensor rsqrt(const Tensor& x);
+Tensor relu(const Tensor& x);
+Tensor gelu(const Tensor& x);  // tanh approximation (GPT-2)
+Tensor silu(const Tensor& x);
+Tensor sigmoid(const Tensor& x);
+
+// Reductions over `axes` (all axes when empty).
+Tensor sum(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdim = false);
+Tensor mean(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdim = false);
+Tensor max(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdim = false);
+
+// Shape ops. reshape, permute, slice and expand return views where the layout allows.
+Tensor reshape(const Tensor& x, Shape shape);  // one dim may be -1
+Tensor permute(const Tensor& x, std::vector<int64_t> dims);
+Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1);
+Tensor slice(const Tensor& x, int64_t axis, int64_t start, int64_t end);
+Tensor concat(const std::vector<Tensor>& xs, int64_t axis);
+std::vector<Tensor> split(const Tensor& x, int64_t axis, std::vector<int64_t> sizes);
+Tensor expand(const Tensor& x, Shape shape);
+Tensor contiguous(const Tensor& x);
+
+// a[..., M, K] @ b[..., K, N] (op(a) = a^T when trans_a, likewise b). Batch dims equal, or b 2-D.
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+// x[..., I] W[O, I]^T + bias[O]; bias may be undefined.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+// Normalises the last axis: x[..., C], weight[C], bias[C].
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
+Tensor softmax(const Tensor& x);  // over the last axis
+// q, k, v [B, H, T, D] -> [B, H, T, D]; scale defaults to 1/sqrt(D).
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale = 0.0);
+// Zeroes each element with probability p and scales the rest by 1/(1-p); identity when !training.
+// The mask comes from the global Philox stream and is stored as (seed, offset) on the node.
+Tensor dropout(const Tensor& x, double p, bool training = true);
+// idx[...] (i32/i64) into weight[V, C] -> [..., C].
+Tensor embedding(const Tensor& idx, const Tensor& weight);
+// logits[N, V], targets[N] (i32/i64) -> mean negative log-likelihood over rows != ignore_index.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+
+// A user-defined op (like torch.autograd.Function). forward must be a pure function of its inputs;
+// `saved` lists the inputs (0..n-1) and outputs (n..) that backward reads through ctx.saved(i).
+struct CustomOp {
+  std::string name;
+  std::function<std::vector<Tensor>(const std::vector<Tensor>&)> forward;
+  // (grad_outputs, saved tensors) -> one gradient per input (undefined where none).
+  std::function<std::vector<Tensor>(const std::vector<Tensor>&, const std::vector<Tensor>&)> backward;
+  std::vector<int> saved;
+};
+std::vector<Tensor> custom(const CustomOp& op, const std::vector<Tensor>& inputs);
+
+// Operators.
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+inline Tensor operator-(const Tensor& x) { return neg(x); }
+inline Tensor operator+(const Tensor& x, double s) { return add_scalar(x, s); }
+inline Tensor operator-(const Tensor& x, double s) { return add_scalar(x, -s); }
+inline Tensor operator*(const Tensor& x, double s) { return mul_scalar(x, s); }
+inline Tensor operator/(const Tensor& x, double s) { return mul_scalar(x, 1.0 / s); }
+inline Tensor operator*(double s, const Tensor& x) { return mul_scalar(x, s); }
+
+}  // namespace remat

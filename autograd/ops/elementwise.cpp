@@ -1,0 +1,158 @@
+// Elementwise ops: broadcasting add/sub/mul/div, scalar variants and unary functions.
+#include "autograd/ops/op_helpers.h"
+
+namespace remat {
+
+namespace {
+
+OpKind op_of(BinaryFn fn) {
+  switch (fn) {
+    case BinaryFn::add: return OpKind::add;
+    case BinaryFn::sub: return OpKind::sub;
+    case BinaryFn::mul: return OpKind::mul;
+    case BinaryFn::div: return OpKind::div;
+  }
+  return OpKind::add;
+}
+
+OpKind op_of(UnaryFn fn) {
+  switch (fn) {
+    case UnaryFn::add_scalar: return OpKind::add_scalar;
+    case UnaryFn::mul_scalar: return OpKind::mul_scalar;
+    case UnaryFn::pow_scalar: return OpKind::pow_scalar;
+    case UnaryFn::neg: return OpKind::neg;
+    case UnaryFn::exp: return OpKind::exp;
+    case UnaryFn::log: return OpKind::log;
+    case UnaryFn::tanh: return OpKind::tanh;
+    case UnaryFn::sqrt: return OpKind::sqrt;
+    case UnaryFn::rsqrt: return OpKind::rsqrt;
+    case UnaryFn::relu: return OpKind::relu;
+    case UnaryFn::gelu: return OpKind::gelu;
+    case UnaryFn::silu: return OpKind::silu;
+    case UnaryFn::sigmoid: return OpKind::sigmoid;
+  }
+  return OpKind::neg;
+}
+
+class BinaryNode final : public Node {
+ public:
+  BinaryNode(BinaryFn fn, Shape a_shape, Shape b_shape) : fn_(fn), a_shape_(std::move(a_shape)), b_shape_(std::move(b_shape)) {}
+  OpKind kind() const override { return op_of(fn_); }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device()).binary(fn_, in[0], in[1])};
+  }
+  std::vector<int> saved_indices(size_t) const override {
+    switch (fn_) {
+      case BinaryFn::add:
+      case BinaryFn::sub: return {};
+      case BinaryFn::mul:
+      case BinaryFn::div: return {0, 1};
+    }
+    return {};
+  }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    const Tensor& g = ctx.grad_output(0);
+    Tensor ga, gb;
+    switch (fn_) {
+      case BinaryFn::add:
+        if (ctx.needs_input_grad(0)) ga = detail::sum_to(g, a_shape_);
+        if (ctx.needs_input_grad(1)) gb = detail::sum_to(g, b_shape_);
+        break;
+      case BinaryFn::sub:
+        if (ctx.needs_input_grad(0)) ga = detail::sum_to(g, a_shape_);
+        if (ctx.needs_input_grad(1)) gb = detail::sum_to(neg(g), b_shape_);
+        break;
+      case BinaryFn::mul:
+        if (ctx.needs_input_grad(0)) ga = detail::sum_to(mul(g, ctx.saved(1)), a_shape_);  // self: grad * other
+        if (ctx.needs_input_grad(1)) gb = detail::sum_to(mul(g, ctx.saved(0)), b_shape_);  // other: grad * self
+        break;
+      case BinaryFn::div: {
+        Tensor b = ctx.saved(1);
+        Tensor g_over_b = div(g, b);
+        if (ctx.needs_input_grad(0)) ga = detail::sum_to(g_over_b, a_shape_);                      // grad / other
+        if (ctx.needs_input_grad(1)) gb = detail::sum_to(neg(div(mul(g_over_b, ctx.saved(0)), b)), b_shape_);  // -grad * self / other^2
+        break;
+      }
+    }
+    return {ga, gb};
+  }
+
+ private:
+  BinaryFn fn_;
+  Shape a_shape_, b_shape_;
+};
+
+class UnaryNode final : public Node {
+ public:
+  UnaryNode(UnaryFn fn, double scalar) : fn_(fn), scalar_(scalar) {}
+  OpKind kind() const override { return op_of(fn_); }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device()).unary(fn_, detail::dense(in[0]), scalar_)};
+  }
+  // Which tensor the derivative reads: the input (0), the output (1), or neither.
+  std::vector<int> saved_indices(size_t) const override {
+    switch (fn_) {
+      case UnaryFn::add_scalar:
+      case UnaryFn::mul_scalar:
+      case UnaryFn::neg: return {};
+      case UnaryFn::pow_scalar:
+      case UnaryFn::log:
+      case UnaryFn::relu:
+      case UnaryFn::gelu:
+      case UnaryFn::silu: return {0};
+      case UnaryFn::exp:
+      case UnaryFn::tanh:
+      case UnaryFn::sqrt:
+      case UnaryFn::rsqrt:
+      case UnaryFn::sigmoid: return {1};
+    }
+    return {};
+  }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    std::vector<int> saved = saved_indices(1);
+    Tensor x, y;
+    if (!saved.empty()) (saved[0] == 0 ? x : y) = detail::dense(ctx.saved(0));
+    return {backend_for(kind(), g.device()).unary_backward(fn_, g, x, y, scalar_)};
+  }
+
+ private:
+  UnaryFn fn_;
+  double scalar_;
+};
+
+Tensor binary_op(BinaryFn fn, const Tensor& a, const Tensor& b) {
+  const char* name = op_name(op_of(fn));
+  detail::check_float(a, name, "a");
+  detail::check_float(b, name, "b");
+  detail::check_same(a, b, name);
+  broadcast_shapes(a.shape(), b.shape(), name);
+  return detail::apply<BinaryNode>({a, b}, fn, a.shape(), b.shape())[0];
+}
+
+Tensor unary_op(UnaryFn fn, const Tensor& x, double scalar = 0.0) {
+  detail::check_float(x, op_name(op_of(fn)), "x");
+  return detail::apply<UnaryNode>({x}, fn, scalar)[0];
+}
+
+}  // namespace
+
+Tensor add(const Tensor& a, const Tensor& b) { return binary_op(BinaryFn::add, a, b); }
+Tensor sub(const Tensor& a, const Tensor& b) { return binary_op(BinaryFn::sub, a, b); }
+Tensor mul(const Tensor& a, const Tensor& b) { return binary_op(BinaryFn::mul, a, b); }
+Tensor div(const Tensor& a, const Tensor& b) { return binary_op(BinaryFn::div, a, b); }
+Tensor add_scalar(const Tensor& x, double s) { return unary_op(UnaryFn::add_scalar, x, s); }
+Tensor mul_scalar(const Tensor& x, double s) { return unary_op(UnaryFn::mul_scalar, x, s); }
+Tensor pow_scalar(const Tensor& x, double e) { return unary_op(UnaryFn::pow_scalar, x, e); }
+Tensor neg(const Tensor& x) { return unary_op(UnaryFn::neg, x); }
+Tensor exp(const Tensor& x) { return unary_op(UnaryFn::exp, x); }
+Tensor log(const Tensor& x) { return unary_op(UnaryFn::log, x); }
+Tensor tanh(const Tensor& x) { return unary_op(UnaryFn::tanh, x); }
+Tensor sqrt(const Tensor& x) { return unary_op(UnaryFn::sqrt, x); }
+Tensor rsqrt(const Tensor& x) { return unary_op(UnaryFn::rsqrt, x); }
+Tensor relu(const Tensor& x) { return unary_op(UnaryFn::relu, x); }
+Tensor gelu(const Tensor& x) { return unary_op(UnaryFn::gelu, x); }
+Tensor silu(const Tensor& x) { return unary_op(UnaryFn::silu, x); }
+Tensor sigmoid(const Tensor& x) { return unary_op(UnaryFn::sigmoid, x); }
+
+}  // namespace remat

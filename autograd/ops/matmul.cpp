@@ -1,0 +1,102 @@
+// matmul (batched, transposed operands) and linear (GEMM + bias), with their backward as GEMMs.
+#include <algorithm>
+
+#include "autograd/ops/op_helpers.h"
+
+namespace remat {
+
+namespace {
+
+Tensor transpose_last(const Tensor& t) { return contiguous(transpose(t, -1, -2)); }
+
+class MatmulNode final : public Node {
+ public:
+  MatmulNode(bool ta, bool tb) : ta_(ta), tb_(tb) {}
+  OpKind kind() const override { return OpKind::matmul; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device()).matmul(detail::dense(in[0]), detail::dense(in[1]), ta_, tb_)};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    // C = op(A) op(B): d op(A) = dC op(B)^T, d op(B) = op(A)^T dC.
+    Tensor g = detail::dense(ctx.grad_output(0));
+    Tensor a = ctx.saved(0), b = ctx.saved(1);
+    Tensor ga, gb;
+    if (ctx.needs_input_grad(0)) {
+      Tensor d_op_a = matmul(g, b, false, !tb_);
+      ga = ta_ ? transpose_last(d_op_a) : d_op_a;
+    }
+    if (ctx.needs_input_grad(1)) {
+      Tensor d_op_b = matmul(a, g, !ta_, false);
+      if (b.dim() == 2 && d_op_b.dim() > 2) d_op_b = reshape(sum(reshape(d_op_b, {-1, d_op_b.size(-2), d_op_b.size(-1)}), {0}), {d_op_b.size(-2), d_op_b.size(-1)});
+      gb = tb_ ? transpose_last(d_op_b) : d_op_b;
+    }
+    return {ga, gb};
+  }
+
+ private:
+  bool ta_, tb_;
+};
+
+class LinearNode final : public Node {
+ public:
+  explicit LinearNode(bool has_bias) : has_bias_(has_bias) {}
+  OpKind kind() const override { return OpKind::linear; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    Tensor bias = has_bias_ ? detail::dense(in[2]) : Tensor();
+    return {backend_for(kind(), in[0].device()).linear(detail::dense(in[0]), detail::dense(in[1]), bias)};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    int64_t out_features = g.size(-1);
+    Tensor g2 = reshape(g, {-1, out_features});
+    std::vector<Tensor> grads(has_bias_ ? 3 : 2);
+    if (ctx.needs_input_grad(0)) grads[0] = matmul(g, ctx.saved(1));  // dx = dy W
+    if (ctx.needs_input_grad(1)) {
+      Tensor x = ctx.saved(0);
+      grads[1] = matmul(g2, reshape(x, {-1, x.size(-1)}), true, false);  // dW = dy^T x
+    }
+    if (has_bias_ && ctx.needs_input_grad(2)) grads[2] = sum(g2, {0});  // db = sum over rows of dy
+    return grads;
+  }
+
+ private:
+  bool has_bias_;
+};
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  detail::check_float(a, "matmul", "a");
+  detail::check_float(b, "matmul", "b");
+  detail::check_same(a, b, "matmul");
+  REMAT_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul: expected tensors with at least 2 dims, got ",
+              shape_str(a.shape()), " x ", shape_str(b.shape()));
+  int64_t k_a = trans_a ? a.size(-2) : a.size(-1);
+  int64_t k_b = trans_b ? b.size(-1) : b.size(-2);
+  REMAT_CHECK(k_a == k_b, "matmul: expected a.shape[", trans_a ? -2 : -1, "] == b.shape[", trans_b ? -1 : -2,
+              "], got ", shape_str(a.shape()), " x ", shape_str(b.shape()));
+  bool batch_ok = b.dim() == 2 || (a.dim() == b.dim() && std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin()));
+  REMAT_CHECK(batch_ok, "matmul: expected equal batch dims or a 2-D b, got ", shape_str(a.shape()), " x ",
+              shape_str(b.shape()));
+  return detail::apply<MatmulNode>({a, b}, trans_a, trans_b)[0];
+}
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  detail::check_float(x, "linear", "x");
+  detail::check_float(weight, "linear", "weight");
+  detail::check_same(x, weight, "linear");
+  REMAT_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "linear: expected x[..., I] and weight[O, I] with matching I, got ", shape_str(x.shape()), " and ",
+              shape_str(weight.shape()));
+  if (bias.defined()) {
+    detail::check_same(x, bias, "linear");
+    REMAT_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "linear: expected bias[", weight.size(0), "], got ",
+                shape_str(bias.shape()));
+    return detail::apply<LinearNode>({x, weight, bias}, true)[0];
+  }
+  return detail::apply<LinearNode>({x, weight}, false)[0];
+}
+
+}  // namespace remat

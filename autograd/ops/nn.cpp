@@ -1,0 +1,188 @@
+// Fused neural-network ops: layer_norm, softmax, attention, dropout, embedding, cross_entropy.
+#include <cmath>
+
+#include "autograd/ops/op_helpers.h"
+#include "runtime/random.h"
+
+namespace remat {
+
+namespace {
+
+class LayerNormNode final : public Node {
+ public:
+  explicit LayerNormNode(double eps) : eps_(eps) {}
+  OpKind kind() const override { return OpKind::layer_norm; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return backend_for(kind(), in[0].device())
+        .layer_norm(detail::dense(in[0]), detail::dense(in[1]), detail::dense(in[2]), eps_);
+  }
+  bool output_differentiable(size_t i) const override { return i == 0; }  // mean and rstd are statistics
+  std::vector<int> saved_indices(size_t) const override { return {0, 1, 4, 5}; }  // x, weight, mean, rstd
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    auto grads = backend_for(kind(), g.device())
+                     .layer_norm_backward(g, detail::dense(ctx.saved(0)), detail::dense(ctx.saved(1)), ctx.saved(2),
+                                          ctx.saved(3));
+    for (size_t i = 0; i < 3; ++i)
+      if (!ctx.needs_input_grad(i)) grads[i] = Tensor();
+    return grads;
+  }
+
+ private:
+  double eps_;
+};
+
+class SoftmaxNode final : public Node {
+ public:
+  OpKind kind() const override { return OpKind::softmax; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device()).softmax(detail::dense(in[0]))};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {1}; }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    return {backend_for(kind(), g.device()).softmax_backward(g, ctx.saved(0))};
+  }
+};
+
+class AttentionNode final : public Node {
+ public:
+  AttentionNode(bool causal, double scale) : causal_(causal), scale_(scale) {}
+  OpKind kind() const override { return OpKind::attention; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return backend_for(kind(), in[0].device())
+        .attention(detail::dense(in[0]), detail::dense(in[1]), detail::dense(in[2]), causal_, scale_);
+  }
+  bool output_differentiable(size_t i) const override { return i == 0; }  // lse is a statistic
+  std::vector<int> saved_indices(size_t) const override { return {0, 1, 2, 3, 4}; }  // q, k, v, o, lse
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    auto grads = backend_for(kind(), g.device())
+                     .attention_backward(g, detail::dense(ctx.saved(0)), detail::dense(ctx.saved(1)),
+                                         detail::dense(ctx.saved(2)), ctx.saved(3), ctx.saved(4), causal_, scale_);
+    for (size_t i = 0; i < 3; ++i)
+      if (!ctx.needs_input_grad(i)) grads[i] = Tensor();
+    return grads;
+  }
+
+ private:
+  bool causal_;
+  double scale_;
+};
+
+class DropoutNode final : public Node {
+ public:
+  DropoutNode(double p, RngState rng) : p_(p), rng_(rng) {}
+  OpKind kind() const override { return OpKind::dropout; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device()).dropout(detail::dense(in[0]), p_, rng_.seed, rng_.offset)};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {}; }  // the mask is regenerated from (seed, offset)
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    return {backend_for(kind(), g.device()).dropout(g, p_, rng_.seed, rng_.offset)};
+  }
+
+ private:
+  double p_;
+  RngState rng_;
+};
+
+class EmbeddingNode final : public Node {
+ public:
+  explicit EmbeddingNode(int64_t vocab) : vocab_(vocab) {}
+  OpKind kind() const override { return OpKind::embedding; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[1].device()).embedding(detail::dense(in[0]), detail::dense(in[1]))};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {0}; }  // the indices
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    return {Tensor(), backend_for(kind(), g.device()).embedding_backward(g, detail::dense(ctx.saved(0)), vocab_)};
+  }
+
+ private:
+  int64_t vocab_;
+};
+
+class CrossEntropyNode final : public Node {
+ public:
+  explicit CrossEntropyNode(int64_t ignore_index) : ignore_index_(ignore_index) {}
+  OpKind kind() const override { return OpKind::cross_entropy; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return backend_for(kind(), in[0].device()).cross_entropy(detail::dense(in[0]), detail::dense(in[1]), ignore_index_);
+  }
+  bool output_differentiable(size_t i) const override { return i == 0; }
+  std::vector<int> saved_indices(size_t) const override { return {0, 1, 3}; }  // logits, targets, lse
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    Tensor g = detail::dense(ctx.grad_output(0));
+    return {backend_for(kind(), g.device())
+                .cross_entropy_backward(g, detail::dense(ctx.saved(0)), detail::dense(ctx.saved(1)), ctx.saved(2),
+                                        ignore_index_),
+            Tensor()};
+  }
+
+ private:
+  int64_t ignore_index_;
+};
+
+}  // namespace
+
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  detail::check_float(x, "layer_norm", "x");
+  detail::check_float(weight, "layer_norm", "weight");
+  detail::check_float(bias, "layer_norm", "bias");
+  detail::check_same(x, weight, "layer_norm");
+  detail::check_same(x, bias, "layer_norm");
+  REMAT_CHECK(x.dim() >= 1 && weight.shape() == Shape{x.size(-1)} && bias.shape() == Shape{x.size(-1)},
+              "layer_norm: expected weight and bias of shape [", x.dim() ? x.size(-1) : 0, "] for x ",
+              shape_str(x.shape()), ", got ", shape_str(weight.shape()), " and ", shape_str(bias.shape()));
+  REMAT_CHECK(eps > 0, "layer_norm: expected eps > 0, got ", eps);
+  return detail::apply<LayerNormNode>({x, weight, bias}, eps)[0];
+}
+
+Tensor softmax(const Tensor& x) {
+  detail::check_float(x, "softmax", "x");
+  REMAT_CHECK(x.dim() >= 1, "softmax: expected at least 1 dim, got a scalar");
+  return detail::apply<SoftmaxNode>({x})[0];
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  for (const Tensor* t : {&q, &k, &v}) detail::check_float(*t, "attention", "q, k and v");
+  detail::check_same(q, k, "attention");
+  detail::check_same(q, v, "attention");
+  REMAT_CHECK(q.dim() == 4 && q.shape() == k.shape() && q.shape() == v.shape(),
+              "attention: expected q, k, v of one shape [B, H, T, D], got ", shape_str(q.shape()), ", ",
+              shape_str(k.shape()), ", ", shape_str(v.shape()));
+  if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  return detail::apply<AttentionNode>({q, k, v}, causal, scale)[0];
+}
+
+Tensor dropout(const Tensor& x, double p, bool training) {
+  detail::check_float(x, "dropout", "x");
+  REMAT_CHECK(p >= 0.0 && p < 1.0, "dropout: expected 0 <= p < 1, got ", p);
+  if (!training || p == 0.0) return x;
+  return detail::apply<DropoutNode>({x}, p, next_rng(static_cast<uint64_t>(x.numel())))[0];
+}
+
+Tensor embedding(const Tensor& idx, const Tensor& weight) {
+  detail::check_index(idx, "embedding", "indices");
+  detail::check_float(weight, "embedding", "weight");
+  REMAT_CHECK(weight.dim() == 2, "embedding: expected weight [V, C], got ", shape_str(weight.shape()));
+  REMAT_CHECK(idx.device() == weight.device(), "embedding: expected indices on ", weight.device().str(), ", got ",
+              idx.device().str());
+  return detail::apply<EmbeddingNode>({idx, weight}, weight.size(0))[0];
+}
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  detail::check_float(logits, "cross_entropy", "logits");
+  detail::check_index(targets, "cross_entropy", "targets");
+  REMAT_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "cross_entropy: expected logits [N, V] and targets [N], got ", shape_str(logits.shape()), " and ",
+              shape_str(targets.shape()));
+  REMAT_CHECK(logits.device() == targets.device(), "cross_entropy: expected targets on ", logits.device().str(),
+              ", got ", targets.device().str());
+  return detail::apply<CrossEntropyNode>({logits, targets}, ignore_index)[0];
+}
+
+}  // namespace remat

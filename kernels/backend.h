@@ -1,0 +1,80 @@
+// The kernel interface every backend implements (CPU now, CUDA in kernels/cuda/). Dispatch is an
+// explicit switch on the device in backend_for(); a backend lacking an op says so in supports().
+// Kernels take contiguous inputs (callers make them so) and return new contiguous tensors.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/op_list.h"
+#include "runtime/tensor.h"
+
+namespace remat {
+
+enum class UnaryFn : uint8_t { add_scalar, mul_scalar, pow_scalar, neg, exp, log, tanh, sqrt, rsqrt, relu, gelu, silu, sigmoid };
+enum class BinaryFn : uint8_t { add, sub, mul, div };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual bool supports(OpKind op) const = 0;
+
+  // Elementwise. unary_backward returns dy * f'(x), reading x or y = f(x), whichever f needs.
+  virtual Tensor unary(UnaryFn fn, const Tensor& x, double scalar) = 0;
+  virtual Tensor unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x, const Tensor& y, double scalar) = 0;
+  // Broadcasting binary op; strided (broadcast) inputs allowed.
+  virtual Tensor binary(BinaryFn fn, const Tensor& a, const Tensor& b) = 0;
+
+  // Reductions over `axes` (sorted, unique) keeping them as size-1 dims.
+  virtual Tensor reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) = 0;
+  virtual Tensor reduce_max(const Tensor& x, const std::vector<int64_t>& axes) = 0;
+  // dx for max: dy spread evenly over the positions that attain the max.
+  virtual Tensor reduce_max_backward(const Tensor& dy, const Tensor& x, const Tensor& y) = 0;
+
+  // A contiguous copy of any strided view (permute, expand, slice).
+  virtual Tensor copy_strided(const Tensor& x) = 0;
+  // Writes `src` into the slice [start, start + src.size(axis)) of `dst` along `axis`.
+  virtual void copy_into_slice(Tensor& dst, const Tensor& src, int64_t axis, int64_t start) = 0;
+
+  // C[..., M, N] = op(A)[..., M, K] @ op(B)[..., K, N]; batch dims of A and B equal, or B 2-D.
+  virtual Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) = 0;
+  // y[R, O] = x[R, I] W[O, I]^T + b[O] (b may be undefined).
+  virtual Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) = 0;
+
+  // Rows of C channels: y, mean[R], rstd[R].
+  virtual std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) = 0;
+  // dx, dw, db.
+  virtual std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                                  const Tensor& mean, const Tensor& rstd) = 0;
+  virtual Tensor softmax(const Tensor& x) = 0;  // over the last axis
+  virtual Tensor softmax_backward(const Tensor& dy, const Tensor& y) = 0;
+
+  // q, k, v [B, H, T, D] -> o [B, H, T, D], lse [B, H, T].
+  virtual std::vector<Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                        double scale) = 0;
+  // dq, dk, dv.
+  virtual std::vector<Tensor> attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& o, const Tensor& lse,
+                                                 bool causal, double scale) = 0;
+
+  // y = x * keep / (1 - p), keep drawn from Philox (seed, offset); also the backward (same mask).
+  virtual Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) = 0;
+
+  // out[..., C] = weight[idx[...], :]; backward accumulates rows in a fixed order.
+  virtual Tensor embedding(const Tensor& idx, const Tensor& weight) = 0;
+  virtual Tensor embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) = 0;
+
+  // logits [N, V], targets [N] -> mean loss (scalar) and lse [N]; rows whose target is
+  // ignore_index count neither in the loss nor in the mean.
+  virtual std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) = 0;
+  virtual Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
+                                        const Tensor& lse, int64_t ignore_index) = 0;
+};
+
+// The backend of a device; throws when that backend is not built.
+Backend& backend_for(Device device);
+// Throws "<backend> has no kernel for op <name>" when the device's backend lacks the op.
+Backend& backend_for(OpKind op, Device device);
+
+}  // namespace remat

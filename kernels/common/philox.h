@@ -1,0 +1,47 @@
+// Philox 4x32-10 counter-based RNG (Salmon et al., 2011), shared by the CPU and CUDA kernels.
+// Element i of a random op with attributes (seed, offset) draws lane i % 4 of the block at
+// counter offset + i / 4, so the same op replayed, or run on another device, gives the same bits.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/half.h"  // REMAT_HD
+
+namespace remat::philox {
+
+struct U32x4 {
+  uint32_t v[4];
+};
+
+REMAT_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
+  uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+REMAT_HD U32x4 philox4x32_10(uint64_t counter, uint64_t seed) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    uint32_t lo0 = mulhilo(kM0, c0, &hi0);
+    uint32_t lo1 = mulhilo(kM1, c2, &hi1);
+    uint32_t n0 = hi1 ^ c1 ^ k0, n1 = lo1, n2 = hi0 ^ c3 ^ k1, n3 = lo0;
+    c0 = n0; c1 = n1; c2 = n2; c3 = n3;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// The uint32 for element i of a stream starting at `offset` (offset counted in blocks of 4).
+REMAT_HD uint32_t bits_at(uint64_t seed, uint64_t offset, uint64_t i) {
+  return philox4x32_10(offset + i / 4, seed).v[i % 4];
+}
+
+// Uniform in [0, 1) with 24 random bits, exactly representable in f32.
+REMAT_HD float uniform_from_bits(uint32_t bits) { return static_cast<float>(bits >> 8) * (1.0f / 16777216.0f); }
+
+}  // namespace remat::philox

@@ -1,0 +1,112 @@
+// CPU layer_norm (fused forward/backward, saves mean and rstd) and softmax over the last axis.
+#include <cmath>
+#include <limits>
+
+#include "kernels/cpu/cpu_backend.h"
+
+namespace remat {
+
+std::vector<Tensor> CpuBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
+  int64_t c = x.size(-1), rows = x.numel() / (c == 0 ? 1 : c);
+  Tensor y = Tensor::empty(x.shape(), x.dtype());
+  Shape stat_shape(x.shape().begin(), x.shape().end() - 1);
+  Tensor mean = Tensor::empty(stat_shape, x.dtype()), rstd = Tensor::empty(stat_shape, x.dtype());
+  cpu::dispatch_float(x.dtype(), "layer_norm", [&]<typename T>() {
+    const T *px = x.data<T>(), *pw = w.data<T>(), *pb = b.data<T>();
+    T *py = y.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();
+#pragma omp parallel for if (rows * c > cpu::kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = px + r * c;
+      T sum = 0;
+      for (int64_t i = 0; i < c; ++i) sum += row[i];
+      T mu = sum / static_cast<T>(c);
+      T var = 0;
+      for (int64_t i = 0; i < c; ++i) var += (row[i] - mu) * (row[i] - mu);
+      T rs = T(1) / std::sqrt(var / static_cast<T>(c) + static_cast<T>(eps));
+      for (int64_t i = 0; i < c; ++i) py[r * c + i] = (row[i] - mu) * rs * pw[i] + pb[i];
+      pm[r] = mu;
+      pr[r] = rs;
+    }
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                                    const Tensor& mean, const Tensor& rstd) {
+  int64_t c = x.size(-1), rows = x.numel() / (c == 0 ? 1 : c);
+  Tensor dx = Tensor::empty(x.shape(), x.dtype());
+  Tensor dw = Tensor::empty(w.shape(), x.dtype()), db = Tensor::empty(w.shape(), x.dtype());
+  cpu::dispatch_float(x.dtype(), "layer_norm_backward", [&]<typename T>() {
+    const T *px = x.data<T>(), *pw = w.data<T>(), *pdy = dy.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();
+    T *pdx = dx.data<T>(), *pdw = dw.data<T>(), *pdb = db.data<T>();
+#pragma omp parallel for if (rows * c > cpu::kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T *row = px + r * c, *g = pdy + r * c;
+      T mu = pm[r], rs = pr[r];
+      T mean_dxhat = 0, mean_dxhat_xhat = 0;
+      for (int64_t i = 0; i < c; ++i) {
+        T xhat = (row[i] - mu) * rs, dxhat = g[i] * pw[i];
+        mean_dxhat += dxhat;
+        mean_dxhat_xhat += dxhat * xhat;
+      }
+      mean_dxhat /= static_cast<T>(c);
+      mean_dxhat_xhat /= static_cast<T>(c);
+      for (int64_t i = 0; i < c; ++i) {
+        T xhat = (row[i] - mu) * rs;
+        // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        pdx[r * c + i] = rs * (g[i] * pw[i] - mean_dxhat - xhat * mean_dxhat_xhat);
+      }
+    }
+    // Parameter gradients: each channel sums over rows in row order, channels in parallel.
+#pragma omp parallel for if (rows * c > cpu::kParallelGrain)
+    for (int64_t i = 0; i < c; ++i) {
+      T sw = 0, sb = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        T g = pdy[r * c + i];
+        sw += g * (px[r * c + i] - pm[r]) * pr[r];  // d(weight) term: dy * xhat
+        sb += g;                                    // d(bias) term
+      }
+      pdw[i] = sw;
+      pdb[i] = sb;
+    }
+  });
+  return {dx, dw, db};
+}
+
+Tensor CpuBackend::softmax(const Tensor& x) {
+  int64_t c = x.size(-1), rows = x.numel() / (c == 0 ? 1 : c);
+  Tensor y = Tensor::empty(x.shape(), x.dtype());
+  cpu::dispatch_float(x.dtype(), "softmax", [&]<typename T>() {
+    const T* px = x.data<T>();
+    T* py = y.data<T>();
+#pragma omp parallel for if (rows * c > cpu::kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = px + r * c;
+      T* out = py + r * c;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < c; ++i) mx = row[i] > mx ? row[i] : mx;
+      T sum = 0;
+      for (int64_t i = 0; i < c; ++i) sum += (out[i] = std::exp(row[i] - mx));
+      for (int64_t i = 0; i < c; ++i) out[i] /= sum;
+    }
+  });
+  return y;
+}
+
+Tensor CpuBackend::softmax_backward(const Tensor& dy, const Tensor& y) {
+  int64_t c = y.size(-1), rows = y.numel() / (c == 0 ? 1 : c);
+  Tensor dx = Tensor::empty(y.shape(), y.dtype());
+  cpu::dispatch_float(y.dtype(), "softmax_backward", [&]<typename T>() {
+    const T *py = y.data<T>(), *pdy = dy.data<T>();
+    T* pdx = dx.data<T>();
+#pragma omp parallel for if (rows * c > cpu::kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      T dot = 0;
+      for (int64_t i = 0; i < c; ++i) dot += pdy[r * c + i] * py[r * c + i];
+      for (int64_t i = 0; i < c; ++i) pdx[r * c + i] = py[r * c + i] * (pdy[r * c + i] - dot);
+    }
+  });
+  return dx;
+}
+
+}  // namespace remat

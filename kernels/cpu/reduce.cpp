@@ -1,0 +1,124 @@
+// CPU reductions (sum, max) over any set of axes, each output summed in a fixed order.
+#include <cstring>
+#include <limits>
+
+#include "kernels/cpu/cpu_backend.h"
+
+namespace remat {
+
+namespace {
+
+struct ReducePlan {
+  Shape out_shape;                    // reduced dims kept as 1
+  std::vector<int64_t> out_offsets;   // input offset of each output element's first input
+  std::vector<int64_t> red_offsets;   // offsets of the reduced elements relative to it
+};
+
+ReducePlan plan_reduce(const Shape& shape, const std::vector<int64_t>& axes) {
+  ReducePlan p;
+  int64_t rank = static_cast<int64_t>(shape.size());
+  Strides strides = contiguous_strides(shape);
+  std::vector<bool> reduced(rank, false);
+  for (int64_t a : axes) reduced[a] = true;
+  p.out_shape = shape;
+  for (int64_t a : axes) p.out_shape[a] = 1;
+  // Enumerate offsets over the kept dims and over the reduced dims, in row-major order.
+  auto enumerate = [&](bool want_reduced) {
+    std::vector<int64_t> offsets{0};
+    for (int64_t d = 0; d < rank; ++d) {
+      if (reduced[d] != want_reduced) continue;
+      std::vector<int64_t> next;
+      next.reserve(offsets.size() * shape[d]);
+      for (int64_t base : offsets)
+        for (int64_t i = 0; i < shape[d]; ++i) next.push_back(base + i * strides[d]);
+      offsets = std::move(next);
+    }
+    return offsets;
+  };
+  p.out_offsets = enumerate(false);
+  p.red_offsets = enumerate(true);
+  return p;
+}
+
+}  // namespace
+
+Tensor CpuBackend::reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) {
+  ReducePlan plan = plan_reduce(x.shape(), axes);
+  Tensor out = Tensor::empty(plan.out_shape, x.dtype());
+  cpu::dispatch_float(x.dtype(), "sum", [&]<typename T>() {
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    int64_t n_out = static_cast<int64_t>(plan.out_offsets.size());
+    int64_t n_red = static_cast<int64_t>(plan.red_offsets.size());
+#pragma omp parallel for if (n_out * n_red > cpu::kParallelGrain)
+    for (int64_t o = 0; o < n_out; ++o) {
+      const T* base = px + plan.out_offsets[o];
+      T acc = T(0);
+      for (int64_t r = 0; r < n_red; ++r) acc += base[plan.red_offsets[r]];
+      po[o] = acc;
+    }
+  });
+  return out;
+}
+
+Tensor CpuBackend::reduce_max(const Tensor& x, const std::vector<int64_t>& axes) {
+  for (int64_t a : axes) REMAT_CHECK(x.shape()[a] > 0, "max: cannot reduce an empty axis of ", x.meta_str());
+  ReducePlan plan = plan_reduce(x.shape(), axes);
+  Tensor out = Tensor::empty(plan.out_shape, x.dtype());
+  cpu::dispatch_float(x.dtype(), "max", [&]<typename T>() {
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    int64_t n_out = static_cast<int64_t>(plan.out_offsets.size());
+    int64_t n_red = static_cast<int64_t>(plan.red_offsets.size());
+#pragma omp parallel for if (n_out * n_red > cpu::kParallelGrain)
+    for (int64_t o = 0; o < n_out; ++o) {
+      const T* base = px + plan.out_offsets[o];
+      T best = -std::numeric_limits<T>::infinity();
+      for (int64_t r = 0; r < n_red; ++r) best = base[plan.red_offsets[r]] > best ? base[plan.red_offsets[r]] : best;
+      po[o] = best;
+    }
+  });
+  return out;
+}
+
+Tensor CpuBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const Tensor& y) {
+  std::vector<int64_t> axes;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (y.shape()[d] == 1 && x.shape()[d] != 1) axes.push_back(d);
+  ReducePlan plan = plan_reduce(x.shape(), axes);
+  Tensor dx = Tensor::zeros(x.shape(), x.dtype());
+  cpu::dispatch_float(x.dtype(), "max_backward", [&]<typename T>() {
+    const T* px = x.data<T>();
+    const T* py = y.data<T>();
+    const T* pdy = dy.data<T>();
+    T* pdx = dx.data<T>();
+    int64_t n_out = static_cast<int64_t>(plan.out_offsets.size());
+    int64_t n_red = static_cast<int64_t>(plan.red_offsets.size());
+#pragma omp parallel for if (n_out * n_red > cpu::kParallelGrain)
+    for (int64_t o = 0; o < n_out; ++o) {
+      int64_t base = plan.out_offsets[o];
+      int64_t ties = 0;
+      for (int64_t r = 0; r < n_red; ++r) ties += px[base + plan.red_offsets[r]] == py[o];
+      T share = pdy[o] / static_cast<T>(ties);
+      for (int64_t r = 0; r < n_red; ++r)
+        if (px[base + plan.red_offsets[r]] == py[o]) pdx[base + plan.red_offsets[r]] = share;
+    }
+  });
+  return dx;
+}
+
+Tensor CpuBackend::copy_strided(const Tensor& x) { return x.is_contiguous() ? x.clone() : x.as_contiguous(); }
+
+void CpuBackend::copy_into_slice(Tensor& dst, const Tensor& src, int64_t axis, int64_t start) {
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= dst.shape()[d];
+  for (int64_t d = axis + 1; d < dst.dim(); ++d) inner *= dst.shape()[d];
+  size_t elem = dtype_size(dst.dtype());
+  int64_t src_block = src.shape()[axis] * inner, dst_block = dst.shape()[axis] * inner;
+  char* pd = static_cast<char*>(dst.raw_data());
+  const char* ps = static_cast<const char*>(src.raw_data());
+  for (int64_t o = 0; o < outer; ++o)
+    memcpy(pd + (o * dst_block + start * inner) * elem, ps + o * src_block * elem, src_block * elem);
+}
+
+}  // namespace remat

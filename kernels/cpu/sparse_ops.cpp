@@ -1,0 +1,120 @@
+// CPU dropout (Philox mask), embedding lookup and its deterministic backward, fused cross-entropy.
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/common/philox.h"
+#include "kernels/cpu/cpu_backend.h"
+
+namespace remat {
+
+Tensor CpuBackend::dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) {
+  Tensor y = Tensor::empty(x.shape(), x.dtype());
+  cpu::dispatch_float(x.dtype(), "dropout", [&]<typename T>() {
+    const T* px = x.data<T>();
+    T* py = y.data<T>();
+    int64_t n = x.numel();
+    T keep_scale = T(1) / (T(1) - static_cast<T>(p));
+    float threshold = static_cast<float>(p);
+#pragma omp parallel for if (n > cpu::kParallelGrain)
+    for (int64_t i = 0; i < n; ++i) {
+      float u = philox::uniform_from_bits(philox::bits_at(seed, offset, static_cast<uint64_t>(i)));
+      py[i] = u >= threshold ? px[i] * keep_scale : T(0);
+    }
+  });
+  return y;
+}
+
+Tensor CpuBackend::embedding(const Tensor& idx, const Tensor& weight) {
+  int64_t n = idx.numel(), vocab = weight.size(0), c = weight.size(1);
+  Shape out_shape = idx.shape();
+  out_shape.push_back(c);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t id = cpu::index_at(idx, i);
+    REMAT_CHECK(id >= 0 && id < vocab, "embedding: expected indices in [0, ", vocab, "), got ", id, " at position ", i);
+  }
+  Tensor out = Tensor::empty(out_shape, weight.dtype());
+  size_t row_bytes = static_cast<size_t>(c) * dtype_size(weight.dtype());
+  const char* pw = static_cast<const char*>(weight.raw_data());
+  char* po = static_cast<char*>(out.raw_data());
+#pragma omp parallel for if (n * c > cpu::kParallelGrain)
+  for (int64_t i = 0; i < n; ++i) memcpy(po + i * row_bytes, pw + cpu::index_at(idx, i) * row_bytes, row_bytes);
+  return out;
+}
+
+Tensor CpuBackend::embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) {
+  int64_t n = idx.numel(), c = dy.size(-1);
+  Tensor dw = Tensor::zeros({vocab, c}, dy.dtype());
+  cpu::dispatch_float(dy.dtype(), "embedding_backward", [&]<typename T>() {
+    const T* pdy = dy.data<T>();
+    T* pdw = dw.data<T>();
+    // Threads split channels; each channel adds tokens in their order, so the sum is deterministic.
+#pragma omp parallel for if (n * c > cpu::kParallelGrain)
+    for (int64_t j = 0; j < c; ++j)
+      for (int64_t i = 0; i < n; ++i) pdw[cpu::index_at(idx, i) * c + j] += pdy[i * c + j];
+  });
+  return dw;
+}
+
+std::vector<Tensor> CpuBackend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  int64_t n = logits.size(0), v = logits.size(1);
+  Tensor lse = Tensor::empty({n}, logits.dtype());
+  Tensor loss = Tensor::empty({}, logits.dtype());
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t t = cpu::index_at(targets, i);
+    REMAT_CHECK(t == ignore_index || (t >= 0 && t < v), "cross_entropy: expected targets in [0, ", v,
+                ") or ignore_index ", ignore_index, ", got ", t, " at row ", i);
+  }
+  cpu::dispatch_float(logits.dtype(), "cross_entropy", [&]<typename T>() {
+    const T* pl = logits.data<T>();
+    T* plse = lse.data<T>();
+#pragma omp parallel for if (n * v > cpu::kParallelGrain)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = pl + i * v;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < v; ++j) mx = row[j] > mx ? row[j] : mx;
+      T sum = 0;
+      for (int64_t j = 0; j < v; ++j) sum += std::exp(row[j] - mx);
+      plse[i] = mx + std::log(sum);
+    }
+    T total = 0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t t = cpu::index_at(targets, i);
+      if (t == ignore_index) continue;
+      total += plse[i] - pl[i * v + t];
+      ++count;
+    }
+    // All rows ignored: the mean is 0/0; PyTorch returns NaN, so do we.
+    loss.data<T>()[0] = count ? total / static_cast<T>(count) : std::numeric_limits<T>::quiet_NaN();
+  });
+  return {loss, lse};
+}
+
+Tensor CpuBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
+                                          const Tensor& lse, int64_t ignore_index) {
+  int64_t n = logits.size(0), v = logits.size(1);
+  Tensor dl = Tensor::empty(logits.shape(), logits.dtype());
+  cpu::dispatch_float(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
+    const T *pl = logits.data<T>(), *plse = lse.data<T>();
+    T* pd = dl.data<T>();
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += cpu::index_at(targets, i) != ignore_index;
+    T g = dloss.data<T>()[0] / static_cast<T>(count ? count : 1);
+#pragma omp parallel for if (n * v > cpu::kParallelGrain)
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t t = cpu::index_at(targets, i);
+      T* row = pd + i * v;
+      if (t == ignore_index) {
+        for (int64_t j = 0; j < v; ++j) row[j] = 0;
+        continue;
+      }
+      // d(logits) = (softmax - onehot(target)) * dloss / count
+      for (int64_t j = 0; j < v; ++j) row[j] = std::exp(pl[i * v + j] - plse[i]) * g;
+      row[t] -= g;
+    }
+  });
+  return dl;
+}
+
+}  // namespace remat

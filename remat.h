@@ -1,0 +1,11 @@
+// remat: include this one header for the runtime, the ops and the autograd engine.
+#pragma once
+
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "kernels/backend.h"
+#include "kernels/op_list.h"
+#include "runtime/allocator.h"
+#include "runtime/random.h"
+#include "runtime/tensor.h"

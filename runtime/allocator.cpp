@@ -1,0 +1,114 @@
+// Counting allocator base and the CPU allocator (64-byte aligned, for vector loads).
+#include "runtime/allocator.h"
+
+#include <cstdlib>
+#include <new>
+
+#include "runtime/error.h"
+
+namespace remat {
+
+const char* category_name(MemoryCategory c) {
+  switch (c) {
+    case MemoryCategory::parameter: return "parameter";
+    case MemoryCategory::gradient: return "gradient";
+    case MemoryCategory::optimizer: return "optimizer";
+    case MemoryCategory::activation: return "activation";
+    case MemoryCategory::workspace: return "workspace";
+  }
+  return "?";
+}
+
+void* Allocator::allocate(size_t bytes, MemoryCategory category) {
+  if (bytes == 0) return nullptr;
+  void* ptr = raw_allocate(bytes);
+  count(static_cast<int64_t>(bytes), category);
+  return ptr;
+}
+
+void Allocator::deallocate(void* ptr, size_t bytes, MemoryCategory category) noexcept {
+  if (!ptr) return;
+  raw_deallocate(ptr, bytes);
+  count(-static_cast<int64_t>(bytes), category);
+}
+
+void Allocator::count(int64_t bytes, MemoryCategory category) noexcept {
+  std::lock_guard lock(mutex_);
+  auto bump = [bytes](MemoryCounters& c) {
+    c.current += bytes;
+    if (bytes > 0) c.allocated += bytes;
+    else c.freed -= bytes;
+    if (c.current > c.peak) c.peak = c.current;
+  };
+  bump(stats_.total);
+  bump(stats_.by_category[static_cast<int>(category)]);
+  if (recording_) {
+    double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - record_start_).count();
+    events_.push_back({us, bytes, category});
+  }
+}
+
+MemoryStats Allocator::stats() const {
+  std::lock_guard lock(mutex_);
+  MemoryStats s = stats_;
+  s.reserved = reserved_bytes();
+  return s;
+}
+
+void Allocator::reset_peak() {
+  std::lock_guard lock(mutex_);
+  stats_.total.peak = stats_.total.current;
+  for (auto& c : stats_.by_category) c.peak = c.current;
+}
+
+void Allocator::start_recording() {
+  std::lock_guard lock(mutex_);
+  recording_ = true;
+  events_.clear();
+  record_start_ = std::chrono::steady_clock::now();
+}
+
+std::vector<MemoryEvent> Allocator::stop_recording() {
+  std::lock_guard lock(mutex_);
+  recording_ = false;
+  return std::move(events_);
+}
+
+namespace {
+
+class CpuAllocator final : public Allocator {
+ public:
+  Device device() const override { return Device::cpu(); }
+
+ protected:
+  void* raw_allocate(size_t bytes) override {
+    size_t rounded = (bytes + 63) / 64 * 64;
+    void* ptr = std::aligned_alloc(64, rounded);
+    REMAT_CHECK(ptr != nullptr, "out of host memory: requested ", bytes, " bytes");
+    return ptr;
+  }
+  void raw_deallocate(void* ptr, size_t) noexcept override { std::free(ptr); }
+};
+
+thread_local MemoryCategory t_category = MemoryCategory::activation;
+
+}  // namespace
+
+Allocator* cuda_allocator(int index);  // runtime/cuda; throws when CUDA is not built or absent
+
+Allocator& allocator_for(Device device) {
+  if (device.is_cpu()) {
+    static CpuAllocator cpu;
+    return cpu;
+  }
+  return *cuda_allocator(device.index);
+}
+
+MemoryStats memory_stats(Device device) { return allocator_for(device).stats(); }
+void reset_peak_memory(Device device) { allocator_for(device).reset_peak(); }
+
+MemoryCategory current_memory_category() { return t_category; }
+MemoryCategoryScope::MemoryCategoryScope(MemoryCategory category) : previous_(t_category) { t_category = category; }
+MemoryCategoryScope::~MemoryCategoryScope() { t_category = previous_; }
+
+}  // namespace remat

@@ -1,0 +1,89 @@
+// Per-device allocators with {current, peak, allocated, freed} counters, overall and per category.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "runtime/device.h"
+
+namespace remat {
+
+// What a block of memory is for; peak memory is reported per category.
+enum class MemoryCategory : uint8_t { parameter, gradient, optimizer, activation, workspace };
+inline constexpr int kMemoryCategoryCount = 5;
+const char* category_name(MemoryCategory c);
+
+struct MemoryCounters {
+  int64_t current = 0;    // bytes live now
+  int64_t peak = 0;       // max of current since the last reset_peak()
+  int64_t allocated = 0;  // bytes handed out in total
+  int64_t freed = 0;      // bytes returned in total
+};
+
+struct MemoryStats {
+  MemoryCounters total;
+  std::array<MemoryCounters, kMemoryCategoryCount> by_category{};
+  int64_t reserved = 0;  // bytes held from the system (caching allocators); equals total.current on CPU
+  const MemoryCounters& operator[](MemoryCategory c) const { return by_category[static_cast<int>(c)]; }
+};
+
+// One alloc (+bytes) or free (-bytes) event, for the memory timeline.
+struct MemoryEvent {
+  double time_us;
+  int64_t bytes;
+  MemoryCategory category;
+};
+
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  void* allocate(size_t bytes, MemoryCategory category);
+  void deallocate(void* ptr, size_t bytes, MemoryCategory category) noexcept;
+
+  MemoryStats stats() const;
+  void reset_peak();  // peak := current, overall and per category
+  // The recorder keeps every alloc/free event until stopped; used by traces and timelines.
+  void start_recording();
+  std::vector<MemoryEvent> stop_recording();
+  virtual Device device() const = 0;
+
+ protected:
+  virtual void* raw_allocate(size_t bytes) = 0;
+  virtual void raw_deallocate(void* ptr, size_t bytes) noexcept = 0;
+  virtual int64_t reserved_bytes() const { return stats_.total.current; }
+
+ private:
+  void count(int64_t bytes, MemoryCategory category) noexcept;
+  mutable std::mutex mutex_;
+  MemoryStats stats_;
+  bool recording_ = false;
+  std::vector<MemoryEvent> events_;
+  std::chrono::steady_clock::time_point record_start_;
+};
+
+// The allocator of a device (cpu, or cuda:N when the CUDA backend is built).
+Allocator& allocator_for(Device device);
+MemoryStats memory_stats(Device device = Device::cpu());
+void reset_peak_memory(Device device = Device::cpu());
+
+// The category new tensors are counted under on this thread. Default: activation.
+MemoryCategory current_memory_category();
+
+// RAII: count allocations made in this scope under `category`.
+class MemoryCategoryScope {
+ public:
+  explicit MemoryCategoryScope(MemoryCategory category);
+  ~MemoryCategoryScope();
+  MemoryCategoryScope(const MemoryCategoryScope&) = delete;
+  MemoryCategoryScope& operator=(const MemoryCategoryScope&) = delete;
+
+ private:
+  MemoryCategory previous_;
+};
+
+}  // namespace remat

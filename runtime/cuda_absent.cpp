@@ -1,0 +1,19 @@
+// The CUDA entry points of a build without CUDA: zero devices, and a clear error on use.
+#include "runtime/cuda_backend.h"
+#include "runtime/error.h"
+
+namespace remat {
+
+bool cuda_built() { return false; }
+int cuda_device_count() { return 0; }
+std::string cuda_device_name(int) { return ""; }
+
+Allocator* cuda_allocator(int index) {
+  REMAT_FAIL("cuda:", index, " requested, but remat was built without CUDA (meson option -Dcuda)");
+}
+
+void cuda_copy_bytes(void*, Device dst, const void*, Device src, size_t) {
+  REMAT_FAIL("copy from ", src.str(), " to ", dst.str(), ": remat was built without CUDA");
+}
+
+}  // namespace remat

@@ -1,0 +1,22 @@
+// Shapes and strides (in elements, row-major), and the broadcasting rule shared by all ops.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+namespace remat {
+
+using Shape = std::vector<int64_t>;
+using Strides = std::vector<int64_t>;
+
+int64_t numel_of(const Shape& shape);
+Strides contiguous_strides(const Shape& shape);
+std::string shape_str(const Shape& shape);  // "[2,3,4]"
+// Wraps a possibly negative axis into [0, rank); throws naming `what` when out of range.
+int64_t wrap_axis(int64_t axis, int64_t rank, const char* what);
+// NumPy broadcasting of two shapes; throws naming `op` when incompatible.
+Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op);
+
+}  // namespace remat

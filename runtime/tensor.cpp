@@ -1,0 +1,283 @@
+// Tensor handles, storage, factories, copies and dtype conversion.
+#include "runtime/tensor.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/common/philox.h"
+#include "runtime/half.h"
+#include "runtime/random.h"
+
+namespace remat {
+
+Storage::Storage(size_t bytes, Device device, MemoryCategory category)
+    : bytes_(bytes), device_(device), category_(category) {
+  data_ = allocator_for(device).allocate(bytes, category);
+}
+
+Storage::~Storage() { allocator_for(device_).deallocate(data_, bytes_, category_); }
+
+namespace {
+
+// Reads element i (flat, of a contiguous host buffer) of any dtype as double.
+double load_as_double(const void* base, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(base)[i];
+    case DType::f64: return static_cast<const double*>(base)[i];
+    case DType::i32: return static_cast<const int32_t*>(base)[i];
+    case DType::i64: return static_cast<double>(static_cast<const int64_t*>(base)[i]);
+    case DType::u8: return static_cast<const uint8_t*>(base)[i];
+    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case DType::f16: return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  }
+  return 0;
+}
+
+void store_from_double(void* base, DType t, int64_t i, double v) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(base)[i] = static_cast<float>(v); break;
+    case DType::f64: static_cast<double*>(base)[i] = v; break;
+    case DType::i32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(v); break;
+    case DType::i64: static_cast<int64_t*>(base)[i] = static_cast<int64_t>(v); break;
+    case DType::u8: static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(v); break;
+    case DType::bf16: static_cast<uint16_t*>(base)[i] = f32_to_bf16(static_cast<float>(v)); break;
+    case DType::f16: static_cast<uint16_t*>(base)[i] = f32_to_f16(static_cast<float>(v)); break;
+  }
+}
+
+// Copies a strided host view into a contiguous host buffer, element by element.
+void gather_strided(char* dst, const char* src, const Shape& shape, const Strides& strides, size_t elem) {
+  int64_t n = numel_of(shape);
+  int64_t rank = static_cast<int64_t>(shape.size());
+  std::vector<int64_t> index(rank, 0);
+  int64_t src_off = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    memcpy(dst + i * elem, src + src_off * elem, elem);
+    for (int64_t d = rank - 1; d >= 0; --d) {
+      if (++index[d] < shape[d]) {
+        src_off += strides[d];
+        break;
+      }
+      src_off -= strides[d] * (shape[d] - 1);
+      index[d] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
+  for (int64_t d : shape) REMAT_CHECK(d >= 0, "empty: expected non-negative sizes, got ", shape_str(shape));
+  Tensor t;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  t.dtype_ = dtype;
+  t.device_ = device;
+  t.defined_ = true;
+  t.storage_ = std::make_shared<Storage>(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), device,
+                                         current_memory_category());
+  return t;
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) { return full(shape, 0.0, dtype, device); }
+Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) { return full(shape, 1.0, dtype, device); }
+
+Tensor Tensor::full(const Shape& shape, double value, DType dtype, Device device) {
+  Tensor t = empty(shape, dtype, device);
+  t.fill_(value);
+  return t;
+}
+
+Tensor Tensor::scalar(double value, DType dtype, Device device) { return full({}, value, dtype, device); }
+
+Tensor Tensor::arange(int64_t n, DType dtype, Device device) {
+  Tensor host = empty({n}, dtype, Device::cpu());
+  for (int64_t i = 0; i < n; ++i) store_from_double(host.raw_data(), dtype, i, static_cast<double>(i));
+  return device.is_cpu() ? host : host.to(device);
+}
+
+Tensor Tensor::rand(const Shape& shape, DType dtype, Device device) {
+  Tensor host = empty(shape, dtype, Device::cpu());
+  int64_t n = host.numel();
+  RngState rng = next_rng(static_cast<uint64_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    store_from_double(host.raw_data(), dtype, i,
+                      philox::uniform_from_bits(philox::bits_at(rng.seed, rng.offset, static_cast<uint64_t>(i))));
+  return device.is_cpu() ? host : host.to(device);
+}
+
+Tensor Tensor::randn(const Shape& shape, DType dtype, Device device) {
+  Tensor host = empty(shape, dtype, Device::cpu());
+  int64_t n = host.numel();
+  // Box-Muller over pairs of uniforms; two draws per element keep the stream layout simple.
+  RngState rng = next_rng(static_cast<uint64_t>(2 * n));
+  for (int64_t i = 0; i < n; ++i) {
+    double u1 = (philox::bits_at(rng.seed, rng.offset, 2 * i) + 1.0) / 4294967297.0;  // (0, 1)
+    double u2 = philox::bits_at(rng.seed, rng.offset, 2 * i + 1) / 4294967296.0;
+    store_from_double(host.raw_data(), dtype, i, std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2));
+  }
+  return device.is_cpu() ? host : host.to(device);
+}
+
+int64_t Tensor::size(int64_t axis) const { return shape_[wrap_axis(axis, dim(), "size")]; }
+
+bool Tensor::is_contiguous() const {
+  int64_t expected = 1;
+  for (size_t i = shape_.size(); i-- > 0;) {
+    if (shape_[i] != 1 && strides_[i] != expected) return false;
+    expected *= shape_[i];
+  }
+  return true;
+}
+
+std::string Tensor::meta_str() const {
+  if (!defined_) return "undefined";
+  return std::string(dtype_name(dtype_)) + shape_str(shape_) + " on " + device_.str();
+}
+
+void* Tensor::raw_data() const {
+  REMAT_CHECK(defined_, "raw_data: the tensor is undefined");
+  if (!storage_ || !storage_->data()) return nullptr;
+  return static_cast<char*>(storage_->data()) + offset_ * static_cast<int64_t>(dtype_size(dtype_));
+}
+
+Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) const {
+  REMAT_ASSERT(shape.size() == strides.size());
+  Tensor t;
+  t.storage_ = storage_;
+  t.shape_ = shape;
+  t.strides_ = strides;
+  t.offset_ = offset;
+  t.dtype_ = dtype_;
+  t.device_ = device_;
+  t.defined_ = true;
+  return t;
+}
+
+Tensor Tensor::as_contiguous() const {
+  REMAT_CHECK(defined_, "as_contiguous: the tensor is undefined");
+  if (is_contiguous()) return detach();
+  REMAT_CHECK(device_.is_cpu(), "as_contiguous: strided copies on ", device_.str(),
+              " go through the backend's copy kernel; call contiguous() instead");
+  Tensor out = empty(shape_, dtype_, device_);
+  gather_strided(static_cast<char*>(out.raw_data()), static_cast<const char*>(raw_data()), shape_, strides_,
+                 dtype_size(dtype_));
+  return out;
+}
+
+Tensor Tensor::clone() const {
+  Tensor src = as_contiguous();
+  Tensor out = empty(shape_, dtype_, device_);
+  copy_bytes(out.raw_data(), device_, src.raw_data(), device_, nbytes());
+  return out;
+}
+
+Tensor Tensor::to(Device device) const {
+  if (device == device_) return *this;
+  Tensor src = as_contiguous();
+  Tensor out = empty(shape_, dtype_, device);
+  copy_bytes(out.raw_data(), device, src.raw_data(), device_, nbytes());
+  return out;
+}
+
+Tensor Tensor::to(DType dtype) const {
+  if (dtype == dtype_) return *this;
+  Tensor src = as_contiguous().to(Device::cpu());
+  Tensor out = empty(shape_, dtype, Device::cpu());
+  for (int64_t i = 0; i < numel(); ++i) store_from_double(out.raw_data(), dtype, i, load_as_double(src.raw_data(), dtype_, i));
+  return device_.is_cpu() ? out : out.to(device_);
+}
+
+template <typename T>
+std::vector<T> Tensor::to_vector() const {
+  Tensor host = as_contiguous().to(Device::cpu());
+  std::vector<T> out(static_cast<size_t>(numel()));
+  for (int64_t i = 0; i < numel(); ++i) out[i] = static_cast<T>(load_as_double(host.raw_data(), dtype_, i));
+  return out;
+}
+template std::vector<float> Tensor::to_vector<float>() const;
+template std::vector<double> Tensor::to_vector<double>() const;
+template std::vector<int32_t> Tensor::to_vector<int32_t>() const;
+template std::vector<int64_t> Tensor::to_vector<int64_t>() const;
+
+double Tensor::item() const {
+  REMAT_CHECK(numel() == 1, "item: expected a tensor with one element, got ", meta_str());
+  return to_vector<double>()[0];
+}
+
+void Tensor::copy_(const Tensor& src) {
+  REMAT_CHECK(src.shape() == shape_, "copy_: expected source shape ", shape_str(shape_), ", got ",
+              shape_str(src.shape()));
+  REMAT_CHECK(is_contiguous(), "copy_: destination must be contiguous, got a strided view");
+  Tensor s = src.dtype() == dtype_ ? src.as_contiguous() : src.to(dtype_);
+  copy_bytes(raw_data(), device_, s.raw_data(), s.device(), nbytes());
+  if (storage_) storage_->bump_version();
+}
+
+void Tensor::fill_(double value) {
+  REMAT_CHECK(is_contiguous(), "fill_: expected a contiguous tensor");
+  if (device_.is_cpu()) {
+    for (int64_t i = 0; i < numel(); ++i) store_from_double(raw_data(), dtype_, i, value);
+  } else {
+    copy_(full(shape_, value, dtype_, Device::cpu()));
+  }
+  if (storage_) storage_->bump_version();
+}
+
+Tensor& Tensor::set_requires_grad(bool value) {
+  REMAT_CHECK(!value || is_floating(dtype_), "set_requires_grad: only floating tensors can require grad, got ",
+              meta_str());
+  REMAT_CHECK(is_leaf(), "set_requires_grad: only leaf tensors can change requires_grad");
+  autograd_meta().requires_grad = value;
+  return *this;
+}
+
+AutogradMeta& Tensor::autograd_meta() {
+  if (!meta_) meta_ = std::make_shared<AutogradMeta>();
+  return *meta_;
+}
+
+Tensor Tensor::grad() const { return meta_ && meta_->grad ? *meta_->grad : Tensor(); }
+
+void Tensor::set_grad(const Tensor& g) {
+  if (!g.defined()) {
+    if (meta_) meta_->grad.reset();
+    return;
+  }
+  REMAT_CHECK(g.shape() == shape_, "set_grad: expected a gradient of shape ", shape_str(shape_), ", got ",
+              shape_str(g.shape()));
+  autograd_meta().grad = std::make_shared<Tensor>(g);
+}
+
+void Tensor::zero_grad() {
+  if (meta_) meta_->grad.reset();
+}
+
+const std::string& Tensor::tag() const {
+  static const std::string none;
+  return meta_ ? meta_->tag : none;
+}
+
+Tensor& Tensor::set_tag(const std::string& name) {
+  autograd_meta().tag = name;
+  return *this;
+}
+
+Tensor Tensor::detach() const {
+  Tensor t = *this;
+  t.meta_.reset();
+  return t;
+}
+
+void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n);  // runtime/cuda
+
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
+  if (n == 0) return;
+  if (dst_device.is_cpu() && src_device.is_cpu()) {
+    memcpy(dst, src, n);
+    return;
+  }
+  cuda_copy_bytes(dst, dst_device, src, src_device, n);
+}
+
+}  // namespace remat

@@ -1,0 +1,149 @@
+// Tensor: a handle (shape, strides, offset, dtype) over refcounted Storage on a device.
+// Copies of a handle share storage and autograd state; views share storage only.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/allocator.h"
+#include "runtime/device.h"
+#include "runtime/dtype.h"
+#include "runtime/error.h"
+#include "runtime/shape.h"
+
+namespace remat {
+
+// Bytes on one device. The version counter counts in-place writes, so that autograd can tell
+// when a tensor it saved was changed after it was saved.
+class Storage {
+ public:
+  Storage(size_t bytes, Device device, MemoryCategory category);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  Device device() const { return device_; }
+  MemoryCategory category() const { return category_; }
+  uint64_t version() const { return version_; }
+  void bump_version() { ++version_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  Device device_;
+  MemoryCategory category_;
+  uint64_t version_ = 0;
+};
+
+class Tensor;
+
+// Autograd state of a tensor handle. Lives here as plain data; autograd/ gives it meaning.
+struct AutogradMeta {
+  bool requires_grad = false;
+  std::shared_ptr<Tensor> grad;  // accumulated gradient of a leaf
+  std::shared_ptr<void> graph;   // the recording graph that produced this tensor (null for leaves)
+  int64_t value_id = -1;         // the tensor's value in that graph
+  std::string tag;               // user name, for policies that save or recompute by name
+};
+
+class Tensor {
+ public:
+  Tensor() = default;  // an undefined tensor
+
+  // Factories. New storage is counted under current_memory_category().
+  static Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+  static Tensor zeros(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+  static Tensor ones(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+  static Tensor full(const Shape& shape, double value, DType dtype = DType::f32, Device device = Device::cpu());
+  static Tensor scalar(double value, DType dtype = DType::f32, Device device = Device::cpu());
+  static Tensor arange(int64_t n, DType dtype = DType::f32, Device device = Device::cpu());
+  // Philox draws from the global stream (runtime/random.h).
+  static Tensor rand(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+  static Tensor randn(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+  template <typename T>
+  static Tensor from_vector(const std::vector<T>& values, const Shape& shape, Device device = Device::cpu());
+
+  bool defined() const { return defined_; }
+  const Shape& shape() const { return shape_; }
+  const Strides& strides() const { return strides_; }
+  int64_t offset() const { return offset_; }
+  int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
+  int64_t size(int64_t axis) const;
+  int64_t numel() const { return numel_of(shape_); }
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  bool is_contiguous() const;
+  const std::shared_ptr<Storage>& storage() const { return storage_; }
+  uint64_t version() const { return storage_ ? storage_->version() : 0; }
+  std::string meta_str() const;  // "f32[2,3] on cpu"
+
+  // Typed pointer to the first element (CPU or device); checks the dtype.
+  template <typename T> T* data() const;
+  void* raw_data() const;
+
+  // A view over the same storage.
+  Tensor view(const Shape& shape, const Strides& strides, int64_t offset) const;
+  // Itself if contiguous, else a contiguous copy. Plain data: no autograd history.
+  Tensor as_contiguous() const;
+  // Deep copies (no autograd history).
+  Tensor clone() const;
+  Tensor to(Device device) const;
+  Tensor to(DType dtype) const;
+  // Element values as T (any dtype, any layout), through the host.
+  template <typename T> std::vector<T> to_vector() const;
+  double item() const;  // the single element as double
+
+  // In-place writes outside autograd (bump the version counter).
+  void copy_(const Tensor& src);
+  void fill_(double value);
+
+  // Autograd state (see autograd/).
+  bool requires_grad() const { return meta_ && meta_->requires_grad; }
+  Tensor& set_requires_grad(bool value = true);
+  bool is_leaf() const { return !meta_ || !meta_->graph; }
+  Tensor grad() const;           // undefined when none was accumulated
+  void set_grad(const Tensor& g);
+  void zero_grad();              // drops the gradient (frees its memory)
+  const std::string& tag() const;
+  Tensor& set_tag(const std::string& name);
+  AutogradMeta& autograd_meta();  // created on first use
+  const std::shared_ptr<AutogradMeta>& autograd_meta_ptr() const { return meta_; }
+  Tensor detach() const;  // same storage, no autograd state
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  Shape shape_;
+  Strides strides_;
+  int64_t offset_ = 0;
+  DType dtype_ = DType::f32;
+  bool defined_ = false;
+  Device device_;
+  std::shared_ptr<AutogradMeta> meta_;
+};
+
+// Copies n bytes between devices (either may be CUDA). Synchronous.
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n);
+
+template <typename T>
+T* Tensor::data() const {
+  REMAT_CHECK(dtype_ == dtype_of<T>::value, "data<", dtype_name(dtype_of<T>::value), ">: tensor is ",
+              dtype_name(dtype_));
+  return static_cast<T*>(raw_data());
+}
+
+template <typename T>
+Tensor Tensor::from_vector(const std::vector<T>& values, const Shape& shape, Device device) {
+  REMAT_CHECK(static_cast<int64_t>(values.size()) == numel_of(shape), "from_vector: expected ",
+              numel_of(shape), " values for shape ", shape_str(shape), ", got ", values.size());
+  Tensor host = empty(shape, dtype_of<T>::value, Device::cpu());
+  if (!values.empty()) memcpy(host.raw_data(), values.data(), values.size() * sizeof(T));
+  return device.is_cpu() ? host : host.to(device);
+}
+
+}  // namespace remat

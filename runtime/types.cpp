@@ -1,0 +1,69 @@
+// Parsing and printing of dtypes, devices and shapes.
+#include <algorithm>
+
+#include "runtime/device.h"
+#include "runtime/dtype.h"
+#include "runtime/error.h"
+#include "runtime/shape.h"
+
+namespace remat {
+
+DType parse_dtype(const std::string& name) {
+  for (DType t : {DType::f32, DType::f64, DType::i32, DType::i64, DType::u8, DType::bf16, DType::f16})
+    if (name == dtype_name(t)) return t;
+  REMAT_FAIL("unknown dtype '", name, "': expected one of f32, f64, i32, i64, u8, bf16, f16");
+}
+
+std::string Device::str() const { return is_cpu() ? "cpu" : "cuda:" + std::to_string(index); }
+
+Device parse_device(const std::string& text) {
+  if (text == "cpu") return Device::cpu();
+  if (text == "cuda") return Device::cuda(0);
+  if (text.rfind("cuda:", 0) == 0 && text.size() > 5 &&
+      std::all_of(text.begin() + 5, text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return Device::cuda(std::stoi(text.substr(5)));
+  REMAT_FAIL("unknown device '", text, "': expected cpu, cuda or cuda:N");
+}
+
+int64_t numel_of(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+Strides contiguous_strides(const Shape& shape) {
+  Strides strides(shape.size());
+  int64_t s = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+std::string shape_str(const Shape& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? "," : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+int64_t wrap_axis(int64_t axis, int64_t rank, const char* what) {
+  REMAT_CHECK(axis >= -rank && axis < rank, what, ": expected an axis in [", -rank, ", ", rank,
+              "), got ", axis);
+  return axis < 0 ? axis + rank : axis;
+}
+
+Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
+  size_t rank = std::max(a.size(), b.size());
+  Shape out(rank);
+  for (size_t i = 0; i < rank; ++i) {
+    int64_t da = i < rank - a.size() ? 1 : a[i - (rank - a.size())];
+    int64_t db = i < rank - b.size() ? 1 : b[i - (rank - b.size())];
+    REMAT_CHECK(da == db || da == 1 || db == 1, op, ": expected broadcastable shapes, got ",
+                shape_str(a), " and ", shape_str(b));
+    out[i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+}  // namespace remat

@@ -1,0 +1,132 @@
+// The tape and the backward engine: accumulation, retain_graph, no-grad, misuse errors, and
+// activation memory read from the allocator counters.
+#include <catch.hpp>
+
+#include "autograd/graph.h"
+#include "remat.h"
+
+using namespace remat;
+using Catch::Matchers::Contains;
+
+namespace {
+Tensor leaf(std::vector<double> v, Shape s) { return Tensor::from_vector(v, s).set_requires_grad(true); }
+std::vector<double> grad_of(const Tensor& t) { return t.grad().to_vector<double>(); }
+}  // namespace
+
+TEST_CASE("backward accumulates gradients of a leaf used twice", "[autograd]") {
+  Tensor x = leaf({1, 2, 3}, {3});
+  Tensor y = sum(add(mul(x, x), mul_scalar(x, 3.0)));  // d/dx = 2x + 3
+  backward(y);
+  CHECK(grad_of(x) == std::vector<double>{5, 7, 9});
+}
+
+TEST_CASE("the tape records one node per op in execution order", "[autograd]") {
+  Tensor x = leaf({1, 2}, {2});
+  Tensor y = exp(x);
+  Tensor z = sum(mul(y, x));
+  auto graph = std::static_pointer_cast<Graph>(z.autograd_meta_ptr()->graph);
+  REQUIRE(graph->nodes.size() == 3);
+  CHECK(graph->nodes[0]->kind() == OpKind::exp);
+  CHECK(graph->nodes[1]->kind() == OpKind::mul);
+  CHECK(graph->nodes[2]->kind() == OpKind::sum);
+  CHECK(graph->nodes[1]->inputs[0] == graph->nodes[0]->outputs[0]);
+}
+
+TEST_CASE("a given gradient seeds backward of a non-scalar root", "[autograd]") {
+  Tensor x = leaf({1, 2}, {2});
+  Tensor y = mul_scalar(x, 4.0);
+  CHECK_THROWS_WITH(backward(y), Contains("a gradient is needed for a non-scalar root f64[2]"));
+  CHECK_THROWS_WITH(backward(y, Tensor::ones({3}, DType::f64)),
+                    Contains("expected a gradient matching the root f64[2] on cpu, got f64[3] on cpu"));
+  backward(y, Tensor::from_vector<double>({1, 10}, {2}));
+  CHECK(grad_of(x) == std::vector<double>{4, 40});
+}
+
+TEST_CASE("retain_graph allows a second backward; without it the second backward is an error", "[autograd]") {
+  Tensor x = leaf({1, 2}, {2});
+  Tensor y = sum(exp(x));
+  backward(y, Tensor(), {.retain_graph = true});
+  backward(y);
+  auto g = grad_of(x);
+  CHECK(g[0] == Approx(2 * std::exp(1.0)));
+  CHECK_THROWS_WITH(backward(y), Contains("backward through the graph a second time"));
+}
+
+TEST_CASE("using a tensor from a freed graph in a new graph and backpropagating into it is an error", "[autograd]") {
+  Tensor x = leaf({1, 2}, {2});
+  Tensor h = exp(x);
+  backward(sum(h), Tensor(), {.retain_graph = false});
+  Tensor z = sum(mul(h, h));
+  CHECK_THROWS_WITH(backward(z), Contains("comes from a graph already freed by an earlier backward"));
+}
+
+TEST_CASE("no-grad mode records nothing", "[autograd]") {
+  Tensor x = leaf({1, 2}, {2});
+  {
+    NoGradGuard no_grad;
+    Tensor y = mul(x, x);
+    CHECK_FALSE(y.requires_grad());
+    CHECK(y.is_leaf());
+  }
+  CHECK(mul(x, x).requires_grad());
+  CHECK_THROWS_WITH(backward(Tensor::ones({1})), Contains("expected a tensor that requires grad"));
+}
+
+TEST_CASE("a saved tensor modified in place before backward is reported", "[autograd]") {
+  Tensor x = leaf({1, 2}, {2});
+  Tensor y = exp(x);   // exp saves its output
+  Tensor z = sum(y);
+  y.fill_(0.0);        // in-place write after it was saved
+  CHECK_THROWS_WITH(backward(z), Contains("backward of exp") && Contains("modified by an in-place operation"));
+}
+
+TEST_CASE("gradients of leaves never alias each other", "[autograd]") {
+  Tensor a = leaf({1, 2}, {2}), b = leaf({3, 4}, {2});
+  backward(sum(add(a, b)));
+  CHECK(a.grad().storage() != b.grad().storage());
+  CHECK(grad_of(a) == std::vector<double>{1, 1});
+}
+
+TEST_CASE("non-differentiable outputs and inputs get no gradient", "[autograd]") {
+  Tensor logits = leaf({1, 2, 3, 4}, {2, 2});
+  Tensor targets = Tensor::from_vector<int64_t>({1, 0}, {2});
+  Tensor loss = cross_entropy(logits, targets);
+  backward(loss);
+  CHECK(logits.grad().defined());
+  CHECK_FALSE(targets.requires_grad());
+}
+
+TEST_CASE("a custom op with a bad saved index fails with a clear message", "[autograd]") {
+  CustomOp op{"bad", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul_scalar(in[0], 2.0)}; },
+              [](const std::vector<Tensor>&, const std::vector<Tensor>&) { return std::vector<Tensor>{Tensor()}; },
+              {3}};
+  CHECK_THROWS_WITH(custom(op, {leaf({1}, {1})}), Contains("bad: saves index 3 but has 1 inputs and 1 outputs"));
+}
+
+TEST_CASE("the activation peak of a small MLP forward and backward equals the hand count", "[autograd][memory]") {
+  manual_seed(9);
+  Tensor w1, b1, w2, b2;
+  {
+    MemoryCategoryScope params(MemoryCategory::parameter);
+    w1 = Tensor::randn({16, 8}).set_requires_grad(true);
+    b1 = Tensor::zeros({16}).set_requires_grad(true);
+    w2 = Tensor::randn({8, 16}).set_requires_grad(true);
+    b2 = Tensor::zeros({8}).set_requires_grad(true);
+  }
+  Tensor x = Tensor::randn({4, 8});
+  Allocator& cpu = allocator_for(Device::cpu());
+  cpu.reset_peak();
+  int64_t base = cpu.stats()[MemoryCategory::activation].current;
+  {
+    Tensor h = linear(x, w1, b1);    // 4x16 f32 = 256 B, saved by gelu
+    Tensor a = gelu(h);              // 256 B, saved by the second linear
+    Tensor y = linear(a, w2, b2);    // 4x8 = 128 B, saved by mul
+    Tensor loss = sum(mul(y, y));    // y*y: 128 B (temporary), loss: 4 B
+    backward(loss);
+  }
+  MemoryStats s = cpu.stats();
+  CHECK(s[MemoryCategory::activation].peak - base == 256 + 256 + 128 + 128 + 4);
+  CHECK(s[MemoryCategory::activation].current == base);  // everything saved was released by backward
+  CHECK(w1.grad().defined());
+  CHECK(s[MemoryCategory::gradient].current >= static_cast<int64_t>((16 * 8 + 16 + 8 * 16 + 8) * 4));
+}

@@ -1,0 +1,200 @@
+// Forward values of every op family against hand-computed or independently computed references,
+// and the input validation messages.
+#include <catch.hpp>
+#include <cmath>
+
+#include "kernels/common/philox.h"
+#include "remat.h"
+
+using namespace remat;
+using Catch::Matchers::Contains;
+
+namespace {
+
+std::vector<double> values(const Tensor& t) { return t.to_vector<double>(); }
+
+void check_close(const Tensor& got, const std::vector<double>& want, double tol = 1e-12) {
+  auto g = values(got);
+  REQUIRE(g.size() == want.size());
+  for (size_t i = 0; i < g.size(); ++i) CHECK(g[i] == Approx(want[i]).margin(tol));
+}
+
+Tensor f64(std::vector<double> v, Shape s) { return Tensor::from_vector(v, s); }
+
+}  // namespace
+
+TEST_CASE("elementwise ops compute the textbook values", "[op]") {
+  Tensor a = f64({1, -2, 3, 0.5}, {2, 2});
+  Tensor b = f64({10, 20}, {2});
+  check_close(add(a, b), {11, 18, 13, 20.5});
+  check_close(sub(a, b), {-9, -22, -7, -19.5});
+  check_close(mul(a, b), {10, -40, 30, 10});
+  check_close(div(a, b), {0.1, -0.1, 0.3, 0.025});
+  check_close(a * 2.0 + 1.0, {3, -3, 7, 2});
+  check_close(pow_scalar(f64({2, 3}, {2}), 3), {8, 27});
+  check_close(relu(a), {1, 0, 3, 0.5});
+  check_close(sigmoid(f64({0}, {1})), {0.5});
+  check_close(rsqrt(f64({4}, {1})), {0.5});
+  double x = 0.7;
+  double gelu_ref = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+  check_close(gelu(f64({x}, {1})), {gelu_ref});
+  check_close(silu(f64({x}, {1})), {x / (1 + std::exp(-x))});
+}
+
+TEST_CASE("reductions over axes with and without keepdim", "[op]") {
+  Tensor x = f64({1, 2, 3, 4, 5, 6}, {2, 3});
+  check_close(sum(x), {21});
+  check_close(sum(x, {0}), {5, 7, 9});
+  CHECK(sum(x, {1}, true).shape() == Shape{2, 1});
+  check_close(mean(x, {1}), {2, 5});
+  check_close(max(x, {0}), {4, 5, 6});
+  check_close(max(f64({3, 7, 7, 1}, {4})), {7});
+  CHECK_THROWS_WITH(sum(x, {2}), Contains("sum: expected an axis in [-2, 2), got 2"));
+  CHECK_THROWS_WITH(sum(x, {1, -1}), Contains("listed twice"));
+}
+
+TEST_CASE("shape ops produce views where cheap and the right values", "[op]") {
+  Tensor x = Tensor::arange(6, DType::f64);
+  Tensor m = reshape(x, {2, 3});
+  CHECK(m.storage() == x.storage());
+  Tensor t = transpose(m, 0, 1);
+  CHECK(t.shape() == Shape{3, 2});
+  check_close(contiguous(t), {0, 3, 1, 4, 2, 5});
+  check_close(slice(m, 1, 1, 3), {1, 2, 4, 5});
+  check_close(concat({m, m}, 0), {0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5});
+  auto parts = split(m, 1, {1, 2});
+  check_close(parts[0], {0, 3});
+  check_close(parts[1], {1, 2, 4, 5});
+  check_close(expand(f64({1, 2}, {2, 1}), {2, 3}), {1, 1, 1, 2, 2, 2});
+  CHECK(reshape(m, {-1}).shape() == Shape{6});
+  CHECK_THROWS_WITH(reshape(m, {4, 2}), Contains("reshape: expected 6 elements (from [2,3]), got shape [4,2]"));
+  CHECK_THROWS_WITH(slice(m, 1, 2, 5), Contains("slice: expected 0 <= start <= end <= 3"));
+  CHECK_THROWS_WITH(concat({m, x}, 0), Contains("concat: expected shapes equal except along axis 0"));
+  CHECK_THROWS_WITH(permute(m, {0, 0}), Contains("listed twice"));
+  CHECK_THROWS_WITH(expand(m, {3, 3}), Contains("expand: cannot expand [2,3] to [3,3]"));
+}
+
+TEST_CASE("matmul matches a naive triple loop for every transpose combination", "[op][matmul]") {
+  manual_seed(1);
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      Tensor a = Tensor::randn(ta ? Shape{2, 5, 3} : Shape{2, 3, 5}, DType::f64);
+      Tensor b = Tensor::randn(tb ? Shape{2, 4, 5} : Shape{2, 5, 4}, DType::f64);
+      Tensor c = matmul(a, b, ta, tb);
+      REQUIRE(c.shape() == Shape{2, 3, 4});
+      auto A = values(a), B = values(b), C = values(c);
+      for (int n = 0; n < 2; ++n)
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 4; ++j) {
+            double ref = 0;
+            for (int k = 0; k < 5; ++k) {
+              double av = ta ? A[n * 15 + k * 3 + i] : A[n * 15 + i * 5 + k];
+              double bv = tb ? B[n * 20 + j * 5 + k] : B[n * 20 + k * 4 + j];
+              ref += av * bv;
+            }
+            CHECK(C[n * 12 + i * 4 + j] == Approx(ref).margin(1e-12));
+          }
+    }
+  CHECK_THROWS_WITH(matmul(Tensor::zeros({8, 16}), Tensor::zeros({32, 4})),
+                    Contains("matmul: expected a.shape[-1] == b.shape[-2], got [8,16] x [32,4]"));
+  CHECK_THROWS_WITH(matmul(Tensor::zeros({8, 16}), Tensor::zeros({16, 4}, DType::f64)),
+                    Contains("matmul: expected tensors of the same dtype"));
+}
+
+TEST_CASE("linear equals matmul with the transposed weight plus bias", "[op][linear]") {
+  manual_seed(2);
+  Tensor x = Tensor::randn({2, 3, 4}, DType::f64), w = Tensor::randn({5, 4}, DType::f64), b = Tensor::randn({5}, DType::f64);
+  Tensor ref = add(matmul(x, w, false, true), b);
+  check_close(linear(x, w, b), values(ref));
+  CHECK_THROWS_WITH(linear(x, Tensor::zeros({5, 3}, DType::f64)), Contains("linear: expected x[..., I] and weight[O, I]"));
+}
+
+TEST_CASE("layer_norm normalises each row to zero mean and unit variance", "[op][layer_norm]") {
+  manual_seed(3);
+  Tensor x = Tensor::randn({4, 16}, DType::f64);
+  Tensor y = layer_norm(x, Tensor::ones({16}, DType::f64), Tensor::zeros({16}, DType::f64), 1e-5);
+  auto v = values(y), xv = values(x);
+  for (int r = 0; r < 4; ++r) {
+    double m = 0, var = 0, xm = 0, xvar = 0;
+    for (int i = 0; i < 16; ++i) xm += xv[r * 16 + i] / 16;
+    for (int i = 0; i < 16; ++i) xvar += (xv[r * 16 + i] - xm) * (xv[r * 16 + i] - xm) / 16;
+    for (int i = 0; i < 16; ++i) m += v[r * 16 + i] / 16;
+    for (int i = 0; i < 16; ++i) var += (v[r * 16 + i] - m) * (v[r * 16 + i] - m) / 16;
+    CHECK(m == Approx(0).margin(1e-12));
+    CHECK(var == Approx(xvar / (xvar + 1e-5)).epsilon(1e-12));
+  }
+  CHECK_THROWS_WITH(layer_norm(x, Tensor::ones({8}, DType::f64), Tensor::zeros({8}, DType::f64)),
+                    Contains("layer_norm: expected weight and bias of shape [16]"));
+}
+
+TEST_CASE("softmax rows sum to one and match exp(x)/sum(exp(x))", "[op][softmax]") {
+  Tensor x = f64({1, 2, 3, -1, 0, 1000}, {2, 3});
+  auto y = values(softmax(x));
+  double z = std::exp(1) + std::exp(2) + std::exp(3);
+  CHECK(y[0] == Approx(std::exp(1) / z));
+  CHECK(y[5] == Approx(1.0));  // stable for large inputs
+  CHECK(y[3] + y[4] + y[5] == Approx(1.0));
+}
+
+TEST_CASE("fused attention equals the naive softmax(QK^T * scale)V", "[op][attention]") {
+  manual_seed(4);
+  for (bool causal : {false, true}) {
+    Tensor q = Tensor::randn({2, 3, 7, 5}, DType::f64), k = Tensor::randn({2, 3, 7, 5}, DType::f64),
+           v = Tensor::randn({2, 3, 7, 5}, DType::f64);
+    double scale = 1.0 / std::sqrt(5.0);
+    Tensor s = mul_scalar(matmul(q, k, false, true), scale);
+    if (causal) {
+      std::vector<double> mask(49);
+      for (int i = 0; i < 7; ++i)
+        for (int j = 0; j < 7; ++j) mask[i * 7 + j] = j > i ? -1e300 : 0.0;
+      s = add(s, f64(mask, {7, 7}));
+    }
+    Tensor ref = matmul(softmax(s), v);
+    check_close(attention(q, k, v, causal), values(ref), 1e-12);
+  }
+  CHECK_THROWS_WITH(attention(Tensor::zeros({2, 3, 4}), Tensor::zeros({2, 3, 4}), Tensor::zeros({2, 3, 4}), true),
+                    Contains("attention: expected q, k, v of one shape [B, H, T, D]"));
+}
+
+TEST_CASE("dropout draws its mask from philox (seed, offset) and scales the kept values", "[op][dropout]") {
+  manual_seed(5);
+  RngState start = rng_state();
+  Tensor x = Tensor::ones({1000}, DType::f64);
+  auto y = values(dropout(x, 0.25));
+  int kept = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    uint32_t bits = philox::bits_at(start.seed, start.offset, i);
+    bool keep = philox::uniform_from_bits(bits) >= 0.25f;
+    CHECK(y[i] == (keep ? 1.0 / 0.75 : 0.0));
+    kept += keep;
+  }
+  CHECK(kept > 700);
+  CHECK(kept < 800);
+  CHECK(values(dropout(x, 0.25, /*training=*/false)) == values(x));
+  CHECK_THROWS_WITH(dropout(x, 1.0), Contains("dropout: expected 0 <= p < 1, got 1"));
+}
+
+TEST_CASE("embedding gathers rows and rejects out-of-range ids", "[op][embedding]") {
+  Tensor w = f64({0, 1, 10, 11, 20, 21}, {3, 2});
+  Tensor idx = Tensor::from_vector<int64_t>({2, 0, 2}, {3});
+  check_close(embedding(idx, w), {20, 21, 0, 1, 20, 21});
+  CHECK_THROWS_WITH(embedding(Tensor::from_vector<int64_t>({3}, {1}), w),
+                    Contains("embedding: expected indices in [0, 3), got 3"));
+  CHECK_THROWS_WITH(embedding(w, w), Contains("embedding: expected indices of dtype i32 or i64"));
+}
+
+TEST_CASE("cross_entropy equals the mean of logsumexp minus the target logit", "[op][cross_entropy]") {
+  Tensor logits = f64({1, 2, 3, 0, 0, 0, 5, 1, 1}, {3, 3});
+  Tensor targets = Tensor::from_vector<int64_t>({2, -100, 0}, {3});
+  double row0 = std::log(std::exp(1) + std::exp(2) + std::exp(3)) - 3;
+  double row2 = std::log(std::exp(5) + 2 * std::exp(1)) - 5;
+  check_close(cross_entropy(logits, targets), {(row0 + row2) / 2});
+  CHECK_THROWS_WITH(cross_entropy(logits, Tensor::from_vector<int64_t>({0, 1, 7}, {3})),
+                    Contains("cross_entropy: expected targets in [0, 3) or ignore_index -100, got 7 at row 2"));
+}
+
+TEST_CASE("the op list names every op once and parses names back", "[op]") {
+  for (int i = 0; i < kOpCount; ++i) CHECK(parse_op(kOpInfo[i].name) == static_cast<OpKind>(i));
+  CHECK_THROWS_WITH(parse_op("conv3d"), Contains("unknown op 'conv3d'"));
+  CHECK(backend_for(Device::cpu()).supports(OpKind::attention));
+}

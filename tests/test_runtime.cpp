@@ -1,0 +1,152 @@
+// Runtime: dtypes, devices, shapes, tensor handles and views, conversions, Philox, allocator counters.
+#include <catch.hpp>
+#include <cmath>
+
+#include "kernels/common/philox.h"
+#include "remat.h"
+#include "runtime/cuda_backend.h"
+#include "runtime/half.h"
+
+using namespace remat;
+using Catch::Matchers::Contains;
+
+TEST_CASE("dtype and device names parse and print", "[runtime]") {
+  CHECK(parse_dtype("bf16") == DType::bf16);
+  CHECK(dtype_size(DType::f16) == 2);
+  CHECK_THROWS_WITH(parse_dtype("f8"), Contains("unknown dtype 'f8'") && Contains("f32, f64"));
+  CHECK(parse_device("cpu") == Device::cpu());
+  CHECK(parse_device("cuda:1") == Device::cuda(1));
+  CHECK(Device::cuda(3).str() == "cuda:3");
+  CHECK_THROWS_WITH(parse_device("gpu"), Contains("expected cpu, cuda or cuda:N"));
+}
+
+TEST_CASE("broadcasting follows NumPy and names the op on failure", "[runtime]") {
+  CHECK(broadcast_shapes({2, 1, 4}, {3, 1}, "add") == Shape{2, 3, 4});
+  CHECK(broadcast_shapes({}, {5}, "add") == Shape{5});
+  CHECK_THROWS_WITH(broadcast_shapes({2, 3}, {4}, "mul"), Contains("mul: expected broadcastable shapes, got [2,3] and [4]"));
+}
+
+TEST_CASE("errors carry the message and the source location", "[runtime]") {
+  try {
+    REMAT_CHECK(1 == 2, "expected ", 1, " got ", 2);
+    FAIL("no throw");
+  } catch (const Error& e) {
+    CHECK(e.message() == "expected 1 got 2");
+    CHECK_THAT(e.what(), Contains("test_runtime.cpp:"));
+  }
+}
+
+TEST_CASE("tensor factories fill values and views share storage", "[runtime]") {
+  Tensor a = Tensor::arange(6);
+  CHECK(a.to_vector<float>() == std::vector<float>{0, 1, 2, 3, 4, 5});
+  Tensor m = a.view({2, 3}, {3, 1}, 0);
+  Tensor t = m.view({3, 2}, {1, 3}, 0);  // transpose
+  CHECK_FALSE(t.is_contiguous());
+  CHECK(t.to_vector<float>() == std::vector<float>{0, 3, 1, 4, 2, 5});
+  CHECK(t.storage() == a.storage());
+  Tensor c = t.as_contiguous();
+  CHECK(c.is_contiguous());
+  CHECK(c.storage() != a.storage());
+  CHECK(Tensor::full({2}, 2.5, DType::f64).to_vector<double>() == std::vector<double>{2.5, 2.5});
+  CHECK_THROWS_WITH(Tensor::from_vector<float>({1, 2, 3}, {2, 2}), Contains("expected 4 values for shape [2,2], got 3"));
+  CHECK_THROWS_WITH(a.data<double>(), Contains("data<f64>: tensor is f32"));
+}
+
+TEST_CASE("in-place writes bump the version counter shared by views", "[runtime]") {
+  Tensor a = Tensor::zeros({4});
+  Tensor v = a.view({2}, {1}, 2);
+  uint64_t before = v.version();
+  a.fill_(1.0);
+  CHECK(v.version() == before + 1);
+  CHECK(v.to_vector<float>() == std::vector<float>{1, 1});
+}
+
+TEST_CASE("bf16 and f16 conversions round to nearest even", "[runtime]") {
+  CHECK(bf16_to_f32(f32_to_bf16(1.0f)) == 1.0f);
+  CHECK(bf16_to_f32(f32_to_bf16(1.00390625f)) == 1.0f);        // halfway, rounds to even
+  CHECK(bf16_to_f32(f32_to_bf16(1.01171875f)) == 1.015625f);   // halfway, rounds up to even
+  CHECK(f16_to_f32(f32_to_f16(0.1f)) == Approx(0.0999755859375f).margin(0));
+  CHECK(f16_to_f32(f32_to_f16(65504.0f)) == 65504.0f);
+  CHECK(std::isinf(f16_to_f32(f32_to_f16(70000.0f))));
+  CHECK(f16_to_f32(f32_to_f16(5.9604645e-8f)) == 5.9604645e-8f);  // smallest subnormal
+  Tensor x = Tensor::from_vector<float>({0.5f, -2.0f, 3.25f}, {3});
+  CHECK(x.to(DType::bf16).to(DType::f32).to_vector<float>() == x.to_vector<float>());
+  CHECK(x.to(DType::f16).to_vector<float>() == x.to_vector<float>());
+}
+
+TEST_CASE("philox 4x32-10 matches the Random123 known-answer vectors", "[runtime][rng]") {
+  // Random123 kat_vectors: philox4x32 10 rounds, counter 0 and key 0.
+  philox::U32x4 zero = philox::philox4x32_10(0, 0);
+  CHECK(zero.v[0] == 0x6627e8d5u);
+  CHECK(zero.v[1] == 0xe169c58du);
+  CHECK(zero.v[2] == 0xbc57ac4cu);
+  CHECK(zero.v[3] == 0x9b00dbd8u);
+}
+
+TEST_CASE("the random stream advances and replays from a saved state", "[runtime][rng]") {
+  manual_seed(42);
+  RngState start = rng_state();
+  Tensor a = Tensor::rand({10});
+  CHECK(rng_state().offset == start.offset + 3);  // 10 values in blocks of 4
+  set_rng_state(start);
+  Tensor b = Tensor::rand({10});
+  CHECK(a.to_vector<float>() == b.to_vector<float>());
+  Tensor n = Tensor::randn({20000}, DType::f64);
+  auto v = n.to_vector<double>();
+  double m = 0, s = 0;
+  for (double x : v) m += x;
+  m /= v.size();
+  for (double x : v) s += (x - m) * (x - m);
+  CHECK(std::abs(m) < 0.03);
+  CHECK(std::abs(std::sqrt(s / v.size()) - 1.0) < 0.03);
+}
+
+TEST_CASE("allocator counters are exact for a known sequence of allocations", "[runtime][memory]") {
+  Allocator& cpu = allocator_for(Device::cpu());
+  cpu.reset_peak();
+  MemoryStats base = cpu.stats();
+  const auto& base_param = base[MemoryCategory::parameter];
+  {
+    Tensor p;
+    {
+      MemoryCategoryScope scope(MemoryCategory::parameter);
+      p = Tensor::empty({256}, DType::f32);  // 1024 bytes of parameter
+    }
+    Tensor a = Tensor::empty({100}, DType::f64);  // 800 bytes of activation
+    {
+      Tensor w = Tensor::empty({50}, DType::f32);  // 200 more, freed at once
+    }
+    MemoryStats s = cpu.stats();
+    CHECK(s.total.current - base.total.current == 1824);
+    CHECK(s.total.peak - base.total.current == 2024);
+    CHECK(s[MemoryCategory::parameter].current - base_param.current == 1024);
+    CHECK(s[MemoryCategory::activation].allocated - base[MemoryCategory::activation].allocated == 1000);
+    CHECK(s[MemoryCategory::activation].freed - base[MemoryCategory::activation].freed == 200);
+  }
+  MemoryStats end = cpu.stats();
+  CHECK(end.total.current == base.total.current);
+  CHECK(end.total.peak - base.total.current == 2024);
+  cpu.reset_peak();
+  CHECK(cpu.stats().total.peak == base.total.current);
+}
+
+TEST_CASE("the memory recorder logs allocs and frees with their category", "[runtime][memory]") {
+  Allocator& cpu = allocator_for(Device::cpu());
+  cpu.start_recording();
+  {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    Tensor t = Tensor::empty({8}, DType::f64);
+  }
+  auto events = cpu.stop_recording();
+  REQUIRE(events.size() == 2);
+  CHECK(events[0].bytes == 64);
+  CHECK(events[1].bytes == -64);
+  CHECK(events[0].category == MemoryCategory::workspace);
+  CHECK(events[1].time_us >= events[0].time_us);
+}
+
+TEST_CASE("cuda discovery reports devices without throwing, zero on a machine without a GPU", "[runtime][cuda-discovery]") {
+  int n = cuda_device_count();
+  CHECK(n >= 0);
+  if (n == 0) CHECK_THROWS_WITH(Tensor::zeros({2}).to(Device::cuda(0)), Contains("cuda:0"));
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Runs every Catch2 test binary and prints one closing line: N passed, N failed, N skipped.
+
+Counts test cases over all binaries. A binary that exits 77 (the CUDA suite without a GPU)
+counts all its test cases as skipped. Extra arguments are passed to each binary as a test
+filter (default: everything not tagged [slow]).
+"""
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_cuda"]
+
+
+def count_listed(binary, test_filter):
+    out = subprocess.run([binary, "--list-test-names-only", test_filter], capture_output=True, text=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def main():
+    build = Path(sys.argv[1] if len(sys.argv) > 1 else "build")
+    test_filter = sys.argv[2] if len(sys.argv) > 2 else "~[slow]"
+    passed = failed = skipped = 0
+    for name in BINARIES:
+        binary = build / "tests" / name
+        if not binary.exists():
+            print(f"{name}: not built", flush=True)
+            failed += 1
+            continue
+        start = time.time()
+        proc = subprocess.run([str(binary), test_filter], capture_output=True, text=True)
+        seconds = time.time() - start
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 77:
+            n = count_listed(str(binary), test_filter)
+            skipped += n
+            print(f"{name}: {n} skipped ({out.strip().splitlines()[-1] if out.strip() else 'exit 77'})", flush=True)
+            continue
+        all_passed = re.search(r"All tests passed \(\d+ assertions? in (\d+) test cases?\)", out)
+        summary = re.search(r"test cases:\s*(\d+)\s*\|\s*(\d+) passed\s*\|\s*(\d+) failed", out)
+        only_failed = re.search(r"test cases:\s*(\d+)\s*\|\s*(\d+) failed", out)
+        if all_passed and proc.returncode == 0:
+            p, f = int(all_passed.group(1)), 0
+        elif summary:
+            p, f = int(summary.group(2)), int(summary.group(3))
+        elif only_failed:
+            p, f = 0, int(only_failed.group(2))
+        elif "No tests ran" in out and proc.returncode in (0, 2):
+            p, f = 0, 0
+        else:
+            p, f = 0, 1  # crashed before Catch2 could report
+        if f or proc.returncode != 0:
+            sys.stdout.write(out)
+        print(f"{name}: {p} passed, {f} failed ({seconds:.1f} s)", flush=True)
+        passed += p
+        failed += f
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
