@@ -4,6 +4,7 @@
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
+#include "checkpoint/checkpoint.h"
 #include "kernels/backend.h"
 #include "kernels/op_list.h"
 #include "runtime/allocator.h"

@@ -73,12 +73,13 @@ void backward(const Tensor& root, const Tensor& grad, BackwardOptions options) {
         grads[node.inputs[i]] = accumulate(grads[node.inputs[i]], input_grads[i]);
       }
     }
+    // The hooks go first: they may take over data that releasing these slots would free.
+    if (g.hooks) g.hooks->after_backward_node(g, index, options.retain_graph);
     if (!options.retain_graph)
       for (SavedSlot& slot : node.saved) {
         if (slot.state == SlotState::kept) g.release(slot.value);
         slot.state = SlotState::released;
       }
-    if (g.hooks) g.hooks->after_backward_node(g, index);
   }
   for (size_t v = 0; v < g.values.size(); ++v) {
     const ValueInfo& info = g.values[v];
@@ -87,7 +88,7 @@ void backward(const Tensor& root, const Tensor& grad, BackwardOptions options) {
     grads[v] = Tensor();
     info.leaf->grad = std::make_shared<Tensor>(own_copy(sum));
   }
-  if (g.hooks) g.hooks->after_backward(g);
+  if (g.hooks) g.hooks->after_backward(g, options.retain_graph);
   if (!options.retain_graph) {
     g.freed = true;
     for (auto& node : g.nodes)

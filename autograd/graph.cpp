@@ -111,6 +111,13 @@ void Graph::drop_slot(int64_t node, size_t slot) {
   release(s.value);
 }
 
+Tensor checkpoint_name(Tensor t, const std::string& name) {
+  AutogradMeta& meta = t.autograd_meta();
+  meta.tag = name;
+  if (meta.graph) static_cast<Graph*>(meta.graph.get())->values[meta.value_id].tag = name;
+  return t;
+}
+
 std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>& inputs) {
   bool needs_grad = false;
   if (grad_enabled())

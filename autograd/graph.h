@@ -38,8 +38,9 @@ class SavedTensorHooks {
   virtual ~SavedTensorHooks() = default;
   virtual void on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs) = 0;
   virtual Tensor unpack_dropped(Graph& graph, int64_t node, size_t slot) = 0;
-  virtual void after_backward_node(Graph& graph, int64_t node) = 0;
-  virtual void after_backward(Graph& graph) = 0;
+  // Called after a node's backward, before its slots are released.
+  virtual void after_backward_node(Graph& graph, int64_t node, bool retain_graph) = 0;
+  virtual void after_backward(Graph& graph, bool retain_graph) = 0;
 };
 
 class Graph {
@@ -60,6 +61,10 @@ class Graph {
   // Drops a kept slot (its value's data is freed when nothing else holds it).
   void drop_slot(int64_t node, size_t slot);
 };
+
+// Names a tensor for policies that save or recompute by name (like JAX checkpoint_name).
+// Returns the tensor with its tag set; updates the recorded value when it is already on a tape.
+Tensor checkpoint_name(Tensor t, const std::string& name);
 
 // The graph ops record onto on this thread (created on demand, replaced after a backward frees it).
 std::shared_ptr<Graph> current_graph();

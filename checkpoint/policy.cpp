@@ -1,0 +1,49 @@
+// Built-in policies and option parsing.
+#include "checkpoint/policy.h"
+
+#include "checkpoint/options.h"
+#include "runtime/error.h"
+
+namespace remat {
+
+const char* decision_name(Decision d) {
+  switch (d) {
+    case Decision::must_save: return "MUST_SAVE";
+    case Decision::prefer_save: return "PREFER_SAVE";
+    case Decision::must_recompute: return "MUST_RECOMPUTE";
+    case Decision::prefer_recompute: return "PREFER_RECOMPUTE";
+    case Decision::must_offload: return "MUST_OFFLOAD";
+    case Decision::prefer_offload: return "PREFER_OFFLOAD";
+  }
+  return "?";
+}
+
+Policy save_nothing() {
+  return {"save_nothing", [](const PolicyContext&) { return Decision::prefer_recompute; }};
+}
+
+Policy save_all() {
+  return {"save_all", [](const PolicyContext&) { return Decision::prefer_save; }};
+}
+
+CheckpointOptions CheckpointOptions::parse(const std::map<std::string, std::string>& options) {
+  CheckpointOptions out;
+  for (const auto& [key, value] : options) {
+    if (key == "debug") {
+      REMAT_CHECK(value == "true" || value == "false" || value == "1" || value == "0",
+                  "checkpoint option debug: expected true, false, 1 or 0, got '", value, "'");
+      out.debug = value == "true" || value == "1";
+    } else if (key == "name") {
+      out.name = value;
+    } else if (key == "policy") {
+      if (value == "save_nothing" || value == "full") out.policy = save_nothing();
+      else if (value == "save_all") out.policy = save_all();
+      else REMAT_FAIL("checkpoint option policy: expected save_nothing (= full) or save_all, got '", value, "'");
+    } else {
+      REMAT_FAIL("unknown checkpoint option '", key, "': expected one of debug, name, policy");
+    }
+  }
+  return out;
+}
+
+}  // namespace remat

@@ -1,0 +1,315 @@
+// Region bookkeeping: inputs held, slots dropped at close, replay from the tape, rebuilt data freed.
+#include "checkpoint/region.h"
+
+#include <algorithm>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "autograd/grad_mode.h"
+
+namespace remat {
+
+namespace {
+
+thread_local RegionCounters t_totals;
+
+PolicyContext context_of(const Graph& graph, const Node& node, bool is_recompute) {
+  PolicyContext ctx;
+  ctx.kind = node.kind();
+  ctx.op_name = node.name();
+  for (int64_t v : node.inputs)
+    if (v >= 0) ctx.inputs.push_back({graph.values[v].shape, graph.values[v].dtype, graph.values[v].device});
+  for (int64_t v : node.outputs) ctx.outputs.push_back({graph.values[v].shape, graph.values[v].dtype, graph.values[v].device});
+  if (!node.outputs.empty()) ctx.tag = graph.values[node.outputs[0]].tag;
+  ctx.is_recompute = is_recompute;
+  return ctx;
+}
+
+int64_t value_bytes(const ValueInfo& v) { return numel_of(v.shape) * static_cast<int64_t>(dtype_size(v.dtype)); }
+
+}  // namespace
+
+RegionCounters checkpoint_counters() { return t_totals; }
+void reset_checkpoint_counters() { t_totals = {}; }
+
+RegionManager& RegionManager::of(Graph& graph) {
+  if (!graph.hooks) graph.hooks = std::make_unique<RegionManager>();
+  auto* manager = dynamic_cast<RegionManager*>(graph.hooks.get());
+  REMAT_ASSERT(manager != nullptr, "the graph carries saved-tensor hooks of another kind");
+  return *manager;
+}
+
+int RegionManager::open(Graph& graph, CheckpointOptions options) {
+  Region r;
+  r.id = static_cast<int>(regions_.size());
+  r.parent = open_.empty() ? -1 : open_.back();
+  r.depth = open_.empty() ? 0 : regions_[open_.back()].depth + 1;
+  r.begin = static_cast<int64_t>(graph.nodes.size());
+  r.options = std::move(options);
+  if (r.options.name.empty()) r.options.name = "region" + std::to_string(r.id);
+  regions_.push_back(std::move(r));
+  open_.push_back(regions_.back().id);
+  return regions_.back().id;
+}
+
+void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs) {
+  if (open_.empty()) return;
+  Node& n = *graph.nodes[node];
+  n.region = open_.back();
+  for (int id : open_) {
+    Region& r = regions_[id];
+    ++r.counters.ops_forward;
+    if (r.options.debug) r.forward_ops.push_back(n.name());
+    // Values produced before the region are its inputs: held so that replay can start from them.
+    for (size_t i = 0; i < n.inputs.size(); ++i) {
+      int64_t u = n.inputs[i];
+      if (u < 0 || graph.values[u].producer >= r.begin) continue;
+      bool known = std::any_of(r.inputs.begin(), r.inputs.end(), [u](const RegionInput& in) { return in.value == u; });
+      if (known) continue;
+      r.inputs.push_back({u, SlotState::kept});
+      graph.hold(u, inputs[i]);
+    }
+  }
+  ++t_totals.ops_forward;
+}
+
+void RegionManager::close(Graph& graph, int id) {
+  REMAT_ASSERT(!open_.empty() && open_.back() == id, "regions must close in the reverse order they opened");
+  open_.pop_back();
+  Region& r = regions_[id];
+  r.end = static_cast<int64_t>(graph.nodes.size());
+
+  std::unordered_map<int64_t, Decision> decisions;  // per producer node
+  auto decide = [&](int64_t producer) {
+    auto found = decisions.find(producer);
+    if (found != decisions.end()) return found->second;
+    Decision d = r.options.policy.decide(context_of(graph, *graph.nodes[producer], false));
+    // A MUST_SAVE from an inner region outlives an outer region's wish to recompute.
+    if (!is_must(d) && must_saved_.count(producer)) d = Decision::must_save;
+    if (d == Decision::must_save) must_saved_.insert(producer);
+    decisions[producer] = d;
+    return d;
+  };
+  std::unordered_set<int64_t> dropped_values;
+  auto should_drop = [&](int64_t value) {
+    int64_t p = graph.values[value].producer;
+    return p >= r.begin && !is_save(decide(p));
+  };
+  for (int64_t n = r.begin; n < r.end; ++n) {
+    Node& node = *graph.nodes[n];
+    for (size_t s = 0; s < node.saved.size(); ++s) {
+      if (node.saved[s].state != SlotState::kept || !should_drop(node.saved[s].value)) continue;
+      graph.drop_slot(n, s);
+      dropped_values.insert(node.saved[s].value);
+      dropped_slots_[node.saved[s].value].push_back({n, static_cast<int64_t>(s)});
+    }
+  }
+  // Inputs of nested regions produced inside this one are intermediates here: drop them too.
+  for (size_t d = id + 1; d < regions_.size(); ++d) {
+    Region& inner = regions_[d];
+    if (inner.begin < r.begin || inner.end > r.end || inner.end < 0) continue;
+    for (RegionInput& in : inner.inputs) {
+      if (in.state != SlotState::kept || !should_drop(in.value)) continue;
+      in.state = SlotState::dropped;
+      graph.release(in.value);
+      dropped_values.insert(in.value);
+      dropped_slots_[in.value].push_back({-1 - static_cast<int64_t>(d), static_cast<int64_t>(&in - inner.inputs.data())});
+    }
+  }
+  for (int64_t v : dropped_values) r.counters.bytes_dropped += value_bytes(graph.values[v]);
+  t_totals.bytes_dropped += r.counters.bytes_dropped;
+}
+
+void RegionManager::hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data) {
+  if (!rebuilt_holds_.insert({node, slot}).second) return;
+  ValueInfo& v = graph.values[value];
+  if (!v.data.defined()) v.version = data.version();  // fresh storage: its own version from now on
+  graph.hold(value, data);
+}
+
+void RegionManager::release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value) {
+  if (rebuilt_holds_.erase({node, slot})) graph.release(value);
+}
+
+Tensor RegionManager::unpack_dropped(Graph& graph, int64_t node, size_t slot) {
+  const Node& n = *graph.nodes[node];
+  int64_t value = n.saved[slot].value;
+  if (!available(graph, value)) {
+    REMAT_ASSERT(n.region >= 0, "a dropped slot outside every region");
+    replay(graph, n.region, node);
+  }
+  REMAT_ASSERT(available(graph, value), "replay of ", regions_[n.region].options.name, " did not rebuild a slot of ",
+               n.name());
+  return graph.values[value].data;
+}
+
+void RegionManager::replay(Graph& graph, int id, int64_t position) {
+  Region& r = regions_[id];
+  if (r.replayed) fail(r, "asked to replay twice in one backward (internal error)");
+  // Start from the region's inputs; if an outer region dropped one, that region replays first.
+  for (const RegionInput& in : r.inputs) {
+    if (available(graph, in.value)) continue;
+    REMAT_ASSERT(in.state == SlotState::dropped && r.parent >= 0, "an input of ", r.options.name, " is gone");
+    replay(graph, r.parent, position);
+    break;
+  }
+
+  // Targets: dropped slots of this region's own nodes whose backward is still to come, and dropped
+  // inputs of regions nested inside it.
+  struct Target {
+    int64_t node, slot, value;
+  };
+  std::vector<Target> targets;
+  int64_t last = std::min<int64_t>(r.end, position + 1);
+  for (int64_t n = r.begin; n < last; ++n) {
+    const Node& node = *graph.nodes[n];
+    if (node.region != id) continue;
+    for (size_t s = 0; s < node.saved.size(); ++s)
+      if (node.saved[s].state == SlotState::dropped) targets.push_back({n, static_cast<int64_t>(s), node.saved[s].value});
+  }
+  for (size_t d = id + 1; d < regions_.size(); ++d) {
+    const Region& inner = regions_[d];
+    if (inner.begin < r.begin || inner.end > r.end || inner.begin > position) continue;
+    for (size_t j = 0; j < inner.inputs.size(); ++j)
+      if (inner.inputs[j].state == SlotState::dropped)
+        targets.push_back({-1 - static_cast<int64_t>(d), static_cast<int64_t>(j), inner.inputs[j].value});
+  }
+
+  // The nodes the missing targets depend on, walking producers back to available values.
+  std::set<int64_t> needed;
+  std::vector<int64_t> stack;
+  std::unordered_set<int64_t> visited;
+  for (const Target& t : targets)
+    if (!available(graph, t.value)) stack.push_back(t.value);
+  while (!stack.empty()) {
+    int64_t v = stack.back();
+    stack.pop_back();
+    if (!visited.insert(v).second) continue;
+    int64_t p = graph.values[v].producer;
+    if (p < r.begin) fail(r, "cannot rebuild a value produced outside the region (internal error)");
+    if (!needed.insert(p).second) continue;
+    for (int64_t u : graph.nodes[p]->inputs)
+      if (u >= 0 && !available(graph, u)) stack.push_back(u);
+  }
+
+  // Re-execute them in tape order.
+  NoGradGuard no_grad;
+  MemoryCategoryScope category(MemoryCategory::activation);
+  std::unordered_map<int64_t, Tensor> rebuilt;
+  for (int64_t p : needed) {
+    const Node& node = *graph.nodes[p];
+    std::vector<Tensor> inputs;
+    for (int64_t u : node.inputs) {
+      if (u < 0) {
+        inputs.emplace_back();
+        continue;
+      }
+      auto found = rebuilt.find(u);
+      if (found != rebuilt.end()) {
+        inputs.push_back(found->second);
+        continue;
+      }
+      const ValueInfo& info = graph.values[u];
+      REMAT_ASSERT(info.data.defined(), "replay input missing");
+      if (info.data.version() != info.version)
+        fail(r, detail::concat("an input of replayed op ", node.name(), " (", info.meta_str(),
+                             ") was modified by an in-place operation after the forward (version ",
+                             info.data.version(), ", expected ", info.version, ")"));
+      inputs.push_back(info.data);
+    }
+    std::vector<Tensor> outputs = node.forward(inputs);
+    if (r.options.debug) r.replay_ops.push_back(node.name());
+    if (outputs.size() != node.outputs.size())
+      fail(r, detail::concat("replayed op ", node.name(), " (index ", p - r.begin, " in the region) produced ",
+                           outputs.size(), " outputs, the forward recorded ", node.outputs.size()));
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const ValueInfo& info = graph.values[node.outputs[i]];
+      const Tensor& out = outputs[i];
+      if (out.shape() != info.shape || out.dtype() != info.dtype || out.device() != info.device)
+        fail(r, detail::concat("replayed op ", node.name(), " (index ", p - r.begin, " in the region) produced output ",
+                             i, " as ", out.meta_str(), ", but the forward recorded ", info.meta_str()));
+      rebuilt[node.outputs[i]] = out.detach();
+      r.counters.bytes_rebuilt += static_cast<int64_t>(out.nbytes());
+      t_totals.bytes_rebuilt += static_cast<int64_t>(out.nbytes());
+    }
+    ++r.counters.ops_replayed;
+    ++t_totals.ops_replayed;
+  }
+  ++r.counters.replays;
+  ++t_totals.replays;
+
+  // Each target slot holds its rebuilt tensor until its consumer is done; the rest is freed here.
+  for (const Target& t : targets) {
+    auto found = rebuilt.find(t.value);
+    const Tensor& data = found != rebuilt.end() ? found->second : graph.values[t.value].data;
+    REMAT_ASSERT(data.defined(), "a target of the replay of ", r.options.name, " was not rebuilt");
+    hold_rebuilt(graph, t.node, t.slot, t.value, data);
+  }
+  r.replayed = true;
+  // This region's own inputs have served their purpose for the replay.
+  for (size_t j = 0; j < r.inputs.size(); ++j) release_rebuilt(graph, -1 - id, static_cast<int64_t>(j), r.inputs[j].value);
+}
+
+void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
+  const Node& n = *graph.nodes[node];
+  for (size_t s = 0; s < n.saved.size(); ++s) release_rebuilt(graph, node, static_cast<int64_t>(s), n.saved[s].value);
+  // A kept slot about to free the last copy of a value that dropped slots still wait for: hand the
+  // data over to them instead of rebuilding it later.
+  if (!retain_graph)
+    for (const SavedSlot& slot : n.saved) {
+      if (slot.state != SlotState::kept) continue;
+      int own = static_cast<int>(std::count_if(n.saved.begin(), n.saved.end(), [&](const SavedSlot& o) {
+        return o.state == SlotState::kept && o.value == slot.value;
+      }));
+      if (graph.values[slot.value].holds != own) continue;  // someone else keeps it alive anyway
+      auto waiting = dropped_slots_.find(slot.value);
+      if (waiting == dropped_slots_.end()) continue;
+      for (auto [owner, index] : waiting->second) {
+        bool pending = owner >= 0 ? owner < node && graph.nodes[owner]->saved[index].state == SlotState::dropped
+                                  : regions_[-1 - owner].begin < node;
+        if (pending) hold_rebuilt(graph, owner, index, slot.value, graph.values[slot.value].data);
+      }
+    }
+  // Backward has passed below the start of these regions: their inputs are needed no more.
+  for (Region& r : regions_) {
+    if (r.begin != node) continue;
+    for (size_t j = 0; j < r.inputs.size(); ++j) {
+      RegionInput& in = r.inputs[j];
+      release_rebuilt(graph, -1 - r.id, static_cast<int64_t>(j), in.value);
+      if (!retain_graph && in.state == SlotState::kept) {
+        graph.release(in.value);
+        in.state = SlotState::released;
+      }
+    }
+  }
+}
+
+void RegionManager::after_backward(Graph& graph, bool retain_graph) {
+  for (auto [node, slot] : std::vector<std::pair<int64_t, int64_t>>(rebuilt_holds_.begin(), rebuilt_holds_.end())) {
+    int64_t value = node >= 0 ? graph.nodes[node]->saved[slot].value : regions_[-1 - node].inputs[slot].value;
+    release_rebuilt(graph, node, slot, value);
+  }
+  for (Region& r : regions_) {
+    r.replayed = false;
+    if (retain_graph) continue;
+    for (RegionInput& in : r.inputs) {
+      if (in.state == SlotState::kept) graph.release(in.value);
+      in.state = SlotState::released;
+    }
+  }
+}
+
+std::string RegionManager::debug_text(const Region& r) const {
+  auto join = [](const std::vector<std::string>& ops) {
+    std::string s;
+    for (size_t i = 0; i < ops.size(); ++i) s += (i ? ", " : "") + ops[i];
+    return s.empty() ? std::string("(none)") : s;
+  };
+  return "; forward ops: [" + join(r.forward_ops) + "]; replayed ops: [" + join(r.replay_ops) + "]";
+}
+
+void RegionManager::fail(const Region& r, const std::string& message) const {
+  REMAT_FAIL("checkpoint region '", r.options.name, "': ", message, r.options.debug ? debug_text(r) : std::string());
+}
+
+}  // namespace remat

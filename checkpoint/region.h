@@ -1,0 +1,84 @@
+// Checkpoint regions as tape segments. A region is a contiguous range of tape nodes; when it
+// closes, its policy drops the saved slots of values produced inside it. In backward, the first
+// unpack of a dropped slot replays, from the recorded nodes, only what the region's remaining
+// dropped slots depend on; rebuilt tensors are freed right after their last backward consumer.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "autograd/graph.h"
+#include "checkpoint/options.h"
+
+namespace remat {
+
+struct RegionCounters {
+  int64_t ops_forward = 0;    // nodes recorded while the region was open (nested ones included)
+  int64_t ops_replayed = 0;   // nodes re-executed by this region's replays
+  int64_t bytes_dropped = 0;  // bytes of distinct values whose slots the region dropped
+  int64_t bytes_rebuilt = 0;  // bytes of the outputs its replays produced
+  int64_t replays = 0;        // number of replays
+};
+
+// A slot that keeps a region's input alive (values produced before the region). An outer region
+// may drop it; then it is rebuilt like any saved slot.
+struct RegionInput {
+  int64_t value = -1;
+  SlotState state = SlotState::kept;
+};
+
+struct Region {
+  int id = -1;
+  int parent = -1;
+  int depth = 0;
+  int64_t begin = 0, end = -1;  // node range [begin, end); end = -1 while open
+  CheckpointOptions options;
+  std::vector<RegionInput> inputs;
+  RegionCounters counters;
+  bool replayed = false;  // in the current backward
+  std::vector<std::string> forward_ops, replay_ops;  // debug mode only
+  bool contains(int64_t node) const { return node >= begin && (end < 0 || node < end); }
+};
+
+// The checkpoint layer's SavedTensorHooks: one per graph, installed when the first region opens.
+class RegionManager final : public SavedTensorHooks {
+ public:
+  static RegionManager& of(Graph& graph);  // installs on first use
+
+  int open(Graph& graph, CheckpointOptions options);
+  void close(Graph& graph, int region);
+  const std::vector<Region>& regions() const { return regions_; }
+
+  void on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs) override;
+  Tensor unpack_dropped(Graph& graph, int64_t node, size_t slot) override;
+  void after_backward_node(Graph& graph, int64_t node, bool retain_graph) override;
+  void after_backward(Graph& graph, bool retain_graph) override;
+
+ private:
+  void replay(Graph& graph, int region, int64_t position);
+  bool available(const Graph& graph, int64_t value) const { return graph.values[value].data.defined(); }
+  void hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data);
+  void release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value);
+  std::string debug_text(const Region& r) const;
+  [[noreturn]] void fail(const Region& r, const std::string& message) const;
+
+  std::vector<Region> regions_;
+  std::vector<int> open_;  // stack of open region ids
+  // Rebuilt data held for a dropped slot: (node, slot) for node slots, (-1 - region, input) for region inputs.
+  std::set<std::pair<int64_t, int64_t>> rebuilt_holds_;
+  std::unordered_set<int64_t> must_saved_;
+  // value -> its dropped slots, (node, slot) or (-1 - region, input), to hand data over to them.
+  std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> dropped_slots_;  // producer nodes some region marked MUST_SAVE
+};
+
+// Totals over every region of this thread since the last reset (for tests and the bench).
+RegionCounters checkpoint_counters();
+void reset_checkpoint_counters();
+
+}  // namespace remat

@@ -1,0 +1,318 @@
+// Checkpoint regions: bitwise gradient equivalence, replay counts, memory from the allocator
+// counters, nesting, and every misuse error with its message.
+#include <catch.hpp>
+
+#include "models_for_tests.h"
+
+using namespace remat;
+using namespace remat::testing;
+using Catch::Matchers::Contains;
+
+namespace {
+
+template <typename Block>
+std::vector<Tensor> all_params(const std::vector<Block>& blocks) {
+  std::vector<Tensor> out;
+  for (const Block& b : blocks)
+    for (const Tensor& p : b.params()) out.push_back(p);
+  return out;
+}
+
+std::vector<MlpBlock> mlp_chain(int n, int64_t c, int64_t hidden) {
+  manual_seed(11);
+  std::vector<MlpBlock> blocks;
+  for (int i = 0; i < n; ++i) blocks.emplace_back(c, hidden);
+  return blocks;
+}
+
+// Loss of a chain where block i is wrapped in a region when wrap(i) says so.
+template <typename Block>
+Tensor chain_loss(const std::vector<Block>& blocks, const Tensor& x, const std::function<bool(int)>& wrap) {
+  Tensor h = x;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    if (wrap(static_cast<int>(i))) h = checkpoint(blocks[i], h);
+    else h = blocks[i](h);
+  }
+  return mean(mul(h, h));
+}
+
+int64_t activation_current() { return memory_stats()[MemoryCategory::activation].current; }
+int64_t activation_peak() { return memory_stats()[MemoryCategory::activation].peak; }
+
+}  // namespace
+
+TEST_CASE("a chain of 8 MLP blocks gets bitwise equal gradients under full checkpointing", "[checkpoint]") {
+  auto blocks = mlp_chain(8, 16, 64);
+  Tensor x = Tensor::randn({4, 16}).set_requires_grad(true);
+  std::vector<Tensor> leaves = all_params(blocks);
+  leaves.push_back(x);
+  auto plain = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return false; }); });
+  auto full = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return true; }); });
+  auto every_other = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int i) { return i % 2 == 0; }); });
+  CHECK(full == plain);
+  CHECK(every_other == plain);
+  for (const auto& g : plain) CHECK_FALSE(g.empty());
+}
+
+TEST_CASE("transformer blocks with dropout p=0.1 get bitwise equal gradients under checkpointing", "[checkpoint]") {
+  manual_seed(12);
+  std::vector<TransformerBlock> blocks;
+  for (int i = 0; i < 3; ++i) blocks.emplace_back(16, 4, 0.1);
+  Tensor x = Tensor::randn({2, 8, 16}).set_requires_grad(true);
+  std::vector<Tensor> leaves = all_params(blocks);
+  leaves.push_back(x);
+  auto plain = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return false; }); });
+  auto full = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return true; }); });
+  CHECK(full == plain);
+  // A different dropout stream changes the gradients: the equality above is not vacuous.
+  auto other_seed = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return true; }); }, 999);
+  CHECK(other_seed != plain);
+}
+
+TEST_CASE("regions with several inputs and outputs, non-tensor arguments and repeated outputs", "[checkpoint]") {
+  manual_seed(13);
+  Tensor a = Tensor::randn({3, 4}).set_requires_grad(true), b = Tensor::randn({3, 4}).set_requires_grad(true);
+  Tensor frozen = Tensor::randn({3, 4});  // needs no gradient
+  auto fn = [](const Tensor& u, const Tensor& v, double scale, int repeat, const std::string& mode, const Tensor& c) {
+    Tensor y = mul(tanh(u), v) * scale;
+    for (int i = 1; i < repeat; ++i) y = add(y, exp(mul_scalar(u, 0.1)));
+    Tensor z = mode == "sum" ? sigmoid(add(u, v)) : relu(v);
+    Tensor no_grad_out = exp(c);  // from a tensor that needs no gradient
+    return std::vector<Tensor>{y, z, y, no_grad_out};
+  };
+  auto loss_of = [&](const std::vector<Tensor>& outs) {
+    return add(add(sum(outs[0]), sum(mul_scalar(outs[2], 2.0))), add(sum(mul(outs[1], outs[1])), sum(outs[3])));
+  };
+  std::vector<Tensor> leaves{a, b};
+  auto plain = run_grads(leaves, [&] { return loss_of(fn(a, b, 0.5, 3, "sum", frozen)); });
+  auto ckpt = run_grads(leaves, [&] { return loss_of(checkpoint(fn, a, b, 0.5, 3, std::string("sum"), frozen)); });
+  CHECK(ckpt == plain);
+  // An output that no gradient reaches.
+  auto partial_plain = run_grads(leaves, [&] { return sum(fn(a, b, 1.0, 1, "relu", frozen)[0]); });
+  auto partial = run_grads(leaves, [&] { return sum(checkpoint(fn, a, b, 1.0, 1, std::string("relu"), frozen)[0]); });
+  CHECK(partial == partial_plain);
+}
+
+TEST_CASE("nested regions two and three deep give bitwise equal gradients", "[checkpoint][nested]") {
+  auto blocks = mlp_chain(8, 16, 64);
+  Tensor x = Tensor::randn({4, 16}).set_requires_grad(true);
+  std::vector<Tensor> leaves = all_params(blocks);
+  leaves.push_back(x);
+  auto plain = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return false; }); });
+  auto two_deep = run_grads(leaves, [&] {
+    Tensor h = x;
+    for (int pair = 0; pair < 4; ++pair) {
+      CheckpointScope outer;
+      h = checkpoint(blocks[2 * pair], h);
+      h = checkpoint(blocks[2 * pair + 1], h);
+    }
+    return mean(mul(h, h));
+  });
+  auto three_deep = run_grads(leaves, [&] {
+    Tensor h = x;
+    for (int half = 0; half < 2; ++half) {
+      CheckpointScope top;
+      for (int pair = 0; pair < 2; ++pair) {
+        CheckpointScope middle;
+        h = checkpoint(blocks[4 * half + 2 * pair], h);
+        h = checkpoint(blocks[4 * half + 2 * pair + 1], h);
+      }
+    }
+    return mean(mul(h, h));
+  });
+  CHECK(two_deep == plain);
+  CHECK(three_deep == plain);
+}
+
+TEST_CASE("checkpoint_sequential with 1, 2 and 4 segments matches the plain chain", "[checkpoint]") {
+  auto blocks = mlp_chain(8, 16, 32);
+  Tensor x = Tensor::randn({4, 16}).set_requires_grad(true);
+  std::vector<TensorFn> fns;
+  for (const MlpBlock& b : blocks) fns.push_back(b);
+  std::vector<Tensor> leaves = all_params(blocks);
+  leaves.push_back(x);
+  auto plain = run_grads(leaves, [&] { return chain_loss(blocks, x, [](int) { return false; }); });
+  for (int segments : {1, 2, 4}) {
+    reset_checkpoint_counters();
+    auto got = run_grads(leaves, [&] {
+      Tensor h = checkpoint_sequential(fns, segments, x);
+      return mean(mul(h, h));
+    });
+    INFO("segments = " << segments);
+    CHECK(got == plain);
+    CHECK(checkpoint_counters().replays == segments - 1);  // the last segment runs plainly
+  }
+  CHECK_THROWS_WITH(checkpoint_sequential(fns, 0, x), Contains("expected 1 <= segments <= 8 (the number of functions), got 0"));
+  CHECK_THROWS_WITH(checkpoint_sequential(fns, 9, x), Contains("got 9"));
+}
+
+TEST_CASE("replay stops early: only the ops whose saved tensors backward needs are replayed", "[checkpoint][replay]") {
+  Tensor x = Tensor::randn({4, 4}, DType::f64).set_requires_grad(true);
+  reset_checkpoint_counters();
+  Tensor y;
+  {
+    CheckpointScope scope;
+    Tensor a = exp(x);         // 1: saves its output
+    Tensor b = tanh(a);        // 2: saves its output
+    Tensor c = sigmoid(b);     // 3: saves its output
+    Tensor d = add_scalar(c, 1.0);  // 4..8 save nothing
+    Tensor e = mul_scalar(d, 2.0);
+    Tensor f = neg(e);
+    Tensor g = reshape(f, {16});
+    y = add_scalar(g, 3.0);
+  }
+  RegionCounters forward = checkpoint_counters();
+  CHECK(forward.ops_forward == 8);
+  CHECK(forward.bytes_dropped == 3 * 16 * 8);  // a, b and c: 4x4 f64 each
+  backward(sum(y));
+  RegionCounters after = checkpoint_counters();
+  CHECK(after.ops_replayed == 3);
+  CHECK(after.replays == 1);
+  CHECK(after.bytes_rebuilt == 3 * 16 * 8);
+}
+
+TEST_CASE("with full checkpointing of L blocks each needed op is replayed exactly once", "[checkpoint][replay]") {
+  const int L = 6;
+  auto blocks = mlp_chain(L, 8, 16);
+  Tensor x = Tensor::randn({2, 8}).set_requires_grad(true);
+  reset_checkpoint_counters();
+  Tensor loss = chain_loss(blocks, x, [](int) { return true; });
+  CHECK(checkpoint_counters().ops_forward == 4 * L);  // linear, gelu, linear, add per block
+  backward(loss);
+  // Per block, backward reads the first linear's output (saved by gelu) and gelu's output (saved by
+  // the second linear); the second linear's output and the add feed nothing saved.
+  CHECK(checkpoint_counters().ops_replayed == 2 * L);
+  CHECK(checkpoint_counters().replays == L);
+}
+
+TEST_CASE("full checkpointing bounds the activation peak by kept inputs plus one block", "[checkpoint][memory]") {
+  const int L = 8;
+  const int64_t B = 32, C = 64, H = 256;
+  auto blocks = mlp_chain(L, C, H);
+  Tensor x = Tensor::randn({B, C}).set_requires_grad(true);
+  auto run = [&](const std::function<bool(int)>& wrap, int64_t* after_forward) {
+    reset_peak_memory();
+    int64_t base = activation_current();
+    Tensor loss = chain_loss(blocks, x, wrap);
+    *after_forward = activation_current() - base;
+    backward(loss);
+    return activation_peak() - base;
+  };
+  // One block's working set: what a single plain block forward allocates.
+  int64_t block_set;
+  {
+    reset_peak_memory();
+    int64_t base = activation_current();
+    Tensor y = blocks[0](x);
+    block_set = activation_peak() - base;
+  }
+  CHECK(block_set == B * (H + H + C + C) * 4);
+  int64_t kept_none, kept_full;
+  int64_t peak_none = run([](int) { return false; }, &kept_none);
+  int64_t peak_full = run([](int) { return true; }, &kept_full);
+  INFO("none peak " << peak_none << ", full peak " << peak_full << ", kept after forward " << kept_full
+                    << ", block working set " << block_set);
+  CHECK(peak_full <= static_cast<int64_t>(1.1 * static_cast<double>(kept_full + block_set)));
+  CHECK(peak_full < 0.4 * static_cast<double>(peak_none));
+
+  // Nesting pairs of block regions inside outer regions keeps half the boundaries only.
+  int64_t kept_nested = 0;
+  reset_peak_memory();
+  int64_t base = activation_current();
+  {
+    Tensor h = x;
+    for (int pair = 0; pair < L / 2; ++pair) {
+      CheckpointScope outer;
+      h = checkpoint(blocks[2 * pair], h);
+      h = checkpoint(blocks[2 * pair + 1], h);
+    }
+    Tensor loss = mean(mul(h, h));
+    kept_nested = activation_current() - base;
+    backward(loss);
+  }
+  int64_t peak_nested = activation_peak() - base;
+  INFO("nested peak " << peak_nested << ", kept " << kept_nested);
+  CHECK(kept_nested < kept_full);
+  CHECK(peak_nested < peak_full);
+}
+
+TEST_CASE("replay that rebuilds a different shape names the op, its index and both metadata", "[checkpoint][errors]") {
+  int calls = 0;
+  CustomOp unstable{"unstable",
+                    [&calls](const std::vector<Tensor>& in) {
+                      ++calls;
+                      Tensor y = calls == 1 ? mul_scalar(in[0], 2.0) : concat({in[0], in[0]}, 0);
+                      return std::vector<Tensor>{y};
+                    },
+                    [](const std::vector<Tensor>& g, const std::vector<Tensor>&) { return std::vector<Tensor>{g[0]}; },
+                    {}};
+  Tensor x = Tensor::randn({2, 3}).set_requires_grad(true);
+  Tensor loss;
+  {
+    CheckpointOptions options;
+    options.name = "unstable_block";
+    options.debug = true;
+    CheckpointScope scope(options);
+    Tensor a = exp(x);
+    Tensor b = custom(unstable, {a})[0];
+    loss = sum(tanh(b));
+  }
+  CHECK_THROWS_WITH(backward(loss),
+                    Contains("checkpoint region 'unstable_block'") &&
+                        Contains("replayed op unstable (index 1 in the region) produced output 0 as f32[4,3] on cpu, "
+                                 "but the forward recorded f32[2,3] on cpu") &&
+                        Contains("forward ops: [exp, unstable, tanh, sum]") && Contains("replayed ops: [exp, unstable]"));
+}
+
+TEST_CASE("a region input mutated in place after forward is reported at replay", "[checkpoint][errors]") {
+  Tensor x = Tensor::randn({3}).set_requires_grad(true);
+  Tensor h = mul_scalar(x, 2.0);  // produced before the region: the region keeps it
+  Tensor y = checkpoint([](const Tensor& t) { return tanh(exp(t)); }, h);
+  h.fill_(0.0);
+  CHECK_THROWS_WITH(backward(sum(y)), Contains("was modified by an in-place operation after the forward"));
+}
+
+TEST_CASE("backward twice through a region needs retain_graph", "[checkpoint][errors]") {
+  Tensor x = Tensor::randn({3}).set_requires_grad(true);
+  Tensor loss = sum(checkpoint([](const Tensor& t) { return tanh(exp(t)); }, x));
+  backward(loss, Tensor(), {.retain_graph = true});
+  auto first = x.grad().to_vector<float>();
+  backward(loss);  // the regions replay again from their kept inputs
+  auto twice = x.grad().to_vector<float>();
+  for (size_t i = 0; i < first.size(); ++i) CHECK(twice[i] == 2 * first[i]);
+  CHECK_THROWS_WITH(backward(loss), Contains("backward through the graph a second time"));
+}
+
+TEST_CASE("unknown region options are errors that list the known ones", "[checkpoint][errors]") {
+  CHECK_THROWS_WITH(CheckpointOptions::parse({{"preserve_rng_state", "1"}}),
+                    Contains("unknown checkpoint option 'preserve_rng_state': expected one of debug, name, policy"));
+  CHECK_THROWS_WITH(CheckpointOptions::parse({{"debug", "yes"}}), Contains("expected true, false, 1 or 0, got 'yes'"));
+  CHECK(CheckpointOptions::parse({{"debug", "1"}, {"name", "blk"}}).debug);
+}
+
+TEST_CASE("under no-grad a region runs plainly and records nothing", "[checkpoint]") {
+  Tensor x = Tensor::randn({3}).set_requires_grad(true);
+  reset_checkpoint_counters();
+  NoGradGuard no_grad;
+  CheckpointScope scope;
+  CHECK_FALSE(scope.active());
+  Tensor y = exp(x);
+  CHECK_FALSE(y.requires_grad());
+  CHECK(checkpoint_counters().ops_forward == 0);
+}
+
+TEST_CASE("a value saved by a node outside the region stays alive through that node", "[checkpoint]") {
+  Tensor x = Tensor::randn({4}, DType::f64).set_requires_grad(true);
+  reset_checkpoint_counters();
+  Tensor inner;
+  {
+    CheckpointScope scope;
+    inner = exp(x);  // dropped by the region (exp saves its output)...
+  }
+  Tensor y = mul(inner, inner);  // ...but mul, outside, saves it too
+  backward(sum(y));
+  CHECK(checkpoint_counters().ops_replayed == 0);  // still alive: nothing to rebuild
+  auto g = x.grad().to_vector<double>();
+  auto xv = x.to_vector<double>();
+  for (size_t i = 0; i < g.size(); ++i) CHECK(g[i] == Approx(2 * std::exp(2 * xv[i])));
+}
