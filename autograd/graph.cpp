@@ -114,7 +114,11 @@ void Graph::drop_slot(int64_t node, size_t slot) {
 Tensor checkpoint_name(Tensor t, const std::string& name) {
   AutogradMeta& meta = t.autograd_meta();
   meta.tag = name;
-  if (meta.graph) static_cast<Graph*>(meta.graph.get())->values[meta.value_id].tag = name;
+  if (meta.graph) {
+    Graph& g = *static_cast<Graph*>(meta.graph.get());
+    g.values[meta.value_id].tag = name;
+    if (g.hooks) g.hooks->on_tag(g, meta.value_id, t);
+  }
   return t;
 }
 
@@ -154,7 +158,7 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
     node->saved.push_back({value, SlotState::kept});
   }
   g.nodes.push_back(std::move(node));
-  if (g.hooks) g.hooks->on_record(g, index, inputs);
+  if (g.hooks) g.hooks->on_record(g, index, inputs, outputs);
   return outputs;
 }
 

@@ -2,6 +2,7 @@
 // checkpoint_sequential over a list of functions.
 #pragma once
 
+#include <concepts>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -37,13 +38,14 @@ class CheckpointScope {
 // Runs fn(args...) inside a region and returns its result. Replay in backward re-executes the
 // recorded ops, never fn.
 template <typename F, typename... Args>
+  requires std::invocable<F, Args...>
 auto checkpoint(const CheckpointOptions& options, F&& fn, Args&&... args) {
   CheckpointScope scope(options);
   return std::invoke(std::forward<F>(fn), std::forward<Args>(args)...);
 }
 
 template <typename F, typename... Args>
-  requires(!std::is_same_v<std::decay_t<F>, CheckpointOptions>)
+  requires(!std::is_same_v<std::decay_t<F>, CheckpointOptions> && std::invocable<F, Args...>)
 auto checkpoint(F&& fn, Args&&... args) {
   return checkpoint(CheckpointOptions{}, std::forward<F>(fn), std::forward<Args>(args)...);
 }

@@ -26,6 +26,36 @@ Policy save_all() {
   return {"save_all", [](const PolicyContext&) { return Decision::prefer_save; }};
 }
 
+Policy save_ops(const std::vector<OpKind>& ops, std::string name) {
+  if (name.empty()) {
+    name = "sac:";
+    for (size_t i = 0; i < ops.size(); ++i) name += (i ? "," : "") + std::string(op_name(ops[i]));
+  }
+  return {name, [ops](const PolicyContext& ctx) {
+            for (OpKind k : ops)
+              if (k == ctx.kind) return Decision::must_save;
+            return Decision::prefer_recompute;
+          }};
+}
+
+Policy ops_preset() { return save_ops({OpKind::matmul, OpKind::linear, OpKind::attention}, "ops"); }
+
+Policy save_names(const std::vector<std::string>& names) {
+  return {"save_names", [names](const PolicyContext& ctx) {
+            for (const auto& n : names)
+              if (!ctx.tag.empty() && n == ctx.tag) return Decision::must_save;
+            return Decision::prefer_recompute;
+          }};
+}
+
+Policy recompute_names(const std::vector<std::string>& names) {
+  return {"recompute_names", [names](const PolicyContext& ctx) {
+            for (const auto& n : names)
+              if (!ctx.tag.empty() && n == ctx.tag) return Decision::must_recompute;
+            return Decision::prefer_save;
+          }};
+}
+
 CheckpointOptions CheckpointOptions::parse(const std::map<std::string, std::string>& options) {
   CheckpointOptions out;
   for (const auto& [key, value] : options) {
@@ -38,7 +68,8 @@ CheckpointOptions CheckpointOptions::parse(const std::map<std::string, std::stri
     } else if (key == "policy") {
       if (value == "save_nothing" || value == "full") out.policy = save_nothing();
       else if (value == "save_all") out.policy = save_all();
-      else REMAT_FAIL("checkpoint option policy: expected save_nothing (= full) or save_all, got '", value, "'");
+      else if (value == "ops") out.policy = ops_preset();
+      else REMAT_FAIL("checkpoint option policy: expected save_nothing (= full), save_all or ops, got '", value, "'");
     } else {
       REMAT_FAIL("unknown checkpoint option '", key, "': expected one of debug, name, policy");
     }

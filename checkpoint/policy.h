@@ -53,5 +53,13 @@ struct Policy {
 Policy save_nothing();
 // Save everything: a region that drops nothing (useful as a baseline).
 Policy save_all();
+// Selective checkpointing by op kind: outputs of the listed ops are saved (MUST_SAVE), the rest
+// recomputed. The `ops` preset lists matmul, linear and attention.
+Policy save_ops(const std::vector<OpKind>& ops, std::string name = "");
+Policy ops_preset();
+// By user tag (checkpoint_name): tensors named in `names` are saved, everything else recomputed;
+// recompute_names does the opposite (named tensors recomputed, the rest saved).
+Policy save_names(const std::vector<std::string>& names);
+Policy recompute_names(const std::vector<std::string>& names);
 
 }  // namespace remat

@@ -52,10 +52,26 @@ int RegionManager::open(Graph& graph, CheckpointOptions options) {
   return regions_.back().id;
 }
 
-void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs) {
+void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs,
+                              const std::vector<Tensor>& outputs) {
   if (open_.empty()) return;
   Node& n = *graph.nodes[node];
   n.region = open_.back();
+  // Each open region asks its policy now, in tape order, while the outputs still exist.
+  PolicyContext ctx = context_of(graph, n, false);
+  bool must_save = false;
+  for (int id : open_) {
+    Region& r = regions_[id];
+    Decision d = r.options.policy.decide(ctx);
+    r.decisions.push_back(d);
+    must_save = must_save || d == Decision::must_save;
+    if (is_save(d))
+      for (size_t i = 0; i < n.outputs.size(); ++i) {
+        r.saved_outputs.push_back({n.outputs[i], SlotState::kept});
+        graph.hold(n.outputs[i], outputs[i]);
+      }
+  }
+  if (must_save) must_saved_.insert(node);
   for (int id : open_) {
     Region& r = regions_[id];
     ++r.counters.ops_forward;
@@ -73,28 +89,46 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
   ++t_totals.ops_forward;
 }
 
+void RegionManager::on_tag(Graph& graph, int64_t value, const Tensor& data) {
+  int64_t p = graph.values[value].producer;
+  if (p < 0) return;
+  // Policies decide when an op is recorded; a name given afterwards asks the open regions again.
+  PolicyContext ctx = context_of(graph, *graph.nodes[p], false);
+  ctx.tag = graph.values[value].tag;
+  for (int id : open_) {
+    Region& r = regions_[id];
+    if (p < r.begin) continue;
+    Decision before = r.decisions[p - r.begin];
+    Decision after = r.options.policy.decide(ctx);
+    r.decisions[p - r.begin] = after;
+    if (after == Decision::must_save) must_saved_.insert(p);
+    auto held = std::find_if(r.saved_outputs.begin(), r.saved_outputs.end(),
+                             [value](const RegionInput& o) { return o.value == value && o.state == SlotState::kept; });
+    if (is_save(after) && held == r.saved_outputs.end()) {
+      r.saved_outputs.push_back({value, SlotState::kept});
+      graph.hold(value, data);
+    } else if (!is_save(after) && is_save(before) && held != r.saved_outputs.end()) {
+      held->state = SlotState::released;
+      graph.release(value);
+    }
+  }
+}
+
 void RegionManager::close(Graph& graph, int id) {
   REMAT_ASSERT(!open_.empty() && open_.back() == id, "regions must close in the reverse order they opened");
   open_.pop_back();
   Region& r = regions_[id];
   r.end = static_cast<int64_t>(graph.nodes.size());
 
-  std::unordered_map<int64_t, Decision> decisions;  // per producer node
-  auto decide = [&](int64_t producer) {
-    auto found = decisions.find(producer);
-    if (found != decisions.end()) return found->second;
-    Decision d = r.options.policy.decide(context_of(graph, *graph.nodes[producer], false));
-    // A MUST_SAVE from an inner region outlives an outer region's wish to recompute.
-    if (!is_must(d) && must_saved_.count(producer)) d = Decision::must_save;
-    if (d == Decision::must_save) must_saved_.insert(producer);
-    decisions[producer] = d;
-    return d;
-  };
-  std::unordered_set<int64_t> dropped_values;
+  // The decision recorded for a producer; a MUST_SAVE of any region outlives a PREFER_RECOMPUTE.
   auto should_drop = [&](int64_t value) {
     int64_t p = graph.values[value].producer;
-    return p >= r.begin && !is_save(decide(p));
+    if (p < r.begin) return false;  // the region's inputs stay
+    Decision d = r.decisions[p - r.begin];
+    if (!is_must(d) && must_saved_.count(p)) return false;
+    return !is_save(d);
   };
+  std::unordered_set<int64_t> dropped_values;
   for (int64_t n = r.begin; n < r.end; ++n) {
     Node& node = *graph.nodes[n];
     for (size_t s = 0; s < node.saved.size(); ++s) {
@@ -104,16 +138,22 @@ void RegionManager::close(Graph& graph, int id) {
       dropped_slots_[node.saved[s].value].push_back({n, static_cast<int64_t>(s)});
     }
   }
-  // Inputs of nested regions produced inside this one are intermediates here: drop them too.
+  // Inputs and saved outputs of nested regions produced inside this one are intermediates here.
   for (size_t d = id + 1; d < regions_.size(); ++d) {
     Region& inner = regions_[d];
     if (inner.begin < r.begin || inner.end > r.end || inner.end < 0) continue;
-    for (RegionInput& in : inner.inputs) {
+    for (size_t j = 0; j < inner.inputs.size(); ++j) {
+      RegionInput& in = inner.inputs[j];
       if (in.state != SlotState::kept || !should_drop(in.value)) continue;
       in.state = SlotState::dropped;
       graph.release(in.value);
       dropped_values.insert(in.value);
-      dropped_slots_[in.value].push_back({-1 - static_cast<int64_t>(d), static_cast<int64_t>(&in - inner.inputs.data())});
+      dropped_slots_[in.value].push_back({-1 - static_cast<int64_t>(d), static_cast<int64_t>(j)});
+    }
+    for (RegionInput& out : inner.saved_outputs) {
+      if (out.state != SlotState::kept || !should_drop(out.value)) continue;
+      out.state = SlotState::dropped;  // the inner region's replay re-runs those ops
+      graph.release(out.value);
     }
   }
   for (int64_t v : dropped_values) r.counters.bytes_dropped += value_bytes(graph.values[v]);
@@ -234,6 +274,8 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
     }
     ++r.counters.ops_replayed;
     ++t_totals.ops_replayed;
+    ++r.counters.replayed_by_op[static_cast<int>(node.kind())];
+    ++t_totals.replayed_by_op[static_cast<int>(node.kind())];
   }
   ++r.counters.replays;
   ++t_totals.replays;
@@ -273,6 +315,11 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
   // Backward has passed below the start of these regions: their inputs are needed no more.
   for (Region& r : regions_) {
     if (r.begin != node) continue;
+    if (!retain_graph)
+      for (RegionInput& out : r.saved_outputs) {
+        if (out.state == SlotState::kept) graph.release(out.value);
+        out.state = SlotState::released;
+      }
     for (size_t j = 0; j < r.inputs.size(); ++j) {
       RegionInput& in = r.inputs[j];
       release_rebuilt(graph, -1 - r.id, static_cast<int64_t>(j), in.value);
@@ -292,10 +339,11 @@ void RegionManager::after_backward(Graph& graph, bool retain_graph) {
   for (Region& r : regions_) {
     r.replayed = false;
     if (retain_graph) continue;
-    for (RegionInput& in : r.inputs) {
-      if (in.state == SlotState::kept) graph.release(in.value);
-      in.state = SlotState::released;
-    }
+    for (auto* list : {&r.inputs, &r.saved_outputs})
+      for (RegionInput& in : *list) {
+        if (in.state == SlotState::kept) graph.release(in.value);
+        in.state = SlotState::released;
+      }
   }
 }
 

@@ -4,6 +4,7 @@
 // dropped slots depend on; rebuilt tensors are freed right after their last backward consumer.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <set>
@@ -24,6 +25,7 @@ struct RegionCounters {
   int64_t bytes_dropped = 0;  // bytes of distinct values whose slots the region dropped
   int64_t bytes_rebuilt = 0;  // bytes of the outputs its replays produced
   int64_t replays = 0;        // number of replays
+  std::array<int64_t, kOpCount> replayed_by_op{};  // ops_replayed split by op kind
 };
 
 // A slot that keeps a region's input alive (values produced before the region). An outer region
@@ -40,6 +42,10 @@ struct Region {
   int64_t begin = 0, end = -1;  // node range [begin, end); end = -1 while open
   CheckpointOptions options;
   std::vector<RegionInput> inputs;
+  // Outputs of ops the policy said to save, held so that replay starts from them instead of
+  // re-running those ops (even when no backward slot reads them).
+  std::vector<RegionInput> saved_outputs;
+  std::vector<Decision> decisions;  // the policy's answer for each node since begin, taken at record time
   RegionCounters counters;
   bool replayed = false;  // in the current backward
   std::vector<std::string> forward_ops, replay_ops;  // debug mode only
@@ -55,8 +61,10 @@ class RegionManager final : public SavedTensorHooks {
   void close(Graph& graph, int region);
   const std::vector<Region>& regions() const { return regions_; }
 
-  void on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs) override;
+  void on_record(Graph& graph, int64_t node, const std::vector<Tensor>& inputs,
+                 const std::vector<Tensor>& outputs) override;
   Tensor unpack_dropped(Graph& graph, int64_t node, size_t slot) override;
+  void on_tag(Graph& graph, int64_t value, const Tensor& data) override;
   void after_backward_node(Graph& graph, int64_t node, bool retain_graph) override;
   void after_backward(Graph& graph, bool retain_graph) override;
 

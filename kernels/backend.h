@@ -70,6 +70,15 @@ class Backend {
   virtual std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) = 0;
   virtual Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
                                         const Tensor& lse, int64_t ignore_index) = 0;
+
+  // Optimizer updates, in place on param and state (all f32 or all f64, contiguous).
+  struct AdamWStep {
+    double lr, beta1, beta2, eps, weight_decay;
+    int64_t step;  // 1-based, for bias correction
+  };
+  virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) = 0;
+  // Sum of squares of a tensor, accumulated in f64 (for global-norm gradient clipping).
+  virtual double sum_squares(const Tensor& x) = 0;
 };
 
 // The backend of a device; throws when that backend is not built.

@@ -35,6 +35,8 @@ class CpuBackend final : public Backend {
   std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) override;
   Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                                 int64_t ignore_index) override;
+  void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) override;
+  double sum_squares(const Tensor& x) override;
 };
 
 namespace cpu {

@@ -1,0 +1,187 @@
+// Hook placement for every application API, and policy-string parsing.
+#include "checkpoint/apply.h"
+
+#include <memory>
+
+#include "autograd/grad_mode.h"
+#include "checkpoint/checkpoint.h"
+
+namespace remat {
+
+const std::vector<std::string> kBlockContainerNames = {
+    "blocks", "double_blocks", "single_blocks", "transformer_blocks", "temporal_transformer_blocks",
+    "transformer_double_blocks", "transformer_single_blocks", "text_transformer_blocks", "visual_transformer_blocks"};
+
+namespace {
+
+constexpr const char* kCheckpointHook = "checkpoint";
+constexpr const char* kLevelHook = "checkpoint_level";
+
+// A hook pair that opens a region before forward and closes it after (also when forward threw).
+ForwardHook region_hook(const std::string& kind, CheckpointOptions options, bool training_only) {
+  auto scopes = std::make_shared<std::vector<std::unique_ptr<CheckpointScope>>>();
+  ForwardHook hook;
+  hook.kind = kind;
+  hook.pre = [scopes, options, training_only](Module& m) {
+    bool active = !training_only || m.is_training();
+    scopes->push_back(active ? std::make_unique<CheckpointScope>(options) : nullptr);
+  };
+  hook.post = [scopes](Module&, bool) {
+    std::unique_ptr<CheckpointScope> scope = std::move(scopes->back());
+    scopes->pop_back();
+    scope.reset();  // closes the region
+  };
+  return hook;
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string s;
+  for (size_t i = 0; i < names.size(); ++i) s += (i ? ", " : "") + names[i];
+  return s;
+}
+
+// Containers by name anywhere below `m`, not looking inside a container once found.
+void find_containers(Module& m, std::vector<Module*>& out) {
+  for (auto& [name, child] : m.children()) {
+    bool is_container = false;
+    for (const auto& n : kBlockContainerNames) is_container = is_container || n == name;
+    if (is_container) out.push_back(child.get());
+    else find_containers(*child, out);
+  }
+}
+
+}  // namespace
+
+void checkpoint(Module& module, const CheckpointOptions& options) {
+  REMAT_CHECK(!module.has_hook(kCheckpointHook), "checkpoint: ", module.type_name(),
+              " is already checkpointed; applying checkpoint twice to one module is an error");
+  CheckpointOptions o = options;
+  if (o.name.empty()) o.name = module.type_name();
+  module.add_forward_hook(region_hook(kCheckpointHook, std::move(o), false));
+}
+
+void checkpoint(Module& module, const std::map<std::string, std::string>& options) {
+  checkpoint(module, CheckpointOptions::parse(options));
+}
+
+bool is_checkpointed(const Module& module) { return module.has_hook(kCheckpointHook); }
+
+int apply_activation_checkpointing(Module& model, const std::function<bool(Module&)>& check_fn,
+                                   const CheckpointOptions& options) {
+  int count = 0;
+  for (auto& [path, m] : model.named_modules()) {
+    if (m == &model || is_checkpointed(*m) || !check_fn(*m)) continue;
+    CheckpointOptions o = options;
+    if (o.name.empty()) o.name = path;
+    checkpoint(*m, o);
+    ++count;
+  }
+  return count;
+}
+
+int apply_activation_checkpointing(Module& model, const std::string& type, int n_layer) {
+  REMAT_CHECK(type == "full" || type == "ops" || type == "block_skip", "apply_activation_checkpointing: unknown type '",
+              type, "': expected one of full, ops, block_skip");
+  REMAT_CHECK(n_layer > 0, "apply_activation_checkpointing: expected n_layer >= 1, got ", n_layer);
+  if (type == "ops") {
+    CheckpointOptions o;
+    o.policy = ops_preset();
+    o.name = model.type_name() + " (ops)";
+    checkpoint(model, o);
+    return 1;
+  }
+  std::vector<Module*> containers;
+  find_containers(model, containers);
+  REMAT_CHECK(!containers.empty(), "apply_activation_checkpointing: no block container found in ", model.type_name(),
+              "; searched for children named ", join(kBlockContainerNames));
+  int step = type == "full" ? 1 : n_layer;
+  int count = 0;
+  for (Module* container : containers) {
+    int index = 0;
+    for (auto& [name, block] : container->children()) {
+      if (index++ % step != 0 || is_checkpointed(*block)) continue;
+      CheckpointOptions o;
+      o.name = block->type_name() + "[" + name + "]";
+      checkpoint(*block, o);
+      ++count;
+    }
+  }
+  return count;
+}
+
+void set_checkpoint_level(Module& model, int level) {
+  REMAT_CHECK(level >= 0 && level <= 5, "set_checkpoint_level: expected a level in 0..5, got ", level);
+  for (auto& [path, m] : model.named_modules()) {
+    m->remove_hooks(kLevelHook);
+    int k = m->checkpoint_level();
+    if (k < 1 || k > level) continue;
+    CheckpointOptions o;
+    o.name = (path.empty() ? m->type_name() : path) + " (level " + std::to_string(k) + ")";
+    m->add_forward_hook(region_hook(kLevelHook, std::move(o), /*training_only=*/true));
+  }
+}
+
+void remove_checkpointing(Module& model) {
+  for (auto& [path, m] : model.named_modules()) {
+    m->remove_hooks(kCheckpointHook);
+    m->remove_hooks(kLevelHook);
+  }
+}
+
+PolicySpec parse_policy(const std::string& text) {
+  PolicySpec spec;
+  spec.text = text;
+  auto number_after = [&](const std::string& prefix, int lo, int hi) {
+    std::string rest = text.substr(prefix.size());
+    REMAT_CHECK(!rest.empty() && rest.find_first_not_of("0123456789") == std::string::npos, "policy '", text,
+                "': expected ", prefix, "<integer>");
+    int n = std::stoi(rest);
+    REMAT_CHECK(n >= lo && n <= hi, "policy '", text, "': expected ", prefix, "N with ", lo, " <= N <= ", hi);
+    return n;
+  };
+  if (text == "none") spec.kind = PolicySpec::Kind::none;
+  else if (text == "full") spec.kind = PolicySpec::Kind::full;
+  else if (text == "ops") spec.kind = PolicySpec::Kind::ops;
+  else if (text.rfind("block_skip:", 0) == 0) {
+    spec.kind = PolicySpec::Kind::block_skip;
+    spec.n = number_after("block_skip:", 1, 1 << 20);
+  } else if (text.rfind("level:", 0) == 0) {
+    spec.kind = PolicySpec::Kind::level;
+    spec.n = number_after("level:", 0, 5);
+  } else if (text.rfind("sac:", 0) == 0) {
+    spec.kind = PolicySpec::Kind::sac;
+    std::string list = text.substr(4);
+    REMAT_CHECK(!list.empty(), "policy '", text, "': expected sac:<op>,<op>... with at least one op");
+    size_t start = 0;
+    while (start <= list.size()) {
+      size_t comma = list.find(',', start);
+      std::string name = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      spec.ops.push_back(parse_op(name));
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  } else {
+    REMAT_FAIL("unknown policy '", text, "': expected none, full, ops, block_skip:N, level:L (0..5) or sac:<op>,<op>...");
+  }
+  return spec;
+}
+
+void apply_policy(Module& model, const PolicySpec& spec) {
+  remove_checkpointing(model);
+  switch (spec.kind) {
+    case PolicySpec::Kind::none: return;
+    case PolicySpec::Kind::full: apply_activation_checkpointing(model, "full"); return;
+    case PolicySpec::Kind::ops: apply_activation_checkpointing(model, "ops"); return;
+    case PolicySpec::Kind::block_skip: apply_activation_checkpointing(model, "block_skip", spec.n); return;
+    case PolicySpec::Kind::level: set_checkpoint_level(model, spec.n); return;
+    case PolicySpec::Kind::sac: {
+      CheckpointOptions o;
+      o.policy = save_ops(spec.ops);
+      o.name = model.type_name() + " (" + spec.text + ")";
+      checkpoint(model, o);
+      return;
+    }
+  }
+}
+
+}  // namespace remat

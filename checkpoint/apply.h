@@ -1,0 +1,49 @@
+// Placing regions on a module tree without changing module types or parameter names: hook-style,
+// wrapper-style, FastVideo types (full / ops / block_skip), level-based, and the policy string
+// shared by the CLI and the bench.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "autograd/module.h"
+#include "checkpoint/options.h"
+
+namespace remat {
+
+// Hook-style (PyTorch composable checkpoint): the module's forward becomes a region. Applying it
+// twice to one module is an error.
+void checkpoint(Module& module, const CheckpointOptions& options = {});
+void checkpoint(Module& module, const std::map<std::string, std::string>& options);
+bool is_checkpointed(const Module& module);
+
+// Wrapper-style: every non-root submodule for which check_fn is true, skipping modules already
+// checkpointed (never twice). Returns how many modules were newly checkpointed.
+int apply_activation_checkpointing(Module& model, const std::function<bool(Module&)>& check_fn,
+                                   const CheckpointOptions& options = {});
+
+// FastVideo: type "full", "ops" or "block_skip". Block containers are found by name at any depth.
+// Returns the number of regions placed.
+int apply_activation_checkpointing(Module& model, const std::string& type, int n_layer = 1);
+extern const std::vector<std::string> kBlockContainerNames;
+
+// Level-based: every module with 1 <= checkpoint_level <= level becomes a region in training mode.
+// Level 0 removes level regions. Calling it again replaces the previous level.
+void set_checkpoint_level(Module& model, int level);
+
+// Removes every region hook placed by the functions above.
+void remove_checkpointing(Module& model);
+
+// The policy string: none, full, ops, block_skip:N, level:L, sac:<op>,<op>...
+struct PolicySpec {
+  enum class Kind { none, full, ops, block_skip, level, sac } kind = Kind::none;
+  int n = 0;                 // N of block_skip, L of level
+  std::vector<OpKind> ops;   // sac
+  std::string text;
+};
+PolicySpec parse_policy(const std::string& text);
+void apply_policy(Module& model, const PolicySpec& spec);
+
+}  // namespace remat

@@ -1,0 +1,87 @@
+// The saved-tensor report.
+#include "checkpoint/report.h"
+
+#include <algorithm>
+#include <sstream>
+#include <unordered_map>
+
+#include "autograd/grad_mode.h"
+#include "checkpoint/apply.h"
+#include "checkpoint/region.h"
+#include "runtime/random.h"
+
+namespace remat {
+
+SaveReport what_is_saved(Module& model, const std::string& policy, const std::function<Tensor()>& forward) {
+  SaveReport report;
+  report.policy = policy;
+  PolicySpec spec = parse_policy(policy);
+  bool was_training = model.is_training();
+  RngState rng = rng_state();
+  model.train(true);
+  apply_policy(model, spec);
+  Tensor out;
+  try {
+    EnableGradGuard grad;
+    out = forward();
+  } catch (...) {
+    remove_checkpointing(model);
+    model.train(was_training);
+    set_rng_state(rng);
+    throw;
+  }
+  remove_checkpointing(model);
+  model.train(was_training);
+  set_rng_state(rng);
+  if (!out.defined() || !out.autograd_meta_ptr() || !out.autograd_meta_ptr()->graph) return report;
+  Graph& graph = *static_cast<Graph*>(out.autograd_meta_ptr()->graph.get());
+  if (!graph.hooks) return report;
+  const auto& regions = RegionManager::of(graph).regions();
+  report.regions = static_cast<int>(regions.size());
+
+  // For every value produced inside a region and read by some slot: kept if any slot keeps it.
+  std::unordered_map<int64_t, bool> kept;
+  for (const auto& node : graph.nodes)
+    for (const SavedSlot& slot : node->saved) kept[slot.value] = kept[slot.value] || slot.state == SlotState::kept;
+  for (const Region& r : regions)  // outputs the policy saved, read by replay rather than by backward
+    for (const RegionInput& out : r.saved_outputs) kept[out.value] = kept[out.value] || out.state == SlotState::kept;
+  for (const auto& [value, is_kept] : kept) {
+    const ValueInfo& v = graph.values[value];
+    if (v.producer < 0) continue;
+    int region = graph.nodes[v.producer]->region;
+    if (region < 0) continue;
+    SavedTensorEntry e;
+    e.region = regions[region].options.name;
+    e.depth = regions[region].depth;
+    e.op = graph.nodes[v.producer]->name();
+    e.shape = v.shape;
+    e.dtype = v.dtype;
+    e.bytes = numel_of(v.shape) * static_cast<int64_t>(dtype_size(v.dtype));
+    e.saved = is_kept;
+    (is_kept ? report.saved_bytes : report.recomputed_bytes) += e.bytes;
+    (is_kept ? report.saved_by_op : report.recomputed_by_op)[e.op] += e.bytes;
+    report.entries.push_back(std::move(e));
+  }
+  std::sort(report.entries.begin(), report.entries.end(), [](const auto& a, const auto& b) {
+    return a.region != b.region ? a.region < b.region : a.op < b.op;
+  });
+  return report;
+}
+
+std::string SaveReport::to_string() const {
+  std::ostringstream out;
+  out << "policy " << policy << ": " << regions << " region(s)\n";
+  out << "region                          op              shape                bytes  kept\n";
+  for (const auto& e : entries) {
+    char line[256];
+    std::snprintf(line, sizeof line, "%-31s %-15s %-18s %8lld  %s\n", e.region.substr(0, 31).c_str(), e.op.c_str(),
+                  shape_str(e.shape).c_str(), static_cast<long long>(e.bytes), e.saved ? "saved" : "recomputed");
+    out << line;
+  }
+  out << "saved " << saved_bytes << " bytes, recomputed " << recomputed_bytes << " bytes\n";
+  for (const auto& [op, bytes] : saved_by_op) out << "  saved      " << op << ": " << bytes << "\n";
+  for (const auto& [op, bytes] : recomputed_by_op) out << "  recomputed " << op << ": " << bytes << "\n";
+  return out.str();
+}
+
+}  // namespace remat

@@ -1,0 +1,114 @@
+// The `remat` command: train the reference models, list ops. Errors print one line and exit 2.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fmt/format.h>
+
+#include "kernels/backend.h"
+#include "models/train.h"
+#include "runtime/cuda_backend.h"
+#include "runtime/error.h"
+
+namespace {
+
+std::string mib(int64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1024.0 * 1024.0)); }
+
+void print_progress(const remat::StepMetrics& m, int64_t total) {
+  static const bool tty = isatty(fileno(stderr));
+  const int width = 24;
+  int filled = static_cast<int>(width * m.step / std::max<int64_t>(total, 1));
+  std::string bar = std::string(filled, '#') + std::string(width - filled, '.');
+  std::string line = fmt::format("[{}] step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s  mem {} (peak {}, act {})", bar,
+                                 m.step, total, m.loss, m.lr, m.tokens_per_s, mib(m.current_bytes), mib(m.peak_bytes),
+                                 mib(m.activation_peak_bytes));
+  if (tty) {
+    std::fprintf(stderr, "\r%s\033[K", line.c_str());
+    if (m.step == total) std::fprintf(stderr, "\n");
+  } else if (m.step == 1 || m.step % std::max<int64_t>(1, total / 20) == 0 || m.step == total) {
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+  std::fflush(stderr);
+}
+
+int list_ops() {
+  fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", "op", "inputs", "outputs", "cpu", "cuda");
+  for (int i = 0; i < remat::kOpCount; ++i) {
+    const auto& info = remat::kOpInfo[i];
+    auto arity = [](int n) { return n < 0 ? std::string("n") : std::to_string(n); };
+    fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", info.name, arity(info.inputs), arity(info.outputs), "yes",
+               remat::cuda_built() ? "no (kernels pending)" : "no (not built)");
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"remat: train reference models with activation checkpointing built into the tape"};
+  app.require_subcommand(1);
+  remat::TrainOptions t;
+  int64_t vocab = 0, channels = 0, heads = 0, layers = 0, seq_len = 0, batch = 0;
+  double dropout = -1;
+  CLI::App* train = app.add_subcommand("train", "train a reference model");
+  train->add_option("--model", t.model, "gpt")->capture_default_str();
+  train->add_option("--config", t.config, "named configuration: tiny, small, gpt2")->capture_default_str();
+  train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>... (default none)");
+  train->add_option("--steps", t.steps, "steps in the schedule")->capture_default_str();
+  train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
+  train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();
+  train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str();
+  train->add_option("--out", t.out, "run directory: metrics.jsonl, model.safetensors, state.safetensors");
+  train->add_option("--resume", t.resume, "continue the run in this directory");
+  train->add_option("--lr", t.lr, "peak learning rate")->capture_default_str();
+  train->add_option("--min-lr", t.min_lr, "final learning rate of the cosine schedule")->capture_default_str();
+  train->add_option("--warmup", t.warmup, "linear warmup steps")->capture_default_str();
+  train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
+  train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
+  train->add_option("--vocab", vocab, "override the config's vocabulary size");
+  train->add_option("--channels", channels, "override the config's channels");
+  train->add_option("--heads", heads, "override the config's heads");
+  train->add_option("--layers", layers, "override the config's layers");
+  train->add_option("--seq-len", seq_len, "override the config's sequence length");
+  train->add_option("--batch", batch, "override the config's batch size");
+  train->add_option("--dropout", dropout, "override the config's dropout");
+  CLI::App* ops = app.add_subcommand("ops", "list the ops and which backends have kernels for them");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "remat: %s (see remat --help)\n", e.what());
+    return 2;
+  }
+  try {
+    if (*ops) return list_ops();
+    if (*train) {
+      for (auto [key, value] : {std::pair{"vocab", vocab}, {"channels", channels}, {"heads", heads}, {"layers", layers},
+                                {"seq_len", seq_len}, {"batch", batch}})
+        if (value != 0) t.overrides[key] = static_cast<double>(value);
+      if (dropout >= 0) t.overrides["dropout"] = dropout;
+      remat::TrainResult r = remat::train(t, print_progress);
+      if (r.steps.empty()) {
+        fmt::print("nothing to do: the run is already at step {}\n", t.steps);
+        return 0;
+      }
+      fmt::print("final loss {:.4f} (task reference {:.4f}, uniform guess {:.4f})\n", r.final_loss, r.reference_loss,
+                 r.uniform_loss);
+      fmt::print("{:.0f} tokens/s, {} parameters, peak memory {} (activations {})\n", r.tokens_per_s, r.parameters,
+                 mib(r.peak_bytes), mib(r.activation_peak_bytes));
+      if (!t.out.empty() || !t.resume.empty())
+        fmt::print("wrote {}/model.safetensors, state.safetensors, metrics.jsonl\n", t.out.empty() ? t.resume : t.out);
+    }
+  } catch (const remat::Error& e) {
+    std::fprintf(stderr, "remat: %s\n", e.message().c_str());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "remat: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,75 @@
+// The GPT reference model and its configurations.
+#include "models/gpt.h"
+
+#include <cmath>
+
+namespace remat {
+
+GptConfig gpt_config(const std::string& name) {
+  GptConfig c;
+  c.name = name;
+  if (name == "tiny") {
+    c.vocab = 64, c.channels = 32, c.heads = 4, c.layers = 2, c.seq_len = 16, c.batch = 2;
+  } else if (name == "small") {
+    c.vocab = 256, c.channels = 256, c.heads = 8, c.layers = 6, c.seq_len = 128, c.batch = 8;
+  } else if (name == "gpt2") {
+    c.vocab = 50304, c.channels = 768, c.heads = 12, c.layers = 12, c.seq_len = 1024, c.batch = 8;
+  } else {
+    REMAT_FAIL("unknown gpt config '", name, "': expected tiny, small or gpt2");
+  }
+  return c;
+}
+
+GptBlock::GptBlock(const GptConfig& c) : UnaryModule("GptBlock") {
+  // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers).
+  double proj_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.layers));
+  ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.channels));
+  attn = register_module("attn", std::make_shared<nn::CausalSelfAttention>(c.channels, c.heads, c.dropout, proj_std));
+  ln2 = register_module("ln2", std::make_shared<nn::LayerNorm>(c.channels));
+  mlp = register_module("mlp", std::make_shared<nn::Mlp>(c.channels, 4 * c.channels, c.dropout, proj_std));
+  // Checkpoint levels: 1 single layers, 2 attention and MLP, 3 the transformer layer.
+  for (auto& [path, m] : named_modules()) {
+    if (m->type_name() == "Linear") m->set_checkpoint_level_of_module(1);
+  }
+  attn->set_checkpoint_level_of_module(2);
+  mlp->set_checkpoint_level_of_module(2);
+  set_checkpoint_level_of_module(3);
+}
+
+Tensor GptBlock::forward(const Tensor& x) {
+  Tensor h = add(x, (*attn)((*ln1)(x)));
+  return add(h, (*mlp)((*ln2)(h)));
+}
+
+Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
+  REMAT_CHECK(c.vocab > 0 && c.channels > 0 && c.layers > 0 && c.seq_len > 0 && c.batch > 0,
+              "gpt: expected positive sizes in config ", c.name);
+  REMAT_CHECK(c.channels % c.heads == 0, "gpt: expected channels (", c.channels, ") divisible by heads (", c.heads, ")");
+  wte = register_module("wte", std::make_shared<nn::Embedding>(c.vocab, c.channels));
+  wpe = register_module("wpe", std::make_shared<nn::Embedding>(c.seq_len, c.channels));
+  drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout));
+  blocks = register_module("blocks", std::make_shared<nn::ModuleList>());
+  for (int64_t i = 0; i < c.layers; ++i) blocks->push_back(std::make_shared<GptBlock>(c));
+  ln_f = register_module("ln_f", std::make_shared<nn::LayerNorm>(c.channels));
+  set_checkpoint_level_of_module(5);  // the whole network
+}
+
+Tensor Gpt::logits(const Tensor& idx) {
+  auto guard = enter();
+  REMAT_CHECK(idx.dim() == 2 && idx.size(1) <= config.seq_len, "gpt: expected token ids [B, T] with T <= ",
+              config.seq_len, ", got ", idx.meta_str());
+  int64_t t = idx.size(1);
+  Tensor pos = Tensor::arange(t, DType::i64, idx.device());
+  Tensor h = (*drop)(add((*wte)(idx), (*wpe)(pos)));
+  for (size_t i = 0; i < blocks->size(); ++i) h = blocks->at<GptBlock>(i)(h);
+  h = (*ln_f)(h);
+  return matmul(h, wte->weight, false, true);  // tied LM head: h @ wte^T
+}
+
+Tensor Gpt::loss(const Tensor& idx, const Tensor& targets) {
+  Tensor lg = logits(idx);
+  int64_t n = idx.numel();
+  return cross_entropy(reshape(lg, {n, config.vocab}), reshape(targets, {n}));
+}
+
+}  // namespace remat

@@ -1,0 +1,46 @@
+// GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks (causal
+// multi-head attention, GELU(tanh) MLP, residuals, dropout), final LayerNorm, tied LM head.
+// Shapes: idx [B, T] (i64) -> logits [B, T, V]. Blocks live in a container named `blocks`.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "models/nn/layers.h"
+
+namespace remat {
+
+struct GptConfig {
+  std::string name = "custom";
+  int64_t vocab = 64, channels = 32, heads = 4, layers = 2, seq_len = 16, batch = 2;
+  double dropout = 0.1;
+};
+
+// Named configurations: tiny (tests), small (CPU demo and bench), gpt2 (124M, GPU bench).
+GptConfig gpt_config(const std::string& name);
+
+class GptBlock final : public nn::UnaryModule {
+ public:
+  GptBlock(const GptConfig& config);
+  Tensor forward(const Tensor& x) override;
+  std::shared_ptr<nn::LayerNorm> ln1, ln2;
+  std::shared_ptr<nn::CausalSelfAttention> attn;
+  std::shared_ptr<nn::Mlp> mlp;
+};
+
+class Gpt final : public Module {
+ public:
+  explicit Gpt(const GptConfig& config);  // parameters drawn from the global random stream
+  // Logits [B, T, V] for token ids [B, T].
+  Tensor logits(const Tensor& idx);
+  // Mean next-token cross-entropy of idx [B, T] against targets [B, T].
+  Tensor loss(const Tensor& idx, const Tensor& targets);
+
+  GptConfig config;
+  std::shared_ptr<nn::Embedding> wte, wpe;
+  std::shared_ptr<nn::Dropout> drop;
+  std::shared_ptr<nn::ModuleList> blocks;
+  std::shared_ptr<nn::LayerNorm> ln_f;
+};
+
+}  // namespace remat

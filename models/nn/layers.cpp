@@ -1,0 +1,86 @@
+// Layer definitions: parameters with GPT-2 initialisation, forwards built from the ops.
+#include "models/nn/layers.h"
+
+#include <cmath>
+
+namespace remat::nn {
+
+namespace {
+Tensor normal(const Shape& shape, double std) {
+  MemoryCategoryScope scope(MemoryCategory::parameter);
+  Tensor t = Tensor::randn(shape);
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<float>(p[i] * std);
+  return t;
+}
+Tensor constant(const Shape& shape, double value) {
+  MemoryCategoryScope scope(MemoryCategory::parameter);
+  return Tensor::full(shape, value);
+}
+}  // namespace
+
+Linear::Linear(int64_t in, int64_t out, bool has_bias, double init_std) : UnaryModule("Linear") {
+  REMAT_CHECK(in > 0 && out > 0, "Linear: expected positive sizes, got ", in, " -> ", out);
+  weight = register_parameter("weight", normal({out, in}, init_std));
+  if (has_bias) bias = register_parameter("bias", constant({out}, 0.0));
+}
+
+Tensor Linear::forward(const Tensor& x) { return linear(x, weight, bias); }
+
+LayerNorm::LayerNorm(int64_t channels, double eps_) : UnaryModule("LayerNorm"), eps(eps_) {
+  weight = register_parameter("weight", constant({channels}, 1.0));
+  bias = register_parameter("bias", constant({channels}, 0.0));
+}
+
+Tensor LayerNorm::forward(const Tensor& x) { return layer_norm(x, weight, bias, eps); }
+
+Embedding::Embedding(int64_t vocab, int64_t channels, double init_std) : UnaryModule("Embedding") {
+  weight = register_parameter("weight", normal({vocab, channels}, init_std));
+}
+
+Tensor Embedding::forward(const Tensor& idx) { return embedding(idx, weight); }
+
+Dropout::Dropout(double p_) : UnaryModule("Dropout"), p(p_) {
+  REMAT_CHECK(p >= 0 && p < 1, "Dropout: expected 0 <= p < 1, got ", p);
+}
+
+Tensor Dropout::forward(const Tensor& x) { return dropout(x, p, is_training()); }
+
+CausalSelfAttention::CausalSelfAttention(int64_t channels, int64_t heads_, double p, double proj_std)
+    : UnaryModule("CausalSelfAttention"), heads(heads_) {
+  REMAT_CHECK(heads > 0 && channels % heads == 0, "CausalSelfAttention: expected channels divisible by heads, got ",
+              channels, " and ", heads);
+  qkv = register_module("qkv", std::make_shared<Linear>(channels, 3 * channels));
+  proj = register_module("proj", std::make_shared<Linear>(channels, channels, true, proj_std));
+  drop = register_module("drop", std::make_shared<Dropout>(p));
+}
+
+Tensor CausalSelfAttention::forward(const Tensor& x) {
+  int64_t b = x.size(0), t = x.size(1), c = x.size(2), d = c / heads;
+  auto parts = split((*qkv)(x), 2, {c, c, c});
+  auto to_heads = [&](const Tensor& m) { return permute(reshape(m, {b, t, heads, d}), {0, 2, 1, 3}); };
+  Tensor y = attention(to_heads(parts[0]), to_heads(parts[1]), to_heads(parts[2]), /*causal=*/true);
+  y = reshape(permute(y, {0, 2, 1, 3}), {b, t, c});
+  return (*drop)((*proj)(y));
+}
+
+Mlp::Mlp(int64_t channels, int64_t hidden, double p, double proj_std) : UnaryModule("Mlp") {
+  fc = register_module("fc", std::make_shared<Linear>(channels, hidden));
+  act = register_module("act", std::make_shared<Gelu>());
+  proj = register_module("proj", std::make_shared<Linear>(hidden, channels, true, proj_std));
+  drop = register_module("drop", std::make_shared<Dropout>(p));
+}
+
+Tensor Mlp::forward(const Tensor& x) { return (*drop)((*proj)((*act)((*fc)(x)))); }
+
+Tensor Sequential::forward(const Tensor& x) {
+  Tensor h = x;
+  for (auto& [name, child] : children()) {
+    auto* m = dynamic_cast<UnaryModule*>(child.get());
+    REMAT_CHECK(m != nullptr, "Sequential: child ", name, " (", child->type_name(), ") is not a one-tensor module");
+    h = (*m)(h);
+  }
+  return h;
+}
+
+}  // namespace remat::nn

@@ -1,0 +1,97 @@
+// Optimizer implementations; the per-element updates are backend kernels.
+#include "models/optim.h"
+
+#include <cmath>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "kernels/backend.h"
+
+namespace remat {
+
+void Optimizer::zero_grad() {
+  for (Tensor& p : params_) p.zero_grad();
+}
+
+AdamW::AdamW(std::vector<Tensor> params, AdamWOptions options) : Optimizer(std::move(params)), options_(options) {
+  MemoryCategoryScope scope(MemoryCategory::optimizer);
+  for (const Tensor& p : params_) {
+    m_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
+    v_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
+  }
+}
+
+void AdamW::step(double lr) {
+  NoGradGuard no_grad;
+  ++steps_;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor g = params_[i].grad();
+    if (!g.defined()) continue;
+    // GPT-2 practice: no weight decay on biases and LayerNorm parameters (the 1-D tensors).
+    double decay = params_[i].dim() >= 2 ? options_.weight_decay : 0.0;
+    Backend::AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, decay, steps_};
+    backend_for(params_[i].device()).adamw_update(params_[i], g, m_[i], v_[i], s);
+  }
+}
+
+std::vector<std::pair<std::string, Tensor>> AdamW::state() {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    out.emplace_back(std::to_string(i) + ".m", m_[i]);
+    out.emplace_back(std::to_string(i) + ".v", v_[i]);
+  }
+  return out;
+}
+
+Sgd::Sgd(std::vector<Tensor> params, double momentum, double weight_decay)
+    : Optimizer(std::move(params)), momentum_(momentum), weight_decay_(weight_decay) {
+  MemoryCategoryScope scope(MemoryCategory::optimizer);
+  for (const Tensor& p : params_) velocity_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
+}
+
+void Sgd::step(double lr) {
+  NoGradGuard no_grad;
+  ++steps_;
+  MemoryCategoryScope scope(MemoryCategory::workspace);  // temporaries of the update
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor g = params_[i].grad();
+    if (!g.defined()) continue;
+    if (weight_decay_ != 0) g = add(g, mul_scalar(params_[i], weight_decay_));
+    // v = momentum * v + g;  p = p - lr * v
+    velocity_[i].copy_(add(mul_scalar(velocity_[i], momentum_), g));
+    params_[i].copy_(sub(params_[i], mul_scalar(velocity_[i], lr)));
+  }
+}
+
+std::vector<std::pair<std::string, Tensor>> Sgd::state() {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back(std::to_string(i) + ".velocity", velocity_[i]);
+  return out;
+}
+
+double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
+  REMAT_CHECK(max_norm > 0, "clip_grad_norm: expected max_norm > 0, got ", max_norm);
+  NoGradGuard no_grad;
+  MemoryCategoryScope scope(MemoryCategory::workspace);
+  double total = 0;
+  for (const Tensor& p : params)
+    if (p.grad().defined()) total += backend_for(p.device()).sum_squares(p.grad());
+  double norm = std::sqrt(total);
+  if (norm > max_norm) {
+    double scale = max_norm / (norm + 1e-6);
+    for (const Tensor& p : params) {
+      Tensor g = p.grad();
+      if (g.defined()) g.copy_(mul_scalar(g, scale));
+    }
+  }
+  return norm;
+}
+
+double cosine_lr(int64_t step, int64_t warmup, int64_t total, double max_lr, double min_lr) {
+  if (warmup > 0 && step < warmup) return max_lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  if (step >= total) return min_lr;
+  double progress = static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup));
+  return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+}  // namespace remat

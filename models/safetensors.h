@@ -1,0 +1,30 @@
+// Reading and writing the safetensors format (8-byte little-endian header length, a JSON header
+// naming dtype, shape and byte offsets of each tensor, then the raw bytes), so Python's
+// safetensors reads remat's weights. Writes are atomic: a temporary file, then rename.
+#pragma once
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "runtime/tensor.h"
+
+namespace remat {
+
+struct SafetensorsFile {
+  std::vector<std::pair<std::string, Tensor>> tensors;  // in file order
+  std::map<std::string, std::string> metadata;          // "__metadata__" (string values)
+  const Tensor& at(const std::string& name) const;      // throws naming the file's tensors
+};
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+// Validates everything (size, header, offsets, dtypes, shapes) and throws a clear error for a
+// truncated or corrupted file.
+SafetensorsFile load_safetensors(const std::string& path);
+
+// Writes `contents` to `path` through a temporary file and a rename.
+void write_file_atomically(const std::string& path, const std::string& contents);
+
+}  // namespace remat

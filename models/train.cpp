@@ -1,0 +1,203 @@
+// The training loop and its snapshots.
+#include "models/train.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "checkpoint/apply.h"
+#include "models/data.h"
+#include "models/gpt.h"
+#include "models/optim.h"
+#include "models/safetensors.h"
+#include "runtime/random.h"
+
+namespace remat {
+
+namespace {
+
+GptConfig make_config(const TrainOptions& o) {
+  REMAT_CHECK(o.model == "gpt", "unknown model '", o.model, "': expected gpt");
+  GptConfig c = gpt_config(o.config);
+  for (const auto& [key, value] : o.overrides) {
+    auto as_int = [&, key = key, value = value] {
+      REMAT_CHECK(value >= 1 && value == static_cast<double>(static_cast<int64_t>(value)), "config field ", key,
+                  ": expected a positive integer, got ", value);
+      return static_cast<int64_t>(value);
+    };
+    if (key == "vocab") c.vocab = as_int();
+    else if (key == "channels") c.channels = as_int();
+    else if (key == "heads") c.heads = as_int();
+    else if (key == "layers") c.layers = as_int();
+    else if (key == "seq_len") c.seq_len = as_int();
+    else if (key == "batch") c.batch = as_int();
+    else if (key == "dropout") {
+      REMAT_CHECK(value >= 0 && value < 1, "config field dropout: expected 0 <= p < 1, got ", value);
+      c.dropout = value;
+    } else {
+      REMAT_FAIL("unknown config field '", key, "': expected vocab, channels, heads, layers, seq_len, batch or dropout");
+    }
+  }
+  return c;
+}
+
+nlohmann::json config_json(const GptConfig& c) {
+  return {{"name", c.name}, {"vocab", c.vocab}, {"channels", c.channels}, {"heads", c.heads}, {"layers", c.layers},
+          {"seq_len", c.seq_len}, {"batch", c.batch}, {"dropout", c.dropout}};
+}
+
+std::string metrics_line(const StepMetrics& m) {
+  return nlohmann::json{{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"step_ms", m.step_ms},
+                        {"peak_bytes", m.peak_bytes}, {"activation_peak_bytes", m.activation_peak_bytes},
+                        {"tokens_per_s", m.tokens_per_s}}
+             .dump();
+}
+
+struct RunState {
+  int64_t step = 0;  // steps completed
+  std::string metrics;  // metrics.jsonl so far
+};
+
+void save_snapshot(const std::string& dir, Gpt& model, Optimizer& opt, const AdditionTask& data, const TrainOptions& o,
+                   const GptConfig& config, const RunState& run) {
+  std::vector<std::pair<std::string, Tensor>> weights = model.named_parameters();
+  save_safetensors(dir + "/model.safetensors", weights, {{"format", "remat"}, {"config", config_json(config).dump()}});
+  std::vector<std::pair<std::string, Tensor>> state;
+  for (auto& [name, t] : weights) state.emplace_back("param." + name, t);
+  for (auto& [name, t] : opt.state()) state.emplace_back("optim." + name, t);
+  RngState rng = rng_state(), data_rng = data.state();
+  nlohmann::json meta = {{"model", o.model}, {"config", config_json(config)}, {"policy", o.policy},
+                         {"steps", o.steps}, {"step", run.step}, {"seed", o.seed},
+                         {"rng_seed", rng.seed}, {"rng_offset", rng.offset},
+                         {"data_seed", data_rng.seed}, {"data_offset", data_rng.offset},
+                         {"optimizer_steps", opt.steps()}, {"lr", o.lr}, {"min_lr", o.min_lr},
+                         {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip}};
+  save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
+  write_file_atomically(dir + "/metrics.jsonl", run.metrics);
+}
+
+}  // namespace
+
+TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
+  TrainOptions o = options;
+  nlohmann::json resumed;
+  SafetensorsFile state_file;
+  if (!o.resume.empty()) {
+    std::string path = o.resume + "/state.safetensors";
+    REMAT_CHECK(std::filesystem::exists(path), "--resume ", o.resume, ": no training state (", path, " is missing)");
+    state_file = load_safetensors(path);
+    auto found = state_file.metadata.find("training_state");
+    REMAT_CHECK(found != state_file.metadata.end(), path, ": not a remat training state (no training_state metadata)");
+    try {
+      resumed = nlohmann::json::parse(found->second);
+      o.model = resumed.at("model");
+      if (o.policy.empty()) o.policy = resumed.at("policy").get<std::string>();
+      o.lr = resumed.at("lr"), o.min_lr = resumed.at("min_lr"), o.warmup = resumed.at("warmup");
+      o.weight_decay = resumed.at("weight_decay"), o.clip = resumed.at("clip"), o.seed = resumed.at("seed");
+    } catch (const nlohmann::json::exception& e) {
+      REMAT_FAIL(path, ": corrupted training state: ", e.what());
+    }
+    if (o.out.empty()) o.out = o.resume;
+  }
+  if (o.policy.empty()) o.policy = "none";
+  REMAT_CHECK(o.steps > 0, "expected --steps >= 1, got ", o.steps);
+  Device device = parse_device(o.device);
+  REMAT_CHECK(device.is_cpu(), "device ", device.str(), ": training runs on cpu until the CUDA kernels land");
+  PolicySpec policy = parse_policy(o.policy);
+  if (!o.out.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.out, ec);
+    REMAT_CHECK(!ec && std::filesystem::is_directory(o.out), "--out ", o.out, ": cannot create the directory (",
+                ec ? ec.message() : "not a directory", ")");
+    std::string probe = o.out + "/.write_test";
+    std::ofstream test(probe);
+    REMAT_CHECK(test.good(), "--out ", o.out, ": the directory is not writable");
+    test.close();
+    std::filesystem::remove(probe, ec);
+  }
+
+  GptConfig config;
+  if (!resumed.is_null()) {
+    auto& c = resumed.at("config");
+    config.name = c.at("name"), config.vocab = c.at("vocab"), config.channels = c.at("channels");
+    config.heads = c.at("heads"), config.layers = c.at("layers"), config.seq_len = c.at("seq_len");
+    config.batch = c.at("batch"), config.dropout = c.at("dropout");
+  } else {
+    config = make_config(o);
+  }
+  manual_seed(o.seed);
+  Gpt model(config);
+  model.train();
+  apply_policy(model, policy);
+  std::vector<Tensor> params = model.parameters();
+  AdamW opt(params, {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
+  AdditionTask data(config.vocab, o.seed + 1);
+  RunState run;
+  if (!resumed.is_null()) {
+    NoGradGuard no_grad;
+    for (auto& [name, p] : model.named_parameters()) {
+      const Tensor& saved = state_file.at("param." + name);
+      REMAT_CHECK(saved.shape() == p.shape(), "resume: parameter ", name, " has shape ", shape_str(saved.shape()),
+                  " in the state but ", shape_str(p.shape()), " in the model");
+      p.copy_(saved);
+    }
+    for (auto& [name, t] : opt.state()) t.copy_(state_file.at("optim." + name));
+    opt.set_steps(resumed.at("optimizer_steps"));
+    run.step = resumed.at("step");
+    set_rng_state({resumed.at("rng_seed"), resumed.at("rng_offset")});
+    data.set_state({resumed.at("data_seed"), resumed.at("data_offset")});
+    std::ifstream metrics(o.resume + "/metrics.jsonl");
+    std::stringstream buffer;
+    buffer << metrics.rdbuf();
+    run.metrics = buffer.str();
+  }
+
+  TrainResult result;
+  result.reference_loss = AdditionTask::reference_loss();
+  result.uniform_loss = data.uniform_loss();
+  for (const Tensor& p : params) result.parameters += p.numel();
+  int64_t last = o.stop_at >= 0 ? std::min(o.stop_at, o.steps) : o.steps;
+  Allocator& alloc = allocator_for(device);
+  double tokens = static_cast<double>(config.batch * config.seq_len);
+  auto run_start = std::chrono::steady_clock::now();
+  for (int64_t step = run.step; step < last; ++step) {
+    auto start = std::chrono::steady_clock::now();
+    alloc.reset_peak();
+    auto [x, y] = data.batch(config.batch, config.seq_len);
+    double lr = cosine_lr(step, o.warmup, o.steps, o.lr, o.min_lr);
+    Tensor loss = model.loss(x, y);
+    double loss_value = loss.item();
+    REMAT_CHECK(std::isfinite(loss_value), "training diverged: loss is ", loss_value, " at step ", step + 1);
+    backward(loss);
+    loss = Tensor();
+    clip_grad_norm(params, o.clip);
+    opt.step(lr);
+    opt.zero_grad();
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    MemoryStats s = alloc.stats();
+    StepMetrics m{step + 1, loss_value, lr, ms, s.total.peak, s[MemoryCategory::activation].peak, s.total.current,
+                  tokens / (ms / 1000.0)};
+    result.steps.push_back(m);
+    run.step = step + 1;
+    run.metrics += metrics_line(m) + "\n";
+    result.peak_bytes = std::max(result.peak_bytes, m.peak_bytes);
+    result.activation_peak_bytes = std::max(result.activation_peak_bytes, m.activation_peak_bytes);
+    if (on_step) on_step(m, o.steps);
+    if (!o.out.empty() && (run.step % o.save_every == 0 || run.step == last))
+      save_snapshot(o.out, model, opt, data, o, config, run);
+  }
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+  if (!result.steps.empty()) {
+    result.final_loss = result.steps.back().loss;
+    result.tokens_per_s = tokens * static_cast<double>(result.steps.size()) / seconds;
+  }
+  return result;
+}
+
+}  // namespace remat

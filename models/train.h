@@ -1,0 +1,52 @@
+// Training loop shared by the `remat train` command and the tests: model from a named config,
+// checkpoint policy, AdamW with cosine schedule and clipping, metrics per step, atomic snapshots
+// (weights, optimizer moments, step, RNG and data state) that `--resume` continues bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace remat {
+
+struct TrainOptions {
+  std::string model = "gpt";
+  std::string config = "small";
+  std::map<std::string, double> overrides;  // config fields: vocab, channels, heads, layers, seq_len, batch, dropout
+  std::string policy;         // "" = none (or, when resuming, the policy of the run)
+  int64_t steps = 300;        // length of the schedule
+  int64_t stop_at = -1;       // stop after this step (an interrupted run); -1: run to `steps`
+  std::string device = "cpu";
+  uint64_t seed = 0;
+  std::string out;            // run directory ("" = write nothing)
+  std::string resume;         // run directory to continue from
+  double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.1, clip = 1.0;
+  int64_t warmup = 20;
+  int64_t save_every = 100;   // snapshot period in steps (and at the end)
+};
+
+struct StepMetrics {
+  int64_t step;
+  double loss, lr, step_ms;
+  int64_t peak_bytes, activation_peak_bytes, current_bytes;
+  double tokens_per_s;
+};
+
+struct TrainResult {
+  std::vector<StepMetrics> steps;  // steps run by this call
+  double final_loss = 0;
+  double reference_loss = 0, uniform_loss = 0;
+  int64_t peak_bytes = 0, activation_peak_bytes = 0;
+  double tokens_per_s = 0;
+  int64_t parameters = 0;
+};
+
+// Called after every step (progress display).
+using StepCallback = std::function<void(const StepMetrics&, int64_t total_steps)>;
+
+TrainResult train(const TrainOptions& options, const StepCallback& on_step = {});
+
+}  // namespace remat
