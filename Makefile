@@ -4,6 +4,8 @@ PACKAGES := g++ pkg-config python3 meson ninja-build libeigen3-dev catch2 libcli
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOBS ?= $(shell nproc)
 
+TRAIN_STEPS ?= 200
+
 .PHONY: all deps build test test-slow train bench clean
 
 all: build
@@ -27,6 +29,10 @@ test: build
 
 test-slow: build
 	python3 tools/run_tests.py $(BUILD) '[slow]'
+
+# The reference GPT (small config) on CPU with full activation checkpointing.
+train: build
+	$(BUILD)/models/remat train --model gpt --config small --policy full --steps $(TRAIN_STEPS) --device cpu --seed 0 --out runs/train
 
 bench: build
 	$(BUILD)/bench/remat-bench ops --device cpu

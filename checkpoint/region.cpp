@@ -232,6 +232,14 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
       if (u >= 0 && !available(graph, u)) stack.push_back(u);
   }
 
+  // Uses of each value by the nodes still to run, so intermediates are freed after their last use.
+  std::unordered_map<int64_t, int> uses;
+  for (int64_t p : needed)
+    for (int64_t u : graph.nodes[p]->inputs)
+      if (u >= 0) ++uses[u];
+  std::unordered_map<int64_t, std::vector<const Target*>> targets_of;
+  for (const Target& t : targets) targets_of[t.value].push_back(&t);
+
   // Re-execute them in tape order.
   NoGradGuard no_grad;
   MemoryCategoryScope category(MemoryCategory::activation);
@@ -253,25 +261,33 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
       REMAT_ASSERT(info.data.defined(), "replay input missing");
       if (info.data.version() != info.version)
         fail(r, detail::concat("an input of replayed op ", node.name(), " (", info.meta_str(),
-                             ") was modified by an in-place operation after the forward (version ",
-                             info.data.version(), ", expected ", info.version, ")"));
+                               ") was modified by an in-place operation after the forward (version ",
+                               info.data.version(), ", expected ", info.version, ")"));
       inputs.push_back(info.data);
     }
     std::vector<Tensor> outputs = node.forward(inputs);
+    inputs.clear();
     if (r.options.debug) r.replay_ops.push_back(node.name());
     if (outputs.size() != node.outputs.size())
       fail(r, detail::concat("replayed op ", node.name(), " (index ", p - r.begin, " in the region) produced ",
-                           outputs.size(), " outputs, the forward recorded ", node.outputs.size()));
+                             outputs.size(), " outputs, the forward recorded ", node.outputs.size()));
     for (size_t i = 0; i < outputs.size(); ++i) {
-      const ValueInfo& info = graph.values[node.outputs[i]];
+      int64_t v = node.outputs[i];
+      const ValueInfo& info = graph.values[v];
       const Tensor& out = outputs[i];
       if (out.shape() != info.shape || out.dtype() != info.dtype || out.device() != info.device)
         fail(r, detail::concat("replayed op ", node.name(), " (index ", p - r.begin, " in the region) produced output ",
-                             i, " as ", out.meta_str(), ", but the forward recorded ", info.meta_str()));
-      rebuilt[node.outputs[i]] = out.detach();
+                               i, " as ", out.meta_str(), ", but the forward recorded ", info.meta_str()));
       r.counters.bytes_rebuilt += static_cast<int64_t>(out.nbytes());
       t_totals.bytes_rebuilt += static_cast<int64_t>(out.nbytes());
+      // Targets go to their slots at once; other outputs stay only while later replayed ops read them.
+      auto wanted = targets_of.find(v);
+      if (wanted != targets_of.end())
+        for (const Target* t : wanted->second) hold_rebuilt(graph, t->node, t->slot, v, out.detach());
+      if (uses.count(v) && uses[v] > 0) rebuilt[v] = out.detach();
     }
+    for (int64_t u : node.inputs)
+      if (u >= 0 && --uses[u] == 0) rebuilt.erase(u);
     ++r.counters.ops_replayed;
     ++t_totals.ops_replayed;
     ++r.counters.replayed_by_op[static_cast<int>(node.kind())];
@@ -280,12 +296,11 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
   ++r.counters.replays;
   ++t_totals.replays;
 
-  // Each target slot holds its rebuilt tensor until its consumer is done; the rest is freed here.
+  // Targets that were available without replay (kept elsewhere) are held for their slots too.
   for (const Target& t : targets) {
-    auto found = rebuilt.find(t.value);
-    const Tensor& data = found != rebuilt.end() ? found->second : graph.values[t.value].data;
-    REMAT_ASSERT(data.defined(), "a target of the replay of ", r.options.name, " was not rebuilt");
-    hold_rebuilt(graph, t.node, t.slot, t.value, data);
+    if (rebuilt_holds_.count({t.node, t.slot})) continue;
+    REMAT_ASSERT(graph.values[t.value].data.defined(), "a target of the replay of ", r.options.name, " was not rebuilt");
+    hold_rebuilt(graph, t.node, t.slot, t.value, graph.values[t.value].data);
   }
   r.replayed = true;
   // This region's own inputs have served their purpose for the replay.

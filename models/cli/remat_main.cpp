@@ -74,6 +74,10 @@ int main(int argc, char** argv) {
   train->add_option("--dropout", dropout, "override the config's dropout");
   CLI::App* ops = app.add_subcommand("ops", "list the ops and which backends have kernels for them");
 
+  if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" && std::string(argv[1]) != "ops") {
+    std::fprintf(stderr, "remat: unknown command '%s': expected train or ops (see remat --help)\n", argv[1]);
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,87 @@
+// The `remat` command run as a user would: bad input gives one line on stderr and exit status 2.
+#include <sys/wait.h>
+
+#include <catch.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#ifndef REMAT_CLI
+#error "REMAT_CLI (path of the built remat binary) must be defined by the build"
+#endif
+
+namespace {
+
+struct Run {
+  int status;
+  std::string err;
+  std::string out;
+};
+
+Run run(const std::string& args) {
+  std::string err_path = std::filesystem::temp_directory_path() / ("remat_cli_err_" + std::to_string(::getpid()));
+  std::string cmd = std::string(REMAT_CLI) + " " + args + " 2>" + err_path;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  std::string out;
+  char buffer[4096];
+  while (size_t n = fread(buffer, 1, sizeof buffer, pipe)) out.append(buffer, n);
+  int status = pclose(pipe);
+  std::ifstream in(err_path);
+  std::string err((std::istreambuf_iterator<char>(in)), {});
+  std::filesystem::remove(err_path);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, err, out};
+}
+
+void check_one_line_error(const Run& r, const std::string& contains) {
+  INFO("stderr: " << r.err);
+  CHECK(r.status == 2);
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  CHECK(r.err.find(contains) != std::string::npos);
+}
+
+}  // namespace
+
+TEST_CASE("remat --help and remat ops work", "[cli]") {
+  Run help = run("--help");
+  CHECK(help.status == 0);
+  CHECK(help.out.find("train") != std::string::npos);
+  Run ops = run("ops");
+  CHECK(ops.status == 0);
+  CHECK(ops.out.find("attention") != std::string::npos);
+  CHECK(ops.out.find("cross_entropy") != std::string::npos);
+}
+
+TEST_CASE("remat train on the tiny config writes metrics and weights", "[cli]") {
+  auto dir = std::filesystem::temp_directory_path() / ("remat_cli_run_" + std::to_string(::getpid()));
+  Run r = run("train --config tiny --steps 5 --policy block_skip:2 --out " + dir.string());
+  INFO(r.err);
+  CHECK(r.status == 0);
+  CHECK(r.out.find("final loss") != std::string::npos);
+  CHECK(std::filesystem::exists(dir / "model.safetensors"));
+  CHECK(std::filesystem::exists(dir / "state.safetensors"));
+  std::ifstream metrics(dir / "metrics.jsonl");
+  std::string first;
+  std::getline(metrics, first);
+  CHECK(first.find("\"activation_peak_bytes\"") != std::string::npos);
+  CHECK(first.find("\"step\":1") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
+  check_one_line_error(run("train --model resnet --steps 1"), "unknown model 'resnet': expected gpt");
+  check_one_line_error(run("train --config huge --steps 1"), "unknown gpt config 'huge'");
+  check_one_line_error(run("train --config tiny --policy sometimes --steps 1"), "unknown policy 'sometimes'");
+  check_one_line_error(run("train --config tiny --steps many"), "--steps");
+  check_one_line_error(run("train --config tiny --steps 0"), "expected --steps >= 1");
+  check_one_line_error(run("train --config tiny --steps 1 --out /proc/remat_cannot_write"), "--out /proc/remat_cannot_write");
+  check_one_line_error(run("train --config tiny --steps 1 --device tpu"), "unknown device 'tpu'");
+  check_one_line_error(run("frobnicate"), "frobnicate");
+  auto dir = std::filesystem::temp_directory_path() / ("remat_cli_bad_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const char header_only[] = "\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":";  // claims 16 header bytes, has 5
+  std::ofstream(dir / "state.safetensors", std::ios::binary).write(header_only, sizeof header_only - 1);
+  check_one_line_error(run("train --resume " + dir.string() + " --steps 3"), "truncated");
+  std::filesystem::remove_all(dir);
+  check_one_line_error(run("train --resume /nonexistent/run --steps 3"), "no training state");
+}
