@@ -6,7 +6,7 @@ JOBS ?= $(shell nproc)
 
 TRAIN_STEPS ?= 200
 
-.PHONY: all deps build test test-slow train bench clean
+.PHONY: all deps build test test-slow train bench bench-ops bench-peer clean
 
 all: build
 
@@ -34,8 +34,28 @@ test-slow: build
 train: build
 	$(BUILD)/models/remat train --model gpt --config small --policy full --steps $(TRAIN_STEPS) --device cpu --seed 0 --out runs/train
 
+# Every policy on gpt small: table on stdout, JSON/CSV/trace/plot in runs/bench.
 bench: build
+	mkdir -p runs/bench
+	$(BUILD)/bench/remat-bench --model gpt --config small --policies none,full,ops,block_skip:2,level:3 \
+	  --device cpu --steps 5 --warmup 1 --json runs/bench/bench.json --csv runs/bench/bench.csv \
+	  --trace runs/bench/trace.json --plot runs/bench/plot.svg
+
+bench-ops: build
 	$(BUILD)/bench/remat-bench ops --device cpu
+
+# remat and the PyTorch peer (Debian's python3-torch) back to back under the same heap tracker.
+# Debian's torch calls the system BLAS; libopenblas0-pthread makes that OpenBLAS (else a slow reference BLAS).
+PEER_PACKAGES := python3-torch libopenblas0-pthread
+bench-peer: build
+	@missing=$$(for p in $(PEER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+	mkdir -p runs/bench
+	LD_PRELOAD=$(CURDIR)/$(BUILD)/bench/libheap_tracker.so $(BUILD)/bench/remat-bench --model gpt --config small \
+	  --policies none,full,ops,block_skip:2,level:3 --steps 5 --warmup 1 --json runs/bench/remat_peer.json
+	LD_PRELOAD=$(CURDIR)/$(BUILD)/bench/libheap_tracker.so /usr/bin/python3 bench/peer/gpt_peer.py --config small \
+	  --policies none,full,ops,block_skip:2,level:3 --steps 5 --warmup 1 --json runs/bench/torch_peer.json
+	python3 bench/peer/compare.py runs/bench/remat_peer.json runs/bench/torch_peer.json
 
 clean:
 	rm -rf $(BUILD)

@@ -3,6 +3,7 @@
 
 #include "autograd/grad_mode.h"
 #include "autograd/graph.h"
+#include "autograd/trace.h"
 #include "kernels/backend.h"
 
 namespace remat {
@@ -60,7 +61,11 @@ void backward(const Tensor& root, const Tensor& grad, BackwardOptions options) {
       for (size_t i = 0; i < node.inputs.size(); ++i)
         needs[i] = node.inputs[i] >= 0 && g.values[node.inputs[i]].requires_grad;
       BackwardContext ctx(g, index, std::move(grad_outputs), needs);
-      std::vector<Tensor> input_grads = node.backward(ctx);
+      std::vector<Tensor> input_grads;
+      {
+        TraceSpan span(node.name(), "backward");
+        input_grads = node.backward(ctx);
+      }
       REMAT_ASSERT(input_grads.size() == node.inputs.size(), node.name(), " returned ", input_grads.size(),
                    " gradients for ", node.inputs.size(), " inputs");
       for (size_t i = 0; i < node.inputs.size(); ++i) {

@@ -2,6 +2,7 @@
 #include "autograd/graph.h"
 
 #include "autograd/grad_mode.h"
+#include "autograd/trace.h"
 
 namespace remat {
 
@@ -129,6 +130,7 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
   std::vector<Tensor> outputs;
   {
     NoGradGuard no_grad;  // forward is pure kernels; nothing inside is recorded
+    TraceSpan span(node->name(), "forward");
     outputs = node->forward(inputs);
   }
   for (Tensor& out : outputs) out = out.detach();  // fresh autograd state, even for views and pass-throughs

@@ -1,28 +1,63 @@
-// remat-bench: measures remat. `remat-bench ops` times the kernels; policy runs arrive with the bench issue.
+// remat-bench: peak memory and step time per model x checkpoint policy (default), or kernel
+// throughput (`remat-bench ops`). Errors print one line and exit 2.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <sstream>
 
 #include "bench_ops.h"
+#include "bench_policies.h"
 #include "runtime/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"remat-bench: kernel throughput, and peak memory and time per model x checkpoint policy"};
-  app.require_subcommand(1);
+  CLI::App app{"remat-bench: peak memory and step time per model x checkpoint policy, or kernel throughput (ops)"};
+  app.require_subcommand(0, 1);
+  remat::bench::PolicyOptions p;
+  std::string policies = "none,full,ops,block_skip:2,level:3";
+  int64_t batch = 0, layers = 0, seq_len = 0;
+  double dropout = -1;
+  app.add_option("--model", p.model, "gpt")->capture_default_str();
+  app.add_option("--config", p.config, "tiny, small or gpt2")->capture_default_str();
+  app.add_option("--policies", policies, "comma-separated policy strings")->capture_default_str();
+  app.add_option("--device", p.device, "cpu or cuda:N")->capture_default_str();
+  app.add_option("--steps", p.steps, "timed steps per policy")->capture_default_str();
+  app.add_option("--warmup", p.warmup, "untimed steps before them")->capture_default_str();
+  app.add_option("--seed", p.seed, "seed of weights, data and dropout")->capture_default_str();
+  app.add_option("--batch", batch, "override the config's batch size");
+  app.add_option("--layers", layers, "override the config's layers");
+  app.add_option("--seq-len", seq_len, "override the config's sequence length");
+  app.add_option("--dropout", dropout, "override the config's dropout");
+  app.add_option("--json", p.json_path, "write the results as JSON (schema in docs/bench.md)");
+  app.add_option("--csv", p.csv_path, "write the results as CSV");
+  app.add_option("--trace", p.trace_path, "write a Chrome trace (Perfetto, chrome://tracing) of one step per policy");
+  app.add_option("--plot", p.plot_path, "write an SVG plot: memory vs time, and memory over one step");
+
   remat::bench::OpsOptions ops;
   CLI::App* ops_cmd = app.add_subcommand("ops", "GFLOP/s of matmul/linear and times of the fused ops");
   ops_cmd->add_option("--device", ops.device, "cpu or cuda:N")->capture_default_str();
-  ops_cmd->add_option("--repeats", ops.repeats, "timed repeats per op (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
+  ops_cmd->add_option("--repeats", ops.repeats, "timed repeats per op (median reported)")->capture_default_str();
   ops_cmd->add_option("--json", ops.json_path, "also write the figures as JSON to this file");
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
+    std::fprintf(stderr, "remat-bench: %s (see remat-bench --help)\n", e.what());
+    return 2;
   }
   try {
     if (*ops_cmd) return remat::bench::run_ops(ops);
+    p.policies.clear();
+    std::stringstream list(policies);
+    for (std::string item; std::getline(list, item, ',');)
+      if (!item.empty()) p.policies.push_back(item);
+    REMAT_CHECK(!p.policies.empty(), "--policies: expected at least one policy");
+    if (batch) p.overrides["batch"] = static_cast<double>(batch);
+    if (layers) p.overrides["layers"] = static_cast<double>(layers);
+    if (seq_len) p.overrides["seq_len"] = static_cast<double>(seq_len);
+    if (dropout >= 0) p.overrides["dropout"] = dropout;
+    return remat::bench::run_policies(p);
   } catch (const remat::Error& e) {
     std::fprintf(stderr, "remat-bench: %s\n", e.message().c_str());
     return 2;
   }
-  return 0;
 }

@@ -5,7 +5,10 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include <chrono>
+
 #include "autograd/grad_mode.h"
+#include "autograd/trace.h"
 
 namespace remat {
 
@@ -72,6 +75,27 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
       }
   }
   if (must_save) must_saved_.insert(node);
+  // A slot whose value an open region will drop at its close is dropped now: nothing holds it
+  // through the rest of the region's forward, which matters for regions as large as the model.
+  for (size_t s = 0; s < n.saved.size(); ++s) {
+    int64_t value = n.saved[s].value, p = graph.values[value].producer;
+    for (int id : open_) {
+      const Region& r = regions_[id];
+      if (p < r.begin) continue;
+      Decision d = r.decisions[p - r.begin];
+      if (is_save(d) || (!is_must(d) && must_saved_.count(p))) continue;
+      if (n.saved[s].state == SlotState::kept) {
+        graph.drop_slot(node, s);
+        dropped_slots_[value].push_back({node, static_cast<int64_t>(s)});
+        if (dropped_values_.insert(value).second) {
+          int64_t bytes = value_bytes(graph.values[value]);
+          regions_[open_.back()].counters.bytes_dropped += bytes;
+          t_totals.bytes_dropped += bytes;
+        }
+      }
+      break;
+    }
+  }
   for (int id : open_) {
     Region& r = regions_[id];
     ++r.counters.ops_forward;
@@ -156,8 +180,11 @@ void RegionManager::close(Graph& graph, int id) {
       graph.release(out.value);
     }
   }
-  for (int64_t v : dropped_values) r.counters.bytes_dropped += value_bytes(graph.values[v]);
-  t_totals.bytes_dropped += r.counters.bytes_dropped;
+  for (int64_t v : dropped_values) {
+    if (!dropped_values_.insert(v).second) continue;  // counted when it was dropped at record time
+    r.counters.bytes_dropped += value_bytes(graph.values[v]);
+    t_totals.bytes_dropped += value_bytes(graph.values[v]);
+  }
 }
 
 void RegionManager::hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data) {
@@ -241,6 +268,8 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
   for (const Target& t : targets) targets_of[t.value].push_back(&t);
 
   // Re-execute them in tape order.
+  auto replay_start = std::chrono::steady_clock::now();
+  TraceSpan replay_span(r.options.name.c_str(), "replay");
   NoGradGuard no_grad;
   MemoryCategoryScope category(MemoryCategory::activation);
   std::unordered_map<int64_t, Tensor> rebuilt;
@@ -265,7 +294,11 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
                                info.data.version(), ", expected ", info.version, ")"));
       inputs.push_back(info.data);
     }
-    std::vector<Tensor> outputs = node.forward(inputs);
+    std::vector<Tensor> outputs;
+    {
+      TraceSpan span(node.name(), "replay");
+      outputs = node.forward(inputs);
+    }
     inputs.clear();
     if (r.options.debug) r.replay_ops.push_back(node.name());
     if (outputs.size() != node.outputs.size())
@@ -295,6 +328,9 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
   }
   ++r.counters.replays;
   ++t_totals.replays;
+  int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - replay_start).count();
+  r.counters.replay_ns += ns;
+  t_totals.replay_ns += ns;
 
   // Targets that were available without replay (kept elsewhere) are held for their slots too.
   for (const Target& t : targets) {

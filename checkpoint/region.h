@@ -25,6 +25,7 @@ struct RegionCounters {
   int64_t bytes_dropped = 0;  // bytes of distinct values whose slots the region dropped
   int64_t bytes_rebuilt = 0;  // bytes of the outputs its replays produced
   int64_t replays = 0;        // number of replays
+  int64_t replay_ns = 0;      // wall time spent replaying
   std::array<int64_t, kOpCount> replayed_by_op{};  // ops_replayed split by op kind
 };
 
@@ -80,9 +81,10 @@ class RegionManager final : public SavedTensorHooks {
   std::vector<int> open_;  // stack of open region ids
   // Rebuilt data held for a dropped slot: (node, slot) for node slots, (-1 - region, input) for region inputs.
   std::set<std::pair<int64_t, int64_t>> rebuilt_holds_;
-  std::unordered_set<int64_t> must_saved_;
+  std::unordered_set<int64_t> must_saved_;      // producer nodes some region marked MUST_SAVE
+  std::unordered_set<int64_t> dropped_values_;  // values already counted in bytes_dropped
   // value -> its dropped slots, (node, slot) or (-1 - region, input), to hand data over to them.
-  std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> dropped_slots_;  // producer nodes some region marked MUST_SAVE
+  std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> dropped_slots_;
 };
 
 // Totals over every region of this thread since the last reset (for tests and the bench).

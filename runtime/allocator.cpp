@@ -61,11 +61,11 @@ void Allocator::reset_peak() {
   for (auto& c : stats_.by_category) c.peak = c.current;
 }
 
-void Allocator::start_recording() {
+void Allocator::start_recording(std::chrono::steady_clock::time_point epoch) {
   std::lock_guard lock(mutex_);
   recording_ = true;
   events_.clear();
-  record_start_ = std::chrono::steady_clock::now();
+  record_start_ = epoch;
 }
 
 std::vector<MemoryEvent> Allocator::stop_recording() {

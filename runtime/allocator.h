@@ -48,7 +48,8 @@ class Allocator {
   MemoryStats stats() const;
   void reset_peak();  // peak := current, overall and per category
   // The recorder keeps every alloc/free event until stopped; used by traces and timelines.
-  void start_recording();
+  // Event times are microseconds since `epoch` (default: now), so they line up with other clocks.
+  void start_recording(std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now());
   std::vector<MemoryEvent> stop_recording();
   virtual Device device() const = 0;
 

@@ -1,0 +1,42 @@
+// `remat-bench` policy mode: peak memory and step time for each checkpoint policy on one model,
+// with gradients compared bit for bit against `none`, the analytical activation floor, bytes
+// saved by op kind, and optional Chrome trace and SVG plot.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/allocator.h"
+
+namespace remat::bench {
+
+struct PolicyOptions {
+  std::string model = "gpt";
+  std::string config = "small";
+  std::map<std::string, double> overrides;
+  std::vector<std::string> policies = {"none", "full", "ops", "block_skip:2", "level:3"};
+  std::string device = "cpu";
+  int steps = 5, warmup = 1;
+  uint64_t seed = 0;
+  std::string json_path, csv_path, trace_path, plot_path;
+};
+
+struct PolicyResult {
+  std::string policy;
+  double median_step_ms = 0, min_step_ms = 0, median_replay_ms = 0;
+  int64_t peak_bytes = 0, activation_peak_bytes = 0;
+  int64_t heap_step_peak_bytes = -1;  // from the LD_PRELOAD heap tracker when present, else -1
+  int64_t activation_floor_bytes = -1;  // -1: no formula for this policy
+  std::map<std::string, int64_t> saved_bytes_by_op, recomputed_bytes_by_op;
+  int64_t ops_replayed = 0;  // per step
+  double tokens_per_s = 0;
+  bool grads_bitwise_equal = true;
+  double grads_max_abs_diff = 0;
+  std::vector<MemoryEvent> timeline;  // one traced step (activation events), for the plot
+  double timeline_step_us = 0;
+};
+
+int run_policies(const PolicyOptions& options);
+
+}  // namespace remat::bench

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The PyTorch peer of remat-bench: the same GPT (architecture, sizes, init scheme, batch shape,
+threads) under the checkpoint policies PyTorch can express, printing the same fields.
+
+Run it under the heap tracker (bench/peer/heap_tracker.c, LD_PRELOAD) to get heap peaks measured
+exactly as remat's are: `make bench-peer` does both sides and prints the ratios.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CONFIGS = {
+    "tiny": dict(vocab=64, channels=32, heads=4, layers=2, seq_len=16, batch=2),
+    "small": dict(vocab=256, channels=256, heads=8, layers=6, seq_len=128, batch=8),
+    "gpt2": dict(vocab=50304, channels=768, heads=12, layers=12, seq_len=1024, batch=8),
+}
+HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
+HAS_SAC = hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
+
+
+class Block(nn.Module):
+    def __init__(self, c, heads, dropout, layers):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.fc, self.mlp_proj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        for lin in (self.qkv, self.fc):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        for lin in (self.proj, self.mlp_proj):  # GPT-2: residual projections scaled by 1/sqrt(2 L)
+            nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * layers))
+            nn.init.zeros_(lin.bias)
+
+    def attention(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (m.view(b, t, self.heads, c // self.heads).transpose(1, 2) for m in (q, k, v))
+        if HAS_SDPA:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # PyTorch < 2.0 has no fused attention: the T x T matrix is materialised
+            s = (q @ k.transpose(-1, -2)) / math.sqrt(c // self.heads)
+            mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+            y = s.masked_fill(mask, float("-inf")).softmax(-1) @ v
+        return y.transpose(1, 2).reshape(b, t, c)
+
+    def forward(self, x):
+        h = x + F.dropout(self.proj(self.attention(self.ln1(x))), self.dropout, self.training)
+        m = self.mlp_proj(F.gelu(self.fc(self.ln2(h)), approximate="tanh"))
+        return h + F.dropout(m, self.dropout, self.training)
+
+
+class Gpt(nn.Module):
+    def __init__(self, cfg, dropout):
+        super().__init__()
+        c = cfg["channels"]
+        self.dropout = dropout
+        self.wte, self.wpe = nn.Embedding(cfg["vocab"], c), nn.Embedding(cfg["seq_len"], c)
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(c, cfg["heads"], dropout, cfg["layers"]) for _ in range(cfg["layers"]))
+        self.ln_f = nn.LayerNorm(c)
+        self.wrap = lambda i, block, h: block(h)
+
+    def forward(self, idx, targets):
+        t = idx.shape[1]
+        h = F.dropout(self.wte(idx) + self.wpe(torch.arange(t)), self.dropout, self.training)
+        for i, block in enumerate(self.blocks):
+            h = self.wrap(i, block, h)
+        logits = self.ln_f(h) @ self.wte.weight.t()  # tied head
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def apply_policy(model, policy):
+    """Returns False when this PyTorch cannot express the policy."""
+    if policy == "none":
+        return True
+    if policy == "full" or policy.startswith("block_skip:"):
+        n = 1 if policy == "full" else int(policy.split(":")[1])
+        model.wrap = lambda i, block, h: checkpoint(block, h, use_reentrant=False) if i % n == 0 else block(h)
+        return True
+    if policy == "ops" and HAS_SAC:
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        saved = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default}
+
+        def policy_fn(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+        inner = model.forward
+        model.forward = lambda idx, targets: checkpoint(
+            inner, idx, targets, use_reentrant=False,
+            context_fn=lambda: create_selective_checkpoint_contexts(policy_fn))
+        return True
+    return False
+
+
+def heap_tracker():
+    lib = ctypes.CDLL(None)
+    try:
+        peak, current, reset = lib.heap_tracker_peak, lib.heap_tracker_current, lib.heap_tracker_reset_peak
+    except AttributeError:
+        return None
+    peak.restype = current.restype = ctypes.c_longlong
+    return peak, current, reset
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    ap.add_argument("--policies", default="none,full,ops,block_skip:2,level:3")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config]
+    tracker = heap_tracker()
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen)
+    targets = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen)
+    rows = []
+    print(f"pytorch {torch.__version__} peer: gpt {args.config}, {args.threads} threads, "
+          f"fused attention {'yes' if HAS_SDPA else 'no'}, selective checkpointing {'yes' if HAS_SAC else 'no'}")
+    for policy in args.policies.split(","):
+        torch.manual_seed(0)
+        model = Gpt(cfg, args.dropout).train()
+        if not apply_policy(model, policy):
+            print(f"{policy:<14} not expressible in PyTorch {torch.__version__}")
+            rows.append({"policy": policy, "supported": False})
+            continue
+        times, heap = [], 0
+        for step in range(args.warmup + args.steps):
+            for p in model.parameters():
+                p.grad = None
+            torch.manual_seed(7)
+            if tracker:
+                tracker[2]()
+                base = tracker[1]()
+            start = time.perf_counter()
+            model(idx, targets).backward()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if step >= args.warmup:
+                times.append(elapsed)
+                if tracker:
+                    heap = max(heap, tracker[0]() - base)
+        med = statistics.median(times)
+        row = {"policy": policy, "supported": True, "median_step_ms": med, "min_step_ms": min(times),
+               "heap_step_peak_bytes": heap if tracker else None,
+               "tokens_per_s": cfg["batch"] * cfg["seq_len"] / (med / 1e3)}
+        rows.append(row)
+        heap_text = f"{heap / 2**20:8.2f} MiB" if tracker else "n/a (run under the heap tracker)"
+        print(f"{policy:<14} median {med:8.1f} ms  min {min(times):8.1f} ms  heap peak {heap_text}")
+    if args.json:
+        doc = {"schema": "remat-bench-peer/1", "torch": torch.__version__, "threads": args.threads,
+               "config": args.config, "fused_attention": HAS_SDPA, "selective_checkpointing": HAS_SAC,
+               "policies": rows}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
