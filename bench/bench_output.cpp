@@ -44,6 +44,23 @@ void print_table(const std::vector<PolicyResult>& results) {
                mib(r.peak_bytes), r.ops_replayed, r.tokens_per_s, r.grads_bitwise_equal ? "yes" : "NO");
 }
 
+void print_budgets(const std::vector<PolicyResult>& results) {
+  for (const auto& r : results) {
+    if (r.budget_bytes < 0) continue;
+    const PolicyResult* best = nullptr;
+    for (const auto& f : results)
+      if (f.budget_bytes < 0 && f.activation_peak_bytes <= r.budget_bytes && (!best || f.median_step_ms < best->median_step_ms))
+        best = &f;
+    fmt::print("{}: budget {:.2f} MiB, predicted {:.2f} MiB, measured {:.2f} MiB; checkpoints {}; {:.1f} ms", r.policy,
+               mib(r.budget_bytes), mib(r.predicted_peak_bytes), mib(r.activation_peak_bytes), r.planned_blocks,
+               r.median_step_ms);
+    if (best)
+      fmt::print(" vs {:.1f} ms for {} (fastest fixed policy within the budget)\n", best->median_step_ms, best->policy);
+    else
+      fmt::print("; no fixed policy of this run fits the budget\n");
+  }
+}
+
 void write_json(const std::string& path, const nlohmann::json& machine, const nlohmann::json& run,
                 const std::vector<PolicyResult>& results) {
   nlohmann::json policies = nlohmann::json::array();
@@ -63,7 +80,11 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                         {"ops_replayed", r.ops_replayed},
                         {"tokens_per_s", r.tokens_per_s},
                         {"grads_bitwise_equal", r.grads_bitwise_equal},
-                        {"grads_max_abs_diff", r.grads_max_abs_diff}});
+                        {"grads_max_abs_diff", r.grads_max_abs_diff},
+                        {"budget_bytes", r.budget_bytes < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.budget_bytes)},
+                        {"predicted_peak_bytes", r.predicted_peak_bytes < 0 ? nlohmann::json(nullptr)
+                                                                            : nlohmann::json(r.predicted_peak_bytes)},
+                        {"planned_blocks", r.planned_blocks}});
   }
   nlohmann::json doc = {{"schema", "remat-bench/1"}, {"machine", machine}, {"run", run}, {"policies", policies}};
   write_file_atomically(path, doc.dump(2) + "\n");

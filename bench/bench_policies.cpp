@@ -16,6 +16,7 @@
 
 #include "autograd/trace.h"
 #include "bench_output.h"
+#include "checkpoint/planner.h"
 #include "checkpoint/report.h"
 #include "models/data.h"
 #include "models/gpt.h"
@@ -143,10 +144,13 @@ int run_policies(const PolicyOptions& o) {
     std::vector<Tensor> params = model.parameters();
     PolicyResult r;
     r.policy = spec.text;
-    SaveReport saved = what_is_saved(model, spec.text, [&] { return model.loss(x, y); });
-    r.saved_bytes_by_op = saved.saved_by_op;
-    r.recomputed_bytes_by_op = saved.recomputed_by_op;
-    apply_policy(model, spec);
+    bool budget = spec.kind == PolicySpec::Kind::budget;
+    if (!budget) {
+      SaveReport saved = what_is_saved(model, spec.text, [&] { return model.loss(x, y); });
+      r.saved_bytes_by_op = saved.saved_by_op;
+      r.recomputed_bytes_by_op = saved.recomputed_by_op;
+      apply_policy(model, spec);
+    }
     // Gradients are dropped before each step and before its baselines are taken.
     auto zero_grads = [&] {
       for (Tensor& p : params) p.zero_grad();
@@ -156,7 +160,19 @@ int run_policies(const PolicyOptions& o) {
       Tensor loss = model.loss(x, y);
       backward(loss);
     };
-    for (int i = 0; i < o.warmup; ++i) {
+    if (budget) {  // the planner's recording step stands in for one warm-up step
+      BudgetPlanner planner(model, spec.budget_bytes, spec.budget_percent);
+      zero_grads();
+      const BudgetPlan& plan = planner.plan([&] {
+        set_rng_state({o.seed + 7, 0});
+        return model.loss(x, y);
+      });
+      r.budget_bytes = plan.budget_bytes;
+      r.predicted_peak_bytes = plan.predicted_peak_bytes;
+      for (const auto& b : plan.blocks)
+        if (b.checkpointed) r.planned_blocks += (r.planned_blocks.empty() ? "" : " ") + b.name;
+    }
+    for (int i = budget ? 1 : 0; i < o.warmup; ++i) {
       zero_grads();
       step();
     }
@@ -210,6 +226,7 @@ int run_policies(const PolicyOptions& o) {
   }
 
   print_table(results);
+  print_budgets(results);
   nlohmann::json machine = machine_info();
   nlohmann::json run = {{"model", o.model},
                         {"config", {{"name", config.name}, {"batch", config.batch}, {"seq_len", config.seq_len},

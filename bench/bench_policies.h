@@ -33,6 +33,9 @@ struct PolicyResult {
   double tokens_per_s = 0;
   bool grads_bitwise_equal = true;
   double grads_max_abs_diff = 0;
+  // Budget policies: the budget, the planner's prediction and choice.
+  int64_t budget_bytes = -1, predicted_peak_bytes = -1;
+  std::string planned_blocks;
   std::vector<MemoryEvent> timeline;  // one traced step (activation events), for the plot
   double timeline_step_us = 0;
 };

@@ -1,10 +1,12 @@
 // Hook placement for every application API, and policy-string parsing.
 #include "checkpoint/apply.h"
 
+#include <cstdlib>
 #include <memory>
 
 #include "autograd/grad_mode.h"
 #include "checkpoint/checkpoint.h"
+#include "checkpoint/schedule.h"
 
 namespace remat {
 
@@ -125,6 +127,7 @@ void remove_checkpointing(Module& model) {
   for (auto& [path, m] : model.named_modules()) {
     m->remove_hooks(kCheckpointHook);
     m->remove_hooks(kLevelHook);
+    m->remove_hooks("checkpoint_chain");
   }
 }
 
@@ -160,8 +163,25 @@ PolicySpec parse_policy(const std::string& text) {
       if (comma == std::string::npos) break;
       start = comma + 1;
     }
+  } else if (text == "sqrt") {
+    spec.kind = PolicySpec::Kind::sqrt;
+  } else if (text.rfind("revolve:", 0) == 0) {
+    spec.kind = PolicySpec::Kind::revolve;
+    spec.n = number_after("revolve:", 1, 64);
+  } else if (text.rfind("budget:", 0) == 0) {
+    spec.kind = PolicySpec::Kind::budget;
+    std::string rest = text.substr(7);
+    bool percent = !rest.empty() && rest.back() == '%';
+    if (percent) rest.pop_back();
+    char* end = nullptr;
+    double value = rest.empty() ? 0 : std::strtod(rest.c_str(), &end);
+    REMAT_CHECK(!rest.empty() && end && *end == 0 && value > 0 && (!percent || value <= 100), "policy '", text,
+                "': expected budget:<bytes> or budget:<percent>% with 0 < percent <= 100");
+    if (percent) spec.budget_percent = value;
+    else spec.budget_bytes = static_cast<int64_t>(value);
   } else {
-    REMAT_FAIL("unknown policy '", text, "': expected none, full, ops, block_skip:N, level:L (0..5) or sac:<op>,<op>...");
+    REMAT_FAIL("unknown policy '", text, "': expected none, full, ops, block_skip:N, level:L (0..5), sac:<op>,<op>..., "
+               "sqrt, revolve:S or budget:<bytes|percent%>");
   }
   return spec;
 }
@@ -174,6 +194,21 @@ void apply_policy(Module& model, const PolicySpec& spec) {
     case PolicySpec::Kind::ops: apply_activation_checkpointing(model, "ops"); return;
     case PolicySpec::Kind::block_skip: apply_activation_checkpointing(model, "block_skip", spec.n); return;
     case PolicySpec::Kind::level: set_checkpoint_level(model, spec.n); return;
+    case PolicySpec::Kind::sqrt:
+    case PolicySpec::Kind::revolve: {
+      std::vector<Module*> containers;
+      find_containers(model, containers);
+      REMAT_CHECK(!containers.empty(), "policy ", spec.text, ": no block container found in ", model.type_name(),
+                  "; searched for children named ", join(kBlockContainerNames));
+      for (Module* c : containers) {
+        int n = static_cast<int>(c->children().size());
+        if (n == 0) continue;
+        apply_chain_schedule(*c, spec.kind == PolicySpec::Kind::sqrt ? sqrt_schedule(n) : revolve_schedule(n, spec.n));
+      }
+      return;
+    }
+    case PolicySpec::Kind::budget:
+      REMAT_FAIL("policy ", spec.text, ": a budget needs one recorded step; use BudgetPlanner (remat train and remat-bench do)");
     case PolicySpec::Kind::sac: {
       CheckpointOptions o;
       o.policy = save_ops(spec.ops);

@@ -36,14 +36,19 @@ void set_checkpoint_level(Module& model, int level);
 // Removes every region hook placed by the functions above.
 void remove_checkpointing(Module& model);
 
-// The policy string: none, full, ops, block_skip:N, level:L, sac:<op>,<op>...
+// The policy string: none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S,
+// budget:<bytes> or budget:<percent>%.
 struct PolicySpec {
-  enum class Kind { none, full, ops, block_skip, level, sac } kind = Kind::none;
-  int n = 0;                 // N of block_skip, L of level
+  enum class Kind { none, full, ops, block_skip, level, sac, sqrt, revolve, budget } kind = Kind::none;
+  int n = 0;                 // N of block_skip, L of level, S of revolve
   std::vector<OpKind> ops;   // sac
+  int64_t budget_bytes = 0;  // budget:<bytes>
+  double budget_percent = 0; // budget:<percent>%
   std::string text;
 };
 PolicySpec parse_policy(const std::string& text);
+// Places the policy's regions. Budget policies need a recorded step: use BudgetPlanner (the CLI
+// and the bench do); apply_policy throws for them.
 void apply_policy(Module& model, const PolicySpec& spec);
 
 }  // namespace remat

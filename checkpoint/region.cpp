@@ -222,7 +222,7 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
   }
 
   // Targets: dropped slots of this region's own nodes whose backward is still to come, and dropped
-  // inputs of regions nested inside it.
+  // inputs of the regions directly inside it.
   struct Target {
     int64_t node, slot, value;
   };
@@ -234,9 +234,11 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
     for (size_t s = 0; s < node.saved.size(); ++s)
       if (node.saved[s].state == SlotState::dropped) targets.push_back({n, static_cast<int64_t>(s), node.saved[s].value});
   }
+  // Direct children only: a grandchild's inputs get their own holds when the middle region
+  // replays, so each level of nesting keeps just its children's inputs alive at once.
   for (size_t d = id + 1; d < regions_.size(); ++d) {
     const Region& inner = regions_[d];
-    if (inner.begin < r.begin || inner.end > r.end || inner.begin > position) continue;
+    if (inner.parent != id || inner.begin > position) continue;
     for (size_t j = 0; j < inner.inputs.size(); ++j)
       if (inner.inputs[j].state == SlotState::dropped)
         targets.push_back({-1 - static_cast<int64_t>(d), static_cast<int64_t>(j), inner.inputs[j].value});

@@ -12,14 +12,17 @@
 
 namespace remat {
 
-SaveReport what_is_saved(Module& model, const std::string& policy, const std::function<Tensor()>& forward) {
+namespace {
+
+SaveReport report_with(Module& model, const std::string& name, const std::function<void()>& apply,
+                       const std::function<Tensor()>& forward) {
   SaveReport report;
-  report.policy = policy;
-  PolicySpec spec = parse_policy(policy);
+  report.policy = name;
   bool was_training = model.is_training();
   RngState rng = rng_state();
   model.train(true);
-  apply_policy(model, spec);
+  remove_checkpointing(model);
+  apply();
   Tensor out;
   try {
     EnableGradGuard grad;
@@ -62,10 +65,27 @@ SaveReport what_is_saved(Module& model, const std::string& policy, const std::fu
     (is_kept ? report.saved_by_op : report.recomputed_by_op)[e.op] += e.bytes;
     report.entries.push_back(std::move(e));
   }
+  for (const Region& r : regions)
+    for (Decision d : r.decisions) report.offload_decisions += d == Decision::must_offload || d == Decision::prefer_offload;
+  if (report.offload_decisions > 0 && graph.values[out.autograd_meta_ptr()->value_id].device.is_cpu())
+    report.note = std::to_string(report.offload_decisions) +
+                  " offload decision(s) on cpu: offloading moves saved tensors to host memory, where they already are, "
+                  "so they are kept (listed as saved)";
   std::sort(report.entries.begin(), report.entries.end(), [](const auto& a, const auto& b) {
     return a.region != b.region ? a.region < b.region : a.op < b.op;
   });
   return report;
+}
+
+}  // namespace
+
+SaveReport what_is_saved(Module& model, const std::string& policy, const std::function<Tensor()>& forward) {
+  PolicySpec spec = parse_policy(policy);
+  return report_with(model, policy, [&] { apply_policy(model, spec); }, forward);
+}
+
+SaveReport what_is_saved(Module& model, const CheckpointOptions& options, const std::function<Tensor()>& forward) {
+  return report_with(model, options.policy.name, [&] { checkpoint(model, options); }, forward);
 }
 
 std::string SaveReport::to_string() const {
@@ -81,6 +101,7 @@ std::string SaveReport::to_string() const {
   out << "saved " << saved_bytes << " bytes, recomputed " << recomputed_bytes << " bytes\n";
   for (const auto& [op, bytes] : saved_by_op) out << "  saved      " << op << ": " << bytes << "\n";
   for (const auto& [op, bytes] : recomputed_by_op) out << "  recomputed " << op << ": " << bytes << "\n";
+  if (!note.empty()) out << "note: " << note << "\n";
   return out.str();
 }
 

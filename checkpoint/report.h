@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "autograd/module.h"
+#include "checkpoint/options.h"
 
 namespace remat {
 
@@ -28,6 +29,8 @@ struct SaveReport {
   std::vector<SavedTensorEntry> entries;
   int64_t saved_bytes = 0, recomputed_bytes = 0;
   std::map<std::string, int64_t> saved_by_op, recomputed_by_op;
+  int64_t offload_decisions = 0;  // MUST/PREFER_OFFLOAD answers; on CPU they keep the tensor
+  std::string note;
   std::string to_string() const;  // a table and the totals
 };
 
@@ -35,5 +38,7 @@ struct SaveReport {
 // enabled (the random stream is restored afterwards), reads the regions off the tape, and removes
 // the checkpoint hooks again.
 SaveReport what_is_saved(Module& model, const std::string& policy, const std::function<Tensor()>& forward);
+// The same with the whole model as one region under `options` (custom per-op policies).
+SaveReport what_is_saved(Module& model, const CheckpointOptions& options, const std::function<Tensor()>& forward);
 
 }  // namespace remat

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +13,8 @@
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "checkpoint/apply.h"
+#include "checkpoint/planner.h"
+#include "checkpoint/region.h"
 #include "models/data.h"
 #include "models/gpt.h"
 #include "models/optim.h"
@@ -134,7 +137,11 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
   manual_seed(o.seed);
   Gpt model(config);
   model.train();
-  apply_policy(model, policy);
+  // A budget is planned on the first step of this run (a normal training step, recorded).
+  std::unique_ptr<BudgetPlanner> planner;
+  bool planned = false;
+  if (policy.kind == PolicySpec::Kind::budget) planner = std::make_unique<BudgetPlanner>(model, policy.budget_bytes, policy.budget_percent);
+  else apply_policy(model, policy);
   std::vector<Tensor> params = model.parameters();
   AdamW opt(params, {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
   AdditionTask data(config.vocab, o.seed + 1);
@@ -171,11 +178,25 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     alloc.reset_peak();
     auto [x, y] = data.batch(config.batch, config.seq_len);
     double lr = cosine_lr(step, o.warmup, o.steps, o.lr, o.min_lr);
-    Tensor loss = model.loss(x, y);
-    double loss_value = loss.item();
+    double loss_value = 0;
+    if (planner && !planned) {
+      planner->plan([&, xs = x, ys = y] {
+        Tensor l = model.loss(xs, ys);
+        loss_value = l.item();
+        return l;
+      });
+      planned = true;
+    } else {
+      reset_checkpoint_counters();
+      Tensor loss = model.loss(x, y);
+      loss_value = loss.item();
+      backward(loss);
+      if (planner) {
+        MemoryStats after = alloc.stats();
+        planned = planner->observe(loss, after[MemoryCategory::activation].peak, checkpoint_counters().replay_ns / 1e6);
+      }
+    }
     REMAT_CHECK(std::isfinite(loss_value), "training diverged: loss is ", loss_value, " at step ", step + 1);
-    backward(loss);
-    loss = Tensor();
     clip_grad_norm(params, o.clip);
     opt.step(lr);
     opt.zero_grad();
@@ -193,6 +214,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
       save_snapshot(o.out, model, opt, data, o, config, run);
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+  if (planner) result.plan_report = planner->current().to_string();
   if (!result.steps.empty()) {
     result.final_loss = result.steps.back().loss;
     result.tokens_per_s = tokens * static_cast<double>(result.steps.size()) / seconds;

@@ -42,6 +42,7 @@ struct TrainResult {
   int64_t peak_bytes = 0, activation_peak_bytes = 0;
   double tokens_per_s = 0;
   int64_t parameters = 0;
+  std::string plan_report;  // budget policies: the planner's choice, predicted and measured
 };
 
 // Called after every step (progress display).

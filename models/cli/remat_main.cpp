@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
   CLI::App* train = app.add_subcommand("train", "train a reference model");
   train->add_option("--model", t.model, "gpt")->capture_default_str();
   train->add_option("--config", t.config, "named configuration: tiny, small, gpt2")->capture_default_str();
-  train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>... (default none)");
+  train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S, budget:<bytes|P%> (default none)");
   train->add_option("--steps", t.steps, "steps in the schedule")->capture_default_str();
   train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
   train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();
@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
                  r.uniform_loss);
       fmt::print("{:.0f} tokens/s, {} parameters, peak memory {} (activations {})\n", r.tokens_per_s, r.parameters,
                  mib(r.peak_bytes), mib(r.activation_peak_bytes));
+      if (!r.plan_report.empty()) fmt::print("{}", r.plan_report);
       if (!t.out.empty() || !t.resume.empty())
         fmt::print("wrote {}/model.safetensors, state.safetensors, metrics.jsonl\n", t.out.empty() ? t.resume : t.out);
     }

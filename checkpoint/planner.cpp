@@ -1,0 +1,213 @@
+// The budget planner: record, measure per block, search, place.
+#include "checkpoint/planner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <sstream>
+#include <unordered_set>
+
+#include "autograd/engine.h"
+#include "autograd/graph.h"
+#include "checkpoint/apply.h"
+
+namespace remat {
+
+namespace {
+
+int64_t value_bytes(const ValueInfo& v) { return numel_of(v.shape) * static_cast<int64_t>(dtype_size(v.dtype)); }
+
+struct Span {
+  std::string name;
+  Module* module;
+  int64_t begin = -1, end = -1;
+  double ms = 0;
+};
+
+// Block containers and their blocks, in tree order (the order a chain model runs them).
+void collect_blocks(Module& m, const std::string& prefix, std::vector<Span>& out) {
+  for (auto& [name, child] : m.children()) {
+    std::string path = prefix.empty() ? name : prefix + "." + name;
+    bool container = std::find(kBlockContainerNames.begin(), kBlockContainerNames.end(), name) != kBlockContainerNames.end();
+    if (container)
+      for (auto& [index, block] : child->children()) out.push_back({path + "." + index, block.get()});
+    else
+      collect_blocks(*child, path, out);
+  }
+}
+
+}  // namespace
+
+uint64_t tape_signature(const Tensor& t) {
+  if (!t.autograd_meta_ptr() || !t.autograd_meta_ptr()->graph) return 0;
+  const Graph& g = *static_cast<const Graph*>(t.autograd_meta_ptr()->graph.get());
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over op kinds and output shapes
+  for (const auto& node : g.nodes) {
+    h = (h ^ static_cast<uint64_t>(node->kind())) * 1099511628211ull;
+    for (int64_t v : node->outputs)
+      for (int64_t d : g.values[v].shape) h = (h ^ static_cast<uint64_t>(d)) * 1099511628211ull;
+  }
+  return h;
+}
+
+int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, int64_t other_saved_bytes) {
+  int64_t kept = 0, peak = 0;
+  for (const PlannedBlock& b : blocks) {
+    if (b.checkpointed) peak = std::max(peak, kept + b.saved_bytes);
+    kept += b.checkpointed ? b.input_bytes : b.saved_bytes;
+  }
+  return std::max(peak, kept + other_saved_bytes);
+}
+
+BudgetPlanner::BudgetPlanner(Module& model, int64_t budget_bytes, double percent)
+    : model_(model), budget_bytes_(budget_bytes), percent_(percent) {
+  REMAT_CHECK(percent > 0 || budget_bytes > 0, "budget: expected a positive byte count or percentage");
+  REMAT_CHECK(percent <= 0 || percent <= 100, "budget: expected a percentage in (0, 100], got ", percent);
+}
+
+const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
+  remove_checkpointing(model_);
+  std::vector<Span> spans;
+  collect_blocks(model_, "", spans);
+  REMAT_CHECK(!spans.empty(), "budget planner: no block container found in ", model_.type_name(),
+              "; the planner places regions on the children of containers named like blocks, double_blocks, ...");
+  // Mark each block's range on the tape, and time its forward.
+  std::vector<int> hook_ids;
+  for (Span& s : spans) {
+    auto start = std::make_shared<std::chrono::steady_clock::time_point>();
+    hook_ids.push_back(s.module->add_forward_hook(
+        {"planner_probe",
+         [&s, start](Module&) {
+           s.begin = static_cast<int64_t>(current_graph()->nodes.size());
+           *start = std::chrono::steady_clock::now();
+         },
+         [&s, start](Module&, bool) {
+           s.end = static_cast<int64_t>(current_graph()->nodes.size());
+           s.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - *start).count();
+         }}));
+  }
+  Allocator& alloc = allocator_for(Device::cpu());
+  alloc.reset_peak();
+  int64_t base = alloc.stats()[MemoryCategory::activation].current;
+  Tensor loss;
+  try {
+    loss = loss_fn();
+  } catch (...) {
+    for (Span& s : spans) s.module->remove_hooks("planner_probe");
+    throw;
+  }
+  for (Span& s : spans) s.module->remove_hooks("planner_probe");
+  REMAT_CHECK(loss.defined() && loss.autograd_meta_ptr() && loss.autograd_meta_ptr()->graph,
+              "budget planner: the step function must return a tensor with a graph (the loss)");
+  const Graph& g = *static_cast<const Graph*>(loss.autograd_meta_ptr()->graph.get());
+
+  BudgetPlan p;
+  p.tape_signature = tape_signature(loss);
+  // Values saved at the end of forward, attributed to the block whose node saves them.
+  std::unordered_set<int64_t> counted;
+  for (const Span& s : spans) {
+    REMAT_CHECK(s.begin >= 0 && s.end >= s.begin, "budget planner: block ", s.name, " did not run in the step");
+    PlannedBlock b;
+    b.name = s.name;
+    b.forward_ms = s.ms;
+    std::unordered_set<int64_t> saved, inputs;
+    for (int64_t n = s.begin; n < s.end; ++n) {
+      for (const SavedSlot& slot : g.nodes[n]->saved)
+        if (g.values[slot.value].producer >= 0 || !g.values[slot.value].leaf) saved.insert(slot.value);
+      for (int64_t u : g.nodes[n]->inputs)
+        if (u >= 0 && g.values[u].producer >= 0 && g.values[u].producer < s.begin) inputs.insert(u);
+    }
+    for (int64_t v : saved)
+      if (counted.insert(v).second) b.saved_bytes += value_bytes(g.values[v]);
+    for (int64_t v : inputs) b.input_bytes += value_bytes(g.values[v]);
+    p.blocks.push_back(b);
+  }
+  for (const auto& node : g.nodes)
+    for (const SavedSlot& slot : node->saved) {
+      const ValueInfo& v = g.values[slot.value];
+      if ((v.producer >= 0 || !v.leaf) && counted.insert(slot.value).second) p.other_saved_bytes += value_bytes(v);
+    }
+  backward(loss);  // the recording step is a normal training step
+  loss = Tensor();
+  p.none_peak_bytes = alloc.stats()[MemoryCategory::activation].peak - base;
+  p.budget_bytes = percent_ > 0 ? static_cast<int64_t>(static_cast<double>(p.none_peak_bytes) * percent_ / 100.0)
+                                 : budget_bytes_;
+  for (PlannedBlock& b : p.blocks) b.checkpointed = true;
+  p.floor_bytes = simulate_peak(p.blocks, p.other_saved_bytes);
+  REMAT_CHECK(p.floor_bytes <= p.budget_bytes, "budget ", p.budget_bytes, " bytes is below the achievable floor of ",
+              p.floor_bytes, " bytes (every block checkpointed; ", p.none_peak_bytes, " bytes without checkpointing)");
+
+  // Exact search: walk the blocks in order keeping Pareto-optimal (prefix kept, worst replay, cost).
+  struct State {
+    int64_t prefix, worst;
+    double cost;
+    std::vector<bool> chosen;
+  };
+  std::vector<State> states{{0, 0, 0.0, {}}};
+  for (const PlannedBlock& b : p.blocks) {
+    std::vector<State> next;
+    for (const State& s : states) {
+      State keep = s, ckpt = s;
+      keep.prefix += b.saved_bytes;
+      keep.chosen.push_back(false);
+      ckpt.worst = std::max(ckpt.worst, s.prefix + b.saved_bytes);
+      ckpt.prefix += b.input_bytes;
+      ckpt.cost += b.forward_ms;
+      ckpt.chosen.push_back(true);
+      for (State* c : {&keep, &ckpt})
+        if (c->prefix <= p.budget_bytes && c->worst <= p.budget_bytes) next.push_back(std::move(*c));
+    }
+    std::sort(next.begin(), next.end(), [](const State& a, const State& b) {
+      return a.cost != b.cost ? a.cost < b.cost : a.prefix != b.prefix ? a.prefix < b.prefix : a.worst < b.worst;
+    });
+    states.clear();
+    for (State& c : next) {
+      bool dominated = std::any_of(states.begin(), states.end(), [&](const State& o) {
+        return o.cost <= c.cost && o.prefix <= c.prefix && o.worst <= c.worst;
+      });
+      if (!dominated) states.push_back(std::move(c));
+    }
+  }
+  const State* best = nullptr;
+  for (const State& s : states)
+    if (std::max(s.worst, s.prefix + p.other_saved_bytes) <= p.budget_bytes && (!best || s.cost < best->cost)) best = &s;
+  REMAT_ASSERT(best != nullptr, "the all-checkpointed plan fits but the search found none");
+  for (size_t i = 0; i < p.blocks.size(); ++i) {
+    p.blocks[i].checkpointed = best->chosen[i];
+    if (best->chosen[i]) {
+      CheckpointOptions o;
+      o.name = p.blocks[i].name;
+      checkpoint(*spans[i].module, o);
+    }
+  }
+  p.predicted_peak_bytes = simulate_peak(p.blocks, p.other_saved_bytes);
+  p.predicted_recompute_ms = best->cost;
+  plan_ = std::move(p);
+  return plan_;
+}
+
+bool BudgetPlanner::observe(const Tensor& loss, int64_t activation_peak_bytes, double replay_ms) {
+  plan_.measured_peak_bytes = activation_peak_bytes;
+  plan_.measured_replay_ms = replay_ms;
+  return tape_signature(loss) == plan_.tape_signature;
+}
+
+std::string BudgetPlan::to_string() const {
+  auto mib = [](int64_t b) { return static_cast<double>(b) / (1024.0 * 1024.0); };
+  std::ostringstream out;
+  out.setf(std::ios::fixed);
+  out.precision(2);
+  out << "budget " << mib(budget_bytes) << " MiB (no checkpointing: " << mib(none_peak_bytes) << " MiB, floor "
+      << mib(floor_bytes) << " MiB)\n";
+  int n = 0;
+  for (const PlannedBlock& b : blocks) n += b.checkpointed;
+  out << "checkpoint " << n << " of " << blocks.size() << " blocks:";
+  for (const PlannedBlock& b : blocks)
+    if (b.checkpointed) out << " " << b.name;
+  out << "\npredicted activation peak " << mib(predicted_peak_bytes) << " MiB, recompute " << predicted_recompute_ms
+      << " ms per step\n";
+  if (measured_peak_bytes >= 0)
+    out << "measured activation peak " << mib(measured_peak_bytes) << " MiB, replay " << measured_replay_ms << " ms\n";
+  return out.str();
+}
+
+}  // namespace remat
