@@ -62,6 +62,17 @@ Tensor embedding(const Tensor& idx, const Tensor& weight);
 // logits[N, V], targets[N] (i32/i64) -> mean negative log-likelihood over rows != ignore_index.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
 
+// Images are [N, C, H, W]. conv2d: weight [Cout, Cin, kh, kw], bias [Cout] or undefined.
+Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), int stride = 1, int padding = 0);
+// Normalises each of `groups` groups of C/groups channels over them and all positions: x [N, C, ...].
+Tensor group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int groups, double eps = 1e-5);
+Tensor upsample_nearest(const Tensor& x, int factor = 2);  // [N, C, H, W] -> [N, C, fH, fW]
+Tensor avg_pool(const Tensor& x, int factor = 2);          // [N, C, H, W] -> [N, C, H/f, W/f]
+// adaLN modulation: x [B, T, C], shift and scale [B, C] -> x * (1 + scale) + shift.
+Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale);
+// Sinusoidal embedding of (diffusion) times t [B] -> [B, dim] (dim even): cos then sin of t * f_i.
+Tensor timestep_embedding(const Tensor& t, int dim, double max_period = 10000.0);
+
 // A user-defined op (like torch.autograd.Function). forward must be a pure function of its inputs;
 // `saved` lists the inputs (0..n-1) and outputs (n..) that backward reads through ctx.saved(i).
 struct CustomOp {

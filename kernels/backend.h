@@ -71,6 +71,28 @@ class Backend {
   virtual Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
                                         const Tensor& lse, int64_t ignore_index) = 0;
 
+  // Images are [N, C, H, W]. conv2d: w [Cout, Cin, kh, kw], b [Cout] or undefined.
+  virtual Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) = 0;
+  // dx, dw, db (db undefined when has_bias is false).
+  virtual std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride,
+                                              int padding, bool has_bias) = 0;
+  // y, mean [N, G], rstd [N, G]; statistics over each group of C/G channels and all positions.
+  virtual std::vector<Tensor> group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) = 0;
+  virtual std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                                  const Tensor& mean, const Tensor& rstd, int groups) = 0;
+  // Nearest-neighbour upsampling and average pooling by an integer factor (H, W divisible for pooling).
+  virtual Tensor upsample_nearest(const Tensor& x, int factor) = 0;
+  virtual Tensor upsample_nearest_backward(const Tensor& dy, int factor) = 0;
+  virtual Tensor avg_pool(const Tensor& x, int factor) = 0;
+  virtual Tensor avg_pool_backward(const Tensor& dy, int factor) = 0;
+  // adaLN modulation: x [B, T, C], shift and scale [B, C]: y = x * (1 + scale) + shift.
+  virtual Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) = 0;
+  // dx, dshift, dscale.
+  virtual std::vector<Tensor> modulate_backward(const Tensor& dy, const Tensor& x, const Tensor& scale) = 0;
+  // t [B] -> [B, dim]: cos(t f_i) then sin(t f_i), f_i = max_period^(-i / (dim / 2)).
+  virtual Tensor timestep_embedding(const Tensor& t, int dim, double max_period) = 0;
+  virtual Tensor timestep_embedding_backward(const Tensor& dy, const Tensor& t, int dim, double max_period) = 0;
+
   // Optimizer updates, in place on param and state (all f32 or all f64, contiguous).
   struct AdamWStep {
     double lr, beta1, beta2, eps, weight_decay;

@@ -45,6 +45,12 @@ namespace remat {
   X(dropout, 1, 1)              \
   X(embedding, 2, 1)            \
   X(cross_entropy, 2, 2)        \
+  X(conv2d, -1, 1)              \
+  X(group_norm, 3, 3)           \
+  X(upsample_nearest, 1, 1)     \
+  X(avg_pool, 1, 1)             \
+  X(modulate, 3, 1)             \
+  X(timestep_embedding, 1, 1)   \
   X(custom, -1, -1)
 
 enum class OpKind : uint8_t {

@@ -116,6 +116,23 @@ std::vector<GradCase> cases_for(OpKind op) {
     case OpKind::cross_entropy:
       return {{"with an ignored row", [](auto& in) { return cross_entropy(in[0], in[1], -100); },
                {randn64({4, 6}), index_tensor({2, -100, 5, 0}, {4})}}};
+    case OpKind::conv2d:
+      return {{"3x3 stride 1 padding 1 with bias", [](auto& in) { return conv2d(in[0], in[1], in[2], 1, 1); },
+               {randn64({2, 3, 5, 4}), randn64({4, 3, 3, 3}), randn64({4})}},
+              {"2x2 stride 2 no bias", [](auto& in) { return conv2d(in[0], in[1], Tensor(), 2, 0); },
+               {randn64({1, 2, 4, 6}), randn64({3, 2, 2, 2})}}};
+    case OpKind::group_norm:
+      return {{"6 channels in 3 groups", [](auto& in) { return group_norm(in[0], in[1], in[2], 3); },
+               {randn64({2, 6, 3, 2}), randn64({6}), randn64({6})}}};
+    case OpKind::upsample_nearest:
+      return unary("factor 2", [](auto& in) { return upsample_nearest(in[0], 2); }, randn64({1, 2, 3, 2}));
+    case OpKind::avg_pool:
+      return unary("factor 2", [](auto& in) { return avg_pool(in[0], 2); }, randn64({1, 2, 4, 6}));
+    case OpKind::modulate:
+      return {{"[2,3,4] by [2,4]", [](auto& in) { return modulate(in[0], in[1], in[2]); },
+               {randn64({2, 3, 4}), randn64({2, 4}), randn64({2, 4})}}};
+    case OpKind::timestep_embedding:
+      return unary("dim 8", [](auto& in) { return timestep_embedding(in[0], 8); }, uniform64({3}, 0.0, 5.0));
     case OpKind::custom: {
       CustomOp square{"square",
                       [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul(in[0], in[0])}; },

@@ -198,3 +198,53 @@ TEST_CASE("the op list names every op once and parses names back", "[op]") {
   CHECK_THROWS_WITH(parse_op("conv3d"), Contains("unknown op 'conv3d'"));
   CHECK(backend_for(Device::cpu()).supports(OpKind::attention));
 }
+
+TEST_CASE("conv2d equals a naive direct convolution for strides and paddings", "[op][conv2d]") {
+  manual_seed(6);
+  for (auto [stride, padding] : {std::pair{1, 0}, {1, 1}, {2, 1}, {2, 0}}) {
+    Tensor x = Tensor::randn({2, 3, 7, 6}, DType::f64), w = Tensor::randn({4, 3, 3, 3}, DType::f64),
+           b = Tensor::randn({4}, DType::f64);
+    Tensor y = conv2d(x, w, b, stride, padding);
+    int64_t ho = (7 + 2 * padding - 3) / stride + 1, wo = (6 + 2 * padding - 3) / stride + 1;
+    REQUIRE(y.shape() == Shape{2, 4, ho, wo});
+    auto X = values(x), W = values(w), B = values(b), Y = values(y);
+    for (int n = 0; n < 2; ++n)
+      for (int o = 0; o < 4; ++o)
+        for (int oy = 0; oy < ho; ++oy)
+          for (int ox = 0; ox < wo; ++ox) {
+            double ref = B[o];
+            for (int c = 0; c < 3; ++c)
+              for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j) {
+                  int iy = oy * stride - padding + i, ix = ox * stride - padding + j;
+                  if (iy >= 0 && iy < 7 && ix >= 0 && ix < 6) ref += X[((n * 3 + c) * 7 + iy) * 6 + ix] * W[((o * 3 + c) * 3 + i) * 3 + j];
+                }
+            CHECK(Y[((n * 4 + o) * ho + oy) * wo + ox] == Approx(ref).margin(1e-12));
+          }
+  }
+  CHECK_THROWS_WITH(conv2d(Tensor::zeros({1, 3, 4, 4}), Tensor::zeros({2, 2, 3, 3})),
+                    Contains("conv2d: expected weight [Cout, 3, kh, kw]"));
+}
+
+TEST_CASE("group_norm, resampling, modulation and timestep embedding compute the textbook values", "[op][image]") {
+  manual_seed(8);
+  Tensor x = Tensor::randn({2, 4, 3, 3}, DType::f64);
+  Tensor y = group_norm(x, Tensor::ones({4}, DType::f64), Tensor::zeros({4}, DType::f64), 2);
+  auto v = values(y);
+  for (int g = 0; g < 4; ++g) {  // (sample, group) blocks of 18 values: zero mean
+    double m = 0;
+    for (int i = 0; i < 18; ++i) m += v[g * 18 + i] / 18;
+    CHECK(m == Approx(0).margin(1e-12));
+  }
+  Tensor img = f64({1, 2, 3, 4}, {1, 1, 2, 2});
+  check_close(upsample_nearest(img, 2), {1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4});
+  check_close(avg_pool(upsample_nearest(img, 2), 2), {1, 2, 3, 4});
+  check_close(modulate(f64({1, 2, 3, 4}, {1, 2, 2}), f64({10, 20}, {1, 2}), f64({1, -1}, {1, 2})), {12, 20, 16, 20});
+  auto e = values(timestep_embedding(f64({0.5}, {1}), 4, 100.0));
+  CHECK(e[0] == Approx(std::cos(0.5)));
+  CHECK(e[1] == Approx(std::cos(0.5 * 0.1)));  // f_1 = 100^(-1/2)
+  CHECK(e[3] == Approx(std::sin(0.5 * 0.1)));
+  CHECK_THROWS_WITH(group_norm(x, Tensor::ones({4}, DType::f64), Tensor::zeros({4}, DType::f64), 3),
+                    Contains("expected channels (4) divisible by groups (3)"));
+  CHECK_THROWS_WITH(avg_pool(Tensor::zeros({1, 1, 3, 4}), 2), Contains("divisible by 2"));
+}

@@ -35,6 +35,20 @@ class CpuBackend final : public Backend {
   std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) override;
   Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                                 int64_t ignore_index) override;
+  Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) override;
+  std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride, int padding,
+                                      bool has_bias) override;
+  std::vector<Tensor> group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) override;
+  std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                                          const Tensor& rstd, int groups) override;
+  Tensor upsample_nearest(const Tensor& x, int factor) override;
+  Tensor upsample_nearest_backward(const Tensor& dy, int factor) override;
+  Tensor avg_pool(const Tensor& x, int factor) override;
+  Tensor avg_pool_backward(const Tensor& dy, int factor) override;
+  Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) override;
+  std::vector<Tensor> modulate_backward(const Tensor& dy, const Tensor& x, const Tensor& scale) override;
+  Tensor timestep_embedding(const Tensor& t, int dim, double max_period) override;
+  Tensor timestep_embedding_backward(const Tensor& dy, const Tensor& t, int dim, double max_period) override;
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) override;
   double sum_squares(const Tensor& x) override;
 };
