@@ -1,0 +1,180 @@
+// The DiT reference model.
+#include "models/dit.h"
+
+#include <cmath>
+
+namespace remat {
+
+namespace {
+
+Tensor constant(const Shape& shape, double value) {
+  MemoryCategoryScope scope(MemoryCategory::parameter);
+  return Tensor::full(shape, value);
+}
+
+// [B, L, C] -> [B, H, L, D] and back.
+Tensor to_heads(const Tensor& m, int64_t heads) {
+  int64_t b = m.size(0), l = m.size(1), c = m.size(2);
+  return permute(reshape(m, {b, l, heads, c / heads}), {0, 2, 1, 3});
+}
+Tensor from_heads(const Tensor& m) {
+  int64_t b = m.size(0), h = m.size(1), l = m.size(2), d = m.size(3);
+  return reshape(permute(m, {0, 2, 1, 3}), {b, l, h * d});
+}
+
+// x + gate[:, None, :] * y
+Tensor gated(const Tensor& x, const Tensor& gate, const Tensor& y) {
+  return add(x, mul(reshape(gate, {gate.size(0), 1, gate.size(1)}), y));
+}
+
+}  // namespace
+
+DitConfig dit_config(const std::string& name) {
+  DitConfig c;
+  c.name = name;
+  if (name == "tiny") {
+    c.image = 8, c.patch = 2, c.channels = 32, c.heads = 4, c.double_blocks = 2, c.single_blocks = 2, c.batch = 4;
+  } else if (name == "small") {
+    c.image = 32, c.patch = 2, c.channels = 256, c.heads = 8, c.double_blocks = 2, c.single_blocks = 4, c.batch = 16;
+  } else {
+    REMAT_FAIL("unknown dit config '", name, "': expected tiny or small");
+  }
+  return c;
+}
+
+Tensor patchify(const Tensor& images, int64_t p) {
+  int64_t b = images.size(0), c = images.size(1), s = images.size(2), g = s / p;
+  REMAT_CHECK(images.dim() == 4 && images.size(3) == s && s % p == 0, "patchify: expected square images with a side ",
+              "divisible by ", p, ", got ", shape_str(images.shape()));
+  Tensor x = reshape(images, {b, c, g, p, g, p});
+  x = permute(x, {0, 2, 4, 1, 3, 5});  // [B, gy, gx, C, py, px]
+  return reshape(x, {b, g * g, c * p * p});
+}
+
+Tensor unpatchify(const Tensor& tokens, int64_t p, int64_t c, int64_t s) {
+  int64_t b = tokens.size(0), g = s / p;
+  Tensor x = reshape(tokens, {b, g, g, c, p, p});
+  x = permute(x, {0, 3, 1, 4, 2, 5});  // [B, C, gy, py, gx, px]
+  return reshape(x, {b, c, s, s});
+}
+
+AdaModulation::AdaModulation(int64_t channels, int chunks_, bool zero) : Module("AdaModulation"), chunks(chunks_) {
+  lin = register_module("lin", std::make_shared<nn::Linear>(channels, chunks * channels, true, zero ? 0.0 : 0.02));
+}
+
+std::vector<Tensor> AdaModulation::operator()(const Tensor& c) {
+  auto guard = enter();
+  int64_t width = c.size(1);
+  return split((*lin)(silu(c)), 1, std::vector<int64_t>(chunks, width));
+}
+
+DitDoubleBlock::Stream DitDoubleBlock::make_stream(const std::string& prefix, const DitConfig& cfg) {
+  int64_t c = cfg.channels;
+  double out_std = cfg.ada_zero ? 0.02 / std::sqrt(2.0 * (cfg.double_blocks + cfg.single_blocks)) : 0.02;
+  Stream s;
+  s.mod = register_module(prefix + "_mod", std::make_shared<AdaModulation>(c, 6, cfg.ada_zero));
+  s.qkv = register_module(prefix + "_qkv", std::make_shared<nn::Linear>(c, 3 * c));
+  s.proj = register_module(prefix + "_proj", std::make_shared<nn::Linear>(c, c, true, out_std));
+  s.fc = register_module(prefix + "_fc", std::make_shared<nn::Linear>(c, 4 * c));
+  s.fc_out = register_module(prefix + "_fc_out", std::make_shared<nn::Linear>(4 * c, c, true, out_std));
+  return s;
+}
+
+DitDoubleBlock::DitDoubleBlock(const DitConfig& cfg) : Module("DitDoubleBlock"), heads_(cfg.heads) {
+  img_ = make_stream("img", cfg);
+  txt_ = make_stream("txt", cfg);
+  ln_one_ = constant({cfg.channels}, 1.0);
+  ln_zero_ = constant({cfg.channels}, 0.0);
+}
+
+std::pair<Tensor, Tensor> DitDoubleBlock::operator()(const Tensor& img, const Tensor& txt, const Tensor& c) {
+  auto guard = enter();
+  int64_t n = img.size(1), m = txt.size(1), width = img.size(2);
+  auto mi = (*img_.mod)(c), mt = (*txt_.mod)(c);  // shift1, scale1, gate1, shift2, scale2, gate2
+  auto norm = [&](const Tensor& x, const Tensor& shift, const Tensor& scale) {
+    return modulate(layer_norm(x, ln_one_, ln_zero_, 1e-6), shift, scale);
+  };
+  auto qi = split((*img_.qkv)(norm(img, mi[0], mi[1])), 2, {width, width, width});
+  auto qt = split((*txt_.qkv)(norm(txt, mt[0], mt[1])), 2, {width, width, width});
+  // Joint attention over the conditioning tokens followed by the image tokens.
+  std::vector<Tensor> qkv;
+  for (int k = 0; k < 3; ++k) qkv.push_back(to_heads(concat({qt[k], qi[k]}, 1), heads_));
+  Tensor joint = from_heads(attention(qkv[0], qkv[1], qkv[2], /*causal=*/false));
+  auto parts = split(joint, 1, {m, n});
+  Tensor txt1 = gated(txt, mt[2], (*txt_.proj)(parts[0]));
+  Tensor img1 = gated(img, mi[2], (*img_.proj)(parts[1]));
+  Tensor img2 = gated(img1, mi[5], (*img_.fc_out)(gelu((*img_.fc)(norm(img1, mi[3], mi[4])))));
+  Tensor txt2 = gated(txt1, mt[5], (*txt_.fc_out)(gelu((*txt_.fc)(norm(txt1, mt[3], mt[4])))));
+  return {img2, txt2};
+}
+
+DitSingleBlock::DitSingleBlock(const DitConfig& cfg)
+    : Module("DitSingleBlock"), heads_(cfg.heads), channels_(cfg.channels) {
+  int64_t c = cfg.channels;
+  double out_std = cfg.ada_zero ? 0.02 / std::sqrt(2.0 * (cfg.double_blocks + cfg.single_blocks)) : 0.02;
+  mod_ = register_module("mod", std::make_shared<AdaModulation>(c, 3, cfg.ada_zero));
+  lin1_ = register_module("lin1", std::make_shared<nn::Linear>(c, 3 * c + 4 * c));
+  lin2_ = register_module("lin2", std::make_shared<nn::Linear>(c + 4 * c, c, true, out_std));
+  ln_one_ = constant({c}, 1.0);
+  ln_zero_ = constant({c}, 0.0);
+}
+
+Tensor DitSingleBlock::operator()(const Tensor& x, const Tensor& c) {
+  auto guard = enter();
+  int64_t w = channels_;
+  auto m = (*mod_)(c);  // shift, scale, gate
+  Tensor h = modulate(layer_norm(x, ln_one_, ln_zero_, 1e-6), m[0], m[1]);
+  auto parts = split((*lin1_)(h), 2, {w, w, w, 4 * w});
+  Tensor attn = from_heads(attention(to_heads(parts[0], heads_), to_heads(parts[1], heads_), to_heads(parts[2], heads_), false));
+  Tensor out = (*lin2_)(concat({attn, gelu(parts[3])}, 2));  // attention and MLP in parallel (Flux)
+  return gated(x, m[2], out);
+}
+
+Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
+  REMAT_CHECK(cfg.image % cfg.patch == 0 && cfg.channels % cfg.heads == 0 && cfg.channels % 2 == 0,
+              "dit: expected image divisible by patch and channels by heads, got image ", cfg.image, ", patch ",
+              cfg.patch, ", channels ", cfg.channels, ", heads ", cfg.heads);
+  int64_t c = cfg.channels, tokens = (cfg.image / cfg.patch) * (cfg.image / cfg.patch), patch_values = 3 * cfg.patch * cfg.patch;
+  patch_embed = register_module("patch_embed", std::make_shared<nn::Linear>(patch_values, c));
+  {
+    MemoryCategoryScope scope(MemoryCategory::parameter);
+    Tensor p = Tensor::randn({tokens, c});
+    float* d = p.data<float>();
+    for (int64_t i = 0; i < p.numel(); ++i) d[i] *= 0.02f;
+    pos = register_parameter("pos", p);
+  }
+  time_in = register_module("time_in", std::make_shared<nn::Linear>(c, c));
+  time_out = register_module("time_out", std::make_shared<nn::Linear>(c, c));
+  label_embed = register_module("label_embed", std::make_shared<nn::Embedding>(cfg.classes, c));
+  double_blocks = register_module("double_blocks", std::make_shared<nn::ModuleList>());
+  for (int64_t i = 0; i < cfg.double_blocks; ++i) double_blocks->push_back(std::make_shared<DitDoubleBlock>(cfg));
+  single_blocks = register_module("single_blocks", std::make_shared<nn::ModuleList>());
+  for (int64_t i = 0; i < cfg.single_blocks; ++i) single_blocks->push_back(std::make_shared<DitSingleBlock>(cfg));
+  final_mod = register_module("final_mod", std::make_shared<AdaModulation>(c, 2, cfg.ada_zero));
+  final_linear = register_module("final_linear", std::make_shared<nn::Linear>(c, patch_values, true, cfg.ada_zero ? 0.0 : 0.02));
+  ln_one_ = constant({c}, 1.0);
+  ln_zero_ = constant({c}, 0.0);
+  for (auto& [name, block] : double_blocks->children()) block->set_checkpoint_level_of_module(3);
+  for (auto& [name, block] : single_blocks->children()) block->set_checkpoint_level_of_module(3);
+  set_checkpoint_level_of_module(5);
+}
+
+Tensor Dit::forward(const Tensor& x_t, const Tensor& t, const Tensor& labels) {
+  auto guard = enter();
+  REMAT_CHECK(x_t.dim() == 4 && x_t.size(1) == 3 && x_t.size(2) == config.image && x_t.size(3) == config.image,
+              "dit: expected images [B, 3, ", config.image, ", ", config.image, "], got ", shape_str(x_t.shape()));
+  int64_t b = x_t.size(0), width = config.channels;
+  Tensor img = add((*patch_embed)(patchify(x_t, config.patch)), pos);
+  Tensor label = (*label_embed)(labels);                                    // [B, C]
+  Tensor c = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t, 1000.0), static_cast<int>(width))))), label);
+  Tensor txt = reshape(label, {b, 1, width});                               // the conditioning stream
+  for (size_t i = 0; i < double_blocks->size(); ++i) std::tie(img, txt) = double_blocks->at<DitDoubleBlock>(i)(img, txt, c);
+  Tensor x = concat({txt, img}, 1);
+  for (size_t i = 0; i < single_blocks->size(); ++i) x = single_blocks->at<DitSingleBlock>(i)(x, c);
+  Tensor tokens = split(x, 1, {1, x.size(1) - 1})[1];
+  auto m = (*final_mod)(c);
+  Tensor out = (*final_linear)(modulate(layer_norm(tokens, ln_one_, ln_zero_, 1e-6), m[0], m[1]));
+  return unpatchify(out, config.patch, 3, config.image);
+}
+
+}  // namespace remat

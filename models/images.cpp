@@ -1,0 +1,62 @@
+// Shape images and the rectified-flow loss.
+#include "models/images.h"
+
+#include <cmath>
+#include <vector>
+
+#include "autograd/ops.h"
+#include "kernels/common/philox.h"
+
+namespace remat {
+
+ShapesTask::ShapesTask(int64_t size, uint64_t seed) : size_(size), rng_{seed, 0} {
+  REMAT_CHECK(size >= 8, "shapes task: expected images of at least 8x8, got ", size);
+}
+
+float ShapesTask::uniform() {
+  uint32_t bits = philox::bits_at(rng_.seed, rng_.offset / 4, rng_.offset % 4);
+  ++rng_.offset;
+  return philox::uniform_from_bits(bits);
+}
+
+std::pair<Tensor, Tensor> ShapesTask::batch(int64_t batch) {
+  const int64_t s = size_;
+  std::vector<float> pixels(batch * 3 * s * s, -0.8f);
+  std::vector<int64_t> labels(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    int cls = static_cast<int>(uniform() * kClasses) % kClasses;
+    labels[b] = cls;
+    float radius = s * (0.18f + 0.14f * uniform());
+    float cx = radius + (s - 2 * radius) * uniform(), cy = radius + (s - 2 * radius) * uniform();
+    float color[3] = {0.2f + 0.8f * uniform(), 0.2f + 0.8f * uniform(), 0.2f + 0.8f * uniform()};
+    for (int64_t y = 0; y < s; ++y)
+      for (int64_t x = 0; x < s; ++x) {
+        float dx = (x + 0.5f - cx) / radius, dy = (y + 0.5f - cy) / radius;
+        bool inside = false;
+        switch (cls) {
+          case 0: inside = dx * dx + dy * dy <= 1.0f; break;                          // disc
+          case 1: inside = std::abs(dx) <= 0.8f && std::abs(dy) <= 0.8f; break;       // square
+          case 2: inside = dy <= 0.8f && dy >= -0.9f + 2.0f * std::abs(dx); break;    // triangle
+          case 3: inside = (std::abs(dx) <= 0.3f && std::abs(dy) <= 1.0f) ||          // cross
+                           (std::abs(dy) <= 0.3f && std::abs(dx) <= 1.0f);
+            break;
+        }
+        if (!inside) continue;
+        for (int c = 0; c < 3; ++c) pixels[((b * 3 + c) * s + y) * s + x] = 2.0f * color[c] - 1.0f;
+      }
+  }
+  return {Tensor::from_vector(pixels, {batch, 3, s, s}), Tensor::from_vector(labels, {batch})};
+}
+
+Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels) {
+  int64_t b = x0.size(0);
+  Tensor noise = Tensor::randn(x0.shape(), x0.dtype(), x0.device());
+  Tensor t = Tensor::rand({b}, x0.dtype(), x0.device());
+  Tensor tb = reshape(t, {b, 1, 1, 1});
+  Tensor x_t = add(mul(add_scalar(neg(tb), 1.0), x0), mul(tb, noise));  // (1 - t) x0 + t x1
+  Tensor v = model(x_t, t, labels);
+  Tensor err = sub(v, sub(noise, x0));
+  return mean(mul(err, err));
+}
+
+}  // namespace remat

@@ -1,0 +1,35 @@
+// Synthetic images for the diffusion models, generated in code: one coloured shape (disc, square,
+// triangle or cross) per image at a random position and size on a dark background, labelled by
+// its shape. Pixels in [-1, 1], images [B, 3, S, S]. And the rectified-flow objective.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <utility>
+
+#include "runtime/random.h"
+#include "runtime/tensor.h"
+
+namespace remat {
+
+class ShapesTask {
+ public:
+  static constexpr int kClasses = 4;  // disc, square, triangle, cross
+  ShapesTask(int64_t size, uint64_t seed);
+  // Images [B, 3, S, S] (f32) and labels [B] (i64).
+  std::pair<Tensor, Tensor> batch(int64_t batch);
+  RngState state() const { return rng_; }
+  void set_state(RngState s) { rng_ = s; }
+
+ private:
+  float uniform();
+  int64_t size_;
+  RngState rng_;
+};
+
+// Rectified flow: x_t = (1 - t) x0 + t x1 with x1 ~ N(0, 1), t ~ U(0, 1); the model predicts the
+// velocity x1 - x0 and the loss is its mean squared error. `model(x_t, t, labels)` returns [B, 3, S, S].
+using VelocityModel = std::function<Tensor(const Tensor& x_t, const Tensor& t, const Tensor& labels)>;
+Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels);
+
+}  // namespace remat

@@ -1,0 +1,134 @@
+// The diffusion reference models: exact gradients under every applicable policy, placement over
+// both DiT containers, patchify, the shape data, and a short overfit.
+#include <catch.hpp>
+
+#include "models/dit.h"
+#include "models/images.h"
+#include "models/optim.h"
+#include "models/unet.h"
+#include "models_for_tests.h"
+
+using namespace remat;
+using namespace remat::testing;
+
+namespace {
+
+DitConfig tiny_dit() {
+  DitConfig c = dit_config("tiny");
+  c.ada_zero = false;  // non-zero gates, so every block's parameters get a gradient to compare
+  return c;
+}
+
+template <typename Model>
+std::function<Tensor()> flow_loss(Model& model, const Tensor& x0, const Tensor& labels) {
+  return [&model, x0, labels] {
+    set_rng_state({99, 0});  // the same noise and times every call
+    return rectified_flow_loss([&](const Tensor& x, const Tensor& t, const Tensor& y) { return model.forward(x, t, y); },
+                               x0, labels);
+  };
+}
+
+}  // namespace
+
+TEST_CASE("dit tiny gradients under full, ops, block_skip:2 and levels are bitwise equal to none", "[diffusion][dit]") {
+  manual_seed(51);
+  Dit model(tiny_dit());
+  ShapesTask data(8, 3);
+  auto [x0, labels] = data.batch(3);
+  auto loss = flow_loss(model, x0, labels);
+  auto plain = run_grads(model.parameters(), loss);
+  for (const auto& g : plain) CHECK_FALSE(g.empty());
+  for (const char* policy : {"full", "ops", "block_skip:2", "level:3", "level:5", "sqrt", "revolve:1"}) {
+    apply_policy(model, parse_policy(policy));
+    reset_checkpoint_counters();
+    INFO(policy);
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+  }
+  remove_checkpointing(model);
+}
+
+TEST_CASE("block_skip on dit places regions in both double_blocks and single_blocks", "[diffusion][dit][policy]") {
+  manual_seed(52);
+  DitConfig c = tiny_dit();
+  c.double_blocks = 3;
+  c.single_blocks = 4;
+  Dit model(c);
+  CHECK(apply_activation_checkpointing(model, "block_skip", 2) == 2 + 2);
+  auto placed = [](const nn::ModuleList& list) {
+    std::vector<bool> out;
+    for (auto& [name, child] : list.children()) out.push_back(is_checkpointed(*child));
+    return out;
+  };
+  CHECK(placed(*model.double_blocks) == std::vector<bool>{true, false, true});
+  CHECK(placed(*model.single_blocks) == std::vector<bool>{true, false, true, false});
+}
+
+TEST_CASE("unet tiny gradients under level:1..5 are bitwise equal to none; levels nest", "[diffusion][unet]") {
+  manual_seed(53);
+  Unet model(unet_config("tiny"));
+  ShapesTask data(8, 4);
+  auto [x0, labels] = data.batch(2);
+  auto loss = flow_loss(model, x0, labels);
+  auto plain = run_grads(model.parameters(), loss);
+  for (int level = 1; level <= 5; ++level) {
+    set_checkpoint_level(model, level);
+    reset_checkpoint_counters();
+    INFO("level " << level);
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+  }
+  set_checkpoint_level(model, 5);
+  Tensor l = loss();
+  const auto& regions = RegionManager::of(*static_cast<Graph*>(l.autograd_meta_ptr()->graph.get())).regions();
+  int deepest = 0;
+  for (const auto& r : regions) deepest = std::max(deepest, r.depth);
+  CHECK(deepest == 4);  // network > path > level > block > conv unit
+  model.eval();
+  reset_checkpoint_counters();
+  flow_loss(model, x0, labels)();
+  CHECK(checkpoint_counters().ops_forward == 0);  // levels apply in training mode only
+}
+
+TEST_CASE("patchify and unpatchify are inverse; the shape data is well formed", "[diffusion]") {
+  Tensor img = Tensor::arange(2 * 3 * 4 * 4).to(DType::f32);
+  img = Tensor::from_vector(img.to_vector<float>(), {2, 3, 4, 4});
+  Tensor tokens = patchify(img, 2);
+  CHECK(tokens.shape() == Shape{2, 4, 12});
+  CHECK(contiguous(unpatchify(tokens, 2, 3, 4)).to_vector<float>() == img.to_vector<float>());
+  // Token 1 of image 0 is the top-right 2x2 patch: channel 0 pixels (0,2),(0,3),(1,2),(1,3).
+  auto t = contiguous(tokens).to_vector<float>();
+  CHECK(t[12 + 0] == 2);
+  CHECK(t[12 + 3] == 7);
+  ShapesTask data(16, 7);
+  auto [x, y] = data.batch(32);
+  auto px = x.to_vector<float>();
+  CHECK(*std::min_element(px.begin(), px.end()) >= -1.0f);
+  CHECK(*std::max_element(px.begin(), px.end()) <= 1.0f);
+  std::vector<int> seen(ShapesTask::kClasses, 0);
+  for (int64_t label : y.to_vector<int64_t>()) seen.at(label)++;
+  for (int n : seen) CHECK(n > 0);
+}
+
+TEST_CASE("a few AdamW steps on one batch lower the rectified-flow loss of dit and unet", "[diffusion][train]") {
+  manual_seed(54);
+  Dit dit(dit_config("tiny"));
+  Unet unet(unet_config("tiny"));
+  ShapesTask data(8, 5);
+  auto [x0, labels] = data.batch(4);
+  auto fit = [&](Module& model, const std::function<Tensor()>& loss) {
+    AdamW opt(model.parameters(), {.beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.0});
+    double first = 0, last = 0;
+    for (int step = 0; step < 30; ++step) {
+      Tensor l = loss();
+      (step == 0 ? first : last) = l.item();
+      backward(l);
+      opt.step(3e-3);
+      opt.zero_grad();
+    }
+    INFO(model.type_name() << ": first " << first << ", last " << last);
+    CHECK(last < 0.8 * first);
+  };
+  fit(dit, flow_loss(dit, x0, labels));
+  fit(unet, flow_loss(unet, x0, labels));
+}
