@@ -15,8 +15,7 @@
 #include "checkpoint/apply.h"
 #include "checkpoint/planner.h"
 #include "checkpoint/region.h"
-#include "models/data.h"
-#include "models/gpt.h"
+#include "models/tasks.h"
 #include "models/optim.h"
 #include "models/safetensors.h"
 #include "runtime/random.h"
@@ -25,40 +24,10 @@ namespace remat {
 
 namespace {
 
-GptConfig make_config(const TrainOptions& o) {
-  REMAT_CHECK(o.model == "gpt", "unknown model '", o.model, "': expected gpt");
-  GptConfig c = gpt_config(o.config);
-  for (const auto& [key, value] : o.overrides) {
-    auto as_int = [&, key = key, value = value] {
-      REMAT_CHECK(value >= 1 && value == static_cast<double>(static_cast<int64_t>(value)), "config field ", key,
-                  ": expected a positive integer, got ", value);
-      return static_cast<int64_t>(value);
-    };
-    if (key == "vocab") c.vocab = as_int();
-    else if (key == "channels") c.channels = as_int();
-    else if (key == "heads") c.heads = as_int();
-    else if (key == "layers") c.layers = as_int();
-    else if (key == "seq_len") c.seq_len = as_int();
-    else if (key == "batch") c.batch = as_int();
-    else if (key == "dropout") {
-      REMAT_CHECK(value >= 0 && value < 1, "config field dropout: expected 0 <= p < 1, got ", value);
-      c.dropout = value;
-    } else {
-      REMAT_FAIL("unknown config field '", key, "': expected vocab, channels, heads, layers, seq_len, batch or dropout");
-    }
-  }
-  return c;
-}
-
-nlohmann::json config_json(const GptConfig& c) {
-  return {{"name", c.name}, {"vocab", c.vocab}, {"channels", c.channels}, {"heads", c.heads}, {"layers", c.layers},
-          {"seq_len", c.seq_len}, {"batch", c.batch}, {"dropout", c.dropout}};
-}
-
-std::string metrics_line(const StepMetrics& m) {
+std::string metrics_line(const StepMetrics& m, const char* items) {
   return nlohmann::json{{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"step_ms", m.step_ms},
                         {"peak_bytes", m.peak_bytes}, {"activation_peak_bytes", m.activation_peak_bytes},
-                        {"tokens_per_s", m.tokens_per_s}}
+                        {std::string(items) + "_per_s", m.tokens_per_s}}
              .dump();
 }
 
@@ -67,15 +36,15 @@ struct RunState {
   std::string metrics;  // metrics.jsonl so far
 };
 
-void save_snapshot(const std::string& dir, Gpt& model, Optimizer& opt, const AdditionTask& data, const TrainOptions& o,
-                   const GptConfig& config, const RunState& run) {
-  std::vector<std::pair<std::string, Tensor>> weights = model.named_parameters();
-  save_safetensors(dir + "/model.safetensors", weights, {{"format", "remat"}, {"config", config_json(config).dump()}});
+void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, const TrainOptions& o, const RunState& run) {
+  std::vector<std::pair<std::string, Tensor>> weights = task.model().named_parameters();
+  save_safetensors(dir + "/model.safetensors", weights,
+                   {{"format", "remat"}, {"model", o.model}, {"config", task.config().dump()}});
   std::vector<std::pair<std::string, Tensor>> state;
   for (auto& [name, t] : weights) state.emplace_back("param." + name, t);
   for (auto& [name, t] : opt.state()) state.emplace_back("optim." + name, t);
-  RngState rng = rng_state(), data_rng = data.state();
-  nlohmann::json meta = {{"model", o.model}, {"config", config_json(config)}, {"policy", o.policy},
+  RngState rng = rng_state(), data_rng = task.data_state();
+  nlohmann::json meta = {{"model", o.model}, {"config", task.config()}, {"policy", o.policy},
                          {"steps", o.steps}, {"step", run.step}, {"seed", o.seed},
                          {"rng_seed", rng.seed}, {"rng_offset", rng.offset},
                          {"data_seed", data_rng.seed}, {"data_offset", data_rng.offset},
@@ -125,17 +94,9 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     std::filesystem::remove(probe, ec);
   }
 
-  GptConfig config;
-  if (!resumed.is_null()) {
-    auto& c = resumed.at("config");
-    config.name = c.at("name"), config.vocab = c.at("vocab"), config.channels = c.at("channels");
-    config.heads = c.at("heads"), config.layers = c.at("layers"), config.seq_len = c.at("seq_len");
-    config.batch = c.at("batch"), config.dropout = c.at("dropout");
-  } else {
-    config = make_config(o);
-  }
-  manual_seed(o.seed);
-  Gpt model(config);
+  std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
+                                                      : make_task_from_json(o.model, resumed.at("config"), o.seed);
+  Module& model = task->model();
   model.train();
   // A budget is planned on the first step of this run (a normal training step, recorded).
   std::unique_ptr<BudgetPlanner> planner;
@@ -144,7 +105,6 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
   else apply_policy(model, policy);
   std::vector<Tensor> params = model.parameters();
   AdamW opt(params, {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
-  AdditionTask data(config.vocab, o.seed + 1);
   RunState run;
   if (!resumed.is_null()) {
     NoGradGuard no_grad;
@@ -158,7 +118,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     opt.set_steps(resumed.at("optimizer_steps"));
     run.step = resumed.at("step");
     set_rng_state({resumed.at("rng_seed"), resumed.at("rng_offset")});
-    data.set_state({resumed.at("data_seed"), resumed.at("data_offset")});
+    task->set_data_state({resumed.at("data_seed"), resumed.at("data_offset")});
     std::ifstream metrics(o.resume + "/metrics.jsonl");
     std::stringstream buffer;
     buffer << metrics.rdbuf();
@@ -166,29 +126,30 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
   }
 
   TrainResult result;
-  result.reference_loss = AdditionTask::reference_loss();
-  result.uniform_loss = data.uniform_loss();
+  result.reference_loss = task->reference_loss();
+  result.uniform_loss = task->uniform_loss();
+  result.reference_text = task->reference_text();
+  result.item_name = task->item_name();
   for (const Tensor& p : params) result.parameters += p.numel();
   int64_t last = o.stop_at >= 0 ? std::min(o.stop_at, o.steps) : o.steps;
   Allocator& alloc = allocator_for(device);
-  double tokens = static_cast<double>(config.batch * config.seq_len);
+  double tokens = task->items_per_step();
   auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = run.step; step < last; ++step) {
     auto start = std::chrono::steady_clock::now();
     alloc.reset_peak();
-    auto [x, y] = data.batch(config.batch, config.seq_len);
     double lr = cosine_lr(step, o.warmup, o.steps, o.lr, o.min_lr);
     double loss_value = 0;
     if (planner && !planned) {
-      planner->plan([&, xs = x, ys = y] {
-        Tensor l = model.loss(xs, ys);
+      planner->plan([&] {
+        Tensor l = task->next_loss();
         loss_value = l.item();
         return l;
       });
       planned = true;
     } else {
       reset_checkpoint_counters();
-      Tensor loss = model.loss(x, y);
+      Tensor loss = task->next_loss();
       loss_value = loss.item();
       backward(loss);
       if (planner) {
@@ -206,12 +167,12 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
                   tokens / (ms / 1000.0)};
     result.steps.push_back(m);
     run.step = step + 1;
-    run.metrics += metrics_line(m) + "\n";
+    run.metrics += metrics_line(m, task->item_name()) + "\n";
     result.peak_bytes = std::max(result.peak_bytes, m.peak_bytes);
     result.activation_peak_bytes = std::max(result.activation_peak_bytes, m.activation_peak_bytes);
     if (on_step) on_step(m, o.steps);
     if (!o.out.empty() && (run.step % o.save_every == 0 || run.step == last))
-      save_snapshot(o.out, model, opt, data, o, config, run);
+      save_snapshot(o.out, *task, opt, o, run);
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   if (planner) result.plan_report = planner->current().to_string();

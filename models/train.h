@@ -13,9 +13,9 @@
 namespace remat {
 
 struct TrainOptions {
-  std::string model = "gpt";
+  std::string model = "gpt";  // gpt, dit or unet
   std::string config = "small";
-  std::map<std::string, double> overrides;  // config fields: vocab, channels, heads, layers, seq_len, batch, dropout
+  std::map<std::string, double> overrides;  // config fields by name (models/tasks.cpp lists them per model)
   std::string policy;         // "" = none (or, when resuming, the policy of the run)
   int64_t steps = 300;        // length of the schedule
   int64_t stop_at = -1;       // stop after this step (an interrupted run); -1: run to `steps`
@@ -43,6 +43,8 @@ struct TrainResult {
   double tokens_per_s = 0;
   int64_t parameters = 0;
   std::string plan_report;  // budget policies: the planner's choice, predicted and measured
+  std::string reference_text;  // what the loss compares with (task reference, ...)
+  std::string item_name = "tokens";
 };
 
 // Called after every step (progress display).

@@ -69,7 +69,7 @@ TEST_CASE("remat train on the tiny config writes metrics and weights", "[cli]") 
 }
 
 TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
-  check_one_line_error(run("train --model resnet --steps 1"), "unknown model 'resnet': expected gpt");
+  check_one_line_error(run("train --model resnet --steps 1"), "unknown model 'resnet': expected gpt, dit or unet");
   check_one_line_error(run("train --config huge --steps 1"), "unknown gpt config 'huge'");
   check_one_line_error(run("train --config tiny --policy sometimes --steps 1"), "unknown policy 'sometimes'");
   check_one_line_error(run("train --config tiny --steps many"), "--steps");
@@ -84,4 +84,7 @@ TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
   check_one_line_error(run("train --resume " + dir.string() + " --steps 3"), "truncated");
   std::filesystem::remove_all(dir);
   check_one_line_error(run("train --resume /nonexistent/run --steps 3"), "no training state");
+  check_one_line_error(run("sample --weights /nonexistent/model.safetensors"), "cannot open");
+  check_one_line_error(run("sample"), "--weights");
+  check_one_line_error(run("train --model unet --config tiny --policy full --steps 1"), "no block container found in Unet");
 }

@@ -132,3 +132,44 @@ TEST_CASE("a few AdamW steps on one batch lower the rectified-flow loss of dit a
   fit(dit, flow_loss(dit, x0, labels));
   fit(unet, flow_loss(unet, x0, labels));
 }
+
+#include <filesystem>
+#include <fstream>
+
+#include "models/sample.h"
+#include "models/train.h"
+
+TEST_CASE("remat train --model dit then sampling writes a PNG grid of the requested size", "[diffusion][sample]") {
+  auto dir = std::filesystem::temp_directory_path() / ("remat_sample_" + std::to_string(::getpid()));
+  for (const char* model : {"dit", "unet"}) {
+    TrainOptions o;
+    o.model = model;
+    o.config = "tiny";
+    o.steps = 3;
+    o.policy = std::string(model) == "dit" ? "block_skip:2" : "level:2";
+    o.out = dir.string();
+    TrainResult r = train(o);
+    REQUIRE(r.steps.size() == 3);
+    SampleOptions s;
+    s.weights = (dir / "model.safetensors").string();
+    s.out = (dir / "grid.png").string();
+    s.n = 5;
+    s.steps = 3;
+    Tensor images = sample_images(s);
+    CHECK(images.shape() == Shape{5, 3, 8, 8});
+    for (float v : images.to_vector<float>()) CHECK(std::isfinite(v));
+    std::ifstream png(s.out, std::ios::binary);
+    char signature[8] = {};
+    png.read(signature, 8);
+    CHECK(std::memcmp(signature, "\x89PNG\r\n\x1a\n", 8) == 0);
+    // 3 columns of 8-pixel images with 2-pixel gaps: 3 * 10 + 2 = 32 wide, 2 * 10 + 2 = 22 high.
+    png.seekg(16);
+    unsigned char ihdr[8];
+    png.read(reinterpret_cast<char*>(ihdr), 8);
+    CHECK((ihdr[0] << 24 | ihdr[1] << 16 | ihdr[2] << 8 | ihdr[3]) == 32);
+    CHECK((ihdr[4] << 24 | ihdr[5] << 16 | ihdr[6] << 8 | ihdr[7]) == 22);
+  }
+  std::filesystem::remove_all(dir);
+  CHECK_THROWS_WITH(write_png_grid("/tmp/x.png", Tensor::zeros({2, 4, 4}), 1),
+                    Catch::Matchers::Contains("expected images [N, 3, S, S]"));
+}

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "kernels/backend.h"
+#include "models/sample.h"
 #include "models/train.h"
 #include "runtime/cuda_backend.h"
 #include "runtime/error.h"
@@ -19,7 +20,7 @@ void print_progress(const remat::StepMetrics& m, int64_t total) {
   const int width = 24;
   int filled = static_cast<int>(width * m.step / std::max<int64_t>(total, 1));
   std::string bar = std::string(filled, '#') + std::string(width - filled, '.');
-  std::string line = fmt::format("[{}] step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s  mem {} (peak {}, act {})", bar,
+  std::string line = fmt::format("[{}] step {}/{}  loss {:.4f}  lr {:.2e}  {:.1f} items/s  mem {} (peak {}, act {})", bar,
                                  m.step, total, m.loss, m.lr, m.tokens_per_s, mib(m.current_bytes), mib(m.peak_bytes),
                                  mib(m.activation_peak_bytes));
   if (tty) {
@@ -51,8 +52,8 @@ int main(int argc, char** argv) {
   int64_t vocab = 0, channels = 0, heads = 0, layers = 0, seq_len = 0, batch = 0;
   double dropout = -1;
   CLI::App* train = app.add_subcommand("train", "train a reference model");
-  train->add_option("--model", t.model, "gpt")->capture_default_str();
-  train->add_option("--config", t.config, "named configuration: tiny, small, gpt2")->capture_default_str();
+  train->add_option("--model", t.model, "gpt, dit or unet")->capture_default_str();
+  train->add_option("--config", t.config, "named configuration: tiny, small (gpt also gpt2)")->capture_default_str();
   train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S, budget:<bytes|P%> (default none)");
   train->add_option("--steps", t.steps, "steps in the schedule")->capture_default_str();
   train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
@@ -73,9 +74,18 @@ int main(int argc, char** argv) {
   train->add_option("--batch", batch, "override the config's batch size");
   train->add_option("--dropout", dropout, "override the config's dropout");
   CLI::App* ops = app.add_subcommand("ops", "list the ops and which backends have kernels for them");
+  remat::SampleOptions so;
+  CLI::App* sample = app.add_subcommand("sample", "generate images with a trained dit or unet (PNG grid)");
+  sample->add_option("--weights", so.weights, "model.safetensors written by remat train")->required();
+  sample->add_option("--model", so.model, "dit or unet (default: from the weights file)");
+  sample->add_option("--out", so.out, "PNG file to write")->capture_default_str();
+  sample->add_option("--n", so.n, "number of images")->capture_default_str();
+  sample->add_option("--steps", so.steps, "Euler steps from noise to image")->capture_default_str();
+  sample->add_option("--seed", so.seed, "seed of the starting noise")->capture_default_str();
 
-  if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" && std::string(argv[1]) != "ops") {
-    std::fprintf(stderr, "remat: unknown command '%s': expected train or ops (see remat --help)\n", argv[1]);
+  if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" && std::string(argv[1]) != "ops" &&
+      std::string(argv[1]) != "sample") {
+    std::fprintf(stderr, "remat: unknown command '%s': expected train, sample or ops (see remat --help)\n", argv[1]);
     return 2;
   }
   try {
@@ -90,6 +100,11 @@ int main(int argc, char** argv) {
   }
   try {
     if (*ops) return list_ops();
+    if (*sample) {
+      remat::sample_images(so);
+      fmt::print("wrote {} ({} images, {} Euler steps)\n", so.out, so.n, so.steps);
+      return 0;
+    }
     if (*train) {
       for (auto [key, value] : {std::pair{"vocab", vocab}, {"channels", channels}, {"heads", heads}, {"layers", layers},
                                 {"seq_len", seq_len}, {"batch", batch}})
@@ -100,10 +115,9 @@ int main(int argc, char** argv) {
         fmt::print("nothing to do: the run is already at step {}\n", t.steps);
         return 0;
       }
-      fmt::print("final loss {:.4f} (task reference {:.4f}, uniform guess {:.4f})\n", r.final_loss, r.reference_loss,
-                 r.uniform_loss);
-      fmt::print("{:.0f} tokens/s, {} parameters, peak memory {} (activations {})\n", r.tokens_per_s, r.parameters,
-                 mib(r.peak_bytes), mib(r.activation_peak_bytes));
+      fmt::print("final loss {:.4f} (first {:.4f}; {})\n", r.final_loss, r.steps.front().loss, r.reference_text);
+      fmt::print("{:.1f} {}/s, {} parameters, peak memory {} (activations {})\n", r.tokens_per_s, r.item_name,
+                 r.parameters, mib(r.peak_bytes), mib(r.activation_peak_bytes));
       if (!r.plan_report.empty()) fmt::print("{}", r.plan_report);
       if (!t.out.empty() || !t.resume.empty())
         fmt::print("wrote {}/model.safetensors, state.safetensors, metrics.jsonl\n", t.out.empty() ? t.resume : t.out);

@@ -1,0 +1,105 @@
+// Euler sampling of the rectified flow, and the PNG grid writer.
+#include "models/sample.h"
+
+#include <png.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "models/safetensors.h"
+#include "models/tasks.h"
+
+namespace remat {
+
+Tensor sample_images(const SampleOptions& o) {
+  REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1");
+  SafetensorsFile file = load_safetensors(o.weights);
+  std::string model = o.model;
+  auto stored_model = file.metadata.find("model");
+  if (model.empty()) {
+    REMAT_CHECK(stored_model != file.metadata.end(), o.weights, ": no model name in the metadata; pass --model");
+    model = stored_model->second;
+  }
+  auto stored_config = file.metadata.find("config");
+  REMAT_CHECK(stored_config != file.metadata.end(), o.weights, ": no model config in the metadata (not written by remat train?)");
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(stored_config->second);
+  } catch (const nlohmann::json::exception& e) {
+    REMAT_FAIL(o.weights, ": corrupted config metadata: ", e.what());
+  }
+  std::unique_ptr<TrainTask> task = make_task_from_json(model, config, o.seed);
+  REMAT_CHECK(task->image_size() > 0, "sample: model ", model, " does not generate images; expected dit or unet");
+  NoGradGuard no_grad;
+  for (auto& [name, p] : task->model().named_parameters()) {
+    const Tensor& w = file.at(name);
+    REMAT_CHECK(w.shape() == p.shape(), o.weights, ": parameter ", name, " has shape ", shape_str(w.shape()),
+                ", the model expects ", shape_str(p.shape()));
+    p.copy_(w);
+  }
+  task->model().eval();
+  int64_t s = task->image_size();
+  manual_seed(o.seed);
+  Tensor x = Tensor::randn({o.n, 3, s, s});
+  std::vector<int64_t> labels(o.n);
+  int64_t columns = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.n))));
+  for (int64_t i = 0; i < o.n; ++i) labels[i] = (i % columns) % 4;
+  Tensor y = Tensor::from_vector(labels, {o.n});
+  double dt = 1.0 / o.steps;
+  for (int k = 0; k < o.steps; ++k) {  // x_{t - dt} = x_t - dt * v(x_t, t)
+    Tensor t = Tensor::full({o.n}, 1.0 - k * dt);
+    x = sub(x, mul_scalar(task->velocity(x, t, y), dt));
+  }
+  write_png_grid(o.out, x, columns);
+  return x;
+}
+
+void write_png_grid(const std::string& path, const Tensor& images, int64_t columns) {
+  REMAT_CHECK(images.dim() == 4 && images.size(1) == 3, "write_png_grid: expected images [N, 3, S, S], got ",
+              shape_str(images.shape()));
+  int64_t n = images.size(0), s = images.size(2), gap = 2, rows = (n + columns - 1) / columns;
+  int64_t width = columns * (s + gap) + gap, height = rows * (s + gap) + gap;
+  std::vector<uint8_t> rgb(static_cast<size_t>(width * height * 3), 32);
+  auto px = images.to_vector<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t ox = gap + (i % columns) * (s + gap), oy = gap + (i / columns) * (s + gap);
+    for (int64_t c = 0; c < 3; ++c)
+      for (int64_t y = 0; y < s; ++y)
+        for (int64_t x = 0; x < s; ++x) {
+          float v = std::clamp((px[((i * 3 + c) * s + y) * s + x] + 1.0f) * 0.5f, 0.0f, 1.0f);
+          rgb[((oy + y) * width + ox + x) * 3 + c] = static_cast<uint8_t>(std::lround(v * 255.0f));
+        }
+  }
+  std::string tmp = path + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  REMAT_CHECK(f != nullptr, "cannot write ", tmp, ": ", std::strerror(errno));
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!png || !info || setjmp(png_jmpbuf(png))) {
+    png_destroy_write_struct(&png, &info);
+    std::fclose(f);
+    std::remove(tmp.c_str());
+    REMAT_FAIL("writing the PNG ", path, " failed");
+  }
+  png_init_io(png, f);
+  png_set_IHDR(png, info, static_cast<png_uint_32>(width), static_cast<png_uint_32>(height), 8, PNG_COLOR_TYPE_RGB,
+               PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  png_write_info(png, info);
+  for (int64_t y = 0; y < height; ++y) png_write_row(png, rgb.data() + y * width * 3);
+  png_write_end(png, nullptr);
+  png_destroy_write_struct(&png, &info);
+  std::fclose(f);
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  REMAT_CHECK(!ec, "cannot rename ", tmp, " to ", path, ": ", ec.message());
+}
+
+}  // namespace remat

@@ -1,0 +1,40 @@
+// What the training loop trains: a model with its data and loss, built from a named config (or the
+// config JSON stored with a run). gpt: next-token cross-entropy on the addition task; dit and
+// unet: rectified flow on the shape images.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "autograd/module.h"
+#include "runtime/random.h"
+
+namespace remat {
+
+class TrainTask {
+ public:
+  virtual ~TrainTask() = default;
+  virtual Module& model() = 0;
+  virtual Tensor next_loss() = 0;              // draws the next batch and returns its loss
+  virtual double items_per_step() const = 0;   // tokens (gpt) or images (diffusion)
+  virtual const char* item_name() const = 0;   // "tokens" or "images"
+  virtual nlohmann::json config() const = 0;   // enough to rebuild the model
+  virtual RngState data_state() const = 0;
+  virtual void set_data_state(RngState s) = 0;
+  // One line for the end of a run, e.g. the task's reference loss.
+  virtual std::string reference_text() const = 0;
+  // Diffusion models: the predicted velocity for x_t [B, 3, S, S] at times t [B] with labels [B].
+  virtual Tensor velocity(const Tensor& x_t, const Tensor& t, const Tensor& labels);
+  virtual int64_t image_size() const { return 0; }
+  virtual double reference_loss() const { return 0; }
+  virtual double uniform_loss() const { return 0; }
+};
+
+// model: gpt, dit or unet. overrides: config fields by name (see `remat train --help`).
+std::unique_ptr<TrainTask> make_task(const std::string& model, const std::string& config,
+                                     const std::map<std::string, double>& overrides, uint64_t seed);
+std::unique_ptr<TrainTask> make_task_from_json(const std::string& model, const nlohmann::json& config, uint64_t seed);
+
+}  // namespace remat
