@@ -4,19 +4,12 @@
 #include <cmath>
 #include <vector>
 
-#include "kernels/common/philox.h"
 #include "runtime/error.h"
 
 namespace remat {
 
-AdditionTask::AdditionTask(int64_t vocab, uint64_t seed) : vocab_(vocab), rng_{seed, 0} {
+AdditionTask::AdditionTask(int64_t vocab, uint64_t seed) : vocab_(vocab), rng_(seed) {
   REMAT_CHECK(vocab >= kAlphabet, "addition task: expected a vocabulary of at least ", kAlphabet, " tokens, got ", vocab);
-}
-
-uint32_t AdditionTask::next_bits() {
-  uint32_t bits = philox::bits_at(rng_.seed, rng_.offset / 4, rng_.offset % 4);
-  ++rng_.offset;
-  return bits;
 }
 
 std::pair<Tensor, Tensor> AdditionTask::batch(int64_t batch, int64_t seq_len) {
@@ -24,9 +17,9 @@ std::pair<Tensor, Tensor> AdditionTask::batch(int64_t batch, int64_t seq_len) {
   for (int64_t b = 0; b < batch; ++b) {
     // A window starting at a random phase of the problem stream.
     std::vector<int64_t> stream;
-    int64_t phase = next_bits() % kProblemLength;
+    int64_t phase = rng_.next_bits() % kProblemLength;
     while (static_cast<int64_t>(stream.size()) < phase + seq_len + 1) {
-      int a = static_cast<int>(next_bits() % 1000), c = static_cast<int>(next_bits() % 1000);
+      int a = static_cast<int>(rng_.next_bits() % 1000), c = static_cast<int>(rng_.next_bits() % 1000);
       int s = a + c;
       int digits[] = {a / 100, a / 10 % 10, a % 10, 10, c / 100, c / 10 % 10, c % 10, 11,
                       s / 1000, s / 100 % 10, s / 10 % 10, s % 10, 12};

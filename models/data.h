@@ -25,13 +25,12 @@ class AdditionTask {
   static double reference_loss();
   double uniform_loss() const;
   static std::string decode(const Tensor& ids);  // for printing samples
-  RngState state() const { return rng_; }
-  void set_state(RngState s) { rng_ = s; }
+  RngState state() const { return rng_.state(); }
+  void set_state(RngState s) { rng_.set_state(s); }
 
  private:
-  uint32_t next_bits();
   int64_t vocab_;
-  RngState rng_;
+  RandomStream rng_;
 };
 
 }  // namespace remat

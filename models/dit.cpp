@@ -7,11 +7,6 @@ namespace remat {
 
 namespace {
 
-Tensor constant(const Shape& shape, double value) {
-  MemoryCategoryScope scope(MemoryCategory::parameter);
-  return Tensor::full(shape, value);
-}
-
 // [B, L, C] -> [B, H, L, D] and back.
 Tensor to_heads(const Tensor& m, int64_t heads) {
   int64_t b = m.size(0), l = m.size(1), c = m.size(2);
@@ -83,8 +78,8 @@ DitDoubleBlock::Stream DitDoubleBlock::make_stream(const std::string& prefix, co
 DitDoubleBlock::DitDoubleBlock(const DitConfig& cfg) : Module("DitDoubleBlock"), heads_(cfg.heads) {
   img_ = make_stream("img", cfg);
   txt_ = make_stream("txt", cfg);
-  ln_one_ = constant({cfg.channels}, 1.0);
-  ln_zero_ = constant({cfg.channels}, 0.0);
+  ln_one_ = nn::init_constant({cfg.channels}, 1.0);
+  ln_zero_ = nn::init_constant({cfg.channels}, 0.0);
 }
 
 std::pair<Tensor, Tensor> DitDoubleBlock::operator()(const Tensor& img, const Tensor& txt, const Tensor& c) {
@@ -115,8 +110,8 @@ DitSingleBlock::DitSingleBlock(const DitConfig& cfg)
   mod_ = register_module("mod", std::make_shared<AdaModulation>(c, 3, cfg.ada_zero));
   lin1_ = register_module("lin1", std::make_shared<nn::Linear>(c, 3 * c + 4 * c));
   lin2_ = register_module("lin2", std::make_shared<nn::Linear>(c + 4 * c, c, true, out_std));
-  ln_one_ = constant({c}, 1.0);
-  ln_zero_ = constant({c}, 0.0);
+  ln_one_ = nn::init_constant({c}, 1.0);
+  ln_zero_ = nn::init_constant({c}, 0.0);
 }
 
 Tensor DitSingleBlock::operator()(const Tensor& x, const Tensor& c) {
@@ -136,13 +131,7 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
               cfg.patch, ", channels ", cfg.channels, ", heads ", cfg.heads);
   int64_t c = cfg.channels, tokens = (cfg.image / cfg.patch) * (cfg.image / cfg.patch), patch_values = 3 * cfg.patch * cfg.patch;
   patch_embed = register_module("patch_embed", std::make_shared<nn::Linear>(patch_values, c));
-  {
-    MemoryCategoryScope scope(MemoryCategory::parameter);
-    Tensor p = Tensor::randn({tokens, c});
-    float* d = p.data<float>();
-    for (int64_t i = 0; i < p.numel(); ++i) d[i] *= 0.02f;
-    pos = register_parameter("pos", p);
-  }
+  pos = register_parameter("pos", nn::init_normal({tokens, c}, 0.02));
   time_in = register_module("time_in", std::make_shared<nn::Linear>(c, c));
   time_out = register_module("time_out", std::make_shared<nn::Linear>(c, c));
   label_embed = register_module("label_embed", std::make_shared<nn::Embedding>(cfg.classes, c));
@@ -152,8 +141,8 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
   for (int64_t i = 0; i < cfg.single_blocks; ++i) single_blocks->push_back(std::make_shared<DitSingleBlock>(cfg));
   final_mod = register_module("final_mod", std::make_shared<AdaModulation>(c, 2, cfg.ada_zero));
   final_linear = register_module("final_linear", std::make_shared<nn::Linear>(c, patch_values, true, cfg.ada_zero ? 0.0 : 0.02));
-  ln_one_ = constant({c}, 1.0);
-  ln_zero_ = constant({c}, 0.0);
+  ln_one_ = nn::init_constant({c}, 1.0);
+  ln_zero_ = nn::init_constant({c}, 0.0);
   for (auto& [name, block] : double_blocks->children()) block->set_checkpoint_level_of_module(3);
   for (auto& [name, block] : single_blocks->children()) block->set_checkpoint_level_of_module(3);
   set_checkpoint_level_of_module(5);

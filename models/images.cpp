@@ -5,18 +5,11 @@
 #include <vector>
 
 #include "autograd/ops.h"
-#include "kernels/common/philox.h"
 
 namespace remat {
 
-ShapesTask::ShapesTask(int64_t size, uint64_t seed) : size_(size), rng_{seed, 0} {
+ShapesTask::ShapesTask(int64_t size, uint64_t seed) : size_(size), rng_(seed) {
   REMAT_CHECK(size >= 8, "shapes task: expected images of at least 8x8, got ", size);
-}
-
-float ShapesTask::uniform() {
-  uint32_t bits = philox::bits_at(rng_.seed, rng_.offset / 4, rng_.offset % 4);
-  ++rng_.offset;
-  return philox::uniform_from_bits(bits);
 }
 
 std::pair<Tensor, Tensor> ShapesTask::batch(int64_t batch) {
@@ -24,11 +17,11 @@ std::pair<Tensor, Tensor> ShapesTask::batch(int64_t batch) {
   std::vector<float> pixels(batch * 3 * s * s, -0.8f);
   std::vector<int64_t> labels(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    int cls = static_cast<int>(uniform() * kClasses) % kClasses;
+    int cls = static_cast<int>(rng_.uniform() * kClasses) % kClasses;
     labels[b] = cls;
-    float radius = s * (0.18f + 0.14f * uniform());
-    float cx = radius + (s - 2 * radius) * uniform(), cy = radius + (s - 2 * radius) * uniform();
-    float color[3] = {0.2f + 0.8f * uniform(), 0.2f + 0.8f * uniform(), 0.2f + 0.8f * uniform()};
+    float radius = s * (0.18f + 0.14f * rng_.uniform());
+    float cx = radius + (s - 2 * radius) * rng_.uniform(), cy = radius + (s - 2 * radius) * rng_.uniform();
+    float color[3] = {0.2f + 0.8f * rng_.uniform(), 0.2f + 0.8f * rng_.uniform(), 0.2f + 0.8f * rng_.uniform()};
     for (int64_t y = 0; y < s; ++y)
       for (int64_t x = 0; x < s; ++x) {
         float dx = (x + 0.5f - cx) / radius, dy = (y + 0.5f - cy) / radius;

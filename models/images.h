@@ -18,13 +18,12 @@ class ShapesTask {
   ShapesTask(int64_t size, uint64_t seed);
   // Images [B, 3, S, S] (f32) and labels [B] (i64).
   std::pair<Tensor, Tensor> batch(int64_t batch);
-  RngState state() const { return rng_; }
-  void set_state(RngState s) { rng_ = s; }
+  RngState state() const { return rng_.state(); }
+  void set_state(RngState s) { rng_.set_state(s); }
 
  private:
-  float uniform();
   int64_t size_;
-  RngState rng_;
+  RandomStream rng_;
 };
 
 // Rectified flow: x_t = (1 - t) x0 + t x1 with x1 ~ N(0, 1), t ~ U(0, 1); the model predicts the

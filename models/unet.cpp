@@ -7,18 +7,6 @@ namespace remat {
 
 namespace {
 
-Tensor param(const Shape& shape, double std) {
-  MemoryCategoryScope scope(MemoryCategory::parameter);
-  Tensor t = Tensor::randn(shape);
-  float* d = t.data<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) d[i] = static_cast<float>(d[i] * std);
-  return t;
-}
-Tensor constant(const Shape& shape, double value) {
-  MemoryCategoryScope scope(MemoryCategory::parameter);
-  return Tensor::full(shape, value);
-}
-
 // A module whose forward is (x, temb) -> (x, skips) or (x, skips, temb) -> x: the paths.
 class Path final : public Module {
  public:
@@ -46,10 +34,10 @@ UnetConfig unet_config(const std::string& name) {
 
 ConvUnit::ConvUnit(int64_t cin, int64_t cout, int64_t groups_, double dropout_, double init_std)
     : UnaryModule("ConvUnit"), groups(groups_), dropout(dropout_) {
-  gn_weight = register_parameter("gn_weight", constant({cin}, 1.0));
-  gn_bias = register_parameter("gn_bias", constant({cin}, 0.0));
-  weight = register_parameter("weight", param({cout, cin, 3, 3}, init_std));
-  bias = register_parameter("bias", constant({cout}, 0.0));
+  gn_weight = register_parameter("gn_weight", nn::init_constant({cin}, 1.0));
+  gn_bias = register_parameter("gn_bias", nn::init_constant({cin}, 0.0));
+  weight = register_parameter("weight", nn::init_normal({cout, cin, 3, 3}, init_std));
+  bias = register_parameter("bias", nn::init_constant({cout}, 0.0));
   set_checkpoint_level_of_module(1);
 }
 
@@ -62,7 +50,7 @@ ResBlock::ResBlock(int64_t cin, int64_t cout, int64_t temb, const UnetConfig& cf
   unit1 = register_module("unit1", std::make_shared<ConvUnit>(cin, cout, cfg.groups, 0.0, std::sqrt(1.0 / (9.0 * cin))));
   temb_proj = register_module("temb_proj", std::make_shared<nn::Linear>(temb, cout));
   unit2 = register_module("unit2", std::make_shared<ConvUnit>(cout, cout, cfg.groups, cfg.dropout, std::sqrt(0.1 / (9.0 * cout))));
-  if (cin != cout) skip_weight = register_parameter("skip_weight", param({cout, cin, 1, 1}, std::sqrt(1.0 / cin)));
+  if (cin != cout) skip_weight = register_parameter("skip_weight", nn::init_normal({cout, cin, 1, 1}, std::sqrt(1.0 / cin)));
   set_checkpoint_level_of_module(2);
 }
 
@@ -76,8 +64,8 @@ Tensor ResBlock::operator()(const Tensor& x, const Tensor& temb) {
 }
 
 AttnBlock::AttnBlock(int64_t c, const UnetConfig& cfg) : UnaryModule("AttnBlock"), groups(cfg.groups), heads(cfg.heads) {
-  gn_weight = register_parameter("gn_weight", constant({c}, 1.0));
-  gn_bias = register_parameter("gn_bias", constant({c}, 0.0));
+  gn_weight = register_parameter("gn_weight", nn::init_constant({c}, 1.0));
+  gn_bias = register_parameter("gn_bias", nn::init_constant({c}, 0.0));
   qkv = register_module("qkv", std::make_shared<nn::Linear>(c, 3 * c));
   proj = register_module("proj", std::make_shared<nn::Linear>(c, c, true, 0.02));
   set_checkpoint_level_of_module(2);
@@ -109,8 +97,8 @@ Unet::Unet(const UnetConfig& cfg) : Module("Unet"), config(cfg) {
   REMAT_CHECK(!cfg.mults.empty() && cfg.image % (1 << (cfg.mults.size() - 1)) == 0,
               "unet: expected the image side divisible by 2^(levels-1), got ", cfg.image);
   int64_t temb = 4 * cfg.base;
-  conv_in_w = register_parameter("conv_in_w", param({cfg.base, 3, 3, 3}, std::sqrt(1.0 / 27.0)));
-  conv_in_b = register_parameter("conv_in_b", constant({cfg.base}, 0.0));
+  conv_in_w = register_parameter("conv_in_w", nn::init_normal({cfg.base, 3, 3, 3}, std::sqrt(1.0 / 27.0)));
+  conv_in_b = register_parameter("conv_in_b", nn::init_constant({cfg.base}, 0.0));
   time_in = register_module("time_in", std::make_shared<nn::Linear>(cfg.base, temb));
   time_out = register_module("time_out", std::make_shared<nn::Linear>(temb, temb));
   label_embed = register_module("label_embed", std::make_shared<nn::Embedding>(cfg.classes, temb));

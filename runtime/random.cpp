@@ -1,6 +1,8 @@
 // The global random stream (per thread, so test threads do not interfere).
 #include "runtime/random.h"
 
+#include "kernels/common/philox.h"
+
 namespace remat {
 
 namespace {
@@ -16,5 +18,13 @@ RngState next_rng(uint64_t count) {
   t_state.offset += (count + 3) / 4;
   return start;
 }
+
+uint32_t RandomStream::next_bits() {
+  uint32_t bits = philox::bits_at(state_.seed, state_.offset / 4, state_.offset % 4);
+  ++state_.offset;
+  return bits;
+}
+
+float RandomStream::uniform() { return philox::uniform_from_bits(next_bits()); }
 
 }  // namespace remat

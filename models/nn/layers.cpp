@@ -5,37 +5,36 @@
 
 namespace remat::nn {
 
-namespace {
-Tensor normal(const Shape& shape, double std) {
+Tensor init_normal(const Shape& shape, double std) {
   MemoryCategoryScope scope(MemoryCategory::parameter);
   Tensor t = Tensor::randn(shape);
   float* p = t.data<float>();
   for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<float>(p[i] * std);
   return t;
 }
-Tensor constant(const Shape& shape, double value) {
+
+Tensor init_constant(const Shape& shape, double value) {
   MemoryCategoryScope scope(MemoryCategory::parameter);
   return Tensor::full(shape, value);
 }
-}  // namespace
 
 Linear::Linear(int64_t in, int64_t out, bool has_bias, double init_std) : UnaryModule("Linear") {
   REMAT_CHECK(in > 0 && out > 0, "Linear: expected positive sizes, got ", in, " -> ", out);
-  weight = register_parameter("weight", normal({out, in}, init_std));
-  if (has_bias) bias = register_parameter("bias", constant({out}, 0.0));
+  weight = register_parameter("weight", init_normal({out, in}, init_std));
+  if (has_bias) bias = register_parameter("bias", init_constant({out}, 0.0));
 }
 
 Tensor Linear::forward(const Tensor& x) { return linear(x, weight, bias); }
 
 LayerNorm::LayerNorm(int64_t channels, double eps_) : UnaryModule("LayerNorm"), eps(eps_) {
-  weight = register_parameter("weight", constant({channels}, 1.0));
-  bias = register_parameter("bias", constant({channels}, 0.0));
+  weight = register_parameter("weight", init_constant({channels}, 1.0));
+  bias = register_parameter("bias", init_constant({channels}, 0.0));
 }
 
 Tensor LayerNorm::forward(const Tensor& x) { return layer_norm(x, weight, bias, eps); }
 
 Embedding::Embedding(int64_t vocab, int64_t channels, double init_std) : UnaryModule("Embedding") {
-  weight = register_parameter("weight", normal({vocab, channels}, init_std));
+  weight = register_parameter("weight", init_normal({vocab, channels}, init_std));
 }
 
 Tensor Embedding::forward(const Tensor& idx) { return embedding(idx, weight); }

@@ -21,9 +21,9 @@ class UnaryModule : public Module {
   }
 };
 
-struct InitOptions {
-  double std = 0.02;  // GPT-2: normal(0, 0.02) for weights
-};
+// Parameter initialisers, counted as parameter memory: normal(0, std), and a constant.
+Tensor init_normal(const Shape& shape, double std);
+Tensor init_constant(const Shape& shape, double value);
 
 // y = x W^T + b, W [out, in].
 class Linear final : public UnaryModule {
