@@ -58,14 +58,15 @@ Tensor sample_images(const SampleOptions& o) {
     Tensor t = Tensor::full({o.n}, 1.0 - k * dt);
     x = sub(x, mul_scalar(task->velocity(x, t, y), dt));
   }
-  write_png_grid(o.out, x, columns);
+  write_png_grid(o.out, x, columns, o.scale);
   return x;
 }
 
-void write_png_grid(const std::string& path, const Tensor& images, int64_t columns) {
+void write_png_grid(const std::string& path, const Tensor& images, int64_t columns, int scale) {
   REMAT_CHECK(images.dim() == 4 && images.size(1) == 3, "write_png_grid: expected images [N, 3, S, S], got ",
               shape_str(images.shape()));
-  int64_t n = images.size(0), s = images.size(2), gap = 2, rows = (n + columns - 1) / columns;
+  REMAT_CHECK(scale >= 1 && scale <= 16, "write_png_grid: expected a scale in 1..16, got ", scale);
+  int64_t n = images.size(0), s = images.size(2) * scale, gap = 2 * scale, rows = (n + columns - 1) / columns;
   int64_t width = columns * (s + gap) + gap, height = rows * (s + gap) + gap;
   std::vector<uint8_t> rgb(static_cast<size_t>(width * height * 3), 32);
   auto px = images.to_vector<float>();
@@ -74,7 +75,8 @@ void write_png_grid(const std::string& path, const Tensor& images, int64_t colum
     for (int64_t c = 0; c < 3; ++c)
       for (int64_t y = 0; y < s; ++y)
         for (int64_t x = 0; x < s; ++x) {
-          float v = std::clamp((px[((i * 3 + c) * s + y) * s + x] + 1.0f) * 0.5f, 0.0f, 1.0f);
+          int64_t src = images.size(2), sy = y / scale, sx = x / scale;
+          float v = std::clamp((px[((i * 3 + c) * src + sy) * src + sx] + 1.0f) * 0.5f, 0.0f, 1.0f);
           rgb[((oy + y) * width + ox + x) * 3 + c] = static_cast<uint8_t>(std::lround(v * 255.0f));
         }
   }

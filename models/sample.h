@@ -16,12 +16,13 @@ struct SampleOptions {
   int64_t n = 16;
   int steps = 32;
   uint64_t seed = 0;
+  int scale = 1;        // enlarge each pixel to scale x scale in the PNG
 };
 
 // Returns the images [n, 3, S, S] in [-1, 1] and writes the PNG grid (atomically).
 Tensor sample_images(const SampleOptions& options);
 
 // An RGB PNG of images [N, 3, S, S] in [-1, 1], laid out in a grid of `columns` with 2-pixel gaps.
-void write_png_grid(const std::string& path, const Tensor& images, int64_t columns);
+void write_png_grid(const std::string& path, const Tensor& images, int64_t columns, int scale = 1);
 
 }  // namespace remat

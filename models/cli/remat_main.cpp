@@ -82,6 +82,7 @@ int main(int argc, char** argv) {
   sample->add_option("--n", so.n, "number of images")->capture_default_str();
   sample->add_option("--steps", so.steps, "Euler steps from noise to image")->capture_default_str();
   sample->add_option("--seed", so.seed, "seed of the starting noise")->capture_default_str();
+  sample->add_option("--scale", so.scale, "enlarge each pixel to scale x scale (1..16)")->capture_default_str();
 
   if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" && std::string(argv[1]) != "ops" &&
       std::string(argv[1]) != "sample") {
