@@ -1,7 +1,8 @@
-// Checkpoint regions as tape segments. A region is a contiguous range of tape nodes; when it
-// closes, its policy drops the saved slots of values produced inside it. In backward, the first
-// unpack of a dropped slot replays, from the recorded nodes, only what the region's remaining
-// dropped slots depend on; rebuilt tensors are freed right after their last backward consumer.
+// Checkpoint regions as tape segments. A region is a contiguous range of tape nodes; its policy
+// decides for each op as it is recorded, and saved slots of values it will not keep are dropped as
+// soon as they are created (at close, the inputs of nested regions produced inside follow). In
+// backward, the first unpack of a dropped slot replays, from the recorded nodes, only what the
+// region's remaining dropped slots depend on; rebuilt tensors are freed after their last consumer.
 #pragma once
 
 #include <array>
