@@ -61,6 +61,13 @@ Module* Module::find(const std::string& path) {
   return nullptr;
 }
 
+void Module::to(Device device) {
+  for (Tensor& p : parameters()) {
+    p.zero_grad();
+    p.storage()->move_to(device);
+  }
+}
+
 void Module::train(bool on) {
   training_ = on;
   for (auto& [name, child] : children_) child->train(on);

@@ -52,6 +52,9 @@ class Module {
 
   void train(bool on = true);  // recursive
   void eval() { train(false); }
+  // Moves every parameter below this module to `device`, in place (the layers' handles follow);
+  // gradients are dropped.
+  void to(Device device);
   bool is_training() const { return training_; }
 
   // 0: never checkpointed by level; 1 single layers ... 5 whole encoders (see docs/policies.md).

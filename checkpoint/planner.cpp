@@ -85,7 +85,9 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
            s.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - *start).count();
          }}));
   }
-  Allocator& alloc = allocator_for(Device::cpu());
+  // Measured on the device that holds the model's parameters.
+  std::vector<Tensor> params = model_.parameters();
+  Allocator& alloc = allocator_for(params.empty() ? Device::cpu() : params.front().device());
   alloc.reset_peak();
   int64_t base = alloc.stats()[MemoryCategory::activation].current;
   Tensor loss;

@@ -18,9 +18,9 @@ OpKind parse_op(const std::string& name) {
 Backend& backend_for(Device device) {
   static CpuBackend cpu;
   if (device.is_cpu()) return cpu;
-  // The CUDA runtime (device discovery, allocator, copies) is built; its kernels are not yet.
-  REMAT_FAIL("no kernels for ", device.str(), " in this build: the cuda backend has none yet (",
-             cuda_built() ? "CUDA runtime built" : "built without CUDA", ")");
+  Backend* cuda = cuda_kernels();
+  REMAT_CHECK(cuda, "no kernels for ", device.str(), ": remat was built without CUDA (meson option -Dcuda)");
+  return *cuda;
 }
 
 Backend& backend_for(OpKind op, Device device) {

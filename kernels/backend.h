@@ -103,6 +103,9 @@ class Backend {
   virtual double sum_squares(const Tensor& x) = 0;
 };
 
+// The CUDA kernels (kernels/cuda/), or null in a build without CUDA.
+Backend* cuda_kernels();
+
 // The backend of a device; throws when that backend is not built.
 Backend& backend_for(Device device);
 // Throws "<backend> has no kernel for op <name>" when the device's backend lacks the op.

@@ -35,7 +35,7 @@ class GptTask final : public TrainTask {
   Module& model() override { return model_; }
   Tensor next_loss() override {
     auto [x, y] = data_.batch(config_.batch, config_.seq_len);
-    return model_.loss(x, y);
+    return model_.loss(x.to(device()), y.to(device()));
   }
   double items_per_step() const override { return static_cast<double>(config_.batch * config_.seq_len); }
   const char* item_name() const override { return "tokens"; }
@@ -74,6 +74,7 @@ class FlowTask final : public TrainTask {
   Module& model() override { return model_; }
   Tensor next_loss() override {
     auto [x0, labels] = data_.batch(config_.batch);
+    x0 = x0.to(device()), labels = labels.to(device());
     return rectified_flow_loss([this](const Tensor& x, const Tensor& t, const Tensor& y) { return model_.forward(x, t, y); },
                                x0, labels);
   }

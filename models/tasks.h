@@ -30,6 +30,17 @@ class TrainTask {
   virtual int64_t image_size() const { return 0; }
   virtual double reference_loss() const { return 0; }
   virtual double uniform_loss() const { return 0; }
+
+  // Moves the model's parameters to `device`; batches are drawn on the host (the same data on
+  // every device) and moved there.
+  void to(Device device) {
+    model().to(device);
+    device_ = device;
+  }
+  Device device() const { return device_; }
+
+ private:
+  Device device_ = Device::cpu();
 };
 
 // model: gpt, dit or unet. overrides: config fields by name (see `remat train --help`).

@@ -80,7 +80,6 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
   if (o.policy.empty()) o.policy = "none";
   REMAT_CHECK(o.steps > 0, "expected --steps >= 1, got ", o.steps);
   Device device = parse_device(o.device);
-  REMAT_CHECK(device.is_cpu(), "device ", device.str(), ": training runs on cpu until the CUDA kernels land");
   PolicySpec policy = parse_policy(o.policy);
   if (!o.out.empty()) {
     std::error_code ec;
@@ -96,6 +95,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
 
   std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
                                                       : make_task_from_json(o.model, resumed.at("config"), o.seed);
+  task->to(device);
   Module& model = task->model();
   model.train();
   // A budget is planned on the first step of this run (a normal training step, recorded).

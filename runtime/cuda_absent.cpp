@@ -16,4 +16,9 @@ void cuda_copy_bytes(void*, Device dst, const void*, Device src, size_t) {
   REMAT_FAIL("copy from ", src.str(), " to ", dst.str(), ": remat was built without CUDA");
 }
 
+void cuda_memset_zero(void*, Device device, size_t) { REMAT_FAIL(device.str(), ": remat was built without CUDA"); }
+void cuda_synchronize(int index) { REMAT_FAIL("cuda:", index, ": remat was built without CUDA"); }
+void cuda_empty_cache(int index) { REMAT_FAIL("cuda:", index, ": remat was built without CUDA"); }
+int64_t cuda_segment_count(int index) { REMAT_FAIL("cuda:", index, ": remat was built without CUDA"); }
+
 }  // namespace remat

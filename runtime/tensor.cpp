@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/backend.h"
 #include "kernels/common/philox.h"
+#include "runtime/cuda_backend.h"
 #include "runtime/half.h"
 #include "runtime/random.h"
 
@@ -16,6 +18,15 @@ Storage::Storage(size_t bytes, Device device, MemoryCategory category)
 }
 
 Storage::~Storage() { allocator_for(device_).deallocate(data_, bytes_, category_); }
+
+void Storage::move_to(Device device) {
+  if (device == device_) return;
+  void* moved = allocator_for(device).allocate(bytes_, category_);
+  copy_bytes(moved, device, data_, device_, bytes_);
+  allocator_for(device_).deallocate(data_, bytes_, category_);
+  data_ = moved;
+  device_ = device;
+}
 
 namespace {
 
@@ -132,7 +143,7 @@ bool Tensor::is_contiguous() const {
 
 std::string Tensor::meta_str() const {
   if (!defined_) return "undefined";
-  return std::string(dtype_name(dtype_)) + shape_str(shape_) + " on " + device_.str();
+  return std::string(dtype_name(dtype_)) + shape_str(shape_) + " on " + device().str();
 }
 
 void* Tensor::raw_data() const {
@@ -149,7 +160,7 @@ Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) 
   t.strides_ = strides;
   t.offset_ = offset;
   t.dtype_ = dtype_;
-  t.device_ = device_;
+  t.device_ = device();
   t.defined_ = true;
   return t;
 }
@@ -157,9 +168,8 @@ Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) 
 Tensor Tensor::as_contiguous() const {
   REMAT_CHECK(defined_, "as_contiguous: the tensor is undefined");
   if (is_contiguous()) return detach();
-  REMAT_CHECK(device_.is_cpu(), "as_contiguous: strided copies on ", device_.str(),
-              " go through the backend's copy kernel; call contiguous() instead");
-  Tensor out = empty(shape_, dtype_, device_);
+  if (!device().is_cpu()) return backend_for(device()).copy_strided(*this);
+  Tensor out = empty(shape_, dtype_, device());
   gather_strided(static_cast<char*>(out.raw_data()), static_cast<const char*>(raw_data()), shape_, strides_,
                  dtype_size(dtype_));
   return out;
@@ -167,16 +177,16 @@ Tensor Tensor::as_contiguous() const {
 
 Tensor Tensor::clone() const {
   Tensor src = as_contiguous();
-  Tensor out = empty(shape_, dtype_, device_);
-  copy_bytes(out.raw_data(), device_, src.raw_data(), device_, nbytes());
+  Tensor out = empty(shape_, dtype_, device());
+  copy_bytes(out.raw_data(), device(), src.raw_data(), device(), nbytes());
   return out;
 }
 
 Tensor Tensor::to(Device device) const {
-  if (device == device_) return *this;
+  if (device == this->device()) return *this;
   Tensor src = as_contiguous();
   Tensor out = empty(shape_, dtype_, device);
-  copy_bytes(out.raw_data(), device, src.raw_data(), device_, nbytes());
+  copy_bytes(out.raw_data(), device, src.raw_data(), this->device(), nbytes());
   return out;
 }
 
@@ -185,7 +195,7 @@ Tensor Tensor::to(DType dtype) const {
   Tensor src = as_contiguous().to(Device::cpu());
   Tensor out = empty(shape_, dtype, Device::cpu());
   for (int64_t i = 0; i < numel(); ++i) store_from_double(out.raw_data(), dtype, i, load_as_double(src.raw_data(), dtype_, i));
-  return device_.is_cpu() ? out : out.to(device_);
+  return device().is_cpu() ? out : out.to(device());
 }
 
 template <typename T>
@@ -210,14 +220,16 @@ void Tensor::copy_(const Tensor& src) {
               shape_str(src.shape()));
   REMAT_CHECK(is_contiguous(), "copy_: destination must be contiguous, got a strided view");
   Tensor s = src.dtype() == dtype_ ? src.as_contiguous() : src.to(dtype_);
-  copy_bytes(raw_data(), device_, s.raw_data(), s.device(), nbytes());
+  copy_bytes(raw_data(), device(), s.raw_data(), s.device(), nbytes());
   if (storage_) storage_->bump_version();
 }
 
 void Tensor::fill_(double value) {
   REMAT_CHECK(is_contiguous(), "fill_: expected a contiguous tensor");
-  if (device_.is_cpu()) {
+  if (device().is_cpu()) {
     for (int64_t i = 0; i < numel(); ++i) store_from_double(raw_data(), dtype_, i, value);
+  } else if (value == 0.0) {
+    cuda_memset_zero(raw_data(), device(), nbytes());  // all-zero bits are 0 in every dtype
   } else {
     copy_(full(shape_, value, dtype_, Device::cpu()));
   }

@@ -31,6 +31,9 @@ class Storage {
   MemoryCategory category() const { return category_; }
   uint64_t version() const { return version_; }
   void bump_version() { ++version_; }
+  // Moves the bytes to another device in place: every tensor and view over this storage follows
+  // (how Module::to moves parameters that layers hold by handle).
+  void move_to(Device device);
 
  private:
   void* data_ = nullptr;
@@ -76,7 +79,7 @@ class Tensor {
   int64_t size(int64_t axis) const;
   int64_t numel() const { return numel_of(shape_); }
   DType dtype() const { return dtype_; }
-  Device device() const { return device_; }
+  Device device() const { return storage_ ? storage_->device() : device_; }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   bool is_contiguous() const;
   const std::shared_ptr<Storage>& storage() const { return storage_; }

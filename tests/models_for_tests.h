@@ -58,7 +58,7 @@ inline std::vector<std::vector<char>> grad_bytes(const std::vector<Tensor>& leav
     Tensor g = t.grad();
     std::vector<char> bytes;
     if (g.defined()) {
-      Tensor c = g.as_contiguous();
+      Tensor c = g.as_contiguous().to(Device::cpu());
       bytes.resize(c.nbytes());
       std::memcpy(bytes.data(), c.raw_data(), c.nbytes());
     }

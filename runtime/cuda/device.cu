@@ -1,9 +1,10 @@
-// CUDA device discovery, the device allocator and host/device copies.
+// CUDA device discovery, the per-device caching allocators, copies and synchronisation.
 #include <cstdio>
 #include <memory>
 #include <mutex>
 #include <vector>
 
+#include "runtime/cuda/caching_allocator.h"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda_backend.h"
 
@@ -27,44 +28,16 @@ std::string cuda_device_name(int index) {
   return prop.name;
 }
 
-namespace {
-
-// Device memory straight from cudaMalloc, counted like the CPU allocator.
-class CudaAllocator final : public Allocator {
- public:
-  explicit CudaAllocator(int index) : index_(index) {}
-  Device device() const override { return Device::cuda(index_); }
-
- protected:
-  void* raw_allocate(size_t bytes) override {
-    REMAT_CUDA_CHECK(cudaSetDevice(index_));
-    void* ptr = nullptr;
-    cudaError_t status = cudaMalloc(&ptr, bytes);
-    if (status != cudaSuccess) {
-      cudaGetLastError();
-      MemoryStats s = stats();
-      REMAT_FAIL("out of memory on cuda:", index_, ": requested ", bytes, " bytes, allocated ", s.total.current,
-                 ", reserved ", s.reserved, ", peak ", s.total.peak);
-    }
-    return ptr;
-  }
-  void raw_deallocate(void* ptr, size_t) noexcept override { REMAT_CUDA_CHECK_NOTHROW(cudaFree(ptr)); }
-
- private:
-  int index_;
-};
-
-}  // namespace
-
 Allocator* cuda_allocator(int index) {
   static std::mutex mutex;
-  static std::vector<std::unique_ptr<CudaAllocator>> allocators;
+  // Never destroyed: tensors in static storage may still free into it during exit.
+  static auto* allocators = new std::vector<std::unique_ptr<CachingAllocator>>();
   std::lock_guard lock(mutex);
   int count = cuda_device_count();
   REMAT_CHECK(index >= 0 && index < count, "cuda:", index, " requested, but ", count, " CUDA device(s) found");
-  if (allocators.empty()) allocators.resize(count);
-  if (!allocators[index]) allocators[index] = std::make_unique<CudaAllocator>(index);
-  return allocators[index].get();
+  if (allocators->empty()) allocators->resize(count);
+  if (!(*allocators)[index]) (*allocators)[index] = std::make_unique<CachingAllocator>(index);
+  return (*allocators)[index].get();
 }
 
 void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
@@ -73,5 +46,19 @@ void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_d
                                               : cudaMemcpyDeviceToDevice;
   REMAT_CUDA_CHECK(cudaMemcpy(dst, src, n, kind));
 }
+
+void cuda_memset_zero(void* dst, Device device, size_t n) {
+  REMAT_CUDA_CHECK(cudaSetDevice(device.index));
+  REMAT_CUDA_CHECK(cudaMemsetAsync(dst, 0, n));
+}
+
+void cuda_synchronize(int index) {
+  REMAT_CUDA_CHECK(cudaSetDevice(index));
+  REMAT_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void cuda_empty_cache(int index) { static_cast<CachingAllocator*>(cuda_allocator(index))->empty_cache(); }
+
+int64_t cuda_segment_count(int index) { return static_cast<CachingAllocator*>(cuda_allocator(index))->segment_count(); }
 
 }  // namespace remat

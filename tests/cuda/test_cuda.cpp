@@ -1,13 +1,26 @@
-// CUDA suite ([cuda]): exits 77 (skipped) on a machine without a GPU; listing works anywhere.
+// CUDA suite ([cuda]): every op against the CPU, dropout masks and integer ops exact, gradients
+// under every policy bitwise equal to none on the GPU, the caching allocator's counters, and a
+// short training run. Exits 77 (skipped) on a machine without a GPU; listing works anywhere.
 #define CATCH_CONFIG_RUNNER
 #include <catch.hpp>
+#include <cmath>
 #include <cstdio>
 #include <string>
 
+#include "../models_for_tests.h"
+#include "../op_cases.h"
+#include "checkpoint/planner.h"
+#include "models/dit.h"
+#include "models/gpt.h"
+#include "models/images.h"
+#include "models/train.h"
+#include "models/unet.h"
 #include "remat.h"
 #include "runtime/cuda_backend.h"
 
 using namespace remat;
+using namespace remat::testing;
+using Catch::Matchers::Contains;
 
 int main(int argc, char** argv) {
   bool listing = false;
@@ -20,23 +33,309 @@ int main(int argc, char** argv) {
   return Catch::Session().run(argc, argv);
 }
 
-TEST_CASE("cuda allocator counts a round trip of bytes exactly", "[cuda]") {
-  Device gpu = Device::cuda(0);
-  reset_peak_memory(gpu);
-  MemoryStats before = memory_stats(gpu);
-  {
-    Tensor host = Tensor::arange(1000, DType::f32);
-    Tensor dev = host.to(gpu);
-    MemoryStats during = memory_stats(gpu);
-    CHECK(during.total.current - before.total.current == 4000);
-    CHECK(dev.to(Device::cpu()).to_vector<float>() == host.to_vector<float>());
-  }
-  MemoryStats after = memory_stats(gpu);
-  CHECK(after.total.current == before.total.current);
-  CHECK(after.total.peak - before.total.current == 4000);
+namespace {
+
+const Device kGpu = Device::cuda(0);
+
+// A leaf copy of `t` in `dtype` (floating inputs only) on `device`, requiring grad when `t` does.
+Tensor leaf_on(const Tensor& t, Device device, DType dtype) {
+  Tensor c = (is_floating(t.dtype()) ? t.to(dtype) : t).to(device).clone().detach();
+  if (t.requires_grad()) c.set_requires_grad(true);
+  return c;
 }
 
-TEST_CASE("cuda device discovery names the device", "[cuda]") {
-  REQUIRE(cuda_device_count() > 0);
-  CHECK(!cuda_device_name(0).empty());
+struct Outcome {
+  std::vector<double> out;
+  std::vector<std::vector<double>> grads;
+};
+
+// Runs the case on `device` in `dtype`: the output, and the gradients of sum(out * w) for fixed
+// weights w that differ per element (so a permuted gradient cannot pass).
+Outcome evaluate(const OpCase& c, Device device, DType dtype) {
+  std::vector<Tensor> in;
+  for (const Tensor& t : c.inputs) in.push_back(leaf_on(t, device, dtype));
+  set_rng_state({4242, 0});
+  Tensor out = c.f(in);
+  std::vector<double> w(out.numel());
+  for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.7 * static_cast<double>(i) + 0.3);
+  Tensor weights = Tensor::from_vector(w, out.shape()).to(dtype).to(device);
+  backward(sum(mul(out, weights)));
+  Outcome r;
+  r.out = out.to_vector<double>();
+  for (const Tensor& t : in)
+    if (t.requires_grad()) r.grads.push_back(t.grad().defined() ? t.grad().to_vector<double>() : std::vector<double>{});
+  return r;
+}
+
+struct Tolerance {
+  double atol, rtol;
+};
+
+// f64 differs from the CPU only by libm-vs-CUDA rounding and summation order; f32 by the same
+// at single precision, and bf16 by its 8-bit mantissa.
+Tolerance tolerance(DType dtype) {
+  switch (dtype) {
+    case DType::f64: return {1e-9, 1e-8};
+    case DType::f32: return {2e-4, 2e-3};
+    default: return {5e-2, 5e-2};
+  }
+}
+
+// "" when every element is within tolerance, else the worst element.
+std::string compare(const std::vector<double>& cpu, const std::vector<double>& gpu, Tolerance tol) {
+  if (cpu.size() != gpu.size()) return "size " + std::to_string(cpu.size()) + " vs " + std::to_string(gpu.size());
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    double excess = std::abs(cpu[i] - gpu[i]) - (tol.atol + tol.rtol * std::abs(cpu[i]));
+    bool nan_mismatch = std::isnan(cpu[i]) != std::isnan(gpu[i]);
+    if (nan_mismatch || excess > worst) {
+      worst = nan_mismatch ? INFINITY : excess;
+      at = i;
+    }
+  }
+  if (worst <= 0) return "";
+  return "element " + std::to_string(at) + ": cpu " + std::to_string(cpu[at]) + ", cuda " + std::to_string(gpu[at]);
+}
+
+void check_parity(const OpCase& c, DType dtype) {
+  Outcome cpu = evaluate(c, Device::cpu(), dtype), gpu = evaluate(c, kGpu, dtype);
+  INFO(c.description << " in " << dtype_name(dtype));
+  CHECK(compare(cpu.out, gpu.out, tolerance(dtype)) == "");
+  REQUIRE(cpu.grads.size() == gpu.grads.size());
+  for (size_t i = 0; i < cpu.grads.size(); ++i) {
+    INFO("gradient of input " << i);
+    CHECK(compare(cpu.grads[i], gpu.grads[i], tolerance(dtype)) == "");
+  }
+}
+
+Tensor ids(int64_t n, int64_t vocab, int64_t stride) {
+  std::vector<int64_t> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = (i * stride + 3) % vocab;
+  return Tensor::from_vector(v, {n});
+}
+
+// Shapes that cross the kernels' tiles, blocks and chunks (the catalogue's cases are tiny).
+std::vector<OpCase> large_cases() {
+  auto attn = [](bool causal) { return [causal](auto& in) { return attention(in[0], in[1], in[2], causal); }; };
+  return {
+      {"attention causal T 100 D 64", attn(true), {randn64({1, 2, 100, 64}), randn64({1, 2, 100, 64}), randn64({1, 2, 100, 64})}},
+      {"attention T 70 D 128", attn(false), {randn64({2, 1, 70, 128}), randn64({2, 1, 70, 128}), randn64({2, 1, 70, 128})}},
+      {"attention causal T 33 D 5", attn(true), {randn64({1, 3, 33, 5}), randn64({1, 3, 33, 5}), randn64({1, 3, 33, 5})}},
+      {"layer_norm [600, 300]", [](auto& in) { return layer_norm(in[0], in[1], in[2]); },
+       {randn64({600, 300}), randn64({300}), randn64({300})}},
+      {"softmax [7, 1000]", [](auto& in) { return softmax(in[0]); }, {randn64({7, 1000})}},
+      {"cross_entropy [33, 5000]", [](auto& in) { return cross_entropy(in[0], in[1]); }, {randn64({33, 5000}), ids(33, 5000, 977)}},
+      {"sum of 5000 (one block)", [](auto& in) { return sum(in[0]); }, {randn64({5000})}},
+      {"sum over rows [300, 200]", [](auto& in) { return sum(in[0], {0}); }, {randn64({300, 200})}},
+      {"max over the middle axis", [](auto& in) { return max(in[0], {1}); }, {randn64({4, 1500, 3})}},
+      {"linear [2, 37, 65] -> 129", [](auto& in) { return linear(in[0], in[1], in[2]); },
+       {randn64({2, 37, 65}), randn64({129, 65}), randn64({129})}},
+      {"matmul [4, 65, 33] @ [33, 17]", [](auto& in) { return matmul(in[0], in[1]); }, {randn64({4, 65, 33}), randn64({33, 17})}},
+      {"conv2d 3x3 [2, 8, 16, 16] -> 16", [](auto& in) { return conv2d(in[0], in[1], in[2], 1, 1); },
+       {randn64({2, 8, 16, 16}), randn64({16, 8, 3, 3}), randn64({16})}},
+      {"conv2d stride 2", [](auto& in) { return conv2d(in[0], in[1], in[2], 2, 1); },
+       {randn64({1, 4, 9, 9}), randn64({6, 4, 3, 3}), randn64({6})}},
+      {"group_norm [2, 32, 8, 8] in 8 groups", [](auto& in) { return group_norm(in[0], in[1], in[2], 8); },
+       {randn64({2, 32, 8, 8}), randn64({32}), randn64({32})}},
+      {"embedding 300 ids of 50", [](auto& in) { return embedding(in[0], in[1]); }, {ids(300, 50, 7), randn64({50, 16})}},
+      {"modulate [3, 40, 64]", [](auto& in) { return modulate(in[0], in[1], in[2]); },
+       {randn64({3, 40, 64}), randn64({3, 64}), randn64({3, 64})}},
+      {"gelu of 100000", [](auto& in) { return gelu(in[0]); }, {randn64({100000})}},
+  };
+}
+
+}  // namespace
+
+TEST_CASE("every op's forward and backward on cuda match the cpu in f64 and f32", "[cuda][op]") {
+  manual_seed(17);
+  for (int i = 0; i < kOpCount; ++i) {
+    OpKind op = static_cast<OpKind>(i);
+    DYNAMIC_SECTION(op_name(op)) {
+      std::vector<OpCase> cases = cases_for(op);
+      REQUIRE_FALSE(cases.empty());
+      for (const OpCase& c : cases)
+        for (DType dtype : {DType::f64, DType::f32}) check_parity(c, dtype);
+    }
+  }
+}
+
+TEST_CASE("ops on shapes that cross tiles and blocks match the cpu", "[cuda][op]") {
+  manual_seed(18);
+  for (const OpCase& c : large_cases())
+    for (DType dtype : {DType::f64, DType::f32}) check_parity(c, dtype);
+}
+
+TEST_CASE("dropout masks, embedding rows and their gradients are exact across devices", "[cuda][op]") {
+  manual_seed(19);
+  Tensor x = Tensor::randn({1000, 37});
+  set_rng_state({77, 5});
+  Tensor on_cpu = dropout(x, 0.3);
+  set_rng_state({77, 5});
+  Tensor on_gpu = dropout(x.to(kGpu), 0.3);
+  CHECK(on_cpu.to_vector<float>() == on_gpu.to_vector<float>());  // same mask, same scaling: the same bits
+
+  Tensor idx = ids(300, 50, 7), w = Tensor::randn({50, 16});
+  Tensor wg = w.to(kGpu).clone().detach().set_requires_grad(true), wc = w.clone().detach().set_requires_grad(true);
+  Tensor dy = Tensor::randn({300, 16});
+  Tensor ec = embedding(idx, wc), eg = embedding(idx.to(kGpu), wg);
+  CHECK(ec.to_vector<float>() == eg.to_vector<float>());
+  backward(sum(mul(ec, dy)));
+  backward(sum(mul(eg, dy.to(kGpu))));
+  // Each row sums its tokens in position order on both devices; the products dy * 1 are exact.
+  CHECK(wc.grad().to_vector<float>() == wg.grad().to_vector<float>());
+}
+
+TEST_CASE("bad input on cuda gets the same clear errors as on the cpu", "[cuda][errors]") {
+  Tensor w = Tensor::randn({5, 4}).to(kGpu);
+  CHECK_THROWS_WITH(embedding(Tensor::from_vector(std::vector<int64_t>{1, 7}, {2}, kGpu), w),
+                    Contains("expected indices in [0, 5), got 7 at position 1"));
+  Tensor logits = Tensor::randn({2, 3}).to(kGpu);
+  CHECK_THROWS_WITH(cross_entropy(logits, Tensor::from_vector(std::vector<int64_t>{0, 3}, {2}, kGpu)),
+                    Contains("expected targets in [0, 3)"));
+  Tensor q = Tensor::randn({1, 1, 4, 129}).to(kGpu);
+  CHECK_THROWS_WITH(attention(q, q, q, true), Contains("head dims 1..128, got 129"));
+  CHECK_THROWS_WITH(add(Tensor::ones({2}), Tensor::ones({2}).to(kGpu)), Contains("cuda"));
+}
+
+namespace {
+
+GptConfig gpu_gpt() {
+  GptConfig c = gpt_config("tiny");
+  c.layers = 4;
+  c.dropout = 0.1;  // replays must redraw the same masks on the GPU too
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("gpt tiny gradients on cuda under every policy are bitwise equal to none", "[cuda][policy]") {
+  manual_seed(31);
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = ids(2 * 16, 64, 7).to(DType::i64), targets = ids(2 * 16, 64, 5);
+  idx = reshape(idx, {2, 16}).to(kGpu), targets = reshape(targets, {2, 16}).to(kGpu);
+  auto loss = [&] { return model.loss(idx, targets); };
+  auto plain = run_grads(model.parameters(), loss);
+  for (const auto& g : plain) CHECK_FALSE(g.empty());
+  for (const char* policy : {"full", "ops", "block_skip:2", "level:3", "sac:matmul,attention", "sqrt", "revolve:1"}) {
+    INFO(policy);
+    apply_policy(model, parse_policy(policy));
+    reset_checkpoint_counters();
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+  }
+  for (double percent : {25.0, 50.0, 75.0}) {
+    INFO("budget " << percent << "%");
+    BudgetPlanner planner(model, 0, percent);
+    for (Tensor& p : model.parameters()) p.zero_grad();
+    set_rng_state({1234, 0});
+    planner.plan(loss);
+    CHECK(run_grads(model.parameters(), loss) == plain);
+  }
+  remove_checkpointing(model);
+}
+
+TEST_CASE("dit and unet tiny gradients on cuda under their policies are bitwise equal to none", "[cuda][policy][diffusion]") {
+  manual_seed(32);
+  DitConfig dc = dit_config("tiny");
+  dc.ada_zero = false;
+  Dit dit(dc);
+  Unet unet(unet_config("tiny"));
+  dit.to(kGpu);
+  unet.to(kGpu);
+  ShapesTask data(8, 3);
+  auto [x0, labels] = data.batch(3);
+  x0 = x0.to(kGpu), labels = labels.to(kGpu);
+  auto flow = [&](auto& model) {
+    return [&model, x0, labels] {
+      set_rng_state({99, 0});
+      return rectified_flow_loss([&](const Tensor& x, const Tensor& t, const Tensor& y) { return model.forward(x, t, y); },
+                                 x0, labels);
+    };
+  };
+  auto dit_loss = flow(dit);
+  auto dit_plain = run_grads(dit.parameters(), dit_loss);
+  for (const char* policy : {"full", "ops", "block_skip:2", "level:3", "level:5", "sqrt", "revolve:1"}) {
+    INFO("dit " << policy);
+    apply_policy(dit, parse_policy(policy));
+    CHECK(run_grads(dit.parameters(), dit_loss) == dit_plain);
+  }
+  auto unet_loss = flow(unet);
+  auto unet_plain = run_grads(unet.parameters(), unet_loss);
+  for (const char* policy : {"level:1", "level:2", "level:3", "level:4", "level:5", "full"}) {
+    INFO("unet " << policy);
+    apply_policy(unet, parse_policy(policy));
+    CHECK(run_grads(unet.parameters(), unet_loss) == unet_plain);
+  }
+}
+
+TEST_CASE("the caching allocator counts requested bytes exactly and reuses its segments", "[cuda][memory]") {
+  Allocator& alloc = allocator_for(kGpu);
+  {
+    Tensor warm = Tensor::empty({1000}, DType::f32, kGpu);  // the first segment
+  }
+  reset_peak_memory(kGpu);
+  MemoryStats before = memory_stats(kGpu);
+  int64_t segments = cuda_segment_count(0);
+  {
+    Tensor a = Tensor::empty({1000}, DType::f32, kGpu);  // 4000 B
+    Tensor b = Tensor::empty({750}, DType::f32, kGpu);   // 3000 B
+    MemoryStats during = alloc.stats();
+    CHECK(during.total.current - before.total.current == 7000);
+    CHECK(during.total.allocated - before.total.allocated == 7000);
+    CHECK(during.reserved >= during.total.current);
+    CHECK(cuda_segment_count(0) == segments);  // both fit in the cached small segment
+  }
+  MemoryStats after = memory_stats(kGpu);
+  CHECK(after.total.current == before.total.current);
+  CHECK(after.total.peak - before.total.current == 7000);
+  CHECK(after.total.freed - before.total.freed == 7000);
+  // A large block comes back from the cache the second time: no new segment.
+  { Tensor big = Tensor::empty({16 << 20}, DType::u8, kGpu); }
+  int64_t with_big = cuda_segment_count(0);
+  { Tensor again = Tensor::empty({16 << 20}, DType::u8, kGpu); }
+  CHECK(cuda_segment_count(0) == with_big);
+  cuda_empty_cache(0);
+  CHECK(memory_stats(kGpu).reserved < after.reserved + (16 << 20));
+}
+
+TEST_CASE("out of memory on cuda reports requested, allocated, reserved and peak bytes", "[cuda][memory][errors]") {
+  Tensor live = Tensor::empty({1 << 20}, DType::f32, kGpu);
+  CHECK_THROWS_WITH(Tensor::empty({int64_t(1) << 50}, DType::u8, kGpu),
+                    Contains("out of memory on cuda:0: requested 1125899906842624 bytes") && Contains("allocated ") &&
+                        Contains("reserved ") && Contains("peak "));
+  // The allocator is still usable afterwards.
+  Tensor after = Tensor::ones({10}, DType::f32, kGpu);
+  CHECK(after.to_vector<float>() == std::vector<float>(10, 1.0f));
+}
+
+TEST_CASE("moving a model to cuda moves every parameter in place", "[cuda][module]") {
+  manual_seed(33);
+  Gpt model(gpt_config("tiny"));
+  std::vector<float> first = model.parameters().front().to_vector<float>();
+  model.to(kGpu);
+  for (const Tensor& p : model.parameters()) CHECK(p.device() == kGpu);
+  CHECK(model.parameters().front().to_vector<float>() == first);
+  model.to(Device::cpu());
+  CHECK(model.parameters().front().device().is_cpu());
+}
+
+TEST_CASE("gpt tiny trains on cuda and follows the cpu run", "[cuda][train]") {
+  TrainOptions o;
+  o.config = "tiny";
+  o.overrides["batch"] = 16;
+  o.overrides["dropout"] = 0;
+  o.steps = 30;
+  o.lr = 3e-3;
+  o.warmup = 5;
+  o.policy = "full";
+  TrainResult cpu = train(o);
+  o.device = "cuda:0";
+  TrainResult gpu = train(o);
+  REQUIRE(gpu.steps.size() == 30);
+  CHECK(gpu.steps.back().loss < gpu.steps.front().loss - 0.5);
+  // Same weights, data and schedule: the trajectories differ only by rounding.
+  for (size_t i = 0; i < 5; ++i) CHECK(gpu.steps[i].loss == Approx(cpu.steps[i].loss).epsilon(1e-3));
 }

@@ -1,0 +1,128 @@
+// CUDA GEMM through cuBLAS: batched matmul with transposed operands, and linear (GEMM + bias).
+// Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which is the
+// same memory. One handle per device with a fixed workspace: with a single stream this makes
+// cuBLAS pick the same kernels every call, so replays reproduce bits.
+#include <cublas_v2.h>
+
+#include <array>
+#include <mutex>
+
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_common.cuh"
+
+#define REMAT_CUBLAS_CHECK(expr) REMAT_STATUS_CHECK(expr, CUBLAS_STATUS_SUCCESS, cublasGetStatusString)
+
+namespace remat {
+
+namespace {
+
+using namespace cuda;
+
+constexpr size_t kCublasWorkspace = 32u << 20;  // cuBLAS's recommendation for Hopper
+
+cublasHandle_t handle_for(int device) {
+  static std::mutex mutex;
+  static std::array<cublasHandle_t, 64> handles{};
+  std::lock_guard lock(mutex);
+  REMAT_CHECK(device >= 0 && device < 64, "cublas: device index ", device, " out of range");
+  if (!handles[device]) {
+    REMAT_CUBLAS_CHECK(cublasCreate(&handles[device]));
+    // The workspace lives as long as the process and is counted under `workspace`.
+    void* workspace = allocator_for(Device::cuda(device)).allocate(kCublasWorkspace, MemoryCategory::workspace);
+    REMAT_CUBLAS_CHECK(cublasSetWorkspace(handles[device], workspace, kCublasWorkspace));
+    // No TF32: f32 GEMMs stay f32 so that results compare with the CPU.
+    REMAT_CUBLAS_CHECK(cublasSetMathMode(handles[device], CUBLAS_DEFAULT_MATH));
+  }
+  return handles[device];
+}
+
+struct Gemm {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda, stride_a;
+  const void* b;
+  int64_t ldb, stride_b;
+  void* c;
+  int64_t stride_c;
+  int64_t batch;
+};
+
+int checked_int(int64_t v, const char* what) {
+  REMAT_CHECK(v >= 0 && v <= INT32_MAX, "cublas: ", what, " = ", v, " exceeds the 32-bit range of cuBLAS");
+  return static_cast<int>(v);
+}
+
+void run_gemm(const Gemm& g, DType dtype, int device) {
+  cublasHandle_t h = handle_for(device);
+  cudaDataType_t type;
+  cublasComputeType_t compute;
+  float alpha32 = 1, beta32 = 0;
+  double alpha64 = 1, beta64 = 0;
+  const void *alpha = &alpha32, *beta = &beta32;
+  switch (dtype) {
+    case DType::f32: type = CUDA_R_32F, compute = CUBLAS_COMPUTE_32F; break;
+    case DType::f64: type = CUDA_R_64F, compute = CUBLAS_COMPUTE_64F, alpha = &alpha64, beta = &beta64; break;
+    case DType::bf16: type = CUDA_R_16BF, compute = CUBLAS_COMPUTE_32F; break;
+    default: REMAT_FAIL("matmul: the cuda backend multiplies f32, f64 or bf16, got ", dtype_name(dtype));
+  }
+  cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  REMAT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, op_b, op_a, checked_int(g.n, "n"), checked_int(g.m, "m"), checked_int(g.k, "k"), alpha, g.b, type,
+      checked_int(g.ldb, "ldb"), g.stride_b, g.a, type, checked_int(g.lda, "lda"), g.stride_a, beta, g.c, type,
+      checked_int(g.n, "ldc"), g.stride_c, checked_int(g.batch, "batch"), compute, CUBLAS_GEMM_DEFAULT));
+}
+
+template <typename T>
+__global__ void add_bias_kernel(T* y, const T* b, int64_t rows, int64_t cols) {
+  REMAT_GRID_STRIDE(i, rows * cols) y[i] = cast_to<T>(load(y, i) + load(b, i % cols));
+}
+
+}  // namespace
+
+Tensor CudaBackend::matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  set_device_of(a);
+  int64_t ra = a.size(-2), ca = a.size(-1), rb = b.size(-2), cb = b.size(-1);
+  int64_t m = trans_a ? ca : ra, n = trans_b ? rb : cb, k = trans_a ? ra : ca;
+  Shape out_shape(a.shape().begin(), a.shape().end() - 2);
+  out_shape.push_back(m);
+  out_shape.push_back(n);
+  Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
+  int64_t batch = ra * ca == 0 ? 0 : a.numel() / (ra * ca);
+  if (out.numel() == 0) return out;
+  if (k == 0) {
+    REMAT_CUDA_CHECK(cudaMemsetAsync(out.raw_data(), 0, out.nbytes()));
+    return out;
+  }
+  bool shared_b = b.dim() == 2;
+  run_gemm({trans_a, trans_b, m, n, k, a.raw_data(), ca, ra * ca, b.raw_data(), cb, shared_b ? 0 : rb * cb,
+            out.raw_data(), m * n, batch},
+           a.dtype(), a.device().index);
+  return out;
+}
+
+Tensor CudaBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+  set_device_of(x);
+  int64_t in = x.size(-1), rows = in == 0 ? 0 : x.numel() / in, out_features = w.size(0);
+  Shape out_shape = x.shape();
+  out_shape.back() = out_features;
+  Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
+  if (y.numel() == 0) return y;
+  if (in == 0) {
+    REMAT_CUDA_CHECK(cudaMemsetAsync(y.raw_data(), 0, y.nbytes()));
+  } else {
+    // y[R, O] = x[R, I] W[O, I]^T
+    run_gemm({false, true, rows, out_features, in, x.raw_data(), in, 0, w.raw_data(), in, 0, y.raw_data(), 0, 1},
+             x.dtype(), x.device().index);
+  }
+  if (b.defined()) {
+    int64_t n = rows * out_features;
+    dispatch(x.dtype(), "linear", [&]<typename T>() {
+      add_bias_kernel<T><<<blocks_for(n), kThreads>>>(y.data<T>(), b.data<T>(), rows, out_features);
+    });
+    REMAT_CUDA_LAUNCH_CHECK();
+  }
+  return y;
+}
+
+}  // namespace remat

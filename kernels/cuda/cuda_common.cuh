@@ -1,0 +1,99 @@
+// Device helpers shared by the CUDA kernels: dtype dispatch, accumulation types, launch shapes and
+// deterministic block reductions (fixed order for a fixed block size, so replays reproduce bits).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kernels/backend.h"
+#include "runtime/cuda/cuda_check.h"
+
+namespace remat {
+// bf16 tensors hand out __nv_bfloat16 pointers to device code.
+template <> struct dtype_of<__nv_bfloat16> { static constexpr DType value = DType::bf16; };
+}  // namespace remat
+
+namespace remat::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// Accumulation type: bf16 and f32 accumulate in f32, f64 in f64.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using Acc = typename AccOf<T>::type;
+
+template <typename T> __device__ __forceinline__ Acc<T> load(const T* p, int64_t i) { return static_cast<Acc<T>>(p[i]); }
+template <> __device__ __forceinline__ float load<bf16>(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+template <typename T> __device__ __forceinline__ T cast_to(Acc<T> v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ bf16 cast_to<bf16>(float v) { return __float2bfloat16(v); }
+
+// Runs f.template operator()<T>() for T = float, double or bf16.
+template <typename F>
+decltype(auto) dispatch(DType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f.template operator()<float>();
+    case DType::f64: return f.template operator()<double>();
+    case DType::bf16: return f.template operator()<bf16>();
+    default: REMAT_FAIL(op, ": the cuda backend computes in f32, f64 or bf16, got ", dtype_name(dtype));
+  }
+}
+
+inline constexpr int kThreads = 256;
+// 1-D grid for a grid-stride loop over n elements.
+inline unsigned blocks_for(int64_t n, int threads = kThreads) {
+  int64_t b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 65536 ? 65536 : b));
+}
+
+#define REMAT_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+// Checks the launch that just happened (configuration errors surface here, not later).
+#define REMAT_CUDA_LAUNCH_CHECK() REMAT_CUDA_CHECK(cudaGetLastError())
+
+struct SumOp {
+  template <typename A> __device__ A operator()(A a, A b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename A> __device__ A operator()(A a, A b) const { return b > a ? b : a; }
+};
+
+template <typename A, typename Op>
+__device__ __forceinline__ A warp_reduce(A v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+  return v;  // valid in lane 0
+}
+
+// Reduces one value per thread over the block; every thread gets the result. blockDim.x must be
+// a multiple of 32 and at most 1024; `scratch` holds 32 values. The tree is fixed, so the result
+// depends only on the inputs and the block size.
+template <typename A, typename Op>
+__device__ A block_reduce(A v, Op op, A identity, A* scratch) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_reduce(v, op);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    A w = lane < warps ? scratch[lane] : identity;
+    w = warp_reduce(w, op);
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  A result = scratch[0];
+  __syncthreads();  // scratch may be reused right after
+  return result;
+}
+
+template <typename A> __device__ A block_sum(A v, A* scratch) { return block_reduce(v, SumOp{}, A(0), scratch); }
+template <typename A> __device__ A block_max(A v, A* scratch) {
+  return block_reduce(v, MaxOp{}, -std::numeric_limits<A>::infinity(), scratch);
+}
+
+// A scratch array of 32 accumulators in shared memory, one per block reduction site.
+#define REMAT_REDUCE_SCRATCH(A, name) __shared__ A name[32]
+
+}  // namespace remat::cuda

@@ -1,0 +1,395 @@
+// CUDA row kernels: layer_norm and group_norm forward/backward, softmax, fused cross-entropy.
+// One block per row (or group) with block reductions; parameter gradients sum row chunks into
+// partials and then the partials in order, so every sum has a fixed order.
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace remat {
+
+namespace {
+
+using namespace cuda;
+
+constexpr int kRowThreads = 128;
+constexpr int64_t kRowChunk = 256;  // rows per partial sum of a parameter gradient
+
+DType acc_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
+
+Tensor workspace(const Shape& shape, DType dtype, Device device) {
+  MemoryCategoryScope scope(MemoryCategory::workspace);
+  return Tensor::empty(shape, dtype, device);
+}
+
+unsigned grid_of(int64_t rows, const char* op) {
+  REMAT_CHECK(rows <= INT32_MAX, op, ": ", rows, " rows exceed the cuda grid");
+  return static_cast<unsigned>(rows);
+}
+
+// ---- layer_norm -------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void layer_norm_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t c, Acc<T> eps) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* row = x + blockIdx.x * c;
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) s += load(row, i);
+  A mu = block_sum(s, scratch) / static_cast<A>(c);
+  A v = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
+    A d = load(row, i) - mu;
+    v += d * d;
+  }
+  A rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(c) + eps);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x)
+    y[blockIdx.x * c + i] = cast_to<T>((load(row, i) - mu) * rs * load(w, i) + load(b, i));
+  if (threadIdx.x == 0) {
+    mean[blockIdx.x] = cast_to<T>(mu);
+    rstd[blockIdx.x] = cast_to<T>(rs);
+  }
+}
+
+template <typename T>
+__global__ void layer_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  int64_t base = blockIdx.x * c;
+  A mu = load(mean, blockIdx.x), rs = load(rstd, blockIdx.x);
+  A s1 = 0, s2 = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
+    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, i);
+    s1 += d;
+    s2 += d * xhat;
+  }
+  A mean_d = block_sum(s1, scratch) / static_cast<A>(c);
+  A mean_dx = block_sum(s2, scratch) / static_cast<A>(c);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
+    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, i);
+    dx[base + i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
+  }
+}
+
+// partial_w/b[chunk, channel]: sums over the chunk's rows, in row order.
+template <typename T>
+__global__ void layer_norm_param_partial_kernel(const T* dy, const T* x, const T* mean, const T* rstd, int64_t rows,
+                                                int64_t c, Acc<T>* partial_w, Acc<T>* partial_b) {
+  using A = Acc<T>;
+  int64_t ch = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (ch >= c) return;
+  int64_t r0 = blockIdx.y * kRowChunk, r1 = min(rows, r0 + kRowChunk);
+  A sw = 0, sb = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    A g = load(dy, r * c + ch);
+    sw += g * (load(x, r * c + ch) - load(mean, r)) * load(rstd, r);
+    sb += g;
+  }
+  partial_w[blockIdx.y * c + ch] = sw;
+  partial_b[blockIdx.y * c + ch] = sb;
+}
+
+template <typename T>
+__global__ void sum_chunks_kernel(const Acc<T>* partial_w, const Acc<T>* partial_b, int64_t chunks, int64_t c, T* dw,
+                                  T* db) {
+  REMAT_GRID_STRIDE(ch, c) {
+    Acc<T> sw = 0, sb = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      sw += partial_w[k * c + ch];
+      sb += partial_b[k * c + ch];
+    }
+    dw[ch] = cast_to<T>(sw);
+    db[ch] = cast_to<T>(sb);
+  }
+}
+
+// ---- softmax ----------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void softmax_kernel(const T* x, T* y, int64_t c) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* row = x + blockIdx.x * c;
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) mx = max(mx, load(row, i));
+  mx = block_max(mx, scratch);
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) s += exp(load(row, i) - mx);
+  s = block_sum(s, scratch);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) y[blockIdx.x * c + i] = cast_to<T>(exp(load(row, i) - mx) / s);
+}
+
+template <typename T>
+__global__ void softmax_backward_kernel(const T* dy, const T* y, T* dx, int64_t c) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  int64_t base = blockIdx.x * c;
+  A dot = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) dot += load(dy, base + i) * load(y, base + i);
+  dot = block_sum(dot, scratch);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x)
+    dx[base + i] = cast_to<T>(load(y, base + i) * (load(dy, base + i) - dot));
+}
+
+// ---- group_norm: groups of C/G channels are contiguous in [N, C, H, W] -------------------------
+
+template <typename T>
+__global__ void group_norm_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t m, int64_t hw,
+                                  int groups, int64_t cg, Acc<T> eps) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* g = x + blockIdx.x * m;
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) s += load(g, i);
+  A mu = block_sum(s, scratch) / static_cast<A>(m);
+  A v = 0;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+    A d = load(g, i) - mu;
+    v += d * d;
+  }
+  A rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(m) + eps);
+  int64_t c0 = (blockIdx.x % groups) * cg;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+    int64_t ch = c0 + i / hw;
+    y[blockIdx.x * m + i] = cast_to<T>((load(g, i) - mu) * rs * load(w, ch) + load(b, ch));
+  }
+  if (threadIdx.x == 0) {
+    mean[blockIdx.x] = cast_to<T>(mu);
+    rstd[blockIdx.x] = cast_to<T>(rs);
+  }
+}
+
+template <typename T>
+__global__ void group_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t m,
+                                     int64_t hw, int groups, int64_t cg) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  int64_t base = blockIdx.x * m, c0 = (blockIdx.x % groups) * cg;
+  A mu = load(mean, blockIdx.x), rs = load(rstd, blockIdx.x);
+  A s1 = 0, s2 = 0;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, c0 + i / hw);
+    s1 += d;
+    s2 += d * xhat;
+  }
+  A mean_d = block_sum(s1, scratch) / static_cast<A>(m);
+  A mean_dx = block_sum(s2, scratch) / static_cast<A>(m);
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, c0 + i / hw);
+    dx[base + i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
+  }
+}
+
+// One block per channel: sums over images and positions.
+template <typename T>
+__global__ void group_norm_param_kernel(const T* dy, const T* x, const T* mean, const T* rstd, int64_t n, int64_t c,
+                                        int64_t hw, int groups, int64_t cg, T* dw, T* db) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  int64_t ch = blockIdx.x, g = ch / cg;
+  A sw = 0, sb = 0;
+  for (int64_t j = threadIdx.x; j < n * hw; j += blockDim.x) {
+    int64_t img = j / hw, at = (img * c + ch) * hw + j % hw;
+    A d = load(dy, at);
+    sw += d * (load(x, at) - load(mean, img * groups + g)) * load(rstd, img * groups + g);
+    sb += d;
+  }
+  sw = block_sum(sw, scratch);
+  sb = block_sum(sb, scratch);
+  if (threadIdx.x == 0) {
+    dw[ch] = cast_to<T>(sw);
+    db[ch] = cast_to<T>(sb);
+  }
+}
+
+// ---- cross_entropy ----------------------------------------------------------------------------
+
+__device__ __forceinline__ int64_t target_at(const void* targets, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(targets)[i] : static_cast<const int32_t*>(targets)[i];
+}
+
+template <typename T>
+__global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, bool is64, int64_t v,
+                                          int64_t ignore_index, T* lse, Acc<T>* row_loss) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* row = logits + blockIdx.x * v;
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = max(mx, load(row, j));
+  mx = block_max(mx, scratch);
+  A s = 0;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) s += exp(load(row, j) - mx);
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) {
+    A l = mx + log(s);
+    lse[blockIdx.x] = cast_to<T>(l);
+    int64_t t = target_at(targets, is64, blockIdx.x);
+    row_loss[blockIdx.x] = t == ignore_index ? A(0) : l - load(row, t);
+  }
+}
+
+template <typename T>
+__global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, int64_t n, int64_t count, T* loss) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += row_loss[i];
+  s = block_sum(s, scratch);
+  // All rows ignored: the mean is 0/0; PyTorch returns NaN, so do we.
+  if (threadIdx.x == 0) loss[0] = cast_to<T>(count ? s / static_cast<A>(count) : std::numeric_limits<A>::quiet_NaN());
+}
+
+template <typename T>
+__global__ void cross_entropy_backward_kernel(const T* dloss, const T* logits, const void* targets, bool is64,
+                                              const T* lse, int64_t v, int64_t ignore_index, int64_t count, T* dl) {
+  using A = Acc<T>;
+  int64_t t = target_at(targets, is64, blockIdx.x);
+  T* row = dl + blockIdx.x * v;
+  A g = load(dloss, 0) / static_cast<A>(count ? count : 1);
+  A l = load(lse, blockIdx.x);
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    if (t == ignore_index) row[j] = cast_to<T>(A(0));
+    else row[j] = cast_to<T>(exp(load(logits, blockIdx.x * v + j) - l) * g - (j == t ? g : A(0)));
+  }
+}
+
+// Targets are validated on the host (a clear error beats a device-side trap) and counted there.
+int64_t checked_target_count(const Tensor& targets, int64_t v, int64_t ignore_index) {
+  std::vector<int64_t> host = targets.to_vector<int64_t>();
+  int64_t count = 0;
+  for (size_t i = 0; i < host.size(); ++i) {
+    int64_t t = host[i];
+    REMAT_CHECK(t == ignore_index || (t >= 0 && t < v), "cross_entropy: expected targets in [0, ", v,
+                ") or ignore_index ", ignore_index, ", got ", t, " at row ", i);
+    count += t != ignore_index;
+  }
+  return count;
+}
+
+}  // namespace
+
+std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
+  set_device_of(x);
+  int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Shape stat_shape(x.shape().begin(), x.shape().end() - 1);
+  Tensor mean = Tensor::empty(stat_shape, x.dtype(), x.device()), rstd = Tensor::empty(stat_shape, x.dtype(), x.device());
+  if (rows == 0) return {y, mean, rstd};
+  dispatch(x.dtype(), "layer_norm", [&]<typename T>() {
+    layer_norm_kernel<T><<<grid_of(rows, "layer_norm"), kRowThreads>>>(x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(),
+                                                                       mean.data<T>(), rstd.data<T>(), c,
+                                                                       static_cast<Acc<T>>(eps));
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return {y, mean, rstd};
+}
+
+std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                                     const Tensor& mean, const Tensor& rstd) {
+  set_device_of(x);
+  int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
+  Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor dw = Tensor::zeros(w.shape(), x.dtype(), x.device()), db = Tensor::zeros(w.shape(), x.dtype(), x.device());
+  if (rows == 0) return {dx, dw, db};
+  int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+  Tensor pw = workspace({chunks, c}, acc_dtype(x.dtype()), x.device()), pb = workspace({chunks, c}, acc_dtype(x.dtype()), x.device());
+  dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
+    using A = Acc<T>;
+    layer_norm_dx_kernel<T><<<grid_of(rows, "layer_norm_backward"), kRowThreads>>>(
+        dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
+    dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+    layer_norm_param_partial_kernel<T><<<grid, kThreads>>>(dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(),
+                                                           rows, c, pw.data<A>(), pb.data<A>());
+    sum_chunks_kernel<T><<<blocks_for(c), kThreads>>>(pw.data<A>(), pb.data<A>(), chunks, c, dw.data<T>(), db.data<T>());
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return {dx, dw, db};
+}
+
+Tensor CudaBackend::softmax(const Tensor& x) {
+  set_device_of(x);
+  int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (rows == 0) return y;
+  dispatch(x.dtype(), "softmax", [&]<typename T>() {
+    softmax_kernel<T><<<grid_of(rows, "softmax"), kRowThreads>>>(x.data<T>(), y.data<T>(), c);
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return y;
+}
+
+Tensor CudaBackend::softmax_backward(const Tensor& dy, const Tensor& y) {
+  set_device_of(y);
+  int64_t c = y.size(-1), rows = c == 0 ? 0 : y.numel() / c;
+  Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
+  if (rows == 0) return dx;
+  dispatch(y.dtype(), "softmax_backward", [&]<typename T>() {
+    softmax_backward_kernel<T><<<grid_of(rows, "softmax_backward"), kRowThreads>>>(dy.data<T>(), y.data<T>(), dx.data<T>(), c);
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return dx;
+}
+
+std::vector<Tensor> CudaBackend::group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) {
+  set_device_of(x);
+  int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor mean = Tensor::empty({n, groups}, x.dtype(), x.device()), rstd = Tensor::empty({n, groups}, x.dtype(), x.device());
+  dispatch(x.dtype(), "group_norm", [&]<typename T>() {
+    group_norm_kernel<T><<<grid_of(n * groups, "group_norm"), kThreads>>>(x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(),
+                                                                         mean.data<T>(), rstd.data<T>(), m, hw, groups,
+                                                                         cg, static_cast<Acc<T>>(eps));
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return {y, mean, rstd};
+}
+
+std::vector<Tensor> CudaBackend::group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                                     const Tensor& mean, const Tensor& rstd, int groups) {
+  set_device_of(x);
+  int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
+  Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor dw = Tensor::empty({c}, x.dtype(), x.device()), db = Tensor::empty({c}, x.dtype(), x.device());
+  dispatch(x.dtype(), "group_norm_backward", [&]<typename T>() {
+    group_norm_dx_kernel<T><<<grid_of(n * groups, "group_norm_backward"), kThreads>>>(
+        dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), m, hw, groups, cg);
+    group_norm_param_kernel<T><<<grid_of(c, "group_norm_backward"), kThreads>>>(
+        dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), n, c, hw, groups, cg, dw.data<T>(), db.data<T>());
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return {dx, dw, db};
+}
+
+std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  set_device_of(logits);
+  int64_t n = logits.size(0), v = logits.size(1);
+  int64_t count = checked_target_count(targets, v, ignore_index);
+  Tensor lse = Tensor::empty({n}, logits.dtype(), logits.device());
+  Tensor loss = Tensor::empty({}, logits.dtype(), logits.device());
+  Tensor row_loss = workspace({n}, acc_dtype(logits.dtype()), logits.device());
+  bool is64 = targets.dtype() == DType::i64;
+  dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
+    if (n > 0)
+      cross_entropy_rows_kernel<T><<<grid_of(n, "cross_entropy"), kThreads>>>(
+          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<T>(), row_loss.data<Acc<T>>());
+    cross_entropy_mean_kernel<T><<<1, kThreads>>>(row_loss.data<Acc<T>>(), n, count, loss.data<T>());
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return {loss, lse};
+}
+
+Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
+                                           const Tensor& lse, int64_t ignore_index) {
+  set_device_of(logits);
+  int64_t n = logits.size(0), v = logits.size(1);
+  int64_t count = checked_target_count(targets, v, ignore_index);
+  Tensor dl = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
+  if (n == 0) return dl;
+  bool is64 = targets.dtype() == DType::i64;
+  dispatch(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
+    cross_entropy_backward_kernel<T><<<grid_of(n, "cross_entropy_backward"), kThreads>>>(
+        dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<T>(), v, ignore_index, count, dl.data<T>());
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return dl;
+}
+
+}  // namespace remat
