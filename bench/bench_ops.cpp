@@ -12,18 +12,24 @@
 #include <vector>
 
 #include "remat.h"
+#include "runtime/cuda_backend.h"
 
 namespace remat::bench {
 
 namespace {
 
-// Median wall time of `repeats` runs after one warm-up, in seconds.
-double median_seconds(int repeats, const std::function<void()>& body) {
-  body();
+// Median wall time of `repeats` runs after one warm-up, in seconds. On a GPU each run waits for
+// its kernels, so the time is the device's, not the launch's.
+double median_seconds(Device device, int repeats, const std::function<void()>& body) {
+  auto run = [&] {
+    body();
+    if (device.is_cuda()) cuda_synchronize(device.index);
+  };
+  run();
   std::vector<double> times;
   for (int i = 0; i < repeats; ++i) {
     auto start = std::chrono::steady_clock::now();
-    body();
+    run();
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(times.begin(), times.end());
@@ -42,13 +48,15 @@ int run_ops(const OpsOptions& options) {
   struct Gemm {
     int64_t m, k, n;
   };
-  for (Gemm g : std::vector<Gemm>{{256, 256, 256}, {512, 512, 512}, {1024, 1024, 1024}, {1024, 768, 3072}}) {
+  std::vector<Gemm> sizes = {{256, 256, 256}, {512, 512, 512}, {1024, 1024, 1024}, {1024, 768, 3072}};
+  if (device.is_cuda()) sizes.push_back({4096, 4096, 4096});  // large enough to fill a GPU
+  for (Gemm g : sizes) {
     Tensor a = Tensor::randn({g.m, g.k}).to(device), b = Tensor::randn({g.k, g.n}).to(device);
     Tensor w = Tensor::randn({g.n, g.k}).to(device), bias = Tensor::randn({g.n}).to(device);
     double flops = 2.0 * g.m * g.k * g.n;
     for (const char* op : {"matmul", "linear"}) {
       bool is_matmul = std::string(op) == "matmul";
-      double s = median_seconds(options.repeats, [&] { is_matmul ? matmul(a, b) : linear(a, w, bias); });
+      double s = median_seconds(device, options.repeats, [&] { is_matmul ? matmul(a, b) : linear(a, w, bias); });
       std::string shape = fmt::format("{} x {} x {}", g.m, g.k, g.n);
       fmt::print("{:<10} {:>22} {:>12.3f} {:>10.1f}\n", op, shape, s * 1e3, flops / s / 1e9);
       rows.push_back({{"op", op}, {"m", g.m}, {"k", g.k}, {"n", g.n}, {"median_ms", s * 1e3}, {"gflops", flops / s / 1e9}});
@@ -68,7 +76,7 @@ int run_ops(const OpsOptions& options) {
       {"cross_entropy [1024,256]", [&] { cross_entropy(logits, targets); }},
   };
   for (auto& [name, body] : fused) {
-    double s = median_seconds(options.repeats, body);
+    double s = median_seconds(device, options.repeats, body);
     fmt::print("{:<34} {:>12.3f} ms\n", name, s * 1e3);
     rows.push_back({{"op", name}, {"median_ms", s * 1e3}});
   }
