@@ -1,6 +1,7 @@
 // remat: include this one header for the runtime, the ops and the autograd engine.
 #pragma once
 
+#include "autograd/autocast.h"
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"

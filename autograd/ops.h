@@ -72,6 +72,8 @@ Tensor avg_pool(const Tensor& x, int factor = 2);          // [N, C, H, W] -> [N
 Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale);
 // Sinusoidal embedding of (diffusion) times t [B] -> [B, dim] (dim even): cos then sin of t * f_i.
 Tensor timestep_embedding(const Tensor& t, int dim, double max_period = 10000.0);
+// The same values in another floating dtype; the gradient is cast back. No-op for the same dtype.
+Tensor cast(const Tensor& x, DType dtype);
 
 // A user-defined op (like torch.autograd.Function). forward must be a pure function of its inputs;
 // `saved` lists the inputs (0..n-1) and outputs (n..) that backward reads through ctx.saved(i).

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", p.config, "tiny, small or gpt2")->capture_default_str();
   app.add_option("--policies", policies, "comma-separated policy strings")->capture_default_str();
   app.add_option("--device", p.device, "cpu or cuda:N")->capture_default_str();
+  app.add_option("--dtype", p.dtype, "compute dtype: f32, or bf16 (mixed precision; cuda only)")->capture_default_str();
   app.add_option("--steps", p.steps, "timed steps per policy")->capture_default_str();
   app.add_option("--warmup", p.warmup, "untimed steps before them")->capture_default_str();
   app.add_option("--seed", p.seed, "seed of weights, data and dropout")->capture_default_str();

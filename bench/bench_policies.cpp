@@ -111,6 +111,7 @@ double median(std::vector<double> v) {
 
 int run_policies(const PolicyOptions& o) {
   Device device = parse_device(o.device);
+  DType compute = parse_compute_dtype(o.dtype, device);
   REMAT_CHECK(o.steps >= 1 && o.warmup >= 0, "remat-bench: expected --steps >= 1 and --warmup >= 0");
   GptConfig config = bench_config(o);
   std::vector<PolicySpec> specs;
@@ -122,9 +123,9 @@ int run_policies(const PolicyOptions& o) {
     std::tie(x, y) = data.batch(config.batch, config.seq_len);
     x = x.to(device), y = y.to(device);
   }
-  fmt::print("remat-bench: {} {} (B {}, T {}, C {}, layers {}, dropout {}) on {}, {} threads, {} timed steps after {} warm-up\n",
+  fmt::print("remat-bench: {} {} (B {}, T {}, C {}, layers {}, dropout {}) on {} in {}, {} threads, {} timed steps after {} warm-up\n",
              o.model, config.name, config.batch, config.seq_len, config.channels, config.layers, config.dropout,
-             device.str(), omp_get_max_threads(), o.steps, o.warmup);
+             device.str(), o.dtype, omp_get_max_threads(), o.steps, o.warmup);
 
   Allocator& alloc = allocator_for(device);
   HeapTracker heap = heap_tracker();
@@ -148,7 +149,10 @@ int run_policies(const PolicyOptions& o) {
     r.policy = spec.text;
     bool budget = spec.kind == PolicySpec::Kind::budget;
     if (!budget) {
-      SaveReport saved = what_is_saved(model, spec.text, [&] { return model.loss(x, y); });
+      SaveReport saved = what_is_saved(model, spec.text, [&] {
+        AutocastScope autocast(compute);
+        return model.loss(x, y);
+      });
       r.saved_bytes_by_op = saved.saved_by_op;
       r.recomputed_bytes_by_op = saved.recomputed_by_op;
       apply_policy(model, spec);
@@ -159,6 +163,7 @@ int run_policies(const PolicyOptions& o) {
     };
     auto step = [&] {
       set_rng_state({o.seed + 7, 0});  // the same dropout masks every step and every policy
+      AutocastScope autocast(compute);
       Tensor loss = model.loss(x, y);
       backward(loss);
       if (device.is_cuda()) cuda_synchronize(device.index);  // step time covers the queued kernels
@@ -168,6 +173,7 @@ int run_policies(const PolicyOptions& o) {
       zero_grads();
       const BudgetPlan& plan = planner.plan([&] {
         set_rng_state({o.seed + 7, 0});
+        AutocastScope autocast(compute);
         return model.loss(x, y);
       });
       r.budget_bytes = plan.budget_bytes;
@@ -235,7 +241,7 @@ int run_policies(const PolicyOptions& o) {
                         {"config", {{"name", config.name}, {"batch", config.batch}, {"seq_len", config.seq_len},
                                     {"channels", config.channels}, {"heads", config.heads}, {"layers", config.layers},
                                     {"vocab", config.vocab}, {"dropout", config.dropout}}},
-                        {"device", device.str()}, {"steps", o.steps}, {"warmup", o.warmup}, {"seed", o.seed}};
+                        {"device", device.str()}, {"dtype", o.dtype}, {"steps", o.steps}, {"warmup", o.warmup}, {"seed", o.seed}};
   if (!o.json_path.empty()) write_json(o.json_path, machine, run, results);
   if (!o.csv_path.empty()) write_csv(o.csv_path, results);
   if (!o.trace_path.empty()) write_trace(o.trace_path, traces, trace_memory);

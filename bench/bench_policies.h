@@ -17,6 +17,7 @@ struct PolicyOptions {
   std::map<std::string, double> overrides;
   std::vector<std::string> policies = {"none", "full", "ops", "block_skip:2", "level:3"};
   std::string device = "cpu";
+  std::string dtype = "f32";  // compute dtype: f32 or bf16 (cuda)
   int steps = 5, warmup = 1;
   uint64_t seed = 0;
   std::string json_path, csv_path, trace_path, plot_path;

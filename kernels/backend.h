@@ -93,6 +93,9 @@ class Backend {
   virtual Tensor timestep_embedding(const Tensor& t, int dim, double max_period) = 0;
   virtual Tensor timestep_embedding_backward(const Tensor& dy, const Tensor& t, int dim, double max_period) = 0;
 
+  // The same values in another floating dtype (f32, f64, bf16), rounding to nearest even.
+  virtual Tensor cast(const Tensor& x, DType dtype) = 0;
+
   // Optimizer updates, in place on param and state (all f32 or all f64, contiguous).
   struct AdamWStep {
     double lr, beta1, beta2, eps, weight_decay;

@@ -51,6 +51,7 @@ namespace remat {
   X(avg_pool, 1, 1)             \
   X(modulate, 3, 1)             \
   X(timestep_embedding, 1, 1)   \
+  X(cast, 1, 1)                 \
   X(custom, -1, -1)
 
 enum class OpKind : uint8_t {

@@ -13,6 +13,7 @@
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "checkpoint/apply.h"
+#include "autograd/autocast.h"
 #include "checkpoint/planner.h"
 #include "checkpoint/region.h"
 #include "models/tasks.h"
@@ -80,6 +81,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
   if (o.policy.empty()) o.policy = "none";
   REMAT_CHECK(o.steps > 0, "expected --steps >= 1, got ", o.steps);
   Device device = parse_device(o.device);
+  DType compute = parse_compute_dtype(o.dtype, device);
   PolicySpec policy = parse_policy(o.policy);
   if (!o.out.empty()) {
     std::error_code ec;
@@ -140,6 +142,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     alloc.reset_peak();
     double lr = cosine_lr(step, o.warmup, o.steps, o.lr, o.min_lr);
     double loss_value = 0;
+    AutocastScope autocast(compute);  // casts are recorded on the tape, so replays need no scope
     if (planner && !planned) {
       planner->plan([&] {
         Tensor l = task->next_loss();

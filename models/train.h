@@ -20,6 +20,7 @@ struct TrainOptions {
   int64_t steps = 300;        // length of the schedule
   int64_t stop_at = -1;       // stop after this step (an interrupted run); -1: run to `steps`
   std::string device = "cpu";
+  std::string dtype = "f32";  // compute dtype: f32, or bf16 (mixed precision with f32 master weights; cuda only)
   uint64_t seed = 0;
   std::string out;            // run directory ("" = write nothing)
   std::string resume;         // run directory to continue from

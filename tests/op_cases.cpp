@@ -1,6 +1,8 @@
 // The op catalogue of the tests (see op_cases.h).
 #include "op_cases.h"
 
+#include <cmath>
+
 namespace remat::testing {
 
 namespace {
@@ -12,6 +14,14 @@ Tensor away_from_zero(const Shape& shape) {
   Tensor t = uniform64(shape, 0.2, 1.5);
   double* p = t.data<double>();
   for (int64_t i = 0; i < t.numel(); ++i) p[i] = (i % 2 ? -p[i] : p[i]);
+  return t;
+}
+
+// Multiples of 2^-10 in [-2, 2): with a step of 2^-20 every probe point is exact in f32 too.
+Tensor dyadic64(const Shape& shape) {
+  Tensor t = uniform64(shape, -2.0, 2.0);
+  double* p = t.data<double>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = std::floor(p[i] * 1024.0) / 1024.0;
   return t;
 }
 
@@ -125,6 +135,9 @@ std::vector<OpCase> cases_for(OpKind op) {
                {randn64({2, 3, 4}), randn64({2, 4}), randn64({2, 4})}}};
     case OpKind::timestep_embedding:
       return unary("dim 8", [](auto& in) { return timestep_embedding(in[0], 8); }, uniform64({3}, 0.0, 5.0));
+    case OpKind::cast:
+      return {{"f64 -> f32 -> f64", [](auto& in) { return mul(cast(cast(in[0], DType::f32), DType::f64), in[0]); },
+               {dyadic64({3, 4})}, std::ldexp(1.0, -20)}};
     case OpKind::custom: {
       CustomOp square{"square",
                       [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul(in[0], in[0])}; },

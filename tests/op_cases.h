@@ -13,6 +13,7 @@ struct OpCase {
   std::string description;
   Fn f;
   std::vector<Tensor> inputs;
+  double eps = 1e-6;  // finite-difference step of the gradient check
 };
 
 // Never empty for an op in the list: the switch has no default (-Werror=switch).

@@ -16,7 +16,7 @@ TEST_CASE("every op's backward matches finite differences in f64", "[op][gradche
       REQUIRE_FALSE(cases.empty());  // an op in the list without a gradient check fails here
       for (OpCase& c : cases) {
         INFO(op_name(op) << ": " << c.description);
-        GradcheckResult r = gradcheck(c.f, c.inputs);
+        GradcheckResult r = gradcheck(c.f, c.inputs, c.eps);
         INFO(r.report);
         CHECK(r.ok);
       }

@@ -314,3 +314,32 @@ TEST_CASE("the post-forward hook closes the region when forward throws", "[polic
   backward(sum(y));
   CHECK(x.grad().defined());
 }
+
+TEST_CASE("autocast records its casts on the tape: f32 gradients, bitwise replays under policies", "[autocast][policy]") {
+  GptFixture g;
+  auto plain = g.grads();
+  // bf16 is the GPU's compute dtype; on the CPU, f64 exercises the same casts and rules.
+  auto mixed_loss = [&] {
+    AutocastScope autocast(DType::f64);
+    return g.model.loss(g.idx, g.targets);
+  };
+  auto mixed = run_grads(g.model.parameters(), mixed_loss);
+  CHECK(mixed != plain);  // the GEMMs really ran in the other dtype
+  for (const Tensor& p : g.model.parameters()) {
+    REQUIRE(p.grad().defined());
+    CHECK(p.grad().dtype() == DType::f32);  // master weights keep f32 gradients
+  }
+  // f64 GEMMs change the f32 results only by rounding.
+  for (size_t i = 0; i < mixed.size(); ++i) {
+    const float* a = reinterpret_cast<const float*>(mixed[i].data());
+    const float* b = reinterpret_cast<const float*>(plain[i].data());
+    for (size_t j = 0; j < mixed[i].size() / sizeof(float); ++j) CHECK(a[j] == Approx(b[j]).margin(1e-5).epsilon(1e-3));
+  }
+  for (const char* policy : {"full", "ops", "block_skip:2", "sqrt"}) {
+    INFO(policy);
+    apply_policy(g.model, parse_policy(policy));
+    CHECK(run_grads(g.model.parameters(), mixed_loss) == mixed);
+  }
+  remove_checkpointing(g.model);
+  CHECK_THROWS_WITH(AutocastScope(DType::i64), Contains("expected a floating compute dtype"));
+}

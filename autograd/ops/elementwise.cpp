@@ -121,10 +121,29 @@ class UnaryNode final : public Node {
   double scalar_;
 };
 
-Tensor binary_op(BinaryFn fn, const Tensor& a, const Tensor& b) {
+class CastNode final : public Node {
+ public:
+  CastNode(DType from, DType to) : from_(from), to_(to) {}
+  OpKind kind() const override { return OpKind::cast; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device()).cast(in[0], to_)};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {}; }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    const Tensor& g = ctx.grad_output(0);
+    return {backend_for(kind(), g.device()).cast(g, from_)};
+  }
+
+ private:
+  DType from_, to_;
+};
+
+Tensor binary_op(BinaryFn fn, const Tensor& a_in, const Tensor& b_in) {
   const char* name = op_name(op_of(fn));
-  detail::check_float(a, name, "a");
-  detail::check_float(b, name, "b");
+  detail::check_float(a_in, name, "a");
+  detail::check_float(b_in, name, "b");
+  Tensor a = a_in, b = b_in;
+  detail::autocast_match(a, b);
   detail::check_same(a, b, name);
   broadcast_shapes(a.shape(), b.shape(), name);
   return detail::apply<BinaryNode>({a, b}, fn, a.shape(), b.shape())[0];
@@ -136,6 +155,13 @@ Tensor unary_op(UnaryFn fn, const Tensor& x, double scalar = 0.0) {
 }
 
 }  // namespace
+
+Tensor cast(const Tensor& x, DType dtype) {
+  detail::check_float(x, "cast", "x");
+  REMAT_CHECK(is_floating(dtype), "cast: expected a floating target dtype, got ", dtype_name(dtype));
+  if (x.dtype() == dtype) return x;
+  return detail::apply<CastNode>({x}, x.dtype(), dtype)[0];
+}
 
 Tensor add(const Tensor& a, const Tensor& b) { return binary_op(BinaryFn::add, a, b); }
 Tensor sub(const Tensor& a, const Tensor& b) { return binary_op(BinaryFn::sub, a, b); }

@@ -117,7 +117,9 @@ void check_image(const Tensor& x, const char* op) {
 
 }  // namespace
 
-Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int stride, int padding) {
+Tensor conv2d(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in, int stride, int padding) {
+  Tensor x = detail::autocast_compute(x_in), weight = detail::autocast_compute(weight_in),
+         bias = detail::autocast_compute(bias_in);
   check_image(x, "conv2d");
   detail::check_float(weight, "conv2d", "weight");
   detail::check_same(x, weight, "conv2d");
@@ -135,7 +137,8 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int str
   return detail::apply<Conv2dNode>({x, weight}, stride, padding, false)[0];
 }
 
-Tensor group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int groups, double eps) {
+Tensor group_norm(const Tensor& x_in, const Tensor& weight, const Tensor& bias, int groups, double eps) {
+  Tensor x = detail::autocast_full(x_in);
   detail::check_float(x, "group_norm", "x");
   detail::check_same(x, weight, "group_norm");
   detail::check_same(x, bias, "group_norm");
@@ -161,7 +164,8 @@ Tensor avg_pool(const Tensor& x, int factor) {
   return detail::apply<ResampleNode>({x}, OpKind::avg_pool, factor)[0];
 }
 
-Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+Tensor modulate(const Tensor& x_in, const Tensor& shift_in, const Tensor& scale_in) {
+  Tensor x = detail::autocast_full(x_in), shift = detail::autocast_full(shift_in), scale = detail::autocast_full(scale_in);
   detail::check_float(x, "modulate", "x");
   detail::check_same(x, shift, "modulate");
   detail::check_same(x, scale, "modulate");

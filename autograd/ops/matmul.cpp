@@ -67,7 +67,8 @@ class LinearNode final : public Node {
 
 }  // namespace
 
-Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b) {
+  Tensor a = detail::autocast_compute(a_in), b = detail::autocast_compute(b_in);
   detail::check_float(a, "matmul", "a");
   detail::check_float(b, "matmul", "b");
   detail::check_same(a, b, "matmul");
@@ -83,7 +84,9 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   return detail::apply<MatmulNode>({a, b}, trans_a, trans_b)[0];
 }
 
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
+  Tensor x = detail::autocast_compute(x_in), weight = detail::autocast_compute(weight_in),
+         bias = detail::autocast_compute(bias_in);
   detail::check_float(x, "linear", "x");
   detail::check_float(weight, "linear", "weight");
   detail::check_same(x, weight, "linear");

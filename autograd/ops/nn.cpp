@@ -128,7 +128,8 @@ class CrossEntropyNode final : public Node {
 
 }  // namespace
 
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+Tensor layer_norm(const Tensor& x_in, const Tensor& weight, const Tensor& bias, double eps) {
+  Tensor x = detail::autocast_full(x_in);
   detail::check_float(x, "layer_norm", "x");
   detail::check_float(weight, "layer_norm", "weight");
   detail::check_float(bias, "layer_norm", "bias");
@@ -141,13 +142,15 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   return detail::apply<LayerNormNode>({x, weight, bias}, eps)[0];
 }
 
-Tensor softmax(const Tensor& x) {
+Tensor softmax(const Tensor& x_in) {
+  Tensor x = detail::autocast_full(x_in);
   detail::check_float(x, "softmax", "x");
   REMAT_CHECK(x.dim() >= 1, "softmax: expected at least 1 dim, got a scalar");
   return detail::apply<SoftmaxNode>({x})[0];
 }
 
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+Tensor attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal, double scale) {
+  Tensor q = detail::autocast_compute(q_in), k = detail::autocast_compute(k_in), v = detail::autocast_compute(v_in);
   for (const Tensor* t : {&q, &k, &v}) detail::check_float(*t, "attention", "q, k and v");
   detail::check_same(q, k, "attention");
   detail::check_same(q, v, "attention");
@@ -174,7 +177,8 @@ Tensor embedding(const Tensor& idx, const Tensor& weight) {
   return detail::apply<EmbeddingNode>({idx, weight}, weight.size(0))[0];
 }
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets, int64_t ignore_index) {
+  Tensor logits = detail::autocast_full(logits_in);
   detail::check_float(logits, "cross_entropy", "logits");
   detail::check_index(targets, "cross_entropy", "targets");
   REMAT_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0),

@@ -1,6 +1,7 @@
 // Helpers shared by the op definitions: contiguity, input checks, reduction to a broadcast shape.
 #pragma once
 
+#include "autograd/autocast.h"
 #include "autograd/graph.h"
 #include "autograd/ops.h"
 #include "kernels/backend.h"

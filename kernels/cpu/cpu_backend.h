@@ -49,6 +49,7 @@ class CpuBackend final : public Backend {
   std::vector<Tensor> modulate_backward(const Tensor& dy, const Tensor& x, const Tensor& scale) override;
   Tensor timestep_embedding(const Tensor& t, int dim, double max_period) override;
   Tensor timestep_embedding_backward(const Tensor& dy, const Tensor& t, int dim, double max_period) override;
+  Tensor cast(const Tensor& x, DType dtype) override;
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) override;
   double sum_squares(const Tensor& x) override;
 };

@@ -140,4 +140,7 @@ Tensor CpuBackend::binary(BinaryFn fn, const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// Storage conversion on the host: bf16 exists on the CPU as a storage format only.
+Tensor CpuBackend::cast(const Tensor& x, DType dtype) { return dtype == x.dtype() ? x.clone() : x.to(dtype); }
+
 }  // namespace remat

@@ -168,6 +168,11 @@ __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, Acc<T> b1,
   }
 }
 
+template <typename From, typename To>
+__global__ void cast_kernel(const From* x, To* y, int64_t n) {
+  REMAT_GRID_STRIDE(i, n) y[i] = cast_to<To>(static_cast<Acc<To>>(load(x, i)));
+}
+
 }  // namespace
 
 Tensor CudaBackend::unary(UnaryFn fn, const Tensor& x, double scalar) {
@@ -271,6 +276,19 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
   });
   REMAT_CUDA_LAUNCH_CHECK();
   param.storage()->bump_version();
+}
+
+Tensor CudaBackend::cast(const Tensor& x, DType dtype) {
+  set_device_of(x);
+  Tensor y = Tensor::empty(x.shape(), dtype, x.device());
+  int64_t n = x.numel();
+  dispatch(x.dtype(), "cast", [&]<typename From>() {
+    dispatch(dtype, "cast", [&]<typename To>() {
+      cast_kernel<From, To><<<blocks_for(n), kThreads>>>(x.data<From>(), y.data<To>(), n);
+    });
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return y;
 }
 
 }  // namespace remat

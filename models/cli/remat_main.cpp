@@ -58,6 +58,8 @@ int main(int argc, char** argv) {
   train->add_option("--steps", t.steps, "steps in the schedule")->capture_default_str();
   train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
   train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();
+  train->add_option("--dtype", t.dtype, "compute dtype: f32, or bf16 (mixed precision, f32 master weights; cuda only)")
+      ->capture_default_str();
   train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str();
   train->add_option("--out", t.out, "run directory: metrics.jsonl, model.safetensors, state.safetensors");
   train->add_option("--resume", t.resume, "continue the run in this directory");

@@ -58,7 +58,7 @@ Outcome evaluate(const OpCase& c, Device device, DType dtype) {
   Tensor out = c.f(in);
   std::vector<double> w(out.numel());
   for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.7 * static_cast<double>(i) + 0.3);
-  Tensor weights = Tensor::from_vector(w, out.shape()).to(dtype).to(device);
+  Tensor weights = Tensor::from_vector(w, out.shape()).to(out.dtype()).to(device);
   backward(sum(mul(out, weights)));
   Outcome r;
   r.out = out.to_vector<double>();
@@ -235,6 +235,37 @@ TEST_CASE("gpt tiny gradients on cuda under every policy are bitwise equal to no
     CHECK(run_grads(model.parameters(), loss) == plain);
   }
   remove_checkpointing(model);
+}
+
+TEST_CASE("gpt tiny in bf16 on cuda: f32 master gradients near f32, bitwise under every policy", "[cuda][bf16][policy]") {
+  manual_seed(34);
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  auto loss_f32 = [&] { return model.loss(idx, targets); };
+  auto loss_bf16 = [&] {
+    AutocastScope autocast(DType::bf16);
+    return model.loss(idx, targets);
+  };
+  set_rng_state({5, 0});
+  double l32 = loss_f32().item();
+  set_rng_state({5, 0});
+  Tensor l16 = loss_bf16();
+  CHECK(l16.dtype() == DType::f32);  // the loss runs in f32
+  CHECK(l16.item() == Approx(l32).epsilon(0.02));
+  auto mixed = run_grads(model.parameters(), loss_bf16);
+  for (const Tensor& p : model.parameters()) CHECK(p.grad().dtype() == DType::f32);
+  for (const char* policy : {"full", "ops", "block_skip:2", "level:3", "sqrt"}) {
+    INFO(policy);
+    apply_policy(model, parse_policy(policy));
+    CHECK(run_grads(model.parameters(), loss_bf16) == mixed);
+  }
+  remove_checkpointing(model);
+
+  // Rounding to bf16 is round-to-nearest-even on both devices.
+  Tensor x = Tensor::randn({4096});
+  CHECK(x.to(DType::bf16).to_vector<float>() == cast(x.to(kGpu), DType::bf16).to_vector<float>());
 }
 
 TEST_CASE("dit and unet tiny gradients on cuda under their policies are bitwise equal to none", "[cuda][policy][diffusion]") {
