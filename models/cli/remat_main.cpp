@@ -37,8 +37,10 @@ int list_ops() {
   for (int i = 0; i < remat::kOpCount; ++i) {
     const auto& info = remat::kOpInfo[i];
     auto arity = [](int n) { return n < 0 ? std::string("n") : std::to_string(n); };
+    remat::Backend* cuda = remat::cuda_kernels();
+    auto op = static_cast<remat::OpKind>(i);
     fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", info.name, arity(info.inputs), arity(info.outputs), "yes",
-               remat::cuda_built() ? "no (kernels pending)" : "no (not built)");
+               !cuda ? "no (not built)" : cuda->supports(op) ? "yes" : "no (needs cuDNN)");
   }
   return 0;
 }
