@@ -4,7 +4,8 @@
 # the GPU benchmarks, and leaves every log and JSON in $OUT (default runs/gpu).
 #   bash tools/gpu_session.sh build   # configure and build only
 #   bash tools/gpu_session.sh tests   # + the [cuda] suite
-#   bash tools/gpu_session.sh all     # + remat-bench ops and gpt2 under none/full/ops
+#   bash tools/gpu_session.sh all     # + remat-bench ops, gpt2 under none/full/ops/block_skip:2 in f32
+#                                     #   and bf16, and the PyTorch peer on the same runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -57,7 +58,13 @@ tail -4 "$out/test_cuda.txt"
 
 step "remat-bench ops"
 build-gpu/bench/remat-bench ops --device cuda:0 --repeats 20 --json "$out/ops-gpu.json" 2>&1 | tee "$out/ops-gpu.txt"
-step "remat-bench gpt2 none/full/ops"
-build-gpu/bench/remat-bench --config gpt2 --policies none,full,ops,block_skip:2 --device cuda:0 --steps 5 --warmup 2 \
-  --json "$out/bench-gpt2.json" 2>&1 | tee "$out/bench-gpt2.txt"
+for dtype in f32 bf16; do
+  step "remat-bench gpt2 none/full/ops in $dtype"
+  build-gpu/bench/remat-bench --config gpt2 --policies none,full,ops,block_skip:2 --device cuda:0 --dtype $dtype \
+    --steps 5 --warmup 2 --json "$out/bench-gpt2-$dtype.json" 2>&1 | tee "$out/bench-gpt2-$dtype.txt"
+  step "the PyTorch peer in $dtype"
+  python3 bench/peer/gpt_peer.py --config gpt2 --device cuda --dtype $dtype --policies none,full,ops,block_skip:2 \
+    --steps 5 --warmup 2 --json "$out/torch-gpt2-$dtype.json" 2>&1 | tee "$out/torch-gpt2-$dtype.txt" &&
+    python3 bench/peer/compare.py "$out/bench-gpt2-$dtype.json" "$out/torch-gpt2-$dtype.json" | tee -a "$out/torch-gpt2-$dtype.txt"
+done
 exit $status

@@ -16,6 +16,8 @@ def main():
             print(f"{name:<14} {r['median_step_ms']:>9.1f} {'n/a':>9} {'n/a':>10}   (PyTorch {peer_doc['torch']} cannot express it)")
             continue
         rh, ph = r.get("heap_step_peak_bytes"), p.get("heap_step_peak_bytes")
+        if p.get("device_peak_bytes"):  # on a GPU: both sides' device allocator peaks over the step
+            rh, ph = r.get("peak_bytes"), p["device_peak_bytes"]
         heap = f"{rh / 2**20:>10.1f}M {ph / 2**20:>10.1f}M {rh / ph:>10.2f}" if rh and ph else f"{'n/a':>11} {'n/a':>11} {'n/a':>10}"
         print(f"{name:<14} {r['median_step_ms']:>9.1f} {p['median_step_ms']:>9.1f} {r['median_step_ms'] / p['median_step_ms']:>10.2f} {heap}")
 

@@ -49,7 +49,7 @@ class Block(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # PyTorch < 2.0 has no fused attention: the T x T matrix is materialised
             s = (q @ k.transpose(-1, -2)) / math.sqrt(c // self.heads)
-            mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
             y = s.masked_fill(mask, float("-inf")).softmax(-1) @ v
         return y.transpose(1, 2).reshape(b, t, c)
 
@@ -73,7 +73,7 @@ class Gpt(nn.Module):
 
     def forward(self, idx, targets):
         t = idx.shape[1]
-        h = F.dropout(self.wte(idx) + self.wpe(torch.arange(t)), self.dropout, self.training)
+        h = F.dropout(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)), self.dropout, self.training)
         for i, block in enumerate(self.blocks):
             h = self.wrap(i, block, h)
         logits = self.ln_f(h) @ self.wte.weight.t()  # tied head
@@ -124,25 +124,32 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory then from torch.cuda's counters)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: torch.autocast, f32 weights")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # the same numerics as remat's f32: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
     tracker = heap_tracker()
     gen = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen)
-    targets = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen)
+    idx = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen).to(device)
+    targets = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen).to(device)
     rows = []
-    print(f"pytorch {torch.__version__} peer: gpt {args.config}, {args.threads} threads, "
+    print(f"pytorch {torch.__version__} peer: gpt {args.config} on {device} in {args.dtype}, {args.threads} threads, "
           f"fused attention {'yes' if HAS_SDPA else 'no'}, selective checkpointing {'yes' if HAS_SAC else 'no'}")
     for policy in args.policies.split(","):
         torch.manual_seed(0)
-        model = Gpt(cfg, args.dropout).train()
+        model = Gpt(cfg, args.dropout).to(device).train()
         if not apply_policy(model, policy):
             print(f"{policy:<14} not expressible in PyTorch {torch.__version__}")
             rows.append({"policy": policy, "supported": False})
             continue
-        times, heap = [], 0
+        times, heap, device_peak = [], 0, 0
         for step in range(args.warmup + args.steps):
             for p in model.parameters():
                 p.grad = None
@@ -150,22 +157,35 @@ def main():
             if tracker:
                 tracker[2]()
                 base = tracker[1]()
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            model(idx, targets).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                loss = model(idx, targets)
+            loss.backward()
+            if on_gpu:
+                torch.cuda.synchronize()
             elapsed = (time.perf_counter() - start) * 1e3
             if step >= args.warmup:
                 times.append(elapsed)
                 if tracker:
                     heap = max(heap, tracker[0]() - base)
+                if on_gpu:
+                    device_peak = max(device_peak, torch.cuda.max_memory_allocated())
         med = statistics.median(times)
         row = {"policy": policy, "supported": True, "median_step_ms": med, "min_step_ms": min(times),
                "heap_step_peak_bytes": heap if tracker else None,
+               "device_peak_bytes": device_peak if on_gpu else None,
                "tokens_per_s": cfg["batch"] * cfg["seq_len"] / (med / 1e3)}
         rows.append(row)
         heap_text = f"{heap / 2**20:8.2f} MiB" if tracker else "n/a (run under the heap tracker)"
+        if on_gpu:
+            heap_text = f"{device_peak / 2**20:8.1f} MiB on the GPU (max_memory_allocated)"
         print(f"{policy:<14} median {med:8.1f} ms  min {min(times):8.1f} ms  heap peak {heap_text}")
     if args.json:
         doc = {"schema": "remat-bench-peer/1", "torch": torch.__version__, "threads": args.threads,
+               "device": str(device), "dtype": args.dtype,
                "config": args.config, "fused_attention": HAS_SDPA, "selective_checkpointing": HAS_SAC,
                "policies": rows}
         tmp = args.json + ".tmp"
