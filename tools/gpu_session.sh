@@ -11,14 +11,17 @@ cd "$(dirname "$0")/.."
 root=$PWD
 out=${OUT:-runs/gpu}
 what=${1:-all}
-mkdir -p "$out"
+logs=$root/runs/gpu-logs  # setup and build logs stay on the machine; their tails print on failure
+mkdir -p "$out" "$logs"
+# The device tool brings back at most 8 files: session.txt, test_cuda.txt and five JSON files.
+exec > >(tee "$out/session.txt") 2>&1
 step() { echo "== $* ($(date +%T))"; }
 
 [ -d .kit ] || { echo "gpu_session: no .kit/ here: run tools/device_kit.sh and carry .kit"; exit 2; }
 export PKG_CONFIG=$root/.kit/bin/pkg-config PKG_CONFIG_PATH=$root/.kit/pkgconfig PKG_CONFIG_LIBDIR=$root/.kit/pkgconfig
 export LD_LIBRARY_PATH=$root/.kit/lib:${LD_LIBRARY_PATH:-}
-{ nvidia-smi; nvcc --version; g++ --version | head -1; echo "meson $(meson --version)"; } > "$out/machine.txt" 2>&1
-head -12 "$out/machine.txt"
+{ nvidia-smi; nvcc --version; g++ --version | head -1; echo "meson $(meson --version)"; } > "$logs/machine.txt" 2>&1
+head -14 "$logs/machine.txt"
 
 # cuDNN: the toolkit's own, else the pip wheel's (nvidia-cudnn-cu13), given the unversioned
 # libcudnn.so name the linker looks for.
@@ -41,12 +44,12 @@ fi
 step configure
 if [ ! -f build-gpu/build.ninja ]; then
   meson setup build-gpu -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dcatch2_include="$root/.kit/include/catch2" \
-    "${cudnn_args[@]}" > "$out/setup.txt" 2>&1 || { tail -40 "$out/setup.txt"; exit 1; }
+    "${cudnn_args[@]}" > "$logs/setup.txt" 2>&1 || { tail -40 "$logs/setup.txt"; exit 1; }
 fi
-grep -A6 "^remat" "$out/setup.txt" || true
+grep -A6 "^remat" "$logs/setup.txt" || true
 step build
-ninja -C build-gpu > "$out/build.txt" 2>&1 || { grep -B2 -A12 -m5 "error" "$out/build.txt"; exit 1; }
-tail -1 "$out/build.txt"
+ninja -C build-gpu > "$logs/build.txt" 2>&1 || { grep -B2 -A12 -m5 "error" "$logs/build.txt"; exit 1; }
+tail -1 "$logs/build.txt"
 [ "$what" = build ] && exit 0
 
 step "test_cuda"
@@ -57,14 +60,14 @@ tail -4 "$out/test_cuda.txt"
 [ "$what" = tests ] && exit $status
 
 step "remat-bench ops"
-build-gpu/bench/remat-bench ops --device cuda:0 --repeats 20 --json "$out/ops-gpu.json" 2>&1 | tee "$out/ops-gpu.txt"
+build-gpu/bench/remat-bench ops --device cuda:0 --repeats 20 --json "$out/ops-gpu.json"
 for dtype in f32 bf16; do
   step "remat-bench gpt2 none/full/ops in $dtype"
   build-gpu/bench/remat-bench --config gpt2 --policies none,full,ops,block_skip:2 --device cuda:0 --dtype $dtype \
-    --steps 5 --warmup 2 --json "$out/bench-gpt2-$dtype.json" 2>&1 | tee "$out/bench-gpt2-$dtype.txt"
+    --steps 5 --warmup 2 --json "$out/bench-gpt2-$dtype.json"
   step "the PyTorch peer in $dtype"
   python3 bench/peer/gpt_peer.py --config gpt2 --device cuda --dtype $dtype --policies none,full,ops,block_skip:2 \
-    --steps 5 --warmup 2 --json "$out/torch-gpt2-$dtype.json" 2>&1 | tee "$out/torch-gpt2-$dtype.txt" &&
-    python3 bench/peer/compare.py "$out/bench-gpt2-$dtype.json" "$out/torch-gpt2-$dtype.json" | tee -a "$out/torch-gpt2-$dtype.txt"
+    --steps 5 --warmup 2 --json "$out/torch-gpt2-$dtype.json" &&
+    python3 bench/peer/compare.py "$out/bench-gpt2-$dtype.json" "$out/torch-gpt2-$dtype.json"
 done
 exit $status
