@@ -61,11 +61,26 @@ Module* Module::find(const std::string& path) {
   return nullptr;
 }
 
+Tensor Module::register_buffer(const std::string& name, Tensor value) {
+  REMAT_CHECK(value.defined(), type_name(), ": buffer ", name, " is undefined");
+  buffers_.emplace_back(name, value);
+  return value;
+}
+
+std::vector<Tensor> Module::buffers() const {
+  std::vector<Tensor> out;
+  for (const auto& [name, b] : buffers_) out.push_back(b);
+  for (const auto& [name, child] : children_)
+    for (Tensor& b : child->buffers()) out.push_back(b);
+  return out;
+}
+
 void Module::to(Device device) {
   for (Tensor& p : parameters()) {
     p.zero_grad();
     p.storage()->move_to(device);
   }
+  for (Tensor& b : buffers()) b.storage()->move_to(device);
 }
 
 void Module::train(bool on) {

@@ -40,6 +40,10 @@ class Module {
   }
   // Registers a leaf tensor as a parameter: counted as parameter memory, requires grad.
   Tensor register_parameter(const std::string& name, Tensor value);
+  // Registers a constant the forward reads (no gradient, not saved with the weights); moves with to().
+  Tensor register_buffer(const std::string& name, Tensor value);
+  // Every buffer below this module.
+  std::vector<Tensor> buffers() const;
 
   const std::vector<std::pair<std::string, std::shared_ptr<Module>>>& children() const { return children_; }
   const std::vector<std::pair<std::string, Tensor>>& own_parameters() const { return parameters_; }
@@ -52,8 +56,8 @@ class Module {
 
   void train(bool on = true);  // recursive
   void eval() { train(false); }
-  // Moves every parameter below this module to `device`, in place (the layers' handles follow);
-  // gradients are dropped.
+  // Moves every parameter and buffer below this module to `device`, in place (the layers'
+  // handles follow); gradients are dropped.
   void to(Device device);
   bool is_training() const { return training_; }
 
@@ -87,6 +91,7 @@ class Module {
   std::string type_name_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
   std::vector<std::pair<std::string, Tensor>> parameters_;
+  std::vector<std::pair<std::string, Tensor>> buffers_;
   std::vector<std::pair<int, ForwardHook>> hooks_;
   int next_hook_id_ = 0;
   bool training_ = true;

@@ -22,6 +22,29 @@ Tensor gated(const Tensor& x, const Tensor& gate, const Tensor& y) {
   return add(x, mul(reshape(gate, {gate.size(0), 1, gate.size(1)}), y));
 }
 
+// 2-D sin-cos position embedding (DiT, after MAE): a quarter of the channels each for the sine and
+// cosine of the patch row and of its column, at geometric frequencies. It initialises the learned
+// embedding so that attention can tell patches apart by place from the first step; with small
+// random positions the model learned colours long before it learned where patches sit.
+Tensor sincos_position_embedding(int64_t grid, int64_t channels) {
+  MemoryCategoryScope scope(MemoryCategory::parameter);
+  Tensor t = Tensor::zeros({grid * grid, channels});
+  float* p = t.data<float>();
+  int64_t quarter = channels / 4;
+  for (int64_t y = 0; y < grid; ++y)
+    for (int64_t x = 0; x < grid; ++x) {
+      float* row = p + (y * grid + x) * channels;
+      for (int64_t i = 0; i < quarter; ++i) {
+        double omega = std::pow(10000.0, -static_cast<double>(i) / static_cast<double>(quarter));
+        row[i] = static_cast<float>(std::sin(y * omega));
+        row[quarter + i] = static_cast<float>(std::cos(y * omega));
+        row[2 * quarter + i] = static_cast<float>(std::sin(x * omega));
+        row[3 * quarter + i] = static_cast<float>(std::cos(x * omega));
+      }
+    }
+  return t;
+}
+
 }  // namespace
 
 DitConfig dit_config(const std::string& name) {
@@ -78,8 +101,8 @@ DitDoubleBlock::Stream DitDoubleBlock::make_stream(const std::string& prefix, co
 DitDoubleBlock::DitDoubleBlock(const DitConfig& cfg) : Module("DitDoubleBlock"), heads_(cfg.heads) {
   img_ = make_stream("img", cfg);
   txt_ = make_stream("txt", cfg);
-  ln_one_ = nn::init_constant({cfg.channels}, 1.0);
-  ln_zero_ = nn::init_constant({cfg.channels}, 0.0);
+  ln_one_ = register_buffer("ln_one", nn::init_constant({cfg.channels}, 1.0));
+  ln_zero_ = register_buffer("ln_zero", nn::init_constant({cfg.channels}, 0.0));
 }
 
 std::pair<Tensor, Tensor> DitDoubleBlock::operator()(const Tensor& img, const Tensor& txt, const Tensor& c) {
@@ -110,8 +133,8 @@ DitSingleBlock::DitSingleBlock(const DitConfig& cfg)
   mod_ = register_module("mod", std::make_shared<AdaModulation>(c, 3, cfg.ada_zero));
   lin1_ = register_module("lin1", std::make_shared<nn::Linear>(c, 3 * c + 4 * c));
   lin2_ = register_module("lin2", std::make_shared<nn::Linear>(c + 4 * c, c, true, out_std));
-  ln_one_ = nn::init_constant({c}, 1.0);
-  ln_zero_ = nn::init_constant({c}, 0.0);
+  ln_one_ = register_buffer("ln_one", nn::init_constant({c}, 1.0));
+  ln_zero_ = register_buffer("ln_zero", nn::init_constant({c}, 0.0));
 }
 
 Tensor DitSingleBlock::operator()(const Tensor& x, const Tensor& c) {
@@ -130,8 +153,10 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
               "dit: expected image divisible by patch and channels by heads, got image ", cfg.image, ", patch ",
               cfg.patch, ", channels ", cfg.channels, ", heads ", cfg.heads);
   int64_t c = cfg.channels, tokens = (cfg.image / cfg.patch) * (cfg.image / cfg.patch), patch_values = 3 * cfg.patch * cfg.patch;
-  patch_embed = register_module("patch_embed", std::make_shared<nn::Linear>(patch_values, c));
-  pos = register_parameter("pos", nn::init_normal({tokens, c}, 0.02));
+  // Xavier-normal patch embedding, so that content and position start at comparable scales.
+  double patch_std = std::sqrt(2.0 / static_cast<double>(patch_values + c));
+  patch_embed = register_module("patch_embed", std::make_shared<nn::Linear>(patch_values, c, true, patch_std));
+  pos = register_parameter("pos", sincos_position_embedding(cfg.image / cfg.patch, c));
   time_in = register_module("time_in", std::make_shared<nn::Linear>(c, c));
   time_out = register_module("time_out", std::make_shared<nn::Linear>(c, c));
   label_embed = register_module("label_embed", std::make_shared<nn::Embedding>(cfg.classes, c));
@@ -141,8 +166,8 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
   for (int64_t i = 0; i < cfg.single_blocks; ++i) single_blocks->push_back(std::make_shared<DitSingleBlock>(cfg));
   final_mod = register_module("final_mod", std::make_shared<AdaModulation>(c, 2, cfg.ada_zero));
   final_linear = register_module("final_linear", std::make_shared<nn::Linear>(c, patch_values, true, cfg.ada_zero ? 0.0 : 0.02));
-  ln_one_ = nn::init_constant({c}, 1.0);
-  ln_zero_ = nn::init_constant({c}, 0.0);
+  ln_one_ = register_buffer("ln_one", nn::init_constant({c}, 1.0));
+  ln_zero_ = register_buffer("ln_zero", nn::init_constant({c}, 0.0));
   for (auto& [name, block] : double_blocks->children()) block->set_checkpoint_level_of_module(3);
   for (auto& [name, block] : single_blocks->children()) block->set_checkpoint_level_of_module(3);
   set_checkpoint_level_of_module(5);
