@@ -92,7 +92,7 @@ Tensor Graph::unpack(int64_t node, size_t slot) {
       REMAT_CHECK(v.data.version() == v.version, "backward of ", n.name(), " (node ", node,
                   "): a tensor it saved (", v.meta_str(), ") was modified by an in-place operation after it was ",
                   "saved (version ", v.data.version(), ", expected ", v.version, ")");
-      return v.data;
+      return value_data(s.value);
     }
     case SlotState::released:
       REMAT_FAIL("backward through the graph a second time: the saved tensors of ", n.name(), " (node ", node,
@@ -103,6 +103,21 @@ Tensor Graph::unpack(int64_t node, size_t slot) {
       return hooks->unpack_dropped(*this, node, slot);
   }
   return Tensor();
+}
+
+int64_t Graph::offload(int64_t value) {
+  ValueInfo& v = values[value];
+  if (!v.data.defined() || v.data.device().is_cpu()) return 0;
+  v.data = v.data.to(Device::cpu());
+  v.version = v.data.version();  // the host copy's own counter from now on
+  return static_cast<int64_t>(v.data.nbytes());
+}
+
+Tensor Graph::value_data(int64_t value) const {
+  const ValueInfo& v = values[value];
+  if (!v.data.defined() || v.data.device() == v.device) return v.data;
+  MemoryCategoryScope category(MemoryCategory::activation);
+  return v.data.to(v.device);
 }
 
 void Graph::drop_slot(int64_t node, size_t slot) {

@@ -63,6 +63,12 @@ class Graph {
   Tensor unpack(int64_t node, size_t slot);
   // Drops a kept slot (its value's data is freed when nothing else holds it).
   void drop_slot(int64_t node, size_t slot);
+  // Moves a held value's data to host memory (when it lives on a GPU); value_data brings it back.
+  // Returns the bytes moved (0 for data already on the host).
+  int64_t offload(int64_t value);
+  // A held value's data on the device it was recorded on: an offloaded copy is copied back (the
+  // copy lives as long as its user holds it; the host copy stays for other users).
+  Tensor value_data(int64_t value) const;
 };
 
 // Names a tensor for policies that save or recompute by name (like JAX checkpoint_name).

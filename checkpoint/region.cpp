@@ -72,6 +72,12 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
       for (size_t i = 0; i < n.outputs.size(); ++i) {
         r.saved_outputs.push_back({n.outputs[i], SlotState::kept});
         graph.hold(n.outputs[i], outputs[i]);
+        // OFFLOAD: the saved copy waits in host memory; its users copy it back (Graph::value_data).
+        if (d == Decision::must_offload || d == Decision::prefer_offload) {
+          int64_t bytes = graph.offload(n.outputs[i]);
+          r.counters.bytes_offloaded += bytes;
+          t_totals.bytes_offloaded += bytes;
+        }
       }
   }
   if (must_save) must_saved_.insert(node);
@@ -207,7 +213,7 @@ Tensor RegionManager::unpack_dropped(Graph& graph, int64_t node, size_t slot) {
   }
   REMAT_ASSERT(available(graph, value), "replay of ", regions_[n.region].options.name, " did not rebuild a slot of ",
                n.name());
-  return graph.values[value].data;
+  return graph.value_data(value);
 }
 
 void RegionManager::replay(Graph& graph, int id, int64_t position) {
@@ -294,7 +300,7 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
         fail(r, detail::concat("an input of replayed op ", node.name(), " (", info.meta_str(),
                                ") was modified by an in-place operation after the forward (version ",
                                info.data.version(), ", expected ", info.version, ")"));
-      inputs.push_back(info.data);
+      inputs.push_back(graph.value_data(u));
     }
     std::vector<Tensor> outputs;
     {

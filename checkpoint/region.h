@@ -27,6 +27,7 @@ struct RegionCounters {
   int64_t bytes_rebuilt = 0;  // bytes of the outputs its replays produced
   int64_t replays = 0;        // number of replays
   int64_t replay_ns = 0;      // wall time spent replaying
+  int64_t bytes_offloaded = 0;  // bytes of saved outputs moved to host memory (GPU values only)
   std::array<int64_t, kOpCount> replayed_by_op{};  // ops_replayed split by op kind
 };
 

@@ -268,6 +268,37 @@ TEST_CASE("gpt tiny in bf16 on cuda: f32 master gradients near f32, bitwise unde
   CHECK(x.to(DType::bf16).to_vector<float>() == cast(x.to(kGpu), DType::bf16).to_vector<float>());
 }
 
+TEST_CASE("offload on cuda moves saved outputs to host memory: gradients bitwise, device peak lower", "[cuda][offload]") {
+  manual_seed(35);
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  auto loss = [&] { return model.loss(idx, targets); };
+  auto plain = run_grads(model.parameters(), loss);
+  // Linears' outputs saved (on the GPU, or offloaded to the host), everything else recomputed.
+  auto activation_peak = [&](Decision linears) {
+    CheckpointOptions o;
+    o.policy = {"linears", [linears](const PolicyContext& ctx) {
+                  return ctx.kind == OpKind::linear ? linears : Decision::prefer_recompute;
+                }};
+    checkpoint(model, o);
+    reset_checkpoint_counters();
+    reset_peak_memory(kGpu);
+    int64_t base = memory_stats(kGpu)[MemoryCategory::activation].current;
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    int64_t peak = memory_stats(kGpu)[MemoryCategory::activation].peak - base;
+    remove_checkpointing(model);
+    return peak;
+  };
+  int64_t kept = activation_peak(Decision::prefer_save);
+  CHECK(checkpoint_counters().bytes_offloaded == 0);
+  int64_t offloaded = activation_peak(Decision::prefer_offload);
+  CHECK(checkpoint_counters().bytes_offloaded > 0);
+  INFO("activation peak: " << kept << " bytes kept on the GPU, " << offloaded << " offloaded");
+  CHECK(offloaded < kept);
+}
+
 TEST_CASE("dit and unet tiny gradients on cuda under their policies are bitwise equal to none", "[cuda][policy][diffusion]") {
   manual_seed(32);
   DitConfig dc = dit_config("tiny");
