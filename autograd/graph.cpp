@@ -1,6 +1,8 @@
 // Recording onto the tape, value bookkeeping and saved-slot unpacking.
 #include "autograd/graph.h"
 
+#include "runtime/cuda_backend.h"
+
 #include "autograd/grad_mode.h"
 #include "autograd/trace.h"
 
@@ -78,7 +80,10 @@ void Graph::hold(int64_t value, const Tensor& data) {
 void Graph::release(int64_t value) {
   ValueInfo& v = values[value];
   REMAT_ASSERT(v.holds > 0, "release of value ", value, " that nothing holds");
-  if (--v.holds == 0) v.data = Tensor();
+  if (--v.holds == 0) {
+    v.data = Tensor();
+    prefetched.erase(value);
+  }
 }
 
 Tensor Graph::unpack(int64_t node, size_t slot) {
@@ -108,16 +113,41 @@ Tensor Graph::unpack(int64_t node, size_t slot) {
 int64_t Graph::offload(int64_t value) {
   ValueInfo& v = values[value];
   if (!v.data.defined() || v.data.device().is_cpu()) return 0;
-  v.data = v.data.to(Device::cpu());
-  v.version = v.data.version();  // the host copy's own counter from now on
-  return static_cast<int64_t>(v.data.nbytes());
+  Tensor src = v.data.is_contiguous() ? v.data : v.data.as_contiguous();
+  Tensor host = Tensor::empty_pinned(v.shape, v.dtype);
+  // The device copy stays alive until the copy has read it; then only the host copy is held.
+  cuda_copy_async(host.raw_data(), src.raw_data(), src.nbytes(), src.device().index, false, src.storage());
+  v.data = host;
+  v.version = host.version();  // the host copy's own counter from now on
+  cuda_poll_copies();           // frees the device copies of earlier offloads that have landed
+  return static_cast<int64_t>(host.nbytes());
 }
 
-Tensor Graph::value_data(int64_t value) const {
-  const ValueInfo& v = values[value];
-  if (!v.data.defined() || v.data.device() == v.device) return v.data;
+namespace {
+
+// A device copy of an offloaded value, arriving on the copy stream by the ticket's event.
+std::pair<Tensor, CopyTicket> copy_back(const ValueInfo& v) {
   MemoryCategoryScope category(MemoryCategory::activation);
-  return v.data.to(v.device);
+  Tensor dev = Tensor::empty(v.shape, v.dtype, v.device);
+  CopyTicket ticket = cuda_copy_async(dev.raw_data(), v.data.raw_data(), v.data.nbytes(), v.device.index, true,
+                                      v.data.storage());
+  return {dev, ticket};
+}
+
+}  // namespace
+
+Tensor Graph::value_data(int64_t value) {
+  if (!is_offloaded(value)) return values[value].data;
+  auto found = prefetched.find(value);
+  auto [dev, ticket] = found != prefetched.end() ? std::move(found->second) : copy_back(values[value]);
+  if (found != prefetched.end()) prefetched.erase(found);
+  cuda_wait(ticket);  // the kernels that read it run after it has arrived
+  return dev;
+}
+
+void Graph::prefetch(int64_t value) {
+  if (!is_offloaded(value) || prefetched.count(value)) return;
+  prefetched[value] = copy_back(values[value]);
 }
 
 void Graph::drop_slot(int64_t node, size_t slot) {

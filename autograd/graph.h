@@ -63,12 +63,20 @@ class Graph {
   Tensor unpack(int64_t node, size_t slot);
   // Drops a kept slot (its value's data is freed when nothing else holds it).
   void drop_slot(int64_t node, size_t slot);
-  // Moves a held value's data to host memory (when it lives on a GPU); value_data brings it back.
-  // Returns the bytes moved (0 for data already on the host).
+  // Moves a held value's data to pinned host memory (when it lives on a GPU), asynchronously on
+  // the copy stream; value_data brings it back. Returns the bytes moved (0 for host data).
   int64_t offload(int64_t value);
-  // A held value's data on the device it was recorded on: an offloaded copy is copied back (the
-  // copy lives as long as its user holds it; the host copy stays for other users).
-  Tensor value_data(int64_t value) const;
+  // A held value's data on the device it was recorded on: an offloaded value comes back (from a
+  // prefetch when one was started); the device copy lives as long as its user holds it.
+  Tensor value_data(int64_t value);
+  // Starts copying an offloaded value back ahead of its use (no-op for other values).
+  void prefetch(int64_t value);
+  bool is_offloaded(int64_t value) const {
+    const ValueInfo& v = values[value];
+    return v.data.defined() && v.data.device() != v.device;
+  }
+  // Offloaded values already on their way back, with the end of their copy.
+  std::unordered_map<int64_t, std::pair<Tensor, std::shared_ptr<void>>> prefetched;
 };
 
 // Names a tensor for policies that save or recompute by name (like JAX checkpoint_name).

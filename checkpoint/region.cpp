@@ -9,6 +9,7 @@
 
 #include "autograd/grad_mode.h"
 #include "autograd/trace.h"
+#include "runtime/cuda_backend.h"
 
 namespace remat {
 
@@ -353,6 +354,12 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
 
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
   const Node& n = *graph.nodes[node];
+  // Offloaded tensors of the next nodes start back to the GPU now, on the copy stream, while the
+  // compute stream runs the nodes in between.
+  constexpr int64_t kPrefetchNodes = 4;
+  for (int64_t k = node - 1; k >= 0 && k >= node - kPrefetchNodes; --k)
+    for (const SavedSlot& slot : graph.nodes[k]->saved)
+      if (slot.state == SlotState::kept) graph.prefetch(slot.value);
   for (size_t s = 0; s < n.saved.size(); ++s) release_rebuilt(graph, node, static_cast<int64_t>(s), n.saved[s].value);
   // A kept slot about to free the last copy of a value that dropped slots still wait for: hand the
   // data over to them instead of rebuilding it later.
@@ -391,6 +398,8 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
 }
 
 void RegionManager::after_backward(Graph& graph, bool retain_graph) {
+  graph.prefetched.clear();  // prefetches for nodes that needed no gradient
+  cuda_poll_copies();
   for (auto [node, slot] : std::vector<std::pair<int64_t, int64_t>>(rebuilt_holds_.begin(), rebuilt_holds_.end())) {
     int64_t value = node >= 0 ? graph.nodes[node]->saved[slot].value : regions_[-1 - node].inputs[slot].value;
     release_rebuilt(graph, node, slot, value);

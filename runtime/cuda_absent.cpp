@@ -20,5 +20,11 @@ void cuda_memset_zero(void*, Device device, size_t) { REMAT_FAIL(device.str(), "
 void cuda_synchronize(int index) { REMAT_FAIL("cuda:", index, ": remat was built without CUDA"); }
 void cuda_empty_cache(int index) { REMAT_FAIL("cuda:", index, ": remat was built without CUDA"); }
 int64_t cuda_segment_count(int index) { REMAT_FAIL("cuda:", index, ": remat was built without CUDA"); }
+Allocator* cuda_pinned_allocator() { REMAT_FAIL("pinned host memory: remat was built without CUDA"); }
+CopyTicket cuda_copy_async(void*, const void*, size_t, int index, bool, std::shared_ptr<const void>) {
+  REMAT_FAIL("cuda:", index, ": remat was built without CUDA");
+}
+void cuda_wait(const CopyTicket&) {}
+int cuda_poll_copies() { return 0; }
 
 }  // namespace remat

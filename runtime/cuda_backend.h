@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 
 #include "runtime/allocator.h"
@@ -17,5 +18,18 @@ void cuda_memset_zero(void* dst, Device device, size_t n);
 void cuda_synchronize(int index);    // waits for all work queued on the device
 void cuda_empty_cache(int index);    // returns the allocator's wholly free segments to the driver
 int64_t cuda_segment_count(int index);  // segments the caching allocator holds from the driver
+
+// Page-locked host memory for asynchronous copies, cached by size (its own counters).
+Allocator* cuda_pinned_allocator();
+// Copies n bytes on device `index`'s copy stream, after the work queued so far on the compute
+// stream. `keep` (the source's or the destination's owner) stays alive until the copy has
+// finished. The ticket marks the copy's end: cuda_wait makes the compute stream wait for it
+// (before the first kernel that reads a copy to the device).
+using CopyTicket = std::shared_ptr<void>;
+CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool to_device,
+                           std::shared_ptr<const void> keep);
+void cuda_wait(const CopyTicket& ticket);
+// Lets go of what finished copies kept alive; returns the copies still in flight.
+int cuda_poll_copies();
 
 }  // namespace remat

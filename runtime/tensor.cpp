@@ -13,19 +13,24 @@
 namespace remat {
 
 Storage::Storage(size_t bytes, Device device, MemoryCategory category)
-    : bytes_(bytes), device_(device), category_(category) {
-  data_ = allocator_for(device).allocate(bytes, category);
+    : Storage(bytes, device, category, allocator_for(device)) {}
+
+Storage::Storage(size_t bytes, Device device, MemoryCategory category, Allocator& allocator)
+    : bytes_(bytes), device_(device), allocator_(&allocator), category_(category) {
+  data_ = allocator_->allocate(bytes, category);
 }
 
-Storage::~Storage() { allocator_for(device_).deallocate(data_, bytes_, category_); }
+Storage::~Storage() { allocator_->deallocate(data_, bytes_, category_); }
 
 void Storage::move_to(Device device) {
   if (device == device_) return;
-  void* moved = allocator_for(device).allocate(bytes_, category_);
+  Allocator& target = allocator_for(device);
+  void* moved = target.allocate(bytes_, category_);
   copy_bytes(moved, device, data_, device_, bytes_);
-  allocator_for(device_).deallocate(data_, bytes_, category_);
+  allocator_->deallocate(data_, bytes_, category_);
   data_ = moved;
   device_ = device;
+  allocator_ = &target;
 }
 
 namespace {
@@ -87,6 +92,19 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   t.defined_ = true;
   t.storage_ = std::make_shared<Storage>(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), device,
                                          current_memory_category());
+  return t;
+}
+
+Tensor Tensor::empty_pinned(const Shape& shape, DType dtype) {
+  if (cuda_device_count() == 0) return empty(shape, dtype, Device::cpu());
+  Tensor t;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  t.dtype_ = dtype;
+  t.device_ = Device::cpu();
+  t.defined_ = true;
+  t.storage_ = std::make_shared<Storage>(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), Device::cpu(),
+                                         current_memory_category(), *cuda_pinned_allocator());
   return t;
 }
 

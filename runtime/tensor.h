@@ -21,6 +21,8 @@ namespace remat {
 class Storage {
  public:
   Storage(size_t bytes, Device device, MemoryCategory category);
+  // Bytes from a given allocator (pinned host memory: device cpu, allocator cuda_pinned_allocator()).
+  Storage(size_t bytes, Device device, MemoryCategory category, Allocator& allocator);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -39,6 +41,7 @@ class Storage {
   void* data_ = nullptr;
   size_t bytes_ = 0;
   Device device_;
+  Allocator* allocator_;
   MemoryCategory category_;
   uint64_t version_ = 0;
 };
@@ -65,6 +68,9 @@ class Tensor {
   static Tensor full(const Shape& shape, double value, DType dtype = DType::f32, Device device = Device::cpu());
   static Tensor scalar(double value, DType dtype = DType::f32, Device device = Device::cpu());
   static Tensor arange(int64_t n, DType dtype = DType::f32, Device device = Device::cpu());
+  // Host memory the GPU copies to and from asynchronously (page-locked); plain host memory in a
+  // build without CUDA or on a machine without a GPU.
+  static Tensor empty_pinned(const Shape& shape, DType dtype = DType::f32);
   // Philox draws from the global stream (runtime/random.h).
   static Tensor rand(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
   static Tensor randn(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());

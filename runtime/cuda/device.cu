@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "runtime/cuda/caching_allocator.h"
@@ -60,5 +61,113 @@ void cuda_synchronize(int index) {
 void cuda_empty_cache(int index) { static_cast<CachingAllocator*>(cuda_allocator(index))->empty_cache(); }
 
 int64_t cuda_segment_count(int index) { return static_cast<CachingAllocator*>(cuda_allocator(index))->segment_count(); }
+
+namespace {
+
+// Page-locked host blocks, cached by exact size: cudaHostAlloc is slow and cudaFreeHost
+// synchronises the device, so blocks are reused and never returned.
+class PinnedAllocator final : public Allocator {
+ public:
+  Device device() const override { return Device::cpu(); }
+
+ protected:
+  void* raw_allocate(size_t bytes) override {
+    std::lock_guard lock(mutex_);
+    auto& free = free_[bytes];
+    if (!free.empty()) {
+      void* ptr = free.back();
+      free.pop_back();
+      return ptr;
+    }
+    void* ptr = nullptr;
+    if (cudaHostAlloc(&ptr, bytes, cudaHostAllocDefault) != cudaSuccess) {
+      cudaGetLastError();
+      REMAT_FAIL("out of pinned host memory: requested ", bytes, " bytes");
+    }
+    reserved_ += static_cast<int64_t>(bytes);
+    return ptr;
+  }
+  void raw_deallocate(void* ptr, size_t bytes) noexcept override {
+    std::lock_guard lock(mutex_);
+    free_[bytes].push_back(ptr);
+  }
+  int64_t reserved_bytes() const override { return reserved_; }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  int64_t reserved_ = 0;
+};
+
+// Per device: the copy stream and the copies in flight with what they keep alive.
+struct CopyEngine {
+  cudaStream_t stream = nullptr;
+  std::vector<std::pair<cudaEvent_t, std::shared_ptr<const void>>> in_flight;
+};
+
+std::mutex g_copy_mutex;
+
+CopyEngine& copy_engine(int index) {
+  static auto* engines = new std::vector<CopyEngine>(64);
+  REMAT_CHECK(index >= 0 && index < 64, "cuda:", index, ": device index out of range");
+  CopyEngine& e = (*engines)[index];
+  if (!e.stream) REMAT_CUDA_CHECK(cudaStreamCreateWithFlags(&e.stream, cudaStreamNonBlocking));
+  return e;
+}
+
+}  // namespace
+
+Allocator* cuda_pinned_allocator() {
+  static auto* pinned = new PinnedAllocator();
+  return pinned;
+}
+
+CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool to_device,
+                           std::shared_ptr<const void> keep) {
+  std::lock_guard lock(g_copy_mutex);
+  REMAT_CUDA_CHECK(cudaSetDevice(index));
+  CopyEngine& e = copy_engine(index);
+  // The copy starts after everything queued on the compute (legacy default) stream so far: the
+  // source is written, and a destination block reused from the cache is no longer read.
+  cudaEvent_t queued, done, arrival;
+  REMAT_CUDA_CHECK(cudaEventCreateWithFlags(&queued, cudaEventDisableTiming));
+  REMAT_CUDA_CHECK(cudaEventRecord(queued, 0));
+  REMAT_CUDA_CHECK(cudaStreamWaitEvent(e.stream, queued, 0));
+  REMAT_CUDA_CHECK(cudaEventDestroy(queued));  // released once it has completed
+  REMAT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost, e.stream));
+  REMAT_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  REMAT_CUDA_CHECK(cudaEventRecord(done, e.stream));
+  e.in_flight.emplace_back(done, std::move(keep));
+  // The ticket has its own event: the in-flight one is destroyed when polled.
+  REMAT_CUDA_CHECK(cudaEventCreateWithFlags(&arrival, cudaEventDisableTiming));
+  REMAT_CUDA_CHECK(cudaEventRecord(arrival, e.stream));
+  return CopyTicket(static_cast<void*>(arrival), [](void* ev) { cudaEventDestroy(static_cast<cudaEvent_t>(ev)); });
+}
+
+void cuda_wait(const CopyTicket& ticket) {
+  if (ticket) REMAT_CUDA_CHECK(cudaStreamWaitEvent(0, static_cast<cudaEvent_t>(ticket.get()), 0));
+}
+
+int cuda_poll_copies() {
+  std::lock_guard lock(g_copy_mutex);
+  int pending = 0;
+  int count = cuda_device_count();
+  for (int d = 0; d < count && d < 64; ++d) {
+    CopyEngine& e = copy_engine(d);
+    auto& list = e.in_flight;
+    for (auto it = list.begin(); it != list.end();) {
+      cudaError_t status = cudaEventQuery(it->first);
+      if (status == cudaErrorNotReady) {
+        ++pending;
+        ++it;
+        continue;
+      }
+      REMAT_CUDA_CHECK(status);
+      REMAT_CUDA_CHECK(cudaEventDestroy(it->first));
+      it = list.erase(it);
+    }
+  }
+  return pending;
+}
 
 }  // namespace remat
