@@ -61,7 +61,7 @@ __global__ void attention_forward_kernel(const T* q, const T* k, const T* v, T* 
     if (active) {
       A s[BC];
       A tile_max = -std::numeric_limits<A>::infinity();
-#pragma unroll
+#pragma unroll 1  // keys stay a loop: unrolling them multiplies the code by the tile
       for (int j = 0; j < BC; ++j) {
         bool visible = j < nk && !(causal && kb + j > row);
         s[j] = visible ? dot_row<A, DMAX>(qr, ks + j * d, d) * scale : -std::numeric_limits<A>::infinity();
@@ -72,7 +72,7 @@ __global__ void attention_forward_kernel(const T* q, const T* k, const T* v, T* 
         l *= corr;
 #pragma unroll
         for (int e = 0; e < DMAX; ++e) acc[e] *= corr;
-#pragma unroll
+#pragma unroll 1  // keys stay a loop: unrolling them multiplies the code by the tile
         for (int j = 0; j < BC; ++j) {
           if (s[j] == -std::numeric_limits<A>::infinity()) continue;
           A p = exp(s[j] - m_new);
