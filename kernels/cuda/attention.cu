@@ -37,7 +37,7 @@ __device__ void stage_tile(Acc<T>* dst, const T* src, int64_t rows, int d) {
 }
 
 template <typename T, int DMAX>
-__global__ void attention_forward_kernel(const T* q, const T* k, const T* v, T* o, T* lse, int64_t t, int d,
+__global__ void attention_forward_kernel(const T* q, const T* k, const T* v, T* o, Acc<T>* lse, int64_t t, int d,
                                          bool causal, Acc<T> scale) {
   using A = Acc<T>;
   constexpr int BC = kTile<A>;
@@ -90,7 +90,7 @@ __global__ void attention_forward_kernel(const T* q, const T* k, const T* v, T* 
 #pragma unroll
     for (int e = 0; e < DMAX; ++e)
       if (e < d) o[base + row * d + e] = cast_to<T>(acc[e] / l);
-    lse[head * t + row] = cast_to<T>(m + log(l));
+    lse[head * t + row] = m + log(l);
   }
 }
 
@@ -105,8 +105,8 @@ __global__ void attention_row_dot_kernel(const T* d_o, const T* o, Acc<T>* out, 
 }
 
 template <typename T, int DMAX>
-__global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T* d_o, const T* lse, const Acc<T>* row_dot,
-                                    T* dq, int64_t t, int d, bool causal, Acc<T> scale) {
+__global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T* d_o, const Acc<T>* lse,
+                                    const Acc<T>* row_dot, T* dq, int64_t t, int d, bool causal, Acc<T> scale) {
   using A = Acc<T>;
   constexpr int BC = kTile<A>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -120,7 +120,7 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
   load_row<T, DMAX>(dor, d_o + base + row * d, d, active);
 #pragma unroll
   for (int e = 0; e < DMAX; ++e) acc[e] = 0;
-  A L = active ? load(lse, head * t + row) : A(0), Di = active ? row_dot[head * t + row] : A(0);
+  A L = active ? lse[head * t + row] : A(0), Di = active ? row_dot[head * t + row] : A(0);
   int64_t key_end = causal ? min(t, (blockIdx.x + 1) * static_cast<int64_t>(blockDim.x)) : t;
   for (int64_t kb = 0; kb < key_end; kb += BC) {
     int64_t nk = min(static_cast<int64_t>(BC), t - kb);
@@ -147,7 +147,7 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
 }
 
 template <typename T, int DMAX>
-__global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T* d_o, const T* lse,
+__global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T* d_o, const Acc<T>* lse,
                                      const Acc<T>* row_dot, T* dk, T* dv, int64_t t, int d, bool causal, Acc<T> scale) {
   using A = Acc<T>;
   constexpr int BC = kTile<A>;
@@ -171,7 +171,7 @@ __global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T
     stage_tile<T>(qs, q + base + qb * d, nq, d);
     stage_tile<T>(dos, d_o + base + qb * d, nq, d);
     for (int64_t i = threadIdx.x; i < nq; i += blockDim.x) {
-      ls[i] = load(lse, head * t + qb + i);
+      ls[i] = lse[head * t + qb + i];
       ds_row[i] = row_dot[head * t + qb + i];
     }
     __syncthreads();
@@ -221,14 +221,17 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
   set_device_of(q);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
-  Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, q.dtype(), q.device());
+  // The log-sum-exp stays in the accumulation dtype: rounded to bf16 it would skew every
+  // probability the backward rebuilds by up to a few percent.
+  DType lse_dtype = q.dtype() == DType::bf16 ? DType::f32 : q.dtype();
+  Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, lse_dtype, q.device());
   if (heads == 0 || t == 0) return {o, lse};
   dispatch(q.dtype(), "attention", [&]<typename T>() {
     using A = Acc<T>;
     size_t smem = 2 * kTile<A> * d * sizeof(A);
     dispatch_head_dim(d, [&]<int DMAX>() {
       attention_forward_kernel<T, DMAX><<<attention_grid(heads, t), kRows, smem>>>(
-          q.data<T>(), k.data<T>(), v.data<T>(), o.data<T>(), lse.data<T>(), t, static_cast<int>(d), causal,
+          q.data<T>(), k.data<T>(), v.data<T>(), o.data<T>(), lse.data<A>(), t, static_cast<int>(d), causal,
           static_cast<A>(scale));
     });
   });
@@ -257,10 +260,10 @@ std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Ten
     size_t smem_dkv = (2 * kTile<A> * d + 2 * kTile<A>) * sizeof(A);
     dispatch_head_dim(d, [&]<int DMAX>() {
       attention_dq_kernel<T, DMAX><<<attention_grid(heads, t), kRows, smem_dq>>>(
-          q.data<T>(), k.data<T>(), v.data<T>(), d_o.data<T>(), lse.data<T>(), row_dot.data<A>(), dq.data<T>(), t,
+          q.data<T>(), k.data<T>(), v.data<T>(), d_o.data<T>(), lse.data<A>(), row_dot.data<A>(), dq.data<T>(), t,
           static_cast<int>(d), causal, static_cast<A>(scale));
       attention_dkv_kernel<T, DMAX><<<attention_grid(heads, t), kRows, smem_dkv>>>(
-          q.data<T>(), k.data<T>(), v.data<T>(), d_o.data<T>(), lse.data<T>(), row_dot.data<A>(), dk.data<T>(),
+          q.data<T>(), k.data<T>(), v.data<T>(), d_o.data<T>(), lse.data<A>(), row_dot.data<A>(), dk.data<T>(),
           dv.data<T>(), t, static_cast<int>(d), causal, static_cast<A>(scale));
     });
   });
