@@ -106,6 +106,46 @@ class Backend {
   virtual double sum_squares(const Tensor& x) = 0;
 };
 
+// The kernel methods of a backend class: REMAT_BACKEND_KERNELS(override) in its body, so that
+// every backend declares the same set (a missing or mistyped one fails to compile).
+#define REMAT_BACKEND_KERNELS(SPEC) \
+  Tensor unary(UnaryFn fn, const Tensor& x, double scalar) SPEC; \
+  Tensor unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x, const Tensor& y, double scalar) SPEC; \
+  Tensor binary(BinaryFn fn, const Tensor& a, const Tensor& b) SPEC; \
+  Tensor reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) SPEC; \
+  Tensor reduce_max(const Tensor& x, const std::vector<int64_t>& axes) SPEC; \
+  Tensor reduce_max_backward(const Tensor& dy, const Tensor& x, const Tensor& y) SPEC; \
+  Tensor copy_strided(const Tensor& x) SPEC; \
+  void copy_into_slice(Tensor& dst, const Tensor& src, int64_t axis, int64_t start) SPEC; \
+  Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) SPEC; \
+  Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) SPEC; \
+  std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) SPEC; \
+  std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd) SPEC; \
+  Tensor softmax(const Tensor& x) SPEC; \
+  Tensor softmax_backward(const Tensor& dy, const Tensor& y) SPEC; \
+  std::vector<Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) SPEC; \
+  std::vector<Tensor> attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, bool causal, double scale) SPEC; \
+  Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) SPEC; \
+  Tensor embedding(const Tensor& idx, const Tensor& weight) SPEC; \
+  Tensor embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) SPEC; \
+  std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) SPEC; \
+  Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index) SPEC; \
+  Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) SPEC; \
+  std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride, int padding, bool has_bias) SPEC; \
+  std::vector<Tensor> group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) SPEC; \
+  std::vector<Tensor> group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd, int groups) SPEC; \
+  Tensor upsample_nearest(const Tensor& x, int factor) SPEC; \
+  Tensor upsample_nearest_backward(const Tensor& dy, int factor) SPEC; \
+  Tensor avg_pool(const Tensor& x, int factor) SPEC; \
+  Tensor avg_pool_backward(const Tensor& dy, int factor) SPEC; \
+  Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) SPEC; \
+  std::vector<Tensor> modulate_backward(const Tensor& dy, const Tensor& x, const Tensor& scale) SPEC; \
+  Tensor timestep_embedding(const Tensor& t, int dim, double max_period) SPEC; \
+  Tensor timestep_embedding_backward(const Tensor& dy, const Tensor& t, int dim, double max_period) SPEC; \
+  Tensor cast(const Tensor& x, DType dtype) SPEC; \
+  void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) SPEC; \
+  double sum_squares(const Tensor& x) SPEC;
+
 // The CUDA kernels (kernels/cuda/), or null in a build without CUDA.
 Backend* cuda_kernels();
 

@@ -25,6 +25,43 @@ unsigned grid_of(int64_t rows, const char* op) {
   return static_cast<unsigned>(rows);
 }
 
+// ---- shared by layer_norm and group_norm ----------------------------------------------------
+
+// Mean and 1 / sqrt(variance + eps) of the n values at x, by the whole block (two passes).
+template <typename T>
+__device__ void block_mean_rstd(const T* x, int64_t n, Acc<T> eps, Acc<T>* scratch, Acc<T>& mu, Acc<T>& rs) {
+  using A = Acc<T>;
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += load(x, i);
+  mu = block_sum(s, scratch) / static_cast<A>(n);
+  A v = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    A d = load(x, i) - mu;
+    v += d * d;
+  }
+  rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(n) + eps);
+}
+
+// dx of a normalisation over the n values at x: rstd * (d - mean(d) - xhat * mean(d * xhat)) with
+// d = dy * w[channel(i)], by the whole block.
+template <typename T, typename Channel>
+__device__ void block_norm_dx(const T* dy, const T* x, const T* w, Acc<T> mu, Acc<T> rs, T* dx, int64_t n,
+                              Channel channel, Acc<T>* scratch) {
+  using A = Acc<T>;
+  A s1 = 0, s2 = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    A xhat = (load(x, i) - mu) * rs, d = load(dy, i) * load(w, channel(i));
+    s1 += d;
+    s2 += d * xhat;
+  }
+  A mean_d = block_sum(s1, scratch) / static_cast<A>(n);
+  A mean_dx = block_sum(s2, scratch) / static_cast<A>(n);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    A xhat = (load(x, i) - mu) * rs, d = load(dy, i) * load(w, channel(i));
+    dx[i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
+  }
+}
+
 // ---- layer_norm -------------------------------------------------------------------------------
 
 template <typename T>
@@ -32,15 +69,8 @@ __global__ void layer_norm_kernel(const T* x, const T* w, const T* b, T* y, T* m
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   const T* row = x + blockIdx.x * c;
-  A s = 0;
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) s += load(row, i);
-  A mu = block_sum(s, scratch) / static_cast<A>(c);
-  A v = 0;
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
-    A d = load(row, i) - mu;
-    v += d * d;
-  }
-  A rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(c) + eps);
+  A mu, rs;
+  block_mean_rstd(row, c, eps, scratch, mu, rs);
   for (int64_t i = threadIdx.x; i < c; i += blockDim.x)
     y[blockIdx.x * c + i] = cast_to<T>((load(row, i) - mu) * rs * load(w, i) + load(b, i));
   if (threadIdx.x == 0) {
@@ -51,22 +81,10 @@ __global__ void layer_norm_kernel(const T* x, const T* w, const T* b, T* y, T* m
 
 template <typename T>
 __global__ void layer_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c) {
-  using A = Acc<T>;
-  REMAT_REDUCE_SCRATCH(A, scratch);
+  REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
   int64_t base = blockIdx.x * c;
-  A mu = load(mean, blockIdx.x), rs = load(rstd, blockIdx.x);
-  A s1 = 0, s2 = 0;
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
-    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, i);
-    s1 += d;
-    s2 += d * xhat;
-  }
-  A mean_d = block_sum(s1, scratch) / static_cast<A>(c);
-  A mean_dx = block_sum(s2, scratch) / static_cast<A>(c);
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
-    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, i);
-    dx[base + i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
-  }
+  block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, c,
+                [](int64_t i) { return i; }, scratch);
 }
 
 // partial_w/b[chunk, channel]: sums over the chunk's rows, in row order.
@@ -137,15 +155,8 @@ __global__ void group_norm_kernel(const T* x, const T* w, const T* b, T* y, T* m
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   const T* g = x + blockIdx.x * m;
-  A s = 0;
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) s += load(g, i);
-  A mu = block_sum(s, scratch) / static_cast<A>(m);
-  A v = 0;
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-    A d = load(g, i) - mu;
-    v += d * d;
-  }
-  A rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(m) + eps);
+  A mu, rs;
+  block_mean_rstd(g, m, eps, scratch, mu, rs);
   int64_t c0 = (blockIdx.x % groups) * cg;
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
     int64_t ch = c0 + i / hw;
@@ -160,22 +171,10 @@ __global__ void group_norm_kernel(const T* x, const T* w, const T* b, T* y, T* m
 template <typename T>
 __global__ void group_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t m,
                                      int64_t hw, int groups, int64_t cg) {
-  using A = Acc<T>;
-  REMAT_REDUCE_SCRATCH(A, scratch);
+  REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
   int64_t base = blockIdx.x * m, c0 = (blockIdx.x % groups) * cg;
-  A mu = load(mean, blockIdx.x), rs = load(rstd, blockIdx.x);
-  A s1 = 0, s2 = 0;
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, c0 + i / hw);
-    s1 += d;
-    s2 += d * xhat;
-  }
-  A mean_d = block_sum(s1, scratch) / static_cast<A>(m);
-  A mean_dx = block_sum(s2, scratch) / static_cast<A>(m);
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-    A xhat = (load(x, base + i) - mu) * rs, d = load(dy, base + i) * load(w, c0 + i / hw);
-    dx[base + i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
-  }
+  block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, m,
+                [c0, hw](int64_t i) { return c0 + i / hw; }, scratch);
 }
 
 // One block per channel: sums over images and positions.
