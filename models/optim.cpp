@@ -1,6 +1,7 @@
 // Optimizer implementations; the per-element updates are backend kernels.
 #include "models/optim.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "autograd/grad_mode.h"
@@ -67,6 +68,27 @@ std::vector<std::pair<std::string, Tensor>> Sgd::state() {
   std::vector<std::pair<std::string, Tensor>> out;
   for (size_t i = 0; i < params_.size(); ++i) out.emplace_back(std::to_string(i) + ".velocity", velocity_[i]);
   return out;
+}
+
+WeightAverage::WeightAverage(std::vector<Tensor> params, double decay) : params_(std::move(params)), decay_(decay) {
+  REMAT_CHECK(decay > 0 && decay < 1, "weight average: expected a decay in (0, 1), got ", decay);
+  MemoryCategoryScope scope(MemoryCategory::optimizer);
+  for (const Tensor& p : params_) averages_.push_back(p.clone());
+}
+
+double WeightAverage::current_decay() const {
+  double n = static_cast<double>(updates_);
+  return std::min(decay_, (1.0 + n) / (10.0 + n));
+}
+
+void WeightAverage::update() {
+  NoGradGuard no_grad;
+  MemoryCategoryScope scope(MemoryCategory::workspace);  // temporaries of the update
+  double d = current_decay();
+  ++updates_;
+  // average = d * average + (1 - d) * parameter
+  for (size_t i = 0; i < params_.size(); ++i)
+    averages_[i].copy_(add(mul_scalar(averages_[i], d), mul_scalar(params_[i], 1.0 - d)));
 }
 
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {

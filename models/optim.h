@@ -53,6 +53,25 @@ class Sgd final : public Optimizer {
   std::vector<Tensor> velocity_;
 };
 
+// Exponential moving average of the parameters, the weights diffusion models are sampled with.
+// The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates (n = updates so far)
+// so that a short run's average is not dominated by its random initialisation.
+class WeightAverage {
+ public:
+  WeightAverage(std::vector<Tensor> params, double decay);  // starts as a copy of the parameters
+  void update();                                            // after each optimizer step
+  double decay() const { return decay_; }
+  int64_t updates() const { return updates_; }
+  void set_updates(int64_t n) { updates_ = n; }
+  double current_decay() const;                             // the decay the next update uses
+  const std::vector<Tensor>& averages() const { return averages_; }
+
+ private:
+  std::vector<Tensor> params_, averages_;
+  double decay_;
+  int64_t updates_ = 0;
+};
+
 // Scales all gradients so their global L2 norm is at most max_norm; returns the norm before.
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
 

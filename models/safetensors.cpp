@@ -41,6 +41,12 @@ const Tensor& SafetensorsFile::at(const std::string& name) const {
              tensors.size() > 8 ? ", ..." : "", ")");
 }
 
+bool SafetensorsFile::contains(const std::string& name) const {
+  for (const auto& entry : tensors)
+    if (entry.first == name) return true;
+  return false;
+}
+
 void write_file_atomically(const std::string& path, const std::string& contents) {
   std::filesystem::path target(path);
   std::filesystem::path tmp = target;

@@ -16,6 +16,7 @@ struct SafetensorsFile {
   std::vector<std::pair<std::string, Tensor>> tensors;  // in file order
   std::map<std::string, std::string> metadata;          // "__metadata__" (string values)
   const Tensor& at(const std::string& name) const;      // throws naming the file's tensors
+  bool contains(const std::string& name) const;
 };
 
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,

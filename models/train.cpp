@@ -6,6 +6,8 @@
 #include <memory>
 #include <cmath>
 #include <filesystem>
+#include <fmt/format.h>
+#include <map>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -37,28 +39,57 @@ struct RunState {
   std::string metrics;  // metrics.jsonl so far
 };
 
-void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, const TrainOptions& o, const RunState& run) {
+// The schedule of a run with every field resolved (defaults, the resumed run's, or given).
+struct Schedule {
+  int64_t steps = 300;
+  double lr = 1e-3, min_lr = 1e-4;
+  int64_t warmup = 20;
+  double ema = 0;  // 0: no weight average
+
+  std::string changes_from(const Schedule& was) const {
+    std::string out;
+    auto note = [&](const char* name, auto before, auto after) {
+      if (before != after) out += fmt::format("{}{} {} -> {}", out.empty() ? "" : ", ", name, before, after);
+    };
+    note("steps", was.steps, steps), note("lr", was.lr, lr), note("min_lr", was.min_lr, min_lr);
+    note("warmup", was.warmup, warmup), note("ema", was.ema, ema);
+    return out;
+  }
+};
+
+void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, const WeightAverage* average,
+                   const TrainOptions& o, const Schedule& sched, const RunState& run) {
   std::vector<std::pair<std::string, Tensor>> weights = task.model().named_parameters();
-  save_safetensors(dir + "/model.safetensors", weights,
-                   {{"format", "remat"}, {"model", o.model}, {"config", task.config().dump()}});
+  std::map<std::string, std::string> model_meta = {{"format", "remat"}, {"model", o.model}, {"config", task.config().dump()}};
   std::vector<std::pair<std::string, Tensor>> state;
   for (auto& [name, t] : weights) state.emplace_back("param." + name, t);
   for (auto& [name, t] : opt.state()) state.emplace_back("optim." + name, t);
+  if (average) {
+    // model.safetensors holds what is used for inference: the average; the raw weights stay in the state.
+    for (size_t i = 0; i < weights.size(); ++i) {
+      state.emplace_back("ema." + weights[i].first, average->averages()[i]);
+      weights[i].second = average->averages()[i];
+    }
+    model_meta["weights"] = fmt::format("moving average, decay {}, {} updates", average->decay(), average->updates());
+  }
+  save_safetensors(dir + "/model.safetensors", weights, model_meta);
   RngState rng = rng_state(), data_rng = task.data_state();
   nlohmann::json meta = {{"model", o.model}, {"config", task.config()}, {"policy", o.policy},
-                         {"steps", o.steps}, {"step", run.step}, {"seed", o.seed},
+                         {"steps", sched.steps}, {"step", run.step}, {"seed", o.seed},
                          {"rng_seed", rng.seed}, {"rng_offset", rng.offset},
                          {"data_seed", data_rng.seed}, {"data_offset", data_rng.offset},
-                         {"optimizer_steps", opt.steps()}, {"lr", o.lr}, {"min_lr", o.min_lr},
-                         {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip}};
+                         {"optimizer_steps", opt.steps()}, {"lr", sched.lr}, {"min_lr", sched.min_lr},
+                         {"warmup", sched.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
+                         {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
   write_file_atomically(dir + "/metrics.jsonl", run.metrics);
 }
 
 }  // namespace
 
-TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
+TrainResult train(const TrainOptions& options, const StepCallback& on_step, const NoteCallback& on_note) {
   TrainOptions o = options;
+  Schedule sched, resumed_sched;
   nlohmann::json resumed;
   SafetensorsFile state_file;
   if (!o.resume.empty()) {
@@ -71,7 +102,10 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
       resumed = nlohmann::json::parse(found->second);
       o.model = resumed.at("model");
       if (o.policy.empty()) o.policy = resumed.at("policy").get<std::string>();
-      o.lr = resumed.at("lr"), o.min_lr = resumed.at("min_lr"), o.warmup = resumed.at("warmup");
+      resumed_sched.steps = resumed.at("steps"), resumed_sched.lr = resumed.at("lr");
+      resumed_sched.min_lr = resumed.at("min_lr"), resumed_sched.warmup = resumed.at("warmup");
+      resumed_sched.ema = resumed.value("ema", 0.0);  // states written before the average had none
+      sched = resumed_sched;
       o.weight_decay = resumed.at("weight_decay"), o.clip = resumed.at("clip"), o.seed = resumed.at("seed");
     } catch (const nlohmann::json::exception& e) {
       REMAT_FAIL(path, ": corrupted training state: ", e.what());
@@ -79,7 +113,17 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     if (o.out.empty()) o.out = o.resume;
   }
   if (o.policy.empty()) o.policy = "none";
-  REMAT_CHECK(o.steps > 0, "expected --steps >= 1, got ", o.steps);
+  if (o.steps) sched.steps = *o.steps;
+  if (o.lr) sched.lr = *o.lr;
+  if (o.min_lr) sched.min_lr = *o.min_lr;
+  if (o.warmup) sched.warmup = *o.warmup;
+  if (o.ema) sched.ema = *o.ema;
+  REMAT_CHECK(sched.steps > 0, "expected --steps >= 1, got ", sched.steps);
+  REMAT_CHECK(sched.lr > 0 && sched.min_lr >= 0 && sched.min_lr <= sched.lr,
+              "expected 0 <= --min-lr <= --lr and --lr > 0, got lr ", sched.lr, " and min_lr ", sched.min_lr);
+  REMAT_CHECK(sched.warmup >= 0, "expected --warmup >= 0, got ", sched.warmup);
+  REMAT_CHECK(sched.ema == 0 || (sched.ema > 0 && sched.ema < 1), "expected --ema 0 (off) or a decay in (0, 1), got ",
+              sched.ema);
   Device device = parse_device(o.device);
   DType compute = parse_compute_dtype(o.dtype, device);
   PolicySpec policy = parse_policy(o.policy);
@@ -108,6 +152,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
   std::vector<Tensor> params = model.parameters();
   AdamW opt(params, {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
   RunState run;
+  TrainResult result;
   if (!resumed.is_null()) {
     NoGradGuard no_grad;
     for (auto& [name, p] : model.named_parameters()) {
@@ -118,6 +163,9 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     }
     for (auto& [name, t] : opt.state()) t.copy_(state_file.at("optim." + name));
     opt.set_steps(resumed.at("optimizer_steps"));
+    result.schedule_note = sched.changes_from(resumed_sched);
+    if (!result.schedule_note.empty() && on_note)
+      on_note(fmt::format("schedule changed from step {}: {}", resumed.at("step").get<int64_t>(), result.schedule_note));
     run.step = resumed.at("step");
     set_rng_state({resumed.at("rng_seed"), resumed.at("rng_offset")});
     task->set_data_state({resumed.at("data_seed"), resumed.at("data_offset")});
@@ -126,21 +174,35 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     buffer << metrics.rdbuf();
     run.metrics = buffer.str();
   }
+  // The average starts from the current weights, or continues a resumed run's.
+  std::unique_ptr<WeightAverage> average;
+  if (sched.ema > 0) {
+    average = std::make_unique<WeightAverage>(params, sched.ema);
+    auto named = model.named_parameters();
+    if (!resumed.is_null() && state_file.contains("ema." + named.front().first)) {
+      NoGradGuard no_grad;
+      for (size_t i = 0; i < named.size(); ++i) {
+        Tensor avg = average->averages()[i];
+        avg.copy_(state_file.at("ema." + named[i].first));
+      }
+      average->set_updates(resumed.value("ema_updates", int64_t{0}));
+    }
+  }
+  state_file = {};  // everything is loaded: do not hold a second copy of the weights through the run
 
-  TrainResult result;
   result.reference_loss = task->reference_loss();
   result.uniform_loss = task->uniform_loss();
   result.reference_text = task->reference_text();
   result.item_name = task->item_name();
   for (const Tensor& p : params) result.parameters += p.numel();
-  int64_t last = o.stop_at >= 0 ? std::min(o.stop_at, o.steps) : o.steps;
+  int64_t last = o.stop_at >= 0 ? std::min(o.stop_at, sched.steps) : sched.steps;
   Allocator& alloc = allocator_for(device);
   double tokens = task->items_per_step();
   auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = run.step; step < last; ++step) {
     auto start = std::chrono::steady_clock::now();
     alloc.reset_peak();
-    double lr = cosine_lr(step, o.warmup, o.steps, o.lr, o.min_lr);
+    double lr = cosine_lr(step, sched.warmup, sched.steps, sched.lr, sched.min_lr);
     double loss_value = 0;
     AutocastScope autocast(compute);  // casts are recorded on the tape, so replays need no scope
     if (planner && !planned) {
@@ -164,6 +226,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     clip_grad_norm(params, o.clip);
     opt.step(lr);
     opt.zero_grad();
+    if (average) average->update();
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     MemoryStats s = alloc.stats();
     StepMetrics m{step + 1, loss_value, lr, ms, s.total.peak, s[MemoryCategory::activation].peak, s.total.current,
@@ -173,9 +236,9 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step) {
     run.metrics += metrics_line(m, task->item_name()) + "\n";
     result.peak_bytes = std::max(result.peak_bytes, m.peak_bytes);
     result.activation_peak_bytes = std::max(result.activation_peak_bytes, m.activation_peak_bytes);
-    if (on_step) on_step(m, o.steps);
+    if (on_step) on_step(m, sched.steps);
     if (!o.out.empty() && (run.step % o.save_every == 0 || run.step == last))
-      save_snapshot(o.out, *task, opt, o, run);
+      save_snapshot(o.out, *task, opt, average.get(), o, sched, run);
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   if (planner) result.plan_report = planner->current().to_string();

@@ -1,6 +1,7 @@
 // Training loop shared by the `remat train` command and the tests: model from a named config,
 // checkpoint policy, AdamW with cosine schedule and clipping, metrics per step, atomic snapshots
-// (weights, optimizer moments, step, RNG and data state) that `--resume` continues bit for bit.
+// (weights, optimizer moments, step, RNG and data state) that `--resume` continues bit for bit,
+// and an optional moving average of the weights (what diffusion models are sampled with).
 #pragma once
 
 #include <cstdint>
@@ -17,15 +18,21 @@ struct TrainOptions {
   std::string config = "small";
   std::map<std::string, double> overrides;  // config fields by name (models/tasks.cpp lists them per model)
   std::string policy;         // "" = none (or, when resuming, the policy of the run)
-  int64_t steps = 300;        // length of the schedule
+  // The schedule. Unset fields take the defaults below, or when resuming the run's own values;
+  // fields set on a resume change the schedule from the resumed step on (e.g. extend a run).
+  std::optional<int64_t> steps;     // length of the schedule (300)
   int64_t stop_at = -1;       // stop after this step (an interrupted run); -1: run to `steps`
   std::string device = "cpu";
   std::string dtype = "f32";  // compute dtype: f32, or bf16 (mixed precision with f32 master weights; cuda only)
   uint64_t seed = 0;
   std::string out;            // run directory ("" = write nothing)
   std::string resume;         // run directory to continue from
-  double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.1, clip = 1.0;
-  int64_t warmup = 20;
+  std::optional<double> lr, min_lr;  // peak and final learning rate (1e-3, 1e-4)
+  std::optional<int64_t> warmup;     // linear warmup steps (20)
+  // Decay of the weight average written to model.safetensors (0 = none: the raw weights).
+  // Unset when resuming: the run's own.
+  std::optional<double> ema;
+  double weight_decay = 0.1, clip = 1.0;
   int64_t save_every = 100;   // snapshot period in steps (and at the end)
 };
 
@@ -46,11 +53,15 @@ struct TrainResult {
   std::string plan_report;  // budget policies: the planner's choice, predicted and measured
   std::string reference_text;  // what the loss compares with (task reference, ...)
   std::string item_name = "tokens";
+  std::string schedule_note;  // resumed with a changed schedule: what changed
 };
 
 // Called after every step (progress display).
 using StepCallback = std::function<void(const StepMetrics&, int64_t total_steps)>;
 
-TrainResult train(const TrainOptions& options, const StepCallback& on_step = {});
+// Called once before the first step with a line worth telling the user (a changed schedule).
+using NoteCallback = std::function<void(const std::string&)>;
+
+TrainResult train(const TrainOptions& options, const StepCallback& on_step = {}, const NoteCallback& on_note = {});
 
 }  // namespace remat

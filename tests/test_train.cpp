@@ -152,6 +152,92 @@ TEST_CASE("resuming after k steps gives bitwise the same weights as an uninterru
   std::filesystem::remove_all(b);
 }
 
+TEST_CASE("the weight average follows d * average + (1 - d) * weights with a ramped-up decay", "[train][ema]") {
+  Tensor p = Tensor::from_vector<double>({1.0, -2.0, 4.0}, {3});
+  WeightAverage avg({p}, 0.5);
+  CHECK(avg.averages()[0].to_vector<double>() == p.to_vector<double>());  // starts as a copy
+  std::vector<double> expected = p.to_vector<double>();
+  for (int n = 0; n < 12; ++n) {
+    double d = std::min(0.5, (1.0 + n) / (10.0 + n));  // 0.1, 0.18, ... then capped at 0.5
+    CHECK(avg.current_decay() == Approx(d));
+    p.copy_(Tensor::from_vector<double>({1.0 + n, -2.0 * n, 0.5 * n}, {3}));
+    std::vector<double> now = p.to_vector<double>();
+    for (size_t i = 0; i < 3; ++i) expected[i] = d * expected[i] + (1 - d) * now[i];
+    avg.update();
+    auto got = avg.averages()[0].to_vector<double>();
+    for (size_t i = 0; i < 3; ++i) CHECK(got[i] == Approx(expected[i]).epsilon(1e-14));
+  }
+  CHECK(avg.updates() == 12);
+  CHECK_THROWS_WITH(WeightAverage({p}, 1.0), Contains("expected a decay in (0, 1), got 1"));
+}
+
+TEST_CASE("with --ema, model.safetensors holds the average and resume continues it bit for bit", "[gpt][train][ema][resume]") {
+  std::string a = temp_dir("ema_uninterrupted"), b = temp_dir("ema_interrupted");
+  TrainOptions o;
+  o.config = "tiny";
+  o.steps = 16;
+  o.ema = 0.9;
+  o.out = a;
+  train(o);
+  o.out = b;
+  o.stop_at = 7;
+  train(o);
+  TrainOptions resume;
+  resume.resume = b;  // steps and ema come from the run
+  TrainResult r = train(resume);
+  CHECK(r.steps.size() == 9);
+  CHECK(r.schedule_note.empty());
+  auto wa = load_safetensors(a + "/model.safetensors"), wb = load_safetensors(b + "/model.safetensors");
+  auto state = load_safetensors(a + "/state.safetensors");
+  CHECK_THAT(wa.metadata.at("weights"), Contains("moving average, decay 0.9, 16 updates"));
+  REQUIRE(wa.tensors.size() == wb.tensors.size());
+  bool any_differs_from_raw = false;
+  for (size_t i = 0; i < wa.tensors.size(); ++i) {
+    INFO(wa.tensors[i].first);
+    const Tensor &ta = wa.tensors[i].second, &tb = wb.tensors[i].second;
+    CHECK(std::memcmp(ta.raw_data(), tb.raw_data(), ta.nbytes()) == 0);
+    const Tensor& ema = state.at("ema." + wa.tensors[i].first);
+    const Tensor& raw = state.at("param." + wa.tensors[i].first);
+    CHECK(std::memcmp(ta.raw_data(), ema.raw_data(), ta.nbytes()) == 0);
+    any_differs_from_raw |= std::memcmp(ta.raw_data(), raw.raw_data(), ta.nbytes()) != 0;
+  }
+  CHECK(any_differs_from_raw);  // the file holds the average, not the last weights
+  std::filesystem::remove_all(a);
+  std::filesystem::remove_all(b);
+}
+
+TEST_CASE("resume keeps the run's schedule unless told otherwise; a longer --steps extends it", "[gpt][train][resume]") {
+  std::string dir = temp_dir("extend");
+  TrainOptions o;
+  o.config = "tiny";
+  o.steps = 10;
+  o.warmup = 2;
+  o.out = dir;
+  train(o);
+  TrainOptions again;
+  again.resume = dir;
+  CHECK(train(again).steps.empty());  // the run's own 10 steps are done
+  TrainOptions extend;
+  extend.resume = dir;
+  extend.steps = 20;
+  extend.lr = 5e-4;
+  std::string told;
+  TrainResult r = train(extend, {}, [&](const std::string& note) { told = note; });
+  REQUIRE(r.steps.size() == 10);
+  CHECK(r.steps.front().step == 11);
+  CHECK(r.steps.front().lr == Approx(cosine_lr(10, 2, 20, 5e-4, 1e-4)));
+  CHECK(r.schedule_note == "steps 10 -> 20, lr 0.001 -> 0.0005");
+  CHECK(told == "schedule changed from step 10: steps 10 -> 20, lr 0.001 -> 0.0005");
+  CHECK(train(again).steps.empty());  // the state now records the 20-step schedule
+  TrainOptions bad;
+  bad.resume = dir;
+  bad.ema = 1.5;
+  CHECK_THROWS_WITH(train(bad), Contains("expected --ema 0 (off) or a decay in (0, 1), got 1.5"));
+  bad.ema = 0.0, bad.min_lr = 1.0;
+  CHECK_THROWS_WITH(train(bad), Contains("expected 0 <= --min-lr <= --lr"));
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("safetensors written by remat parse back byte for byte; damaged files fail clearly", "[safetensors]") {
   std::string dir = temp_dir("safetensors");
   std::string path = dir + "/t.safetensors";

@@ -17,6 +17,7 @@ std::string mib(int64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<do
 
 void print_progress(const remat::StepMetrics& m, int64_t total) {
   static const bool tty = isatty(fileno(stderr));
+  static bool first = true;  // the first step of this invocation (a resumed run starts mid-schedule)
   const int width = 24;
   int filled = static_cast<int>(width * m.step / std::max<int64_t>(total, 1));
   std::string bar = std::string(filled, '#') + std::string(width - filled, '.');
@@ -26,10 +27,11 @@ void print_progress(const remat::StepMetrics& m, int64_t total) {
   if (tty) {
     std::fprintf(stderr, "\r%s\033[K", line.c_str());
     if (m.step == total) std::fprintf(stderr, "\n");
-  } else if (m.step == 1 || m.step % std::max<int64_t>(1, total / 20) == 0 || m.step == total) {
+  } else if (first || m.step % std::max<int64_t>(1, total / 20) == 0 || m.step == total) {
     std::fprintf(stderr, "%s\n", line.c_str());
   }
   std::fflush(stderr);
+  first = false;
 }
 
 int list_ops() {
@@ -57,7 +59,7 @@ int main(int argc, char** argv) {
   train->add_option("--model", t.model, "gpt, dit or unet")->capture_default_str();
   train->add_option("--config", t.config, "named configuration: tiny, small (gpt also gpt2)")->capture_default_str();
   train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S, budget:<bytes|P%> (default none)");
-  train->add_option("--steps", t.steps, "steps in the schedule")->capture_default_str();
+  train->add_option("--steps", t.steps, "steps in the schedule (default 300; on --resume the run's, or a new length)");
   train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
   train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();
   train->add_option("--dtype", t.dtype, "compute dtype: f32, or bf16 (mixed precision, f32 master weights; cuda only)")
@@ -65,9 +67,11 @@ int main(int argc, char** argv) {
   train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str();
   train->add_option("--out", t.out, "run directory: metrics.jsonl, model.safetensors, state.safetensors");
   train->add_option("--resume", t.resume, "continue the run in this directory");
-  train->add_option("--lr", t.lr, "peak learning rate")->capture_default_str();
-  train->add_option("--min-lr", t.min_lr, "final learning rate of the cosine schedule")->capture_default_str();
-  train->add_option("--warmup", t.warmup, "linear warmup steps")->capture_default_str();
+  train->add_option("--lr", t.lr, "peak learning rate (default 1e-3)");
+  train->add_option("--min-lr", t.min_lr, "final learning rate of the cosine schedule (default 1e-4)");
+  train->add_option("--warmup", t.warmup, "linear warmup steps (default 20)");
+  train->add_option("--ema", t.ema,
+                    "decay of a moving average of the weights, saved as model.safetensors for sampling (default 0: off)");
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
   train->add_option("--vocab", vocab, "override the config's vocabulary size");
@@ -115,9 +119,12 @@ int main(int argc, char** argv) {
                                 {"seq_len", seq_len}, {"batch", batch}})
         if (value != 0) t.overrides[key] = static_cast<double>(value);
       if (dropout >= 0) t.overrides["dropout"] = dropout;
-      remat::TrainResult r = remat::train(t, print_progress);
+      remat::TrainResult r = remat::train(t, print_progress, [](const std::string& note) {
+        fmt::print("{}\n", note);
+        std::fflush(stdout);
+      });
       if (r.steps.empty()) {
-        fmt::print("nothing to do: the run is already at step {}\n", t.steps);
+        fmt::print("nothing to do: the run is already at the end of its schedule\n");
         return 0;
       }
       fmt::print("final loss {:.4f} (first {:.4f}; {})\n", r.final_loss, r.steps.front().loss, r.reference_text);
