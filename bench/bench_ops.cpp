@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "remat.h"
+#include "kernels/backend.h"
 #include "runtime/cuda_backend.h"
 
 namespace remat::bench {
@@ -68,10 +69,16 @@ int run_ops(const OpsOptions& options) {
   Tensor q = Tensor::randn({8, 8, 128, 32}).to(device);
   Tensor logits = Tensor::randn({8 * 128, 256}).to(device);
   Tensor targets = Tensor::zeros({8 * 128}, DType::i64).to(device);
+  Tensor hidden = Tensor::randn({8 * 128, 1024}).to(device);  // the MLP's inner width
+  Tensor heads = Tensor::randn({8, 128, 8, 32}).to(device);   // [B, T, H, D] before the head split
+  Backend& backend = backend_for(device);
   std::vector<std::pair<std::string, std::function<void()>>> fused = {
       {"layer_norm [1024,256]", [&] { layer_norm(x, gamma, beta); }},
       {"softmax [1024,256]", [&] { softmax(x); }},
-      {"gelu [1024,256]", [&] { gelu(x); }},
+      {"gelu [1024,1024]", [&] { gelu(hidden); }},
+      {"gelu backward [1024,1024]", [&] { backend.unary_backward(UnaryFn::gelu, hidden, hidden, Tensor(), 0.0); }},
+      {"silu [1024,1024]", [&] { silu(hidden); }},
+      {"transpose copy [8,128,8,32]", [&] { transpose(heads, 1, 2).as_contiguous(); }},
       {"attention causal [8,8,128,32]", [&] { attention(q, q, q, true); }},
       {"cross_entropy [1024,256]", [&] { cross_entropy(logits, targets); }},
   };

@@ -61,21 +61,55 @@ void store_from_double(void* base, DType t, int64_t i, double v) {
   }
 }
 
-// Copies a strided host view into a contiguous host buffer, element by element.
+// Copies elements of `elem` bytes `count` times from a stride of `stride` elements.
+template <typename Word>
+void copy_words(char* dst, const char* src, int64_t count, int64_t stride) {
+  Word* out = reinterpret_cast<Word*>(dst);
+  for (int64_t j = 0; j < count; ++j) std::memcpy(out + j, src + j * stride * sizeof(Word), sizeof(Word));
+}
+
+// Copies a strided host view into a contiguous host buffer. Dims that are contiguous with each
+// other are merged first, so a view is copied as rows (one memcpy each when its last dim has
+// stride 1), and the rows are spread over the threads.
 void gather_strided(char* dst, const char* src, const Shape& shape, const Strides& strides, size_t elem) {
   int64_t n = numel_of(shape);
-  int64_t rank = static_cast<int64_t>(shape.size());
-  std::vector<int64_t> index(rank, 0);
-  int64_t src_off = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    memcpy(dst + i * elem, src + src_off * elem, elem);
-    for (int64_t d = rank - 1; d >= 0; --d) {
-      if (++index[d] < shape[d]) {
-        src_off += strides[d];
-        break;
-      }
-      src_off -= strides[d] * (shape[d] - 1);
-      index[d] = 0;
+  if (n == 0) return;
+  std::vector<int64_t> sizes, steps;  // merged dims, outermost first
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] == 1) continue;
+    if (!sizes.empty() && steps.back() == strides[d] * shape[d]) {
+      sizes.back() *= shape[d];
+      steps.back() = strides[d];
+    } else {
+      sizes.push_back(shape[d]);
+      steps.push_back(strides[d]);
+    }
+  }
+  if (sizes.empty()) {  // a single element
+    std::memcpy(dst, src, elem);
+    return;
+  }
+  const int64_t inner = sizes.back(), inner_step = steps.back(), rows = n / inner;
+  const int64_t outer_dims = static_cast<int64_t>(sizes.size()) - 1;
+#pragma omp parallel for if (n > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t offset = 0, rest = r;
+    for (int64_t d = outer_dims - 1; d >= 0; --d) {
+      offset += (rest % sizes[d]) * steps[d];
+      rest /= sizes[d];
+    }
+    char* out = dst + r * inner * static_cast<int64_t>(elem);
+    const char* in = src + offset * static_cast<int64_t>(elem);
+    if (inner_step == 1) {
+      std::memcpy(out, in, static_cast<size_t>(inner) * elem);
+      continue;
+    }
+    switch (elem) {
+      case 8: copy_words<uint64_t>(out, in, inner, inner_step); break;
+      case 4: copy_words<uint32_t>(out, in, inner, inner_step); break;
+      case 2: copy_words<uint16_t>(out, in, inner, inner_step); break;
+      default:
+        for (int64_t j = 0; j < inner; ++j) std::memcpy(out + j * elem, in + j * inner_step * elem, elem);
     }
   }
 }

@@ -2,8 +2,10 @@
 // and the input validation messages.
 #include <catch.hpp>
 #include <cmath>
+#include <functional>
 
 #include "kernels/common/philox.h"
+#include "kernels/backend.h"
 #include "remat.h"
 
 using namespace remat;
@@ -39,6 +41,40 @@ TEST_CASE("elementwise ops compute the textbook values", "[op]") {
   double gelu_ref = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
   check_close(gelu(f64({x}, {1})), {gelu_ref});
   check_close(silu(f64({x}, {1})), {x / (1 + std::exp(-x))});
+}
+
+TEST_CASE("f32 transcendentals are within a few ulp of f64 and do not depend on position", "[op]") {
+  // The f32 CPU kernels use Eigen's packet math; compare with the f64 kernels (libm) on a sweep.
+  std::vector<double> sweep;
+  for (int i = 0; i < 2003; ++i) sweep.push_back(-12.0 + 24.0 * i / 2002.0);  // odd length: a padded tail
+  Tensor x64 = Tensor::from_vector(sweep, {2003}), x32 = x64.to(DType::f32);
+  struct Fn {
+    const char* name;
+    std::function<Tensor(const Tensor&)> f;
+    double tol;  // relative, with an absolute floor of tol
+  };
+  Backend& cpu = backend_for(Device::cpu());
+  std::vector<Fn> fns = {
+      {"exp", [](const Tensor& t) { return exp(mul_scalar(t, 0.5)); }, 2e-6},
+      {"tanh", [](const Tensor& t) { return tanh(t); }, 2e-6},
+      {"gelu", [](const Tensor& t) { return gelu(t); }, 2e-6},
+      {"silu", [](const Tensor& t) { return silu(t); }, 2e-6},
+      {"sigmoid", [](const Tensor& t) { return sigmoid(t); }, 2e-6},
+      {"gelu backward", [&](const Tensor& t) { return cpu.unary_backward(UnaryFn::gelu, Tensor::full(t.shape(), 0.75, t.dtype()), t, Tensor(), 0); }, 4e-6},
+      {"silu backward", [&](const Tensor& t) { return cpu.unary_backward(UnaryFn::silu, Tensor::full(t.shape(), 0.75, t.dtype()), t, Tensor(), 0); }, 4e-6},
+  };
+  for (const Fn& fn : fns) {
+    INFO(fn.name);
+    std::vector<double> want = fn.f(x64).to_vector<double>(), got = fn.f(x32).to_vector<double>();
+    for (size_t i = 0; i < want.size(); ++i) {
+      INFO("x = " << sweep[i]);
+      CHECK(got[i] == Approx(want[i]).epsilon(fn.tol).margin(fn.tol));
+    }
+    // The same values at other positions (body vs padded tail, other alignment) give the same bits.
+    Tensor shifted = slice(x32, 0, 5, 2003).as_contiguous();
+    std::vector<float> a = fn.f(x32).to_vector<float>(), b = fn.f(shifted).to_vector<float>();
+    for (size_t i = 0; i < b.size(); ++i) CHECK(a[i + 5] == b[i]);
+  }
 }
 
 TEST_CASE("reductions over axes with and without keepdim", "[op]") {

@@ -52,6 +52,56 @@ TEST_CASE("tensor factories fill values and views share storage", "[runtime]") {
   CHECK_THROWS_WITH(a.data<double>(), Contains("data<f64>: tensor is f32"));
 }
 
+TEST_CASE("as_contiguous copies any strided view like an index-by-index walk", "[runtime]") {
+  // The reference: element i of the view is at offset sum(index_d * stride_d) in the storage.
+  auto naive = [](const Tensor& base, const Shape& shape, const Strides& strides, int64_t offset) {
+    std::vector<double> all = base.to_vector<double>(), out;
+    std::vector<int64_t> index(shape.size(), 0);
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t at = offset, rest = i;
+      for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+        at += (rest % shape[d]) * strides[d];
+        rest /= shape[d];
+      }
+      out.push_back(all[at]);
+    }
+    return out;
+  };
+  struct Case {
+    Shape shape;
+    Strides strides;
+    int64_t offset;
+  };
+  // 6 x 5 x 4 x 3 = 360 elements of storage; views of it.
+  std::vector<Case> cases = {
+      {{3, 4, 5, 6}, {1, 3, 12, 60}, 0},      // fully reversed dims
+      {{6, 5, 2, 3}, {60, 12, 3, 1}, 0},      // a slice of the third dim: rows stay contiguous
+      {{6, 1, 4, 1, 3}, {60, 7, 3, 9, 1}, 0},  // size-1 dims with odd strides
+      {{2, 10, 3}, {120, 12, 2}, 5},          // strided inner dim, with an offset
+      {{5, 6}, {12, 60}, 1},                  // a transposed slice
+      {{360}, {1}, 0},                        // already contiguous
+      {{0, 3}, {3, 1}, 0},                    // empty
+      {{}, {}, 17},                           // a scalar
+      {{4, 3, 30}, {0, 1, 3}, 0},             // broadcast (stride 0)
+  };
+  for (DType dtype : {DType::f32, DType::f64, DType::i64, DType::bf16}) {
+    Tensor base = Tensor::arange(360, DType::f64).to(dtype);
+    for (const Case& c : cases) {
+      INFO(dtype_name(dtype) << " " << shape_str(c.shape));
+      Tensor v = base.view(c.shape, c.strides, c.offset);
+      Tensor copy = v.as_contiguous();
+      CHECK(copy.is_contiguous());
+      CHECK(copy.to_vector<double>() == naive(base, c.shape, c.strides, c.offset));
+    }
+  }
+  // Large enough to take the threaded path.
+  Tensor big = Tensor::arange(8 * 128 * 8 * 32, DType::f64).to(DType::f32);
+  Tensor heads = big.view({8, 8, 128, 32}, {128 * 8 * 32, 32, 8 * 32, 1}, 0);  // [B,T,H,D] -> [B,H,T,D]
+  CHECK(heads.as_contiguous().to_vector<double>() == naive(big, heads.shape(), heads.strides(), 0));
+}
+
 TEST_CASE("in-place writes bump the version counter shared by views", "[runtime]") {
   Tensor a = Tensor::zeros({4});
   Tensor v = a.view({2}, {1}, 2);

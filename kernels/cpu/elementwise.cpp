@@ -1,8 +1,10 @@
 // CPU elementwise kernels: unary functions with their fused backward, broadcasting binary ops.
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/common/elementwise_math.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vector_math.h"
 
 namespace remat {
 
@@ -20,8 +22,37 @@ void map_binary(const T* a, const T* b, T* y, int64_t n, F f) {
   for (int64_t i = 0; i < n; ++i) y[i] = f(a[i], b[i]);
 }
 
+// f32 transcendentals through Eigen's packet math (kernels/cpu/vector_math.h); true if handled.
+bool unary_vectorised(UnaryFn fn, const float* x, float* y, int64_t n) {
+  switch (fn) {
+    case UnaryFn::exp: cpu::map_blocks(x, y, n, [](const cpu::VectorBlock& v) { return v.exp(); }); return true;
+    case UnaryFn::tanh: cpu::map_blocks(x, y, n, [](const cpu::VectorBlock& v) { return v.tanh(); }); return true;
+    case UnaryFn::gelu: cpu::map_blocks(x, y, n, cpu::gelu_block); return true;
+    case UnaryFn::silu:
+      cpu::map_blocks(x, y, n, [](const cpu::VectorBlock& v) { return cpu::VectorBlock(v * cpu::sigmoid_block(v)); });
+      return true;
+    case UnaryFn::sigmoid: cpu::map_blocks(x, y, n, cpu::sigmoid_block); return true;
+    default: return false;
+  }
+}
+
+bool unary_backward_vectorised(UnaryFn fn, const float* dy, const float* x, float* dx, int64_t n) {
+  using cpu::VectorBlock;
+  switch (fn) {
+    case UnaryFn::gelu:
+      cpu::map_blocks(dy, x, dx, n, [](const VectorBlock& g, const VectorBlock& v) { return VectorBlock(g * cpu::gelu_grad_block(v)); });
+      return true;
+    case UnaryFn::silu:
+      cpu::map_blocks(dy, x, dx, n, [](const VectorBlock& g, const VectorBlock& v) { return VectorBlock(g * cpu::silu_grad_block(v)); });
+      return true;
+    default: return false;
+  }
+}
+
 template <typename T>
 void unary_typed(UnaryFn fn, const T* x, T* y, int64_t n, T s) {
+  if constexpr (std::is_same_v<T, float>)
+    if (unary_vectorised(fn, x, y, n)) return;
   switch (fn) {
     case UnaryFn::add_scalar: return map_unary(x, y, n, [s](T v) { return v + s; });
     case UnaryFn::mul_scalar: return map_unary(x, y, n, [s](T v) { return v * s; });
@@ -42,6 +73,8 @@ void unary_typed(UnaryFn fn, const T* x, T* y, int64_t n, T s) {
 // dx = dy * f'(x); `x` or `y` is read, whichever form of the derivative is cheaper.
 template <typename T>
 void unary_backward_typed(UnaryFn fn, const T* dy, const T* x, const T* y, T* dx, int64_t n, T s) {
+  if constexpr (std::is_same_v<T, float>)
+    if (x && unary_backward_vectorised(fn, dy, x, dx, n)) return;
   switch (fn) {
     case UnaryFn::add_scalar: return map_unary(dy, dx, n, [](T g) { return g; });
     case UnaryFn::mul_scalar: return map_unary(dy, dx, n, [s](T g) { return g * s; });

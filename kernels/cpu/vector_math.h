@@ -1,0 +1,80 @@
+// f32 transcendental elementwise functions (GELU, SiLU, sigmoid, tanh, exp and their derivatives)
+// through Eigen's vectorised packet math, instead of libm one element at a time.
+//
+// Every element goes through the same packet code, the tail of an array included (it is padded
+// into a full block), so an element's result depends only on its value, never on its position or
+// the buffer's alignment: a replayed forward is bitwise equal to the first one.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/common/elementwise_math.h"
+
+namespace remat::cpu {
+
+inline constexpr int kVectorBlock = 16;  // a multiple of every packet width (SSE 4, AVX 8, AVX-512 16)
+using VectorBlock = Eigen::Array<float, kVectorBlock, 1>;
+
+// y[i] = f(x[i]) block by block; f maps a VectorBlock to a VectorBlock expression.
+template <typename F>
+void map_blocks(const float* x, float* y, int64_t n, F f) {
+  const int64_t blocks = (n + kVectorBlock - 1) / kVectorBlock;
+#pragma omp parallel for if (n > kParallelGrain)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kVectorBlock, len = std::min<int64_t>(kVectorBlock, n - start);
+    if (len == kVectorBlock) {
+      Eigen::Map<VectorBlock>(y + start) = f(VectorBlock(Eigen::Map<const VectorBlock>(x + start)));
+    } else {
+      VectorBlock in = VectorBlock::Zero();
+      std::copy(x + start, x + start + len, in.data());
+      VectorBlock out = f(in);
+      std::copy(out.data(), out.data() + len, y + start);
+    }
+  }
+}
+
+// y[i] = f(a[i], b[i]).
+template <typename F>
+void map_blocks(const float* a, const float* b, float* y, int64_t n, F f) {
+  const int64_t blocks = (n + kVectorBlock - 1) / kVectorBlock;
+#pragma omp parallel for if (n > kParallelGrain)
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t start = k * kVectorBlock, len = std::min<int64_t>(kVectorBlock, n - start);
+    if (len == kVectorBlock) {
+      Eigen::Map<VectorBlock>(y + start) = f(VectorBlock(Eigen::Map<const VectorBlock>(a + start)),
+                                             VectorBlock(Eigen::Map<const VectorBlock>(b + start)));
+    } else {
+      VectorBlock in_a = VectorBlock::Zero(), in_b = VectorBlock::Zero();
+      std::copy(a + start, a + start + len, in_a.data());
+      std::copy(b + start, b + start + len, in_b.data());
+      VectorBlock out = f(in_a, in_b);
+      std::copy(out.data(), out.data() + len, y + start);
+    }
+  }
+}
+
+// The formulas of kernels/common/elementwise_math.h on blocks.
+inline VectorBlock gelu_block(const VectorBlock& x) {
+  using C = math::GeluConstants<float>;
+  VectorBlock th = (C::kSqrt2OverPi * (x + C::kCubic * x * x * x)).tanh();
+  return 0.5f * x * (1.0f + th);
+}
+
+inline VectorBlock gelu_grad_block(const VectorBlock& x) {
+  using C = math::GeluConstants<float>;
+  VectorBlock th = (C::kSqrt2OverPi * (x + C::kCubic * x * x * x)).tanh();
+  VectorBlock d_inner = C::kSqrt2OverPi * (1.0f + 3.0f * C::kCubic * x * x);
+  return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * d_inner;
+}
+
+inline VectorBlock sigmoid_block(const VectorBlock& x) { return 1.0f / (1.0f + (-x).exp()); }
+
+inline VectorBlock silu_grad_block(const VectorBlock& x) {
+  VectorBlock s = sigmoid_block(x);
+  return s * (1.0f + x * (1.0f - s));
+}
+
+}  // namespace remat::cpu
