@@ -3,6 +3,7 @@
 #include <catch.hpp>
 #include <cmath>
 #include <functional>
+#include <limits>
 
 #include "kernels/common/philox.h"
 #include "kernels/backend.h"
@@ -75,6 +76,22 @@ TEST_CASE("f32 transcendentals are within a few ulp of f64 and do not depend on 
     std::vector<float> a = fn.f(x32).to_vector<float>(), b = fn.f(shifted).to_vector<float>();
     for (size_t i = 0; i < b.size(); ++i) CHECK(a[i + 5] == b[i]);
   }
+  // The ends: exp(-inf) is exactly 0 (masks rely on it), overflow is inf, NaN stays NaN.
+  float inf = std::numeric_limits<float>::infinity();
+  Tensor ends = Tensor::from_vector<float>({-inf, -200.0f, -90.0f, 100.0f, inf, std::nanf("")}, {6});
+  std::vector<float> e = exp(ends).to_vector<float>();
+  CHECK(e[0] == 0.0f);
+  CHECK(e[1] == 0.0f);
+  CHECK(e[2] < 1e-38f);
+  CHECK(e[3] == inf);
+  CHECK(e[4] == inf);
+  CHECK(std::isnan(e[5]));
+  std::vector<float> s = sigmoid(ends).to_vector<float>();
+  CHECK(s[0] == 0.0f);
+  CHECK(s[4] == 1.0f);
+  std::vector<float> th = tanh(ends).to_vector<float>();
+  CHECK(th[0] == -1.0f);
+  CHECK(th[4] == 1.0f);
 }
 
 TEST_CASE("reductions over axes with and without keepdim", "[op]") {

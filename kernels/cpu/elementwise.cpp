@@ -25,7 +25,7 @@ void map_binary(const T* a, const T* b, T* y, int64_t n, F f) {
 // f32 transcendentals through Eigen's packet math (kernels/cpu/vector_math.h); true if handled.
 bool unary_vectorised(UnaryFn fn, const float* x, float* y, int64_t n) {
   switch (fn) {
-    case UnaryFn::exp: cpu::map_blocks(x, y, n, [](const cpu::VectorBlock& v) { return v.exp(); }); return true;
+    case UnaryFn::exp: cpu::map_blocks(x, y, n, cpu::exp_block); return true;
     case UnaryFn::tanh: cpu::map_blocks(x, y, n, [](const cpu::VectorBlock& v) { return v.tanh(); }); return true;
     case UnaryFn::gelu: cpu::map_blocks(x, y, n, cpu::gelu_block); return true;
     case UnaryFn::silu:

@@ -56,6 +56,12 @@ void map_blocks(const float* a, const float* b, float* y, int64_t n, F f) {
   }
 }
 
+// exp; below Eigen's lower clamp (-88.376...) Eigen returns a constant ~2.9e-39 instead of the
+// decaying denormals, so those give 0: exp(-inf) is exactly 0, as masks rely on.
+inline VectorBlock exp_block(const VectorBlock& x) {
+  return (x < -88.3762626647949f).select(VectorBlock::Zero(), x.exp());
+}
+
 // The formulas of kernels/common/elementwise_math.h on blocks.
 inline VectorBlock gelu_block(const VectorBlock& x) {
   using C = math::GeluConstants<float>;
@@ -70,7 +76,7 @@ inline VectorBlock gelu_grad_block(const VectorBlock& x) {
   return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * d_inner;
 }
 
-inline VectorBlock sigmoid_block(const VectorBlock& x) { return 1.0f / (1.0f + (-x).exp()); }
+inline VectorBlock sigmoid_block(const VectorBlock& x) { return 1.0f / (1.0f + exp_block(-x)); }
 
 inline VectorBlock silu_grad_block(const VectorBlock& x) {
   VectorBlock s = sigmoid_block(x);
