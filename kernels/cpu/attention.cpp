@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vector_math.h"
 
 namespace remat {
 
@@ -48,8 +49,10 @@ std::vector<Tensor> CpuBackend::attention(const Tensor& q, const Tensor& k, cons
       scores(Q, K, causal, static_cast<T>(scale), S);
       for (int64_t i = 0; i < t; ++i) {
         T mx = S.row(i).maxCoeff();
+        T* row = S.data() + i * t;  // row-major
+        cpu::exp_shifted(row, mx, row, t);
         T sum = 0;
-        for (int64_t j = 0; j < t; ++j) sum += (S(i, j) = std::exp(S(i, j) - mx));
+        for (int64_t j = 0; j < t; ++j) sum += row[j];
         S.row(i) /= sum;
         L[i] = mx + std::log(sum);
       }
@@ -82,8 +85,7 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o, const Tens
       const T* L = lse.data<T>() + h * t;
       T sc = static_cast<T>(scale);
       scores(Q, K, causal, sc, P);
-      for (int64_t i = 0; i < t; ++i)
-        for (int64_t j = 0; j < t; ++j) P(i, j) = std::exp(P(i, j) - L[i]);  // P = exp(S - lse)
+      for (int64_t i = 0; i < t; ++i) cpu::exp_shifted(P.data() + i * t, L[i], P.data() + i * t, t);  // P = exp(S - lse)
       dV.noalias() = P.transpose() * dO;                                       // d(v) term
       dP.noalias() = dO * V.transpose();
       for (int64_t i = 0; i < t; ++i) {

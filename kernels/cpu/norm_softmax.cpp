@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vector_math.h"
 
 namespace remat {
 
@@ -85,8 +86,9 @@ Tensor CpuBackend::softmax(const Tensor& x) {
       T* out = py + r * c;
       T mx = -std::numeric_limits<T>::infinity();
       for (int64_t i = 0; i < c; ++i) mx = row[i] > mx ? row[i] : mx;
+      cpu::exp_shifted(row, mx, out, c);
       T sum = 0;
-      for (int64_t i = 0; i < c; ++i) sum += (out[i] = std::exp(row[i] - mx));
+      for (int64_t i = 0; i < c; ++i) sum += out[i];
       for (int64_t i = 0; i < c; ++i) out[i] /= sum;
     }
   });

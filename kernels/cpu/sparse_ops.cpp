@@ -5,6 +5,7 @@
 
 #include "kernels/common/philox.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vector_math.h"
 
 namespace remat {
 
@@ -110,7 +111,8 @@ Tensor CpuBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& log
         continue;
       }
       // d(logits) = (softmax - onehot(target)) * dloss / count
-      for (int64_t j = 0; j < v; ++j) row[j] = std::exp(pl[i * v + j] - plse[i]) * g;
+      cpu::exp_shifted(pl + i * v, plse[i], row, v);
+      for (int64_t j = 0; j < v; ++j) row[j] *= g;
       row[t] -= g;
     }
   });

@@ -8,7 +8,9 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/common/elementwise_math.h"
@@ -84,6 +86,23 @@ inline VectorBlock sigmoid_block(const VectorBlock& x) { return 1.0f / (1.0f + e
 inline VectorBlock silu_grad_block(const VectorBlock& x) {
   VectorBlock s = sigmoid_block(x);
   return s * (1.0f + x * (1.0f - s));
+}
+
+// y[i] = exp(x[i] - shift) along one row, on the calling thread (callers parallelise over rows).
+// In place (y == x) is allowed.
+template <typename T>
+void exp_shifted(const T* x, T shift, T* y, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t start = 0; start < n; start += kVectorBlock) {
+      const int64_t len = std::min<int64_t>(kVectorBlock, n - start);
+      VectorBlock in = VectorBlock::Zero();
+      std::copy(x + start, x + start + len, in.data());
+      VectorBlock out = exp_block(in - shift);
+      std::copy(out.data(), out.data() + len, y + start);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i] - shift);
+  }
 }
 
 }  // namespace remat::cpu
