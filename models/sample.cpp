@@ -19,7 +19,7 @@
 
 namespace remat {
 
-Tensor sample_images(const SampleOptions& o) {
+Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1");
   SafetensorsFile file = load_safetensors(o.weights);
   std::string model = o.model;
@@ -57,6 +57,7 @@ Tensor sample_images(const SampleOptions& o) {
   for (int k = 0; k < o.steps; ++k) {  // x_{t - dt} = x_t - dt * v(x_t, t)
     Tensor t = Tensor::full({o.n}, 1.0 - k * dt);
     x = sub(x, mul_scalar(task->velocity(x, t, y), dt));
+    if (on_step) on_step(k + 1, o.steps);
   }
   write_png_grid(o.out, x, columns, o.scale);
   return x;

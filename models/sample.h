@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "runtime/tensor.h"
@@ -19,8 +20,11 @@ struct SampleOptions {
   int scale = 1;        // enlarge each pixel to scale x scale in the PNG
 };
 
+// Called after each Euler step with (steps done, steps in all): progress display.
+using SampleProgress = std::function<void(int, int)>;
+
 // Returns the images [n, 3, S, S] in [-1, 1] and writes the PNG grid (atomically).
-Tensor sample_images(const SampleOptions& options);
+Tensor sample_images(const SampleOptions& options, const SampleProgress& on_step = {});
 
 // An RGB PNG of images [N, 3, S, S] in [-1, 1], laid out in a grid of `columns` with 2-pixel gaps.
 void write_png_grid(const std::string& path, const Tensor& images, int64_t columns, int scale = 1);

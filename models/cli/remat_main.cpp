@@ -110,7 +110,11 @@ int main(int argc, char** argv) {
   try {
     if (*ops) return list_ops();
     if (*sample) {
-      remat::sample_images(so);
+      remat::sample_images(so, [](int done, int total) {
+        if (!isatty(fileno(stderr))) return;
+        std::fprintf(stderr, "\rsampling: Euler step %d/%d\033[K%s", done, total, done == total ? "\n" : "");
+        std::fflush(stderr);
+      });
       fmt::print("wrote {} ({} images, {} Euler steps)\n", so.out, so.n, so.steps);
       return 0;
     }
