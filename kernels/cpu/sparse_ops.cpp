@@ -74,9 +74,7 @@ std::vector<Tensor> CpuBackend::cross_entropy(const Tensor& logits, const Tensor
       const T* row = pl + i * v;
       T mx = -std::numeric_limits<T>::infinity();
       for (int64_t j = 0; j < v; ++j) mx = row[j] > mx ? row[j] : mx;
-      T sum = 0;
-      for (int64_t j = 0; j < v; ++j) sum += std::exp(row[j] - mx);
-      plse[i] = mx + std::log(sum);
+      plse[i] = mx + std::log(cpu::sum_exp_shifted(row, mx, v));
     }
     T total = 0;
     int64_t count = 0;

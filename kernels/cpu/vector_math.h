@@ -105,4 +105,22 @@ void exp_shifted(const T* x, T shift, T* y, int64_t n) {
   }
 }
 
+// sum_i exp(x[i] - shift), summed in index order, on the calling thread.
+template <typename T>
+T sum_exp_shifted(const T* x, T shift, int64_t n) {
+  T sum = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t start = 0; start < n; start += kVectorBlock) {
+      const int64_t len = std::min<int64_t>(kVectorBlock, n - start);
+      VectorBlock in = VectorBlock::Zero();
+      std::copy(x + start, x + start + len, in.data());
+      VectorBlock e = exp_block(in - shift);
+      for (int64_t i = 0; i < len; ++i) sum += e[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - shift);
+  }
+  return sum;
+}
+
 }  // namespace remat::cpu
