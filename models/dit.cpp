@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "models/images.h"
+
 namespace remat {
 
 namespace {
@@ -179,7 +181,7 @@ Tensor Dit::forward(const Tensor& x_t, const Tensor& t, const Tensor& labels) {
               "dit: expected images [B, 3, ", config.image, ", ", config.image, "], got ", shape_str(x_t.shape()));
   int64_t b = x_t.size(0), width = config.channels;
   Tensor img = add((*patch_embed)(patchify(x_t, config.patch)), pos);
-  Tensor label = (*label_embed)(labels);                                    // [B, C]
+  Tensor label = class_embedding(*label_embed, labels, config.classes);  // [B, C]
   Tensor c = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t, 1000.0), static_cast<int>(width))))), label);
   Tensor txt = reshape(label, {b, 1, width});                               // the conditioning stream
   for (size_t i = 0; i < double_blocks->size(); ++i) std::tie(img, txt) = double_blocks->at<DitDoubleBlock>(i)(img, txt, c);

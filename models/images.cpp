@@ -12,7 +12,8 @@ ShapesTask::ShapesTask(int64_t size, uint64_t seed) : size_(size), rng_(seed) {
   REMAT_CHECK(size >= 8, "shapes task: expected images of at least 8x8, got ", size);
 }
 
-std::pair<Tensor, Tensor> ShapesTask::batch(int64_t batch) {
+std::pair<Tensor, Tensor> ShapesTask::batch(int64_t batch, double label_dropout) {
+  REMAT_CHECK(label_dropout >= 0 && label_dropout < 1, "shapes task: expected a label dropout in [0, 1), got ", label_dropout);
   const int64_t s = size_;
   std::vector<float> pixels(batch * 3 * s * s, -0.8f);
   std::vector<int64_t> labels(batch);
@@ -37,8 +38,34 @@ std::pair<Tensor, Tensor> ShapesTask::batch(int64_t batch) {
         if (!inside) continue;
         for (int c = 0; c < 3; ++c) pixels[((b * 3 + c) * s + y) * s + x] = 2.0f * color[c] - 1.0f;
       }
+    // Drawn only when dropping, so that runs without it keep the data stream they always had.
+    if (label_dropout > 0 && rng_.uniform() < label_dropout) labels[b] = kNoLabel;
   }
   return {Tensor::from_vector(pixels, {batch, 3, s, s}), Tensor::from_vector(labels, {batch})};
+}
+
+Tensor class_embedding(nn::Embedding& table, const Tensor& labels, int64_t classes) {
+  REMAT_CHECK(labels.dim() == 1 && labels.dtype() == DType::i64, "class embedding: expected labels [B] of i64, got ",
+              shape_str(labels.shape()), " of ", dtype_name(labels.dtype()));
+  // The labels are a handful of integers: reading them on the host is cheap (one sync on cuda).
+  std::vector<int64_t> ids = labels.to(Device::cpu()).to_vector<int64_t>();
+  bool any_dropped = false;
+  for (int64_t& id : ids) {
+    REMAT_CHECK(id >= 0 && id <= classes, "class embedding: expected labels in [0, ", classes, "] (", classes,
+                ": no label), got ", id);
+    if (id == classes) any_dropped = true;
+  }
+  if (!any_dropped) return table(labels);
+  std::vector<float> keep(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    keep[i] = ids[i] == classes ? 0.0f : 1.0f;
+    if (ids[i] == classes) ids[i] = 0;  // any row: it is multiplied by zero, and so is its gradient
+  }
+  int64_t b = static_cast<int64_t>(ids.size());
+  Tensor rows = table(Tensor::from_vector(ids, {b}).to(labels.device()));
+  Tensor mask = Tensor::from_vector(keep, {b, 1}).to(labels.device());
+  if (mask.dtype() != rows.dtype()) mask = cast(mask, rows.dtype());
+  return mul(rows, mask);
 }
 
 Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels) {

@@ -7,6 +7,7 @@
 #include <functional>
 #include <utility>
 
+#include "models/nn/layers.h"
 #include "runtime/random.h"
 #include "runtime/tensor.h"
 
@@ -15,9 +16,11 @@ namespace remat {
 class ShapesTask {
  public:
   static constexpr int kClasses = 4;  // disc, square, triangle, cross
+  static constexpr int kNoLabel = kClasses;  // a dropped label: the unconditional model of guidance
   ShapesTask(int64_t size, uint64_t seed);
-  // Images [B, 3, S, S] (f32) and labels [B] (i64).
-  std::pair<Tensor, Tensor> batch(int64_t batch);
+  // Images [B, 3, S, S] (f32) and labels [B] (i64). With label_dropout > 0 each label is replaced
+  // by kNoLabel with that probability (training for classifier-free guidance).
+  std::pair<Tensor, Tensor> batch(int64_t batch, double label_dropout = 0);
   RngState state() const { return rng_.state(); }
   void set_state(RngState s) { rng_.set_state(s); }
 
@@ -28,6 +31,11 @@ class ShapesTask {
 
 // Rectified flow: x_t = (1 - t) x0 + t x1 with x1 ~ N(0, 1), t ~ U(0, 1); the model predicts the
 // velocity x1 - x0 and the loss is its mean squared error. `model(x_t, t, labels)` returns [B, 3, S, S].
+// Class embeddings for labels [B] in [0, classes]: rows of `table` (classes rows) for the classes, zeros
+// for the label `classes` (no label). The null embedding is zero rather than a learned row so that a
+// model trained without dropped labels keeps its shapes and can be fine-tuned with them.
+Tensor class_embedding(nn::Embedding& table, const Tensor& labels, int64_t classes);
+
 using VelocityModel = std::function<Tensor(const Tensor& x_t, const Tensor& t, const Tensor& labels)>;
 Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels);
 

@@ -14,14 +14,19 @@
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
+#include "models/images.h"
 #include "models/safetensors.h"
 #include "models/tasks.h"
 
 namespace remat {
 
 Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
-  REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1");
+  REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1, got ", o.n, " and ", o.steps);
+  REMAT_CHECK(std::isfinite(o.guidance) && o.guidance >= 0, "sample: expected --guidance >= 0, got ", o.guidance);
   SafetensorsFile file = load_safetensors(o.weights);
+  bool guided = o.guidance != 1.0;
+  REMAT_CHECK(!guided || file.metadata.count("label_dropout"), "sample: --guidance ", o.guidance, " needs weights trained ",
+              "with --label-dropout (the unconditional velocity); ", o.weights, " were trained without");
   std::string model = o.model;
   auto stored_model = file.metadata.find("model");
   if (model.empty()) {
@@ -52,11 +57,20 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   std::vector<int64_t> labels(o.n);
   int64_t columns = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.n))));
   for (int64_t i = 0; i < o.n; ++i) labels[i] = (i % columns) % 4;
-  Tensor y = Tensor::from_vector(labels, {o.n});
+  // Guided: one batch of 2n, the labelled images then the same images without a label.
+  if (guided) labels.resize(2 * o.n, config.value("classes", int64_t{ShapesTask::kClasses}));  // the "no label" label
+  Tensor y = Tensor::from_vector(labels, {static_cast<int64_t>(labels.size())});
   double dt = 1.0 / o.steps;
   for (int k = 0; k < o.steps; ++k) {  // x_{t - dt} = x_t - dt * v(x_t, t)
-    Tensor t = Tensor::full({o.n}, 1.0 - k * dt);
-    x = sub(x, mul_scalar(task->velocity(x, t, y), dt));
+    Tensor t = Tensor::full({y.size(0)}, 1.0 - k * dt);
+    Tensor v;
+    if (guided) {
+      auto both = split(task->velocity(concat({x, x}, 0), t, y), 0, {o.n, o.n});  // conditional, unconditional
+      v = add(both[1], mul_scalar(sub(both[0], both[1]), o.guidance));
+    } else {
+      v = task->velocity(x, t, y);
+    }
+    x = sub(x, mul_scalar(v, dt));
     if (on_step) on_step(k + 1, o.steps);
   }
   write_png_grid(o.out, x, columns, o.scale);

@@ -1,5 +1,6 @@
 // Sampling from a trained diffusion model: Euler steps of the rectified-flow ODE from noise (t = 1)
-// to images (t = 0), written as a PNG grid (libpng), one class per column cycling.
+// to images (t = 0), optionally with classifier-free guidance, written as a PNG grid (libpng), one
+// class per column cycling.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,9 @@ struct SampleOptions {
   int steps = 32;
   uint64_t seed = 0;
   int scale = 1;        // enlarge each pixel to scale x scale in the PNG
+  // Classifier-free guidance: v = v_uncond + guidance (v_cond - v_uncond); 1 = the conditional
+  // velocity alone. Other values need weights trained with --label-dropout.
+  double guidance = 1.0;
 };
 
 // Called after each Euler step with (steps done, steps in all): progress display.

@@ -16,6 +16,10 @@ Tensor TrainTask::velocity(const Tensor&, const Tensor&, const Tensor&) {
   REMAT_FAIL("this model does not generate images: sampling needs --model dit or unet");
 }
 
+void TrainTask::set_label_dropout(double p) {
+  REMAT_CHECK(p == 0, "--label-dropout ", p, ": this model has no class labels (it applies to dit and unet)");
+}
+
 namespace {
 
 int64_t positive_int(const std::string& key, double value) {
@@ -73,7 +77,7 @@ class FlowTask final : public TrainTask {
   FlowTask(Config c, uint64_t seed) : config_(std::move(c)), model_((manual_seed(seed), config_)), data_(config_.image, seed + 1) {}
   Module& model() override { return model_; }
   Tensor next_loss() override {
-    auto [x0, labels] = data_.batch(config_.batch);
+    auto [x0, labels] = data_.batch(config_.batch, label_dropout_);
     x0 = x0.to(device()), labels = labels.to(device());
     return rectified_flow_loss([this](const Tensor& x, const Tensor& t, const Tensor& y) { return model_.forward(x, t, y); },
                                x0, labels);
@@ -82,6 +86,10 @@ class FlowTask final : public TrainTask {
   const char* item_name() const override { return "images"; }
   Tensor velocity(const Tensor& x_t, const Tensor& t, const Tensor& labels) override { return model_.forward(x_t, t, labels); }
   int64_t image_size() const override { return config_.image; }
+  void set_label_dropout(double p) override {
+    REMAT_CHECK(p >= 0 && p < 1, "expected --label-dropout in [0, 1), got ", p);
+    label_dropout_ = p;
+  }
   nlohmann::json config() const override { return to_json(config_); }
   RngState data_state() const override { return data_.state(); }
   void set_data_state(RngState s) override { data_.set_state(s); }
@@ -101,6 +109,7 @@ class FlowTask final : public TrainTask {
   Config config_;
   Model model_;
   ShapesTask data_;
+  double label_dropout_ = 0;
 };
 
 DitConfig parse_dit(const nlohmann::json& j) {

@@ -28,6 +28,9 @@ class TrainTask {
   // Diffusion models: the predicted velocity for x_t [B, 3, S, S] at times t [B] with labels [B].
   virtual Tensor velocity(const Tensor& x_t, const Tensor& t, const Tensor& labels);
   virtual int64_t image_size() const { return 0; }
+  // Diffusion models: the probability of training a step's image without its class label (for
+  // classifier-free guidance when sampling). Models without labels accept only 0.
+  virtual void set_label_dropout(double p);
   virtual double reference_loss() const { return 0; }
   virtual double uniform_loss() const { return 0; }
 

@@ -45,6 +45,7 @@ struct Schedule {
   double lr = 1e-3, min_lr = 1e-4;
   int64_t warmup = 20;
   double ema = 0;  // 0: no weight average
+  double label_dropout = 0;
 
   std::string changes_from(const Schedule& was) const {
     std::string out;
@@ -53,6 +54,7 @@ struct Schedule {
     };
     note("steps", was.steps, steps), note("lr", was.lr, lr), note("min_lr", was.min_lr, min_lr);
     note("warmup", was.warmup, warmup), note("ema", was.ema, ema);
+    note("label_dropout", was.label_dropout, label_dropout);
     return out;
   }
 };
@@ -72,6 +74,8 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
     }
     model_meta["weights"] = fmt::format("moving average, decay {}, {} updates", average->decay(), average->updates());
   }
+  // Tells `remat sample --guidance` that the model has learned the unconditional velocity too.
+  if (sched.label_dropout > 0) model_meta["label_dropout"] = fmt::format("{}", sched.label_dropout);
   save_safetensors(dir + "/model.safetensors", weights, model_meta);
   RngState rng = rng_state(), data_rng = task.data_state();
   nlohmann::json meta = {{"model", o.model}, {"config", task.config()}, {"policy", o.policy},
@@ -80,7 +84,8 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
                          {"data_seed", data_rng.seed}, {"data_offset", data_rng.offset},
                          {"optimizer_steps", opt.steps()}, {"lr", sched.lr}, {"min_lr", sched.min_lr},
                          {"warmup", sched.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
-                         {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0}};
+                         {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0},
+                         {"label_dropout", sched.label_dropout}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
   write_file_atomically(dir + "/metrics.jsonl", run.metrics);
 }
@@ -105,6 +110,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
       resumed_sched.steps = resumed.at("steps"), resumed_sched.lr = resumed.at("lr");
       resumed_sched.min_lr = resumed.at("min_lr"), resumed_sched.warmup = resumed.at("warmup");
       resumed_sched.ema = resumed.value("ema", 0.0);  // states written before the average had none
+      resumed_sched.label_dropout = resumed.value("label_dropout", 0.0);
       sched = resumed_sched;
       o.weight_decay = resumed.at("weight_decay"), o.clip = resumed.at("clip"), o.seed = resumed.at("seed");
     } catch (const nlohmann::json::exception& e) {
@@ -118,12 +124,15 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   if (o.min_lr) sched.min_lr = *o.min_lr;
   if (o.warmup) sched.warmup = *o.warmup;
   if (o.ema) sched.ema = *o.ema;
+  if (o.label_dropout) sched.label_dropout = *o.label_dropout;
   REMAT_CHECK(sched.steps > 0, "expected --steps >= 1, got ", sched.steps);
   REMAT_CHECK(sched.lr > 0 && sched.min_lr >= 0 && sched.min_lr <= sched.lr,
               "expected 0 <= --min-lr <= --lr and --lr > 0, got lr ", sched.lr, " and min_lr ", sched.min_lr);
   REMAT_CHECK(sched.warmup >= 0, "expected --warmup >= 0, got ", sched.warmup);
   REMAT_CHECK(sched.ema == 0 || (sched.ema > 0 && sched.ema < 1), "expected --ema 0 (off) or a decay in (0, 1), got ",
               sched.ema);
+  REMAT_CHECK(sched.label_dropout >= 0 && sched.label_dropout < 1, "expected --label-dropout in [0, 1), got ",
+              sched.label_dropout);
   Device device = parse_device(o.device);
   DType compute = parse_compute_dtype(o.dtype, device);
   PolicySpec policy = parse_policy(o.policy);
@@ -141,6 +150,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
 
   std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
                                                       : make_task_from_json(o.model, resumed.at("config"), o.seed);
+  task->set_label_dropout(sched.label_dropout);
   task->to(device);
   Module& model = task->model();
   model.train();

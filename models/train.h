@@ -32,6 +32,9 @@ struct TrainOptions {
   // Decay of the weight average written to model.safetensors (0 = none: the raw weights).
   // Unset when resuming: the run's own.
   std::optional<double> ema;
+  // dit, unet: probability of dropping a step's class label, so that the model also learns the
+  // unconditional velocity that `remat sample --guidance` needs (default 0). Unset when resuming: the run's own.
+  std::optional<double> label_dropout;
   double weight_decay = 0.1, clip = 1.0;
   int64_t save_every = 100;   // snapshot period in steps (and at the end)
 };

@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "models/images.h"
+
 namespace remat {
 
 namespace {
@@ -133,7 +135,7 @@ Tensor Unet::forward(const Tensor& x_t, const Tensor& t, const Tensor& labels) {
   REMAT_CHECK(x_t.dim() == 4 && x_t.size(1) == 3 && x_t.size(2) == config.image && x_t.size(3) == config.image,
               "unet: expected images [B, 3, ", config.image, ", ", config.image, "], got ", shape_str(x_t.shape()));
   Tensor temb = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t, 1000.0), static_cast<int>(config.base))))),
-                    (*label_embed)(labels));
+                    class_embedding(*label_embed, labels, config.classes));
   Tensor h = conv2d(x_t, conv_in_w, conv_in_b, 1, 1);
   std::vector<Tensor> skips;
   {

@@ -173,3 +173,94 @@ TEST_CASE("remat train --model dit then sampling writes a PNG grid of the reques
   CHECK_THROWS_WITH(write_png_grid("/tmp/x.png", Tensor::zeros({2, 4, 4}), 1),
                     Catch::Matchers::Contains("expected images [N, 3, S, S]"));
 }
+
+TEST_CASE("class_embedding: the no-label label embeds as zeros and sends no gradient to any row", "[diffusion]") {
+  manual_seed(3);
+  nn::Embedding table(4, 6);
+  Tensor labels = Tensor::from_vector(std::vector<int64_t>{0, 4, 2, 4}, {4});
+  Tensor rows = class_embedding(table, labels, 4);
+  REQUIRE(rows.shape() == Shape{4, 6});
+  auto r = rows.to_vector<float>(), w = table.weight.to_vector<float>();
+  for (int c = 0; c < 6; ++c) {
+    CHECK(r[0 * 6 + c] == w[0 * 6 + c]);
+    CHECK(r[1 * 6 + c] == 0.0f);
+    CHECK(r[2 * 6 + c] == w[2 * 6 + c]);
+    CHECK(r[3 * 6 + c] == 0.0f);
+  }
+  backward(sum(rows));
+  auto g = table.weight.grad().to_vector<float>();
+  for (int c = 0; c < 6; ++c) {
+    CHECK(g[0 * 6 + c] == 1.0f);  // only image 0's label: the dropped labels looked up row 0 but count zero
+    CHECK(g[1 * 6 + c] == 0.0f);
+    CHECK(g[2 * 6 + c] == 1.0f);
+  }
+  // Without a dropped label it is the plain embedding.
+  Tensor plain = Tensor::from_vector(std::vector<int64_t>{3, 1}, {2});
+  CHECK(class_embedding(table, plain, 4).to_vector<float>() == embedding(plain, table.weight).to_vector<float>());
+  CHECK_THROWS_WITH(class_embedding(table, Tensor::from_vector(std::vector<int64_t>{5}, {1}), 4),
+                    Catch::Matchers::Contains("expected labels in [0, 4]"));
+  CHECK_THROWS_WITH(class_embedding(table, Tensor::from_vector(std::vector<int64_t>{-1}, {1}), 4),
+                    Catch::Matchers::Contains("got -1"));
+}
+
+TEST_CASE("label dropout replaces labels by the no-label label at its rate; 0 keeps the data stream", "[diffusion]") {
+  ShapesTask a(8, 11), b(8, 11);
+  auto [xa, ya] = a.batch(16);
+  auto [xb, yb] = b.batch(16, 0.0);
+  CHECK(xa.to_vector<float>() == xb.to_vector<float>());
+  CHECK(ya.to_vector<int64_t>() == yb.to_vector<int64_t>());
+  ShapesTask c(8, 12);
+  auto [x, y] = c.batch(800, 0.25);
+  int dropped = 0;
+  for (int64_t label : y.to_vector<int64_t>()) dropped += label == ShapesTask::kNoLabel;
+  INFO(dropped << " of 800 dropped");
+  CHECK(dropped > 150);  // 200 expected; a binomial sd of 12
+  CHECK(dropped < 250);
+  CHECK_THROWS_WITH(c.batch(2, 1.0), Catch::Matchers::Contains("expected a label dropout in [0, 1)"));
+}
+
+TEST_CASE("sample --guidance: v_u + g (v_c - v_u), only for weights trained with --label-dropout", "[diffusion][sample]") {
+  auto dir = std::filesystem::temp_directory_path() / ("remat_guidance_" + std::to_string(::getpid()));
+  TrainOptions o;
+  o.model = "dit";
+  o.config = "tiny";
+  o.steps = 8;
+  o.lr = 3e-3;
+  o.out = dir.string();
+  train(o);
+  SampleOptions s;
+  s.weights = (dir / "model.safetensors").string();
+  s.out = (dir / "grid.png").string();
+  s.n = 4;
+  s.steps = 1;  // one Euler step: the image is the noise minus the guided velocity, affine in the scale
+  s.guidance = 2.0;
+  CHECK_THROWS_WITH(sample_images(s), Catch::Matchers::Contains("needs weights trained with --label-dropout"));
+
+  o.resume = dir.string();
+  o.steps = 16;
+  o.label_dropout = 0.5;
+  TrainResult r = train(o);
+  CHECK(r.schedule_note.find("label_dropout 0 -> 0.5") != std::string::npos);
+  std::vector<std::vector<float>> images;
+  for (double g : {0.0, 1.0, 2.0}) {
+    s.guidance = g;
+    images.push_back(sample_images(s).to_vector<float>());
+  }
+  double curvature = 0, spread = 0;
+  for (size_t i = 0; i < images[0].size(); ++i) {
+    curvature = std::max(curvature, std::abs(double(images[2][i]) - 2.0 * images[1][i] + images[0][i]));
+    spread = std::max(spread, std::abs(double(images[2][i]) - images[0][i]));
+  }
+  INFO("curvature " << curvature << ", spread " << spread);
+  CHECK(spread > 1e-5);             // the label changes the velocity
+  CHECK(curvature < 1e-3 * spread);  // and the guided velocity is affine in the scale
+  s.guidance = -1;
+  CHECK_THROWS_WITH(sample_images(s), Catch::Matchers::Contains("expected --guidance >= 0"));
+  std::filesystem::remove_all(dir);
+
+  TrainOptions gpt;
+  gpt.config = "tiny";
+  gpt.steps = 1;
+  gpt.label_dropout = 0.1;
+  CHECK_THROWS_WITH(train(gpt), Catch::Matchers::Contains("this model has no class labels"));
+}

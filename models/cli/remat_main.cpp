@@ -72,6 +72,8 @@ int main(int argc, char** argv) {
   train->add_option("--warmup", t.warmup, "linear warmup steps (default 20)");
   train->add_option("--ema", t.ema,
                     "decay of a moving average of the weights, saved as model.safetensors for sampling (default 0: off)");
+  train->add_option("--label-dropout", t.label_dropout,
+                    "dit, unet: probability of training an image without its label, for sample --guidance (default 0)");
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
   train->add_option("--vocab", vocab, "override the config's vocabulary size");
@@ -90,6 +92,9 @@ int main(int argc, char** argv) {
   sample->add_option("--n", so.n, "number of images")->capture_default_str();
   sample->add_option("--steps", so.steps, "Euler steps from noise to image")->capture_default_str();
   sample->add_option("--seed", so.seed, "seed of the starting noise")->capture_default_str();
+  sample->add_option("--guidance", so.guidance,
+                     "classifier-free guidance scale; 1 = none, others need a model trained with --label-dropout")
+      ->capture_default_str();
   sample->add_option("--scale", so.scale, "enlarge each pixel to scale x scale (1..16)")->capture_default_str();
 
   if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" && std::string(argv[1]) != "ops" &&
@@ -115,7 +120,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "\rsampling: Euler step %d/%d\033[K%s", done, total, done == total ? "\n" : "");
         std::fflush(stderr);
       });
-      fmt::print("wrote {} ({} images, {} Euler steps)\n", so.out, so.n, so.steps);
+      fmt::print("wrote {} ({} images, {} Euler steps{})\n", so.out, so.n, so.steps,
+                 so.guidance != 1.0 ? fmt::format(", guidance {}", so.guidance) : "");
       return 0;
     }
     if (*train) {
