@@ -154,7 +154,7 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
   REMAT_CHECK(cfg.image % cfg.patch == 0 && cfg.channels % cfg.heads == 0 && cfg.channels % 2 == 0,
               "dit: expected image divisible by patch and channels by heads, got image ", cfg.image, ", patch ",
               cfg.patch, ", channels ", cfg.channels, ", heads ", cfg.heads);
-  int64_t c = cfg.channels, tokens = (cfg.image / cfg.patch) * (cfg.image / cfg.patch), patch_values = 3 * cfg.patch * cfg.patch;
+  int64_t c = cfg.channels, patch_values = 3 * cfg.patch * cfg.patch;
   // Xavier-normal patch embedding, so that content and position start at comparable scales.
   double patch_std = std::sqrt(2.0 / static_cast<double>(patch_values + c));
   patch_embed = register_module("patch_embed", std::make_shared<nn::Linear>(patch_values, c, true, patch_std));

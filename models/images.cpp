@@ -68,10 +68,19 @@ Tensor class_embedding(nn::Embedding& table, const Tensor& labels, int64_t class
   return mul(rows, mask);
 }
 
-Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels) {
+TimeSampling parse_time_sampling(const std::string& name) {
+  if (name == "uniform") return TimeSampling::uniform;
+  if (name == "logit-normal") return TimeSampling::logit_normal;
+  REMAT_FAIL("unknown time sampling '", name, "': expected uniform or logit-normal");
+}
+
+const char* time_sampling_name(TimeSampling s) { return s == TimeSampling::uniform ? "uniform" : "logit-normal"; }
+
+Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels, TimeSampling times) {
   int64_t b = x0.size(0);
   Tensor noise = Tensor::randn(x0.shape(), x0.dtype(), x0.device());
-  Tensor t = Tensor::rand({b}, x0.dtype(), x0.device());
+  Tensor t = times == TimeSampling::uniform ? Tensor::rand({b}, x0.dtype(), x0.device())
+                                            : sigmoid(Tensor::randn({b}, x0.dtype(), x0.device()));
   Tensor tb = reshape(t, {b, 1, 1, 1});
   Tensor x_t = add(mul(add_scalar(neg(tb), 1.0), x0), mul(tb, noise));  // (1 - t) x0 + t x1
   Tensor v = model(x_t, t, labels);

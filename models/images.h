@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <utility>
 
 #include "models/nn/layers.h"
@@ -29,14 +30,24 @@ class ShapesTask {
   RandomStream rng_;
 };
 
-// Rectified flow: x_t = (1 - t) x0 + t x1 with x1 ~ N(0, 1), t ~ U(0, 1); the model predicts the
-// velocity x1 - x0 and the loss is its mean squared error. `model(x_t, t, labels)` returns [B, 3, S, S].
 // Class embeddings for labels [B] in [0, classes]: rows of `table` (classes rows) for the classes, zeros
 // for the label `classes` (no label). The null embedding is zero rather than a learned row so that a
 // model trained without dropped labels keeps its shapes and can be fine-tuned with them.
 Tensor class_embedding(nn::Embedding& table, const Tensor& labels, int64_t classes);
 
+// How training draws the time t of rectified flow. uniform: U(0, 1). logit_normal: sigmoid of N(0, 1)
+// (SD3, Esser et al. 2024), which spends the steps on the middle times where the outlines of the
+// images are decided, and few on the ends (near t = 0 the task is denoising a nearly clean image,
+// near t = 1 predicting the mean image), which the model learns early anyway.
+enum class TimeSampling { uniform, logit_normal };
+TimeSampling parse_time_sampling(const std::string& name);  // "uniform" or "logit-normal"
+const char* time_sampling_name(TimeSampling s);
+
+// Rectified flow: x_t = (1 - t) x0 + t x1 with x1 ~ N(0, 1) and t drawn by `times`; the model
+// predicts the velocity x1 - x0 and the loss is its mean squared error. `model(x_t, t, labels)`
+// returns [B, 3, S, S].
 using VelocityModel = std::function<Tensor(const Tensor& x_t, const Tensor& t, const Tensor& labels)>;
-Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels);
+Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels,
+                           TimeSampling times = TimeSampling::uniform);
 
 }  // namespace remat

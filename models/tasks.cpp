@@ -20,6 +20,11 @@ void TrainTask::set_label_dropout(double p) {
   REMAT_CHECK(p == 0, "--label-dropout ", p, ": this model has no class labels (it applies to dit and unet)");
 }
 
+void TrainTask::set_time_sampling(TimeSampling s) {
+  REMAT_CHECK(s == TimeSampling::uniform, "--time-sampling ", time_sampling_name(s),
+              ": this model is not a diffusion model (it applies to dit and unet)");
+}
+
 namespace {
 
 int64_t positive_int(const std::string& key, double value) {
@@ -80,7 +85,7 @@ class FlowTask final : public TrainTask {
     auto [x0, labels] = data_.batch(config_.batch, label_dropout_);
     x0 = x0.to(device()), labels = labels.to(device());
     return rectified_flow_loss([this](const Tensor& x, const Tensor& t, const Tensor& y) { return model_.forward(x, t, y); },
-                               x0, labels);
+                               x0, labels, time_sampling_);
   }
   double items_per_step() const override { return static_cast<double>(config_.batch); }
   const char* item_name() const override { return "images"; }
@@ -90,6 +95,7 @@ class FlowTask final : public TrainTask {
     REMAT_CHECK(p >= 0 && p < 1, "expected --label-dropout in [0, 1), got ", p);
     label_dropout_ = p;
   }
+  void set_time_sampling(TimeSampling s) override { time_sampling_ = s; }
   nlohmann::json config() const override { return to_json(config_); }
   RngState data_state() const override { return data_.state(); }
   void set_data_state(RngState s) override { data_.set_state(s); }
@@ -110,6 +116,7 @@ class FlowTask final : public TrainTask {
   Model model_;
   ShapesTask data_;
   double label_dropout_ = 0;
+  TimeSampling time_sampling_ = TimeSampling::uniform;
 };
 
 DitConfig parse_dit(const nlohmann::json& j) {

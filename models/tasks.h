@@ -9,6 +9,7 @@
 #include <string>
 
 #include "autograd/module.h"
+#include "models/images.h"
 #include "runtime/random.h"
 
 namespace remat {
@@ -31,6 +32,8 @@ class TrainTask {
   // Diffusion models: the probability of training a step's image without its class label (for
   // classifier-free guidance when sampling). Models without labels accept only 0.
   virtual void set_label_dropout(double p);
+  // Diffusion models: how training draws the flow time t. Models without one accept only uniform.
+  virtual void set_time_sampling(TimeSampling s);
   virtual double reference_loss() const { return 0; }
   virtual double uniform_loss() const { return 0; }
 

@@ -46,6 +46,7 @@ struct Schedule {
   int64_t warmup = 20;
   double ema = 0;  // 0: no weight average
   double label_dropout = 0;
+  std::string time_sampling = "uniform";
 
   std::string changes_from(const Schedule& was) const {
     std::string out;
@@ -55,6 +56,7 @@ struct Schedule {
     note("steps", was.steps, steps), note("lr", was.lr, lr), note("min_lr", was.min_lr, min_lr);
     note("warmup", was.warmup, warmup), note("ema", was.ema, ema);
     note("label_dropout", was.label_dropout, label_dropout);
+    note("time_sampling", was.time_sampling, time_sampling);
     return out;
   }
 };
@@ -85,7 +87,7 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
                          {"optimizer_steps", opt.steps()}, {"lr", sched.lr}, {"min_lr", sched.min_lr},
                          {"warmup", sched.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
                          {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0},
-                         {"label_dropout", sched.label_dropout}};
+                         {"label_dropout", sched.label_dropout}, {"time_sampling", sched.time_sampling}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
   write_file_atomically(dir + "/metrics.jsonl", run.metrics);
 }
@@ -111,6 +113,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
       resumed_sched.min_lr = resumed.at("min_lr"), resumed_sched.warmup = resumed.at("warmup");
       resumed_sched.ema = resumed.value("ema", 0.0);  // states written before the average had none
       resumed_sched.label_dropout = resumed.value("label_dropout", 0.0);
+      resumed_sched.time_sampling = resumed.value("time_sampling", std::string("uniform"));
       sched = resumed_sched;
       o.weight_decay = resumed.at("weight_decay"), o.clip = resumed.at("clip"), o.seed = resumed.at("seed");
     } catch (const nlohmann::json::exception& e) {
@@ -125,6 +128,8 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   if (o.warmup) sched.warmup = *o.warmup;
   if (o.ema) sched.ema = *o.ema;
   if (o.label_dropout) sched.label_dropout = *o.label_dropout;
+  if (o.time_sampling) sched.time_sampling = *o.time_sampling;
+  TimeSampling time_sampling = parse_time_sampling(sched.time_sampling);
   REMAT_CHECK(sched.steps > 0, "expected --steps >= 1, got ", sched.steps);
   REMAT_CHECK(sched.lr > 0 && sched.min_lr >= 0 && sched.min_lr <= sched.lr,
               "expected 0 <= --min-lr <= --lr and --lr > 0, got lr ", sched.lr, " and min_lr ", sched.min_lr);
@@ -151,6 +156,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
                                                       : make_task_from_json(o.model, resumed.at("config"), o.seed);
   task->set_label_dropout(sched.label_dropout);
+  task->set_time_sampling(time_sampling);
   task->to(device);
   Module& model = task->model();
   model.train();

@@ -35,6 +35,8 @@ struct TrainOptions {
   // dit, unet: probability of dropping a step's class label, so that the model also learns the
   // unconditional velocity that `remat sample --guidance` needs (default 0). Unset when resuming: the run's own.
   std::optional<double> label_dropout;
+  // dit, unet: how the flow time t is drawn, "uniform" (default) or "logit-normal". Unset when resuming: the run's own.
+  std::optional<std::string> time_sampling;
   double weight_decay = 0.1, clip = 1.0;
   int64_t save_every = 100;   // snapshot period in steps (and at the end)
 };

@@ -264,3 +264,56 @@ TEST_CASE("sample --guidance: v_u + g (v_c - v_u), only for weights trained with
   gpt.label_dropout = 0.1;
   CHECK_THROWS_WITH(train(gpt), Catch::Matchers::Contains("this model has no class labels"));
 }
+
+TEST_CASE("time sampling: logit-normal draws t = sigmoid(N(0, 1)), uniform U(0, 1); train records it", "[diffusion]") {
+  Tensor x0 = Tensor::zeros({4000, 3, 2, 2}), labels = Tensor::zeros({4000}, DType::i64);
+  auto times_of = [&](TimeSampling sampling) {
+    std::vector<float> times;
+    auto record = [&](const Tensor& x, const Tensor& t, const Tensor&) {
+      times = t.to_vector<float>();
+      return x;
+    };
+    set_rng_state({5, 0});
+    rectified_flow_loss(record, x0, labels, sampling);
+    return times;
+  };
+  auto middle_share = [](const std::vector<float>& times) {  // the share of t in [0.25, 0.75]
+    int inside = 0;
+    for (float t : times) {
+      REQUIRE(t > 0.0f);
+      REQUIRE(t < 1.0f);
+      inside += t >= 0.25f && t <= 0.75f;
+    }
+    return inside / static_cast<double>(times.size());
+  };
+  // Expected: 0.5 uniform; P(|z| <= logit(0.75) = 1.0986) = 0.7275 logit-normal. Binomial sd < 0.008.
+  CHECK(middle_share(times_of(TimeSampling::uniform)) == Approx(0.5).margin(0.03));
+  CHECK(middle_share(times_of(TimeSampling::logit_normal)) == Approx(0.7275).margin(0.03));
+  CHECK(parse_time_sampling("logit-normal") == TimeSampling::logit_normal);
+  CHECK_THROWS_WITH(parse_time_sampling("lognorm"), Catch::Matchers::Contains("expected uniform or logit-normal"));
+
+  auto dir = std::filesystem::temp_directory_path() / ("remat_times_" + std::to_string(::getpid()));
+  TrainOptions o;
+  o.model = "dit";
+  o.config = "tiny";
+  o.steps = 2;
+  o.out = dir.string();
+  o.time_sampling = "logit-normal";
+  train(o);
+  o = TrainOptions{};
+  o.resume = dir.string();
+  o.steps = 3;
+  TrainResult kept = train(o);  // the run's own sampling unless told otherwise
+  CHECK(kept.schedule_note.find("time_sampling") == std::string::npos);
+  o.steps = 4;
+  o.time_sampling = "uniform";
+  TrainResult changed = train(o);
+  CHECK(changed.schedule_note.find("time_sampling logit-normal -> uniform") != std::string::npos);
+  std::filesystem::remove_all(dir);
+
+  TrainOptions gpt;
+  gpt.config = "tiny";
+  gpt.steps = 1;
+  gpt.time_sampling = "logit-normal";
+  CHECK_THROWS_WITH(train(gpt), Catch::Matchers::Contains("not a diffusion model"));
+}

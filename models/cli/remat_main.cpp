@@ -74,6 +74,8 @@ int main(int argc, char** argv) {
                     "decay of a moving average of the weights, saved as model.safetensors for sampling (default 0: off)");
   train->add_option("--label-dropout", t.label_dropout,
                     "dit, unet: probability of training an image without its label, for sample --guidance (default 0)");
+  train->add_option("--time-sampling", t.time_sampling,
+                    "dit, unet: how the flow time is drawn, uniform or logit-normal (default uniform)");
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
   train->add_option("--vocab", vocab, "override the config's vocabulary size");
