@@ -20,9 +20,26 @@
 
 namespace remat {
 
+Tensor flow_sampler_step(const Tensor& x_t, const Tensor& v, double t, double s, double eta) {
+  REMAT_CHECK(0 <= s && s < t && t <= 1, "sampler step: expected 0 <= s < t <= 1, got t ", t, " and s ", s);
+  REMAT_CHECK(eta >= 0 && eta <= 1, "sample: expected --eta in [0, 1], got ", eta);
+  if (eta == 0) return sub(x_t, mul_scalar(v, t - s));
+  // x_t = a_t x0 + sigma_t x1 with a = 1 - t, sigma = t. The forward process from s to t multiplies
+  // by a_t / a_s and adds variance sigma_t^2 - (a_t / a_s)^2 sigma_s^2; the posterior of x_s given
+  // x_t and x0 then has the variance below (zero at s = 0, and s^2 at t = 1 where x_t says nothing).
+  double a_ts = (1 - t) / (1 - s);
+  double forward_var = t * t - a_ts * a_ts * s * s;
+  double c = eta * std::sqrt(std::max(forward_var * s * s / (t * t), 0.0));
+  Tensor x0 = sub(x_t, mul_scalar(v, t)), x1 = add(x_t, mul_scalar(v, 1 - t));
+  Tensor x_s = add(mul_scalar(x0, 1 - s), mul_scalar(x1, std::sqrt(std::max(s * s - c * c, 0.0))));
+  if (c > 0) x_s = add(x_s, mul_scalar(Tensor::randn(x_t.shape(), x_t.dtype(), x_t.device()), c));
+  return x_s;
+}
+
 Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1, got ", o.n, " and ", o.steps);
   REMAT_CHECK(std::isfinite(o.guidance) && o.guidance >= 0, "sample: expected --guidance >= 0, got ", o.guidance);
+  REMAT_CHECK(o.eta >= 0 && o.eta <= 1, "sample: expected --eta in [0, 1], got ", o.eta);
   SafetensorsFile file = load_safetensors(o.weights);
   bool guided = o.guidance != 1.0;
   REMAT_CHECK(!guided || file.metadata.count("label_dropout"), "sample: --guidance ", o.guidance, " needs weights trained ",
@@ -61,8 +78,9 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   if (guided) labels.resize(2 * o.n, config.value("classes", int64_t{ShapesTask::kClasses}));  // the "no label" label
   Tensor y = Tensor::from_vector(labels, {static_cast<int64_t>(labels.size())});
   double dt = 1.0 / o.steps;
-  for (int k = 0; k < o.steps; ++k) {  // x_{t - dt} = x_t - dt * v(x_t, t)
-    Tensor t = Tensor::full({y.size(0)}, 1.0 - k * dt);
+  for (int k = 0; k < o.steps; ++k) {
+    double now = 1.0 - k * dt, next = k + 1 == o.steps ? 0.0 : 1.0 - (k + 1) * dt;
+    Tensor t = Tensor::full({y.size(0)}, now);
     Tensor v;
     if (guided) {
       auto both = split(task->velocity(concat({x, x}, 0), t, y), 0, {o.n, o.n});  // conditional, unconditional
@@ -70,7 +88,7 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
     } else {
       v = task->velocity(x, t, y);
     }
-    x = sub(x, mul_scalar(v, dt));
+    x = flow_sampler_step(x, v, now, next, o.eta);
     if (on_step) on_step(k + 1, o.steps);
   }
   write_png_grid(o.out, x, columns, o.scale);

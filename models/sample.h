@@ -1,6 +1,6 @@
-// Sampling from a trained diffusion model: Euler steps of the rectified-flow ODE from noise (t = 1)
-// to images (t = 0), optionally with classifier-free guidance, written as a PNG grid (libpng), one
-// class per column cycling.
+// Sampling from a trained diffusion model: steps from noise (t = 1) to images (t = 0), Euler steps of
+// the rectified-flow ODE or stochastic (DDPM-like) steps, optionally with classifier-free guidance,
+// written as a PNG grid (libpng), one class per column cycling.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,18 @@ struct SampleOptions {
   // Classifier-free guidance: v = v_uncond + guidance (v_cond - v_uncond); 1 = the conditional
   // velocity alone. Other values need weights trained with --label-dropout.
   double guidance = 1.0;
+  // Stochasticity of each step in [0, 1]: 0 = Euler steps of the ODE (deterministic); 1 = draws
+  // from the Gaussian posterior q(x_s | x_t, x0 = predicted x0) of the flow's forward process
+  // (ancestral sampling, DDPM), which re-noises the images and so corrects the errors an imperfect
+  // model accumulates along the ODE; values between scale the fresh noise as DDIM's eta.
+  double eta = 0.0;
 };
+
+// One step from time t to s < t given the velocity v at x_t: the predicted x0 = x_t - t v and
+// noise x1 = x_t + (1 - t) v are recombined as x_s = (1 - s) x0 + sqrt(s^2 - c^2) x1 + c z, where c
+// is eta times the posterior standard deviation (z ~ N(0, 1), drawn only when c > 0). eta = 0 is the
+// Euler step x_t - (t - s) v.
+Tensor flow_sampler_step(const Tensor& x_t, const Tensor& v, double t, double s, double eta);
 
 // Called after each Euler step with (steps done, steps in all): progress display.
 using SampleProgress = std::function<void(int, int)>;

@@ -5,6 +5,7 @@
 #include "models/dit.h"
 #include "models/images.h"
 #include "models/optim.h"
+#include "models/sample.h"
 #include "models/unet.h"
 #include "models_for_tests.h"
 
@@ -136,7 +137,6 @@ TEST_CASE("a few AdamW steps on one batch lower the rectified-flow loss of dit a
 #include <filesystem>
 #include <fstream>
 
-#include "models/sample.h"
 #include "models/train.h"
 
 TEST_CASE("remat train --model dit then sampling writes a PNG grid of the requested size", "[diffusion][sample]") {
@@ -316,4 +316,35 @@ TEST_CASE("time sampling: logit-normal draws t = sigmoid(N(0, 1)), uniform U(0, 
   gpt.steps = 1;
   gpt.time_sampling = "logit-normal";
   CHECK_THROWS_WITH(train(gpt), Catch::Matchers::Contains("not a diffusion model"));
+}
+
+TEST_CASE("flow_sampler_step: eta 0 is the Euler step; eta 1 keeps the marginals of an exact model", "[diffusion][sample]") {
+  // Data concentrated at x0 = c: the exact velocity is v = (x_t - c) / t, and x_t = (1 - t) c + t z.
+  const int64_t n = 20000;
+  const double c = 0.7, t = 0.6, s = 0.35;
+  manual_seed(3);
+  Tensor z = Tensor::randn({n});
+  Tensor x_t = add_scalar(mul_scalar(z, t), (1 - t) * c);
+  Tensor v = mul_scalar(add_scalar(x_t, -c), 1.0 / t);
+  auto euler = sub(x_t, mul_scalar(v, t - s)).to_vector<float>();
+  auto step0 = flow_sampler_step(x_t, v, t, s, 0.0).to_vector<float>();
+  CHECK(step0 == euler);
+  for (double eta : {0.5, 1.0}) {
+    // Whatever eta, x_s must again be (1 - s) c + s z' with z' ~ N(0, 1).
+    auto x_s = flow_sampler_step(x_t, v, t, s, eta).to_vector<float>();
+    double mean = 0, sq = 0;
+    for (float x : x_s) {
+      double zs = (x - (1 - s) * c) / s;
+      mean += zs / n, sq += zs * zs / n;
+    }
+    INFO("eta " << eta << ": mean " << mean << ", var " << sq - mean * mean);
+    CHECK(std::abs(mean) < 0.03);                         // sd of the mean 0.007
+    CHECK(std::abs(sq - mean * mean - 1.0) < 0.04);        // sd of the variance 0.01
+    CHECK(x_s != step0);                                   // fresh noise was added
+  }
+  // The last step lands on the predicted x0 whatever eta.
+  auto last = flow_sampler_step(x_t, v, t, 0.0, 1.0).to_vector<float>();
+  for (float x : last) REQUIRE(x == Approx(c).margin(1e-5));
+  CHECK_THROWS_WITH(flow_sampler_step(x_t, v, t, s, 1.5), Catch::Matchers::Contains("expected --eta in [0, 1]"));
+  CHECK_THROWS_WITH(flow_sampler_step(x_t, v, s, t, 1.0), Catch::Matchers::Contains("expected 0 <= s < t <= 1"));
 }

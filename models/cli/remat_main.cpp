@@ -92,7 +92,10 @@ int main(int argc, char** argv) {
   sample->add_option("--model", so.model, "dit or unet (default: from the weights file)");
   sample->add_option("--out", so.out, "PNG file to write")->capture_default_str();
   sample->add_option("--n", so.n, "number of images")->capture_default_str();
-  sample->add_option("--steps", so.steps, "Euler steps from noise to image")->capture_default_str();
+  sample->add_option("--steps", so.steps, "steps from noise to image")->capture_default_str();
+  sample->add_option("--eta", so.eta,
+                     "stochasticity of the steps: 0 = Euler steps of the ODE, 1 = ancestral (DDPM) steps")
+      ->capture_default_str();
   sample->add_option("--seed", so.seed, "seed of the starting noise")->capture_default_str();
   sample->add_option("--guidance", so.guidance,
                      "classifier-free guidance scale; 1 = none, others need a model trained with --label-dropout")
@@ -119,10 +122,11 @@ int main(int argc, char** argv) {
     if (*sample) {
       remat::sample_images(so, [](int done, int total) {
         if (!isatty(fileno(stderr))) return;
-        std::fprintf(stderr, "\rsampling: Euler step %d/%d\033[K%s", done, total, done == total ? "\n" : "");
+        std::fprintf(stderr, "\rsampling: step %d/%d\033[K%s", done, total, done == total ? "\n" : "");
         std::fflush(stderr);
       });
-      fmt::print("wrote {} ({} images, {} Euler steps{})\n", so.out, so.n, so.steps,
+      fmt::print("wrote {} ({} images, {} {} steps{})\n", so.out, so.n, so.steps,
+                 so.eta == 0 ? "Euler" : fmt::format("stochastic (eta {})", so.eta),
                  so.guidance != 1.0 ? fmt::format(", guidance {}", so.guidance) : "");
       return 0;
     }
