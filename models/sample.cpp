@@ -20,6 +20,47 @@
 
 namespace remat {
 
+namespace {
+
+// A trained dit or unet with its weights, ready for inference (eval mode).
+struct FlowModel {
+  std::unique_ptr<TrainTask> task;
+  nlohmann::json config;
+  bool label_dropout = false;  // trained with dropped labels: knows the unconditional velocity
+};
+
+FlowModel load_flow_model(const std::string& weights, const std::string& model_name, uint64_t seed) {
+  SafetensorsFile file = load_safetensors(weights);
+  std::string model = model_name;
+  auto stored_model = file.metadata.find("model");
+  if (model.empty()) {
+    REMAT_CHECK(stored_model != file.metadata.end(), weights, ": no model name in the metadata; pass --model");
+    model = stored_model->second;
+  }
+  auto stored_config = file.metadata.find("config");
+  REMAT_CHECK(stored_config != file.metadata.end(), weights, ": no model config in the metadata (not written by remat train?)");
+  FlowModel out;
+  try {
+    out.config = nlohmann::json::parse(stored_config->second);
+  } catch (const nlohmann::json::exception& e) {
+    REMAT_FAIL(weights, ": corrupted config metadata: ", e.what());
+  }
+  out.task = make_task_from_json(model, out.config, seed);
+  REMAT_CHECK(out.task->image_size() > 0, "model ", model, " does not generate images; expected dit or unet");
+  NoGradGuard no_grad;
+  for (auto& [name, p] : out.task->model().named_parameters()) {
+    const Tensor& w = file.at(name);
+    REMAT_CHECK(w.shape() == p.shape(), weights, ": parameter ", name, " has shape ", shape_str(w.shape()),
+                ", the model expects ", shape_str(p.shape()));
+    p.copy_(w);
+  }
+  out.task->model().eval();
+  out.label_dropout = file.metadata.count("label_dropout") > 0;
+  return out;
+}
+
+}  // namespace
+
 Tensor flow_sampler_step(const Tensor& x_t, const Tensor& v, double t, double s, double eta) {
   REMAT_CHECK(0 <= s && s < t && t <= 1, "sampler step: expected 0 <= s < t <= 1, got t ", t, " and s ", s);
   REMAT_CHECK(eta >= 0 && eta <= 1, "sample: expected --eta in [0, 1], got ", eta);
@@ -40,34 +81,13 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1, got ", o.n, " and ", o.steps);
   REMAT_CHECK(std::isfinite(o.guidance) && o.guidance >= 0, "sample: expected --guidance >= 0, got ", o.guidance);
   REMAT_CHECK(o.eta >= 0 && o.eta <= 1, "sample: expected --eta in [0, 1], got ", o.eta);
-  SafetensorsFile file = load_safetensors(o.weights);
+  FlowModel loaded = load_flow_model(o.weights, o.model, o.seed);
   bool guided = o.guidance != 1.0;
-  REMAT_CHECK(!guided || file.metadata.count("label_dropout"), "sample: --guidance ", o.guidance, " needs weights trained ",
+  REMAT_CHECK(!guided || loaded.label_dropout, "sample: --guidance ", o.guidance, " needs weights trained ",
               "with --label-dropout (the unconditional velocity); ", o.weights, " were trained without");
-  std::string model = o.model;
-  auto stored_model = file.metadata.find("model");
-  if (model.empty()) {
-    REMAT_CHECK(stored_model != file.metadata.end(), o.weights, ": no model name in the metadata; pass --model");
-    model = stored_model->second;
-  }
-  auto stored_config = file.metadata.find("config");
-  REMAT_CHECK(stored_config != file.metadata.end(), o.weights, ": no model config in the metadata (not written by remat train?)");
-  nlohmann::json config;
-  try {
-    config = nlohmann::json::parse(stored_config->second);
-  } catch (const nlohmann::json::exception& e) {
-    REMAT_FAIL(o.weights, ": corrupted config metadata: ", e.what());
-  }
-  std::unique_ptr<TrainTask> task = make_task_from_json(model, config, o.seed);
-  REMAT_CHECK(task->image_size() > 0, "sample: model ", model, " does not generate images; expected dit or unet");
+  TrainTask* task = loaded.task.get();
+  const nlohmann::json& config = loaded.config;
   NoGradGuard no_grad;
-  for (auto& [name, p] : task->model().named_parameters()) {
-    const Tensor& w = file.at(name);
-    REMAT_CHECK(w.shape() == p.shape(), o.weights, ": parameter ", name, " has shape ", shape_str(w.shape()),
-                ", the model expects ", shape_str(p.shape()));
-    p.copy_(w);
-  }
-  task->model().eval();
   int64_t s = task->image_size();
   manual_seed(o.seed);
   Tensor x = Tensor::randn({o.n, 3, s, s});
@@ -93,6 +113,29 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   }
   write_png_grid(o.out, x, columns, o.scale);
   return x;
+}
+
+std::vector<FlowLossAtTime> flow_loss_by_time(const std::string& weights, int64_t n, int times, uint64_t seed,
+                                              const std::function<void(const FlowLossAtTime&)>& on_time) {
+  REMAT_CHECK(n >= 1 && times >= 1, "flow-loss: expected --n >= 1 and --times >= 1, got ", n, " and ", times);
+  FlowModel loaded = load_flow_model(weights, "", seed);
+  NoGradGuard no_grad;
+  // The same images and noise at every time, so that the rows differ only by t.
+  ShapesTask data(loaded.task->image_size(), seed);
+  auto [x0, labels] = data.batch(n);
+  manual_seed(seed);
+  Tensor noise = Tensor::randn(x0.shape());
+  Device device = loaded.task->device();
+  x0 = x0.to(device), labels = labels.to(device), noise = noise.to(device);
+  std::vector<FlowLossAtTime> out;
+  for (int i = 0; i < times; ++i) {
+    double t = (i + 0.5) / times;  // bin centres
+    Tensor x_t = add(mul_scalar(x0, 1 - t), mul_scalar(noise, t));
+    Tensor err = sub(loaded.task->velocity(x_t, Tensor::full({n}, t).to(device), labels), sub(noise, x0));
+    out.push_back({t, static_cast<double>(mean(mul(err, err)).to(Device::cpu()).to_vector<float>()[0])});
+    if (on_time) on_time(out.back());
+  }
+  return out;
 }
 
 void write_png_grid(const std::string& path, const Tensor& images, int64_t columns, int scale) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "runtime/tensor.h"
 
@@ -40,6 +41,15 @@ using SampleProgress = std::function<void(int, int)>;
 
 // Returns the images [n, 3, S, S] in [-1, 1] and writes the PNG grid (atomically).
 Tensor sample_images(const SampleOptions& options, const SampleProgress& on_step = {});
+
+// The rectified-flow loss of trained weights at `times` evenly spaced flow times (bin centres), on the
+// same n images and noise for every time: where along the path from noise to image the model is wrong.
+struct FlowLossAtTime {
+  double t, loss;
+};
+std::vector<FlowLossAtTime> flow_loss_by_time(const std::string& weights, int64_t n = 64, int times = 10,
+                                              uint64_t seed = 0,
+                                              const std::function<void(const FlowLossAtTime&)>& on_time = {});
 
 // An RGB PNG of images [N, 3, S, S] in [-1, 1], laid out in a grid of `columns` with 2-pixel gaps.
 void write_png_grid(const std::string& path, const Tensor& images, int64_t columns, int scale = 1);

@@ -5,7 +5,9 @@
 #include "models/dit.h"
 #include "models/images.h"
 #include "models/optim.h"
+#include "models/safetensors.h"
 #include "models/sample.h"
+#include "models/tasks.h"
 #include "models/unet.h"
 #include "models_for_tests.h"
 
@@ -347,4 +349,30 @@ TEST_CASE("flow_sampler_step: eta 0 is the Euler step; eta 1 keeps the marginals
   for (float x : last) REQUIRE(x == Approx(c).margin(1e-5));
   CHECK_THROWS_WITH(flow_sampler_step(x_t, v, t, s, 1.5), Catch::Matchers::Contains("expected --eta in [0, 1]"));
   CHECK_THROWS_WITH(flow_sampler_step(x_t, v, s, t, 1.0), Catch::Matchers::Contains("expected 0 <= s < t <= 1"));
+}
+
+TEST_CASE("flow_loss_by_time: the loss at bin centres on fixed images; zero velocity scores the same at every t", "[diffusion]") {
+  // A freshly built dit has a zero output layer (adaLN-Zero), so it predicts zero velocity and its
+  // loss at any t is mean((x1 - x0)^2) over the very images and noise flow_loss_by_time draws.
+  auto dir = std::filesystem::temp_directory_path() / ("remat_flow_loss_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto task = make_task("dit", "tiny", {}, 0);
+  std::string weights = (dir / "model.safetensors").string();
+  save_safetensors(weights, task->model().named_parameters(),
+                   {{"format", "remat"}, {"model", "dit"}, {"config", task->config().dump()}});
+  const int64_t n = 6;
+  const uint64_t seed = 9;
+  auto rows = flow_loss_by_time(weights, n, 4, seed);
+  ShapesTask data(task->image_size(), seed);
+  Tensor x0 = data.batch(n).first;
+  manual_seed(seed);
+  Tensor diff = sub(Tensor::randn(x0.shape()), x0);
+  double expected = mean(mul(diff, diff)).to_vector<float>()[0];
+  REQUIRE(rows.size() == 4);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    CHECK(rows[i].t == Approx((i + 0.5) / 4));
+    CHECK(rows[i].loss == Approx(expected).epsilon(1e-5));
+  }
+  CHECK_THROWS_WITH(flow_loss_by_time(weights, 0), Catch::Matchers::Contains("expected --n >= 1"));
+  std::filesystem::remove_all(dir);
 }

@@ -102,9 +102,19 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   sample->add_option("--scale", so.scale, "enlarge each pixel to scale x scale (1..16)")->capture_default_str();
 
-  if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" && std::string(argv[1]) != "ops" &&
-      std::string(argv[1]) != "sample") {
-    std::fprintf(stderr, "remat: unknown command '%s': expected train, sample or ops (see remat --help)\n", argv[1]);
+  std::string loss_weights;
+  int64_t loss_n = 64;
+  int loss_times = 10;
+  uint64_t loss_seed = 0;
+  CLI::App* flow_loss = app.add_subcommand("flow-loss", "a trained dit or unet's loss at each flow time, from noise (t = 1) to image (t = 0)");
+  flow_loss->add_option("--weights", loss_weights, "model.safetensors written by remat train")->required();
+  flow_loss->add_option("--n", loss_n, "images (the same at every time)")->capture_default_str();
+  flow_loss->add_option("--times", loss_times, "evenly spaced times (bin centres)")->capture_default_str();
+  flow_loss->add_option("--seed", loss_seed, "seed of the images and noise")->capture_default_str();
+
+  const std::string command = argc > 1 ? argv[1] : "";
+  if (argc > 1 && argv[1][0] != '-' && command != "train" && command != "ops" && command != "sample" && command != "flow-loss") {
+    std::fprintf(stderr, "remat: unknown command '%s': expected train, sample, flow-loss or ops (see remat --help)\n", argv[1]);
     return 2;
   }
   try {
@@ -119,6 +129,18 @@ int main(int argc, char** argv) {
   }
   try {
     if (*ops) return list_ops();
+    if (*flow_loss) {
+      double total = 0;
+      bool header = false;
+      auto rows = remat::flow_loss_by_time(loss_weights, loss_n, loss_times, loss_seed, [&](const remat::FlowLossAtTime& r) {
+        if (!header) fmt::print("{:>6}  {:>8}\n", "t", "loss"), header = true;
+        fmt::print("{:6.3f}  {:8.4f}\n", r.t, r.loss);
+        std::fflush(stdout);
+      });
+      for (auto& r : rows) total += r.loss;
+      fmt::print("  mean  {:8.4f}  (uniform in t; {} images, seed {})\n", total / rows.size(), loss_n, loss_seed);
+      return 0;
+    }
     if (*sample) {
       remat::sample_images(so, [](int done, int total) {
         if (!isatty(fileno(stderr))) return;
