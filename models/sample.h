@@ -36,7 +36,7 @@ struct SampleOptions {
 // Euler step x_t - (t - s) v.
 Tensor flow_sampler_step(const Tensor& x_t, const Tensor& v, double t, double s, double eta);
 
-// Called after each Euler step with (steps done, steps in all): progress display.
+// Called after each step with (steps done, steps in all): progress display.
 using SampleProgress = std::function<void(int, int)>;
 
 // Returns the images [n, 3, S, S] in [-1, 1] and writes the PNG grid (atomically).
