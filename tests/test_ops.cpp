@@ -106,6 +106,41 @@ TEST_CASE("reductions over axes with and without keepdim", "[op]") {
   CHECK_THROWS_WITH(sum(x, {1, -1}), Contains("listed twice"));
 }
 
+TEST_CASE("sum adds each output's inputs in index order, to the bit, on every axis set", "[op]") {
+  // The CPU kernel has a row-at-a-time path for adjacent axes and a general one; both must add
+  // x[.., r, ..] for r = 0, 1, ... starting from zero, which a naive f32 loop reproduces exactly.
+  Shape shape{3, 37, 5, 70};
+  manual_seed(11);
+  Tensor x = Tensor::randn(shape, DType::f32);
+  std::vector<float> v = x.to_vector<float>();
+  Strides strides = contiguous_strides(shape);
+  for (std::vector<int64_t> axes : std::vector<std::vector<int64_t>>{
+           {0}, {1}, {2}, {3}, {0, 1}, {1, 2}, {2, 3}, {0, 1, 2}, {1, 2, 3}, {0, 2}, {1, 3}, {0, 1, 2, 3}}) {
+    Tensor s = sum(x, axes, true);
+    std::vector<bool> reduced(4, false);
+    for (int64_t a : axes) reduced[a] = true;
+    Shape out_shape = shape;
+    for (int64_t a : axes) out_shape[a] = 1;
+    REQUIRE(s.shape() == out_shape);
+    std::vector<float> expected(numel_of(out_shape), 0.0f);
+    Strides out_strides = contiguous_strides(out_shape);
+    // Row-major over the input: for each output, its inputs arrive in increasing reduced index.
+    for (int64_t i0 = 0; i0 < shape[0]; ++i0)
+      for (int64_t i1 = 0; i1 < shape[1]; ++i1)
+        for (int64_t i2 = 0; i2 < shape[2]; ++i2)
+          for (int64_t i3 = 0; i3 < shape[3]; ++i3) {
+            int64_t idx[4] = {i0, i1, i2, i3}, in = 0, out = 0;
+            for (int d = 0; d < 4; ++d) {
+              in += idx[d] * strides[d];
+              out += (reduced[d] ? 0 : idx[d]) * out_strides[d];
+            }
+            expected[out] += v[in];
+          }
+    INFO("axes " << shape_str(Shape(axes.begin(), axes.end())));
+    CHECK(s.to_vector<float>() == expected);
+  }
+}
+
 TEST_CASE("shape ops produce views where cheap and the right values", "[op]") {
   Tensor x = Tensor::arange(6, DType::f64);
   Tensor m = reshape(x, {2, 3});
