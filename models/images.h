@@ -7,12 +7,19 @@
 #include <functional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "models/nn/layers.h"
 #include "runtime/random.h"
 #include "runtime/tensor.h"
 
 namespace remat {
+
+inline constexpr float kBackground = -0.8f;  // every channel of the background
+
+// Whether the point (dx, dy), in radii from the shape's centre (y down), is inside shape `cls`.
+bool inside_shape(int cls, float dx, float dy);
+const char* shape_name(int cls);  // "disc", "square", "triangle", "cross"
 
 class ShapesTask {
  public:
@@ -49,5 +56,29 @@ const char* time_sampling_name(TimeSampling s);
 using VelocityModel = std::function<Tensor(const Tensor& x_t, const Tensor& t, const Tensor& labels)>;
 Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels,
                            TimeSampling times = TimeSampling::uniform);
+
+// How much an image [3, S, S] looks like each class: its foreground (pixels away from the background
+// colour) against the best-fitting outline of the class over centre and radius, as intersection
+// over union (1: the outline exactly, up to the pixel grid). iou[] is 0 and best_class -1 for an
+// empty image.
+struct ShapeFit {
+  int best_class = -1;
+  double iou[ShapesTask::kClasses] = {};
+  int64_t area = 0;  // foreground pixels
+};
+std::vector<ShapeFit> fit_shapes(const Tensor& images);  // [N, 3, S, S]
+
+// How a batch of samples matches its labels. "Classified": the label's outline fits best of all
+// classes. "Recognised": classified, and with an IoU of at least min_iou, the measure behind
+// "recognisable shapes" (remat sample prints it). The bar is strict for small shapes, whose rim of
+// one pixel is much of their area: a clean shape scores 0.95 or more, a square with rounded
+// corners fits a disc better than a square.
+struct ShapeScore {
+  int64_t classified = 0, recognised = 0, n = 0;
+  double mean_iou = 0;                                // with the label's outline
+  std::vector<std::pair<int64_t, int64_t>> per_class;  // (recognised, n) by label
+};
+inline constexpr double kRecognisedIou = 0.8;
+ShapeScore score_shapes(const Tensor& images, const std::vector<int64_t>& labels, double min_iou = kRecognisedIou);
 
 }  // namespace remat

@@ -77,6 +77,14 @@ Tensor flow_sampler_step(const Tensor& x_t, const Tensor& v, double t, double s,
   return x_s;
 }
 
+int64_t grid_columns(int64_t n) { return static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n)))); }
+
+std::vector<int64_t> sample_labels(int64_t n) {
+  std::vector<int64_t> labels(n);
+  for (int64_t i = 0; i < n; ++i) labels[i] = (i % grid_columns(n)) % ShapesTask::kClasses;
+  return labels;
+}
+
 Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1, got ", o.n, " and ", o.steps);
   REMAT_CHECK(std::isfinite(o.guidance) && o.guidance >= 0, "sample: expected --guidance >= 0, got ", o.guidance);
@@ -91,9 +99,8 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   int64_t s = task->image_size();
   manual_seed(o.seed);
   Tensor x = Tensor::randn({o.n, 3, s, s});
-  std::vector<int64_t> labels(o.n);
-  int64_t columns = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(o.n))));
-  for (int64_t i = 0; i < o.n; ++i) labels[i] = (i % columns) % 4;
+  int64_t columns = grid_columns(o.n);
+  std::vector<int64_t> labels = sample_labels(o.n);
   // Guided: one batch of 2n, the labelled images then the same images without a label.
   if (guided) labels.resize(2 * o.n, config.value("classes", int64_t{ShapesTask::kClasses}));  // the "no label" label
   Tensor y = Tensor::from_vector(labels, {static_cast<int64_t>(labels.size())});

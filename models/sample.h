@@ -39,7 +39,13 @@ Tensor flow_sampler_step(const Tensor& x_t, const Tensor& v, double t, double s,
 // Called after each step with (steps done, steps in all): progress display.
 using SampleProgress = std::function<void(int, int)>;
 
-// Returns the images [n, 3, S, S] in [-1, 1] and writes the PNG grid (atomically).
+// The grid's columns for n images (ceil(sqrt(n))) and the label of each image: one class per column,
+// cycling through the classes.
+int64_t grid_columns(int64_t n);
+std::vector<int64_t> sample_labels(int64_t n);
+
+// Returns the images [n, 3, S, S] in [-1, 1] (labelled by sample_labels) and writes the PNG grid
+// (atomically).
 Tensor sample_images(const SampleOptions& options, const SampleProgress& on_step = {});
 
 // The rectified-flow loss of trained weights at `times` evenly spaced flow times (bin centres), on the

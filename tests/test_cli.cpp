@@ -68,6 +68,25 @@ TEST_CASE("remat train on the tiny config writes metrics and weights", "[cli]") 
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("remat sample writes the PNG and scores its shapes against the labels", "[cli][diffusion]") {
+  auto dir = std::filesystem::temp_directory_path() / ("remat_cli_sample_" + std::to_string(::getpid()));
+  Run trained = run("train --model dit --config tiny --steps 2 --out " + dir.string());
+  INFO(trained.err);
+  REQUIRE(trained.status == 0);
+  Run r = run("sample --weights " + (dir / "model.safetensors").string() + " --n 16 --steps 2 --out " +
+              (dir / "s.png").string());
+  INFO(r.err);
+  CHECK(r.status == 0);
+  CHECK(std::filesystem::exists(dir / "s.png"));
+  // A two-step tiny model draws no shapes; the line still reports every class it was asked for.
+  CHECK(r.out.find("shapes: ") != std::string::npos);
+  CHECK(r.out.find("fit their label's outline best") != std::string::npos);
+  CHECK(r.out.find(" (disc ") != std::string::npos);
+  CHECK(r.out.find(", cross ") != std::string::npos);
+  CHECK(r.out.find("/16 fit") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
   check_one_line_error(run("train --model resnet --steps 1"), "unknown model 'resnet': expected gpt, dit or unet");
   check_one_line_error(run("train --config huge --steps 1"), "unknown gpt config 'huge'");

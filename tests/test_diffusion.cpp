@@ -376,3 +376,39 @@ TEST_CASE("flow_loss_by_time: the loss at bin centres on fixed images; zero velo
   CHECK_THROWS_WITH(flow_loss_by_time(weights, 0), Catch::Matchers::Contains("expected --n >= 1"));
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("fit_shapes: training images are recognised as their label; others are not", "[diffusion][sample]") {
+  ShapesTask data(32, 5);
+  auto [images, label_tensor] = data.batch(64);
+  std::vector<int64_t> labels = label_tensor.to_vector<int64_t>();
+  std::vector<ShapeFit> fits = fit_shapes(images);
+  double worst_own = 1, least_margin = 1;
+  for (size_t i = 0; i < fits.size(); ++i) {
+    INFO("image " << i << " of class " << labels[i]);
+    CHECK(fits[i].best_class == labels[i]);
+    worst_own = std::min(worst_own, fits[i].iou[labels[i]]);
+    for (int c = 0; c < ShapesTask::kClasses; ++c)
+      if (c != labels[i]) least_margin = std::min(least_margin, fits[i].iou[labels[i]] - fits[i].iou[c]);
+  }
+  // The search finds a drawn shape up to the pixel grid, and every other class's best outline is
+  // clearly worse (the closest pair is disc and square: a square covers a disc at IoU 0.87 or so).
+  UNSCOPED_INFO("own class IoU >= " << worst_own << ", ahead of any other class by >= " << least_margin);
+  CHECK(worst_own >= 0.95);
+  CHECK(least_margin >= 0.05);
+  ShapeScore score = score_shapes(images, labels);
+  CHECK(score.recognised == 64);
+  CHECK(score.classified == 64);
+  CHECK(score.mean_iou >= 0.9);
+  // Every label moved to the next class: nothing is recognised.
+  std::vector<int64_t> wrong = labels;
+  for (int64_t& l : wrong) l = (l + 1) % ShapesTask::kClasses;
+  ShapeScore wrong_score = score_shapes(images, wrong);
+  CHECK(wrong_score.recognised == 0);
+  CHECK(wrong_score.classified == 0);
+  // Blank images and noise are not shapes.
+  Tensor blank = Tensor::full({2, 3, 32, 32}, kBackground);
+  CHECK(fit_shapes(blank)[0].best_class == -1);
+  manual_seed(3);
+  CHECK(score_shapes(Tensor::randn({4, 3, 32, 32}), {0, 1, 2, 3}).recognised == 0);
+  CHECK_THROWS_WITH(score_shapes(images, {0, 1}), Catch::Matchers::Contains("expected 64 labels, got 2"));
+}

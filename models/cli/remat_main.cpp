@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "kernels/backend.h"
+#include "models/images.h"
 #include "models/sample.h"
 #include "models/train.h"
 #include "runtime/cuda_backend.h"
@@ -142,7 +143,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*sample) {
-      remat::sample_images(so, [](int done, int total) {
+      remat::Tensor images = remat::sample_images(so, [](int done, int total) {
         if (!isatty(fileno(stderr))) return;
         std::fprintf(stderr, "\rsampling: step %d/%d\033[K%s", done, total, done == total ? "\n" : "");
         std::fflush(stderr);
@@ -150,6 +151,15 @@ int main(int argc, char** argv) {
       fmt::print("wrote {} ({} images, {} {} steps{})\n", so.out, so.n, so.steps,
                  so.eta == 0 ? "Euler" : fmt::format("stochastic (eta {})", so.eta),
                  so.guidance != 1.0 ? fmt::format(", guidance {}", so.guidance) : "");
+      remat::ShapeScore score = remat::score_shapes(images, remat::sample_labels(so.n));
+      std::string by_class;
+      for (size_t c = 0; c < score.per_class.size(); ++c)
+        if (score.per_class[c].second > 0)
+          by_class += fmt::format("{}{} {}/{}", by_class.empty() ? " (" : ", ", remat::shape_name(static_cast<int>(c)),
+                                  score.per_class[c].first, score.per_class[c].second);
+      if (!by_class.empty()) by_class += ")";
+      fmt::print("shapes: {}/{} fit their label's outline best, {}/{} also with IoU >= {}{}; mean IoU {:.3f}\n",
+                 score.classified, score.n, score.recognised, score.n, remat::kRecognisedIou, by_class, score.mean_iou);
       return 0;
     }
     if (*train) {
