@@ -47,6 +47,9 @@ struct Schedule {
   double ema = 0;  // 0: no weight average
   double label_dropout = 0;
   std::string time_sampling = "uniform";
+  int64_t start = 0;  // the step the schedule (warmup, then cosine) begins at: 0, or a restart's
+
+  double lr_at(int64_t step) const { return cosine_lr(step - start, warmup, steps - start, lr, min_lr); }
 
   std::string changes_from(const Schedule& was) const {
     std::string out;
@@ -57,6 +60,7 @@ struct Schedule {
     note("warmup", was.warmup, warmup), note("ema", was.ema, ema);
     note("label_dropout", was.label_dropout, label_dropout);
     note("time_sampling", was.time_sampling, time_sampling);
+    if (start != was.start) out += fmt::format("{}restarted at step {}", out.empty() ? "" : ", ", start);
     return out;
   }
 };
@@ -87,7 +91,8 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
                          {"optimizer_steps", opt.steps()}, {"lr", sched.lr}, {"min_lr", sched.min_lr},
                          {"warmup", sched.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
                          {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0},
-                         {"label_dropout", sched.label_dropout}, {"time_sampling", sched.time_sampling}};
+                         {"label_dropout", sched.label_dropout}, {"time_sampling", sched.time_sampling},
+                         {"schedule_start", sched.start}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
   write_file_atomically(dir + "/metrics.jsonl", run.metrics);
 }
@@ -114,6 +119,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
       resumed_sched.ema = resumed.value("ema", 0.0);  // states written before the average had none
       resumed_sched.label_dropout = resumed.value("label_dropout", 0.0);
       resumed_sched.time_sampling = resumed.value("time_sampling", std::string("uniform"));
+      resumed_sched.start = resumed.value("schedule_start", int64_t{0});
       sched = resumed_sched;
       o.weight_decay = resumed.at("weight_decay"), o.clip = resumed.at("clip"), o.seed = resumed.at("seed");
     } catch (const nlohmann::json::exception& e) {
@@ -129,6 +135,12 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   if (o.ema) sched.ema = *o.ema;
   if (o.label_dropout) sched.label_dropout = *o.label_dropout;
   if (o.time_sampling) sched.time_sampling = *o.time_sampling;
+  REMAT_CHECK(!o.restart || !resumed.is_null(), "--restart starts the schedule again at a resumed step; it needs --resume");
+  if (o.restart) {
+    sched.start = resumed.at("step").get<int64_t>();
+    REMAT_CHECK(sched.steps > sched.start, "--restart at step ", sched.start, ": expected --steps beyond it, got ",
+                sched.steps);
+  }
   TimeSampling time_sampling = parse_time_sampling(sched.time_sampling);
   REMAT_CHECK(sched.steps > 0, "expected --steps >= 1, got ", sched.steps);
   REMAT_CHECK(sched.lr > 0 && sched.min_lr >= 0 && sched.min_lr <= sched.lr,
@@ -218,7 +230,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   for (int64_t step = run.step; step < last; ++step) {
     auto start = std::chrono::steady_clock::now();
     alloc.reset_peak();
-    double lr = cosine_lr(step, sched.warmup, sched.steps, sched.lr, sched.min_lr);
+    double lr = sched.lr_at(step);
     double loss_value = 0;
     AutocastScope autocast(compute);  // casts are recorded on the tape, so replays need no scope
     if (planner && !planned) {

@@ -37,6 +37,10 @@ struct TrainOptions {
   std::optional<double> label_dropout;
   // dit, unet: how the flow time t is drawn, "uniform" (default) or "logit-normal". Unset when resuming: the run's own.
   std::optional<std::string> time_sampling;
+  // With resume: start the schedule again at the resumed step (warmup, then the cosine from lr down to
+  // min_lr at `steps`): a warm restart, to continue a run that has finished its decay at a useful rate.
+  // Without it the cosine stays the one over the run's whole length, only stretched to a new `steps`.
+  bool restart = false;
   double weight_decay = 0.1, clip = 1.0;
   int64_t save_every = 100;   // snapshot period in steps (and at the end)
 };

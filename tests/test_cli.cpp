@@ -96,6 +96,7 @@ TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
   check_one_line_error(run("train --config tiny --steps 1 --ema 1"), "expected --ema 0 (off) or a decay in (0, 1), got 1");
   check_one_line_error(run("train --config tiny --steps 1 --out /proc/remat_cannot_write"), "--out /proc/remat_cannot_write");
   check_one_line_error(run("train --config tiny --steps 1 --device tpu"), "unknown device 'tpu'");
+  check_one_line_error(run("train --config tiny --steps 1 --restart"), "--restart starts the schedule again at a resumed step");
   check_one_line_error(run("train --config tiny --steps 1 --dtype bf16"), "--dtype bf16 computes on cuda only");
   check_one_line_error(run("train --config tiny --steps 1 --dtype f16"), "--dtype: expected f32 or bf16, got 'f16'");
   check_one_line_error(run("frobnicate"), "frobnicate");

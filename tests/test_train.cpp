@@ -238,6 +238,49 @@ TEST_CASE("resume keeps the run's schedule unless told otherwise; a longer --ste
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("resume --restart starts warmup and cosine again at the resumed step, and keeps them", "[gpt][train][resume]") {
+  std::string dir = temp_dir("restart");
+  TrainOptions o;
+  o.config = "tiny";
+  o.steps = 6;
+  o.warmup = 2;
+  o.out = dir;
+  train(o);
+  TrainOptions restart;
+  restart.resume = dir;
+  restart.restart = true;
+  restart.steps = 16;
+  restart.lr = 5e-4;
+  restart.min_lr = 1e-5;
+  restart.stop_at = 10;
+  std::string told;
+  TrainResult r = train(restart, {}, [&](const std::string& note) { told = note; });
+  REQUIRE(r.steps.size() == 4);
+  // Step 7 is the first of the new schedule: warmup from 6, then the cosine over steps 6..16.
+  CHECK(r.steps[0].lr == Approx(5e-4 / 2));
+  CHECK(r.steps[1].lr == Approx(5e-4));
+  CHECK(r.steps[3].lr == Approx(cosine_lr(3, 2, 10, 5e-4, 1e-5)));
+  CHECK(told == "schedule changed from step 6: steps 6 -> 16, lr 0.001 -> 0.0005, min_lr 0.0001 -> 1e-05, "
+                "restarted at step 6");
+  // Resumed again without --restart: the restarted schedule is the run's own now.
+  TrainOptions again;
+  again.resume = dir;
+  TrainResult rest = train(again, {}, [&](const std::string& note) { told = "unexpected: " + note; });
+  REQUIRE(rest.steps.size() == 6);
+  CHECK(rest.steps.front().lr == Approx(cosine_lr(4, 2, 10, 5e-4, 1e-5)));
+  CHECK(rest.steps.back().lr == Approx(cosine_lr(9, 2, 10, 5e-4, 1e-5)));
+  CHECK(told.find("unexpected") == std::string::npos);
+  TrainOptions bad;
+  bad.resume = dir;
+  bad.restart = true;
+  CHECK_THROWS_WITH(train(bad), Contains("--restart at step 16: expected --steps beyond it, got 16"));
+  TrainOptions fresh;
+  fresh.config = "tiny";
+  fresh.restart = true;
+  CHECK_THROWS_WITH(train(fresh), Contains("--restart starts the schedule again at a resumed step; it needs --resume"));
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("safetensors written by remat parse back byte for byte; damaged files fail clearly", "[safetensors]") {
   std::string dir = temp_dir("safetensors");
   std::string path = dir + "/t.safetensors";

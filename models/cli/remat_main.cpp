@@ -68,6 +68,8 @@ int main(int argc, char** argv) {
   train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str();
   train->add_option("--out", t.out, "run directory: metrics.jsonl, model.safetensors, state.safetensors");
   train->add_option("--resume", t.resume, "continue the run in this directory");
+  train->add_flag("--restart", t.restart,
+                  "with --resume: start the schedule again at the resumed step (warmup, then the cosine to --steps)");
   train->add_option("--lr", t.lr, "peak learning rate (default 1e-3)");
   train->add_option("--min-lr", t.min_lr, "final learning rate of the cosine schedule (default 1e-4)");
   train->add_option("--warmup", t.warmup, "linear warmup steps (default 20)");
