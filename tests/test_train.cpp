@@ -23,6 +23,16 @@ std::string temp_dir(const std::string& name) {
   return dir.string();
 }
 
+// Trains gpt tiny for `steps` with a `warmup` into `dir`: a finished run to resume.
+void train_tiny_run(const std::string& dir, int64_t steps, int64_t warmup) {
+  TrainOptions o;
+  o.config = "tiny";
+  o.steps = steps;
+  o.warmup = warmup;
+  o.out = dir;
+  train(o);
+}
+
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -208,12 +218,7 @@ TEST_CASE("with --ema, model.safetensors holds the average and resume continues 
 
 TEST_CASE("resume keeps the run's schedule unless told otherwise; a longer --steps extends it", "[gpt][train][resume]") {
   std::string dir = temp_dir("extend");
-  TrainOptions o;
-  o.config = "tiny";
-  o.steps = 10;
-  o.warmup = 2;
-  o.out = dir;
-  train(o);
+  train_tiny_run(dir, 10, 2);
   TrainOptions again;
   again.resume = dir;
   CHECK(train(again).steps.empty());  // the run's own 10 steps are done
@@ -240,12 +245,7 @@ TEST_CASE("resume keeps the run's schedule unless told otherwise; a longer --ste
 
 TEST_CASE("resume --restart starts warmup and cosine again at the resumed step, and keeps them", "[gpt][train][resume]") {
   std::string dir = temp_dir("restart");
-  TrainOptions o;
-  o.config = "tiny";
-  o.steps = 6;
-  o.warmup = 2;
-  o.out = dir;
-  train(o);
+  train_tiny_run(dir, 6, 2);
   TrainOptions restart;
   restart.resume = dir;
   restart.restart = true;
