@@ -118,10 +118,10 @@ double outline_iou(const std::vector<uint8_t>& mask, int64_t s, int64_t area, in
   return static_cast<double>(overlap) / static_cast<double>(area + shape_area - overlap);
 }
 
-// The best outline of class `cls` for `mask`: a search on a half-pixel grid of centres within 3 pixels
-// of the mask's centroid and of radii from 3 pixels to 0.4 of the image (the data's are 0.18 to 0.32),
-// then on an eighth-pixel grid around the best. The data has no rotation, and every class's centre lies within a quarter radius
-// of its centroid (the triangle's is the farthest, 0.23 r).
+// The best outline of class `cls` for `mask`: a search on a half-pixel grid of centres within 3
+// pixels of the mask's centroid and of radii from 3 pixels to 0.4 of the image (the data's are 0.18
+// to 0.32), then on an eighth-pixel grid around the best. The data has no rotation, and every class's
+// centre lies within a quarter radius of its centroid (the triangle's is the farthest, 0.23 r).
 double best_iou(const std::vector<uint8_t>& mask, int64_t s, int64_t area, double mx, double my, int cls) {
   double best = -1, bx = mx, by = my, br = 3;
   auto search = [&](double cx0, double cy0, double dc, double r0, double r1, double step) {

@@ -81,7 +81,8 @@ int64_t grid_columns(int64_t n) { return static_cast<int64_t>(std::ceil(std::sqr
 
 std::vector<int64_t> sample_labels(int64_t n) {
   std::vector<int64_t> labels(n);
-  for (int64_t i = 0; i < n; ++i) labels[i] = (i % grid_columns(n)) % ShapesTask::kClasses;
+  int64_t columns = grid_columns(n);
+  for (int64_t i = 0; i < n; ++i) labels[i] = (i % columns) % ShapesTask::kClasses;
   return labels;
 }
 
