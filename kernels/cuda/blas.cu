@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemm.h"
 
 #define REMAT_CUBLAS_CHECK(expr) REMAT_STATUS_CHECK(expr, CUBLAS_STATUS_SUCCESS, cublasGetStatusString)
 
@@ -36,22 +37,20 @@ cublasHandle_t handle_for(int device) {
   return handles[device];
 }
 
-struct Gemm {
-  bool trans_a, trans_b;
-  int64_t m, n, k;
-  const void* a;
-  int64_t lda, stride_a;
-  const void* b;
-  int64_t ldb, stride_b;
-  void* c;
-  int64_t stride_c;
-  int64_t batch;
-};
-
 int checked_int(int64_t v, const char* what) {
   REMAT_CHECK(v >= 0 && v <= INT32_MAX, "cublas: ", what, " = ", v, " exceeds the 32-bit range of cuBLAS");
   return static_cast<int>(v);
 }
+
+
+template <typename T>
+__global__ void add_bias_kernel(T* y, const T* b, int64_t rows, int64_t cols) {
+  REMAT_GRID_STRIDE(i, rows * cols) y[i] = cast_to<T>(load(y, i) + load(b, i % cols));
+}
+
+}  // namespace
+
+namespace cuda {
 
 void run_gemm(const Gemm& g, DType dtype, int device) {
   cublasHandle_t h = handle_for(device);
@@ -73,12 +72,7 @@ void run_gemm(const Gemm& g, DType dtype, int device) {
       checked_int(g.n, "ldc"), g.stride_c, checked_int(g.batch, "batch"), compute, CUBLAS_GEMM_DEFAULT));
 }
 
-template <typename T>
-__global__ void add_bias_kernel(T* y, const T* b, int64_t rows, int64_t cols) {
-  REMAT_GRID_STRIDE(i, rows * cols) y[i] = cast_to<T>(load(y, i) + load(b, i % cols));
-}
-
-}  // namespace
+}  // namespace cuda
 
 Tensor CudaBackend::matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   set_device_of(a);

@@ -1,5 +1,6 @@
-// The CUDA backend: own kernels for every op, cuBLAS for GEMM, cuDNN for convolutions. Deterministic:
-// reductions run in a fixed order (no atomics), cuBLAS uses a fixed workspace, cuDNN fixed algorithms.
+// The CUDA backend: own kernels for every op, cuBLAS for GEMM, cuDNN for convolutions (im2col + GEMM
+// where cuDNN is absent or declines). Deterministic: reductions run in a fixed order (no atomics),
+// cuBLAS uses a fixed workspace, cuDNN deterministic algorithms.
 // Host-only header: the kernels live in the .cu files beside it.
 #pragma once
 

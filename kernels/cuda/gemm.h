@@ -1,0 +1,29 @@
+// One cuBLAS GEMM call of the CUDA backend, shared by matmul/linear (blas.cu) and the im2col
+// convolution (conv_gemm.cu). Host-only header. Matrices are row-major, batches strided.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/dtype.h"
+
+namespace remat::cuda {
+
+// C[i] = op(A[i]) op(B[i]) for i < batch, where A[i] starts at a + i * stride_a (a stride of 0
+// shares one matrix across the batch); lda and ldb are the row lengths of A and B as stored.
+struct Gemm {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda, stride_a;
+  const void* b;
+  int64_t ldb, stride_b;
+  void* c;
+  int64_t stride_c;
+  int64_t batch;
+};
+
+// On the device's one handle with its fixed workspace (same kernels every call: replays
+// reproduce bits). f32, f64 and bf16 (f32 accumulation).
+void run_gemm(const Gemm& g, DType dtype, int device);
+
+}  // namespace remat::cuda
