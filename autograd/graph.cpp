@@ -110,13 +110,24 @@ Tensor Graph::unpack(int64_t node, size_t slot) {
   return Tensor();
 }
 
+namespace {
+
+// What an asynchronous copy keeps alive until it has finished: the storage of both its ends.
+std::shared_ptr<const void> both_ends(const Tensor& src, const Tensor& dst) {
+  return std::make_shared<std::pair<std::shared_ptr<Storage>, std::shared_ptr<Storage>>>(src.storage(), dst.storage());
+}
+
+}  // namespace
+
 int64_t Graph::offload(int64_t value) {
   ValueInfo& v = values[value];
   if (!v.data.defined() || v.data.device().is_cpu()) return 0;
   Tensor src = v.data.is_contiguous() ? v.data : v.data.as_contiguous();
   Tensor host = Tensor::empty_pinned(v.shape, v.dtype);
-  // The device copy stays alive until the copy has read it; then only the host copy is held.
-  cuda_copy_async(host.raw_data(), src.raw_data(), src.nbytes(), src.device().index, false, src.storage());
+  // Both ends stay alive until the copy has finished (the device copy until it has been read);
+  // from then on only the host copy is held.
+  cuda_copy_async(host.raw_data(), src.raw_data(), src.nbytes(), src.device().index, false,
+                  both_ends(src, host));
   v.data = host;
   v.version = host.version();  // the host copy's own counter from now on
   cuda_poll_copies();           // frees the device copies of earlier offloads that have landed
@@ -129,8 +140,10 @@ namespace {
 std::pair<Tensor, CopyTicket> copy_back(const ValueInfo& v) {
   MemoryCategoryScope category(MemoryCategory::activation);
   Tensor dev = Tensor::empty(v.shape, v.dtype, v.device);
+  // The destination is kept too: a prefetch dropped before it is used (a released value, the end
+  // of backward) must not hand the block back to the allocator while the copy still writes to it.
   CopyTicket ticket = cuda_copy_async(dev.raw_data(), v.data.raw_data(), v.data.nbytes(), v.device.index, true,
-                                      v.data.storage());
+                                      both_ends(v.data, dev));
   return {dev, ticket};
 }
 

@@ -76,6 +76,7 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
         // OFFLOAD: the saved copy waits in host memory; its users copy it back (Graph::value_data).
         if (d == Decision::must_offload || d == Decision::prefer_offload) {
           int64_t bytes = graph.offload(n.outputs[i]);
+          offloaded_any_ = offloaded_any_ || bytes > 0;
           r.counters.bytes_offloaded += bytes;
           t_totals.bytes_offloaded += bytes;
         }
@@ -354,6 +355,9 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
 
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
   const Node& n = *graph.nodes[node];
+  // Device copies of offloaded tensors go as soon as their copy to the host has landed, not at
+  // the end of backward: the last ones offloaded in forward would otherwise stay through it.
+  if (offloaded_any_) cuda_poll_copies();
   // Offloaded tensors of the next nodes start back to the GPU now, on the copy stream, while the
   // compute stream runs the nodes in between.
   constexpr int64_t kPrefetchNodes = 4;

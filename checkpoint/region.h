@@ -85,6 +85,7 @@ class RegionManager final : public SavedTensorHooks {
   std::set<std::pair<int64_t, int64_t>> rebuilt_holds_;
   std::unordered_set<int64_t> must_saved_;      // producer nodes some region marked MUST_SAVE
   std::unordered_set<int64_t> dropped_values_;  // values already counted in bytes_dropped
+  bool offloaded_any_ = false;                  // some saved output went to host memory
   // value -> its dropped slots, (node, slot) or (-1 - region, input), to hand data over to them.
   std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> dropped_slots_;
 };

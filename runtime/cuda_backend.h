@@ -22,8 +22,8 @@ int64_t cuda_segment_count(int index);  // segments the caching allocator holds 
 // Page-locked host memory for asynchronous copies, cached by size (its own counters).
 Allocator* cuda_pinned_allocator();
 // Copies n bytes on device `index`'s copy stream, after the work queued so far on the compute
-// stream. `keep` (the source's or the destination's owner) stays alive until the copy has
-// finished. The ticket marks the copy's end: cuda_wait makes the compute stream wait for it
+// stream. `keep` (the owners of both ends) stays alive until the copy has finished, and is let go
+// by the first cuda_poll_copies after that. The ticket marks the copy's end: cuda_wait makes the compute stream wait for it
 // (before the first kernel that reads a copy to the device).
 using CopyTicket = std::shared_ptr<void>;
 CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool to_device,

@@ -105,12 +105,19 @@ struct CopyEngine {
   std::vector<std::pair<cudaEvent_t, std::shared_ptr<const void>>> in_flight;
 };
 
+constexpr int kMaxDevices = 64;
 std::mutex g_copy_mutex;
 
+std::vector<CopyEngine>& copy_engines() {
+  static auto* engines = new std::vector<CopyEngine>(kMaxDevices);
+  return *engines;
+}
+
+// The engine of device `index`, its stream created on first use; the caller has made `index` the
+// current device (a stream belongs to the device current when it is created).
 CopyEngine& copy_engine(int index) {
-  static auto* engines = new std::vector<CopyEngine>(64);
-  REMAT_CHECK(index >= 0 && index < 64, "cuda:", index, ": device index out of range");
-  CopyEngine& e = (*engines)[index];
+  REMAT_CHECK(index >= 0 && index < kMaxDevices, "cuda:", index, ": device index out of range");
+  CopyEngine& e = copy_engines()[index];
   if (!e.stream) REMAT_CUDA_CHECK(cudaStreamCreateWithFlags(&e.stream, cudaStreamNonBlocking));
   return e;
 }
@@ -151,9 +158,8 @@ void cuda_wait(const CopyTicket& ticket) {
 int cuda_poll_copies() {
   std::lock_guard lock(g_copy_mutex);
   int pending = 0;
-  int count = cuda_device_count();
-  for (int d = 0; d < count && d < 64; ++d) {
-    CopyEngine& e = copy_engine(d);
+  // Only engines that copied something: polling must not create streams (or touch devices).
+  for (CopyEngine& e : copy_engines()) {
     auto& list = e.in_flight;
     for (auto it = list.begin(); it != list.end();) {
       cudaError_t status = cudaEventQuery(it->first);
@@ -164,7 +170,7 @@ int cuda_poll_copies() {
       }
       REMAT_CUDA_CHECK(status);
       REMAT_CUDA_CHECK(cudaEventDestroy(it->first));
-      it = list.erase(it);
+      it = list.erase(it);  // what the copy kept alive (its source, its destination) goes now
     }
   }
   return pending;
