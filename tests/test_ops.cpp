@@ -336,3 +336,14 @@ TEST_CASE("group_norm, resampling, modulation and timestep embedding compute the
                     Contains("expected channels (4) divisible by groups (3)"));
   CHECK_THROWS_WITH(avg_pool(Tensor::zeros({1, 1, 3, 4}), 2), Contains("divisible by 2"));
 }
+
+TEST_CASE("group_norm of an empty batch is empty, with zero parameter gradients", "[op][image]") {
+  Tensor w = Tensor::ones({4}, DType::f64).set_requires_grad(true), b = Tensor::zeros({4}, DType::f64).set_requires_grad(true);
+  Tensor x = Tensor::zeros({0, 4, 3, 3}, DType::f64).set_requires_grad(true);
+  Tensor y = group_norm(x, w, b, 2);
+  CHECK(y.shape() == Shape{0, 4, 3, 3});
+  backward(sum(y));
+  CHECK(values(w.grad()) == std::vector<double>(4, 0.0));
+  CHECK(values(b.grad()) == std::vector<double>(4, 0.0));
+  CHECK(x.grad().shape() == Shape{0, 4, 3, 3});
+}

@@ -113,7 +113,11 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
 }
 
 std::vector<Tensor> CpuBackend::group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) {
-  int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
+  int64_t n = x.size(0), c = x.size(1);
+  // An empty batch (or empty images): nothing to normalise, statistics 0.
+  if (x.numel() == 0) return {Tensor::empty(x.shape(), x.dtype()), Tensor::zeros({n, groups}, x.dtype()),
+                              Tensor::zeros({n, groups}, x.dtype())};
+  int64_t hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
   Tensor y = Tensor::empty(x.shape(), x.dtype());
   Tensor mean = Tensor::empty({n, groups}, x.dtype()), rstd = Tensor::empty({n, groups}, x.dtype());
   cpu::dispatch_float(x.dtype(), "group_norm", [&]<typename T>() {
@@ -141,7 +145,9 @@ std::vector<Tensor> CpuBackend::group_norm(const Tensor& x, const Tensor& w, con
 
 std::vector<Tensor> CpuBackend::group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
                                                     const Tensor& mean, const Tensor& rstd, int groups) {
-  int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
+  int64_t n = x.size(0), c = x.size(1);
+  if (x.numel() == 0) return {Tensor::empty(x.shape(), x.dtype()), Tensor::zeros({c}, x.dtype()), Tensor::zeros({c}, x.dtype())};
+  int64_t hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
   Tensor dx = Tensor::empty(x.shape(), x.dtype()), dw = Tensor::empty({c}, x.dtype()), db = Tensor::empty({c}, x.dtype());
   cpu::dispatch_float(x.dtype(), "group_norm_backward", [&]<typename T>() {
     const T *px = x.data<T>(), *pw = w.data<T>(), *pdy = dy.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();

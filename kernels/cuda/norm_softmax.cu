@@ -1,6 +1,8 @@
 // CUDA row kernels: layer_norm and group_norm forward/backward, softmax, fused cross-entropy.
 // One block per row (or group) with block reductions; parameter gradients sum row chunks into
 // partials and then the partials in order, so every sum has a fixed order.
+#include <algorithm>
+
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 
@@ -11,7 +13,8 @@ namespace {
 using namespace cuda;
 
 constexpr int kRowThreads = 128;
-constexpr int64_t kRowChunk = 256;  // rows per partial sum of a parameter gradient
+constexpr int64_t kRowChunk = 256;      // rows per partial sum of a parameter gradient (at least)
+constexpr int64_t kMaxGridY = 65535;    // the grid's y extent, where those partials are laid out
 
 DType acc_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
 
@@ -90,11 +93,11 @@ __global__ void layer_norm_dx_kernel(const T* dy, const T* x, const T* w, const 
 // partial_w/b[chunk, channel]: sums over the chunk's rows, in row order.
 template <typename T>
 __global__ void layer_norm_param_partial_kernel(const T* dy, const T* x, const T* mean, const T* rstd, int64_t rows,
-                                                int64_t c, Acc<T>* partial_w, Acc<T>* partial_b) {
+                                                int64_t c, int64_t row_chunk, Acc<T>* partial_w, Acc<T>* partial_b) {
   using A = Acc<T>;
   int64_t ch = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (ch >= c) return;
-  int64_t r0 = blockIdx.y * kRowChunk, r1 = min(rows, r0 + kRowChunk);
+  int64_t r0 = blockIdx.y * row_chunk, r1 = min(rows, r0 + row_chunk);
   A sw = 0, sb = 0;
   for (int64_t r = r0; r < r1; ++r) {
     A g = load(dy, r * c + ch);
@@ -207,7 +210,7 @@ __device__ __forceinline__ int64_t target_at(const void* targets, bool is64, int
 
 template <typename T>
 __global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, bool is64, int64_t v,
-                                          int64_t ignore_index, T* lse, Acc<T>* row_loss) {
+                                          int64_t ignore_index, Acc<T>* lse, Acc<T>* row_loss) {
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   const T* row = logits + blockIdx.x * v;
@@ -219,7 +222,7 @@ __global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, 
   s = block_sum(s, scratch);
   if (threadIdx.x == 0) {
     A l = mx + log(s);
-    lse[blockIdx.x] = cast_to<T>(l);
+    lse[blockIdx.x] = l;
     int64_t t = target_at(targets, is64, blockIdx.x);
     row_loss[blockIdx.x] = t == ignore_index ? A(0) : l - load(row, t);
   }
@@ -238,12 +241,12 @@ __global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, int64_t n, int
 
 template <typename T>
 __global__ void cross_entropy_backward_kernel(const T* dloss, const T* logits, const void* targets, bool is64,
-                                              const T* lse, int64_t v, int64_t ignore_index, int64_t count, T* dl) {
+                                              const Acc<T>* lse, int64_t v, int64_t ignore_index, int64_t count, T* dl) {
   using A = Acc<T>;
   int64_t t = target_at(targets, is64, blockIdx.x);
   T* row = dl + blockIdx.x * v;
   A g = load(dloss, 0) / static_cast<A>(count ? count : 1);
-  A l = load(lse, blockIdx.x);
+  A l = lse[blockIdx.x];
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
     if (t == ignore_index) row[j] = cast_to<T>(A(0));
     else row[j] = cast_to<T>(exp(load(logits, blockIdx.x * v + j) - l) * g - (j == t ? g : A(0)));
@@ -288,7 +291,10 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor dw = Tensor::zeros(w.shape(), x.dtype(), x.device()), db = Tensor::zeros(w.shape(), x.dtype(), x.device());
   if (rows == 0) return {dx, dw, db};
-  int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+  // Fixed-size chunks of rows, larger ones only past 65535 * 256 rows: the order of each sum
+  // depends on the shape alone.
+  int64_t row_chunk = std::max(kRowChunk, (rows + kMaxGridY - 1) / kMaxGridY);
+  int64_t chunks = (rows + row_chunk - 1) / row_chunk;
   Tensor pw = workspace({chunks, c}, acc_dtype(x.dtype()), x.device()), pb = workspace({chunks, c}, acc_dtype(x.dtype()), x.device());
   dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
     using A = Acc<T>;
@@ -296,7 +302,7 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
         dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
     dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
     layer_norm_param_partial_kernel<T><<<grid, kThreads>>>(dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(),
-                                                           rows, c, pw.data<A>(), pb.data<A>());
+                                                           rows, c, row_chunk, pw.data<A>(), pb.data<A>());
     sum_chunks_kernel<T><<<blocks_for(c), kThreads>>>(pw.data<A>(), pb.data<A>(), chunks, c, dw.data<T>(), db.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
@@ -329,9 +335,13 @@ Tensor CudaBackend::softmax_backward(const Tensor& dy, const Tensor& y) {
 
 std::vector<Tensor> CudaBackend::group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) {
   set_device_of(x);
-  int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
+  int64_t n = x.size(0), c = x.size(1);
+  // An empty batch (or empty images): nothing to normalise, statistics 0, as on the cpu.
+  if (x.numel() == 0) return {Tensor::empty(x.shape(), x.dtype(), x.device()), Tensor::zeros({n, groups}, x.dtype(), x.device()),
+                              Tensor::zeros({n, groups}, x.dtype(), x.device())};
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor mean = Tensor::empty({n, groups}, x.dtype(), x.device()), rstd = Tensor::empty({n, groups}, x.dtype(), x.device());
+  int64_t hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
   dispatch(x.dtype(), "group_norm", [&]<typename T>() {
     group_norm_kernel<T><<<grid_of(n * groups, "group_norm"), kThreads>>>(x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(),
                                                                          mean.data<T>(), rstd.data<T>(), m, hw, groups,
@@ -344,8 +354,10 @@ std::vector<Tensor> CudaBackend::group_norm(const Tensor& x, const Tensor& w, co
 std::vector<Tensor> CudaBackend::group_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
                                                      const Tensor& mean, const Tensor& rstd, int groups) {
   set_device_of(x);
-  int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
+  int64_t n = x.size(0), c = x.size(1);
   Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (x.numel() == 0) return {dx, Tensor::zeros({c}, x.dtype(), x.device()), Tensor::zeros({c}, x.dtype(), x.device())};
+  int64_t hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
   Tensor dw = Tensor::empty({c}, x.dtype(), x.device()), db = Tensor::empty({c}, x.dtype(), x.device());
   dispatch(x.dtype(), "group_norm_backward", [&]<typename T>() {
     group_norm_dx_kernel<T><<<grid_of(n * groups, "group_norm_backward"), kThreads>>>(
@@ -361,14 +373,15 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
   set_device_of(logits);
   int64_t n = logits.size(0), v = logits.size(1);
   int64_t count = checked_target_count(targets, v, ignore_index);
-  Tensor lse = Tensor::empty({n}, logits.dtype(), logits.device());
+  // The log-sum-exp in the accumulation type: bf16 would round it before exp(logit - lse) in backward.
+  Tensor lse = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
   Tensor loss = Tensor::empty({}, logits.dtype(), logits.device());
   Tensor row_loss = workspace({n}, acc_dtype(logits.dtype()), logits.device());
   bool is64 = targets.dtype() == DType::i64;
   dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
     if (n > 0)
       cross_entropy_rows_kernel<T><<<grid_of(n, "cross_entropy"), kThreads>>>(
-          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<T>(), row_loss.data<Acc<T>>());
+          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>());
     cross_entropy_mean_kernel<T><<<1, kThreads>>>(row_loss.data<Acc<T>>(), n, count, loss.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
@@ -385,7 +398,7 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
   bool is64 = targets.dtype() == DType::i64;
   dispatch(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
     cross_entropy_backward_kernel<T><<<grid_of(n, "cross_entropy_backward"), kThreads>>>(
-        dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<T>(), v, ignore_index, count, dl.data<T>());
+        dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, count, dl.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dl;
