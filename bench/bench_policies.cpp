@@ -65,10 +65,11 @@ int64_t gpt_activation_floor(const GptConfig& c, const PolicySpec& spec) {
   return std::max(peak, kept + head);
 }
 
-std::vector<std::vector<char>> grad_bytes(const std::vector<Tensor>& params) {
+// The bytes of each parameter's gradient (or of the parameter itself), on the host.
+std::vector<std::vector<char>> grad_bytes(const std::vector<Tensor>& params, bool of_grad = true) {
   std::vector<std::vector<char>> out;
   for (const Tensor& p : params) {
-    Tensor g = p.grad().as_contiguous().to(Device::cpu());
+    Tensor g = (of_grad ? p.grad() : p).as_contiguous().to(Device::cpu());
     std::vector<char> bytes(g.nbytes());
     std::memcpy(bytes.data(), g.raw_data(), g.nbytes());
     out.push_back(std::move(bytes));
@@ -139,12 +140,21 @@ int run_policies(const PolicyOptions& o) {
   if (!none_listed) order.insert(order.begin(), parse_policy("none"));
   std::stable_partition(order.begin(), order.end(), [](auto& s) { return s.kind == PolicySpec::Kind::none; });
 
+  // One model for every policy: initialising GPT-2's 124M parameters on the host takes long, so
+  // it happens once, and each policy starts from the same initial weights, kept as plain bytes
+  // outside the allocators (they would count in every policy's peak).
+  manual_seed(o.seed);
+  Gpt model(config);
+  std::vector<Tensor> params = model.parameters();
+  std::vector<std::vector<char>> initial = grad_bytes(params, /*of_grad=*/false);
+  model.to(device);
   for (const PolicySpec& spec : order) {
-    manual_seed(o.seed);
-    Gpt model(config);
-    model.to(device);
+    remove_checkpointing(model);
+    for (size_t i = 0; i < params.size(); ++i) {
+      copy_bytes(params[i].raw_data(), device, initial[i].data(), Device::cpu(), initial[i].size());
+      params[i].storage()->bump_version();
+    }
     model.train();
-    std::vector<Tensor> params = model.parameters();
     PolicyResult r;
     r.policy = spec.text;
     bool budget = spec.kind == PolicySpec::Kind::budget;
