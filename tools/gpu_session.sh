@@ -1,73 +1,180 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU and no package access (the device tool's H100/H200): builds
-# remat with CUDA from the carried .kit/ (tools/device_kit.sh makes it), runs the [cuda] suite and
-# the GPU benchmarks, and leaves every log and JSON in $OUT (default runs/gpu).
-#   bash tools/gpu_session.sh build   # configure and build only
-#   bash tools/gpu_session.sh tests   # + the [cuda] suite
-#   bash tools/gpu_session.sh all     # + remat-bench ops, gpt2 under none/full/ops/block_skip:2 in f32
-#                                     #   and bf16, and the PyTorch peer on the same runs
+# The GPU procedure: one device call that runs the [cuda] suite case by case and the GPU
+# benchmarks, writing everything to $OUT (default runs/gpu) as it goes. Time-boxed: every step runs
+# under `timeout`, and steps that no longer fit in GPU_SESSION_BUDGET seconds (default 400) are
+# skipped and named.
+#   bash tools/gpu_session.sh bundle   # run the prebuilt .gpu-bundle/ (tools/gpu_bundle.sh): no build
+#   bash tools/gpu_session.sh all      # fallback: build from the carried .kit/ (tools/device_kit.sh), then run
+#   bash tools/gpu_session.sh build    # fallback: build only
+# Without a GPU (or with GPU_SESSION_DRY=1) it is a dry run: every test case exits 77 (skipped) and
+# the benchmarks run gpt tiny on the CPU, which exercises the whole path but the GPU itself.
+# $OUT gets at most 8 files (what the device tool brings back): session.txt (all output),
+# test_cuda.txt, failures.txt, ops-gpu.json, bench-gpt2-{f32,bf16}.json, torch-gpt2-{f32,bf16}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 out=${OUT:-runs/gpu}
-what=${1:-all}
-logs=$root/runs/gpu-logs  # setup and build logs stay on the machine; their tails print on failure
-mkdir -p "$out" "$logs"
-# The device tool brings back at most 8 files: session.txt, test_cuda.txt and five JSON files.
+what=${1:-bundle}
+budget=${GPU_SESSION_BUDGET:-400}
+mkdir -p "$out"
 exec > >(tee "$out/session.txt") 2>&1
-step() { echo "== $* ($(date +%T))"; }
+start=$SECONDS
+step() { echo "== $* (+$((SECONDS - start)) s)"; }
+# Seconds left for a step that may take up to $1 seconds; 0 when it does not fit.
+fits() { [ $((budget - (SECONDS - start))) -ge "$1" ]; }
 
-[ -d .kit ] || { echo "gpu_session: no .kit/ here: run tools/device_kit.sh and carry .kit"; exit 2; }
-export PKG_CONFIG=$root/.kit/bin/pkg-config PKG_CONFIG_PATH=$root/.kit/pkgconfig PKG_CONFIG_LIBDIR=$root/.kit/pkgconfig
-export LD_LIBRARY_PATH=$root/.kit/lib:${LD_LIBRARY_PATH:-}
-{ nvidia-smi; nvcc --version; g++ --version | head -1; echo "meson $(meson --version)"; } > "$logs/machine.txt" 2>&1
-head -14 "$logs/machine.txt"
+dry=${GPU_SESSION_DRY:-}
+if [ -z "$dry" ] && ! nvidia-smi -L >/dev/null 2>&1; then dry=1; fi
+if [ -n "$dry" ]; then
+  echo "gpu_session: dry run (no GPU): test cases skip, benchmarks run gpt tiny on the cpu"
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+fi
+echo "host: $(uname -m), $(nproc) cores, $(ldd --version | head -1)"
 
-# cuDNN: the toolkit's own, else the pip wheel's (nvidia-cudnn-cu13), given the unversioned
-# libcudnn.so name the linker looks for.
-cudnn_args=()
-if ! ls /usr/local/cuda/lib64/libcudnn.so /usr/local/cuda/lib/libcudnn.so /usr/lib/x86_64-linux-gnu/libcudnn.so >/dev/null 2>&1; then
-  wheel=$(python3 -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null || true)
-  if [ -n "$wheel" ] && [ -d "$wheel/lib" ]; then
-    mkdir -p /tmp/cudnn/lib
-    ln -sfn "$wheel/include" /tmp/cudnn/include
-    for f in "$wheel"/lib/libcudnn*.so*; do ln -sf "$f" /tmp/cudnn/lib/; done
-    [ -e /tmp/cudnn/lib/libcudnn.so ] || ln -sf "$(ls "$wheel"/lib/libcudnn.so.* | head -1)" /tmp/cudnn/lib/libcudnn.so
-    cudnn_args=(-Dcudnn_root=/tmp/cudnn)
-    export LD_LIBRARY_PATH=$wheel/lib:$LD_LIBRARY_PATH
-    echo "cuDNN from the pip wheel at $wheel"
-  else
-    echo "no cuDNN found: conv2d on cuda will report that it needs cuDNN"
+# CUDA libraries: the toolkit's, then the pip wheels' (nvidia-cudnn-cu13, nvidia-nccl-cu13 and the
+# ones torch brings) ahead of the RUNPATH.
+cuda_lib=""
+if command -v nvcc >/dev/null; then cuda_lib=$(cd "$(dirname "$(command -v nvcc)")/.." && pwd)/lib64; fi
+wheel_libs=$(python3 - 2>/dev/null <<'EOF'
+import os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+print(":".join(os.path.join(r, d, "lib") for r in roots for d in sorted(os.listdir(r))
+               if os.path.isdir(os.path.join(r, d, "lib"))))
+EOF
+)
+export LD_LIBRARY_PATH=${cuda_lib:+$cuda_lib:}${wheel_libs:+$wheel_libs:}${LD_LIBRARY_PATH:-}
+
+case "$what" in
+  bundle)
+    bin=$root/.gpu-bundle
+    [ -x "$bin/tests/test_cuda" ] || { echo "gpu_session: no .gpu-bundle/ here: run tools/gpu_bundle.sh and carry .gpu-bundle"; exit 2; }
+    echo "bundle: commit $(tr '\n' ' ' < "$bin/commit.txt")"
+    # Every library resolves, or the session stops here and names what is missing.
+    missing() {
+      for b in "$bin"/tests/test_cuda "$bin"/bench/remat-bench "$bin"/models/remat "$bin"/libremat.so; do
+        ldd "$b" 2>&1 | grep -E "not found" | sed "s|^|$(basename "$b"): |"
+      done
+    }
+    problems=$(missing)
+    if [ -n "$problems" ] && [ -d "$bin/compat" ]; then
+      echo "ldd: $(echo "$problems" | wc -l) problem(s); retrying with the bundled C++/OpenMP runtimes"
+      export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$bin/compat
+      problems=$(missing)
+    fi
+    if [ -n "$problems" ]; then
+      echo "$problems"
+      echo "gpu_session: libraries missing (above); LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      echo "gpu_session: fall back to building here: bash tools/gpu_session.sh all (carry .kit)"
+      exit 3
+    fi
+    echo "ldd: every library found"
+    ;;
+  build | tests | all)
+    # The fallback: build on the GPU machine from the carried .kit/ (its build-time dependencies).
+    logs=$root/runs/gpu-logs
+    mkdir -p "$logs"
+    [ -d .kit ] || { echo "gpu_session: no .kit/ here: run tools/device_kit.sh and carry .kit"; exit 2; }
+    export PKG_CONFIG=$root/.kit/bin/pkg-config PKG_CONFIG_PATH=$root/.kit/pkgconfig PKG_CONFIG_LIBDIR=$root/.kit/pkgconfig
+    export LD_LIBRARY_PATH=$root/.kit/lib:$LD_LIBRARY_PATH
+    cudnn_args=()
+    wheel=$(python3 -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+    if [ -n "$wheel" ] && [ -d "$wheel/lib" ]; then cudnn_args=(-Dcudnn_root="$wheel"); fi
+    step configure
+    if [ ! -f build-gpu/build.ninja ]; then
+      meson setup build-gpu -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dcatch2_include="$root/.kit/include/catch2" \
+        "${cudnn_args[@]}" > "$logs/setup.txt" 2>&1 || { tail -40 "$logs/setup.txt"; exit 1; }
+    fi
+    step build
+    ninja -C build-gpu tests/test_cuda bench/remat-bench models/remat > "$logs/build.txt" 2>&1 ||
+      { grep -B2 -A12 -m5 "error" "$logs/build.txt"; exit 1; }
+    tail -1 "$logs/build.txt"
+    [ "$what" = build ] && exit 0
+    bin=$root/build-gpu
+    ;;
+  *) echo "gpu_session: unknown mode '$what': expected bundle, all, tests or build"; exit 2 ;;
+esac
+
+# ---- the [cuda] suite, one process per test case: a sticky kernel fault cannot hide the rest ----
+step "test_cuda, case by case"
+passed=0 failed=0 skipped=0 failures=()
+: > "$out/test_cuda.txt"
+: > "$out/failures.txt"
+mapfile -t cases < <("$bin/tests/test_cuda" --list-test-names-only | grep -v '^$')
+for name in "${cases[@]}"; do
+  spec=$(printf '%s' "$name" | sed 's/[],[*\\]/\\&/g')  # Catch2: , [ ] * and \ are special
+  if ! fits 30; then
+    echo "SKIPPED (out of time): $name" | tee -a "$out/test_cuda.txt"
+    skipped=$((skipped + 1))
+    continue
   fi
-fi
-
-step configure
-if [ ! -f build-gpu/build.ninja ]; then
-  meson setup build-gpu -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dcatch2_include="$root/.kit/include/catch2" \
-    "${cudnn_args[@]}" > "$logs/setup.txt" 2>&1 || { tail -40 "$logs/setup.txt"; exit 1; }
-fi
-grep -A6 "^remat" "$logs/setup.txt" || true
-step build
-ninja -C build-gpu > "$logs/build.txt" 2>&1 || { grep -B2 -A12 -m5 "error" "$logs/build.txt"; exit 1; }
-tail -1 "$logs/build.txt"
-[ "$what" = build ] && exit 0
-
-step "test_cuda"
-build-gpu/tests/test_cuda --durations yes > "$out/test_cuda.txt" 2>&1
-status=$?
-grep -E "FAILED|failed|passed|REQUIRE|CHECK|with expansion|^  [a-z]" "$out/test_cuda.txt" | head -80
-tail -4 "$out/test_cuda.txt"
-[ "$what" = tests ] && exit $status
-
-step "remat-bench ops"
-build-gpu/bench/remat-bench ops --device cuda:0 --repeats 20 --json "$out/ops-gpu.json"
-for dtype in f32 bf16; do
-  step "remat-bench gpt2 none/full/ops in $dtype"
-  build-gpu/bench/remat-bench --config gpt2 --policies none,full,ops,block_skip:2 --device cuda:0 --dtype $dtype \
-    --steps 5 --warmup 2 --json "$out/bench-gpt2-$dtype.json"
-  step "the PyTorch peer in $dtype"
-  python3 bench/peer/gpt_peer.py --config gpt2 --device cuda --dtype $dtype --policies none,full,ops,block_skip:2 \
-    --steps 5 --warmup 2 --json "$out/torch-gpt2-$dtype.json" &&
-    python3 bench/peer/compare.py "$out/bench-gpt2-$dtype.json" "$out/torch-gpt2-$dtype.json"
+  t0=$SECONDS
+  { echo "---- $name"; timeout 150 "$bin/tests/test_cuda" "$spec" --durations yes; } >> "$out/test_cuda.txt" 2>&1
+  rc=$?
+  case $rc in
+    0) passed=$((passed + 1)); verdict=passed ;;
+    77) skipped=$((skipped + 1)); verdict=skipped ;;
+    124) failed=$((failed + 1)); verdict="FAILED (timeout 150 s)"; failures+=("$name") ;;
+    *) failed=$((failed + 1)); verdict="FAILED (exit $rc)"; failures+=("$name") ;;
+  esac
+  echo "$verdict in $((SECONDS - t0)) s: $name"
 done
-exit $status
+echo "test_cuda: ${passed} passed, ${failed} failed, ${skipped} skipped (one process per case)"
+
+# A failed case again, synchronously (the failing launch names itself) and under memcheck.
+sanitizer=$(command -v compute-sanitizer || echo "${cuda_lib%/lib64}/bin/compute-sanitizer")
+for name in "${failures[@]}"; do
+  spec=$(printf '%s' "$name" | sed 's/[],[*\\]/\\&/g')
+  if fits 60; then
+    step "rerun with CUDA_LAUNCH_BLOCKING=1: $name"
+    { echo "---- CUDA_LAUNCH_BLOCKING=1: $name"; CUDA_LAUNCH_BLOCKING=1 timeout 150 "$bin/tests/test_cuda" "$spec"; } \
+      >> "$out/failures.txt" 2>&1
+    grep -E "FAILED|REQUIRE|CHECK|with expansion|error|Error" "$out/failures.txt" | tail -12
+  fi
+  if [ -x "$sanitizer" ] && fits 120; then
+    step "compute-sanitizer memcheck: $name"
+    { echo "---- compute-sanitizer --tool memcheck: $name"
+      timeout 240 "$sanitizer" --tool memcheck --print-limit 20 "$bin/tests/test_cuda" "$spec"; } >> "$out/failures.txt" 2>&1
+    grep -E "ERROR SUMMARY|Invalid|out of bounds" "$out/failures.txt" | tail -8
+  fi
+done
+
+# ---- benchmarks: kernels, gpt2 under four policies in f32 and bf16, and the PyTorch peer ----------
+if [ -n "$dry" ]; then device=cpu peer_device=cpu config=tiny steps=1 warmup=0; else device=cuda:0 peer_device=cuda config=gpt2 steps=5 warmup=2; fi
+policies=none,full,ops,block_skip:2
+have_torch=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
+if fits 60; then
+  step "remat-bench ops on $device"
+  timeout 120 "$bin/bench/remat-bench" ops --device "$device" --repeats $([ -n "$dry" ] && echo 1 || echo 20) \
+    --json "$out/ops-gpu.json" | tail -40
+else
+  echo "SKIPPED (out of time): remat-bench ops"
+fi
+for dtype in bf16 f32; do
+  bench_dtype=$dtype
+  [ -n "$dry" ] && bench_dtype=f32  # bf16 compute is GPU-only
+  if fits 90; then
+    step "remat-bench $config $policies in $bench_dtype on $device"
+    timeout 240 "$bin/bench/remat-bench" --config "$config" --policies "$policies" --device "$device" \
+      --dtype "$bench_dtype" --steps "$steps" --warmup "$warmup" --json "$out/bench-gpt2-$dtype.json"
+    echo "remat-bench exit $?"
+  else
+    echo "SKIPPED (out of time): remat-bench in $dtype"
+  fi
+  if [ -z "$have_torch" ]; then
+    echo "SKIPPED: the PyTorch peer in $dtype (no torch on this machine)"
+  elif fits 90; then
+    step "the PyTorch $have_torch peer in $bench_dtype on $peer_device"
+    timeout 240 python3 bench/peer/gpt_peer.py --config "$config" --device "$peer_device" --dtype "$bench_dtype" \
+      --policies "$policies" --steps "$steps" --warmup "$warmup" --json "$out/torch-gpt2-$dtype.json" &&
+      python3 bench/peer/compare.py "$out/bench-gpt2-$dtype.json" "$out/torch-gpt2-$dtype.json"
+  else
+    echo "SKIPPED (out of time): the PyTorch peer in $dtype"
+  fi
+done
+step "done: test_cuda ${passed} passed, ${failed} failed, ${skipped} skipped"
+[ "$failed" -eq 0 ]

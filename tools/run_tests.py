@@ -3,7 +3,8 @@
 
 Counts test cases over all binaries. A binary that exits 77 (the CUDA suite without a GPU)
 counts all its test cases as skipped. Extra arguments are passed to each binary as a test
-filter (default: everything not tagged [slow]).
+filter (default: everything not tagged [slow]). With the default filter, the script tests in
+tests/scripts/ run too, each one case: exit 0 passed, 77 skipped, anything else failed.
 """
 import re
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+SCRIPTS = ["test_gpu_bundle.sh"]
 BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_cli", "test_cuda"]
 
 
@@ -56,6 +58,24 @@ def main():
         print(f"{name}: {p} passed, {f} failed ({seconds:.1f} s)", flush=True)
         passed += p
         failed += f
+    if test_filter == "~[slow]":
+        for name in SCRIPTS:
+            start = time.time()
+            proc = subprocess.run(["bash", str(Path(__file__).parent.parent / "tests" / "scripts" / name)],
+                                  capture_output=True, text=True)
+            seconds = time.time() - start
+            out = (proc.stdout + proc.stderr).strip()
+            last = out.splitlines()[-1] if out else ""
+            if proc.returncode == 77:
+                skipped += 1
+                print(f"{name}: skipped ({last})", flush=True)
+            elif proc.returncode == 0:
+                passed += 1
+                print(f"{name}: passed ({seconds:.1f} s): {last}", flush=True)
+            else:
+                failed += 1
+                sys.stdout.write(out + "\n")
+                print(f"{name}: FAILED, exit {proc.returncode} ({seconds:.1f} s)", flush=True)
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 

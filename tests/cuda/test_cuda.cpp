@@ -3,12 +3,15 @@
 // short training run. Exits 77 (skipped) on a machine without a GPU; listing works anywhere.
 #define CATCH_CONFIG_RUNNER
 #include <catch.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "../models_for_tests.h"
 #include "../op_cases.h"
+#include "autograd/graph.h"
 #include "checkpoint/planner.h"
 #include "models/dit.h"
 #include "models/gpt.h"
@@ -164,6 +167,77 @@ TEST_CASE("ops on shapes that cross tiles and blocks match the cpu", "[cuda][op]
   manual_seed(18);
   for (const OpCase& c : large_cases())
     for (DType dtype : {DType::f64, DType::f32}) check_parity(c, dtype);
+}
+
+TEST_CASE("conv2d through im2col and cuBLAS matches the cpu and repeats its bits", "[cuda][op][conv]") {
+  manual_seed(21);
+  // The path a build without cuDNN takes, and the one cuDNN's declines fall back to.
+  setenv("REMAT_CUDA_CONV", "gemm", 1);
+  std::vector<OpCase> cases = {
+      {"3x3 pad 1 [2, 8, 16, 16] -> 16", [](auto& in) { return conv2d(in[0], in[1], in[2], 1, 1); },
+       {randn64({2, 8, 16, 16}), randn64({16, 8, 3, 3}), randn64({16})}},
+      {"3x3 stride 2 pad 1 [1, 4, 9, 9] -> 6", [](auto& in) { return conv2d(in[0], in[1], in[2], 2, 1); },
+       {randn64({1, 4, 9, 9}), randn64({6, 4, 3, 3}), randn64({6})}},
+      {"1x1 no bias [3, 5, 4, 7] -> 2", [](auto& in) { return conv2d(in[0], in[1], Tensor(), 1, 0); },
+       {randn64({3, 5, 4, 7}), randn64({2, 5, 1, 1})}},
+      {"2x4 stride 3 pad 2 [2, 3, 10, 11] -> 5", [](auto& in) { return conv2d(in[0], in[1], in[2], 3, 2); },
+       {randn64({2, 3, 10, 11}), randn64({5, 3, 2, 4}), randn64({5})}},
+  };
+  for (const OpCase& c : cases)
+    for (DType dtype : {DType::f64, DType::f32}) check_parity(c, dtype);
+  Outcome first = evaluate(cases[0], kGpu, DType::f32), second = evaluate(cases[0], kGpu, DType::f32);
+  CHECK(first.out == second.out);
+  CHECK(first.grads == second.grads);
+  unsetenv("REMAT_CUDA_CONV");
+}
+
+TEST_CASE("cross_entropy called in bf16 keeps its log-sum-exp in f32", "[cuda][bf16][op]") {
+  manual_seed(22);
+  Tensor logits = Tensor::randn({64, 1000}).to(DType::bf16).to(kGpu), targets = ids(64, 1000, 37).to(kGpu);
+  std::vector<Tensor> out = backend_for(OpKind::cross_entropy, kGpu).cross_entropy(logits, targets, -100);
+  CHECK(out[1].dtype() == DType::f32);
+  // The gradient from the bf16 logits against the same logits in f32: only the final rounding differs.
+  Tensor lb = logits.clone().detach().set_requires_grad(true), lf = logits.to(DType::f32).clone().detach().set_requires_grad(true);
+  backward(cross_entropy(lb, targets));
+  backward(cross_entropy(lf, targets));
+  std::vector<double> gb = lb.grad().to_vector<double>(), gf = lf.grad().to_vector<double>();
+  CHECK(compare(gf, gb, {1e-6, 1e-2}) == "");
+}
+
+TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's y extent match the cpu", "[cuda][op]") {
+  manual_seed(23);
+  OpCase empty{"group_norm [0, 4, 3, 3]", [](auto& in) { return group_norm(in[0], in[1], in[2], 2); },
+               {randn64({0, 4, 3, 3}), randn64({4}), randn64({4})}};
+  check_parity(empty, DType::f32);
+  // 65535 * 256 rows is where one chunk of 256 rows per grid row runs out.
+  const int64_t rows = 65535 * 256 + 1000;
+  OpCase tall{"layer_norm [16778960, 2]", [](auto& in) { return layer_norm(in[0], in[1], in[2]); },
+              {randn64({rows, 2}), randn64({2}), randn64({2})}};
+  check_parity(tall, DType::f64);
+}
+
+TEST_CASE("a prefetched copy dropped before use does not write into memory allocated after it", "[cuda][offload]") {
+  manual_seed(24);
+  const Shape shape{16, 1024, 1024};  // 64 MiB: the copy back takes a few milliseconds
+  for (int round = 0; round < 5; ++round) {
+    Graph graph;
+    int64_t value;
+    {
+      Tensor saved = Tensor::full(shape, 3.0, DType::f32, kGpu);
+      value = graph.add_value(saved, -1, 0, false);
+      graph.hold(value, saved);
+    }
+    REQUIRE(graph.offload(value) > 0);  // only the host copy holds the value now
+    cuda_synchronize(0);
+    graph.prefetch(value);  // the copy back to a new device block starts on the copy stream ...
+    graph.release(value);   // ... and its destination is dropped before the copy is waited for
+    Tensor fresh = Tensor::full(shape, 7.0, DType::f32, kGpu);  // the caching allocator's next block
+    cuda_synchronize(0);
+    std::vector<float> v = fresh.to_vector<float>();
+    INFO("round " << round);
+    CHECK(std::count(v.begin(), v.end(), 7.0f) == static_cast<std::ptrdiff_t>(v.size()));
+    cuda_poll_copies();
+  }
 }
 
 TEST_CASE("dropout masks, embedding rows and their gradients are exact across devices", "[cuda][op]") {

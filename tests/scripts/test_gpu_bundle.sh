@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU procedure without a GPU: tools/gpu_bundle.sh builds the bundle, and tools/gpu_session.sh
+# runs it end to end as a dry run (every [cuda] case its own process, exit 77 = skipped; the
+# benchmarks on the cpu). Exit 0 pass, 77 skipped (no nvcc here), anything else a failure.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+command -v nvcc >/dev/null || { echo "no nvcc: the GPU bundle cannot be built here"; exit 77; }
+bash tools/gpu_bundle.sh || { echo "FAILED: tools/gpu_bundle.sh"; exit 1; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+GPU_SESSION_DRY=1 OUT=$out bash tools/gpu_session.sh bundle > /dev/null 2>&1
+rc=$?
+fail() { echo "FAILED: $*"; echo "--- session.txt:"; tail -40 "$out/session.txt"; exit 1; }
+[ $rc -eq 0 ] || fail "gpu_session.sh bundle exited $rc"
+cases=$(.gpu-bundle/tests/test_cuda --list-test-names-only | grep -c .)
+[ "$cases" -gt 0 ] || fail "test_cuda lists no test cases"
+grep -q "^test_cuda: 0 passed, 0 failed, $cases skipped (one process per case)$" "$out/session.txt" ||
+  fail "expected all $cases cases skipped, one process each"
+[ "$(grep -c '^skipped in ' "$out/session.txt")" -eq "$cases" ] || fail "expected one 'skipped in' line per case"
+grep -q "^ldd: every library found$" "$out/session.txt" || fail "the library check did not pass"
+for f in session.txt test_cuda.txt failures.txt ops-gpu.json bench-gpt2-f32.json bench-gpt2-bf16.json; do
+  [ -s "$out/$f" ] || [ "$f" = failures.txt ] || fail "$f missing or empty"
+done
+python3 - "$out" <<'PY' || fail "a JSON result does not parse or lacks its policies"
+import json, sys
+d = sys.argv[1]
+for name in ("bench-gpt2-f32.json", "bench-gpt2-bf16.json"):
+    doc = json.load(open(f"{d}/{name}"))
+    got = [p["policy"] for p in doc["policies"]]
+    assert got == ["none", "full", "ops", "block_skip:2"], got
+    assert all(p["grads_bitwise_equal"] for p in doc["policies"])
+json.load(open(f"{d}/ops-gpu.json"))
+PY
+[ "$(ls "$out" | wc -l)" -le 8 ] || fail "more than the 8 files the device tool brings back"
+echo "gpu bundle built ($(du -sh .gpu-bundle | cut -f1)) and the session ran dry: $cases cases skipped, benchmarks written"
