@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "runtime/tensor.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

@@ -1,7 +1,7 @@
 // The backward engine: walks the tape in reverse from a root and accumulates leaf gradients.
 #pragma once
 
-#include "runtime/tensor.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

@@ -9,8 +9,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "autograd/node.h"
-#include "runtime/tensor.h"
+#include "node.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 
@@ -78,10 +78,6 @@ class Graph {
   // Offloaded values already on their way back, with the end of their copy.
   std::unordered_map<int64_t, std::pair<Tensor, std::shared_ptr<void>>> prefetched;
 };
-
-// Names a tensor for policies that save or recompute by name (like JAX checkpoint_name).
-// Returns the tensor with its tag set; updates the recorded value when it is already on a tape.
-Tensor checkpoint_name(Tensor t, const std::string& name);
 
 // The graph ops record onto on this thread (created on demand, replaced after a backward frees it).
 std::shared_ptr<Graph> current_graph();

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/op_list.h"
-#include "runtime/tensor.h"
+#include "../kernels/op_list.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

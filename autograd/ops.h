@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/tensor.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 
@@ -74,6 +74,10 @@ Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale);
 Tensor timestep_embedding(const Tensor& t, int dim, double max_period = 10000.0);
 // The same values in another floating dtype; the gradient is cast back. No-op for the same dtype.
 Tensor cast(const Tensor& x, DType dtype);
+
+// Names a tensor for policies that save or recompute by name (like JAX checkpoint_name).
+// Returns the tensor with its tag set; updates the recorded value when it is already on a tape.
+Tensor checkpoint_name(Tensor t, const std::string& name);
 
 // A user-defined op (like torch.autograd.Function). forward must be a pure function of its inputs;
 // `saved` lists the inputs (0..n-1) and outputs (n..) that backward reads through ctx.saved(i).

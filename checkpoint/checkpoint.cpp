@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "autograd/grad_mode.h"
+#include "checkpoint/region.h"
 
 namespace remat {
 

@@ -10,11 +10,12 @@
 #include <utility>
 #include <vector>
 
-#include "autograd/graph.h"
-#include "checkpoint/options.h"
-#include "checkpoint/region.h"
+#include "../runtime/tensor.h"
+#include "options.h"
 
 namespace remat {
+
+class Graph;
 
 // Everything recorded while the scope lives forms one region. Under no-grad it does nothing.
 class CheckpointScope {

@@ -4,7 +4,7 @@
 #include <map>
 #include <string>
 
-#include "checkpoint/policy.h"
+#include "policy.h"
 
 namespace remat {
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "autograd/module.h"
+#include "../autograd/module.h"
 
 namespace remat {
 

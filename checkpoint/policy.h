@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/op_list.h"
-#include "runtime/tensor.h"
+#include "../kernels/op_list.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

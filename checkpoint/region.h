@@ -15,21 +15,11 @@
 #include <utility>
 #include <vector>
 
-#include "autograd/graph.h"
-#include "checkpoint/options.h"
+#include "../autograd/graph.h"
+#include "counters.h"
+#include "options.h"
 
 namespace remat {
-
-struct RegionCounters {
-  int64_t ops_forward = 0;    // nodes recorded while the region was open (nested ones included)
-  int64_t ops_replayed = 0;   // nodes re-executed by this region's replays
-  int64_t bytes_dropped = 0;  // bytes of distinct values whose slots the region dropped
-  int64_t bytes_rebuilt = 0;  // bytes of the outputs its replays produced
-  int64_t replays = 0;        // number of replays
-  int64_t replay_ns = 0;      // wall time spent replaying
-  int64_t bytes_offloaded = 0;  // bytes of saved outputs moved to host memory (GPU values only)
-  std::array<int64_t, kOpCount> replayed_by_op{};  // ops_replayed split by op kind
-};
 
 // A slot that keeps a region's input alive (values produced before the region). An outer region
 // may drop it; then it is rebuilt like any saved slot.
@@ -89,9 +79,5 @@ class RegionManager final : public SavedTensorHooks {
   // value -> its dropped slots, (node, slot) or (-1 - region, input), to hand data over to them.
   std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> dropped_slots_;
 };
-
-// Totals over every region of this thread since the last reset (for tests and the bench).
-RegionCounters checkpoint_counters();
-void reset_checkpoint_counters();
 
 }  // namespace remat

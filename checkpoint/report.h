@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "autograd/module.h"
-#include "checkpoint/options.h"
+#include "../autograd/module.h"
+#include "options.h"
 
 namespace remat {
 

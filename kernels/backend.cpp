@@ -2,7 +2,7 @@
 #include "kernels/backend.h"
 
 #include "kernels/cpu/cpu_backend.h"
-#include "runtime/cuda_backend.h"
+#include "runtime/cuda/module.h"
 
 namespace remat {
 
@@ -15,11 +15,16 @@ OpKind parse_op(const std::string& name) {
   REMAT_FAIL("unknown op '", name, "': expected one of ", known);
 }
 
+Backend* cuda_kernels() {
+  static auto* backend = static_cast<Backend*>(cuda_part_entry("kernels"));
+  return backend;
+}
+
 Backend& backend_for(Device device) {
   static CpuBackend cpu;
   if (device.is_cpu()) return cpu;
   Backend* cuda = cuda_kernels();
-  REMAT_CHECK(cuda, "no kernels for ", device.str(), ": remat was built without CUDA (meson option -Dcuda)");
+  REMAT_CHECK(cuda, "no kernels for ", device.str(), ": ", cuda_part_problem());
   return *cuda;
 }
 

@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/op_list.h"
-#include "runtime/tensor.h"
+#include "op_list.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 
@@ -146,7 +146,8 @@ class Backend {
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) SPEC; \
   double sum_squares(const Tensor& x) SPEC;
 
-// The CUDA kernels (kernels/cuda/), or null in a build without CUDA.
+// The CUDA kernels (kernels/cuda/), or null where remat has no CUDA part (not built, or its module
+// did not load).
 Backend* cuda_kernels();
 
 // The backend of a device; throws when that backend is not built.

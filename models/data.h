@@ -8,8 +8,8 @@
 #include <string>
 #include <utility>
 
-#include "runtime/random.h"
-#include "runtime/tensor.h"
+#include "../runtime/random.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

@@ -6,7 +6,7 @@
 #include <memory>
 #include <string>
 
-#include "models/nn/layers.h"
+#include "nn/layers.h"
 
 namespace remat {
 

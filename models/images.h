@@ -9,9 +9,9 @@
 #include <utility>
 #include <vector>
 
-#include "models/nn/layers.h"
-#include "runtime/random.h"
-#include "runtime/tensor.h"
+#include "nn/layers.h"
+#include "../runtime/random.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

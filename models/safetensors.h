@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/tensor.h"
+#include "../runtime/tensor.h"
 
 namespace remat {
 

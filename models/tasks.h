@@ -8,9 +8,9 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "autograd/module.h"
-#include "models/images.h"
-#include "runtime/random.h"
+#include "../autograd/module.h"
+#include "images.h"
+#include "../runtime/random.h"
 
 namespace remat {
 

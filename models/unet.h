@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "models/nn/layers.h"
+#include "nn/layers.h"
 
 namespace remat {
 

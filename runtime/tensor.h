@@ -8,11 +8,11 @@
 #include <string>
 #include <vector>
 
-#include "runtime/allocator.h"
-#include "runtime/device.h"
-#include "runtime/dtype.h"
-#include "runtime/error.h"
-#include "runtime/shape.h"
+#include "allocator.h"
+#include "device.h"
+#include "dtype.h"
+#include "error.h"
+#include "shape.h"
 
 namespace remat {
 

@@ -6,7 +6,7 @@
 #include <functional>
 #include <vector>
 
-#include "remat.h"
+#include "extension.h"  // the tests reach the tape and the backends too
 
 namespace remat::testing {
 

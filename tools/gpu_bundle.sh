@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds, here, everything a GPU session runs (test_cuda, remat-bench, remat with libremat.so and
-# the host libraries they need) into .gpu-bundle/, so that the GPU machine runs without building:
+# Builds, here, everything a GPU session runs (test_cuda, remat-bench and remat with libremat.so,
+# its CUDA part libremat_cuda.so and the host libraries they need) into .gpu-bundle/, so that the
+# GPU machine runs without building:
 #   bash tools/gpu_bundle.sh            # then a device run with carry [".gpu-bundle"]:
 #   OUT=$OUT bash tools/gpu_session.sh bundle
-# The binaries keep the build tree's layout (tests/, bench/, models/ beside libremat.so), so their
-# RUNPATH "$ORIGIN/..:<toolkit>/lib64" finds libremat.so and the bundled host libraries; the
-# session script puts the pip wheels' nvidia/*/lib folders on LD_LIBRARY_PATH for cuDNN and
-# friends. Built for sm_90 without -march=native (the GPU machine's CPU is not this one).
+# The binaries keep the build tree's layout (tests/, bench/, models/ beside libremat.so.0), so their
+# RUNPATH "$ORIGIN/.." finds libremat.so.0 and the bundled host libraries; libremat.so.0 loads
+# libremat_cuda.so from beside itself, whose RUNPATH has the toolkit's lib64, and the session
+# script puts the pip wheels' nvidia/*/lib folders on LD_LIBRARY_PATH for cuDNN and friends.
+# Built for sm_90 without -march=native (the GPU machine's CPU is not this one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${GPU_BUNDLE_BUILD:-build-gpu-bundle}
@@ -17,17 +19,18 @@ if [ ! -f "$build/build.ninja" ]; then
   meson setup "$build" -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dbuildtype=release >"$build.setup.log" 2>&1 ||
     { tail -30 "$build.setup.log"; exit 1; }
 fi
-ninja -C "$build" tests/test_cuda bench/remat-bench models/remat | tail -1
+ninja -C "$build" tests/test_cuda bench/remat-bench models/remat libremat_cuda.so | tail -1
 
 rm -rf "$bundle"
 mkdir -p "$bundle/tests" "$bundle/bench" "$bundle/models"
 cp "$build/tests/test_cuda" "$bundle/tests/"
 cp "$build/bench/remat-bench" "$bundle/bench/"
 cp "$build/models/remat" "$bundle/models/"
-cp -P "$build"/libremat.so "$bundle/"
-# Host libraries a machine without Debian's packages may lack, beside libremat.so. The C++ and
+cp -L "$build"/libremat.so.0 "$build"/libremat_cuda.so "$bundle/"
+# Host libraries a machine without Debian's packages may lack, beside libremat.so.0. The C++ and
 # OpenMP runtimes go to compat/: used only if the machine's own are missing or too old.
-for binary in "$bundle"/tests/test_cuda "$bundle"/bench/remat-bench "$bundle"/models/remat "$bundle"/libremat.so; do
+binaries=("$bundle"/tests/test_cuda "$bundle"/bench/remat-bench "$bundle"/models/remat "$bundle"/libremat.so.0 "$bundle"/libremat_cuda.so)
+for binary in "${binaries[@]}"; do
   ldd "$binary"
 done | awk '/=> \// {print $1, $3}' | sort -u | while read -r name path; do
   case "$name" in
@@ -36,7 +39,7 @@ done | awk '/=> \// {print $1, $3}' | sort -u | while read -r name path; do
   esac
 done
 # The newest glibc symbol version the binaries need (the GPU machine's glibc must be as new).
-glibc=$(objdump -T "$bundle"/tests/test_cuda "$bundle"/bench/remat-bench "$bundle"/models/remat "$bundle"/libremat.so |
+glibc=$(objdump -T "${binaries[@]}" |
   grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -1)
 git rev-parse --short HEAD > "$bundle/commit.txt" 2>/dev/null || echo unknown > "$bundle/commit.txt"
 git status --porcelain --untracked-files=no | grep -q . && echo "(with uncommitted changes)" >> "$bundle/commit.txt"

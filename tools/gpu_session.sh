@@ -56,7 +56,7 @@ case "$what" in
     echo "bundle: commit $(tr '\n' ' ' < "$bin/commit.txt")"
     # Every library resolves, or the session stops here and names what is missing.
     missing() {
-      for b in "$bin"/tests/test_cuda "$bin"/bench/remat-bench "$bin"/models/remat "$bin"/libremat.so; do
+      for b in "$bin"/tests/test_cuda "$bin"/bench/remat-bench "$bin"/models/remat "$bin"/libremat.so.0 "$bin"/libremat_cuda.so; do
         ldd "$b" 2>&1 | grep -E "not found" | sed "s|^|$(basename "$b"): |"
       done
     }
@@ -90,7 +90,7 @@ case "$what" in
         "${cudnn_args[@]}" > "$logs/setup.txt" 2>&1 || { tail -40 "$logs/setup.txt"; exit 1; }
     fi
     step build
-    ninja -C build-gpu tests/test_cuda bench/remat-bench models/remat > "$logs/build.txt" 2>&1 ||
+    ninja -C build-gpu tests/test_cuda bench/remat-bench models/remat libremat_cuda.so > "$logs/build.txt" 2>&1 ||
       { grep -B2 -A12 -m5 "error" "$logs/build.txt"; exit 1; }
     tail -1 "$logs/build.txt"
     [ "$what" = build ] && exit 0
@@ -117,7 +117,10 @@ for name in "${cases[@]}"; do
   rc=$?
   case $rc in
     0) passed=$((passed + 1)); verdict=passed ;;
-    77) skipped=$((skipped + 1)); verdict=skipped ;;
+    77) if [ -n "$dry" ]; then skipped=$((skipped + 1)); verdict=skipped
+        else  # a GPU is here, so a skip means remat could not reach it
+          failed=$((failed + 1)); verdict="FAILED (skipped on a GPU machine: $(tail -1 "$out/test_cuda.txt"))"; failures+=("$name")
+        fi ;;
     124) failed=$((failed + 1)); verdict="FAILED (timeout 150 s)"; failures+=("$name") ;;
     *) failed=$((failed + 1)); verdict="FAILED (exit $rc)"; failures+=("$name") ;;
   esac

@@ -1,10 +1,10 @@
 // Helpers shared by the op definitions: contiguity, input checks, reduction to a broadcast shape.
 #pragma once
 
-#include "autograd/autocast.h"
-#include "autograd/graph.h"
-#include "autograd/ops.h"
-#include "kernels/backend.h"
+#include "../autocast.h"
+#include "../graph.h"
+#include "../ops.h"
+#include "../../kernels/backend.h"
 
 namespace remat::detail {
 

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "runtime/half.h"  // REMAT_HD
+#include "../../runtime/half.h"  // REMAT_HD
 
 namespace remat::math {
 

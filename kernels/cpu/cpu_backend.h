@@ -2,7 +2,7 @@
 // reduction runs in a fixed order, threads only split independent outputs.
 #pragma once
 
-#include "kernels/backend.h"
+#include "../backend.h"
 
 namespace remat {
 

@@ -12,8 +12,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernels/cpu/cpu_backend.h"
-#include "kernels/common/elementwise_math.h"
+#include "cpu_backend.h"
+#include "../common/elementwise_math.h"
 
 namespace remat::cpu {
 

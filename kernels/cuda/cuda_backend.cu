@@ -1,11 +1,13 @@
 // The CUDA backend object: which ops it has (all of them; conv2d without cuDNN runs as im2col + GEMM).
 #include "kernels/cuda/cuda_backend.h"
+#include "runtime/cuda/runtime_api.h"
 
 namespace remat {
 
 bool CudaBackend::supports(OpKind) const { return true; }
 
-Backend* cuda_kernels() {
+// The CUDA part's Backend, as runtime/cuda/module.h hands it to kernels/backend.cpp.
+extern "C" void* remat_cuda_kernels_entry() {
   static CudaBackend backend;
   return &backend;
 }

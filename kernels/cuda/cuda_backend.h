@@ -4,7 +4,7 @@
 // Host-only header: the kernels live in the .cu files beside it.
 #pragma once
 
-#include "kernels/backend.h"
+#include "../backend.h"
 
 namespace remat {
 

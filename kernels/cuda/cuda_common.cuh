@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "kernels/backend.h"
-#include "runtime/cuda/cuda_check.h"
+#include "../backend.h"
+#include "../../runtime/cuda/cuda_check.h"
 
 namespace remat {
 // bf16 tensors hand out __nv_bfloat16 pointers to device code.

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "runtime/dtype.h"
+#include "../../runtime/dtype.h"
 
 namespace remat::cuda {
 

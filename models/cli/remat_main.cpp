@@ -43,7 +43,7 @@ int list_ops() {
     remat::Backend* cuda = remat::cuda_kernels();
     auto op = static_cast<remat::OpKind>(i);
     fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", info.name, arity(info.inputs), arity(info.outputs), "yes",
-               !cuda ? "no (not built)" : cuda->supports(op) ? "yes" : "no (needs cuDNN)");
+               cuda ? (cuda->supports(op) ? "yes" : "no") : remat::cuda_built() ? "no (not loaded)" : "no (not built)");
   }
   return 0;
 }

@@ -5,8 +5,8 @@
 #include <memory>
 #include <vector>
 
-#include "autograd/module.h"
-#include "autograd/ops.h"
+#include "../../autograd/module.h"
+#include "../../autograd/ops.h"
 
 namespace remat::nn {
 

@@ -10,7 +10,7 @@
 #include <set>
 #include <unordered_map>
 
-#include "runtime/allocator.h"
+#include "../allocator.h"
 
 namespace remat {
 

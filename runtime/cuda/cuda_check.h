@@ -3,7 +3,7 @@
 
 #include <cuda_runtime.h>
 
-#include "runtime/error.h"
+#include "../error.h"
 
 #define REMAT_STATUS_CHECK(expr, ok, to_string)                                                   \
   do {                                                                                           \

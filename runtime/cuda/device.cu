@@ -1,4 +1,5 @@
-// CUDA device discovery, the per-device caching allocators, copies and synchronisation.
+// The CUDA part's runtime: device discovery, the per-device caching allocators, copies and
+// synchronisation, handed to the runtime as one table (runtime/cuda/runtime_api.h).
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -7,13 +8,13 @@
 
 #include "runtime/cuda/caching_allocator.h"
 #include "runtime/cuda/cuda_check.h"
-#include "runtime/cuda_backend.h"
+#include "runtime/cuda/runtime_api.h"
 
 namespace remat {
 
-bool cuda_built() { return true; }
+namespace {
 
-int cuda_device_count() {
+int device_count() {
   int count = 0;
   // No driver or no GPU is not an error: it is zero devices.
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
@@ -23,44 +24,44 @@ int cuda_device_count() {
   return count;
 }
 
-std::string cuda_device_name(int index) {
+std::string device_name(int index) {
   cudaDeviceProp prop{};
   REMAT_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
   return prop.name;
 }
 
-Allocator* cuda_allocator(int index) {
+Allocator* allocator(int index) {
   static std::mutex mutex;
   // Never destroyed: tensors in static storage may still free into it during exit.
   static auto* allocators = new std::vector<std::unique_ptr<CachingAllocator>>();
   std::lock_guard lock(mutex);
-  int count = cuda_device_count();
+  int count = device_count();
   REMAT_CHECK(index >= 0 && index < count, "cuda:", index, " requested, but ", count, " CUDA device(s) found");
   if (allocators->empty()) allocators->resize(count);
   if (!(*allocators)[index]) (*allocators)[index] = std::make_unique<CachingAllocator>(index);
   return (*allocators)[index].get();
 }
 
-void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
   cudaMemcpyKind kind = dst_device.is_cpu() ? cudaMemcpyDeviceToHost
                         : src_device.is_cpu() ? cudaMemcpyHostToDevice
                                               : cudaMemcpyDeviceToDevice;
   REMAT_CUDA_CHECK(cudaMemcpy(dst, src, n, kind));
 }
 
-void cuda_memset_zero(void* dst, Device device, size_t n) {
+void memset_zero(void* dst, Device device, size_t n) {
   REMAT_CUDA_CHECK(cudaSetDevice(device.index));
   REMAT_CUDA_CHECK(cudaMemsetAsync(dst, 0, n));
 }
 
-void cuda_synchronize(int index) {
+void synchronize(int index) {
   REMAT_CUDA_CHECK(cudaSetDevice(index));
   REMAT_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-void cuda_empty_cache(int index) { static_cast<CachingAllocator*>(cuda_allocator(index))->empty_cache(); }
+void empty_cache(int index) { static_cast<CachingAllocator*>(allocator(index))->empty_cache(); }
 
-int64_t cuda_segment_count(int index) { return static_cast<CachingAllocator*>(cuda_allocator(index))->segment_count(); }
+int64_t segment_count(int index) { return static_cast<CachingAllocator*>(allocator(index))->segment_count(); }
 
 namespace {
 
@@ -124,12 +125,12 @@ CopyEngine& copy_engine(int index) {
 
 }  // namespace
 
-Allocator* cuda_pinned_allocator() {
+Allocator* pinned_allocator() {
   static auto* pinned = new PinnedAllocator();
   return pinned;
 }
 
-CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool to_device,
+CopyTicket copy_async(void* dst, const void* src, size_t n, int index, bool to_device,
                            std::shared_ptr<const void> keep) {
   std::lock_guard lock(g_copy_mutex);
   REMAT_CUDA_CHECK(cudaSetDevice(index));
@@ -151,11 +152,11 @@ CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool
   return CopyTicket(static_cast<void*>(arrival), [](void* ev) { cudaEventDestroy(static_cast<cudaEvent_t>(ev)); });
 }
 
-void cuda_wait(const CopyTicket& ticket) {
+void wait(const CopyTicket& ticket) {
   if (ticket) REMAT_CUDA_CHECK(cudaStreamWaitEvent(0, static_cast<cudaEvent_t>(ticket.get()), 0));
 }
 
-int cuda_poll_copies() {
+int poll_copies() {
   std::lock_guard lock(g_copy_mutex);
   int pending = 0;
   // Only engines that copied something: polling must not create streams (or touch devices).
@@ -174,6 +175,15 @@ int cuda_poll_copies() {
     }
   }
   return pending;
+}
+
+}  // namespace
+
+extern "C" void* remat_cuda_runtime_entry() {
+  static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes,       memset_zero,
+                                    synchronize,  empty_cache, segment_count, pinned_allocator, copy_async,
+                                    wait,         poll_copies};
+  return const_cast<CudaRuntimeApi*>(&table);
 }
 
 }  // namespace remat

@@ -29,8 +29,8 @@ int main(int argc, char** argv) {
   bool listing = false;
   for (int i = 1; i < argc; ++i) listing = listing || std::string(argv[i]).rfind("--list", 0) == 0;
   if (!listing && cuda_device_count() == 0) {
-    std::printf("test_cuda: %s; skipping the CUDA suite\n",
-                cuda_built() ? "no CUDA device found" : "remat was built without CUDA");
+    std::string why = cuda_unavailable_reason();
+    std::printf("test_cuda: %s; skipping the CUDA suite\n", why.empty() ? "no CUDA device found" : why.c_str());
     return 77;
   }
   return Catch::Session().run(argc, argv);

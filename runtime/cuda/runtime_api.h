@@ -1,0 +1,36 @@
+// The table of runtime functions the CUDA part hands the runtime (runtime/cuda/device.cu fills it;
+// runtime/cuda_runtime.cpp calls through it). Internal to remat.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "../allocator.h"
+
+namespace remat {
+
+using CopyTicket = std::shared_ptr<void>;
+
+struct CudaRuntimeApi {
+  int (*device_count)();
+  std::string (*device_name)(int index);
+  Allocator* (*allocator)(int index);
+  void (*copy_bytes)(void* dst, Device dst_device, const void* src, Device src_device, size_t n);
+  void (*memset_zero)(void* dst, Device device, size_t n);
+  void (*synchronize)(int index);
+  void (*empty_cache)(int index);
+  int64_t (*segment_count)(int index);
+  Allocator* (*pinned_allocator)();
+  CopyTicket (*copy_async)(void* dst, const void* src, size_t n, int index, bool to_device,
+                           std::shared_ptr<const void> keep);
+  void (*wait)(const CopyTicket& ticket);
+  int (*poll_copies)();
+};
+
+}  // namespace remat
+
+// The CUDA part's entries, as cuda_part_entry returns them: the runtime table and the Backend.
+extern "C" void* remat_cuda_runtime_entry();
+extern "C" void* remat_cuda_kernels_entry();

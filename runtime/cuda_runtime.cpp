@@ -1,0 +1,55 @@
+// The runtime's CUDA functions, answered by the CUDA part's table (runtime/cuda/module.h says where
+// that part comes from), or with zero devices and a clear error on use where there is none.
+#include "runtime/cuda/module.h"
+#include "runtime/cuda/runtime_api.h"
+#include "runtime/cuda_backend.h"
+#include "runtime/error.h"
+
+namespace remat {
+
+namespace {
+
+const CudaRuntimeApi* api() {
+  static const auto* table = static_cast<const CudaRuntimeApi*>(cuda_part_entry("runtime"));
+  return table;
+}
+
+// The table, or an error that starts with what was asked for and says why there is no CUDA.
+const CudaRuntimeApi& require(const std::string& what) {
+  REMAT_CHECK(api() != nullptr, what, ", but ", cuda_part_problem());
+  return *api();
+}
+
+std::string device_str(int index) { return "cuda:" + std::to_string(index); }
+
+}  // namespace
+
+bool cuda_built() { return cuda_part_built(); }
+int cuda_device_count() { return api() ? api()->device_count() : 0; }
+std::string cuda_unavailable_reason() { return api() ? std::string() : cuda_part_problem(); }
+std::string cuda_device_name(int index) { return api() ? api()->device_name(index) : std::string(); }
+
+Allocator* cuda_allocator(int index) { return require(device_str(index) + " requested").allocator(index); }
+
+void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
+  require("copy from " + src_device.str() + " to " + dst_device.str()).copy_bytes(dst, dst_device, src, src_device, n);
+}
+
+void cuda_memset_zero(void* dst, Device device, size_t n) { require(device.str() + " memset").memset_zero(dst, device, n); }
+void cuda_synchronize(int index) { require(device_str(index) + " synchronize").synchronize(index); }
+void cuda_empty_cache(int index) { require(device_str(index) + " empty_cache").empty_cache(index); }
+int64_t cuda_segment_count(int index) { return require(device_str(index) + " segment count").segment_count(index); }
+Allocator* cuda_pinned_allocator() { return require("pinned host memory requested").pinned_allocator(); }
+
+CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool to_device,
+                           std::shared_ptr<const void> keep) {
+  return require(device_str(index) + " copy").copy_async(dst, src, n, index, to_device, std::move(keep));
+}
+
+void cuda_wait(const CopyTicket& ticket) {
+  if (api()) api()->wait(ticket);
+}
+
+int cuda_poll_copies() { return api() ? api()->poll_copies() : 0; }
+
+}  // namespace remat
