@@ -40,7 +40,7 @@ class SavedTensorHooks {
                          const std::vector<Tensor>& outputs) = 0;
   virtual Tensor unpack_dropped(Graph& graph, int64_t node, size_t slot) = 0;
   // A recorded value got a user name (checkpoint_name); `data` is the tensor itself.
-  virtual void on_tag(Graph& graph, int64_t value, const Tensor& data) {}
+  virtual void on_tag(Graph&, int64_t /*value*/, const Tensor& /*data*/) {}
   // Called after a node's backward, before its slots are released.
   virtual void after_backward_node(Graph& graph, int64_t node, bool retain_graph) = 0;
   virtual void after_backward(Graph& graph, bool retain_graph) = 0;

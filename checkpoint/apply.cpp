@@ -1,8 +1,10 @@
 // Hook placement for every application API, and policy-string parsing.
 #include "checkpoint/apply.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 
 #include "autograd/grad_mode.h"
 #include "checkpoint/checkpoint.h"
@@ -42,17 +44,57 @@ std::string join(const std::vector<std::string>& names) {
   return s;
 }
 
-// Containers by name anywhere below `m`, not looking inside a container once found.
-void find_containers(Module& m, std::vector<Module*>& out) {
+std::mutex g_names_mutex;
+std::vector<std::string>& added_names() {
+  static std::vector<std::string> names;
+  return names;
+}
+
+void collect_containers(Module& m, const std::string& prefix, std::vector<std::pair<std::string, Module*>>& out) {
   for (auto& [name, child] : m.children()) {
-    bool is_container = false;
-    for (const auto& n : kBlockContainerNames) is_container = is_container || n == name;
-    if (is_container) out.push_back(child.get());
-    else find_containers(*child, out);
+    std::string path = prefix.empty() ? name : prefix + "." + name;
+    if (is_block_container(name, *child)) out.emplace_back(path, child.get());
+    else collect_containers(*child, path, out);
   }
 }
 
 }  // namespace
+
+void add_block_container_name(const std::string& name) {
+  REMAT_CHECK(!name.empty() && name.find('.') == std::string::npos,
+              "add_block_container_name: expected a child name without dots, got '", name, "'");
+  std::lock_guard lock(g_names_mutex);
+  auto& names = added_names();
+  if (std::find(names.begin(), names.end(), name) == names.end()) names.push_back(name);
+}
+
+std::vector<std::string> block_container_names() {
+  std::vector<std::string> out = kBlockContainerNames;
+  std::lock_guard lock(g_names_mutex);
+  for (const auto& n : added_names())
+    if (std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+  return out;
+}
+
+bool is_block_container(const std::string& child_name, const Module& child) {
+  if (child.is_block_container()) return true;
+  std::vector<std::string> names = block_container_names();
+  return std::find(names.begin(), names.end(), child_name) != names.end();
+}
+
+std::vector<std::pair<std::string, Module*>> find_named_block_containers(Module& model) {
+  std::vector<std::pair<std::string, Module*>> out;
+  collect_containers(model, "", out);
+  return out;
+}
+
+std::vector<Module*> find_block_containers(Module& model, const std::string& who) {
+  std::vector<Module*> out;
+  for (auto& [path, m] : find_named_block_containers(model)) out.push_back(m);
+  REMAT_CHECK(!out.empty(), who, ": no block container found in ", model.type_name(), "; searched for children named ",
+              join(block_container_names()), " and modules marked with set_block_container");
+  return out;
+}
 
 void checkpoint(Module& module, const CheckpointOptions& options) {
   REMAT_CHECK(!module.has_hook(kCheckpointHook), "checkpoint: ", module.type_name(),
@@ -92,10 +134,7 @@ int apply_activation_checkpointing(Module& model, const std::string& type, int n
     checkpoint(model, o);
     return 1;
   }
-  std::vector<Module*> containers;
-  find_containers(model, containers);
-  REMAT_CHECK(!containers.empty(), "apply_activation_checkpointing: no block container found in ", model.type_name(),
-              "; searched for children named ", join(kBlockContainerNames));
+  std::vector<Module*> containers = find_block_containers(model, "apply_activation_checkpointing");
   int step = type == "full" ? 1 : n_layer;
   int count = 0;
   for (Module* container : containers) {
@@ -196,10 +235,7 @@ void apply_policy(Module& model, const PolicySpec& spec) {
     case PolicySpec::Kind::level: set_checkpoint_level(model, spec.n); return;
     case PolicySpec::Kind::sqrt:
     case PolicySpec::Kind::revolve: {
-      std::vector<Module*> containers;
-      find_containers(model, containers);
-      REMAT_CHECK(!containers.empty(), "policy ", spec.text, ": no block container found in ", model.type_name(),
-                  "; searched for children named ", join(kBlockContainerNames));
+      std::vector<Module*> containers = find_block_containers(model, "policy " + spec.text);
       for (Module* c : containers) {
         int n = static_cast<int>(c->children().size());
         if (n == 0) continue;

@@ -24,10 +24,22 @@ bool is_checkpointed(const Module& module);
 int apply_activation_checkpointing(Module& model, const std::function<bool(Module&)>& check_fn,
                                    const CheckpointOptions& options = {});
 
-// FastVideo: type "full", "ops" or "block_skip". Block containers are found by name at any depth.
-// Returns the number of regions placed.
+// FastVideo: type "full", "ops" or "block_skip". Block containers are found at any depth, not
+// looking inside a container once found (see is_block_container). Returns the number of regions placed.
 int apply_activation_checkpointing(Module& model, const std::string& type, int n_layer = 1);
+
+// Block containers (what full, block_skip, sqrt, revolve and the budget planner place regions on,
+// one per child): a child named as in FastVideo's nine kBlockContainerNames or in a name a program
+// added, or any module marked with Module::set_block_container.
 extern const std::vector<std::string> kBlockContainerNames;
+void add_block_container_name(const std::string& name);  // process-wide, e.g. "h" or "layers"
+std::vector<std::string> block_container_names();        // FastVideo's nine, then the added ones
+bool is_block_container(const std::string& child_name, const Module& child);
+// Every block container below `model`, in tree order; throws naming the model and what was looked
+// for when there is none.
+std::vector<Module*> find_block_containers(Module& model, const std::string& who);
+// The same with the dotted path of each container.
+std::vector<std::pair<std::string, Module*>> find_named_block_containers(Module& model);
 
 // Level-based: every module with 1 <= checkpoint_level <= level becomes a region in training mode.
 // Level 0 removes level regions. Calling it again replaces the previous level.

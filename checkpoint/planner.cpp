@@ -24,15 +24,9 @@ struct Span {
 };
 
 // Block containers and their blocks, in tree order (the order a chain model runs them).
-void collect_blocks(Module& m, const std::string& prefix, std::vector<Span>& out) {
-  for (auto& [name, child] : m.children()) {
-    std::string path = prefix.empty() ? name : prefix + "." + name;
-    bool container = std::find(kBlockContainerNames.begin(), kBlockContainerNames.end(), name) != kBlockContainerNames.end();
-    if (container)
-      for (auto& [index, block] : child->children()) out.push_back({path + "." + index, block.get()});
-    else
-      collect_blocks(*child, path, out);
-  }
+void collect_blocks(Module& m, std::vector<Span>& out) {
+  for (auto& [path, container] : find_named_block_containers(m))
+    for (auto& [index, block] : container->children()) out.push_back({path + "." + index, block.get()});
 }
 
 }  // namespace
@@ -67,7 +61,7 @@ BudgetPlanner::BudgetPlanner(Module& model, int64_t budget_bytes, double percent
 const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
   remove_checkpointing(model_);
   std::vector<Span> spans;
-  collect_blocks(model_, "", spans);
+  collect_blocks(model_, spans);
   REMAT_CHECK(!spans.empty(), "budget planner: no block container found in ", model_.type_name(),
               "; the planner places regions on the children of containers named like blocks, double_blocks, ...");
   // Mark each block's range on the tape, and time its forward.

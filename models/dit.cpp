@@ -29,22 +29,21 @@ Tensor gated(const Tensor& x, const Tensor& gate, const Tensor& y) {
 // embedding so that attention can tell patches apart by place from the first step; with small
 // random positions the model learned colours long before it learned where patches sit.
 Tensor sincos_position_embedding(int64_t grid, int64_t channels) {
-  MemoryCategoryScope scope(MemoryCategory::parameter);
-  Tensor t = Tensor::zeros({grid * grid, channels});
-  float* p = t.data<float>();
+  std::vector<double> values(static_cast<size_t>(grid * grid * channels), 0.0);
   int64_t quarter = channels / 4;
   for (int64_t y = 0; y < grid; ++y)
     for (int64_t x = 0; x < grid; ++x) {
-      float* row = p + (y * grid + x) * channels;
+      double* row = values.data() + (y * grid + x) * channels;
       for (int64_t i = 0; i < quarter; ++i) {
         double omega = std::pow(10000.0, -static_cast<double>(i) / static_cast<double>(quarter));
-        row[i] = static_cast<float>(std::sin(y * omega));
-        row[quarter + i] = static_cast<float>(std::cos(y * omega));
-        row[2 * quarter + i] = static_cast<float>(std::sin(x * omega));
-        row[3 * quarter + i] = static_cast<float>(std::cos(x * omega));
+        row[i] = std::sin(y * omega);
+        row[quarter + i] = std::cos(y * omega);
+        row[2 * quarter + i] = std::sin(x * omega);
+        row[3 * quarter + i] = std::cos(x * omega);
       }
     }
-  return t;
+  MemoryCategoryScope scope(MemoryCategory::parameter);
+  return Tensor::from_vector(values, {grid * grid, channels}).to(nn::parameter_dtype());
 }
 
 }  // namespace
@@ -103,8 +102,10 @@ DitDoubleBlock::Stream DitDoubleBlock::make_stream(const std::string& prefix, co
 DitDoubleBlock::DitDoubleBlock(const DitConfig& cfg) : Module("DitDoubleBlock"), heads_(cfg.heads) {
   img_ = make_stream("img", cfg);
   txt_ = make_stream("txt", cfg);
-  ln_one_ = register_buffer("ln_one", nn::init_constant({cfg.channels}, 1.0));
-  ln_zero_ = register_buffer("ln_zero", nn::init_constant({cfg.channels}, 0.0));
+  ln_one_ = nn::init_constant({cfg.channels}, 1.0);
+  register_buffer("ln_one", &ln_one_, /*persistent=*/false);
+  ln_zero_ = nn::init_constant({cfg.channels}, 0.0);
+  register_buffer("ln_zero", &ln_zero_, /*persistent=*/false);
 }
 
 std::pair<Tensor, Tensor> DitDoubleBlock::operator()(const Tensor& img, const Tensor& txt, const Tensor& c) {
@@ -135,8 +136,10 @@ DitSingleBlock::DitSingleBlock(const DitConfig& cfg)
   mod_ = register_module("mod", std::make_shared<AdaModulation>(c, 3, cfg.ada_zero));
   lin1_ = register_module("lin1", std::make_shared<nn::Linear>(c, 3 * c + 4 * c));
   lin2_ = register_module("lin2", std::make_shared<nn::Linear>(c + 4 * c, c, true, out_std));
-  ln_one_ = register_buffer("ln_one", nn::init_constant({c}, 1.0));
-  ln_zero_ = register_buffer("ln_zero", nn::init_constant({c}, 0.0));
+  ln_one_ = nn::init_constant({c}, 1.0);
+  register_buffer("ln_one", &ln_one_, /*persistent=*/false);
+  ln_zero_ = nn::init_constant({c}, 0.0);
+  register_buffer("ln_zero", &ln_zero_, /*persistent=*/false);
 }
 
 Tensor DitSingleBlock::operator()(const Tensor& x, const Tensor& c) {
@@ -155,10 +158,12 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
               "dit: expected image divisible by patch and channels by heads, got image ", cfg.image, ", patch ",
               cfg.patch, ", channels ", cfg.channels, ", heads ", cfg.heads);
   int64_t c = cfg.channels, patch_values = 3 * cfg.patch * cfg.patch;
+  nn::ParameterDTypeScope dtype(cfg.dtype);
   // Xavier-normal patch embedding, so that content and position start at comparable scales.
   double patch_std = std::sqrt(2.0 / static_cast<double>(patch_values + c));
   patch_embed = register_module("patch_embed", std::make_shared<nn::Linear>(patch_values, c, true, patch_std));
-  pos = register_parameter("pos", sincos_position_embedding(cfg.image / cfg.patch, c));
+  pos = sincos_position_embedding(cfg.image / cfg.patch, c);
+  register_parameter("pos", &pos);
   time_in = register_module("time_in", std::make_shared<nn::Linear>(c, c));
   time_out = register_module("time_out", std::make_shared<nn::Linear>(c, c));
   label_embed = register_module("label_embed", std::make_shared<nn::Embedding>(cfg.classes, c));
@@ -168,8 +173,10 @@ Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
   for (int64_t i = 0; i < cfg.single_blocks; ++i) single_blocks->push_back(std::make_shared<DitSingleBlock>(cfg));
   final_mod = register_module("final_mod", std::make_shared<AdaModulation>(c, 2, cfg.ada_zero));
   final_linear = register_module("final_linear", std::make_shared<nn::Linear>(c, patch_values, true, cfg.ada_zero ? 0.0 : 0.02));
-  ln_one_ = register_buffer("ln_one", nn::init_constant({c}, 1.0));
-  ln_zero_ = register_buffer("ln_zero", nn::init_constant({c}, 0.0));
+  ln_one_ = nn::init_constant({c}, 1.0);
+  register_buffer("ln_one", &ln_one_, /*persistent=*/false);
+  ln_zero_ = nn::init_constant({c}, 0.0);
+  register_buffer("ln_zero", &ln_zero_, /*persistent=*/false);
   for (auto& [name, block] : double_blocks->children()) block->set_checkpoint_level_of_module(3);
   for (auto& [name, block] : single_blocks->children()) block->set_checkpoint_level_of_module(3);
   set_checkpoint_level_of_module(5);
@@ -180,9 +187,12 @@ Tensor Dit::forward(const Tensor& x_t, const Tensor& t, const Tensor& labels) {
   REMAT_CHECK(x_t.dim() == 4 && x_t.size(1) == 3 && x_t.size(2) == config.image && x_t.size(3) == config.image,
               "dit: expected images [B, 3, ", config.image, ", ", config.image, "], got ", shape_str(x_t.shape()));
   int64_t b = x_t.size(0), width = config.channels;
-  Tensor img = add((*patch_embed)(patchify(x_t, config.patch)), pos);
+  // Images and times arrive in f32 (the data); an f64 model computes in f64 from here on.
+  Tensor x_in = is_floating(x_t.dtype()) && x_t.dtype() != pos.dtype() ? cast(x_t, pos.dtype()) : x_t;
+  Tensor t_in = is_floating(t.dtype()) && t.dtype() != pos.dtype() ? cast(t, pos.dtype()) : t;
+  Tensor img = add((*patch_embed)(patchify(x_in, config.patch)), pos);
   Tensor label = class_embedding(*label_embed, labels, config.classes);  // [B, C]
-  Tensor c = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t, 1000.0), static_cast<int>(width))))), label);
+  Tensor c = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t_in, 1000.0), static_cast<int>(width))))), label);
   Tensor txt = reshape(label, {b, 1, width});                               // the conditioning stream
   for (size_t i = 0; i < double_blocks->size(); ++i) std::tie(img, txt) = double_blocks->at<DitDoubleBlock>(i)(img, txt, c);
   Tensor x = concat({txt, img}, 1);

@@ -17,6 +17,7 @@ struct DitConfig {
   int64_t image = 32, patch = 2, channels = 256, heads = 8, double_blocks = 2, single_blocks = 4, classes = 4;
   int64_t batch = 16;
   bool ada_zero = true;  // adaLN-Zero: modulation and output layers start at zero (blocks start as identity)
+  DType dtype = DType::f32;  // of the parameters and activations (f64 for exact gradient checks on the cpu)
 };
 
 // tiny (tests: 8x8, C 32, 2 double + 2 single) and small (32x32 RGB, patch 2, C 256, 8 heads, 2 + 4).

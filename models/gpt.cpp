@@ -45,6 +45,7 @@ Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
   REMAT_CHECK(c.vocab > 0 && c.channels > 0 && c.layers > 0 && c.seq_len > 0 && c.batch > 0,
               "gpt: expected positive sizes in config ", c.name);
   REMAT_CHECK(c.channels % c.heads == 0, "gpt: expected channels (", c.channels, ") divisible by heads (", c.heads, ")");
+  nn::ParameterDTypeScope dtype(c.dtype);
   wte = register_module("wte", std::make_shared<nn::Embedding>(c.vocab, c.channels));
   wpe = register_module("wpe", std::make_shared<nn::Embedding>(c.seq_len, c.channels));
   drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout));

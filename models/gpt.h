@@ -14,6 +14,7 @@ struct GptConfig {
   std::string name = "custom";
   int64_t vocab = 64, channels = 32, heads = 4, layers = 2, seq_len = 16, batch = 2;
   double dropout = 0.1;
+  DType dtype = DType::f32;  // of the parameters and activations (f64 for exact gradient checks on the cpu)
 };
 
 // Named configurations: tiny (tests), small (CPU demo and bench), gpt2 (124M, GPU bench).

@@ -3,18 +3,77 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <set>
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 #include "kernels/backend.h"
+#include "models/safetensors.h"
 
 namespace remat {
+
+ParamGroup::ParamGroup(const std::vector<Tensor>& unnamed) {
+  for (size_t i = 0; i < unnamed.size(); ++i) params.emplace_back(std::to_string(i), unnamed[i]);
+}
+
+Optimizer::Optimizer(std::vector<ParamGroup> groups) : groups_(std::move(groups)) {
+  std::set<std::string> names;
+  std::set<const void*> seen;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    REMAT_CHECK(groups_[g].lr_scale >= 0, "optimizer: group ", g, " has lr_scale ", groups_[g].lr_scale,
+                ", expected >= 0");
+    for (const auto& [name, p] : groups_[g].params) {
+      REMAT_CHECK(p.defined() && p.requires_grad() && p.is_leaf(), "optimizer: parameter '", name,
+                  "' is not a leaf that requires grad, so it would never be trained (got ",
+                  p.defined() ? p.meta_str() : std::string("an undefined tensor"),
+                  "; Module::set_parameter makes a tensor a parameter)");
+      REMAT_CHECK(names.insert(name).second, "optimizer: the parameter name '", name, "' appears twice");
+      REMAT_CHECK(seen.insert(p.autograd_meta_ptr().get()).second, "optimizer: parameter '", name,
+                  "' is the same tensor as another one (in two groups?)");
+      params_.push_back(p);
+      names_.push_back(name);
+      group_of_.push_back(g);
+    }
+  }
+}
 
 void Optimizer::zero_grad() {
   for (Tensor& p : params_) p.zero_grad();
 }
 
-AdamW::AdamW(std::vector<Tensor> params, AdamWOptions options) : Optimizer(std::move(params)), options_(options) {
+void Optimizer::load_state(const std::vector<std::pair<std::string, Tensor>>& state) {
+  std::map<std::string, const Tensor*> given;
+  for (const auto& [name, t] : state) given[name] = &t;
+  std::vector<std::pair<Tensor, const Tensor*>> copies;
+  for (auto& [key, t] : this->state()) {
+    auto found = given.find(key);
+    REMAT_CHECK(found != given.end(), name(), " state: '", key, "' is missing (", state.size(), " tensors given)");
+    REMAT_CHECK(found->second->shape() == t.shape(), name(), " state: '", key, "' has shape ",
+                shape_str(found->second->shape()), ", the optimizer's ", shape_str(t.shape()));
+    copies.emplace_back(t, found->second);
+  }
+  NoGradGuard no_grad;
+  for (auto& [dst, src] : copies) dst.copy_(*src);
+}
+
+void Optimizer::save(const std::string& path) {
+  save_safetensors(path, state(), {{"format", "remat optimizer"}, {"optimizer", name()}, {"steps", std::to_string(steps_)}});
+}
+
+void Optimizer::load(const std::string& path) {
+  SafetensorsFile file = load_safetensors(path);
+  auto meta = [&](const char* key) {
+    auto found = file.metadata.find(key);
+    return found == file.metadata.end() ? std::string() : found->second;
+  };
+  REMAT_CHECK(meta("format") == "remat optimizer", path, ": not a remat optimizer state (no format metadata)");
+  REMAT_CHECK(meta("optimizer") == name(), path, ": holds the state of ", meta("optimizer"), ", not of ", name());
+  load_state(file.tensors);
+  steps_ = std::stoll(meta("steps"));
+}
+
+AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options) : Optimizer(std::move(groups)), options_(options) {
   MemoryCategoryScope scope(MemoryCategory::optimizer);
   for (const Tensor& p : params_) {
     m_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
@@ -28,9 +87,9 @@ void AdamW::step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = params_[i].grad();
     if (!g.defined()) continue;
-    // GPT-2 practice: no weight decay on biases and LayerNorm parameters (the 1-D tensors).
-    double decay = params_[i].dim() >= 2 ? options_.weight_decay : 0.0;
-    Backend::AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, decay, steps_};
+    const ParamGroup& group = groups_[group_of_[i]];
+    double decay = group.weight_decay ? *group.weight_decay : params_[i].dim() >= 2 ? options_.weight_decay : 0.0;
+    Backend::AdamWStep s{lr * group.lr_scale, options_.beta1, options_.beta2, options_.eps, decay, steps_};
     backend_for(params_[i].device()).adamw_update(params_[i], g, m_[i], v_[i], s);
   }
 }
@@ -38,14 +97,14 @@ void AdamW::step(double lr) {
 std::vector<std::pair<std::string, Tensor>> AdamW::state() {
   std::vector<std::pair<std::string, Tensor>> out;
   for (size_t i = 0; i < params_.size(); ++i) {
-    out.emplace_back(std::to_string(i) + ".m", m_[i]);
-    out.emplace_back(std::to_string(i) + ".v", v_[i]);
+    out.emplace_back(names_[i] + ".m", m_[i]);
+    out.emplace_back(names_[i] + ".v", v_[i]);
   }
   return out;
 }
 
-Sgd::Sgd(std::vector<Tensor> params, double momentum, double weight_decay)
-    : Optimizer(std::move(params)), momentum_(momentum), weight_decay_(weight_decay) {
+Sgd::Sgd(std::vector<ParamGroup> groups, double momentum, double weight_decay)
+    : Optimizer(std::move(groups)), momentum_(momentum), weight_decay_(weight_decay) {
   MemoryCategoryScope scope(MemoryCategory::optimizer);
   for (const Tensor& p : params_) velocity_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
 }
@@ -57,16 +116,18 @@ void Sgd::step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = params_[i].grad();
     if (!g.defined()) continue;
-    if (weight_decay_ != 0) g = add(g, mul_scalar(params_[i], weight_decay_));
+    const ParamGroup& group = groups_[group_of_[i]];
+    double decay = group.weight_decay ? *group.weight_decay : weight_decay_;
+    if (decay != 0) g = add(g, mul_scalar(params_[i], decay));
     // v = momentum * v + g;  p = p - lr * v
     velocity_[i].copy_(add(mul_scalar(velocity_[i], momentum_), g));
-    params_[i].copy_(sub(params_[i], mul_scalar(velocity_[i], lr)));
+    params_[i].copy_(sub(params_[i], mul_scalar(velocity_[i], lr * group.lr_scale)));
   }
 }
 
 std::vector<std::pair<std::string, Tensor>> Sgd::state() {
   std::vector<std::pair<std::string, Tensor>> out;
-  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back(std::to_string(i) + ".velocity", velocity_[i]);
+  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back(names_[i] + ".velocity", velocity_[i]);
   return out;
 }
 

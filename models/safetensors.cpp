@@ -1,15 +1,21 @@
 // safetensors encoder and validating decoder.
 #include "models/safetensors.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 namespace remat {
 
 namespace {
+
+// The reference implementation's limit: a header larger than this is not a weights file.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 const char* st_dtype(DType t) {
   switch (t) {
@@ -90,24 +96,47 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
 SafetensorsFile load_safetensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   REMAT_CHECK(in.good(), "cannot open ", path, ": ", std::strerror(errno));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  std::string bytes = buffer.str();
-  REMAT_CHECK(bytes.size() >= 8, path, ": not a safetensors file (", bytes.size(), " bytes, expected at least 8)");
+  in.seekg(0, std::ios::end);
+  const uint64_t file_size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  REMAT_CHECK(file_size >= 8, path, ": not a safetensors file (", file_size, " bytes, expected at least 8)");
+  unsigned char length[8];
+  in.read(reinterpret_cast<char*>(length), 8);
   uint64_t n = 0;
-  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<unsigned char>(bytes[i])) << (8 * i);
-  REMAT_CHECK(n <= bytes.size() - 8, path, ": truncated or corrupted: header of ", n, " bytes but the file has ",
-              bytes.size() - 8, " after the length");
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(length[i]) << (8 * i);
+  REMAT_CHECK(n <= file_size - 8, path, ": truncated or corrupted: header of ", n, " bytes but the file has ",
+              file_size - 8, " after the length");
+  REMAT_CHECK(n <= kMaxHeaderBytes, path, ": header of ", n, " bytes; at most ", kMaxHeaderBytes, " are accepted");
+  std::string text(n, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(n));
+  REMAT_CHECK(in.good(), path, ": reading the header failed: ", std::strerror(errno));
+  REMAT_CHECK(n >= 2 && text[0] == '{', path, ": corrupted header: expected a JSON object starting with '{'");
+
+  // Duplicate names are an error (JSON parsers keep the last one silently).
+  std::set<std::string> seen;
+  std::string duplicate;
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(bytes.substr(8, n));
+    header = nlohmann::json::parse(text, [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+      if (depth == 1 && event == nlohmann::json::parse_event_t::key && !seen.insert(parsed.get<std::string>()).second &&
+          duplicate.empty())
+        duplicate = parsed.get<std::string>();
+      return true;
+    });
   } catch (const nlohmann::json::exception& e) {
     REMAT_FAIL(path, ": corrupted header (not valid JSON): ", e.what());
   }
+  REMAT_CHECK(duplicate.empty(), path, ": the header names '", duplicate, "' twice");
   REMAT_CHECK(header.is_object(), path, ": corrupted header: expected a JSON object");
-  size_t data_start = 8 + n, data_size = bytes.size() - data_start;
+
+  struct Entry {
+    std::string name;
+    DType dtype;
+    Shape shape;
+    uint64_t begin, end;
+  };
+  std::vector<Entry> entries;
   SafetensorsFile file;
-  std::vector<std::pair<uint64_t, std::pair<std::string, Tensor>>> ordered;
   for (auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       REMAT_CHECK(entry.is_object(), path, ": __metadata__ must be an object");
@@ -121,30 +150,51 @@ SafetensorsFile load_safetensors(const std::string& path) {
                     entry["dtype"].is_string() && entry["shape"].is_array() && entry["data_offsets"].is_array() &&
                     entry["data_offsets"].size() == 2,
                 path, ": corrupted entry for tensor '", name, "': expected dtype, shape and data_offsets [begin, end]");
-    DType dtype = parse_st_dtype(entry["dtype"].get<std::string>(), path, name);
-    Shape shape;
+    Entry e{name, parse_st_dtype(entry["dtype"].get<std::string>(), path, name), {}, 0, 0};
     for (auto& d : entry["shape"]) {
-      REMAT_CHECK(d.is_number_unsigned(), path, ": tensor '", name, "' has a non-integer dimension");
-      shape.push_back(d.get<int64_t>());
+      REMAT_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), path, ": tensor '",
+                  name, "' has a dimension that is not a size: ", d.dump());
+      e.shape.push_back(d.get<int64_t>());
     }
     REMAT_CHECK(entry["data_offsets"][0].is_number_unsigned() && entry["data_offsets"][1].is_number_unsigned(), path,
                 ": tensor '", name, "' has non-integer data_offsets");
-    uint64_t begin = entry["data_offsets"][0].get<uint64_t>(), end = entry["data_offsets"][1].get<uint64_t>();
-    uint64_t expected = static_cast<uint64_t>(numel_of(shape)) * dtype_size(dtype);
-    REMAT_CHECK(begin <= end && end - begin == expected, path, ": tensor '", name, "' spans ", end - begin,
-                " bytes but dtype and shape ", shape_str(shape), " need ", expected);
-    REMAT_CHECK(end <= data_size, path, ": truncated: tensor '", name, "' ends at byte ", end, " of the data but only ",
+    e.begin = entry["data_offsets"][0].get<uint64_t>(), e.end = entry["data_offsets"][1].get<uint64_t>();
+    std::string what = path + ": tensor '" + name + "'";
+    uint64_t expected = static_cast<uint64_t>(checked_numel(e.shape, dtype_size(e.dtype), what.c_str())) * dtype_size(e.dtype);
+    REMAT_CHECK(e.begin <= e.end && e.end - e.begin == expected, path, ": tensor '", name, "' spans data_offsets [",
+                e.begin, ", ", e.end, "] but dtype and shape ", shape_str(e.shape), " need ", expected, " bytes");
+    entries.push_back(std::move(e));
+  }
+  // The tensors tile the data exactly, in offset order: no gap, no overlap, nothing after the last.
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  const uint64_t data_start = 8 + n, data_size = file_size - data_start;
+  uint64_t at = 0;
+  for (const Entry& e : entries) {
+    REMAT_CHECK(e.begin >= at, path, ": tensor '", e.name, "' at data_offsets [", e.begin, ", ", e.end,
+                "] overlaps the tensor before it (which ends at ", at, ")");
+    REMAT_CHECK(e.begin == at, path, ": a gap of ", e.begin - at, " bytes before tensor '", e.name, "' (data_offsets [",
+                e.begin, ", ", e.end, "], the tensor before it ends at ", at, ")");
+    REMAT_CHECK(e.end <= data_size, path, ": truncated: tensor '", e.name, "' ends at byte ", e.end, " of the data but only ",
                 data_size, " bytes are present");
+    at = e.end;
+  }
+  REMAT_CHECK(at == data_size, path, ": ", data_size - at, " bytes after the last tensor (the data is ", data_size,
+              " bytes, the tensors cover ", at, ")");
+  // Each tensor is read straight into its own memory: loading needs about the file's size.
+  for (const Entry& e : entries) {
     Tensor t;
     {
       MemoryCategoryScope scope(MemoryCategory::parameter);
-      t = Tensor::empty(shape, dtype);
+      t = Tensor::empty(e.shape, e.dtype);
     }
-    if (expected) std::memcpy(t.raw_data(), bytes.data() + data_start + begin, expected);
-    ordered.push_back({begin, {name, t}});
+    if (e.end > e.begin) {
+      in.seekg(static_cast<std::streamoff>(data_start + e.begin));
+      in.read(static_cast<char*>(t.raw_data()), static_cast<std::streamsize>(e.end - e.begin));
+      REMAT_CHECK(in.good(), path, ": reading tensor '", e.name, "' failed: ", std::strerror(errno));
+    }
+    file.tensors.emplace_back(e.name, t);
   }
-  std::sort(ordered.begin(), ordered.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (auto& [offset, entry] : ordered) file.tensors.push_back(std::move(entry));
   return file;
 }
 

@@ -21,8 +21,10 @@ struct SafetensorsFile {
 
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
-// Validates everything (size, header, offsets, dtypes, shapes) and throws a clear error for a
-// truncated or corrupted file.
+// Validates everything as the reference implementation does and throws a clear error for a
+// truncated or corrupted file: header size and JSON, names given twice, dtypes, shapes whose size
+// overflows, offsets that do not match dtype and shape, gaps, overlaps, offsets past the end and
+// bytes after the last tensor. Reads each tensor straight into its memory (about the file's size).
 SafetensorsFile load_safetensors(const std::string& path);
 
 // Writes `contents` to `path` through a temporary file and a rename.

@@ -178,7 +178,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   if (policy.kind == PolicySpec::Kind::budget) planner = std::make_unique<BudgetPlanner>(model, policy.budget_bytes, policy.budget_percent);
   else apply_policy(model, policy);
   std::vector<Tensor> params = model.parameters();
-  AdamW opt(params, {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
+  AdamW opt(model.named_parameters(), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
   RunState run;
   TrainResult result;
   if (!resumed.is_null()) {
@@ -189,7 +189,15 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
                   " in the state but ", shape_str(p.shape()), " in the model");
       p.copy_(saved);
     }
-    for (auto& [name, t] : opt.state()) t.copy_(state_file.at("optim." + name));
+    // The moments by parameter name; states written before 0.2 keyed them by parameter index.
+    std::vector<std::pair<std::string, Tensor>> moments;
+    auto named = model.named_parameters();
+    for (size_t i = 0; i < named.size(); ++i)
+      for (const char* slot : {".m", ".v"}) {
+        std::string key = "optim." + named[i].first + slot, legacy = "optim." + std::to_string(i) + slot;
+        moments.emplace_back(named[i].first + slot, state_file.at(state_file.contains(key) ? key : legacy));
+      }
+    opt.load_state(moments);
     opt.set_steps(resumed.at("optimizer_steps"));
     result.schedule_note = sched.changes_from(resumed_sched);
     if (!result.schedule_note.empty() && on_note)

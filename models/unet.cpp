@@ -36,10 +36,14 @@ UnetConfig unet_config(const std::string& name) {
 
 ConvUnit::ConvUnit(int64_t cin, int64_t cout, int64_t groups_, double dropout_, double init_std)
     : UnaryModule("ConvUnit"), groups(groups_), dropout(dropout_) {
-  gn_weight = register_parameter("gn_weight", nn::init_constant({cin}, 1.0));
-  gn_bias = register_parameter("gn_bias", nn::init_constant({cin}, 0.0));
-  weight = register_parameter("weight", nn::init_normal({cout, cin, 3, 3}, init_std));
-  bias = register_parameter("bias", nn::init_constant({cout}, 0.0));
+  gn_weight = nn::init_constant({cin}, 1.0);
+  register_parameter("gn_weight", &gn_weight);
+  gn_bias = nn::init_constant({cin}, 0.0);
+  register_parameter("gn_bias", &gn_bias);
+  weight = nn::init_normal({cout, cin, 3, 3}, init_std);
+  register_parameter("weight", &weight);
+  bias = nn::init_constant({cout}, 0.0);
+  register_parameter("bias", &bias);
   set_checkpoint_level_of_module(1);
 }
 
@@ -52,7 +56,10 @@ ResBlock::ResBlock(int64_t cin, int64_t cout, int64_t temb, const UnetConfig& cf
   unit1 = register_module("unit1", std::make_shared<ConvUnit>(cin, cout, cfg.groups, 0.0, std::sqrt(1.0 / (9.0 * cin))));
   temb_proj = register_module("temb_proj", std::make_shared<nn::Linear>(temb, cout));
   unit2 = register_module("unit2", std::make_shared<ConvUnit>(cout, cout, cfg.groups, cfg.dropout, std::sqrt(0.1 / (9.0 * cout))));
-  if (cin != cout) skip_weight = register_parameter("skip_weight", nn::init_normal({cout, cin, 1, 1}, std::sqrt(1.0 / cin)));
+  if (cin != cout) {
+    skip_weight = nn::init_normal({cout, cin, 1, 1}, std::sqrt(1.0 / cin));
+    register_parameter("skip_weight", &skip_weight);
+  }
   set_checkpoint_level_of_module(2);
 }
 
@@ -66,8 +73,10 @@ Tensor ResBlock::operator()(const Tensor& x, const Tensor& temb) {
 }
 
 AttnBlock::AttnBlock(int64_t c, const UnetConfig& cfg) : UnaryModule("AttnBlock"), groups(cfg.groups), heads(cfg.heads) {
-  gn_weight = register_parameter("gn_weight", nn::init_constant({c}, 1.0));
-  gn_bias = register_parameter("gn_bias", nn::init_constant({c}, 0.0));
+  gn_weight = nn::init_constant({c}, 1.0);
+  register_parameter("gn_weight", &gn_weight);
+  gn_bias = nn::init_constant({c}, 0.0);
+  register_parameter("gn_bias", &gn_bias);
   qkv = register_module("qkv", std::make_shared<nn::Linear>(c, 3 * c));
   proj = register_module("proj", std::make_shared<nn::Linear>(c, c, true, 0.02));
   set_checkpoint_level_of_module(2);
@@ -99,8 +108,11 @@ Unet::Unet(const UnetConfig& cfg) : Module("Unet"), config(cfg) {
   REMAT_CHECK(!cfg.mults.empty() && cfg.image % (1 << (cfg.mults.size() - 1)) == 0,
               "unet: expected the image side divisible by 2^(levels-1), got ", cfg.image);
   int64_t temb = 4 * cfg.base;
-  conv_in_w = register_parameter("conv_in_w", nn::init_normal({cfg.base, 3, 3, 3}, std::sqrt(1.0 / 27.0)));
-  conv_in_b = register_parameter("conv_in_b", nn::init_constant({cfg.base}, 0.0));
+  nn::ParameterDTypeScope dtype(cfg.dtype);
+  conv_in_w = nn::init_normal({cfg.base, 3, 3, 3}, std::sqrt(1.0 / 27.0));
+  register_parameter("conv_in_w", &conv_in_w);
+  conv_in_b = nn::init_constant({cfg.base}, 0.0);
+  register_parameter("conv_in_b", &conv_in_b);
   time_in = register_module("time_in", std::make_shared<nn::Linear>(cfg.base, temb));
   time_out = register_module("time_out", std::make_shared<nn::Linear>(temb, temb));
   label_embed = register_module("label_embed", std::make_shared<nn::Embedding>(cfg.classes, temb));
@@ -134,9 +146,12 @@ Tensor Unet::forward(const Tensor& x_t, const Tensor& t, const Tensor& labels) {
   auto guard = enter();
   REMAT_CHECK(x_t.dim() == 4 && x_t.size(1) == 3 && x_t.size(2) == config.image && x_t.size(3) == config.image,
               "unet: expected images [B, 3, ", config.image, ", ", config.image, "], got ", shape_str(x_t.shape()));
-  Tensor temb = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t, 1000.0), static_cast<int>(config.base))))),
+  // Images and times arrive in f32 (the data); an f64 model computes in f64 from here on.
+  Tensor x_in = is_floating(x_t.dtype()) && x_t.dtype() != conv_in_w.dtype() ? cast(x_t, conv_in_w.dtype()) : x_t;
+  Tensor t_in = is_floating(t.dtype()) && t.dtype() != conv_in_w.dtype() ? cast(t, conv_in_w.dtype()) : t;
+  Tensor temb = add((*time_out)(silu((*time_in)(timestep_embedding(mul_scalar(t_in, 1000.0), static_cast<int>(config.base))))),
                     class_embedding(*label_embed, labels, config.classes));
-  Tensor h = conv2d(x_t, conv_in_w, conv_in_b, 1, 1);
+  Tensor h = conv2d(x_in, conv_in_w, conv_in_b, 1, 1);
   std::vector<Tensor> skips;
   {
     auto path = down->enter();

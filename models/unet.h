@@ -17,6 +17,7 @@ struct UnetConfig {
   int64_t image = 32, base = 32, groups = 8, heads = 4, classes = 4, batch = 16;
   std::vector<int64_t> mults = {1, 2, 2};
   double dropout = 0.1;
+  DType dtype = DType::f32;  // of the parameters and activations (f64 for exact gradient checks on the cpu)
 };
 
 // tiny (tests: 8x8, base 8, 2 levels) and small (32x32 RGB, base 32, 3 levels).

@@ -11,7 +11,10 @@ namespace remat {
 using Shape = std::vector<int64_t>;
 using Strides = std::vector<int64_t>;
 
-int64_t numel_of(const Shape& shape);
+int64_t numel_of(const Shape& shape);  // unchecked: for shapes of tensors that exist
+// The element count of `shape`, checked: sizes >= 0, and the count and its bytes at `element_size`
+// within int64. Throws naming `what` otherwise. Every tensor is made through it.
+int64_t checked_numel(const Shape& shape, size_t element_size, const char* what);
 Strides contiguous_strides(const Shape& shape);
 std::string shape_str(const Shape& shape);  // "[2,3,4]"
 // Wraps a possibly negative axis into [0, rank); throws naming `what` when out of range.

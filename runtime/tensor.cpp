@@ -12,12 +12,22 @@
 
 namespace remat {
 
-Storage::Storage(size_t bytes, Device device, MemoryCategory category)
-    : Storage(bytes, device, category, allocator_for(device)) {}
+Storage::Storage(size_t bytes, Device device, MemoryCategory category, DType dtype)
+    : Storage(bytes, device, category, dtype, allocator_for(device)) {}
 
-Storage::Storage(size_t bytes, Device device, MemoryCategory category, Allocator& allocator)
-    : bytes_(bytes), device_(device), allocator_(&allocator), category_(category) {
+Storage::Storage(size_t bytes, Device device, MemoryCategory category, DType dtype, Allocator& allocator)
+    : bytes_(bytes), device_(device), allocator_(&allocator), category_(category), dtype_(dtype) {
   data_ = allocator_->allocate(bytes, category);
+}
+
+void Storage::take_contents(Storage& other) {
+  std::swap(data_, other.data_);
+  std::swap(bytes_, other.bytes_);
+  std::swap(device_, other.device_);
+  std::swap(allocator_, other.allocator_);
+  std::swap(category_, other.category_);
+  std::swap(dtype_, other.dtype_);
+  bump_version();
 }
 
 Storage::~Storage() { allocator_->deallocate(data_, bytes_, category_); }
@@ -117,7 +127,7 @@ void gather_strided(char* dst, const char* src, const Shape& shape, const Stride
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
-  for (int64_t d : shape) REMAT_CHECK(d >= 0, "empty: expected non-negative sizes, got ", shape_str(shape));
+  checked_numel(shape, dtype_size(dtype), "tensor");
   Tensor t;
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);
@@ -125,12 +135,13 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   t.device_ = device;
   t.defined_ = true;
   t.storage_ = std::make_shared<Storage>(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), device,
-                                         current_memory_category());
+                                         current_memory_category(), dtype);
   return t;
 }
 
 Tensor Tensor::empty_pinned(const Shape& shape, DType dtype) {
   if (cuda_device_count() == 0) return empty(shape, dtype, Device::cpu());
+  checked_numel(shape, dtype_size(dtype), "pinned tensor");
   Tensor t;
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);
@@ -138,7 +149,7 @@ Tensor Tensor::empty_pinned(const Shape& shape, DType dtype) {
   t.device_ = Device::cpu();
   t.defined_ = true;
   t.storage_ = std::make_shared<Storage>(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), Device::cpu(),
-                                         current_memory_category(), *cuda_pinned_allocator());
+                                         current_memory_category(), dtype, *cuda_pinned_allocator());
   return t;
 }
 
@@ -195,13 +206,13 @@ bool Tensor::is_contiguous() const {
 
 std::string Tensor::meta_str() const {
   if (!defined_) return "undefined";
-  return std::string(dtype_name(dtype_)) + shape_str(shape_) + " on " + device().str();
+  return std::string(dtype_name(dtype())) + shape_str(shape_) + " on " + device().str();
 }
 
 void* Tensor::raw_data() const {
   REMAT_CHECK(defined_, "raw_data: the tensor is undefined");
   if (!storage_ || !storage_->data()) return nullptr;
-  return static_cast<char*>(storage_->data()) + offset_ * static_cast<int64_t>(dtype_size(dtype_));
+  return static_cast<char*>(storage_->data()) + offset_ * static_cast<int64_t>(dtype_size(dtype()));
 }
 
 Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) const {
@@ -211,7 +222,7 @@ Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) 
   t.shape_ = shape;
   t.strides_ = strides;
   t.offset_ = offset;
-  t.dtype_ = dtype_;
+  t.dtype_ = dtype();
   t.device_ = device();
   t.defined_ = true;
   return t;
@@ -221,15 +232,15 @@ Tensor Tensor::as_contiguous() const {
   REMAT_CHECK(defined_, "as_contiguous: the tensor is undefined");
   if (is_contiguous()) return detach();
   if (!device().is_cpu()) return backend_for(device()).copy_strided(*this);
-  Tensor out = empty(shape_, dtype_, device());
+  Tensor out = empty(shape_, dtype(), device());
   gather_strided(static_cast<char*>(out.raw_data()), static_cast<const char*>(raw_data()), shape_, strides_,
-                 dtype_size(dtype_));
+                 dtype_size(dtype()));
   return out;
 }
 
 Tensor Tensor::clone() const {
   Tensor src = as_contiguous();
-  Tensor out = empty(shape_, dtype_, device());
+  Tensor out = empty(shape_, dtype(), device());
   copy_bytes(out.raw_data(), device(), src.raw_data(), device(), nbytes());
   return out;
 }
@@ -237,16 +248,16 @@ Tensor Tensor::clone() const {
 Tensor Tensor::to(Device device) const {
   if (device == this->device()) return *this;
   Tensor src = as_contiguous();
-  Tensor out = empty(shape_, dtype_, device);
+  Tensor out = empty(shape_, dtype(), device);
   copy_bytes(out.raw_data(), device, src.raw_data(), this->device(), nbytes());
   return out;
 }
 
-Tensor Tensor::to(DType dtype) const {
-  if (dtype == dtype_) return *this;
+Tensor Tensor::to(DType target) const {
+  if (target == dtype()) return *this;
   Tensor src = as_contiguous().to(Device::cpu());
-  Tensor out = empty(shape_, dtype, Device::cpu());
-  for (int64_t i = 0; i < numel(); ++i) store_from_double(out.raw_data(), dtype, i, load_as_double(src.raw_data(), dtype_, i));
+  Tensor out = empty(shape_, target, Device::cpu());
+  for (int64_t i = 0; i < numel(); ++i) store_from_double(out.raw_data(), target, i, load_as_double(src.raw_data(), dtype(), i));
   return device().is_cpu() ? out : out.to(device());
 }
 
@@ -254,7 +265,7 @@ template <typename T>
 std::vector<T> Tensor::to_vector() const {
   Tensor host = as_contiguous().to(Device::cpu());
   std::vector<T> out(static_cast<size_t>(numel()));
-  for (int64_t i = 0; i < numel(); ++i) out[i] = static_cast<T>(load_as_double(host.raw_data(), dtype_, i));
+  for (int64_t i = 0; i < numel(); ++i) out[i] = static_cast<T>(load_as_double(host.raw_data(), dtype(), i));
   return out;
 }
 template std::vector<float> Tensor::to_vector<float>() const;
@@ -271,7 +282,7 @@ void Tensor::copy_(const Tensor& src) {
   REMAT_CHECK(src.shape() == shape_, "copy_: expected source shape ", shape_str(shape_), ", got ",
               shape_str(src.shape()));
   REMAT_CHECK(is_contiguous(), "copy_: destination must be contiguous, got a strided view");
-  Tensor s = src.dtype() == dtype_ ? src.as_contiguous() : src.to(dtype_);
+  Tensor s = src.dtype() == dtype() ? src.as_contiguous() : src.to(dtype());
   copy_bytes(raw_data(), device(), s.raw_data(), s.device(), nbytes());
   if (storage_) storage_->bump_version();
 }
@@ -279,17 +290,17 @@ void Tensor::copy_(const Tensor& src) {
 void Tensor::fill_(double value) {
   REMAT_CHECK(is_contiguous(), "fill_: expected a contiguous tensor");
   if (device().is_cpu()) {
-    for (int64_t i = 0; i < numel(); ++i) store_from_double(raw_data(), dtype_, i, value);
+    for (int64_t i = 0; i < numel(); ++i) store_from_double(raw_data(), dtype(), i, value);
   } else if (value == 0.0) {
     cuda_memset_zero(raw_data(), device(), nbytes());  // all-zero bits are 0 in every dtype
   } else {
-    copy_(full(shape_, value, dtype_, Device::cpu()));
+    copy_(full(shape_, value, dtype(), Device::cpu()));
   }
   if (storage_) storage_->bump_version();
 }
 
 Tensor& Tensor::set_requires_grad(bool value) {
-  REMAT_CHECK(!value || is_floating(dtype_), "set_requires_grad: only floating tensors can require grad, got ",
+  REMAT_CHECK(!value || is_floating(dtype()), "set_requires_grad: only floating tensors can require grad, got ",
               meta_str());
   REMAT_CHECK(is_leaf(), "set_requires_grad: only leaf tensors can change requires_grad");
   autograd_meta().requires_grad = value;

@@ -20,9 +20,9 @@ namespace remat {
 // when a tensor it saved was changed after it was saved.
 class Storage {
  public:
-  Storage(size_t bytes, Device device, MemoryCategory category);
+  Storage(size_t bytes, Device device, MemoryCategory category, DType dtype);
   // Bytes from a given allocator (pinned host memory: device cpu, allocator cuda_pinned_allocator()).
-  Storage(size_t bytes, Device device, MemoryCategory category, Allocator& allocator);
+  Storage(size_t bytes, Device device, MemoryCategory category, DType dtype, Allocator& allocator);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -31,11 +31,16 @@ class Storage {
   size_t bytes() const { return bytes_; }
   Device device() const { return device_; }
   MemoryCategory category() const { return category_; }
+  // The element type of every tensor viewing these bytes (views never reinterpret).
+  DType dtype() const { return dtype_; }
   uint64_t version() const { return version_; }
   void bump_version() { ++version_; }
   // Moves the bytes to another device in place: every tensor and view over this storage follows
   // (how Module::to moves parameters that layers hold by handle).
   void move_to(Device device);
+  // Takes over `other`'s bytes, device and dtype in place (`other` gets these and frees them):
+  // how Module::to(dtype) converts a parameter that every handle follows. Counts as a write.
+  void take_contents(Storage& other);
 
  private:
   void* data_ = nullptr;
@@ -43,6 +48,7 @@ class Storage {
   Device device_;
   Allocator* allocator_;
   MemoryCategory category_;
+  DType dtype_;
   uint64_t version_ = 0;
 };
 
@@ -84,9 +90,10 @@ class Tensor {
   int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
   int64_t size(int64_t axis) const;
   int64_t numel() const { return numel_of(shape_); }
-  DType dtype() const { return dtype_; }
+  // Read from the storage, like the device, so that Module::to(dtype) reaches every handle.
+  DType dtype() const { return storage_ ? storage_->dtype() : dtype_; }
   Device device() const { return storage_ ? storage_->device() : device_; }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype()); }
   bool is_contiguous() const;
   const std::shared_ptr<Storage>& storage() const { return storage_; }
   uint64_t version() const { return storage_ ? storage_->version() : 0; }
@@ -141,8 +148,8 @@ void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device
 
 template <typename T>
 T* Tensor::data() const {
-  REMAT_CHECK(dtype_ == dtype_of<T>::value, "data<", dtype_name(dtype_of<T>::value), ">: tensor is ",
-              dtype_name(dtype_));
+  REMAT_CHECK(dtype() == dtype_of<T>::value, "data<", dtype_name(dtype_of<T>::value), ">: tensor is ",
+              dtype_name(dtype()));
   return static_cast<T*>(raw_data());
 }
 

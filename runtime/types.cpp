@@ -25,20 +25,39 @@ Device parse_device(const std::string& text) {
   REMAT_FAIL("unknown device '", text, "': expected cpu, cuda or cuda:N");
 }
 
+// Unsigned arithmetic: a shape that overflows (rejected by checked_numel wherever tensors are made)
+// must not be undefined behaviour on the way to that error.
 int64_t numel_of(const Shape& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
+  uint64_t n = 1;
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return static_cast<int64_t>(n);
 }
 
 Strides contiguous_strides(const Shape& shape) {
   Strides strides(shape.size());
-  int64_t s = 1;
+  uint64_t s = 1;
   for (size_t i = shape.size(); i-- > 0;) {
-    strides[i] = s;
-    s *= shape[i];
+    strides[i] = static_cast<int64_t>(s);
+    s *= static_cast<uint64_t>(shape[i]);
   }
   return strides;
+}
+
+int64_t checked_numel(const Shape& shape, size_t element_size, const char* what) {
+  int64_t n = 1;
+  bool zero = false;
+  for (int64_t d : shape) {
+    REMAT_CHECK(d >= 0, what, ": expected non-negative sizes, got ", shape_str(shape));
+    zero = zero || d == 0;
+  }
+  if (zero) return 0;  // [0, 2^40, 2^40] is empty, not an overflow
+  for (int64_t d : shape)
+    REMAT_CHECK(!__builtin_mul_overflow(n, d, &n), what, ": the shape ", shape_str(shape),
+                " has more elements than a 64-bit count holds");
+  int64_t bytes = 0;
+  REMAT_CHECK(!__builtin_mul_overflow(n, static_cast<int64_t>(element_size), &bytes), what, ": the shape ",
+              shape_str(shape), " needs more bytes than a 64-bit size holds (", n, " elements of ", element_size, ")");
+  return n;
 }
 
 std::string shape_str(const Shape& shape) {

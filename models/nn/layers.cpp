@@ -5,36 +5,62 @@
 
 namespace remat::nn {
 
+namespace {
+thread_local DType t_parameter_dtype = DType::f32;
+}
+
+DType parameter_dtype() { return t_parameter_dtype; }
+
+ParameterDTypeScope::ParameterDTypeScope(DType dtype) : previous_(t_parameter_dtype) {
+  REMAT_CHECK(dtype == DType::f32 || dtype == DType::f64, "parameters are created in f32 or f64, got ",
+              dtype_name(dtype), " (convert a model with Module::to(dtype) instead)");
+  t_parameter_dtype = dtype;
+}
+
+ParameterDTypeScope::~ParameterDTypeScope() { t_parameter_dtype = previous_; }
+
 Tensor init_normal(const Shape& shape, double std) {
   MemoryCategoryScope scope(MemoryCategory::parameter);
-  Tensor t = Tensor::randn(shape);
-  float* p = t.data<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<float>(p[i] * std);
+  Tensor t = Tensor::randn(shape, t_parameter_dtype);
+  if (t.dtype() == DType::f64) {
+    double* p = t.data<double>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] *= std;
+  } else {
+    float* p = t.data<float>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<float>(p[i] * std);
+  }
   return t;
 }
 
 Tensor init_constant(const Shape& shape, double value) {
   MemoryCategoryScope scope(MemoryCategory::parameter);
-  return Tensor::full(shape, value);
+  return Tensor::full(shape, value, t_parameter_dtype);
 }
 
 Linear::Linear(int64_t in, int64_t out, bool has_bias, double init_std) : UnaryModule("Linear") {
   REMAT_CHECK(in > 0 && out > 0, "Linear: expected positive sizes, got ", in, " -> ", out);
-  weight = register_parameter("weight", init_normal({out, in}, init_std));
-  if (has_bias) bias = register_parameter("bias", init_constant({out}, 0.0));
+  weight = init_normal({out, in}, init_std);
+  register_parameter("weight", &weight);
+  if (has_bias) {
+    bias = init_constant({out}, 0.0);
+    register_parameter("bias", &bias);
+  }
 }
 
 Tensor Linear::forward(const Tensor& x) { return linear(x, weight, bias); }
 
 LayerNorm::LayerNorm(int64_t channels, double eps_) : UnaryModule("LayerNorm"), eps(eps_) {
-  weight = register_parameter("weight", init_constant({channels}, 1.0));
-  bias = register_parameter("bias", init_constant({channels}, 0.0));
+  weight = init_constant({channels}, 1.0);
+  register_parameter("weight", &weight);
+  bias = init_constant({channels}, 0.0);
+  register_parameter("bias", &bias);
 }
 
 Tensor LayerNorm::forward(const Tensor& x) { return layer_norm(x, weight, bias, eps); }
 
 Embedding::Embedding(int64_t vocab, int64_t channels, double init_std) : UnaryModule("Embedding") {
-  weight = register_parameter("weight", init_normal({vocab, channels}, init_std));
+  weight = init_normal({vocab, channels}, init_std);
+  register_parameter("weight", &weight);
 }
 
 Tensor Embedding::forward(const Tensor& idx) { return embedding(idx, weight); }

@@ -21,9 +21,22 @@ class UnaryModule : public Module {
   }
 };
 
-// Parameter initialisers, counted as parameter memory: normal(0, std), and a constant.
+// Parameter initialisers, counted as parameter memory: normal(0, std), and a constant. They create
+// parameter_dtype() tensors: f32 unless a ParameterDTypeScope says otherwise (models open one with
+// their config's dtype, so an f64 model is drawn in f64).
 Tensor init_normal(const Shape& shape, double std);
 Tensor init_constant(const Shape& shape, double value);
+DType parameter_dtype();
+class ParameterDTypeScope {
+ public:
+  explicit ParameterDTypeScope(DType dtype);
+  ~ParameterDTypeScope();
+  ParameterDTypeScope(const ParameterDTypeScope&) = delete;
+  ParameterDTypeScope& operator=(const ParameterDTypeScope&) = delete;
+
+ private:
+  DType previous_;
+};
 
 // y = x W^T + b, W [out, in].
 class Linear final : public UnaryModule {
