@@ -1,6 +1,6 @@
 # The front door: `make train` and `make test` work on a fresh Debian 12 machine (as root or with sudo).
 BUILD ?= build
-PACKAGES := gcc g++ pkg-config python3 meson ninja-build libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
+PACKAGES := gcc g++ clang cmake pkg-config python3 meson ninja-build libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOBS ?= $(shell nproc)
 

@@ -42,10 +42,13 @@ void check_one_line_error(const Run& r, const std::string& contains) {
 
 }  // namespace
 
-TEST_CASE("remat --help and remat ops work", "[cli]") {
+TEST_CASE("remat --help, --version and remat ops work", "[cli]") {
   Run help = run("--help");
   CHECK(help.status == 0);
   CHECK(help.out.find("train") != std::string::npos);
+  Run version = run("--version");
+  CHECK(version.status == 0);
+  CHECK(version.out.rfind("remat 0.2.0 (", 0) == 0);
   Run ops = run("ops");
   CHECK(ops.status == 0);
   CHECK(ops.out.find("attention") != std::string::npos);

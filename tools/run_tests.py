@@ -4,7 +4,8 @@
 Counts test cases over all binaries. A binary that exits 77 (the CUDA suite without a GPU)
 counts all its test cases as skipped. Extra arguments are passed to each binary as a test
 filter (default: everything not tagged [slow]). With the default filter, the script tests in
-tests/scripts/ run too, each one case: exit 0 passed, 77 skipped, anything else failed.
+tests/scripts/ run too, each one case given the build folder: exit 0 passed, 77 skipped, anything
+else failed.
 """
 import re
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = ["test_gpu_bundle.sh"]
+SCRIPTS = ["test_install.sh", "test_gpu_bundle.sh"]
 BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_library", "test_cli", "test_cuda"]
 
 
@@ -61,7 +62,7 @@ def main():
     if test_filter == "~[slow]":
         for name in SCRIPTS:
             start = time.time()
-            proc = subprocess.run(["bash", str(Path(__file__).parent.parent / "tests" / "scripts" / name)],
+            proc = subprocess.run(["bash", str(Path(__file__).parent.parent / "tests" / "scripts" / name), str(build)],
                                   capture_output=True, text=True)
             seconds = time.time() - start
             out = (proc.stdout + proc.stderr).strip()

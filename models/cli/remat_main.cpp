@@ -11,6 +11,7 @@
 #include "models/train.h"
 #include "runtime/cuda_backend.h"
 #include "runtime/error.h"
+#include "remat_version.h"
 
 namespace {
 
@@ -52,6 +53,8 @@ int list_ops() {
 
 int main(int argc, char** argv) {
   CLI::App app{"remat: train reference models with activation checkpointing built into the tape"};
+  app.set_version_flag("--version", std::string("remat ") + remat::version() +
+                                        (remat::cuda_built() ? " (with the CUDA backend)" : " (cpu only)"));
   app.require_subcommand(1);
   remat::TrainOptions t;
   int64_t vocab = 0, channels = 0, heads = 0, layers = 0, seq_len = 0, batch = 0;
@@ -125,6 +128,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::fprintf(stderr, "remat: %s (see remat --help)\n", e.what());
