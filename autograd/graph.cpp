@@ -1,6 +1,9 @@
 // Recording onto the tape, value bookkeeping and saved-slot unpacking.
 #include "autograd/graph.h"
 
+#include <algorithm>
+#include <atomic>
+
 #include "runtime/cuda_backend.h"
 
 #include "autograd/grad_mode.h"
@@ -25,16 +28,73 @@ std::string ValueInfo::meta_str() const {
 Tensor BackwardContext::saved(size_t slot) const { return graph_.unpack(node_, slot); }
 
 namespace {
-thread_local std::weak_ptr<Graph> t_graph;
+
+std::atomic<uint64_t> g_node_seq{1};
+
+// The recording scopes open on this thread, innermost last, and the graph they record onto once
+// the first op inside them has chosen it (how many of them have heard of it: `begun`).
+struct ScopeStack {
+  std::vector<RecordingScope*> scopes;
+  size_t begun = 0;
+  std::shared_ptr<Graph> graph;
+};
+thread_local ScopeStack t_scopes;
+
+}  // namespace
+
+Graph::Graph() : owner(std::this_thread::get_id()) {}
+
+Graph::~Graph() = default;
+
+uint64_t next_node_seq() { return g_node_seq.load(); }
+
+Graph* graph_of(const Tensor& t) {
+  const auto& meta = t.autograd_meta_ptr();
+  return meta ? meta->graph.get() : nullptr;
 }
 
-std::shared_ptr<Graph> current_graph() {
-  std::shared_ptr<Graph> g = t_graph.lock();
-  if (!g || g->freed) {
-    g = std::make_shared<Graph>();
-    t_graph = g;
+GraphMemory graph_memory(const Tensor& t) {
+  Graph* g = graph_of(t);
+  return g ? g->memory() : GraphMemory{};
+}
+
+std::pair<Graph*, int64_t> resolve_value(Graph* graph, int64_t value) {
+  while (graph->values[value].source) {
+    const ValueInfo& v = graph->values[value];
+    graph = v.source.get(), value = v.source_value;
   }
-  return g;
+  return {graph, value};
+}
+
+std::vector<TapeNode> tape_of(const Tensor& t) {
+  std::vector<TapeNode> tape;
+  Graph* root = graph_of(t);
+  if (!root) return tape;
+  std::vector<Graph*> graphs{root};
+  for (size_t i = 0; i < graphs.size(); ++i)
+    for (const auto& [source, values] : graphs[i]->imports)
+      if (!values.empty() && std::find(graphs.begin(), graphs.end(), source) == graphs.end())
+        graphs.push_back(const_cast<Graph*>(source));
+  for (Graph* g : graphs)
+    for (int64_t n = 0; n < static_cast<int64_t>(g->nodes.size()); ++n) tape.push_back({g, n});
+  std::sort(tape.begin(), tape.end(), [](const TapeNode& a, const TapeNode& b) {
+    return a.graph->nodes[a.index]->seq < b.graph->nodes[b.index]->seq;
+  });
+  return tape;
+}
+
+void push_recording_scope(RecordingScope* scope) { t_scopes.scopes.push_back(scope); }
+
+RecordingScope* innermost_recording_scope() { return t_scopes.scopes.empty() ? nullptr : t_scopes.scopes.back(); }
+
+void pop_recording_scope(RecordingScope* scope, const std::string& name) {
+  ScopeStack& s = t_scopes;
+  REMAT_CHECK(!s.scopes.empty() && s.scopes.back() == scope, "checkpoint region '", name,
+              "' closed while a region opened after it is still open: regions must close in the reverse order they ",
+              "opened (", s.scopes.size(), " open on this thread)");
+  s.scopes.pop_back();
+  s.begun = std::min(s.begun, s.scopes.size());
+  if (s.scopes.empty()) s.graph.reset();
 }
 
 int64_t Graph::add_value(const Tensor& t, int64_t producer, int output_index, bool requires_grad) {
@@ -55,9 +115,14 @@ int64_t Graph::value_of(const Tensor& t) {
   const auto& meta = t.autograd_meta_ptr();
   if (meta && meta->graph.get() == this) return meta->value_id;
   if (meta && meta->graph) {
-    // A non-leaf of another graph: that graph was freed by a backward (or lives on another thread).
+    // An output of another graph: imported once; backward hands its gradient over there.
+    auto& from = imports[meta->graph.get()];
+    auto found = from.find(meta->value_id);
+    if (found != from.end()) return found->second;
     int64_t id = add_value(t, -1, 0, t.requires_grad());
-    values[id].stale = true;
+    values[id].source = meta->graph;
+    values[id].source_value = meta->value_id;
+    from[meta->value_id] = id;
     return id;
   }
   if (t.requires_grad()) {
@@ -74,13 +139,18 @@ int64_t Graph::value_of(const Tensor& t) {
 
 void Graph::hold(int64_t value, const Tensor& data) {
   ValueInfo& v = values[value];
-  if (v.holds++ == 0) v.data = data.detach();
+  if (v.holds++ == 0) {
+    v.data = data.detach();
+    held_bytes_ += static_cast<int64_t>(v.data.nbytes());
+    peak_held_bytes_ = std::max(peak_held_bytes_, held_bytes_);
+  }
 }
 
 void Graph::release(int64_t value) {
   ValueInfo& v = values[value];
   REMAT_ASSERT(v.holds > 0, "release of value ", value, " that nothing holds");
   if (--v.holds == 0) {
+    held_bytes_ -= static_cast<int64_t>(v.data.nbytes());
     v.data = Tensor();
     prefetched.erase(value);
   }
@@ -173,13 +243,38 @@ void Graph::drop_slot(int64_t node, size_t slot) {
 Tensor checkpoint_name(Tensor t, const std::string& name) {
   AutogradMeta& meta = t.autograd_meta();
   meta.tag = name;
-  if (meta.graph) {
-    Graph& g = *static_cast<Graph*>(meta.graph.get());
-    g.values[meta.value_id].tag = name;
-    if (g.hooks) g.hooks->on_tag(g, meta.value_id, t);
+  if (Graph* g = meta.graph.get()) {
+    g->values[meta.value_id].tag = name;
+    if (g->hooks) g->hooks->on_tag(*g, meta.value_id, t);
   }
   return t;
 }
+
+namespace {
+
+// The graph an op with these inputs records onto: the open scopes' graph; else the graph of the
+// first input that this thread recorded; else a new one. Scopes that have not heard of their graph
+// yet hear of it now.
+std::shared_ptr<Graph> graph_for(const std::vector<Tensor>& inputs) {
+  ScopeStack& s = t_scopes;
+  std::shared_ptr<Graph> graph = s.graph;
+  if (!graph)
+    for (const Tensor& t : inputs) {
+      const auto& meta = t.defined() ? t.autograd_meta_ptr() : nullptr;
+      if (meta && meta->graph && meta->graph->owner == std::this_thread::get_id()) {
+        graph = meta->graph;
+        break;
+      }
+    }
+  if (!graph) graph = std::make_shared<Graph>();
+  if (!s.scopes.empty()) {
+    s.graph = graph;
+    for (; s.begun < s.scopes.size(); ++s.begun) s.scopes[s.begun]->begin_on(graph);
+  }
+  return graph;
+}
+
+}  // namespace
 
 std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>& inputs) {
   bool needs_grad = false;
@@ -194,31 +289,57 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
   for (Tensor& out : outputs) out = out.detach();  // fresh autograd state, even for views and pass-throughs
   if (!needs_grad) return outputs;
 
-  std::shared_ptr<Graph> graph = current_graph();
-  Graph& g = *graph;
-  int64_t index = static_cast<int64_t>(g.nodes.size());
-  for (const Tensor& t : inputs) node->inputs.push_back(t.defined() ? g.value_of(t) : -1);
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    bool differentiable = node->output_differentiable(i) && is_floating(outputs[i].dtype());
-    int64_t id = g.add_value(outputs[i], index, static_cast<int>(i), differentiable);
-    AutogradMeta& meta = outputs[i].autograd_meta();
-    meta.requires_grad = differentiable;
-    meta.graph = graph;
-    meta.value_id = id;
-    node->outputs.push_back(id);
-  }
   size_t n_in = inputs.size();
-  for (int idx : node->saved_indices(n_in)) {
+  std::vector<int> saved = node->saved_indices(n_in);
+  for (int idx : saved) {
     REMAT_CHECK(idx >= 0 && static_cast<size_t>(idx) < n_in + outputs.size(), node->name(), ": saves index ", idx,
                 " but has ", n_in, " inputs and ", outputs.size(), " outputs");
-    const Tensor& t = static_cast<size_t>(idx) < n_in ? inputs[idx] : outputs[idx - n_in];
-    int64_t value = static_cast<size_t>(idx) < n_in ? node->inputs[idx] : node->outputs[idx - n_in];
-    REMAT_ASSERT(value >= 0, node->name(), " saves an undefined input");
-    g.hold(value, t);
-    node->saved.push_back({value, SlotState::kept});
+    REMAT_CHECK(static_cast<size_t>(idx) >= n_in || inputs[idx].defined(), node->name(), ": saves input ", idx,
+                " for backward, but that input is undefined");
   }
-  g.nodes.push_back(std::move(node));
-  if (g.hooks) g.hooks->on_record(g, index, inputs, outputs);
+  std::shared_ptr<Graph> graph = graph_for(inputs);
+  Graph& g = *graph;
+  const size_t values_before = g.values.size();
+  const int64_t index = static_cast<int64_t>(g.nodes.size());
+  Node* n = node.get();
+  bool appended = false;
+  try {
+    for (const Tensor& t : inputs) n->inputs.push_back(t.defined() ? g.value_of(t) : -1);
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      bool differentiable = n->output_differentiable(i) && is_floating(outputs[i].dtype());
+      int64_t id = g.add_value(outputs[i], index, static_cast<int>(i), differentiable);
+      AutogradMeta& meta = outputs[i].autograd_meta();
+      meta.requires_grad = differentiable;
+      meta.graph = graph;
+      meta.value_id = id;
+      n->outputs.push_back(id);
+    }
+    for (int idx : saved) {
+      const Tensor& t = static_cast<size_t>(idx) < n_in ? inputs[idx] : outputs[idx - n_in];
+      int64_t value = static_cast<size_t>(idx) < n_in ? n->inputs[idx] : n->outputs[idx - n_in];
+      g.hold(value, t);
+      n->saved.push_back({value, SlotState::kept});
+    }
+    n->seq = g_node_seq.fetch_add(1);
+    g.nodes.push_back(std::move(node));
+    appended = true;
+    if (g.hooks) g.hooks->on_record(g, index, inputs, outputs);
+  } catch (...) {
+    // Undo: the node, its holds, and every value it added (leaves and imports registered for it).
+    if (appended) {
+      node = std::move(g.nodes.back());  // keeps `n` alive for the rest of the undo
+      g.nodes.pop_back();
+    }
+    for (const SavedSlot& slot : n->saved)
+      if (slot.state == SlotState::kept && g.values[slot.value].holds > 0) g.release(slot.value);
+    for (size_t v = values_before; v < g.values.size(); ++v) {
+      const ValueInfo& info = g.values[v];
+      if (info.leaf) g.leaf_values.erase(info.leaf.get());
+      if (info.source) g.imports[info.source.get()].erase(info.source_value);
+    }
+    g.values.resize(values_before);
+    throw;
+  }
   return outputs;
 }
 

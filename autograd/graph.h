@@ -1,12 +1,21 @@
 // The tape: nodes in execution order (a Wengert list) and the values they read and write.
 // Backward walks the nodes in reverse. A value's data is held here only while some saved slot
 // (or a checkpoint region) holds it; otherwise only its metadata remains.
+//
+// A graph belongs to the tensors it recorded, not to a thread: an op records onto the graph of its
+// inputs (or, while a checkpoint scope is open, onto the scope's graph), and an op whose inputs are
+// all leaves starts a graph of its own. So each forward from the parameters has its own graph, and
+// its saved data goes as soon as none of its outputs is held any more. An input that another graph
+// recorded is imported: backward follows it into that graph. Every node carries a global sequence
+// number, and backward runs the nodes of all the graphs it reaches in decreasing order of it.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "node.h"
@@ -22,7 +31,9 @@ struct ValueInfo {
   int output_index = 0;
   bool requires_grad = false;
   std::shared_ptr<AutogradMeta> leaf;  // leaves that require grad: where .grad accumulates
-  bool stale = false;                  // non-leaf from a graph already freed by backward
+  // An output of another graph read here (an import): backward hands its gradient to that value.
+  std::shared_ptr<Graph> source;
+  int64_t source_value = -1;
   std::string tag;                     // user name (checkpoint_name)
   // Data, alive while holds > 0.
   Tensor data;
@@ -44,17 +55,34 @@ class SavedTensorHooks {
   // Called after a node's backward, before its slots are released.
   virtual void after_backward_node(Graph& graph, int64_t node, bool retain_graph) = 0;
   virtual void after_backward(Graph& graph, bool retain_graph) = 0;
+  // The name of a region still open on the graph ("" when none): backward must not run then.
+  virtual std::string open_region() const { return ""; }
+};
+
+// Saved bytes a graph holds (what its saved slots and regions keep alive), now and at most.
+struct GraphMemory {
+  int64_t current = 0, peak = 0;
 };
 
 class Graph {
  public:
+  Graph();
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+
   std::vector<std::unique_ptr<Node>> nodes;
   std::vector<ValueInfo> values;
   std::unique_ptr<SavedTensorHooks> hooks;  // installed by the checkpoint layer when a region opens
-  bool freed = false;  // backward ran without retain_graph: saved data is gone
   std::unordered_map<const AutogradMeta*, int64_t> leaf_values;  // one value per leaf
+  // One import per value of another graph: (graph, value) -> value id here.
+  std::unordered_map<const Graph*, std::unordered_map<int64_t, int64_t>> imports;
+  std::thread::id owner;  // the thread that records onto it (a graph is not shared between threads)
+  // Set when a backward through this graph threw: its state is then unknown, so backward refuses it.
+  std::string failed_backward;
 
-  // The value id of a tensor in this graph, registering outside tensors on first use.
+  // The value id of a tensor in this graph, registering leaves, outside tensors and outputs of
+  // other graphs (imports) on first use.
   int64_t value_of(const Tensor& t);
   int64_t add_value(const Tensor& t, int64_t producer, int output_index, bool requires_grad);
   void hold(int64_t value, const Tensor& data);
@@ -77,12 +105,49 @@ class Graph {
   }
   // Offloaded values already on their way back, with the end of their copy.
   std::unordered_map<int64_t, std::pair<Tensor, std::shared_ptr<void>>> prefetched;
+  GraphMemory memory() const { return {held_bytes_, peak_held_bytes_}; }
+
+ private:
+  int64_t held_bytes_ = 0, peak_held_bytes_ = 0;
 };
 
-// The graph ops record onto on this thread (created on demand, replaced after a backward frees it).
-std::shared_ptr<Graph> current_graph();
+// The sequence number the next recorded node will get (nodes of all graphs share one sequence).
+uint64_t next_node_seq();
+
+// The graph that recorded `t` (null for a leaf or a tensor outside autograd).
+Graph* graph_of(const Tensor& t);
+// Saved bytes held by the graph that recorded `t` (zeros for a leaf).
+GraphMemory graph_memory(const Tensor& t);
+
+// The tape of `t`: the nodes of the graph that recorded it and of every graph that graph imports
+// from (transitively), in recording order: what one forward recorded even when it started more
+// than one graph (each op on leaves alone starts one). Empty for a leaf.
+struct TapeNode {
+  Graph* graph;
+  int64_t index;
+};
+std::vector<TapeNode> tape_of(const Tensor& t);
+// Where a value comes from: imports followed to the graph and value that produced it.
+std::pair<Graph*, int64_t> resolve_value(Graph* graph, int64_t value);
+
+// Recording scopes (checkpoint regions): while one is open on this thread, every op recorded on the
+// thread goes to one graph, fixed when the first op after the outermost scope opened is recorded.
+// Each scope hears of that graph once, just before its first node is appended.
+class RecordingScope {
+ public:
+  virtual ~RecordingScope() = default;
+  virtual void begin_on(const std::shared_ptr<Graph>& graph) = 0;
+  virtual void close() = 0;  // as the innermost scope
+};
+void push_recording_scope(RecordingScope* scope);
+// Takes `scope` off this thread's stack; throws a clear error (changing nothing) when it is not
+// the innermost.
+void pop_recording_scope(RecordingScope* scope, const std::string& name);
+RecordingScope* innermost_recording_scope();  // null when none is open
+
 // Records `node` applied to `inputs`: runs its forward, and if grad mode is on and an input
-// requires grad, appends it to the tape. Returns the outputs.
+// requires grad, appends it to the graph its inputs choose. Returns the outputs. Strong guarantee:
+// if anything throws (a policy callback, say), the graph is as it was.
 std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>& inputs);
 
 }  // namespace remat

@@ -218,9 +218,23 @@ void Module::remove_hooks(const std::string& kind) {
 }
 
 Module::ForwardGuard::ForwardGuard(Module& m) : module_(m), uncaught_(std::uncaught_exceptions()) {
-  for (auto& [id, hook] : module_.hooks_) {
-    if (hook.pre) hook.pre(module_);
-    ++pre_done_;
+  try {
+    for (auto& [id, hook] : module_.hooks_) {
+      if (hook.pre) hook.pre(module_);
+      ++pre_done_;
+    }
+  } catch (...) {
+    // The destructor will not run: the post-hooks of the pre-hooks that ran (regions they opened)
+    // run here, as for a forward that threw.
+    for (size_t i = pre_done_; i-- > 0;) {
+      auto& hook = module_.hooks_[i].second;
+      if (!hook.post) continue;
+      try {
+        hook.post(module_, true);
+      } catch (...) {
+      }
+    }
+    throw;
   }
 }
 

@@ -60,6 +60,8 @@ class Node {
   std::vector<int64_t> outputs;
   std::vector<SavedSlot> saved;
   int region = -1;  // innermost checkpoint region containing the node, -1 if none
+  uint64_t seq = 0;   // global recording order (across graphs): backward runs in decreasing seq
+  bool done = false;  // a backward without retain_graph ran it and released its slots
 };
 
 }  // namespace remat

@@ -22,19 +22,16 @@ constexpr const char* kCheckpointHook = "checkpoint";
 constexpr const char* kLevelHook = "checkpoint_level";
 
 // A hook pair that opens a region before forward and closes it after (also when forward threw).
+// The open scopes are kept per thread: a module called from two threads opens a region in each.
 ForwardHook region_hook(const std::string& kind, CheckpointOptions options, bool training_only) {
-  auto scopes = std::make_shared<std::vector<std::unique_ptr<CheckpointScope>>>();
+  uint64_t key = next_scope_key();
   ForwardHook hook;
   hook.kind = kind;
-  hook.pre = [scopes, options, training_only](Module& m) {
+  hook.pre = [key, options, training_only](Module& m) {
     bool active = !training_only || m.is_training();
-    scopes->push_back(active ? std::make_unique<CheckpointScope>(options) : nullptr);
+    thread_scopes(key).push_back(active ? std::make_unique<CheckpointScope>(options) : nullptr);
   };
-  hook.post = [scopes](Module&, bool) {
-    std::unique_ptr<CheckpointScope> scope = std::move(scopes->back());
-    scopes->pop_back();
-    scope.reset();  // closes the region
-  };
+  hook.post = [key](Module&, bool threw) { close_thread_scope(key, threw); };
   return hook;
 }
 

@@ -10,31 +10,43 @@
 #include <utility>
 #include <vector>
 
+#include "../autograd/graph.h"
 #include "../runtime/tensor.h"
 #include "options.h"
 
 namespace remat {
 
-class Graph;
-
-// Everything recorded while the scope lives forms one region. Under no-grad it does nothing.
-class CheckpointScope {
+// Everything recorded while the scope lives forms one region, on the graph its first op records
+// onto (the scopes open together share it). Under no-grad it does nothing.
+class CheckpointScope final : public RecordingScope {
  public:
   explicit CheckpointScope(CheckpointOptions options = {});
-  // Closing applies the policy. If the policy throws while an exception is already propagating,
-  // the region keeps everything instead (no terminate); otherwise the error propagates.
-  ~CheckpointScope() noexcept(false);
+  // Closes the region if close() was not called. Never throws. A scope destroyed while scopes opened
+  // after it are still open closes them first (their regions end here too).
+  ~CheckpointScope() override;
   CheckpointScope(const CheckpointScope&) = delete;
   CheckpointScope& operator=(const CheckpointScope&) = delete;
 
-  bool active() const { return graph_ != nullptr; }
+  // Closes the region now. Throws, changing nothing, when a scope opened after this one is still open.
+  void close() override;
+  bool active() const { return active_ && !closed_; }
   int region() const { return region_; }
+  void begin_on(const std::shared_ptr<Graph>& graph) override;
 
  private:
+  CheckpointOptions options_;
+  bool active_ = false, closed_ = false;
   std::shared_ptr<Graph> graph_;
   int region_ = -1;
-  int uncaught_ = 0;
 };
+
+// Scopes that module hooks open in a pre-hook and close in a post-hook, kept per thread under a
+// key of the hook's own (next_scope_key): a module called from two threads has a scope in each.
+uint64_t next_scope_key();
+std::vector<std::unique_ptr<CheckpointScope>>& thread_scopes(uint64_t key);
+// Closes the innermost scope of `key` on this thread (none: nothing). While an exception is
+// propagating (`threw`) a failure to close is swallowed; otherwise it propagates.
+void close_thread_scope(uint64_t key, bool threw);
 
 // Runs fn(args...) inside a region and returns its result. Replay in backward re-executes the
 // recorded ops, never fn.

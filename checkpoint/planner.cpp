@@ -2,6 +2,7 @@
 #include "checkpoint/planner.h"
 
 #include <algorithm>
+#include <set>
 #include <chrono>
 #include <sstream>
 #include <unordered_set>
@@ -32,13 +33,14 @@ void collect_blocks(Module& m, std::vector<Span>& out) {
 }  // namespace
 
 uint64_t tape_signature(const Tensor& t) {
-  if (!t.autograd_meta_ptr() || !t.autograd_meta_ptr()->graph) return 0;
-  const Graph& g = *static_cast<const Graph*>(t.autograd_meta_ptr()->graph.get());
+  std::vector<TapeNode> tape = tape_of(t);
+  if (tape.empty()) return 0;
   uint64_t h = 1469598103934665603ull;  // FNV-1a over op kinds and output shapes
-  for (const auto& node : g.nodes) {
-    h = (h ^ static_cast<uint64_t>(node->kind())) * 1099511628211ull;
-    for (int64_t v : node->outputs)
-      for (int64_t d : g.values[v].shape) h = (h ^ static_cast<uint64_t>(d)) * 1099511628211ull;
+  for (const TapeNode& at : tape) {
+    const Node& node = *at.graph->nodes[at.index];
+    h = (h ^ static_cast<uint64_t>(node.kind())) * 1099511628211ull;
+    for (int64_t v : node.outputs)
+      for (int64_t d : at.graph->values[v].shape) h = (h ^ static_cast<uint64_t>(d)) * 1099511628211ull;
   }
   return h;
 }
@@ -71,11 +73,11 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
     hook_ids.push_back(s.module->add_forward_hook(
         {"planner_probe",
          [&s, start](Module&) {
-           s.begin = static_cast<int64_t>(current_graph()->nodes.size());
+           s.begin = static_cast<int64_t>(next_node_seq());
            *start = std::chrono::steady_clock::now();
          },
          [&s, start](Module&, bool) {
-           s.end = static_cast<int64_t>(current_graph()->nodes.size());
+           s.end = static_cast<int64_t>(next_node_seq());
            s.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - *start).count();
          }}));
   }
@@ -92,35 +94,54 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
     throw;
   }
   for (Span& s : spans) s.module->remove_hooks("planner_probe");
-  REMAT_CHECK(loss.defined() && loss.autograd_meta_ptr() && loss.autograd_meta_ptr()->graph,
+  REMAT_CHECK(loss.defined() && graph_of(loss) != nullptr,
               "budget planner: the step function must return a tensor with a graph (the loss)");
-  const Graph& g = *static_cast<const Graph*>(loss.autograd_meta_ptr()->graph.get());
 
   BudgetPlan p;
   p.tape_signature = tape_signature(loss);
+  // The step's tape (over every graph its forward started), in recording order; a value is known
+  // by the graph and value that produced it, whatever graph reads it.
+  std::vector<TapeNode> tape = tape_of(loss);
+  using Key = std::pair<Graph*, int64_t>;
+  auto seq_of = [](const Key& k) {
+    int64_t producer = k.first->values[k.second].producer;
+    return producer < 0 ? int64_t{-1} : static_cast<int64_t>(k.first->nodes[producer]->seq);
+  };
+  auto counts = [](const Key& k) {  // what a step's activations are: not the parameters
+    const ValueInfo& v = k.first->values[k.second];
+    return v.producer >= 0 || !v.leaf;
+  };
   // Values saved at the end of forward, attributed to the block whose node saves them.
-  std::unordered_set<int64_t> counted;
+  std::set<Key> counted;
   for (const Span& s : spans) {
     REMAT_CHECK(s.begin >= 0 && s.end >= s.begin, "budget planner: block ", s.name, " did not run in the step");
     PlannedBlock b;
     b.name = s.name;
     b.forward_ms = s.ms;
-    std::unordered_set<int64_t> saved, inputs;
-    for (int64_t n = s.begin; n < s.end; ++n) {
-      for (const SavedSlot& slot : g.nodes[n]->saved)
-        if (g.values[slot.value].producer >= 0 || !g.values[slot.value].leaf) saved.insert(slot.value);
-      for (int64_t u : g.nodes[n]->inputs)
-        if (u >= 0 && g.values[u].producer >= 0 && g.values[u].producer < s.begin) inputs.insert(u);
+    std::set<Key> saved, inputs;
+    for (const TapeNode& at : tape) {
+      const Node& node = *at.graph->nodes[at.index];
+      if (static_cast<int64_t>(node.seq) < s.begin || static_cast<int64_t>(node.seq) >= s.end) continue;
+      for (const SavedSlot& slot : node.saved) {
+        Key k = resolve_value(at.graph, slot.value);
+        if (counts(k)) saved.insert(k);
+      }
+      for (int64_t u : node.inputs) {
+        if (u < 0) continue;
+        Key k = resolve_value(at.graph, u);
+        int64_t produced = seq_of(k);
+        if (produced >= 0 && produced < s.begin) inputs.insert(k);
+      }
     }
-    for (int64_t v : saved)
-      if (counted.insert(v).second) b.saved_bytes += value_bytes(g.values[v]);
-    for (int64_t v : inputs) b.input_bytes += value_bytes(g.values[v]);
+    for (const Key& k : saved)
+      if (counted.insert(k).second) b.saved_bytes += value_bytes(k.first->values[k.second]);
+    for (const Key& k : inputs) b.input_bytes += value_bytes(k.first->values[k.second]);
     p.blocks.push_back(b);
   }
-  for (const auto& node : g.nodes)
-    for (const SavedSlot& slot : node->saved) {
-      const ValueInfo& v = g.values[slot.value];
-      if ((v.producer >= 0 || !v.leaf) && counted.insert(slot.value).second) p.other_saved_bytes += value_bytes(v);
+  for (const TapeNode& at : tape)
+    for (const SavedSlot& slot : at.graph->nodes[at.index]->saved) {
+      Key k = resolve_value(at.graph, slot.value);
+      if (counts(k) && counted.insert(k).second) p.other_saved_bytes += value_bytes(k.first->values[k.second]);
     }
   backward(loss);  // the recording step is a normal training step
   loss = Tensor();

@@ -60,13 +60,17 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
                               const std::vector<Tensor>& outputs) {
   if (open_.empty()) return;
   Node& n = *graph.nodes[node];
-  n.region = open_.back();
-  // Each open region asks its policy now, in tape order, while the outputs still exist.
+  // Each open region asks its policy now, in tape order, while the outputs still exist. Policies
+  // are user code: all of them answer before anything changes, so one that throws leaves every
+  // region as it was (and record() takes the node back off the tape).
   PolicyContext ctx = context_of(graph, n, false);
+  std::vector<Decision> decided;
+  for (int id : open_) decided.push_back(regions_[id].options.policy.decide(ctx));
+  n.region = open_.back();
   bool must_save = false;
-  for (int id : open_) {
-    Region& r = regions_[id];
-    Decision d = r.options.policy.decide(ctx);
+  for (size_t k = 0; k < open_.size(); ++k) {
+    Region& r = regions_[open_[k]];
+    Decision d = decided[k];
     r.decisions.push_back(d);
     must_save = must_save || d == Decision::must_save;
     if (is_save(d))
@@ -127,11 +131,15 @@ void RegionManager::on_tag(Graph& graph, int64_t value, const Tensor& data) {
   // Policies decide when an op is recorded; a name given afterwards asks the open regions again.
   PolicyContext ctx = context_of(graph, *graph.nodes[p], false);
   ctx.tag = graph.values[value].tag;
+  std::vector<Decision> decided;  // all answers first, as in on_record
+  for (int id : open_)
+    if (p >= regions_[id].begin) decided.push_back(regions_[id].options.policy.decide(ctx));
+  size_t k = 0;
   for (int id : open_) {
     Region& r = regions_[id];
     if (p < r.begin) continue;
     Decision before = r.decisions[p - r.begin];
-    Decision after = r.options.policy.decide(ctx);
+    Decision after = decided[k++];
     r.decisions[p - r.begin] = after;
     if (after == Decision::must_save) must_saved_.insert(p);
     auto held = std::find_if(r.saved_outputs.begin(), r.saved_outputs.end(),
@@ -382,10 +390,12 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
         if (pending) hold_rebuilt(graph, owner, index, slot.value, graph.values[slot.value].data);
       }
     }
-  // Backward has passed below the start of these regions: their inputs are needed no more.
+  // Backward has passed below the start of these regions: their inputs are needed no more, unless
+  // some of their nodes belong to another loss whose backward is still to come.
   for (Region& r : regions_) {
     if (r.begin != node) continue;
-    if (!retain_graph)
+    bool finished = !retain_graph && all_done(graph, r, node);
+    if (finished)
       for (RegionInput& out : r.saved_outputs) {
         if (out.state == SlotState::kept) graph.release(out.value);
         out.state = SlotState::released;
@@ -393,7 +403,7 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
     for (size_t j = 0; j < r.inputs.size(); ++j) {
       RegionInput& in = r.inputs[j];
       release_rebuilt(graph, -1 - r.id, static_cast<int64_t>(j), in.value);
-      if (!retain_graph && in.state == SlotState::kept) {
+      if (finished && in.state == SlotState::kept) {
         graph.release(in.value);
         in.state = SlotState::released;
       }
@@ -410,7 +420,7 @@ void RegionManager::after_backward(Graph& graph, bool retain_graph) {
   }
   for (Region& r : regions_) {
     r.replayed = false;
-    if (retain_graph) continue;
+    if (retain_graph || !all_done(graph, r, -1)) continue;
     for (auto* list : {&r.inputs, &r.saved_outputs})
       for (RegionInput& in : *list) {
         if (in.state == SlotState::kept) graph.release(in.value);
@@ -418,6 +428,15 @@ void RegionManager::after_backward(Graph& graph, bool retain_graph) {
       }
   }
 }
+
+bool RegionManager::all_done(const Graph& graph, const Region& r, int64_t finishing) const {
+  int64_t end = r.end < 0 ? static_cast<int64_t>(graph.nodes.size()) : r.end;
+  for (int64_t n = r.begin; n < end; ++n)
+    if (n != finishing && !graph.nodes[n]->done) return false;
+  return true;
+}
+
+std::string RegionManager::open_region() const { return open_.empty() ? "" : regions_[open_.back()].options.name; }
 
 std::string RegionManager::debug_text(const Region& r) const {
   auto join = [](const std::vector<std::string>& ops) {

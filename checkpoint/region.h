@@ -60,12 +60,16 @@ class RegionManager final : public SavedTensorHooks {
   void on_tag(Graph& graph, int64_t value, const Tensor& data) override;
   void after_backward_node(Graph& graph, int64_t node, bool retain_graph) override;
   void after_backward(Graph& graph, bool retain_graph) override;
+  std::string open_region() const override;
 
  private:
   void replay(Graph& graph, int region, int64_t position);
   bool available(const Graph& graph, int64_t value) const { return graph.values[value].data.defined(); }
   void hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data);
   void release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value);
+  // Whether every node of the region has been through a backward (`finishing` is about to be):
+  // only then may its inputs go, since two losses can share a region.
+  bool all_done(const Graph& graph, const Region& r, int64_t finishing) const;
   std::string debug_text(const Region& r) const;
   [[noreturn]] void fail(const Region& r, const std::string& message) const;
 

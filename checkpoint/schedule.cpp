@@ -64,23 +64,22 @@ Tensor run_segment(const std::vector<TensorFn>& fns, const ChainSegment& seg, co
   return h;
 }
 
+// A span of blocks is one region: the first block's pre-hook opens it, the last block's post-hook
+// closes it, and so does the post-hook of any block of the span whose forward throws (else the
+// region would stay open for good). Scopes are kept per thread.
 void place_segment(Module& container, const ChainSegment& seg) {
   const auto& blocks = container.children();
-  Module& first = *blocks[seg.begin].second;
-  Module& last = *blocks[seg.end - 1].second;
-  auto scopes = std::make_shared<std::vector<std::unique_ptr<CheckpointScope>>>();
+  uint64_t key = next_scope_key();
   CheckpointOptions o;
   o.name = container.type_name() + "[" + std::to_string(seg.begin) + "," + std::to_string(seg.end) + ")";
-  auto open = [scopes, o](Module& m) { scopes->push_back(std::make_unique<CheckpointScope>(o)); };
-  auto close = [scopes](Module&, bool) {
-    if (scopes->empty()) return;  // the span's first block threw before it opened
-    scopes->pop_back();
-  };
-  if (&first == &last) {
-    first.add_forward_hook({"checkpoint_chain", open, close});
-  } else {
-    first.add_forward_hook({"checkpoint_chain", open, nullptr});
-    last.add_forward_hook({"checkpoint_chain", nullptr, close});
+  for (int i = seg.begin; i < seg.end; ++i) {
+    bool first = i == seg.begin, last = i == seg.end - 1;
+    ForwardHook hook{"checkpoint_chain", nullptr, nullptr};
+    if (first) hook.pre = [key, o](Module&) { thread_scopes(key).push_back(std::make_unique<CheckpointScope>(o)); };
+    hook.post = [key, last](Module&, bool threw) {
+      if (last || threw) close_thread_scope(key, threw);
+    };
+    blocks[i].second->add_forward_hook(std::move(hook));
   }
   for (const ChainSegment& child : seg.children) place_segment(container, child);
 }

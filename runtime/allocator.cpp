@@ -32,14 +32,28 @@ void Allocator::deallocate(void* ptr, size_t bytes, MemoryCategory category) noe
   count(-static_cast<int64_t>(bytes), category);
 }
 
+namespace {
+
+// Per thread, by device slot (cpu, then cuda:0..15): what this thread allocated and freed.
+constexpr int kThreadSlots = 17;
+thread_local std::array<MemoryStats, kThreadSlots> t_thread_stats{};
+
+int thread_slot(Device device) { return device.is_cpu() ? 0 : device.index + 1 < kThreadSlots ? device.index + 1 : -1; }
+
+}  // namespace
+
 void Allocator::count(int64_t bytes, MemoryCategory category) noexcept {
-  std::lock_guard lock(mutex_);
   auto bump = [bytes](MemoryCounters& c) {
     c.current += bytes;
     if (bytes > 0) c.allocated += bytes;
     else c.freed -= bytes;
     if (c.current > c.peak) c.peak = c.current;
   };
+  if (int slot = thread_slot(device()); slot >= 0) {
+    bump(t_thread_stats[slot].total);
+    bump(t_thread_stats[slot].by_category[static_cast<int>(category)]);
+  }
+  std::lock_guard lock(mutex_);
   bump(stats_.total);
   bump(stats_.by_category[static_cast<int>(category)]);
   if (recording_) {
@@ -106,6 +120,20 @@ Allocator& allocator_for(Device device) {
 
 MemoryStats memory_stats(Device device) { return allocator_for(device).stats(); }
 void reset_peak_memory(Device device) { allocator_for(device).reset_peak(); }
+
+MemoryStats thread_memory_stats(Device device) {
+  int slot = thread_slot(device);
+  REMAT_CHECK(slot >= 0, "thread_memory_stats: counted for cpu and cuda:0..", kThreadSlots - 2, ", not ", device.str());
+  return t_thread_stats[slot];
+}
+
+void reset_thread_peak_memory(Device device) {
+  int slot = thread_slot(device);
+  if (slot < 0) return;
+  MemoryStats& s = t_thread_stats[slot];
+  s.total.peak = s.total.current;
+  for (auto& c : s.by_category) c.peak = c.current;
+}
 
 MemoryCategory current_memory_category() { return t_category; }
 MemoryCategoryScope::MemoryCategoryScope(MemoryCategory category) : previous_(t_category) { t_category = category; }

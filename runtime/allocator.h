@@ -70,6 +70,10 @@ class Allocator {
 // The allocator of a device (cpu, or cuda:N when the CUDA backend is built).
 Allocator& allocator_for(Device device);
 MemoryStats memory_stats(Device device = Device::cpu());
+// What this thread allocated and freed on `device` (cpu, cuda:0..15): current is its allocations
+// minus its frees, so memory one thread allocates and another frees shows on both.
+MemoryStats thread_memory_stats(Device device = Device::cpu());
+void reset_thread_peak_memory(Device device = Device::cpu());
 void reset_peak_memory(Device device = Device::cpu());
 
 // The category new tensors are counted under on this thread. Default: activation.

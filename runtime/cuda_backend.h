@@ -28,5 +28,8 @@ CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool
 void cuda_wait(const CopyTicket& ticket);
 // Lets go of what finished copies kept alive; returns the copies still in flight.
 int cuda_poll_copies();
+// A contiguous copy of a strided view on a GPU (the CUDA kernels' copy, reached through the CUDA part).
+class Tensor;
+Tensor cuda_copy_strided(const Tensor& t);
 
 }  // namespace remat

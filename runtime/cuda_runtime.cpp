@@ -52,4 +52,6 @@ void cuda_wait(const CopyTicket& ticket) {
 
 int cuda_poll_copies() { return api() ? api()->poll_copies() : 0; }
 
+Tensor cuda_copy_strided(const Tensor& t) { return require(t.device().str() + " copy").copy_strided(t); }
+
 }  // namespace remat

@@ -10,9 +10,18 @@ struct RngState {
   uint64_t offset = 0;  // in Philox blocks of four 32-bit values
 };
 
-void manual_seed(uint64_t seed);  // seed := seed, offset := 0
-RngState rng_state();
+// The random stream is per thread. Each thread's stream starts, when the thread first draws, from
+// the global seed and the thread's index: the first thread to draw (usually main) gets index 0 and
+// exactly the global seed, others a seed derived from it, so threads never draw the same masks.
+// Give threads their index (set_thread_rng_index) for streams that do not depend on which thread
+// drew first.
+void manual_seed(uint64_t seed);  // global seed := seed; this thread's stream := (derived seed, 0)
+RngState rng_state();             // this thread's stream
 void set_rng_state(RngState state);
+void set_thread_rng_index(uint64_t index);  // this thread's index; restarts its stream from the global seed
+uint64_t thread_rng_index();
+// The seed of thread `index`'s stream under global seed `seed` (index 0: `seed` itself).
+uint64_t thread_stream_seed(uint64_t seed, uint64_t index);
 // Reserves the stream for `count` values and returns where it starts; random ops store this
 // (seed, offset) pair as attributes so that replay draws the same numbers.
 RngState next_rng(uint64_t count);

@@ -4,8 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernels/backend.h"
-#include "kernels/common/philox.h"
+#include "runtime/philox.h"
 #include "runtime/cuda_backend.h"
 #include "runtime/half.h"
 #include "runtime/random.h"
@@ -216,7 +215,22 @@ void* Tensor::raw_data() const {
 }
 
 Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) const {
-  REMAT_ASSERT(shape.size() == strides.size());
+  REMAT_CHECK(defined(), "view: the tensor is undefined");
+  REMAT_CHECK(shape.size() == strides.size(), "view: expected as many strides as sizes, got sizes ", shape_str(shape),
+              " and strides ", shape_str(strides));
+  int64_t n = checked_numel(shape, dtype_size(dtype()), "view");
+  if (n > 0) {
+    // The last element the view reads must lie inside the storage.
+    int64_t last = offset;
+    for (size_t d = 0; d < shape.size(); ++d) {
+      REMAT_CHECK(strides[d] >= 0, "view: expected non-negative strides, got ", shape_str(strides));
+      last += (shape[d] - 1) * strides[d];
+    }
+    int64_t elements = storage_ ? static_cast<int64_t>(storage_->bytes() / dtype_size(dtype())) : 0;
+    REMAT_CHECK(offset >= 0 && last < elements, "view: the view ", shape_str(shape), " with strides ",
+                shape_str(strides), " at offset ", offset, " reaches element ", last, ", past the ", elements,
+                " elements of its storage");
+  }
   Tensor t;
   t.storage_ = storage_;
   t.shape_ = shape;
@@ -231,7 +245,7 @@ Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) 
 Tensor Tensor::as_contiguous() const {
   REMAT_CHECK(defined_, "as_contiguous: the tensor is undefined");
   if (is_contiguous()) return detach();
-  if (!device().is_cpu()) return backend_for(device()).copy_strided(*this);
+  if (!device().is_cpu()) return cuda_copy_strided(*this);
   Tensor out = empty(shape_, dtype(), device());
   gather_strided(static_cast<char*>(out.raw_data()), static_cast<const char*>(raw_data()), shape_, strides_,
                  dtype_size(dtype()));

@@ -53,12 +53,13 @@ class Storage {
 };
 
 class Tensor;
+class Graph;  // autograd/graph.h: only named here, so that runtime/ includes nothing above it
 
 // Autograd state of a tensor handle. Lives here as plain data; autograd/ gives it meaning.
 struct AutogradMeta {
   bool requires_grad = false;
   std::shared_ptr<Tensor> grad;  // accumulated gradient of a leaf
-  std::shared_ptr<void> graph;   // the recording graph that produced this tensor (null for leaves)
+  std::shared_ptr<Graph> graph;  // the graph that recorded this tensor, which it keeps alive (null for leaves)
   int64_t value_id = -1;         // the tensor's value in that graph
   std::string tag;               // user name, for policies that save or recompute by name
 };

@@ -52,12 +52,12 @@ TEST_CASE("retain_graph allows a second backward; without it the second backward
   CHECK_THROWS_WITH(backward(y), Contains("backward through the graph a second time"));
 }
 
-TEST_CASE("using a tensor from a freed graph in a new graph and backpropagating into it is an error", "[autograd]") {
+TEST_CASE("backpropagating again into a graph an earlier backward freed is the second-time error", "[autograd]") {
   Tensor x = leaf({1, 2}, {2});
   Tensor h = exp(x);
   backward(sum(h), Tensor(), {.retain_graph = false});
   Tensor z = sum(mul(h, h));
-  CHECK_THROWS_WITH(backward(z), Contains("comes from a graph already freed by an earlier backward"));
+  CHECK_THROWS_WITH(backward(z), Contains("backward through the graph a second time: the saved tensors of exp"));
 }
 
 TEST_CASE("no-grad mode records nothing", "[autograd]") {

@@ -5,7 +5,7 @@
 #include <functional>
 #include <limits>
 
-#include "kernels/common/philox.h"
+#include "runtime/philox.h"
 #include "kernels/backend.h"
 #include "remat.h"
 

@@ -2,7 +2,7 @@
 #include <catch.hpp>
 #include <cmath>
 
-#include "kernels/common/philox.h"
+#include "runtime/philox.h"
 #include "remat.h"
 #include "runtime/cuda_backend.h"
 #include "runtime/half.h"

@@ -3,7 +3,7 @@
 #include <cstring>
 #include <limits>
 
-#include "kernels/common/philox.h"
+#include "runtime/philox.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/vector_math.h"
 

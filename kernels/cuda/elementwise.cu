@@ -1,7 +1,7 @@
 // CUDA elementwise kernels: unary functions with their fused backward, broadcasting binary ops,
 // strided copies, Philox dropout (the CPU's mask, bit for bit) and the AdamW update.
 #include "kernels/common/elementwise_math.h"
-#include "kernels/common/philox.h"
+#include "runtime/philox.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 

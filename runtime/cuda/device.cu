@@ -42,7 +42,7 @@ Allocator* allocator(int index) {
   return (*allocators)[index].get();
 }
 
-void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
+void copy_bytes_sync(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
   cudaMemcpyKind kind = dst_device.is_cpu() ? cudaMemcpyDeviceToHost
                         : src_device.is_cpu() ? cudaMemcpyHostToDevice
                                               : cudaMemcpyDeviceToDevice;
@@ -180,9 +180,9 @@ int poll_copies() {
 }  // namespace
 
 extern "C" void* remat_cuda_runtime_entry() {
-  static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes,       memset_zero,
+  static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes_sync,  memset_zero,
                                     synchronize,  empty_cache, segment_count, pinned_allocator, copy_async,
-                                    wait,         poll_copies};
+                                    wait,         poll_copies, cuda_kernels_copy_strided};
   return const_cast<CudaRuntimeApi*>(&table);
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "../allocator.h"
+#include "../tensor.h"
 
 namespace remat {
 
@@ -27,7 +28,11 @@ struct CudaRuntimeApi {
                            std::shared_ptr<const void> keep);
   void (*wait)(const CopyTicket& ticket);
   int (*poll_copies)();
+  Tensor (*copy_strided)(const Tensor& t);  // a contiguous copy of a strided view on the device
 };
+
+// The CUDA kernels' strided copy, for the table (kernels/cuda/cuda_backend.cu).
+Tensor cuda_kernels_copy_strided(const Tensor& t);
 
 }  // namespace remat
 

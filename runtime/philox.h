@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "../../runtime/half.h"  // REMAT_HD
+#include "half.h"  // REMAT_HD
 
 namespace remat::philox {
 
