@@ -6,7 +6,7 @@ JOBS ?= $(shell nproc)
 
 TRAIN_STEPS ?= 200
 
-.PHONY: all deps build test test-slow train bench bench-ops bench-peer clean
+.PHONY: all deps build test test-slow test-tsan train bench bench-ops bench-peer clean
 
 all: build
 
@@ -29,6 +29,14 @@ test: build
 
 test-slow: build
 	python3 tools/run_tests.py $(BUILD) '[slow]'
+
+# The threading tests under ThreadSanitizer (a CPU-only build of its own; OpenMP kept to one thread,
+# since libgomp is not instrumented). Fails on any report.
+test-tsan: deps
+	@[ -f build-tsan/build.ninja ] || meson setup build-tsan -Db_sanitize=thread -Dcuda=disabled -Dnative=false \
+	  -Dbuildtype=debugoptimized -Db_lundef=false
+	ninja -C build-tsan -j $(JOBS) tests/test_graphs
+	OMP_NUM_THREADS=1 TSAN_OPTIONS="halt_on_error=1 exitcode=66" build-tsan/tests/test_graphs '[threads]'
 
 # The reference GPT (small config) on CPU with full activation checkpointing.
 train: build

@@ -158,7 +158,8 @@ void Graph::release(int64_t value) {
 
 Tensor Graph::unpack(int64_t node, size_t slot) {
   Node& n = *nodes[node];
-  REMAT_ASSERT(slot < n.saved.size(), n.name(), " has ", n.saved.size(), " saved slots, asked for ", slot);
+  REMAT_CHECK(slot < n.saved.size(), "backward of ", n.name(), " asked for saved tensor ", slot, ", but it saves ",
+              n.saved.size());
   const SavedSlot& s = n.saved[slot];
   switch (s.state) {
     case SlotState::kept: {
