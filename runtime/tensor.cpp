@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "runtime/philox.h"
 #include "runtime/cuda_backend.h"
@@ -173,9 +174,9 @@ Tensor Tensor::rand(const Shape& shape, DType dtype, Device device) {
   Tensor host = empty(shape, dtype, Device::cpu());
   int64_t n = host.numel();
   RngState rng = next_rng(static_cast<uint64_t>(n));
-  for (int64_t i = 0; i < n; ++i)
-    store_from_double(host.raw_data(), dtype, i,
-                      philox::uniform_from_bits(philox::bits_at(rng.seed, rng.offset, static_cast<uint64_t>(i))));
+  std::vector<uint32_t> bits(static_cast<size_t>(n));
+  philox::fill_bits(rng.seed, rng.offset, 0, static_cast<uint64_t>(n), bits.data());
+  for (int64_t i = 0; i < n; ++i) store_from_double(host.raw_data(), dtype, i, philox::uniform_from_bits(bits[i]));
   return device.is_cpu() ? host : host.to(device);
 }
 
@@ -184,9 +185,11 @@ Tensor Tensor::randn(const Shape& shape, DType dtype, Device device) {
   int64_t n = host.numel();
   // Box-Muller over pairs of uniforms; two draws per element keep the stream layout simple.
   RngState rng = next_rng(static_cast<uint64_t>(2 * n));
+  std::vector<uint32_t> bits(static_cast<size_t>(2 * n));
+  philox::fill_bits(rng.seed, rng.offset, 0, static_cast<uint64_t>(2 * n), bits.data());
   for (int64_t i = 0; i < n; ++i) {
-    double u1 = (philox::bits_at(rng.seed, rng.offset, 2 * i) + 1.0) / 4294967297.0;  // (0, 1)
-    double u2 = philox::bits_at(rng.seed, rng.offset, 2 * i + 1) / 4294967296.0;
+    double u1 = (bits[2 * i] + 1.0) / 4294967297.0;  // (0, 1)
+    double u2 = bits[2 * i + 1] / 4294967296.0;
     store_from_double(host.raw_data(), dtype, i, std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2));
   }
   return device.is_cpu() ? host : host.to(device);

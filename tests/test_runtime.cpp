@@ -133,6 +133,20 @@ TEST_CASE("philox 4x32-10 matches the Random123 known-answer vectors", "[runtime
   CHECK(zero.v[3] == 0x9b00dbd8u);
 }
 
+TEST_CASE("philox fill_bits gives bits_at's values for any start and length", "[runtime][rng]") {
+  const uint64_t seed = 0x1234567890abcdefull, offset = (uint64_t(1) << 32) - 3;  // blocks cross 2^32
+  for (uint64_t first : {0, 1, 2, 3, 5, 63, 64, 1000}) {
+    for (uint64_t n : {0, 1, 3, 4, 63, 64, 65, 200, 1031}) {
+      std::vector<uint32_t> fast(n);
+      philox::fill_bits(seed, offset, first, n, fast.data());
+      for (uint64_t i = 0; i < n; ++i) {
+        INFO("first " << first << ", n " << n << ", i " << i);
+        REQUIRE(fast[i] == philox::bits_at(seed, offset, first + i));
+      }
+    }
+  }
+}
+
 TEST_CASE("the random stream advances and replays from a saved state", "[runtime][rng]") {
   manual_seed(42);
   RngState start = rng_state();

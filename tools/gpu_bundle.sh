@@ -8,7 +8,8 @@
 # RUNPATH "$ORIGIN/.." finds libremat.so.0 and the bundled host libraries; libremat.so.0 loads
 # libremat_cuda.so from beside itself, whose RUNPATH has the toolkit's lib64, and the session
 # script puts the pip wheels' nvidia/*/lib folders on LD_LIBRARY_PATH for cuDNN and friends.
-# Built for sm_90 without -march=native (the GPU machine's CPU is not this one).
+# Built for sm_90 without -march=native (the GPU machine's CPU is not this one), and with Eigen's
+# GEMM rather than OpenBLAS (the GPU runs need no fast CPU GEMM, and the bundle stays small).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${GPU_BUNDLE_BUILD:-build-gpu-bundle}
@@ -16,7 +17,7 @@ bundle=.gpu-bundle
 
 command -v nvcc >/dev/null || { echo "gpu_bundle: nvcc not found: the bundle needs the CUDA toolkit"; exit 77; }
 if [ ! -f "$build/build.ninja" ]; then
-  meson setup "$build" -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dbuildtype=release >"$build.setup.log" 2>&1 ||
+  meson setup "$build" -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dblas=eigen -Dbuildtype=release >"$build.setup.log" 2>&1 ||
     { tail -30 "$build.setup.log"; exit 1; }
 fi
 ninja -C "$build" tests/test_cuda bench/remat-bench models/remat libremat_cuda.so | tail -1

@@ -27,9 +27,16 @@ class MatmulNode final : public Node {
       ga = ta_ ? transpose_last(d_op_a) : d_op_a;
     }
     if (ctx.needs_input_grad(1)) {
-      Tensor d_op_b = matmul(a, g, !ta_, false);
-      if (b.dim() == 2 && d_op_b.dim() > 2) d_op_b = reshape(sum(reshape(d_op_b, {-1, d_op_b.size(-2), d_op_b.size(-1)}), {0}), {d_op_b.size(-2), d_op_b.size(-1)});
-      gb = tb_ ? transpose_last(d_op_b) : d_op_b;
+      if (b.dim() == 2 && a.dim() > 2 && !ta_) {
+        // A 2-D b shared by the batch (a tied head, a projection): one GEMM over all rows of the
+        // batch, no per-batch temporary. op(b) = b: db = a^T g; op(b) = b^T: db = g^T a.
+        Tensor a2 = reshape(a, {-1, a.size(-1)}), g2 = reshape(g, {-1, g.size(-1)});
+        gb = tb_ ? matmul(g2, a2, true, false) : matmul(a2, g2, true, false);
+      } else {
+        Tensor d_op_b = matmul(a, g, !ta_, false);
+        if (b.dim() == 2 && d_op_b.dim() > 2) d_op_b = reshape(sum(reshape(d_op_b, {-1, d_op_b.size(-2), d_op_b.size(-1)}), {0}), {d_op_b.size(-2), d_op_b.size(-1)});
+        gb = tb_ ? transpose_last(d_op_b) : d_op_b;
+      }
     }
     return {ga, gb};
   }

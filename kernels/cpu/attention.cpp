@@ -1,6 +1,11 @@
 // CPU fused scaled dot-product attention, q/k/v [B, H, T, D]. Forward keeps only the row
-// log-sum-exp; backward rebuilds the probabilities from it, one (b, h) head per thread.
+// log-sum-exp; backward rebuilds the probabilities from it. One (b, h) head per thread; within a
+// head, query rows go in blocks of kRows, and a causal block reads only the keys up to its last row
+// (the T x T matrix is never formed). Every sum runs in a fixed order, so replays repeat the bits.
 #include <Eigen/Core>
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -11,21 +16,32 @@ namespace remat {
 
 namespace {
 
+constexpr int64_t kRows = 32;  // query rows per block
+
 template <typename T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <typename T>
 using CMap = Eigen::Map<const Mat<T>>;
 template <typename T>
-using MMap = Eigen::Map<Mat<T>>;
+using MMap = Eigen::Map<Mat<T>, 0, Eigen::OuterStride<>>;
 
-// S = scale * Q K^T with the causal mask applied as -inf above the diagonal.
+// S = scale * Q_rows K_keys^T for query rows [r0, r1) against keys [0, keys), masked causally:
+// -inf where key j > query row i. S has a row stride of `ld`.
 template <typename T>
-void scores(const CMap<T>& q, const CMap<T>& k, bool causal, T scale, MMap<T>& s) {
-  s.noalias() = q * k.transpose();
-  s *= scale;
+void block_scores(const T* q, const T* k, int64_t r0, int64_t r1, int64_t keys, int64_t d, bool causal, T scale,
+                  T* s, int64_t ld) {
+  MMap<T> S(s, r1 - r0, keys, Eigen::OuterStride<>(ld));
+  S.noalias() = scale * (CMap<T>(q + r0 * d, r1 - r0, d) * CMap<T>(k, keys, d).transpose());
   if (causal)
-    for (int64_t i = 0; i < s.rows(); ++i)
-      for (int64_t j = i + 1; j < s.cols(); ++j) s(i, j) = -std::numeric_limits<T>::infinity();
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = i + 1; j < keys; ++j) S(i - r0, j) = -std::numeric_limits<T>::infinity();
+}
+
+// Per-thread scratch, allocated before the parallel loop (workspace memory; an allocation that
+// fails is then an ordinary error, not one thrown inside a parallel region).
+Tensor scratch(int64_t per_thread, DType dtype) {
+  MemoryCategoryScope scope(MemoryCategory::workspace);
+  return Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), per_thread}, dtype);
 }
 
 }  // namespace
@@ -35,28 +51,30 @@ std::vector<Tensor> CpuBackend::attention(const Tensor& q, const Tensor& k, cons
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = Tensor::empty(q.shape(), q.dtype());
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, q.dtype());
+  Tensor work = scratch(kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention", [&]<typename T>() {
 #pragma omp parallel for if (heads * t * t * d > cpu::kParallelGrain)
     for (int64_t h = 0; h < heads; ++h) {
-      Tensor work;
-      {
-        MemoryCategoryScope scope(MemoryCategory::workspace);
-        work = Tensor::empty({t, t}, q.dtype());
-      }
-      CMap<T> Q(q.data<T>() + h * t * d, t, d), K(k.data<T>() + h * t * d, t, d), V(v.data<T>() + h * t * d, t, d);
-      MMap<T> S(work.data<T>(), t, t), O(o.data<T>() + h * t * d, t, d);
+      const T *Q = q.data<T>() + h * t * d, *K = k.data<T>() + h * t * d, *V = v.data<T>() + h * t * d;
+      T* O = o.data<T>() + h * t * d;
       T* L = lse.data<T>() + h * t;
-      scores(Q, K, causal, static_cast<T>(scale), S);
-      for (int64_t i = 0; i < t; ++i) {
-        T mx = S.row(i).maxCoeff();
-        T* row = S.data() + i * t;  // row-major
-        cpu::exp_shifted(row, mx, row, t);
-        T sum = 0;
-        for (int64_t j = 0; j < t; ++j) sum += row[j];
-        S.row(i) /= sum;
-        L[i] = mx + std::log(sum);
+      T* S = work.data<T>() + omp_get_thread_num() * kRows * t;
+      for (int64_t r0 = 0; r0 < t; r0 += kRows) {
+        int64_t r1 = std::min(t, r0 + kRows), keys = causal ? r1 : t;
+        block_scores(Q, K, r0, r1, keys, d, causal, static_cast<T>(scale), S, t);
+        for (int64_t i = 0; i < r1 - r0; ++i) {
+          T* row = S + i * t;
+          T mx = *std::max_element(row, row + keys);
+          cpu::exp_shifted(row, mx, row, keys);
+          T sum = 0;
+          for (int64_t j = 0; j < keys; ++j) sum += row[j];
+          T inv = T(1) / sum;
+          for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
+          L[r0 + i] = mx + std::log(sum);
+        }
+        Eigen::Map<Mat<T>>(O + r0 * d, r1 - r0, d).noalias() = MMap<T>(S, r1 - r0, keys, Eigen::OuterStride<>(t)) *
+                                                              CMap<T>(V, keys, d);
       }
-      O.noalias() = S * V;
     }
   });
   return {o, lse};
@@ -66,34 +84,36 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o, const Tens
                                                    const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
                                                    double scale) {
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor dq = Tensor::empty(q.shape(), q.dtype()), dk = Tensor::empty(q.shape(), q.dtype()),
-         dv = Tensor::empty(q.shape(), q.dtype());
+  Tensor dq = Tensor::empty(q.shape(), q.dtype()), dk = Tensor::zeros(q.shape(), q.dtype()),
+         dv = Tensor::zeros(q.shape(), q.dtype());
+  Tensor work = scratch(2 * kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention_backward", [&]<typename T>() {
 #pragma omp parallel for if (heads * t * t * d > cpu::kParallelGrain)
     for (int64_t h = 0; h < heads; ++h) {
-      Tensor work_p, work_dp;
-      {
-        MemoryCategoryScope scope(MemoryCategory::workspace);
-        work_p = Tensor::empty({t, t}, q.dtype());
-        work_dp = Tensor::empty({t, t}, q.dtype());
-      }
       size_t off = static_cast<size_t>(h * t * d);
-      CMap<T> Q(q.data<T>() + off, t, d), K(k.data<T>() + off, t, d), V(v.data<T>() + off, t, d),
-          O(o.data<T>() + off, t, d), dO(d_o.data<T>() + off, t, d);
-      MMap<T> P(work_p.data<T>(), t, t), dP(work_dp.data<T>(), t, t);
-      MMap<T> dQ(dq.data<T>() + off, t, d), dK(dk.data<T>() + off, t, d), dV(dv.data<T>() + off, t, d);
+      const T *Q = q.data<T>() + off, *K = k.data<T>() + off, *V = v.data<T>() + off, *O = o.data<T>() + off,
+              *dO = d_o.data<T>() + off;
+      T *dQ = dq.data<T>() + off, *dK = dk.data<T>() + off, *dV = dv.data<T>() + off;
       const T* L = lse.data<T>() + h * t;
+      T* P = work.data<T>() + omp_get_thread_num() * 2 * kRows * t;
+      T* dP = P + kRows * t;
       T sc = static_cast<T>(scale);
-      scores(Q, K, causal, sc, P);
-      for (int64_t i = 0; i < t; ++i) cpu::exp_shifted(P.data() + i * t, L[i], P.data() + i * t, t);  // P = exp(S - lse)
-      dV.noalias() = P.transpose() * dO;                                       // d(v) term
-      dP.noalias() = dO * V.transpose();
-      for (int64_t i = 0; i < t; ++i) {
-        T di = dO.row(i).dot(O.row(i));  // D_i = sum_j P_ij dP_ij = dO_i . O_i
-        for (int64_t j = 0; j < t; ++j) dP(i, j) = P(i, j) * (dP(i, j) - di) * sc;  // dS, scaled
+      // Query blocks in order: dK and dV sum their contributions in a fixed order.
+      for (int64_t r0 = 0; r0 < t; r0 += kRows) {
+        int64_t r1 = std::min(t, r0 + kRows), rows = r1 - r0, keys = causal ? r1 : t;
+        block_scores(Q, K, r0, r1, keys, d, causal, sc, P, t);
+        for (int64_t i = 0; i < rows; ++i) cpu::exp_shifted(P + i * t, L[r0 + i], P + i * t, keys);  // P = exp(S - lse)
+        MMap<T> Pb(P, rows, keys, Eigen::OuterStride<>(t)), dPb(dP, rows, keys, Eigen::OuterStride<>(t));
+        CMap<T> dOb(dO + r0 * d, rows, d), Vk(V, keys, d), Kk(K, keys, d), Qb(Q + r0 * d, rows, d);
+        Eigen::Map<Mat<T>>(dV, keys, d).noalias() += Pb.transpose() * dOb;  // d(v) term
+        dPb.noalias() = dOb * Vk.transpose();
+        for (int64_t i = 0; i < rows; ++i) {
+          T di = CMap<T>(dO + (r0 + i) * d, 1, d).cwiseProduct(CMap<T>(O + (r0 + i) * d, 1, d)).sum();  // D_i = dO_i . O_i
+          for (int64_t j = 0; j < keys; ++j) dPb(i, j) = Pb(i, j) * (dPb(i, j) - di) * sc;  // dS, scaled
+        }
+        Eigen::Map<Mat<T>>(dQ + r0 * d, rows, d).noalias() = dPb * Kk;              // d(q) term
+        Eigen::Map<Mat<T>>(dK, keys, d).noalias() += dPb.transpose() * Qb;          // d(k) term
       }
-      dQ.noalias() = dP * K;              // d(q) term
-      dK.noalias() = dP.transpose() * Q;  // d(k) term
     }
   });
   return {dq, dk, dv};

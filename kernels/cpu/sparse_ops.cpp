@@ -1,4 +1,5 @@
 // CPU dropout (Philox mask), embedding lookup and its deterministic backward, fused cross-entropy.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,10 +18,16 @@ Tensor CpuBackend::dropout(const Tensor& x, double p, uint64_t seed, uint64_t of
     int64_t n = x.numel();
     T keep_scale = T(1) / (T(1) - static_cast<T>(p));
     float threshold = static_cast<float>(p);
+    // Chunks of whole Philox blocks: the mask bits of a chunk at once, then the select.
+    constexpr int64_t kChunk = 1024;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for if (n > cpu::kParallelGrain)
-    for (int64_t i = 0; i < n; ++i) {
-      float u = philox::uniform_from_bits(philox::bits_at(seed, offset, static_cast<uint64_t>(i)));
-      py[i] = u >= threshold ? px[i] * keep_scale : T(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t start = c * kChunk, len = std::min<int64_t>(kChunk, n - start);
+      uint32_t bits[kChunk];
+      philox::fill_bits(seed, offset, static_cast<uint64_t>(start), static_cast<uint64_t>(len), bits);
+      for (int64_t j = 0; j < len; ++j)
+        py[start + j] = philox::uniform_from_bits(bits[j]) >= threshold ? px[start + j] * keep_scale : T(0);
     }
   });
   return y;
