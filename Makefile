@@ -1,6 +1,6 @@
 # The front door: `make train` and `make test` work on a fresh Debian 12 machine (as root or with sudo).
 BUILD ?= build
-PACKAGES := gcc g++ clang cmake pkg-config python3 meson ninja-build libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
+PACKAGES := gcc g++ clang cmake pkg-config python3 meson ninja-build libeigen3-dev libopenblas-openmp-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOBS ?= $(shell nproc)
 
@@ -52,18 +52,21 @@ bench: build
 bench-ops: build
 	$(BUILD)/bench/remat-bench ops --device cpu
 
-# remat and the PyTorch peer (Debian's python3-torch) back to back under the same heap tracker.
-# Debian's torch calls the system BLAS; libopenblas0-pthread makes that OpenBLAS (else a slow reference BLAS).
-PEER_PACKAGES := python3-torch libopenblas0-pthread
+# remat against PyTorch 2.x and JAX from PyPI (a venv in the cache folder, outside the repo: about
+# 6 GB, most of it the CUDA wheels torch brings), interleaved rounds under the same heap tracker.
+# Without PyPI it falls back to Debian's python3-torch (1.13: no fused attention, no selective
+# checkpointing) and no JAX.
+PEER_VENV ?= $(HOME)/.cache/remat-peer/venv
+PEER_ROUNDS ?= 3
 bench-peer: build
-	@missing=$$(for p in $(PEER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
-	mkdir -p runs/bench
-	LD_PRELOAD=$(CURDIR)/$(BUILD)/bench/libheap_tracker.so $(BUILD)/bench/remat-bench --model gpt --config small \
-	  --policies none,full,ops,block_skip:2,level:3 --steps 5 --warmup 1 --json runs/bench/remat_peer.json
-	LD_PRELOAD=$(CURDIR)/$(BUILD)/bench/libheap_tracker.so /usr/bin/python3 bench/peer/gpt_peer.py --config small \
-	  --policies none,full,ops,block_skip:2,level:3 --steps 5 --warmup 1 --json runs/bench/torch_peer.json
-	python3 bench/peer/compare.py runs/bench/remat_peer.json runs/bench/torch_peer.json
+	@if [ ! -x $(PEER_VENV)/bin/python ] || ! $(PEER_VENV)/bin/python -c 'import torch' 2>/dev/null; then \
+	  echo "installing torch and jax from PyPI into $(PEER_VENV) (about 6 GB)"; \
+	  python3 -m venv $(PEER_VENV) && $(PEER_VENV)/bin/pip install -q torch numpy jax || \
+	  { echo "no PyPI: falling back to Debian's python3-torch"; rm -rf $(PEER_VENV); \
+	    $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-torch libopenblas0-pthread; }; \
+	fi
+	python3 bench/peer/run_peers.py --build $(BUILD) --rounds $(PEER_ROUNDS) --out runs/bench/peer \
+	  --python $$( [ -x $(PEER_VENV)/bin/python ] && echo $(PEER_VENV)/bin/python || echo /usr/bin/python3 )
 
 clean:
 	rm -rf $(BUILD)

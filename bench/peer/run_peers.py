@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""remat against its peers, PyTorch 2.x and JAX, on the same GPT: interleaved rounds (remat, then
+PyTorch, then JAX, again and again, so that a slow spell of the machine hits all three), each side
+under the same LD_PRELOAD heap tracker. Prints, per policy, the median over the rounds of each
+side's median step time, the spread over the rounds (min..max), the heap peak, and the ratios
+remat / peer (below 1: remat is faster or leaner). Writes every round's JSON and summary.json.
+
+  python3 bench/peer/run_peers.py --build build --python ~/.cache/remat-peer/venv/bin/python --rounds 3
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(cmd, env):
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+    sys.stdout.write(proc.stdout[-3000:])
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stderr[-3000:])
+        raise SystemExit(f"run_peers: {cmd[0]} exited {proc.returncode}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--python", default=sys.executable, help="a Python with torch (and jax) installed")
+    ap.add_argument("--config", default="small")
+    ap.add_argument("--policies", default="none,full,ops,block_skip:2")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default="runs/bench/peer")
+    args = ap.parse_args()
+    build = Path(args.build).resolve()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, LD_PRELOAD=str(build / "bench" / "libheap_tracker.so"), OMP_NUM_THREADS=str(args.threads))
+    have_jax = subprocess.run([args.python, "-c", "import jax"], capture_output=True).returncode == 0
+    common = ["--config", args.config, "--policies", args.policies, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    peers = ["torch"] + (["jax"] if have_jax else [])
+    for r in range(args.rounds):
+        print(f"== round {r + 1} of {args.rounds}", flush=True)
+        run([str(build / "bench" / "remat-bench"), "--model", "gpt", *common, "--json", str(out / f"remat-{r}.json")], env)
+        run([args.python, "bench/peer/gpt_peer.py", *common, "--threads", str(args.threads),
+             "--json", str(out / f"torch-{r}.json")], env)
+        if have_jax:
+            run([args.python, "bench/peer/gpt_jax.py", *common, "--threads", str(args.threads),
+                 "--json", str(out / f"jax-{r}.json")], env)
+
+    def rounds_of(side):
+        docs = [json.load(open(out / f"{side}-{r}.json")) for r in range(args.rounds)]
+        by_policy = {}
+        for doc in docs:
+            for p in doc["policies"]:
+                if p.get("supported", True):
+                    by_policy.setdefault(p["policy"], []).append(p)
+        return docs[0], by_policy
+
+    _, remat = rounds_of("remat")
+    versions = {}
+    sides = {"remat": remat}
+    for peer in peers:
+        doc, rows = rounds_of(peer)
+        sides[peer] = rows
+        versions[peer] = doc.get(peer if peer == "jax" else "torch")
+    summary = {"config": args.config, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+               "peers": versions, "policies": []}
+    head = f"{'policy':<13} {'remat ms':>17}"
+    for peer in peers:
+        head += f" {peer + ' ms':>17} {'ratio':>6}"
+    head += f" {'remat heap':>11}"
+    for peer in peers:
+        head += f" {peer + ' heap':>11} {'ratio':>6}"
+    print(f"\nremat vs " + ", ".join(f"{p} {v}" for p, v in versions.items()) +
+          f": gpt {args.config}, {args.threads} threads, median of {args.rounds} interleaved rounds (min..max)")
+    print(head)
+    for policy in args.policies.split(","):
+        entry = {"policy": policy}
+        line = f"{policy:<13}"
+        for side in ["remat"] + peers:
+            rows = sides[side].get(policy)
+            if not rows:
+                entry[side] = None
+                continue
+            times = [row["median_step_ms"] for row in rows]
+            heaps = [row.get("heap_step_peak_bytes") or 0 for row in rows]
+            entry[side] = {"median_step_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                           "heap_step_peak_bytes": statistics.median(heaps)}
+        def cell(side):
+            e = entry.get(side)
+            return f"{e['median_step_ms']:7.1f} ({e['min_ms']:.0f}..{e['max_ms']:.0f})" if e else f"{'n/a':>17}"
+        line += f" {cell('remat'):>17}"
+        for peer in peers:
+            ratio = entry[peer] and entry["remat"] and entry["remat"]["median_step_ms"] / entry[peer]["median_step_ms"]
+            entry[f"time_ratio_{peer}"] = ratio
+            line += f" {cell(peer):>17} {ratio:6.2f}" if ratio else f" {cell(peer):>17} {'n/a':>6}"
+        rh = entry["remat"]["heap_step_peak_bytes"] if entry["remat"] else 0
+        line += f" {rh / 2**20:10.1f}M"
+        for peer in peers:
+            ph = entry[peer]["heap_step_peak_bytes"] if entry[peer] else 0
+            ratio = rh / ph if rh and ph else None
+            entry[f"heap_ratio_{peer}"] = ratio
+            line += f" {ph / 2**20:10.1f}M {ratio:6.2f}" if ratio else f" {'n/a':>11} {'n/a':>6}"
+        print(line)
+        summary["policies"].append(entry)
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nper-round JSON and summary.json in {out}")
+
+
+if __name__ == "__main__":
+    main()
