@@ -2,6 +2,8 @@
 #include "checkpoint/apply.h"
 
 #include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -172,11 +174,13 @@ PolicySpec parse_policy(const std::string& text) {
   spec.text = text;
   auto number_after = [&](const std::string& prefix, int lo, int hi) {
     std::string rest = text.substr(prefix.size());
+    int64_t n = 0;
+    auto [end, error] = std::from_chars(rest.data(), rest.data() + rest.size(), n);
     REMAT_CHECK(!rest.empty() && rest.find_first_not_of("0123456789") == std::string::npos, "policy '", text,
                 "': expected ", prefix, "<integer>");
-    int n = std::stoi(rest);
-    REMAT_CHECK(n >= lo && n <= hi, "policy '", text, "': expected ", prefix, "N with ", lo, " <= N <= ", hi);
-    return n;
+    REMAT_CHECK(error == std::errc() && end == rest.data() + rest.size() && n >= lo && n <= hi, "policy '", text,
+                "': expected ", prefix, "N with ", lo, " <= N <= ", hi);
+    return static_cast<int>(n);
   };
   if (text == "none") spec.kind = PolicySpec::Kind::none;
   else if (text == "full") spec.kind = PolicySpec::Kind::full;
@@ -211,8 +215,12 @@ PolicySpec parse_policy(const std::string& text) {
     if (percent) rest.pop_back();
     char* end = nullptr;
     double value = rest.empty() ? 0 : std::strtod(rest.c_str(), &end);
-    REMAT_CHECK(!rest.empty() && end && *end == 0 && value > 0 && (!percent || value <= 100), "policy '", text,
-                "': expected budget:<bytes> or budget:<percent>% with 0 < percent <= 100");
+    bool number = !rest.empty() && end && *end == 0 && std::isfinite(value);
+    // Bytes: a whole number from 1 to 2^62 (so that it converts exactly); percent: (0, 100].
+    constexpr double kMaxBytes = 4611686018427387904.0;
+    bool fits = percent ? value > 0 && value <= 100 : value >= 1 && value <= kMaxBytes && value == std::floor(value);
+    REMAT_CHECK(number && fits, "policy '", text, "': expected budget:<bytes> with a whole number of bytes from 1 to ",
+                "2^62, or budget:<percent>% with 0 < percent <= 100");
     if (percent) spec.budget_percent = value;
     else spec.budget_bytes = static_cast<int64_t>(value);
   } else {

@@ -153,10 +153,28 @@ Tensor DitSingleBlock::operator()(const Tensor& x, const Tensor& c) {
   return gated(x, m[2], out);
 }
 
+void check_config(const DitConfig& c) {
+  REMAT_CHECK(c.image > 0 && c.patch > 0 && c.channels > 0 && c.heads > 0 && c.double_blocks >= 0 &&
+                  c.single_blocks >= 0 && c.classes > 0 && c.batch > 0,
+              "dit: expected positive sizes in config ", c.name, ", got image ", c.image, ", patch ", c.patch,
+              ", channels ", c.channels, ", heads ", c.heads, ", blocks ", c.double_blocks, " + ", c.single_blocks,
+              ", classes ", c.classes, ", batch ", c.batch);
+  REMAT_CHECK(c.image % c.patch == 0 && c.channels % c.heads == 0 && c.channels % 2 == 0,
+              "dit: expected image divisible by patch, channels by heads and even, got image ", c.image, ", patch ",
+              c.patch, ", channels ", c.channels, ", heads ", c.heads);
+}
+
+int64_t parameter_count(const DitConfig& c) {
+  int64_t C = c.channels, pv = 3 * c.patch * c.patch, g = c.image / c.patch;
+  auto linear = [](int64_t in, int64_t out) { return in * out + out; };
+  int64_t stream = linear(C, 6 * C) + linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C);
+  int64_t single = linear(C, 3 * C) + linear(C, 7 * C) + linear(5 * C, C);
+  return linear(pv, C) + g * g * C + 2 * linear(C, C) + c.classes * C + c.double_blocks * 2 * stream +
+         c.single_blocks * single + linear(C, 2 * C) + linear(C, pv);
+}
+
 Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {
-  REMAT_CHECK(cfg.image % cfg.patch == 0 && cfg.channels % cfg.heads == 0 && cfg.channels % 2 == 0,
-              "dit: expected image divisible by patch and channels by heads, got image ", cfg.image, ", patch ",
-              cfg.patch, ", channels ", cfg.channels, ", heads ", cfg.heads);
+  check_config(cfg);
   int64_t c = cfg.channels, patch_values = 3 * cfg.patch * cfg.patch;
   nn::ParameterDTypeScope dtype(cfg.dtype);
   // Xavier-normal patch embedding, so that content and position start at comparable scales.

@@ -22,6 +22,9 @@ struct DitConfig {
 
 // tiny (tests: 8x8, C 32, 2 double + 2 single) and small (32x32 RGB, patch 2, C 256, 8 heads, 2 + 4).
 DitConfig dit_config(const std::string& name);
+// Throws a clear error for a config no Dit can be built from; Dit's constructor calls it first.
+void check_config(const DitConfig& c);
+int64_t parameter_count(const DitConfig& c);  // without building the model
 
 // shift/scale/gate chunks [B, C] from c [B, C]: Linear(SiLU(c)) split into `chunks`.
 class AdaModulation final : public Module {

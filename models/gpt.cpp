@@ -41,10 +41,22 @@ Tensor GptBlock::forward(const Tensor& x) {
   return add(h, (*mlp)((*ln2)(h)));
 }
 
-Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
-  REMAT_CHECK(c.vocab > 0 && c.channels > 0 && c.layers > 0 && c.seq_len > 0 && c.batch > 0,
-              "gpt: expected positive sizes in config ", c.name);
+void check_config(const GptConfig& c) {
+  REMAT_CHECK(c.vocab > 0 && c.channels > 0 && c.heads > 0 && c.layers > 0 && c.seq_len > 0 && c.batch > 0,
+              "gpt: expected positive sizes in config ", c.name, ", got vocab ", c.vocab, ", channels ", c.channels,
+              ", heads ", c.heads, ", layers ", c.layers, ", seq_len ", c.seq_len, ", batch ", c.batch);
   REMAT_CHECK(c.channels % c.heads == 0, "gpt: expected channels (", c.channels, ") divisible by heads (", c.heads, ")");
+  REMAT_CHECK(c.dropout >= 0 && c.dropout < 1, "gpt: expected dropout in [0, 1), got ", c.dropout);
+}
+
+int64_t parameter_count(const GptConfig& c) {
+  int64_t C = c.channels;
+  int64_t block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C);
+  return c.vocab * C + c.seq_len * C + c.layers * block + 2 * C;  // wte, wpe, blocks, ln_f
+}
+
+Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
+  check_config(c);
   nn::ParameterDTypeScope dtype(c.dtype);
   wte = register_module("wte", std::make_shared<nn::Embedding>(c.vocab, c.channels));
   wpe = register_module("wpe", std::make_shared<nn::Embedding>(c.seq_len, c.channels));

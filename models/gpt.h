@@ -19,6 +19,11 @@ struct GptConfig {
 
 // Named configurations: tiny (tests), small (CPU demo and bench), gpt2 (124M, GPU bench).
 GptConfig gpt_config(const std::string& name);
+// Throws a clear error for a config no model can be built from (sizes < 1, channels not divisible
+// by heads, dropout outside [0, 1)); Gpt's constructor calls it first.
+void check_config(const GptConfig& c);
+// The number of parameters a Gpt of this config has, without building it.
+int64_t parameter_count(const GptConfig& c);
 
 class GptBlock final : public nn::UnaryModule {
  public:

@@ -1,6 +1,8 @@
 // safetensors encoder and validating decoder.
 #include "models/safetensors.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -51,6 +53,16 @@ bool SafetensorsFile::contains(const std::string& name) const {
   for (const auto& entry : tensors)
     if (entry.first == name) return true;
   return false;
+}
+
+void check_writable_file(const std::string& path, const char* what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  REMAT_CHECK(!path.empty(), what, ": expected a file name");
+  REMAT_CHECK(!fs::is_directory(path, ec), what, " ", path, ": is a folder; expected a file name");
+  fs::path folder = fs::absolute(fs::path(path)).parent_path();
+  REMAT_CHECK(fs::is_directory(folder, ec), what, " ", path, ": the folder ", folder.string(), " does not exist");
+  REMAT_CHECK(::access(folder.c_str(), W_OK) == 0, what, " ", path, ": the folder ", folder.string(), " is not writable");
 }
 
 void write_file_atomically(const std::string& path, const std::string& contents) {

@@ -29,5 +29,8 @@ SafetensorsFile load_safetensors(const std::string& path);
 
 // Writes `contents` to `path` through a temporary file and a rename.
 void write_file_atomically(const std::string& path, const std::string& contents);
+// Throws, creating nothing, unless `path` can be written as a file: not a folder, in a folder that
+// exists and is writable. `what` names the option in the message ("--out").
+void check_writable_file(const std::string& path, const char* what);
 
 }  // namespace remat

@@ -90,6 +90,10 @@ Tensor sample_images(const SampleOptions& o, const SampleProgress& on_step) {
   REMAT_CHECK(o.n >= 1 && o.steps >= 1, "sample: expected --n >= 1 and --steps >= 1, got ", o.n, " and ", o.steps);
   REMAT_CHECK(std::isfinite(o.guidance) && o.guidance >= 0, "sample: expected --guidance >= 0, got ", o.guidance);
   REMAT_CHECK(o.eta >= 0 && o.eta <= 1, "sample: expected --eta in [0, 1], got ", o.eta);
+  REMAT_CHECK(o.scale >= 1 && o.scale <= 16, "sample: expected --scale in 1..16, got ", o.scale);
+  REMAT_CHECK(o.n <= 65536 && o.steps <= 100000, "sample: expected --n <= 65536 and --steps <= 100000, got ", o.n,
+              " and ", o.steps);
+  check_writable_file(o.out, "--out");  // before the sampling, not after it
   FlowModel loaded = load_flow_model(o.weights, o.model, o.seed);
   bool guided = o.guidance != 1.0;
   REMAT_CHECK(!guided || loaded.label_dropout, "sample: --guidance ", o.guidance, " needs weights trained ",

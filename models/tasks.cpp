@@ -28,8 +28,8 @@ void TrainTask::set_time_sampling(TimeSampling s) {
 namespace {
 
 int64_t positive_int(const std::string& key, double value) {
-  REMAT_CHECK(value >= 1 && value == static_cast<double>(static_cast<int64_t>(value)), "config field ", key,
-              ": expected a positive integer, got ", value);
+  REMAT_CHECK(value >= 1 && value <= 1e12 && value == std::floor(value), "config field ", key,
+              ": expected a whole number from 1 to 10^12, got ", value);
   return static_cast<int64_t>(value);
 }
 
@@ -137,54 +137,101 @@ UnetConfig parse_unet(const nlohmann::json& j) {
 
 }  // namespace
 
+namespace {
+
+// A named config with its overrides applied (fields checked as numbers here, as a whole by the model).
+template <typename Apply>
+void apply_overrides(const std::map<std::string, double>& overrides, Apply apply) {
+  for (const auto& [key, value] : overrides) apply(key, value);
+}
+
+GptConfig gpt_from(const std::string& name, const std::map<std::string, double>& overrides) {
+  GptConfig c = gpt_config(name);
+  apply_overrides(overrides, [&](const std::string& key, double value) {
+    if (key == "vocab") c.vocab = positive_int(key, value);
+    else if (key == "channels") c.channels = positive_int(key, value);
+    else if (key == "heads") c.heads = positive_int(key, value);
+    else if (key == "layers") c.layers = positive_int(key, value);
+    else if (key == "seq_len") c.seq_len = positive_int(key, value);
+    else if (key == "batch") c.batch = positive_int(key, value);
+    else if (key == "dropout") c.dropout = probability(key, value);
+    else REMAT_FAIL("unknown config field '", key, "' for gpt: expected vocab, channels, heads, layers, seq_len, batch or dropout");
+  });
+  check_config(c);
+  return c;
+}
+
+DitConfig dit_from(const std::string& name, const std::map<std::string, double>& overrides) {
+  DitConfig c = dit_config(name);
+  apply_overrides(overrides, [&](const std::string& key, double value) {
+    if (key == "channels") c.channels = positive_int(key, value);
+    else if (key == "heads") c.heads = positive_int(key, value);
+    else if (key == "batch") c.batch = positive_int(key, value);
+    else if (key == "layers") c.single_blocks = positive_int(key, value);
+    else REMAT_FAIL("unknown config field '", key, "' for dit: expected channels, heads, batch or layers (single blocks)");
+  });
+  check_config(c);
+  return c;
+}
+
+UnetConfig unet_from(const std::string& name, const std::map<std::string, double>& overrides) {
+  UnetConfig c = unet_config(name);
+  apply_overrides(overrides, [&](const std::string& key, double value) {
+    if (key == "channels") c.base = positive_int(key, value);
+    else if (key == "batch") c.batch = positive_int(key, value);
+    else if (key == "dropout") c.dropout = probability(key, value);
+    else REMAT_FAIL("unknown config field '", key, "' for unet: expected channels (base width), batch or dropout");
+  });
+  check_config(c);
+  return c;
+}
+
+// The model's weights must fit in this machine's memory before a byte of them is drawn.
+void check_parameters_fit(const std::string& model, int64_t parameters) {
+  int64_t have = host_memory_bytes(), need = parameters * static_cast<int64_t>(sizeof(float));
+  REMAT_CHECK(parameters <= have / static_cast<int64_t>(sizeof(float)), model, ": ", parameters, " parameters need ",
+              format_bytes(need), " for the weights alone, more than the ", format_bytes(have), " of memory there is");
+}
+
+}  // namespace
+
+int64_t task_parameter_count(const std::string& model, const std::string& name,
+                             const std::map<std::string, double>& overrides) {
+  if (model == "gpt") return parameter_count(gpt_from(name, overrides));
+  if (model == "dit") return parameter_count(dit_from(name, overrides));
+  if (model == "unet") return parameter_count(unet_from(name, overrides));
+  REMAT_FAIL("unknown model '", model, "': expected gpt, dit or unet");
+}
+
 std::unique_ptr<TrainTask> make_task(const std::string& model, const std::string& name,
                                      const std::map<std::string, double>& overrides, uint64_t seed) {
-  auto unknown = [&](const std::string& key, const char* accepted) {
-    REMAT_FAIL("unknown config field '", key, "' for ", model, ": expected ", accepted);
-  };
-  if (model == "gpt") {
-    GptConfig c = gpt_config(name);
-    for (const auto& [key, value] : overrides) {
-      if (key == "vocab") c.vocab = positive_int(key, value);
-      else if (key == "channels") c.channels = positive_int(key, value);
-      else if (key == "heads") c.heads = positive_int(key, value);
-      else if (key == "layers") c.layers = positive_int(key, value);
-      else if (key == "seq_len") c.seq_len = positive_int(key, value);
-      else if (key == "batch") c.batch = positive_int(key, value);
-      else if (key == "dropout") c.dropout = probability(key, value);
-      else unknown(key, "vocab, channels, heads, layers, seq_len, batch or dropout");
-    }
-    return std::make_unique<GptTask>(c, seed);
-  }
-  if (model == "dit") {
-    DitConfig c = dit_config(name);
-    for (const auto& [key, value] : overrides) {
-      if (key == "channels") c.channels = positive_int(key, value);
-      else if (key == "heads") c.heads = positive_int(key, value);
-      else if (key == "batch") c.batch = positive_int(key, value);
-      else if (key == "layers") c.single_blocks = positive_int(key, value);
-      else unknown(key, "channels, heads, batch or layers (single blocks)");
-    }
-    return std::make_unique<FlowTask<Dit, DitConfig>>(c, seed);
-  }
-  if (model == "unet") {
-    UnetConfig c = unet_config(name);
-    for (const auto& [key, value] : overrides) {
-      if (key == "channels") c.base = positive_int(key, value);
-      else if (key == "batch") c.batch = positive_int(key, value);
-      else if (key == "dropout") c.dropout = probability(key, value);
-      else unknown(key, "channels (base width), batch or dropout");
-    }
-    return std::make_unique<FlowTask<Unet, UnetConfig>>(c, seed);
-  }
-  REMAT_FAIL("unknown model '", model, "': expected gpt, dit or unet");
+  check_parameters_fit(model, task_parameter_count(model, name, overrides));
+  if (model == "gpt") return std::make_unique<GptTask>(gpt_from(name, overrides), seed);
+  if (model == "dit") return std::make_unique<FlowTask<Dit, DitConfig>>(dit_from(name, overrides), seed);
+  return std::make_unique<FlowTask<Unet, UnetConfig>>(unet_from(name, overrides), seed);
 }
 
 std::unique_ptr<TrainTask> make_task_from_json(const std::string& model, const nlohmann::json& config, uint64_t seed) {
   try {
-    if (model == "gpt") return std::make_unique<GptTask>(GptTask::parse(config), seed);
-    if (model == "dit") return std::make_unique<FlowTask<Dit, DitConfig>>(parse_dit(config), seed);
-    if (model == "unet") return std::make_unique<FlowTask<Unet, UnetConfig>>(parse_unet(config), seed);
+    // Configs from files are checked like any other: a file may be damaged or hand-edited.
+    if (model == "gpt") {
+      GptConfig c = GptTask::parse(config);
+      check_config(c);
+      check_parameters_fit(model, parameter_count(c));
+      return std::make_unique<GptTask>(c, seed);
+    }
+    if (model == "dit") {
+      DitConfig c = parse_dit(config);
+      check_config(c);
+      check_parameters_fit(model, parameter_count(c));
+      return std::make_unique<FlowTask<Dit, DitConfig>>(c, seed);
+    }
+    if (model == "unet") {
+      UnetConfig c = parse_unet(config);
+      check_config(c);
+      check_parameters_fit(model, parameter_count(c));
+      return std::make_unique<FlowTask<Unet, UnetConfig>>(c, seed);
+    }
   } catch (const nlohmann::json::exception& e) {
     REMAT_FAIL("corrupted model config for ", model, ": ", e.what());
   }

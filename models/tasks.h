@@ -53,5 +53,8 @@ class TrainTask {
 std::unique_ptr<TrainTask> make_task(const std::string& model, const std::string& config,
                                      const std::map<std::string, double>& overrides, uint64_t seed);
 std::unique_ptr<TrainTask> make_task_from_json(const std::string& model, const nlohmann::json& config, uint64_t seed);
+// The parameters the task's model would have (its config checked), without building it.
+int64_t task_parameter_count(const std::string& model, const std::string& config,
+                             const std::map<std::string, double>& overrides);
 
 }  // namespace remat

@@ -1,8 +1,14 @@
 // The training loop and its snapshots.
 #include "models/train.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <cmath>
 #include <filesystem>
@@ -36,8 +42,70 @@ std::string metrics_line(const StepMetrics& m, const char* items) {
 
 struct RunState {
   int64_t step = 0;  // steps completed
-  std::string metrics;  // metrics.jsonl so far
+  std::string pending_metrics;  // metrics.jsonl lines since the last snapshot (appended with it)
 };
+
+// metrics.jsonl holds what the snapshot holds: a resumed run drops the lines of steps after it
+// (they are run again), reading the file once, line by line.
+void truncate_metrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in.good()) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) continue;
+    if (j["step"].get<int64_t>() <= step) kept += line + "\n";
+  }
+  in.close();
+  write_file_atomically(path, kept);
+}
+
+void append_metrics(const std::string& path, const std::string& lines) {
+  if (lines.empty()) return;
+  std::ofstream out(path, std::ios::app | std::ios::binary);
+  out << lines;
+  out.flush();
+  REMAT_CHECK(out.good(), "cannot append to ", path, ": ", std::strerror(errno));
+}
+
+// The run directory's lock: a second `remat train` into the same folder is refused while this one
+// runs (flock: released by the system if the process dies).
+class RunLock {
+ public:
+  explicit RunLock(const std::string& dir) {
+    std::string path = dir + "/.lock";
+    fd_ = ::open(path.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+    REMAT_CHECK(fd_ >= 0, "--out ", dir, ": cannot create the lock file ", path, ": ", std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd_);
+      REMAT_FAIL("--out ", dir, ": another remat train is writing to this run (", path, " is locked)");
+    }
+  }
+  ~RunLock() { ::close(fd_); }
+  RunLock(const RunLock&) = delete;
+  RunLock& operator=(const RunLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+// Checks that `dir` can become a run directory without creating anything.
+void check_out_dir(const std::string& dir, bool continuing, bool overwrite) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(dir, ec)) {
+    REMAT_CHECK(fs::is_directory(dir, ec), "--out ", dir, ": exists and is not a directory");
+    bool holds_run = fs::exists(fs::path(dir) / "state.safetensors", ec) || fs::exists(fs::path(dir) / "metrics.jsonl", ec);
+    REMAT_CHECK(continuing || overwrite || !holds_run, "--out ", dir, ": holds a run already; pass --resume ", dir,
+                " to continue it, or --overwrite to replace it");
+    REMAT_CHECK(::access(dir.c_str(), W_OK) == 0, "--out ", dir, ": the directory is not writable");
+  } else {
+    fs::path parent = fs::absolute(fs::path(dir)).parent_path();
+    REMAT_CHECK(fs::is_directory(parent, ec), "--out ", dir, ": its parent folder ", parent.string(), " does not exist");
+    REMAT_CHECK(::access(parent.c_str(), W_OK) == 0, "--out ", dir, ": cannot create it in ", parent.string(),
+                " (not writable)");
+  }
+}
 
 // The schedule of a run with every field resolved (defaults, the resumed run's, or given).
 struct Schedule {
@@ -66,7 +134,7 @@ struct Schedule {
 };
 
 void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, const WeightAverage* average,
-                   const TrainOptions& o, const Schedule& sched, const RunState& run) {
+                   const TrainOptions& o, const Schedule& sched, RunState& run) {
   std::vector<std::pair<std::string, Tensor>> weights = task.model().named_parameters();
   std::map<std::string, std::string> model_meta = {{"format", "remat"}, {"model", o.model}, {"config", task.config().dump()}};
   std::vector<std::pair<std::string, Tensor>> state;
@@ -94,7 +162,8 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
                          {"label_dropout", sched.label_dropout}, {"time_sampling", sched.time_sampling},
                          {"schedule_start", sched.start}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
-  write_file_atomically(dir + "/metrics.jsonl", run.metrics);
+  append_metrics(dir + "/metrics.jsonl", run.pending_metrics);
+  run.pending_metrics.clear();
 }
 
 }  // namespace
@@ -150,23 +219,28 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
               sched.ema);
   REMAT_CHECK(sched.label_dropout >= 0 && sched.label_dropout < 1, "expected --label-dropout in [0, 1), got ",
               sched.label_dropout);
+  REMAT_CHECK(o.save_every >= 1, "expected --save-every >= 1, got ", o.save_every);
+  REMAT_CHECK(sched.steps <= kMaxSteps, "expected --steps <= ", kMaxSteps, ", got ", sched.steps);
+  REMAT_CHECK(o.stop_at >= -1, "expected --stop-at >= 0 (or -1: none), got ", o.stop_at);
+  REMAT_CHECK(std::isfinite(o.clip) && o.clip > 0, "expected --clip > 0, got ", o.clip);
+  REMAT_CHECK(std::isfinite(o.weight_decay) && o.weight_decay >= 0, "expected a weight decay >= 0, got ", o.weight_decay);
+  REMAT_CHECK(std::isfinite(sched.lr) && std::isfinite(sched.min_lr), "expected finite learning rates");
   Device device = parse_device(o.device);
   DType compute = parse_compute_dtype(o.dtype, device);
   PolicySpec policy = parse_policy(o.policy);
+  // Nothing is created on disk before every check has passed: the run folder, then the model.
+  if (!o.out.empty()) check_out_dir(o.out, !o.resume.empty(), o.overwrite);
+  std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
+                                                      : make_task_from_json(o.model, resumed.at("config"), o.seed);
+  std::unique_ptr<RunLock> lock;
   if (!o.out.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(o.out, ec);
     REMAT_CHECK(!ec && std::filesystem::is_directory(o.out), "--out ", o.out, ": cannot create the directory (",
                 ec ? ec.message() : "not a directory", ")");
-    std::string probe = o.out + "/.write_test";
-    std::ofstream test(probe);
-    REMAT_CHECK(test.good(), "--out ", o.out, ": the directory is not writable");
-    test.close();
-    std::filesystem::remove(probe, ec);
+    lock = std::make_unique<RunLock>(o.out);
+    if (resumed.is_null()) std::filesystem::remove(o.out + "/metrics.jsonl", ec);  // --overwrite: a new run
   }
-
-  std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
-                                                      : make_task_from_json(o.model, resumed.at("config"), o.seed);
   task->set_label_dropout(sched.label_dropout);
   task->set_time_sampling(time_sampling);
   task->to(device);
@@ -205,10 +279,15 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     run.step = resumed.at("step");
     set_rng_state({resumed.at("rng_seed"), resumed.at("rng_offset")});
     task->set_data_state({resumed.at("data_seed"), resumed.at("data_offset")});
-    std::ifstream metrics(o.resume + "/metrics.jsonl");
-    std::stringstream buffer;
-    buffer << metrics.rdbuf();
-    run.metrics = buffer.str();
+    if (o.out == o.resume) {
+      truncate_metrics(o.out + "/metrics.jsonl", run.step);
+    } else if (!o.out.empty()) {
+      // Continued into another folder: the run's history so far comes along.
+      std::error_code ec;
+      std::filesystem::copy_file(o.resume + "/metrics.jsonl", o.out + "/metrics.jsonl",
+                                 std::filesystem::copy_options::overwrite_existing, ec);
+      truncate_metrics(o.out + "/metrics.jsonl", run.step);
+    }
   }
   // The average starts from the current weights, or continues a resumed run's.
   std::unique_ptr<WeightAverage> average;
@@ -267,9 +346,12 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     MemoryStats s = alloc.stats();
     StepMetrics m{step + 1, loss_value, lr, ms, s.total.peak, s[MemoryCategory::activation].peak, s.total.current,
                   tokens / (ms / 1000.0)};
-    result.steps.push_back(m);
+    if (result.steps.empty()) result.first_loss = m.loss;
+    if (o.keep_step_metrics) result.steps.push_back(m);
+    result.last_step = m;
+    ++result.steps_run;
     run.step = step + 1;
-    run.metrics += metrics_line(m, task->item_name()) + "\n";
+    if (!o.out.empty()) run.pending_metrics += metrics_line(m, task->item_name()) + "\n";
     result.peak_bytes = std::max(result.peak_bytes, m.peak_bytes);
     result.activation_peak_bytes = std::max(result.activation_peak_bytes, m.activation_peak_bytes);
     if (on_step) on_step(m, sched.steps);
@@ -278,9 +360,9 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   if (planner) result.plan_report = planner->current().to_string();
-  if (!result.steps.empty()) {
-    result.final_loss = result.steps.back().loss;
-    result.tokens_per_s = tokens * static_cast<double>(result.steps.size()) / seconds;
+  if (result.steps_run > 0) {
+    result.final_loss = result.last_step.loss;
+    result.tokens_per_s = tokens * static_cast<double>(result.steps_run) / seconds;
   }
   return result;
 }

@@ -43,7 +43,14 @@ struct TrainOptions {
   bool restart = false;
   double weight_decay = 0.1, clip = 1.0;
   int64_t save_every = 100;   // snapshot period in steps (and at the end)
+  // An --out that holds a run already is refused unless resumed into or replaced on purpose.
+  bool overwrite = false;
+  // Keep every step's metrics in TrainResult::steps (a long run from the CLI keeps none: they go
+  // to metrics.jsonl and the progress callback).
+  bool keep_step_metrics = true;
 };
+
+inline constexpr int64_t kMaxSteps = 1'000'000'000;  // a schedule longer than this is a typo
 
 struct StepMetrics {
   int64_t step;
@@ -53,8 +60,10 @@ struct StepMetrics {
 };
 
 struct TrainResult {
-  std::vector<StepMetrics> steps;  // steps run by this call
-  double final_loss = 0;
+  std::vector<StepMetrics> steps;  // steps run by this call (when TrainOptions::keep_step_metrics)
+  int64_t steps_run = 0;
+  StepMetrics last_step{};
+  double first_loss = 0, final_loss = 0;
   double reference_loss = 0, uniform_loss = 0;
   int64_t peak_bytes = 0, activation_peak_bytes = 0;
   double tokens_per_s = 0;

@@ -104,9 +104,49 @@ Tensor UnetLevel::operator()(const Tensor& x, const Tensor& temb) {
   return attn ? (*attn)(h) : h;
 }
 
+void check_config(const UnetConfig& c) {
+  REMAT_CHECK(c.image > 0 && c.base > 0 && c.groups > 0 && c.heads > 0 && c.classes > 0 && c.batch > 0,
+              "unet: expected positive sizes in config ", c.name, ", got image ", c.image, ", base ", c.base,
+              ", groups ", c.groups, ", heads ", c.heads, ", classes ", c.classes, ", batch ", c.batch);
+  REMAT_CHECK(!c.mults.empty() && c.mults.size() <= 16, "unet: expected 1 to 16 levels (mults), got ", c.mults.size());
+  for (int64_t m : c.mults)
+    REMAT_CHECK(m > 0 && (c.base * m) % c.groups == 0 && (c.base * m) % c.heads == 0, "unet: expected every level's ",
+                "width (base ", c.base, " x mult ", m, ") positive and divisible by groups (", c.groups, ") and heads (",
+                c.heads, ")");
+  REMAT_CHECK(c.base % c.groups == 0, "unet: expected base (", c.base, ") divisible by groups (", c.groups, ")");
+  REMAT_CHECK(c.image % (int64_t{1} << (c.mults.size() - 1)) == 0,
+              "unet: expected the image side divisible by 2^(levels-1), got ", c.image);
+  REMAT_CHECK(c.dropout >= 0 && c.dropout < 1, "unet: expected dropout in [0, 1), got ", c.dropout);
+}
+
+int64_t parameter_count(const UnetConfig& c) {
+  auto linear = [](int64_t in, int64_t out) { return in * out + out; };
+  auto conv_unit = [](int64_t cin, int64_t cout) { return 2 * cin + cout * cin * 9 + cout; };
+  int64_t temb = 4 * c.base;
+  auto level = [&](int64_t cin, int64_t cout, bool attend) {
+    int64_t res = conv_unit(cin, cout) + linear(temb, cout) + conv_unit(cout, cout) + (cin != cout ? cout * cin : 0);
+    int64_t attn = attend ? 2 * cout + linear(cout, 3 * cout) + linear(cout, cout) : 0;
+    return res + attn;
+  };
+  int64_t n = c.base * 27 + c.base + linear(c.base, temb) + linear(temb, temb) + c.classes * temb;
+  size_t levels = c.mults.size();
+  std::vector<int64_t> widths;
+  int64_t cin = c.base;
+  for (size_t l = 0; l < levels; ++l) {
+    widths.push_back(c.base * c.mults[l]);
+    n += level(cin, widths[l], l == levels - 1);
+    cin = widths[l];
+  }
+  for (size_t k = 0; k < levels; ++k) {
+    size_t l = levels - 1 - k;
+    n += level(cin + widths[l], widths[l], l == levels - 1);
+    cin = widths[l];
+  }
+  return n + conv_unit(cin, 3);
+}
+
 Unet::Unet(const UnetConfig& cfg) : Module("Unet"), config(cfg) {
-  REMAT_CHECK(!cfg.mults.empty() && cfg.image % (1 << (cfg.mults.size() - 1)) == 0,
-              "unet: expected the image side divisible by 2^(levels-1), got ", cfg.image);
+  check_config(cfg);
   int64_t temb = 4 * cfg.base;
   nn::ParameterDTypeScope dtype(cfg.dtype);
   conv_in_w = nn::init_normal({cfg.base, 3, 3, 3}, std::sqrt(1.0 / 27.0));

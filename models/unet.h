@@ -22,6 +22,9 @@ struct UnetConfig {
 
 // tiny (tests: 8x8, base 8, 2 levels) and small (32x32 RGB, base 32, 3 levels).
 UnetConfig unet_config(const std::string& name);
+// Throws a clear error for a config no Unet can be built from; Unet's constructor calls it first.
+void check_config(const UnetConfig& c);
+int64_t parameter_count(const UnetConfig& c);  // without building the model
 
 // GroupNorm -> SiLU -> (dropout) -> 3x3 conv. Level 1.
 class ConvUnit final : public nn::UnaryModule {

@@ -1,8 +1,13 @@
 // Counting allocator base and the CPU allocator (64-byte aligned, for vector loads).
 #include "runtime/allocator.h"
 
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <new>
+#include <string>
 
 #include "runtime/error.h"
 
@@ -21,6 +26,12 @@ const char* category_name(MemoryCategory c) {
 
 void* Allocator::allocate(size_t bytes, MemoryCategory category) {
   if (bytes == 0) return nullptr;
+  int64_t cap = limit();
+  if (cap > 0) {
+    int64_t now = stats().total.current;
+    REMAT_CHECK(static_cast<int64_t>(bytes) <= cap - now, "out of memory on ", device().str(), ": a ",
+                category_name(category), " tensor of ", bytes, " bytes would pass the limit of ", cap, " bytes; ", usage());
+  }
   void* ptr = raw_allocate(bytes);
   count(static_cast<int64_t>(bytes), category);
   return ptr;
@@ -75,6 +86,26 @@ void Allocator::reset_peak() {
   for (auto& c : stats_.by_category) c.peak = c.current;
 }
 
+void Allocator::set_limit(int64_t bytes) {
+  REMAT_CHECK(bytes >= 0, "memory limit: expected bytes >= 0 (0: none), got ", bytes);
+  std::lock_guard lock(mutex_);
+  limit_ = bytes;
+}
+
+int64_t Allocator::limit() const {
+  std::lock_guard lock(mutex_);
+  return limit_;
+}
+
+std::string Allocator::usage() const {
+  MemoryStats s = stats();
+  std::string out = std::to_string(s.total.current) + " bytes allocated now (";
+  for (int c = 0; c < kMemoryCategoryCount; ++c)
+    out += std::string(c ? ", " : "") + category_name(static_cast<MemoryCategory>(c)) + " " +
+           std::to_string(s.by_category[c].current);
+  return out + "), peak " + std::to_string(s.total.peak);
+}
+
 void Allocator::start_recording(std::chrono::steady_clock::time_point epoch) {
   std::lock_guard lock(mutex_);
   recording_ = true;
@@ -97,8 +128,8 @@ class CpuAllocator final : public Allocator {
  protected:
   void* raw_allocate(size_t bytes) override {
     size_t rounded = (bytes + 63) / 64 * 64;
-    void* ptr = std::aligned_alloc(64, rounded);
-    REMAT_CHECK(ptr != nullptr, "out of host memory: requested ", bytes, " bytes");
+    void* ptr = rounded >= bytes ? std::aligned_alloc(64, rounded) : nullptr;
+    REMAT_CHECK(ptr != nullptr, "out of host memory: requested ", bytes, " bytes; ", usage());
     return ptr;
   }
   void raw_deallocate(void* ptr, size_t) noexcept override { std::free(ptr); }
@@ -119,6 +150,24 @@ Allocator& allocator_for(Device device) {
 }
 
 MemoryStats memory_stats(Device device) { return allocator_for(device).stats(); }
+
+std::string format_bytes(int64_t bytes) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (std::abs(v) >= 1024 && u < 5) v /= 1024, ++u;
+  char text[48];
+  std::snprintf(text, sizeof text, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  return text;
+}
+
+int64_t host_memory_bytes() {
+  int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
+  int64_t cap = allocator_for(Device::cpu()).limit();
+  return cap > 0 && cap < physical ? cap : physical;
+}
+
+void set_memory_limit(Device device, int64_t bytes) { allocator_for(device).set_limit(bytes); }
 void reset_peak_memory(Device device) { allocator_for(device).reset_peak(); }
 
 MemoryStats thread_memory_stats(Device device) {

@@ -47,6 +47,12 @@ class Allocator {
 
   MemoryStats stats() const;
   void reset_peak();  // peak := current, overall and per category
+  // A cap on the bytes handed out at once (0: none): a request past it throws, as one the system
+  // refuses does, naming the request and the counters by category.
+  void set_limit(int64_t bytes);
+  int64_t limit() const;
+  // "N bytes now (parameter ..., gradient ..., ...), peak M": for out-of-memory messages.
+  std::string usage() const;
   // The recorder keeps every alloc/free event until stopped; used by traces and timelines.
   // Event times are microseconds since `epoch` (default: now), so they line up with other clocks.
   void start_recording(std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now());
@@ -62,6 +68,7 @@ class Allocator {
   void count(int64_t bytes, MemoryCategory category) noexcept;
   mutable std::mutex mutex_;
   MemoryStats stats_;
+  int64_t limit_ = 0;
   bool recording_ = false;
   std::vector<MemoryEvent> events_;
   std::chrono::steady_clock::time_point record_start_;
@@ -70,6 +77,12 @@ class Allocator {
 // The allocator of a device (cpu, or cuda:N when the CUDA backend is built).
 Allocator& allocator_for(Device device);
 MemoryStats memory_stats(Device device = Device::cpu());
+// "1.5 GiB", "300 KiB", "12 bytes": for messages.
+std::string format_bytes(int64_t bytes);
+// The physical memory of this machine, or the cpu allocator's limit when one is set and smaller.
+int64_t host_memory_bytes();
+// A cap on what `device`'s allocator hands out at once (0 removes it); `remat train --max-memory`.
+void set_memory_limit(Device device, int64_t bytes);
 // What this thread allocated and freed on `device` (cpu, cuda:0..15): current is its allocations
 // minus its frees, so memory one thread allocates and another frees shows on both.
 MemoryStats thread_memory_stats(Device device = Device::cpu());

@@ -1,5 +1,8 @@
 // The `remat` command run as a user would: bad input gives one line on stderr and exit status 2.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <catch.hpp>
 #include <cstdio>
@@ -113,4 +116,47 @@ TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
   check_one_line_error(run("sample --weights /nonexistent/model.safetensors"), "cannot open");
   check_one_line_error(run("sample"), "--weights");
   check_one_line_error(run("train --model unet --config tiny --policy full --steps 1"), "no block container found in Unet");
+}
+
+TEST_CASE("numbers and paths from the command line are checked before anything runs or is created", "[cli][errors]") {
+  check_one_line_error(run("train --config tiny --steps 2 --save-every 0"), "expected --save-every >= 1");
+  check_one_line_error(run("train --config tiny --steps 2 --batch 0"), "config field batch: expected a whole number");
+  check_one_line_error(run("train --config tiny --steps 2 --layers 0"), "config field layers: expected a whole number");
+  check_one_line_error(run("train --config tiny --steps 2 --heads 0"), "config field heads: expected a whole number");
+  check_one_line_error(run("train --config tiny --steps 2 --heads 3"), "expected channels (32) divisible by heads (3)");
+  check_one_line_error(run("train --config tiny --steps 99999999999999999999"), "--steps");
+  check_one_line_error(run("train --config tiny --steps 2000000000"), "expected --steps <= 1000000000");
+  check_one_line_error(run("train --config tiny --steps 2 --seed -1"), "--seed");
+  check_one_line_error(run("train --config tiny --steps 2 --clip 0"), "expected --clip > 0");
+  for (const char* budget : {"budget:inf", "budget:nan", "budget:1e19", "budget:1e400", "budget:.5", "budget:12x"})
+    check_one_line_error(run(std::string("train --config tiny --steps 2 --policy ") + budget),
+                         "with a whole number of bytes from 1 to 2^62");
+  check_one_line_error(run("train --config tiny --steps 2 --policy block_skip:99999999999"),
+                       "expected block_skip:N with 1 <= N");
+  check_one_line_error(run("train --config tiny --steps 2 --channels 30000"), "for the weights alone, more than the");
+  check_one_line_error(run("train --config tiny --steps 2 --max-memory 64K"), "for the weights alone");
+  check_one_line_error(run("train --config tiny --steps 2 --max-memory 200K"), "out of memory on cpu");
+  check_one_line_error(run("train --config tiny --steps 2 --max-memory 12Q"), "unknown unit 'Q'");
+
+  auto base = std::filesystem::temp_directory_path() / ("remat_cli_checks_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(base);
+  std::filesystem::create_directories(base);
+  // A failed check leaves no run folder behind.
+  check_one_line_error(run("train --config tiny --steps 2 --batch 0 --out " + (base / "new").string()), "batch");
+  CHECK_FALSE(std::filesystem::exists(base / "new"));
+  // A folder holding a run is not overwritten without --overwrite.
+  Run first = run("train --config tiny --steps 2 --out " + (base / "run").string());
+  REQUIRE(first.status == 0);
+  check_one_line_error(run("train --config tiny --steps 2 --out " + (base / "run").string()), "holds a run already");
+  CHECK(run("train --config tiny --steps 2 --overwrite --out " + (base / "run").string()).status == 0);
+  // Two runs into one folder: the second is refused while the first holds the lock.
+  int fd = ::open((base / "run" / ".lock").c_str(), O_CREAT | O_RDWR, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+  check_one_line_error(run("train --resume " + (base / "run").string() + " --steps 4"), "another remat train is writing");
+  ::close(fd);
+  // sample says a bad --out before it samples.
+  check_one_line_error(run("sample --weights " + (base / "run" / "model.safetensors").string() + " --out " + base.string()),
+                       "is a folder");
+  std::filesystem::remove_all(base);
 }

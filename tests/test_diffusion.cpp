@@ -150,6 +150,7 @@ TEST_CASE("remat train --model dit then sampling writes a PNG grid of the reques
     o.steps = 3;
     o.policy = std::string(model) == "dit" ? "block_skip:2" : "level:2";
     o.out = dir.string();
+    o.overwrite = true;  // the unet run replaces the dit run in the same folder
     TrainResult r = train(o);
     REQUIRE(r.steps.size() == 3);
     SampleOptions s;

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 SCRIPTS = ["test_install.sh", "test_gpu_bundle.sh"]
-BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_library", "test_graphs", "test_cli", "test_cuda"]
+BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_library", "test_graphs", "test_reliability", "test_cli", "test_cuda"]
 
 
 def count_listed(binary, test_filter):

@@ -1,6 +1,8 @@
 // CPU image ops: conv2d (im2col + Eigen GEMM), group_norm, nearest upsampling, average pooling,
 // adaLN modulation and the sinusoidal timestep embedding. Images are [N, C, H, W].
 #include <Eigen/Core>
+#include <omp.h>
+
 #include <cmath>
 
 #include "kernels/cpu/cpu_backend.h"
@@ -66,16 +68,19 @@ Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int
   cpu::dispatch_float(x.dtype(), "conv2d", [&]<typename T>() {
     int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo;
     Eigen::Map<const Mat<T>> W(w.data<T>(), s.cout, k);
+    // Column buffers for every thread, allocated before the parallel loop: an allocation that fails
+    // is then an ordinary error, never one thrown inside a parallel region (which terminates).
+    Tensor scratch;
+    {
+      MemoryCategoryScope scope(MemoryCategory::workspace);
+      scratch = Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), k, p}, x.dtype());
+    }
 #pragma omp parallel for if (s.n * s.cout * p * k > cpu::kParallelGrain)
     for (int64_t n = 0; n < s.n; ++n) {
-      Tensor cols;
-      {
-        MemoryCategoryScope scope(MemoryCategory::workspace);
-        cols = Tensor::empty({k, p}, x.dtype());
-      }
-      im2col(x.data<T>() + n * s.cin * s.h * s.w, s, stride, padding, cols.data<T>());
+      T* cols = scratch.data<T>() + omp_get_thread_num() * k * p;
+      im2col(x.data<T>() + n * s.cin * s.h * s.w, s, stride, padding, cols);
       Eigen::Map<Mat<T>> Y(y.data<T>() + n * s.cout * p, s.cout, p);
-      Y.noalias() = W * Eigen::Map<const Mat<T>>(cols.data<T>(), k, p);
+      Y.noalias() = W * Eigen::Map<const Mat<T>>(cols, k, p);
       if (b.defined())
         for (int64_t o = 0; o < s.cout; ++o) Y.row(o).array() += b.data<T>()[o];
     }

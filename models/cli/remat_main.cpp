@@ -2,7 +2,9 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
+#include <map>
 #include <fmt/format.h>
 
 #include "kernels/backend.h"
@@ -10,6 +12,7 @@
 #include "models/sample.h"
 #include "models/train.h"
 #include "runtime/cuda_backend.h"
+#include "runtime/allocator.h"
 #include "runtime/error.h"
 #include "remat_version.h"
 
@@ -34,6 +37,27 @@ void print_progress(const remat::StepMetrics& m, int64_t total) {
   }
   std::fflush(stderr);
   first = false;
+}
+
+// "8GiB", "512M", "1e9": a byte count for --max-memory.
+int64_t parse_bytes(const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    REMAT_FAIL("--max-memory ", text, ": expected a number of bytes, optionally with K, M, G, T, KiB, MiB, GiB or TiB");
+  }
+  std::string unit = text.substr(used);
+  const std::map<std::string, double> units = {{"", 1},        {"K", 1e3},          {"M", 1e6},          {"G", 1e9},
+                                               {"T", 1e12},    {"KiB", 1024.0},      {"MiB", 1048576.0},  {"GiB", 1073741824.0},
+                                               {"TiB", 1099511627776.0}};
+  auto found = units.find(unit);
+  REMAT_CHECK(found != units.end(), "--max-memory ", text, ": unknown unit '", unit, "'; expected K, M, G, T, KiB, MiB, GiB or TiB");
+  double bytes = value * found->second;
+  REMAT_CHECK(std::isfinite(bytes) && bytes >= 1 && bytes <= 4.0e18, "--max-memory ", text,
+              ": expected between 1 byte and 4e18 bytes");
+  return static_cast<int64_t>(bytes);
 }
 
 int list_ops() {
@@ -68,7 +92,7 @@ int main(int argc, char** argv) {
   train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();
   train->add_option("--dtype", t.dtype, "compute dtype: f32, or bf16 (mixed precision, f32 master weights; cuda only)")
       ->capture_default_str();
-  train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str();
+  train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str()->check(CLI::NonNegativeNumber);
   train->add_option("--out", t.out, "run directory: metrics.jsonl, model.safetensors, state.safetensors");
   train->add_option("--resume", t.resume, "continue the run in this directory");
   train->add_flag("--restart", t.restart,
@@ -84,13 +108,19 @@ int main(int argc, char** argv) {
                     "dit, unet: how the flow time is drawn, uniform or logit-normal (default uniform)");
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
-  train->add_option("--vocab", vocab, "override the config's vocabulary size");
-  train->add_option("--channels", channels, "override the config's channels");
-  train->add_option("--heads", heads, "override the config's heads");
-  train->add_option("--layers", layers, "override the config's layers");
-  train->add_option("--seq-len", seq_len, "override the config's sequence length");
-  train->add_option("--batch", batch, "override the config's batch size");
-  train->add_option("--dropout", dropout, "override the config's dropout");
+  train->add_flag("--overwrite", t.overwrite, "replace the run in --out (without it, a folder holding a run is refused)");
+  std::string max_memory;
+  train->add_option("--max-memory", max_memory,
+                    "refuse to allocate more than this on the device (bytes, or with K, M, G, T, KiB, MiB, GiB, TiB)");
+  // Overrides take effect when given, whatever their value (0 is an error, not "not given").
+  std::vector<std::pair<const char*, CLI::Option*>> size_overrides = {
+      {"vocab", train->add_option("--vocab", vocab, "override the config's vocabulary size")},
+      {"channels", train->add_option("--channels", channels, "override the config's channels")},
+      {"heads", train->add_option("--heads", heads, "override the config's heads")},
+      {"layers", train->add_option("--layers", layers, "override the config's layers")},
+      {"seq_len", train->add_option("--seq-len", seq_len, "override the config's sequence length")},
+      {"batch", train->add_option("--batch", batch, "override the config's batch size")}};
+  CLI::Option* dropout_option = train->add_option("--dropout", dropout, "override the config's dropout");
   CLI::App* ops = app.add_subcommand("ops", "list the ops and which backends have kernels for them");
   remat::SampleOptions so;
   CLI::App* sample = app.add_subcommand("sample", "generate images with a trained dit or unet (PNG grid)");
@@ -170,19 +200,22 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*train) {
-      for (auto [key, value] : {std::pair{"vocab", vocab}, {"channels", channels}, {"heads", heads}, {"layers", layers},
-                                {"seq_len", seq_len}, {"batch", batch}})
-        if (value != 0) t.overrides[key] = static_cast<double>(value);
-      if (dropout >= 0) t.overrides["dropout"] = dropout;
+      const std::map<std::string, int64_t> values = {{"vocab", vocab},   {"channels", channels}, {"heads", heads},
+                                                     {"layers", layers}, {"seq_len", seq_len},   {"batch", batch}};
+      for (auto [key, option] : size_overrides)
+        if (option->count() > 0) t.overrides[key] = static_cast<double>(values.at(key));
+      if (dropout_option->count() > 0) t.overrides["dropout"] = dropout;
+      if (!max_memory.empty()) remat::set_memory_limit(remat::parse_device(t.device), parse_bytes(max_memory));
+      t.keep_step_metrics = false;  // the progress bar and metrics.jsonl have every step
       remat::TrainResult r = remat::train(t, print_progress, [](const std::string& note) {
         fmt::print("{}\n", note);
         std::fflush(stdout);
       });
-      if (r.steps.empty()) {
+      if (r.steps_run == 0) {
         fmt::print("nothing to do: the run is already at the end of its schedule\n");
         return 0;
       }
-      fmt::print("final loss {:.4f} (first {:.4f}; {})\n", r.final_loss, r.steps.front().loss, r.reference_text);
+      fmt::print("final loss {:.4f} (first {:.4f}; {})\n", r.final_loss, r.first_loss, r.reference_text);
       fmt::print("{:.1f} {}/s, {} parameters, peak memory {} (activations {})\n", r.tokens_per_s, r.item_name,
                  r.parameters, mib(r.peak_bytes), mib(r.activation_peak_bytes));
       if (!r.plan_report.empty()) fmt::print("{}", r.plan_report);
@@ -191,6 +224,9 @@ int main(int argc, char** argv) {
     }
   } catch (const remat::Error& e) {
     std::fprintf(stderr, "remat: %s\n", e.message().c_str());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "remat: out of memory (a memory request the system refused; --max-memory makes the limit explicit)\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "remat: %s\n", e.what());

@@ -1,0 +1,141 @@
+// Reliability: configs read from files are checked, parameter counts are known before a model is
+// built, running out of memory is an error (inside parallel kernels too), long runs stay flat,
+// and metrics.jsonl matches the snapshot it belongs to.
+#include <unistd.h>
+
+#include <catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "models/data.h"
+#include "models/dit.h"
+#include "models/gpt.h"
+#include "models/optim.h"
+#include "models/tasks.h"
+#include "models/train.h"
+#include "models/unet.h"
+#include "remat.h"
+
+using namespace remat;
+using Catch::Matchers::Contains;
+
+namespace {
+
+int64_t count_of(const Module& m) {
+  int64_t n = 0;
+  for (const Tensor& p : m.parameters()) n += p.numel();
+  return n;
+}
+
+// Lifts a memory limit when the test leaves, whatever happens.
+struct MemoryLimit {
+  explicit MemoryLimit(int64_t bytes) { set_memory_limit(Device::cpu(), bytes); }
+  ~MemoryLimit() { set_memory_limit(Device::cpu(), 0); }
+};
+
+}  // namespace
+
+TEST_CASE("parameter counts are known before a model is built", "[reliability][models]") {
+  for (const char* name : {"tiny", "small"}) {
+    INFO(name);
+    GptConfig g = gpt_config(name);
+    CHECK(parameter_count(g) == count_of(Gpt(g)));
+    DitConfig d = dit_config(name);
+    CHECK(parameter_count(d) == count_of(Dit(d)));
+    UnetConfig u = unet_config(name);
+    CHECK(parameter_count(u) == count_of(Unet(u)));
+  }
+  UnetConfig u = unet_config("tiny");
+  u.mults = {1, 2, 3};
+  CHECK(parameter_count(u) == count_of(Unet(u)));
+  CHECK(task_parameter_count("gpt", "small", {{"channels", 512}, {"heads", 8}}) ==
+        parameter_count([] {
+          GptConfig c = gpt_config("small");
+          c.channels = 512;
+          return c;
+        }()));
+}
+
+TEST_CASE("model configs read from files are checked like any other", "[reliability][models]") {
+  nlohmann::json gpt = {{"name", "x"}, {"vocab", 64}, {"channels", 32}, {"heads", 0}, {"layers", 1},
+                        {"seq_len", 8}, {"batch", 2}, {"dropout", 0.0}};
+  CHECK_THROWS_WITH(make_task_from_json("gpt", gpt, 0), Contains("gpt: expected positive sizes"));
+  gpt["heads"] = 4;
+  gpt["dropout"] = 1.5;
+  CHECK_THROWS_WITH(make_task_from_json("gpt", gpt, 0), Contains("expected dropout in [0, 1)"));
+  nlohmann::json dit = {{"name", "x"}, {"image", 8}, {"patch", 0}, {"channels", 32}, {"heads", 4}, {"double_blocks", 1},
+                        {"single_blocks", 1}, {"classes", 4}, {"batch", 2}, {"ada_zero", true}};
+  CHECK_THROWS_WITH(make_task_from_json("dit", dit, 0), Contains("dit: expected positive sizes"));
+  nlohmann::json unet = {{"name", "x"}, {"image", 8}, {"base", 8}, {"groups", 0}, {"heads", 2}, {"classes", 4},
+                         {"batch", 2}, {"mults", {1, 2}}, {"dropout", 0.0}};
+  CHECK_THROWS_WITH(make_task_from_json("unet", unet, 0), Contains("unet: expected positive sizes"));
+  gpt["channels"] = 1 << 20;
+  gpt["vocab"] = 1 << 20;
+  gpt["dropout"] = 0.0;
+  CHECK_THROWS_WITH(make_task_from_json("gpt", gpt, 0), Contains("for the weights alone, more than the"));
+}
+
+TEST_CASE("running out of memory is an error, also inside parallel kernels, and the next step works", "[reliability][memory]") {
+  manual_seed(1);
+  Tensor q = Tensor::randn({2, 2, 256, 32}), x = Tensor::randn({4, 16, 32, 32}), w = Tensor::randn({16, 16, 3, 3});
+  {
+    MemoryLimit limit(memory_stats().total.current + (1 << 16));  // 64 KiB above what exists
+    CHECK_THROWS_WITH(attention(q, q, q, true), Contains("out of memory on cpu"));
+    CHECK_THROWS_WITH(conv2d(x, w, Tensor(), 1, 1), Contains("out of memory on cpu"));
+    CHECK_THROWS_WITH(Tensor::empty({1 << 20}), Contains("would pass the limit"));
+  }
+  CHECK(attention(q, q, q, true).shape() == q.shape());
+  CHECK(conv2d(x, w, Tensor(), 1, 1).shape() == Shape{4, 16, 32, 32});
+}
+
+TEST_CASE("1,000 training steps of gpt tiny keep live memory flat under every policy", "[reliability][memory]") {
+  for (const char* policy : {"none", "full", "ops", "block_skip:2", "level:3"}) {
+    INFO("policy " << policy);
+    manual_seed(2);
+    GptConfig c = gpt_config("tiny");
+    Gpt model(c);
+    apply_policy(model, parse_policy(policy));
+    AdamW opt(model.named_parameters());
+    AdditionTask data(c.vocab, 3);
+    int64_t after_10 = 0, after_1000 = 0;  // at the same point of the step (its batch still alive)
+    for (int step = 1; step <= 1000; ++step) {
+      auto [x, y] = data.batch(c.batch, c.seq_len);
+      backward(model.loss(x, y));
+      opt.step(1e-3);
+      opt.zero_grad();
+      if (step == 10) after_10 = memory_stats().total.current;
+      if (step == 1000) after_1000 = memory_stats().total.current;
+    }
+    CHECK(after_1000 == after_10);
+  }
+}
+
+TEST_CASE("metrics.jsonl holds each step once, also when a run stopped after its last snapshot", "[reliability][train]") {
+  auto dir = std::filesystem::temp_directory_path() / ("remat_metrics_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  TrainOptions o;
+  o.config = "tiny";
+  o.steps = 10;
+  o.save_every = 3;
+  o.stop_at = 7;
+  o.out = dir.string();
+  train(o);
+  auto steps_in_file = [&] {
+    std::vector<int64_t> steps;
+    std::ifstream in(dir / "metrics.jsonl");
+    for (std::string line; std::getline(in, line);) steps.push_back(nlohmann::json::parse(line).at("step"));
+    return steps;
+  };
+  CHECK(steps_in_file() == std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7});
+  // A process that died after the snapshot at step 7 may have left later lines behind.
+  std::ofstream(dir / "metrics.jsonl", std::ios::app) << R"({"step":8,"loss":9.0})" << "\n";
+  TrainOptions more;
+  more.resume = dir.string();
+  more.keep_step_metrics = false;
+  TrainResult r = train(more);
+  CHECK(r.steps.empty());
+  CHECK(r.steps_run == 3);
+  CHECK(steps_in_file() == std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10});
+  std::filesystem::remove_all(dir);
+}
