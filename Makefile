@@ -1,12 +1,13 @@
 # The front door: `make train` and `make test` work on a fresh Debian 12 machine (as root or with sudo).
+SHELL := /bin/bash
 BUILD ?= build
-PACKAGES := gcc g++ clang cmake pkg-config python3 meson ninja-build libeigen3-dev libopenblas-openmp-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
+PACKAGES := gcc g++ clang libclang-rt-14-dev libomp-dev cmake pkg-config python3 meson ninja-build libeigen3-dev libopenblas-openmp-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOBS ?= $(shell nproc)
 
 TRAIN_STEPS ?= 200
 
-.PHONY: all deps build test test-slow test-tsan train bench bench-ops bench-peer clean
+.PHONY: all deps build test test-slow test-asan test-tsan fuzz train bench bench-ops bench-peer clean
 
 all: build
 
@@ -29,6 +30,32 @@ test: build
 
 test-slow: build
 	python3 tools/run_tests.py $(BUILD) '[slow]'
+
+# The whole CPU suite under AddressSanitizer + UndefinedBehaviorSanitizer with leak detection (a
+# CPU-only build of its own); any report fails it. CI runs it after `make test`.
+SAN_OPTIONS := ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+test-asan: deps
+	@[ -f build-asan/build.ninja ] || meson setup build-asan -Db_sanitize=address,undefined -Dcuda=disabled \
+	  -Dnative=false -Dbuildtype=debugoptimized -Db_lundef=false
+	ninja -C build-asan -j $(JOBS)
+	$(SAN_OPTIONS) python3 tools/run_tests.py build-asan '~[slow]' --no-scripts
+
+# libFuzzer on the safetensors reader, the policy strings and the command line's numbers and names
+# (tests/fuzz), FUZZ_SECONDS each, starting from the committed seed corpora; new inputs go to a
+# temporary folder. A clang build of its own with AddressSanitizer and UndefinedBehaviorSanitizer.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := safetensors policy config
+fuzz: deps
+	@[ -f build-fuzz/build.ninja ] || CC=clang CXX=clang++ meson setup build-fuzz -Dfuzz=true -Dtests=false \
+	  -Dcuda=disabled -Dnative=false -Dblas=eigen -Db_sanitize=address,undefined -Db_lundef=false \
+	  -Dbuildtype=debugoptimized -Dcpp_args=-fsanitize=fuzzer-no-link
+	ninja -C build-fuzz -j $(JOBS) $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
+	@for t in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d); echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	  UBSAN_OPTIONS=halt_on_error=1 build-fuzz/tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -rss_limit_mb=4096 $$work tests/fuzz/corpus/$$t 2>&1 | grep -E "stat::number_of_executed_units|ERROR|SUMMARY|crash-|Done"; \
+	  status=$${PIPESTATUS[0]}; rm -rf $$work; [ $$status -eq 0 ] || exit 1; \
+	done
 
 # The threading tests under ThreadSanitizer (a CPU-only build of its own; OpenMP kept to one thread,
 # since libgomp is not instrumented). Fails on any report.

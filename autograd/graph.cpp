@@ -30,6 +30,7 @@ Tensor BackwardContext::saved(size_t slot) const { return graph_.unpack(node_, s
 namespace {
 
 std::atomic<uint64_t> g_node_seq{1};
+std::atomic<uint64_t> g_graph_ids{1};
 
 // The recording scopes open on this thread, innermost last, and the graph they record onto once
 // the first op inside them has chosen it (how many of them have heard of it: `begun`).
@@ -42,7 +43,7 @@ thread_local ScopeStack t_scopes;
 
 }  // namespace
 
-Graph::Graph() : owner(std::this_thread::get_id()) {}
+Graph::Graph() : owner(std::this_thread::get_id()), id(g_graph_ids.fetch_add(1)) {}
 
 Graph::~Graph() = default;
 
@@ -253,21 +254,27 @@ Tensor checkpoint_name(Tensor t, const std::string& name) {
 
 namespace {
 
-// The graph an op with these inputs records onto: the open scopes' graph; else the graph of the
-// first input that this thread recorded; else a new one. Scopes that have not heard of their graph
-// yet hear of it now.
+// The graph an op with these inputs records onto, keeping imports pointing at older graphs only:
+// the open scopes' graph (checked: no input may come from a newer graph); else the newest of the
+// inputs' graphs, when this thread recorded it; else a new one. Scopes pin a graph only if it is
+// the newest in existence (no graph can import from it then), else a new one. Scopes that have
+// not heard of their graph yet hear of it now.
 std::shared_ptr<Graph> graph_for(const std::vector<Tensor>& inputs) {
   ScopeStack& s = t_scopes;
+  std::shared_ptr<Graph> newest;
+  for (const Tensor& t : inputs) {
+    const auto& meta = t.defined() ? t.autograd_meta_ptr() : nullptr;
+    if (meta && meta->graph && (!newest || meta->graph->id > newest->id)) newest = meta->graph;
+  }
   std::shared_ptr<Graph> graph = s.graph;
-  if (!graph)
-    for (const Tensor& t : inputs) {
-      const auto& meta = t.defined() ? t.autograd_meta_ptr() : nullptr;
-      if (meta && meta->graph && meta->graph->owner == std::this_thread::get_id()) {
-        graph = meta->graph;
-        break;
-      }
-    }
-  if (!graph) graph = std::make_shared<Graph>();
+  if (graph) {
+    REMAT_CHECK(!newest || newest->id <= graph->id, "an op inside a checkpoint region read a tensor recorded on ",
+                "another thread after the region began; share such tensors before the region, or detach them");
+  } else {
+    if (newest && newest->owner == std::this_thread::get_id()) graph = newest;
+    if (graph && !s.scopes.empty() && graph->id != g_graph_ids.load() - 1) graph.reset();
+    if (!graph) graph = std::make_shared<Graph>();
+  }
   if (!s.scopes.empty()) {
     s.graph = graph;
     for (; s.begun < s.scopes.size(); ++s.begun) s.scopes[s.begun]->begin_on(graph);

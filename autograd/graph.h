@@ -2,9 +2,9 @@
 // Backward walks the nodes in reverse. A value's data is held here only while some saved slot
 // (or a checkpoint region) holds it; otherwise only its metadata remains.
 //
-// A graph belongs to the tensors it recorded, not to a thread: an op records onto the graph of its
-// inputs (or, while a checkpoint scope is open, onto the scope's graph), and an op whose inputs are
-// all leaves starts a graph of its own. So each forward from the parameters has its own graph, and
+// A graph belongs to the tensors it recorded, not to a thread: an op records onto the newest graph
+// among its inputs' (or, while a checkpoint scope is open, onto the scope's graph), and an op whose
+// inputs are all leaves starts a graph of its own. So each forward from the parameters has its own graph, and
 // its saved data goes as soon as none of its outputs is held any more. An input that another graph
 // recorded is imported: backward follows it into that graph. Every node carries a global sequence
 // number, and backward runs the nodes of all the graphs it reaches in decreasing order of it.
@@ -78,6 +78,9 @@ class Graph {
   // One import per value of another graph: (graph, value) -> value id here.
   std::unordered_map<const Graph*, std::unordered_map<int64_t, int64_t>> imports;
   std::thread::id owner;  // the thread that records onto it (a graph is not shared between threads)
+  // Creation order, over all threads. A graph only imports from older graphs (a lower id), so
+  // the shared_ptrs imports hold can never form a cycle.
+  const uint64_t id;
   // Set when a backward through this graph threw: its state is then unknown, so backward refuses it.
   std::string failed_backward;
 

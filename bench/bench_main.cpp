@@ -6,6 +6,7 @@
 
 #include "bench_ops.h"
 #include "bench_policies.h"
+#include "bench_soak.h"
 #include "runtime/error.h"
 
 int main(int argc, char** argv) {
@@ -37,6 +38,14 @@ int main(int argc, char** argv) {
   ops_cmd->add_option("--device", ops.device, "cpu or cuda:N")->capture_default_str();
   ops_cmd->add_option("--repeats", ops.repeats, "timed repeats per op (median reported)")->capture_default_str();
   ops_cmd->add_option("--json", ops.json_path, "also write the figures as JSON to this file");
+  remat::bench::SoakOptions soak;
+  std::string soak_policies = "none,full,ops,block_skip:2,level:3";
+  CLI::App* soak_cmd = app.add_subcommand("soak", "many training steps per policy: is live memory flat?");
+  soak_cmd->add_option("--config", soak.config, "gpt config: tiny, small or gpt2")->capture_default_str();
+  soak_cmd->add_option("--policies", soak_policies, "comma-separated policy strings")->capture_default_str();
+  soak_cmd->add_option("--steps", soak.steps, "training steps per policy")->capture_default_str();
+  soak_cmd->add_option("--samples", soak.samples, "memory samples per policy")->capture_default_str();
+  soak_cmd->add_option("--json", soak.json_path, "also write the samples as JSON to this file");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -47,6 +56,13 @@ int main(int argc, char** argv) {
   }
   try {
     if (*ops_cmd) return remat::bench::run_ops(ops);
+    if (*soak_cmd) {
+      soak.policies.clear();
+      std::stringstream list(soak_policies);
+      for (std::string item; std::getline(list, item, ',');)
+        if (!item.empty()) soak.policies.push_back(item);
+      return remat::bench::run_soak(soak);
+    }
     p.policies.clear();
     std::stringstream list(policies);
     for (std::string item; std::getline(list, item, ',');)

@@ -108,6 +108,10 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
 SafetensorsFile load_safetensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   REMAT_CHECK(in.good(), "cannot open ", path, ": ", std::strerror(errno));
+  return read_safetensors(in, path);
+}
+
+SafetensorsFile read_safetensors(std::istream& in, const std::string& path) {
   in.seekg(0, std::ios::end);
   const uint64_t file_size = static_cast<uint64_t>(in.tellg());
   in.seekg(0);

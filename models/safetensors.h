@@ -3,6 +3,7 @@
 // safetensors reads remat's weights. Writes are atomic: a temporary file, then rename.
 #pragma once
 
+#include <istream>
 #include <map>
 #include <string>
 #include <utility>
@@ -26,6 +27,8 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
 // overflows, offsets that do not match dtype and shape, gaps, overlaps, offsets past the end and
 // bytes after the last tensor. Reads each tensor straight into its memory (about the file's size).
 SafetensorsFile load_safetensors(const std::string& path);
+// The same from a stream (seekable; `name` is what messages call it).
+SafetensorsFile read_safetensors(std::istream& in, const std::string& name);
 
 // Writes `contents` to `path` through a temporary file and a rename.
 void write_file_atomically(const std::string& path, const std::string& contents);

@@ -161,6 +161,24 @@ std::string format_bytes(int64_t bytes) {
   return text;
 }
 
+int64_t parse_byte_count(const std::string& text) {
+  const char* accepted = ": expected a number of bytes, optionally with K, M, G, T, KiB, MiB, GiB or TiB";
+  char* end = nullptr;
+  double value = text.empty() ? 0 : std::strtod(text.c_str(), &end);
+  REMAT_CHECK(!text.empty() && end != text.c_str() && std::isfinite(value), "byte count '", text, "'", accepted);
+  std::string unit(end);
+  const std::pair<const char*, double> units[] = {{"", 1},          {"K", 1e3},         {"M", 1e6},
+                                                  {"G", 1e9},       {"T", 1e12},        {"KiB", 1024.0},
+                                                  {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  for (const auto& [name, scale] : units)
+    if (unit == name) {
+      double bytes = value * scale;
+      REMAT_CHECK(bytes >= 1 && bytes <= 4.0e18, "byte count '", text, "': expected between 1 byte and 4e18 bytes");
+      return static_cast<int64_t>(bytes);
+    }
+  REMAT_FAIL("byte count '", text, "': unknown unit '", unit, "'", accepted);
+}
+
 int64_t host_memory_bytes() {
   int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
   int64_t cap = allocator_for(Device::cpu()).limit();

@@ -79,6 +79,9 @@ Allocator& allocator_for(Device device);
 MemoryStats memory_stats(Device device = Device::cpu());
 // "1.5 GiB", "300 KiB", "12 bytes": for messages.
 std::string format_bytes(int64_t bytes);
+// "8GiB", "512M", "1e9", "4096": a byte count (K M G T powers of 1000, KiB MiB GiB TiB of 1024),
+// from 1 byte to 4e18; anything else is an error saying what is accepted.
+int64_t parse_byte_count(const std::string& text);
 // The physical memory of this machine, or the cpu allocator's limit when one is set and smaller.
 int64_t host_memory_bytes();
 // A cap on what `device`'s allocator hands out at once (0 removes it); `remat train --max-memory`.

@@ -198,10 +198,10 @@ Tensor Tensor::randn(const Shape& shape, DType dtype, Device device) {
 int64_t Tensor::size(int64_t axis) const { return shape_[wrap_axis(axis, dim(), "size")]; }
 
 bool Tensor::is_contiguous() const {
-  int64_t expected = 1;
+  uint64_t expected = 1;  // unsigned, as contiguous_strides computes it (no overflow for empty shapes)
   for (size_t i = shape_.size(); i-- > 0;) {
-    if (shape_[i] != 1 && strides_[i] != expected) return false;
-    expected *= shape_[i];
+    if (shape_[i] != 1 && strides_[i] != static_cast<int64_t>(expected)) return false;
+    expected *= static_cast<uint64_t>(shape_[i]);
   }
   return true;
 }

@@ -136,7 +136,7 @@ TEST_CASE("numbers and paths from the command line are checked before anything r
   check_one_line_error(run("train --config tiny --steps 2 --channels 30000"), "for the weights alone, more than the");
   check_one_line_error(run("train --config tiny --steps 2 --max-memory 64K"), "for the weights alone");
   check_one_line_error(run("train --config tiny --steps 2 --max-memory 200K"), "out of memory on cpu");
-  check_one_line_error(run("train --config tiny --steps 2 --max-memory 12Q"), "unknown unit 'Q'");
+  check_one_line_error(run("train --config tiny --steps 2 --max-memory 12Q"), "byte count '12Q': unknown unit 'Q'");
 
   auto base = std::filesystem::temp_directory_path() / ("remat_cli_checks_" + std::to_string(::getpid()));
   std::filesystem::remove_all(base);

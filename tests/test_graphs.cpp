@@ -358,3 +358,23 @@ TEST_CASE("user mistakes are clear errors, not internal ones", "[graphs][errors]
   CHECK_THROWS_WITH(x.view({7}, {1}, 0), Contains("reaches element 6, past the 6 elements of its storage"));
   CHECK_THROWS_WITH(grad(sum(x), {Tensor::ones({2})}), Contains("grad: input 0 must be a tensor that requires grad"));
 }
+
+TEST_CASE("graphs whose forwards import from each other are freed with their tensors", "[graphs][memory]") {
+  // Two streams started from leaves and mixed back and forth: every import points at an older graph.
+  Tensor a = Tensor::randn({4, 4}).set_requires_grad(true), b = Tensor::randn({4, 4}).set_requires_grad(true);
+  int64_t before = activations();
+  std::weak_ptr<Graph> first, second;
+  {
+    Tensor x = exp(a), y = exp(b);  // two graphs
+    first = x.autograd_meta_ptr()->graph;
+    second = y.autograd_meta_ptr()->graph;
+    REQUIRE(first.lock() != second.lock());
+    Tensor u = mul(x, y), v = mul(y, x), w = mul(u, v);
+    backward(sum(w), Tensor(), {.retain_graph = true});
+    Tensor z = mul(exp(x), w);  // back onto the first stream's value
+    backward(sum(z));
+  }
+  CHECK(first.expired());
+  CHECK(second.expired());
+  CHECK(activations() == before);
+}

@@ -4,8 +4,8 @@
 Counts test cases over all binaries. A binary that exits 77 (the CUDA suite without a GPU)
 counts all its test cases as skipped. Extra arguments are passed to each binary as a test
 filter (default: everything not tagged [slow]). With the default filter, the script tests in
-tests/scripts/ run too, each one case given the build folder: exit 0 passed, 77 skipped, anything
-else failed.
+tests/scripts/ run too (unless --no-scripts), each one case given the build folder: exit 0
+passed, 77 skipped, anything else failed.
 """
 import re
 import subprocess
@@ -23,8 +23,10 @@ def count_listed(binary, test_filter):
 
 
 def main():
-    build = Path(sys.argv[1] if len(sys.argv) > 1 else "build")
-    test_filter = sys.argv[2] if len(sys.argv) > 2 else "~[slow]"
+    args = [a for a in sys.argv[1:] if a != "--no-scripts"]
+    run_scripts = "--no-scripts" not in sys.argv[1:]
+    build = Path(args[0] if len(args) > 0 else "build")
+    test_filter = args[1] if len(args) > 1 else "~[slow]"
     passed = failed = skipped = 0
     for name in BINARIES:
         binary = build / "tests" / name
@@ -59,7 +61,7 @@ def main():
         print(f"{name}: {p} passed, {f} failed ({seconds:.1f} s)", flush=True)
         passed += p
         failed += f
-    if test_filter == "~[slow]":
+    if test_filter == "~[slow]" and run_scripts:
         for name in SCRIPTS:
             start = time.time()
             proc = subprocess.run(["bash", str(Path(__file__).parent.parent / "tests" / "scripts" / name), str(build)],

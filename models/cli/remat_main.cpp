@@ -39,27 +39,6 @@ void print_progress(const remat::StepMetrics& m, int64_t total) {
   first = false;
 }
 
-// "8GiB", "512M", "1e9": a byte count for --max-memory.
-int64_t parse_bytes(const std::string& text) {
-  size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    REMAT_FAIL("--max-memory ", text, ": expected a number of bytes, optionally with K, M, G, T, KiB, MiB, GiB or TiB");
-  }
-  std::string unit = text.substr(used);
-  const std::map<std::string, double> units = {{"", 1},        {"K", 1e3},          {"M", 1e6},          {"G", 1e9},
-                                               {"T", 1e12},    {"KiB", 1024.0},      {"MiB", 1048576.0},  {"GiB", 1073741824.0},
-                                               {"TiB", 1099511627776.0}};
-  auto found = units.find(unit);
-  REMAT_CHECK(found != units.end(), "--max-memory ", text, ": unknown unit '", unit, "'; expected K, M, G, T, KiB, MiB, GiB or TiB");
-  double bytes = value * found->second;
-  REMAT_CHECK(std::isfinite(bytes) && bytes >= 1 && bytes <= 4.0e18, "--max-memory ", text,
-              ": expected between 1 byte and 4e18 bytes");
-  return static_cast<int64_t>(bytes);
-}
-
 int list_ops() {
   fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", "op", "inputs", "outputs", "cpu", "cuda");
   for (int i = 0; i < remat::kOpCount; ++i) {
@@ -205,7 +184,7 @@ int main(int argc, char** argv) {
       for (auto [key, option] : size_overrides)
         if (option->count() > 0) t.overrides[key] = static_cast<double>(values.at(key));
       if (dropout_option->count() > 0) t.overrides["dropout"] = dropout;
-      if (!max_memory.empty()) remat::set_memory_limit(remat::parse_device(t.device), parse_bytes(max_memory));
+      if (!max_memory.empty()) remat::set_memory_limit(remat::parse_device(t.device), remat::parse_byte_count(max_memory));
       t.keep_step_metrics = false;  // the progress bar and metrics.jsonl have every step
       remat::TrainResult r = remat::train(t, print_progress, [](const std::string& note) {
         fmt::print("{}\n", note);
