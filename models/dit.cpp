@@ -165,12 +165,16 @@ void check_config(const DitConfig& c) {
 }
 
 int64_t parameter_count(const DitConfig& c) {
-  int64_t C = c.channels, pv = 3 * c.patch * c.patch, g = c.image / c.patch;
-  auto linear = [](int64_t in, int64_t out) { return in * out + out; };
-  int64_t stream = linear(C, 6 * C) + linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C);
-  int64_t single = linear(C, 3 * C) + linear(C, 7 * C) + linear(5 * C, C);
-  return linear(pv, C) + g * g * C + 2 * linear(C, C) + c.classes * C + c.double_blocks * 2 * stream +
-         c.single_blocks * single + linear(C, 2 * C) + linear(C, pv);
+  check_config(c);
+  // In 128 bits: a config of huge sizes must be a clear error, not an overflow.
+  __int128 C = c.channels, pv = 3 * static_cast<__int128>(c.patch) * c.patch, g = c.image / c.patch;
+  auto linear = [](__int128 in, __int128 out) { return in * out + out; };
+  __int128 stream = linear(C, 6 * C) + linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C);
+  __int128 single = linear(C, 3 * C) + linear(C, 7 * C) + linear(5 * C, C);
+  __int128 n = linear(pv, C) + g * g * C + 2 * linear(C, C) + c.classes * C + c.double_blocks * 2 * stream +
+               c.single_blocks * single + linear(C, 2 * C) + linear(C, pv);
+  REMAT_CHECK(n <= INT64_MAX, "dit: config ", c.name, " would have more than 2^63 parameters");
+  return static_cast<int64_t>(n);
 }
 
 Dit::Dit(const DitConfig& cfg) : Module("Dit"), config(cfg) {

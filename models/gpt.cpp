@@ -50,9 +50,13 @@ void check_config(const GptConfig& c) {
 }
 
 int64_t parameter_count(const GptConfig& c) {
-  int64_t C = c.channels;
-  int64_t block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C);
-  return c.vocab * C + c.seq_len * C + c.layers * block + 2 * C;  // wte, wpe, blocks, ln_f
+  check_config(c);
+  // In 128 bits: a config of huge sizes must be a clear error, not an overflow.
+  __int128 C = c.channels;
+  __int128 block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C);
+  __int128 n = c.vocab * C + c.seq_len * C + c.layers * block + 2 * C;  // wte, wpe, blocks, ln_f
+  REMAT_CHECK(n <= INT64_MAX, "gpt: config ", c.name, " would have more than 2^63 parameters");
+  return static_cast<int64_t>(n);
 }
 
 Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {

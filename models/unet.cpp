@@ -109,10 +109,12 @@ void check_config(const UnetConfig& c) {
               "unet: expected positive sizes in config ", c.name, ", got image ", c.image, ", base ", c.base,
               ", groups ", c.groups, ", heads ", c.heads, ", classes ", c.classes, ", batch ", c.batch);
   REMAT_CHECK(!c.mults.empty() && c.mults.size() <= 16, "unet: expected 1 to 16 levels (mults), got ", c.mults.size());
-  for (int64_t m : c.mults)
-    REMAT_CHECK(m > 0 && (c.base * m) % c.groups == 0 && (c.base * m) % c.heads == 0, "unet: expected every level's ",
-                "width (base ", c.base, " x mult ", m, ") positive and divisible by groups (", c.groups, ") and heads (",
-                c.heads, ")");
+  for (int64_t m : c.mults) {
+    __int128 width = static_cast<__int128>(c.base) * m;  // in 128 bits: huge values are refused, not overflowed
+    REMAT_CHECK(m > 0 && width <= (int64_t{1} << 40) && width % c.groups == 0 && width % c.heads == 0,
+                "unet: expected every level's width (base ", c.base, " x mult ", m, ") from 1 to 2^40 and divisible ",
+                "by groups (", c.groups, ") and heads (", c.heads, ")");
+  }
   REMAT_CHECK(c.base % c.groups == 0, "unet: expected base (", c.base, ") divisible by groups (", c.groups, ")");
   REMAT_CHECK(c.image % (int64_t{1} << (c.mults.size() - 1)) == 0,
               "unet: expected the image side divisible by 2^(levels-1), got ", c.image);
@@ -120,20 +122,23 @@ void check_config(const UnetConfig& c) {
 }
 
 int64_t parameter_count(const UnetConfig& c) {
-  auto linear = [](int64_t in, int64_t out) { return in * out + out; };
-  auto conv_unit = [](int64_t cin, int64_t cout) { return 2 * cin + cout * cin * 9 + cout; };
-  int64_t temb = 4 * c.base;
-  auto level = [&](int64_t cin, int64_t cout, bool attend) {
-    int64_t res = conv_unit(cin, cout) + linear(temb, cout) + conv_unit(cout, cout) + (cin != cout ? cout * cin : 0);
-    int64_t attn = attend ? 2 * cout + linear(cout, 3 * cout) + linear(cout, cout) : 0;
+  check_config(c);
+  // In 128 bits: a config of huge sizes must be a clear error, not an overflow.
+  using Big = __int128;
+  auto linear = [](Big in, Big out) { return in * out + out; };
+  auto conv_unit = [](Big cin, Big cout) { return 2 * cin + cout * cin * 9 + cout; };
+  Big temb = 4 * static_cast<Big>(c.base);
+  auto level = [&](Big cin, Big cout, bool attend) {
+    Big res = conv_unit(cin, cout) + linear(temb, cout) + conv_unit(cout, cout) + (cin != cout ? cout * cin : 0);
+    Big attn = attend ? 2 * cout + linear(cout, 3 * cout) + linear(cout, cout) : 0;
     return res + attn;
   };
-  int64_t n = c.base * 27 + c.base + linear(c.base, temb) + linear(temb, temb) + c.classes * temb;
+  Big n = static_cast<Big>(c.base) * 27 + c.base + linear(c.base, temb) + linear(temb, temb) + c.classes * temb;
   size_t levels = c.mults.size();
-  std::vector<int64_t> widths;
-  int64_t cin = c.base;
+  std::vector<Big> widths;
+  Big cin = c.base;
   for (size_t l = 0; l < levels; ++l) {
-    widths.push_back(c.base * c.mults[l]);
+    widths.push_back(static_cast<Big>(c.base) * c.mults[l]);
     n += level(cin, widths[l], l == levels - 1);
     cin = widths[l];
   }
@@ -142,7 +147,9 @@ int64_t parameter_count(const UnetConfig& c) {
     n += level(cin + widths[l], widths[l], l == levels - 1);
     cin = widths[l];
   }
-  return n + conv_unit(cin, 3);
+  n += conv_unit(cin, 3);
+  REMAT_CHECK(n <= INT64_MAX, "unet: config ", c.name, " would have more than 2^63 parameters");
+  return static_cast<int64_t>(n);
 }
 
 Unet::Unet(const UnetConfig& cfg) : Module("Unet"), config(cfg) {

@@ -57,6 +57,14 @@ TEST_CASE("parameter counts are known before a model is built", "[reliability][m
         }()));
 }
 
+TEST_CASE("configs too large to count are refused, not overflowed (found by fuzz_config)", "[reliability][models]") {
+  CHECK_THROWS_WITH(task_parameter_count("gpt", "tiny", {{"channels", 1e12}, {"heads", 1}}),
+                    Contains("would have more than 2^63 parameters"));
+  CHECK_THROWS_WITH(task_parameter_count("dit", "tiny", {{"channels", 1e12}, {"heads", 1}}),
+                    Contains("would have more than 2^63 parameters"));
+  CHECK_THROWS_WITH(task_parameter_count("unet", "tiny", {{"channels", 1e12}}), Contains("from 1 to 2^40"));
+}
+
 TEST_CASE("model configs read from files are checked like any other", "[reliability][models]") {
   nlohmann::json gpt = {{"name", "x"}, {"vocab", 64}, {"channels", 32}, {"heads", 0}, {"layers", 1},
                         {"seq_len", 8}, {"batch", 2}, {"dropout", 0.0}};
