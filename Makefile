@@ -41,9 +41,11 @@ test-asan: deps
 	$(SAN_OPTIONS) python3 tools/run_tests.py build-asan '~[slow]' --no-scripts
 
 # libFuzzer on the safetensors reader, the policy strings and the command line's numbers and names
-# (tests/fuzz), FUZZ_SECONDS each, starting from the committed seed corpora; new inputs go to a
-# temporary folder. A clang build of its own with AddressSanitizer and UndefinedBehaviorSanitizer.
+# (tests/fuzz), FUZZ_SECONDS each (or FUZZ_RUNS executions each, with FUZZ_SECONDS=0), starting from
+# the committed seed corpora; new inputs go to a temporary folder. A clang build of its own with
+# AddressSanitizer and UndefinedBehaviorSanitizer.
 FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?= -1
 FUZZ_TARGETS := safetensors policy config
 fuzz: deps
 	@[ -f build-fuzz/build.ninja ] || CC=clang CXX=clang++ meson setup build-fuzz -Dfuzz=true -Dtests=false \
@@ -51,8 +53,8 @@ fuzz: deps
 	  -Dbuildtype=debugoptimized -Dcpp_args="-fsanitize=fuzzer-no-link -Wno-pass-failed"
 	ninja -C build-fuzz -j $(JOBS) $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
 	@for t in $(FUZZ_TARGETS); do \
-	  work=$$(mktemp -d); echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
-	  UBSAN_OPTIONS=halt_on_error=1 build-fuzz/tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  work=$$(mktemp -d); echo "== fuzz_$$t for $(FUZZ_SECONDS) s (0: no limit), $(FUZZ_RUNS) runs (-1: no limit)"; \
+	  UBSAN_OPTIONS=halt_on_error=1 build-fuzz/tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -runs=$(FUZZ_RUNS) -print_final_stats=1 \
 	    -rss_limit_mb=4096 $$work tests/fuzz/corpus/$$t 2>&1 | grep -E "stat::number_of_executed_units|ERROR|SUMMARY|crash-|Done"; \
 	  status=$${PIPESTATUS[0]}; rm -rf $$work; [ $$status -eq 0 ] || exit 1; \
 	done

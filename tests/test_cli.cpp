@@ -22,9 +22,10 @@ struct Run {
   std::string out;
 };
 
-Run run(const std::string& args) {
+// Runs remat with args; env (e.g. "NAME=value") is set for that command only.
+Run run(const std::string& args, const std::string& env = "") {
   std::string err_path = std::filesystem::temp_directory_path() / ("remat_cli_err_" + std::to_string(::getpid()));
-  std::string cmd = std::string(REMAT_CLI) + " " + args + " 2>" + err_path;
+  std::string cmd = (env.empty() ? "" : env + " ") + std::string(REMAT_CLI) + " " + args + " 2>" + err_path;
   FILE* pipe = popen(cmd.c_str(), "r");
   std::string out;
   char buffer[4096];
@@ -158,5 +159,22 @@ TEST_CASE("numbers and paths from the command line are checked before anything r
   // sample says a bad --out before it samples.
   check_one_line_error(run("sample --weights " + (base / "run" / "model.safetensors").string() + " --out " + base.string()),
                        "is a folder");
+  std::filesystem::remove_all(base);
+}
+
+TEST_CASE("training on the CPU never loads the CUDA part, under any policy", "[cli]") {
+  // Loading it maps CUDA's libraries (about 150 MiB of RSS); a full-policy backward once did, to
+  // poll for offload copies that a CPU run never makes. LD_DEBUG=files names every library loaded.
+  auto base = std::filesystem::temp_directory_path() / ("remat_cli_cpu_only_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(base);
+  std::filesystem::create_directories(base);
+  for (const char* policy : {"none", "full", "ops", "block_skip:2", "level:3", "sqrt"}) {
+    INFO("policy " << policy);
+    Run r = run(std::string("train --config tiny --steps 2 --device cpu --policy ") + policy + " --out " +
+                (base / "run").string() + " --overwrite", "LD_DEBUG=files");
+    REQUIRE(r.status == 0);
+    CHECK(r.err.find("file=") != std::string::npos);  // the loader did report
+    CHECK(r.err.find("libremat_cuda") == std::string::npos);
+  }
   std::filesystem::remove_all(base);
 }
