@@ -52,11 +52,13 @@ fuzz: deps
 	  -Dcuda=disabled -Dnative=false -Dblas=eigen -Db_sanitize=address,undefined -Db_lundef=false \
 	  -Dbuildtype=debugoptimized -Dcpp_args="-fsanitize=fuzzer-no-link -Wno-pass-failed"
 	ninja -C build-fuzz -j $(JOBS) $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
-	@for t in $(FUZZ_TARGETS); do \
+	@mkdir -p build-fuzz/crashes; for t in $(FUZZ_TARGETS); do \
 	  work=$$(mktemp -d); echo "== fuzz_$$t for $(FUZZ_SECONDS) s (0: no limit), $(FUZZ_RUNS) runs (-1: no limit)"; \
 	  UBSAN_OPTIONS=halt_on_error=1 build-fuzz/tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -runs=$(FUZZ_RUNS) -print_final_stats=1 \
-	    -rss_limit_mb=4096 $$work tests/fuzz/corpus/$$t 2>&1 | grep -E "stat::number_of_executed_units|ERROR|SUMMARY|crash-|Done"; \
-	  status=$${PIPESTATUS[0]}; rm -rf $$work; [ $$status -eq 0 ] || exit 1; \
+	    -rss_limit_mb=4096 -artifact_prefix=build-fuzz/crashes/ $$work tests/fuzz/corpus/$$t >$$work.log 2>&1; \
+	  status=$$?; grep -E "stat::number_of_executed_units|Done" $$work.log; \
+	  [ $$status -eq 0 ] || { tail -n 60 $$work.log; echo "fuzz_$$t failed; the input is in build-fuzz/crashes/"; }; \
+	  rm -rf $$work $$work.log; [ $$status -eq 0 ] || exit 1; \
 	done
 
 # The threading tests under ThreadSanitizer (a CPU-only build of its own; OpenMP kept to one thread,

@@ -2,6 +2,7 @@
 #include "models/optim.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <map>
 #include <set>
@@ -69,8 +70,13 @@ void Optimizer::load(const std::string& path) {
   };
   REMAT_CHECK(meta("format") == "remat optimizer", path, ": not a remat optimizer state (no format metadata)");
   REMAT_CHECK(meta("optimizer") == name(), path, ": holds the state of ", meta("optimizer"), ", not of ", name());
+  std::string steps = meta("steps");
+  int64_t count = -1;
+  auto [stop, error] = std::from_chars(steps.data(), steps.data() + steps.size(), count);
+  REMAT_CHECK(error == std::errc() && stop == steps.data() + steps.size() && count >= 0, path,
+              ": expected a step count (a whole number >= 0) in its metadata, got '", steps, "'");
   load_state(file.tensors);
-  steps_ = std::stoll(meta("steps"));
+  steps_ = count;
 }
 
 AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options) : Optimizer(std::move(groups)), options_(options) {

@@ -1,5 +1,6 @@
 // Parsing and printing of dtypes, devices and shapes.
-#include <algorithm>
+#include <cctype>
+#include <charconv>
 
 #include "runtime/device.h"
 #include "runtime/dtype.h"
@@ -19,9 +20,14 @@ std::string Device::str() const { return is_cpu() ? "cpu" : "cuda:" + std::to_st
 Device parse_device(const std::string& text) {
   if (text == "cpu") return Device::cpu();
   if (text == "cuda") return Device::cuda(0);
-  if (text.rfind("cuda:", 0) == 0 && text.size() > 5 &&
-      std::all_of(text.begin() + 5, text.end(), [](char c) { return c >= '0' && c <= '9'; }))
-    return Device::cuda(std::stoi(text.substr(5)));
+  if (text.rfind("cuda:", 0) == 0) {
+    int index = -1;
+    const char* end = text.data() + text.size();
+    auto [stop, error] = std::from_chars(text.data() + 5, end, index);
+    if (error == std::errc() && stop == end && text.size() > 5 && std::isdigit(static_cast<unsigned char>(text[5])))
+      return Device::cuda(index);
+    REMAT_FAIL("unknown device '", text, "': expected cuda:N with N a device index from 0 to 2^31 - 1");
+  }
   REMAT_FAIL("unknown device '", text, "': expected cpu, cuda or cuda:N");
 }
 

@@ -219,6 +219,11 @@ TEST_CASE("optimizer state is keyed by parameter name, loads into a rebuilt mode
       if (name == other) CHECK(t.to_vector<double>() == u.to_vector<double>());
   Sgd sgd(params());
   CHECK_THROWS_WITH(sgd.load(dir + "/opt.safetensors"), Contains("holds the state of adamw, not of sgd"));
+  // A step count that is not a number is an error before any state is loaded (it was "stoll").
+  save_safetensors(dir + "/bad.safetensors", opt.state(),
+                   {{"format", "remat optimizer"}, {"optimizer", "adamw"}, {"steps", "99999999999999999999"}});
+  CHECK_THROWS_WITH(again.load(dir + "/bad.safetensors"), Contains("expected a step count"));
+  CHECK(again.steps() == 1);
   CHECK_THROWS_WITH(AdamW(std::vector<std::pair<std::string, Tensor>>{{"x", a.weight}, {"x", b.weight}}),
                     Contains("the parameter name 'x' appears twice"));
 

@@ -18,6 +18,9 @@ TEST_CASE("dtype and device names parse and print", "[runtime]") {
   CHECK(parse_device("cuda:1") == Device::cuda(1));
   CHECK(Device::cuda(3).str() == "cuda:3");
   CHECK_THROWS_WITH(parse_device("gpu"), Contains("expected cpu, cuda or cuda:N"));
+  // An index too large for int once escaped as std::out_of_range ("stoi"; found by fuzz_config).
+  for (const char* bad : {"cuda:77777777777777777777", "cuda:-1", "cuda:+1", "cuda:", "cuda:1x"})
+    CHECK_THROWS_WITH(parse_device(bad), Contains("expected cuda:N with N a device index"));
 }
 
 TEST_CASE("broadcasting follows NumPy and names the op on failure", "[runtime]") {
