@@ -39,12 +39,13 @@ int run_soak(const SoakOptions& o) {
     apply_policy(model, parse_policy(policy));
     AdamW opt(model.named_parameters());
     AdditionTask data(c.vocab, 1);
+    reset_peak_memory();  // each policy's own peak, not the largest so far in this process
     std::vector<int64_t> at;
     for (int i = 0; i < o.samples; ++i) at.push_back(10 + (o.steps - 10) * i / (o.samples - 1));
     nlohmann::json rows = nlohmann::json::array();
     fmt::print("{:<14} {:>8} {:>14} {:>14} {:>12}\n", policy, "step", "live bytes", "peak bytes", "RSS MiB");
     size_t next = 0;
-    int64_t live_10 = 0, live_last = 0;
+    int64_t live_10 = 0, live_last = 0, peak_10 = 0, peak_last = 0;
     for (int64_t step = 1; step <= o.steps; ++step) {
       {
         auto [x, y] = data.batch(c.batch, c.seq_len);
@@ -57,15 +58,16 @@ int run_soak(const SoakOptions& o) {
         int64_t rss = resident_bytes();
         fmt::print("{:<14} {:>8} {:>14} {:>14} {:>12.1f}\n", "", step, s.total.current, s.total.peak, rss / 1048576.0);
         rows.push_back({{"step", step}, {"live_bytes", s.total.current}, {"peak_bytes", s.total.peak}, {"rss_bytes", rss}});
-        if (next == 0) live_10 = s.total.current;
+        if (next == 0) live_10 = s.total.current, peak_10 = s.total.peak;
         live_last = s.total.current;
+        peak_last = s.total.peak;
         ++next;
       }
     }
-    bool this_flat = live_last == live_10;
+    bool this_flat = live_last == live_10 && peak_last == peak_10;
     flat = flat && this_flat;
-    fmt::print("{:<14} live bytes after step {}: {} ({} after step 10): {}\n", "", o.steps, live_last, live_10,
-               this_flat ? "flat" : "GROWING");
+    fmt::print("{:<14} after step {}: live {}, peak {} (after step 10: {}, {}): {}\n", "", o.steps, live_last, peak_last,
+               live_10, peak_10, this_flat ? "flat" : "GROWING");
     results.push_back({{"policy", policy}, {"flat", this_flat}, {"samples", rows}});
   }
   if (!o.json_path.empty()) {

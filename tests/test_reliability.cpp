@@ -97,7 +97,7 @@ TEST_CASE("running out of memory is an error, also inside parallel kernels, and 
   CHECK(conv2d(x, w, Tensor(), 1, 1).shape() == Shape{4, 16, 32, 32});
 }
 
-TEST_CASE("1,000 training steps of gpt tiny keep live memory flat under every policy", "[reliability][memory]") {
+TEST_CASE("1,000 training steps of gpt tiny keep live and peak memory flat under every policy", "[reliability][memory]") {
   for (const char* policy : {"none", "full", "ops", "block_skip:2", "level:3"}) {
     INFO("policy " << policy);
     manual_seed(2);
@@ -106,16 +106,19 @@ TEST_CASE("1,000 training steps of gpt tiny keep live memory flat under every po
     apply_policy(model, parse_policy(policy));
     AdamW opt(model.named_parameters());
     AdditionTask data(c.vocab, 3);
+    reset_peak_memory();
     int64_t after_10 = 0, after_1000 = 0;  // at the same point of the step (its batch still alive)
+    int64_t peak_10 = 0, peak_1000 = 0;
     for (int step = 1; step <= 1000; ++step) {
       auto [x, y] = data.batch(c.batch, c.seq_len);
       backward(model.loss(x, y));
       opt.step(1e-3);
       opt.zero_grad();
-      if (step == 10) after_10 = memory_stats().total.current;
-      if (step == 1000) after_1000 = memory_stats().total.current;
+      if (step == 10) after_10 = memory_stats().total.current, peak_10 = memory_stats().total.peak;
+      if (step == 1000) after_1000 = memory_stats().total.current, peak_1000 = memory_stats().total.peak;
     }
     CHECK(after_1000 == after_10);
+    CHECK(peak_1000 == peak_10);  // no step after the tenth needed more than the first ten
   }
 }
 
