@@ -14,7 +14,8 @@ struct RegionCounters {
   int64_t ops_replayed = 0;   // nodes re-executed by this region's replays
   int64_t bytes_dropped = 0;  // bytes of distinct values whose slots the region dropped
   int64_t bytes_rebuilt = 0;  // bytes of the outputs its replays produced
-  int64_t replays = 0;        // number of replays
+  int64_t replays = 0;        // region replays: each region counts once per backward that replays it
+  int64_t replay_passes = 0;  // the passes they took (one per backward node that read a dropped slot)
   int64_t replay_ns = 0;      // wall time spent replaying
   int64_t bytes_offloaded = 0;  // bytes of saved outputs moved to host memory (GPU values only)
   std::array<int64_t, kOpCount> replayed_by_op{};  // ops_replayed split by op kind

@@ -219,48 +219,43 @@ Tensor RegionManager::unpack_dropped(Graph& graph, int64_t node, size_t slot) {
   int64_t value = n.saved[slot].value;
   if (!available(graph, value)) {
     REMAT_ASSERT(n.region >= 0, "a dropped slot outside every region");
-    replay(graph, n.region, node);
+    // Everything this node's backward reads, in one pass.
+    std::vector<Target> targets;
+    for (size_t s = 0; s < n.saved.size(); ++s)
+      if (n.saved[s].state == SlotState::dropped && !available(graph, n.saved[s].value))
+        targets.push_back({node, static_cast<int64_t>(s), n.saved[s].value});
+    replay(graph, n.region, targets, node);
   }
   REMAT_ASSERT(available(graph, value), "replay of ", regions_[n.region].options.name, " did not rebuild a slot of ",
                n.name());
   return graph.value_data(value);
 }
 
-void RegionManager::replay(Graph& graph, int id, int64_t position) {
-  Region& r = regions_[id];
-  if (r.replayed) fail(r, "asked to replay twice in one backward (internal error)");
-  // Start from the region's inputs; if an outer region dropped one, that region replays first.
-  for (const RegionInput& in : r.inputs) {
-    if (available(graph, in.value)) continue;
-    REMAT_ASSERT(in.state == SlotState::dropped && r.parent >= 0, "an input of ", r.options.name, " is gone");
-    replay(graph, r.parent, position);
-    break;
-  }
-
-  // Targets: dropped slots of this region's own nodes whose backward is still to come, and dropped
-  // inputs of the regions directly inside it.
-  struct Target {
-    int64_t node, slot, value;
-  };
+void RegionManager::replay_inputs_of(Graph& graph, int child, int64_t position) {
+  const Region& c = regions_[child];
+  REMAT_ASSERT(c.parent >= 0, "an input of ", c.options.name, " is gone");
   std::vector<Target> targets;
-  int64_t last = std::min<int64_t>(r.end, position + 1);
-  for (int64_t n = r.begin; n < last; ++n) {
-    const Node& node = *graph.nodes[n];
-    if (node.region != id) continue;
-    for (size_t s = 0; s < node.saved.size(); ++s)
-      if (node.saved[s].state == SlotState::dropped) targets.push_back({n, static_cast<int64_t>(s), node.saved[s].value});
-  }
-  // Direct children only: a grandchild's inputs get their own holds when the middle region
-  // replays, so each level of nesting keeps just its children's inputs alive at once.
-  for (size_t d = id + 1; d < regions_.size(); ++d) {
-    const Region& inner = regions_[d];
-    if (inner.parent != id || inner.begin > position) continue;
-    for (size_t j = 0; j < inner.inputs.size(); ++j)
-      if (inner.inputs[j].state == SlotState::dropped)
-        targets.push_back({-1 - static_cast<int64_t>(d), static_cast<int64_t>(j), inner.inputs[j].value});
-  }
+  for (size_t j = 0; j < c.inputs.size(); ++j)
+    if (c.inputs[j].state == SlotState::dropped)
+      targets.push_back({-1 - static_cast<int64_t>(child), static_cast<int64_t>(j), c.inputs[j].value});
+  replay(graph, c.parent, targets, position);
+}
 
-  // The nodes the missing targets depend on, walking producers back to available values.
+bool RegionManager::pending(const Graph& graph, int id, int64_t owner, int64_t index, int64_t position) const {
+  if (rebuilt_holds_.count({owner, index})) return false;  // holds its data already
+  if (owner >= 0) {
+    const Node& n = *graph.nodes[owner];
+    return owner <= position && n.region == id && !n.done && n.saved[index].state == SlotState::dropped;
+  }
+  const Region& c = regions_[-1 - owner];
+  return c.parent == id && c.end >= 0 && c.begin <= position && c.inputs[index].state == SlotState::dropped;
+}
+
+void RegionManager::replay(Graph& graph, int id, const std::vector<Target>& targets, int64_t position) {
+  Region& r = regions_[id];
+  // The nodes the missing targets depend on, walking producers back to available values: saved
+  // outputs, kept and rebuilt values, the region's inputs (rebuilt by the outer region when it
+  // dropped them).
   std::set<int64_t> needed;
   std::vector<int64_t> stack;
   std::unordered_set<int64_t> visited;
@@ -269,9 +264,13 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
   while (!stack.empty()) {
     int64_t v = stack.back();
     stack.pop_back();
-    if (!visited.insert(v).second) continue;
+    if (!visited.insert(v).second || available(graph, v)) continue;
     int64_t p = graph.values[v].producer;
-    if (p < r.begin) fail(r, "cannot rebuild a value produced outside the region (internal error)");
+    if (p < r.begin) {
+      replay_inputs_of(graph, id, position);
+      if (!available(graph, v)) fail(r, "cannot rebuild a value produced outside the region (internal error)");
+      continue;
+    }
     if (!needed.insert(p).second) continue;
     for (int64_t u : graph.nodes[p]->inputs)
       if (u >= 0 && !available(graph, u)) stack.push_back(u);
@@ -331,10 +330,16 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
                                i, " as ", out.meta_str(), ", but the forward recorded ", info.meta_str()));
       r.counters.bytes_rebuilt += static_cast<int64_t>(out.nbytes());
       t_totals.bytes_rebuilt += static_cast<int64_t>(out.nbytes());
-      // Targets go to their slots at once; other outputs stay only while later replayed ops read them.
+      // Targets go to their slots at once, and so do other dropped slots of the region still to
+      // come in backward that this pass rebuilt on the way (no pass rebuilds a value twice);
+      // other outputs stay only while later replayed ops read them.
       auto wanted = targets_of.find(v);
       if (wanted != targets_of.end())
         for (const Target* t : wanted->second) hold_rebuilt(graph, t->node, t->slot, v, out.detach());
+      auto waiting = dropped_slots_.find(v);
+      if (waiting != dropped_slots_.end())
+        for (auto [owner, index] : waiting->second)
+          if (pending(graph, id, owner, index, position)) hold_rebuilt(graph, owner, index, v, out.detach());
       if (uses.count(v) && uses[v] > 0) rebuilt[v] = out.detach();
     }
     for (int64_t u : node.inputs)
@@ -344,8 +349,13 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
     ++r.counters.replayed_by_op[static_cast<int>(node.kind())];
     ++t_totals.replayed_by_op[static_cast<int>(node.kind())];
   }
-  ++r.counters.replays;
-  ++t_totals.replays;
+  if (!r.replayed) {
+    ++r.counters.replays;
+    ++t_totals.replays;
+    r.replayed = true;
+  }
+  ++r.counters.replay_passes;
+  ++t_totals.replay_passes;
   int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - replay_start).count();
   r.counters.replay_ns += ns;
   t_totals.replay_ns += ns;
@@ -356,9 +366,6 @@ void RegionManager::replay(Graph& graph, int id, int64_t position) {
     REMAT_ASSERT(graph.values[t.value].data.defined(), "a target of the replay of ", r.options.name, " was not rebuilt");
     hold_rebuilt(graph, t.node, t.slot, t.value, graph.values[t.value].data);
   }
-  r.replayed = true;
-  // This region's own inputs have served their purpose for the replay.
-  for (size_t j = 0; j < r.inputs.size(); ++j) release_rebuilt(graph, -1 - id, static_cast<int64_t>(j), r.inputs[j].value);
 }
 
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {

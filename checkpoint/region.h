@@ -1,8 +1,11 @@
 // Checkpoint regions as tape segments. A region is a contiguous range of tape nodes; its policy
 // decides for each op as it is recorded, and saved slots of values it will not keep are dropped as
 // soon as they are created (at close, the inputs of nested regions produced inside follow). In
-// backward, the first unpack of a dropped slot replays, from the recorded nodes, only what the
-// region's remaining dropped slots depend on; rebuilt tensors are freed after their last consumer.
+// backward, a node's unpack of a dropped slot replays, from the recorded nodes, what that node
+// reads, starting from the nearest available values (saved outputs, kept or rebuilt values, the
+// region's inputs); dropped slots of nodes still to come that the pass rebuilt on the way are kept
+// for them, so no pass rebuilds a value twice; rebuilt tensors are freed after their last consumer.
+// A whole-model region then holds at once only what the next few backward nodes need.
 #pragma once
 
 #include <array>
@@ -40,7 +43,7 @@ struct Region {
   std::vector<RegionInput> saved_outputs;
   std::vector<Decision> decisions;  // the policy's answer for each node since begin, taken at record time
   RegionCounters counters;
-  bool replayed = false;  // in the current backward
+  bool replayed = false;  // at least once in the current backward
   std::vector<std::string> forward_ops, replay_ops;  // debug mode only
   bool contains(int64_t node) const { return node >= begin && (end < 0 || node < end); }
 };
@@ -63,7 +66,17 @@ class RegionManager final : public SavedTensorHooks {
   std::string open_region() const override;
 
  private:
-  void replay(Graph& graph, int region, int64_t position);
+  // A dropped slot (node >= 0) or a nested region's dropped input (node = -1 - region, slot = input).
+  struct Target {
+    int64_t node, slot, value;
+  };
+  // One replay pass of `region`: rebuilds `targets` for the backward node at `position`.
+  void replay(Graph& graph, int region, const std::vector<Target>& targets, int64_t position);
+  // The outer region rebuilds the dropped inputs of `child`, all of them (held until backward leaves it).
+  void replay_inputs_of(Graph& graph, int child, int64_t position);
+  // Whether a dropped slot (or nested region input) of `region` still waits for its data in this
+  // backward, which is at `position`.
+  bool pending(const Graph& graph, int region, int64_t node, int64_t slot, int64_t position) const;
   bool available(const Graph& graph, int64_t value) const { return graph.values[value].data.defined(); }
   void hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data);
   void release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value);
