@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 
 #include "runtime/cuda_backend.h"
 
@@ -292,7 +293,9 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
   {
     NoGradGuard no_grad;  // forward is pure kernels; nothing inside is recorded
     TraceSpan span(node->name(), "forward");
+    auto start = std::chrono::steady_clock::now();
     outputs = node->forward(inputs);
+    node->forward_us = std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - start).count();
   }
   for (Tensor& out : outputs) out = out.detach();  // fresh autograd state, even for views and pass-throughs
   if (!needs_grad) return outputs;

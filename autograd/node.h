@@ -62,6 +62,7 @@ class Node {
   int region = -1;  // innermost checkpoint region containing the node, -1 if none
   uint64_t seq = 0;   // global recording order (across graphs): backward runs in decreasing seq
   bool done = false;  // a backward without retain_graph ran it and released its slots
+  float forward_us = 0;  // how long its forward took when recorded (the budget planner's op costs)
 };
 
 }  // namespace remat

@@ -16,13 +16,15 @@ int main(int argc, char** argv) {
   std::string policies = "none,full,ops,block_skip:2,level:3";
   int64_t batch = 0, layers = 0, seq_len = 0;
   double dropout = -1;
-  app.add_option("--model", p.model, "gpt")->capture_default_str();
-  app.add_option("--config", p.config, "tiny, small or gpt2")->capture_default_str();
+  app.add_option("--model", p.model, "gpt, dit or unet")->capture_default_str();
+  app.add_option("--config", p.config, "tiny, small (gpt also gpt2)")->capture_default_str();
   app.add_option("--policies", policies, "comma-separated policy strings")->capture_default_str();
   app.add_option("--device", p.device, "cpu or cuda:N")->capture_default_str();
   app.add_option("--dtype", p.dtype, "compute dtype: f32, or bf16 (mixed precision; cuda only)")->capture_default_str();
   app.add_option("--steps", p.steps, "timed steps per policy")->capture_default_str();
   app.add_option("--warmup", p.warmup, "untimed steps before them")->capture_default_str();
+  app.add_option("--rounds", p.rounds, "run every policy in turn this many times, pooling the times (a drifting machine "
+                                       "then affects all policies alike)")->capture_default_str();
   app.add_option("--seed", p.seed, "seed of weights, data and dropout")->capture_default_str();
   app.add_option("--batch", batch, "override the config's batch size");
   app.add_option("--layers", layers, "override the config's layers");
@@ -32,6 +34,9 @@ int main(int argc, char** argv) {
   app.add_option("--csv", p.csv_path, "write the results as CSV");
   app.add_option("--trace", p.trace_path, "write a Chrome trace (Perfetto, chrome://tracing) of one step per policy");
   app.add_option("--plot", p.plot_path, "write an SVG plot: memory vs time, and memory over one step");
+  app.add_flag("--pareto", p.pareto,
+               "also run the budget planner at ten budgets from its floor to none's peak, and print step time "
+               "against activation peak with the Pareto front");
 
   remat::bench::OpsOptions ops;
   CLI::App* ops_cmd = app.add_subcommand("ops", "GFLOP/s of matmul/linear and times of the fused ops");

@@ -15,6 +15,9 @@ nlohmann::json machine_info();  // CPU model, threads, compiler, flags, git comm
 void print_table(const std::vector<PolicyResult>& results);
 // For each budget policy: measured vs budget, and the fastest fixed policy of the run that fits.
 void print_budgets(const std::vector<PolicyResult>& results);
+// Every run by activation peak with its step times, peak and minimum time as ratios to none, and
+// the Pareto front (peak against minimum step time).
+void print_pareto(const std::vector<PolicyResult>& results);
 void write_json(const std::string& path, const nlohmann::json& machine, const nlohmann::json& run,
                 const std::vector<PolicyResult>& results);
 void write_csv(const std::string& path, const std::vector<PolicyResult>& results);

@@ -12,15 +12,19 @@
 namespace remat::bench {
 
 struct PolicyOptions {
-  std::string model = "gpt";
+  std::string model = "gpt";  // gpt, dit or unet
   std::string config = "small";
   std::map<std::string, double> overrides;
   std::vector<std::string> policies = {"none", "full", "ops", "block_skip:2", "level:3"};
   std::string device = "cpu";
   std::string dtype = "f32";  // compute dtype: f32 or bf16 (cuda)
   int steps = 5, warmup = 1;
+  int rounds = 1;  // every policy in turn, this many times; times pooled per policy
   uint64_t seed = 0;
   std::string json_path, csv_path, trace_path, plot_path;
+  // Also the budget planner at ten budgets from its floor to no checkpointing's peak, with a table
+  // of step time against activation peak and which runs no other beats in both.
+  bool pareto = false;
 };
 
 struct PolicyResult {

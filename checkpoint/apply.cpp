@@ -211,21 +211,35 @@ PolicySpec parse_policy(const std::string& text) {
   } else if (text.rfind("budget:", 0) == 0) {
     spec.kind = PolicySpec::Kind::budget;
     std::string rest = text.substr(7);
+    for (auto [prefix, scope] : {std::pair{"act:", BudgetScope::activations}, std::pair{"total:", BudgetScope::total}})
+      if (rest.rfind(prefix, 0) == 0) {
+        spec.budget_scope = scope;
+        rest = rest.substr(std::string(prefix).size());
+        break;
+      }
     bool percent = !rest.empty() && rest.back() == '%';
     if (percent) rest.pop_back();
     char* end = nullptr;
     double value = rest.empty() ? 0 : std::strtod(rest.c_str(), &end);
-    bool number = !rest.empty() && end && *end == 0 && std::isfinite(value);
+    bool number = !rest.empty() && end && end != rest.c_str() && std::isfinite(value);
+    double scale = 0;  // stays 0 for an unknown unit
+    if (number && !percent)
+      for (auto [unit, factor] : {std::pair{"", 1.0}, {"K", 1e3}, {"M", 1e6}, {"G", 1e9}, {"T", 1e12}, {"KiB", 1024.0},
+                                  {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}})
+        if (std::string(end) == unit) scale = factor;
+    bool plain = number && (percent ? *end == 0 : scale > 0);
     // Bytes: a whole number from 1 to 2^62 (so that it converts exactly); percent: (0, 100].
     constexpr double kMaxBytes = 4611686018427387904.0;
-    bool fits = percent ? value > 0 && value <= 100 : value >= 1 && value <= kMaxBytes && value == std::floor(value);
-    REMAT_CHECK(number && fits, "policy '", text, "': expected budget:<bytes> with a whole number of bytes from 1 to ",
-                "2^62, or budget:<percent>% with 0 < percent <= 100");
+    double bytes = value * scale;
+    bool fits = percent ? value > 0 && value <= 100 : bytes >= 1 && bytes <= kMaxBytes && bytes == std::floor(bytes);
+    REMAT_CHECK(plain && fits, "policy '", text, "': expected budget:[act:|total:]<bytes> with a whole number of bytes ",
+                "from 1 to 2^62 (a unit K, M, G, T, KiB, MiB, GiB or TiB may follow the number), or ",
+                "budget:[act:|total:]<percent>% with 0 < percent <= 100");
     if (percent) spec.budget_percent = value;
-    else spec.budget_bytes = static_cast<int64_t>(value);
+    else spec.budget_bytes = static_cast<int64_t>(bytes);
   } else {
     REMAT_FAIL("unknown policy '", text, "': expected none, full, ops, block_skip:N, level:L (0..5), sac:<op>,<op>..., "
-               "sqrt, revolve:S or budget:<bytes|percent%>");
+               "sqrt, revolve:S or budget:[act:|total:]<bytes|percent%>");
   }
   return spec;
 }

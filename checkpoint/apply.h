@@ -49,13 +49,15 @@ void set_checkpoint_level(Module& model, int level);
 void remove_checkpointing(Module& model);
 
 // The policy string: none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S,
-// budget:<bytes> or budget:<percent>%.
+// budget:[act:|total:]<bytes|percent%> (bytes optionally with K, M, G, T, KiB, MiB, GiB or TiB;
+// act, the default, budgets the activations, total every byte of the device).
 struct PolicySpec {
   enum class Kind { none, full, ops, block_skip, level, sac, sqrt, revolve, budget } kind = Kind::none;
   int n = 0;                 // N of block_skip, L of level, S of revolve
   std::vector<OpKind> ops;   // sac
   int64_t budget_bytes = 0;  // budget:<bytes>
   double budget_percent = 0; // budget:<percent>%
+  BudgetScope budget_scope = BudgetScope::activations;
   std::string text;
 };
 PolicySpec parse_policy(const std::string& text);

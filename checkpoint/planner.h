@@ -1,11 +1,26 @@
-// Memory-budget planning in eager mode. One step is recorded without checkpointing while hooks
-// mark where each block of the model's block containers starts and ends on the tape; from it,
-// per block: S (bytes its nodes save), E (bytes of its non-parameter inputs) and its forward time.
-// The simulated activation peak of checkpointing a set C of blocks is
-//   max( sum_j kept(j) + H,  max over j in C of [ sum_{i<j} kept(i) + S_j ] ),  kept(j) = E_j if j in C else S_j
-// (H: what the rest of the model saves), the formula that remat-bench's floors check against the
-// allocator. The planner picks C with the least recompute time whose simulated peak fits the
-// budget (an exact search over Pareto-optimal prefixes), and places one region per chosen block.
+// Memory-budget planning in eager mode, op by op within each block. One step is recorded without
+// checkpointing while hooks mark where each block of the model's block containers starts and ends
+// on the tape and on the allocator's event timeline; every op's forward time is measured as it is
+// recorded. For each block the planner builds options, each a set of the block's ops for replay to
+// re-run (the others' outputs are saved): the ops in order of recorded time per byte of output,
+// cheapest first (views and pointwise ops come first on their own), every prefix of that order,
+// and the sets by op class (shape and pointwise; + norms and reductions; + matrix products;
+// everything). For each option the tape gives what the block keeps through forward (kept: its
+// inputs, the outputs of the ops it saves and the saved slots those cover) and the most its replay
+// holds above that (rebuilt: the re-run ops in one pass, rebuilt slots kept and other outputs
+// freed after their last use there), and the recorded time of those ops. The timeline gives, per block, what was alive at its start besides
+// earlier blocks' saved tensors (A) and its forward working set (F), and the peaks before the
+// first block and after the last one. The simulated activation peak of a choice is the largest of
+//   before the blocks:              the measured peak there,
+//   block j's forward:              sum_{i<j} kept(i) + A_j + F_j + X_j,
+//   block j's replay (if any):      P + sum_{i<j} kept(i) + kept(j) + rebuilt(j),
+//   the head, loss and its backward: the measured peak there - sum_j S_j + sum_j kept(j),
+// (S_j: what block j saves without checkpointing; X_j: outputs it saves that no backward reads;
+// P: what the ops before the blocks save), which
+// equals the measured peak when nothing is checkpointed and bounds what per-node replay holds. The
+// planner picks the options with the least recompute time whose simulated peak fits the budget, by
+// an exact search over Pareto-optimal prefixes (time, kept bytes, worst peak so far), and places a
+// region on each block that recomputes anything, with a policy that decides by op position.
 #pragma once
 
 #include <cstdint>
@@ -14,22 +29,57 @@
 #include <vector>
 
 #include "../autograd/module.h"
+#include "policy.h"
 
 namespace remat {
 
+// One way to treat a block: which of its ops replay re-runs (by position in the block's region;
+// empty: keep the block, no region), the bytes it keeps through forward, the most its replay holds
+// on top (re-run as one pass; replay per backward node holds less), and the recorded time of the
+// ops the replay re-runs.
+struct BlockOption {
+  std::string name;            // "keep", "all", or what it recomputes, e.g. "7 of 19 ops: gelu, add, ..."
+  std::vector<bool> recompute;
+  int64_t kept_bytes = 0, rebuilt_bytes = 0;
+  double recompute_ms = 0;
+  int64_t extra_forward_bytes = 0;  // saved outputs no backward reads: held in forward beyond what none holds
+};
+
+// The region policy of an option: the ops at the positions marked recompute are recomputed, the
+// others' outputs saved.
+Policy position_policy(std::vector<bool> recompute, std::string name);
+
 struct PlannedBlock {
   std::string name;  // dotted path of the block
-  int64_t saved_bytes = 0, input_bytes = 0;
+  int64_t saved_bytes = 0, input_bytes = 0;  // no checkpointing: what its nodes save; its inputs
+  // Recorded without checkpointing: what was alive at the block's start besides the earlier
+  // blocks' saved tensors (A), and the most its forward allocated above that start (F).
+  int64_t alive_before_bytes = 0, forward_peak_bytes = 0;
   double forward_ms = 0;
-  bool checkpointed = false;
+  std::vector<BlockOption> options;  // options[0]: keep; none dominated by another in kept, peak and time
+  int choice = 0;                    // the plan's option
+  bool checkpointed = false;         // choice != 0
+};
+
+// What the recorded step measured outside the blocks (bytes above the activations alive before
+// the step).
+struct StepMemory {
+  int64_t before_blocks_peak = 0;  // the peak before the first block started
+  int64_t pre_saved = 0;           // saved by the ops before the first block (alive through every replay)
+  int64_t after_blocks_peak = 0;   // the peak from the last block's end through backward
 };
 
 struct BudgetPlan {
-  int64_t budget_bytes = 0;
+  BudgetScope scope = BudgetScope::activations;
+  int64_t budget_bytes = 0;          // for the activations (a total budget less fixed_bytes)
+  int64_t total_budget_bytes = -1;   // scope total: the budget as given (or its percentage, in bytes)
+  int64_t fixed_bytes = 0;           // scope total: parameters, gradients, optimizer state, workspace
+  int64_t none_total_peak_bytes = 0; // measured while recording, every category
   int64_t none_peak_bytes = 0;       // measured while recording (no checkpointing)
-  int64_t other_saved_bytes = 0;     // H
+  StepMemory step;
   int64_t predicted_peak_bytes = 0;
-  int64_t floor_bytes = 0;           // every block checkpointed
+  int64_t floor_bytes = 0;           // the least simulated peak of any choice (floor_peak)
+  size_t search_states = 0;          // the largest Pareto front the search kept
   double predicted_recompute_ms = 0;
   std::vector<PlannedBlock> blocks;
   uint64_t tape_signature = 0;       // op sequence of the recorded step
@@ -39,13 +89,28 @@ struct BudgetPlan {
   std::string to_string() const;
 };
 
-// Simulated activation peak for the checkpointed set given in `blocks`.
-int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, int64_t other_saved_bytes);
+// Simulated activation peak for the options chosen in `blocks`.
+int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step);
+// The least simulated peak any choice of options reaches.
+int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step);
+
+// The options with the least recompute time whose simulated peak fits the budget (fits = false
+// when none does), and the largest Pareto front the search kept.
+struct OptionChoice {
+  bool fits = false;
+  std::vector<int> choice;  // per block, an index into its options
+  double recompute_ms = 0;
+  size_t search_states = 0;
+};
+OptionChoice choose_options(const std::vector<PlannedBlock>& blocks, const StepMemory& step, int64_t budget_bytes);
 
 class BudgetPlanner {
  public:
-  // budget: bytes, or when percent > 0, that percentage of the recorded no-checkpoint peak.
-  BudgetPlanner(Module& model, int64_t budget_bytes, double percent = 0);
+  // budget: bytes, or when percent > 0, that percentage of the recorded no-checkpoint peak, of the
+  // activations or (scope total) of every byte: then the bytes the step holds besides activations
+  // (the peaks of the other categories while recording, an upper bound) come off the budget first.
+  BudgetPlanner(Module& model, int64_t budget_bytes, double percent = 0,
+                BudgetScope scope = BudgetScope::activations);
   // Runs `loss_fn` once without checkpointing (then backward on its result, so the step's
   // gradients are those of a normal step), solves, and places the regions. Throws when the budget
   // is below the floor, stating the floor.
@@ -59,6 +124,7 @@ class BudgetPlanner {
   Module& model_;
   int64_t budget_bytes_;
   double percent_;
+  BudgetScope scope_;
   BudgetPlan plan_;
 };
 

@@ -32,7 +32,8 @@ struct ValueMeta {
 };
 
 // What a policy sees of one op: its kind and name, its inputs' and outputs' metadata, the user
-// tag of its first output (checkpoint_name), and whether this call comes from replay.
+// tag of its first output (checkpoint_name), whether this call comes from replay, and its position
+// in the region.
 struct PolicyContext {
   OpKind kind = OpKind::custom;
   std::string op_name;
@@ -40,6 +41,9 @@ struct PolicyContext {
   std::vector<ValueMeta> outputs;
   std::string tag;
   bool is_recompute = false;
+  // The op's place among the ops recorded in the asking region (0: its first op). Which of a
+  // block's ops to recompute can so be decided op by op (the budget planner does).
+  int64_t position = -1;
 };
 
 using PolicyFn = std::function<Decision(const PolicyContext&)>;
@@ -48,6 +52,10 @@ struct Policy {
   std::string name;
   PolicyFn decide;
 };
+
+// What a memory budget covers: the activations (what checkpointing changes), or every byte on the
+// device (parameters, gradients, optimizer state, activations, workspace).
+enum class BudgetScope { activations, total };
 
 // Recompute everything: full activation checkpointing.
 Policy save_nothing();

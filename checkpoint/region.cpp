@@ -65,7 +65,10 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
   // region as it was (and record() takes the node back off the tape).
   PolicyContext ctx = context_of(graph, n, false);
   std::vector<Decision> decided;
-  for (int id : open_) decided.push_back(regions_[id].options.policy.decide(ctx));
+  for (int id : open_) {
+    ctx.position = node - regions_[id].begin;
+    decided.push_back(regions_[id].options.policy.decide(ctx));
+  }
   n.region = open_.back();
   bool must_save = false;
   for (size_t k = 0; k < open_.size(); ++k) {
@@ -133,7 +136,10 @@ void RegionManager::on_tag(Graph& graph, int64_t value, const Tensor& data) {
   ctx.tag = graph.values[value].tag;
   std::vector<Decision> decided;  // all answers first, as in on_record
   for (int id : open_)
-    if (p >= regions_[id].begin) decided.push_back(regions_[id].options.policy.decide(ctx));
+    if (p >= regions_[id].begin) {
+      ctx.position = p - regions_[id].begin;
+      decided.push_back(regions_[id].options.policy.decide(ctx));
+    }
   size_t k = 0;
   for (int id : open_) {
     Region& r = regions_[id];

@@ -249,7 +249,8 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   // A budget is planned on the first step of this run (a normal training step, recorded).
   std::unique_ptr<BudgetPlanner> planner;
   bool planned = false;
-  if (policy.kind == PolicySpec::Kind::budget) planner = std::make_unique<BudgetPlanner>(model, policy.budget_bytes, policy.budget_percent);
+  if (policy.kind == PolicySpec::Kind::budget)
+    planner = std::make_unique<BudgetPlanner>(model, policy.budget_bytes, policy.budget_percent, policy.budget_scope);
   else apply_policy(model, policy);
   std::vector<Tensor> params = model.parameters();
   AdamW opt(model.named_parameters(), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});

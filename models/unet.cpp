@@ -14,6 +14,8 @@ class Path final : public Module {
  public:
   explicit Path(const std::string& name) : Module(name) {
     levels = register_module("levels", std::make_shared<nn::ModuleList>());
+    // Its resolutions are the blocks of full, block_skip, sqrt, revolve and the budget planner.
+    levels->set_block_container();
     set_checkpoint_level_of_module(4);
   }
   std::shared_ptr<nn::ModuleList> levels;

@@ -119,6 +119,11 @@ std::vector<MemoryEvent> Allocator::stop_recording() {
   return std::move(events_);
 }
 
+size_t Allocator::recorded_events() const {
+  std::lock_guard lock(mutex_);
+  return events_.size();
+}
+
 namespace {
 
 class CpuAllocator final : public Allocator {

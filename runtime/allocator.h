@@ -57,6 +57,9 @@ class Allocator {
   // Event times are microseconds since `epoch` (default: now), so they line up with other clocks.
   void start_recording(std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now());
   std::vector<MemoryEvent> stop_recording();
+  // Events recorded so far: marks a point of the timeline by event index (the budget planner's
+  // block boundaries).
+  size_t recorded_events() const;
   virtual Device device() const = 0;
 
  protected:

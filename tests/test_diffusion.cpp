@@ -33,7 +33,7 @@ std::function<Tensor()> flow_loss(Model& model, const Tensor& x0, const Tensor& 
 
 }  // namespace
 
-TEST_CASE("dit tiny gradients under full, ops, block_skip:2 and levels are bitwise equal to none", "[diffusion][dit]") {
+TEST_CASE("dit tiny gradients under full, ops, block_skip:2, levels and budgets are bitwise equal to none", "[diffusion][dit]") {
   manual_seed(51);
   Dit model(tiny_dit());
   ShapesTask data(8, 3);
@@ -47,6 +47,22 @@ TEST_CASE("dit tiny gradients under full, ops, block_skip:2 and levels are bitwi
     INFO(policy);
     CHECK(run_grads(model.parameters(), loss) == plain);
     CHECK(checkpoint_counters().replays > 0);
+  }
+  // The planner on two streams: joint attention's working set is most of a block's memory, and the
+  // measured peak stays within the budget (the simulation counts it).
+  for (double percent : {80.0, 60.0, 45.0}) {
+    BudgetPlanner planner(model, 0, percent);
+    const BudgetPlan& plan = planner.plan(loss);
+    INFO(percent << "%: " << plan.to_string());
+    CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
+    for (Tensor& p : model.parameters()) p.zero_grad();
+    reset_peak_memory();
+    reset_checkpoint_counters();
+    int64_t base = memory_stats()[MemoryCategory::activation].current;
+    backward(loss());
+    CHECK(memory_stats()[MemoryCategory::activation].peak - base <= plan.budget_bytes);
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(run_grads(model.parameters(), loss) == plain);
   }
   remove_checkpointing(model);
 }
@@ -91,6 +107,41 @@ TEST_CASE("unet tiny gradients under level:1..5 are bitwise equal to none; level
   reset_checkpoint_counters();
   flow_loss(model, x0, labels)();
   CHECK(checkpoint_counters().ops_forward == 0);  // levels apply in training mode only
+}
+
+TEST_CASE("unet's resolutions are blocks: full, block_skip, chain schedules and budgets keep gradients exact",
+          "[diffusion][unet][policy]") {
+  manual_seed(54);
+  Unet model(unet_config("tiny"));
+  ShapesTask data(8, 5);
+  auto [x0, labels] = data.batch(2);
+  auto loss = flow_loss(model, x0, labels);
+  auto plain = run_grads(model.parameters(), loss);
+  CHECK(apply_activation_checkpointing(model, "full") == 4);  // two resolutions down, two up
+  for (const char* policy : {"full", "block_skip:2", "sqrt", "revolve:1"}) {
+    apply_policy(model, parse_policy(policy));
+    reset_checkpoint_counters();
+    INFO(policy);
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(checkpoint_counters().bytes_dropped > 0);
+  }
+  for (double percent : {80.0, 60.0}) {  // the floor is 55% here
+    BudgetPlanner planner(model, 0, percent);
+    const BudgetPlan& plan = planner.plan(loss);
+    INFO(plan.to_string());
+    CHECK(plan.floor_bytes < plan.budget_bytes);
+    CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
+    for (Tensor& p : model.parameters()) p.zero_grad();
+    reset_peak_memory();
+    reset_checkpoint_counters();
+    int64_t base = memory_stats()[MemoryCategory::activation].current;
+    backward(loss());
+    CHECK(memory_stats()[MemoryCategory::activation].peak - base <= plan.budget_bytes);
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(run_grads(model.parameters(), loss) == plain);
+  }
+  remove_checkpointing(model);
 }
 
 TEST_CASE("patchify and unpatchify are inverse; the shape data is well formed", "[diffusion]") {

@@ -65,7 +65,8 @@ int main(int argc, char** argv) {
   CLI::App* train = app.add_subcommand("train", "train a reference model");
   train->add_option("--model", t.model, "gpt, dit or unet")->capture_default_str();
   train->add_option("--config", t.config, "named configuration: tiny, small (gpt also gpt2)")->capture_default_str();
-  train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S, budget:<bytes|P%> (default none)");
+  train->add_option("--policy", t.policy, "none, full, ops, block_skip:N, level:L, sac:<op>,<op>..., sqrt, revolve:S, "
+                    "budget:[act:|total:]<bytes|P%> (default none)");
   train->add_option("--steps", t.steps, "steps in the schedule (default 300; on --resume the run's, or a new length)");
   train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
   train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();

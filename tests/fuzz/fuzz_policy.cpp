@@ -13,7 +13,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string text(reinterpret_cast<const char*>(data), size);
   try {
     remat::PolicySpec spec = remat::parse_policy(text);
-    if (spec.kind == remat::PolicySpec::Kind::budget && spec.budget_percent == 0 && spec.budget_bytes < 1) __builtin_trap();
+    // A budget is a positive byte count up to 2^62 or a percentage in (0, 100].
+    if (spec.kind == remat::PolicySpec::Kind::budget &&
+        (spec.budget_percent == 0 ? spec.budget_bytes < 1 || spec.budget_bytes > (int64_t{1} << 62)
+                                  : !(spec.budget_percent > 0 && spec.budget_percent <= 100)))
+      __builtin_trap();
   } catch (const remat::Error&) {
   }
   // The same text as "key=value" for CheckpointOptions::parse.

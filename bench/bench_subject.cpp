@@ -1,0 +1,111 @@
+// The bench's model, batch and loss for gpt, dit and unet.
+#include "bench_subject.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "models/data.h"
+#include "runtime/random.h"
+
+namespace remat::bench {
+
+namespace {
+
+GptConfig gpt_bench_config(const PolicyOptions& o) {
+  GptConfig c = gpt_config(o.config);
+  for (const auto& [key, value] : o.overrides) {
+    if (key == "batch") c.batch = static_cast<int64_t>(value);
+    else if (key == "layers") c.layers = static_cast<int64_t>(value);
+    else if (key == "seq_len") c.seq_len = static_cast<int64_t>(value);
+    else if (key == "dropout") c.dropout = value;
+    else REMAT_FAIL("unknown config override '", key, "': expected batch, layers, seq_len or dropout");
+  }
+  return c;
+}
+
+}  // namespace
+
+Subject::Subject(const PolicyOptions& o) : model_name_(o.model), config_name_(o.config), seed_(o.seed) {
+  REMAT_CHECK(o.model == "gpt" || o.model == "dit" || o.model == "unet", "unknown model '", o.model,
+              "': expected gpt, dit or unet");
+  if (o.model == "gpt") {
+    gpt_config_ = gpt_bench_config(o);
+    {
+      MemoryCategoryScope scope(MemoryCategory::workspace);  // the batch is input data, not activations
+      AdditionTask data(gpt_config_.vocab, o.seed + 1);
+      std::tie(x_, y_) = data.batch(gpt_config_.batch, gpt_config_.seq_len);
+    }
+    manual_seed(o.seed);
+    gpt_ = std::make_unique<Gpt>(gpt_config_);
+    return;
+  }
+  REMAT_CHECK(!o.overrides.count("seq_len"), "--seq-len: only gpt has a sequence length");
+  task_ = make_task(o.model, o.config, o.overrides, o.seed);
+  data_state_ = task_->data_state();
+}
+
+Module& Subject::model() { return gpt_ ? static_cast<Module&>(*gpt_) : task_->model(); }
+
+void Subject::to(Device device) {
+  if (gpt_) {
+    gpt_->to(device);
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    x_ = x_.to(device), y_ = y_.to(device);
+  } else {
+    task_->to(device);
+  }
+}
+
+Tensor Subject::loss() {
+  set_rng_state({seed_ + 7, 0});  // the same dropout masks, noise and times every step and every policy
+  if (gpt_) return gpt_->loss(x_, y_);
+  task_->set_data_state(data_state_);
+  return task_->next_loss();
+}
+
+double Subject::items_per_step() const {
+  return gpt_ ? static_cast<double>(gpt_config_.batch * gpt_config_.seq_len) : task_->items_per_step();
+}
+
+std::string Subject::describe() const {
+  if (gpt_)
+    return fmt::format("gpt {} (B {}, T {}, C {}, layers {}, dropout {})", gpt_config_.name, gpt_config_.batch,
+                       gpt_config_.seq_len, gpt_config_.channels, gpt_config_.layers, gpt_config_.dropout);
+  return fmt::format("{} {} ({})", model_name_, config_name_, task_->config().dump());
+}
+
+nlohmann::json Subject::config() const {
+  if (!gpt_) return task_->config();
+  const GptConfig& c = gpt_config_;
+  return {{"name", c.name},       {"batch", c.batch},   {"seq_len", c.seq_len}, {"channels", c.channels},
+          {"heads", c.heads},     {"layers", c.layers}, {"vocab", c.vocab},     {"dropout", c.dropout}};
+}
+
+int64_t Subject::activation_floor(const PolicySpec& spec) const {
+  if (!gpt_) return -1;
+  const GptConfig& c = gpt_config_;
+  const int64_t f = 4, E = c.batch * c.seq_len * c.channels * f, st = c.batch * c.seq_len * f;
+  const int64_t lse = c.batch * c.heads * c.seq_len * f;
+  const int64_t S = 17 * E + 4 * st + lse;                                   // what backward saves of one block
+  const int64_t head = 2 * E + 3 * st + c.batch * c.seq_len * c.vocab * f;  // ln_f in/out, stats, logits, lse
+  int n = 0;
+  switch (spec.kind) {
+    case PolicySpec::Kind::none: n = 0; break;
+    case PolicySpec::Kind::full: n = 1; break;
+    case PolicySpec::Kind::block_skip: n = spec.n; break;
+    default: return -1;
+  }
+  // End of forward: every block's kept bytes plus the head. Replay of checkpointed block j: the
+  // blocks before it, plus its whole saved set rebuilt (its input among them).
+  int64_t kept = 0, peak = 0;
+  for (int64_t j = 0; j < c.layers; ++j) {
+    bool checkpointed = n > 0 && j % n == 0;
+    if (checkpointed) peak = std::max(peak, kept + S);
+    kept += checkpointed ? E : S;
+  }
+  return std::max(peak, kept + head);
+}
+
+}  // namespace remat::bench
