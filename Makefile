@@ -1,7 +1,7 @@
 # The front door: `make train` and `make test` work on a fresh Debian 12 machine (as root or with sudo).
 SHELL := /bin/bash
 BUILD ?= build
-PACKAGES := gcc g++ clang libclang-rt-14-dev libomp-dev cmake pkg-config python3 meson ninja-build libeigen3-dev libopenblas-openmp-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
+PACKAGES := gcc g++ clang libclang-rt-14-dev libomp-dev cmake pkg-config python3 meson ninja-build libeigen3-dev libopenblas-openmp-dev catch2 libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev libopenmpi-dev openmpi-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOBS ?= $(shell nproc)
 
@@ -35,7 +35,7 @@ test-slow: build
 # CPU-only build of its own); any report fails it. CI runs it after `make test`.
 SAN_OPTIONS := ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 test-asan: deps
-	@[ -f build-asan/build.ninja ] || meson setup build-asan -Db_sanitize=address,undefined -Dcuda=disabled \
+	@[ -f build-asan/build.ninja ] || meson setup build-asan -Dmpi=disabled -Db_sanitize=address,undefined -Dcuda=disabled \
 	  -Dnative=false -Dbuildtype=debugoptimized -Db_lundef=false
 	ninja -C build-asan -j $(JOBS)
 	$(SAN_OPTIONS) python3 tools/run_tests.py build-asan '~[slow]' --no-scripts
@@ -48,7 +48,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_RUNS ?= -1
 FUZZ_TARGETS := safetensors policy config
 fuzz: deps
-	@[ -f build-fuzz/build.ninja ] || CC=clang CXX=clang++ meson setup build-fuzz -Dfuzz=true -Dtests=false \
+	@[ -f build-fuzz/build.ninja ] || CC=clang CXX=clang++ meson setup build-fuzz -Dmpi=disabled -Dfuzz=true -Dtests=false \
 	  -Dcuda=disabled -Dnative=false -Dblas=eigen -Db_sanitize=address,undefined -Db_lundef=false \
 	  -Dbuildtype=debugoptimized -Dcpp_args="-fsanitize=fuzzer-no-link -Wno-pass-failed"
 	ninja -C build-fuzz -j $(JOBS) $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
@@ -64,7 +64,7 @@ fuzz: deps
 # The threading tests under ThreadSanitizer (a CPU-only build of its own; OpenMP kept to one thread,
 # since libgomp is not instrumented). Fails on any report.
 test-tsan: deps
-	@[ -f build-tsan/build.ninja ] || meson setup build-tsan -Db_sanitize=thread -Dcuda=disabled -Dnative=false \
+	@[ -f build-tsan/build.ninja ] || meson setup build-tsan -Dmpi=disabled -Db_sanitize=thread -Dcuda=disabled -Dnative=false \
 	  -Dbuildtype=debugoptimized -Db_lundef=false
 	ninja -C build-tsan -j $(JOBS) tests/test_graphs
 	OMP_NUM_THREADS=1 TSAN_OPTIONS="halt_on_error=1 exitcode=66" build-tsan/tests/test_graphs '[threads]'

@@ -1,0 +1,259 @@
+// The process group: MPI when the build has it and an MPI launcher started the process; else one
+// process. Collectives are non-blocking MPI calls waited on with failure reports and a deadline.
+#include "dist/process_group.h"
+
+#include <algorithm>
+#include <climits>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "runtime/error.h"
+
+#ifdef REMAT_HAVE_MPI
+#define OMPI_SKIP_MPICXX 1  // the C API only: MPI's C++ bindings are deprecated and warn
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
+
+namespace remat::dist {
+
+namespace {
+
+constexpr int kFailureTag = 7117;  // point-to-point messages that report a failed rank
+constexpr size_t kMetaBytes = 128;  // one tensor's description, exchanged before each collective
+
+// Started by an MPI launcher (Open MPI's mpirun, or any PMI/PMIx launcher).
+bool under_launcher() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMIX_RANK") || std::getenv("PMI_RANK");
+}
+
+#ifdef REMAT_HAVE_MPI
+struct Mpi {
+  MPI_Comm comm = MPI_COMM_NULL;
+  bool owned = false;
+  bool broken = false;  // a collective was abandoned: finalising could wait for it forever
+  Mpi() {
+    int initialised = 0;
+    MPI_Initialized(&initialised);
+    if (!initialised) {
+      int provided = 0;
+      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
+      owned = true;
+    }
+    MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  }
+  ~Mpi() {
+    int finalised = 0;
+    MPI_Finalized(&finalised);
+    if (owned && !finalised && !broken) MPI_Finalize();
+  }
+};
+
+Mpi& mpi() {
+  static Mpi m;
+  return m;
+}
+
+MPI_Datatype mpi_type(DType d) { return d == DType::f64 ? MPI_DOUBLE : MPI_FLOAT; }
+#endif
+
+template <typename T>
+void sum_in_rank_order(T* out, const T* gathered, int64_t n, int size) {
+  for (int64_t i = 0; i < n; ++i) {
+    T s = gathered[i];
+    for (int r = 1; r < size; ++r) s += gathered[static_cast<int64_t>(r) * n + i];
+    out[i] = s;
+  }
+}
+
+void check_host_tensor(const Tensor& t, const char* op) {
+  REMAT_CHECK(t.defined(), op, ": expected a tensor, got an undefined one");
+  REMAT_CHECK(t.device().is_cpu(), op, ": expected a tensor on the host (MPI), got ", t.meta_str(),
+              " (CUDA tensors go through NCCL, not built yet)");
+  REMAT_CHECK(t.is_contiguous(), op, ": expected a contiguous tensor, got a strided view ", t.meta_str());
+}
+
+}  // namespace
+
+bool mpi_built() {
+#ifdef REMAT_HAVE_MPI
+  return true;
+#else
+  return false;
+#endif
+}
+
+ProcessGroup& ProcessGroup::world() {
+  static ProcessGroup group;
+  return group;
+}
+
+ProcessGroup::ProcessGroup() {
+  if (const char* t = std::getenv("REMAT_DIST_TIMEOUT")) {
+    char* end = nullptr;
+    double s = std::strtod(t, &end);
+    REMAT_CHECK(end != t && *end == 0 && s > 0, "REMAT_DIST_TIMEOUT: expected a positive number of seconds, got '", t, "'");
+    timeout_s_ = s;
+  }
+#ifdef REMAT_HAVE_MPI
+  if (!under_launcher()) return;
+  MPI_Comm_rank(mpi().comm, &rank_);
+  MPI_Comm_size(mpi().comm, &size_);
+#endif
+}
+
+void ProcessGroup::set_timeout(double seconds) {
+  REMAT_CHECK(seconds > 0, "process group timeout: expected seconds > 0, got ", seconds);
+  timeout_s_ = seconds;
+}
+
+void ProcessGroup::fail(const std::string& message) {
+  failed_ = message;
+#ifdef REMAT_HAVE_MPI
+  if (size_ > 1) mpi().broken = true;
+#endif
+  REMAT_FAIL(message);
+}
+
+void ProcessGroup::wait(void* request, const char* op) {
+#ifdef REMAT_HAVE_MPI
+  auto* req = static_cast<MPI_Request*>(request);
+  auto start = std::chrono::steady_clock::now();
+  for (int spins = 0;; ++spins) {
+    int done = 0;
+    int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) fail(detail::concat(op, " on rank ", rank_, ": MPI error ", rc));
+    if (done) return;
+    int reported = 0;
+    MPI_Status status;
+    MPI_Iprobe(MPI_ANY_SOURCE, kFailureTag, mpi().comm, &reported, &status);
+    if (reported) {
+      int n = 0;
+      MPI_Get_count(&status, MPI_CHAR, &n);
+      std::string what(static_cast<size_t>(n), '\0');
+      MPI_Recv(what.data(), n, MPI_CHAR, status.MPI_SOURCE, kFailureTag, mpi().comm, MPI_STATUS_IGNORE);
+      fail(detail::concat(op, " on rank ", rank_, ": rank ", status.MPI_SOURCE, " failed: ", what));
+    }
+    double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (waited > timeout_s_)
+      fail(detail::concat(op, " on rank ", rank_, " did not finish within ", timeout_s_,
+                          " s: another rank died, is stuck, or did not reach this collective"));
+    if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+#else
+  (void)request;
+  (void)op;
+#endif
+}
+
+void ProcessGroup::check_same(const Tensor& t, const char* op) {
+  REMAT_CHECK(failed_.empty(), op, ": the process group failed earlier (", failed_, ")");
+  check_host_tensor(t, op);
+  if (size_ == 1) return;
+#ifdef REMAT_HAVE_MPI
+  // Every rank's description of its tensor, compared on every rank: all agree on the verdict.
+  char mine[kMetaBytes] = {};
+  std::string meta = t.meta_str();
+  std::memcpy(mine, meta.data(), std::min(meta.size(), kMetaBytes - 1));
+  std::vector<char> all(kMetaBytes * static_cast<size_t>(size_));
+  MPI_Request req;
+  MPI_Iallgather(mine, kMetaBytes, MPI_CHAR, all.data(), kMetaBytes, MPI_CHAR, mpi().comm, &req);
+  wait(&req, op);
+  bool same = true;
+  for (int r = 1; r < size_; ++r) same = same && std::strcmp(&all[kMetaBytes * r], all.data()) == 0;
+  if (same) return;
+  std::string list;
+  for (int r = 0; r < size_; ++r) list += detail::concat(r ? ", " : "", "rank ", r, " has ", &all[kMetaBytes * r]);
+  REMAT_FAIL(op, ": expected the same shape and dtype on every rank; ", list);
+#endif
+}
+
+void ProcessGroup::all_reduce_sum(Tensor& t) {
+  check_same(t, "all_reduce");
+  REMAT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, "all_reduce: expected f32 or f64, got ", t.meta_str());
+  if (size_ == 1) return;
+#ifdef REMAT_HAVE_MPI
+  // Gathered, then summed in rank order on every rank: the same bits everywhere and every run.
+  const int64_t n = t.numel();
+  REMAT_CHECK(n <= INT32_MAX, "all_reduce: expected at most 2^31 - 1 elements per call, got ", n);
+  std::vector<char> gathered(t.nbytes() * static_cast<size_t>(size_));
+  MPI_Request req;
+  MPI_Iallgather(t.raw_data(), static_cast<int>(n), mpi_type(t.dtype()), gathered.data(), static_cast<int>(n),
+                 mpi_type(t.dtype()), mpi().comm, &req);
+  wait(&req, "all_reduce");
+  if (t.dtype() == DType::f64)
+    sum_in_rank_order(static_cast<double*>(t.raw_data()), reinterpret_cast<const double*>(gathered.data()), n, size_);
+  else
+    sum_in_rank_order(static_cast<float*>(t.raw_data()), reinterpret_cast<const float*>(gathered.data()), n, size_);
+  t.storage()->bump_version();
+#endif
+}
+
+void ProcessGroup::broadcast(Tensor& t, int root) {
+  REMAT_CHECK(root >= 0 && root < size_, "broadcast: expected a root rank from 0 to ", size_ - 1, ", got ", root);
+  check_same(t, "broadcast");
+  if (size_ == 1) return;
+#ifdef REMAT_HAVE_MPI
+  REMAT_CHECK(t.nbytes() <= INT32_MAX, "broadcast: expected at most 2^31 - 1 bytes per call, got ", t.nbytes());
+  MPI_Request req;
+  MPI_Ibcast(t.raw_data(), static_cast<int>(t.nbytes()), MPI_BYTE, root, mpi().comm, &req);
+  wait(&req, "broadcast");
+  t.storage()->bump_version();
+#endif
+}
+
+Tensor ProcessGroup::all_gather(const Tensor& t) {
+  check_same(t, "all_gather");
+  Shape shape = t.shape();
+  shape.insert(shape.begin(), size_);
+  Tensor out = Tensor::empty(shape, t.dtype());
+  if (size_ == 1) {
+    std::memcpy(out.raw_data(), t.raw_data(), t.nbytes());
+    return out;
+  }
+#ifdef REMAT_HAVE_MPI
+  REMAT_CHECK(t.nbytes() <= INT32_MAX, "all_gather: expected at most 2^31 - 1 bytes per call, got ", t.nbytes());
+  MPI_Request req;
+  MPI_Iallgather(t.raw_data(), static_cast<int>(t.nbytes()), MPI_BYTE, out.raw_data(), static_cast<int>(t.nbytes()),
+                 MPI_BYTE, mpi().comm, &req);
+  wait(&req, "all_gather");
+#endif
+  return out;
+}
+
+void ProcessGroup::barrier() {
+  REMAT_CHECK(failed_.empty(), "barrier: the process group failed earlier (", failed_, ")");
+  if (size_ == 1) return;
+#ifdef REMAT_HAVE_MPI
+  MPI_Request req;
+  MPI_Ibarrier(mpi().comm, &req);
+  wait(&req, "barrier");
+#endif
+}
+
+void ProcessGroup::report_failure(const std::string& what) {
+  if (size_ == 1) return;
+#ifdef REMAT_HAVE_MPI
+  std::vector<MPI_Request> sent;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    sent.emplace_back();
+    MPI_Isend(what.data(), static_cast<int>(what.size()), MPI_CHAR, r, kFailureTag, mpi().comm, &sent.back());
+  }
+  // Small messages go out eagerly; give them a moment, not forever (a peer may be gone).
+  auto start = std::chrono::steady_clock::now();
+  int done = 0;
+  while (!done && std::chrono::steady_clock::now() - start < std::chrono::seconds(5)) {
+    MPI_Testall(static_cast<int>(sent.size()), sent.data(), &done, MPI_STATUSES_IGNORE);
+    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  failed_ = "this rank reported a failure: " + what;
+  mpi().broken = true;
+#endif
+}
+
+}  // namespace remat::dist

@@ -1,0 +1,57 @@
+// A group of processes that train together, on MPI (Open MPI from Debian) for tensors on the host.
+// Every collective is deterministic: the same bits on every rank and on every run for a given
+// number of ranks (sums run in rank order). Mismatched tensors across ranks, a rank that reported
+// a failure, or a collective that does not finish within the timeout give a clear error on every
+// rank that waits, never a hang. Without MPI in the build, or outside an MPI launcher, the world
+// is one process and every collective is the identity.
+#pragma once
+
+#include <string>
+
+#include "../runtime/tensor.h"
+
+namespace remat::dist {
+
+// Whether this build has MPI.
+bool mpi_built();
+
+class ProcessGroup {
+ public:
+  // Every process of the job (MPI is initialised on first use and finalised at exit).
+  static ProcessGroup& world();
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  // Seconds a rank waits in one collective before it gives up (default 300, or REMAT_DIST_TIMEOUT).
+  void set_timeout(double seconds);
+  double timeout() const { return timeout_s_; }
+
+  // In place, on every rank: the sum over ranks, added in rank order. f32 or f64, contiguous, on
+  // the host; the same shape and dtype on every rank (checked).
+  void all_reduce_sum(Tensor& t);
+  // In place: `root`'s data on every rank.
+  void broadcast(Tensor& t, int root = 0);
+  // [size, ...t.shape]: every rank's t, in rank order.
+  Tensor all_gather(const Tensor& t);
+  void barrier();
+
+  // Tells every other rank that this one failed (they throw "rank R failed: <what>" from the
+  // collective they wait in, or the next one); call it before leaving a step on an exception.
+  void report_failure(const std::string& what);
+
+  ProcessGroup(const ProcessGroup&) = delete;
+  ProcessGroup& operator=(const ProcessGroup&) = delete;
+
+ private:
+  ProcessGroup();
+  // Waits for a started request, polling for failure reports and the timeout.
+  void wait(void* request, const char* op);
+  void check_same(const Tensor& t, const char* op);
+  [[noreturn]] void fail(const std::string& message);
+
+  int rank_ = 0, size_ = 1;
+  double timeout_s_ = 300;
+  std::string failed_;  // set once this group can no longer be used
+};
+
+}  // namespace remat::dist

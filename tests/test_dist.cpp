@@ -1,0 +1,196 @@
+// remat::dist on two MPI ranks: collectives, their errors, and data parallel training of gpt tiny
+// against one process with the whole batch. Run as `mpirun -np 2 test_dist` (tools/run_tests.py
+// does); exits 77 (skipped) without MPI or as one process. Rank 0 reports; another rank's report
+// is printed only when it failed.
+#define CATCH_CONFIG_RUNNER
+#include <catch.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+#include "checkpoint/apply.h"
+#include "dist/data_parallel.h"
+#include "models/data.h"
+#include "models/gpt.h"
+#include "remat.h"
+
+using namespace remat;
+using namespace remat::dist;
+using Catch::Matchers::Contains;
+
+namespace {
+
+ProcessGroup& world() { return ProcessGroup::world(); }
+
+GptConfig tiny_config() {
+  GptConfig c = gpt_config("tiny");
+  c.dropout = 0;  // each rank draws its own masks; the comparison with one process needs none
+  return c;
+}
+
+// Rows [from, from + n) of a batch, as a tensor of its own.
+Tensor rows(const Tensor& t, int64_t from, int64_t n) {
+  std::vector<int64_t> v = t.to_vector<int64_t>();
+  int64_t width = t.shape()[1];
+  return Tensor::from_vector(std::vector<int64_t>(v.begin() + from * width, v.begin() + (from + n) * width), {n, width});
+}
+
+std::vector<std::vector<float>> grads_of(Module& m) {
+  std::vector<std::vector<float>> out;
+  for (auto& [name, p] : m.named_parameters()) out.push_back(p.grad().as_contiguous().to_vector<float>());
+  return out;
+}
+
+// One data parallel step of gpt tiny under `policy`: this rank's half of a batch of 2b rows.
+std::vector<std::vector<float>> dp_grads(const std::string& policy, int64_t b) {
+  manual_seed(7 + static_cast<uint64_t>(world().rank()));  // rank 0's weights must win the broadcast
+  GptConfig c = tiny_config();
+  Gpt model(c);
+  apply_policy(model, parse_policy(policy));
+  DataParallel dp(model.named_parameters());
+  AdditionTask data(c.vocab, 11);
+  auto [x, y] = data.batch(2 * b, c.seq_len);
+  int64_t from = world().rank() * b;
+  reset_checkpoint_counters();
+  backward(model.loss(rows(x, from, b), rows(y, from, b)));
+  if (policy != "none") {
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(checkpoint_counters().bytes_dropped > 0);
+  }
+  dp.average_gradients();
+  return grads_of(model);
+}
+
+}  // namespace
+
+TEST_CASE("all_reduce sums in rank order, broadcast and all_gather copy, on every rank", "[dist]") {
+  int r = world().rank(), n = world().size();
+  Tensor t = Tensor::from_vector(std::vector<float>{1.0f + r, 0.1f * r, -2.0f}, {3});
+  world().all_reduce_sum(t);
+  std::vector<float> expected(3, 0.0f);
+  for (int k = 0; k < n; ++k) {
+    expected[0] += 1.0f + k;
+    expected[1] += 0.1f * k;
+    expected[2] += -2.0f;
+  }
+  CHECK(t.to_vector<float>() == expected);  // the same additions in the same order: bitwise
+  Tensor d = Tensor::from_vector(std::vector<double>{static_cast<double>(r) + 0.5}, {1});
+  world().all_reduce_sum(d);
+  CHECK(d.to_vector<double>()[0] == Approx(n * (n - 1) / 2.0 + 0.5 * n));
+
+  Tensor b = Tensor::from_vector(std::vector<float>{static_cast<float>(r), 7.0f}, {2});
+  world().broadcast(b, 1);
+  CHECK(b.to_vector<float>() == std::vector<float>{1.0f, 7.0f});
+
+  Tensor g = world().all_gather(Tensor::from_vector(std::vector<float>{static_cast<float>(10 * r)}, {1}));
+  CHECK(g.shape() == Shape{n, 1});
+  CHECK(g.to_vector<float>()[1] == 10.0f);
+  world().barrier();
+}
+
+TEST_CASE("tensors that differ across ranks are a clear error on every rank, and the group stays usable",
+          "[dist][errors]") {
+  Tensor t = Tensor::zeros({world().rank() == 0 ? 4 : 5});
+  CHECK_THROWS_WITH(world().all_reduce_sum(t), Contains("expected the same shape and dtype on every rank") &&
+                                                   Contains("rank 0 has f32[4]") && Contains("rank 1 has f32[5]"));
+  Tensor i = Tensor::zeros({2}, DType::i64);
+  CHECK_THROWS_WITH(world().all_reduce_sum(i), Contains("expected f32 or f64"));
+  CHECK_THROWS_WITH(world().broadcast(t, 5), Contains("expected a root rank from 0 to 1, got 5"));
+  Tensor ok = Tensor::ones({2});
+  world().all_reduce_sum(ok);
+  CHECK(ok.to_vector<float>() == std::vector<float>{2.0f, 2.0f});
+}
+
+TEST_CASE("2 ranks x batch b give 1 rank x batch 2b's gradients, the same bits on every run and under every policy",
+          "[dist][data_parallel]") {
+  const int64_t b = 3;
+  auto dp = dp_grads("none", b);
+  // Every rank ends with the same gradients, bit for bit.
+  for (const auto& g : dp) {
+    Tensor mine = Tensor::from_vector(g, {static_cast<int64_t>(g.size())});
+    Tensor all = world().all_gather(mine);
+    std::vector<float> v = all.to_vector<float>();
+    CHECK(std::equal(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(g.size()), v.begin() + static_cast<std::ptrdiff_t>(g.size())));
+  }
+  // One process, the whole batch, rank 0's weights: the same gradients up to f32 summation order
+  // (the mean over 2b rows is summed in one pass there, as two means of b rows here).
+  manual_seed(7);
+  GptConfig c = tiny_config();
+  Gpt whole(c);
+  AdditionTask data(c.vocab, 11);
+  auto [x, y] = data.batch(2 * b, c.seq_len);
+  backward(whole.loss(x, y));
+  auto one = grads_of(whole);
+  REQUIRE(one.size() == dp.size());
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < one.size(); ++i)
+    for (size_t k = 0; k < one[i].size(); ++k) {
+      worst = std::max(worst, static_cast<double>(std::abs(one[i][k] - dp[i][k])));
+      scale = std::max(scale, static_cast<double>(std::abs(one[i][k])));
+    }
+  INFO("max abs difference " << worst << " for gradients up to " << scale);
+  CHECK(worst <= 1e-5 * scale);
+  // A second run: the same bits. Checkpointing policies under data parallel: none's bits.
+  CHECK(dp_grads("none", b) == dp);
+  for (const char* policy : {"full", "ops", "block_skip:2"}) {
+    INFO(policy);
+    CHECK(dp_grads(policy, b) == dp);
+  }
+}
+
+TEST_CASE("a rank that fails makes the others fail with its message", "[.rank-failure]") {
+  // Run by tests/scripts/test_dist_failure.sh: rank 1 fails in the middle of a step; rank 0,
+  // waiting in the gradient all-reduce, gets rank 1's message instead of hanging.
+  world().set_timeout(60);
+  Tensor t = Tensor::ones({4});
+  if (world().rank() == 1) {
+    try {
+      REMAT_FAIL("out of memory on cpu: 1 GiB requested (a simulated failure in forward)");
+    } catch (const Error& e) {
+      world().report_failure(e.what());
+      throw;
+    }
+  }
+  world().all_reduce_sum(t);
+}
+
+TEST_CASE("a rank that never arrives makes the others give up at the timeout", "[.rank-stuck]") {
+  // Run by tests/scripts/test_dist_failure.sh: rank 1 is stuck (it sleeps); rank 0 gives up after 2 s.
+  world().set_timeout(2);
+  Tensor t = Tensor::ones({4});
+  if (world().rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(20));
+  world().all_reduce_sum(t);
+}
+
+int main(int argc, char** argv) {
+  ProcessGroup& group = world();
+  bool listing = false;  // tools/run_tests.py counts the cases of a skipped binary
+  for (int i = 1; i < argc; ++i) listing = listing || std::string(argv[i]).rfind("--list", 0) == 0;
+  if (!listing && (!mpi_built() || group.size() < 2)) {
+    std::printf("test_dist: %s; skipping\n", mpi_built() ? "one process (run it under mpirun -np 2)" : "built without MPI");
+    return 77;
+  }
+  Catch::Session session;
+  int rc = session.applyCommandLine(argc, argv);
+  if (rc != 0) return rc;
+  std::string report = (std::filesystem::temp_directory_path() /
+                        ("remat_test_dist_" + std::to_string(::getpid()) + "_rank" + std::to_string(group.rank()) + ".txt"))
+                           .string();
+  if (group.rank() != 0) session.configData().outputFilename = report;  // rank 0 reports
+  rc = session.run();
+  if (group.rank() != 0 && rc != 0) {
+    std::ifstream in(report);
+    std::fprintf(stderr, "rank %d:\n%s\n", group.rank(), std::string(std::istreambuf_iterator<char>(in), {}).c_str());
+  }
+  if (group.rank() != 0) std::remove(report.c_str());
+  return rc;
+}
