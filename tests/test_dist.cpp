@@ -19,8 +19,10 @@
 
 #include "checkpoint/apply.h"
 #include "dist/data_parallel.h"
+#include "dist/sharded_adamw.h"
 #include "models/data.h"
 #include "models/gpt.h"
+#include "models/optim.h"
 #include "remat.h"
 
 using namespace remat;
@@ -145,6 +147,48 @@ TEST_CASE("2 ranks x batch b give 1 rank x batch 2b's gradients, the same bits o
     INFO(policy);
     CHECK(dp_grads(policy, b) == dp);
   }
+}
+
+TEST_CASE("ZeRO-1: moments sharded over the ranks give plain data parallel's parameters, bit for bit",
+          "[dist][zero]") {
+  const int64_t b = 2;
+  GptConfig c = tiny_config();
+  AdditionTask data(c.vocab, 13);
+  std::vector<std::pair<Tensor, Tensor>> batches;
+  for (int step = 0; step < 3; ++step) {
+    auto [x, y] = data.batch(2 * b, c.seq_len);
+    int64_t from = world().rank() * b;
+    batches.emplace_back(rows(x, from, b), rows(y, from, b));
+  }
+  auto train = [&](bool sharded, int64_t* state_bytes) {
+    manual_seed(7 + static_cast<uint64_t>(world().rank()));
+    Gpt model(c);
+    DataParallel dp(model.named_parameters());
+    AdamW plain(model.named_parameters());
+    ShardedAdamW zero(model.named_parameters());
+    for (auto& [x, y] : batches) {
+      backward(model.loss(x, y));
+      dp.average_gradients();
+      if (sharded) zero.step(1e-2);
+      else plain.step(1e-2);
+      for (Tensor& p : model.parameters()) p.zero_grad();
+    }
+    *state_bytes = zero.state_bytes();
+    std::vector<std::vector<float>> out;
+    for (auto& [name, p] : model.named_parameters()) out.push_back(p.as_contiguous().to_vector<float>());
+    return out;
+  };
+  int64_t unused = 0, mine = 0;
+  auto plain = train(false, &unused);
+  auto zero = train(true, &mine);
+  CHECK(zero == plain);
+  // Each rank holds its share of the moments: together exactly AdamW's, apart about half each.
+  int64_t param_bytes = 0;
+  for (const auto& p : plain) param_bytes += static_cast<int64_t>(p.size() * sizeof(float));
+  Tensor shares = world().all_gather(Tensor::from_vector(std::vector<double>{static_cast<double>(mine)}, {1}));
+  std::vector<double> v = shares.to_vector<double>();
+  CHECK(v[0] + v[1] == static_cast<double>(2 * param_bytes));
+  CHECK(static_cast<double>(mine) < 0.6 * static_cast<double>(2 * param_bytes));
 }
 
 TEST_CASE("a rank that fails makes the others fail with its message", "[.rank-failure]") {
