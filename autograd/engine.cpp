@@ -32,6 +32,8 @@ Tensor own_copy(const Tensor& g) {
 // Leaves may be shared by graphs that run backward on different threads.
 std::mutex g_leaf_mutex;
 
+thread_local LeafGradReadyScope* t_leaf_ready = nullptr;
+
 // One graph's part of a backward: its gradients, which of its values lead to the root, where the
 // walk is, and whether anything of it ran.
 struct GraphWalk {
@@ -159,6 +161,43 @@ class Backward {
     }
   }
 
+  // For a LeafGradReadyScope: the last node (lowest sequence number) of this backward that reads
+  // each leaf, so that a leaf is known final once the walk has passed it.
+  void track_leaves(const LeafGradReadyScope::Fn* ready) {
+    ready_ = ready;
+    if (!ready_) return;
+    // leaf -> (sequence, input position) of its last reader; the position orders leaves of one node
+    std::unordered_map<const AutogradMeta*, std::pair<std::pair<uint64_t, size_t>, std::shared_ptr<AutogradMeta>>> last;
+    for (const GraphWalk& w : walks_)
+      for (int64_t n = w.cursor; n >= 0; --n) {
+        const Node& node = *w.graph->nodes[n];
+        for (size_t k = 0; k < node.inputs.size(); ++k) {
+          int64_t u = node.inputs[k];
+          if (u < 0 || !w.graph->values[u].leaf) continue;
+          const auto& leaf = w.graph->values[u].leaf;
+          auto [it, fresh] = last.try_emplace(leaf.get(), std::pair{node.seq, k}, leaf);
+          if (!fresh) it->second.first = std::min(it->second.first, std::pair{node.seq, k});
+        }
+      }
+    for (auto& [key, entry] : last) pending_leaves_.push_back(entry);
+    // Highest sequence at the back: the walk passes them in decreasing sequence. Ties (the leaves
+    // of one node) by input position, so the order is the same in every process.
+    std::sort(pending_leaves_.begin(), pending_leaves_.end(), [](const auto& a, const auto& b) {
+      return a.first.first != b.first.first ? a.first.first < b.first.first : a.first.second > b.first.second;
+    });
+  }
+
+  // After the node with sequence number `seq` ran: the leaves no later node reads are final.
+  void after_node(uint64_t seq) {
+    while (ready_ && !pending_leaves_.empty() && pending_leaves_.back().first.first >= seq) {
+      std::shared_ptr<AutogradMeta> leaf = pending_leaves_.back().second;
+      pending_leaves_.pop_back();
+      auto found = leaf_grads_.find(leaf.get());
+      if (found == leaf_grads_.end() || !found->second.second.defined()) continue;  // not in this root's ancestry
+      (*ready_)(leaf.get(), found->second.second);
+    }
+  }
+
   void write_leaf_grads() {
     NoGradGuard no_grad;
     MemoryCategoryScope category(MemoryCategory::gradient);
@@ -196,6 +235,8 @@ class Backward {
   std::unordered_map<const AutogradMeta*, std::pair<std::shared_ptr<AutogradMeta>, Tensor>> leaf_grads_;
   std::vector<const AutogradMeta*> leaf_order_;
   std::map<std::pair<const Graph*, int64_t>, Tensor> captured_;
+  const LeafGradReadyScope::Fn* ready_ = nullptr;
+  std::vector<std::pair<std::pair<uint64_t, size_t>, std::shared_ptr<AutogradMeta>>> pending_leaves_;
 };
 
 // Seeds and runs a backward from `root`; the walk is left for the caller to read (grad()) or to
@@ -239,6 +280,7 @@ std::unique_ptr<Backward> run_backward(const Tensor& root, const Tensor& grad, B
       GraphWalk& current = walk->walks()[w];
       int64_t index = current.cursor--;
       walk->run_node(static_cast<size_t>(w), index);
+      walk->after_node(current.graph->nodes[index]->seq);
     }
     for (GraphWalk& w : walk->walks())
       if (w.touched && w.graph->hooks) w.graph->hooks->after_backward(*w.graph, options.retain_graph);
@@ -253,8 +295,13 @@ std::unique_ptr<Backward> run_backward(const Tensor& root, const Tensor& grad, B
 
 }  // namespace
 
+LeafGradReadyScope::LeafGradReadyScope(Fn ready) : fn_(std::move(ready)), outer_(t_leaf_ready) { t_leaf_ready = this; }
+LeafGradReadyScope::~LeafGradReadyScope() { t_leaf_ready = outer_; }
+const LeafGradReadyScope::Fn* current_leaf_grad_ready() { return t_leaf_ready ? &t_leaf_ready->fn_ : nullptr; }
+
 void backward(const Tensor& root, const Tensor& grad, BackwardOptions options) {
-  run_backward(root, grad, options, "backward", [](Backward&) {})->write_leaf_grads();
+  const LeafGradReadyScope::Fn* ready = current_leaf_grad_ready();
+  run_backward(root, grad, options, "backward", [ready](Backward& b) { b.track_leaves(ready); })->write_leaf_grads();
 }
 
 std::vector<Tensor> grad(const Tensor& root, const std::vector<Tensor>& inputs, const Tensor& grad,

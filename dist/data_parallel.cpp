@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
@@ -32,50 +33,106 @@ DataParallel::DataParallel(std::vector<std::pair<std::string, Tensor>> params, P
       filled = 0;
     }
     buckets_.back().push_back(i);
+    bucket_of_.push_back(buckets_.size() - 1);
+    index_of_[p.autograd_meta_ptr().get()] = i;
     filled += static_cast<int64_t>(p.nbytes());
+  }
+}
+
+Tensor DataParallel::pack(size_t bucket, const std::vector<Tensor>& grads) const {
+  DType dtype = params_[buckets_[bucket].front()].second.dtype();
+  int64_t n = 0;
+  for (size_t i : buckets_[bucket]) n += params_[i].second.numel();
+  Tensor flat = Tensor::zeros({n}, dtype);
+  size_t offset = 0;
+  for (size_t i : buckets_[bucket]) {
+    size_t bytes = params_[i].second.nbytes();
+    if (grads[i].defined()) {
+      Tensor c = grads[i].as_contiguous();
+      std::memcpy(static_cast<char*>(flat.raw_data()) + offset, c.raw_data(), bytes);
+    }
+    offset += bytes;
+  }
+  return flat;
+}
+
+void DataParallel::set_means(size_t bucket, const Tensor& sum) {
+  // The mean: a sum in rank order, then one multiplication, identical on every rank.
+  const double scale = 1.0 / group_.size();
+  DType dtype = sum.dtype();
+  size_t offset = 0;
+  for (size_t i : buckets_[bucket]) {
+    Tensor& p = params_[i].second;
+    Tensor g = Tensor::empty(p.shape(), dtype);
+    const char* src = static_cast<const char*>(sum.raw_data()) + offset;
+    int64_t count = p.numel();
+    if (dtype == DType::f64) {
+      const double* s = reinterpret_cast<const double*>(src);
+      double* d = static_cast<double*>(g.raw_data());
+      for (int64_t k = 0; k < count; ++k) d[k] = s[k] * scale;
+    } else {
+      const float* s = reinterpret_cast<const float*>(src);
+      float* d = static_cast<float*>(g.raw_data());
+      const float f = static_cast<float>(scale);
+      for (int64_t k = 0; k < count; ++k) d[k] = s[k] * f;
+    }
+    p.set_grad(g);
+    offset += p.nbytes();
+  }
+}
+
+void DataParallel::backward(const Tensor& loss) {
+  for (auto& [name, p] : params_)
+    REMAT_CHECK(!p.grad().defined(), "DataParallel::backward: parameter ", name, " has a gradient already; zero ",
+                "the gradients first (to accumulate over micro-batches, call remat::backward on each and ",
+                "average_gradients() once)");
+  std::vector<Tensor> local(params_.size()), sums(buckets_.size());
+  std::vector<size_t> missing(buckets_.size());
+  for (size_t b = 0; b < buckets_.size(); ++b) missing[b] = buckets_[b].size();
+  std::vector<ProcessGroup::PendingSum> pending(buckets_.size());
+  auto send = [&](size_t b) {
+    MemoryCategoryScope category(MemoryCategory::gradient);
+    sums[b] = pack(b, local);
+    pending[b] = group_.start_all_reduce_sum(sums[b]);
+  };
+  sent_during_backward_ = 0;
+  size_t next = buckets_.size();  // buckets [next, end) are sent
+  {
+    LeafGradReadyScope ready([&](const AutogradMeta* leaf, const Tensor& grad) {
+      auto found = index_of_.find(leaf);
+      if (found == index_of_.end()) return;
+      size_t i = found->second;
+      local[i] = grad;
+      --missing[bucket_of_[i]];
+      // Buckets go in one order on every rank (collectives must match): last first, as backward
+      // finishes the last parameters first; a bucket waits for those after it.
+      while (next > 0 && missing[next - 1] == 0) {
+        send(--next);
+        ++sent_during_backward_;
+      }
+      for (auto& p : pending)  // MPI moves data only inside its calls
+        if (p.started()) p.poll();
+    });
+    remat::backward(loss);
+  }
+  NoGradGuard no_grad;
+  MemoryCategoryScope category(MemoryCategory::gradient);
+  while (next > 0) send(--next);  // parameters this backward did not reach count as zeros
+  for (size_t b = buckets_.size(); b-- > 0;) {
+    pending[b].finish();
+    set_means(b, sums[b]);
   }
 }
 
 void DataParallel::average_gradients() {
   NoGradGuard no_grad;
   MemoryCategoryScope category(MemoryCategory::gradient);
-  const double scale = 1.0 / group_.size();
-  for (const std::vector<size_t>& bucket : buckets_) {
-    DType dtype = params_[bucket.front()].second.dtype();
-    int64_t n = 0;
-    for (size_t i : bucket) n += params_[i].second.numel();
-    Tensor flat = Tensor::zeros({n}, dtype);
-    size_t offset = 0;
-    for (size_t i : bucket) {
-      Tensor g = params_[i].second.grad();
-      size_t bytes = params_[i].second.nbytes();
-      if (g.defined()) {
-        Tensor c = g.as_contiguous();
-        std::memcpy(static_cast<char*>(flat.raw_data()) + offset, c.raw_data(), bytes);
-      }
-      offset += bytes;
-    }
-    group_.all_reduce_sum(flat);
-    // The mean: a sum in rank order, then one multiplication, identical on every rank.
-    offset = 0;
-    for (size_t i : bucket) {
-      Tensor& p = params_[i].second;
-      Tensor g = Tensor::empty(p.shape(), dtype);
-      const char* src = static_cast<const char*>(flat.raw_data()) + offset;
-      int64_t count = p.numel();
-      if (dtype == DType::f64) {
-        const double* s = reinterpret_cast<const double*>(src);
-        double* d = static_cast<double*>(g.raw_data());
-        for (int64_t k = 0; k < count; ++k) d[k] = s[k] * scale;
-      } else {
-        const float* s = reinterpret_cast<const float*>(src);
-        float* d = static_cast<float*>(g.raw_data());
-        const float f = static_cast<float>(scale);
-        for (int64_t k = 0; k < count; ++k) d[k] = s[k] * f;
-      }
-      p.set_grad(g);
-      offset += p.nbytes();
-    }
+  std::vector<Tensor> grads;
+  for (auto& [name, p] : params_) grads.push_back(p.grad());
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    Tensor sum = pack(b, grads);
+    group_.all_reduce_sum(sum);
+    set_means(b, sum);
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -21,6 +22,13 @@ class DataParallel {
   // After backward on every rank: every parameter's gradient becomes the mean over ranks (a
   // parameter without a gradient on some rank counts as zeros there; on every rank it then has one).
   void average_gradients();
+  // backward(loss) and average_gradients() in one, overlapped: each bucket starts travelling as
+  // soon as backward has finished its parameters' gradients, while backward goes on. The same bits
+  // as the two calls. The gradients must be zero (undefined) before; to accumulate over
+  // micro-batches, call remat::backward on each and average_gradients() once.
+  void backward(const Tensor& loss);
+  // Buckets the last backward(loss) sent before backward had finished.
+  int64_t buckets_sent_during_backward() const { return sent_during_backward_; }
   ProcessGroup& group() { return group_; }
   int64_t buckets() const { return static_cast<int64_t>(buckets_.size()); }
 
@@ -28,6 +36,12 @@ class DataParallel {
   std::vector<std::pair<std::string, Tensor>> params_;
   ProcessGroup& group_;
   std::vector<std::vector<size_t>> buckets_;  // parameter indices, by dtype, at most bucket_bytes each
+  std::vector<size_t> bucket_of_;             // by parameter
+  std::unordered_map<const AutogradMeta*, size_t> index_of_;
+  int64_t sent_during_backward_ = 0;
+
+  Tensor pack(size_t bucket, const std::vector<Tensor>& grads) const;  // zeros where undefined
+  void set_means(size_t bucket, const Tensor& sum);
 };
 
 }  // namespace remat::dist

@@ -172,26 +172,60 @@ void ProcessGroup::check_same(const Tensor& t, const char* op) {
 #endif
 }
 
-void ProcessGroup::all_reduce_sum(Tensor& t) {
+ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t) {
   check_same(t, "all_reduce");
   REMAT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, "all_reduce: expected f32 or f64, got ", t.meta_str());
-  if (size_ == 1) return;
+  PendingSum pending;
+  pending.group_ = this;
+  pending.tensor_ = t;
+  if (size_ == 1) {
+    pending.done_ = true;
+    return pending;
+  }
 #ifdef REMAT_HAVE_MPI
   // Gathered, then summed in rank order on every rank: the same bits everywhere and every run.
   const int64_t n = t.numel();
   REMAT_CHECK(n <= INT32_MAX, "all_reduce: expected at most 2^31 - 1 elements per call, got ", n);
-  std::vector<char> gathered(t.nbytes() * static_cast<size_t>(size_));
-  MPI_Request req;
-  MPI_Iallgather(t.raw_data(), static_cast<int>(n), mpi_type(t.dtype()), gathered.data(), static_cast<int>(n),
-                 mpi_type(t.dtype()), mpi().comm, &req);
-  wait(&req, "all_reduce");
+  pending.gathered_.resize(t.nbytes() * static_cast<size_t>(size_));
+  auto request = std::make_shared<MPI_Request>();
+  MPI_Iallgather(t.raw_data(), static_cast<int>(n), mpi_type(t.dtype()), pending.gathered_.data(), static_cast<int>(n),
+                 mpi_type(t.dtype()), mpi().comm, request.get());
+  pending.request_ = request;
+#endif
+  return pending;
+}
+
+bool ProcessGroup::PendingSum::poll() {
+  if (done_ || !request_) return done_;
+#ifdef REMAT_HAVE_MPI
+  int arrived = 0;
+  MPI_Test(static_cast<MPI_Request*>(request_.get()), &arrived, MPI_STATUS_IGNORE);
+  if (arrived) {
+    group_->sum_gathered(tensor_, gathered_);
+    done_ = true;
+  }
+#endif
+  return done_;
+}
+
+void ProcessGroup::PendingSum::finish() {
+  REMAT_CHECK(group_ != nullptr, "all_reduce: finish() of a sum that was never started");
+  if (done_) return;
+  group_->wait(request_.get(), "all_reduce");
+  group_->sum_gathered(tensor_, gathered_);
+  done_ = true;
+}
+
+void ProcessGroup::sum_gathered(Tensor& t, const std::vector<char>& gathered) {
+  const int64_t n = t.numel();
   if (t.dtype() == DType::f64)
     sum_in_rank_order(static_cast<double*>(t.raw_data()), reinterpret_cast<const double*>(gathered.data()), n, size_);
   else
     sum_in_rank_order(static_cast<float*>(t.raw_data()), reinterpret_cast<const float*>(gathered.data()), n, size_);
   t.storage()->bump_version();
-#endif
 }
+
+void ProcessGroup::all_reduce_sum(Tensor& t) { start_all_reduce_sum(t).finish(); }
 
 void ProcessGroup::broadcast(Tensor& t, int root) {
   REMAT_CHECK(root >= 0 && root < size_, "broadcast: expected a root rank from 0 to ", size_ - 1, ", got ", root);

@@ -6,7 +6,9 @@
 // is one process and every collective is the identity.
 #pragma once
 
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "../runtime/tensor.h"
 
@@ -29,6 +31,24 @@ class ProcessGroup {
   // In place, on every rank: the sum over ranks, added in rank order. f32 or f64, contiguous, on
   // the host; the same shape and dtype on every rank (checked).
   void all_reduce_sum(Tensor& t);
+  // all_reduce_sum started now and finished later, so that the data travel while this rank
+  // computes: poll() lets MPI move them (call it now and then), finish() waits and writes the sum.
+  class PendingSum {
+   public:
+    PendingSum() = default;
+    bool started() const { return request_ != nullptr; }
+    bool poll();
+    void finish();
+
+   private:
+    friend class ProcessGroup;
+    ProcessGroup* group_ = nullptr;
+    Tensor tensor_;
+    std::vector<char> gathered_;
+    std::shared_ptr<void> request_;  // an MPI_Request
+    bool done_ = false;
+  };
+  PendingSum start_all_reduce_sum(Tensor& t);
   // In place: `root`'s data on every rank.
   void broadcast(Tensor& t, int root = 0);
   // [size, ...t.shape]: every rank's t, in rank order.
@@ -46,6 +66,7 @@ class ProcessGroup {
   ProcessGroup();
   // Waits for a started request, polling for failure reports and the timeout.
   void wait(void* request, const char* op);
+  void sum_gathered(Tensor& t, const std::vector<char>& gathered);
   void check_same(const Tensor& t, const char* op);
   [[noreturn]] void fail(const std::string& message);
 

@@ -130,3 +130,29 @@ TEST_CASE("the activation peak of a small MLP forward and backward equals the ha
   CHECK(w1.grad().defined());
   CHECK(s[MemoryCategory::gradient].current >= static_cast<int64_t>((16 * 8 + 16 + 8 * 16 + 8) * 4));
 }
+
+TEST_CASE("a leaf's gradient is announced once it is final, later layers first, with the bits .grad gets",
+          "[autograd][hooks]") {
+  Tensor x = Tensor::randn({4, 8});
+  std::vector<Tensor> w;
+  for (int i = 0; i < 3; ++i) w.push_back(Tensor::randn({8, 8}).set_requires_grad(true));
+  std::vector<std::pair<const AutogradMeta*, std::vector<float>>> announced;
+  {
+    LeafGradReadyScope ready([&](const AutogradMeta* leaf, const Tensor& grad) {
+      announced.emplace_back(leaf, grad.as_contiguous().to_vector<float>());
+    });
+    Tensor h = x;
+    for (const Tensor& wi : w) h = tanh(linear(h, wi));
+    backward(sum(mul(h, h)));
+  }
+  REQUIRE(announced.size() == 3);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(announced[i].first == w[2 - i].autograd_meta_ptr().get());  // the last layer's first
+    CHECK(announced[i].second == w[2 - i].grad().to_vector<float>());
+  }
+  // Outside the scope nothing is announced.
+  announced.clear();
+  Tensor l = sum(linear(x, w[0]));
+  backward(l);
+  CHECK(announced.empty());
+}

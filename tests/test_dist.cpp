@@ -149,6 +149,37 @@ TEST_CASE("2 ranks x batch b give 1 rank x batch 2b's gradients, the same bits o
   }
 }
 
+TEST_CASE("gradients leave in buckets while backward goes on, with the bits of backward then average_gradients",
+          "[dist][data_parallel][overlap]") {
+  const int64_t b = 2;
+  GptConfig c = tiny_config();
+  AdditionTask data(c.vocab, 17);
+  auto [x, y] = data.batch(2 * b, c.seq_len);
+  Tensor xs = rows(x, world().rank() * b, b), ys = rows(y, world().rank() * b, b);
+  for (const char* policy : {"none", "full"}) {
+    INFO(policy);
+    auto run = [&](bool overlapped) {
+      manual_seed(7 + static_cast<uint64_t>(world().rank()));
+      Gpt model(c);
+      apply_policy(model, parse_policy(policy));
+      DataParallel dp(model.named_parameters(), world(), 4096);  // small buckets: many of them
+      int64_t sent = 0;
+      if (overlapped) {
+        dp.backward(model.loss(xs, ys));
+        sent = dp.buckets_sent_during_backward();
+        CHECK(dp.buckets() > 3);
+        CHECK(sent >= dp.buckets() - 1);  // all but possibly the embeddings', read by the first node
+        CHECK_THROWS_WITH(dp.backward(model.loss(xs, ys)), Contains("has a gradient already; zero the gradients first"));
+      } else {
+        backward(model.loss(xs, ys));
+        dp.average_gradients();
+      }
+      return grads_of(model);
+    };
+    CHECK(run(true) == run(false));
+  }
+}
+
 TEST_CASE("ZeRO-1: moments sharded over the ranks give plain data parallel's parameters, bit for bit",
           "[dist][zero]") {
   const int64_t b = 2;
