@@ -31,6 +31,27 @@ std::function<Tensor()> flow_loss(Model& model, const Tensor& x0, const Tensor& 
   };
 }
 
+// The budget planner at each percentage: its plan fits, one step's measured activation peak stays
+// within the budget, checkpointing happened, and the gradients are `plain`'s bit for bit.
+void check_budgets(Module& model, const std::function<Tensor()>& loss, const std::vector<std::vector<char>>& plain,
+                   const std::vector<double>& percents) {
+  for (double percent : percents) {
+    BudgetPlanner planner(model, 0, percent);
+    const BudgetPlan& plan = planner.plan(loss);
+    INFO(percent << "%: " << plan.to_string());
+    CHECK(plan.floor_bytes < plan.budget_bytes);
+    CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
+    for (Tensor& p : model.parameters()) p.zero_grad();
+    reset_peak_memory();
+    reset_checkpoint_counters();
+    int64_t base = memory_stats()[MemoryCategory::activation].current;
+    backward(loss());
+    CHECK(memory_stats()[MemoryCategory::activation].peak - base <= plan.budget_bytes);
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(run_grads(model.parameters(), loss) == plain);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("dit tiny gradients under full, ops, block_skip:2, levels and budgets are bitwise equal to none", "[diffusion][dit]") {
@@ -50,20 +71,7 @@ TEST_CASE("dit tiny gradients under full, ops, block_skip:2, levels and budgets 
   }
   // The planner on two streams: joint attention's working set is most of a block's memory, and the
   // measured peak stays within the budget (the simulation counts it).
-  for (double percent : {80.0, 60.0, 45.0}) {
-    BudgetPlanner planner(model, 0, percent);
-    const BudgetPlan& plan = planner.plan(loss);
-    INFO(percent << "%: " << plan.to_string());
-    CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
-    for (Tensor& p : model.parameters()) p.zero_grad();
-    reset_peak_memory();
-    reset_checkpoint_counters();
-    int64_t base = memory_stats()[MemoryCategory::activation].current;
-    backward(loss());
-    CHECK(memory_stats()[MemoryCategory::activation].peak - base <= plan.budget_bytes);
-    CHECK(checkpoint_counters().replays > 0);
-    CHECK(run_grads(model.parameters(), loss) == plain);
-  }
+  check_budgets(model, loss, plain, {80.0, 60.0, 45.0});
   remove_checkpointing(model);
 }
 
@@ -126,21 +134,7 @@ TEST_CASE("unet's resolutions are blocks: full, block_skip, chain schedules and 
     CHECK(checkpoint_counters().replays > 0);
     CHECK(checkpoint_counters().bytes_dropped > 0);
   }
-  for (double percent : {80.0, 60.0}) {  // the floor is 55% here
-    BudgetPlanner planner(model, 0, percent);
-    const BudgetPlan& plan = planner.plan(loss);
-    INFO(plan.to_string());
-    CHECK(plan.floor_bytes < plan.budget_bytes);
-    CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
-    for (Tensor& p : model.parameters()) p.zero_grad();
-    reset_peak_memory();
-    reset_checkpoint_counters();
-    int64_t base = memory_stats()[MemoryCategory::activation].current;
-    backward(loss());
-    CHECK(memory_stats()[MemoryCategory::activation].peak - base <= plan.budget_bytes);
-    CHECK(checkpoint_counters().replays > 0);
-    CHECK(run_grads(model.parameters(), loss) == plain);
-  }
+  check_budgets(model, loss, plain, {80.0, 60.0});  // the floor is 55% here
   remove_checkpointing(model);
 }
 
