@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "autograd/engine.h"
 #include "autograd/graph.h"
@@ -142,7 +143,8 @@ std::string option_name(const BlockTape& b, const std::vector<bool>& recompute) 
   std::string kinds;
   std::set<std::string> seen;
   for (size_t i = 0; i < b.nodes.size(); ++i)
-    if (recompute[i] && seen.insert(b.node(i).name()).second) kinds += (kinds.empty() ? "" : ", ") + std::string(b.node(i).name());
+    if (recompute[i] && seen.insert(b.node(i).name()).second)
+      kinds += (kinds.empty() ? "" : ", ") + std::string(b.node(i).name());
   return std::to_string(n) + " of " + std::to_string(b.nodes.size()) + " ops: " + kinds;
 }
 
@@ -221,18 +223,6 @@ Policy position_policy(std::vector<bool> recompute, std::string name) {
           }};
 }
 
-int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
-  int64_t kept = 0, saved = 0, peak = step.before_blocks_peak;
-  for (const PlannedBlock& b : blocks) {
-    const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
-    peak = std::max(peak, kept + b.alive_before_bytes + b.forward_peak_bytes + o.extra_forward_bytes);
-    if (b.choice != 0) peak = std::max(peak, step.pre_saved + kept + o.kept_bytes + o.rebuilt_bytes);
-    kept += o.kept_bytes;
-    saved += b.saved_bytes;
-  }
-  return std::max(peak, step.after_blocks_peak - saved + kept);
-}
-
 namespace {
 
 int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
@@ -241,7 +231,24 @@ int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
   return saved;
 }
 
+// One block of the simulation (planner.h): from the bytes kept by the blocks before it and the
+// worst peak so far, those after block `b` under option `i` (its forward, and its replay if any).
+std::pair<int64_t, int64_t> advance(const PlannedBlock& b, size_t i, const StepMemory& step, int64_t prefix,
+                                    int64_t worst) {
+  const BlockOption& o = b.options[i];
+  worst = std::max(worst, prefix + b.alive_before_bytes + b.forward_peak_bytes + o.extra_forward_bytes);
+  if (i > 0) worst = std::max(worst, step.pre_saved + prefix + o.kept_bytes + o.rebuilt_bytes);
+  return {prefix + o.kept_bytes, worst};
+}
+
 }  // namespace
+
+int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
+  int64_t kept = 0, peak = step.before_blocks_peak;
+  for (const PlannedBlock& b : blocks)
+    std::tie(kept, peak) = advance(b, static_cast<size_t>(b.choice), step, kept, peak);
+  return std::max(peak, step.after_blocks_peak - saved_by_blocks(blocks) + kept);
+}
 
 int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
   // The search below without the time: states no other beats in bytes kept and worst peak so far.
@@ -249,12 +256,7 @@ int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& st
   for (const PlannedBlock& b : blocks) {
     std::vector<std::pair<int64_t, int64_t>> next;
     for (auto [prefix, worst] : states)
-      for (size_t i = 0; i < b.options.size(); ++i) {
-        const BlockOption& o = b.options[i];
-        int64_t w = std::max(worst, prefix + b.alive_before_bytes + b.forward_peak_bytes + o.extra_forward_bytes);
-        if (i > 0) w = std::max(w, step.pre_saved + prefix + o.kept_bytes + o.rebuilt_bytes);
-        next.push_back({prefix + o.kept_bytes, w});
-      }
+      for (size_t i = 0; i < b.options.size(); ++i) next.push_back(advance(b, i, step, prefix, worst));
     std::sort(next.begin(), next.end());
     states.clear();
     for (auto& c : next)
@@ -285,14 +287,9 @@ OptionChoice choose_options(const std::vector<PlannedBlock>& blocks, const StepM
     std::vector<State> next;
     for (const State& s : states) {
       for (size_t i = 0; i < b.options.size(); ++i) {
-        const BlockOption& o = b.options[i];
         State t = s;
-        t.worst = std::max(s.worst, s.prefix + b.alive_before_bytes + b.forward_peak_bytes + o.extra_forward_bytes);
-        if (i > 0) {
-          t.worst = std::max(t.worst, step.pre_saved + s.prefix + o.kept_bytes + o.rebuilt_bytes);
-          t.cost += o.recompute_ms;
-        }
-        t.prefix += o.kept_bytes;
+        std::tie(t.prefix, t.worst) = advance(b, i, step, s.prefix, s.worst);
+        if (i > 0) t.cost += b.options[i].recompute_ms;
         t.choice.push_back(static_cast<int>(i));
         // Kept bytes only grow, so a prefix past the tail's share of the budget never fits.
         if (t.worst <= budget_bytes && tail + t.prefix <= budget_bytes) next.push_back(std::move(t));
