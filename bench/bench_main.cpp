@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "bench_dist.h"
 #include "bench_ops.h"
 #include "bench_policies.h"
 #include "bench_soak.h"
@@ -37,6 +38,11 @@ int main(int argc, char** argv) {
   app.add_flag("--pareto", p.pareto,
                "also run the budget planner at ten budgets from its floor to none's peak, and print step time "
                "against activation peak with the Pareto front");
+
+  remat::bench::DataParallelBenchOptions dist;
+  CLI::Option* ranks = app.add_option("--ranks", dist.ranks,
+                                      "data parallel under mpirun -np N: compute, all-reduce and overlapped times per policy");
+  app.add_option("--bucket-mib", dist.bucket_mib, "with --ranks: gradient bucket size in MiB")->capture_default_str();
 
   remat::bench::OpsOptions ops;
   CLI::App* ops_cmd = app.add_subcommand("ops", "GFLOP/s of matmul/linear and times of the fused ops");
@@ -77,6 +83,7 @@ int main(int argc, char** argv) {
     if (layers) p.overrides["layers"] = static_cast<double>(layers);
     if (seq_len) p.overrides["seq_len"] = static_cast<double>(seq_len);
     if (dropout >= 0) p.overrides["dropout"] = dropout;
+    if (ranks->count() > 0) return remat::bench::run_data_parallel(p, dist);
     return remat::bench::run_policies(p);
   } catch (const remat::Error& e) {
     std::fprintf(stderr, "remat-bench: %s\n", e.message().c_str());

@@ -323,7 +323,8 @@ BudgetPlanner::BudgetPlanner(Module& model, int64_t budget_bytes, double percent
   REMAT_CHECK(percent <= 0 || percent <= 100, "budget: expected a percentage in (0, 100], got ", percent);
 }
 
-const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
+const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
+                                      const std::function<void(const Tensor&)>& backward_fn) {
   remove_checkpointing(model_);
   std::vector<Span> spans;
   collect_blocks(model_, spans);
@@ -411,7 +412,9 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn) {
     }
   }
   try {
-    backward(loss);  // the recording step is a normal training step
+    // The recording step is a normal training step.
+    if (backward_fn) backward_fn(loss);
+    else backward(loss);
   } catch (...) {
     alloc.stop_recording();
     throw;

@@ -111,10 +111,11 @@ class BudgetPlanner {
   // (the peaks of the other categories while recording, an upper bound) come off the budget first.
   BudgetPlanner(Module& model, int64_t budget_bytes, double percent = 0,
                 BudgetScope scope = BudgetScope::activations);
-  // Runs `loss_fn` once without checkpointing (then backward on its result, so the step's
-  // gradients are those of a normal step), solves, and places the regions. Throws when the budget
-  // is below the floor, stating the floor.
-  const BudgetPlan& plan(const std::function<Tensor()>& loss_fn);
+  // Runs `loss_fn` once without checkpointing (then backward on its result, or `backward_fn` when
+  // given, e.g. data parallel's, so the step's gradients are those of a normal step), solves, and
+  // places the regions. Throws when the budget is below the floor, stating the floor.
+  const BudgetPlan& plan(const std::function<Tensor()>& loss_fn,
+                         const std::function<void(const Tensor&)>& backward_fn = {});
   // After a step under the plan: records its measured peak and replay time; returns false when the
   // tape no longer has the recorded shape (call plan() again).
   bool observe(const Tensor& loss, int64_t activation_peak_bytes, double replay_ms);

@@ -44,6 +44,41 @@ void ShardedAdamW::step(double lr) {
   }
 }
 
+std::vector<std::pair<std::string, Tensor>> ShardedAdamW::gather_state() {
+  NoGradGuard no_grad;
+  MemoryCategoryScope scope(MemoryCategory::optimizer);
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& [name, p] = params_[i];
+    bool mine = owner_[i] == group_.rank();
+    for (const char* slot : {".m", ".v"}) {
+      const Tensor& moment = slot[1] == 'm' ? m_[i] : v_[i];
+      Tensor t = mine ? moment.clone() : Tensor::empty(p.shape(), p.dtype(), p.device());
+      group_.broadcast(t, owner_[i]);
+      out.emplace_back(name + slot, std::move(t));
+    }
+  }
+  return out;
+}
+
+void ShardedAdamW::load_state(const std::vector<std::pair<std::string, Tensor>>& state) {
+  std::map<std::string, const Tensor*> given;
+  for (const auto& [name, t] : state) given[name] = &t;
+  std::vector<std::pair<Tensor, const Tensor*>> copies;
+  for (size_t i = 0; i < params_.size(); ++i)
+    for (const char* slot : {".m", ".v"}) {
+      const auto& [name, p] = params_[i];
+      auto found = given.find(name + slot);
+      REMAT_CHECK(found != given.end(), "ShardedAdamW state: '", name, slot, "' is missing (", state.size(),
+                  " tensors given)");
+      REMAT_CHECK(found->second->shape() == p.shape(), "ShardedAdamW state: '", name, slot, "' has shape ",
+                  shape_str(found->second->shape()), ", the parameter ", shape_str(p.shape()));
+      if (owner_[i] == group_.rank()) copies.emplace_back(slot[1] == 'm' ? m_[i] : v_[i], found->second);
+    }
+  NoGradGuard no_grad;
+  for (auto& [dst, src] : copies) dst.copy_(*src);
+}
+
 int64_t ShardedAdamW::state_bytes() const {
   int64_t bytes = 0;
   for (size_t i = 0; i < m_.size(); ++i)

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,6 +31,13 @@ class ShardedAdamW {
   void step(double lr);
   int owner(size_t param) const { return owner_[param]; }
   int64_t steps() const { return steps_; }
+  void set_steps(int64_t steps) { steps_ = steps; }
+  // Every parameter's moments, named "<parameter>.m" and "<parameter>.v" as AdamW names them, on
+  // every rank (each from its owner): what a snapshot saves. Collective; the copies are temporary.
+  std::vector<std::pair<std::string, Tensor>> gather_state();
+  // Takes this rank's moments from a state named as gather_state() names it (every name there, with
+  // its parameter's shape; checked before anything changes).
+  void load_state(const std::vector<std::pair<std::string, Tensor>>& state);
   int64_t state_bytes() const;  // this rank's moments
 
  private:

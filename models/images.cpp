@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "autograd/ops.h"
+#include "runtime/random.h"
 
 namespace remat {
 
@@ -86,11 +88,22 @@ TimeSampling parse_time_sampling(const std::string& name) {
 
 const char* time_sampling_name(TimeSampling s) { return s == TimeSampling::uniform ? "uniform" : "logit-normal"; }
 
-Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels, TimeSampling times) {
-  int64_t b = x0.size(0);
-  Tensor noise = Tensor::randn(x0.shape(), x0.dtype(), x0.device());
-  Tensor t = times == TimeSampling::uniform ? Tensor::rand({b}, x0.dtype(), x0.device())
-                                            : sigmoid(Tensor::randn({b}, x0.dtype(), x0.device()));
+Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0_in, const Tensor& labels_in, TimeSampling times,
+                           int64_t row_begin, int64_t rows) {
+  const int64_t total = x0_in.size(0);
+  Tensor noise = Tensor::randn(x0_in.shape(), x0_in.dtype(), x0_in.device());
+  Tensor t = times == TimeSampling::uniform ? Tensor::rand({total}, x0_in.dtype(), x0_in.device())
+                                            : sigmoid(Tensor::randn({total}, x0_in.dtype(), x0_in.device()));
+  Tensor x0 = x0_in, labels = labels_in;
+  std::optional<RngBatchShardScope> shard;
+  if (rows >= 0 && rows != total) {
+    REMAT_CHECK(rows >= 1 && row_begin >= 0 && row_begin + rows <= total, "rectified_flow_loss: rows [", row_begin,
+                ", ", row_begin + rows, ") are not inside the batch of ", total);
+    auto mine = [&](const Tensor& v) { return contiguous(slice(v, 0, row_begin, row_begin + rows)); };
+    x0 = mine(x0), labels = mine(labels), noise = mine(noise), t = mine(t);
+    shard.emplace(row_begin, rows, total);
+  }
+  const int64_t b = x0.size(0);
   Tensor tb = reshape(t, {b, 1, 1, 1});
   Tensor x_t = add(mul(add_scalar(neg(tb), 1.0), x0), mul(tb, noise));  // (1 - t) x0 + t x1
   Tensor v = model(x_t, t, labels);

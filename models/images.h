@@ -53,9 +53,12 @@ const char* time_sampling_name(TimeSampling s);
 // Rectified flow: x_t = (1 - t) x0 + t x1 with x1 ~ N(0, 1) and t drawn by `times`; the model
 // predicts the velocity x1 - x0 and the loss is its mean squared error. `model(x_t, t, labels)`
 // returns [B, 3, S, S].
+// Data parallel: with rows >= 0, this process computes rows [row_begin, row_begin + rows) of the
+// batch x0 [B, ...]: the noise and times are drawn for the whole batch (so each sample gets its own
+// whichever process computes it) and the model runs on those rows, its random ops in a batch shard.
 using VelocityModel = std::function<Tensor(const Tensor& x_t, const Tensor& t, const Tensor& labels)>;
 Tensor rectified_flow_loss(const VelocityModel& model, const Tensor& x0, const Tensor& labels,
-                           TimeSampling times = TimeSampling::uniform);
+                           TimeSampling times = TimeSampling::uniform, int64_t row_begin = 0, int64_t rows = -1);
 
 // How much an image [3, S, S] looks like each class: its foreground (pixels away from the background
 // colour) against the best-fitting outline of the class over centre and radius, as intersection

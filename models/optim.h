@@ -42,7 +42,7 @@ class Optimizer {
   virtual std::vector<std::pair<std::string, Tensor>> state() = 0;
   // Copies `state` (as state() names it) into this optimizer: every name must be there, with its
   // shape. Throws before changing anything otherwise.
-  void load_state(const std::vector<std::pair<std::string, Tensor>>& state);
+  virtual void load_state(const std::vector<std::pair<std::string, Tensor>>& state);
   // The state and the step count in a safetensors file (written atomically), and back.
   void save(const std::string& path);
   void load(const std::string& path);

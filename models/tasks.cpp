@@ -43,8 +43,12 @@ class GptTask final : public TrainTask {
   GptTask(GptConfig c, uint64_t seed) : config_(std::move(c)), model_((manual_seed(seed), config_)), data_(config_.vocab, seed + 1) {}
   Module& model() override { return model_; }
   Tensor next_loss() override {
-    auto [x, y] = data_.batch(config_.batch, config_.seq_len);
-    return model_.loss(x.to(device()), y.to(device()));
+    const int64_t b = config_.batch;
+    auto [x, y] = data_.batch(b * ranks_, config_.seq_len);
+    if (ranks_ == 1) return model_.loss(x.to(device()), y.to(device()));
+    auto mine = [&](const Tensor& v) { return contiguous(slice(v, 0, rank_ * b, (rank_ + 1) * b)).to(device()); };
+    RngBatchShardScope shard(rank_ * b, b, ranks_ * b);
+    return model_.loss(mine(x), mine(y));
   }
   double items_per_step() const override { return static_cast<double>(config_.batch * config_.seq_len); }
   const char* item_name() const override { return "tokens"; }
@@ -82,10 +86,11 @@ class FlowTask final : public TrainTask {
   FlowTask(Config c, uint64_t seed) : config_(std::move(c)), model_((manual_seed(seed), config_)), data_(config_.image, seed + 1) {}
   Module& model() override { return model_; }
   Tensor next_loss() override {
-    auto [x0, labels] = data_.batch(config_.batch, label_dropout_);
+    const int64_t b = this->config_.batch;
+    auto [x0, labels] = data_.batch(b * this->ranks_, label_dropout_);
     x0 = x0.to(device()), labels = labels.to(device());
     return rectified_flow_loss([this](const Tensor& x, const Tensor& t, const Tensor& y) { return model_.forward(x, t, y); },
-                               x0, labels, time_sampling_);
+                               x0, labels, time_sampling_, this->rank_ * b, b);
   }
   double items_per_step() const override { return static_cast<double>(config_.batch); }
   const char* item_name() const override { return "images"; }

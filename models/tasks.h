@@ -35,6 +35,15 @@ class TrainTask {
   // Diffusion models: how training draws the flow time t. Models without one accept only uniform.
   virtual void set_time_sampling(TimeSampling s);
   virtual double reference_loss() const { return 0; }
+  // Data parallel: each step draws the batch of all `ranks` processes (ranks x the config's batch
+  // rows, the same data on each) and this process computes its rows, rank x batch onwards, with
+  // random ops in a batch shard (sample i sees the same data, dropout and noise on any rank).
+  void set_batch_shard(int rank, int ranks) {
+    REMAT_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "set_batch_shard: expected 0 <= rank < ranks, got rank ",
+                rank, " of ", ranks);
+    rank_ = rank, ranks_ = ranks;
+  }
+  int ranks() const { return ranks_; }
   virtual double uniform_loss() const { return 0; }
 
   // Moves the model's parameters to `device`; batches are drawn on the host (the same data on
@@ -44,6 +53,9 @@ class TrainTask {
     device_ = device;
   }
   Device device() const { return device_; }
+
+ protected:
+  int rank_ = 0, ranks_ = 1;
 
  private:
   Device device_ = Device::cpu();

@@ -133,13 +133,16 @@ struct Schedule {
   }
 };
 
+// Under data parallel every rank calls it (the optimizer's state may be sharded) and rank 0 writes.
 void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, const WeightAverage* average,
-                   const TrainOptions& o, const Schedule& sched, RunState& run) {
+                   const TrainOptions& o, const Schedule& sched, RunState& run, bool write) {
+  std::vector<std::pair<std::string, Tensor>> optimizer_state = opt.state();
+  if (!write) return;
   std::vector<std::pair<std::string, Tensor>> weights = task.model().named_parameters();
   std::map<std::string, std::string> model_meta = {{"format", "remat"}, {"model", o.model}, {"config", task.config().dump()}};
   std::vector<std::pair<std::string, Tensor>> state;
   for (auto& [name, t] : weights) state.emplace_back("param." + name, t);
-  for (auto& [name, t] : opt.state()) state.emplace_back("optim." + name, t);
+  for (auto& [name, t] : optimizer_state) state.emplace_back("optim." + name, t);
   if (average) {
     // model.safetensors holds what is used for inference: the average; the raw weights stay in the state.
     for (size_t i = 0; i < weights.size(); ++i) {
@@ -160,7 +163,8 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
                          {"warmup", sched.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
                          {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0},
                          {"label_dropout", sched.label_dropout}, {"time_sampling", sched.time_sampling},
-                         {"schedule_start", sched.start}};
+                         {"schedule_start", sched.start}, {"ranks", task.ranks()},
+                         {"optimizer_sharding", o.group ? o.group->sharding() : std::string()}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
   append_metrics(dir + "/metrics.jsonl", run.pending_metrics);
   run.pending_metrics.clear();
@@ -170,6 +174,9 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
 
 TrainResult train(const TrainOptions& options, const StepCallback& on_step, const NoteCallback& on_note) {
   TrainOptions o = options;
+  TrainGroup* group = o.group;
+  const bool lead = group == nullptr || group->rank() == 0;  // the rank that checks and writes the run folder
+  const int ranks = group ? group->size() : 1;
   Schedule sched, resumed_sched;
   nlohmann::json resumed;
   SafetensorsFile state_file;
@@ -191,6 +198,10 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
       resumed_sched.start = resumed.value("schedule_start", int64_t{0});
       sched = resumed_sched;
       o.weight_decay = resumed.at("weight_decay"), o.clip = resumed.at("clip"), o.seed = resumed.at("seed");
+      int64_t trained_ranks = resumed.value("ranks", int64_t{1});
+      REMAT_CHECK(trained_ranks == ranks, "--resume ", o.resume, ": the run trained on ", trained_ranks,
+                  " process", trained_ranks == 1 ? "" : "es", " (a global batch of ", trained_ranks, " x its batch); this launch has ",
+                  ranks, ": resume it with mpirun -np ", trained_ranks, trained_ranks == 1 ? " or without mpirun" : "");
     } catch (const nlohmann::json::exception& e) {
       REMAT_FAIL(path, ": corrupted training state: ", e.what());
     }
@@ -229,11 +240,12 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   DType compute = parse_compute_dtype(o.dtype, device);
   PolicySpec policy = parse_policy(o.policy);
   // Nothing is created on disk before every check has passed: the run folder, then the model.
-  if (!o.out.empty()) check_out_dir(o.out, !o.resume.empty(), o.overwrite);
+  if (!o.out.empty() && lead) check_out_dir(o.out, !o.resume.empty(), o.overwrite);
   std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
                                                       : make_task_from_json(o.model, resumed.at("config"), o.seed);
+  if (group) task->set_batch_shard(group->rank(), ranks);
   std::unique_ptr<RunLock> lock;
-  if (!o.out.empty()) {
+  if (!o.out.empty() && lead) {
     std::error_code ec;
     std::filesystem::create_directories(o.out, ec);
     REMAT_CHECK(!ec && std::filesystem::is_directory(o.out), "--out ", o.out, ": cannot create the directory (",
@@ -253,7 +265,10 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     planner = std::make_unique<BudgetPlanner>(model, policy.budget_bytes, policy.budget_percent, policy.budget_scope);
   else apply_policy(model, policy);
   std::vector<Tensor> params = model.parameters();
-  AdamW opt(model.named_parameters(), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay});
+  AdamWOptions adamw{.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = o.weight_decay};
+  std::unique_ptr<Optimizer> optimizer = group ? group->make_optimizer(model.named_parameters(), adamw)
+                                               : std::make_unique<AdamW>(model.named_parameters(), adamw);
+  Optimizer& opt = *optimizer;
   RunState run;
   TrainResult result;
   if (!resumed.is_null()) {
@@ -280,7 +295,9 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     run.step = resumed.at("step");
     set_rng_state({resumed.at("rng_seed"), resumed.at("rng_offset")});
     task->set_data_state({resumed.at("data_seed"), resumed.at("data_offset")});
-    if (o.out == o.resume) {
+    if (!lead) {
+      // rank 0 keeps the run's files
+    } else if (o.out == o.resume) {
       truncate_metrics(o.out + "/metrics.jsonl", run.step);
     } else if (!o.out.empty()) {
       // Continued into another folder: the run's history so far comes along.
@@ -290,6 +307,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
       truncate_metrics(o.out + "/metrics.jsonl", run.step);
     }
   }
+  if (group) group->start(model);
   // The average starts from the current weights, or continues a resumed run's.
   std::unique_ptr<WeightAverage> average;
   if (sched.ema > 0) {
@@ -313,7 +331,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   for (const Tensor& p : params) result.parameters += p.numel();
   int64_t last = o.stop_at >= 0 ? std::min(o.stop_at, sched.steps) : sched.steps;
   Allocator& alloc = allocator_for(device);
-  double tokens = task->items_per_step();
+  double tokens = task->items_per_step() * ranks;  // the global batch's
   auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = run.step; step < last; ++step) {
     auto start = std::chrono::steady_clock::now();
@@ -322,22 +340,26 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     double loss_value = 0;
     AutocastScope autocast(compute);  // casts are recorded on the tape, so replays need no scope
     if (planner && !planned) {
-      planner->plan([&] {
-        Tensor l = task->next_loss();
-        loss_value = l.item();
-        return l;
-      });
+      planner->plan(
+          [&] {
+            Tensor l = task->next_loss();
+            loss_value = l.item();
+            return l;
+          },
+          [&](const Tensor& l) { group ? group->backward(l) : backward(l); });
       planned = true;
     } else {
       reset_checkpoint_counters();
       Tensor loss = task->next_loss();
       loss_value = loss.item();
-      backward(loss);
+      if (group) group->backward(loss);
+      else backward(loss);
       if (planner) {
         MemoryStats after = alloc.stats();
         planned = planner->observe(loss, after[MemoryCategory::activation].peak, checkpoint_counters().replay_ns / 1e6);
       }
     }
+    if (group) loss_value = group->mean(loss_value);
     REMAT_CHECK(std::isfinite(loss_value), "training diverged: loss is ", loss_value, " at step ", step + 1);
     clip_grad_norm(params, o.clip);
     opt.step(lr);
@@ -347,17 +369,17 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     MemoryStats s = alloc.stats();
     StepMetrics m{step + 1, loss_value, lr, ms, s.total.peak, s[MemoryCategory::activation].peak, s.total.current,
                   tokens / (ms / 1000.0)};
-    if (result.steps.empty()) result.first_loss = m.loss;
+    if (result.steps_run == 0) result.first_loss = m.loss;
     if (o.keep_step_metrics) result.steps.push_back(m);
     result.last_step = m;
     ++result.steps_run;
     run.step = step + 1;
-    if (!o.out.empty()) run.pending_metrics += metrics_line(m, task->item_name()) + "\n";
+    if (!o.out.empty() && lead) run.pending_metrics += metrics_line(m, task->item_name()) + "\n";
     result.peak_bytes = std::max(result.peak_bytes, m.peak_bytes);
     result.activation_peak_bytes = std::max(result.activation_peak_bytes, m.activation_peak_bytes);
     if (on_step) on_step(m, sched.steps);
     if (!o.out.empty() && (run.step % o.save_every == 0 || run.step == last))
-      save_snapshot(o.out, *task, opt, average.get(), o, sched, run);
+      save_snapshot(o.out, *task, opt, average.get(), o, sched, run, lead);
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   if (planner) result.plan_report = planner->current().to_string();

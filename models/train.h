@@ -7,11 +7,40 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "optim.h"
+
 namespace remat {
+
+class Module;
+
+// Data parallel training: the loop runs on every process of a group, each computing its rows of
+// the batch. remat::dist provides the group (the CLI under mpirun); the loop itself links no MPI.
+// Every call is collective: every rank makes it, in the same order.
+class TrainGroup {
+ public:
+  virtual ~TrainGroup() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Once the model is built (and resumed): rank 0's parameters on every rank.
+  virtual void start(Module& model) = 0;
+  // Backward of this rank's loss; then every gradient is the mean over ranks.
+  virtual void backward(const Tensor& loss) = 0;
+  // The mean over ranks of a per-rank value (the loss), the same bits on every rank.
+  virtual double mean(double value) = 0;
+  // The optimizer of the run: AdamW, or one whose state is sharded over the ranks (ZeRO-1). Its
+  // state() is collective and gives every parameter's state on every rank.
+  virtual std::unique_ptr<Optimizer> make_optimizer(std::vector<std::pair<std::string, Tensor>> params,
+                                                    AdamWOptions options) = 0;
+  // "zero1" when the optimizer state is sharded, "" otherwise (recorded in the run's state).
+  virtual std::string sharding() const = 0;
+  // This rank leaves on an exception: the others fail with its message instead of waiting.
+  virtual void report_failure(const std::string& what) = 0;
+};
 
 struct TrainOptions {
   std::string model = "gpt";  // gpt, dit or unet
@@ -48,6 +77,10 @@ struct TrainOptions {
   // Keep every step's metrics in TrainResult::steps (a long run from the CLI keeps none: they go
   // to metrics.jsonl and the progress callback).
   bool keep_step_metrics = true;
+  // Data parallel (not owned): every rank calls train() with the same options; rank 0 alone checks
+  // and writes the run directory, which every rank must be able to read on --resume. A resumed run
+  // needs the world size it was trained with (its global batch is ranks x batch).
+  TrainGroup* group = nullptr;
 };
 
 inline constexpr int64_t kMaxSteps = 1'000'000'000;  // a schedule longer than this is a typo

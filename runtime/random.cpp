@@ -3,6 +3,7 @@
 
 #include <atomic>
 
+#include "runtime/error.h"
 #include "runtime/philox.h"
 
 namespace remat {
@@ -18,6 +19,12 @@ struct ThreadStream {
   RngState state{};
 };
 thread_local ThreadStream t_stream;
+
+// The batch shard of this thread (RngBatchShardScope); total 0: none.
+struct BatchShard {
+  int64_t begin = 0, rows = 0, total = 0;
+};
+thread_local BatchShard t_shard;
 
 // This thread's stream, started from the global seed on first use.
 ThreadStream& stream() {
@@ -62,9 +69,32 @@ uint64_t thread_rng_index() { return stream().index; }
 RngState next_rng(uint64_t count) {
   ThreadStream& s = stream();
   RngState start = s.state;
-  s.state.offset += (count + 3) / 4;
+  const BatchShard& shard = t_shard;
+  if (shard.total == 0) {
+    s.state.offset += (count + 3) / 4;
+    return start;
+  }
+  const auto rows = static_cast<uint64_t>(shard.rows);
+  REMAT_CHECK(count % rows == 0, "data parallel: a random op draws ", count, " values for this process's ", rows,
+              " rows of the batch; expected a whole number per row (random draws inside a batch shard must be "
+              "batch-major tensors of ", rows, " rows)");
+  uint64_t per_row = count / rows, skip = per_row * static_cast<uint64_t>(shard.begin);
+  REMAT_CHECK(skip % 4 == 0, "data parallel: rows ", shard.begin, ".. of a random draw of ", per_row,
+              " values per row start at value ", skip, ", not on a Philox block of 4; choose a per-rank batch or "
+              "shape for which rows x values per row is a multiple of 4");
+  start.offset += skip / 4;
+  s.state.offset += (per_row * static_cast<uint64_t>(shard.total) + 3) / 4;
   return start;
 }
+
+RngBatchShardScope::RngBatchShardScope(int64_t begin, int64_t rows, int64_t total)
+    : saved_{t_shard.begin, t_shard.rows, t_shard.total} {
+  REMAT_CHECK(rows >= 1 && begin >= 0 && begin + rows <= total, "RngBatchShardScope: expected rows [begin, begin + rows) ",
+              "inside a batch of total rows, got begin ", begin, ", rows ", rows, ", total ", total);
+  t_shard = {begin, rows, total};
+}
+
+RngBatchShardScope::~RngBatchShardScope() { t_shard = {saved_[0], saved_[1], saved_[2]}; }
 
 uint32_t RandomStream::next_bits() {
   uint32_t bits = philox::bits_at(state_.seed, state_.offset / 4, state_.offset % 4);

@@ -26,6 +26,23 @@ uint64_t thread_stream_seed(uint64_t seed, uint64_t index);
 // (seed, offset) pair as attributes so that replay draws the same numbers.
 RngState next_rng(uint64_t count);
 
+// Data parallel: while one is alive, this thread computes rows [begin, begin + rows) of a batch of
+// `total` rows. A random op then draws, for its batch-major tensor of `rows` rows, the values the
+// whole batch's tensor would have had in those rows, and the stream advances as it would for the
+// whole batch: sample i sees the same dropout mask and noise whichever process computes it, and
+// every process's stream stays where a single process's would be. A draw that is not a multiple of
+// `rows`, or whose rows do not start on a Philox block (4 values), is refused with a clear error.
+class RngBatchShardScope {
+ public:
+  RngBatchShardScope(int64_t begin, int64_t rows, int64_t total);
+  ~RngBatchShardScope();
+  RngBatchShardScope(const RngBatchShardScope&) = delete;
+  RngBatchShardScope& operator=(const RngBatchShardScope&) = delete;
+
+ private:
+  int64_t saved_[3];
+};
+
 // A private Philox stream (data generators): its own (seed, position), saved and restored with it.
 class RandomStream {
  public:

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -15,14 +16,18 @@
 #include <thread>
 #include <vector>
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include "checkpoint/apply.h"
 #include "dist/data_parallel.h"
 #include "dist/sharded_adamw.h"
 #include "models/data.h"
+#include "models/cli/data_parallel_group.h"
 #include "models/gpt.h"
 #include "models/optim.h"
+#include "models/safetensors.h"
+#include "models/train.h"
 #include "remat.h"
 
 using namespace remat;
@@ -220,6 +225,85 @@ TEST_CASE("ZeRO-1: moments sharded over the ranks give plain data parallel's par
   std::vector<double> v = shares.to_vector<double>();
   CHECK(v[0] + v[1] == static_cast<double>(2 * param_bytes));
   CHECK(static_cast<double>(mine) < 0.6 * static_cast<double>(2 * param_bytes));
+}
+
+// A folder every rank names alike (rank 0's process id), removed at the end.
+struct SharedTempDir {
+  std::string path;
+  SharedTempDir() {
+    Tensor pid = Tensor::from_vector(std::vector<double>{static_cast<double>(::getpid())}, {1});
+    world().broadcast(pid, 0);
+    path = (std::filesystem::temp_directory_path() / fmt::format("remat_test_dist_train_{}", static_cast<int64_t>(pid.item()))).string();
+    if (world().rank() == 0) std::filesystem::create_directories(path);
+    world().barrier();
+  }
+  ~SharedTempDir() {
+    // Leaving on a failure: the other rank must not wait for this one in a collective.
+    if (std::uncaught_exceptions() > 0) world().report_failure("a check failed on this rank");
+    else world().barrier();
+    std::error_code ec;
+    if (world().rank() == 0) std::filesystem::remove_all(path, ec);
+  }
+};
+
+// Every parameter of a run's model.safetensors, in order (read on every rank after rank 0 wrote it).
+std::vector<std::vector<float>> weights_in(const std::string& dir) {
+  world().barrier();
+  SafetensorsFile f = load_safetensors(dir + "/model.safetensors");
+  std::vector<std::vector<float>> out;
+  for (auto& [name, t] : f.tensors) out.push_back(t.to_vector<float>());
+  return out;
+}
+
+TEST_CASE("remat train on 2 ranks x batch b: one process's losses with 2b (dropout too), the same bits on every "
+          "run, with ZeRO-1 and under full checkpointing",
+          "[dist][train]") {
+  SharedTempDir tmp;
+  auto run = [&](const std::string& name, TrainGroup* group, int64_t batch, const std::string& policy) {
+    TrainOptions o;
+    o.config = "tiny";
+    o.overrides = {{"batch", static_cast<double>(batch)}, {"dropout", 0.1}};
+    o.steps = 12, o.warmup = 2, o.seed = 5, o.policy = policy;
+    o.out = tmp.path + "/" + name;
+    o.group = group;
+    return train(o);
+  };
+  const int64_t b = 4;
+  DataParallelGroup plain(0), zero(1);
+  TrainResult dp = run("dp", &plain, b, "none");
+  TrainResult again = run("again", &plain, b, "none");
+  TrainResult sharded = run("zero", &zero, b, "none");
+  reset_checkpoint_counters();
+  TrainResult full = run("full", &plain, b, "full");
+  CHECK(checkpoint_counters().replays > 0);
+  CHECK(checkpoint_counters().bytes_dropped > 0);
+  std::vector<std::vector<float>> weights = weights_in(tmp.path + "/dp");
+  CHECK(weights_in(tmp.path + "/again") == weights);
+  CHECK(weights_in(tmp.path + "/zero") == weights);
+  CHECK(weights_in(tmp.path + "/full") == weights);
+  REQUIRE(dp.steps.size() == 12);
+  for (size_t i = 0; i < dp.steps.size(); ++i) {
+    CHECK(again.steps[i].loss == dp.steps[i].loss);
+    CHECK(sharded.steps[i].loss == dp.steps[i].loss);
+    CHECK(full.steps[i].loss == dp.steps[i].loss);
+  }
+  // One process with the whole batch of 2b rows sees the same data and dropout masks; only the
+  // order of the f32 additions differs (two means of b rows averaged, against one mean of 2b), so
+  // the losses and weights agree to f32 rounding over the steps, not bitwise.
+  if (world().rank() == 0) {
+    TrainResult one = run("one", nullptr, 2 * b, "none");
+    std::vector<std::vector<float>> single;
+    for (auto& [name, t] : load_safetensors(tmp.path + "/one/model.safetensors").tensors)
+      single.push_back(t.to_vector<float>());
+    for (size_t i = 0; i < dp.steps.size(); ++i) CHECK(std::abs(one.steps[i].loss - dp.steps[i].loss) < 1e-5);
+    double largest = 0, worst = 0;
+    for (size_t i = 0; i < weights.size(); ++i)
+      for (size_t j = 0; j < weights[i].size(); ++j) {
+        largest = std::max(largest, std::abs(static_cast<double>(single[i][j])));
+        worst = std::max(worst, std::abs(static_cast<double>(single[i][j]) - weights[i][j]));
+      }
+    CHECK(worst <= 1e-4 * largest);
+  }
 }
 
 TEST_CASE("a rank that fails makes the others fail with its message", "[.rank-failure]") {

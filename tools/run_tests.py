@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = ["test_install.sh", "test_gpu_bundle.sh", "test_dist_failure.sh"]
+SCRIPTS = ["test_install.sh", "test_gpu_bundle.sh", "test_dist_failure.sh", "test_dist_train.sh"]
 BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_library", "test_graphs", "test_reliability", "test_cli", "test_dist", "test_cuda"]
 # Binaries run on several MPI ranks (rank 0 reports): launched by mpirun when there is one, else alone
 # (they then exit 77, skipped). --allow-run-as-root: CI runs as root; --oversubscribe: 2 ranks on any

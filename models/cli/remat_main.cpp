@@ -7,7 +7,9 @@
 #include <map>
 #include <fmt/format.h>
 
+#include "dist/process_group.h"
 #include "kernels/backend.h"
+#include "models/cli/data_parallel_group.h"
 #include "models/images.h"
 #include "models/sample.h"
 #include "models/train.h"
@@ -52,6 +54,21 @@ int list_ops() {
   return 0;
 }
 
+// One line, exit 2; under mpirun the other ranks learn of it and fail too instead of waiting.
+int fail(remat::dist::ProcessGroup* world, const std::string& message) {
+  if (world && world->size() > 1) {
+    std::fprintf(stderr, "remat: rank %d: %s\n", world->rank(), message.c_str());
+    try {
+      world->report_failure(message);
+    } catch (const std::exception&) {
+      // the group is already broken: the others time out
+    }
+  } else {
+    std::fprintf(stderr, "remat: %s\n", message.c_str());
+  }
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -89,6 +106,10 @@ int main(int argc, char** argv) {
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
   train->add_flag("--overwrite", t.overwrite, "replace the run in --out (without it, a folder holding a run is refused)");
+  int zero = 0;
+  train->add_option("--zero", zero,
+                    "under mpirun: 1 shards AdamW's moments over the ranks (ZeRO-1), 0 keeps them whole on each")
+      ->capture_default_str();
   std::string max_memory;
   train->add_option("--max-memory", max_memory,
                     "refuse to allocate more than this on the device (bytes, or with K, M, G, T, KiB, MiB, GiB, TiB)");
@@ -145,6 +166,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "remat: %s (see remat --help)\n", e.what());
     return 2;
   }
+  // Under mpirun every rank runs this; rank 0 alone prints progress and results and writes files.
+  remat::dist::ProcessGroup* world = nullptr;
+  std::unique_ptr<remat::DataParallelGroup> data_parallel;
   try {
     if (*ops) return list_ops();
     if (*flow_loss) {
@@ -187,10 +211,24 @@ int main(int argc, char** argv) {
       if (dropout_option->count() > 0) t.overrides["dropout"] = dropout;
       if (!max_memory.empty()) remat::set_memory_limit(remat::parse_device(t.device), remat::parse_byte_count(max_memory));
       t.keep_step_metrics = false;  // the progress bar and metrics.jsonl have every step
-      remat::TrainResult r = remat::train(t, print_progress, [](const std::string& note) {
-        fmt::print("{}\n", note);
-        std::fflush(stdout);
-      });
+      world = &remat::dist::ProcessGroup::world();
+      if (world->size() > 1) {
+        data_parallel = std::make_unique<remat::DataParallelGroup>(zero, *world);
+        t.group = data_parallel.get();
+      } else {
+        REMAT_CHECK(zero == 0 || zero == 1, "--zero: expected 0 or 1, got ", zero);
+      }
+      const bool lead = world->rank() == 0;
+      remat::TrainResult r = remat::train(t, lead ? remat::StepCallback(print_progress) : remat::StepCallback(),
+                                          [lead](const std::string& note) {
+                                            if (!lead) return;
+                                            fmt::print("{}\n", note);
+                                            std::fflush(stdout);
+                                          });
+      if (!lead) return 0;
+      if (world->size() > 1)
+        fmt::print("data parallel on {} processes, each computing its rows of a global batch of {} x --batch{}\n",
+                   world->size(), world->size(), zero == 1 ? "; AdamW's moments sharded (ZeRO-1)" : "");
       if (r.steps_run == 0) {
         fmt::print("nothing to do: the run is already at the end of its schedule\n");
         return 0;
@@ -203,14 +241,11 @@ int main(int argc, char** argv) {
         fmt::print("wrote {}/model.safetensors, state.safetensors, metrics.jsonl\n", t.out.empty() ? t.resume : t.out);
     }
   } catch (const remat::Error& e) {
-    std::fprintf(stderr, "remat: %s\n", e.message().c_str());
-    return 2;
+    return fail(world, e.message());
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "remat: out of memory (a memory request the system refused; --max-memory makes the limit explicit)\n");
-    return 2;
+    return fail(world, "out of memory (a memory request the system refused; --max-memory makes the limit explicit)");
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "remat: %s\n", e.what());
-    return 2;
+    return fail(world, e.what());
   }
   return 0;
 }
