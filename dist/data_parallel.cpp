@@ -23,6 +23,8 @@ DataParallel::DataParallel(std::vector<std::pair<std::string, Tensor>> params, P
     group_.broadcast(p, 0);
   }
   // Buckets: consecutive parameters of one dtype, up to bucket_bytes each (one parameter may exceed it).
+  // Every rank computes the same layout from the parameters just checked, so the buckets' own
+  // collectives skip the per-call exchange of shapes.
   int64_t filled = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
@@ -43,13 +45,16 @@ Tensor DataParallel::pack(size_t bucket, const std::vector<Tensor>& grads) const
   DType dtype = params_[buckets_[bucket].front()].second.dtype();
   int64_t n = 0;
   for (size_t i : buckets_[bucket]) n += params_[i].second.numel();
-  Tensor flat = Tensor::zeros({n}, dtype);
+  Tensor flat = Tensor::empty({n}, dtype);
   size_t offset = 0;
   for (size_t i : buckets_[bucket]) {
     size_t bytes = params_[i].second.nbytes();
+    char* to = static_cast<char*>(flat.raw_data()) + offset;
     if (grads[i].defined()) {
       Tensor c = grads[i].as_contiguous();
-      std::memcpy(static_cast<char*>(flat.raw_data()) + offset, c.raw_data(), bytes);
+      std::memcpy(to, c.raw_data(), bytes);
+    } else {
+      std::memset(to, 0, bytes);
     }
     offset += bytes;
   }
@@ -57,27 +62,24 @@ Tensor DataParallel::pack(size_t bucket, const std::vector<Tensor>& grads) const
 }
 
 void DataParallel::set_means(size_t bucket, const Tensor& sum) {
-  // The mean: a sum in rank order, then one multiplication, identical on every rank.
+  // The mean: a sum in rank order, then one multiplication, identical on every rank; in place, and
+  // each gradient is a view of the bucket (no copy; the bucket lives as long as its gradients).
   const double scale = 1.0 / group_.size();
-  DType dtype = sum.dtype();
-  size_t offset = 0;
+  const int64_t n = sum.numel();
+  if (sum.dtype() == DType::f64) {
+    double* d = static_cast<double*>(sum.raw_data());
+    for (int64_t k = 0; k < n; ++k) d[k] *= scale;
+  } else {
+    float* d = static_cast<float*>(sum.raw_data());
+    const float f = static_cast<float>(scale);
+    for (int64_t k = 0; k < n; ++k) d[k] *= f;
+  }
+  sum.storage()->bump_version();
+  int64_t offset = 0;
   for (size_t i : buckets_[bucket]) {
     Tensor& p = params_[i].second;
-    Tensor g = Tensor::empty(p.shape(), dtype);
-    const char* src = static_cast<const char*>(sum.raw_data()) + offset;
-    int64_t count = p.numel();
-    if (dtype == DType::f64) {
-      const double* s = reinterpret_cast<const double*>(src);
-      double* d = static_cast<double*>(g.raw_data());
-      for (int64_t k = 0; k < count; ++k) d[k] = s[k] * scale;
-    } else {
-      const float* s = reinterpret_cast<const float*>(src);
-      float* d = static_cast<float*>(g.raw_data());
-      const float f = static_cast<float>(scale);
-      for (int64_t k = 0; k < count; ++k) d[k] = s[k] * f;
-    }
-    p.set_grad(g);
-    offset += p.nbytes();
+    p.set_grad(sum.view(p.shape(), contiguous_strides(p.shape()), offset));
+    offset += p.numel();
   }
 }
 
@@ -93,7 +95,7 @@ void DataParallel::backward(const Tensor& loss) {
   auto send = [&](size_t b) {
     MemoryCategoryScope category(MemoryCategory::gradient);
     sums[b] = pack(b, local);
-    pending[b] = group_.start_all_reduce_sum(sums[b]);
+    pending[b] = group_.start_all_reduce_sum(sums[b], /*shapes_checked=*/true);
   };
   sent_during_backward_ = 0;
   size_t next = buckets_.size();  // buckets [next, end) are sent
@@ -131,7 +133,7 @@ void DataParallel::average_gradients() {
   for (auto& [name, p] : params_) grads.push_back(p.grad());
   for (size_t b = 0; b < buckets_.size(); ++b) {
     Tensor sum = pack(b, grads);
-    group_.all_reduce_sum(sum);
+    group_.start_all_reduce_sum(sum, /*shapes_checked=*/true).finish();
     set_means(b, sum);
   }
 }

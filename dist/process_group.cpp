@@ -61,12 +61,19 @@ Mpi& mpi() {
 MPI_Datatype mpi_type(DType d) { return d == DType::f64 ? MPI_DOUBLE : MPI_FLOAT; }
 #endif
 
+// ((rank 0 + rank 1) + rank 2) + ...: one pass per rank over contiguous rows, which vectorises.
 template <typename T>
 void sum_in_rank_order(T* out, const T* gathered, int64_t n, int size) {
-  for (int64_t i = 0; i < n; ++i) {
-    T s = gathered[i];
-    for (int r = 1; r < size; ++r) s += gathered[static_cast<int64_t>(r) * n + i];
-    out[i] = s;
+  const T* first = gathered;
+  const T* second = size > 1 ? gathered + n : nullptr;
+  if (second) {
+    for (int64_t i = 0; i < n; ++i) out[i] = first[i] + second[i];
+  } else {
+    std::memcpy(out, first, static_cast<size_t>(n) * sizeof(T));
+  }
+  for (int r = 2; r < size; ++r) {
+    const T* row = gathered + static_cast<int64_t>(r) * n;
+    for (int64_t i = 0; i < n; ++i) out[i] += row[i];
   }
 }
 
@@ -172,8 +179,13 @@ void ProcessGroup::check_same(const Tensor& t, const char* op) {
 #endif
 }
 
-ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t) {
-  check_same(t, "all_reduce");
+ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shapes_checked) {
+  if (shapes_checked) {
+    REMAT_CHECK(failed_.empty(), "all_reduce: the process group failed earlier (", failed_, ")");
+    check_host_tensor(t, "all_reduce");
+  } else {
+    check_same(t, "all_reduce");
+  }
   REMAT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, "all_reduce: expected f32 or f64, got ", t.meta_str());
   PendingSum pending;
   pending.group_ = this;
@@ -186,10 +198,10 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t) {
   // Gathered, then summed in rank order on every rank: the same bits everywhere and every run.
   const int64_t n = t.numel();
   REMAT_CHECK(n <= INT32_MAX, "all_reduce: expected at most 2^31 - 1 elements per call, got ", n);
-  pending.gathered_.resize(t.nbytes() * static_cast<size_t>(size_));
+  pending.gathered_ = Tensor::empty({size_, n}, t.dtype());
   auto request = std::make_shared<MPI_Request>();
-  MPI_Iallgather(t.raw_data(), static_cast<int>(n), mpi_type(t.dtype()), pending.gathered_.data(), static_cast<int>(n),
-                 mpi_type(t.dtype()), mpi().comm, request.get());
+  MPI_Iallgather(t.raw_data(), static_cast<int>(n), mpi_type(t.dtype()), pending.gathered_.raw_data(),
+                 static_cast<int>(n), mpi_type(t.dtype()), mpi().comm, request.get());
   pending.request_ = request;
 #endif
   return pending;
@@ -202,6 +214,7 @@ bool ProcessGroup::PendingSum::poll() {
   MPI_Test(static_cast<MPI_Request*>(request_.get()), &arrived, MPI_STATUS_IGNORE);
   if (arrived) {
     group_->sum_gathered(tensor_, gathered_);
+    gathered_ = Tensor();
     done_ = true;
   }
 #endif
@@ -213,15 +226,16 @@ void ProcessGroup::PendingSum::finish() {
   if (done_) return;
   group_->wait(request_.get(), "all_reduce");
   group_->sum_gathered(tensor_, gathered_);
+  gathered_ = Tensor();
   done_ = true;
 }
 
-void ProcessGroup::sum_gathered(Tensor& t, const std::vector<char>& gathered) {
+void ProcessGroup::sum_gathered(Tensor& t, const Tensor& gathered) {
   const int64_t n = t.numel();
   if (t.dtype() == DType::f64)
-    sum_in_rank_order(static_cast<double*>(t.raw_data()), reinterpret_cast<const double*>(gathered.data()), n, size_);
+    sum_in_rank_order(static_cast<double*>(t.raw_data()), gathered.data<double>(), n, size_);
   else
-    sum_in_rank_order(static_cast<float*>(t.raw_data()), reinterpret_cast<const float*>(gathered.data()), n, size_);
+    sum_in_rank_order(static_cast<float*>(t.raw_data()), gathered.data<float>(), n, size_);
   t.storage()->bump_version();
 }
 

@@ -44,11 +44,14 @@ class ProcessGroup {
     friend class ProcessGroup;
     ProcessGroup* group_ = nullptr;
     Tensor tensor_;
-    std::vector<char> gathered_;
+    Tensor gathered_;  // every rank's tensor, in rank order (allocated in the caller's memory category)
     std::shared_ptr<void> request_;  // an MPI_Request
     bool done_ = false;
   };
-  PendingSum start_all_reduce_sum(Tensor& t);
+  // shapes_checked: the caller has already made sure that every rank passes the same shape and
+  // dtype here (DataParallel checks its buckets' layout once); skips the exchange of descriptions,
+  // a round trip that would make each rank wait for the others before its data can leave.
+  PendingSum start_all_reduce_sum(Tensor& t, bool shapes_checked = false);
   // In place: `root`'s data on every rank.
   void broadcast(Tensor& t, int root = 0);
   // [size, ...t.shape]: every rank's t, in rank order.
@@ -66,7 +69,7 @@ class ProcessGroup {
   ProcessGroup();
   // Waits for a started request, polling for failure reports and the timeout.
   void wait(void* request, const char* op);
-  void sum_gathered(Tensor& t, const std::vector<char>& gathered);
+  void sum_gathered(Tensor& t, const Tensor& gathered);
   void check_same(const Tensor& t, const char* op);
   [[noreturn]] void fail(const std::string& message);
 
