@@ -271,6 +271,8 @@ std::unique_ptr<Backward> run_backward(const Tensor& root, const Tensor& grad, B
                 "its CheckpointScope or module forward) before backward");
   }
   prepare(*walk);
+  for (GraphWalk& w : walk->walks())
+    if (w.graph->hooks) w.graph->hooks->before_backward(*w.graph, options.retain_graph, w.graph == &g ? meta->value_id : -1);
 
   NoGradGuard no_grad;
   MemoryCategoryScope category(MemoryCategory::gradient);

@@ -52,6 +52,9 @@ class SavedTensorHooks {
   virtual Tensor unpack_dropped(Graph& graph, int64_t node, size_t slot) = 0;
   // A recorded value got a user name (checkpoint_name); `data` is the tensor itself.
   virtual void on_tag(Graph&, int64_t /*value*/, const Tensor& /*data*/) {}
+  // Called once per backward through this graph, before its first node; root_value: the root's
+  // value when the root belongs to this graph, else -1.
+  virtual void before_backward(Graph&, bool /*retain_graph*/, int64_t /*root_value*/) {}
   // Called after a node's backward, before its slots are released.
   virtual void after_backward_node(Graph& graph, int64_t node, bool retain_graph) = 0;
   virtual void after_backward(Graph& graph, bool retain_graph) = 0;

@@ -18,6 +18,9 @@ struct RegionCounters {
   int64_t replay_passes = 0;  // the passes they took (one per backward node that read a dropped slot)
   int64_t replay_ns = 0;      // wall time spent replaying
   int64_t bytes_offloaded = 0;  // bytes of saved outputs moved to host memory (GPU values only)
+  // Bytes of saved outputs let go during backward once no replay still to come could read them
+  // (e.g. the residual stream's increments, once the stream is rebuilt and held).
+  int64_t bytes_released_early = 0;
   std::array<int64_t, kOpCount> replayed_by_op{};  // ops_replayed split by op kind
 };
 

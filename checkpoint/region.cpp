@@ -290,6 +290,34 @@ void RegionManager::replay(Graph& graph, int id, const std::vector<Target>& targ
   std::unordered_map<int64_t, std::vector<const Target*>> targets_of;
   for (const Target& t : targets) targets_of[t.value].push_back(&t);
 
+  // Saved outputs no later replay can need go as soon as this pass has read them for the last time:
+  // a whole-model region then trades each saved output that only served to rebuild a value (the
+  // residual stream's increments) for the value itself once rebuilt, instead of holding both.
+  std::unordered_set<int64_t> release_after_use;
+  if (!r.saved_outputs.empty() && whole_region_in_this_backward(graph, id)) {
+    std::unordered_map<int64_t, int64_t> will_hold;  // value -> the node it is held for
+    auto note_hold = [&](int64_t v, int64_t owner) {
+      int64_t until = owner >= 0 ? owner : regions_[-1 - owner].begin;
+      auto [it, inserted] = will_hold.emplace(v, until);
+      if (!inserted) it->second = std::min(it->second, until);
+    };
+    for (const Target& t : targets) note_hold(t.value, t.node);
+    for (int64_t p : needed)
+      for (int64_t v : graph.nodes[p]->outputs) {
+        auto waiting = dropped_slots_.find(v);
+        if (waiting == dropped_slots_.end()) continue;
+        for (auto [owner, index] : waiting->second)
+          if (pending(graph, id, owner, index, position)) note_hold(v, owner);
+      }
+    std::unordered_set<int64_t> still = saved_outputs_still_needed(graph, id, will_hold);
+    for (const RegionInput& out : std::vector<RegionInput>(r.saved_outputs)) {
+      if (out.state != SlotState::kept || still.count(out.value)) continue;
+      auto use = uses.find(out.value);
+      if (use != uses.end() && use->second > 0) release_after_use.insert(out.value);
+      else release_saved_output(graph, id, out.value);
+    }
+  }
+
   // Re-execute them in tape order.
   auto replay_start = std::chrono::steady_clock::now();
   TraceSpan replay_span(r.options.name.c_str(), "replay");
@@ -349,7 +377,10 @@ void RegionManager::replay(Graph& graph, int id, const std::vector<Target>& targ
       if (uses.count(v) && uses[v] > 0) rebuilt[v] = out.detach();
     }
     for (int64_t u : node.inputs)
-      if (u >= 0 && --uses[u] == 0) rebuilt.erase(u);
+      if (u >= 0 && --uses[u] == 0) {
+        rebuilt.erase(u);
+        if (release_after_use.erase(u)) release_saved_output(graph, id, u);
+      }
     ++r.counters.ops_replayed;
     ++t_totals.ops_replayed;
     ++r.counters.replayed_by_op[static_cast<int>(node.kind())];
@@ -372,6 +403,117 @@ void RegionManager::replay(Graph& graph, int id, const std::vector<Target>& targ
     REMAT_ASSERT(graph.values[t.value].data.defined(), "a target of the replay of ", r.options.name, " was not rebuilt");
     hold_rebuilt(graph, t.node, t.slot, t.value, graph.values[t.value].data);
   }
+}
+
+void RegionManager::before_backward(Graph&, bool retain_graph, int64_t root_value) {
+  backward_root_ = root_value;
+  backward_retains_ = retain_graph;
+  whole_region_.clear();
+}
+
+bool RegionManager::whole_region_in_this_backward(const Graph& graph, int id) {
+  if (backward_root_ < 0 || backward_retains_) return false;
+  auto cached = whole_region_.find(id);
+  if (cached != whole_region_.end()) return cached->second;
+  const Region& r = regions_[id];
+  // The root's ancestors from the region's start on.
+  std::vector<char> ancestor(graph.nodes.size(), 0);
+  std::vector<int64_t> stack{backward_root_};
+  std::unordered_set<int64_t> seen;
+  while (!stack.empty()) {
+    int64_t v = stack.back();
+    stack.pop_back();
+    if (!seen.insert(v).second) continue;
+    int64_t p = graph.values[v].producer;
+    if (p < r.begin || ancestor[p]) continue;
+    ancestor[p] = 1;
+    for (int64_t u : graph.nodes[p]->inputs)
+      if (u >= 0) stack.push_back(u);
+  }
+  bool whole = true;
+  for (int64_t n = r.begin; n < r.end && whole; ++n) whole = graph.nodes[n]->done || ancestor[n];
+  whole_region_[id] = whole;
+  return whole;
+}
+
+std::unordered_set<int64_t> RegionManager::saved_outputs_still_needed(
+    const Graph& graph, int id, const std::unordered_map<int64_t, int64_t>& will_hold) const {
+  const Region& r = regions_[id];
+  // Backward runs nodes from the last down. A value held for node N's slot (or kept by N's slot)
+  // stays until N's backward is done, so it serves every node M >= N: `until` is the lowest such N.
+  std::unordered_map<int64_t, int64_t> until(will_hold);
+  auto note = [&](int64_t v, int64_t node) {
+    auto [it, inserted] = until.emplace(v, node);
+    if (!inserted) it->second = std::min(it->second, node);
+  };
+  for (auto [owner, index] : rebuilt_holds_)
+    if (owner >= 0) note(graph.nodes[owner]->saved[index].value, owner);
+    else note(regions_[-1 - owner].inputs[index].value, regions_[-1 - owner].begin);
+  for (int64_t n = r.begin; n < static_cast<int64_t>(graph.nodes.size()); ++n) {
+    const Node& node = *graph.nodes[n];
+    if (node.done) continue;
+    for (const SavedSlot& slot : node.saved)
+      if (slot.state == SlotState::kept) note(slot.value, n);
+  }
+  std::unordered_set<int64_t> inputs, saved;
+  for (const RegionInput& in : r.inputs)
+    if (in.state == SlotState::kept) inputs.insert(in.value);
+  for (const RegionInput& out : r.saved_outputs)
+    if (out.state == SlotState::kept) saved.insert(out.value);
+  auto serves = [&](int64_t v, int64_t node) {
+    if (graph.values[v].producer < r.begin || inputs.count(v)) return true;  // the region's inputs
+    auto found = until.find(v);
+    return found != until.end() && found->second <= node;
+  };
+  // Every slot still waiting for its data, walked back to values that serve it: one sweep from
+  // the region's last node down, carrying for each value the lowest node that waits for it (a value
+  // that serves that node serves every later one).
+  std::unordered_map<int64_t, int64_t> demand;  // value -> lowest waiting node
+  auto wait_for = [&](int64_t v, int64_t node) {
+    auto [it, inserted] = demand.emplace(v, node);
+    if (!inserted) it->second = std::min(it->second, node);
+  };
+  for (int64_t n = r.begin; n < r.end; ++n) {
+    const Node& node = *graph.nodes[n];
+    if (node.done || node.region != id) continue;
+    for (const SavedSlot& slot : node.saved)
+      if (slot.state == SlotState::dropped) wait_for(slot.value, n);
+  }
+  for (const Region& c : regions_)
+    if (c.parent == id && c.end >= 0 && !all_done(graph, c, -1))
+      for (const RegionInput& in : c.inputs)
+        if (in.state == SlotState::dropped) wait_for(in.value, c.begin);
+  std::unordered_set<int64_t> needed;
+  for (int64_t p = r.end - 1; p >= r.begin && !demand.empty(); --p) {
+    const Node& node = *graph.nodes[p];
+    for (int64_t v : node.outputs) {
+      auto d = demand.find(v);
+      if (d == demand.end()) continue;
+      int64_t waiting = d->second;
+      demand.erase(d);
+      if (serves(v, waiting)) continue;
+      if (saved.count(v)) {
+        needed.insert(v);
+        continue;
+      }
+      for (int64_t u : node.inputs)
+        if (u >= 0 && graph.values[u].producer >= r.begin) wait_for(u, waiting);
+    }
+  }
+  return needed;
+}
+
+void RegionManager::release_saved_output(Graph& graph, int id, int64_t value) {
+  Region& r = regions_[id];
+  for (RegionInput& out : r.saved_outputs)
+    if (out.value == value && out.state == SlotState::kept) {
+      int64_t bytes = value_bytes(graph.values[value]);
+      r.counters.bytes_released_early += bytes;
+      t_totals.bytes_released_early += bytes;
+      graph.release(value);
+      out.state = SlotState::released;
+      return;
+    }
 }
 
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
@@ -425,6 +567,8 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
 }
 
 void RegionManager::after_backward(Graph& graph, bool retain_graph) {
+  backward_root_ = -1;  // a graph a later backward reaches without before_backward releases nothing early
+  whole_region_.clear();
   graph.prefetched.clear();  // prefetches for nodes that needed no gradient
   // Only when something was offloaded: polling loads the CUDA part (CUDA's libraries, ~150 MiB of
   // RSS), which a CPU run never needs.

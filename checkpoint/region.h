@@ -61,6 +61,7 @@ class RegionManager final : public SavedTensorHooks {
                  const std::vector<Tensor>& outputs) override;
   Tensor unpack_dropped(Graph& graph, int64_t node, size_t slot) override;
   void on_tag(Graph& graph, int64_t value, const Tensor& data) override;
+  void before_backward(Graph& graph, bool retain_graph, int64_t root_value) override;
   void after_backward_node(Graph& graph, int64_t node, bool retain_graph) override;
   void after_backward(Graph& graph, bool retain_graph) override;
   std::string open_region() const override;
@@ -78,6 +79,16 @@ class RegionManager final : public SavedTensorHooks {
   // backward, which is at `position`.
   bool pending(const Graph& graph, int region, int64_t node, int64_t slot, int64_t position) const;
   bool available(const Graph& graph, int64_t value) const { return graph.values[value].data.defined(); }
+  // The saved outputs of `region` that a replay still to come may read, given what stays available
+  // until each waiting slot's node runs: values held for slots, kept slots, the region's inputs, and
+  // `will_hold` (values this pass is about to hold, by the node they are held for).
+  std::unordered_set<int64_t> saved_outputs_still_needed(const Graph& graph, int region,
+                                                         const std::unordered_map<int64_t, int64_t>& will_hold) const;
+  // Whether every node of `region` not yet through a backward runs in this one (saved outputs may
+  // then go early; another loss's later backward could still need them otherwise).
+  bool whole_region_in_this_backward(const Graph& graph, int region);
+  // Lets go of a saved output `region` holds for replay.
+  void release_saved_output(Graph& graph, int region, int64_t value);
   void hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data);
   void release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value);
   // Whether every node of the region has been through a backward (`finishing` is about to be):
@@ -93,6 +104,11 @@ class RegionManager final : public SavedTensorHooks {
   std::unordered_set<int64_t> must_saved_;      // producer nodes some region marked MUST_SAVE
   std::unordered_set<int64_t> dropped_values_;  // values already counted in bytes_dropped
   bool offloaded_any_ = false;                  // some saved output went to host memory
+  // This backward: the root's value (-1: not on this graph, or between backwards), retain_graph,
+  // and per region whether all its remaining nodes are the root's ancestors (computed on first use).
+  int64_t backward_root_ = -1;
+  bool backward_retains_ = true;
+  std::unordered_map<int, bool> whole_region_;
   // value -> its dropped slots, (node, slot) or (-1 - region, input), to hand data over to them.
   std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> dropped_slots_;
 };
