@@ -16,9 +16,12 @@ build=${GPU_BUNDLE_BUILD:-build-gpu-bundle}
 bundle=.gpu-bundle
 
 command -v nvcc >/dev/null || { echo "gpu_bundle: nvcc not found: the bundle needs the CUDA toolkit"; exit 77; }
+# Without MPI: the GPU machine has no Open MPI, and remat and remat-bench link libremat_dist.
+options=(-Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dblas=eigen -Dbuildtype=release -Dmpi=disabled)
 if [ ! -f "$build/build.ninja" ]; then
-  meson setup "$build" -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dblas=eigen -Dbuildtype=release >"$build.setup.log" 2>&1 ||
-    { tail -30 "$build.setup.log"; exit 1; }
+  meson setup "$build" "${options[@]}" >"$build.setup.log" 2>&1 || { tail -30 "$build.setup.log"; exit 1; }
+else
+  meson configure "$build" "${options[@]}" >"$build.setup.log" 2>&1 || { tail -30 "$build.setup.log"; exit 1; }
 fi
 ninja -C "$build" tests/test_cuda bench/remat-bench models/remat libremat_cuda.so | tail -1
 
@@ -27,10 +30,10 @@ mkdir -p "$bundle/tests" "$bundle/bench" "$bundle/models"
 cp "$build/tests/test_cuda" "$bundle/tests/"
 cp "$build/bench/remat-bench" "$bundle/bench/"
 cp "$build/models/remat" "$bundle/models/"
-cp -L "$build"/libremat.so.0 "$build"/libremat_cuda.so "$bundle/"
+cp -L "$build"/libremat.so.0 "$build"/libremat_dist.so.0 "$build"/libremat_cuda.so "$bundle/"
 # Host libraries a machine without Debian's packages may lack, beside libremat.so.0. The C++ and
 # OpenMP runtimes go to compat/: used only if the machine's own are missing or too old.
-binaries=("$bundle"/tests/test_cuda "$bundle"/bench/remat-bench "$bundle"/models/remat "$bundle"/libremat.so.0 "$bundle"/libremat_cuda.so)
+binaries=("$bundle"/tests/test_cuda "$bundle"/bench/remat-bench "$bundle"/models/remat "$bundle"/libremat.so.0 "$bundle"/libremat_dist.so.0 "$bundle"/libremat_cuda.so)
 for binary in "${binaries[@]}"; do
   ldd "$binary"
 done | awk '/=> \// {print $1, $3}' | sort -u | while read -r name path; do

@@ -56,7 +56,7 @@ case "$what" in
     echo "bundle: commit $(tr '\n' ' ' < "$bin/commit.txt")"
     # Every library resolves, or the session stops here and names what is missing.
     missing() {
-      for b in "$bin"/tests/test_cuda "$bin"/bench/remat-bench "$bin"/models/remat "$bin"/libremat.so.0 "$bin"/libremat_cuda.so; do
+      for b in "$bin"/tests/test_cuda "$bin"/bench/remat-bench "$bin"/models/remat "$bin"/libremat.so.0 "$bin"/libremat_dist.so.0 "$bin"/libremat_cuda.so; do
         ldd "$b" 2>&1 | grep -E "not found" | sed "s|^|$(basename "$b"): |"
       done
     }
