@@ -5,6 +5,8 @@
 
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
+#include "kernels/backend.h"
+#include "runtime/cuda_backend.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
 
@@ -18,8 +20,9 @@ DataParallel::DataParallel(std::vector<std::pair<std::string, Tensor>> params, P
   // The same parameters in the same order on every rank: their names and shapes are compared
   // through the broadcast's own check, one parameter at a time.
   for (auto& [name, p] : params_) {
-    REMAT_CHECK(p.device().is_cpu(), "DataParallel: parameter ", name, " is on ", p.device().str(),
-                "; data parallel over NCCL (CUDA tensors) is not built yet");
+    REMAT_CHECK(p.device() == params_.front().second.device(), "DataParallel: parameter ", name, " is on ",
+                p.device().str(), ", the first on ", params_.front().second.device().str(),
+                "; expected every parameter on one device");
     group_.broadcast(p, 0);
   }
   // Buckets: consecutive parameters of one dtype, up to bucket_bytes each (one parameter may exceed it).
@@ -42,17 +45,20 @@ DataParallel::DataParallel(std::vector<std::pair<std::string, Tensor>> params, P
 }
 
 Tensor DataParallel::pack(size_t bucket, const std::vector<Tensor>& grads) const {
-  DType dtype = params_[buckets_[bucket].front()].second.dtype();
+  const Tensor& first = params_[buckets_[bucket].front()].second;
+  const Device device = first.device();
   int64_t n = 0;
   for (size_t i : buckets_[bucket]) n += params_[i].second.numel();
-  Tensor flat = Tensor::empty({n}, dtype);
+  Tensor flat = Tensor::empty({n}, first.dtype(), device);
   size_t offset = 0;
   for (size_t i : buckets_[bucket]) {
     size_t bytes = params_[i].second.nbytes();
     char* to = static_cast<char*>(flat.raw_data()) + offset;
     if (grads[i].defined()) {
       Tensor c = grads[i].as_contiguous();
-      std::memcpy(to, c.raw_data(), bytes);
+      copy_bytes(to, device, c.raw_data(), device, bytes);
+    } else if (device.is_cuda()) {
+      cuda_memset_zero(to, device, bytes);
     } else {
       std::memset(to, 0, bytes);
     }
@@ -66,7 +72,10 @@ void DataParallel::set_means(size_t bucket, const Tensor& sum) {
   // each gradient is a view of the bucket (no copy; the bucket lives as long as its gradients).
   const double scale = 1.0 / group_.size();
   const int64_t n = sum.numel();
-  if (sum.dtype() == DType::f64) {
+  Tensor mean = sum;
+  if (sum.device().is_cuda()) {
+    mean = backend_for(sum.device()).unary(UnaryFn::mul_scalar, sum, scale);
+  } else if (sum.dtype() == DType::f64) {
     double* d = static_cast<double*>(sum.raw_data());
     for (int64_t k = 0; k < n; ++k) d[k] *= scale;
   } else {
@@ -78,7 +87,7 @@ void DataParallel::set_means(size_t bucket, const Tensor& sum) {
   int64_t offset = 0;
   for (size_t i : buckets_[bucket]) {
     Tensor& p = params_[i].second;
-    p.set_grad(sum.view(p.shape(), contiguous_strides(p.shape()), offset));
+    p.set_grad(mean.view(p.shape(), contiguous_strides(p.shape()), offset));
     offset += p.numel();
   }
 }

@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include "dist/nccl.h"
+#include "kernels/backend.h"
 #include "runtime/error.h"
 
 #ifdef REMAT_HAVE_MPI
@@ -77,11 +79,16 @@ void sum_in_rank_order(T* out, const T* gathered, int64_t n, int size) {
   }
 }
 
-void check_host_tensor(const Tensor& t, const char* op) {
+void check_tensor(const Tensor& t, const char* op) {
   REMAT_CHECK(t.defined(), op, ": expected a tensor, got an undefined one");
-  REMAT_CHECK(t.device().is_cpu(), op, ": expected a tensor on the host (MPI), got ", t.meta_str(),
-              " (CUDA tensors go through NCCL, not built yet)");
+  REMAT_CHECK(t.device().is_cpu() || nccl_built(), op, ": expected a tensor on the host (MPI), got ", t.meta_str(),
+              " (CUDA tensors go through NCCL, which this build lacks: ", nccl_problem(), ")");
   REMAT_CHECK(t.is_contiguous(), op, ": expected a contiguous tensor, got a strided view ", t.meta_str());
+}
+
+// What must agree across ranks: dtype, shape and the kind of device (each rank has its own GPU).
+std::string layout_str(const Tensor& t) {
+  return detail::concat(dtype_name(t.dtype()), shape_str(t.shape()), t.device().is_cuda() ? " on cuda" : " on cpu");
 }
 
 }  // namespace
@@ -135,16 +142,8 @@ void ProcessGroup::wait(void* request, const char* op) {
     int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS) fail(detail::concat(op, " on rank ", rank_, ": MPI error ", rc));
     if (done) return;
-    int reported = 0;
-    MPI_Status status;
-    MPI_Iprobe(MPI_ANY_SOURCE, kFailureTag, mpi().comm, &reported, &status);
-    if (reported) {
-      int n = 0;
-      MPI_Get_count(&status, MPI_CHAR, &n);
-      std::string what(static_cast<size_t>(n), '\0');
-      MPI_Recv(what.data(), n, MPI_CHAR, status.MPI_SOURCE, kFailureTag, mpi().comm, MPI_STATUS_IGNORE);
-      fail(detail::concat(op, " on rank ", rank_, ": rank ", status.MPI_SOURCE, " failed: ", what));
-    }
+    std::string failed = peer_failure();
+    if (!failed.empty()) fail(detail::concat(op, " on rank ", rank_, ": ", failed));
     double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (waited > timeout_s_)
       fail(detail::concat(op, " on rank ", rank_, " did not finish within ", timeout_s_,
@@ -157,14 +156,60 @@ void ProcessGroup::wait(void* request, const char* op) {
 #endif
 }
 
+std::string ProcessGroup::peer_failure() {
+#ifdef REMAT_HAVE_MPI
+  if (size_ == 1) return "";
+  int reported = 0;
+  MPI_Status status;
+  MPI_Iprobe(MPI_ANY_SOURCE, kFailureTag, mpi().comm, &reported, &status);
+  if (!reported) return "";
+  int n = 0;
+  MPI_Get_count(&status, MPI_CHAR, &n);
+  std::string what(static_cast<size_t>(n), '\0');
+  MPI_Recv(what.data(), n, MPI_CHAR, status.MPI_SOURCE, kFailureTag, mpi().comm, MPI_STATUS_IGNORE);
+  return detail::concat("rank ", status.MPI_SOURCE, " failed: ", what);
+#else
+  return "";
+#endif
+}
+
+ProcessGroup::~ProcessGroup() {
+  // The world lives until exit, when the CUDA runtime may already be gone: its communicators are
+  // left to the end of the process rather than destroyed through it.
+  for (auto& [device, comm] : nccl_) (void)comm.release();
+}
+
+NcclComm* ProcessGroup::nccl_for(Device device) {
+  auto found = nccl_.find(device.index);
+  if (found != nccl_.end()) return found->second.get();
+  if (size_ == 1 && !nccl_problem().empty()) return nullptr;  // one process: the identity will do
+  auto share_id = [this](char* id, int bytes) {
+    if (size_ == 1) return;
+    Tensor t = Tensor::empty({bytes}, DType::u8);
+    std::memcpy(t.raw_data(), id, static_cast<size_t>(bytes));
+    broadcast(t, 0);
+    std::memcpy(id, t.raw_data(), static_cast<size_t>(bytes));
+  };
+  auto comm = std::make_unique<NcclComm>(rank_, size_, device.index, share_id);
+  return (nccl_[device.index] = std::move(comm)).get();
+}
+
+void ProcessGroup::wait_nccl(NcclComm& comm, const char* op) {
+  try {
+    comm.wait(op, timeout_s_, [this] { return peer_failure(); });
+  } catch (const Error& e) {
+    fail(detail::concat(e.message(), " (rank ", rank_, ")"));
+  }
+}
+
 void ProcessGroup::check_same(const Tensor& t, const char* op) {
   REMAT_CHECK(failed_.empty(), op, ": the process group failed earlier (", failed_, ")");
-  check_host_tensor(t, op);
+  check_tensor(t, op);
   if (size_ == 1) return;
 #ifdef REMAT_HAVE_MPI
   // Every rank's description of its tensor, compared on every rank: all agree on the verdict.
   char mine[kMetaBytes] = {};
-  std::string meta = t.meta_str();
+  std::string meta = layout_str(t);
   std::memcpy(mine, meta.data(), std::min(meta.size(), kMetaBytes - 1));
   std::vector<char> all(kMetaBytes * static_cast<size_t>(size_));
   MPI_Request req;
@@ -182,7 +227,7 @@ void ProcessGroup::check_same(const Tensor& t, const char* op) {
 ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shapes_checked) {
   if (shapes_checked) {
     REMAT_CHECK(failed_.empty(), "all_reduce: the process group failed earlier (", failed_, ")");
-    check_host_tensor(t, "all_reduce");
+    check_tensor(t, "all_reduce");
   } else {
     check_same(t, "all_reduce");
   }
@@ -190,6 +235,23 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
   PendingSum pending;
   pending.group_ = this;
   pending.tensor_ = t;
+  if (t.device().is_cuda()) {
+    // NCCL: every rank's tensor gathered on the device, then added in rank order by the device's
+    // own kernels (deterministic), all queued in order on the compute stream.
+    pending.done_ = true;
+    NcclComm* comm = nccl_for(t.device());
+    if (!comm) return pending;
+    const int64_t n = t.numel();
+    Tensor gathered = Tensor::empty({size_, n}, t.dtype(), t.device());
+    comm->all_gather(t, gathered);
+    Backend& kernels = backend_for(t.device());
+    Tensor sum = gathered.view({n}, {1}, 0);
+    for (int r = 1; r < size_; ++r) sum = kernels.binary(BinaryFn::add, sum, gathered.view({n}, {1}, r * n));
+    copy_bytes(t.raw_data(), t.device(), sum.raw_data(), t.device(), t.nbytes());
+    t.storage()->bump_version();
+    wait_nccl(*comm, "all_reduce");
+    return pending;
+  }
   if (size_ == 1) {
     pending.done_ = true;
     return pending;
@@ -244,6 +306,13 @@ void ProcessGroup::all_reduce_sum(Tensor& t) { start_all_reduce_sum(t).finish();
 void ProcessGroup::broadcast(Tensor& t, int root) {
   REMAT_CHECK(root >= 0 && root < size_, "broadcast: expected a root rank from 0 to ", size_ - 1, ", got ", root);
   check_same(t, "broadcast");
+  if (t.device().is_cuda()) {
+    if (NcclComm* comm = nccl_for(t.device())) {
+      comm->broadcast(t, root);
+      wait_nccl(*comm, "broadcast");
+    }
+    return;
+  }
   if (size_ == 1) return;
 #ifdef REMAT_HAVE_MPI
   REMAT_CHECK(t.nbytes() <= INT32_MAX, "broadcast: expected at most 2^31 - 1 bytes per call, got ", t.nbytes());
@@ -258,7 +327,17 @@ Tensor ProcessGroup::all_gather(const Tensor& t) {
   check_same(t, "all_gather");
   Shape shape = t.shape();
   shape.insert(shape.begin(), size_);
-  Tensor out = Tensor::empty(shape, t.dtype());
+  Tensor out = Tensor::empty(shape, t.dtype(), t.device());
+  if (t.device().is_cuda()) {
+    NcclComm* comm = nccl_for(t.device());
+    if (!comm) {
+      copy_bytes(out.raw_data(), out.device(), t.raw_data(), t.device(), t.nbytes());
+      return out;
+    }
+    comm->all_gather(t, out);
+    wait_nccl(*comm, "all_gather");
+    return out;
+  }
   if (size_ == 1) {
     std::memcpy(out.raw_data(), t.raw_data(), t.nbytes());
     return out;

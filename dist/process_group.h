@@ -6,6 +6,7 @@
 // is one process and every collective is the identity.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,8 @@
 #include "../runtime/tensor.h"
 
 namespace remat::dist {
+
+class NcclComm;
 
 // Whether this build has MPI.
 bool mpi_built();
@@ -28,8 +31,9 @@ class ProcessGroup {
   void set_timeout(double seconds);
   double timeout() const { return timeout_s_; }
 
-  // In place, on every rank: the sum over ranks, added in rank order. f32 or f64, contiguous, on
-  // the host; the same shape and dtype on every rank (checked).
+  // In place, on every rank: the sum over ranks, added in rank order. f32 or f64, contiguous; the
+  // same shape and dtype on every rank (checked). Host tensors go through MPI, CUDA tensors through
+  // NCCL (each rank on its own device; gathered, then added in rank order on the device).
   void all_reduce_sum(Tensor& t);
   // all_reduce_sum started now and finished later, so that the data travel while this rank
   // computes: poll() lets MPI move them (call it now and then), finish() waits and writes the sum.
@@ -64,9 +68,16 @@ class ProcessGroup {
 
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
+  ~ProcessGroup();
 
  private:
   ProcessGroup();
+  // A failure another rank reported, "rank R failed: <what>", or "" (MPI; never blocks).
+  std::string peer_failure();
+  // The NCCL communicator of `device`, made collectively on first use; null for one process
+  // without NCCL (collectives on CUDA tensors are then the identity).
+  NcclComm* nccl_for(Device device);
+  void wait_nccl(NcclComm& comm, const char* op);
   // Waits for a started request, polling for failure reports and the timeout.
   void wait(void* request, const char* op);
   void sum_gathered(Tensor& t, const Tensor& gathered);
@@ -76,6 +87,7 @@ class ProcessGroup {
   int rank_ = 0, size_ = 1;
   double timeout_s_ = 300;
   std::string failed_;  // set once this group can no longer be used
+  std::map<int, std::unique_ptr<NcclComm>> nccl_;  // by device index
 };
 
 }  // namespace remat::dist

@@ -31,5 +31,9 @@ int cuda_poll_copies();
 // A contiguous copy of a strided view on a GPU (the CUDA kernels' copy, reached through the CUDA part).
 class Tensor;
 Tensor cuda_copy_strided(const Tensor& t);
+// Makes device `index` current on the calling thread (libraries such as NCCL bind to it).
+void cuda_set_device(int index);
+// Whether device `index`'s compute stream has finished the work queued on it (never blocks).
+bool cuda_compute_idle(int index);
 
 }  // namespace remat

@@ -54,4 +54,7 @@ int cuda_poll_copies() { return api() ? api()->poll_copies() : 0; }
 
 Tensor cuda_copy_strided(const Tensor& t) { return require(t.device().str() + " copy").copy_strided(t); }
 
+void cuda_set_device(int index) { require(device_str(index) + " made current").set_device(index); }
+bool cuda_compute_idle(int index) { return require(device_str(index) + " queried").compute_idle(index); }
+
 }  // namespace remat

@@ -59,6 +59,17 @@ void synchronize(int index) {
   REMAT_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+void set_device(int index) { REMAT_CUDA_CHECK(cudaSetDevice(index)); }
+
+// The compute stream is the legacy default stream.
+bool compute_idle(int index) {
+  REMAT_CUDA_CHECK(cudaSetDevice(index));
+  cudaError_t status = cudaStreamQuery(0);
+  if (status == cudaErrorNotReady) return false;
+  REMAT_CUDA_CHECK(status);
+  return true;
+}
+
 void empty_cache(int index) { static_cast<CachingAllocator*>(allocator(index))->empty_cache(); }
 
 int64_t segment_count(int index) { return static_cast<CachingAllocator*>(allocator(index))->segment_count(); }
@@ -182,7 +193,8 @@ int poll_copies() {
 extern "C" void* remat_cuda_runtime_entry() {
   static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes_sync,  memset_zero,
                                     synchronize,  empty_cache, segment_count, pinned_allocator, copy_async,
-                                    wait,         poll_copies, cuda_kernels_copy_strided};
+                                    wait,         poll_copies, cuda_kernels_copy_strided,
+                                    set_device,   compute_idle};
   return const_cast<CudaRuntimeApi*>(&table);
 }
 

@@ -29,6 +29,8 @@ struct CudaRuntimeApi {
   void (*wait)(const CopyTicket& ticket);
   int (*poll_copies)();
   Tensor (*copy_strided)(const Tensor& t);  // a contiguous copy of a strided view on the device
+  void (*set_device)(int index);              // make `index` the calling thread's current device
+  bool (*compute_idle)(int index);            // whether device `index`'s compute stream has finished its work
 };
 
 // The CUDA kernels' strided copy, for the table (kernels/cuda/cuda_backend.cu).

@@ -13,6 +13,10 @@
 #include "../op_cases.h"
 #include "autograd/graph.h"
 #include "checkpoint/planner.h"
+#include "dist/data_parallel.h"
+#include "dist/nccl.h"
+#include "dist/process_group.h"
+#include "models/data.h"
 #include "models/dit.h"
 #include "models/gpt.h"
 #include "models/images.h"
@@ -485,4 +489,52 @@ TEST_CASE("gpt tiny trains on cuda and follows the cpu run", "[cuda][train]") {
   CHECK(gpu.steps.back().loss < gpu.steps.front().loss - 0.5);
   // Same weights, data and schedule: the trajectories differ only by rounding.
   for (size_t i = 0; i < 5; ++i) CHECK(gpu.steps[i].loss == Approx(cpu.steps[i].loss).epsilon(1e-3));
+}
+
+TEST_CASE("NCCL on one rank: collectives of CUDA tensors, and data parallel gradients on cuda equal backward's",
+          "[cuda][nccl]") {
+  // One process (no launcher): the world is one rank, and CUDA tensors still go through NCCL when
+  // it loads, so this runs NCCL's communicator, all-gather and broadcast and the device-side sum.
+  dist::ProcessGroup& world = dist::ProcessGroup::world();
+  REQUIRE(world.size() == 1);
+  INFO(dist::nccl_problem());
+  REQUIRE(dist::nccl_built());
+  REQUIRE(dist::nccl_problem().empty());
+  manual_seed(12);
+  Tensor host = Tensor::randn({1000});
+  Tensor a = host.to(kGpu);
+  world.all_reduce_sum(a);
+  CHECK(a.to_vector<float>() == host.to_vector<float>());
+  world.broadcast(a, 0);
+  CHECK(a.to_vector<float>() == host.to_vector<float>());
+  Tensor gathered = world.all_gather(a);
+  CHECK(gathered.shape() == Shape{1, 1000});
+  CHECK(gathered.device() == kGpu);
+  CHECK(gathered.to_vector<float>() == host.to_vector<float>());
+  Tensor ints = Tensor::zeros({4}, DType::i64).to(kGpu);
+  CHECK_THROWS_WITH(world.all_reduce_sum(ints), Contains("all_reduce: expected f32 or f64"));
+
+  // DataParallel on cuda: buckets packed, summed and averaged on the device; one rank's mean is
+  // its own gradient, bit for bit (the mean multiplies by exactly 1).
+  GptConfig c = gpt_config("tiny");
+  c.dropout = 0;
+  Gpt model(c);
+  model.to(kGpu);
+  AdditionTask data(c.vocab, 5);
+  auto [x, y] = data.batch(4, c.seq_len);
+  x = x.to(kGpu), y = y.to(kGpu);
+  backward(model.loss(x, y));
+  std::vector<std::vector<float>> plain;
+  for (Tensor& p : model.parameters()) {
+    plain.push_back(p.grad().as_contiguous().to_vector<float>());
+    p.zero_grad();
+  }
+  dist::DataParallel dp(model.named_parameters(), world, /*bucket_bytes=*/int64_t{1} << 16);
+  REQUIRE(dp.buckets() > 1);
+  dp.backward(model.loss(x, y));
+  size_t i = 0;
+  for (Tensor& p : model.parameters()) {
+    CHECK(p.grad().device() == kGpu);
+    CHECK(p.grad().as_contiguous().to_vector<float>() == plain[i++]);
+  }
 }
