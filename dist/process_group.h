@@ -1,4 +1,5 @@
-// A group of processes that train together, on MPI (Open MPI from Debian) for tensors on the host.
+// A group of processes that train together: MPI (Open MPI from Debian) for tensors on the host,
+// NCCL for CUDA tensors (each rank on its own device; see dist/nccl.h).
 // Every collective is deterministic: the same bits on every rank and on every run for a given
 // number of ranks (sums run in rank order). Mismatched tensors across ranks, a rank that reported
 // a failure, or a collective that does not finish within the timeout give a clear error on every
