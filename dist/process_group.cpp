@@ -101,6 +101,16 @@ bool mpi_built() {
 #endif
 }
 
+int local_rank() {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(name)) {
+      char* end = nullptr;
+      long r = std::strtol(v, &end, 10);
+      if (end != v && *end == 0 && r >= 0 && r < INT_MAX) return static_cast<int>(r);
+    }
+  return 0;
+}
+
 ProcessGroup& ProcessGroup::world() {
   static ProcessGroup group;
   return group;

@@ -20,6 +20,9 @@ class NcclComm;
 
 // Whether this build has MPI.
 bool mpi_built();
+// This process's rank among those of the job on its machine (the launcher's OMPI_COMM_WORLD_LOCAL_RANK,
+// or PMIx's / MPICH's equivalent); 0 outside a launcher.
+int local_rank();
 
 class ProcessGroup {
  public:

@@ -86,7 +86,8 @@ int main(int argc, char** argv) {
                     "budget:[act:|total:]<bytes|P%> (default none)");
   train->add_option("--steps", t.steps, "steps in the schedule (default 300; on --resume the run's, or a new length)");
   train->add_option("--stop-at", t.stop_at, "stop after this step, keeping the schedule of --steps");
-  train->add_option("--device", t.device, "cpu or cuda:N")->capture_default_str();
+  train->add_option("--device", t.device, "cpu, cuda:N, or cuda (under mpirun: each rank the GPU of its rank on its machine)")
+      ->capture_default_str();
   train->add_option("--dtype", t.dtype, "compute dtype: f32, or bf16 (mixed precision, f32 master weights; cuda only)")
       ->capture_default_str();
   train->add_option("--seed", t.seed, "seed of weights, data and dropout")->capture_default_str()->check(CLI::NonNegativeNumber);
@@ -215,6 +216,8 @@ int main(int argc, char** argv) {
       if (world->size() > 1) {
         data_parallel = std::make_unique<remat::DataParallelGroup>(zero, *world);
         t.group = data_parallel.get();
+        // `--device cuda`: each rank on its own GPU, by its rank on this machine.
+        if (t.device == "cuda") t.device = "cuda:" + std::to_string(remat::dist::local_rank());
       } else {
         REMAT_CHECK(zero == 0 || zero == 1, "--zero: expected 0 or 1, got ", zero);
       }
