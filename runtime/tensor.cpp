@@ -1,6 +1,7 @@
 // Tensor handles, storage, factories, copies and dtype conversion.
 #include "runtime/tensor.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -304,11 +305,34 @@ void Tensor::copy_(const Tensor& src) {
   if (storage_) storage_->bump_version();
 }
 
+namespace {
+
+// Writes the value's bit pattern once and replicates it by doubling copies: a per-element
+// conversion through double was a visible share of a training step (zeros for gradients).
+void fill_cpu(void* base, DType dtype, int64_t n, double value) {
+  if (n == 0) return;
+  const size_t elem = dtype_size(dtype);
+  const size_t total = static_cast<size_t>(n) * elem;
+  if (value == 0.0 && !std::signbit(value)) {
+    std::memset(base, 0, total);  // all-zero bits are +0 in every dtype
+    return;
+  }
+  store_from_double(base, dtype, 0, value);
+  auto* bytes = static_cast<unsigned char*>(base);
+  for (size_t filled = elem; filled < total;) {
+    const size_t chunk = std::min(filled, total - filled);
+    std::memcpy(bytes + filled, bytes, chunk);
+    filled += chunk;
+  }
+}
+
+}  // namespace
+
 void Tensor::fill_(double value) {
   REMAT_CHECK(is_contiguous(), "fill_: expected a contiguous tensor");
   if (device().is_cpu()) {
-    for (int64_t i = 0; i < numel(); ++i) store_from_double(raw_data(), dtype(), i, value);
-  } else if (value == 0.0) {
+    fill_cpu(raw_data(), dtype(), numel(), value);
+  } else if (value == 0.0 && !std::signbit(value)) {
     cuda_memset_zero(raw_data(), device(), nbytes());  // all-zero bits are 0 in every dtype
   } else {
     copy_(full(shape_, value, dtype(), Device::cpu()));

@@ -1,6 +1,7 @@
 // Runtime: dtypes, devices, shapes, tensor handles and views, conversions, Philox, allocator counters.
 #include <catch.hpp>
 #include <cmath>
+#include <cstring>
 
 #include "runtime/philox.h"
 #include "remat.h"
@@ -53,6 +54,28 @@ TEST_CASE("tensor factories fill values and views share storage", "[runtime]") {
   CHECK(Tensor::full({2}, 2.5, DType::f64).to_vector<double>() == std::vector<double>{2.5, 2.5});
   CHECK_THROWS_WITH(Tensor::from_vector<float>({1, 2, 3}, {2, 2}), Contains("expected 4 values for shape [2,2], got 3"));
   CHECK_THROWS_WITH(a.data<double>(), Contains("data<f64>: tensor is f32"));
+}
+
+TEST_CASE("fill_ writes the value's bits into every element of every dtype and size", "[runtime]") {
+  // fill_ replicates one converted element; compare with an element-by-element conversion.
+  for (DType dtype : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::u8}) {
+    for (int64_t n : {0, 1, 2, 3, 7, 64, 1001}) {
+      for (double value : {0.0, -0.0, 1.0, -2.5, 3.0, 100.0}) {
+        if ((dtype == DType::u8 && value < 0) || (!is_floating(dtype) && value != std::trunc(value))) continue;
+        Tensor t = Tensor::full({n}, 7.0, dtype);
+        t.fill_(value);
+        Tensor one = Tensor::from_vector<double>({value}, {1}).to(dtype);
+        std::vector<uint8_t> expected_bits(static_cast<size_t>(one.nbytes()));
+        std::memcpy(expected_bits.data(), one.raw_data(), expected_bits.size());
+        const auto* bytes = static_cast<const uint8_t*>(t.raw_data());
+        bool all_equal = true;
+        for (int64_t i = 0; i < n; ++i)
+          all_equal = all_equal && std::memcmp(bytes + i * one.nbytes(), expected_bits.data(), expected_bits.size()) == 0;
+        INFO(dtype_name(dtype) << " n " << n << " value " << value);
+        CHECK(all_equal);
+      }
+    }
+  }
 }
 
 TEST_CASE("as_contiguous copies any strided view like an index-by-index walk", "[runtime]") {
