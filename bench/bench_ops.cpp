@@ -13,6 +13,7 @@
 
 #include "remat.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/gemm.h"
 #include "runtime/cuda_backend.h"
 
 namespace remat::bench {
@@ -44,7 +45,8 @@ int run_ops(const OpsOptions& options) {
   NoGradGuard no_grad;
   manual_seed(0);
   nlohmann::json rows = nlohmann::json::array();
-  fmt::print("remat-bench ops on {} ({} threads)\n", device.str(), omp_get_max_threads());
+  fmt::print("remat-bench ops on {} ({} threads{})\n", device.str(), omp_get_max_threads(),
+             device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
   fmt::print("{:<10} {:>22} {:>12} {:>10}\n", "op", "shape (M x K x N)", "median ms", "GFLOP/s");
   struct Gemm {
     int64_t m, k, n;

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "kernels/cpu/gemm.h"
 #include "models/safetensors.h"  // write_file_atomically
 #include "version.h"
 
@@ -30,7 +31,7 @@ nlohmann::json machine_info() {
       cpu = line.substr(line.find(':') + 2);
       break;
     }
-  return {{"cpu", cpu}, {"threads", omp_get_max_threads()}, {"compiler", std::string("g++ ") + __VERSION__},
+  return {{"cpu", cpu}, {"threads", omp_get_max_threads()}, {"cpu_gemm", cpu::gemm_library()}, {"compiler", std::string("g++ ") + __VERSION__},
           {"flags", REMAT_BUILD_FLAGS}, {"git_commit", REMAT_GIT_COMMIT}};
 }
 

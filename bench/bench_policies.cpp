@@ -20,6 +20,7 @@
 #include "bench_subject.h"
 #include "checkpoint/planner.h"
 #include "checkpoint/report.h"
+#include "kernels/cpu/gemm.h"
 #include "remat.h"
 
 namespace remat::bench {
@@ -101,8 +102,9 @@ int run_policies(const PolicyOptions& o) {
       specs.push_back(parse_policy("budget:" + std::to_string(budget)));
     }
   }
-  fmt::print("remat-bench: {} on {} in {}, {} threads, {} round(s) of {} timed steps after {} warm-up\n",
-             subject.describe(), device.str(), o.dtype, omp_get_max_threads(), o.rounds, o.steps, o.warmup);
+  fmt::print("remat-bench: {} on {} in {}, {} threads, {} round(s) of {} timed steps after {} warm-up{}\n",
+             subject.describe(), device.str(), o.dtype, omp_get_max_threads(), o.rounds, o.steps, o.warmup,
+             device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
 
   Allocator& alloc = allocator_for(device);
   HeapTracker heap = heap_tracker();

@@ -4,6 +4,7 @@
 
 #include <Eigen/Core>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #ifdef REMAT_HAVE_CBLAS
@@ -67,9 +68,9 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
                            int64_t, double, double*, int64_t);
 
-const char* gemm_library() {
+std::string gemm_library() {
 #ifdef REMAT_HAVE_CBLAS
-  return "openblas";
+  return std::string("openblas (") + openblas_get_corename() + " kernels)";
 #else
   return "eigen";
 #endif
