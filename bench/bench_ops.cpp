@@ -8,6 +8,7 @@
 #include <chrono>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -38,6 +39,37 @@ double median_seconds(Device device, int repeats, const std::function<void()>& b
   return times[times.size() / 2];
 }
 
+// Both CPU GEMM libraries at 1024^3 and at gpt small's linear shapes, interleaved (three rounds,
+// the median of each library's round medians), so that the automatic choice can be checked here.
+void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
+  const std::string chosen = cpu::gemm_library().rfind("eigen", 0) == 0 ? "eigen" : "openblas";
+  fmt::print("{:<10} {:>22} {:>12} {:>10}   (chosen: {})\n", "cpu gemm", "shape (M x K x N)", "eigen", "openblas",
+             chosen);
+  struct Shape3 {
+    int64_t m, k, n;
+  };
+  for (Shape3 g : {Shape3{1024, 1024, 1024}, {1024, 256, 768}, {1024, 256, 1024}, {1024, 1024, 256}}) {
+    Tensor a = Tensor::randn({g.m, g.k}), b = Tensor::randn({g.k, g.n});
+    std::map<std::string, std::vector<double>> seconds;
+    for (int round = 0; round < 3; ++round)
+      for (const char* library : {"eigen", "openblas"}) {
+        cpu::set_gemm_library(library);
+        seconds[library].push_back(median_seconds(Device::cpu(), repeats, [&] { matmul(a, b); }));
+      }
+    double flops = 2.0 * g.m * g.k * g.n;
+    auto gflops = [&](std::vector<double> s) {
+      std::sort(s.begin(), s.end());
+      return flops / s[s.size() / 2] / 1e9;
+    };
+    double eigen = gflops(seconds["eigen"]), openblas = gflops(seconds["openblas"]);
+    fmt::print("{:<10} {:>22} {:>12.1f} {:>10.1f}   GFLOP/s\n", "matmul", fmt::format("{} x {} x {}", g.m, g.k, g.n),
+               eigen, openblas);
+    rows.push_back({{"op", "cpu gemm libraries"}, {"m", g.m}, {"k", g.k}, {"n", g.n}, {"eigen_gflops", eigen},
+                    {"openblas_gflops", openblas}, {"chosen", chosen}});
+  }
+  cpu::set_gemm_library(chosen);
+}
+
 }  // namespace
 
 int run_ops(const OpsOptions& options) {
@@ -65,6 +97,7 @@ int run_ops(const OpsOptions& options) {
       rows.push_back({{"op", op}, {"m", g.m}, {"k", g.k}, {"n", g.n}, {"median_ms", s * 1e3}, {"gflops", flops / s / 1e9}});
     }
   }
+  if (device.is_cpu() && cpu::gemm_library() != "eigen") compare_cpu_gemms(options.repeats, rows);
   // Fused ops at GPT-small sizes (B 8, T 128, C 256, H 8).
   Tensor x = Tensor::randn({8 * 128, 256}).to(device);
   Tensor gamma = Tensor::ones({256}).to(device), beta = Tensor::zeros({256}).to(device);

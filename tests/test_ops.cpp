@@ -7,6 +7,7 @@
 
 #include "runtime/philox.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/gemm.h"
 #include "remat.h"
 
 using namespace remat;
@@ -187,6 +188,53 @@ TEST_CASE("matmul matches a naive triple loop for every transpose combination", 
                     Contains("matmul: expected a.shape[-1] == b.shape[-2], got [8,16] x [32,4]"));
   CHECK_THROWS_WITH(matmul(Tensor::zeros({8, 16}), Tensor::zeros({16, 4}, DType::f64)),
                     Contains("matmul: expected tensors of the same dtype"));
+}
+
+TEST_CASE("the CPU GEMM through OpenBLAS and through Eigen matches a naive loop", "[op][matmul][gemm]") {
+  // Both libraries, whichever this process chose: transposes, padded leading dimensions, alpha and
+  // beta, odd sizes and sizes past the libraries' blocking, f32 and f64.
+  const bool started_with_eigen = cpu::gemm_library().rfind("eigen", 0) == 0;
+  std::vector<std::string> libraries = {"eigen"};
+  if (cpu::gemm_library() != "eigen") libraries.push_back("openblas");
+  manual_seed(3);
+  for (const std::string& library : libraries) {
+    cpu::set_gemm_library(library);
+    CHECK(cpu::gemm_library().rfind(library, 0) == 0);
+    for (auto [m, n, k] : {std::tuple{1, 1, 1}, {7, 5, 3}, {37, 53, 29}, {130, 70, 300}})
+      for (bool ta : {false, true})
+        for (bool tb : {false, true}) {
+          const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 5;
+          std::vector<double> a = values(Tensor::randn({(ta ? k : m) * lda}, DType::f64)),
+                              b = values(Tensor::randn({(tb ? n : k) * ldb}, DType::f64)),
+                              c0 = values(Tensor::randn({m * ldc}, DType::f64));
+          std::vector<float> af(a.begin(), a.end()), bf(b.begin(), b.end()), cf(c0.begin(), c0.end());
+          std::vector<double> cd = c0;
+          const double alpha = 0.75, beta = -0.5;
+          cpu::gemm<double>(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta, cd.data(), ldc);
+          cpu::gemm<float>(ta, tb, m, n, k, static_cast<float>(alpha), af.data(), lda, bf.data(), ldb,
+                           static_cast<float>(beta), cf.data(), ldc);
+          double worst64 = 0, worst32 = 0;
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+              double ref = 0;
+              for (int64_t p = 0; p < k; ++p)
+                ref += (ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
+              ref = alpha * ref + beta * c0[i * ldc + j];
+              worst64 = std::max(worst64, std::abs(cd[i * ldc + j] - ref));
+              worst32 = std::max(worst32, std::abs(static_cast<double>(cf[i * ldc + j]) - ref));
+            }
+          INFO(library << " m " << m << " n " << n << " k " << k << " ta " << ta << " tb " << tb);
+          // Sums of k products of N(0,1) values: errors grow like sqrt(k) ulps of sqrt(k).
+          CHECK(worst64 < 1e-13 * (k + 1));
+          CHECK(worst32 < 1e-5 * (k + 1));
+          bool padding_untouched = true;  // the ldc padding of C keeps its old values
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = n; j < ldc; ++j) padding_untouched = padding_untouched && cd[i * ldc + j] == c0[i * ldc + j];
+          CHECK(padding_untouched);
+        }
+  }
+  cpu::set_gemm_library(started_with_eigen ? "eigen" : "openblas");
+  CHECK_THROWS_WITH(cpu::set_gemm_library("mkl"), Contains("set_gemm_library: expected auto, openblas or eigen, got 'mkl'"));
 }
 
 TEST_CASE("linear equals matmul with the transposed weight plus bias", "[op][linear]") {

@@ -18,4 +18,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // (from the CPU, or the environment's OPENBLAS_CORETYPE), or "eigen".
 std::string gemm_library();
 
+// Which library runs the GEMMs from now on: "auto" (the BLAS, unless Eigen's AVX-512 GEMM beats the
+// BLAS's kernels: gemm.cpp), "openblas" or "eigen". The environment variable REMAT_CPU_GEMM sets
+// the first choice; tests and benchmarks that compare the two call this between GEMMs.
+void set_gemm_library(const std::string& name);
+
 }  // namespace remat::cpu
