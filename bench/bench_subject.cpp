@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "kernels/backend.h"
 #include "models/data.h"
 #include "runtime/random.h"
 
@@ -88,7 +89,10 @@ int64_t Subject::activation_floor(const PolicySpec& spec) const {
   const GptConfig& c = gpt_config_;
   const int64_t f = 4, E = c.batch * c.seq_len * c.channels * f, st = c.batch * c.seq_len * f;
   const int64_t lse = c.batch * c.heads * c.seq_len * f;
-  const int64_t S = 17 * E + 4 * st + lse;                                   // what backward saves of one block
+  // What backward saves of one block; a backend whose attention output the projection reads as a
+  // view (no re-laid-out copy) saves one E less.
+  const bool shared_output = backend_for(OpKind::attention, x_.device()).attention_reads_strided();
+  const int64_t S = (shared_output ? 16 : 17) * E + 4 * st + lse;
   const int64_t head = 2 * E + 3 * st + c.batch * c.seq_len * c.vocab * f;  // ln_f in/out, stats, logits, lse
   int n = 0;
   switch (spec.kind) {

@@ -40,6 +40,23 @@ int64_t seq_of(const Key& k) {
   return producer < 0 ? int64_t{-1} : static_cast<int64_t>(k.first->nodes[producer]->seq);
 }
 
+// Bytes that values hold in memory, added up once per storage: values sharing one (a view and its
+// base, the heads split from one projection) count it once, at the storage's size. A value whose
+// data the step no longer holds counts its own size.
+class HeldBytes {
+ public:
+  void add(const Key& k) {
+    const ValueInfo& v = k.first->values[k.second];
+    if (!v.data.defined() || !v.data.storage()) total_ += value_bytes(v);
+    else if (storages_.insert(v.data.storage().get()).second) total_ += static_cast<int64_t>(v.data.storage()->bytes());
+  }
+  int64_t total() const { return total_; }
+
+ private:
+  std::set<const Storage*> storages_;
+  int64_t total_ = 0;
+};
+
 // What a step's activations are: not the parameters.
 bool counts(const Key& k) {
   const ValueInfo& v = k.first->values[k.second];
@@ -78,11 +95,14 @@ BlockOption option_cost(const BlockTape& b, std::vector<bool> recompute) {
       if (u >= 0) stack.push_back(resolve_value(b.nodes[found->second].graph, u));
   }
   BlockOption o;
+  HeldBytes held;
   for (const Key& k : kept) {
-    o.kept_bytes += value_bytes(k.first->values[k.second]);
+    held.add(k);
     // Saved outputs no backward reads stay alive in forward too, on top of what it held without checkpointing.
     if (!b.saved.count(k) && !b.inputs.count(k)) o.extra_forward_bytes += value_bytes(k.first->values[k.second]);
   }
+  // A kept view keeps its base's storage: a view kept beside a base that is rebuilt costs both.
+  o.kept_bytes = held.total();
   // The replay re-run as one pass in tape order: rebuilt slots stay, other outputs go after their
   // last use in the pass; its peak bounds what the passes of per-node replay hold.
   std::map<Key, int> uses;
@@ -370,8 +390,10 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   // The step's tape (over every graph its forward started), in recording order; a value is known
   // by the graph and value that produced it, whatever graph reads it.
   std::vector<TapeNode> tape = tape_of(loss);
-  // Values saved at the end of forward, attributed to the block whose node saves them.
+  // Values saved at the end of forward, attributed to the block whose node saves them, each
+  // storage to the first block that holds it.
   std::set<Key> counted;
+  HeldBytes held;
   for (const Span& s : spans) {
     REMAT_CHECK(s.begin >= 0 && s.end >= s.begin, "budget planner: block ", s.name, " did not run in the step");
     PlannedBlock b;
@@ -395,7 +417,11 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
       }
     }
     for (const Key& k : saved)
-      if (counted.insert(k).second) b.saved_bytes += value_bytes(k.first->values[k.second]);
+      if (counted.insert(k).second) {
+        int64_t before = held.total();
+        held.add(k);
+        b.saved_bytes += held.total() - before;
+      }
     for (const Key& k : inputs) b.input_bytes += value_bytes(k.first->values[k.second]);
     BlockTape bt{std::move(nodes), std::move(inputs), std::move(saved), {}};
     for (size_t i = 0; i < bt.nodes.size(); ++i)
@@ -408,7 +434,11 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     if (static_cast<int64_t>(node.seq) >= spans.front().begin) continue;
     for (const SavedSlot& slot : node.saved) {
       Key k = resolve_value(at.graph, slot.value);
-      if (counts(k) && counted.insert(k).second) p.step.pre_saved += value_bytes(k.first->values[k.second]);
+      if (counts(k) && counted.insert(k).second) {
+        int64_t before = held.total();
+        held.add(k);
+        p.step.pre_saved += held.total() - before;
+      }
     }
   }
   try {

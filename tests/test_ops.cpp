@@ -292,6 +292,36 @@ TEST_CASE("fused attention equals the naive softmax(QK^T * scale)V", "[op][atten
                     Contains("attention: expected q, k, v of one shape [B, H, T, D]"));
 }
 
+TEST_CASE("attention reads the heads of a fused projection in place and its output merges without a copy",
+          "[op][attention]") {
+  // The heads as views of one [B, T, 3C] projection against the same values as contiguous leaves:
+  // the same bits forward and backward, and on CPU o merges back to [B, T, C] as a view.
+  const int64_t b = 2, t = 9, h = 3, d = 4, c = h * d;
+  manual_seed(8);
+  for (bool causal : {false, true}) {
+    Tensor qkv = Tensor::randn({b, t, 3 * c}, DType::f64).set_requires_grad(true);
+    Tensor upstream = Tensor::randn({b, t, c}, DType::f64);
+    auto parts = split(qkv, 2, {c, c, c});
+    auto to_heads = [&](const Tensor& m) { return permute(reshape(m, {b, t, h, d}), {0, 2, 1, 3}); };
+    Tensor o = attention(to_heads(parts[0]), to_heads(parts[1]), to_heads(parts[2]), causal);
+    Tensor merged = reshape(permute(o, {0, 2, 1, 3}), {b, t, c});
+    CHECK(merged.storage() == o.storage());
+    backward(sum(mul(merged, upstream)));
+
+    std::vector<Tensor> dense;
+    for (const Tensor& p : parts) dense.push_back(to_heads(p).as_contiguous().set_requires_grad(true));
+    Tensor o2 = attention(dense[0], dense[1], dense[2], causal);
+    CHECK(values(o2) == values(o));
+    backward(sum(mul(reshape(permute(o2, {0, 2, 1, 3}), {b, t, c}), upstream)));
+    // qkv's gradient, read head by head, is the dense leaves' gradients.
+    for (int64_t i = 0; i < 3; ++i) {
+      Tensor part = qkv.grad().view({b, t, c}, {t * 3 * c, 3 * c, 1}, i * c);
+      auto hv = values(permute(reshape(part.as_contiguous(), {b, t, h, d}), {0, 2, 1, 3}));
+      CHECK(hv == values(dense[static_cast<size_t>(i)].grad()));
+    }
+  }
+}
+
 TEST_CASE("dropout draws its mask from philox (seed, offset) and scales the kept values", "[op][dropout]") {
   manual_seed(5);
   RngState start = rng_state();

@@ -261,7 +261,7 @@ TEST_CASE("a budget covers the activations or every byte, in bytes with units or
   for (Tensor& p : g.model.parameters()) p.zero_grad();
   BudgetPlanner probe(g.model, 0, 100, BudgetScope::total);
   int64_t none_total = probe.plan([&] { return g.loss(); }).none_total_peak_bytes;
-  for (double percent : {98.0, 95.0}) {  // tiny: parameters and gradients are 83% of the peak
+  for (double percent : {98.0, 97.0}) {  // tiny: parameters and gradients are 86% of the peak, the floor 96%
     for (Tensor& p : g.model.parameters()) p.zero_grad();
     BudgetPlanner planner(g.model, 0, percent, BudgetScope::total);
     const BudgetPlan& plan = planner.plan([&] { return g.loss(); });

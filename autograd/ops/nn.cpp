@@ -50,22 +50,29 @@ class AttentionNode final : public Node {
   AttentionNode(bool causal, double scale) : causal_(causal), scale_(scale) {}
   OpKind kind() const override { return OpKind::attention; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    return backend_for(kind(), in[0].device())
-        .attention(detail::dense(in[0]), detail::dense(in[1]), detail::dense(in[2]), causal_, scale_);
+    Backend& backend = backend_for(kind(), in[0].device());
+    return backend.attention(heads(backend, in[0]), heads(backend, in[1]), heads(backend, in[2]), causal_, scale_);
   }
   bool output_differentiable(size_t i) const override { return i == 0; }  // lse is a statistic
   std::vector<int> saved_indices(size_t) const override { return {0, 1, 2, 3, 4}; }  // q, k, v, o, lse
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
-    Tensor g = detail::dense(ctx.grad_output(0));
-    auto grads = backend_for(kind(), g.device())
-                     .attention_backward(g, detail::dense(ctx.saved(0)), detail::dense(ctx.saved(1)),
-                                         detail::dense(ctx.saved(2)), ctx.saved(3), ctx.saved(4), causal_, scale_);
+    Tensor g = ctx.grad_output(0);
+    Backend& backend = backend_for(kind(), g.device());
+    auto grads = backend.attention_backward(heads(backend, g), heads(backend, ctx.saved(0)),
+                                            heads(backend, ctx.saved(1)), heads(backend, ctx.saved(2)),
+                                            heads(backend, ctx.saved(3)), ctx.saved(4), causal_, scale_);
     for (size_t i = 0; i < 3; ++i)
       if (!ctx.needs_input_grad(i)) grads[i] = Tensor();
     return grads;
   }
 
  private:
+  // The heads of a fused projection are strided views: a backend that reads them so gets them
+  // as they are (no copy per call), any other a contiguous copy.
+  static Tensor heads(Backend& backend, const Tensor& t) {
+    return backend.attention_reads_strided() ? t : detail::dense(t);
+  }
+
   bool causal_;
   double scale_;
 };

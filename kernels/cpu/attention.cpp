@@ -2,6 +2,10 @@
 // log-sum-exp; backward rebuilds the probabilities from it. One (b, h) head per thread; within a
 // head, query rows go in blocks of kRows, and a causal block reads only the keys up to its last row
 // (the T x T matrix is never formed). Every sum runs in a fixed order, so replays repeat the bits.
+// q, k, v, o and dO may be strided views (any strides over B, H and T, unit stride over D), such
+// as the heads of a fused qkv projection: no copies. o is laid out [B, T, H, D] and returned as a
+// [B, H, T, D] view of it, so that merging the heads back to [B, T, H*D] is a view too (and the
+// output projection's saved input shares o's storage instead of copying it).
 #include <Eigen/Core>
 #include <omp.h>
 
@@ -21,17 +25,36 @@ constexpr int64_t kRows = 16;  // query rows per block (measured best for T 128,
 template <typename T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <typename T>
-using CMap = Eigen::Map<const Mat<T>>;
+using CMap = Eigen::Map<const Mat<T>, 0, Eigen::OuterStride<>>;
 template <typename T>
 using MMap = Eigen::Map<Mat<T>, 0, Eigen::OuterStride<>>;
+
+// One head's rows of a [B, H, T, D] tensor: a base pointer and the stride between rows.
+template <typename T>
+struct HeadRows {
+  T* base;
+  int64_t ld;
+  T* row(int64_t i) const { return base + i * ld; }
+};
+
+// Head h (of B*H, b-major) of a [B, H, T, D] view whose last stride is 1.
+template <typename T>
+HeadRows<T> head_of(const Tensor& t, int64_t h) {
+  int64_t heads = t.size(1), b = h / heads, hh = h % heads;
+  return {t.data<T>() + b * t.strides()[0] + hh * t.strides()[1], t.strides()[2]};
+}
+
+// The layouts the kernels read: unit stride over D (else a contiguous copy).
+Tensor rows_of_d(const Tensor& t) { return t.strides()[3] == 1 ? t : t.as_contiguous(); }
 
 // S = scale * Q_rows K_keys^T for query rows [r0, r1) against keys [0, keys), masked causally:
 // -inf where key j > query row i. S has a row stride of `ld`.
 template <typename T>
-void block_scores(const T* q, const T* k, int64_t r0, int64_t r1, int64_t keys, int64_t d, bool causal, T scale,
+void block_scores(HeadRows<T> q, HeadRows<T> k, int64_t r0, int64_t r1, int64_t keys, int64_t d, bool causal, T scale,
                   T* s, int64_t ld) {
   MMap<T> S(s, r1 - r0, keys, Eigen::OuterStride<>(ld));
-  S.noalias() = scale * (CMap<T>(q + r0 * d, r1 - r0, d) * CMap<T>(k, keys, d).transpose());
+  S.noalias() = scale * (CMap<T>(q.row(r0), r1 - r0, d, Eigen::OuterStride<>(q.ld)) *
+                         CMap<T>(k.base, keys, d, Eigen::OuterStride<>(k.ld)).transpose());
   if (causal)
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = i + 1; j < keys; ++j) S(i - r0, j) = -std::numeric_limits<T>::infinity();
@@ -46,17 +69,18 @@ Tensor scratch(int64_t per_thread, DType dtype) {
 
 }  // namespace
 
-std::vector<Tensor> CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+std::vector<Tensor> CpuBackend::attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
                                           double scale) {
-  int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor o = Tensor::empty(q.shape(), q.dtype());
-  Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, q.dtype());
+  Tensor q = rows_of_d(q_in), k = rows_of_d(k_in), v = rows_of_d(v_in);
+  int64_t b = q.size(0), nh = q.size(1), heads = b * nh, t = q.size(2), d = q.size(3);
+  // o in [B, T, H, D] memory, seen as [B, H, T, D] (the file's comment says why).
+  Tensor o = Tensor::empty({b, t, nh, d}, q.dtype()).view({b, nh, t, d}, {t * nh * d, d, nh * d, 1}, 0);
+  Tensor lse = Tensor::empty({b, nh, t}, q.dtype());
   Tensor work = scratch(kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention", [&]<typename T>() {
 #pragma omp parallel for if (heads * t * t * d > cpu::kParallelGrain)
     for (int64_t h = 0; h < heads; ++h) {
-      const T *Q = q.data<T>() + h * t * d, *K = k.data<T>() + h * t * d, *V = v.data<T>() + h * t * d;
-      T* O = o.data<T>() + h * t * d;
+      HeadRows<T> Q = head_of<T>(q, h), K = head_of<T>(k, h), V = head_of<T>(v, h), O = head_of<T>(o, h);
       T* L = lse.data<T>() + h * t;
       T* S = work.data<T>() + omp_get_thread_num() * kRows * t;
       for (int64_t r0 = 0; r0 < t; r0 += kRows) {
@@ -72,17 +96,18 @@ std::vector<Tensor> CpuBackend::attention(const Tensor& q, const Tensor& k, cons
           for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
           L[r0 + i] = mx + std::log(sum);
         }
-        Eigen::Map<Mat<T>>(O + r0 * d, r1 - r0, d).noalias() = MMap<T>(S, r1 - r0, keys, Eigen::OuterStride<>(t)) *
-                                                              CMap<T>(V, keys, d);
+        MMap<T>(O.row(r0), r1 - r0, d, Eigen::OuterStride<>(O.ld)).noalias() =
+            MMap<T>(S, r1 - r0, keys, Eigen::OuterStride<>(t)) * CMap<T>(V.base, keys, d, Eigen::OuterStride<>(V.ld));
       }
     }
   });
   return {o, lse};
 }
 
-std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k,
-                                                   const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
-                                                   double scale) {
+std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const Tensor& q_in, const Tensor& k_in,
+                                                   const Tensor& v_in, const Tensor& o_in, const Tensor& lse,
+                                                   bool causal, double scale) {
+  Tensor q = rows_of_d(q_in), k = rows_of_d(k_in), v = rows_of_d(v_in), o = rows_of_d(o_in), d_o = rows_of_d(d_o_in);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor dq = Tensor::empty(q.shape(), q.dtype()), dk = Tensor::zeros(q.shape(), q.dtype()),
          dv = Tensor::zeros(q.shape(), q.dtype());
@@ -90,25 +115,28 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o, const Tens
   cpu::dispatch_float(q.dtype(), "attention_backward", [&]<typename T>() {
 #pragma omp parallel for if (heads * t * t * d > cpu::kParallelGrain)
     for (int64_t h = 0; h < heads; ++h) {
+      HeadRows<T> Q = head_of<T>(q, h), K = head_of<T>(k, h), V = head_of<T>(v, h), O = head_of<T>(o, h),
+                  dO = head_of<T>(d_o, h);
       size_t off = static_cast<size_t>(h * t * d);
-      const T *Q = q.data<T>() + off, *K = k.data<T>() + off, *V = v.data<T>() + off, *O = o.data<T>() + off,
-              *dO = d_o.data<T>() + off;
       T *dQ = dq.data<T>() + off, *dK = dk.data<T>() + off, *dV = dv.data<T>() + off;
       const T* L = lse.data<T>() + h * t;
       T* P = work.data<T>() + omp_get_thread_num() * 2 * kRows * t;
       T* dP = P + kRows * t;
       T sc = static_cast<T>(scale);
+      using Stride = Eigen::OuterStride<>;
       // Query blocks in order: dK and dV sum their contributions in a fixed order.
       for (int64_t r0 = 0; r0 < t; r0 += kRows) {
         int64_t r1 = std::min(t, r0 + kRows), rows = r1 - r0, keys = causal ? r1 : t;
         block_scores(Q, K, r0, r1, keys, d, causal, sc, P, t);
         for (int64_t i = 0; i < rows; ++i) cpu::exp_shifted(P + i * t, L[r0 + i], P + i * t, keys);  // P = exp(S - lse)
-        MMap<T> Pb(P, rows, keys, Eigen::OuterStride<>(t)), dPb(dP, rows, keys, Eigen::OuterStride<>(t));
-        CMap<T> dOb(dO + r0 * d, rows, d), Vk(V, keys, d), Kk(K, keys, d), Qb(Q + r0 * d, rows, d);
+        MMap<T> Pb(P, rows, keys, Stride(t)), dPb(dP, rows, keys, Stride(t));
+        CMap<T> dOb(dO.row(r0), rows, d, Stride(dO.ld)), Vk(V.base, keys, d, Stride(V.ld)),
+            Kk(K.base, keys, d, Stride(K.ld)), Qb(Q.row(r0), rows, d, Stride(Q.ld));
         Eigen::Map<Mat<T>>(dV, keys, d).noalias() += Pb.transpose() * dOb;  // d(v) term
         dPb.noalias() = dOb * Vk.transpose();
         for (int64_t i = 0; i < rows; ++i) {
-          T di = CMap<T>(dO + (r0 + i) * d, 1, d).cwiseProduct(CMap<T>(O + (r0 + i) * d, 1, d)).sum();  // D_i = dO_i . O_i
+          using Row = Eigen::Map<const Mat<T>>;
+          T di = Row(dO.row(r0 + i), 1, d).cwiseProduct(Row(O.row(r0 + i), 1, d)).sum();  // D_i = dO_i . O_i
           for (int64_t j = 0; j < keys; ++j) dPb(i, j) = Pb(i, j) * (dPb(i, j) - di) * sc;  // dS, scaled
         }
         Eigen::Map<Mat<T>>(dQ + r0 * d, rows, d).noalias() = dPb * Kk;              // d(q) term

@@ -10,6 +10,7 @@ class CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
   bool supports(OpKind) const override { return true; }
+  bool attention_reads_strided() const override { return true; }
 
   REMAT_BACKEND_KERNELS(override)
 };
