@@ -133,7 +133,7 @@ class Backward {
       std::vector<bool> needs(node.inputs.size());
       for (size_t i = 0; i < node.inputs.size(); ++i)
         needs[i] = node.inputs[i] >= 0 && g.values[node.inputs[i]].requires_grad;
-      BackwardContext ctx(g, index, std::move(grad_outputs), needs);
+      BackwardContext ctx(g, index, std::move(grad_outputs), needs, retain_);
       std::vector<Tensor> input_grads;
       {
         TraceSpan span(node.name(), "backward");
@@ -153,7 +153,7 @@ class Backward {
     // The hooks go first: they may take over data that releasing these slots would free.
     if (g.hooks) g.hooks->after_backward_node(g, index, retain_);
     if (!retain_) {
-      for (SavedSlot& slot : node.saved) {
+      for (SavedSlot& slot : node.saved) {  // those the backward released itself are released already
         if (slot.state == SlotState::kept) g.release(slot.value);
         slot.state = SlotState::released;
       }

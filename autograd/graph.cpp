@@ -28,6 +28,10 @@ std::string ValueInfo::meta_str() const {
 
 Tensor BackwardContext::saved(size_t slot) const { return graph_.unpack(node_, slot); }
 
+void BackwardContext::release_saved(size_t slot) const {
+  if (!retain_graph_) graph_.release_slot(node_, slot);
+}
+
 namespace {
 
 std::atomic<uint64_t> g_node_seq{1};
@@ -156,6 +160,15 @@ void Graph::release(int64_t value) {
     v.data = Tensor();
     prefetched.erase(value);
   }
+}
+
+void Graph::release_slot(int64_t node, size_t slot) {
+  SavedSlot& s = nodes[node]->saved.at(slot);
+  if (s.state == SlotState::released) return;
+  // The hooks go first: they may take over data that releasing the slot would free.
+  if (hooks) hooks->before_slot_release(*this, node, slot);
+  if (s.state == SlotState::kept) release(s.value);
+  s.state = SlotState::released;
 }
 
 Tensor Graph::unpack(int64_t node, size_t slot) {

@@ -57,6 +57,9 @@ class SavedTensorHooks {
   virtual void before_backward(Graph&, bool /*retain_graph*/, int64_t /*root_value*/) {}
   // Called after a node's backward, before its slots are released.
   virtual void after_backward_node(Graph& graph, int64_t node, bool retain_graph) = 0;
+  // Called when a node's backward releases one slot early (BackwardContext::release_saved), before
+  // the slot goes; never under retain_graph.
+  virtual void before_slot_release(Graph& /*graph*/, int64_t /*node*/, size_t /*slot*/) {}
   virtual void after_backward(Graph& graph, bool retain_graph) = 0;
   // The name of a region still open on the graph ("" when none): backward must not run then.
   virtual std::string open_region() const { return ""; }
@@ -95,6 +98,9 @@ class Graph {
   void release(int64_t value);
   // The data of a kept slot, checking that it was not modified in place since it was saved.
   Tensor unpack(int64_t node, size_t slot);
+  // Releases one saved slot of a node whose backward is running (after the checkpoint hooks'
+  // before_slot_release); a released slot stays released.
+  void release_slot(int64_t node, size_t slot);
   // Drops a kept slot (its value's data is freed when nothing else holds it).
   void drop_slot(int64_t node, size_t slot);
   // Moves a held value's data to pinned host memory (when it lives on a GPU), asynchronously on

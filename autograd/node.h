@@ -28,17 +28,30 @@ struct SavedSlot {
 // wanted, and its saved tensors, each reached only through unpack.
 class BackwardContext {
  public:
-  BackwardContext(Graph& graph, int64_t node, std::vector<Tensor> grad_outputs, std::vector<bool> needs_input_grad)
-      : graph_(graph), node_(node), grad_outputs_(std::move(grad_outputs)), needs_(std::move(needs_input_grad)) {}
+  BackwardContext(Graph& graph, int64_t node, std::vector<Tensor> grad_outputs, std::vector<bool> needs_input_grad,
+                  bool retain_graph = true)
+      : graph_(graph),
+        node_(node),
+        grad_outputs_(std::move(grad_outputs)),
+        needs_(std::move(needs_input_grad)),
+        retain_graph_(retain_graph) {}
   const Tensor& grad_output(size_t i) const { return grad_outputs_[i]; }
+  // Moves the gradient out: when the caller then holds the only reference to its storage, a
+  // backward may write its result over it (sole_owner in autograd/ops/op_helpers.h).
+  Tensor take_grad_output(size_t i) const { return std::move(grad_outputs_[i]); }
   bool needs_input_grad(size_t i) const { return needs_[i]; }
   Tensor saved(size_t slot) const;  // unpacks the node's saved slot (may replay a checkpoint region)
+  // The backward has read saved slot `slot` for the last time: its tensor may go now, before the
+  // node allocates the rest of its gradients, rather than after the node. Nothing under
+  // retain_graph (a later backward reads it again).
+  void release_saved(size_t slot) const;
 
  private:
   Graph& graph_;
   int64_t node_;
-  std::vector<Tensor> grad_outputs_;
+  mutable std::vector<Tensor> grad_outputs_;
   std::vector<bool> needs_;
+  bool retain_graph_;
 };
 
 class Node {

@@ -516,6 +516,24 @@ void RegionManager::release_saved_output(Graph& graph, int id, int64_t value) {
     }
 }
 
+// A kept slot about to free the last copy of a value that dropped slots still wait for: hand the
+// data over to them instead of rebuilding it later.
+void RegionManager::hand_over(Graph& graph, int64_t node, int64_t value) {
+  auto waiting = dropped_slots_.find(value);
+  if (waiting == dropped_slots_.end()) return;
+  for (auto [owner, index] : waiting->second) {
+    bool pending = owner >= 0 ? owner < node && graph.nodes[owner]->saved[index].state == SlotState::dropped
+                              : regions_[-1 - owner].begin < node;
+    if (pending) hold_rebuilt(graph, owner, index, value, graph.values[value].data);
+  }
+}
+
+void RegionManager::before_slot_release(Graph& graph, int64_t node, size_t s) {
+  const SavedSlot& slot = graph.nodes[node]->saved[s];
+  release_rebuilt(graph, node, static_cast<int64_t>(s), slot.value);
+  if (slot.state == SlotState::kept && graph.values[slot.value].holds == 1) hand_over(graph, node, slot.value);
+}
+
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
   const Node& n = *graph.nodes[node];
   // Device copies of offloaded tensors go as soon as their copy to the host has landed, not at
@@ -528,22 +546,13 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
     for (const SavedSlot& slot : graph.nodes[k]->saved)
       if (slot.state == SlotState::kept) graph.prefetch(slot.value);
   for (size_t s = 0; s < n.saved.size(); ++s) release_rebuilt(graph, node, static_cast<int64_t>(s), n.saved[s].value);
-  // A kept slot about to free the last copy of a value that dropped slots still wait for: hand the
-  // data over to them instead of rebuilding it later.
   if (!retain_graph)
     for (const SavedSlot& slot : n.saved) {
       if (slot.state != SlotState::kept) continue;
       int own = static_cast<int>(std::count_if(n.saved.begin(), n.saved.end(), [&](const SavedSlot& o) {
         return o.state == SlotState::kept && o.value == slot.value;
       }));
-      if (graph.values[slot.value].holds != own) continue;  // someone else keeps it alive anyway
-      auto waiting = dropped_slots_.find(slot.value);
-      if (waiting == dropped_slots_.end()) continue;
-      for (auto [owner, index] : waiting->second) {
-        bool pending = owner >= 0 ? owner < node && graph.nodes[owner]->saved[index].state == SlotState::dropped
-                                  : regions_[-1 - owner].begin < node;
-        if (pending) hold_rebuilt(graph, owner, index, slot.value, graph.values[slot.value].data);
-      }
+      if (graph.values[slot.value].holds == own) hand_over(graph, node, slot.value);
     }
   // Backward has passed below the start of these regions: their inputs are needed no more, unless
   // some of their nodes belong to another loss whose backward is still to come.

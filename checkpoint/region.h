@@ -63,6 +63,7 @@ class RegionManager final : public SavedTensorHooks {
   void on_tag(Graph& graph, int64_t value, const Tensor& data) override;
   void before_backward(Graph& graph, bool retain_graph, int64_t root_value) override;
   void after_backward_node(Graph& graph, int64_t node, bool retain_graph) override;
+  void before_slot_release(Graph& graph, int64_t node, size_t slot) override;
   void after_backward(Graph& graph, bool retain_graph) override;
   std::string open_region() const override;
 
@@ -91,6 +92,9 @@ class RegionManager final : public SavedTensorHooks {
   void release_saved_output(Graph& graph, int region, int64_t value);
   void hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data);
   void release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value);
+  // Gives the data of `value`, whose last kept slot (of `node`) is going, to the dropped slots that
+  // still wait for it.
+  void hand_over(Graph& graph, int64_t node, int64_t value);
   // Whether every node of the region has been through a backward (`finishing` is about to be):
   // only then may its inputs go, since two losses can share a region.
   bool all_done(const Graph& graph, const Region& r, int64_t finishing) const;

@@ -27,6 +27,11 @@ class Backend {
   // Elementwise. unary_backward returns dy * f'(x), reading x or y = f(x), whichever f needs.
   virtual Tensor unary(UnaryFn fn, const Tensor& x, double scalar) = 0;
   virtual Tensor unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x, const Tensor& y, double scalar) = 0;
+  // The same, written over dy (the caller holds dy's storage alone); false where this backend
+  // does not, and then dy is untouched.
+  virtual bool unary_backward_in_place(UnaryFn, Tensor& /*dy*/, const Tensor& /*x*/, const Tensor& /*y*/, double) {
+    return false;
+  }
   // Broadcasting binary op; strided (broadcast) inputs allowed.
   virtual Tensor binary(BinaryFn fn, const Tensor& a, const Tensor& b) = 0;
 

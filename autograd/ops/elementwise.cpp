@@ -109,11 +109,14 @@ class UnaryNode final : public Node {
     return {};
   }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
-    Tensor g = detail::dense(ctx.grad_output(0));
+    Tensor g = detail::dense(ctx.take_grad_output(0));
     std::vector<int> saved = saved_indices(1);
     Tensor x, y;
     if (!saved.empty()) (saved[0] == 0 ? x : y) = detail::dense(ctx.saved(0));
-    return {backend_for(kind(), g.device()).unary_backward(fn_, g, x, y, scalar_)};
+    Backend& backend = backend_for(kind(), g.device());
+    // A gradient nothing else holds takes dx in place (same values: each element is read, then written).
+    if (detail::sole_owner(g) && backend.unary_backward_in_place(fn_, g, x, y, scalar_)) return {g};
+    return {backend.unary_backward(fn_, g, x, y, scalar_)};
   }
 
  private:

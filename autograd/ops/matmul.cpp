@@ -59,12 +59,15 @@ class LinearNode final : public Node {
     int64_t out_features = g.size(-1);
     Tensor g2 = reshape(g, {-1, out_features});
     std::vector<Tensor> grads(has_bias_ ? 3 : 2);
-    if (ctx.needs_input_grad(0)) grads[0] = matmul(g, ctx.saved(1));  // dx = dy W
     if (ctx.needs_input_grad(1)) {
       Tensor x = ctx.saved(0);
       grads[1] = matmul(g2, reshape(x, {-1, x.size(-1)}), true, false);  // dW = dy^T x
     }
     if (has_bias_ && ctx.needs_input_grad(2)) grads[2] = sum(g2, {0});  // db = sum over rows of dy
+    // dx reads only dy and W: the saved input (as large as dx for an MLP's down projection) goes
+    // before dx is allocated, which lowers backward's peak where it starts (the last block's MLP).
+    ctx.release_saved(0);
+    if (ctx.needs_input_grad(0)) grads[0] = matmul(g, ctx.saved(1));  // dx = dy W
     return grads;
   }
 

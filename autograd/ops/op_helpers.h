@@ -14,6 +14,13 @@ inline Tensor dense(const Tensor& t) {
   return backend_for(t.device()).copy_strided(t);
 }
 
+// Whether `t` alone holds the whole of its storage (contiguous, from its start, no other tensor or
+// view on it): a backward may then write its result over it instead of allocating another.
+inline bool sole_owner(const Tensor& t) {
+  return t.defined() && t.storage() && t.storage().use_count() == 1 && t.is_contiguous() && t.offset() == 0 &&
+         t.nbytes() == t.storage()->bytes();
+}
+
 inline void check_defined(const Tensor& t, const char* op, const char* what) {
   REMAT_CHECK(t.defined(), op, ": ", what, " is undefined");
 }

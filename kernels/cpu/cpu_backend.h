@@ -11,6 +11,7 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
   bool supports(OpKind) const override { return true; }
   bool attention_reads_strided() const override { return true; }
+  bool unary_backward_in_place(UnaryFn fn, Tensor& dy, const Tensor& x, const Tensor& y, double scalar) override;
 
   REMAT_BACKEND_KERNELS(override)
 };

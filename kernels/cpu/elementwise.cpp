@@ -131,6 +131,15 @@ Tensor CpuBackend::unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x,
   return dx;
 }
 
+bool CpuBackend::unary_backward_in_place(UnaryFn fn, Tensor& dy, const Tensor& x, const Tensor& y, double scalar) {
+  cpu::dispatch_float(dy.dtype(), "unary_backward", [&]<typename T>() {
+    unary_backward_typed<T>(fn, dy.data<T>(), x.defined() ? x.data<T>() : nullptr, y.defined() ? y.data<T>() : nullptr,
+                            dy.data<T>(), dy.numel(), static_cast<T>(scalar));
+  });
+  dy.storage()->bump_version();
+  return true;
+}
+
 Tensor CpuBackend::binary(BinaryFn fn, const Tensor& a, const Tensor& b) {
   Shape out_shape = broadcast_shapes(a.shape(), b.shape(), "binary");
   Tensor out = Tensor::empty(out_shape, a.dtype());
