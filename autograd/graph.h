@@ -57,12 +57,12 @@ class SavedTensorHooks {
   virtual void before_backward(Graph&, bool /*retain_graph*/, int64_t /*root_value*/) {}
   // Called after a node's backward, before its slots are released.
   virtual void after_backward_node(Graph& graph, int64_t node, bool retain_graph) = 0;
-  // Called when a node's backward releases one slot early (BackwardContext::release_saved), before
-  // the slot goes; never under retain_graph.
-  virtual void before_slot_release(Graph& /*graph*/, int64_t /*node*/, size_t /*slot*/) {}
   virtual void after_backward(Graph& graph, bool retain_graph) = 0;
   // The name of a region still open on the graph ("" when none): backward must not run then.
   virtual std::string open_region() const { return ""; }
+  // Called when a node's backward releases one slot early (BackwardContext::release_saved), before
+  // the slot goes; never under retain_graph.
+  virtual void before_slot_release(Graph& /*graph*/, int64_t /*node*/, size_t /*slot*/) {}
 };
 
 // Saved bytes a graph holds (what its saved slots and regions keep alive), now and at most.
