@@ -35,6 +35,10 @@ bool under_launcher() {
 #ifdef REMAT_HAVE_MPI
 struct Mpi {
   MPI_Comm comm = MPI_COMM_NULL;
+  // The second phase of host sums (HostSum), which starts in the order the sums started but at
+  // times that differ between ranks: on its own communicator, it never interleaves with the
+  // collectives the program starts on `comm`.
+  MPI_Comm gather_comm = MPI_COMM_NULL;
   bool owned = false;
   bool broken = false;  // a collective was abandoned: finalising could wait for it forever
   Mpi() {
@@ -47,6 +51,8 @@ struct Mpi {
     }
     MPI_Comm_dup(MPI_COMM_WORLD, &comm);
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    MPI_Comm_dup(MPI_COMM_WORLD, &gather_comm);
+    MPI_Comm_set_errhandler(gather_comm, MPI_ERRORS_RETURN);
   }
   ~Mpi() {
     int finalised = 0;
@@ -92,6 +98,23 @@ std::string layout_str(const Tensor& t) {
 }
 
 }  // namespace
+
+// A sum of host tensors in flight, in two phases that move 2 (P - 1) / P of the tensor per rank,
+// as a ring does (an all-gather of whole tensors moves P - 1 of them): (0) each rank receives every
+// rank's copy of its own chunk (all-to-all) and adds them in rank order; (1) the summed chunks are
+// gathered everywhere. Phase 1 starts strictly in the order the sums started (the group's FIFO of
+// waiting sums), on its own communicator, so every rank issues both kinds of call in one order.
+struct HostSum {
+  Tensor tensor;
+  Tensor chunks;  // this rank's chunk from every rank, in rank order
+#ifdef REMAT_HAVE_MPI
+  MPI_Request request = MPI_REQUEST_NULL;
+#endif
+  int phase = 0;
+  bool done = false;
+  std::vector<int> counts, offsets;      // chunk r: counts[r] elements at offsets[r] (must outlive the calls)
+  std::vector<int> mine, mine_offsets;   // this rank's chunk as sent by each rank
+};
 
 bool mpi_built() {
 #ifdef REMAT_HAVE_MPI
@@ -244,7 +267,6 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
   REMAT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, "all_reduce: expected f32 or f64, got ", t.meta_str());
   PendingSum pending;
   pending.group_ = this;
-  pending.tensor_ = t;
   if (t.device().is_cuda()) {
     // NCCL: every rank's tensor gathered on the device, then added in rank order by the device's
     // own kernels (deterministic), all queued in order on the compute stream.
@@ -267,48 +289,93 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
     return pending;
   }
 #ifdef REMAT_HAVE_MPI
-  // Gathered, then summed in rank order on every rank: the same bits everywhere and every run.
+  // Each element summed in rank order by the rank owning its chunk (HostSum): the same bits on
+  // every rank and every run, and the same as adding whole gathered tensors in rank order.
   const int64_t n = t.numel();
   REMAT_CHECK(n <= INT32_MAX, "all_reduce: expected at most 2^31 - 1 elements per call, got ", n);
-  pending.gathered_ = Tensor::empty({size_, n}, t.dtype());
-  auto request = std::make_shared<MPI_Request>();
-  MPI_Iallgather(t.raw_data(), static_cast<int>(n), mpi_type(t.dtype()), pending.gathered_.raw_data(),
-                 static_cast<int>(n), mpi_type(t.dtype()), mpi().comm, request.get());
-  pending.request_ = request;
+  auto sum = std::make_shared<HostSum>();
+  sum->tensor = t;
+  for (int r = 0, at = 0; r < size_; ++r) {
+    int len = static_cast<int>(n / size_ + (r < n % size_ ? 1 : 0));
+    sum->counts.push_back(len);
+    sum->offsets.push_back(at);
+    at += len;
+  }
+  const int len = sum->counts[static_cast<size_t>(rank_)];
+  for (int r = 0; r < size_; ++r) {
+    sum->mine.push_back(len);
+    sum->mine_offsets.push_back(r * len);
+  }
+  sum->chunks = Tensor::empty({size_, len}, t.dtype());
+  MPI_Ialltoallv(t.raw_data(), sum->counts.data(), sum->offsets.data(), mpi_type(t.dtype()), sum->chunks.raw_data(),
+                 sum->mine.data(), sum->mine_offsets.data(), mpi_type(t.dtype()), mpi().comm, &sum->request);
+  waiting_.push_back(sum);
+  pending.sum_ = sum;
 #endif
   return pending;
 }
 
-bool ProcessGroup::PendingSum::poll() {
-  if (done_ || !request_) return done_;
+bool ProcessGroup::advance(HostSum& target, bool block) {
 #ifdef REMAT_HAVE_MPI
-  int arrived = 0;
-  MPI_Test(static_cast<MPI_Request*>(request_.get()), &arrived, MPI_STATUS_IGNORE);
-  if (arrived) {
-    group_->sum_gathered(tensor_, gathered_);
-    gathered_ = Tensor();
-    done_ = true;
+  // Phase 1 starts in FIFO order: the sums ahead of the target first (waited for only when the
+  // caller blocks on the target, which then needs them).
+  while (!waiting_.empty() && !target.done && target.phase == 0) {
+    HostSum& s = *waiting_.front();
+    if (block) {
+      wait(&s.request, "all_reduce");
+    } else {
+      int arrived = 0;
+      MPI_Test(&s.request, &arrived, MPI_STATUS_IGNORE);
+      if (!arrived) return false;
+    }
+    const int64_t len = s.chunks.size(1), at = s.offsets[static_cast<size_t>(rank_)];
+    sum_gathered(static_cast<char*>(s.tensor.raw_data()) + at * static_cast<int64_t>(dtype_size(s.tensor.dtype())),
+                 s.tensor.dtype(), s.chunks, len);
+    s.chunks = Tensor();
+    s.phase = 1;
+    MPI_Iallgatherv(MPI_IN_PLACE, 0, mpi_type(s.tensor.dtype()), s.tensor.raw_data(), s.counts.data(),
+                    s.offsets.data(), mpi_type(s.tensor.dtype()), mpi().gather_comm, &s.request);
+    waiting_.pop_front();
   }
+  if (!target.done) {
+    if (block) {
+      wait(&target.request, "all_reduce");
+    } else {
+      int arrived = 0;
+      MPI_Test(&target.request, &arrived, MPI_STATUS_IGNORE);
+      if (!arrived) return false;
+    }
+    target.tensor.storage()->bump_version();
+    target.tensor = Tensor();
+    target.done = true;
+  }
+#else
+  (void)block;
+  target.done = true;
 #endif
+  return true;
+}
+
+bool ProcessGroup::PendingSum::poll() {
+  if (done_ || !sum_) return done_;
+  done_ = group_->advance(*sum_, false);
+  if (done_) sum_.reset();
   return done_;
 }
 
 void ProcessGroup::PendingSum::finish() {
   REMAT_CHECK(group_ != nullptr, "all_reduce: finish() of a sum that was never started");
   if (done_) return;
-  group_->wait(request_.get(), "all_reduce");
-  group_->sum_gathered(tensor_, gathered_);
-  gathered_ = Tensor();
+  group_->advance(*sum_, true);
+  sum_.reset();
   done_ = true;
 }
 
-void ProcessGroup::sum_gathered(Tensor& t, const Tensor& gathered) {
-  const int64_t n = t.numel();
-  if (t.dtype() == DType::f64)
-    sum_in_rank_order(static_cast<double*>(t.raw_data()), gathered.data<double>(), n, size_);
+void ProcessGroup::sum_gathered(void* out, DType dtype, const Tensor& gathered, int64_t n) {
+  if (dtype == DType::f64)
+    sum_in_rank_order(static_cast<double*>(out), gathered.data<double>(), n, size_);
   else
-    sum_in_rank_order(static_cast<float*>(t.raw_data()), gathered.data<float>(), n, size_);
-  t.storage()->bump_version();
+    sum_in_rank_order(static_cast<float*>(out), gathered.data<float>(), n, size_);
 }
 
 void ProcessGroup::all_reduce_sum(Tensor& t) { start_all_reduce_sum(t).finish(); }

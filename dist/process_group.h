@@ -7,6 +7,7 @@
 // is one process and every collective is the identity.
 #pragma once
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -17,6 +18,7 @@
 namespace remat::dist {
 
 class NcclComm;
+struct HostSum;
 
 // Whether this build has MPI.
 bool mpi_built();
@@ -41,19 +43,19 @@ class ProcessGroup {
   void all_reduce_sum(Tensor& t);
   // all_reduce_sum started now and finished later, so that the data travel while this rank
   // computes: poll() lets MPI move them (call it now and then), finish() waits and writes the sum.
+  // On the host it moves 2 (P - 1) / P of the tensor per rank, as a ring does: each rank sums one
+  // chunk (every rank's copy of it, in rank order), then the summed chunks are gathered everywhere.
   class PendingSum {
    public:
     PendingSum() = default;
-    bool started() const { return request_ != nullptr; }
+    bool started() const { return sum_ != nullptr || done_; }
     bool poll();
     void finish();
 
    private:
     friend class ProcessGroup;
     ProcessGroup* group_ = nullptr;
-    Tensor tensor_;
-    Tensor gathered_;  // every rank's tensor, in rank order (allocated in the caller's memory category)
-    std::shared_ptr<void> request_;  // an MPI_Request
+    std::shared_ptr<HostSum> sum_;  // in flight on the host (null for CUDA tensors and one rank)
     bool done_ = false;
   };
   // shapes_checked: the caller has already made sure that every rank passes the same shape and
@@ -84,7 +86,11 @@ class ProcessGroup {
   void wait_nccl(NcclComm& comm, const char* op);
   // Waits for a started request, polling for failure reports and the timeout.
   void wait(void* request, const char* op);
-  void sum_gathered(Tensor& t, const Tensor& gathered);
+  // out[0, n) = the n-element rows of `gathered` added in rank order.
+  void sum_gathered(void* out, DType dtype, const Tensor& gathered, int64_t n);
+  // Moves host sums on: phase 1 of the waiting sums in the order they started, then the target's
+  // completion; blocks for them when `block`. True once the target's sum is written.
+  bool advance(HostSum& target, bool block);
   void check_same(const Tensor& t, const char* op);
   [[noreturn]] void fail(const std::string& message);
 
@@ -92,6 +98,7 @@ class ProcessGroup {
   double timeout_s_ = 300;
   std::string failed_;  // set once this group can no longer be used
   std::map<int, std::unique_ptr<NcclComm>> nccl_;  // by device index
+  std::deque<std::shared_ptr<HostSum>> waiting_;  // host sums in phase 0, in the order they started
 };
 
 }  // namespace remat::dist

@@ -104,6 +104,51 @@ TEST_CASE("all_reduce sums in rank order, broadcast and all_gather copy, on ever
   world().barrier();
 }
 
+TEST_CASE("host sums of any length, several in flight, finished in any order, add in rank order", "[dist]") {
+  // Every element is summed by the rank owning its chunk: lengths below, at and past the number
+  // of ranks, uneven chunks, f32 and f64; the sums start together and finish last-first, so the
+  // later ones wait for the chunks of the earlier ones to travel first (any world size).
+  int r = world().rank(), n = world().size();
+  // Every rank's values, computed once into one table (the tensors and the expected sums read the
+  // same bits): sums of them round, so the order of the additions shows.
+  auto table = [n](int64_t len) {
+    std::vector<std::vector<double>> v(static_cast<size_t>(n), std::vector<double>(static_cast<size_t>(len)));
+    for (int k = 0; k < n; ++k)
+      for (int64_t i = 0; i < len; ++i) v[k][static_cast<size_t>(i)] = std::sqrt(0.37 * (k + 1) + 1e-3 * static_cast<double>(i));
+    return v;
+  };
+  std::vector<Tensor> tensors;
+  std::vector<std::vector<std::vector<double>>> tables;
+  std::vector<ProcessGroup::PendingSum> pending;
+  for (int64_t len : {0, 1, 2, 3, 5, 1000, 1001}) {
+    for (DType dtype : {DType::f32, DType::f64}) {
+      tables.push_back(table(len));
+      tensors.push_back(Tensor::from_vector(tables.back()[static_cast<size_t>(r)], {len}).to(dtype));
+      pending.push_back(world().start_all_reduce_sum(tensors.back()));
+    }
+  }
+  for (auto& p : pending) p.poll();
+  for (size_t k = pending.size(); k-- > 0;) pending[k].finish();
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    const Tensor& t = tensors[j];
+    bool same = true;
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      auto at = [&](int k) { return tables[j][static_cast<size_t>(k)][static_cast<size_t>(i)]; };
+      if (t.dtype() == DType::f32) {
+        float expected = static_cast<float>(at(0));
+        for (int k = 1; k < n; ++k) expected += static_cast<float>(at(k));
+        same = same && t.data<float>()[i] == expected;
+      } else {
+        double expected = at(0);
+        for (int k = 1; k < n; ++k) expected += at(k);
+        same = same && t.data<double>()[i] == expected;
+      }
+    }
+    INFO(t.meta_str() << " on " << n << " ranks");
+    CHECK(same);
+  }
+}
+
 TEST_CASE("tensors that differ across ranks are a clear error on every rank, and the group stays usable",
           "[dist][errors]") {
   Tensor t = Tensor::zeros({world().rank() == 0 ? 4 : 5});
