@@ -317,17 +317,21 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
 
 bool ProcessGroup::advance(HostSum& target, bool block) {
 #ifdef REMAT_HAVE_MPI
+  // Whether a request has completed: waited for when `block`, else tested once.
+  auto arrived = [&](MPI_Request& request) {
+    if (block) {
+      wait(&request, "all_reduce");
+      return true;
+    }
+    int done = 0;
+    MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+    return done != 0;
+  };
   // Phase 1 starts in FIFO order: the sums ahead of the target first (waited for only when the
   // caller blocks on the target, which then needs them).
   while (!waiting_.empty() && !target.done && target.phase == 0) {
     HostSum& s = *waiting_.front();
-    if (block) {
-      wait(&s.request, "all_reduce");
-    } else {
-      int arrived = 0;
-      MPI_Test(&s.request, &arrived, MPI_STATUS_IGNORE);
-      if (!arrived) return false;
-    }
+    if (!arrived(s.request)) return false;
     const int64_t len = s.chunks.size(1), at = s.offsets[static_cast<size_t>(rank_)];
     sum_gathered(static_cast<char*>(s.tensor.raw_data()) + at * static_cast<int64_t>(dtype_size(s.tensor.dtype())),
                  s.tensor.dtype(), s.chunks, len);
@@ -338,13 +342,7 @@ bool ProcessGroup::advance(HostSum& target, bool block) {
     waiting_.pop_front();
   }
   if (!target.done) {
-    if (block) {
-      wait(&target.request, "all_reduce");
-    } else {
-      int arrived = 0;
-      MPI_Test(&target.request, &arrived, MPI_STATUS_IGNORE);
-      if (!arrived) return false;
-    }
+    if (!arrived(target.request)) return false;
     target.tensor.storage()->bump_version();
     target.tensor = Tensor();
     target.done = true;
