@@ -71,6 +71,7 @@ test-tsan: deps
 
 # The reference GPT (small config) on CPU with full activation checkpointing.
 train: build
+	mkdir -p runs
 	$(BUILD)/models/remat train --model gpt --config small --policy full --steps $(TRAIN_STEPS) --device cpu --seed 0 --out runs/train
 
 # Every policy on gpt small: table on stdout, JSON/CSV/trace/plot in runs/bench.
