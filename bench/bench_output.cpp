@@ -31,8 +31,12 @@ nlohmann::json machine_info() {
       cpu = line.substr(line.find(':') + 2);
       break;
     }
-  return {{"cpu", cpu}, {"threads", omp_get_max_threads()}, {"cpu_gemm", cpu::gemm_library()}, {"compiler", std::string("g++ ") + __VERSION__},
-          {"flags", REMAT_BUILD_FLAGS}, {"git_commit", REMAT_GIT_COMMIT}};
+  return {{"cpu", cpu},
+          {"threads", omp_get_max_threads()},
+          {"cpu_gemm", cpu::gemm_library()},
+          {"compiler", std::string("g++ ") + __VERSION__},
+          {"flags", REMAT_BUILD_FLAGS},
+          {"git_commit", REMAT_GIT_COMMIT}};
 }
 
 void print_table(const std::vector<PolicyResult>& results) {

@@ -45,10 +45,14 @@ int64_t seq_of(const Key& k) {
 // data the step no longer holds counts its own size.
 class HeldBytes {
  public:
-  void add(const Key& k) {
+  // Adds a value; returns the bytes that adds (0 for a storage counted already).
+  int64_t add(const Key& k) {
     const ValueInfo& v = k.first->values[k.second];
-    if (!v.data.defined() || !v.data.storage()) total_ += value_bytes(v);
-    else if (storages_.insert(v.data.storage().get()).second) total_ += static_cast<int64_t>(v.data.storage()->bytes());
+    int64_t bytes = 0;
+    if (!v.data.defined() || !v.data.storage()) bytes = value_bytes(v);
+    else if (storages_.insert(v.data.storage().get()).second) bytes = static_cast<int64_t>(v.data.storage()->bytes());
+    total_ += bytes;
+    return bytes;
   }
   int64_t total() const { return total_; }
 
@@ -417,11 +421,7 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
       }
     }
     for (const Key& k : saved)
-      if (counted.insert(k).second) {
-        int64_t before = held.total();
-        held.add(k);
-        b.saved_bytes += held.total() - before;
-      }
+      if (counted.insert(k).second) b.saved_bytes += held.add(k);
     for (const Key& k : inputs) b.input_bytes += value_bytes(k.first->values[k.second]);
     BlockTape bt{std::move(nodes), std::move(inputs), std::move(saved), {}};
     for (size_t i = 0; i < bt.nodes.size(); ++i)
@@ -434,11 +434,7 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     if (static_cast<int64_t>(node.seq) >= spans.front().begin) continue;
     for (const SavedSlot& slot : node.saved) {
       Key k = resolve_value(at.graph, slot.value);
-      if (counts(k) && counted.insert(k).second) {
-        int64_t before = held.total();
-        held.add(k);
-        p.step.pre_saved += held.total() - before;
-      }
+      if (counts(k) && counted.insert(k).second) p.step.pre_saved += held.add(k);
     }
   }
   try {

@@ -47,8 +47,8 @@ bool blas_is_faster() {
 std::atomic<int> g_use_blas{-1};
 
 int choice_for(const std::string& name, const char* what) {
-  REMAT_CHECK(name == "auto" || name == "openblas" || name == "eigen", what, ": expected auto, openblas or eigen, got '",
-              name, "'");
+  REMAT_CHECK(name == "auto" || name == "openblas" || name == "eigen", what,
+              ": expected auto, openblas or eigen, got '", name, "'");
 #ifdef REMAT_HAVE_CBLAS
   return name == "auto" ? blas_is_faster() : name == "openblas";
 #else
