@@ -39,12 +39,15 @@ double median_seconds(Device device, int repeats, const std::function<void()>& b
   return times[times.size() / 2];
 }
 
-// Both CPU GEMM libraries at 1024^3 and at gpt small's linear shapes, interleaved (three rounds,
-// the median of each library's round medians), so that the automatic choice can be checked here.
+// Every CPU GEMM library of this build at 1024^3 and at gpt small's linear shapes, interleaved
+// (three rounds, the median of each library's round medians), so that the automatic choice can be
+// checked here.
 void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
-  const std::string chosen = cpu::gemm_library().rfind("eigen", 0) == 0 ? "eigen" : "openblas";
-  fmt::print("{:<10} {:>22} {:>12} {:>10}   (chosen: {})\n", "cpu gemm", "shape (M x K x N)", "eigen", "openblas",
-             chosen);
+  const std::vector<std::string> libraries = cpu::gemm_libraries();  // the chosen one first
+  const std::string& chosen = libraries.front();
+  fmt::print("{:<10} {:>22}", "cpu gemm", "shape (M x K x N)");
+  for (const std::string& library : libraries) fmt::print(" {:>10}", library);
+  fmt::print("   (chosen: {})\n", chosen);
   struct Shape3 {
     int64_t m, k, n;
   };
@@ -52,20 +55,22 @@ void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
     Tensor a = Tensor::randn({g.m, g.k}), b = Tensor::randn({g.k, g.n});
     std::map<std::string, std::vector<double>> seconds;
     for (int round = 0; round < 3; ++round)
-      for (const char* library : {"eigen", "openblas"}) {
+      for (const std::string& library : libraries) {
         cpu::set_gemm_library(library);
         seconds[library].push_back(median_seconds(Device::cpu(), repeats, [&] { matmul(a, b); }));
       }
-    double flops = 2.0 * g.m * g.k * g.n;
-    auto gflops = [&](std::vector<double> s) {
+    const double flops = 2.0 * g.m * g.k * g.n;
+    nlohmann::json row = {{"op", "cpu gemm libraries"}, {"m", g.m}, {"k", g.k}, {"n", g.n}, {"chosen", chosen}};
+    fmt::print("{:<10} {:>22}", "matmul", fmt::format("{} x {} x {}", g.m, g.k, g.n));
+    for (const std::string& library : libraries) {
+      std::vector<double>& s = seconds[library];
       std::sort(s.begin(), s.end());
-      return flops / s[s.size() / 2] / 1e9;
-    };
-    double eigen = gflops(seconds["eigen"]), openblas = gflops(seconds["openblas"]);
-    fmt::print("{:<10} {:>22} {:>12.1f} {:>10.1f}   GFLOP/s\n", "matmul", fmt::format("{} x {} x {}", g.m, g.k, g.n),
-               eigen, openblas);
-    rows.push_back({{"op", "cpu gemm libraries"}, {"m", g.m}, {"k", g.k}, {"n", g.n}, {"eigen_gflops", eigen},
-                    {"openblas_gflops", openblas}, {"chosen", chosen}});
+      const double gflops = flops / s[s.size() / 2] / 1e9;
+      fmt::print(" {:>10.1f}", gflops);
+      row[library + "_gflops"] = gflops;
+    }
+    fmt::print("   GFLOP/s\n");
+    rows.push_back(row);
   }
   cpu::set_gemm_library(chosen);
 }
@@ -97,7 +102,7 @@ int run_ops(const OpsOptions& options) {
       rows.push_back({{"op", op}, {"m", g.m}, {"k", g.k}, {"n", g.n}, {"median_ms", s * 1e3}, {"gflops", flops / s / 1e9}});
     }
   }
-  if (device.is_cpu() && cpu::gemm_library() != "eigen") compare_cpu_gemms(options.repeats, rows);
+  if (device.is_cpu() && cpu::gemm_libraries().size() > 1) compare_cpu_gemms(options.repeats, rows);
   // Fused ops at GPT-small sizes (B 8, T 128, C 256, H 8).
   Tensor x = Tensor::randn({8 * 128, 256}).to(device);
   Tensor gamma = Tensor::ones({256}).to(device), beta = Tensor::zeros({256}).to(device);

@@ -1,5 +1,5 @@
-// CPU GEMM: CBLAS when a BLAS was configured (REMAT_HAVE_CBLAS), else Eigen's GEMM on mapped,
-// strided matrices; with both, the faster of the two for this process's CPU and kernels.
+// CPU GEMM: CBLAS when a BLAS was configured (REMAT_HAVE_CBLAS), remat's own AVX-512 SGEMM, or
+// Eigen's GEMM on mapped, strided matrices; the fastest of those for this process's CPU and kernels.
 #include "kernels/cpu/gemm.h"
 
 #include <Eigen/Core>
@@ -15,11 +15,15 @@
 #include <cblas.h>
 #endif
 
+#include "kernels/cpu/sgemm_avx512.h"
 #include "runtime/error.h"
 
 namespace remat::cpu {
 
 namespace {
+
+// The libraries that can run the GEMMs.
+enum class Library { eigen, openblas, avx512 };
 
 #ifdef REMAT_HAVE_CBLAS
 // OpenBLAS's kernel sets that use AVX-512 (its corename, lower case).
@@ -28,45 +32,48 @@ bool blas_kernels_use_avx512() {
   std::transform(core.begin(), core.end(), core.begin(), [](unsigned char ch) { return std::tolower(ch); });
   return core == "skylakex" || core == "cooperlake" || core == "sapphirerapids";
 }
-
-// The automatic choice: the BLAS, except where Eigen was compiled for AVX-512 and OpenBLAS runs
-// AVX2 kernels; there Eigen's GEMM is 1.1-1.3x faster at 1024^3 and at gpt small's shapes
-// (measured on an AVX-512 AMD EPYC whose environment sets OPENBLAS_CORETYPE=Haswell, since old
-// OpenBLAS builds misbehave on new CPUs; docs/results/cpu.md). Both split only rows and columns of
-// C among threads, so either is deterministic for a fixed thread count.
-bool blas_is_faster() {
-#ifdef EIGEN_VECTORIZE_AVX512
-  return blas_kernels_use_avx512();
-#else
-  return true;
-#endif
-}
 #endif
 
-// Which library runs the GEMMs: -1 not decided yet, 0 Eigen, 1 the BLAS.
-std::atomic<int> g_use_blas{-1};
-
-int choice_for(const std::string& name, const char* what) {
-  REMAT_CHECK(name == "auto" || name == "openblas" || name == "eigen", what,
-              ": expected auto, openblas or eigen, got '", name, "'");
+// The automatic choice: the BLAS when its kernels use AVX-512 or the build lacks AVX-512; else
+// remat's AVX-512 SGEMM (f64 through Eigen's AVX-512 GEMM). On an AVX-512 AMD EPYC whose environment
+// sets OPENBLAS_CORETYPE=Haswell (old OpenBLAS builds misbehave on new CPUs), the AVX-512 SGEMM runs
+// 1.5-1.8x OpenBLAS's AVX2 kernels and Eigen's GEMM 1.1-1.3x them (docs/results/cpu.md). All three
+// split only rows and columns of C among threads, so each is deterministic for a fixed thread count.
+Library automatic() {
 #ifdef REMAT_HAVE_CBLAS
-  return name == "auto" ? blas_is_faster() : name == "openblas";
-#else
-  REMAT_CHECK(name != "openblas", what, ": this build of remat has no BLAS (meson option -Dblas), only Eigen's GEMM");
-  return 0;
+  if (!sgemm_avx512_built() || blas_kernels_use_avx512()) return Library::openblas;
 #endif
+  return sgemm_avx512_built() ? Library::avx512 : Library::eigen;
+}
+
+// Which library runs the GEMMs: -1 not decided yet, else a Library.
+std::atomic<int> g_library{-1};
+
+Library choice_for(const std::string& name, const char* what) {
+  REMAT_CHECK(name == "auto" || name == "openblas" || name == "eigen" || name == "avx512", what,
+              ": expected auto, avx512, openblas or eigen, got '", name, "'");
+  if (name == "auto") return automatic();
+  if (name == "avx512") {
+    REMAT_CHECK(sgemm_avx512_built(), what, ": this build of remat was not compiled for AVX-512 (meson option "
+                "-Dnative on an AVX-512 CPU)");
+    return Library::avx512;
+  }
+#ifndef REMAT_HAVE_CBLAS
+  REMAT_CHECK(name != "openblas", what, ": this build of remat has no BLAS (meson option -Dblas), only Eigen's GEMM");
+#endif
+  return name == "openblas" ? Library::openblas : Library::eigen;
 }
 
 // Decided at the first GEMM from REMAT_CPU_GEMM (auto when unset), then fixed unless a test or
 // benchmark calls set_gemm_library.
-bool use_blas() {
-  int v = g_use_blas.load(std::memory_order_relaxed);
+Library library() {
+  int v = g_library.load(std::memory_order_relaxed);
   if (v < 0) {
     const char* env = std::getenv("REMAT_CPU_GEMM");
-    v = choice_for(env ? env : "auto", "REMAT_CPU_GEMM");
-    g_use_blas.store(v, std::memory_order_relaxed);
+    v = static_cast<int>(choice_for(env ? env : "auto", "REMAT_CPU_GEMM"));
+    g_library.store(v, std::memory_order_relaxed);
   }
-  return v == 1;
+  return static_cast<Library>(v);
 }
 
 #ifdef REMAT_HAVE_CBLAS
@@ -102,8 +109,11 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
+  const Library lib = library();
+  if constexpr (std::is_same_v<T, float>)
+    if (lib == Library::avx512) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #ifdef REMAT_HAVE_CBLAS
-  if (use_blas()) {
+  if (lib == Library::openblas) {
     auto op = [](bool t) { return t ? CblasTrans : CblasNoTrans; };
     if constexpr (std::is_same_v<T, float>)
       cblas_sgemm(CblasRowMajor, op(ta), op(tb), blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"), alpha, a,
@@ -113,8 +123,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
                   blas_int(lda, "lda"), b, blas_int(ldb, "ldb"), beta, c, blas_int(ldc, "ldc"));
     return;
   }
-#else
-  use_blas();  // checks REMAT_CPU_GEMM: asking for a BLAS this build lacks is an error
 #endif
   eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -124,14 +132,30 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
                            int64_t, double, double*, int64_t);
 
-void set_gemm_library(const std::string& name) { g_use_blas.store(choice_for(name, "set_gemm_library")); }
+void set_gemm_library(const std::string& name) {
+  g_library.store(static_cast<int>(choice_for(name, "set_gemm_library")));
+}
+
+std::vector<std::string> gemm_libraries() {
+  const char* names[] = {"eigen", "openblas", "avx512"};
+  std::vector<std::string> out = {names[static_cast<int>(library())]};
+  if (sgemm_avx512_built() && library() != Library::avx512) out.push_back("avx512");
+#ifdef REMAT_HAVE_CBLAS
+  if (library() != Library::openblas) out.push_back("openblas");
+#endif
+  if (library() != Library::eigen) out.push_back("eigen");
+  return out;
+}
 
 std::string gemm_library() {
+  std::string chosen = library() == Library::avx512 ? "avx512 (f64: eigen)"
+                       : library() == Library::eigen ? "eigen"
+                                                     : "openblas";
 #ifdef REMAT_HAVE_CBLAS
   std::string blas = std::string("openblas (") + openblas_get_corename() + " kernels)";
-  return use_blas() ? blas : "eigen (beside " + blas + ")";
+  return library() == Library::openblas ? blas : chosen + " beside " + blas;
 #else
-  return "eigen";
+  return chosen;
 #endif
 }
 

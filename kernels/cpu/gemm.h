@@ -1,12 +1,14 @@
 // The CPU GEMM every kernel uses: row-major C = alpha op(A) op(B) + beta C with leading dimensions,
-// through the tuned BLAS remat was built with (meson option -Dblas: OpenBLAS by default), or Eigen's
-// own GEMM without one. Deterministic for a fixed thread count and kernel set (the BLAS splits rows
-// and columns of C among threads, never the sum over k); inside an OpenMP parallel region it runs on
-// the calling thread alone.
+// through the tuned BLAS remat was built with (meson option -Dblas: OpenBLAS by default), remat's
+// own AVX-512 SGEMM (kernels/cpu/sgemm_avx512.h) where the BLAS runs older kernels, or Eigen's GEMM.
+// Deterministic for a fixed thread count and kernel set (each library splits rows and columns of C
+// among threads, never the sum over k); inside an OpenMP parallel region it runs on the calling
+// thread alone.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace remat::cpu {
 
@@ -14,13 +16,17 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc);
 
-// Which GEMM that is: "openblas (<kernel set> kernels)" with the set OpenBLAS chose at start-up
-// (from the CPU, or the environment's OPENBLAS_CORETYPE), or "eigen".
+// Which GEMM that is, its library's name first: "openblas (<kernel set> kernels)" with the set
+// OpenBLAS chose at start-up (from the CPU, or the environment's OPENBLAS_CORETYPE), or "avx512
+// (f64: eigen) beside openblas (...)", or "eigen ...".
 std::string gemm_library();
+// The libraries this build can run GEMMs with, the chosen one first: of "avx512", "openblas", "eigen".
+std::vector<std::string> gemm_libraries();
 
-// Which library runs the GEMMs from now on: "auto" (the BLAS, unless Eigen's AVX-512 GEMM beats the
-// BLAS's kernels: gemm.cpp), "openblas" or "eigen". The environment variable REMAT_CPU_GEMM sets
-// the first choice; tests and benchmarks that compare the two call this between GEMMs.
+// Which library runs the GEMMs from now on: "auto" (the BLAS, unless it runs older kernels than
+// the CPU has and remat's AVX-512 SGEMM is built: gemm.cpp), "avx512" (f32; f64 through Eigen),
+// "openblas" or "eigen". The environment variable REMAT_CPU_GEMM sets the first choice; tests and
+// benchmarks that compare them call this between GEMMs.
 void set_gemm_library(const std::string& name);
 
 }  // namespace remat::cpu

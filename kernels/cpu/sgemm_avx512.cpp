@@ -1,0 +1,239 @@
+// remat's AVX-512 f32 GEMM: the loops of a BLIS-style GEMM (panels of op(B) kept in L2/L3, blocks
+// of op(A) in L2, a 14 x 32 tile of C in registers) over one micro-kernel of broadcast FMAs.
+#include "kernels/cpu/sgemm_avx512.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <exception>
+#include <memory>
+#include <new>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "runtime/error.h"
+
+namespace remat::cpu {
+
+#ifdef __AVX512F__
+
+namespace {
+
+// The register tile: 14 rows x 32 columns of C is 28 accumulators, plus two of B and one
+// broadcast of A: 31 of the 32 vector registers.
+constexpr int64_t kMR = 14, kNR = 32;
+// Depth of a packed block: a 32-column panel of B (kKC x 32 floats, 32 KiB) stays in the 48 KiB L1
+// while the kernel sweeps the panels of A; a block of A (kMC x kKC, 336 KiB) and of B (kKC x kNC,
+// 512 KiB) share the L2 of recent cores, whose size these were measured on (docs/results/cpu.md).
+constexpr int64_t kKC = 256, kMC = 24 * kMR, kNC = 512;
+
+// One thread's packing buffers, kept for the thread's life (two allocations per thread in all).
+struct PackBuffers {
+  struct Free {
+    void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  using Buffer = std::unique_ptr<float[], Free>;
+  static Buffer make(int64_t floats) {
+    return Buffer(static_cast<float*>(::operator new[](floats * sizeof(float), std::align_val_t(64))));
+  }
+  Buffer a = make(kMC * kKC), b = make(kKC * kNC);
+};
+
+PackBuffers& pack_buffers() {
+  thread_local PackBuffers buffers;
+  return buffers;
+}
+
+__mmask16 lanes(int64_t count) {
+  return count >= 16 ? 0xFFFF : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// r[i][j] becomes r[j][i]: three rounds of shuffles, over pairs, quads and 128-bit lanes.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// Copies `rows` (at most 16) rows of `depth` floats, row i at src + i * stride, with the two indices
+// swapped: out[p * out_stride + i], `width` values for each p (rows past `rows` give zeros).
+// Sixteen values of each row at a time, transposed in registers.
+void pack_transposed(const float* src, int64_t stride, int64_t rows, int64_t depth, float* out, int64_t out_stride,
+                     int64_t width) {
+  const __mmask16 row_lanes = lanes(width);
+  __m512 r[16];
+  for (int64_t p = 0; p < depth; p += 16) {
+    const int64_t count = std::min<int64_t>(16, depth - p);
+    const __mmask16 mask = lanes(count);
+    for (int64_t i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, src + i * stride + p) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int64_t q = 0; q < count; ++q) _mm512_mask_storeu_ps(out + (p + q) * out_stride, row_lanes, r[q]);
+  }
+}
+
+// Rows [i0, i0 + mc) and depth [p0, p0 + kc) of op(A), as panels of kMR rows: for each p, the
+// panel's kMR values in a row; rows past mc are zeros, so edge tiles run the same kernel.
+void pack_a(bool ta, const float* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float* out) {
+  for (int64_t ir = 0; ir < mc; ir += kMR, out += kc * kMR) {
+    const int64_t rows = std::min(kMR, mc - ir);
+    if (ta) {  // op(A)(i, p) = a[p][i]: each p's values are contiguous
+      const __mmask16 mask = lanes(rows);
+      for (int64_t p = 0; p < kc; ++p)
+        _mm512_mask_storeu_ps(out + p * kMR, lanes(kMR), _mm512_maskz_loadu_ps(mask, a + (p0 + p) * lda + i0 + ir));
+    } else {  // rows of a, transposed sixteen values at a time
+      pack_transposed(a + (i0 + ir) * lda + p0, lda, rows, kc, out, kMR, kMR);
+    }
+  }
+}
+
+// Depth [p0, p0 + kc) and columns [j0, j0 + nc) of op(B), as panels of kNR columns: for each p,
+// the panel's kNR values in a row; columns past nc are zeros.
+void pack_b(bool tb, const float* b, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* out) {
+  for (int64_t jr = 0; jr < nc; jr += kNR, out += kc * kNR) {
+    const int64_t cols = std::min(kNR, nc - jr);
+    if (!tb) {
+      const __mmask16 lo = lanes(cols), hi = lanes(cols - 16);
+      for (int64_t p = 0; p < kc; ++p) {
+        const float* src = b + (p0 + p) * ldb + j0 + jr;
+        _mm512_store_ps(out + p * kNR, _mm512_maskz_loadu_ps(lo, src));
+        _mm512_store_ps(out + p * kNR + 16, _mm512_maskz_loadu_ps(hi, src + 16));
+      }
+    } else {  // op(B)(p, j) = b[j][p]: rows of b, transposed sixteen values at a time
+      for (int64_t half = 0; half < 2; ++half)
+        pack_transposed(b + (j0 + jr + 16 * half) * ldb + p0, ldb, std::max<int64_t>(0, cols - 16 * half), kc,
+                        out + 16 * half, kNR, 16);
+    }
+  }
+}
+
+// The first mr rows and nr columns of the tile at c: alpha (A panel . B panel) + beta c, where
+// beta = 0 does not read c. Every element goes through the same operations whatever mr and nr.
+void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                  int64_t mr, int64_t nr, float alpha, float beta) {
+  __m512 acc0[kMR], acc1[kMR];
+#pragma GCC unroll 14
+  for (int i = 0; i < kMR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kc; ++p, ap += kMR, bp += kNR) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < kMR; ++i) {
+      const __m512 ai = _mm512_set1_ps(ap[i]);
+      acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+    }
+  }
+  const __mmask16 lo = lanes(nr), hi = lanes(nr - 16);
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    float* row = c + i * ldc;
+    __m512 r0 = _mm512_mul_ps(va, acc0[i]), r1 = _mm512_mul_ps(va, acc1[i]);
+    if (beta != 0.0f) {
+      r0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, row), r0);
+      r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, row + 16), r1);
+    }
+    _mm512_mask_storeu_ps(row, lo, r0);
+    _mm512_mask_storeu_ps(row + 16, hi, r1);
+  }
+}
+
+// One thread's GEMM over all of its C: a, b and c point at its first row / column.
+void sgemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  PackBuffers& buf = pack_buffers();
+  for (int64_t jc = 0; jc < n; jc += kNC) {
+    const int64_t nc = std::min(kNC, n - jc);
+    for (int64_t pc = 0; pc < k; pc += kKC) {
+      const int64_t kc = std::min(kKC, k - pc);
+      const float block_beta = pc == 0 ? beta : 1.0f;  // later blocks add to what the first wrote
+      pack_b(tb, b, ldb, pc, kc, jc, nc, buf.b.get());
+      for (int64_t ic = 0; ic < m; ic += kMC) {
+        const int64_t mc = std::min(kMC, m - ic);
+        pack_a(ta, a, lda, ic, mc, pc, kc, buf.a.get());
+        for (int64_t jr = 0; jr < nc; jr += kNR)
+          for (int64_t ir = 0; ir < mc; ir += kMR)
+            micro_kernel(kc, buf.a.get() + ir * kc, buf.b.get() + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc,
+                         std::min(kMR, mc - ir), std::min(kNR, nc - jr), alpha, block_beta);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool sgemm_avx512_built() { return true; }
+
+void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // no products: C = beta C
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  // Each thread takes whole tiles of C, by rows or by columns, and packs the other operand whole:
+  // split the rows when that repeats the smaller packing (B is k x n, A is m x k).
+  const bool split_rows = n <= m;
+  const int64_t tiles = split_rows ? (m + kMR - 1) / kMR : (n + kNR - 1) / kNR;
+  const int64_t tile = split_rows ? kMR : kNR;
+  if (threads <= 0) threads = omp_get_max_threads();
+  if (omp_in_parallel()) threads = 1;
+  // Below about a million multiply-adds a thread, waking the others costs more than it saves.
+  threads = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(m * n * k / (1 << 20), tiles), 1, threads));
+  if (threads == 1) return sgemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  std::exception_ptr failure;  // a thread's packing buffers may fail to allocate: rethrown here
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+    const int64_t first = tiles * t / count * tile;
+    const int64_t last = std::min(tiles * (t + 1) / count * tile, split_rows ? m : n);
+    try {
+      if (last > first && split_rows)
+        sgemm_serial(ta, tb, last - first, n, k, alpha, ta ? a + first : a + first * lda, lda, b, ldb, beta,
+                     c + first * ldc, ldc);
+      else if (last > first)
+        sgemm_serial(ta, tb, m, last - first, k, alpha, a, lda, tb ? b + first * ldb : b + first, ldb, beta,
+                     c + first, ldc);
+    } catch (...) {
+#pragma omp critical(remat_sgemm_failure)
+      failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+#else  // no AVX-512 in this build
+
+bool sgemm_avx512_built() { return false; }
+
+void sgemm_avx512(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
+                  float*, int64_t, int) {
+  REMAT_FAIL("sgemm_avx512: this build of remat was not compiled for AVX-512 (meson option -Dnative on an "
+             "AVX-512 CPU)");
+}
+
+#endif
+
+}  // namespace remat::cpu
