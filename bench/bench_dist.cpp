@@ -4,6 +4,9 @@
 //   all-reduce: average_gradients() after that backward, nothing left to overlap with;
 //   overlapped: forward and DataParallel::backward, buckets sent as backward finishes them.
 // The exposed communication is overlapped - compute; the hidden part 1 - exposed / all-reduce.
+// Then, without checkpointing, the optimizer step of plain data parallel (all-reduce, clipping,
+// AdamW) against ZeRO-1's (reduce-scatter, sharded clipping, ShardedAdamW with its all-gather):
+// time and optimizer state per rank, from the allocator's optimizer category.
 // Ranks meet at a barrier before each measurement, so that one rank's lead is not counted as
 // another's communication.
 #include "bench_dist.h"
@@ -20,6 +23,7 @@
 #include "bench_output.h"
 #include "bench_subject.h"
 #include "dist/data_parallel.h"
+#include "dist/sharded_adamw.h"
 #include "remat.h"
 
 namespace remat::bench {
@@ -51,6 +55,58 @@ struct DataParallelResult {
   int64_t buckets = 0, buckets_sent_during_backward = 0;
   bool grads_bitwise_equal = true;  // the averaged gradients against none's
 };
+
+struct OptimizerResult {
+  std::string name;
+  double step_ms = 0;           // averaging (or reduce-scatter), clipping and the update
+  int64_t state_bytes = 0;      // this rank's optimizer category after the first step
+};
+
+// Plain data parallel's optimizer step against ZeRO-1's, each from the same parameters.
+std::vector<OptimizerResult> compare_optimizers(Subject& subject, dist::ProcessGroup& world, int64_t bucket_bytes,
+                                                const PolicyOptions& o) {
+  Module& model = subject.model();
+  remove_checkpointing(model);
+  std::vector<Tensor> params = model.parameters();
+  std::vector<Tensor> start;
+  for (const Tensor& p : params) start.push_back(p.clone());
+  Allocator& alloc = allocator_for(Device::cpu());
+  std::vector<OptimizerResult> out;
+  for (bool zero1 : {false, true}) {
+    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(start[i]);
+    const int64_t before = alloc.stats()[MemoryCategory::optimizer].current;
+    dist::DataParallel dp(model.named_parameters(), world, bucket_bytes, zero1);
+    std::unique_ptr<AdamW> plain;
+    std::unique_ptr<dist::ShardedAdamW> sharded;
+    if (zero1) sharded = std::make_unique<dist::ShardedAdamW>(model.named_parameters(), dist::ShardedAdamWOptions{},
+                                                              world, bucket_bytes);
+    else plain = std::make_unique<AdamW>(model.named_parameters());
+    OptimizerResult r{zero1 ? "ZeRO-1" : "AdamW", 0, 0};
+    std::vector<double> times;
+    for (int i = 0; i < o.warmup + o.steps; ++i) {
+      for (Tensor& p : params) p.zero_grad();
+      backward(subject.loss());
+      world.barrier();
+      auto t0 = std::chrono::steady_clock::now();
+      dp.average_gradients();
+      if (zero1) {
+        sharded->clip_grad_norm(1.0);
+        sharded->step(1e-4);
+      } else {
+        clip_grad_norm(params, 1.0);
+        plain->step(1e-4);
+      }
+      double ms = ms_since(t0);
+      if (i == 0) r.state_bytes = alloc.stats()[MemoryCategory::optimizer].current - before;
+      if (i >= o.warmup) times.push_back(ms);
+    }
+    r.step_ms = median(times);
+    out.push_back(r);
+  }
+  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(start[i]);
+  for (Tensor& p : params) p.zero_grad();
+  return out;
+}
 
 }  // namespace
 
@@ -114,6 +170,7 @@ int run_data_parallel(const PolicyOptions& o, const DataParallelBenchOptions& d)
     r.grads_bitwise_equal = grads == reference;
     results.push_back(r);
   }
+  std::vector<OptimizerResult> optimizers = compare_optimizers(subject, world, bucket_bytes, o);
   if (!lead) return 0;
   fmt::print("{:<14} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}  {}\n", "policy", "compute ms", "allreduce", "overlapped",
              "exposed", "hidden", "buckets", "grads vs first");
@@ -122,6 +179,11 @@ int run_data_parallel(const PolicyOptions& o, const DataParallelBenchOptions& d)
                r.all_reduce_ms, r.overlapped_ms, std::max(0.0, r.overlapped_ms - r.compute_ms), 100 * r.hidden,
                r.buckets_sent_during_backward, r.buckets, r.grads_bitwise_equal ? "bitwise" : "DIFFER");
   fmt::print("(rank 0's medians; buckets: sent during backward / all; hidden = 1 - (overlapped - compute) / allreduce)\n");
+  fmt::print("\n{:<10} {:>28} {:>22}\n", "optimizer", "average, clip, update ms", "state MiB on rank 0");
+  for (const auto& r : optimizers)
+    fmt::print("{:<10} {:>28.1f} {:>22.2f}\n", r.name, r.step_ms, r.state_bytes / 1048576.0);
+  fmt::print("(AdamW: gradients all-reduced; ZeRO-1: reduce-scattered, each rank updates its share, then an "
+             "all-gather of the parameters)\n");
   if (!o.json_path.empty()) {
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& r : results)
@@ -133,6 +195,8 @@ int run_data_parallel(const PolicyOptions& o, const DataParallelBenchOptions& d)
                           {"run", {{"model", o.model}, {"config", subject.config()}, {"ranks", world.size()},
                                    {"bucket_mib", d.bucket_mib}, {"steps", o.steps}, {"warmup", o.warmup}}},
                           {"data_parallel", rows}};
+    for (const auto& r : optimizers)
+      doc["optimizers"].push_back({{"optimizer", r.name}, {"step_ms", r.step_ms}, {"state_bytes", r.state_bytes}});
     std::ofstream(o.json_path) << doc.dump(2) << "\n";
   }
   for (const auto& r : results)

@@ -112,6 +112,7 @@ struct HostSum {
 #endif
   int phase = 0;
   bool done = false;
+  bool scatter_only = false;  // done after phase 0 (a reduce-scatter)
   std::vector<int> counts, offsets;      // chunk r: counts[r] elements at offsets[r] (must outlive the calls)
   std::vector<int> mine, mine_offsets;   // this rank's chunk as sent by each rank
 };
@@ -288,6 +289,49 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
     pending.done_ = true;
     return pending;
   }
+  const int64_t n = t.numel();
+  std::vector<int64_t> counts;
+  for (int r = 0; r < size_; ++r) counts.push_back(n / size_ + (r < n % size_ ? 1 : 0));
+  return start_host_sum(t, counts, /*scatter_only=*/false);
+}
+
+void ProcessGroup::check_chunked(const Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked,
+                                 const char* op) {
+  if (shapes_checked) {
+    REMAT_CHECK(failed_.empty(), op, ": the process group failed earlier (", failed_, ")");
+    check_tensor(t, op);
+  } else {
+    check_same(t, op);
+  }
+  REMAT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, op, ": expected f32 or f64, got ", t.meta_str());
+  REMAT_CHECK(static_cast<int>(counts.size()) == size_, op, ": expected one chunk size per rank (", size_,
+              "), got ", counts.size());
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    REMAT_CHECK(c >= 0, op, ": expected chunk sizes >= 0, got ", c);
+    total += c;
+  }
+  REMAT_CHECK(total == t.numel(), op, ": the chunks hold ", total, " elements, the tensor ", t.numel());
+  REMAT_CHECK(total <= INT32_MAX, op, ": expected at most 2^31 - 1 elements per call, got ", total);
+}
+
+ProcessGroup::PendingSum ProcessGroup::start_reduce_scatter_sum(Tensor& t, const std::vector<int64_t>& counts,
+                                                                bool shapes_checked) {
+  check_chunked(t, counts, shapes_checked, "reduce_scatter");
+  if (t.device().is_cuda()) return start_all_reduce_sum(t, /*shapes_checked=*/true);
+  if (size_ == 1) {
+    PendingSum pending;
+    pending.group_ = this;
+    pending.done_ = true;
+    return pending;
+  }
+  return start_host_sum(t, counts, /*scatter_only=*/true);
+}
+
+ProcessGroup::PendingSum ProcessGroup::start_host_sum(Tensor& t, const std::vector<int64_t>& counts,
+                                                      bool scatter_only) {
+  PendingSum pending;
+  pending.group_ = this;
 #ifdef REMAT_HAVE_MPI
   // Each element summed in rank order by the rank owning its chunk (HostSum): the same bits on
   // every rank and every run, and the same as adding whole gathered tensors in rank order.
@@ -295,11 +339,11 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
   REMAT_CHECK(n <= INT32_MAX, "all_reduce: expected at most 2^31 - 1 elements per call, got ", n);
   auto sum = std::make_shared<HostSum>();
   sum->tensor = t;
+  sum->scatter_only = scatter_only;
   for (int r = 0, at = 0; r < size_; ++r) {
-    int len = static_cast<int>(n / size_ + (r < n % size_ ? 1 : 0));
-    sum->counts.push_back(len);
+    sum->counts.push_back(static_cast<int>(counts[static_cast<size_t>(r)]));
     sum->offsets.push_back(at);
-    at += len;
+    at += sum->counts.back();
   }
   const int len = sum->counts[static_cast<size_t>(rank_)];
   for (int r = 0; r < size_; ++r) {
@@ -311,8 +355,41 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
                  sum->mine.data(), sum->mine_offsets.data(), mpi_type(t.dtype()), mpi().comm, &sum->request);
   waiting_.push_back(sum);
   pending.sum_ = sum;
+#else
+  (void)t, (void)counts, (void)scatter_only;
+  pending.done_ = true;
 #endif
   return pending;
+}
+
+void ProcessGroup::all_gather_chunks(Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked) {
+  check_chunked(t, counts, shapes_checked, "all_gather");
+  if (t.device().is_cuda()) {  // each chunk broadcast from its rank
+    int64_t at = 0;
+    for (int r = 0; r < size_; ++r) {
+      const int64_t len = counts[static_cast<size_t>(r)];
+      if (len > 0) {
+        Tensor chunk = t.view({len}, {1}, t.offset() + at);
+        broadcast(chunk, r);
+      }
+      at += len;
+    }
+    return;
+  }
+  if (size_ == 1) return;
+#ifdef REMAT_HAVE_MPI
+  std::vector<int> lens, offsets;
+  for (int r = 0, at = 0; r < size_; ++r) {
+    lens.push_back(static_cast<int>(counts[static_cast<size_t>(r)]));
+    offsets.push_back(at);
+    at += lens.back();
+  }
+  MPI_Request req;
+  MPI_Iallgatherv(MPI_IN_PLACE, 0, mpi_type(t.dtype()), t.raw_data(), lens.data(), offsets.data(), mpi_type(t.dtype()),
+                  mpi().comm, &req);
+  wait(&req, "all_gather");
+  t.storage()->bump_version();
+#endif
 }
 
 bool ProcessGroup::advance(HostSum& target, bool block) {
@@ -330,16 +407,23 @@ bool ProcessGroup::advance(HostSum& target, bool block) {
   // Phase 1 starts in FIFO order: the sums ahead of the target first (waited for only when the
   // caller blocks on the target, which then needs them).
   while (!waiting_.empty() && !target.done && target.phase == 0) {
-    HostSum& s = *waiting_.front();
+    const std::shared_ptr<HostSum> held = waiting_.front();  // alive past pop_front
+    HostSum& s = *held;
     if (!arrived(s.request)) return false;
     const int64_t len = s.chunks.size(1), at = s.offsets[static_cast<size_t>(rank_)];
     sum_gathered(static_cast<char*>(s.tensor.raw_data()) + at * static_cast<int64_t>(dtype_size(s.tensor.dtype())),
                  s.tensor.dtype(), s.chunks, len);
     s.chunks = Tensor();
     s.phase = 1;
+    waiting_.pop_front();
+    if (s.scatter_only) {  // no phase 1: this rank's chunk is its result
+      s.tensor.storage()->bump_version();
+      s.tensor = Tensor();
+      s.done = true;
+      continue;
+    }
     MPI_Iallgatherv(MPI_IN_PLACE, 0, mpi_type(s.tensor.dtype()), s.tensor.raw_data(), s.counts.data(),
                     s.offsets.data(), mpi_type(s.tensor.dtype()), mpi().gather_comm, &s.request);
-    waiting_.pop_front();
   }
   if (!target.done) {
     if (!arrived(target.request)) return false;

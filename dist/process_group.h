@@ -62,6 +62,14 @@ class ProcessGroup {
   // dtype here (DataParallel checks its buckets' layout once); skips the exchange of descriptions,
   // a round trip that would make each rank wait for the others before its data can leave.
   PendingSum start_all_reduce_sum(Tensor& t, bool shapes_checked = false);
+  // The first half of an all-reduce, started now and finished later as above: t is this rank's
+  // values, laid out as consecutive chunks of counts[r] elements, one per rank in rank order (the
+  // same counts on every rank). Once finished, chunk r of t on rank r holds the sum over ranks,
+  // added in rank order (all_reduce_sum's bits there); the other chunks are unspecified. On the
+  // host it moves (P - 1) / P of the tensor per rank; CUDA tensors get the whole all_reduce_sum.
+  PendingSum start_reduce_scatter_sum(Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked = false);
+  // The other half, in place: chunk r of t (laid out by counts as above) from rank r, on every rank.
+  void all_gather_chunks(Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked = false);
   // In place: `root`'s data on every rank.
   void broadcast(Tensor& t, int root = 0);
   // [size, ...t.shape]: every rank's t, in rank order.
@@ -88,9 +96,15 @@ class ProcessGroup {
   void wait(void* request, const char* op);
   // out[0, n) = the n-element rows of `gathered` added in rank order.
   void sum_gathered(void* out, DType dtype, const Tensor& gathered, int64_t n);
+  // Starts a host sum of t over ranks, chunk r (counts[r] elements) summed by rank r; gathered
+  // everywhere afterwards unless `scatter_only`.
+  PendingSum start_host_sum(Tensor& t, const std::vector<int64_t>& counts, bool scatter_only);
   // Moves host sums on: phase 1 of the waiting sums in the order they started, then the target's
   // completion; blocks for them when `block`. True once the target's sum is written.
   bool advance(HostSum& target, bool block);
+  // The checks every collective makes first: the group is usable, t is a contiguous f32/f64 tensor
+  // (the same on every rank unless shapes_checked), counts has one entry per rank summing to t's size.
+  void check_chunked(const Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked, const char* op);
   void check_same(const Tensor& t, const char* op);
   [[noreturn]] void fail(const std::string& message);
 

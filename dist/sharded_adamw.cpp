@@ -1,7 +1,10 @@
-// ZeRO-1 AdamW: moments sharded by parameter, updates by their owner, values broadcast from it.
+// ZeRO-1 AdamW: moments sharded by parameter, updates by their owner, values all-gathered by bucket.
 #include "dist/sharded_adamw.h"
 
+#include <cmath>
+
 #include "autograd/grad_mode.h"
+#include "autograd/ops.h"
 #include "kernels/backend.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
@@ -9,19 +12,14 @@
 namespace remat::dist {
 
 ShardedAdamW::ShardedAdamW(std::vector<std::pair<std::string, Tensor>> params, ShardedAdamWOptions options,
-                           ProcessGroup& group)
-    : params_(std::move(params)), options_(options), group_(group) {
-  std::vector<int64_t> load(static_cast<size_t>(group_.size()), 0);
+                           ProcessGroup& group, int64_t bucket_bytes)
+    : params_(std::move(params)), options_(options), group_(group), layout_(params_, bucket_bytes, group.size()) {
   MemoryCategoryScope scope(MemoryCategory::optimizer);
-  for (auto& [name, p] : params_) {
-    REMAT_CHECK(p.dtype() == DType::f32 || p.dtype() == DType::f64, "ShardedAdamW: parameter ", name,
-                " is ", p.meta_str(), "; expected f32 or f64");
-    int r = 0;
-    for (int k = 1; k < group_.size(); ++k)
-      if (load[k] < load[r]) r = k;
-    load[r] += p.numel();
-    owner_.push_back(r);
-    bool mine = r == group_.rank();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& [name, p] = params_[i];
+    REMAT_CHECK(p.dtype() == DType::f32 || p.dtype() == DType::f64, "ShardedAdamW: parameter ", name, " is ",
+                p.meta_str(), "; expected f32 or f64");
+    bool mine = layout_.owner[i] == group_.rank();
     m_.push_back(mine ? Tensor::zeros(p.shape(), p.dtype(), p.device()) : Tensor());
     v_.push_back(mine ? Tensor::zeros(p.shape(), p.dtype(), p.device()) : Tensor());
   }
@@ -33,15 +31,52 @@ void ShardedAdamW::step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor& p = params_[i].second;
     Tensor g = p.grad();
-    // Whether the parameter has a gradient is the same on every rank after DataParallel.
-    if (!g.defined()) continue;
-    if (owner_[i] == group_.rank()) {
-      double decay = p.dim() >= 2 ? options_.weight_decay : 0.0;
-      Backend::AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, decay, steps_};
-      backend_for(p.device()).adamw_update(p, g, m_[i], v_[i], s);
-    }
-    group_.broadcast(p, owner_[i]);
+    if (layout_.owner[i] != group_.rank() || !g.defined()) continue;
+    double decay = p.dim() >= 2 ? options_.weight_decay : 0.0;
+    Backend::AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, decay, steps_};
+    backend_for(p.device()).adamw_update(p, g, m_[i], v_[i], s);
   }
+  // Every bucket's parameters from their owners: each rank's run of the bucket is its chunk.
+  MemoryCategoryScope scope(MemoryCategory::workspace);
+  for (size_t b = 0; b < layout_.size(); ++b) {
+    const Tensor& first = params_[layout_.members[b].front()].second;
+    Tensor flat = Tensor::empty({layout_.numel[b]}, first.dtype(), first.device());
+    auto slot = [&](size_t i) {
+      const Shape& shape = params_[i].second.shape();
+      return flat.view(shape, contiguous_strides(shape), layout_.offset[i]);
+    };
+    for (size_t i : layout_.members[b])
+      if (layout_.owner[i] == group_.rank()) slot(i).copy_(params_[i].second);
+    group_.all_gather_chunks(flat, layout_.owned[b], /*shapes_checked=*/true);
+    for (size_t i : layout_.members[b])
+      if (layout_.owner[i] != group_.rank()) params_[i].second.copy_(slot(i));
+  }
+}
+
+double ShardedAdamW::clip_grad_norm(double max_norm) {
+  REMAT_CHECK(max_norm > 0, "clip_grad_norm: expected max_norm > 0, got ", max_norm);
+  NoGradGuard no_grad;
+  MemoryCategoryScope scope(MemoryCategory::workspace);
+  // Each parameter's sum of squares from its owner, zeros elsewhere: the rank-order sum of the
+  // all-reduce adds only zeros to each, so every rank gets the owners' values exactly.
+  std::vector<double> squares(params_.size(), 0.0);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i].second;
+    if (layout_.owner[i] == group_.rank() && p.grad().defined()) squares[i] = backend_for(p.device()).sum_squares(p.grad());
+  }
+  Tensor all = Tensor::from_vector(squares, {static_cast<int64_t>(squares.size())});
+  group_.all_reduce_sum(all);
+  double total = 0;
+  for (double s : all.to_vector<double>()) total += s;  // in parameter order, as clip_grad_norm adds
+  const double norm = std::sqrt(total);
+  if (norm > max_norm) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      Tensor g = params_[i].second.grad();
+      if (layout_.owner[i] == group_.rank() && g.defined()) g.copy_(mul_scalar(g, scale));
+    }
+  }
+  return norm;
 }
 
 std::vector<std::pair<std::string, Tensor>> ShardedAdamW::gather_state() {
@@ -50,11 +85,11 @@ std::vector<std::pair<std::string, Tensor>> ShardedAdamW::gather_state() {
   std::vector<std::pair<std::string, Tensor>> out;
   for (size_t i = 0; i < params_.size(); ++i) {
     const auto& [name, p] = params_[i];
-    bool mine = owner_[i] == group_.rank();
+    bool mine = layout_.owner[i] == group_.rank();
     for (const char* slot : {".m", ".v"}) {
       const Tensor& moment = slot[1] == 'm' ? m_[i] : v_[i];
       Tensor t = mine ? moment.clone() : Tensor::empty(p.shape(), p.dtype(), p.device());
-      group_.broadcast(t, owner_[i]);
+      group_.broadcast(t, layout_.owner[i]);
       out.emplace_back(name + slot, std::move(t));
     }
   }
@@ -73,7 +108,7 @@ void ShardedAdamW::load_state(const std::vector<std::pair<std::string, Tensor>>&
                   " tensors given)");
       REMAT_CHECK(found->second->shape() == p.shape(), "ShardedAdamW state: '", name, slot, "' has shape ",
                   shape_str(found->second->shape()), ", the parameter ", shape_str(p.shape()));
-      if (owner_[i] == group_.rank()) copies.emplace_back(slot[1] == 'm' ? m_[i] : v_[i], found->second);
+      if (layout_.owner[i] == group_.rank()) copies.emplace_back(slot[1] == 'm' ? m_[i] : v_[i], found->second);
     }
   NoGradGuard no_grad;
   for (auto& [dst, src] : copies) dst.copy_(*src);

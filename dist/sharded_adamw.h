@@ -1,7 +1,8 @@
 // ZeRO stage 1 for AdamW: each rank keeps the moments of its share of the parameters only, and
-// updates those parameters; their new values then go from their owner to every rank. With the
-// gradients averaged first (DataParallel), the parameters are bitwise those of every rank running
-// remat's AdamW on all of them, while each rank holds about 1/N of the optimizer state.
+// updates those parameters; their new values then go to every rank (an all-gather per bucket).
+// With the gradients averaged first by DataParallel (with zero1: reduce-scattered, so each rank
+// receives only its share), the parameters are bitwise those of every rank running remat's AdamW
+// on all of them, while each rank holds about 1/N of the optimizer state.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "buckets.h"
 #include "process_group.h"
 
 namespace remat::dist {
@@ -21,15 +23,20 @@ struct ShardedAdamWOptions {
 
 class ShardedAdamW {
  public:
-  // params: the same parameters in the same order on every rank. Each goes to one rank: the one
-  // with the fewest elements so far, in order (so the shares are balanced and the same everywhere).
+  // params: the same parameters in the same order on every rank. Each goes to one rank, as the
+  // DataParallel with the same bucket size lays them out (Buckets: a contiguous run of each bucket
+  // per rank, the runs about equal).
   ShardedAdamW(std::vector<std::pair<std::string, Tensor>> params, ShardedAdamWOptions options = {},
-               ProcessGroup& group = ProcessGroup::world());
-  // After the gradients are averaged on every rank: updates this rank's parameters, then every
-  // parameter from its owner (the same values on every rank). A parameter without a gradient is
-  // left as it is, as AdamW does.
+               ProcessGroup& group = ProcessGroup::world(), int64_t bucket_bytes = kDefaultBucketBytes);
+  // After DataParallel has averaged the gradients (of this rank's parameters at least): updates
+  // this rank's parameters, then gathers every bucket's parameters from their owners (the same
+  // values on every rank). A parameter without a gradient is left as it is, as AdamW does.
   void step(double lr);
-  int owner(size_t param) const { return owner_[param]; }
+  // clip_grad_norm (models/optim.h) over the gradients of every rank's parameters, each rank
+  // scaling its own: the norm has the bits clip_grad_norm gives with every gradient on one rank
+  // (each parameter's sum of squares from its owner, added in parameter order). Collective.
+  double clip_grad_norm(double max_norm);
+  int owner(size_t param) const { return layout_.owner[param]; }
   int64_t steps() const { return steps_; }
   void set_steps(int64_t steps) { steps_ = steps; }
   // Every parameter's moments, named "<parameter>.m" and "<parameter>.v" as AdamW names them, on
@@ -44,7 +51,7 @@ class ShardedAdamW {
   std::vector<std::pair<std::string, Tensor>> params_;
   ShardedAdamWOptions options_;
   ProcessGroup& group_;
-  std::vector<int> owner_;
+  Buckets layout_;
   std::vector<Tensor> m_, v_;  // defined for this rank's parameters only
   int64_t steps_ = 0;
 };

@@ -31,6 +31,10 @@
 
 namespace remat {
 
+double TrainGroup::clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
+  return remat::clip_grad_norm(params, max_norm);
+}
+
 namespace {
 
 std::string metrics_line(const StepMetrics& m, const char* items) {
@@ -361,7 +365,8 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     }
     if (group) loss_value = group->mean(loss_value);
     REMAT_CHECK(std::isfinite(loss_value), "training diverged: loss is ", loss_value, " at step ", step + 1);
-    clip_grad_norm(params, o.clip);
+    if (group) group->clip_grad_norm(params, o.clip);
+    else clip_grad_norm(params, o.clip);
     opt.step(lr);
     opt.zero_grad();
     if (average) average->update();

@@ -38,6 +38,10 @@ class TrainGroup {
                                                     AdamWOptions options) = 0;
   // "zero1" when the optimizer state is sharded, "" otherwise (recorded in the run's state).
   virtual std::string sharding() const = 0;
+  // clip_grad_norm over every rank's gradients (models/optim.h), after backward. A group whose
+  // ranks hold only their share of the gradients (ZeRO-1) computes the norm they would give on
+  // one rank; by default, the gradients are all here.
+  virtual double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
   // This rank leaves on an exception: the others fail with its message instead of waiting.
   virtual void report_failure(const std::string& what) = 0;
 };

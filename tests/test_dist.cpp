@@ -149,6 +149,51 @@ TEST_CASE("host sums of any length, several in flight, finished in any order, ad
   }
 }
 
+TEST_CASE("reduce-scatter gives each rank the rank-order sum of its chunk, all_gather_chunks shares them back",
+          "[dist][zero]") {
+  // Uneven chunks, one of them empty; a reduce-scatter in flight between two all-reduces (the
+  // three finish in any order), then the chunks gathered back (any world size).
+  const int r = world().rank(), n = world().size();
+  std::vector<int64_t> counts;
+  for (int k = 0; k < n; ++k) counts.push_back(k == 0 ? 0 : 3 * k + 1);
+  int64_t total = 0, from = 0;
+  for (int k = 0; k < n; ++k) {
+    if (k < r) from += counts[static_cast<size_t>(k)];
+    total += counts[static_cast<size_t>(k)];
+  }
+  auto value = [](int rank, int64_t i) { return static_cast<float>(std::sqrt(0.3 * (rank + 1) + 0.01 * static_cast<double>(i))); };
+  std::vector<float> mine;
+  for (int64_t i = 0; i < total; ++i) mine.push_back(value(r, i));
+  Tensor before = Tensor::ones({5}), scattered = Tensor::from_vector(mine, {total}), after = Tensor::ones({7});
+  auto p1 = world().start_all_reduce_sum(before);
+  auto p2 = world().start_reduce_scatter_sum(scattered, counts);
+  auto p3 = world().start_all_reduce_sum(after);
+  p3.finish();
+  p1.finish();
+  p2.finish();
+  CHECK(before.to_vector<float>() == std::vector<float>(5, static_cast<float>(n)));
+  CHECK(after.to_vector<float>() == std::vector<float>(7, static_cast<float>(n)));
+  auto sum_at = [&](int64_t i) {
+    float s = value(0, i);
+    for (int k = 1; k < n; ++k) s += value(k, i);
+    return s;
+  };
+  bool same = true;
+  for (int64_t i = from; i < from + counts[static_cast<size_t>(r)]; ++i) same = same && scattered.data<float>()[i] == sum_at(i);
+  CHECK(same);
+  world().all_gather_chunks(scattered, counts);
+  std::vector<float> expected;
+  for (int64_t i = 0; i < total; ++i) expected.push_back(sum_at(i));
+  CHECK(scattered.to_vector<float>() == expected);
+  std::vector<int64_t> one_too_many = counts;
+  one_too_many.push_back(0);
+  CHECK_THROWS_WITH(world().start_reduce_scatter_sum(scattered, one_too_many),
+                    Contains("reduce_scatter: expected one chunk size per rank"));
+  std::vector<int64_t> short_counts(static_cast<size_t>(n), 0);
+  CHECK_THROWS_WITH(world().all_gather_chunks(scattered, short_counts),
+                    Contains("all_gather: the chunks hold 0 elements, the tensor " + std::to_string(total)));
+}
+
 TEST_CASE("tensors that differ across ranks are a clear error on every rank, and the group stays usable",
           "[dist][errors]") {
   Tensor t = Tensor::zeros({world().rank() == 0 ? 4 : 5});
@@ -230,9 +275,10 @@ TEST_CASE("gradients leave in buckets while backward goes on, with the bits of b
   }
 }
 
-TEST_CASE("ZeRO-1: moments sharded over the ranks give plain data parallel's parameters, bit for bit",
+TEST_CASE("ZeRO-1: gradients reduce-scattered and moments sharded over the ranks give plain data parallel's "
+          "parameters and clipping norms, bit for bit",
           "[dist][zero]") {
-  const int64_t b = 2;
+  const int64_t b = 2, bucket = 16 << 10;  // small buckets: several, each split between the ranks
   GptConfig c = tiny_config();
   AdditionTask data(c.vocab, 13);
   std::vector<std::pair<Tensor, Tensor>> batches;
@@ -241,17 +287,26 @@ TEST_CASE("ZeRO-1: moments sharded over the ranks give plain data parallel's par
     int64_t from = world().rank() * b;
     batches.emplace_back(rows(x, from, b), rows(y, from, b));
   }
-  auto train = [&](bool sharded, int64_t* state_bytes) {
+  auto train = [&](bool sharded, int64_t* state_bytes, std::vector<double>* norms) {
     manual_seed(7 + static_cast<uint64_t>(world().rank()));
     Gpt model(c);
-    DataParallel dp(model.named_parameters());
+    DataParallel dp(model.named_parameters(), world(), bucket, /*zero1=*/sharded);
     AdamW plain(model.named_parameters());
-    ShardedAdamW zero(model.named_parameters());
+    ShardedAdamW zero(model.named_parameters(), {}, world(), bucket);
     for (auto& [x, y] : batches) {
-      backward(model.loss(x, y));
-      dp.average_gradients();
-      if (sharded) zero.step(1e-2);
-      else plain.step(1e-2);
+      dp.backward(model.loss(x, y));
+      if (sharded) {
+        // Only this rank's parameters have their (averaged) gradient.
+        bool owned_only = true;
+        for (size_t i = 0; i < model.parameters().size(); ++i)
+          owned_only = owned_only && model.parameters()[i].grad().defined() == (zero.owner(i) == world().rank());
+        CHECK(owned_only);
+        norms->push_back(zero.clip_grad_norm(0.05));
+        zero.step(1e-2);
+      } else {
+        norms->push_back(clip_grad_norm(model.parameters(), 0.05));
+        plain.step(1e-2);
+      }
       for (Tensor& p : model.parameters()) p.zero_grad();
     }
     *state_bytes = zero.state_bytes();
@@ -260,9 +315,12 @@ TEST_CASE("ZeRO-1: moments sharded over the ranks give plain data parallel's par
     return out;
   };
   int64_t unused = 0, mine = 0;
-  auto plain = train(false, &unused);
-  auto zero = train(true, &mine);
+  std::vector<double> plain_norms, zero_norms;
+  auto plain = train(false, &unused, &plain_norms);
+  auto zero = train(true, &mine, &zero_norms);
   CHECK(zero == plain);
+  CHECK(zero_norms == plain_norms);
+  CHECK(plain_norms.front() > 0.05);  // the clipping scaled the gradients
   // Each rank holds its share of the moments: together exactly AdamW's, apart about half each.
   int64_t param_bytes = 0;
   for (const auto& p : plain) param_bytes += static_cast<int64_t>(p.size() * sizeof(float));

@@ -25,6 +25,7 @@ class ShardedAdamWOptimizer final : public Optimizer {
   }
   std::vector<std::pair<std::string, Tensor>> state() override { return sharded_.gather_state(); }
   void load_state(const std::vector<std::pair<std::string, Tensor>>& state) override { sharded_.load_state(state); }
+  dist::ShardedAdamW& sharded() { return sharded_; }
 
  private:
   dist::ShardedAdamW sharded_;
@@ -37,7 +38,10 @@ DataParallelGroup::DataParallelGroup(int zero, dist::ProcessGroup& group) : zero
 }
 
 void DataParallelGroup::start(Module& model) {
-  data_parallel_ = std::make_unique<dist::DataParallel>(model.named_parameters(), group_);
+  // With ZeRO-1, each rank receives the averaged gradients of the parameters its optimizer
+  // updates: both lay the parameters out with the default bucket size.
+  data_parallel_ = std::make_unique<dist::DataParallel>(model.named_parameters(), group_, dist::kDefaultBucketBytes,
+                                                        /*zero1=*/zero_ == 1);
 }
 
 void DataParallelGroup::backward(const Tensor& loss) {
@@ -53,8 +57,18 @@ double DataParallelGroup::mean(double value) {
 
 std::unique_ptr<Optimizer> DataParallelGroup::make_optimizer(std::vector<std::pair<std::string, Tensor>> params,
                                                              AdamWOptions options) {
-  if (zero_ == 1) return std::make_unique<ShardedAdamWOptimizer>(std::move(params), options, group_);
+  if (zero_ == 1) {
+    auto optimizer = std::make_unique<ShardedAdamWOptimizer>(std::move(params), options, group_);
+    sharded_ = &optimizer->sharded();
+    return optimizer;
+  }
   return std::make_unique<AdamW>(std::move(params), options);
+}
+
+double DataParallelGroup::clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
+  if (zero_ != 1) return TrainGroup::clip_grad_norm(params, max_norm);
+  REMAT_CHECK(sharded_ != nullptr, "DataParallelGroup: with --zero 1, make_optimizer must come before clipping");
+  return sharded_->clip_grad_norm(max_norm);
 }
 
 }  // namespace remat

@@ -7,6 +7,7 @@
 
 #include "dist/data_parallel.h"
 #include "dist/process_group.h"
+#include "dist/sharded_adamw.h"
 #include "models/train.h"
 
 namespace remat {
@@ -23,12 +24,14 @@ class DataParallelGroup final : public TrainGroup {
   std::unique_ptr<Optimizer> make_optimizer(std::vector<std::pair<std::string, Tensor>> params,
                                             AdamWOptions options) override;
   std::string sharding() const override { return zero_ == 1 ? "zero1" : ""; }
+  double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) override;
   void report_failure(const std::string& what) override { group_.report_failure(what); }
 
  private:
   int zero_;
   dist::ProcessGroup& group_;
   std::unique_ptr<dist::DataParallel> data_parallel_;
+  dist::ShardedAdamW* sharded_ = nullptr;  // the ZeRO-1 optimizer make_optimizer gave out
 };
 
 }  // namespace remat
