@@ -3,7 +3,10 @@
 PyTorch, then JAX, again and again, so that a slow spell of the machine hits all three), each side
 under the same LD_PRELOAD heap tracker. Prints, per policy, the median over the rounds of each
 side's median step time, the spread over the rounds (min..max), the heap peak, and the ratios
-remat / peer (below 1: remat is faster or leaner). Writes every round's JSON and summary.json.
+remat / peer (below 1: remat is faster or leaner). Then, from the same rounds, the f32 GEMM at
+1024^3 and gpt small's shapes: every library of remat's (`remat-bench ops`) against numpy's and
+PyTorch's BLAS (bench/peer/gemm_peer.py), and numpy once more with OPENBLAS_CORETYPE unset when the
+environment sets it. Writes every round's JSON and summary.json.
 
   python3 bench/peer/run_peers.py --build build --python ~/.cache/remat-peer/venv/bin/python --rounds 3
 """
@@ -36,6 +39,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default="runs/bench/peer")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM comparison")
     args = ap.parse_args()
     build = Path(args.build).resolve()
     out = Path(args.out)
@@ -52,6 +56,15 @@ def main():
         if have_jax:
             run([args.python, "bench/peer/gpt_jax.py", *common, "--threads", str(args.threads),
                  "--json", str(out / f"jax-{r}.json")], env)
+        if not args.no_gemm:
+            plain = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+            run([str(build / "bench" / "remat-bench"), "ops", "--json", str(out / f"remat-ops-{r}.json")], plain)
+            run([args.python, "bench/peer/gemm_peer.py", "--threads", str(args.threads),
+                 "--json", str(out / f"gemm-{r}.json")], plain)
+            if "OPENBLAS_CORETYPE" in plain:
+                unset = {k: v for k, v in plain.items() if k != "OPENBLAS_CORETYPE"}
+                run([args.python, "bench/peer/gemm_peer.py", "--threads", str(args.threads),
+                     "--json", str(out / f"gemm-unset-{r}.json")], unset)
 
     def rounds_of(side):
         docs = [json.load(open(out / f"{side}-{r}.json")) for r in range(args.rounds)]
@@ -109,9 +122,52 @@ def main():
             line += f" {ph / 2**20:10.1f}M {ratio:6.2f}" if ratio else f" {'n/a':>11} {'n/a':>6}"
         print(line)
         summary["policies"].append(entry)
+    if not args.no_gemm:
+        summary["gemm"] = summarize_gemm(out, args.rounds, args.threads)
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nper-round JSON and summary.json in {out}")
+
+
+def summarize_gemm(out, rounds, threads):
+    """Per shape: the median over the rounds of every library's GFLOP/s, and remat's chosen library
+    over the best of the others (at or above 1: remat's GEMM is as fast as the best measured)."""
+    by_shape = {}
+    chosen = None
+
+    def add(shape, library, gflops):
+        by_shape.setdefault(shape, {}).setdefault(library, []).append(gflops)
+
+    for r in range(rounds):
+        for row in json.load(open(out / f"remat-ops-{r}.json"))["rows"]:
+            if row.get("op") != "cpu gemm libraries":
+                continue
+            chosen = row["chosen"]
+            for key, value in row.items():
+                if key.endswith("_gflops"):
+                    add((row["m"], row["k"], row["n"]), "remat " + key[: -len("_gflops")], value)
+        for name, label in (("gemm", ""), ("gemm-unset", " (coretype unset)")):
+            path = out / f"{name}-{r}.json"
+            if path.exists():
+                for row in json.load(open(path)):
+                    for key, value in row.items():
+                        if key.endswith("_gflops"):
+                            add((row["m"], row["k"], row["n"]), key[: -len("_gflops")] + label, value)
+    if not by_shape:
+        return None
+    libraries = list(next(iter(by_shape.values())).keys())
+    print(f"\nf32 GEMM, GFLOP/s, {threads} threads, median of {rounds} rounds (remat chooses {chosen})")
+    print(f"{'M x K x N':<18}" + "".join(f" {lib:>24}" for lib in libraries) + f" {'ratio':>6}")
+    rows = []
+    for (m, k, n), libs in by_shape.items():
+        medians = {lib: statistics.median(values) for lib, values in libs.items()}
+        mine = medians.get("remat " + chosen) if chosen else None
+        others = [v for lib, v in medians.items() if not lib.startswith("remat ")]
+        ratio = mine / max(others) if mine and others else None
+        rows.append({"m": m, "k": k, "n": n, "gflops": medians, "ratio_to_best_peer": ratio})
+        print(f"{f'{m} x {k} x {n}':<18}" + "".join(f" {medians.get(lib, 0):24.1f}" for lib in libraries) +
+              (f" {ratio:6.2f}" if ratio else f" {'n/a':>6}"))
+    return {"chosen": chosen, "shapes": rows}
 
 
 if __name__ == "__main__":
