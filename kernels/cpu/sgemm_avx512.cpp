@@ -24,27 +24,42 @@ namespace {
 // The register tile: 14 rows x 32 columns of C is 28 accumulators, plus two of B and one
 // broadcast of A: 31 of the 32 vector registers.
 constexpr int64_t kMR = 14, kNR = 32;
-// Depth of a packed block: a 32-column panel of B (kKC x 32 floats, 32 KiB) stays in the 48 KiB L1
-// while the kernel sweeps the panels of A; a block of A (kMC x kKC, 336 KiB) and of B (kKC x kNC,
-// 512 KiB) share the L2 of recent cores, whose size these were measured on (docs/results/cpu.md).
-constexpr int64_t kKC = 256, kMC = 24 * kMR, kNC = 512;
+// Blocks: a 32-column panel of B (kKC x 32 floats, 32 KiB) stays in the 48 KiB L1 while the kernel
+// sweeps the panels of a block of A (kMC x kKC, 336 KiB, in L2); a block of B (kKC x kNC, 1 MiB)
+// comes from L2 and L3. Measured on an AMD EPYC with AVX-512 against 512 and 2048 columns and 384
+// deep (docs/results/cpu.md): within a few percent, 1024 columns ahead at 1024^3.
+constexpr int64_t kKC = 256, kMC = 24 * kMR, kNC = 1024;
 
-// One thread's packing buffers, kept for the thread's life (two allocations per thread in all).
-struct PackBuffers {
+// One thread's packing buffers, kept for the thread's life and grown to the largest block asked
+// for (at most kMC x kKC and kKC x kNC floats: 336 KiB and 1 MiB).
+class PackBuffers {
+ public:
+  float* a(int64_t floats) { return get(a_, a_floats_, floats); }
+  float* b(int64_t floats) { return get(b_, b_floats_, floats); }
+
+ private:
   struct Free {
     void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
   using Buffer = std::unique_ptr<float[], Free>;
-  static Buffer make(int64_t floats) {
-    return Buffer(static_cast<float*>(::operator new[](floats * sizeof(float), std::align_val_t(64))));
+  static float* get(Buffer& buffer, int64_t& capacity, int64_t floats) {
+    if (floats > capacity) {
+      buffer.reset();  // before the new one: the old block counts no longer
+      buffer.reset(static_cast<float*>(::operator new[](floats * sizeof(float), std::align_val_t(64))));
+      capacity = floats;
+    }
+    return buffer.get();
   }
-  Buffer a = make(kMC * kKC), b = make(kKC * kNC);
+  Buffer a_, b_;
+  int64_t a_floats_ = 0, b_floats_ = 0;
 };
 
 PackBuffers& pack_buffers() {
   thread_local PackBuffers buffers;
   return buffers;
 }
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 __mmask16 lanes(int64_t count) {
   return count >= 16 ? 0xFFFF : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1);
@@ -159,26 +174,78 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
   }
 }
 
+// The micro-kernels over one packed block of A (rows [ic, ic + mc) of C) and one of B (columns
+// [jc, jc + nc)): each 32-column panel of B stays in L1 while the 14-row panels of A stream by.
+void multiply_blocks(const float* packed_a, const float* packed_b, int64_t mc, int64_t nc, int64_t kc, float alpha,
+                     float beta, float* c, int64_t ldc) {
+  for (int64_t jr = 0; jr < nc; jr += kNR)
+    for (int64_t ir = 0; ir < mc; ir += kMR)
+      micro_kernel(kc, packed_a + ir * kc, packed_b + jr * kc, c + ir * ldc + jr, ldc, std::min(kMR, mc - ir),
+                   std::min(kNR, nc - jr), alpha, beta);
+}
+
 // One thread's GEMM over all of its C: a, b and c point at its first row / column.
 void sgemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                   const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   PackBuffers& buf = pack_buffers();
+  float* packed_a = buf.a(round_up(std::min(kMC, m), kMR) * std::min(kKC, k));
+  float* packed_b = buf.b(std::min(kKC, k) * round_up(std::min(kNC, n), kNR));
   for (int64_t jc = 0; jc < n; jc += kNC) {
     const int64_t nc = std::min(kNC, n - jc);
     for (int64_t pc = 0; pc < k; pc += kKC) {
       const int64_t kc = std::min(kKC, k - pc);
       const float block_beta = pc == 0 ? beta : 1.0f;  // later blocks add to what the first wrote
-      pack_b(tb, b, ldb, pc, kc, jc, nc, buf.b.get());
+      pack_b(tb, b, ldb, pc, kc, jc, nc, packed_b);
       for (int64_t ic = 0; ic < m; ic += kMC) {
         const int64_t mc = std::min(kMC, m - ic);
-        pack_a(ta, a, lda, ic, mc, pc, kc, buf.a.get());
-        for (int64_t jr = 0; jr < nc; jr += kNR)
-          for (int64_t ir = 0; ir < mc; ir += kMR)
-            micro_kernel(kc, buf.a.get() + ir * kc, buf.b.get() + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc,
-                         std::min(kMR, mc - ir), std::min(kNR, nc - jr), alpha, block_beta);
+        pack_a(ta, a, lda, ic, mc, pc, kc, packed_a);
+        multiply_blocks(packed_a, packed_b, mc, nc, kc, alpha, block_beta, c + ic * ldc + jc, ldc);
       }
     }
   }
+}
+
+// The threads split the rows of C and share each packed block of B, which they pack together
+// (each a share of its panels) between two barriers; each packs its own blocks of A.
+void sgemm_rows(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
+  float* shared_b = pack_buffers().b(std::min(kKC, k) * round_up(std::min(kNC, n), kNR));  // the calling thread's
+  const int64_t tiles = (m + kMR - 1) / kMR;
+  std::exception_ptr failure;  // a thread's buffer may fail to allocate: rethrown here
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+    float* packed_a = nullptr;
+    try {
+      packed_a = pack_buffers().a(round_up(std::min(kMC, m), kMR) * std::min(kKC, k));
+    } catch (...) {
+#pragma omp critical(remat_sgemm_failure)
+      failure = std::current_exception();
+    }
+#pragma omp barrier
+    // Every thread reads the flag after the barrier, so all of them take the same path (and meet
+    // at the same barriers below).
+    bool failed = false;
+#pragma omp critical(remat_sgemm_failure)
+    failed = failure != nullptr;
+    const int64_t first = tiles * t / count * kMR, last = std::min(tiles * (t + 1) / count * kMR, m);
+    for (int64_t jc = 0; jc < n && !failed; jc += kNC) {
+      const int64_t nc = std::min(kNC, n - jc), panels = (nc + kNR - 1) / kNR;
+      for (int64_t pc = 0; pc < k; pc += kKC) {
+        const int64_t kc = std::min(kKC, k - pc);
+#pragma omp barrier  // nobody reads the previous block of B any more
+        for (int64_t panel = panels * t / count; panel < panels * (t + 1) / count; ++panel)
+          pack_b(tb, b, ldb, pc, kc, jc + panel * kNR, std::min(kNR, nc - panel * kNR), shared_b + panel * kNR * kc);
+#pragma omp barrier  // the block of B is whole
+        for (int64_t ic = first; ic < last; ic += kMC) {
+          const int64_t mc = std::min(kMC, last - ic);
+          pack_a(ta, a, lda, ic, mc, pc, kc, packed_a);
+          multiply_blocks(packed_a, shared_b, mc, nc, kc, alpha, pc == 0 ? beta : 1.0f, c + ic * ldc + jc, ldc);
+        }
+      }
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace
@@ -193,27 +260,23 @@ void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
-  // Each thread takes whole tiles of C, by rows or by columns, and packs the other operand whole:
-  // split the rows when that repeats the smaller packing (B is k x n, A is m x k).
+  // Each thread takes whole tiles of C, by rows (sharing the packed blocks of B) or by columns
+  // (each packing all of A): by columns only when C is wider than tall.
   const bool split_rows = n <= m;
   const int64_t tiles = split_rows ? (m + kMR - 1) / kMR : (n + kNR - 1) / kNR;
-  const int64_t tile = split_rows ? kMR : kNR;
   if (threads <= 0) threads = omp_get_max_threads();
   if (omp_in_parallel()) threads = 1;
   // Below about a million multiply-adds a thread, waking the others costs more than it saves.
   threads = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(m * n * k / (1 << 20), tiles), 1, threads));
   if (threads == 1) return sgemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (split_rows) return sgemm_rows(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, threads);
   std::exception_ptr failure;  // a thread's packing buffers may fail to allocate: rethrown here
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
-    const int64_t first = tiles * t / count * tile;
-    const int64_t last = std::min(tiles * (t + 1) / count * tile, split_rows ? m : n);
+    const int64_t first = tiles * t / count * kNR, last = std::min(tiles * (t + 1) / count * kNR, n);
     try {
-      if (last > first && split_rows)
-        sgemm_serial(ta, tb, last - first, n, k, alpha, ta ? a + first : a + first * lda, lda, b, ldb, beta,
-                     c + first * ldc, ldc);
-      else if (last > first)
+      if (last > first)
         sgemm_serial(ta, tb, m, last - first, k, alpha, a, lda, tb ? b + first * ldb : b + first, ldb, beta,
                      c + first, ldc);
     } catch (...) {
