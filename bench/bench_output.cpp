@@ -40,13 +40,16 @@ nlohmann::json machine_info() {
 }
 
 void print_table(const std::vector<PolicyResult>& results) {
-  fmt::print("{:<14} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}\n", "policy", "median ms", "min ms",
-             "replay ms", "act MiB", "floor MiB", "total MiB", "replayed", "tok/s", "bitwise");
+  fmt::print("{:<14} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}\n", "policy", "median ms",
+             "min ms", "replay ms", "act MiB", "floor MiB", "total MiB", "replayed", "tok/s", "TFLOP/s", "MFU",
+             "bitwise");
   for (const auto& r : results)
-    fmt::print("{:<14} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.2f} {:>10} {:>10.2f} {:>8} {:>9.0f} {:>8}\n", r.policy,
-               r.median_step_ms, r.min_step_ms, r.median_replay_ms, mib(r.activation_peak_bytes),
+    fmt::print("{:<14} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.2f} {:>10} {:>10.2f} {:>8} {:>9.0f} {:>8} {:>6} {:>8}\n",
+               r.policy, r.median_step_ms, r.min_step_ms, r.median_replay_ms, mib(r.activation_peak_bytes),
                r.activation_floor_bytes < 0 ? std::string("n/a") : fmt::format("{:.2f}", mib(r.activation_floor_bytes)),
-               mib(r.peak_bytes), r.ops_replayed, r.tokens_per_s, r.grads_bitwise_equal ? "yes" : "NO");
+               mib(r.peak_bytes), r.ops_replayed, r.tokens_per_s,
+               r.model_tflops < 0 ? std::string("n/a") : fmt::format("{:.3f}", r.model_tflops),
+               r.mfu < 0 ? std::string("n/a") : fmt::format("{:.1f}%", 100 * r.mfu), r.grads_bitwise_equal ? "yes" : "NO");
 }
 
 void print_budgets(const std::vector<PolicyResult>& results) {
@@ -110,6 +113,8 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                                                                             : nlohmann::json(r.heap_step_peak_bytes)},
                         {"ops_replayed", r.ops_replayed},
                         {"tokens_per_s", r.tokens_per_s},
+                        {"model_tflops", r.model_tflops < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.model_tflops)},
+                        {"mfu", r.mfu < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.mfu)},
                         {"grads_bitwise_equal", r.grads_bitwise_equal},
                         {"grads_max_abs_diff", r.grads_max_abs_diff},
                         {"budget_bytes", r.budget_bytes < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.budget_bytes)},

@@ -106,6 +106,14 @@ int run_policies(const PolicyOptions& o) {
              subject.describe(), device.str(), o.dtype, omp_get_max_threads(), o.rounds, o.steps, o.warmup,
              device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
 
+  const double peak = o.peak_tflops > 0 ? o.peak_tflops
+                      : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype)
+                                         : 0.0;
+  if (subject.model_flops_per_step() > 0)
+    fmt::print("model FLOPs: {:.3g} per step (6 per matmul weight and 12 L T C for attention, per token; replays "
+               "not counted); MFU against {}\n",
+               subject.model_flops_per_step(),
+               peak > 0 ? fmt::format("a peak of {:.4g} TFLOP/s", peak) : std::string("no known peak (--peak-tflops)"));
   Allocator& alloc = allocator_for(device);
   HeapTracker heap = heap_tracker();
   std::vector<std::vector<char>> reference;  // gradients under none
@@ -193,6 +201,10 @@ int run_policies(const PolicyOptions& o) {
       r.min_step_ms = *std::min_element(times.begin(), times.end());
       r.median_replay_ms = median(replays);
       r.tokens_per_s = subject.items_per_step() / (r.median_step_ms / 1000.0);
+      if (subject.model_flops_per_step() > 0) {
+        r.model_tflops = subject.model_flops_per_step() / (r.median_step_ms / 1000.0) / 1e12;
+        if (peak > 0) r.mfu = r.model_tflops / peak;
+      }
       r.activation_floor_bytes = subject.activation_floor(spec);
       auto grads = grad_bytes(params);
       if (spec.kind == PolicySpec::Kind::none && reference.empty()) reference = grads;
@@ -237,6 +249,12 @@ int run_policies(const PolicyOptions& o) {
       return 1;
     }
   return 0;
+}
+
+double peak_tflops_of(const std::string& device_name, const std::string& dtype) {
+  const bool hopper = device_name.find("H100") != std::string::npos || device_name.find("H200") != std::string::npos;
+  if (!hopper) return 0;
+  return dtype == "bf16" ? 989.4 : 66.9;
 }
 
 }  // namespace remat::bench

@@ -25,6 +25,9 @@ struct PolicyOptions {
   // Also the budget planner at ten budgets from its floor to no checkpointing's peak, with a table
   // of step time against activation peak and which runs no other beats in both.
   bool pareto = false;
+  // The device's peak in TFLOP/s at the compute dtype, for MFU; 0: the known peak of the GPU
+  // (peak_tflops_of), else no MFU.
+  double peak_tflops = 0;
 };
 
 struct PolicyResult {
@@ -36,6 +39,9 @@ struct PolicyResult {
   std::map<std::string, int64_t> saved_bytes_by_op, recomputed_bytes_by_op;
   int64_t ops_replayed = 0;  // per step
   double tokens_per_s = 0;
+  // Model FLOPs per second (train_flops_per_token x tokens / median step; -1 without a formula for
+  // the model) and their fraction of the device's peak (-1 when the peak is unknown).
+  double model_tflops = -1, mfu = -1;
   bool grads_bitwise_equal = true;
   double grads_max_abs_diff = 0;
   // Budget policies: the budget, the planner's prediction and choice.
@@ -46,5 +52,8 @@ struct PolicyResult {
 };
 
 int run_policies(const PolicyOptions& options);
+// The dense peak of a device at a compute dtype in TFLOP/s, where known (H100 and H200 SXM: bf16
+// 989.4 on tensor cores, f32 66.9 without TF32); 0 otherwise (every CPU).
+double peak_tflops_of(const std::string& device_name, const std::string& dtype);
 
 }  // namespace remat::bench

@@ -66,6 +66,10 @@ Tensor Subject::loss() {
   return task_->next_loss();
 }
 
+double Subject::model_flops_per_step() const {
+  return gpt_ ? train_flops_per_token(gpt_config_) * static_cast<double>(gpt_config_.batch * gpt_config_.seq_len) : -1;
+}
+
 double Subject::items_per_step() const {
   return gpt_ ? static_cast<double>(gpt_config_.batch * gpt_config_.seq_len) : task_->items_per_step();
 }

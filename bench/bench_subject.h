@@ -24,6 +24,9 @@ class Subject {
   // The step's loss: data and the random stream reset first.
   Tensor loss();
   double items_per_step() const;
+  // Model FLOPs of one training step (models/gpt.h: train_flops_per_token); -1 for dit and unet,
+  // which have no formula here.
+  double model_flops_per_step() const;
   std::string describe() const;  // e.g. "gpt small (B 8, T 128, C 256, layers 6, dropout 0.1)"
   nlohmann::json config() const;
   // The analytical activation floor of a policy (docs/bench.md), -1 where there is no formula.

@@ -59,6 +59,13 @@ int64_t parameter_count(const GptConfig& c) {
   return static_cast<int64_t>(n);
 }
 
+double train_flops_per_token(const GptConfig& c) {
+  check_config(c);
+  const double C = static_cast<double>(c.channels), L = static_cast<double>(c.layers);
+  const double matmul_weights = L * 12 * C * C + static_cast<double>(c.vocab) * C;  // qkv, proj, fc, fc2; head
+  return 6 * matmul_weights + 12 * L * static_cast<double>(c.seq_len) * C;
+}
+
 Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
   check_config(c);
   nn::ParameterDTypeScope dtype(c.dtype);

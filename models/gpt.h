@@ -24,6 +24,12 @@ GptConfig gpt_config(const std::string& name);
 void check_config(const GptConfig& c);
 // The number of parameters a Gpt of this config has, without building it.
 int64_t parameter_count(const GptConfig& c);
+// The model FLOPs of one training step (forward and backward) per token, as PaLM and llm.c count
+// them for MFU: 6 per weight of every matmul (the blocks' linears and the tied LM head; no
+// embedding lookups, norms or pointwise ops) plus 12 L T C for attention's two matmuls over the
+// whole sequence (the causal half that is skipped counts too). Replays of checkpointing do not
+// count: MFU measures what the model needs, not what the run did.
+double train_flops_per_token(const GptConfig& c);
 
 class GptBlock final : public nn::UnaryModule {
  public:

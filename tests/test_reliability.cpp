@@ -57,6 +57,31 @@ TEST_CASE("parameter counts are known before a model is built", "[reliability][m
         }()));
 }
 
+TEST_CASE("gpt's model FLOPs per token: 6 per weight the matmuls use, plus attention's 12 L T C",
+          "[reliability][models]") {
+  for (const char* name : {"tiny", "small", "gpt2"}) {
+    INFO(name);
+    GptConfig c = gpt_config(name);
+    // The matmuls' weights: every 2-D parameter (the linears, and wte as the tied LM head) but the
+    // position embedding, which is only looked up.
+    double weights = 0;
+    if (std::string(name) != "gpt2") {
+      for (auto& [param, t] : Gpt(c).named_parameters())
+        if (t.dim() == 2 && param.find("wpe") == std::string::npos) weights += static_cast<double>(t.numel());
+    } else {  // not built here (124M parameters): its sizes
+      weights = 12.0 * 12 * 768 * 768 + 50304.0 * 768;
+    }
+    const double attention = 12.0 * static_cast<double>(c.layers * c.seq_len * c.channels);
+    CHECK(train_flops_per_token(c) == 6 * weights + attention);
+  }
+  // GPT-2 124M at T 1024: within 1% of llm.c's and nanoGPT's 6 N + 12 L T C, whose N counts every
+  // parameter (biases, norms and the position embedding too): about 0.86 GFLOP per token.
+  const GptConfig g = gpt_config("gpt2");
+  const double llm_c = 6.0 * static_cast<double>(parameter_count(g)) + 12.0 * 12 * 1024 * 768;
+  CHECK(train_flops_per_token(g) < llm_c);
+  CHECK(train_flops_per_token(g) > 0.99 * llm_c);
+}
+
 TEST_CASE("configs too large to count are refused, not overflowed (found by fuzz_config)", "[reliability][models]") {
   CHECK_THROWS_WITH(task_parameter_count("gpt", "tiny", {{"channels", 1e12}, {"heads", 1}}),
                     Contains("would have more than 2^63 parameters"));
