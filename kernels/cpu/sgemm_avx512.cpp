@@ -24,14 +24,15 @@ namespace {
 // The register tile: 14 rows x 32 columns of C is 28 accumulators, plus two of B and one
 // broadcast of A: 31 of the 32 vector registers.
 constexpr int64_t kMR = 14, kNR = 32;
-// Blocks: a 32-column panel of B (kKC x 32 floats, 32 KiB) stays in the 48 KiB L1 while the kernel
-// sweeps the panels of a block of A (kMC x kKC, 336 KiB, in L2); a block of B (kKC x kNC, 1 MiB)
-// comes from L2 and L3. Measured on an AMD EPYC with AVX-512 against 512 and 2048 columns and 384
-// deep (docs/results/cpu.md): within a few percent, 1024 columns ahead at 1024^3.
-constexpr int64_t kKC = 256, kMC = 24 * kMR, kNC = 1024;
+// Blocks: the kernel sweeps the 14-row panels of a block of A (kMC x kKC, 448 KiB, in L2) against
+// one 32-column panel of B (kKC x 32 floats, 64 KiB, in L1 and L2: a k step reads 128 bytes of it
+// per 28 FMAs); a block of B (kKC x kNC, 1 MiB) comes from L2 and L3. Chosen on an AMD EPYC with
+// AVX-512 (1 MiB L2, 48 KiB L1) among depths 192-512, 224-504 rows and 512-2048 columns: within a
+// few percent at gpt small's shapes; 512 deep about 5-10% ahead at 1024^3 (fewer passes over C).
+constexpr int64_t kKC = 512, kMC = 16 * kMR, kNC = 512;
 
 // One thread's packing buffers, kept for the thread's life and grown to the largest block asked
-// for (at most kMC x kKC and kKC x kNC floats: 336 KiB and 1 MiB).
+// for (at most kMC x kKC and kKC x kNC floats: 448 KiB and 1 MiB).
 class PackBuffers {
  public:
   float* a(int64_t floats) { return get(a_, a_floats_, floats); }
@@ -175,7 +176,7 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
 }
 
 // The micro-kernels over one packed block of A (rows [ic, ic + mc) of C) and one of B (columns
-// [jc, jc + nc)): each 32-column panel of B stays in L1 while the 14-row panels of A stream by.
+// [jc, jc + nc)): each 32-column panel of B serves every 14-row panel of A in turn.
 void multiply_blocks(const float* packed_a, const float* packed_b, int64_t mc, int64_t nc, int64_t kc, float alpha,
                      float beta, float* c, int64_t ldc) {
   for (int64_t jr = 0; jr < nc; jr += kNR)
