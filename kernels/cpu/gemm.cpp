@@ -37,7 +37,7 @@ bool blas_kernels_use_avx512() {
 // The automatic choice: the BLAS when its kernels use AVX-512 or the build lacks AVX-512; else
 // remat's AVX-512 SGEMM (f64 through Eigen's AVX-512 GEMM). On an AVX-512 AMD EPYC whose environment
 // sets OPENBLAS_CORETYPE=Haswell (old OpenBLAS builds misbehave on new CPUs), the AVX-512 SGEMM runs
-// 1.4-1.9x OpenBLAS's AVX2 kernels and Eigen's GEMM 1.1-1.3x them (docs/results/cpu.md). All three
+// 1.7-2.0x OpenBLAS's AVX2 kernels and Eigen's GEMM 1.1-1.3x them (docs/results/cpu.md). All three
 // split only rows and columns of C among threads, so each is deterministic for a fixed thread count.
 Library automatic() {
 #ifdef REMAT_HAVE_CBLAS
