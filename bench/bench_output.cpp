@@ -49,7 +49,8 @@ void print_table(const std::vector<PolicyResult>& results) {
                r.activation_floor_bytes < 0 ? std::string("n/a") : fmt::format("{:.2f}", mib(r.activation_floor_bytes)),
                mib(r.peak_bytes), r.ops_replayed, r.tokens_per_s,
                r.model_tflops < 0 ? std::string("n/a") : fmt::format("{:.3f}", r.model_tflops),
-               r.mfu < 0 ? std::string("n/a") : fmt::format("{:.1f}%", 100 * r.mfu), r.grads_bitwise_equal ? "yes" : "NO");
+               r.mfu < 0 ? std::string("n/a") : fmt::format("{:.1f}%", 100 * r.mfu),
+               r.grads_bitwise_equal ? "yes" : "NO");
 }
 
 void print_budgets(const std::vector<PolicyResult>& results) {

@@ -236,14 +236,14 @@ void ProcessGroup::wait_nccl(NcclComm& comm, const char* op) {
   }
 }
 
-void ProcessGroup::check_same(const Tensor& t, const char* op) {
+void ProcessGroup::check_same(const Tensor& t, const char* op, const std::string& chunks) {
   REMAT_CHECK(failed_.empty(), op, ": the process group failed earlier (", failed_, ")");
   check_tensor(t, op);
   if (size_ == 1) return;
 #ifdef REMAT_HAVE_MPI
   // Every rank's description of its tensor, compared on every rank: all agree on the verdict.
   char mine[kMetaBytes] = {};
-  std::string meta = layout_str(t);
+  std::string meta = layout_str(t) + chunks;
   std::memcpy(mine, meta.data(), std::min(meta.size(), kMetaBytes - 1));
   std::vector<char> all(kMetaBytes * static_cast<size_t>(size_));
   MPI_Request req;
@@ -254,7 +254,10 @@ void ProcessGroup::check_same(const Tensor& t, const char* op) {
   if (same) return;
   std::string list;
   for (int r = 0; r < size_; ++r) list += detail::concat(r ? ", " : "", "rank ", r, " has ", &all[kMetaBytes * r]);
-  REMAT_FAIL(op, ": expected the same shape and dtype on every rank; ", list);
+  REMAT_FAIL(op, ": expected the same shape and dtype", chunks.empty() ? "" : " in the same chunks",
+             " on every rank; ", list);
+#else
+  (void)chunks;
 #endif
 }
 
@@ -297,12 +300,8 @@ ProcessGroup::PendingSum ProcessGroup::start_all_reduce_sum(Tensor& t, bool shap
 
 void ProcessGroup::check_chunked(const Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked,
                                  const char* op) {
-  if (shapes_checked) {
-    REMAT_CHECK(failed_.empty(), op, ": the process group failed earlier (", failed_, ")");
-    check_tensor(t, op);
-  } else {
-    check_same(t, op);
-  }
+  REMAT_CHECK(failed_.empty(), op, ": the process group failed earlier (", failed_, ")");
+  check_tensor(t, op);
   REMAT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, op, ": expected f32 or f64, got ", t.meta_str());
   REMAT_CHECK(static_cast<int>(counts.size()) == size_, op, ": expected one chunk size per rank (", size_,
               "), got ", counts.size());
@@ -313,6 +312,18 @@ void ProcessGroup::check_chunked(const Tensor& t, const std::vector<int64_t>& co
   }
   REMAT_CHECK(total == t.numel(), op, ": the chunks hold ", total, " elements, the tensor ", t.numel());
   REMAT_CHECK(total <= INT32_MAX, op, ": expected at most 2^31 - 1 elements per call, got ", total);
+  if (shapes_checked) return;
+  // The chunk sizes join the description every rank compares: the first few, and a hash of all
+  // (the description has a fixed size).
+  std::string chunks = " in chunks ";
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a over the sizes
+  for (size_t r = 0; r < counts.size(); ++r) {
+    if (r < 4) chunks += detail::concat(r ? "," : "", counts[r]);
+    for (int byte = 0; byte < 8; ++byte)
+      hash = (hash ^ ((static_cast<uint64_t>(counts[r]) >> (8 * byte)) & 0xff)) * 1099511628211ull;
+  }
+  if (counts.size() > 4) chunks += detail::concat(",... #", hash % 1000003);
+  check_same(t, op, chunks);
 }
 
 ProcessGroup::PendingSum ProcessGroup::start_reduce_scatter_sum(Tensor& t, const std::vector<int64_t>& counts,

@@ -105,7 +105,9 @@ class ProcessGroup {
   // The checks every collective makes first: the group is usable, t is a contiguous f32/f64 tensor
   // (the same on every rank unless shapes_checked), counts has one entry per rank summing to t's size.
   void check_chunked(const Tensor& t, const std::vector<int64_t>& counts, bool shapes_checked, const char* op);
-  void check_same(const Tensor& t, const char* op);
+  // Throws on every rank unless every rank passes a tensor of the same shape and dtype (and the
+  // same `chunks`, a description of how it is split).
+  void check_same(const Tensor& t, const char* op, const std::string& chunks = "");
   [[noreturn]] void fail(const std::string& message);
 
   int rank_ = 0, size_ = 1;

@@ -62,7 +62,8 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
   std::vector<double> squares(params_.size(), 0.0);
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
-    if (layout_.owner[i] == group_.rank() && p.grad().defined()) squares[i] = backend_for(p.device()).sum_squares(p.grad());
+    if (layout_.owner[i] == group_.rank() && p.grad().defined())
+      squares[i] = backend_for(p.device()).sum_squares(p.grad());
   }
   Tensor all = Tensor::from_vector(squares, {static_cast<int64_t>(squares.size())});
   group_.all_reduce_sum(all);

@@ -161,7 +161,9 @@ TEST_CASE("reduce-scatter gives each rank the rank-order sum of its chunk, all_g
     if (k < r) from += counts[static_cast<size_t>(k)];
     total += counts[static_cast<size_t>(k)];
   }
-  auto value = [](int rank, int64_t i) { return static_cast<float>(std::sqrt(0.3 * (rank + 1) + 0.01 * static_cast<double>(i))); };
+  auto value = [](int rank, int64_t i) {
+    return static_cast<float>(std::sqrt(0.3 * (rank + 1) + 0.01 * static_cast<double>(i)));
+  };
   std::vector<float> mine;
   for (int64_t i = 0; i < total; ++i) mine.push_back(value(r, i));
   Tensor before = Tensor::ones({5}), scattered = Tensor::from_vector(mine, {total}), after = Tensor::ones({7});
@@ -179,7 +181,8 @@ TEST_CASE("reduce-scatter gives each rank the rank-order sum of its chunk, all_g
     return s;
   };
   bool same = true;
-  for (int64_t i = from; i < from + counts[static_cast<size_t>(r)]; ++i) same = same && scattered.data<float>()[i] == sum_at(i);
+  for (int64_t i = from; i < from + counts[static_cast<size_t>(r)]; ++i)
+    same = same && scattered.data<float>()[i] == sum_at(i);
   CHECK(same);
   world().all_gather_chunks(scattered, counts);
   std::vector<float> expected;
@@ -192,6 +195,14 @@ TEST_CASE("reduce-scatter gives each rank the rank-order sum of its chunk, all_g
   std::vector<int64_t> short_counts(static_cast<size_t>(n), 0);
   CHECK_THROWS_WITH(world().all_gather_chunks(scattered, short_counts),
                     Contains("all_gather: the chunks hold 0 elements, the tensor " + std::to_string(total)));
+  if (n > 1) {  // the same tensor split differently on each rank: an error on every rank, not a hang
+    std::vector<int64_t> mine_first(static_cast<size_t>(n), 0);
+    mine_first[static_cast<size_t>(r)] = total;
+    CHECK_THROWS_WITH(world().start_reduce_scatter_sum(scattered, mine_first),
+                      Contains("reduce_scatter: expected the same shape and dtype in the same chunks on every rank"));
+    world().all_gather_chunks(scattered, counts);  // and the group goes on
+    CHECK(scattered.to_vector<float>() == expected);
+  }
 }
 
 TEST_CASE("tensors that differ across ranks are a clear error on every rank, and the group stays usable",
