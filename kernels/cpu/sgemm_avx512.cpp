@@ -268,7 +268,9 @@ void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
   if (threads <= 0) threads = omp_get_max_threads();
   if (omp_in_parallel()) threads = 1;
   // Below about a million multiply-adds a thread, waking the others costs more than it saves.
-  threads = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(m * n * k / (1 << 20), tiles), 1, threads));
+  // (In double: m n k of huge operands would overflow 64 bits.)
+  const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) / (1 << 20);
+  threads = static_cast<int>(std::clamp<double>(std::min(work, static_cast<double>(tiles)), 1, threads));
   if (threads == 1) return sgemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (split_rows) return sgemm_rows(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, threads);
   std::exception_ptr failure;  // a thread's packing buffers may fail to allocate: rethrown here
