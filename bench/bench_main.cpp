@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   app.add_option("--csv", p.csv_path, "write the results as CSV");
   app.add_option("--trace", p.trace_path, "write a Chrome trace (Perfetto, chrome://tracing) of one step per policy");
   app.add_option("--plot", p.plot_path, "write an SVG plot: memory vs time, and memory over one step");
+  app.add_flag("--tf32", p.tf32, "cuda: f32 GEMMs on TF32 tensor cores (off by default; parity tests stay strict)");
   app.add_option("--peak-tflops", p.peak_tflops,
                  "the device's peak TFLOP/s at the compute dtype, for the MFU column (default: known for H100/H200)");
   app.add_flag("--pareto", p.pareto,

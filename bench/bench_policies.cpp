@@ -75,6 +75,8 @@ double median(std::vector<double> v) {
 int run_policies(const PolicyOptions& o) {
   Device device = parse_device(o.device);
   DType compute = parse_compute_dtype(o.dtype, device);
+  REMAT_CHECK(!o.tf32 || device.is_cuda(), "--tf32 applies to f32 GEMMs on cuda; this run is on ", device.str());
+  set_cuda_tf32(o.tf32);
   REMAT_CHECK(o.steps >= 1 && o.warmup >= 0 && o.rounds >= 1,
               "remat-bench: expected --steps >= 1, --warmup >= 0 and --rounds >= 1");
   std::vector<PolicySpec> specs;
@@ -102,12 +104,12 @@ int run_policies(const PolicyOptions& o) {
       specs.push_back(parse_policy("budget:" + std::to_string(budget)));
     }
   }
-  fmt::print("remat-bench: {} on {} in {}, {} threads, {} round(s) of {} timed steps after {} warm-up{}\n",
-             subject.describe(), device.str(), o.dtype, omp_get_max_threads(), o.rounds, o.steps, o.warmup,
-             device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
+  fmt::print("remat-bench: {} on {} in {}{}, {} threads, {} round(s) of {} timed steps after {} warm-up{}\n",
+             subject.describe(), device.str(), o.dtype, o.tf32 ? " (f32 GEMMs in TF32)" : "", omp_get_max_threads(),
+             o.rounds, o.steps, o.warmup, device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
 
   const double peak = o.peak_tflops > 0 ? o.peak_tflops
-                      : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype)
+                      : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype, o.tf32)
                                          : 0.0;
   if (subject.model_flops_per_step() > 0)
     fmt::print("model FLOPs: {:.3g} per step (6 per matmul weight and 12 L T C for attention, per token; replays "
@@ -251,10 +253,10 @@ int run_policies(const PolicyOptions& o) {
   return 0;
 }
 
-double peak_tflops_of(const std::string& device_name, const std::string& dtype) {
+double peak_tflops_of(const std::string& device_name, const std::string& dtype, bool tf32) {
   const bool hopper = device_name.find("H100") != std::string::npos || device_name.find("H200") != std::string::npos;
   if (!hopper) return 0;
-  return dtype == "bf16" ? 989.4 : 66.9;
+  return dtype == "bf16" ? 989.4 : tf32 ? 494.7 : 66.9;
 }
 
 }  // namespace remat::bench

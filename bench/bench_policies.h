@@ -28,6 +28,7 @@ struct PolicyOptions {
   // The device's peak in TFLOP/s at the compute dtype, for MFU; 0: the known peak of the GPU
   // (peak_tflops_of), else no MFU.
   double peak_tflops = 0;
+  bool tf32 = false;  // cuda: f32 GEMMs on TF32 tensor cores (set_cuda_tf32)
 };
 
 struct PolicyResult {
@@ -53,7 +54,7 @@ struct PolicyResult {
 
 int run_policies(const PolicyOptions& options);
 // The dense peak of a device at a compute dtype in TFLOP/s, where known (H100 and H200 SXM: bf16
-// 989.4 on tensor cores, f32 66.9 without TF32); 0 otherwise (every CPU).
-double peak_tflops_of(const std::string& device_name, const std::string& dtype);
+// 989.4 on tensor cores, f32 494.7 in TF32 and 66.9 without); 0 otherwise (every CPU).
+double peak_tflops_of(const std::string& device_name, const std::string& dtype, bool tf32);
 
 }  // namespace remat::bench

@@ -15,4 +15,11 @@ std::string cuda_device_name(int index);
 void cuda_synchronize(int index);  // waits for all work queued on the device
 void cuda_empty_cache(int index);  // returns the caching allocator's wholly free segments to the driver
 
+// TF32 for f32 GEMMs on CUDA: cuBLAS's tensor-core kernels that round each product's inputs to
+// 10-bit mantissas and add in f32 (matmul, linear, conv2d's im2col path; cuDNN convolutions stay
+// f32). Off by default, so that f32 results compare with the CPU; deterministic either way (the
+// same kernels every call). A process-wide setting, read at each GEMM.
+void set_cuda_tf32(bool enabled);
+bool cuda_tf32();
+
 }  // namespace remat

@@ -1,8 +1,11 @@
 // The runtime's CUDA functions, answered by the CUDA part's table (runtime/cuda/module.h says where
 // that part comes from), or with zero devices and a clear error on use where there is none.
+#include <atomic>
+
 #include "runtime/cuda/module.h"
 #include "runtime/cuda/runtime_api.h"
 #include "runtime/cuda_backend.h"
+#include "runtime/cuda_devices.h"
 #include "runtime/error.h"
 
 namespace remat {
@@ -22,7 +25,12 @@ const CudaRuntimeApi& require(const std::string& what) {
 
 std::string device_str(int index) { return "cuda:" + std::to_string(index); }
 
+std::atomic<bool> g_cuda_tf32{false};
+
 }  // namespace
+
+void set_cuda_tf32(bool enabled) { g_cuda_tf32.store(enabled, std::memory_order_relaxed); }
+bool cuda_tf32() { return g_cuda_tf32.load(std::memory_order_relaxed); }
 
 bool cuda_built() { return cuda_part_built(); }
 int cuda_device_count() { return api() ? api()->device_count() : 0; }

@@ -10,6 +10,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
+#include "runtime/cuda_devices.h"
 
 #define REMAT_CUBLAS_CHECK(expr) REMAT_STATUS_CHECK(expr, CUBLAS_STATUS_SUCCESS, cublasGetStatusString)
 
@@ -31,7 +32,8 @@ cublasHandle_t handle_for(int device) {
     // The workspace lives as long as the process and is counted under `workspace`.
     void* workspace = allocator_for(Device::cuda(device)).allocate(kCublasWorkspace, MemoryCategory::workspace);
     REMAT_CUBLAS_CHECK(cublasSetWorkspace(handles[device], workspace, kCublasWorkspace));
-    // No TF32: f32 GEMMs stay f32 so that results compare with the CPU.
+    // No TF32 unless asked for (set_cuda_tf32, per GEMM below): f32 GEMMs stay f32 so that
+    // results compare with the CPU.
     REMAT_CUBLAS_CHECK(cublasSetMathMode(handles[device], CUBLAS_DEFAULT_MATH));
   }
   return handles[device];
@@ -60,7 +62,9 @@ void run_gemm(const Gemm& g, DType dtype, int device) {
   double alpha64 = 1, beta64 = 0;
   const void *alpha = &alpha32, *beta = &beta32;
   switch (dtype) {
-    case DType::f32: type = CUDA_R_32F, compute = CUBLAS_COMPUTE_32F; break;
+    case DType::f32:
+      type = CUDA_R_32F, compute = cuda_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+      break;
     case DType::f64: type = CUDA_R_64F, compute = CUBLAS_COMPUTE_64F, alpha = &alpha64, beta = &beta64; break;
     case DType::bf16: type = CUDA_R_16BF, compute = CUBLAS_COMPUTE_32F; break;
     default: REMAT_FAIL("matmul: the cuda backend multiplies f32, f64 or bf16, got ", dtype_name(dtype));

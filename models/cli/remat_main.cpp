@@ -107,6 +107,10 @@ int main(int argc, char** argv) {
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
   train->add_flag("--overwrite", t.overwrite, "replace the run in --out (without it, a folder holding a run is refused)");
+  bool tf32 = false;
+  train->add_flag("--tf32", tf32,
+                  "cuda: f32 GEMMs on TF32 tensor cores (products of 10-bit mantissas, f32 sums); off by default, "
+                  "not recorded in the run (give it again on --resume)");
   int zero = 0;
   train->add_option("--zero", zero,
                     "under mpirun: 1 shards AdamW's moments over the ranks (ZeRO-1), 0 keeps them whole on each")
@@ -220,6 +224,11 @@ int main(int argc, char** argv) {
         if (t.device == "cuda") t.device = "cuda:" + std::to_string(remat::dist::local_rank());
       } else {
         REMAT_CHECK(zero == 0 || zero == 1, "--zero: expected 0 or 1, got ", zero);
+      }
+      if (tf32) {
+        REMAT_CHECK(remat::parse_device(t.device).is_cuda(), "--tf32 applies to f32 GEMMs on cuda; this run is on ",
+                    t.device);
+        remat::set_cuda_tf32(true);
       }
       const bool lead = world->rank() == 0;
       remat::TrainResult r = remat::train(t, lead ? remat::StepCallback(print_progress) : remat::StepCallback(),

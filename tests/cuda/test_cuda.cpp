@@ -208,6 +208,36 @@ TEST_CASE("cross_entropy called in bf16 keeps its log-sum-exp in f32", "[cuda][b
   CHECK(compare(gf, gb, {1e-6, 1e-2}) == "");
 }
 
+TEST_CASE("TF32 for f32 GEMMs: off by default, near f32 when on, the same bits every call, f32 again when off",
+          "[cuda][op][tf32]") {
+  manual_seed(31);
+  REQUIRE_FALSE(cuda_tf32());
+  const int64_t k = 512;
+  Tensor a = Tensor::randn({256, k}), b = Tensor::randn({k, 384});
+  const std::vector<double> ref = matmul(a.to(DType::f64), b.to(DType::f64)).to_vector<double>();
+  Tensor ga = a.to(kGpu), gb = b.to(kGpu);
+  auto product = [&] { return matmul(ga, gb).to_vector<float>(); };
+  const std::vector<float> strict = product();
+  set_cuda_tf32(true);
+  const std::vector<float> fast = product(), again = product();
+  set_cuda_tf32(false);
+  const std::vector<float> strict_again = product();
+  auto worst = [&](const std::vector<float>& v) {
+    double w = 0;
+    for (size_t i = 0; i < v.size(); ++i) w = std::max(w, std::abs(static_cast<double>(v[i]) - ref[i]));
+    return w;
+  };
+  CHECK(fast == again);
+  CHECK(strict_again == strict);
+  CHECK(fast != strict);  // TF32 kernels ran
+  // Sums of 512 products of N(0, 1) values (about 23 in size): f32 errs by about 1e-5 of that, TF32
+  // (10-bit mantissas in the products) by about 1e-3.
+  INFO("f32 error " << worst(strict) << ", TF32 error " << worst(fast));
+  CHECK(worst(strict) < 1e-3);
+  CHECK(worst(fast) < 0.2);
+  CHECK(worst(fast) > worst(strict));
+}
+
 TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's y extent match the cpu", "[cuda][op]") {
   manual_seed(23);
   OpCase empty{"group_norm [0, 4, 3, 3]", [](auto& in) { return group_norm(in[0], in[1], in[2], 2); },
