@@ -1,7 +1,8 @@
 // How data parallel training groups parameters for its collectives: buckets of consecutive
 // parameters of one dtype, and, for ZeRO-1, which rank owns (updates) each parameter. Every rank
-// computes the same layout from the same parameters, so DataParallel and ShardedAdamW agree on it
-// without talking.
+// computes the same layout from the same parameters; the owners depend on the parameters and the
+// number of ranks only, not on the bucket size, so a DataParallel and a ShardedAdamW agree on
+// them without talking, whatever bucket sizes each was given.
 #pragma once
 
 #include <cstdint>

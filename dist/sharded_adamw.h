@@ -23,9 +23,10 @@ struct ShardedAdamWOptions {
 
 class ShardedAdamW {
  public:
-  // params: the same parameters in the same order on every rank. Each goes to one rank, as the
-  // DataParallel with the same bucket size lays them out (Buckets: a contiguous run of each bucket
-  // per rank, the runs about equal).
+  // params: the same parameters in the same order on every rank. Each goes to one rank, as
+  // DataParallel's zero1 mode gives it its gradient (Buckets::owner: by position in the
+  // parameters' bytes, whatever the bucket sizes); bucket_bytes groups the all-gather of the
+  // updated parameters.
   ShardedAdamW(std::vector<std::pair<std::string, Tensor>> params, ShardedAdamWOptions options = {},
                ProcessGroup& group = ProcessGroup::world(), int64_t bucket_bytes = kDefaultBucketBytes);
   // After DataParallel has averaged the gradients (of this rank's parameters at least): updates

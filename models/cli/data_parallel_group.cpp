@@ -39,7 +39,7 @@ DataParallelGroup::DataParallelGroup(int zero, dist::ProcessGroup& group) : zero
 
 void DataParallelGroup::start(Module& model) {
   // With ZeRO-1, each rank receives the averaged gradients of the parameters its optimizer
-  // updates: both lay the parameters out with the default bucket size.
+  // updates (the two agree on the owners: dist/buckets.h).
   data_parallel_ = std::make_unique<dist::DataParallel>(model.named_parameters(), group_, dist::kDefaultBucketBytes,
                                                         /*zero1=*/zero_ == 1);
 }
