@@ -70,7 +70,7 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
   double total = 0;
   for (double s : all.to_vector<double>()) total += s;  // in parameter order, as clip_grad_norm adds
   const double norm = std::sqrt(total);
-  if (norm > max_norm) {
+  if (norm > max_norm) {  // the scaling of clip_grad_norm (models/optim.cpp), for the same bits
     const double scale = max_norm / (norm + 1e-6);
     for (size_t i = 0; i < params_.size(); ++i) {
       Tensor g = params_[i].second.grad();

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels/cpu/gemm.h"
 #include "runtime/error.h"
 
 namespace remat::cpu {
@@ -255,12 +256,8 @@ bool sgemm_avx512_built() { return true; }
 
 void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                   const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // no products: C = beta C
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
-    return;
-  }
+  // No products (C = beta C) or nothing to write: gemm() handles those before it picks a library.
+  if (m == 0 || n == 0 || k == 0) return gemm<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   // Each thread takes whole tiles of C, by rows (sharing the packed blocks of B) or by columns
   // (each packing all of A): by columns only when C is wider than tall.
   const bool split_rows = n <= m;
