@@ -196,14 +196,14 @@ TEST_CASE("matmul matches a naive triple loop for every transpose combination", 
 TEST_CASE("the CPU GEMM through each of its libraries matches a naive loop", "[op][matmul][gemm]") {
   // Every library this build has (OpenBLAS, remat's AVX-512 SGEMM, Eigen), whichever this process
   // chose: transposes, padded leading dimensions, alpha and beta, odd sizes and sizes past the
-  // libraries' blocking (the AVX-512 SGEMM's blocks are 224 rows, 512 columns, 512 deep), f32 and f64.
+  // libraries' blocking (the AVX-512 SGEMM's blocks are 224 rows, 1024 columns, 512 deep), f32 and f64.
   const std::vector<std::string> libraries = cpu::gemm_libraries();
   manual_seed(3);
   for (const std::string& library : libraries) {
     cpu::set_gemm_library(library);
     CHECK(cpu::gemm_library().rfind(library, 0) == 0);
     CHECK(cpu::gemm_libraries().front() == library);
-    for (auto [m, n, k] : {std::tuple{1, 1, 1}, {7, 5, 3}, {37, 53, 29}, {130, 70, 300}, {240, 530, 600}})
+    for (auto [m, n, k] : {std::tuple{1, 1, 1}, {7, 5, 3}, {37, 53, 29}, {130, 70, 300}, {240, 530, 600}, {30, 1060, 520}})
       for (bool ta : {false, true})
         for (bool tb : {false, true}) {
           const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 5;
@@ -252,7 +252,7 @@ TEST_CASE("the AVX-512 SGEMM gives the same bits for any thread count, and never
   }
   manual_seed(4);
   // Row splits (n <= m) and column splits, with tiles at the edges of each thread's share.
-  for (auto [m, n, k] : {std::tuple{200, 90, 600}, {45, 700, 260}, {1000, 1000, 64}})
+  for (auto [m, n, k] : {std::tuple{200, 90, 600}, {45, 700, 260}, {1000, 1000, 64}, {1100, 1050, 40}})
     for (bool ta : {false, true})
       for (bool tb : {false, true}) {
         std::vector<float> a = Tensor::randn({m * k}).to_vector<float>(), b = Tensor::randn({k * n}).to_vector<float>();

@@ -27,13 +27,14 @@ namespace {
 constexpr int64_t kMR = 14, kNR = 32;
 // Blocks: the kernel sweeps the 14-row panels of a block of A (kMC x kKC, 448 KiB, in L2) against
 // one 32-column panel of B (kKC x 32 floats, 64 KiB, in L1 and L2: a k step reads 128 bytes of it
-// per 28 FMAs); a block of B (kKC x kNC, 1 MiB) comes from L2 and L3. Chosen on an AMD EPYC with
-// AVX-512 (1 MiB L2, 48 KiB L1) among depths 192-512, 224-504 rows and 512-2048 columns: within a
-// few percent at gpt small's shapes; 512 deep about 5-10% ahead at 1024^3 (fewer passes over C).
-constexpr int64_t kKC = 512, kMC = 16 * kMR, kNC = 512;
+// per 28 FMAs); a block of B (kKC x kNC, 2 MiB) comes from L3, a panel at a time. Chosen on an AMD
+// EPYC with AVX-512 (1 MiB L2, 48 KiB L1) among depths 192-512, 224-504 rows and 512-2048 columns:
+// within a few percent at gpt small's shapes; 512 deep 3-5% ahead of 256 at 1024^3 (fewer passes
+// over C); 1024 columns rather than 512 pack each block of A once where n <= 1024 (1-3% at 1024^3).
+constexpr int64_t kKC = 512, kMC = 16 * kMR, kNC = 1024;
 
 // One thread's packing buffers, kept for the thread's life and grown to the largest block asked
-// for (at most kMC x kKC and kKC x kNC floats: 448 KiB and 1 MiB).
+// for (at most kMC x kKC and kKC x kNC floats: 448 KiB and 2 MiB).
 class PackBuffers {
  public:
   float* a(int64_t floats) { return get(a_, a_floats_, floats); }
@@ -127,20 +128,24 @@ void pack_a(bool ta, const float* a, int64_t lda, int64_t i0, int64_t mc, int64_
 // Depth [p0, p0 + kc) and columns [j0, j0 + nc) of op(B), as panels of kNR columns: for each p,
 // the panel's kNR values in a row; columns past nc are zeros.
 void pack_b(bool tb, const float* b, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* out) {
+  if (!tb) {  // row by row, so that each row of the block is read once and in order
+    for (int64_t p = 0; p < kc; ++p) {
+      const float* src = b + (p0 + p) * ldb + j0;
+      for (int64_t jr = 0; jr < nc; jr += kNR) {
+        const int64_t cols = std::min(kNR, nc - jr);
+        float* dst = out + jr * kc + p * kNR;
+        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(lanes(cols), src + jr));
+        _mm512_store_ps(dst + 16, _mm512_maskz_loadu_ps(lanes(cols - 16), src + jr + 16));
+      }
+    }
+    return;
+  }
+  // op(B)(p, j) = b[j][p]: rows of b, transposed sixteen values at a time
   for (int64_t jr = 0; jr < nc; jr += kNR, out += kc * kNR) {
     const int64_t cols = std::min(kNR, nc - jr);
-    if (!tb) {
-      const __mmask16 lo = lanes(cols), hi = lanes(cols - 16);
-      for (int64_t p = 0; p < kc; ++p) {
-        const float* src = b + (p0 + p) * ldb + j0 + jr;
-        _mm512_store_ps(out + p * kNR, _mm512_maskz_loadu_ps(lo, src));
-        _mm512_store_ps(out + p * kNR + 16, _mm512_maskz_loadu_ps(hi, src + 16));
-      }
-    } else {  // op(B)(p, j) = b[j][p]: rows of b, transposed sixteen values at a time
-      for (int64_t half = 0; half < 2; ++half)
-        pack_transposed(b + (j0 + jr + 16 * half) * ldb + p0, ldb, std::max<int64_t>(0, cols - 16 * half), kc,
-                        out + 16 * half, kNR, 16);
-    }
+    for (int64_t half = 0; half < 2; ++half)
+      pack_transposed(b + (j0 + jr + 16 * half) * ldb + p0, ldb, std::max<int64_t>(0, cols - 16 * half), kc,
+                      out + 16 * half, kNR, 16);
   }
 }
 
@@ -236,8 +241,10 @@ void sgemm_rows(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, 
       for (int64_t pc = 0; pc < k; pc += kKC) {
         const int64_t kc = std::min(kKC, k - pc);
 #pragma omp barrier  // nobody reads the previous block of B any more
-        for (int64_t panel = panels * t / count; panel < panels * (t + 1) / count; ++panel)
-          pack_b(tb, b, ldb, pc, kc, jc + panel * kNR, std::min(kNR, nc - panel * kNR), shared_b + panel * kNR * kc);
+        const int64_t my_first = panels * t / count, my_last = panels * (t + 1) / count;  // this thread's panels
+        if (my_last > my_first)
+          pack_b(tb, b, ldb, pc, kc, jc + my_first * kNR, std::min(my_last * kNR, nc) - my_first * kNR,
+                 shared_b + my_first * kNR * kc);
 #pragma omp barrier  // the block of B is whole
         for (int64_t ic = first; ic < last; ic += kMC) {
           const int64_t mc = std::min(kMC, last - ic);
