@@ -166,8 +166,8 @@ int run_policies(const PolicyOptions& o) {
         r.planned_blocks.clear();
         r.predicted_peak_bytes = std::max(r.predicted_peak_bytes, plan.predicted_peak_bytes);  // rounds replan
         for (const auto& b : plan.blocks)
-          if (b.checkpointed) {  // name:recomputed/ops
-            const auto& rec = b.options[static_cast<size_t>(b.choice)].recompute;
+          if (b.checkpointed) {  // name:re-run/ops
+            const auto& rec = b.options[static_cast<size_t>(b.choice)].reruns;
             r.planned_blocks += fmt::format("{}{}:{}/{}", r.planned_blocks.empty() ? "" : " ", b.name,
                                             std::count(rec.begin(), rec.end(), true), rec.size());
           }

@@ -98,6 +98,24 @@ BlockOption option_cost(const BlockTape& b, std::vector<bool> recompute) {
     for (int64_t u : b.node(found->second).inputs)
       if (u >= 0) stack.push_back(resolve_value(b.nodes[found->second].graph, u));
   }
+  // A saved op whose outputs no backward node reads and no replay re-runs from costs bytes and
+  // buys nothing: it is dropped too (the region lets it go; replay never asks for it).
+  std::set<Key> read_by_replay;
+  for (size_t i = 0; i < b.nodes.size(); ++i)
+    if (needed[i])
+      for (int64_t u : b.node(i).inputs)
+        if (u >= 0) read_by_replay.insert(resolve_value(b.nodes[i].graph, u));
+  for (size_t i = 0; i < b.nodes.size(); ++i) {
+    if (recompute[i]) continue;
+    bool unused = true;
+    for (int64_t v : b.node(i).outputs) {
+      Key k{b.nodes[i].graph, v};
+      unused = unused && (!counts(k) || (!b.saved.count(k) && !read_by_replay.count(k)));
+    }
+    if (!unused) continue;
+    recompute[i] = true;
+    for (int64_t v : b.node(i).outputs) kept.erase({b.nodes[i].graph, v});
+  }
   BlockOption o;
   HeldBytes held;
   for (const Key& k : kept) {
@@ -136,6 +154,7 @@ BlockOption option_cost(const BlockTape& b, std::vector<bool> recompute) {
   for (size_t i = 0; i < b.nodes.size(); ++i)
     if (needed[i]) o.recompute_ms += b.node(i).forward_us / 1000.0;
   o.recompute = std::move(recompute);
+  o.reruns.assign(needed.begin(), needed.end());
   return o;
 }
 
@@ -161,13 +180,15 @@ bool is_view(OpKind op) {
          op == OpKind::split;
 }
 
-std::string option_name(const BlockTape& b, const std::vector<bool>& recompute) {
-  size_t n = std::count(recompute.begin(), recompute.end(), true);
-  if (n == b.nodes.size()) return "all";
+// "all" when every op is dropped, else what replay re-runs ("3 of 21 ops: layer_norm, gelu").
+std::string option_name(const BlockTape& b, const BlockOption& o) {
+  if (std::count(o.recompute.begin(), o.recompute.end(), true) == static_cast<std::ptrdiff_t>(b.nodes.size()))
+    return "all";
+  size_t n = std::count(o.reruns.begin(), o.reruns.end(), true);
   std::string kinds;
   std::set<std::string> seen;
   for (size_t i = 0; i < b.nodes.size(); ++i)
-    if (recompute[i] && seen.insert(b.node(i).name()).second)
+    if (o.reruns[i] && seen.insert(b.node(i).name()).second)
       kinds += (kinds.empty() ? "" : ", ") + std::string(b.node(i).name());
   return std::to_string(n) + " of " + std::to_string(b.nodes.size()) + " ops: " + kinds;
 }
@@ -200,11 +221,57 @@ std::vector<BlockOption> block_options(const BlockTape& b, int64_t saved_bytes) 
     sets.push_back(set);
   }
   std::vector<BlockOption> candidates;
-  for (auto& set : sets) {
-    if (std::count(set.begin(), set.end(), true) == 0) continue;
+  auto consider = [&](const std::vector<bool>& set) {
+    if (std::count(set.begin(), set.end(), true) == 0) return;
     BlockOption o = option_cost(b, set);
     // Keeping the block beats an option that keeps as much (it saves outputs no backward reads).
     if (o.kept_bytes < saved_bytes) candidates.push_back(std::move(o));
+  };
+  for (auto& set : sets) consider(set);
+  // By what is dropped rather than by op: the ops whose outputs the block's backward reads are the
+  // units; an option keeps some of them and re-runs whatever rebuilding the others needs, back to
+  // kept values. Every subset where there are few units (gpt: 10), else a greedy walk that drops
+  // next the unit whose recompute time grows least per byte it frees.
+  std::vector<size_t> units;
+  for (size_t i = 0; i < n; ++i)
+    for (int64_t v : b.node(i).outputs)
+      if (b.saved.count({b.nodes[i].graph, v})) {
+        units.push_back(i);
+        break;
+      }
+  auto dropping = [&](const std::vector<bool>& dropped) {  // dropped[u]: unit u recomputed
+    std::vector<bool> set(n, true);
+    for (size_t u = 0; u < units.size(); ++u) set[units[u]] = dropped[u];
+    return set;
+  };
+  constexpr size_t kExhaustiveUnits = 12;
+  if (units.size() <= kExhaustiveUnits) {
+    for (uint32_t mask = 1; mask < (1u << units.size()); ++mask) {
+      std::vector<bool> dropped(units.size());
+      for (size_t u = 0; u < units.size(); ++u) dropped[u] = (mask >> u) & 1u;
+      consider(dropping(dropped));
+    }
+  } else {
+    std::vector<bool> dropped(units.size(), false);
+    BlockOption at = option_cost(b, dropping(dropped));
+    for (size_t round = 0; round < units.size(); ++round) {
+      double best_ratio = 0;
+      size_t best = units.size();
+      BlockOption best_option;
+      for (size_t u = 0; u < units.size(); ++u) {
+        if (dropped[u]) continue;
+        dropped[u] = true;
+        BlockOption o = option_cost(b, dropping(dropped));
+        dropped[u] = false;
+        const int64_t freed = at.kept_bytes - o.kept_bytes;
+        const double ratio = (o.recompute_ms - at.recompute_ms) / static_cast<double>(std::max<int64_t>(freed, 1));
+        if (best == units.size() || ratio < best_ratio) best_ratio = ratio, best = u, best_option = std::move(o);
+      }
+      if (best == units.size()) break;
+      dropped[best] = true;
+      at = best_option;
+      if (at.kept_bytes < saved_bytes) candidates.push_back(at);
+    }
   }
   auto beats = [](const BlockOption& a, const BlockOption& c) {
     return a.kept_bytes <= c.kept_bytes && a.kept_bytes + a.rebuilt_bytes <= c.kept_bytes + c.rebuilt_bytes &&
@@ -217,7 +284,7 @@ std::vector<BlockOption> block_options(const BlockTape& b, int64_t saved_bytes) 
     for (size_t j = 0; j < candidates.size() && !dominated; ++j)
       dominated = j != i && beats(candidates[j], candidates[i]) && (!beats(candidates[i], candidates[j]) || j < i);
     if (dominated) continue;
-    candidates[i].name = option_name(b, candidates[i].recompute);
+    candidates[i].name = option_name(b, candidates[i]);
     out.push_back(candidates[i]);
   }
   return out;

@@ -1,11 +1,14 @@
 // Memory-budget planning in eager mode, op by op within each block. One step is recorded without
 // checkpointing while hooks mark where each block of the model's block containers starts and ends
 // on the tape and on the allocator's event timeline; every op's forward time is measured as it is
-// recorded. For each block the planner builds options, each a set of the block's ops for replay to
-// re-run (the others' outputs are saved): the ops in order of recorded time per byte of output,
-// cheapest first (views and pointwise ops come first on their own), every prefix of that order,
-// and the sets by op class (shape and pointwise; + norms and reductions; + matrix products;
-// everything). For each option the tape gives what the block keeps through forward (kept: its
+// recorded. For each block the planner builds options, each a set of the block's ops whose outputs
+// are dropped (the others' outputs are saved; replay re-runs what rebuilding the dropped slots
+// needs): by what is dropped, every subset of the ops whose outputs the block's backward reads (a
+// greedy walk, cheapest re-run time per byte freed first, past 12 of them); by op, the ops in
+// order of recorded time per byte of output, cheapest first (views and pointwise ops come first on
+// their own), every prefix of that order, and the sets by op class (shape and pointwise; + norms
+// and reductions; + matrix products; everything). An op whose outputs neither backward nor replay
+// reads is dropped in every option. For each option the tape gives what the block keeps through forward (kept: its
 // inputs, the outputs of the ops it saves and the saved slots those cover) and the most its replay
 // holds above that (rebuilt: the re-run ops in one pass, rebuilt slots kept and other outputs
 // freed after their last use there), and the recorded time of those ops. The timeline gives, per block, what was alive at its start besides
@@ -38,11 +41,12 @@ namespace remat {
 // on top (re-run as one pass; replay per backward node holds less), and the recorded time of the
 // ops the replay re-runs.
 struct BlockOption {
-  std::string name;            // "keep", "all", or what it recomputes, e.g. "7 of 19 ops: gelu, add, ..."
-  std::vector<bool> recompute;
+  std::string name;            // "keep", "all", or what replay re-runs, e.g. "3 of 21 ops: layer_norm, gelu"
+  std::vector<bool> recompute;  // by position: dropped in forward (the others' outputs are saved)
   int64_t kept_bytes = 0, rebuilt_bytes = 0;
   double recompute_ms = 0;
   int64_t extra_forward_bytes = 0;  // saved outputs no backward reads: held in forward beyond what none holds
+  std::vector<bool> reruns;         // by position: what replay re-runs to rebuild the dropped slots
 };
 
 // The region policy of an option: the ops at the positions marked recompute are recomputed, the

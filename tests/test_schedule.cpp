@@ -170,6 +170,19 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
       }
       CHECK(b.checkpointed == (b.choice != 0));
       if (b.checkpointed && b.options[static_cast<size_t>(b.choice)].name != "all") partial = true;
+      // Options by what they drop: replay re-runs only dropped ops, and some option frees memory
+      // by re-running nothing but the block's layer norms and GELU (no matrix product).
+      bool norms_and_gelu_only = false;
+      for (size_t i = 1; i < b.options.size(); ++i) {
+        const BlockOption& o = b.options[i];
+        REQUIRE(o.reruns.size() == o.recompute.size());
+        for (size_t k = 0; k < o.reruns.size(); ++k) CHECK((!o.reruns[k] || o.recompute[k]));
+        const std::string kinds = o.name.substr(o.name.find(": ") + 2);
+        if (o.name != "all" && (kinds == "layer_norm" || kinds == "gelu" || kinds == "layer_norm, gelu" ||
+                                kinds == "gelu, layer_norm"))
+          norms_and_gelu_only = true;
+      }
+      CHECK(norms_and_gelu_only);
     }
     CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
     reset_checkpoint_counters();
