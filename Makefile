@@ -19,10 +19,9 @@ deps:
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-$(BUILD)/build.ninja:
-	meson setup $(BUILD)
-
-build: deps $(BUILD)/build.ninja
+# tools/meson_setup.sh: nvcc with header dependencies (and a folder set up without them set up again).
+build: deps
+	bash tools/meson_setup.sh $(BUILD)
 	ninja -C $(BUILD) -j $(JOBS)
 
 test: build

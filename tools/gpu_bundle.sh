@@ -18,8 +18,10 @@ bundle=.gpu-bundle
 command -v nvcc >/dev/null || { echo "gpu_bundle: nvcc not found: the bundle needs the CUDA toolkit"; exit 77; }
 # Without MPI: the GPU machine has no Open MPI, and remat and remat-bench link libremat_dist.
 options=(-Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dblas=eigen -Dbuildtype=release -Dmpi=disabled)
-if [ ! -f "$build/build.ninja" ]; then
-  meson setup "$build" "${options[@]}" >"$build.setup.log" 2>&1 || { tail -30 "$build.setup.log"; exit 1; }
+# An incremental build: tools/meson_setup.sh gives nvcc header dependencies, so a changed header
+# rebuilds every CUDA object that includes it (without them, stale objects would be bundled).
+if [ ! -f "$build/build.ninja" ] || ! grep -q nvcc-depfile "$build/build.ninja"; then
+  bash tools/meson_setup.sh "$build" "${options[@]}" >"$build.setup.log" 2>&1 || { tail -30 "$build.setup.log"; exit 1; }
 else
   meson configure "$build" "${options[@]}" >"$build.setup.log" 2>&1 || { tail -30 "$build.setup.log"; exit 1; }
 fi

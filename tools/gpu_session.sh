@@ -86,7 +86,7 @@ case "$what" in
     if [ -n "$wheel" ] && [ -d "$wheel/lib" ]; then cudnn_args=(-Dcudnn_root="$wheel"); fi
     step configure
     if [ ! -f build-gpu/build.ninja ]; then
-      meson setup build-gpu -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dcatch2_include="$root/.kit/include/catch2" \
+      bash tools/meson_setup.sh build-gpu -Dcuda=enabled -Dnative=false -Dgpu_arch=90 -Dcatch2_include="$root/.kit/include/catch2" \
         "${cudnn_args[@]}" > "$logs/setup.txt" 2>&1 || { tail -40 "$logs/setup.txt"; exit 1; }
     fi
     step build
