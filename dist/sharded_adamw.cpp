@@ -59,12 +59,10 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
   MemoryCategoryScope scope(MemoryCategory::workspace);
   // Each parameter's sum of squares from its owner, zeros elsewhere: the rank-order sum of the
   // all-reduce adds only zeros to each, so every rank gets the owners' values exactly.
-  std::vector<double> squares(params_.size(), 0.0);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const Tensor& p = params_[i].second;
-    if (layout_.owner[i] == group_.rank() && p.grad().defined())
-      squares[i] = backend_for(p.device()).sum_squares(p.grad());
-  }
+  std::vector<Tensor> grads;
+  for (size_t i = 0; i < params_.size(); ++i)
+    grads.push_back(layout_.owner[i] == group_.rank() ? params_[i].second.grad() : Tensor());
+  std::vector<double> squares = sum_squares_by_device(grads);
   Tensor all = Tensor::from_vector(squares, {static_cast<int64_t>(squares.size())});
   group_.all_reduce_sum(all);
   double total = 0;

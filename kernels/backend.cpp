@@ -1,5 +1,8 @@
-// Backend selection by device, and op-name parsing.
+// Backend selection by device, op-name parsing, and sums of squares over tensors on any devices.
 #include "kernels/backend.h"
+
+#include <algorithm>
+#include <utility>
 
 #include "kernels/cpu/cpu_backend.h"
 #include "runtime/cuda/module.h"
@@ -26,6 +29,26 @@ Backend& backend_for(Device device) {
   Backend* cuda = cuda_kernels();
   REMAT_CHECK(cuda, "no kernels for ", device.str(), ": ", cuda_part_problem());
   return *cuda;
+}
+
+std::vector<double> sum_squares_by_device(const std::vector<Tensor>& xs) {
+  std::vector<double> squares(xs.size(), 0.0);
+  // The tensors by device, in order; each device's sums come back in one read.
+  std::vector<std::pair<Device, std::vector<size_t>>> by_device;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (!xs[i].defined()) continue;
+    const Device d = xs[i].device();
+    auto at = std::find_if(by_device.begin(), by_device.end(), [&](const auto& e) { return e.first == d; });
+    if (at == by_device.end()) at = by_device.insert(by_device.end(), {d, {}});
+    at->second.push_back(i);
+  }
+  for (const auto& [device, members] : by_device) {
+    std::vector<Tensor> tensors;
+    for (size_t i : members) tensors.push_back(xs[i]);
+    std::vector<double> sums = backend_for(device).sum_squares(tensors);
+    for (size_t j = 0; j < members.size(); ++j) squares[members[j]] = sums[j];
+  }
+  return squares;
 }
 
 Backend& backend_for(OpKind op, Device device) {

@@ -111,8 +111,9 @@ class Backend {
     int64_t step;  // 1-based, for bias correction
   };
   virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) = 0;
-  // Sum of squares of a tensor, accumulated in f64 (for global-norm gradient clipping).
-  virtual double sum_squares(const Tensor& x) = 0;
+  // Each tensor's sum of squares, accumulated in f64 (for global-norm gradient clipping); on a GPU
+  // the sums come back to the host together, one synchronisation for all of them.
+  virtual std::vector<double> sum_squares(const std::vector<Tensor>& xs) = 0;
 };
 
 // The kernel methods of a backend class: REMAT_BACKEND_KERNELS(override) in its body, so that
@@ -153,7 +154,7 @@ class Backend {
   Tensor timestep_embedding_backward(const Tensor& dy, const Tensor& t, int dim, double max_period) SPEC; \
   Tensor cast(const Tensor& x, DType dtype) SPEC; \
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) SPEC; \
-  double sum_squares(const Tensor& x) SPEC;
+  std::vector<double> sum_squares(const std::vector<Tensor>& xs) SPEC;
 
 // The CUDA kernels (kernels/cuda/), or null where remat has no CUDA part (not built, or its module
 // did not load).
@@ -161,6 +162,10 @@ Backend* cuda_kernels();
 
 // The backend of a device; throws when that backend is not built.
 Backend& backend_for(Device device);
+
+// Each tensor's sum of squares in f64 (0 for an undefined tensor), in order, through its device's
+// backend: one read-back per device, not one per tensor (gradient clipping's terms).
+std::vector<double> sum_squares_by_device(const std::vector<Tensor>& xs);
 // Throws "<backend> has no kernel for op <name>" when the device's backend lacks the op.
 Backend& backend_for(OpKind op, Device device);
 

@@ -163,8 +163,9 @@ double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
   NoGradGuard no_grad;
   MemoryCategoryScope scope(MemoryCategory::workspace);
   double total = 0;
-  for (const Tensor& p : params)
-    if (p.grad().defined()) total += backend_for(p.device()).sum_squares(p.grad());
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params) grads.push_back(p.grad());
+  for (double s : sum_squares_by_device(grads)) total += s;  // in parameter order (no gradient: 0)
   double norm = std::sqrt(total);
   if (norm > max_norm) {
     double scale = max_norm / (norm + 1e-6);

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "kernels/backend.h"
 #include "models/data.h"
 #include "models/gpt.h"
 #include "models/optim.h"
@@ -125,6 +126,14 @@ TEST_CASE("SGD with momentum, clipping by global norm and the cosine schedule", 
   p.set_grad(Tensor::from_vector<double>({3.0, 4.0}, {2}));
   CHECK(clip_grad_norm({p}, 1.0) == Approx(5.0));
   CHECK(p.grad().to_vector<double>()[0] == Approx(0.6).epsilon(1e-6));
+  // Clipping's terms: each gradient's f64 sum of squares, 0 without one, in order, any dtype.
+  Tensor f = Tensor::from_vector<float>({0.5f, -1.5f, 2.0f}, {3});
+  std::vector<double> sums = sum_squares_by_device({Tensor::from_vector<double>({3.0, 4.0}, {2}), Tensor(), f});
+  REQUIRE(sums.size() == 3);
+  CHECK(sums[0] == 25.0);
+  CHECK(sums[1] == 0.0);
+  CHECK(sums[2] == 0.25 + 2.25 + 4.0);
+  CHECK(sum_squares_by_device({}).empty());
   CHECK(cosine_lr(0, 10, 100, 1.0, 0.1) == Approx(0.1));
   CHECK(cosine_lr(9, 10, 100, 1.0, 0.1) == Approx(1.0));
   CHECK(cosine_lr(55, 10, 100, 1.0, 0.1) == Approx(0.55));

@@ -27,13 +27,17 @@ void CpuBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tens
   param.storage()->bump_version();
 }
 
-double CpuBackend::sum_squares(const Tensor& x) {
-  return cpu::dispatch_float(x.dtype(), "sum_squares", [&]<typename T>() {
-    const T* p = x.data<T>();
-    double total = 0;
-    for (int64_t i = 0; i < x.numel(); ++i) total += static_cast<double>(p[i]) * static_cast<double>(p[i]);
-    return total;
-  });
+std::vector<double> CpuBackend::sum_squares(const std::vector<Tensor>& xs) {
+  std::vector<double> sums;
+  sums.reserve(xs.size());
+  for (const Tensor& x : xs)
+    sums.push_back(cpu::dispatch_float(x.dtype(), "sum_squares", [&]<typename T>() {
+      const T* p = x.data<T>();
+      double total = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) total += static_cast<double>(p[i]) * static_cast<double>(p[i]);
+      return total;
+    }));
+  return sums;
 }
 
 }  // namespace remat

@@ -93,6 +93,13 @@ Tensor CudaBackend::matmul(const Tensor& a, const Tensor& b, bool trans_a, bool 
     return out;
   }
   bool shared_b = b.dim() == 2;
+  if (shared_b && !trans_a) {
+    // [batch * m, k] @ op(b): one GEMM with the batch folded into the rows (linear's dx, a tied
+    // head), rather than `batch` GEMMs of m rows each.
+    run_gemm({false, trans_b, batch * m, n, k, a.raw_data(), ca, 0, b.raw_data(), cb, 0, out.raw_data(), 0, 1},
+             a.dtype(), a.device().index);
+    return out;
+  }
   run_gemm({trans_a, trans_b, m, n, k, a.raw_data(), ca, ra * ca, b.raw_data(), cb, shared_b ? 0 : rb * cb,
             out.raw_data(), m * n, batch},
            a.dtype(), a.device().index);

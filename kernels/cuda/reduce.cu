@@ -1,5 +1,9 @@
-// CUDA reductions (sum, max) over any set of axes, the max backward and the f64 sum of squares
-// used for gradient clipping. Every output is reduced in a fixed order: no atomics.
+// CUDA reductions (sum, max) over any set of axes (leading axes by column tiles and row slices),
+// the max backward and the f64 sums of squares used for gradient clipping. Every output is reduced
+// in a fixed order: no atomics.
+#include <algorithm>
+#include <type_traits>
+
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 
@@ -34,7 +38,11 @@ struct ReduceIndex {
 
 struct ReducePlan : ReduceIndex {
   Shape out_shape;
-  // Few outputs with long reductions get a block each; otherwise one thread per output.
+  bool leading = false;  // the reduced axes are the leading ones: x is [n_red, n_out], rows reduced
+  // Reductions over leading axes (bias gradients: [rows, columns] -> [columns]) go by column tiles
+  // and row slices; other few outputs with long reductions get a block each; otherwise one thread
+  // per output.
+  bool by_columns() const { return leading && n_red >= 64; }
   bool block_per_output() const { return n_red >= 1024 && n_out <= 1024; }
   const ReduceIndex& index() const { return *this; }
 };
@@ -55,7 +63,71 @@ ReducePlan plan_reduce(const Shape& shape, const std::vector<int64_t>& axes) {
     ++e.rank;
     (reduced[d] ? p.n_red : p.n_out) *= shape[d];
   }
+  // Leading: the reduced dims are dims 0 .. r-1 and some dim is kept.
+  p.leading = p.reduced.rank > 0 && p.kept.rank > 0;
+  for (int d = 0; d < p.reduced.rank; ++d) p.leading = p.leading && reduced[d];
   return p;
+}
+
+// Reduction of the rows of a [rows, cols] matrix in two fixed-order stages, so that a wide bias
+// gradient ([8192, 2304]) uses the whole GPU and reads each row coalesced: a block of 32 x 8
+// threads takes 32 columns of one slice of rows, each thread every 8th row of the slice in order,
+// then the 8 partial values in order; the slices' partials are then folded in slice order. The
+// slices depend on the row count only, so the bits do not depend on the GPU.
+constexpr int kColumnTile = 32, kRowLanes = 8, kRowsPerSlice = 512, kMaxSlices = 64;
+
+int64_t column_slices(int64_t rows) {
+  return std::min<int64_t>(kMaxSlices, std::max<int64_t>(1, (rows + kRowsPerSlice - 1) / kRowsPerSlice));
+}
+
+// Writes partial[slice * cols + c], or y[c] directly (cast to T) when there is one slice.
+template <typename T, typename Op>
+__global__ void reduce_columns_kernel(const T* x, int64_t rows, int64_t cols, int64_t rows_per_slice, Op op,
+                                      Acc<T> identity, Acc<T>* partial, T* y) {
+  __shared__ Acc<T> lanes[kRowLanes][kColumnTile + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColumnTile + threadIdx.x;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
+  const int64_t end = begin + rows_per_slice < rows ? begin + rows_per_slice : rows;
+  Acc<T> acc = identity;
+  if (c < cols)
+    for (int64_t r = begin + threadIdx.y; r < end; r += kRowLanes) acc = op(acc, load(x, r * cols + c));
+  lanes[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= cols) return;
+  Acc<T> total = lanes[0][threadIdx.x];
+  for (int l = 1; l < kRowLanes; ++l) total = op(total, lanes[l][threadIdx.x]);
+  if (gridDim.y == 1) y[c] = cast_to<T>(total);
+  else partial[blockIdx.y * cols + c] = total;
+}
+
+template <typename T, typename Op>
+__global__ void fold_slices_kernel(const Acc<T>* partial, int64_t slices, int64_t cols, Op op, T* y) {
+  REMAT_GRID_STRIDE(c, cols) {
+    Acc<T> total = partial[c];
+    for (int64_t s = 1; s < slices; ++s) total = op(total, partial[s * cols + c]);
+    y[c] = cast_to<T>(total);
+  }
+}
+
+template <typename T, typename Op>
+void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identity, T* y, Device device) {
+  const int64_t slices = column_slices(rows), rows_per_slice = (rows + slices - 1) / slices;
+  const int64_t tiles = (cols + kColumnTile - 1) / kColumnTile;
+  REMAT_CHECK(tiles <= INT32_MAX, "sum: ", cols, " columns exceed the cuda backend's grid");
+  Tensor partial;
+  if (slices > 1) {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    partial = Tensor::empty({slices, cols}, std::is_same_v<Acc<T>, double> ? DType::f64 : DType::f32, device);
+  }
+  Acc<T>* partial_data = slices > 1 ? partial.data<Acc<T>>() : nullptr;
+  reduce_columns_kernel<T><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)),
+                             dim3(kColumnTile, kRowLanes)>>>(x, rows, cols, rows_per_slice, op, identity,
+                                                             partial_data, y);
+  REMAT_CUDA_LAUNCH_CHECK();
+  if (slices > 1) {
+    fold_slices_kernel<T><<<blocks_for(cols), kThreads>>>(partial_data, slices, cols, op, y);
+    REMAT_CUDA_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, typename Op>
@@ -86,7 +158,9 @@ Tensor reduce(const Tensor& x, const std::vector<int64_t>& axes, Op op, bool is_
   if (plan.n_out == 0) return out;
   dispatch(x.dtype(), name, [&]<typename T>() {
     Acc<T> identity = is_max ? -std::numeric_limits<Acc<T>>::infinity() : Acc<T>(0);
-    if (plan.block_per_output())
+    if (plan.by_columns())
+      reduce_columns<T>(x.data<T>(), plan.n_red, plan.n_out, op, identity, out.data<T>(), x.device());
+    else if (plan.block_per_output())
       reduce_block_kernel<T><<<static_cast<unsigned>(plan.n_out), kThreads>>>(x.data<T>(), out.data<T>(), plan.index(), op, identity);
     else
       reduce_thread_kernel<T><<<blocks_for(plan.n_out), kThreads>>>(x.data<T>(), out.data<T>(), plan.index(), op, identity);
@@ -159,21 +233,31 @@ Tensor CudaBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const
   return dx;
 }
 
-double CudaBackend::sum_squares(const Tensor& x) {
-  set_device_of(x);
-  Tensor partial, total;
+std::vector<double> CudaBackend::sum_squares(const std::vector<Tensor>& xs) {
+  if (xs.empty()) return {};
+  set_device_of(xs.front());
+  const Device device = xs.front().device();
+  const int64_t count = static_cast<int64_t>(xs.size());
+  Tensor partial, totals;
   {
     MemoryCategoryScope scope(MemoryCategory::workspace);
-    partial = Tensor::empty({kSquareBlocks}, DType::f64, x.device());
-    total = Tensor::empty({1}, DType::f64, x.device());
+    partial = Tensor::empty({count, kSquareBlocks}, DType::f64, device);
+    totals = Tensor::empty({count}, DType::f64, device);
   }
-  dispatch(x.dtype(), "sum_squares", [&]<typename T>() {
-    sum_squares_partial_kernel<T><<<kSquareBlocks, kThreads>>>(x.data<T>(), x.numel(), partial.data<double>());
-  });
-  REMAT_CUDA_LAUNCH_CHECK();
-  sum_partials_kernel<<<1, kThreads>>>(partial.data<double>(), kSquareBlocks, total.data<double>());
-  REMAT_CUDA_LAUNCH_CHECK();
-  return total.item();
+  // Each tensor's two stages as for one tensor, into its own slots; one copy back for all.
+  for (int64_t i = 0; i < count; ++i) {
+    const Tensor& x = xs[static_cast<size_t>(i)];
+    REMAT_CHECK(x.device() == device, "sum_squares: expected every tensor on ", device.str(), ", got one on ",
+                x.device().str());
+    double* slots = partial.data<double>() + i * kSquareBlocks;
+    dispatch(x.dtype(), "sum_squares", [&]<typename T>() {
+      sum_squares_partial_kernel<T><<<kSquareBlocks, kThreads>>>(x.data<T>(), x.numel(), slots);
+    });
+    REMAT_CUDA_LAUNCH_CHECK();
+    sum_partials_kernel<<<1, kThreads>>>(slots, kSquareBlocks, totals.data<double>() + i);
+    REMAT_CUDA_LAUNCH_CHECK();
+  }
+  return totals.to(Device::cpu()).to_vector<double>();
 }
 
 }  // namespace remat

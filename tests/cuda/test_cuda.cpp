@@ -16,6 +16,7 @@
 #include "dist/data_parallel.h"
 #include "dist/nccl.h"
 #include "dist/process_group.h"
+#include "kernels/backend.h"
 #include "models/data.h"
 #include "models/dit.h"
 #include "models/gpt.h"
@@ -135,6 +136,12 @@ std::vector<OpCase> large_cases() {
       {"cross_entropy [33, 5000]", [](auto& in) { return cross_entropy(in[0], in[1]); }, {randn64({33, 5000}), ids(33, 5000, 977)}},
       {"sum of 5000 (one block)", [](auto& in) { return sum(in[0]); }, {randn64({5000})}},
       {"sum over rows [300, 200]", [](auto& in) { return sum(in[0], {0}); }, {randn64({300, 200})}},
+      {"sum over rows [3000, 1100] (column tiles, 6 row slices)", [](auto& in) { return sum(in[0], {0}); },
+       {randn64({3000, 1100})}},
+      {"sum over the two leading axes [5, 130, 40]", [](auto& in) { return sum(in[0], {0, 1}); }, {randn64({5, 130, 40})}},
+      {"max over rows [2000, 33]", [](auto& in) { return max(in[0], {0}); }, {randn64({2000, 33})}},
+      {"linear [2, 300, 40] -> 1100 (a wide bias gradient)", [](auto& in) { return linear(in[0], in[1], in[2]); },
+       {randn64({2, 300, 40}), randn64({1100, 40}), randn64({1100})}},
       {"max over the middle axis", [](auto& in) { return max(in[0], {1}); }, {randn64({4, 1500, 3})}},
       {"linear [2, 37, 65] -> 129", [](auto& in) { return linear(in[0], in[1], in[2]); },
        {randn64({2, 37, 65}), randn64({129, 65}), randn64({129})}},
@@ -153,6 +160,43 @@ std::vector<OpCase> large_cases() {
 }
 
 }  // namespace
+
+// Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("sums over leading axes by column tiles and row slices: the cpu's values, the same bits every call",
+          "[cuda][op][reduce]") {
+  manual_seed(21);
+  for (DType dtype : {DType::f32, DType::bf16, DType::f64}) {
+    INFO(dtype_name(dtype));
+    // 8192 rows (16 slices) of 2304 columns (72 tiles): gpt2's widest bias gradient.
+    for (Shape shape : {Shape{8192, 2304}, Shape{64, 3}, Shape{511, 33}, Shape{513, 40}, Shape{4, 700, 70}}) {
+      INFO(shape_str(shape));
+      Tensor x = Tensor::randn(shape, DType::f64);
+      std::vector<int64_t> axes(shape.size() - 1);
+      for (size_t d = 0; d < axes.size(); ++d) axes[d] = static_cast<int64_t>(d);
+      Tensor on_gpu = x.to(dtype).to(kGpu);
+      // The reference: the same (rounded) inputs summed in f64 on the cpu.
+      std::vector<double> cpu = sum(x.to(dtype).to(DType::f64), axes).to_vector<double>();
+      std::vector<double> first = sum(on_gpu, axes).to_vector<double>(), again = sum(on_gpu, axes).to_vector<double>();
+      CHECK(first == again);
+      const int64_t rows = x.numel() / shape.back();
+      // Sums of `rows` N(0,1) values: rounding grows with sqrt(rows); bf16 keeps an 8-bit mantissa.
+      const double tol = dtype == DType::f64 ? 1e-10 : dtype == DType::f32 ? 1e-4 * std::sqrt(rows) : 0.1 * std::sqrt(rows);
+      double worst = 0;
+      for (size_t i = 0; i < cpu.size(); ++i) worst = std::max(worst, std::abs(cpu[i] - first[i]));
+      CHECK(worst < tol);
+    }
+  }
+  // Gradient clipping's terms: one read-back per device, the cpu's sums.
+  Tensor a = Tensor::randn({3000}, DType::f64), b = Tensor::randn({5, 7}, DType::f32);
+  std::vector<double> mixed = sum_squares_by_device({a.to(kGpu), Tensor(), b, b.to(kGpu), a});
+  std::vector<double> host = sum_squares_by_device({a, Tensor(), b, b, a});
+  REQUIRE(mixed.size() == 5);
+  CHECK(mixed[1] == 0.0);
+  CHECK(mixed[2] == host[2]);  // the cpu tensors go through the cpu backend
+  CHECK(mixed[4] == host[4]);
+  CHECK(mixed[0] == Approx(host[0]).epsilon(1e-12));
+  CHECK(mixed[3] == Approx(host[3]).epsilon(1e-12));
+}
 
 TEST_CASE("every op's forward and backward on cuda match the cpu in f64 and f32", "[cuda][op]") {
   manual_seed(17);
