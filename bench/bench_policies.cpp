@@ -106,7 +106,10 @@ int run_policies(const PolicyOptions& o) {
   }
   fmt::print("remat-bench: {} on {} in {}{}, {} threads, {} round(s) of {} timed steps after {} warm-up{}\n",
              subject.describe(), device.str(), o.dtype, o.tf32 ? " (f32 GEMMs in TF32)" : "", omp_get_max_threads(),
-             o.rounds, o.steps, o.warmup, device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
+             o.rounds, o.steps, o.warmup,
+             device.is_cpu() ? ", GEMM " + cpu::gemm_library()
+                             : std::string(", attention ") + cuda_attention_name(cuda_attention()) +
+                                   " (REMAT_CUDA_ATTENTION=flash|gemm)");
 
   const double peak = o.peak_tflops > 0 ? o.peak_tflops
                       : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype, o.tf32)

@@ -22,4 +22,16 @@ void cuda_empty_cache(int index);  // returns the caching allocator's wholly fre
 void set_cuda_tf32(bool enabled);
 bool cuda_tf32();
 
+// How attention runs on CUDA: `flash`, remat's own kernel (CUDA cores, one query row per thread,
+// nothing T x T in memory; the reference), or `gemm`, batched cuBLAS GEMMs on the tensor cores
+// with [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each). The default comes
+// from the environment, REMAT_CUDA_ATTENTION=flash|gemm (flash when unset); a process-wide
+// setting, read at each call.
+enum class CudaAttention { flash, gemm };
+void set_cuda_attention(CudaAttention path);
+CudaAttention cuda_attention();  // throws on a bad REMAT_CUDA_ATTENTION, naming what it accepts
+// "flash" or "gemm"; anything else a clear error.
+CudaAttention parse_cuda_attention(const std::string& name);
+const char* cuda_attention_name(CudaAttention path);
+
 }  // namespace remat

@@ -1,6 +1,7 @@
 // The runtime's CUDA functions, answered by the CUDA part's table (runtime/cuda/module.h says where
 // that part comes from), or with zero devices and a clear error on use where there is none.
 #include <atomic>
+#include <cstdlib>
 
 #include "runtime/cuda/module.h"
 #include "runtime/cuda/runtime_api.h"
@@ -31,6 +32,39 @@ std::atomic<bool> g_cuda_tf32{false};
 
 void set_cuda_tf32(bool enabled) { g_cuda_tf32.store(enabled, std::memory_order_relaxed); }
 bool cuda_tf32() { return g_cuda_tf32.load(std::memory_order_relaxed); }
+
+CudaAttention parse_cuda_attention(const std::string& name) {
+  if (name == "flash") return CudaAttention::flash;
+  if (name == "gemm") return CudaAttention::gemm;
+  REMAT_FAIL("cuda attention: expected flash or gemm, got '", name, "'");
+}
+
+const char* cuda_attention_name(CudaAttention path) { return path == CudaAttention::gemm ? "gemm" : "flash"; }
+
+namespace {
+// -1: not chosen yet (the environment decides at the first call), else a CudaAttention.
+std::atomic<int> g_cuda_attention{-1};
+}  // namespace
+
+void set_cuda_attention(CudaAttention path) { g_cuda_attention.store(static_cast<int>(path)); }
+
+CudaAttention cuda_attention() {
+  int path = g_cuda_attention.load();
+  if (path < 0) {
+    const char* env = std::getenv("REMAT_CUDA_ATTENTION");
+    CudaAttention chosen = CudaAttention::flash;
+    if (env != nullptr && *env != '\0') {
+      const std::string value(env);
+      REMAT_CHECK(value == "flash" || value == "gemm", "REMAT_CUDA_ATTENTION: expected flash or gemm, got '", value,
+                  "'");
+      chosen = parse_cuda_attention(value);
+    }
+    int expected = -1;
+    g_cuda_attention.compare_exchange_strong(expected, static_cast<int>(chosen));
+    path = g_cuda_attention.load();
+  }
+  return static_cast<CudaAttention>(path);
+}
 
 bool cuda_built() { return cuda_part_built(); }
 int cuda_device_count() { return api() ? api()->device_count() : 0; }

@@ -1,6 +1,7 @@
 // Runtime: dtypes, devices, shapes, tensor handles and views, conversions, Philox, allocator counters.
 #include <catch.hpp>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "runtime/philox.h"
@@ -239,4 +240,17 @@ TEST_CASE("cuda discovery reports devices without throwing, zero on a machine wi
   int n = cuda_device_count();
   CHECK(n >= 0);
   if (n == 0) CHECK_THROWS_WITH(Tensor::zeros({2}).to(Device::cuda(0)), Contains("cuda:0"));
+}
+
+TEST_CASE("the cuda attention path is flash unless chosen, by name or by setting", "[runtime][cuda-discovery]") {
+  // Unset in the test environment: the reference kernel.
+  if (std::getenv("REMAT_CUDA_ATTENTION") == nullptr) CHECK(cuda_attention() == CudaAttention::flash);
+  CHECK(parse_cuda_attention("gemm") == CudaAttention::gemm);
+  CHECK(parse_cuda_attention("flash") == CudaAttention::flash);
+  CHECK_THROWS_WITH(parse_cuda_attention("cudnn"), Contains("expected flash or gemm, got 'cudnn'"));
+  const CudaAttention before = cuda_attention();
+  set_cuda_attention(CudaAttention::gemm);
+  CHECK(cuda_attention() == CudaAttention::gemm);
+  CHECK(std::string(cuda_attention_name(cuda_attention())) == "gemm");
+  set_cuda_attention(before);
 }

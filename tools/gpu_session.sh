@@ -179,5 +179,15 @@ for dtype in bf16 f32; do
     echo "SKIPPED (out of time): the PyTorch peer in $dtype"
   fi
 done
+# The attention through cuBLAS GEMMs (tensor cores) against the flash kernel above: the table goes
+# to session.txt only ($OUT holds at most 8 files).
+if [ -z "$dry" ] && fits 90; then
+  step "remat-bench $config none,full in bf16 on $device, attention through GEMMs"
+  REMAT_CUDA_ATTENTION=gemm timeout 180 "$bin/bench/remat-bench" --config "$config" --policies none,full \
+    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
+  echo "remat-bench exit $?"
+else
+  echo "SKIPPED (dry run or out of time): remat-bench with the attention through GEMMs"
+fi
 step "done: test_cuda ${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ]

@@ -1,9 +1,12 @@
 // CUDA fused scaled dot-product attention, q/k/v [B, H, T, D] with D <= 128, flash style: key and
 // value tiles are staged in shared memory, each thread owns one query row with an online softmax,
 // and only the row log-sum-exp is saved. The backward rebuilds probabilities from it in two
-// passes, dq by query rows and dk/dv by key rows, so no gradient is ever summed with atomics.
+// passes, dq by query rows and dk/dv by key rows, so no gradient is ever summed with atomics. With
+// set_cuda_attention(gemm) (REMAT_CUDA_ATTENTION=gemm) both go through cuBLAS (attention_gemm.cu).
+#include "kernels/cuda/attention_gemm.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "runtime/cuda_devices.h"
 
 namespace remat {
 
@@ -218,6 +221,7 @@ dim3 attention_grid(int64_t heads, int64_t t) {
 
 std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                            double scale) {
+  if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0) return attention_gemm(q, k, v, causal, scale);
   set_device_of(q);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
@@ -242,6 +246,8 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
 std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k,
                                                     const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
                                                     double scale) {
+  if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0)
+    return attention_backward_gemm(d_o, q, k, v, o, lse, causal, scale);
   set_device_of(q);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),

@@ -54,12 +54,17 @@ __global__ void add_bias_kernel(T* y, const T* b, int64_t rows, int64_t cols) {
 
 namespace cuda {
 
-void run_gemm(const Gemm& g, DType dtype, int device) {
+void run_gemm(const Gemm& g, DType dtype, int device) { run_gemm_into(g, dtype, dtype, 1.0, device); }
+
+void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha_value, int device) {
+  REMAT_CHECK(c_dtype == dtype || (dtype == DType::bf16 && c_dtype == DType::f32), "matmul: the cuda backend writes ",
+              dtype_name(dtype), " products as ", dtype_name(dtype), dtype == DType::bf16 ? " or f32" : "", ", not ",
+              dtype_name(c_dtype));
   cublasHandle_t h = handle_for(device);
   cudaDataType_t type;
   cublasComputeType_t compute;
-  float alpha32 = 1, beta32 = 0;
-  double alpha64 = 1, beta64 = 0;
+  float alpha32 = static_cast<float>(alpha_value), beta32 = 0;
+  double alpha64 = alpha_value, beta64 = 0;
   const void *alpha = &alpha32, *beta = &beta32;
   switch (dtype) {
     case DType::f32:
@@ -69,10 +74,11 @@ void run_gemm(const Gemm& g, DType dtype, int device) {
     case DType::bf16: type = CUDA_R_16BF, compute = CUBLAS_COMPUTE_32F; break;
     default: REMAT_FAIL("matmul: the cuda backend multiplies f32, f64 or bf16, got ", dtype_name(dtype));
   }
+  const cudaDataType_t c_type = c_dtype == dtype ? type : CUDA_R_32F;
   cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   REMAT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       h, op_b, op_a, checked_int(g.n, "n"), checked_int(g.m, "m"), checked_int(g.k, "k"), alpha, g.b, type,
-      checked_int(g.ldb, "ldb"), g.stride_b, g.a, type, checked_int(g.lda, "lda"), g.stride_a, beta, g.c, type,
+      checked_int(g.ldb, "ldb"), g.stride_b, g.a, type, checked_int(g.lda, "lda"), g.stride_a, beta, g.c, c_type,
       checked_int(g.n, "ldc"), g.stride_c, checked_int(g.batch, "batch"), compute, CUBLAS_GEMM_DEFAULT));
 }
 

@@ -25,5 +25,8 @@ struct Gemm {
 // On the device's one handle with its fixed workspace (same kernels every call: replays
 // reproduce bits). f32, f64 and bf16 (f32 accumulation).
 void run_gemm(const Gemm& g, DType dtype, int device);
+// C = alpha op(A) op(B) with C in c_dtype: the inputs' dtype, or f32 for bf16 inputs (the
+// attention scores, kept in f32).
+void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha, int device);
 
 }  // namespace remat::cuda

@@ -161,7 +161,80 @@ std::vector<OpCase> large_cases() {
 
 }  // namespace
 
+namespace {
+
+GptConfig gpu_gpt() {
+  GptConfig c = gpt_config("tiny");
+  c.layers = 4;
+  c.dropout = 0.1;  // replays must redraw the same masks on the GPU too
+  return c;
+}
+
+}  // namespace
+
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("attention through cuBLAS GEMMs matches the cpu and the flash kernel, and repeats its bits",
+          "[cuda][op][attention]") {
+  manual_seed(22);
+  struct Restore {
+    ~Restore() { set_cuda_attention(CudaAttention::flash); }
+  } restore;
+  auto attn = [](bool causal) { return [causal](auto& in) { return attention(in[0], in[1], in[2], causal); }; };
+  auto qkv = [](Shape s) { return std::vector<Tensor>{randn64(s), randn64(s), randn64(s)}; };
+  const std::vector<OpCase> cases = {
+      {"causal T 70 D 64", attn(true), qkv({2, 3, 70, 64})},
+      {"T 70 D 64", attn(false), qkv({2, 3, 70, 64})},
+      {"causal T 33 D 5", attn(true), qkv({1, 2, 33, 5})},
+      {"T 100 D 128", attn(false), qkv({1, 2, 100, 128})},
+      {"causal T 1 D 16", attn(true), qkv({1, 1, 1, 16})},
+  };
+  // Against the cpu (f64, f32) with the gemm path chosen.
+  set_cuda_attention(CudaAttention::gemm);
+  REQUIRE(cuda_attention() == CudaAttention::gemm);
+  for (const OpCase& c : cases)
+    for (DType dtype : {DType::f64, DType::f32}) check_parity(c, dtype);
+  // Against the flash kernel on the GPU, bf16 included, and the same bits on a second call.
+  for (const OpCase& c : cases)
+    for (DType dtype : {DType::f64, DType::f32, DType::bf16}) {
+      INFO(c.description << " in " << dtype_name(dtype));
+      set_cuda_attention(CudaAttention::gemm);
+      Outcome gemm = evaluate(c, kGpu, dtype), again = evaluate(c, kGpu, dtype);
+      set_cuda_attention(CudaAttention::flash);
+      Outcome flash = evaluate(c, kGpu, dtype);
+      CHECK(gemm.out == again.out);
+      CHECK(gemm.grads == again.grads);
+      CHECK(compare(flash.out, gemm.out, tolerance(dtype)) == "");
+      REQUIRE(flash.grads.size() == gemm.grads.size());
+      for (size_t i = 0; i < flash.grads.size(); ++i) CHECK(compare(flash.grads[i], gemm.grads[i], tolerance(dtype)) == "");
+    }
+  // Heads in several chunks ([T, T] temporaries of 64 MiB at most: 6 heads of T 1100 in f64 per
+  // chunk, so 16 heads take three), against the flash kernel.
+  OpCase big{"16 heads of T 1100 D 32, causal", attn(true), qkv({2, 8, 1100, 32})};
+  set_cuda_attention(CudaAttention::gemm);
+  Outcome gemm = evaluate(big, kGpu, DType::f64);
+  set_cuda_attention(CudaAttention::flash);
+  Outcome flash = evaluate(big, kGpu, DType::f64);
+  CHECK(compare(flash.out, gemm.out, tolerance(DType::f64)) == "");
+  for (size_t i = 0; i < flash.grads.size(); ++i) CHECK(compare(flash.grads[i], gemm.grads[i], tolerance(DType::f64)) == "");
+  // gpt tiny under checkpointing, on the gemm path: every policy bitwise equal to none.
+  set_cuda_attention(CudaAttention::gemm);
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7).to(DType::i64), {2, 16}).to(kGpu),
+         targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  auto loss = [&] { return model.loss(idx, targets); };
+  auto plain = run_grads(model.parameters(), loss);
+  for (const char* policy : {"full", "ops", "block_skip:2"}) {
+    INFO(policy);
+    apply_policy(model, parse_policy(policy));
+    reset_checkpoint_counters();
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+  }
+  remove_checkpointing(model);
+}
+
 TEST_CASE("sums over leading axes by column tiles and row slices: the cpu's values, the same bits every call",
           "[cuda][op][reduce]") {
   manual_seed(21);
@@ -351,17 +424,6 @@ TEST_CASE("bad input on cuda gets the same clear errors as on the cpu", "[cuda][
   CHECK_THROWS_WITH(attention(q, q, q, true), Contains("head dims 1..128, got 129"));
   CHECK_THROWS_WITH(add(Tensor::ones({2}), Tensor::ones({2}).to(kGpu)), Contains("cuda"));
 }
-
-namespace {
-
-GptConfig gpu_gpt() {
-  GptConfig c = gpt_config("tiny");
-  c.layers = 4;
-  c.dropout = 0.1;  // replays must redraw the same masks on the GPU too
-  return c;
-}
-
-}  // namespace
 
 TEST_CASE("gpt tiny gradients on cuda under every policy are bitwise equal to none", "[cuda][policy]") {
   manual_seed(31);

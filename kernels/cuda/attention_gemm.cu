@@ -1,0 +1,170 @@
+// CUDA attention through cuBLAS, on the tensor cores: the scores S = scale Q K^T, O = P V and, in
+// backward, dP = dO V^T, dQ = dS K, dK = dS^T Q and dV = P^T dO are batched GEMMs (bf16 inputs with
+// f32 accumulation; f32 and f64 as stored); row kernels do the masked softmax, saving the
+// log-sum-exp as the flash kernel does, and dS = P (dP - rowsum(dO O)) scale. Heads go a chunk at
+// a time, so that each [T, T] temporary stays within 64 MiB. Deterministic as every GEMM here is
+// (one stream, a fixed cuBLAS workspace) and the row reductions run in a fixed order.
+#include "kernels/cuda/attention_gemm.h"
+
+#include <algorithm>
+
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemm.h"
+
+namespace remat::cuda {
+
+namespace {
+
+constexpr int64_t kChunkBytes = int64_t{64} << 20;
+
+DType acc_dtype(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
+
+// Heads per pass: a [T, T] temporary in the accumulation dtype for each fits in kChunkBytes.
+int64_t heads_per_chunk(int64_t heads, int64_t t, DType acc) {
+  const int64_t per_head = std::max<int64_t>(1, t * t * static_cast<int64_t>(dtype_size(acc)));
+  return std::clamp<int64_t>(kChunkBytes / per_head, 1, heads);
+}
+
+// The element at `offset` of a tensor's data, as the byte pointer a Gemm takes.
+char* element(const Tensor& x, int64_t offset) {
+  return static_cast<char*>(const_cast<void*>(x.raw_data())) + offset * static_cast<int64_t>(dtype_size(x.dtype()));
+}
+
+unsigned one_block_per_row(int64_t rows) {
+  REMAT_CHECK(rows <= INT32_MAX, "attention: ", rows, " rows exceed the cuda grid");
+  return static_cast<unsigned>(rows);
+}
+
+// One block per row of a chunk's scaled scores s [rows, t] (row = head * t + query): the
+// probabilities p, 0 past the diagonal when causal, and the row's log-sum-exp.
+template <typename T>
+__global__ void masked_softmax_kernel(const Acc<T>* s, T* p, Acc<T>* lse, int64_t t, bool causal) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const int64_t row = blockIdx.x, seen = causal ? row % t + 1 : t;  // the keys this query sees
+  const A* sr = s + row * t;
+  A m = -std::numeric_limits<A>::infinity();
+  for (int64_t j = threadIdx.x; j < seen; j += blockDim.x) m = max(m, sr[j]);
+  m = block_max(m, scratch);
+  A l = 0;
+  for (int64_t j = threadIdx.x; j < seen; j += blockDim.x) l += exp(sr[j] - m);
+  l = block_sum(l, scratch);
+  const A row_lse = m + log(l);
+  for (int64_t j = threadIdx.x; j < t; j += blockDim.x)
+    p[row * t + j] = cast_to<T>(j < seen ? exp(sr[j] - row_lse) : A(0));
+  if (threadIdx.x == 0) lse[row] = row_lse;
+}
+
+// Backward, one block per row: p rebuilt from the scores and the saved log-sum-exp (written, for
+// dV), and ds = p (dp - D_row) scale, both in the inputs' dtype for the GEMMs that follow.
+template <typename T>
+__global__ void softmax_grad_kernel(const Acc<T>* s, const Acc<T>* dp, const Acc<T>* lse, const Acc<T>* row_dot,
+                                    T* p, T* ds, int64_t t, bool causal, Acc<T> scale) {
+  using A = Acc<T>;
+  const int64_t row = blockIdx.x, seen = causal ? row % t + 1 : t;
+  const A L = lse[row], D = row_dot[row];
+  for (int64_t j = threadIdx.x; j < t; j += blockDim.x) {
+    const int64_t at = row * t + j;
+    const A pj = j < seen ? exp(s[at] - L) : A(0);
+    p[at] = cast_to<T>(pj);
+    ds[at] = cast_to<T>(pj * (dp[at] - D) * scale);
+  }
+}
+
+// D_row = dO_row . O_row, the row term of the softmax backward.
+template <typename T>
+__global__ void row_dot_kernel(const T* d_o, const T* o, Acc<T>* out, int64_t rows, int d) {
+  REMAT_GRID_STRIDE(r, rows) {
+    Acc<T> s = 0;
+    for (int e = 0; e < d; ++e) s += load(d_o, r * d + e) * load(o, r * d + e);
+    out[r] = s;
+  }
+}
+
+}  // namespace
+
+std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  set_device_of(q);
+  const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3), td = t * d, tt = t * t;
+  const DType acc = acc_dtype(q.dtype());
+  Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, acc, q.device());
+  if (heads == 0 || t == 0) return {o, lse};
+  REMAT_CHECK(d > 0, "attention: the gemm path needs a head dim of at least 1");
+  const int64_t chunk = heads_per_chunk(heads, t, acc);
+  Tensor s, p;
+  {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    s = Tensor::empty({chunk, t, t}, acc, q.device());
+    p = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
+  }
+  const int device = q.device().index;
+  for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
+    const int64_t g = std::min(chunk, heads - h0), at = h0 * td;
+    // S = scale Q K^T, per head [T, D] x [T, D]^T, in the accumulation dtype.
+    run_gemm_into({false, true, t, t, d, element(q, at), d, td, element(k, at), d, td, s.raw_data(), tt, g},
+                  q.dtype(), acc, scale, device);
+    dispatch(q.dtype(), "attention", [&]<typename T>() {
+      using A = Acc<T>;
+      masked_softmax_kernel<T><<<one_block_per_row(g * t), kThreads>>>(s.data<A>(), p.data<T>(),
+                                                                        lse.data<A>() + h0 * t, t, causal);
+    });
+    REMAT_CUDA_LAUNCH_CHECK();
+    // O = P V, per head [T, T] x [T, D].
+    run_gemm_into({false, false, t, d, t, p.raw_data(), t, tt, element(v, at), d, td, element(o, at), td, g},
+                  q.dtype(), q.dtype(), 1.0, device);
+  }
+  return {o, lse};
+}
+
+std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& o, const Tensor& lse, bool causal, double scale) {
+  set_device_of(q);
+  const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3), td = t * d, tt = t * t;
+  const DType acc = acc_dtype(q.dtype());
+  Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
+         dv = Tensor::empty(q.shape(), q.dtype(), q.device());
+  if (heads == 0 || t == 0 || d == 0) return {dq, dk, dv};
+  const int64_t chunk = heads_per_chunk(heads, t, acc);
+  Tensor s, dp, p, ds, row_dot;
+  {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    s = Tensor::empty({chunk, t, t}, acc, q.device());
+    dp = Tensor::empty({chunk, t, t}, acc, q.device());
+    p = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
+    ds = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
+    row_dot = Tensor::empty({heads * t}, acc, q.device());
+  }
+  dispatch(q.dtype(), "attention_backward", [&]<typename T>() {
+    row_dot_kernel<T><<<blocks_for(heads * t), kThreads>>>(d_o.data<T>(), o.data<T>(), row_dot.data<Acc<T>>(),
+                                                          heads * t, static_cast<int>(d));
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  const int device = q.device().index;
+  for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
+    const int64_t g = std::min(chunk, heads - h0), at = h0 * td;
+    // S = scale Q K^T and dP = dO V^T, in the accumulation dtype.
+    run_gemm_into({false, true, t, t, d, element(q, at), d, td, element(k, at), d, td, s.raw_data(), tt, g},
+                  q.dtype(), acc, scale, device);
+    run_gemm_into({false, true, t, t, d, element(d_o, at), d, td, element(v, at), d, td, dp.raw_data(), tt, g},
+                  q.dtype(), acc, 1.0, device);
+    dispatch(q.dtype(), "attention_backward", [&]<typename T>() {
+      using A = Acc<T>;
+      softmax_grad_kernel<T><<<one_block_per_row(g * t), kThreads>>>(
+          s.data<A>(), dp.data<A>(), lse.data<A>() + h0 * t, row_dot.data<A>() + h0 * t, p.data<T>(), ds.data<T>(), t,
+          causal, static_cast<A>(scale));
+    });
+    REMAT_CUDA_LAUNCH_CHECK();
+    // dQ = dS K, dK = dS^T Q, dV = P^T dO: [T, T] (or its transpose) x [T, D] per head.
+    run_gemm_into({false, false, t, d, t, ds.raw_data(), t, tt, element(k, at), d, td, element(dq, at), td, g},
+                  q.dtype(), q.dtype(), 1.0, device);
+    run_gemm_into({true, false, t, d, t, ds.raw_data(), t, tt, element(q, at), d, td, element(dk, at), td, g},
+                  q.dtype(), q.dtype(), 1.0, device);
+    run_gemm_into({true, false, t, d, t, p.raw_data(), t, tt, element(d_o, at), d, td, element(dv, at), td, g},
+                  q.dtype(), q.dtype(), 1.0, device);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace remat::cuda
