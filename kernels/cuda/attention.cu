@@ -219,6 +219,26 @@ dim3 attention_grid(int64_t heads, int64_t t) {
 
 }  // namespace
 
+namespace cuda {
+
+Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
+  const int64_t rows = o.size(0) * o.size(1) * o.size(2), d = o.size(3);
+  Tensor row_dot;
+  {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    row_dot = Tensor::empty({rows}, o.dtype() == DType::f64 ? DType::f64 : DType::f32, o.device());
+  }
+  if (rows == 0) return row_dot;
+  dispatch(o.dtype(), "attention_backward", [&]<typename T>() {
+    attention_row_dot_kernel<T><<<blocks_for(rows), kThreads>>>(d_o.data<T>(), o.data<T>(), row_dot.data<Acc<T>>(),
+                                                                rows, static_cast<int>(d));
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return row_dot;
+}
+
+}  // namespace cuda
+
 std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                            double scale) {
   if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0) return attention_gemm(q, k, v, causal, scale);
@@ -253,15 +273,9 @@ std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Ten
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());
   if (heads == 0 || t == 0) return {dq, dk, dv};
-  Tensor row_dot;
-  {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    row_dot = Tensor::empty({heads * t}, q.dtype() == DType::f64 ? DType::f64 : DType::f32, q.device());
-  }
+  Tensor row_dot = attention_row_dots(d_o, o);
   dispatch(q.dtype(), "attention_backward", [&]<typename T>() {
     using A = Acc<T>;
-    attention_row_dot_kernel<T><<<blocks_for(heads * t), kThreads>>>(d_o.data<T>(), o.data<T>(), row_dot.data<A>(),
-                                                                     heads * t, static_cast<int>(d));
     size_t smem_dq = 2 * kTile<A> * d * sizeof(A);
     size_t smem_dkv = (2 * kTile<A> * d + 2 * kTile<A>) * sizeof(A);
     dispatch_head_dim(d, [&]<int DMAX>() {

@@ -72,16 +72,6 @@ __global__ void softmax_grad_kernel(const Acc<T>* s, const Acc<T>* dp, const Acc
   }
 }
 
-// D_row = dO_row . O_row, the row term of the softmax backward.
-template <typename T>
-__global__ void row_dot_kernel(const T* d_o, const T* o, Acc<T>* out, int64_t rows, int d) {
-  REMAT_GRID_STRIDE(r, rows) {
-    Acc<T> s = 0;
-    for (int e = 0; e < d; ++e) s += load(d_o, r * d + e) * load(o, r * d + e);
-    out[r] = s;
-  }
-}
-
 }  // namespace
 
 std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
@@ -127,20 +117,14 @@ std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, 
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());
   if (heads == 0 || t == 0 || d == 0) return {dq, dk, dv};
   const int64_t chunk = heads_per_chunk(heads, t, acc);
-  Tensor s, dp, p, ds, row_dot;
+  Tensor row_dot = attention_row_dots(d_o, o), s, dp, p, ds;
   {
     MemoryCategoryScope scope(MemoryCategory::workspace);
     s = Tensor::empty({chunk, t, t}, acc, q.device());
     dp = Tensor::empty({chunk, t, t}, acc, q.device());
     p = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
     ds = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
-    row_dot = Tensor::empty({heads * t}, acc, q.device());
   }
-  dispatch(q.dtype(), "attention_backward", [&]<typename T>() {
-    row_dot_kernel<T><<<blocks_for(heads * t), kThreads>>>(d_o.data<T>(), o.data<T>(), row_dot.data<Acc<T>>(),
-                                                          heads * t, static_cast<int>(d));
-  });
-  REMAT_CUDA_LAUNCH_CHECK();
   const int device = q.device().index;
   for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
     const int64_t g = std::min(chunk, heads - h0), at = h0 * td;

@@ -15,4 +15,8 @@ std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tenso
 std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& o, const Tensor& lse, bool causal, double scale);
 
+// D = rowsum(dO * O) per query row, [B * H * T] in the accumulation dtype (workspace): the row
+// term of the softmax backward, for both paths (attention.cu).
+Tensor attention_row_dots(const Tensor& d_o, const Tensor& o);
+
 }  // namespace remat::cuda
