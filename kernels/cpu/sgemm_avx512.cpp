@@ -156,14 +156,25 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
   __m512 acc0[kMR], acc1[kMR];
 #pragma GCC unroll 14
   for (int i = 0; i < kMR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kc; ++p, ap += kMR, bp += kNR) {
-    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+  auto k_step = [&](const float* a, const float* b) {
+    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 14
     for (int i = 0; i < kMR; ++i) {
-      const __m512 ai = _mm512_set1_ps(ap[i]);
+      const __m512 ai = _mm512_set1_ps(a[i]);
       acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
       acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
     }
+  };
+  // The tile of C (14 rows of two cache lines) is fetched during the last 28 k steps, a line per
+  // step: early enough to be there when the loop ends, late enough that the panels streaming
+  // through L1 do not evict it first (prefetching it all at the start gained 1%, this 2-6% at
+  // 1024^3). Prefetches past the matrix's rows (edge tiles) are harmless hints.
+  const int64_t tail = std::min<int64_t>(kc, 2 * kMR);
+  int64_t p = 0;
+  for (; p < kc - tail; ++p, ap += kMR, bp += kNR) k_step(ap, bp);
+  for (int64_t line = 0; p < kc; ++p, ++line, ap += kMR, bp += kNR) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + (line >> 1) * ldc + (line & 1) * 16), _MM_HINT_T0);
+    k_step(ap, bp);
   }
   const __mmask16 lo = lanes(nr), hi = lanes(nr - 16);
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
