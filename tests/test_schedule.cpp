@@ -151,6 +151,11 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
   TinyGpt g;
   auto plain = run_grads(g.model.parameters(), [&] { return g.loss(); });
   bool partial = false;  // some block recomputes some of its ops, not all
+  // Blocks with an option that frees memory re-running nothing but layer norms and GELU (no matrix
+  // product). Not every block: on the tiny model the recorded op times are a few microseconds, and
+  // under sanitizers a small linear can time as cheap as a layer norm, so that an option with it
+  // beats the norms-only one.
+  int cheap_only_blocks = 0;
   for (double percent : {90.0, 75.0, 60.0, 45.0, 30.0}) {
     BudgetPlanner planner(g.model, 0, percent);
     const BudgetPlan& plan = planner.plan([&] { return g.loss(); });
@@ -170,8 +175,7 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
       }
       CHECK(b.checkpointed == (b.choice != 0));
       if (b.checkpointed && b.options[static_cast<size_t>(b.choice)].name != "all") partial = true;
-      // Options by what they drop: replay re-runs only dropped ops, and some option frees memory
-      // by re-running nothing but the block's layer norms and GELU (no matrix product).
+      // Options by what they drop: replay re-runs only dropped ops.
       bool norms_and_gelu_only = false;
       for (size_t i = 1; i < b.options.size(); ++i) {
         const BlockOption& o = b.options[i];
@@ -182,7 +186,7 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
                                 kinds == "gelu, layer_norm"))
           norms_and_gelu_only = true;
       }
-      CHECK(norms_and_gelu_only);
+      cheap_only_blocks += norms_and_gelu_only;
     }
     CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
     reset_checkpoint_counters();
@@ -193,6 +197,7 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
     CHECK(run_grads(g.model.parameters(), [&] { return g.loss(); }) == plain);
   }
   CHECK(partial);
+  CHECK(cheap_only_blocks > 0);
   // A policy by position: what the planner places.
   Policy p = position_policy({true, false, true}, "test");
   PolicyContext ctx;
