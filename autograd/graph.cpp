@@ -54,6 +54,14 @@ Graph::~Graph() = default;
 
 uint64_t next_node_seq() { return g_node_seq.load(); }
 
+namespace {
+std::atomic<int> g_device_op_timing{0};
+}  // namespace
+
+DeviceOpTiming::DeviceOpTiming() { g_device_op_timing.fetch_add(1); }
+DeviceOpTiming::~DeviceOpTiming() { g_device_op_timing.fetch_sub(1); }
+bool DeviceOpTiming::active() { return g_device_op_timing.load() > 0; }
+
 Graph* graph_of(const Tensor& t) {
   const auto& meta = t.autograd_meta_ptr();
   return meta ? meta->graph.get() : nullptr;
@@ -306,9 +314,21 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
   {
     NoGradGuard no_grad;  // forward is pure kernels; nothing inside is recorded
     TraceSpan span(node->name(), "forward");
+    int timed_gpu = -1;  // with DeviceOpTiming: the GPU whose stream the events go on
+    if (DeviceOpTiming::active())
+      for (const Tensor& t : inputs)
+        if (t.defined()) {
+          if (t.device().is_cuda()) timed_gpu = t.device().index;
+          break;
+        }
+    std::shared_ptr<void> start_event = timed_gpu >= 0 ? cuda_record_event(timed_gpu) : nullptr;
     auto start = std::chrono::steady_clock::now();
     outputs = node->forward(inputs);
     node->forward_us = std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - start).count();
+    if (start_event) {
+      node->forward_start_event = std::move(start_event);
+      node->forward_end_event = cuda_record_event(timed_gpu);
+    }
   }
   for (Tensor& out : outputs) out = out.detach();  // fresh autograd state, even for views and pass-throughs
   if (!needs_grad) return outputs;

@@ -162,4 +162,17 @@ RecordingScope* innermost_recording_scope();  // null when none is open
 // if anything throws (a policy callback, say), the graph is as it was.
 std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>& inputs);
 
+// While one is alive (on any thread), each recorded op whose first tensor input is on a GPU gets
+// events around its forward on that GPU's compute stream (Node::forward_start_event and
+// forward_end_event): the budget planner's recording step, whose host times on a GPU would be
+// launch times. Off otherwise: two events per op are not free.
+class DeviceOpTiming {
+ public:
+  DeviceOpTiming();
+  ~DeviceOpTiming();
+  DeviceOpTiming(const DeviceOpTiming&) = delete;
+  DeviceOpTiming& operator=(const DeviceOpTiming&) = delete;
+  static bool active();
+};
+
 }  // namespace remat

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,9 @@ class Node {
   uint64_t seq = 0;   // global recording order (across graphs): backward runs in decreasing seq
   bool done = false;  // a backward without retain_graph ran it and released its slots
   float forward_us = 0;  // how long its forward took when recorded (the budget planner's op costs)
+  // With DeviceOpTiming on and the op on a GPU: events around its forward on the GPU's compute
+  // stream, which the planner turns into forward_us (the host time being the launch's).
+  std::shared_ptr<void> forward_start_event, forward_end_event;
 };
 
 }  // namespace remat

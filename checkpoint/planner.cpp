@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <tuple>
@@ -11,6 +12,7 @@
 #include "autograd/engine.h"
 #include "autograd/graph.h"
 #include "checkpoint/apply.h"
+#include "runtime/cuda_backend.h"
 
 namespace remat {
 
@@ -445,6 +447,9 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   Tensor loss;
   alloc.start_recording();
   try {
+    // On a GPU an op's host time is its launch: events on the GPU's stream time its kernels.
+    std::optional<DeviceOpTiming> timing;
+    if (!params.empty() && params.front().device().is_cuda()) timing.emplace();
     loss = loss_fn();
   } catch (...) {
     alloc.stop_recording();
@@ -461,6 +466,13 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   // The step's tape (over every graph its forward started), in recording order; a value is known
   // by the graph and value that produced it, whatever graph reads it.
   std::vector<TapeNode> tape = tape_of(loss);
+  for (const TapeNode& at : tape) {  // GPU ops: their kernels' time, from the events around them
+    Node& node = *at.graph->nodes[at.index];
+    if (node.forward_start_event && node.forward_end_event)
+      node.forward_us = 1000.0f * cuda_elapsed_ms(node.forward_start_event, node.forward_end_event);
+    node.forward_start_event.reset();
+    node.forward_end_event.reset();
+  }
   // Values saved at the end of forward, attributed to the block whose node saves them, each
   // storage to the first block that holds it.
   std::set<Key> counted;

@@ -35,5 +35,9 @@ Tensor cuda_copy_strided(const Tensor& t);
 void cuda_set_device(int index);
 // Whether device `index`'s compute stream has finished the work queued on it (never blocks).
 bool cuda_compute_idle(int index);
+// Timing on a GPU's compute stream (the budget planner's op costs): an event recorded now, and the
+// milliseconds from one to a later one of the same device (waits for the later).
+std::shared_ptr<void> cuda_record_event(int index);
+float cuda_elapsed_ms(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end);
 
 }  // namespace remat

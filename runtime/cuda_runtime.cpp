@@ -99,4 +99,12 @@ Tensor cuda_copy_strided(const Tensor& t) { return require(t.device().str() + " 
 void cuda_set_device(int index) { require(device_str(index) + " made current").set_device(index); }
 bool cuda_compute_idle(int index) { return require(device_str(index) + " queried").compute_idle(index); }
 
+std::shared_ptr<void> cuda_record_event(int index) {
+  return require(device_str(index) + " event requested").record_event(index);
+}
+
+float cuda_elapsed_ms(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end) {
+  return require("cuda event timing requested").elapsed_ms(start, end);
+}
+
 }  // namespace remat

@@ -32,6 +32,23 @@ TEST_CASE("the tape records one node per op in execution order", "[autograd]") {
   CHECK(graph->nodes[1]->inputs[0] == graph->nodes[0]->outputs[0]);
 }
 
+TEST_CASE("device op timing is scoped and leaves cpu ops with their host times only", "[autograd]") {
+  CHECK_FALSE(DeviceOpTiming::active());
+  Tensor x = leaf({1, 2}, {2});
+  Tensor z;
+  {
+    DeviceOpTiming timing;
+    CHECK(DeviceOpTiming::active());
+    z = sum(exp(x));
+  }
+  CHECK_FALSE(DeviceOpTiming::active());
+  auto graph = std::static_pointer_cast<Graph>(z.autograd_meta_ptr()->graph);
+  for (const auto& node : graph->nodes) {
+    CHECK_FALSE(node->forward_start_event);  // events are for ops on a GPU
+    CHECK(node->forward_us >= 0);
+  }
+}
+
 TEST_CASE("a given gradient seeds backward of a non-scalar root", "[autograd]") {
   Tensor x = leaf({1, 2}, {2});
   Tensor y = mul_scalar(x, 4.0);

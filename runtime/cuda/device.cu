@@ -61,6 +61,22 @@ void synchronize(int index) {
 
 void set_device(int index) { REMAT_CUDA_CHECK(cudaSetDevice(index)); }
 
+std::shared_ptr<void> record_event(int index) {
+  REMAT_CUDA_CHECK(cudaSetDevice(index));
+  cudaEvent_t event = nullptr;
+  REMAT_CUDA_CHECK(cudaEventCreate(&event));
+  std::shared_ptr<void> owned(event, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+  REMAT_CUDA_CHECK(cudaEventRecord(event, 0));  // the compute stream (see compute_idle)
+  return owned;
+}
+
+float elapsed_ms(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end) {
+  REMAT_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(end.get())));
+  float ms = 0;
+  REMAT_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.get()), static_cast<cudaEvent_t>(end.get())));
+  return ms;
+}
+
 // The compute stream is the legacy default stream.
 bool compute_idle(int index) {
   REMAT_CUDA_CHECK(cudaSetDevice(index));
@@ -194,7 +210,7 @@ extern "C" void* remat_cuda_runtime_entry() {
   static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes_sync,  memset_zero,
                                     synchronize,  empty_cache, segment_count, pinned_allocator, copy_async,
                                     wait,         poll_copies, cuda_kernels_copy_strided,
-                                    set_device,   compute_idle};
+                                    set_device,   compute_idle, record_event, elapsed_ms};
   return const_cast<CudaRuntimeApi*>(&table);
 }
 

@@ -31,6 +31,9 @@ struct CudaRuntimeApi {
   Tensor (*copy_strided)(const Tensor& t);  // a contiguous copy of a strided view on the device
   void (*set_device)(int index);              // make `index` the calling thread's current device
   bool (*compute_idle)(int index);            // whether device `index`'s compute stream has finished its work
+  std::shared_ptr<void> (*record_event)(int index);  // a timing event, recorded now on the compute stream
+  // Milliseconds from one event to a later one of the same device (waits for the later).
+  float (*elapsed_ms)(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end);
 };
 
 // The CUDA kernels' strided copy, for the table (kernels/cuda/cuda_backend.cu).

@@ -173,6 +173,35 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("the budget planner times GPU ops with events on the compute stream", "[cuda][planner]") {
+  manual_seed(23);
+  Tensor a = Tensor::randn({512, 512}).to(kGpu).set_requires_grad(true);
+  Tensor y;
+  {
+    DeviceOpTiming timing;
+    y = sum(matmul(a, a));
+  }
+  auto graph = std::static_pointer_cast<Graph>(y.autograd_meta_ptr()->graph);
+  for (const auto& node : graph->nodes) {
+    CHECK(node->forward_start_event);
+    CHECK(node->forward_end_event);
+  }
+  // A plan on the GPU: every option's re-run time comes from those events (positive, finite).
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7).to(DType::i64), {2, 16}).to(kGpu),
+         targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  BudgetPlanner planner(model, 0, 50);
+  const BudgetPlan& plan = planner.plan([&] { return model.loss(idx, targets); });
+  for (const PlannedBlock& b : plan.blocks)
+    for (size_t i = 1; i < b.options.size(); ++i) {
+      CHECK(b.options[i].recompute_ms > 0);
+      CHECK(std::isfinite(b.options[i].recompute_ms));
+    }
+  remove_checkpointing(model);
+}
+
 TEST_CASE("attention through cuBLAS GEMMs matches the cpu and the flash kernel, and repeats its bits",
           "[cuda][op][attention]") {
   manual_seed(22);
