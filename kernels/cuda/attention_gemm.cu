@@ -31,6 +31,16 @@ char* element(const Tensor& x, int64_t offset) {
   return static_cast<char*>(const_cast<void*>(x.raw_data())) + offset * static_cast<int64_t>(dtype_size(x.dtype()));
 }
 
+// Per head h0 .. h0 + g - 1: c = alpha A B^T for [T, D] operands a and b, in the accumulation
+// dtype (c [g, T, T]). The scores S = scale Q K^T in forward and again in backward go through
+// this one call, so backward rebuilds the very scores the saved log-sum-exp came from; also
+// dP = dO V^T.
+void times_transposed(const Tensor& a, const Tensor& b, int64_t h0, int64_t g, double alpha, const Tensor& c) {
+  const int64_t t = a.size(2), d = a.size(3), td = t * d;
+  run_gemm_into({false, true, t, t, d, element(a, h0 * td), d, td, element(b, h0 * td), d, td, c.raw_data(), t * t, g},
+                a.dtype(), c.dtype(), alpha, a.device().index);
+}
+
 unsigned one_block_per_row(int64_t rows) {
   REMAT_CHECK(rows <= INT32_MAX, "attention: ", rows, " rows exceed the cuda grid");
   return static_cast<unsigned>(rows);
@@ -92,9 +102,7 @@ std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tenso
   const int device = q.device().index;
   for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
     const int64_t g = std::min(chunk, heads - h0), at = h0 * td;
-    // S = scale Q K^T, per head [T, D] x [T, D]^T, in the accumulation dtype.
-    run_gemm_into({false, true, t, t, d, element(q, at), d, td, element(k, at), d, td, s.raw_data(), tt, g},
-                  q.dtype(), acc, scale, device);
+    times_transposed(q, k, h0, g, scale, s);  // S = scale Q K^T
     dispatch(q.dtype(), "attention", [&]<typename T>() {
       using A = Acc<T>;
       masked_softmax_kernel<T><<<one_block_per_row(g * t), kThreads>>>(s.data<A>(), p.data<T>(),
@@ -128,11 +136,8 @@ std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, 
   const int device = q.device().index;
   for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
     const int64_t g = std::min(chunk, heads - h0), at = h0 * td;
-    // S = scale Q K^T and dP = dO V^T, in the accumulation dtype.
-    run_gemm_into({false, true, t, t, d, element(q, at), d, td, element(k, at), d, td, s.raw_data(), tt, g},
-                  q.dtype(), acc, scale, device);
-    run_gemm_into({false, true, t, t, d, element(d_o, at), d, td, element(v, at), d, td, dp.raw_data(), tt, g},
-                  q.dtype(), acc, 1.0, device);
+    times_transposed(q, k, h0, g, scale, s);  // S = scale Q K^T, as in forward
+    times_transposed(d_o, v, h0, g, 1.0, dp);  // dP = dO V^T
     dispatch(q.dtype(), "attention_backward", [&]<typename T>() {
       using A = Acc<T>;
       softmax_grad_kernel<T><<<one_block_per_row(g * t), kThreads>>>(
