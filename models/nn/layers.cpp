@@ -96,7 +96,14 @@ Mlp::Mlp(int64_t channels, int64_t hidden, double p, double proj_std) : UnaryMod
   drop = register_module("drop", std::make_shared<Dropout>(p));
 }
 
-Tensor Mlp::forward(const Tensor& x) { return (*drop)((*proj)((*act)((*fc)(x)))); }
+// One statement per layer: a nested call would keep every intermediate (the 4C-wide GELU output
+// among them) alive until the whole expression ends, above what the backward needs.
+Tensor Mlp::forward(const Tensor& x) {
+  Tensor h = (*fc)(x);
+  h = (*act)(h);
+  h = (*proj)(h);
+  return (*drop)(h);
+}
 
 Tensor Sequential::forward(const Tensor& x) {
   Tensor h = x;
