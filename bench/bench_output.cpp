@@ -116,6 +116,8 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                         {"tokens_per_s", r.tokens_per_s},
                         {"model_tflops", r.model_tflops < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.model_tflops)},
                         {"mfu", r.mfu < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.mfu)},
+                        {"host_syncs_per_step", r.host_syncs_per_step < 0 ? nlohmann::json(nullptr)
+                                                                          : nlohmann::json(r.host_syncs_per_step)},
                         {"grads_bitwise_equal", r.grads_bitwise_equal},
                         {"grads_max_abs_diff", r.grads_max_abs_diff},
                         {"budget_bytes", r.budget_bytes < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.budget_bytes)},

@@ -191,8 +191,11 @@ int run_policies(const PolicyOptions& o) {
           heap.reset_peak();
           heap_base = heap.current();
         }
+        long long syncs_before = cuda_host_syncs();
         auto start = std::chrono::steady_clock::now();
         step();
+        if (device.is_cuda())  // less the step's own cuda_synchronize
+          r.host_syncs_per_step = std::max<int64_t>(r.host_syncs_per_step, cuda_host_syncs() - syncs_before - 1);
         if (heap) r.heap_step_peak_bytes = std::max<int64_t>(r.heap_step_peak_bytes, heap.peak() - heap_base);
         times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
         MemoryStats s = alloc.stats();
@@ -238,6 +241,11 @@ int run_policies(const PolicyOptions& o) {
   }
 
   print_table(results);
+  if (device.is_cuda()) {
+    fmt::print("host waits for the GPU per step (most over the timed steps):");
+    for (const auto& r : results) fmt::print(" {} {}", r.policy, r.host_syncs_per_step);
+    fmt::print("\n");
+  }
   print_budgets(results);
   nlohmann::json machine = machine_info();
   if (o.pareto) print_pareto(results);

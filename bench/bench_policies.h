@@ -43,6 +43,9 @@ struct PolicyResult {
   // Model FLOPs per second (train_flops_per_token x tokens / median step; -1 without a formula for
   // the model) and their fraction of the device's peak (-1 when the peak is unknown).
   double model_tflops = -1, mfu = -1;
+  // On a GPU: the most times one step made the host wait for the GPU (cuda_host_syncs), the bench's
+  // own wait for the step's end not counted; -1 on the cpu.
+  int64_t host_syncs_per_step = -1;
   bool grads_bitwise_equal = true;
   double grads_max_abs_diff = 0;
   // Budget policies: the budget, the planner's prediction and choice.

@@ -14,6 +14,9 @@ namespace remat {
 Allocator* cuda_allocator(int index);
 void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t n);
 void cuda_memset_zero(void* dst, Device device, size_t n);
+// `count` elements of `element_bytes` each set to the low bytes of `pattern`, queued on the compute
+// stream (Tensor::fill_ on a GPU: no copy from the host).
+void cuda_fill(void* dst, Device device, size_t count, size_t element_bytes, uint64_t pattern);
 int64_t cuda_segment_count(int index);  // segments the caching allocator holds from the driver
 
 // Page-locked host memory for asynchronous copies, cached by size (its own counters).

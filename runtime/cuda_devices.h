@@ -14,6 +14,11 @@ std::string cuda_unavailable_reason();
 std::string cuda_device_name(int index);
 void cuda_synchronize(int index);  // waits for all work queued on the device
 void cuda_empty_cache(int index);  // returns the caching allocator's wholly free segments to the driver
+// How many times remat has made the host wait for a GPU since the process started: copies between
+// host and GPU memory (item(), to_vector, .to(cpu), from_vector to a GPU), cuda_synchronize, event
+// timings. A training step that queues its work without waiting adds none (remat-bench prints the
+// count per step). 0 without CUDA.
+long long cuda_host_syncs();
 
 // TF32 for f32 GEMMs on CUDA: cuBLAS's tensor-core kernels that round each product's inputs to
 // 10-bit mantissas and add in f32 (matmul, linear, conv2d's im2col path; cuDNN convolutions stay

@@ -68,6 +68,7 @@ CudaAttention cuda_attention() {
 
 bool cuda_built() { return cuda_part_built(); }
 int cuda_device_count() { return api() ? api()->device_count() : 0; }
+long long cuda_host_syncs() { return api() ? api()->host_syncs() : 0; }
 std::string cuda_unavailable_reason() { return api() ? std::string() : cuda_part_problem(); }
 std::string cuda_device_name(int index) { return api() ? api()->device_name(index) : std::string(); }
 
@@ -78,6 +79,9 @@ void cuda_copy_bytes(void* dst, Device dst_device, const void* src, Device src_d
 }
 
 void cuda_memset_zero(void* dst, Device device, size_t n) { require(device.str() + " memset").memset_zero(dst, device, n); }
+void cuda_fill(void* dst, Device device, size_t count, size_t element_bytes, uint64_t pattern) {
+  require(device.str() + " fill").fill(dst, device, count, element_bytes, pattern);
+}
 void cuda_synchronize(int index) { require(device_str(index) + " synchronize").synchronize(index); }
 void cuda_empty_cache(int index) { require(device_str(index) + " empty_cache").empty_cache(index); }
 int64_t cuda_segment_count(int index) { return require(device_str(index) + " segment count").segment_count(index); }

@@ -335,7 +335,11 @@ void Tensor::fill_(double value) {
   } else if (value == 0.0 && !std::signbit(value)) {
     cuda_memset_zero(raw_data(), device(), nbytes());  // all-zero bits are 0 in every dtype
   } else {
-    copy_(full(shape_, value, dtype(), Device::cpu()));
+    // One element converted here, its bits repeated by a kernel: a copy from the host would make
+    // the host wait for the GPU (backward's seed gradient is such a fill, once per step).
+    uint64_t pattern = 0;
+    store_from_double(&pattern, dtype(), 0, value);
+    cuda_fill(raw_data(), device(), static_cast<size_t>(numel()), dtype_size(dtype()), pattern);
   }
   if (storage_) storage_->bump_version();
 }

@@ -5,6 +5,7 @@
 
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "runtime/cuda/index_faults.h"
 
 namespace remat {
 
@@ -208,9 +209,18 @@ __device__ __forceinline__ int64_t target_at(const void* targets, bool is64, int
   return is64 ? static_cast<const int64_t*>(targets)[i] : static_cast<const int32_t*>(targets)[i];
 }
 
+// A target is used when it is in [0, v); ignore_index rows count for nothing, and a bad target is
+// reported (with a record) and then treated like ignore_index.
+__device__ __forceinline__ bool target_used(int64_t t, int64_t v, int64_t ignore_index, int64_t row, IndexFault* fault,
+                                            IndexFaultOp op) {
+  if (t >= 0 && t < v && t != ignore_index) return true;
+  if (t != ignore_index && fault != nullptr) report_index_fault(fault, op, t, row, v, ignore_index);
+  return false;
+}
+
 template <typename T>
 __global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, bool is64, int64_t v,
-                                          int64_t ignore_index, Acc<T>* lse, Acc<T>* row_loss) {
+                                          int64_t ignore_index, Acc<T>* lse, Acc<T>* row_loss, IndexFault* fault) {
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   const T* row = logits + blockIdx.x * v;
@@ -224,46 +234,68 @@ __global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, 
     A l = mx + log(s);
     lse[blockIdx.x] = l;
     int64_t t = target_at(targets, is64, blockIdx.x);
-    row_loss[blockIdx.x] = t == ignore_index ? A(0) : l - load(row, t);
+    bool used = target_used(t, v, ignore_index, blockIdx.x, fault, IndexFaultOp::cross_entropy);
+    row_loss[blockIdx.x] = used ? l - load(row, t) : A(0);
   }
 }
 
+// The rows whose targets count, on the GPU: the mean's divisor without a copy to the host.
+__device__ long long used_targets(const void* targets, bool is64, int64_t n, int64_t v, int64_t ignore_index,
+                                  long long* scratch) {
+  long long count = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    int64_t t = target_at(targets, is64, i);
+    count += t >= 0 && t < v && t != ignore_index;
+  }
+  return block_sum(count, scratch);
+}
+
 template <typename T>
-__global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, int64_t n, int64_t count, T* loss) {
+__global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, const void* targets, bool is64, int64_t n, int64_t v,
+                                          int64_t ignore_index, T* loss) {
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
+  REMAT_REDUCE_SCRATCH(long long, counts);
   A s = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += row_loss[i];
   s = block_sum(s, scratch);
+  long long count = used_targets(targets, is64, n, v, ignore_index, counts);
   // All rows ignored: the mean is 0/0; PyTorch returns NaN, so do we.
   if (threadIdx.x == 0) loss[0] = cast_to<T>(count ? s / static_cast<A>(count) : std::numeric_limits<A>::quiet_NaN());
 }
 
+__global__ void cross_entropy_count_kernel(const void* targets, bool is64, int64_t n, int64_t v, int64_t ignore_index,
+                                           long long* count) {
+  REMAT_REDUCE_SCRATCH(long long, counts);
+  long long c = used_targets(targets, is64, n, v, ignore_index, counts);
+  if (threadIdx.x == 0) *count = c;
+}
+
 template <typename T>
 __global__ void cross_entropy_backward_kernel(const T* dloss, const T* logits, const void* targets, bool is64,
-                                              const Acc<T>* lse, int64_t v, int64_t ignore_index, int64_t count, T* dl) {
+                                              const Acc<T>* lse, int64_t v, int64_t ignore_index, const long long* count,
+                                              T* dl, IndexFault* fault) {
   using A = Acc<T>;
   int64_t t = target_at(targets, is64, blockIdx.x);
+  bool used = target_used(t, v, ignore_index, blockIdx.x, threadIdx.x == 0 ? fault : nullptr,
+                          IndexFaultOp::cross_entropy_backward);
   T* row = dl + blockIdx.x * v;
-  A g = load(dloss, 0) / static_cast<A>(count ? count : 1);
+  A g = load(dloss, 0) / static_cast<A>(*count ? *count : 1);
   A l = lse[blockIdx.x];
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    if (t == ignore_index) row[j] = cast_to<T>(A(0));
+    if (!used) row[j] = cast_to<T>(A(0));
     else row[j] = cast_to<T>(exp(load(logits, blockIdx.x * v + j) - l) * g - (j == t ? g : A(0)));
   }
 }
 
-// Targets are validated on the host (a clear error beats a device-side trap) and counted there.
-int64_t checked_target_count(const Tensor& targets, int64_t v, int64_t ignore_index) {
+// The reference path (REMAT_CUDA_INDEX_CHECK=host): targets checked on the host, the error at the op.
+void check_targets_on_host(const Tensor& targets, int64_t v, int64_t ignore_index) {
   std::vector<int64_t> host = targets.to_vector<int64_t>();
-  int64_t count = 0;
   for (size_t i = 0; i < host.size(); ++i) {
     int64_t t = host[i];
     REMAT_CHECK(t == ignore_index || (t >= 0 && t < v), "cross_entropy: expected targets in [0, ", v,
                 ") or ignore_index ", ignore_index, ", got ", t, " at row ", i);
-    count += t != ignore_index;
   }
-  return count;
 }
 
 }  // namespace
@@ -372,7 +404,9 @@ std::vector<Tensor> CudaBackend::group_norm_backward(const Tensor& dy, const Ten
 std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
   set_device_of(logits);
   int64_t n = logits.size(0), v = logits.size(1);
-  int64_t count = checked_target_count(targets, v, ignore_index);
+  bool on_host = index_checks_on_host();
+  if (on_host) check_targets_on_host(targets, v, ignore_index);
+  IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
   // The log-sum-exp in the accumulation type: bf16 would round it before exp(logit - lse) in backward.
   Tensor lse = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
   Tensor loss = Tensor::empty({}, logits.dtype(), logits.device());
@@ -381,8 +415,9 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
   dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
     if (n > 0)
       cross_entropy_rows_kernel<T><<<grid_of(n, "cross_entropy"), kThreads>>>(
-          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>());
-    cross_entropy_mean_kernel<T><<<1, kThreads>>>(row_loss.data<Acc<T>>(), n, count, loss.data<T>());
+          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>(), fault);
+    cross_entropy_mean_kernel<T><<<1, kThreads>>>(row_loss.data<Acc<T>>(), targets.raw_data(), is64, n, v, ignore_index,
+                                                  loss.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {loss, lse};
@@ -392,13 +427,19 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
                                            const Tensor& lse, int64_t ignore_index) {
   set_device_of(logits);
   int64_t n = logits.size(0), v = logits.size(1);
-  int64_t count = checked_target_count(targets, v, ignore_index);
+  bool on_host = index_checks_on_host();
+  if (on_host) check_targets_on_host(targets, v, ignore_index);
   Tensor dl = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
   if (n == 0) return dl;
+  IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
+  Tensor count = workspace({1}, DType::i64, logits.device());
   bool is64 = targets.dtype() == DType::i64;
+  auto* counted = reinterpret_cast<long long*>(count.data<int64_t>());
+  cross_entropy_count_kernel<<<1, kThreads>>>(targets.raw_data(), is64, n, v, ignore_index, counted);
   dispatch(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
     cross_entropy_backward_kernel<T><<<grid_of(n, "cross_entropy_backward"), kThreads>>>(
-        dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, count, dl.data<T>());
+        dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, counted,
+        dl.data<T>(), fault);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dl;

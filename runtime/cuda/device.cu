@@ -1,5 +1,7 @@
 // The CUDA part's runtime: device discovery, the per-device caching allocators, copies and
 // synchronisation, handed to the runtime as one table (runtime/cuda/runtime_api.h).
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -8,6 +10,7 @@
 
 #include "runtime/cuda/caching_allocator.h"
 #include "runtime/cuda/cuda_check.h"
+#include "runtime/cuda/index_faults.h"
 #include "runtime/cuda/runtime_api.h"
 
 namespace remat {
@@ -42,11 +45,19 @@ Allocator* allocator(int index) {
   return (*allocators)[index].get();
 }
 
+std::atomic<int64_t> g_host_syncs{0};
+
+int64_t host_syncs() { return g_host_syncs.load(std::memory_order_relaxed); }
+
 void copy_bytes_sync(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
+  // A copy between host and device waits for the compute stream's queued work (and the host for it).
+  if (dst_device.is_cpu() || src_device.is_cpu()) g_host_syncs.fetch_add(1, std::memory_order_relaxed);
   cudaMemcpyKind kind = dst_device.is_cpu() ? cudaMemcpyDeviceToHost
                         : src_device.is_cpu() ? cudaMemcpyHostToDevice
                                               : cudaMemcpyDeviceToDevice;
   REMAT_CUDA_CHECK(cudaMemcpy(dst, src, n, kind));
+  // A copy to the host has waited for the GPU: the moment to report bad indices its kernels found.
+  if (dst_device.is_cpu()) throw_index_faults(src_device.index);
 }
 
 void memset_zero(void* dst, Device device, size_t n) {
@@ -54,9 +65,32 @@ void memset_zero(void* dst, Device device, size_t n) {
   REMAT_CUDA_CHECK(cudaMemsetAsync(dst, 0, n));
 }
 
+template <typename E>
+__global__ void fill_kernel(E* dst, size_t count, E value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count; i += size_t(blockDim.x) * gridDim.x)
+    dst[i] = value;
+}
+
+// On the compute stream, like a kernel: no copy from the host, so no wait for the GPU.
+void fill(void* dst, Device device, size_t count, size_t element_bytes, uint64_t pattern) {
+  if (count == 0) return;
+  REMAT_CUDA_CHECK(cudaSetDevice(device.index));
+  unsigned blocks = static_cast<unsigned>(std::min<size_t>((count + 255) / 256, 65536));
+  switch (element_bytes) {
+    case 1: fill_kernel<<<blocks, 256>>>(static_cast<uint8_t*>(dst), count, static_cast<uint8_t>(pattern)); break;
+    case 2: fill_kernel<<<blocks, 256>>>(static_cast<uint16_t*>(dst), count, static_cast<uint16_t>(pattern)); break;
+    case 4: fill_kernel<<<blocks, 256>>>(static_cast<uint32_t*>(dst), count, static_cast<uint32_t>(pattern)); break;
+    case 8: fill_kernel<<<blocks, 256>>>(static_cast<uint64_t*>(dst), count, pattern); break;
+    default: REMAT_FAIL("fill on ", device.str(), ": expected elements of 1, 2, 4 or 8 bytes, got ", element_bytes);
+  }
+  REMAT_CUDA_CHECK(cudaGetLastError());
+}
+
 void synchronize(int index) {
   REMAT_CUDA_CHECK(cudaSetDevice(index));
+  g_host_syncs.fetch_add(1, std::memory_order_relaxed);
   REMAT_CUDA_CHECK(cudaDeviceSynchronize());
+  throw_index_faults(index);
 }
 
 void set_device(int index) { REMAT_CUDA_CHECK(cudaSetDevice(index)); }
@@ -71,6 +105,7 @@ std::shared_ptr<void> record_event(int index) {
 }
 
 float elapsed_ms(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end) {
+  g_host_syncs.fetch_add(1, std::memory_order_relaxed);
   REMAT_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(end.get())));
   float ms = 0;
   REMAT_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.get()), static_cast<cudaEvent_t>(end.get())));
@@ -207,10 +242,11 @@ int poll_copies() {
 }  // namespace
 
 extern "C" void* remat_cuda_runtime_entry() {
-  static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes_sync,  memset_zero,
+  static const CudaRuntimeApi table{device_count, device_name, allocator,     copy_bytes_sync,  memset_zero,   fill,
                                     synchronize,  empty_cache, segment_count, pinned_allocator, copy_async,
                                     wait,         poll_copies, cuda_kernels_copy_strided,
-                                    set_device,   compute_idle, record_event, elapsed_ms};
+                                    set_device,   compute_idle, record_event, elapsed_ms,
+                                    host_syncs};
   return const_cast<CudaRuntimeApi*>(&table);
 }
 

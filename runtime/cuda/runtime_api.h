@@ -20,6 +20,8 @@ struct CudaRuntimeApi {
   Allocator* (*allocator)(int index);
   void (*copy_bytes)(void* dst, Device dst_device, const void* src, Device src_device, size_t n);
   void (*memset_zero)(void* dst, Device device, size_t n);
+  // `count` elements of `element_bytes` (1, 2, 4 or 8) each set to the low bytes of `pattern`.
+  void (*fill)(void* dst, Device device, size_t count, size_t element_bytes, uint64_t pattern);
   void (*synchronize)(int index);
   void (*empty_cache)(int index);
   int64_t (*segment_count)(int index);
@@ -34,6 +36,7 @@ struct CudaRuntimeApi {
   std::shared_ptr<void> (*record_event)(int index);  // a timing event, recorded now on the compute stream
   // Milliseconds from one event to a later one of the same device (waits for the later).
   float (*elapsed_ms)(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end);
+  int64_t (*host_syncs)();  // the times the host has waited for a GPU (cuda_host_syncs)
 };
 
 // The CUDA kernels' strided copy, for the table (kernels/cuda/cuda_backend.cu).

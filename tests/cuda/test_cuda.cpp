@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "../models_for_tests.h"
@@ -173,6 +174,86 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("indices checked on the GPU: the cpu's results, no wait for the GPU, the error at the next wait",
+          "[cuda][index]") {
+  manual_seed(41);
+  // Embedding gradients grouped by id on the GPU (a stable radix sort) sum each row's tokens in
+  // position order, as the cpu does: the same bits. One id 1500 times, then ids spread over a
+  // GPT-2-sized vocabulary with repeats; both index dtypes.
+  const int64_t vocab = 50304, c = 24, n = 5000;
+  std::vector<int64_t> many(n);
+  for (int64_t i = 0; i < n; ++i) many[i] = i < 1500 ? 7 : (i * 977 + 11) % vocab;
+  many[n - 1] = vocab - 1;
+  std::vector<int32_t> many32(many.begin(), many.end());
+  Tensor w = Tensor::randn({vocab, c}), dy = Tensor::randn({50, 100, c});
+  for (const Tensor& idx : {Tensor::from_vector(many, {50, 100}), Tensor::from_vector(many32, {50, 100})}) {
+    Tensor wc = w.clone().detach().set_requires_grad(true);
+    backward(sum(mul(embedding(idx, wc), dy)));
+    Tensor wg = w.to(kGpu).clone().detach().set_requires_grad(true);
+    Tensor rows = embedding(idx.to(kGpu), wg);
+    backward(sum(mul(rows, dy.to(kGpu))));
+    CHECK(rows.to_vector<float>() == embedding(idx, w).to_vector<float>());
+    CHECK(wc.grad().to_vector<float>() == wg.grad().to_vector<float>());
+  }
+  {  // no indices at all: a zero gradient
+    Tensor wg = w.to(kGpu).clone().detach().set_requires_grad(true);
+    backward(sum(embedding(Tensor::from_vector(std::vector<int64_t>{}, {0}, kGpu), wg)));
+    std::vector<float> g = wg.grad().to_vector<float>();
+    CHECK(std::all_of(g.begin(), g.end(), [](float x) { return x == 0.0f; }));
+  }
+
+  // cross_entropy counts the rows that count on the GPU: ignored rows (int32 targets) give the
+  // cpu's loss and gradient; all rows ignored give NaN on both.
+  std::vector<int32_t> targets(64);
+  for (int i = 0; i < 64; ++i) targets[i] = i % 5 == 0 ? -100 : (i * 37) % 1000;
+  Tensor logits = Tensor::randn({64, 1000}, DType::f64);
+  for (bool all_ignored : {false, true}) {
+    std::vector<int32_t> t = targets;
+    if (all_ignored) std::fill(t.begin(), t.end(), -100);
+    Tensor lc = logits.clone().detach().set_requires_grad(true), lg = logits.to(kGpu).clone().detach().set_requires_grad(true);
+    Tensor loss_c = cross_entropy(lc, Tensor::from_vector(t, {64})), loss_g = cross_entropy(lg, Tensor::from_vector(t, {64}, kGpu));
+    double vc = loss_c.item(), vg = loss_g.item();
+    if (all_ignored) {
+      CHECK(std::isnan(vc));
+      CHECK(std::isnan(vg));
+      continue;
+    }
+    CHECK(std::abs(vc - vg) < 1e-12);
+    backward(loss_c);
+    backward(loss_g);
+    std::vector<double> gc = lc.grad().to_vector<double>(), gg = lg.grad().to_vector<double>();
+    double worst = 0;
+    for (size_t i = 0; i < gc.size(); ++i) worst = std::max(worst, std::abs(gc[i] - gg[i]));
+    CHECK(worst < 1e-14);
+  }
+
+  // Fills on the GPU are kernels now (no copy from the host): the cpu's bytes in every dtype.
+  for (DType dtype : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::u8}) {
+    Tensor on_gpu = Tensor::full({1000}, 3.0, dtype, kGpu).to(Device::cpu());
+    Tensor on_cpu = Tensor::full({1000}, 3.0, dtype);
+    INFO(dtype_name(dtype));
+    CHECK(std::memcmp(on_gpu.raw_data(), on_cpu.raw_data(), on_cpu.nbytes()) == 0);
+  }
+
+  // Forward and backward of both ops queue their work without making the host wait (the backward
+  // seed included): none of cuda_host_syncs' waits, once the allocator and the fault record exist.
+  std::vector<int64_t> few(many.begin(), many.begin() + 1000);
+  Tensor ids_g = Tensor::from_vector(few, {1000}, kGpu), targets_g = Tensor::from_vector(few, {1000}, kGpu);
+  Tensor table = Tensor::randn({vocab, 8}).to(kGpu).set_requires_grad(true);
+  Tensor head = Tensor::randn({8, vocab}).to(kGpu).set_requires_grad(true);
+  auto step = [&] {
+    table.zero_grad();
+    head.zero_grad();
+    backward(cross_entropy(matmul(embedding(ids_g, table), head), targets_g));
+  };
+  step();
+  long long before = cuda_host_syncs();
+  step();
+  CHECK(cuda_host_syncs() - before == 0);
+  cuda_synchronize(0);
+  CHECK(cuda_host_syncs() - before == 1);
+}
+
 TEST_CASE("the budget planner times GPU ops with events on the compute stream", "[cuda][planner]") {
   manual_seed(23);
   Tensor a = Tensor::randn({512, 512}).to(kGpu).set_requires_grad(true);
@@ -443,12 +524,30 @@ TEST_CASE("dropout masks, embedding rows and their gradients are exact across de
 }
 
 TEST_CASE("bad input on cuda gets the same clear errors as on the cpu", "[cuda][errors]") {
+  // Indices are checked on the GPU and a bad one reported at the next wait for it (with
+  // REMAT_CUDA_INDEX_CHECK=host, at the op): here the copy of the result, or a synchronisation.
   Tensor w = Tensor::randn({5, 4}).to(kGpu);
-  CHECK_THROWS_WITH(embedding(Tensor::from_vector(std::vector<int64_t>{1, 7}, {2}, kGpu), w),
-                    Contains("expected indices in [0, 5), got 7 at position 1"));
+  CHECK_THROWS_WITH(embedding(Tensor::from_vector(std::vector<int64_t>{1, 7}, {2}, kGpu), w).to_vector<float>(),
+                    Contains("embedding: expected indices in [0, 5), got 7 at position 1"));
+  // The record is cleared: the next call works, and a bad index found in backward names backward.
+  CHECK(embedding(Tensor::from_vector(std::vector<int64_t>{4, 0}, {2}, kGpu), w).to_vector<float>() ==
+        embedding(Tensor::from_vector(std::vector<int64_t>{4, 0}, {2}), w.to(Device::cpu())).to_vector<float>());
+  Tensor dy = Tensor::ones({2, 4}).to(kGpu);
+  CHECK_THROWS_WITH(
+      [&] {
+        Backend& cuda = backend_for(OpKind::embedding, kGpu);
+        cuda.embedding_backward(dy, Tensor::from_vector(std::vector<int64_t>{-1, 2}, {2}, kGpu), 5);
+        cuda_synchronize(0);
+      }(),
+      Contains("expected indices in [0, 5), got -1 at position 0"));
   Tensor logits = Tensor::randn({2, 3}).to(kGpu);
-  CHECK_THROWS_WITH(cross_entropy(logits, Tensor::from_vector(std::vector<int64_t>{0, 3}, {2}, kGpu)),
-                    Contains("expected targets in [0, 3)"));
+  CHECK_THROWS_WITH(
+      [&] {
+        cross_entropy(logits, Tensor::from_vector(std::vector<int64_t>{0, 3}, {2}, kGpu));
+        cuda_synchronize(0);
+      }(),
+      Contains("cross_entropy: expected targets in [0, 3) or ignore_index -100, got 3 at row 1"));
+  CHECK(std::isfinite(cross_entropy(logits, Tensor::from_vector(std::vector<int64_t>{0, 2}, {2}, kGpu)).item()));
   Tensor q = Tensor::randn({1, 1, 4, 129}).to(kGpu);
   set_cuda_attention(CudaAttention::flash);  // the GEMM path takes any head dim
   CHECK_THROWS_WITH(attention(q, q, q, true), Contains("head dims 1..128, got 129"));
