@@ -14,10 +14,10 @@ std::string cuda_unavailable_reason();
 std::string cuda_device_name(int index);
 void cuda_synchronize(int index);  // waits for all work queued on the device
 void cuda_empty_cache(int index);  // returns the caching allocator's wholly free segments to the driver
-// How many times remat has made the host wait for a GPU since the process started: copies between
-// host and GPU memory (item(), to_vector, .to(cpu), from_vector to a GPU), cuda_synchronize, event
-// timings. A training step that queues its work without waiting adds none (remat-bench prints the
-// count per step). 0 without CUDA.
+// How many times remat has made the host wait for a GPU since the process started: copies to the
+// host (item(), to_vector, .to(cpu)), copies from the host of more than 1 MiB (smaller ones are
+// staged in page-locked memory and queued), cuda_synchronize, event timings. A training step that
+// queues its work without waiting adds none (remat-bench prints the count per step). 0 without CUDA.
 long long cuda_host_syncs();
 
 // TF32 for f32 GEMMs on CUDA: cuBLAS's tensor-core kernels that round each product's inputs to

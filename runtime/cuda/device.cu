@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -49,7 +50,15 @@ std::atomic<int64_t> g_host_syncs{0};
 
 int64_t host_syncs() { return g_host_syncs.load(std::memory_order_relaxed); }
 
+// Copies from the host of at most this many bytes are staged (copy_staged_to_device).
+constexpr size_t kStagedCopyMax = size_t(1) << 20;
+void copy_staged_to_device(void* dst, Device dst_device, const void* src, size_t n);
+
 void copy_bytes_sync(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
+  if (src_device.is_cpu() && !dst_device.is_cpu() && n <= kStagedCopyMax) {
+    copy_staged_to_device(dst, dst_device, src, n);
+    return;
+  }
   // A copy between host and device waits for the compute stream's queued work (and the host for it).
   if (dst_device.is_cpu() || src_device.is_cpu()) g_host_syncs.fetch_add(1, std::memory_order_relaxed);
   cudaMemcpyKind kind = dst_device.is_cpu() ? cudaMemcpyDeviceToHost
@@ -237,6 +246,29 @@ int poll_copies() {
     }
   }
   return pending;
+}
+
+// A small copy from the host (position ids, a batch of tokens, a tensor built on the host) goes
+// through a page-locked block and is queued on the compute stream like a kernel, so the host does
+// not wait for the GPU's queued work, as cudaMemcpy from pageable memory would. The block goes back
+// to the pinned cache once the copy has run (let go by poll_copies, which this calls too).
+void copy_staged_to_device(void* dst, Device dst_device, const void* src, size_t n) {
+  if (n == 0) return;
+  Allocator* pinned = pinned_allocator();
+  void* staging = pinned->allocate(n, MemoryCategory::workspace);
+  std::shared_ptr<const void> keep(staging, [pinned, n](const void* p) {
+    pinned->deallocate(const_cast<void*>(p), n, MemoryCategory::workspace);
+  });
+  std::memcpy(staging, src, n);
+  poll_copies();
+  std::lock_guard lock(g_copy_mutex);
+  REMAT_CUDA_CHECK(cudaSetDevice(dst_device.index));
+  CopyEngine& e = copy_engine(dst_device.index);
+  REMAT_CUDA_CHECK(cudaMemcpyAsync(dst, staging, n, cudaMemcpyHostToDevice, 0));
+  cudaEvent_t done;
+  REMAT_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  REMAT_CUDA_CHECK(cudaEventRecord(done, 0));
+  e.in_flight.emplace_back(done, std::move(keep));
 }
 
 }  // namespace

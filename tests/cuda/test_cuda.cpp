@@ -249,9 +249,21 @@ TEST_CASE("indices checked on the GPU: the cpu's results, no wait for the GPU, t
   step();
   long long before = cuda_host_syncs();
   step();
+  // Small tensors from the host (position ids, a batch) are staged and queued, not waited for.
+  Tensor positions = Tensor::arange(1000, DType::i64, kGpu);
+  Tensor batch = Tensor::from_vector(few, {1000}, kGpu);
   CHECK(cuda_host_syncs() - before == 0);
   cuda_synchronize(0);
   CHECK(cuda_host_syncs() - before == 1);
+  CHECK(batch.to_vector<int64_t>() == few);
+  CHECK(positions.to_vector<int64_t>() == Tensor::arange(1000, DType::i64).to_vector<int64_t>());
+  // Many staged copies behind queued work: each arrives with its own values (a staging block is
+  // reused only once its copy has run).
+  Tensor big = Tensor::randn({2048, 2048}).to(kGpu);
+  Tensor busy = matmul(matmul(big, big), big);
+  std::vector<Tensor> copies;
+  for (int64_t i = 0; i < 200; ++i) copies.push_back(Tensor::from_vector(std::vector<int64_t>(100, i), {100}, kGpu));
+  for (int64_t i = 0; i < 200; ++i) CHECK(copies[i].to_vector<int64_t>() == std::vector<int64_t>(100, i));
 }
 
 TEST_CASE("the budget planner times GPU ops with events on the compute stream", "[cuda][planner]") {
