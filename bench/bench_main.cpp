@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
   app.add_flag("--tf32", p.tf32, "cuda: f32 GEMMs on TF32 tensor cores (off by default; parity tests stay strict)");
   app.add_option("--peak-tflops", p.peak_tflops,
                  "the device's peak TFLOP/s at the compute dtype, for the MFU column (default: known for H100/H200)");
+  app.add_flag("--profile", p.profile,
+               "one more traced step per policy: time per op and phase, replays apart (on a GPU, kernel time from "
+               "CUDA events), the largest printed");
   app.add_flag("--pareto", p.pareto,
                "also run the budget planner at ten budgets from its floor to none's peak, and print step time "
                "against activation peak with the Pareto front");

@@ -70,6 +70,32 @@ void print_budgets(const std::vector<PolicyResult>& results) {
   }
 }
 
+nlohmann::json profile_json(const std::vector<OpTime>& profile) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const OpTime& t : profile)
+    rows.push_back({{"op", t.name}, {"phase", t.phase}, {"calls", t.calls}, {"ms", t.total_us / 1000}});
+  return rows;
+}
+
+void print_profiles(const std::vector<PolicyResult>& results, int rows, bool gpu) {
+  fmt::print("\nwhere one traced step's time goes, per op and phase ({}; an op's backward includes the ops its "
+             "node runs, a replay inside it counts under replay)\n",
+             gpu ? "GPU time between CUDA events around each op on the compute stream, idle gaps included"
+                 : "host time");
+  for (const auto& r : results) {
+    double covered = 0;
+    for (const OpTime& t : r.profile) covered += t.total_us;
+    fmt::print("{}: step {:.1f} ms (host), ops {:.1f} ms\n", r.policy, r.profile_step_us / 1000, covered / 1000);
+    fmt::print("  {:<9} {:<22} {:>6} {:>9} {:>7}\n", "phase", "op", "calls", "ms", "share");
+    int shown = 0;
+    for (const OpTime& t : r.profile) {
+      if (shown++ == rows) break;
+      fmt::print("  {:<9} {:<22} {:>6} {:>9.2f} {:>6.1f}%\n", t.phase, t.name, t.calls, t.total_us / 1000,
+                 covered > 0 ? 100 * t.total_us / covered : 0.0);
+    }
+  }
+}
+
 void print_pareto(const std::vector<PolicyResult>& results) {
   const PolicyResult* none = nullptr;
   for (const auto& r : results)
@@ -123,7 +149,8 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                         {"budget_bytes", r.budget_bytes < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.budget_bytes)},
                         {"predicted_peak_bytes", r.predicted_peak_bytes < 0 ? nlohmann::json(nullptr)
                                                                             : nlohmann::json(r.predicted_peak_bytes)},
-                        {"planned_blocks", r.planned_blocks}});
+                        {"planned_blocks", r.planned_blocks},
+                        {"profile", profile_json(r.profile)}});
   }
   nlohmann::json doc = {{"schema", "remat-bench/1"}, {"machine", machine}, {"run", run}, {"policies", policies}};
   write_file_atomically(path, doc.dump(2) + "\n");
@@ -153,8 +180,10 @@ void write_trace(const std::string& path, const std::vector<std::pair<std::strin
       events.push_back({{"ph", "M"}, {"pid", pid}, {"tid", tid}, {"name", "thread_name"}, {"args", {{"name", phases[tid]}}}});
     for (const TraceEvent& e : tracer.events()) {
       size_t tid = std::find(phases.begin(), phases.end(), e.phase) - phases.begin();
-      events.push_back({{"ph", "X"}, {"pid", pid}, {"tid", tid}, {"name", e.name}, {"cat", e.phase},
-                        {"ts", e.start_us}, {"dur", e.duration_us}});
+      nlohmann::json span = {{"ph", "X"}, {"pid", pid}, {"tid", tid}, {"name", e.name}, {"cat", e.phase},
+                             {"ts", e.start_us}, {"dur", e.duration_us}};
+      if (e.gpu_us >= 0) span["args"] = {{"gpu_us", e.gpu_us}};  // with --profile on a GPU
+      events.push_back(std::move(span));
     }
     // Memory counters by category, in MiB.
     std::array<int64_t, kMemoryCategoryCount> current{};

@@ -15,6 +15,8 @@ nlohmann::json machine_info();  // CPU model, threads, compiler, flags, git comm
 void print_table(const std::vector<PolicyResult>& results);
 // For each budget policy: measured vs budget, and the fastest fixed policy of the run that fits.
 void print_budgets(const std::vector<PolicyResult>& results);
+// --profile: per policy, the `rows` ops and phases that took longest in the traced step.
+void print_profiles(const std::vector<PolicyResult>& results, int rows, bool gpu);
 // Every run by activation peak with its step times, peak and minimum time as ratios to none, and
 // the Pareto front (peak against minimum step time).
 void print_pareto(const std::vector<PolicyResult>& results);

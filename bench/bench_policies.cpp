@@ -219,8 +219,9 @@ int run_policies(const PolicyOptions& o) {
       bool equal = grads == reference;  // in every round
       r.grads_bitwise_equal = (round == 0 || r.grads_bitwise_equal) && equal;
       if (!equal) r.grads_max_abs_diff = std::max(r.grads_max_abs_diff, max_abs_diff(grads, reference));
-      if (round == 0 && (!o.trace_path.empty() || !o.plot_path.empty())) {
+      if (round == 0 && (!o.trace_path.empty() || !o.plot_path.empty() || o.profile)) {
         Tracer tracer;
+        if (o.profile && device.is_cuda()) tracer.time_gpu(device.index);
         {
           TracerScope active(&tracer);
           zero_grads();
@@ -229,6 +230,11 @@ int run_policies(const PolicyOptions& o) {
           step();
           r.timeline_step_us = tracer.now_us() - t0;
           r.timeline = alloc.stop_recording();
+        }
+        if (o.profile) {
+          tracer.resolve_gpu_times();
+          r.profile = self_times(tracer);
+          r.profile_step_us = r.timeline_step_us;
         }
         traces.emplace_back(spec.text, std::move(tracer));
         trace_memory.push_back(r.timeline);
@@ -247,6 +253,7 @@ int run_policies(const PolicyOptions& o) {
     fmt::print("\n");
   }
   print_budgets(results);
+  if (o.profile) print_profiles(results, o.profile_rows, device.is_cuda());
   nlohmann::json machine = machine_info();
   if (o.pareto) print_pareto(results);
   nlohmann::json run = {{"model", o.model}, {"config", subject.config()}, {"device", device.str()}, {"dtype", o.dtype},

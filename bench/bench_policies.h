@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "autograd/trace.h"
 #include "runtime/allocator.h"
 
 namespace remat::bench {
@@ -29,6 +30,10 @@ struct PolicyOptions {
   // (peak_tflops_of), else no MFU.
   double peak_tflops = 0;
   bool tf32 = false;  // cuda: f32 GEMMs on TF32 tensor cores (set_cuda_tf32)
+  // One more step per policy, traced: where its time goes, per op and phase (on a GPU the kernels'
+  // time from events on the compute stream), the top `profile_rows` printed.
+  bool profile = false;
+  int profile_rows = 12;
 };
 
 struct PolicyResult {
@@ -51,6 +56,10 @@ struct PolicyResult {
   // Budget policies: the budget, the planner's prediction and choice.
   int64_t budget_bytes = -1, predicted_peak_bytes = -1;
   std::string planned_blocks;
+  // With --profile: the traced step's time per op and phase (autograd/trace.h's self_times), and
+  // that step's total (host time; on a GPU the sum of the spans' GPU times is beside it).
+  std::vector<OpTime> profile;
+  double profile_step_us = 0;
   std::vector<MemoryEvent> timeline;  // one traced step (activation events), for the plot
   double timeline_step_us = 0;
 };

@@ -416,3 +416,49 @@ TEST_CASE("a value saved by a node outside the region stays alive through that n
   auto xv = x.to_vector<double>();
   for (size_t i = 0; i < g.size(); ++i) CHECK(g[i] == Approx(2 * std::exp(2 * xv[i])));
 }
+
+TEST_CASE("a traced step: spans name their parents, backward nodes own their ops, replays count apart",
+          "[checkpoint][trace]") {
+  const int L = 4;
+  auto blocks = mlp_chain(L, 8, 16);
+  Tensor x = Tensor::randn({2, 8}).set_requires_grad(true);
+  Tracer tracer;
+  {
+    TracerScope active(&tracer);
+    backward(chain_loss(blocks, x, [](int) { return true; }));
+  }
+  const auto& events = tracer.events();
+  std::map<int, const TraceEvent*> by_id;
+  for (const TraceEvent& e : events) by_id[e.id] = &e;
+  REQUIRE(by_id.size() == events.size());  // ids are unique
+  int top_forward = 0, replays_in_backward = 0;
+  double top_time = 0;
+  for (const TraceEvent& e : events) {
+    if (e.parent < 0) {
+      top_time += e.duration_us;
+      top_forward += e.phase == "forward";
+      continue;
+    }
+    REQUIRE(by_id.count(e.parent) == 1);
+    const TraceEvent& p = *by_id[e.parent];
+    CHECK(p.start_us <= e.start_us);  // a child runs inside its parent
+    CHECK(e.start_us + e.duration_us <= p.start_us + p.duration_us + 1e-3);
+    replays_in_backward += e.phase == "replay" && p.phase == "backward";
+  }
+  CHECK(replays_in_backward >= L);  // each block's replay runs inside the backward node that needs it
+  std::vector<OpTime> times = self_times(tracer);
+  double listed = 0;
+  int forward_calls = 0, replay_rows = 0;
+  for (const OpTime& t : times) {
+    listed += t.total_us;
+    if (t.phase == "forward") forward_calls += t.calls;
+    replay_rows += t.phase == "replay";
+    CHECK(t.total_us >= 0);
+  }
+  // Nothing counted twice, nothing lost: the listed times add up to the top-level spans' time;
+  // ops run inside backward nodes are folded into them, so only the model's own forward is listed.
+  CHECK(std::abs(listed - top_time) <= 1e-6 * top_time + 1e-3);
+  CHECK(forward_calls == top_forward);
+  CHECK(replay_rows > 0);
+  for (size_t i = 1; i < times.size(); ++i) CHECK(times[i - 1].total_us >= times[i].total_us);
+}

@@ -172,7 +172,7 @@ for dtype in bf16 f32; do
   if fits 90; then
     step "remat-bench $config $policies in $bench_dtype on $device"
     timeout 240 "$bin/bench/remat-bench" --config "$config" --policies "$policies" --device "$device" \
-      --dtype "$bench_dtype" --steps "$steps" --warmup "$warmup" --json "$out/bench-gpt2-$dtype.json"
+      --dtype "$bench_dtype" --steps "$steps" --warmup "$warmup" --profile --json "$out/bench-gpt2-$dtype.json"
     echo "remat-bench exit $?"
   else
     echo "SKIPPED (out of time): remat-bench in $dtype"
