@@ -28,14 +28,17 @@ ShardedAdamW::ShardedAdamW(std::vector<std::pair<std::string, Tensor>> params, S
 void ShardedAdamW::step(double lr) {
   NoGradGuard no_grad;
   ++steps_;
+  std::vector<Tensor> grads(params_.size());
+  std::vector<Backend::AdamWTensors> items;
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor& p = params_[i].second;
-    Tensor g = p.grad();
-    if (layout_.owner[i] != group_.rank() || !g.defined()) continue;
+    grads[i] = p.grad();
+    if (layout_.owner[i] != group_.rank() || !grads[i].defined()) continue;
     double decay = p.dim() >= 2 ? options_.weight_decay : 0.0;
     Backend::AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, decay, steps_};
-    backend_for(p.device()).adamw_update(p, g, m_[i], v_[i], s);
+    items.push_back({&p, &grads[i], &m_[i], &v_[i], s});
   }
+  adamw_update_by_device(items);
   // Every bucket's parameters from their owners: each rank's run of the bucket is its chunk.
   MemoryCategoryScope scope(MemoryCategory::workspace);
   for (size_t b = 0; b < layout_.size(); ++b) {

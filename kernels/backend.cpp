@@ -18,6 +18,25 @@ OpKind parse_op(const std::string& name) {
   REMAT_FAIL("unknown op '", name, "': expected one of ", known);
 }
 
+void Backend::adamw_update_all(const std::vector<AdamWTensors>& items) {
+  for (const AdamWTensors& t : items) adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
+}
+
+void adamw_update_by_device(const std::vector<Backend::AdamWTensors>& items) {
+  std::vector<bool> done(items.size(), false);
+  for (size_t first = 0; first < items.size(); ++first) {
+    if (done[first]) continue;
+    const Device device = items[first].param->device();
+    std::vector<Backend::AdamWTensors> on_device;
+    for (size_t i = first; i < items.size(); ++i)
+      if (!done[i] && items[i].param->device() == device) {
+        on_device.push_back(items[i]);
+        done[i] = true;
+      }
+    backend_for(device).adamw_update_all(on_device);
+  }
+}
+
 Backend* cuda_kernels() {
   static auto* backend = static_cast<Backend*>(cuda_part_entry("kernels"));
   return backend;

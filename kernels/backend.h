@@ -111,6 +111,17 @@ class Backend {
     int64_t step;  // 1-based, for bias correction
   };
   virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) = 0;
+  // Many parameters' updates at once, all on this backend's device, with the same bits as
+  // adamw_update on each: the CPU loops over them, a GPU runs one kernel per chunk of tensors
+  // (multi-tensor AdamW: a handful of launches a step instead of one per parameter).
+  struct AdamWTensors {
+    Tensor* param;
+    const Tensor* grad;
+    Tensor* m;
+    Tensor* v;
+    AdamWStep step;
+  };
+  virtual void adamw_update_all(const std::vector<AdamWTensors>& items);
   // Each tensor's sum of squares, accumulated in f64 (for global-norm gradient clipping); on a GPU
   // the sums come back to the host together, one synchronisation for all of them.
   virtual std::vector<double> sum_squares(const std::vector<Tensor>& xs) = 0;
@@ -166,6 +177,10 @@ Backend& backend_for(Device device);
 // Each tensor's sum of squares in f64 (0 for an undefined tensor), in order, through its device's
 // backend: one read-back per device, not one per tensor (gradient clipping's terms).
 std::vector<double> sum_squares_by_device(const std::vector<Tensor>& xs);
+
+// AdamW updates of parameters on any devices: each device's through its backend's
+// adamw_update_all, in the items' order.
+void adamw_update_by_device(const std::vector<Backend::AdamWTensors>& items);
 // Throws "<backend> has no kernel for op <name>" when the device's backend lacks the op.
 Backend& backend_for(OpKind op, Device device);
 

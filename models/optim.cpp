@@ -90,14 +90,17 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options) : Optimizer(s
 void AdamW::step(double lr) {
   NoGradGuard no_grad;
   ++steps_;
+  std::vector<Tensor> grads(params_.size());
+  std::vector<Backend::AdamWTensors> items;
   for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor g = params_[i].grad();
-    if (!g.defined()) continue;
+    grads[i] = params_[i].grad();
+    if (!grads[i].defined()) continue;
     const ParamGroup& group = groups_[group_of_[i]];
     double decay = group.weight_decay ? *group.weight_decay : params_[i].dim() >= 2 ? options_.weight_decay : 0.0;
     Backend::AdamWStep s{lr * group.lr_scale, options_.beta1, options_.beta2, options_.eps, decay, steps_};
-    backend_for(params_[i].device()).adamw_update(params_[i], g, m_[i], v_[i], s);
+    items.push_back({&params_[i], &grads[i], &m_[i], &v_[i], s});
   }
+  adamw_update_by_device(items);
 }
 
 std::vector<std::pair<std::string, Tensor>> AdamW::state() {

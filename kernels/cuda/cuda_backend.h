@@ -14,6 +14,7 @@ class CudaBackend final : public Backend {
   bool supports(OpKind op) const override;
 
   REMAT_BACKEND_KERNELS(override)
+  void adamw_update_all(const std::vector<AdamWTensors>& items) override;
 };
 
 // Shared by the .cu files: makes the tensor's GPU the current device before a launch.

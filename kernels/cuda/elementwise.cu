@@ -153,18 +153,53 @@ __global__ void dropout_kernel(const T* x, T* y, int64_t n, float threshold, Acc
   }
 }
 
+// One element of the AdamW update, shared by the per-tensor and the multi-tensor kernel so that
+// both give the same bits.
+template <typename T>
+__device__ __forceinline__ void adamw_element(T* p, const T* g, T* m, T* v, int64_t i, Acc<T> b1, Acc<T> b2,
+                                              Acc<T> bias1, Acc<T> bias2, Acc<T> lr, Acc<T> eps, Acc<T> decay) {
+  using A = Acc<T>;
+  A gi = load(g, i), pi = load(p, i);
+  A mi = b1 * load(m, i) + (A(1) - b1) * gi;
+  A vi = b2 * load(v, i) + (A(1) - b2) * gi * gi;
+  m[i] = cast_to<T>(mi);
+  v[i] = cast_to<T>(vi);
+  A m_hat = mi / bias1, v_hat = vi / bias2;
+  p[i] = cast_to<T>(pi - decay * pi - lr * m_hat / (sqrt(v_hat) + eps));
+}
+
 template <typename T>
 __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, Acc<T> b1, Acc<T> b2, Acc<T> bias1,
                              Acc<T> bias2, Acc<T> lr, Acc<T> eps, Acc<T> decay) {
-  using A = Acc<T>;
-  REMAT_GRID_STRIDE(i, n) {
-    A gi = load(g, i), pi = load(p, i);
-    A mi = b1 * load(m, i) + (A(1) - b1) * gi;
-    A vi = b2 * load(v, i) + (A(1) - b2) * gi * gi;
-    m[i] = cast_to<T>(mi);
-    v[i] = cast_to<T>(vi);
-    A m_hat = mi / bias1, v_hat = vi / bias2;
-    p[i] = cast_to<T>(pi - decay * pi - lr * m_hat / (sqrt(v_hat) + eps));
+  REMAT_GRID_STRIDE(i, n) adamw_element(p, g, m, v, i, b1, b2, bias1, bias2, lr, eps, decay);
+}
+
+// Up to kAdamWChunk tensors of one update, passed by value (under the classic 4 KB of kernel
+// parameters): their pointers, their rates and where each starts in the chunk's elements.
+constexpr int kAdamWChunk = 40;
+
+template <typename T>
+struct AdamWChunk {
+  T* p[kAdamWChunk];
+  const T* g[kAdamWChunk];
+  T* m[kAdamWChunk];
+  T* v[kAdamWChunk];
+  Acc<T> lr[kAdamWChunk], decay[kAdamWChunk];
+  int64_t start[kAdamWChunk + 1];  // start[count]: all the chunk's elements
+  int count;
+};
+
+template <typename T>
+__global__ void adamw_chunk_kernel(AdamWChunk<T> c, Acc<T> b1, Acc<T> b2, Acc<T> bias1, Acc<T> bias2, Acc<T> eps) {
+  REMAT_GRID_STRIDE(e, c.start[c.count]) {
+    int lo = 0, hi = c.count - 1;  // the tensor holding element e: the last one starting at or before it
+    while (lo < hi) {
+      int mid = (lo + hi + 1) / 2;
+      if (c.start[mid] <= e) lo = mid;
+      else hi = mid - 1;
+    }
+    adamw_element(c.p[lo], c.g[lo], c.m[lo], c.v[lo], e - c.start[lo], b1, b2, bias1, bias2, c.lr[lo], eps,
+                  c.decay[lo]);
   }
 }
 
@@ -276,6 +311,55 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
   });
   REMAT_CUDA_LAUNCH_CHECK();
   param.storage()->bump_version();
+}
+
+void CudaBackend::adamw_update_all(const std::vector<AdamWTensors>& items) {
+  // Tensors that can share a launch: same dtype and the same betas, eps and step.
+  auto same_launch = [](const AdamWTensors& a, const AdamWTensors& b) {
+    return a.param->dtype() == b.param->dtype() && a.param->device() == b.param->device() &&
+           a.step.beta1 == b.step.beta1 && a.step.beta2 == b.step.beta2 && a.step.eps == b.step.eps &&
+           a.step.step == b.step.step;
+  };
+  std::vector<bool> done(items.size(), false);
+  for (size_t first = 0; first < items.size(); ++first) {
+    if (done[first]) continue;
+    const AdamWTensors& lead = items[first];
+    set_device_of(*lead.param);
+    dispatch(lead.param->dtype(), "adamw_update_all", [&]<typename T>() {
+      using A = Acc<T>;
+      const AdamWStep& s = lead.step;
+      A bias1 = A(1) - static_cast<A>(std::pow(s.beta1, static_cast<double>(s.step)));
+      A bias2 = A(1) - static_cast<A>(std::pow(s.beta2, static_cast<double>(s.step)));
+      AdamWChunk<T> chunk{};
+      auto launch = [&] {
+        if (chunk.count > 0 && chunk.start[chunk.count] > 0) {
+          adamw_chunk_kernel<T><<<blocks_for(chunk.start[chunk.count]), kThreads>>>(
+              chunk, static_cast<A>(s.beta1), static_cast<A>(s.beta2), bias1, bias2, static_cast<A>(s.eps));
+          REMAT_CUDA_LAUNCH_CHECK();
+        }
+        chunk = AdamWChunk<T>{};
+      };
+      for (size_t i = first; i < items.size(); ++i) {
+        const AdamWTensors& t = items[i];
+        if (done[i] || !same_launch(t, lead)) continue;
+        done[i] = true;
+        int64_t n = t.param->numel();
+        if (n == 0) continue;
+        int k = chunk.count;
+        chunk.p[k] = t.param->data<T>();
+        chunk.g[k] = t.grad->data<T>();
+        chunk.m[k] = t.m->data<T>();
+        chunk.v[k] = t.v->data<T>();
+        chunk.lr[k] = static_cast<A>(t.step.lr);
+        chunk.decay[k] = static_cast<A>(t.step.lr * t.step.weight_decay);
+        chunk.start[k + 1] = chunk.start[k] + n;
+        chunk.count = k + 1;
+        if (chunk.count == kAdamWChunk) launch();
+      }
+      launch();
+    });
+  }
+  for (const AdamWTensors& t : items) t.param->storage()->bump_version();
 }
 
 Tensor CudaBackend::cast(const Tensor& x, DType dtype) {

@@ -174,6 +174,45 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("multi-tensor AdamW on cuda: the per-tensor update's bits, a few launches for many tensors",
+          "[cuda][optim]") {
+  manual_seed(43);
+  // 100 tensors of many sizes (more than two chunks of tensors, some empty), f32 and f64, with two
+  // groups' rates; three steps each way from the same start.
+  for (DType dtype : {DType::f32, DType::f64}) {
+    std::vector<Tensor> p_one, p_all, m_one, m_all, v_one, v_all, grads;
+    for (int i = 0; i < 100; ++i) {
+      int64_t n = i % 17 == 0 ? 0 : (i * 7919) % 20000 + 1;
+      Tensor p = Tensor::randn({n}, dtype).to(kGpu);
+      p_one.push_back(p.clone());
+      p_all.push_back(p.clone());
+      for (auto* state : {&m_one, &m_all, &v_one, &v_all}) state->push_back(Tensor::zeros({n}, dtype, kGpu));
+      grads.push_back(Tensor::randn({n}, dtype).to(kGpu));
+    }
+    Backend& cuda = backend_for(kGpu);
+    for (int64_t step = 1; step <= 3; ++step) {
+      std::vector<Backend::AdamWTensors> items;
+      for (size_t i = 0; i < p_one.size(); ++i) {
+        Backend::AdamWStep s{i % 2 ? 1e-3 : 3e-4, 0.9, 0.95, 1e-8, i % 3 ? 0.1 : 0.0, step};
+        cuda.adamw_update(p_one[i], grads[i], m_one[i], v_one[i], s);
+        items.push_back({&p_all[i], &grads[i], &m_all[i], &v_all[i], s});
+      }
+      cuda.adamw_update_all(items);
+    }
+    auto bytes = [](const Tensor& t) {
+      Tensor c = t.to(Device::cpu());
+      auto* at = static_cast<const uint8_t*>(c.raw_data());
+      return std::vector<uint8_t>(at, at + c.nbytes());
+    };
+    for (size_t i = 0; i < p_one.size(); ++i) {
+      INFO(dtype_name(dtype) << " tensor " << i << " of " << p_one[i].numel());
+      CHECK(bytes(p_all[i]) == bytes(p_one[i]));
+      CHECK(bytes(m_all[i]) == bytes(m_one[i]));
+      CHECK(bytes(v_all[i]) == bytes(v_one[i]));
+    }
+  }
+}
+
 TEST_CASE("indices checked on the GPU: the cpu's results, no wait for the GPU, the error at the next wait",
           "[cuda][index]") {
   manual_seed(41);
