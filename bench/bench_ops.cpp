@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "remat.h"
+#include "models/gpt.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm.h"
 #include "runtime/cuda_backend.h"
@@ -112,6 +113,19 @@ int run_ops(const OpsOptions& options) {
   Tensor hidden = Tensor::randn({8 * 128, 1024}).to(device);  // the MLP's inner width
   Tensor heads = Tensor::randn({8, 128, 8, 32}).to(device);   // [B, T, H, D] before the head split
   Backend& backend = backend_for(device);
+  // AdamW over gpt small's parameters (76 tensors, 4.8 M values): one call per tensor against one
+  // multi-tensor call (on a GPU, a launch per tensor against a few).
+  std::vector<Tensor> ps, gs, ms, vs;
+  for (const Tensor& p : Gpt(gpt_config("small")).parameters()) {
+    ps.push_back(Tensor::zeros(p.shape(), DType::f32, device));
+    gs.push_back(Tensor::ones(p.shape(), DType::f32, device));
+    ms.push_back(Tensor::zeros(p.shape(), DType::f32, device));
+    vs.push_back(Tensor::zeros(p.shape(), DType::f32, device));
+  }
+  const Backend::AdamWStep adamw_step{1e-4, 0.9, 0.95, 1e-8, 0.1, 1};
+  std::vector<Backend::AdamWTensors> adamw_items;
+  for (size_t i = 0; i < ps.size(); ++i) adamw_items.push_back({&ps[i], &gs[i], &ms[i], &vs[i], adamw_step});
+  const std::string adamw_name = fmt::format("adamw {} tensors, ", ps.size());
   std::vector<std::pair<std::string, std::function<void()>>> fused = {
       {"layer_norm [1024,256]", [&] { layer_norm(x, gamma, beta); }},
       {"softmax [1024,256]", [&] { softmax(x); }},
@@ -121,6 +135,10 @@ int run_ops(const OpsOptions& options) {
       {"transpose copy [8,128,8,32]", [&] { transpose(heads, 1, 2).as_contiguous(); }},
       {"attention causal [8,8,128,32]", [&] { attention(q, q, q, true); }},
       {"cross_entropy [1024,256]", [&] { cross_entropy(logits, targets); }},
+      {adamw_name + "one call each", [&] {
+         for (auto& t : adamw_items) backend.adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
+       }},
+      {adamw_name + "multi-tensor", [&] { backend.adamw_update_all(adamw_items); }},
   };
   for (auto& [name, body] : fused) {
     double s = median_seconds(device, options.repeats, body);
