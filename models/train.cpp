@@ -355,9 +355,11 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     } else {
       reset_checkpoint_counters();
       Tensor loss = task->next_loss();
-      loss_value = loss.item();
+      // Backward is queued before the loss is read: on a GPU, reading it first would make the host
+      // wait for the forward before it could queue a single backward kernel.
       if (group) group->backward(loss);
       else backward(loss);
+      loss_value = loss.item();
       if (planner) {
         MemoryStats after = alloc.stats();
         planned = planner->observe(loss, after[MemoryCategory::activation].peak, checkpoint_counters().replay_ns / 1e6);
