@@ -26,25 +26,29 @@ DeviceRecord& slot(int index) {
   return records[index];
 }
 
+const char* op_name(IndexFaultOp op) {
+  switch (op) {
+    case IndexFaultOp::embedding: return "embedding";
+    case IndexFaultOp::embedding_backward: return "embedding backward";
+    case IndexFaultOp::cross_entropy: return "cross_entropy";
+    case IndexFaultOp::cross_entropy_backward: return "cross_entropy backward";
+    default: return nullptr;
+  }
+}
+
+// The op's own message, as its host check words it, and where the fault was found.
 std::string describe(const IndexFault& f, int device) {
+  auto op = static_cast<IndexFaultOp>(f.op);
   std::string where = " (found on cuda:" + std::to_string(device) +
                       " and reported at the next synchronisation: what the step computed after it is not valid)";
-  switch (static_cast<IndexFaultOp>(f.op)) {
-    case IndexFaultOp::embedding:
-    case IndexFaultOp::embedding_backward:
-      return std::string(f.op == static_cast<int32_t>(IndexFaultOp::embedding) ? "embedding" : "embedding backward") +
-             ": expected indices in [0, " + std::to_string(f.bound) + "), got " + std::to_string(f.value) +
-             " at position " + std::to_string(f.position) + where;
-    case IndexFaultOp::cross_entropy:
-    case IndexFaultOp::cross_entropy_backward:
-      return std::string(f.op == static_cast<int32_t>(IndexFaultOp::cross_entropy) ? "cross_entropy"
-                                                                                    : "cross_entropy backward") +
-             ": expected targets in [0, " + std::to_string(f.bound) + ") or ignore_index " +
-             std::to_string(f.ignore_index) + ", got " + std::to_string(f.value) + " at row " +
-             std::to_string(f.position) + where;
-    default:
-      return "a CUDA kernel recorded a bad index of unknown origin (op " + std::to_string(f.op) + ")" + where;
-  }
+  if (op_name(op) == nullptr)
+    return "a CUDA kernel recorded a bad index of unknown origin (op " + std::to_string(f.op) + ")" + where;
+  std::string got = ", got " + std::to_string(f.value);
+  if (op == IndexFaultOp::embedding || op == IndexFaultOp::embedding_backward)
+    return std::string(op_name(op)) + ": expected indices in [0, " + std::to_string(f.bound) + ")" + got +
+           " at position " + std::to_string(f.position) + where;
+  return std::string(op_name(op)) + ": expected targets in [0, " + std::to_string(f.bound) + ") or ignore_index " +
+         std::to_string(f.ignore_index) + got + " at row " + std::to_string(f.position) + where;
 }
 
 }  // namespace
