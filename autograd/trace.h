@@ -84,7 +84,13 @@ class TraceSpan {
   }
   ~TraceSpan() {
     if (!tracer_) return;
-    TraceEvent e{name_, phase_, start_, tracer_->now_us() - start_, id_, parent_};
+    TraceEvent e;
+    e.name = name_;
+    e.phase = phase_;
+    e.start_us = start_;
+    e.duration_us = tracer_->now_us() - start_;
+    e.id = id_;
+    e.parent = parent_;
     if (gpu_start_) {
       e.gpu_start = std::move(gpu_start_);
       try {
