@@ -161,6 +161,24 @@ void WeightAverage::update() {
     averages_[i].copy_(add(mul_scalar(averages_[i], d), mul_scalar(params_[i], 1.0 - d)));
 }
 
+Tensor clip_grad_norm_(const std::vector<Tensor>& params, double max_norm) {
+  REMAT_CHECK(max_norm > 0, "clip_grad_norm: expected max_norm > 0, got ", max_norm);
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  bool one_device = !grads.empty() && std::all_of(grads.begin(), grads.end(), [&](const Tensor& g) {
+    return g.device() == grads.front().device();
+  });
+  if (!one_device) return Tensor::scalar(clip_grad_norm(params, max_norm), DType::f64);
+  NoGradGuard no_grad;
+  Tensor norm;
+  {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    norm = backend_for(grads.front().device()).clip_by_total_norm(grads, max_norm);
+  }
+  return norm;
+}
+
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
   REMAT_CHECK(max_norm > 0, "clip_grad_norm: expected max_norm > 0, got ", max_norm);
   NoGradGuard no_grad;

@@ -114,6 +114,10 @@ class WeightAverage {
 
 // Scales all gradients so their global L2 norm is at most max_norm; returns the norm before.
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
+// The same, returning the norm as a 0-d f64 tensor without reading it: where every gradient is on
+// one GPU, the sums, the norm and the scaling stay on it (no host synchronisation; read the norm
+// with item() when it is logged). The same bits as clip_grad_norm.
+Tensor clip_grad_norm_(const std::vector<Tensor>& params, double max_norm);
 
 // Linear warmup to max_lr over `warmup` steps, then cosine decay to min_lr at `total` steps.
 double cosine_lr(int64_t step, int64_t warmup, int64_t total, double max_lr, double min_lr);

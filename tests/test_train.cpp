@@ -134,6 +134,28 @@ TEST_CASE("SGD with momentum, clipping by global norm and the cosine schedule", 
   CHECK(sums[1] == 0.0);
   CHECK(sums[2] == 0.25 + 2.25 + 4.0);
   CHECK(sum_squares_by_device({}).empty());
+  // clip_grad_norm_ (the norm left unread, as a tensor) gives clip_grad_norm's bits, clipping or not.
+  manual_seed(5);
+  for (double max_norm : {0.5, 1e3}) {
+    std::vector<Tensor> a, b;
+    for (Shape shape : {Shape{7, 3}, Shape{0}, Shape{100}}) {
+      Tensor g = Tensor::randn(shape);
+      a.push_back(Tensor::zeros(shape).set_requires_grad(true));
+      b.push_back(Tensor::zeros(shape).set_requires_grad(true));
+      a.back().set_grad(g.clone());
+      b.back().set_grad(g.clone());
+    }
+    a.push_back(Tensor::zeros({2}).set_requires_grad(true));  // no gradient
+    b.push_back(Tensor::zeros({2}).set_requires_grad(true));
+    double norm = clip_grad_norm(a, max_norm);
+    Tensor lazy = clip_grad_norm_(b, max_norm);
+    CHECK(lazy.dim() == 0);
+    CHECK(lazy.dtype() == DType::f64);
+    CHECK(lazy.item() == norm);
+    for (size_t i = 0; i + 1 < a.size(); ++i) CHECK(a[i].grad().to_vector<float>() == b[i].grad().to_vector<float>());
+    CHECK(!b.back().grad().defined());
+    if (max_norm < 1) CHECK(norm > max_norm);  // the clipping case clips
+  }
   CHECK(cosine_lr(0, 10, 100, 1.0, 0.1) == Approx(0.1));
   CHECK(cosine_lr(9, 10, 100, 1.0, 0.1) == Approx(1.0));
   CHECK(cosine_lr(55, 10, 100, 1.0, 0.1) == Approx(0.55));

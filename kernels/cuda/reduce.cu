@@ -233,8 +233,10 @@ Tensor CudaBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const
   return dx;
 }
 
-std::vector<double> CudaBackend::sum_squares(const std::vector<Tensor>& xs) {
-  if (xs.empty()) return {};
+namespace {
+
+// Each tensor's sum of squares into totals[i], on the device (two fixed-order stages per tensor).
+Tensor queue_sum_squares(const std::vector<Tensor>& xs) {
   set_device_of(xs.front());
   const Device device = xs.front().device();
   const int64_t count = static_cast<int64_t>(xs.size());
@@ -257,7 +259,59 @@ std::vector<double> CudaBackend::sum_squares(const std::vector<Tensor>& xs) {
     sum_partials_kernel<<<1, kThreads>>>(slots, kSquareBlocks, totals.data<double>() + i);
     REMAT_CUDA_LAUNCH_CHECK();
   }
-  return totals.to(Device::cpu()).to_vector<double>();
+  return totals;
+}
+
+// The norm and the scale from the sums, as the host computes them (IEEE f64 add, sqrt and divide):
+// clip[0] the scale, clip[1] 1 when the tensors are to be scaled.
+__global__ void clip_coefficient_kernel(const double* totals, int64_t count, double max_norm, double* norm,
+                                        double* clip) {
+  double total = 0;
+  for (int64_t i = 0; i < count; ++i) total += totals[i];
+  const double n = sqrt(total);
+  norm[0] = n;
+  clip[0] = n > max_norm ? max_norm / (n + 1e-6) : 1.0;
+  clip[1] = n > max_norm ? 1.0 : 0.0;
+}
+
+// x *= scale in x's dtype, as mul_scalar computes it (the scale rounded to the accumulation type).
+template <typename T>
+__global__ void scale_by_clip_kernel(T* x, int64_t n, const double* clip) {
+  if (clip[1] == 0.0) return;
+  const Acc<T> s = static_cast<Acc<T>>(clip[0]);
+  REMAT_GRID_STRIDE(i, n) x[i] = cast_to<T>(load(x, i) * s);
+}
+
+}  // namespace
+
+std::vector<double> CudaBackend::sum_squares(const std::vector<Tensor>& xs) {
+  if (xs.empty()) return {};
+  return queue_sum_squares(xs).to(Device::cpu()).to_vector<double>();
+}
+
+Tensor CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm) {
+  if (xs.empty()) return Backend::clip_by_total_norm(xs, max_norm);
+  for (const Tensor& x : xs)
+    REMAT_CHECK(x.is_contiguous(), "clip_by_total_norm: expected contiguous tensors, got ", x.meta_str());
+  Tensor totals = queue_sum_squares(xs);
+  const Device device = xs.front().device();
+  Tensor norm = Tensor::empty({}, DType::f64, device), clip;
+  {
+    MemoryCategoryScope scope(MemoryCategory::workspace);
+    clip = Tensor::empty({2}, DType::f64, device);
+  }
+  clip_coefficient_kernel<<<1, 1>>>(totals.data<double>(), static_cast<int64_t>(xs.size()), max_norm,
+                                    norm.data<double>(), clip.data<double>());
+  REMAT_CUDA_LAUNCH_CHECK();
+  for (const Tensor& x : xs) {
+    if (x.numel() == 0) continue;
+    dispatch(x.dtype(), "clip_by_total_norm", [&]<typename T>() {
+      scale_by_clip_kernel<T><<<blocks_for(x.numel()), kThreads>>>(x.data<T>(), x.numel(), clip.data<double>());
+    });
+    REMAT_CUDA_LAUNCH_CHECK();
+    x.storage()->bump_version();
+  }
+  return norm;
 }
 
 }  // namespace remat

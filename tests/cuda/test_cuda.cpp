@@ -174,9 +174,14 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
-TEST_CASE("multi-tensor AdamW on cuda: the per-tensor update's bits, a few launches for many tensors",
+TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits, no wait for the GPU",
           "[cuda][optim]") {
   manual_seed(43);
+  auto bytes = [](const Tensor& t) {
+    Tensor c = t.to(Device::cpu());
+    auto* at = static_cast<const uint8_t*>(c.raw_data());
+    return std::vector<uint8_t>(at, at + c.nbytes());
+  };
   // 100 tensors of many sizes (more than two chunks of tensors, some empty), f32 and f64, with two
   // groups' rates; three steps each way from the same start.
   for (DType dtype : {DType::f32, DType::f64}) {
@@ -199,16 +204,35 @@ TEST_CASE("multi-tensor AdamW on cuda: the per-tensor update's bits, a few launc
       }
       cuda.adamw_update_all(items);
     }
-    auto bytes = [](const Tensor& t) {
-      Tensor c = t.to(Device::cpu());
-      auto* at = static_cast<const uint8_t*>(c.raw_data());
-      return std::vector<uint8_t>(at, at + c.nbytes());
-    };
     for (size_t i = 0; i < p_one.size(); ++i) {
       INFO(dtype_name(dtype) << " tensor " << i << " of " << p_one[i].numel());
       CHECK(bytes(p_all[i]) == bytes(p_one[i]));
       CHECK(bytes(m_all[i]) == bytes(m_one[i]));
       CHECK(bytes(v_all[i]) == bytes(v_one[i]));
+    }
+  }
+
+  // Clipping on the GPU (clip_grad_norm_): clip_grad_norm's norm and scaled gradients, bit for bit,
+  // in every dtype, clipping or not, without a wait for the GPU.
+  for (DType dtype : {DType::f32, DType::f64, DType::bf16}) {
+    for (double max_norm : {1.0, 1e4}) {
+      std::vector<Tensor> a, b;
+      for (int i = 0; i < 50; ++i) {
+        Tensor g = Tensor::randn({(i * 7919) % 5000 + 1}).to(dtype).to(kGpu);
+        a.push_back(Tensor::zeros(g.shape(), dtype, kGpu).set_requires_grad(true));
+        b.push_back(Tensor::zeros(g.shape(), dtype, kGpu).set_requires_grad(true));
+        a.back().set_grad(g.clone());
+        b.back().set_grad(g.clone());
+      }
+      clip_grad_norm_(b, max_norm);  // allocator warm
+      for (size_t i = 0; i < a.size(); ++i) b[i].grad().copy_(a[i].grad());
+      double norm = clip_grad_norm(a, max_norm);
+      long long before = cuda_host_syncs();
+      Tensor lazy = clip_grad_norm_(b, max_norm);
+      CHECK(cuda_host_syncs() - before == 0);
+      INFO(dtype_name(dtype) << " max_norm " << max_norm << " norm " << norm);
+      CHECK(lazy.item() == norm);
+      for (size_t i = 0; i < a.size(); ++i) CHECK(bytes(a[i].grad()) == bytes(b[i].grad()));
     }
   }
 }
