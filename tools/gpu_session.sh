@@ -193,7 +193,7 @@ done
 if [ -z "$dry" ] && fits 90; then
   step "remat-bench $config none,full in bf16 on $device, attention through GEMMs"
   REMAT_CUDA_ATTENTION=gemm timeout 180 "$bin/bench/remat-bench" --config "$config" --policies none,full \
-    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
+    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup" --profile
   echo "remat-bench exit $?"
 else
   echo "SKIPPED (dry run or out of time): remat-bench with the attention through GEMMs"
