@@ -128,12 +128,14 @@ class CastNode final : public Node {
  public:
   CastNode(DType from, DType to) : from_(from), to_(to) {}
   OpKind kind() const override { return OpKind::cast; }
+  // The backends' casts read their input as contiguous memory: a view (autocast's cast of permuted
+  // attention heads, an expanded gradient) is made dense first.
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    return {backend_for(kind(), in[0].device()).cast(in[0], to_)};
+    return {backend_for(kind(), in[0].device()).cast(detail::dense(in[0]), to_)};
   }
   std::vector<int> saved_indices(size_t) const override { return {}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
-    const Tensor& g = ctx.grad_output(0);
+    Tensor g = detail::dense(ctx.grad_output(0));
     return {backend_for(kind(), g.device()).cast(g, from_)};
   }
 

@@ -174,6 +174,22 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("casts of views on cuda (permuted heads under autocast, an expanded gradient) match the cpu",
+          "[cuda][op][bf16]") {
+  manual_seed(47);
+  Tensor x = Tensor::randn({2, 5, 3, 4});
+  Tensor heads = permute(x, {0, 2, 1, 3});  // strided, as attention's heads are
+  Tensor on_gpu = permute(x.to(kGpu), {0, 2, 1, 3});
+  CHECK(cast(on_gpu, DType::bf16).to(DType::f32).to(Device::cpu()).to_vector<float>() ==
+        cast(heads, DType::bf16).to(DType::f32).to_vector<float>());
+  // A cast's backward gets sum's gradient, an expanded view of one value.
+  Tensor leaf_c = x.clone().detach().set_requires_grad(true), leaf_g = x.to(kGpu).detach().set_requires_grad(true);
+  backward(sum(cast(permute(leaf_c, {0, 2, 1, 3}), DType::f64)));
+  backward(sum(cast(permute(leaf_g, {0, 2, 1, 3}), DType::f64)));
+  CHECK(leaf_g.grad().to_vector<float>() == leaf_c.grad().to_vector<float>());
+  CHECK(leaf_g.grad().to_vector<float>() == std::vector<float>(x.numel(), 1.0f));
+}
+
 TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits, no wait for the GPU",
           "[cuda][optim]") {
   manual_seed(43);
