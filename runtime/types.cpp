@@ -39,6 +39,36 @@ int64_t numel_of(const Shape& shape) {
   return static_cast<int64_t>(n);
 }
 
+std::optional<Strides> view_strides(const Shape& shape, const Strides& strides, const Shape& new_shape) {
+  if (numel_of(shape) == 0) return contiguous_strides(new_shape);  // nothing to address
+  // Size-1 dimensions carry no layout: dropped from the old shape, any stride in the new one.
+  Shape old_shape;
+  Strides old_strides;
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] != 1) old_shape.push_back(shape[i]), old_strides.push_back(strides[i]);
+  Strides out(new_shape.size(), 1);
+  int64_t v = static_cast<int64_t>(new_shape.size()) - 1;  // the next new dimension, from the back
+  // Walk the old dimensions from the back in chunks that are contiguous within themselves (each
+  // dimension's stride = the next one's stride x size); each chunk must be exactly covered by
+  // consecutive new dimensions, which then take strides from the chunk's innermost stride.
+  for (int64_t d = static_cast<int64_t>(old_shape.size()) - 1; d >= 0;) {
+    int64_t end = d, chunk = old_shape[d];
+    while (d > 0 && old_strides[d - 1] == old_strides[d] * old_shape[d]) chunk *= old_shape[--d];
+    int64_t step = old_strides[end], covered = 1;
+    while (v >= 0 && (covered < chunk || new_shape[v] == 1)) {
+      out[v] = covered * step;
+      covered *= new_shape[v--];
+    }
+    if (covered != chunk) return std::nullopt;
+    --d;
+  }
+  for (; v >= 0; --v) {  // leading size-1 dimensions
+    if (new_shape[v] != 1) return std::nullopt;
+    out[v] = 1;
+  }
+  return out;
+}
+
 Strides contiguous_strides(const Shape& shape) {
   Strides strides(shape.size());
   uint64_t s = 1;

@@ -198,3 +198,20 @@ TEST_CASE("a leaf's gradient is announced once it is final, later layers first, 
   backward(l);
   CHECK(announced.empty());
 }
+
+TEST_CASE("reshape of a projection's slice into heads is a view; one that must move elements copies", "[autograd]") {
+  manual_seed(9);
+  Tensor qkv = Tensor::randn({2, 5, 24}).set_requires_grad(true);
+  auto parts = split(qkv, 2, {8, 8, 8});
+  Tensor k = reshape(parts[1], {2, 5, 2, 4});
+  CHECK(k.storage() == qkv.storage());  // no copy: the heads address the projection's memory
+  CHECK(k.strides() == Strides{120, 24, 4, 1});
+  CHECK(k.to_vector<float>() == reshape(parts[1].as_contiguous(), {2, 5, 2, 4}).to_vector<float>());
+  Tensor t = reshape(permute(parts[2], {1, 0, 2}), {5, 16});  // rows of two batches side by side: a copy
+  CHECK(t.storage() != qkv.storage());
+  CHECK(t.is_contiguous());
+  // Gradients reach the right elements either way: d/dqkv of sum(k * 2) + sum(t * 3).
+  backward(add(sum(mul_scalar(k, 2.0)), sum(mul_scalar(t, 3.0))));
+  std::vector<float> g = qkv.grad().to_vector<float>();
+  for (size_t i = 0; i < g.size(); ++i) CHECK(g[i] == (i % 24 < 8 ? 0.0f : i % 24 < 16 ? 2.0f : 3.0f));
+}

@@ -31,6 +31,31 @@ TEST_CASE("broadcasting follows NumPy and names the op on failure", "[runtime]")
   CHECK_THROWS_WITH(broadcast_shapes({2, 3}, {4}, "mul"), Contains("mul: expected broadcastable shapes, got [2,3] and [4]"));
 }
 
+TEST_CASE("view_strides: runs contiguous within themselves split and merge in place, others do not", "[runtime]") {
+  using S = Strides;
+  CHECK(*view_strides({2, 3, 4}, {12, 4, 1}, {6, 4}) == S{4, 1});
+  CHECK(*view_strides({2, 3, 4}, {12, 4, 1}, {24}) == S{1});
+  // The middle third of a fused projection [2, 5, 24]: rows of 8 with a row stride of 24.
+  CHECK(*view_strides({2, 5, 8}, {120, 24, 1}, {2, 5, 2, 4}) == S{120, 24, 4, 1});
+  CHECK(*view_strides({2, 5, 8}, {120, 24, 1}, {10, 8}) == S{24, 1});  // batch and time merge
+  CHECK_FALSE(view_strides({2, 5, 8}, {120, 24, 1}, {2, 40}));         // a row and the next do not
+  CHECK_FALSE(view_strides({4, 3, 2}, {1, 4, 12}, {12, 2}));          // a transpose must copy
+  // Size-1 dimensions carry no layout, in either shape (their strides are free: not compared);
+  // empty and 0-d tensors always view.
+  auto without_ones = [](const Shape& shape, std::optional<Strides> strides) {
+    REQUIRE(strides);
+    Strides kept;
+    for (size_t i = 0; i < shape.size(); ++i)
+      if (shape[i] != 1) kept.push_back((*strides)[i]);
+    return kept;
+  };
+  CHECK(without_ones({4, 3, 1, 2}, view_strides({4, 3, 2}, {1, 4, 12}, {4, 3, 1, 2})) == S{1, 4, 12});
+  CHECK(*view_strides({1, 6}, {100, 1}, {2, 3}) == S{3, 1});
+  CHECK(without_ones({1, 6, 1}, view_strides({6}, {2}, {1, 6, 1})) == S{2});
+  CHECK(view_strides({}, {}, {1, 1}).has_value());
+  CHECK(*view_strides({0, 3}, {3, 1}, {3, 0}) == S{0, 1});
+}
+
 TEST_CASE("errors carry the message and the source location", "[runtime]") {
   try {
     REMAT_CHECK(1 == 2, "expected ", 1, " got ", 2);

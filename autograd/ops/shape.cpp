@@ -11,9 +11,12 @@ class ReshapeNode final : public Node {
  public:
   ReshapeNode(Shape in_shape, Shape out_shape) : in_(std::move(in_shape)), out_(std::move(out_shape)) {}
   OpKind kind() const override { return OpKind::reshape; }
+  // A view wherever the input's layout allows one (view_strides), else one copy.
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    Tensor x = detail::dense(in[0]);  // a view when already contiguous, else one copy
-    return {x.view(out_, contiguous_strides(out_), x.offset())};
+    const Tensor& x = in[0];
+    if (std::optional<Strides> strides = view_strides(x.shape(), x.strides(), out_)) return {x.view(out_, *strides, x.offset())};
+    Tensor dense = detail::dense(x);
+    return {dense.view(out_, contiguous_strides(out_), dense.offset())};
   }
   std::vector<int> saved_indices(size_t) const override { return {}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override { return {reshape(ctx.grad_output(0), in_)}; }
