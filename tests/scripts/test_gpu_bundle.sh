@@ -21,7 +21,7 @@ grep -q "^ldd: every library found$" "$out/session.txt" || fail "the library che
 for f in session.txt test_cuda.txt failures.txt ops-gpu.json bench-gpt2-f32.json bench-gpt2-bf16.json; do
   [ -s "$out/$f" ] || [ "$f" = failures.txt ] || fail "$f missing or empty"
 done
-python3 - "$out" <<'PY' || fail "a JSON result does not parse or lacks its policies"
+python3 - "$out" <<'PY' || fail "a JSON result does not parse or lacks its policies, profiles or rows"
 import json, sys
 d = sys.argv[1]
 for name in ("bench-gpt2-f32.json", "bench-gpt2-bf16.json"):
@@ -29,7 +29,15 @@ for name in ("bench-gpt2-f32.json", "bench-gpt2-bf16.json"):
     got = [p["policy"] for p in doc["policies"]]
     assert got == ["none", "full", "ops", "block_skip:2"], got
     assert all(p["grads_bitwise_equal"] for p in doc["policies"])
-json.load(open(f"{d}/ops-gpu.json"))
+    # --profile: every policy's traced step by op and phase, largest first; no host waits on a CPU.
+    for p in doc["policies"]:
+        ms = [row["ms"] for row in p["profile"]]
+        assert ms and ms == sorted(ms, reverse=True), (p["policy"], ms)
+        assert {row["phase"] for row in p["profile"]} >= {"forward", "backward"}, p["policy"]
+        assert p["host_syncs_per_step"] is None, p["host_syncs_per_step"]
+    assert any(row["phase"] == "replay" for row in doc["policies"][1]["profile"])  # full replays
+ops = json.load(open(f"{d}/ops-gpu.json"))
+assert any("multi-tensor" in row["op"] for row in ops["rows"])
 PY
 [ "$(ls "$out" | wc -l)" -le 8 ] || fail "more than the 8 files the device tool brings back"
 echo "gpu bundle built ($(du -sh .gpu-bundle | cut -f1)) and the session ran dry: $cases cases skipped, benchmarks written"
