@@ -85,7 +85,7 @@ void print_profiles(const std::vector<PolicyResult>& results, int rows, bool gpu
   for (const auto& r : results) {
     double covered = 0;
     for (const OpTime& t : r.profile) covered += t.total_us;
-    fmt::print("{}: step {:.1f} ms (host), ops {:.1f} ms\n", r.policy, r.profile_step_us / 1000, covered / 1000);
+    fmt::print("{}: step {:.1f} ms (host), ops {:.1f} ms\n", r.policy, r.timeline_step_us / 1000, covered / 1000);
     fmt::print("  {:<9} {:<22} {:>6} {:>9} {:>7}\n", "phase", "op", "calls", "ms", "share");
     int shown = 0;
     for (const OpTime& t : r.profile) {

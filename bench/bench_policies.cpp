@@ -234,7 +234,6 @@ int run_policies(const PolicyOptions& o) {
         if (o.profile) {
           tracer.resolve_gpu_times();
           r.profile = self_times(tracer);
-          r.profile_step_us = r.timeline_step_us;
         }
         traces.emplace_back(spec.text, std::move(tracer));
         trace_memory.push_back(r.timeline);

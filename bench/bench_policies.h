@@ -56,10 +56,9 @@ struct PolicyResult {
   // Budget policies: the budget, the planner's prediction and choice.
   int64_t budget_bytes = -1, predicted_peak_bytes = -1;
   std::string planned_blocks;
-  // With --profile: the traced step's time per op and phase (autograd/trace.h's self_times), and
-  // that step's total (host time; on a GPU the sum of the spans' GPU times is beside it).
+  // With --profile: the traced step's time per op and phase (autograd/trace.h's self_times); the
+  // step's host time is timeline_step_us.
   std::vector<OpTime> profile;
-  double profile_step_us = 0;
   std::vector<MemoryEvent> timeline;  // one traced step (activation events), for the plot
   double timeline_step_us = 0;
 };

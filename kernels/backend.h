@@ -125,11 +125,12 @@ class Backend {
   // Each tensor's sum of squares, accumulated in f64 (for global-norm gradient clipping); on a GPU
   // the sums come back to the host together, one synchronisation for all of them.
   virtual std::vector<double> sum_squares(const std::vector<Tensor>& xs) = 0;
-  // Global-norm clipping of tensors on this backend's device, in place: the norm is the square root
-  // of their sums of squares added in order, and when it exceeds max_norm each tensor is multiplied
-  // by max_norm / (norm + 1e-6) in its dtype. Returns the norm, a 0-d f64 tensor on the device. The
-  // default reads the sums back (one host synchronisation); the GPU keeps everything on the device.
-  virtual Tensor clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm);
+  // Global-norm clipping without reading the norm, where the backend can (a GPU): in place, the
+  // bits of clip_grad_norm (models/optim.h: the sums of squares added in order, the norm, and when
+  // it exceeds max_norm each tensor times max_norm / (norm + 1e-6) in its dtype), the norm left in
+  // `norm` (0-d f64 on the device). Returns false, touching nothing, where it cannot (the default):
+  // the caller then clips on the host.
+  virtual bool clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm);
 };
 
 // The kernel methods of a backend class: REMAT_BACKEND_KERNELS(override) in its body, so that

@@ -169,14 +169,13 @@ Tensor clip_grad_norm_(const std::vector<Tensor>& params, double max_norm) {
   bool one_device = !grads.empty() && std::all_of(grads.begin(), grads.end(), [&](const Tensor& g) {
     return g.device() == grads.front().device();
   });
-  if (!one_device) return Tensor::scalar(clip_grad_norm(params, max_norm), DType::f64);
-  NoGradGuard no_grad;
-  Tensor norm;
-  {
+  if (one_device) {
+    NoGradGuard no_grad;
     MemoryCategoryScope scope(MemoryCategory::workspace);
-    norm = backend_for(grads.front().device()).clip_by_total_norm(grads, max_norm);
+    Tensor norm;
+    if (backend_for(grads.front().device()).clip_by_total_norm(grads, max_norm, norm)) return norm;
   }
-  return norm;
+  return Tensor::scalar(clip_grad_norm(params, max_norm), DType::f64);  // on the host: the norm is read
 }
 
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {

@@ -15,7 +15,7 @@ class CudaBackend final : public Backend {
 
   REMAT_BACKEND_KERNELS(override)
   void adamw_update_all(const std::vector<AdamWTensors>& items) override;
-  Tensor clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm) override;
+  bool clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm) override;
 };
 
 // Shared by the .cu files: makes the tensor's GPU the current device before a launch.

@@ -289,13 +289,13 @@ std::vector<double> CudaBackend::sum_squares(const std::vector<Tensor>& xs) {
   return queue_sum_squares(xs).to(Device::cpu()).to_vector<double>();
 }
 
-Tensor CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm) {
-  if (xs.empty()) return Backend::clip_by_total_norm(xs, max_norm);
-  for (const Tensor& x : xs)
-    REMAT_CHECK(x.is_contiguous(), "clip_by_total_norm: expected contiguous tensors, got ", x.meta_str());
+bool CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm) {
+  if (xs.empty() || !std::all_of(xs.begin(), xs.end(), [](const Tensor& x) { return x.is_contiguous(); }))
+    return false;
   Tensor totals = queue_sum_squares(xs);
   const Device device = xs.front().device();
-  Tensor norm = Tensor::empty({}, DType::f64, device), clip;
+  norm = Tensor::empty({}, DType::f64, device);
+  Tensor clip;
   {
     MemoryCategoryScope scope(MemoryCategory::workspace);
     clip = Tensor::empty({2}, DType::f64, device);
@@ -311,7 +311,7 @@ Tensor CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max
     REMAT_CUDA_LAUNCH_CHECK();
     x.storage()->bump_version();
   }
-  return norm;
+  return true;
 }
 
 }  // namespace remat

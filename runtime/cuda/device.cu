@@ -54,6 +54,7 @@ int64_t host_syncs() { return g_host_syncs.load(std::memory_order_relaxed); }
 constexpr size_t kStagedCopyMax = size_t(1) << 20;
 void copy_staged_to_device(void* dst, Device dst_device, const void* src, size_t n);
 
+// The table's copy: synchronous, but for small copies from the host, which are queued.
 void copy_bytes_sync(void* dst, Device dst_device, const void* src, Device src_device, size_t n) {
   if (src_device.is_cpu() && !dst_device.is_cpu() && n <= kStagedCopyMax) {
     copy_staged_to_device(dst, dst_device, src, n);
