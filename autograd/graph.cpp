@@ -62,6 +62,15 @@ DeviceOpTiming::DeviceOpTiming() { g_device_op_timing.fetch_add(1); }
 DeviceOpTiming::~DeviceOpTiming() { g_device_op_timing.fetch_sub(1); }
 bool DeviceOpTiming::active() { return g_device_op_timing.load() > 0; }
 
+namespace {
+thread_local RecordWatch* t_record_watch = nullptr;
+}  // namespace
+
+RecordWatchScope::RecordWatchScope(RecordWatch watch) : watch_(std::move(watch)), previous_(t_record_watch) {
+  t_record_watch = &watch_;
+}
+RecordWatchScope::~RecordWatchScope() { t_record_watch = previous_; }
+
 Graph* graph_of(const Tensor& t) {
   const auto& meta = t.autograd_meta_ptr();
   return meta ? meta->graph.get() : nullptr;
@@ -310,6 +319,7 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
   bool needs_grad = false;
   if (grad_enabled())
     for (const Tensor& t : inputs) needs_grad = needs_grad || (t.defined() && t.requires_grad());
+  if (t_record_watch && t_record_watch->before_op) t_record_watch->before_op();
   std::vector<Tensor> outputs;
   {
     NoGradGuard no_grad;  // forward is pure kernels; nothing inside is recorded
@@ -368,6 +378,7 @@ std::vector<Tensor> record(std::unique_ptr<Node> node, const std::vector<Tensor>
     g.nodes.push_back(std::move(node));
     appended = true;
     if (g.hooks) g.hooks->on_record(g, index, inputs, outputs);
+    if (t_record_watch && t_record_watch->recorded) t_record_watch->recorded(graph, index);
   } catch (...) {
     // Undo: the node, its holds, and every value it added (leaves and imports registered for it).
     if (appended) {

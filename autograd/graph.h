@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -173,6 +174,27 @@ class DeviceOpTiming {
   DeviceOpTiming(const DeviceOpTiming&) = delete;
   DeviceOpTiming& operator=(const DeviceOpTiming&) = delete;
   static bool active();
+};
+
+// Watches the ops this thread records: the budget planner's recording step, which dates when the
+// program lets go of each value the tape saves. before_op runs before each op's forward (also for
+// ops that are not recorded); recorded after a node has joined its graph.
+struct RecordWatch {
+  std::function<void()> before_op;
+  std::function<void(const std::shared_ptr<Graph>& graph, int64_t node)> recorded;
+};
+
+// Installs a watch on this thread for the scope's lifetime (an enclosing one resumes after it).
+class RecordWatchScope {
+ public:
+  explicit RecordWatchScope(RecordWatch watch);
+  ~RecordWatchScope();
+  RecordWatchScope(const RecordWatchScope&) = delete;
+  RecordWatchScope& operator=(const RecordWatchScope&) = delete;
+
+ private:
+  RecordWatch watch_;
+  RecordWatch* previous_;
 };
 
 }  // namespace remat

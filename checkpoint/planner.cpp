@@ -43,22 +43,26 @@ int64_t seq_of(const Key& k) {
 }
 
 // Bytes that values hold in memory, added up once per storage: values sharing one (a view and its
-// base, the heads split from one projection) count it once, at the storage's size. A value whose
-// data the step no longer holds counts its own size.
+// base, the heads split from one projection) count it once, at the storage's size. A storage made
+// before the step (its data, say) counts nothing: the step's activations are measured above what
+// was alive at its start. A value whose data the step no longer holds counts its own size.
 class HeldBytes {
  public:
+  explicit HeldBytes(uint64_t step_first_storage) : step_first_storage_(step_first_storage) {}
   // Adds a value; returns the bytes that adds (0 for a storage counted already).
   int64_t add(const Key& k) {
     const ValueInfo& v = k.first->values[k.second];
     int64_t bytes = 0;
     if (!v.data.defined() || !v.data.storage()) bytes = value_bytes(v);
-    else if (storages_.insert(v.data.storage().get()).second) bytes = static_cast<int64_t>(v.data.storage()->bytes());
+    else if (storages_.insert(v.data.storage().get()).second && v.data.storage()->serial() >= step_first_storage_)
+      bytes = static_cast<int64_t>(v.data.storage()->bytes());
     total_ += bytes;
     return bytes;
   }
   int64_t total() const { return total_; }
 
  private:
+  uint64_t step_first_storage_;
   std::set<const Storage*> storages_;
   int64_t total_ = 0;
 };
@@ -69,19 +73,86 @@ bool counts(const Key& k) {
   return v.producer >= 0 || !v.leaf;
 }
 
+// When the program lets go of each value the tape saves, during the recorded forward: a storage
+// that only the graphs' held values still reference was released by the program (under
+// checkpointing, a dropped value goes then). Polled before every op and at block boundaries, a
+// release is dated by the allocator's event count at the poll: never earlier than it happened.
+class ProgramReleases {
+ public:
+  explicit ProgramReleases(Allocator& alloc) : alloc_(alloc) {}
+
+  // Watches the storages a newly recorded node's saved slots hold.
+  void recorded(const std::shared_ptr<Graph>& graph, int64_t node) {
+    for (const SavedSlot& slot : graph->nodes[node]->saved) {
+      const Tensor& data = graph->values[slot.value].data;
+      if (!data.defined() || !data.storage()) continue;
+      Watched& w = watched_[data.storage().get()];
+      if (w.storage.expired()) w.storage = data.storage();
+      bool known = false;
+      for (const auto& [g, v] : w.holders) known = known || (v == slot.value && g.lock() == graph);
+      if (!known) w.holders.emplace_back(graph, slot.value);
+    }
+  }
+
+  void poll() {
+    const size_t now = alloc_.recorded_events();
+    for (auto it = watched_.begin(); it != watched_.end();) {
+      Watched& w = it->second;
+      const long uses = w.storage.use_count();
+      long held = 0;
+      for (const auto& [weak_graph, v] : w.holders) {
+        std::shared_ptr<Graph> g = weak_graph.lock();
+        if (!g) continue;
+        const Tensor& data = g->values[static_cast<size_t>(v)].data;
+        held += data.defined() && data.storage().get() == it->first;
+      }
+      if (uses > 0 && uses == held) released_[it->first] = now;
+      // Gone or released: nothing more to watch (a storage freed and reused later is watched anew).
+      if (uses == 0 || uses == held) it = watched_.erase(it);
+      else ++it;
+    }
+  }
+
+  // The event count at which the program had let go of each storage (those it let go of).
+  const std::map<const Storage*, size_t>& released() const { return released_; }
+
+ private:
+  struct Watched {
+    std::weak_ptr<Storage> storage;
+    std::vector<std::pair<std::weak_ptr<Graph>, int64_t>> holders;  // values whose data may reference it
+  };
+  Allocator& alloc_;
+  std::map<const Storage*, Watched> watched_;
+  std::map<const Storage*, size_t> released_;
+};
+
 // A block as recorded: its nodes in recording order, its non-parameter inputs, the values its
 // nodes save, and which node produced each of its values.
 struct BlockTape {
   std::vector<TapeNode> nodes;
   std::set<Key> inputs, saved;
   std::map<Key, size_t> producer_of;
+  const std::map<const Storage*, size_t>* released = nullptr;  // ProgramReleases::released()
+  uint64_t step_first_storage = 0;  // the serial of the step's first storage
   const Node& node(size_t i) const { return *nodes[i].graph->nodes[nodes[i].index]; }
+};
+
+const Storage* storage_of(const Key& k) {
+  const Tensor& data = k.first->values[k.second].data;
+  return data.defined() ? data.storage().get() : nullptr;
+}
+
+// An option before the timeline is known: besides its costs, the saved storages it lets go of in
+// forward, each with the event count at which the program released it.
+struct Candidate {
+  BlockOption option;
+  std::vector<std::pair<size_t, int64_t>> releases;  // (event count, bytes)
 };
 
 // The bytes, rebuilds and time of recomputing the nodes marked in `recompute`: the block keeps its
 // inputs, the outputs of the nodes it saves and the saved slots those cover; replay rebuilds the
 // other saved slots, re-running their producers back to kept values, and allocates their outputs.
-BlockOption option_cost(const BlockTape& b, std::vector<bool> recompute) {
+Candidate option_cost(const BlockTape& b, std::vector<bool> recompute) {
   std::set<Key> kept = b.inputs, rebuilt;
   for (size_t i = 0; i < b.nodes.size(); ++i) {
     if (recompute[i]) continue;
@@ -119,7 +190,7 @@ BlockOption option_cost(const BlockTape& b, std::vector<bool> recompute) {
     for (int64_t v : b.node(i).outputs) kept.erase({b.nodes[i].graph, v});
   }
   BlockOption o;
-  HeldBytes held;
+  HeldBytes held(b.step_first_storage);
   for (const Key& k : kept) {
     held.add(k);
     // Saved outputs no backward reads stay alive in forward too, on top of what it held without checkpointing.
@@ -157,7 +228,20 @@ BlockOption option_cost(const BlockTape& b, std::vector<bool> recompute) {
     if (needed[i]) o.recompute_ms += b.node(i).forward_us / 1000.0;
   o.recompute = std::move(recompute);
   o.reruns.assign(needed.begin(), needed.end());
-  return o;
+  // In forward, a saved storage that no kept value holds goes when the program lets go of it
+  // (the region drops its slot at once); without checkpointing it stayed until backward.
+  Candidate c{std::move(o), {}};
+  std::set<const Storage*> kept_storages, freed;
+  for (const Key& k : kept)
+    if (const Storage* s = storage_of(k)) kept_storages.insert(s);
+  for (const Key& k : rebuilt) {
+    const Storage* s = storage_of(k);
+    if (!s || s->serial() < b.step_first_storage || kept_storages.count(s) || !freed.insert(s).second || !b.released)
+      continue;
+    auto at = b.released->find(s);
+    if (at != b.released->end()) c.releases.emplace_back(at->second, static_cast<int64_t>(s->bytes()));
+  }
+  return c;
 }
 
 // How cheap an op is to recompute: 1 shape and pointwise ops (dropout and casts included), 2 norms
@@ -195,11 +279,11 @@ std::string option_name(const BlockTape& b, const BlockOption& o) {
   return std::to_string(n) + " of " + std::to_string(b.nodes.size()) + " ops: " + kinds;
 }
 
-// The block's options: keep; every prefix of its ops ordered by recorded time per output byte
-// (views first, as they cost no memory of their own); the op classes cumulatively. Options another
-// one beats in kept bytes, replay peak and time are dropped, and so are those keeping no less than
-// the block without checkpointing.
-std::vector<BlockOption> block_options(const BlockTape& b, int64_t saved_bytes) {
+// The block's candidate options (besides keep): every prefix of its ops ordered by recorded time
+// per output byte (views first, as they cost no memory of their own); the op classes cumulatively;
+// the sets by what is dropped. Those keeping no less than the block without checkpointing are left
+// out; `undominated` filters the rest once the timeline gives their forward peaks.
+std::vector<Candidate> block_candidates(const BlockTape& b, int64_t saved_bytes) {
   const size_t n = b.nodes.size();
   std::vector<std::vector<bool>> sets;
   std::vector<double> score(n);
@@ -222,12 +306,15 @@ std::vector<BlockOption> block_options(const BlockTape& b, int64_t saved_bytes) 
     for (size_t i = 0; i < n; ++i) set[i] = op_class(b.node(i).kind()) <= cls;
     sets.push_back(set);
   }
-  std::vector<BlockOption> candidates;
-  auto consider = [&](const std::vector<bool>& set) {
-    if (std::count(set.begin(), set.end(), true) == 0) return;
-    BlockOption o = option_cost(b, set);
+  std::vector<Candidate> candidates;
+  auto add = [&](Candidate c) {
     // Keeping the block beats an option that keeps as much (it saves outputs no backward reads).
-    if (o.kept_bytes < saved_bytes) candidates.push_back(std::move(o));
+    if (c.option.kept_bytes >= saved_bytes) return;
+    c.option.name = option_name(b, c.option);  // now: the tape's nodes may be gone when options are chosen
+    candidates.push_back(std::move(c));
+  };
+  auto consider = [&](const std::vector<bool>& set) {
+    if (std::count(set.begin(), set.end(), true) > 0) add(option_cost(b, set));
   };
   for (auto& set : sets) consider(set);
   // By what is dropped rather than by op: the ops whose outputs the block's backward reads are the
@@ -255,39 +342,65 @@ std::vector<BlockOption> block_options(const BlockTape& b, int64_t saved_bytes) 
     }
   } else {
     std::vector<bool> dropped(units.size(), false);
-    BlockOption at = option_cost(b, dropping(dropped));
+    Candidate at = option_cost(b, dropping(dropped));
     for (size_t round = 0; round < units.size(); ++round) {
       double best_ratio = 0;
       size_t best = units.size();
-      BlockOption best_option;
+      Candidate best_option;
       for (size_t u = 0; u < units.size(); ++u) {
         if (dropped[u]) continue;
         dropped[u] = true;
-        BlockOption o = option_cost(b, dropping(dropped));
+        Candidate c = option_cost(b, dropping(dropped));
         dropped[u] = false;
-        const int64_t freed = at.kept_bytes - o.kept_bytes;
-        const double ratio = (o.recompute_ms - at.recompute_ms) / static_cast<double>(std::max<int64_t>(freed, 1));
-        if (best == units.size() || ratio < best_ratio) best_ratio = ratio, best = u, best_option = std::move(o);
+        const int64_t freed = at.option.kept_bytes - c.option.kept_bytes;
+        const double ratio =
+            (c.option.recompute_ms - at.option.recompute_ms) / static_cast<double>(std::max<int64_t>(freed, 1));
+        if (best == units.size() || ratio < best_ratio) best_ratio = ratio, best = u, best_option = std::move(c);
       }
       if (best == units.size()) break;
       dropped[best] = true;
       at = best_option;
-      if (at.kept_bytes < saved_bytes) candidates.push_back(at);
+      add(at);
     }
   }
+  return candidates;
+}
+
+// A block's forward working set when the storages in `releases` go at their event counts: the
+// most alive above the block's start (alive[first]) at any point of its events [first, end).
+int64_t forward_peak(const std::vector<int64_t>& alive, size_t first, size_t end,
+                     std::vector<std::pair<size_t, int64_t>> releases) {
+  std::sort(releases.begin(), releases.end());
+  int64_t peak = 0, freed = 0;
+  size_t r = 0;
+  for (size_t i = first; i <= end; ++i) {
+    // alive[i] holds between events i - 1 and i: a storage let go of before the poll at count c
+    // may still be alive just after event c - 1, so it is off from alive[c + 1] on.
+    for (; r < releases.size() && releases[r].first < i; ++r) freed += releases[r].second;
+    peak = std::max(peak, alive[i] - alive[first] - freed);
+  }
+  return peak;
+}
+
+// The block's options once each candidate's forward peak is known: keep first, then those no
+// other beats in kept bytes, replay peak, forward peak and time.
+std::vector<BlockOption> undominated(std::vector<BlockOption> candidates, int64_t saved_bytes,
+                                     int64_t forward_peak_bytes) {
   auto beats = [](const BlockOption& a, const BlockOption& c) {
     return a.kept_bytes <= c.kept_bytes && a.kept_bytes + a.rebuilt_bytes <= c.kept_bytes + c.rebuilt_bytes &&
-           a.extra_forward_bytes <= c.extra_forward_bytes && a.recompute_ms <= c.recompute_ms;
+           a.forward_peak_bytes + a.extra_forward_bytes <= c.forward_peak_bytes + c.extra_forward_bytes &&
+           a.recompute_ms <= c.recompute_ms;
   };
-  std::vector<BlockOption> out;
-  out.push_back({"keep", {}, saved_bytes, 0, 0.0});
+  BlockOption keep;
+  keep.name = "keep";
+  keep.kept_bytes = saved_bytes;
+  keep.forward_peak_bytes = forward_peak_bytes;
+  std::vector<BlockOption> out{keep};
   for (size_t i = 0; i < candidates.size(); ++i) {
     bool dominated = false;
     for (size_t j = 0; j < candidates.size() && !dominated; ++j)
       dominated = j != i && beats(candidates[j], candidates[i]) && (!beats(candidates[i], candidates[j]) || j < i);
-    if (dominated) continue;
-    candidates[i].name = option_name(b, candidates[i]);
-    out.push_back(candidates[i]);
+    if (!dominated) out.push_back(std::move(candidates[i]));
   }
   return out;
 }
@@ -329,7 +442,7 @@ int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
 std::pair<int64_t, int64_t> advance(const PlannedBlock& b, size_t i, const StepMemory& step, int64_t prefix,
                                     int64_t worst) {
   const BlockOption& o = b.options[i];
-  worst = std::max(worst, prefix + b.alive_before_bytes + b.forward_peak_bytes + o.extra_forward_bytes);
+  worst = std::max(worst, prefix + b.alive_before_bytes + o.forward_peak_bytes + o.extra_forward_bytes);
   if (i > 0) worst = std::max(worst, step.pre_saved + prefix + o.kept_bytes + o.rebuilt_bytes);
   return {prefix + o.kept_bytes, worst};
 }
@@ -426,17 +539,20 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   // Measured on the device that holds the model's parameters.
   std::vector<Tensor> params = model_.parameters();
   Allocator& alloc = allocator_for(params.empty() ? Device::cpu() : params.front().device());
+  ProgramReleases releases(alloc);
   // Mark each block's range on the tape and on the allocator's timeline, and time its forward.
   for (Span& s : spans) {
     auto start = std::make_shared<std::chrono::steady_clock::time_point>();
     s.module->add_forward_hook(
         {"planner_probe",
-         [&s, start, &alloc](Module&) {
+         [&s, start, &alloc, &releases](Module&) {
+           releases.poll();
            s.begin = static_cast<int64_t>(next_node_seq());
            s.first_event = alloc.recorded_events();
            *start = std::chrono::steady_clock::now();
          },
-         [&s, start, &alloc](Module&, bool) {
+         [&s, start, &alloc, &releases](Module&, bool) {
+           releases.poll();
            s.end = static_cast<int64_t>(next_node_seq());
            s.end_event = alloc.recorded_events();
            s.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - *start).count();
@@ -444,12 +560,15 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   }
   alloc.reset_peak();
   int64_t base = alloc.stats()[MemoryCategory::activation].current;
+  const uint64_t step_first_storage = next_storage_serial();
   Tensor loss;
   alloc.start_recording();
   try {
     // On a GPU an op's host time is its launch: events on the GPU's stream time its kernels.
     std::optional<DeviceOpTiming> timing;
     if (!params.empty() && params.front().device().is_cuda()) timing.emplace();
+    RecordWatchScope watch({[&releases] { releases.poll(); },
+                            [&releases](const std::shared_ptr<Graph>& g, int64_t node) { releases.recorded(g, node); }});
     loss = loss_fn();
   } catch (...) {
     alloc.stop_recording();
@@ -476,7 +595,8 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   // Values saved at the end of forward, attributed to the block whose node saves them, each
   // storage to the first block that holds it.
   std::set<Key> counted;
-  HeldBytes held;
+  HeldBytes held(step_first_storage);
+  std::vector<std::vector<Candidate>> candidates;  // per block, until the timeline gives their forward peaks
   for (const Span& s : spans) {
     REMAT_CHECK(s.begin >= 0 && s.end >= s.begin, "budget planner: block ", s.name, " did not run in the step");
     PlannedBlock b;
@@ -502,10 +622,10 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     for (const Key& k : saved)
       if (counted.insert(k).second) b.saved_bytes += held.add(k);
     for (const Key& k : inputs) b.input_bytes += value_bytes(k.first->values[k.second]);
-    BlockTape bt{std::move(nodes), std::move(inputs), std::move(saved), {}};
+    BlockTape bt{std::move(nodes), std::move(inputs), std::move(saved), {}, &releases.released(), step_first_storage};
     for (size_t i = 0; i < bt.nodes.size(); ++i)
       for (int64_t v : bt.node(i).outputs) bt.producer_of[{bt.nodes[i].graph, v}] = i;
-    b.options = block_options(bt, b.saved_bytes);
+    candidates.push_back(block_candidates(bt, b.saved_bytes));
     p.blocks.push_back(std::move(b));
   }
   for (const TapeNode& at : tape) {  // what the ops before the blocks save
@@ -544,6 +664,12 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     b.alive_before_bytes = at_start - saved_before;
     b.forward_peak_bytes = peak_over(spans[j].first_event, spans[j].end_event) - at_start;
     saved_before += b.saved_bytes;
+    std::vector<BlockOption> options;
+    for (Candidate& c : candidates[j]) {
+      c.option.forward_peak_bytes = forward_peak(alive, spans[j].first_event, spans[j].end_event, std::move(c.releases));
+      options.push_back(std::move(c.option));
+    }
+    b.options = undominated(std::move(options), b.saved_bytes, b.forward_peak_bytes);
   }
   p.step.before_blocks_peak = peak_over(0, spans.front().first_event);
   p.step.after_blocks_peak = peak_over(spans.back().end_event, events.size());

@@ -12,10 +12,12 @@
 // inputs, the outputs of the ops it saves and the saved slots those cover) and the most its replay
 // holds above that (rebuilt: the re-run ops in one pass, rebuilt slots kept and other outputs
 // freed after their last use there), and the recorded time of those ops. The timeline gives, per block, what was alive at its start besides
-// earlier blocks' saved tensors (A) and its forward working set (F), and the peaks before the
-// first block and after the last one. The simulated activation peak of a choice is the largest of
+// earlier blocks' saved tensors (A) and its forward working set under each option (F: the recorded
+// one, less each saved storage the option drops from the moment the program let go of it, which a
+// watch on the recording dates), and the peaks before the first block and after the last one. The
+// simulated activation peak of a choice is the largest of
 //   before the blocks:              the measured peak there,
-//   block j's forward:              sum_{i<j} kept(i) + A_j + F_j + X_j,
+//   block j's forward:              sum_{i<j} kept(i) + A_j + F_j(option) + X_j,
 //   block j's replay (if any):      P + sum_{i<j} kept(i) + kept(j) + rebuilt(j),
 //   the head, loss and its backward: the measured peak there - sum_j S_j + sum_j kept(j),
 // (S_j: what block j saves without checkpointing; X_j: outputs it saves that no backward reads;
@@ -47,6 +49,9 @@ struct BlockOption {
   double recompute_ms = 0;
   int64_t extra_forward_bytes = 0;  // saved outputs no backward reads: held in forward beyond what none holds
   std::vector<bool> reruns;         // by position: what replay re-runs to rebuild the dropped slots
+  // The block's forward working set under this option (above what was alive at its start): the
+  // recorded one less the dropped saved values, each from when the program let go of it.
+  int64_t forward_peak_bytes = 0;
 };
 
 // The region policy of an option: the ops at the positions marked recompute are recomputed, the
@@ -57,10 +62,12 @@ struct PlannedBlock {
   std::string name;  // dotted path of the block
   int64_t saved_bytes = 0, input_bytes = 0;  // no checkpointing: what its nodes save; its inputs
   // Recorded without checkpointing: what was alive at the block's start besides the earlier
-  // blocks' saved tensors (A), and the most its forward allocated above that start (F).
+  // blocks' saved tensors (A), and the most its forward allocated above that start (F; each
+  // option has its own, this one's when kept).
   int64_t alive_before_bytes = 0, forward_peak_bytes = 0;
   double forward_ms = 0;
-  std::vector<BlockOption> options;  // options[0]: keep; none dominated by another in kept, peak and time
+  // options[0]: keep; none dominated by another in kept bytes, replay peak, forward peak and time
+  std::vector<BlockOption> options;
   int choice = 0;                    // the plan's option
   bool checkpointed = false;         // choice != 0
 };

@@ -2,6 +2,7 @@
 #include "runtime/tensor.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -16,9 +17,16 @@ namespace remat {
 Storage::Storage(size_t bytes, Device device, MemoryCategory category, DType dtype)
     : Storage(bytes, device, category, dtype, allocator_for(device)) {}
 
+namespace {
+std::atomic<uint64_t> g_storage_serial{0};
+}  // namespace
+
+uint64_t next_storage_serial() { return g_storage_serial.load(); }
+
 Storage::Storage(size_t bytes, Device device, MemoryCategory category, DType dtype, Allocator& allocator)
     : bytes_(bytes), device_(device), allocator_(&allocator), category_(category), dtype_(dtype) {
   data_ = allocator_->allocate(bytes, category);
+  serial_ = g_storage_serial.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Storage::take_contents(Storage& other) {

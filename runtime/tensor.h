@@ -35,6 +35,9 @@ class Storage {
   DType dtype() const { return dtype_; }
   uint64_t version() const { return version_; }
   void bump_version() { ++version_; }
+  // Creation order over every storage of the process: tells those made before a point (see
+  // next_storage_serial) from those made after, e.g. a step's data from its activations.
+  uint64_t serial() const { return serial_; }
   // Moves the bytes to another device in place: every tensor and view over this storage follows
   // (how Module::to moves parameters that layers hold by handle).
   void move_to(Device device);
@@ -50,7 +53,11 @@ class Storage {
   MemoryCategory category_;
   DType dtype_;
   uint64_t version_ = 0;
+  uint64_t serial_ = 0;
 };
+
+// The serial the next storage made will get.
+uint64_t next_storage_serial();
 
 class Tensor;
 class Graph;  // autograd/graph.h: only named here, so that runtime/ includes nothing above it

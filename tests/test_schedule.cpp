@@ -147,6 +147,39 @@ TEST_CASE("the budget planner fits 25, 50 and 75 percent of the no-checkpoint pe
   remove_checkpointing(g.model);
 }
 
+TEST_CASE("the budget planner reaches full checkpointing's peak: a checkpointed block's forward lets dropped values go",
+          "[planner][budget]") {
+  TinyGpt g;
+  auto plain = run_grads(g.model.parameters(), [&] { return g.loss(); });
+  apply_policy(g.model, parse_policy("full"));
+  reset_checkpoint_counters();
+  const int64_t full_peak = g.step_peak();
+  REQUIRE(checkpoint_counters().replays > 0);
+  remove_checkpointing(g.model);
+  const int64_t none_peak = g.step_peak();
+  REQUIRE(full_peak < none_peak);
+  // A budget of full checkpointing's measured peak fits (the floor simulates each block's forward
+  // without the values it drops), and so does the floor itself; each plan's measured peak stays
+  // within its prediction.
+  BudgetPlanner at_full(g.model, full_peak);
+  const BudgetPlan& plan = at_full.plan([&] { return g.loss(); });
+  INFO(plan.to_string());
+  CHECK(plan.floor_bytes <= full_peak);
+  const int64_t floor = plan.floor_bytes;
+  for (int64_t budget : {full_peak, floor}) {
+    BudgetPlanner planner(g.model, budget);
+    const BudgetPlan& p = planner.plan([&] { return g.loss(); });
+    INFO("budget " << budget << ": " << p.to_string());
+    CHECK(p.predicted_peak_bytes <= budget);
+    reset_checkpoint_counters();
+    CHECK(g.step_peak() <= p.predicted_peak_bytes);
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(checkpoint_counters().bytes_dropped > 0);
+    CHECK(run_grads(g.model.parameters(), [&] { return g.loss(); }) == plain);
+  }
+  remove_checkpointing(g.model);
+}
+
 TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap ops first", "[planner][budget]") {
   TinyGpt g;
   auto plain = run_grads(g.model.parameters(), [&] { return g.loss(); });
@@ -164,6 +197,7 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
       REQUIRE(b.options.size() >= 3);  // keep, all, and something in between
       CHECK(b.options[0].name == "keep");
       CHECK(b.options[0].kept_bytes == b.saved_bytes);
+      CHECK(b.options[0].forward_peak_bytes == b.forward_peak_bytes);
       for (size_t i = 1; i < b.options.size(); ++i) {
         const BlockOption& o = b.options[i];
         CHECK(o.kept_bytes < b.saved_bytes);  // every option saves memory while kept
@@ -171,7 +205,11 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
           if (j != i)
             CHECK_FALSE((b.options[j].kept_bytes <= o.kept_bytes &&
                          b.options[j].kept_bytes + b.options[j].rebuilt_bytes <= o.kept_bytes + o.rebuilt_bytes &&
+                         b.options[j].forward_peak_bytes + b.options[j].extra_forward_bytes <=
+                             o.forward_peak_bytes + o.extra_forward_bytes &&
                          b.options[j].recompute_ms <= o.recompute_ms));
+        // Dropping saved values can only lower the block's forward working set.
+        CHECK(o.forward_peak_bytes <= b.forward_peak_bytes);
       }
       CHECK(b.checkpointed == (b.choice != 0));
       if (b.checkpointed && b.options[static_cast<size_t>(b.choice)].name != "all") partial = true;
@@ -220,10 +258,21 @@ TEST_CASE("the planner's search is exact: it matches every choice enumerated", "
       b.saved_bytes = uniform(50, 100);
       b.alive_before_bytes = uniform(0, 20);
       b.forward_peak_bytes = uniform(10, 120);
-      b.options.push_back({"keep", {}, b.saved_bytes, 0, 0.0});
-      for (int k = 0; k < 3; ++k)
-        b.options.push_back({"o", {true}, uniform(1, b.saved_bytes - 1), uniform(0, 100),
-                             static_cast<double>(uniform(1, 50))});
+      BlockOption keep;
+      keep.name = "keep";
+      keep.kept_bytes = b.saved_bytes;
+      keep.forward_peak_bytes = b.forward_peak_bytes;
+      b.options.push_back(keep);
+      for (int k = 0; k < 3; ++k) {
+        BlockOption o;
+        o.name = "o";
+        o.recompute = {true};
+        o.kept_bytes = uniform(1, b.saved_bytes - 1);
+        o.rebuilt_bytes = uniform(0, 100);
+        o.recompute_ms = static_cast<double>(uniform(1, 50));
+        o.forward_peak_bytes = uniform(0, b.forward_peak_bytes);
+        b.options.push_back(o);
+      }
     }
     StepMemory other{uniform(0, 100), uniform(0, 30), 0};
     int64_t saved = 0;
