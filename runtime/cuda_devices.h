@@ -28,15 +28,20 @@ void set_cuda_tf32(bool enabled);
 bool cuda_tf32();
 
 // How attention runs on CUDA: `flash`, remat's own kernel (CUDA cores, one query row per thread,
-// nothing T x T in memory; the reference), or `gemm`, batched cuBLAS GEMMs on the tensor cores
-// with [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each). The default comes
-// from the environment, REMAT_CUDA_ATTENTION=flash|gemm (flash when unset); a process-wide
-// setting, read at each call.
-enum class CudaAttention { flash, gemm };
+// nothing T x T in memory; the reference), `gemm`, batched cuBLAS GEMMs on the tensor cores with
+// [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each), or `mma`, remat's own
+// flash kernels on the tensor cores (bf16, head dims 32, 64 and 128, compute capability 8.0 on;
+// other inputs take the flash kernel). The default comes from the environment,
+// REMAT_CUDA_ATTENTION=flash|gemm|mma (flash when unset); a process-wide setting, read at each call.
+enum class CudaAttention { flash, gemm, mma };
 void set_cuda_attention(CudaAttention path);
 CudaAttention cuda_attention();  // throws on a bad REMAT_CUDA_ATTENTION, naming what it accepts
-// "flash" or "gemm"; anything else a clear error.
+// "flash", "gemm" or "mma"; anything else a clear error.
 CudaAttention parse_cuda_attention(const std::string& name);
 const char* cuda_attention_name(CudaAttention path);
+// Attention calls (forward and backward) each path has run since the process began: what the
+// tests read to know that the path they chose is the one that ran.
+void count_cuda_attention_call(CudaAttention path);
+int64_t cuda_attention_calls(CudaAttention path);
 
 }  // namespace remat

@@ -36,15 +36,30 @@ bool cuda_tf32() { return g_cuda_tf32.load(std::memory_order_relaxed); }
 CudaAttention parse_cuda_attention(const std::string& name) {
   if (name == "flash") return CudaAttention::flash;
   if (name == "gemm") return CudaAttention::gemm;
-  REMAT_FAIL("cuda attention: expected flash or gemm, got '", name, "'");
+  if (name == "mma") return CudaAttention::mma;
+  REMAT_FAIL("cuda attention: expected flash, gemm or mma, got '", name, "'");
 }
 
-const char* cuda_attention_name(CudaAttention path) { return path == CudaAttention::gemm ? "gemm" : "flash"; }
+const char* cuda_attention_name(CudaAttention path) {
+  switch (path) {
+    case CudaAttention::gemm: return "gemm";
+    case CudaAttention::mma: return "mma";
+    default: return "flash";
+  }
+}
 
 namespace {
 // -1: not chosen yet (the environment decides at the first call), else a CudaAttention.
 std::atomic<int> g_cuda_attention{-1};
+std::atomic<int64_t> g_cuda_attention_calls[3];
 }  // namespace
+
+void count_cuda_attention_call(CudaAttention path) {
+  g_cuda_attention_calls[static_cast<int>(path)].fetch_add(1, std::memory_order_relaxed);
+}
+int64_t cuda_attention_calls(CudaAttention path) {
+  return g_cuda_attention_calls[static_cast<int>(path)].load(std::memory_order_relaxed);
+}
 
 void set_cuda_attention(CudaAttention path) { g_cuda_attention.store(static_cast<int>(path)); }
 
@@ -55,8 +70,8 @@ CudaAttention cuda_attention() {
     CudaAttention chosen = CudaAttention::flash;
     if (env != nullptr && *env != '\0') {
       const std::string value(env);
-      REMAT_CHECK(value == "flash" || value == "gemm", "REMAT_CUDA_ATTENTION: expected flash or gemm, got '", value,
-                  "'");
+      REMAT_CHECK(value == "flash" || value == "gemm" || value == "mma",
+                  "REMAT_CUDA_ATTENTION: expected flash, gemm or mma, got '", value, "'");
       chosen = parse_cuda_attention(value);
     }
     int expected = -1;

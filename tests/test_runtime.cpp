@@ -272,7 +272,9 @@ TEST_CASE("the cuda attention path is flash unless chosen, by name or by setting
   if (std::getenv("REMAT_CUDA_ATTENTION") == nullptr) CHECK(cuda_attention() == CudaAttention::flash);
   CHECK(parse_cuda_attention("gemm") == CudaAttention::gemm);
   CHECK(parse_cuda_attention("flash") == CudaAttention::flash);
-  CHECK_THROWS_WITH(parse_cuda_attention("cudnn"), Contains("expected flash or gemm, got 'cudnn'"));
+  CHECK(parse_cuda_attention("mma") == CudaAttention::mma);
+  CHECK(std::string(cuda_attention_name(CudaAttention::mma)) == "mma");
+  CHECK_THROWS_WITH(parse_cuda_attention("cudnn"), Contains("expected flash, gemm or mma, got 'cudnn'"));
   const CudaAttention before = cuda_attention();
   set_cuda_attention(CudaAttention::gemm);
   CHECK(cuda_attention() == CudaAttention::gemm);

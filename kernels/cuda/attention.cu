@@ -4,6 +4,7 @@
 // passes, dq by query rows and dk/dv by key rows, so no gradient is ever summed with atomics. With
 // set_cuda_attention(gemm) (REMAT_CUDA_ATTENTION=gemm) both go through cuBLAS (attention_gemm.cu).
 #include "kernels/cuda/attention_gemm.h"
+#include "kernels/cuda/attention_mma.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "runtime/cuda_devices.h"
@@ -243,6 +244,9 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
                                            double scale) {
   if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0) return attention_gemm(q, k, v, causal, scale);
   set_device_of(q);
+  if (cuda_attention() == CudaAttention::mma && mma_attention_supported(q, k, v))
+    return attention_mma(q, k, v, causal, scale);
+  count_cuda_attention_call(CudaAttention::flash);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
   // The log-sum-exp stays in the accumulation dtype: rounded to bf16 it would skew every
@@ -269,6 +273,11 @@ std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Ten
   if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0)
     return attention_backward_gemm(d_o, q, k, v, o, lse, causal, scale);
   set_device_of(q);
+  // The lse of either forward serves either backward (f32 for bf16, m + log l of the scaled scores).
+  if (cuda_attention() == CudaAttention::mma && mma_attention_supported(q, k, v) &&
+      mma_attention_supported(d_o, d_o, d_o))
+    return attention_backward_mma(d_o, q, k, v, o, lse, causal, scale);
+  count_cuda_attention_call(CudaAttention::flash);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());

@@ -11,6 +11,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
+#include "runtime/cuda_devices.h"
 
 namespace remat::cuda {
 
@@ -86,6 +87,7 @@ __global__ void softmax_grad_kernel(const Acc<T>* s, const Acc<T>* dp, const Acc
 
 std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
   set_device_of(q);
+  count_cuda_attention_call(CudaAttention::gemm);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3), td = t * d, tt = t * t;
   const DType acc = acc_dtype(q.dtype());
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
@@ -119,6 +121,7 @@ std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tenso
 std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& o, const Tensor& lse, bool causal, double scale) {
   set_device_of(q);
+  count_cuda_attention_call(CudaAttention::gemm);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3), td = t * d, tt = t * t;
   const DType acc = acc_dtype(q.dtype());
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),

@@ -174,6 +174,71 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
+          "every policy bitwise", "[cuda][op][attention][bf16]") {
+  manual_seed(23);
+  struct Restore {
+    ~Restore() { set_cuda_attention(CudaAttention::flash); }
+  } restore;
+  auto attn = [](bool causal) { return [causal](auto& in) { return attention(in[0], in[1], in[2], causal); }; };
+  auto qkv = [](Shape s) { return std::vector<Tensor>{randn64(s), randn64(s), randn64(s)}; };
+  // Tails of every tile (64 queries, 64 and 32 keys), causal and not, each head dim built.
+  const std::vector<OpCase> cases = {
+      {"causal T 100 D 64", attn(true), qkv({2, 3, 100, 64})},
+      {"T 70 D 64", attn(false), qkv({1, 2, 70, 64})},
+      {"causal T 130 D 128", attn(true), qkv({1, 2, 130, 128})},
+      {"T 33 D 128", attn(false), qkv({2, 1, 33, 128})},
+      {"causal T 200 D 32", attn(true), qkv({1, 2, 200, 32})},
+      {"causal T 1 D 64", attn(true), qkv({1, 1, 1, 64})},
+  };
+  for (const OpCase& c : cases) {
+    INFO(c.description);
+    set_cuda_attention(CudaAttention::mma);
+    const int64_t before = cuda_attention_calls(CudaAttention::mma);
+    Outcome mma = evaluate(c, kGpu, DType::bf16), again = evaluate(c, kGpu, DType::bf16);
+    CHECK(cuda_attention_calls(CudaAttention::mma) - before == 4);  // two forwards, two backwards
+    set_cuda_attention(CudaAttention::flash);
+    Outcome flash = evaluate(c, kGpu, DType::bf16);
+    CHECK(mma.out == again.out);
+    CHECK(mma.grads == again.grads);
+    CHECK(compare(flash.out, mma.out, tolerance(DType::bf16)) == "");
+    REQUIRE(flash.grads.size() == mma.grads.size());
+    for (size_t i = 0; i < flash.grads.size(); ++i) {
+      INFO("gradient of input " << i);
+      CHECK(compare(flash.grads[i], mma.grads[i], tolerance(DType::bf16)) == "");
+    }
+  }
+  // f32 inputs and other head dims take the flash kernel.
+  set_cuda_attention(CudaAttention::mma);
+  const int64_t flash_before = cuda_attention_calls(CudaAttention::flash);
+  evaluate({"T 9 D 5", attn(false), qkv({1, 1, 9, 5})}, kGpu, DType::bf16);
+  evaluate({"T 9 D 64 in f32", attn(false), qkv({1, 1, 9, 64})}, kGpu, DType::f32);
+  CHECK(cuda_attention_calls(CudaAttention::flash) - flash_before == 4);
+  // gpt in bf16 with heads of 32 on the mma path: every policy bitwise equal to none.
+  GptConfig config = gpu_gpt();
+  config.channels = 64;
+  config.heads = 2;
+  Gpt model(config);
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  auto loss = [&] {
+    AutocastScope autocast(DType::bf16);
+    return model.loss(idx, targets);
+  };
+  const int64_t before = cuda_attention_calls(CudaAttention::mma);
+  auto plain = run_grads(model.parameters(), loss);
+  CHECK(cuda_attention_calls(CudaAttention::mma) > before);
+  for (const char* policy : {"full", "ops", "block_skip:2", "level:3"}) {
+    INFO(policy);
+    apply_policy(model, parse_policy(policy));
+    reset_checkpoint_counters();
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+  }
+  remove_checkpointing(model);
+}
+
 TEST_CASE("casts of views on cuda (permuted heads under autocast, an expanded gradient) match the cpu",
           "[cuda][op][bf16]") {
   manual_seed(47);

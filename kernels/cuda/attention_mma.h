@@ -1,0 +1,22 @@
+// Attention on CUDA tensor cores with remat's own mma.sync kernels (attention_mma.cu), beside the
+// flash kernel (attention.cu, the reference) and the cuBLAS path (attention_gemm.cu);
+// set_cuda_attention(mma) chooses it where it applies. Host-only header. q, k, v, o and dO are
+// contiguous bf16 [B, H, T, D]; lse [B, H, T] in f32, as the flash kernel keeps it.
+#pragma once
+
+#include <vector>
+
+#include "../../runtime/tensor.h"
+
+namespace remat::cuda {
+
+// Whether the kernels take these inputs: bf16, head dim 32, 64 or 128, contiguous and 16-byte
+// aligned, on a GPU of compute capability 8.0 or newer. Elsewhere the flash kernel runs.
+bool mma_attention_supported(const Tensor& q, const Tensor& k, const Tensor& v);
+// {o, lse}, as the flash kernel gives them.
+std::vector<Tensor> attention_mma(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale);
+// {dq, dk, dv}; dO contiguous and 16-byte aligned.
+std::vector<Tensor> attention_backward_mma(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& o, const Tensor& lse, bool causal, double scale);
+
+}  // namespace remat::cuda
