@@ -109,7 +109,7 @@ int run_policies(const PolicyOptions& o) {
              o.rounds, o.steps, o.warmup,
              device.is_cpu() ? ", GEMM " + cpu::gemm_library()
                              : std::string(", attention ") + cuda_attention_name(cuda_attention()) +
-                                   " (REMAT_CUDA_ATTENTION=flash|gemm)");
+                                   " (REMAT_CUDA_ATTENTION=flash|gemm|mma)");
 
   const double peak = o.peak_tflops > 0 ? o.peak_tflops
                       : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype, o.tf32)
@@ -257,6 +257,7 @@ int run_policies(const PolicyOptions& o) {
   if (o.pareto) print_pareto(results);
   nlohmann::json run = {{"model", o.model}, {"config", subject.config()}, {"device", device.str()}, {"dtype", o.dtype},
                         {"steps", o.steps}, {"warmup", o.warmup}, {"rounds", o.rounds}, {"seed", o.seed}};
+  if (device.is_cuda()) run["cuda_attention"] = cuda_attention_name(cuda_attention());
   if (!o.json_path.empty()) write_json(o.json_path, machine, run, results);
   if (!o.csv_path.empty()) write_csv(o.csv_path, results);
   if (!o.trace_path.empty()) write_trace(o.trace_path, traces, trace_memory);
