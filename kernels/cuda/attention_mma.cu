@@ -197,9 +197,11 @@ __global__ void __launch_bounds__(kBlockThreads) mma_forward_kernel(const bf16* 
     }
     __syncthreads();
   }
+  // Every lane shuffles before any branches off (rows past t).
+  l[0] = quad_sum(l[0]);
+  l[1] = quad_sum(l[1]);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] = quad_sum(l[r]);
     if (row[r] >= t) continue;
     bf16* out = o + base + row[r] * D;
 #pragma unroll
