@@ -1,0 +1,398 @@
+// The tensor-core attention kernels of attention_mma.cu (that file's head says what they do),
+// kept apart so that tests/test_simt.cpp can run them on the CPU under a SIMT emulator
+// (tests/simt_emulator.h, which defines REMAT_SIMT_EMULATION and the CUDA built-ins they use):
+// the same source, checked against a reference where no GPU is.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16): lane = 4 g + c. A (16 x 16, row major):
+// registers {A[g][2c..2c+1]}, {A[g+8][2c..]}, {A[g][2c+8..]}, {A[g+8][2c+8..]}. B (16 x 8, k x n):
+// {B[2c..2c+1][g]}, {B[2c+8..2c+9][g]}. C (16 x 8, f32): C[g][2c], C[g][2c+1], C[g+8][2c],
+// C[g+8][2c+1]. Two C tiles side by side are the A fragment of the next product (P in P V).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#ifdef REMAT_SIMT_EMULATION
+#define REMAT_MMA_DEVICE inline
+#define REMAT_MMA_KERNEL(threads) inline void
+#define REMAT_MMA_SHARED(type, name, count) alignas(16) static type name[count]
+#define REMAT_MMA_DYNAMIC_SHARED(name) unsigned char* name = ::remat_simt::dynamic_shared()
+#else
+#define REMAT_MMA_DEVICE __device__ __forceinline__
+#define REMAT_MMA_KERNEL(threads) __global__ void __launch_bounds__(threads)
+#define REMAT_MMA_SHARED(type, name, count) __shared__ __align__(16) type name[count]
+#define REMAT_MMA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace remat::cuda::mma_attention {
+
+using bf16 = __nv_bfloat16;
+#ifdef REMAT_SIMT_EMULATION
+using std::min;
+#endif
+
+constexpr int kWarps = 4, kBlockThreads = 32 * kWarps;
+constexpr int kQueryTile = 16 * kWarps;  // forward and dq: query rows per block, 16 per warp
+constexpr int kKeyTile = 64;             // forward: keys per shared tile
+constexpr int kOtherTile = 32;           // dq: keys per tile; dk/dv: queries per tile
+constexpr int kKeyBlock = 16 * kWarps;   // dk/dv: keys per block, 16 per warp
+
+// Shared tiles keep rows D + 8 wide: consecutive rows start 16 bytes apart in the banks.
+template <int D> constexpr int kLd = D + 8;
+
+REMAT_MMA_DEVICE uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Two bf16 in one register, the first in the low half (the element with the lower index).
+REMAT_MMA_DEVICE uint32_t pack(bf16 lo, bf16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+REMAT_MMA_DEVICE uint32_t pack(float lo, float hi) { return pack(__float2bfloat16(lo), __float2bfloat16(hi)); }
+
+// d += a * b on the tensor cores.
+REMAT_MMA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(REMAT_SIMT_EMULATION)
+  ::remat_simt::mma_m16n8k16_bf16(d, a, b0, b1);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host never launches these below sm_80 (mma_attention_supported)
+#endif
+}
+
+// The A fragment of rows [r0, r0 + 16) and columns [c0, c0 + 16) of a row-major shared tile.
+template <int D>
+REMAT_MMA_DEVICE void load_a(uint32_t (&a)[4], const bf16* s, int r0, int c0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = c0 + 2 * (lane & 3);
+  a[0] = ld32(s + (r0 + g) * kLd<D> + c);
+  a[1] = ld32(s + (r0 + g + 8) * kLd<D> + c);
+  a[2] = ld32(s + (r0 + g) * kLd<D> + c + 8);
+  a[3] = ld32(s + (r0 + g + 8) * kLd<D> + c + 8);
+}
+
+// B = M^T for a row-major shared tile M: B[k][n] = M[n0 + n][k0 + k] (rows of M are B's columns).
+template <int D>
+REMAT_MMA_DEVICE void load_b_transposed(uint32_t& b0, uint32_t& b1, const bf16* s, int n0, int k0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = k0 + 2 * (lane & 3);
+  b0 = ld32(s + (n0 + g) * kLd<D> + c);
+  b1 = ld32(s + (n0 + g) * kLd<D> + c + 8);
+}
+
+// B = M for a row-major shared tile M: B[k][n] = M[k0 + k][n0 + n].
+template <int D>
+REMAT_MMA_DEVICE void load_b(uint32_t& b0, uint32_t& b1, const bf16* s, int k0, int n0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, k = k0 + 2 * (lane & 3);
+  const bf16* p = s + k * kLd<D> + n0 + g;
+  b0 = pack(p[0], p[kLd<D>]);
+  b1 = pack(p[8 * kLd<D>], p[9 * kLd<D>]);
+}
+
+// The A fragment of columns [16 kk, 16 kk + 16) of a row of C tiles (8 columns each), rounded to bf16.
+REMAT_MMA_DEVICE void c_to_a(uint32_t (&a)[4], const float (*c)[4], int kk) {
+  a[0] = pack(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// Rows [row0, row0 + rows) of a head's contiguous [T, D] matrix into a shared tile, 16 bytes at a
+// time; rows at or past t are zeros.
+template <int D>
+REMAT_MMA_DEVICE void stage(bf16* s, const bf16* head, int64_t row0, int rows, int64_t t) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < rows * kChunks; i += blockDim.x) {
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row0 + r < t) v = *reinterpret_cast<const uint4*>(head + (row0 + r) * D + c);
+    *reinterpret_cast<uint4*>(s + r * kLd<D> + c) = v;
+  }
+}
+
+// Max and sum over the four lanes that hold one row of a C tile.
+REMAT_MMA_DEVICE float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+REMAT_MMA_DEVICE float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Whether query `row` sees key `key`.
+REMAT_MMA_DEVICE bool visible(int64_t row, int64_t key, int64_t t, bool causal) {
+  return key < t && !(causal && key > row);
+}
+
+// Forward: a block of 64 query rows (16 per warp) of one head, key tiles of 64.
+template <int D>
+REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k, const bf16* v,
+                                                                     bf16* o, float* lse, int64_t t, bool causal,
+                                                                     float scale) {
+  REMAT_MMA_SHARED(bf16, ks, kKeyTile * kLd<D>);
+  REMAT_MMA_SHARED(bf16, vs, kKeyTile * kLd<D>);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int64_t head = blockIdx.y, base = head * t * D, q0 = blockIdx.x * static_cast<int64_t>(kQueryTile);
+  // The warp's 16 query rows stay in registers as A fragments (staged through the key tile).
+  uint32_t qa[D / 16][4];
+  stage<D>(ks, q + base, q0, kQueryTile, t);
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], ks, 16 * warp, 16 * kk);
+  __syncthreads();
+  const int64_t row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
+  float acc[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int64_t key_end = causal ? min(t, q0 + kQueryTile) : t;
+  for (int64_t kb = 0; kb < key_end; kb += kKeyTile) {
+    stage<D>(ks, k + base, kb, kKeyTile, t);
+    stage<D>(vs, v + base, kb, kKeyTile, t);
+    __syncthreads();
+    float s[kKeyTile / 8][4] = {};
+#pragma unroll
+    for (int j = 0; j < kKeyTile / 8; ++j)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b0, b1;
+        load_b_transposed<D>(b0, b1, ks, 8 * j, 16 * kk);
+        mma(s[j], qa[kk], b0, b1);
+      }
+    // Scaled and masked scores; the rows' new maxima (key 0 is in the first tile and visible to
+    // every row, so a maximum is finite from the first tile on).
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < kKeyTile / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int64_t key = kb + 8 * j + 2 * c + (e & 1);
+        const float x = visible(row[r], key, t, causal) ? s[j][e] * scale : -INFINITY;
+        s[j][e] = x;
+        mx[r] = fmaxf(mx[r], x);
+      }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      corr[r] = __expf(m[r] - mx[r]);  // 0 while m is -inf
+      l[r] *= corr[r];
+      m[r] = mx[r];
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[n][0] *= corr[0], acc[n][1] *= corr[0];
+      acc[n][2] *= corr[1], acc[n][3] *= corr[1];
+    }
+#pragma unroll
+    for (int j = 0; j < kKeyTile / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = __expf(s[j][e] - m[e >> 1]);
+        l[e >> 1] += s[j][e];
+      }
+    // O += P V, P rounded to bf16 as the A operand.
+#pragma unroll
+    for (int kk = 0; kk < kKeyTile / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a(pa, s, kk);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        uint32_t b0, b1;
+        load_b<D>(b0, b1, vs, 16 * kk, 8 * n);
+        mma(acc[n], pa, b0, b1);
+      }
+    }
+    __syncthreads();
+  }
+  // Every lane shuffles before any branches off (rows past t).
+  l[0] = quad_sum(l[0]);
+  l[1] = quad_sum(l[1]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= t) continue;
+    bf16* out = o + base + row[r] * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(out + 8 * n + 2 * c) = pack(acc[n][2 * r] / l[r], acc[n][2 * r + 1] / l[r]);
+    if (c == 0) lse[head * t + row[r]] = m[r] + logf(l[r]);
+  }
+}
+
+// dq: a block of 64 query rows (16 per warp), key tiles of 32. dS = P (dP - D) scale, dq = dS K.
+template <int D>
+REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, const bf16* v,
+                                                                const bf16* d_o, const float* lse,
+                                                                const float* row_dot, bf16* dq, int64_t t,
+                                                                bool causal, float scale) {
+  REMAT_MMA_SHARED(bf16, ks, kOtherTile * kLd<D>);
+  REMAT_MMA_SHARED(bf16, vs, kOtherTile * kLd<D>);
+  REMAT_MMA_SHARED(bf16, rows, kQueryTile * kLd<D>);  // stages q, then dO
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int64_t head = blockIdx.y, base = head * t * D, q0 = blockIdx.x * static_cast<int64_t>(kQueryTile);
+  uint32_t qa[D / 16][4], da[D / 16][4];
+  stage<D>(rows, q + base, q0, kQueryTile, t);
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], rows, 16 * warp, 16 * kk);
+  __syncthreads();
+  stage<D>(rows, d_o + base, q0, kQueryTile, t);
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(da[kk], rows, 16 * warp, 16 * kk);
+  const int64_t row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
+  float L[2], Di[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    L[r] = row[r] < t ? lse[head * t + row[r]] : 0.f;
+    Di[r] = row[r] < t ? row_dot[head * t + row[r]] : 0.f;
+  }
+  float acc[D / 8][4] = {};
+  const int64_t key_end = causal ? min(t, q0 + kQueryTile) : t;
+  for (int64_t kb = 0; kb < key_end; kb += kOtherTile) {
+    stage<D>(ks, k + base, kb, kOtherTile, t);
+    stage<D>(vs, v + base, kb, kOtherTile, t);
+    __syncthreads();
+    float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
+#pragma unroll
+    for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b0, b1;
+        load_b_transposed<D>(b0, b1, ks, 8 * j, 16 * kk);
+        mma(s[j], qa[kk], b0, b1);
+        load_b_transposed<D>(b0, b1, vs, 8 * j, 16 * kk);
+        mma(dp[j], da[kk], b0, b1);
+      }
+#pragma unroll
+    for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int64_t key = kb + 8 * j + 2 * c + (e & 1);
+        const float p = row[r] < t && visible(row[r], key, t, causal) ? __expf(s[j][e] * scale - L[r]) : 0.f;
+        s[j][e] = p * (dp[j][e] - Di[r]) * scale;
+      }
+#pragma unroll
+    for (int kk = 0; kk < kOtherTile / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a(a, s, kk);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        uint32_t b0, b1;
+        load_b<D>(b0, b1, ks, 16 * kk, 8 * n);
+        mma(acc[n], a, b0, b1);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= t) continue;
+    bf16* out = dq + base + row[r] * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(out + 8 * n + 2 * c) = pack(acc[n][2 * r], acc[n][2 * r + 1]);
+  }
+}
+
+// The dk/dv kernel's shared memory: its 64 keys and values, a tile of 32 queries and their dO,
+// and those queries' log-sum-exp and row dots.
+template <int D>
+constexpr size_t dkv_shared_bytes() {
+  return (2 * kKeyBlock + 2 * kOtherTile) * kLd<D> * sizeof(bf16) + 2 * kOtherTile * sizeof(float);
+}
+
+// dk and dv: a block of 64 keys (16 per warp), query tiles of 32, in the transposed products:
+// P^T = exp(K Q^T scale - lse), dV = P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q.
+template <int D>
+REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, const bf16* v,
+                                                                 const bf16* d_o, const float* lse,
+                                                                 const float* row_dot, bf16* dk, bf16* dv,
+                                                                 int64_t t, bool causal, float scale) {
+  REMAT_MMA_DYNAMIC_SHARED(smem);
+  bf16* ks = reinterpret_cast<bf16*>(smem);
+  bf16* vs = ks + kKeyBlock * kLd<D>;
+  bf16* qs = vs + kKeyBlock * kLd<D>;
+  bf16* dos = qs + kOtherTile * kLd<D>;
+  float* lse_s = reinterpret_cast<float*>(dos + kOtherTile * kLd<D>);
+  float* dot_s = lse_s + kOtherTile;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int64_t head = blockIdx.y, base = head * t * D, k0 = blockIdx.x * static_cast<int64_t>(kKeyBlock);
+  stage<D>(ks, k + base, k0, kKeyBlock, t);
+  stage<D>(vs, v + base, k0, kKeyBlock, t);
+  const int64_t key[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};
+  float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
+  // Queries before the block's first key see none of its keys under a causal mask.
+  const int64_t q_begin = causal ? (k0 / kOtherTile) * kOtherTile : 0;
+  for (int64_t qb = q_begin; qb < t; qb += kOtherTile) {
+    stage<D>(qs, q + base, qb, kOtherTile, t);
+    stage<D>(dos, d_o + base, qb, kOtherTile, t);
+    for (int i = threadIdx.x; i < kOtherTile; i += blockDim.x) {
+      lse_s[i] = qb + i < t ? lse[head * t + qb + i] : 0.f;
+      dot_s[i] = qb + i < t ? row_dot[head * t + qb + i] : 0.f;
+    }
+    __syncthreads();
+    float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4], va[4];
+      load_a<D>(ka, ks, 16 * warp, 16 * kk);
+      load_a<D>(va, vs, 16 * warp, 16 * kk);
+#pragma unroll
+      for (int j = 0; j < kOtherTile / 8; ++j) {
+        uint32_t b0, b1;
+        load_b_transposed<D>(b0, b1, qs, 8 * j, 16 * kk);
+        mma(s[j], ka, b0, b1);
+        load_b_transposed<D>(b0, b1, dos, 8 * j, 16 * kk);
+        mma(dp[j], va, b0, b1);
+      }
+    }
+    // s becomes P^T, dp becomes dS^T.
+#pragma unroll
+    for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = 8 * j + 2 * c + (e & 1);
+        const int64_t query = qb + qi;
+        const float p =
+            query < t && visible(query, key[e >> 1], t, causal) ? __expf(s[j][e] * scale - lse_s[qi]) : 0.f;
+        s[j][e] = p;
+        dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
+      }
+#pragma unroll
+    for (int kk = 0; kk < kOtherTile / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      c_to_a(pa, s, kk);
+      c_to_a(da, dp, kk);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        uint32_t b0, b1;
+        load_b<D>(b0, b1, dos, 16 * kk, 8 * n);
+        mma(dv_acc[n], pa, b0, b1);
+        load_b<D>(b0, b1, qs, 16 * kk, 8 * n);
+        mma(dk_acc[n], da, b0, b1);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= t) continue;
+    bf16* out_k = dk + base + key[r] * D;
+    bf16* out_v = dv + base + key[r] * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(out_k + 8 * n + 2 * c) = pack(dk_acc[n][2 * r], dk_acc[n][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(out_v + 8 * n + 2 * c) = pack(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
+    }
+  }
+}
+
+}  // namespace remat::cuda::mma_attention
