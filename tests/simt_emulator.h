@@ -3,14 +3,18 @@
 // m16n8k16 bf16 tensor-core product) meet at a barrier of their warp, where every lane reads what
 // the others put down. Blocks run one after another. Slow (thousands of context switches per
 // block), exact in what it checks: indexing, tiling, masking, fragment layouts and the arithmetic
-// they feed, for kernels written to compile under it (REMAT_SIMT_EMULATION, see
-// kernels/cuda/attention_mma_kernels.cuh). Not what it checks: memory-model races, timing, and the
-// tensor core's own rounding (products here are summed in f32, in k order).
+// they feed, for kernels written to compile under it (REMAT_SIMT_EMULATION: no launch syntax, and
+// dynamic shared memory through REMAT_DYNAMIC_SHARED; kernels/cuda/attention_*_kernels.cuh). A host
+// compiler reads `__device__` and `__global__` as nothing; `__shared__` becomes `static` here (one
+// array for the block, as blocks run one at a time). Not what it checks: memory-model races,
+// timing, and the tensor core's own rounding (products here are summed in f32, in k order).
 #pragma once
 
 #define REMAT_SIMT_EMULATION 1
 
+// The toolkit's headers first, so that the built-ins defined below do not rename their declarations.
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include <barrier>
 #include <cmath>
@@ -36,7 +40,7 @@ constexpr int kWarpSize = 32;
 struct Warp {
   explicit Warp(int lanes) : meet(lanes) {}
   std::barrier<> meet;
-  float shuffled[kWarpSize];
+  uint64_t shuffled[kWarpSize];
   uint32_t a[kWarpSize][4], b[kWarpSize][2];
 };
 
@@ -59,11 +63,15 @@ inline unsigned char* dynamic_shared() {
   return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t{15});
 }
 
-inline float shfl_xor(float v, int lane_mask) {
+// The value of lane source(lane) of the warp, for every lane at once.
+template <typename V, typename Source>
+V shuffle(V v, Source source) {
+  static_assert(sizeof(V) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
   Warp& w = my_warp();
-  w.shuffled[my_lane()] = v;
+  std::memcpy(&w.shuffled[my_lane()], &v, sizeof v);
   w.meet.arrive_and_wait();
-  float got = w.shuffled[my_lane() ^ lane_mask];
+  V got;
+  std::memcpy(&got, &w.shuffled[source(my_lane())], sizeof got);
   w.meet.arrive_and_wait();
   return got;
 }
@@ -132,6 +140,17 @@ inline void launch(Dim3 grid, int threads, size_t dynamic_bytes, const std::func
 #define blockIdx (::remat_simt::t_block)
 #define blockDim (::remat_simt::g_block_dim)
 #define gridDim (::remat_simt::g_grid_dim)
+#undef __shared__
+#define __shared__ static
 inline void __syncthreads() { ::remat_simt::g_block->sync.arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) { return ::remat_simt::shfl_xor(v, lane_mask); }
+template <typename V>
+V __shfl_xor_sync(unsigned /*mask*/, V v, int lane_mask) {
+  return ::remat_simt::shuffle(v, [lane_mask](int lane) { return lane ^ lane_mask; });
+}
+template <typename V>
+V __shfl_down_sync(unsigned /*mask*/, V v, unsigned delta) {  // lanes past the warp keep their own
+  return ::remat_simt::shuffle(v, [delta](int lane) {
+    return lane + static_cast<int>(delta) < ::remat_simt::kWarpSize ? lane + static_cast<int>(delta) : lane;
+  });
+}
 inline float __expf(float x) { return std::exp(x); }

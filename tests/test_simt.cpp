@@ -1,8 +1,9 @@
-// The tensor-core attention kernels (kernels/cuda/attention_mma_kernels.cuh) run on the CPU under
-// the SIMT emulator (tests/simt_emulator.h) against attention computed in double from the same
-// bf16 inputs: forward output and log-sum-exp, and the three gradients of the two backward
-// kernels, causal and not, each head dim built, with tails in every tile. What a GPU adds beyond
-// this is the tensor core's own rounding and the timing (the [cuda] case compares them there).
+// CUDA attention kernels run on the CPU under the SIMT emulator (tests/simt_emulator.h) against
+// attention computed in double from the same inputs: forward output and log-sum-exp, and the three
+// gradients of the backward kernels, causal and not, with tails in every tile. The tensor-core
+// kernels (attention_mma_kernels.cuh) in bf16, each head dim built; the flash kernels on CUDA cores
+// (attention_flash_kernels.cuh, the reference) in f32 and f64. What a GPU adds beyond this is the
+// hardware's own rounding and the timing (the [cuda] cases compare the paths there).
 #include "simt_emulator.h"  // first: the kernels compile against its built-ins
 
 #include <catch.hpp>
@@ -12,11 +13,14 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cuda/attention_flash_kernels.cuh"
 #include "kernels/cuda/attention_mma_kernels.cuh"
 
 namespace {
 
-using namespace remat::cuda::mma_attention;
+namespace mma = remat::cuda::mma_attention;
+namespace flash = remat::cuda::flash_attention;
+using mma::bf16;
 
 struct Case {
   int64_t heads, t;
@@ -47,79 +51,131 @@ double excess(const std::vector<Got>& got, const std::vector<double>& want, doub
   return worst;
 }
 
-template <int D>
-void check(const Case& c, std::mt19937& rng) {
-  const int64_t heads = c.heads, t = c.t, n = heads * t * D;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<bf16> q = random_bf16(n, rng), k = random_bf16(n, rng), v = random_bf16(n, rng),
-                    d_o = random_bf16(n, rng);
-  // The reference, in double from the bf16 values.
-  std::vector<double> o_ref(n), lse_ref(heads * t), dq_ref(n, 0.0), dk_ref(n, 0.0), dv_ref(n, 0.0);
+// Attention and its gradients in double, [heads, T, D] each (d_o the output's gradient).
+struct Reference {
+  std::vector<double> o, lse, dq, dk, dv;
+};
+
+template <typename Get>
+Reference reference(const Case& c, int64_t d, Get q, Get k, Get v, Get d_o) {
+  const int64_t heads = c.heads, t = c.t, n = heads * t * d;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  Reference r{std::vector<double>(n), std::vector<double>(heads * t), std::vector<double>(n, 0.0),
+              std::vector<double>(n, 0.0), std::vector<double>(n, 0.0)};
   for (int64_t h = 0; h < heads; ++h) {
-    const size_t base = static_cast<size_t>(h * t * D);
+    const int64_t base = h * t * d;
     for (int64_t i = 0; i < t; ++i) {
       const int64_t keys = c.causal ? i + 1 : t;
-      std::vector<double> p(keys), dp(keys);
+      std::vector<double> p(keys);
       double m = -INFINITY;
       for (int64_t j = 0; j < keys; ++j) {
         double s = 0;
-        for (int e = 0; e < D; ++e) s += at(q, base + i * D + e) * at(k, base + j * D + e);
+        for (int64_t e = 0; e < d; ++e) s += q(base + i * d + e) * k(base + j * d + e);
         p[j] = s * scale;
         m = std::max(m, p[j]);
       }
       double l = 0;
       for (double& x : p) l += (x = std::exp(x - m));
       for (double& x : p) x /= l;
-      lse_ref[h * t + i] = m + std::log(l);
+      r.lse[h * t + i] = m + std::log(l);
       double row_dot = 0;
-      for (int e = 0; e < D; ++e) {
+      for (int64_t e = 0; e < d; ++e) {
         double acc = 0;
-        for (int64_t j = 0; j < keys; ++j) acc += p[j] * at(v, base + j * D + e);
-        o_ref[base + i * D + e] = acc;
-        row_dot += acc * at(d_o, base + i * D + e);
+        for (int64_t j = 0; j < keys; ++j) acc += p[j] * v(base + j * d + e);
+        r.o[base + i * d + e] = acc;
+        row_dot += acc * d_o(base + i * d + e);
       }
       for (int64_t j = 0; j < keys; ++j) {
         double s = 0;
-        for (int e = 0; e < D; ++e) s += at(d_o, base + i * D + e) * at(v, base + j * D + e);
+        for (int64_t e = 0; e < d; ++e) s += d_o(base + i * d + e) * v(base + j * d + e);
         const double ds = p[j] * (s - row_dot) * scale;
-        for (int e = 0; e < D; ++e) {
-          dq_ref[base + i * D + e] += ds * at(k, base + j * D + e);
-          dk_ref[base + j * D + e] += ds * at(q, base + i * D + e);
-          dv_ref[base + j * D + e] += p[j] * at(d_o, base + i * D + e);
+        for (int64_t e = 0; e < d; ++e) {
+          r.dq[base + i * d + e] += ds * k(base + j * d + e);
+          r.dk[base + j * d + e] += ds * q(base + i * d + e);
+          r.dv[base + j * d + e] += p[j] * d_o(base + i * d + e);
         }
       }
     }
   }
+  return r;
+}
+
+remat_simt::Dim3 grid(int64_t t, int64_t heads, int rows_per_block) {
+  return {static_cast<unsigned>((t + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(heads), 1};
+}
+
+template <int D>
+void check_mma(const Case& c, std::mt19937& rng) {
+  const int64_t heads = c.heads, t = c.t, n = heads * t * D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<bf16> q = random_bf16(n, rng), k = random_bf16(n, rng), v = random_bf16(n, rng),
+                    d_o = random_bf16(n, rng);
+  auto get = [](const std::vector<bf16>& x) { return [&x](int64_t i) { return at(x, static_cast<size_t>(i)); }; };
+  const Reference ref = reference(c, D, get(q), get(k), get(v), get(d_o));
   // The kernels, as attention_mma.cu launches them.
   std::vector<bf16> o(n), dq(n), dk(n), dv(n);
   std::vector<float> lse(heads * t), row_dot(heads * t);
-  const remat_simt::Dim3 query_grid{static_cast<unsigned>((t + kQueryTile - 1) / kQueryTile),
-                                    static_cast<unsigned>(heads), 1};
-  const remat_simt::Dim3 key_grid{static_cast<unsigned>((t + kKeyBlock - 1) / kKeyBlock),
-                                  static_cast<unsigned>(heads), 1};
-  remat_simt::launch(query_grid, kBlockThreads, 0, [&] {
-    mma_forward_kernel<D>(q.data(), k.data(), v.data(), o.data(), lse.data(), t, c.causal, scale);
+  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, 0, [&] {
+    mma::mma_forward_kernel<D>(q.data(), k.data(), v.data(), o.data(), lse.data(), t, c.causal, scale);
   });
   for (int64_t r = 0; r < heads * t; ++r) {  // attention_row_dots: dO . O in f32, O as stored (bf16)
     float s = 0;
     for (int e = 0; e < D; ++e) s += __bfloat162float(d_o[r * D + e]) * __bfloat162float(o[r * D + e]);
     row_dot[r] = s;
   }
-  remat_simt::launch(query_grid, kBlockThreads, 0, [&] {
-    mma_dq_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dq.data(), t, c.causal,
-                     scale);
+  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, 0, [&] {
+    mma::mma_dq_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dq.data(), t,
+                          c.causal, scale);
   });
-  remat_simt::launch(key_grid, kBlockThreads, dkv_shared_bytes<D>(), [&] {
-    mma_dkv_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dk.data(), dv.data(), t,
-                      c.causal, scale);
+  remat_simt::launch(grid(t, heads, mma::kKeyBlock), mma::kBlockThreads, mma::dkv_shared_bytes<D>(), [&] {
+    mma::mma_dkv_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dk.data(),
+                           dv.data(), t, c.causal, scale);
   });
-  INFO("heads " << heads << ", T " << t << ", D " << D << (c.causal ? ", causal" : ""));
+  INFO("mma: heads " << heads << ", T " << t << ", D " << D << (c.causal ? ", causal" : ""));
   // bf16 outputs (8 bits of mantissa), probabilities and dS rounded to bf16 as product inputs.
-  CHECK(excess(o, o_ref, 0.01, 0.02) <= 0);
-  CHECK(excess(lse, lse_ref, 1e-4, 1e-4) <= 0);
-  CHECK(excess(dq, dq_ref, 0.01, 0.03) <= 0);
-  CHECK(excess(dk, dk_ref, 0.01, 0.03) <= 0);
-  CHECK(excess(dv, dv_ref, 0.01, 0.03) <= 0);
+  CHECK(excess(o, ref.o, 0.01, 0.02) <= 0);
+  CHECK(excess(lse, ref.lse, 1e-4, 1e-4) <= 0);
+  CHECK(excess(dq, ref.dq, 0.01, 0.03) <= 0);
+  CHECK(excess(dk, ref.dk, 0.01, 0.03) <= 0);
+  CHECK(excess(dv, ref.dv, 0.01, 0.03) <= 0);
+}
+
+// The flash kernels in T (float or double) with the register width DMAX >= d, as attention.cu
+// launches them.
+template <typename T, int DMAX>
+void check_flash(const Case& c, int d, std::mt19937& rng, double tol) {
+  const int64_t heads = c.heads, t = c.t, n = heads * t * d;
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<T> q(n), k(n), v(n), d_o(n);
+  for (auto* x : {&q, &k, &v, &d_o})
+    for (T& e : *x) e = static_cast<T>(normal(rng));
+  auto get = [](const std::vector<T>& x) { return [&x](int64_t i) { return static_cast<double>(x[i]); }; };
+  const Reference ref = reference(c, d, get(q), get(k), get(v), get(d_o));
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(d)));
+  constexpr int kTile = flash::kTile<T>;
+  std::vector<T> o(n), dq(n), dk(n), dv(n), lse(heads * t), row_dot(heads * t);
+  remat_simt::launch(grid(t, heads, flash::kRows), flash::kRows, 2 * kTile * d * sizeof(T), [&] {
+    flash::attention_forward_kernel<T, DMAX>(q.data(), k.data(), v.data(), o.data(), lse.data(), t, d, c.causal,
+                                             scale);
+  });
+  remat_simt::launch({2, 1, 1}, 64, 0, [&] {
+    flash::attention_row_dot_kernel<T>(d_o.data(), o.data(), row_dot.data(), heads * t, d);
+  });
+  remat_simt::launch(grid(t, heads, flash::kRows), flash::kRows, 2 * kTile * d * sizeof(T), [&] {
+    flash::attention_dq_kernel<T, DMAX>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(),
+                                        dq.data(), t, d, c.causal, scale);
+  });
+  remat_simt::launch(grid(t, heads, flash::kRows), flash::kRows, (2 * kTile * d + 2 * kTile) * sizeof(T), [&] {
+    flash::attention_dkv_kernel<T, DMAX>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(),
+                                         dk.data(), dv.data(), t, d, c.causal, scale);
+  });
+  INFO("flash in " << sizeof(T) * 8 << "-bit floats: heads " << heads << ", T " << t << ", D " << d
+                   << (c.causal ? ", causal" : ""));
+  CHECK(excess(o, ref.o, tol, tol) <= 0);
+  CHECK(excess(lse, ref.lse, tol, tol) <= 0);
+  CHECK(excess(dq, ref.dq, tol, tol) <= 0);
+  CHECK(excess(dk, ref.dk, tol, tol) <= 0);
+  CHECK(excess(dv, ref.dv, tol, tol) <= 0);
 }
 
 }  // namespace
@@ -127,8 +183,17 @@ void check(const Case& c, std::mt19937& rng) {
 TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute attention and its gradients",
           "[attention][simt]") {
   std::mt19937 rng(7);
-  check<64>({2, 100, true}, rng);   // a query tile's tail, key tiles of 64 and 32
-  check<64>({1, 1, true}, rng);     // one row
-  check<128>({1, 70, false}, rng);  // the widest head, not causal
-  check<32>({2, 130, true}, rng);   // three query tiles, five key blocks' worth of tails
+  check_mma<64>({2, 100, true}, rng);   // a query tile's tail, key tiles of 64 and 32
+  check_mma<64>({1, 1, true}, rng);     // one row
+  check_mma<128>({1, 70, false}, rng);  // the widest head, not causal
+  check_mma<32>({2, 130, true}, rng);   // three query tiles, five key blocks' worth of tails
+}
+
+TEST_CASE("the flash attention kernels, emulated on the cpu, compute attention and its gradients in f32 and f64",
+          "[attention][simt]") {
+  std::mt19937 rng(8);
+  check_flash<double, 32>({2, 70, true}, 8, rng, 1e-10);   // gpt tiny's head dim
+  check_flash<double, 64>({1, 100, false}, 33, rng, 1e-10);
+  check_flash<float, 128>({1, 70, true}, 128, rng, 2e-4);
+  check_flash<float, 32>({2, 33, false}, 5, rng, 2e-4);
 }

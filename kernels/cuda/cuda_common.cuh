@@ -96,4 +96,12 @@ template <typename A> __device__ A block_max(A v, A* scratch) {
 // A scratch array of 32 accumulators in shared memory, one per block reduction site.
 #define REMAT_REDUCE_SCRATCH(A, name) __shared__ A name[32]
 
+// A kernel's dynamic shared memory (the launch's third argument), 16-byte aligned; under the SIMT
+// emulator of the tests, its block's buffer.
+#ifdef REMAT_SIMT_EMULATION
+#define REMAT_DYNAMIC_SHARED(name) unsigned char* name = ::remat_simt::dynamic_shared()
+#else
+#define REMAT_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 }  // namespace remat::cuda
