@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -154,3 +155,8 @@ V __shfl_down_sync(unsigned /*mask*/, V v, unsigned delta) {  // lanes past the 
   });
 }
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned atomicCAS(unsigned* address, unsigned compare, unsigned value) {
+  std::atomic_ref<unsigned> at(*address);
+  at.compare_exchange_strong(compare, value);
+  return compare;  // the old value, as CUDA's
+}

@@ -1,9 +1,11 @@
-// CUDA attention kernels run on the CPU under the SIMT emulator (tests/simt_emulator.h) against
+// CUDA kernels run on the CPU under the SIMT emulator (tests/simt_emulator.h) against
 // attention computed in double from the same inputs: forward output and log-sum-exp, and the three
 // gradients of the backward kernels, causal and not, with tails in every tile. The tensor-core
 // kernels (attention_mma_kernels.cuh) in bf16, each head dim built; the flash kernels on CUDA cores
-// (attention_flash_kernels.cuh, the reference) in f32 and f64. What a GPU adds beyond this is the
-// hardware's own rounding and the timing (the [cuda] cases compare the paths there).
+// (attention_flash_kernels.cuh, the reference) in f32 and f64. The row kernels (layer_norm,
+// softmax, cross-entropy with ignored and bad targets: norm_softmax_kernels.cuh) against double.
+// What a GPU adds beyond this is the hardware's own rounding and the timing (the [cuda] cases
+// compare with the CPU there).
 #include "simt_emulator.h"  // first: the kernels compile against its built-ins
 
 #include <catch.hpp>
@@ -15,11 +17,13 @@
 
 #include "kernels/cuda/attention_flash_kernels.cuh"
 #include "kernels/cuda/attention_mma_kernels.cuh"
+#include "kernels/cuda/norm_softmax_kernels.cuh"
 
 namespace {
 
 namespace mma = remat::cuda::mma_attention;
 namespace flash = remat::cuda::flash_attention;
+namespace rows = remat::cuda::row_kernels;
 using mma::bf16;
 
 struct Case {
@@ -178,7 +182,162 @@ void check_flash(const Case& c, int d, std::mt19937& rng, double tol) {
   CHECK(excess(dv, ref.dv, tol, tol) <= 0);
 }
 
+template <typename T>
+std::vector<T> random_vector(size_t n, std::mt19937& rng) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<T> v(n);
+  for (T& x : v) x = static_cast<T>(normal(rng));
+  return v;
+}
+
+// layer_norm forward and backward over rows x c, the parameter gradients in chunks of row_chunk rows.
+template <typename T>
+void check_layer_norm(int64_t n, int64_t c, int64_t row_chunk, std::mt19937& rng, double tol) {
+  using A = remat::cuda::Acc<T>;
+  std::vector<T> x = random_vector<T>(n * c, rng), w = random_vector<T>(c, rng), b = random_vector<T>(c, rng),
+                 dy = random_vector<T>(n * c, rng);
+  const double eps = 1e-5;
+  std::vector<double> y_ref(n * c), dx_ref(n * c), dw_ref(c, 0.0), db_ref(c, 0.0), mean_ref(n), rstd_ref(n);
+  for (int64_t r = 0; r < n; ++r) {
+    double mu = 0, var = 0;
+    for (int64_t i = 0; i < c; ++i) mu += x[r * c + i];
+    mu /= c;
+    for (int64_t i = 0; i < c; ++i) var += (x[r * c + i] - mu) * (x[r * c + i] - mu);
+    const double rs = 1.0 / std::sqrt(var / c + eps);
+    mean_ref[r] = mu, rstd_ref[r] = rs;
+    double s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < c; ++i) {
+      const double xhat = (x[r * c + i] - mu) * rs, d = static_cast<double>(dy[r * c + i]) * w[i];
+      y_ref[r * c + i] = xhat * w[i] + b[i];
+      s1 += d, s2 += d * xhat;
+      dw_ref[i] += static_cast<double>(dy[r * c + i]) * xhat;
+      db_ref[i] += dy[r * c + i];
+    }
+    for (int64_t i = 0; i < c; ++i) {
+      const double xhat = (x[r * c + i] - mu) * rs, d = static_cast<double>(dy[r * c + i]) * w[i];
+      dx_ref[r * c + i] = rs * (d - s1 / c - xhat * s2 / c);
+    }
+  }
+  std::vector<T> y(n * c), mean(n), rstd(n), dx(n * c), dw(c), db(c);
+  const int64_t chunks = (n + row_chunk - 1) / row_chunk;
+  std::vector<A> pw(chunks * c), pb(chunks * c);
+  const int threads = remat::cuda::kThreads;
+  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0, [&] {
+    rows::layer_norm_kernel<T>(x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data(), c, static_cast<A>(eps));
+  });
+  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0, [&] {
+    rows::layer_norm_dx_kernel<T>(dy.data(), x.data(), w.data(), mean.data(), rstd.data(), dx.data(), c);
+  });
+  remat_simt::launch({static_cast<unsigned>((c + threads - 1) / threads), static_cast<unsigned>(chunks), 1}, threads, 0,
+                     [&] {
+                       rows::layer_norm_param_partial_kernel<T>(dy.data(), x.data(), mean.data(), rstd.data(), n, c,
+                                                                row_chunk, pw.data(), pb.data());
+                     });
+  remat_simt::launch({2, 1, 1}, threads, 0, [&] {
+    rows::sum_chunks_kernel<T>(pw.data(), pb.data(), chunks, c, dw.data(), db.data());
+  });
+  INFO("layer_norm in " << sizeof(T) * 8 << "-bit floats, " << n << " x " << c << ", chunks of " << row_chunk);
+  CHECK(excess(y, y_ref, tol, tol) <= 0);
+  CHECK(excess(mean, mean_ref, tol, tol) <= 0);
+  CHECK(excess(rstd, rstd_ref, tol, tol) <= 0);
+  CHECK(excess(dx, dx_ref, tol, tol) <= 0);
+  CHECK(excess(dw, dw_ref, tol, tol) <= 0);
+  CHECK(excess(db, db_ref, tol, tol) <= 0);
+}
+
+template <typename T>
+void check_softmax(int64_t n, int64_t c, std::mt19937& rng, double tol) {
+  std::vector<T> x = random_vector<T>(n * c, rng), dy = random_vector<T>(n * c, rng);
+  std::vector<double> y_ref(n * c), dx_ref(n * c);
+  for (int64_t r = 0; r < n; ++r) {
+    double m = -INFINITY, s = 0, dot = 0;
+    for (int64_t i = 0; i < c; ++i) m = std::max(m, static_cast<double>(x[r * c + i]));
+    for (int64_t i = 0; i < c; ++i) s += std::exp(x[r * c + i] - m);
+    for (int64_t i = 0; i < c; ++i) y_ref[r * c + i] = std::exp(x[r * c + i] - m) / s;
+    for (int64_t i = 0; i < c; ++i) dot += dy[r * c + i] * y_ref[r * c + i];
+    for (int64_t i = 0; i < c; ++i) dx_ref[r * c + i] = y_ref[r * c + i] * (dy[r * c + i] - dot);
+  }
+  std::vector<T> y(n * c), dx(n * c);
+  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0,
+                     [&] { rows::softmax_kernel<T>(x.data(), y.data(), c); });
+  // Backward from the kernel's own y, as the op runs it.
+  for (int64_t i = 0; i < n * c; ++i) y_ref[i] = static_cast<double>(y[i]);
+  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0,
+                     [&] { rows::softmax_backward_kernel<T>(dy.data(), y.data(), dx.data(), c); });
+  INFO("softmax in " << sizeof(T) * 8 << "-bit floats, " << n << " x " << c);
+  CHECK(excess(dx, dx_ref, tol, tol) <= 0);
+}
+
+// Cross-entropy over n rows of v logits with int64 targets: one row ignored (ignore_index -100),
+// one out of range (recorded in the fault record, then counted as ignored).
+template <typename T>
+void check_cross_entropy(int64_t n, int64_t v, std::mt19937& rng, double tol) {
+  using A = remat::cuda::Acc<T>;
+  std::vector<T> logits = random_vector<T>(n * v, rng);
+  std::vector<int64_t> targets(n);
+  for (int64_t r = 0; r < n; ++r) targets[r] = (r * 37 + 11) % v;
+  const int64_t ignore = -100, bad_row = n - 1;
+  targets[1] = ignore;
+  targets[bad_row] = v + 5;
+  std::vector<double> lse_ref(n), dl_ref(n * v, 0.0);
+  double loss_ref = 0;
+  int64_t used = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    double m = -INFINITY, s = 0;
+    for (int64_t j = 0; j < v; ++j) m = std::max(m, static_cast<double>(logits[r * v + j]));
+    for (int64_t j = 0; j < v; ++j) s += std::exp(logits[r * v + j] - m);
+    lse_ref[r] = m + std::log(s);
+    if (targets[r] >= 0 && targets[r] < v) loss_ref += lse_ref[r] - logits[r * v + targets[r]], ++used;
+  }
+  loss_ref /= static_cast<double>(used);
+  const double dloss = 0.75;
+  for (int64_t r = 0; r < n; ++r)
+    if (targets[r] >= 0 && targets[r] < v)
+      for (int64_t j = 0; j < v; ++j)
+        dl_ref[r * v + j] = (std::exp(logits[r * v + j] - lse_ref[r]) - (j == targets[r] ? 1.0 : 0.0)) * dloss / used;
+  std::vector<A> lse(n), row_loss(n);
+  std::vector<T> loss(1), dl(n * v), dloss_v{static_cast<T>(dloss)};
+  long long count = -1;
+  remat::IndexFault fault{};
+  const int threads = remat::cuda::kThreads;
+  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, threads, 0, [&] {
+    rows::cross_entropy_rows_kernel<T>(logits.data(), targets.data(), true, v, ignore, lse.data(), row_loss.data(),
+                                       &fault);
+  });
+  remat_simt::launch({1, 1, 1}, threads, 0, [&] {
+    rows::cross_entropy_mean_kernel<T>(row_loss.data(), targets.data(), true, n, v, ignore, loss.data());
+  });
+  remat_simt::launch({1, 1, 1}, threads, 0,
+                     [&] { rows::cross_entropy_count_kernel(targets.data(), true, n, v, ignore, &count); });
+  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, threads, 0, [&] {
+    rows::cross_entropy_backward_kernel<T>(dloss_v.data(), logits.data(), targets.data(), true, lse.data(), v, ignore,
+                                           &count, dl.data(), nullptr);
+  });
+  INFO("cross_entropy in " << sizeof(T) * 8 << "-bit floats, " << n << " x " << v);
+  CHECK(count == used);
+  CHECK(excess(lse, lse_ref, tol, tol) <= 0);
+  CHECK(excess(loss, std::vector<double>{loss_ref}, tol, tol) <= 0);
+  CHECK(excess(dl, dl_ref, tol, tol) <= 0);
+  // The bad target is recorded: the op, the value, its row, the bound.
+  CHECK(fault.claimed == 1u);
+  CHECK(fault.op == static_cast<int32_t>(remat::IndexFaultOp::cross_entropy));
+  CHECK(fault.value == v + 5);
+  CHECK(fault.position == bad_row);
+  CHECK(fault.bound == v);
+}
+
 }  // namespace
+
+TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax and cross-entropy against double",
+          "[simt][norm]") {
+  std::mt19937 rng(9);
+  check_layer_norm<double>(5, 300, 2, rng, 1e-10);  // rows past 2 x 128 threads, three chunks of partials
+  check_layer_norm<float>(3, 40, 256, rng, 1e-4);
+  check_softmax<double>(3, 1000, rng, 1e-10);
+  check_softmax<float>(2, 77, rng, 1e-5);
+  check_cross_entropy<double>(6, 300, rng, 1e-10);
+  check_cross_entropy<float>(4, 1000, rng, 1e-5);
+}
 
 TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute attention and its gradients",
           "[attention][simt]") {

@@ -20,7 +20,7 @@ struct IndexFault {
   int64_t value, position, bound, ignore_index;
 };
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(REMAT_SIMT_EMULATION)  // device code, or the tests' emulator of it
 __device__ inline void report_index_fault(IndexFault* record, IndexFaultOp op, int64_t value, int64_t position,
                                           int64_t bound, int64_t ignore_index = 0) {
   if (atomicCAS(&record->claimed, 0u, 1u) == 0u) {

@@ -1,0 +1,282 @@
+// The row kernels of norm_softmax.cu (that file's head says what they do): layer_norm and
+// group_norm forward/backward, softmax, fused cross-entropy. Kept apart so that tests/test_simt.cpp
+// can also run them on the CPU under the SIMT emulator (tests/simt_emulator.h).
+#pragma once
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "runtime/cuda/index_faults.h"
+
+namespace remat::cuda::row_kernels {
+
+#ifdef REMAT_SIMT_EMULATION
+using std::exp;
+using std::log;
+using std::max;
+using std::min;
+using std::sqrt;
+#endif
+
+constexpr int kRowThreads = 128;       // threads per row of layer_norm and softmax
+constexpr int64_t kRowChunk = 256;     // rows per partial sum of a parameter gradient (at least)
+constexpr int64_t kMaxGridY = 65535;   // the grid's y extent, where those partials are laid out
+
+// ---- shared by layer_norm and group_norm ----------------------------------------------------
+
+// Mean and 1 / sqrt(variance + eps) of the n values at x, by the whole block (two passes).
+template <typename T>
+__device__ void block_mean_rstd(const T* x, int64_t n, Acc<T> eps, Acc<T>* scratch, Acc<T>& mu, Acc<T>& rs) {
+  using A = Acc<T>;
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += load(x, i);
+  mu = block_sum(s, scratch) / static_cast<A>(n);
+  A v = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    A d = load(x, i) - mu;
+    v += d * d;
+  }
+  rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(n) + eps);
+}
+
+// dx of a normalisation over the n values at x: rstd * (d - mean(d) - xhat * mean(d * xhat)) with
+// d = dy * w[channel(i)], by the whole block.
+template <typename T, typename Channel>
+__device__ void block_norm_dx(const T* dy, const T* x, const T* w, Acc<T> mu, Acc<T> rs, T* dx, int64_t n,
+                              Channel channel, Acc<T>* scratch) {
+  using A = Acc<T>;
+  A s1 = 0, s2 = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    A xhat = (load(x, i) - mu) * rs, d = load(dy, i) * load(w, channel(i));
+    s1 += d;
+    s2 += d * xhat;
+  }
+  A mean_d = block_sum(s1, scratch) / static_cast<A>(n);
+  A mean_dx = block_sum(s2, scratch) / static_cast<A>(n);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    A xhat = (load(x, i) - mu) * rs, d = load(dy, i) * load(w, channel(i));
+    dx[i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
+  }
+}
+
+// ---- layer_norm -------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void layer_norm_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t c, Acc<T> eps) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* row = x + blockIdx.x * c;
+  A mu, rs;
+  block_mean_rstd(row, c, eps, scratch, mu, rs);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x)
+    y[blockIdx.x * c + i] = cast_to<T>((load(row, i) - mu) * rs * load(w, i) + load(b, i));
+  if (threadIdx.x == 0) {
+    mean[blockIdx.x] = cast_to<T>(mu);
+    rstd[blockIdx.x] = cast_to<T>(rs);
+  }
+}
+
+template <typename T>
+__global__ void layer_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c) {
+  REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
+  int64_t base = blockIdx.x * c;
+  block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, c,
+                [](int64_t i) { return i; }, scratch);
+}
+
+// partial_w/b[chunk, channel]: sums over the chunk's rows, in row order.
+template <typename T>
+__global__ void layer_norm_param_partial_kernel(const T* dy, const T* x, const T* mean, const T* rstd, int64_t rows,
+                                                int64_t c, int64_t row_chunk, Acc<T>* partial_w, Acc<T>* partial_b) {
+  using A = Acc<T>;
+  int64_t ch = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (ch >= c) return;
+  int64_t r0 = blockIdx.y * row_chunk, r1 = min(rows, r0 + row_chunk);
+  A sw = 0, sb = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    A g = load(dy, r * c + ch);
+    sw += g * (load(x, r * c + ch) - load(mean, r)) * load(rstd, r);
+    sb += g;
+  }
+  partial_w[blockIdx.y * c + ch] = sw;
+  partial_b[blockIdx.y * c + ch] = sb;
+}
+
+template <typename T>
+__global__ void sum_chunks_kernel(const Acc<T>* partial_w, const Acc<T>* partial_b, int64_t chunks, int64_t c, T* dw,
+                                  T* db) {
+  REMAT_GRID_STRIDE(ch, c) {
+    Acc<T> sw = 0, sb = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      sw += partial_w[k * c + ch];
+      sb += partial_b[k * c + ch];
+    }
+    dw[ch] = cast_to<T>(sw);
+    db[ch] = cast_to<T>(sb);
+  }
+}
+
+// ---- softmax ----------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void softmax_kernel(const T* x, T* y, int64_t c) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* row = x + blockIdx.x * c;
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) mx = max(mx, load(row, i));
+  mx = block_max(mx, scratch);
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) s += exp(load(row, i) - mx);
+  s = block_sum(s, scratch);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) y[blockIdx.x * c + i] = cast_to<T>(exp(load(row, i) - mx) / s);
+}
+
+template <typename T>
+__global__ void softmax_backward_kernel(const T* dy, const T* y, T* dx, int64_t c) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  int64_t base = blockIdx.x * c;
+  A dot = 0;
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) dot += load(dy, base + i) * load(y, base + i);
+  dot = block_sum(dot, scratch);
+  for (int64_t i = threadIdx.x; i < c; i += blockDim.x)
+    dx[base + i] = cast_to<T>(load(y, base + i) * (load(dy, base + i) - dot));
+}
+
+// ---- group_norm: groups of C/G channels are contiguous in [N, C, H, W] -------------------------
+
+template <typename T>
+__global__ void group_norm_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t m, int64_t hw,
+                                  int groups, int64_t cg, Acc<T> eps) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* g = x + blockIdx.x * m;
+  A mu, rs;
+  block_mean_rstd(g, m, eps, scratch, mu, rs);
+  int64_t c0 = (blockIdx.x % groups) * cg;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+    int64_t ch = c0 + i / hw;
+    y[blockIdx.x * m + i] = cast_to<T>((load(g, i) - mu) * rs * load(w, ch) + load(b, ch));
+  }
+  if (threadIdx.x == 0) {
+    mean[blockIdx.x] = cast_to<T>(mu);
+    rstd[blockIdx.x] = cast_to<T>(rs);
+  }
+}
+
+template <typename T>
+__global__ void group_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t m,
+                                     int64_t hw, int groups, int64_t cg) {
+  REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
+  int64_t base = blockIdx.x * m, c0 = (blockIdx.x % groups) * cg;
+  block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, m,
+                [c0, hw](int64_t i) { return c0 + i / hw; }, scratch);
+}
+
+// One block per channel: sums over images and positions.
+template <typename T>
+__global__ void group_norm_param_kernel(const T* dy, const T* x, const T* mean, const T* rstd, int64_t n, int64_t c,
+                                        int64_t hw, int groups, int64_t cg, T* dw, T* db) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  int64_t ch = blockIdx.x, g = ch / cg;
+  A sw = 0, sb = 0;
+  for (int64_t j = threadIdx.x; j < n * hw; j += blockDim.x) {
+    int64_t img = j / hw, at = (img * c + ch) * hw + j % hw;
+    A d = load(dy, at);
+    sw += d * (load(x, at) - load(mean, img * groups + g)) * load(rstd, img * groups + g);
+    sb += d;
+  }
+  sw = block_sum(sw, scratch);
+  sb = block_sum(sb, scratch);
+  if (threadIdx.x == 0) {
+    dw[ch] = cast_to<T>(sw);
+    db[ch] = cast_to<T>(sb);
+  }
+}
+
+// ---- cross_entropy ----------------------------------------------------------------------------
+
+__device__ __forceinline__ int64_t target_at(const void* targets, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(targets)[i] : static_cast<const int32_t*>(targets)[i];
+}
+
+// A target is used when it is in [0, v); ignore_index rows count for nothing, and a bad target is
+// reported (with a record) and then treated like ignore_index.
+__device__ __forceinline__ bool target_used(int64_t t, int64_t v, int64_t ignore_index, int64_t row, IndexFault* fault,
+                                            IndexFaultOp op) {
+  if (t >= 0 && t < v && t != ignore_index) return true;
+  if (t != ignore_index && fault != nullptr) report_index_fault(fault, op, t, row, v, ignore_index);
+  return false;
+}
+
+template <typename T>
+__global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, bool is64, int64_t v,
+                                          int64_t ignore_index, Acc<T>* lse, Acc<T>* row_loss, IndexFault* fault) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  const T* row = logits + blockIdx.x * v;
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = max(mx, load(row, j));
+  mx = block_max(mx, scratch);
+  A s = 0;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) s += exp(load(row, j) - mx);
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) {
+    A l = mx + log(s);
+    lse[blockIdx.x] = l;
+    int64_t t = target_at(targets, is64, blockIdx.x);
+    bool used = target_used(t, v, ignore_index, blockIdx.x, fault, IndexFaultOp::cross_entropy);
+    row_loss[blockIdx.x] = used ? l - load(row, t) : A(0);
+  }
+}
+
+// The rows whose targets count, on the GPU: the mean's divisor without a copy to the host.
+__device__ long long used_targets(const void* targets, bool is64, int64_t n, int64_t v, int64_t ignore_index,
+                                  long long* scratch) {
+  long long count = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    int64_t t = target_at(targets, is64, i);
+    count += t >= 0 && t < v && t != ignore_index;
+  }
+  return block_sum(count, scratch);
+}
+
+template <typename T>
+__global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, const void* targets, bool is64, int64_t n, int64_t v,
+                                          int64_t ignore_index, T* loss) {
+  using A = Acc<T>;
+  REMAT_REDUCE_SCRATCH(A, scratch);
+  REMAT_REDUCE_SCRATCH(long long, counts);
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += row_loss[i];
+  s = block_sum(s, scratch);
+  long long count = used_targets(targets, is64, n, v, ignore_index, counts);
+  // All rows ignored: the mean is 0/0; PyTorch returns NaN, so do we.
+  if (threadIdx.x == 0) loss[0] = cast_to<T>(count ? s / static_cast<A>(count) : std::numeric_limits<A>::quiet_NaN());
+}
+
+__global__ void cross_entropy_count_kernel(const void* targets, bool is64, int64_t n, int64_t v, int64_t ignore_index,
+                                           long long* count) {
+  REMAT_REDUCE_SCRATCH(long long, counts);
+  long long c = used_targets(targets, is64, n, v, ignore_index, counts);
+  if (threadIdx.x == 0) *count = c;
+}
+
+template <typename T>
+__global__ void cross_entropy_backward_kernel(const T* dloss, const T* logits, const void* targets, bool is64,
+                                              const Acc<T>* lse, int64_t v, int64_t ignore_index, const long long* count,
+                                              T* dl, IndexFault* fault) {
+  using A = Acc<T>;
+  int64_t t = target_at(targets, is64, blockIdx.x);
+  bool used = target_used(t, v, ignore_index, blockIdx.x, threadIdx.x == 0 ? fault : nullptr,
+                          IndexFaultOp::cross_entropy_backward);
+  T* row = dl + blockIdx.x * v;
+  A g = load(dloss, 0) / static_cast<A>(*count ? *count : 1);
+  A l = lse[blockIdx.x];
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    if (!used) row[j] = cast_to<T>(A(0));
+    else row[j] = cast_to<T>(exp(load(logits, blockIdx.x * v + j) - l) * g - (j == t ? g : A(0)));
+  }
+}
+
+}  // namespace remat::cuda::row_kernels
