@@ -124,9 +124,19 @@ Tensor ids(int64_t n, int64_t vocab, int64_t stride) {
   return Tensor::from_vector(v, {n});
 }
 
+// Puts the attention path back to the reference when a test that chose another ends.
+struct RestoreAttention {
+  ~RestoreAttention() { set_cuda_attention(CudaAttention::flash); }
+};
+
+// attention(q, k, v) as an op case, and random q, k, v of one shape.
+Fn attn(bool causal) {
+  return [causal](const std::vector<Tensor>& in) { return attention(in[0], in[1], in[2], causal); };
+}
+std::vector<Tensor> qkv(const Shape& s) { return {randn64(s), randn64(s), randn64(s)}; }
+
 // Shapes that cross the kernels' tiles, blocks and chunks (the catalogue's cases are tiny).
 std::vector<OpCase> large_cases() {
-  auto attn = [](bool causal) { return [causal](auto& in) { return attention(in[0], in[1], in[2], causal); }; };
   return {
       {"attention causal T 100 D 64", attn(true), {randn64({1, 2, 100, 64}), randn64({1, 2, 100, 64}), randn64({1, 2, 100, 64})}},
       {"attention T 70 D 128", attn(false), {randn64({2, 1, 70, 128}), randn64({2, 1, 70, 128}), randn64({2, 1, 70, 128})}},
@@ -177,11 +187,7 @@ GptConfig gpu_gpt() {
 TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
           "every policy bitwise", "[cuda][op][attention][bf16]") {
   manual_seed(23);
-  struct Restore {
-    ~Restore() { set_cuda_attention(CudaAttention::flash); }
-  } restore;
-  auto attn = [](bool causal) { return [causal](auto& in) { return attention(in[0], in[1], in[2], causal); }; };
-  auto qkv = [](Shape s) { return std::vector<Tensor>{randn64(s), randn64(s), randn64(s)}; };
+  RestoreAttention restore;
   // Tails of every tile (64 queries, 64 and 32 keys), causal and not, each head dim built.
   const std::vector<OpCase> cases = {
       {"causal T 100 D 64", attn(true), qkv({2, 3, 100, 64})},
@@ -442,11 +448,7 @@ TEST_CASE("the budget planner times GPU ops with events on the compute stream", 
 TEST_CASE("attention through cuBLAS GEMMs matches the cpu and the flash kernel, and repeats its bits",
           "[cuda][op][attention]") {
   manual_seed(22);
-  struct Restore {
-    ~Restore() { set_cuda_attention(CudaAttention::flash); }
-  } restore;
-  auto attn = [](bool causal) { return [causal](auto& in) { return attention(in[0], in[1], in[2], causal); }; };
-  auto qkv = [](Shape s) { return std::vector<Tensor>{randn64(s), randn64(s), randn64(s)}; };
+  RestoreAttention restore;
   const std::vector<OpCase> cases = {
       {"causal T 70 D 64", attn(true), qkv({2, 3, 70, 64})},
       {"T 70 D 64", attn(false), qkv({2, 3, 70, 64})},
