@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -56,8 +57,10 @@ struct Block {
 
 inline Block* g_block = nullptr;
 
-inline Warp& my_warp() { return *g_block->warps[t_thread.x / kWarpSize]; }
-inline int my_lane() { return static_cast<int>(t_thread.x % kWarpSize); }
+// Threads are numbered x fastest, then y, and go to warps of 32 in that order, as on a GPU.
+inline unsigned linear_thread() { return t_thread.y * g_block_dim.x + t_thread.x; }
+inline Warp& my_warp() { return *g_block->warps[linear_thread() / kWarpSize]; }
+inline int my_lane() { return static_cast<int>(linear_thread() % kWarpSize); }
 
 inline unsigned char* dynamic_shared() {
   auto p = reinterpret_cast<uintptr_t>(g_block->dynamic.data());
@@ -114,24 +117,28 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
   }
 }
 
-// Runs kernel() as a grid of blocks of `threads` threads, one block at a time.
-inline void launch(Dim3 grid, int threads, size_t dynamic_bytes, const std::function<void()>& kernel) {
-  g_grid_dim = grid;
-  g_block_dim = {static_cast<unsigned>(threads), 1, 1};
-  for (unsigned by = 0; by < grid.y; ++by)
+// Runs kernel() as a grid of blocks of block.x x block.y threads, one block at a time.
+inline void launch(Dim3 grid, Dim3 block_dim, size_t dynamic_bytes, const std::function<void()>& kernel) {
+  const int threads = static_cast<int>(block_dim.x * std::max(block_dim.y, 1u));
+  g_grid_dim = {grid.x, std::max(grid.y, 1u), 1};
+  g_block_dim = {block_dim.x, std::max(block_dim.y, 1u), 1};
+  for (unsigned by = 0; by < g_grid_dim.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block block(threads, dynamic_bytes);
       g_block = &block;
       std::vector<std::thread> lanes;
       for (int t = 0; t < threads; ++t)
         lanes.emplace_back([&, t] {
-          t_thread = {static_cast<unsigned>(t), 0, 0};
+          t_thread = {static_cast<unsigned>(t) % g_block_dim.x, static_cast<unsigned>(t) / g_block_dim.x, 0};
           t_block = {bx, by, 0};
           kernel();
         });
       for (std::thread& l : lanes) l.join();
       g_block = nullptr;
     }
+}
+inline void launch(Dim3 grid, int threads, size_t dynamic_bytes, const std::function<void()>& kernel) {
+  launch(grid, Dim3{static_cast<unsigned>(threads), 1, 1}, dynamic_bytes, kernel);
 }
 
 }  // namespace remat_simt

@@ -3,7 +3,8 @@
 // gradients of the backward kernels, causal and not, with tails in every tile. The tensor-core
 // kernels (attention_mma_kernels.cuh) in bf16, each head dim built; the flash kernels on CUDA cores
 // (attention_flash_kernels.cuh, the reference) in f32 and f64. The row kernels (layer_norm,
-// softmax, cross-entropy with ignored and bad targets: norm_softmax_kernels.cuh) against double.
+// softmax, cross-entropy with ignored and bad targets: norm_softmax_kernels.cuh) and the column
+// reduction of bias gradients (reduce_kernels.cuh) against double.
 // What a GPU adds beyond this is the hardware's own rounding and the timing (the [cuda] cases
 // compare with the CPU there).
 #include "simt_emulator.h"  // first: the kernels compile against its built-ins
@@ -18,12 +19,14 @@
 #include "kernels/cuda/attention_flash_kernels.cuh"
 #include "kernels/cuda/attention_mma_kernels.cuh"
 #include "kernels/cuda/norm_softmax_kernels.cuh"
+#include "kernels/cuda/reduce_kernels.cuh"
 
 namespace {
 
 namespace mma = remat::cuda::mma_attention;
 namespace flash = remat::cuda::flash_attention;
 namespace rows = remat::cuda::row_kernels;
+namespace reduce = remat::cuda::reduce_kernels;
 using mma::bf16;
 
 struct Case {
@@ -326,7 +329,49 @@ void check_cross_entropy(int64_t n, int64_t v, std::mt19937& rng, double tol) {
   CHECK(fault.bound == v);
 }
 
+// Sums and maxima of the rows of a [rows, cols] matrix by column tiles and row slices, as
+// reduce.cu runs them (the slices' partials folded by a second kernel when there are several).
+template <typename T, typename Op>
+std::vector<T> reduce_columns(const std::vector<T>& x, int64_t rows, int64_t cols, Op op, remat::cuda::Acc<T> identity) {
+  using A = remat::cuda::Acc<T>;
+  const int64_t slices = reduce::column_slices(rows), rows_per_slice = (rows + slices - 1) / slices;
+  const int64_t tiles = (cols + reduce::kColumnTile - 1) / reduce::kColumnTile;
+  std::vector<A> partial(slices * cols);
+  std::vector<T> y(cols);
+  remat_simt::launch({static_cast<unsigned>(tiles), static_cast<unsigned>(slices), 1},
+                     {reduce::kColumnTile, reduce::kRowLanes, 1}, 0, [&] {
+                       reduce::reduce_columns_kernel<T>(x.data(), rows, cols, rows_per_slice, op, identity,
+                                                        slices > 1 ? partial.data() : nullptr, y.data());
+                     });
+  if (slices > 1)
+    remat_simt::launch({1, 1, 1}, remat::cuda::kThreads, 0,
+                       [&] { reduce::fold_slices_kernel<T>(partial.data(), slices, cols, op, y.data()); });
+  return y;
+}
+
+template <typename T>
+void check_column_reductions(int64_t rows, int64_t cols, std::mt19937& rng, double tol) {
+  std::vector<T> x = random_vector<T>(rows * cols, rng);
+  std::vector<double> sum_ref(cols, 0.0), max_ref(cols, -INFINITY);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      sum_ref[c] += x[r * cols + c];
+      max_ref[c] = std::max(max_ref[c], static_cast<double>(x[r * cols + c]));
+    }
+  INFO("column reductions in " << sizeof(T) * 8 << "-bit floats, " << rows << " x " << cols << ", "
+                               << reduce::column_slices(rows) << " slices");
+  CHECK(excess(reduce_columns(x, rows, cols, remat::cuda::SumOp{}, remat::cuda::Acc<T>(0)), sum_ref, tol, tol) <= 0);
+  CHECK(excess(reduce_columns(x, rows, cols, remat::cuda::MaxOp{}, -std::numeric_limits<remat::cuda::Acc<T>>::infinity()),
+               max_ref, 0.0, 0.0) <= 0);
+}
+
 }  // namespace
+
+TEST_CASE("column reductions (bias gradients), emulated on the cpu: sums and maxima against double", "[simt][reduce]") {
+  std::mt19937 rng(10);
+  check_column_reductions<double>(1100, 70, rng, 1e-12);  // three slices, a partial column tile
+  check_column_reductions<float>(100, 33, rng, 1e-5);     // one slice: written directly
+}
 
 TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax and cross-entropy against double",
           "[simt][norm]") {
