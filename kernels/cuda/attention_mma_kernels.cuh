@@ -116,6 +116,16 @@ REMAT_MMA_DEVICE void stage(bf16* s, const bf16* head, int64_t row0, int rows, i
   }
 }
 
+// Row r (0: the lane's row g, 1: g + 8) of a warp's D / 8 C tiles, divided by `divisor`, as bf16
+// at `out` (the row's first element).
+template <int D>
+REMAT_MMA_DEVICE void store_row(bf16* out, const float (*acc)[4], int r, float divisor = 1.f) {
+  const int c = threadIdx.x & 3;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+    *reinterpret_cast<uint32_t*>(out + 8 * n + 2 * c) = pack(acc[n][2 * r] / divisor, acc[n][2 * r + 1] / divisor);
+}
+
 // Max and sum over the four lanes that hold one row of a C tile.
 REMAT_MMA_DEVICE float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -217,10 +227,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= t) continue;
-    bf16* out = o + base + row[r] * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(out + 8 * n + 2 * c) = pack(acc[n][2 * r] / l[r], acc[n][2 * r + 1] / l[r]);
+    store_row<D>(o + base + row[r] * D, acc, r, l[r]);
     if (c == 0) lse[head * t + row[r]] = m[r] + logf(l[r]);
   }
 }
@@ -294,11 +301,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (row[r] >= t) continue;
-    bf16* out = dq + base + row[r] * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(out + 8 * n + 2 * c) = pack(acc[n][2 * r], acc[n][2 * r + 1]);
+    if (row[r] < t) store_row<D>(dq + base + row[r] * D, acc, r);
   }
 }
 
@@ -385,13 +388,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= t) continue;
-    bf16* out_k = dk + base + key[r] * D;
-    bf16* out_v = dv + base + key[r] * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(out_k + 8 * n + 2 * c) = pack(dk_acc[n][2 * r], dk_acc[n][2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(out_v + 8 * n + 2 * c) = pack(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
-    }
+    store_row<D>(dk + base + key[r] * D, dk_acc, r);
+    store_row<D>(dv + base + key[r] * D, dv_acc, r);
   }
 }
 
