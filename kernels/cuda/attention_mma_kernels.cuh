@@ -103,6 +103,37 @@ REMAT_MMA_DEVICE void c_to_a(uint32_t (&a)[4], const float (*c)[4], int kk) {
   a[3] = pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// s[j] += A M^T for the N / 8 tiles j: the warp's A fragments over D columns (registers) against
+// rows [0, N) of a row-major shared tile M (S = Q K^T, dP = dO V^T).
+template <int D, int N>
+REMAT_MMA_DEVICE void mma_by_transposed(float (*s)[4], const uint32_t (*a)[4], const bf16* m) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t b0, b1;
+      load_b_transposed<D>(b0, b1, m, 8 * j, 16 * kk);
+      mma(s[j], a[kk], b0, b1);
+    }
+}
+
+// acc[n] += C M for the D / 8 tiles n: a row of C tiles K columns wide (rounded to bf16 as the A
+// operand) against rows [0, K) of a row-major shared tile M (O = P V, dQ = dS K, dV = P^T dO, ...).
+template <int D, int K>
+REMAT_MMA_DEVICE void mma_tiles_by(float (*acc)[4], const float (*c)[4], const bf16* m) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a(a, c, kk);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      uint32_t b0, b1;
+      load_b<D>(b0, b1, m, 16 * kk, 8 * n);
+      mma(acc[n], a, b0, b1);
+    }
+  }
+}
+
 // Rows [row0, row0 + rows) of a head's contiguous [T, D] matrix into a shared tile, 16 bytes at a
 // time; rows at or past t are zeros.
 template <int D>
@@ -166,14 +197,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
     stage<D>(vs, v + base, kb, kKeyTile, t);
     __syncthreads();
     float s[kKeyTile / 8][4] = {};
-#pragma unroll
-    for (int j = 0; j < kKeyTile / 8; ++j)
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b0, b1;
-        load_b_transposed<D>(b0, b1, ks, 8 * j, 16 * kk);
-        mma(s[j], qa[kk], b0, b1);
-      }
+    mma_by_transposed<D, kKeyTile>(s, qa, ks);
     // Scaled and masked scores; the rows' new maxima (key 0 is in the first tile and visible to
     // every row, so a maximum is finite from the first tile on).
     float mx[2] = {m[0], m[1]};
@@ -207,18 +231,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
         s[j][e] = __expf(s[j][e] - m[e >> 1]);
         l[e >> 1] += s[j][e];
       }
-    // O += P V, P rounded to bf16 as the A operand.
-#pragma unroll
-    for (int kk = 0; kk < kKeyTile / 16; ++kk) {
-      uint32_t pa[4];
-      c_to_a(pa, s, kk);
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t b0, b1;
-        load_b<D>(b0, b1, vs, 16 * kk, 8 * n);
-        mma(acc[n], pa, b0, b1);
-      }
-    }
+    mma_tiles_by<D, kKeyTile>(acc, s, vs);  // O += P V, P rounded to bf16
     __syncthreads();
   }
   // Every lane shuffles before any branches off (rows past t).
@@ -267,16 +280,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
     stage<D>(vs, v + base, kb, kOtherTile, t);
     __syncthreads();
     float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
-#pragma unroll
-    for (int j = 0; j < kOtherTile / 8; ++j)
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b0, b1;
-        load_b_transposed<D>(b0, b1, ks, 8 * j, 16 * kk);
-        mma(s[j], qa[kk], b0, b1);
-        load_b_transposed<D>(b0, b1, vs, 8 * j, 16 * kk);
-        mma(dp[j], da[kk], b0, b1);
-      }
+    mma_by_transposed<D, kOtherTile>(s, qa, ks);
+    mma_by_transposed<D, kOtherTile>(dp, da, vs);
 #pragma unroll
     for (int j = 0; j < kOtherTile / 8; ++j)
 #pragma unroll
@@ -286,17 +291,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
         const float p = row[r] < t && visible(row[r], key, t, causal) ? __expf(s[j][e] * scale - L[r]) : 0.f;
         s[j][e] = p * (dp[j][e] - Di[r]) * scale;
       }
-#pragma unroll
-    for (int kk = 0; kk < kOtherTile / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a(a, s, kk);
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t b0, b1;
-        load_b<D>(b0, b1, ks, 16 * kk, 8 * n);
-        mma(acc[n], a, b0, b1);
-      }
-    }
+    mma_tiles_by<D, kOtherTile>(acc, s, ks);  // dQ += dS K
     __syncthreads();
   }
 #pragma unroll
@@ -369,20 +364,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
         s[j][e] = p;
         dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
       }
-#pragma unroll
-    for (int kk = 0; kk < kOtherTile / 16; ++kk) {
-      uint32_t pa[4], da[4];
-      c_to_a(pa, s, kk);
-      c_to_a(da, dp, kk);
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t b0, b1;
-        load_b<D>(b0, b1, dos, 16 * kk, 8 * n);
-        mma(dv_acc[n], pa, b0, b1);
-        load_b<D>(b0, b1, qs, 16 * kk, 8 * n);
-        mma(dk_acc[n], da, b0, b1);
-      }
-    }
+    mma_tiles_by<D, kOtherTile>(dv_acc, s, dos);  // dV += P^T dO
+    mma_tiles_by<D, kOtherTile>(dk_acc, dp, qs);   // dK += dS^T Q
     __syncthreads();
   }
 #pragma unroll
