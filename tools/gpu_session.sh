@@ -195,11 +195,10 @@ for dtype in bf16 f32; do
     echo "SKIPPED (out of time): the PyTorch peer in $dtype"
   fi
 done
-# The other attention paths against the one above, in bf16: the tables go to session.txt only
-# ($OUT holds at most 8 files).
-for other in flash gemm mma; do
+# The other attention paths against the one above, in bf16 (not mma when its case failed: its
+# numbers would mean nothing); the tables go to session.txt only ($OUT holds at most 8 files).
+for other in flash gemm; do
   [ "$other" = "$attention" ] && continue
-  [ "$other" = mma ] && continue  # here only when its case failed: its numbers would mean nothing
   if [ -z "$dry" ] && fits 75; then
     step "remat-bench $config none,full in bf16 on $device, attention path $other"
     REMAT_CUDA_ATTENTION=$other timeout 150 "$bin/bench/remat-bench" --config "$config" --policies none,full \
