@@ -3,8 +3,10 @@
 // gradients of the backward kernels, causal and not, with tails in every tile. The tensor-core
 // kernels (attention_mma_kernels.cuh) in bf16, each head dim built; the flash kernels on CUDA cores
 // (attention_flash_kernels.cuh, the reference) in f32 and f64. The row kernels (layer_norm,
-// softmax, cross-entropy with ignored and bad targets: norm_softmax_kernels.cuh) and the column
-// reduction of bias gradients (reduce_kernels.cuh) against double.
+// softmax, cross-entropy with ignored and bad targets: norm_softmax_kernels.cuh) against double,
+// group_norm against the cpu backend, and the row kernels of attention through GEMMs
+// (attention_gemm_kernels.cuh) with the GEMMs on the host.
+// The other kernels of a gpt step: tests/test_simt_ops.cpp.
 // What a GPU adds beyond this is the hardware's own rounding and the timing (the [cuda] cases
 // compare with the CPU there).
 #include "simt_emulator.h"  // first: the kernels compile against its built-ins
@@ -16,17 +18,18 @@
 #include <random>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/cuda/attention_flash_kernels.cuh"
+#include "kernels/cuda/attention_gemm_kernels.cuh"
 #include "kernels/cuda/attention_mma_kernels.cuh"
 #include "kernels/cuda/norm_softmax_kernels.cuh"
-#include "kernels/cuda/reduce_kernels.cuh"
 
 namespace {
 
 namespace mma = remat::cuda::mma_attention;
 namespace flash = remat::cuda::flash_attention;
 namespace rows = remat::cuda::row_kernels;
-namespace reduce = remat::cuda::reduce_kernels;
+namespace gemm_rows = remat::cuda::attention_gemm_kernels;
 using mma::bf16;
 
 struct Case {
@@ -193,6 +196,65 @@ std::vector<T> random_vector(size_t n, std::mt19937& rng) {
   return v;
 }
 
+// Attention through GEMMs as attention_gemm.cu runs it, the GEMMs done on the host in the
+// accumulation type (f32 here) and the row kernels emulated: the masked softmax with its
+// log-sum-exp, then in backward the probabilities rebuilt and dS.
+void check_attention_gemm(const Case& c, int64_t d, std::mt19937& rng) {
+  const int64_t heads = c.heads, t = c.t, n = heads * t * d, tt = t * t;
+  const std::vector<float> q = random_vector<float>(n, rng), k = random_vector<float>(n, rng),
+                           v = random_vector<float>(n, rng), d_o = random_vector<float>(n, rng);
+  auto get = [](const std::vector<float>& x) { return [&x](int64_t i) { return static_cast<double>(x[i]); }; };
+  const Reference ref = reference(c, d, get(q), get(k), get(v), get(d_o));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // c[h] (t x t) = alpha a[h] b[h]^T, a and b [t, d] per head.
+  auto times_transposed = [&](const std::vector<float>& a, const std::vector<float>& b, float alpha) {
+    std::vector<float> out(heads * tt);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < t; ++j) {
+          float s = 0;
+          for (int64_t e = 0; e < d; ++e) s += a[(h * t + i) * d + e] * b[(h * t + j) * d + e];
+          out[h * tt + i * t + j] = alpha * s;
+        }
+    return out;
+  };
+  // out[h] (t x d) = p[h] b[h], or p[h]^T b[h] when transposed.
+  auto times = [&](const std::vector<float>& p, bool transposed, const std::vector<float>& b) {
+    std::vector<float> out(n, 0.f);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < t; ++j) {
+          const float pij = transposed ? p[h * tt + j * t + i] : p[h * tt + i * t + j];
+          for (int64_t e = 0; e < d; ++e) out[(h * t + i) * d + e] += pij * b[(h * t + j) * d + e];
+        }
+    return out;
+  };
+  const unsigned rows_total = static_cast<unsigned>(heads * t);
+  const int threads = 64;  // (attention_gemm.cu launches 256: fewer here, so that rows of 70 pass a block)
+  std::vector<float> s = times_transposed(q, k, scale), p(heads * tt), lse(heads * t);
+  remat_simt::launch({rows_total, 1, 1}, threads, 0, [&] {
+    gemm_rows::masked_softmax_kernel<float>(s.data(), p.data(), lse.data(), t, c.causal);
+  });
+  const std::vector<float> o = times(p, false, v);
+  std::vector<float> row_dot(heads * t, 0.f);
+  for (int64_t r = 0; r < heads * t; ++r)
+    for (int64_t e = 0; e < d; ++e) row_dot[r] += d_o[r * d + e] * o[r * d + e];
+  const std::vector<float> dp = times_transposed(d_o, v, 1.0f);
+  std::vector<float> p2(heads * tt), ds(heads * tt);
+  remat_simt::launch({rows_total, 1, 1}, threads, 0, [&] {
+    gemm_rows::softmax_grad_kernel<float>(s.data(), dp.data(), lse.data(), row_dot.data(), p2.data(), ds.data(), t,
+                                          c.causal, scale);
+  });
+  INFO("attention through gemms: heads " << heads << ", T " << t << ", D " << d << (c.causal ? ", causal" : ""));
+  CHECK(p2 == p);  // backward rebuilds forward's probabilities bit for bit
+  const double tol = 2e-4;
+  CHECK(excess(o, ref.o, tol, tol) <= 0);
+  CHECK(excess(lse, ref.lse, tol, tol) <= 0);
+  CHECK(excess(times(ds, false, k), ref.dq, tol, tol) <= 0);
+  CHECK(excess(times(ds, true, q), ref.dk, tol, tol) <= 0);
+  CHECK(excess(times(p2, true, d_o), ref.dv, tol, tol) <= 0);
+}
+
 // layer_norm forward and backward over rows x c, the parameter gradients in chunks of row_chunk rows.
 template <typename T>
 void check_layer_norm(int64_t n, int64_t c, int64_t row_chunk, std::mt19937& rng, double tol) {
@@ -246,6 +308,45 @@ void check_layer_norm(int64_t n, int64_t c, int64_t row_chunk, std::mt19937& rng
   CHECK(excess(dx, dx_ref, tol, tol) <= 0);
   CHECK(excess(dw, dw_ref, tol, tol) <= 0);
   CHECK(excess(db, db_ref, tol, tol) <= 0);
+}
+
+// group_norm over [n, c, hw] in groups of c / groups channels, as norm_softmax.cu launches it,
+// against the cpu backend's group_norm and its backward.
+void check_group_norm(int64_t n, int64_t c, int64_t hw, int groups, std::mt19937& rng) {
+  remat::Backend& cpu = remat::backend_for(remat::Device::cpu());
+  std::normal_distribution<double> normal(0.0, 1.0);
+  auto random = [&](const remat::Shape& shape) {
+    std::vector<double> v(static_cast<size_t>(remat::numel_of(shape)));
+    for (double& e : v) e = normal(rng);
+    return remat::Tensor::from_vector(v, shape);
+  };
+  const remat::Tensor x = random({n, c, hw}), w = random({c}), b = random({c}), dy = random({n, c, hw});
+  const double eps = 1e-5;
+  const int64_t cg = c / groups, m = cg * hw;
+  std::vector<double> y(n * c * hw), mean(n * groups), rstd(n * groups), dx(n * c * hw), dw(c), db(c);
+  const int threads = remat::cuda::kThreads;
+  remat_simt::launch({static_cast<unsigned>(n * groups), 1, 1}, threads, 0, [&] {
+    rows::group_norm_kernel<double>(x.data<double>(), w.data<double>(), b.data<double>(), y.data(), mean.data(),
+                                    rstd.data(), m, hw, groups, cg, eps);
+  });
+  remat_simt::launch({static_cast<unsigned>(n * groups), 1, 1}, threads, 0, [&] {
+    rows::group_norm_dx_kernel<double>(dy.data<double>(), x.data<double>(), w.data<double>(), mean.data(), rstd.data(),
+                                       dx.data(), m, hw, groups, cg);
+  });
+  remat_simt::launch({static_cast<unsigned>(c), 1, 1}, threads, 0, [&] {
+    rows::group_norm_param_kernel<double>(dy.data<double>(), x.data<double>(), mean.data(), rstd.data(), n, c, hw,
+                                          groups, cg, dw.data(), db.data());
+  });
+  const std::vector<remat::Tensor> fwd = cpu.group_norm(x, w, b, groups, eps);
+  const std::vector<remat::Tensor> bwd = cpu.group_norm_backward(dy, x, w, fwd[1], fwd[2], groups);
+  INFO("group_norm, " << n << " x " << c << " x " << hw << " in " << groups << " groups");
+  const double tol = 1e-12;
+  CHECK(excess(y, fwd[0].to_vector<double>(), tol, tol) <= 0);
+  CHECK(excess(mean, fwd[1].to_vector<double>(), tol, tol) <= 0);
+  CHECK(excess(rstd, fwd[2].to_vector<double>(), tol, tol) <= 0);
+  CHECK(excess(dx, bwd[0].to_vector<double>(), tol, tol) <= 0);
+  CHECK(excess(dw, bwd[1].to_vector<double>(), tol, tol) <= 0);
+  CHECK(excess(db, bwd[2].to_vector<double>(), tol, tol) <= 0);
 }
 
 template <typename T>
@@ -329,51 +430,9 @@ void check_cross_entropy(int64_t n, int64_t v, std::mt19937& rng, double tol) {
   CHECK(fault.bound == v);
 }
 
-// Sums and maxima of the rows of a [rows, cols] matrix by column tiles and row slices, as
-// reduce.cu runs them (the slices' partials folded by a second kernel when there are several).
-template <typename T, typename Op>
-std::vector<T> reduce_columns(const std::vector<T>& x, int64_t rows, int64_t cols, Op op, remat::cuda::Acc<T> identity) {
-  using A = remat::cuda::Acc<T>;
-  const int64_t slices = reduce::column_slices(rows), rows_per_slice = (rows + slices - 1) / slices;
-  const int64_t tiles = (cols + reduce::kColumnTile - 1) / reduce::kColumnTile;
-  std::vector<A> partial(slices * cols);
-  std::vector<T> y(cols);
-  remat_simt::launch({static_cast<unsigned>(tiles), static_cast<unsigned>(slices), 1},
-                     {reduce::kColumnTile, reduce::kRowLanes, 1}, 0, [&] {
-                       reduce::reduce_columns_kernel<T>(x.data(), rows, cols, rows_per_slice, op, identity,
-                                                        slices > 1 ? partial.data() : nullptr, y.data());
-                     });
-  if (slices > 1)
-    remat_simt::launch({1, 1, 1}, remat::cuda::kThreads, 0,
-                       [&] { reduce::fold_slices_kernel<T>(partial.data(), slices, cols, op, y.data()); });
-  return y;
-}
-
-template <typename T>
-void check_column_reductions(int64_t rows, int64_t cols, std::mt19937& rng, double tol) {
-  std::vector<T> x = random_vector<T>(rows * cols, rng);
-  std::vector<double> sum_ref(cols, 0.0), max_ref(cols, -INFINITY);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      sum_ref[c] += x[r * cols + c];
-      max_ref[c] = std::max(max_ref[c], static_cast<double>(x[r * cols + c]));
-    }
-  INFO("column reductions in " << sizeof(T) * 8 << "-bit floats, " << rows << " x " << cols << ", "
-                               << reduce::column_slices(rows) << " slices");
-  CHECK(excess(reduce_columns(x, rows, cols, remat::cuda::SumOp{}, remat::cuda::Acc<T>(0)), sum_ref, tol, tol) <= 0);
-  CHECK(excess(reduce_columns(x, rows, cols, remat::cuda::MaxOp{}, -std::numeric_limits<remat::cuda::Acc<T>>::infinity()),
-               max_ref, 0.0, 0.0) <= 0);
-}
-
 }  // namespace
 
-TEST_CASE("column reductions (bias gradients), emulated on the cpu: sums and maxima against double", "[simt][reduce]") {
-  std::mt19937 rng(10);
-  check_column_reductions<double>(1100, 70, rng, 1e-12);  // three slices, a partial column tile
-  check_column_reductions<float>(100, 33, rng, 1e-5);     // one slice: written directly
-}
-
-TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax and cross-entropy against double",
+TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax, cross-entropy and group_norm",
           "[simt][norm]") {
   std::mt19937 rng(9);
   check_layer_norm<double>(5, 300, 2, rng, 1e-10);  // rows past 2 x 128 threads, three chunks of partials
@@ -382,6 +441,8 @@ TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax and cross-e
   check_softmax<float>(2, 77, rng, 1e-5);
   check_cross_entropy<double>(6, 300, rng, 1e-10);
   check_cross_entropy<float>(4, 1000, rng, 1e-5);
+  check_group_norm(2, 6, 37, 3, rng);    // blocks of 2 x 37 values, channel sums over 2 x 37
+  check_group_norm(3, 4, 300, 1, rng);   // one group: 1200 values a block
 }
 
 TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute attention and its gradients",
@@ -400,4 +461,10 @@ TEST_CASE("the flash attention kernels, emulated on the cpu, compute attention a
   check_flash<double, 64>({1, 100, false}, 33, rng, 1e-10);
   check_flash<float, 128>({1, 70, true}, 128, rng, 2e-4);
   check_flash<float, 32>({2, 33, false}, 5, rng, 2e-4);
+}
+
+TEST_CASE("attention through gemms, emulated on the cpu: the masked softmax and dS kernels", "[attention][simt]") {
+  std::mt19937 rng(19);
+  check_attention_gemm({2, 37, true}, 8, rng);
+  check_attention_gemm({1, 70, false}, 16, rng);  // rows longer than a block of threads
 }

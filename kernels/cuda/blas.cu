@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/elementwise_kernels.cuh"
 #include "kernels/cuda/gemm.h"
 #include "runtime/cuda_devices.h"
 
@@ -19,6 +20,7 @@ namespace remat {
 namespace {
 
 using namespace cuda;
+using cuda::elementwise_kernels::add_bias_kernel;
 
 constexpr size_t kCublasWorkspace = 32u << 20;  // cuBLAS's recommendation for Hopper
 
@@ -42,12 +44,6 @@ cublasHandle_t handle_for(int device) {
 int checked_int(int64_t v, const char* what) {
   REMAT_CHECK(v >= 0 && v <= INT32_MAX, "cublas: ", what, " = ", v, " exceeds the 32-bit range of cuBLAS");
   return static_cast<int>(v);
-}
-
-
-template <typename T>
-__global__ void add_bias_kernel(T* y, const T* b, int64_t rows, int64_t cols) {
-  REMAT_GRID_STRIDE(i, rows * cols) y[i] = cast_to<T>(load(y, i) + load(b, i % cols));
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "../backend.h"
+#include "../../runtime/half.h"
 #include "../../runtime/cuda/cuda_check.h"
 
 namespace remat {
@@ -29,7 +30,11 @@ template <typename T> using Acc = typename AccOf<T>::type;
 template <typename T> __device__ __forceinline__ Acc<T> load(const T* p, int64_t i) { return static_cast<Acc<T>>(p[i]); }
 template <> __device__ __forceinline__ float load<bf16>(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
 template <typename T> __device__ __forceinline__ T cast_to(Acc<T> v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ bf16 cast_to<bf16>(float v) { return __float2bfloat16(v); }
+// To bf16 as the CPU rounds (runtime/half.h), NaN included: the hardware's conversion gives every
+// NaN as 0x7fff, where the CPU keeps its sign and top payload bits (found under the SIMT emulator).
+template <> __device__ __forceinline__ bf16 cast_to<bf16>(float v) {
+  return v != v ? __ushort_as_bfloat16(f32_to_bf16(v)) : __float2bfloat16(v);
+}
 
 // Runs f.template operator()<T>() for T = float, double or bf16.
 template <typename F>
