@@ -259,6 +259,14 @@ TEST_CASE("casts of views on cuda (permuted heads under autocast, an expanded gr
   backward(sum(cast(permute(leaf_g, {0, 2, 1, 3}), DType::f64)));
   CHECK(leaf_g.grad().to_vector<float>() == leaf_c.grad().to_vector<float>());
   CHECK(leaf_g.grad().to_vector<float>() == std::vector<float>(x.numel(), 1.0f));
+  // NaN keeps its sign and top payload bits as on the cpu (the hardware's conversion alone gives
+  // 0x7fff for every NaN), so bitwise comparisons across devices hold for NaN too.
+  uint32_t nan_bits[] = {0x7fc00000u, 0xffc00000u, 0x7f812345u, 0xffbf0001u};
+  std::vector<float> nans(4);
+  std::memcpy(nans.data(), nan_bits, sizeof nan_bits);
+  Tensor n_cpu = Tensor::from_vector(nans, {4});
+  Tensor b_cpu = cast(n_cpu, DType::bf16), b_gpu = cast(n_cpu.to(kGpu), DType::bf16).to(Device::cpu());
+  CHECK(std::memcmp(b_cpu.raw_data(), b_gpu.raw_data(), 4 * sizeof(uint16_t)) == 0);
 }
 
 TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits, no wait for the GPU",
