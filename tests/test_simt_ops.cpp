@@ -79,6 +79,39 @@ double worst_relative(const Tensor& got, const Tensor& want) {
   return worst;
 }
 
+// ---- the emulator itself ------------------------------------------------------------------------
+
+// Each thread writes its slot of a shared tile, then reads its neighbour's: right with the barrier
+// between, wrong without it in every block (the scheduler runs each phase thread by thread).
+void neighbour_sums(bool with_barrier, int salt, std::vector<int>& out) {
+  __shared__ int tile[64];
+  const int t = static_cast<int>(threadIdx.x);
+  tile[t] = t + salt + static_cast<int>(blockIdx.x);
+  if (with_barrier) __syncthreads();
+  out[blockIdx.x * 64 + t] = tile[(t + 1) % 64];
+}
+
+TEST_CASE("the emulator runs threads in turn: a missing barrier fails every time, a divergent one is reported",
+          "[simt][emulator]") {
+  int salt = 1;
+  for (bool with_barrier : {true, false, true, false}) {
+    salt += 1000;  // (the tile is static: each launch writes values unlike the last one's)
+    std::vector<int> out(2 * 64, 0);
+    remat_simt::launch({2, 1, 1}, 64, 0, [&] { neighbour_sums(with_barrier, salt, out); });
+    std::vector<int> right(2, 0);  // per block
+    for (int i = 0; i < 2 * 64; ++i) right[i / 64] += out[i] == (i % 64 + 1) % 64 + salt + i / 64;
+    INFO((with_barrier ? "with" : "without") << " the barrier");
+    if (with_barrier) CHECK(right == std::vector<int>{64, 64});
+    else CHECK((right[0] < 64 && right[1] < 64));  // block 0 runs its threads forward, block 1 backward
+  }
+  // Half the threads wait at a barrier that the other half never reach.
+  auto divergent = [] {
+    if (threadIdx.x < 16) __syncthreads();
+  };
+  CHECK_THROWS_WITH(remat_simt::launch({1, 1, 1}, 32, 0, divergent),
+                    Catch::Matchers::Contains("a barrier the others never reach"));
+}
+
 // ---- elementwise --------------------------------------------------------------------------------
 
 template <typename T>
