@@ -1,12 +1,13 @@
-// The CUDA kernels of gpt's every step beyond attention and the row kernels, run on the CPU under
+// The CUDA kernels beyond attention and the row kernels (tests/test_simt.cpp), run on the CPU under
 // the SIMT emulator (tests/simt_emulator.h) against the CPU backend: elementwise (broadcasting
-// binary ops, strided gathers, Philox dropout and casts bit for bit; unary functions and their
-// gradients within rounding; the multi-tensor AdamW bit for bit with the per-tensor one),
+// binary ops, the bias add, strided gathers, Philox dropout and casts bit for bit; unary functions
+// and their gradients within rounding; the multi-tensor AdamW bit for bit with the per-tensor one);
 // reductions over any axes (sums and maxima by column tiles for bias gradients, by a block or a
-// thread per output otherwise; the max backward; clipping's sums of squares, norm and scale)
-// the embedding with its deterministic backward (CUB's stable radix sort stood in for by a
-// stable sort), the image and conditioning ops of dit and unet, and the im2col convolution (its
-// GEMMs on the host). Grids are smaller than the launches' so that every grid-stride loop turns.
+// thread per output otherwise; the max backward; clipping's sums of squares, norm and scale); the
+// embedding with its deterministic backward (CUB's stable radix sort stood in for by a stable
+// sort); the image and conditioning ops of dit and unet; the im2col convolution (its GEMMs on the
+// host). Grids are smaller than the launches' so that every grid-stride loop turns. First, the
+// emulator's own scheduling: a missing barrier fails, a divergent one is reported.
 #include "simt_emulator.h"  // first: the kernels compile against its built-ins
 
 #include <catch.hpp>
