@@ -6,7 +6,7 @@
 // softmax, cross-entropy with ignored and bad targets: norm_softmax_kernels.cuh) against double,
 // group_norm against the cpu backend, and the row kernels of attention through GEMMs
 // (attention_gemm_kernels.cuh) with the GEMMs on the host.
-// The other kernels of a gpt step: tests/test_simt_ops.cpp.
+// The other kernels (elementwise, reductions, embedding, image ops, im2col): tests/test_simt_ops.cpp.
 // What a GPU adds beyond this is the hardware's own rounding and the timing (the [cuda] cases
 // compare with the CPU there).
 #include "simt_emulator.h"  // first: the kernels compile against its built-ins
