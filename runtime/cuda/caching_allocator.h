@@ -17,7 +17,8 @@ namespace remat {
 class CachingAllocator final : public Allocator {
  public:
   // Requests up to kSmallRequest bytes share kSmallSegment segments; larger ones get their own
-  // segment, rounded up to kLargeRound. Every block is kAlign-aligned.
+  // segment, rounded up to kLargeRound. Block sizes are multiples of kAlign, so every block keeps
+  // its segment's alignment (cudaMalloc's: at least 256 bytes).
   static constexpr size_t kAlign = 512;
   static constexpr size_t kSmallRequest = 1u << 20;
   static constexpr size_t kSmallSegment = 2u << 20;

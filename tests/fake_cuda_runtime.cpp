@@ -1,0 +1,349 @@
+// The simulated CUDA runtime of tests/fake_cuda_runtime.h: the runtime API functions remat's
+// host-side CUDA code calls, defined over host memory and queues that run on request.
+#include "fake_cuda_runtime.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+
+// The runtime's opaque handle types, defined here: a stream is a queue, an event a pair of
+// generation counters (the latest record, and the latest record its stream has reached).
+struct CUevent_st {
+  int device = 0;
+  uint64_t recorded = 0;
+  uint64_t completed = 0;
+  bool destroyed = false;
+};
+
+struct CUstream_st {
+  struct Op {
+    enum Kind { copy, kernel, record, wait };
+    explicit Op(Kind k) : kind(k) {}
+    Kind kind;
+    void* dst = nullptr;
+    const void* src = nullptr;
+    size_t n = 0;
+    cudaMemcpyKind direction = cudaMemcpyDefault;
+    std::function<void()> work;
+    CUevent_st* event = nullptr;
+    uint64_t generation = 0;
+  };
+  int device = 0;
+  bool compute = false;
+  std::deque<Op> ops;
+};
+
+namespace fake_cuda {
+
+namespace {
+
+struct State {
+  std::recursive_mutex mutex;
+  int devices = 1;
+  size_t capacity = 0;
+  Counters counters;
+  std::map<const char*, std::pair<size_t, int>> device_blocks;  // start -> (bytes, device)
+  std::vector<std::string> misuse;
+  uint64_t generation = 0;
+  // Streams, events and pinned blocks outlive reset(): remat keeps its copy streams and pinned
+  // blocks in statics for the life of the process, as it may with the real runtime.
+  std::vector<std::unique_ptr<CUstream_st>> compute_streams, copy_streams;
+  std::vector<std::unique_ptr<CUevent_st>> events;
+};
+
+State& state() {
+  static auto* s = new State();
+  return *s;
+}
+
+thread_local int current_device = 0;
+thread_local cudaError_t last_error = cudaSuccess;
+
+cudaError_t fail(cudaError_t error, const std::string& why) {
+  state().misuse.push_back(why);
+  last_error = error;
+  return error;
+}
+
+CUstream_st* compute_stream(int device) {
+  State& s = state();
+  while (static_cast<int>(s.compute_streams.size()) <= device) {
+    auto stream = std::make_unique<CUstream_st>();
+    stream->device = static_cast<int>(s.compute_streams.size());
+    stream->compute = true;
+    s.compute_streams.push_back(std::move(stream));
+  }
+  return s.compute_streams[device].get();
+}
+
+// The stream a call means: 0 (and cudaStreamLegacy) is the current device's compute stream.
+CUstream_st* resolve(cudaStream_t stream) {
+  if (stream == nullptr || stream == cudaStreamLegacy) return compute_stream(current_device);
+  return stream;
+}
+
+const std::pair<const char* const, std::pair<size_t, int>>* find_block(const void* p, size_t n) {
+  auto& blocks = state().device_blocks;
+  auto it = blocks.upper_bound(static_cast<const char*>(p));
+  if (it == blocks.begin()) return nullptr;
+  --it;
+  const char* c = static_cast<const char*>(p);
+  return c + n <= it->first + it->second.first ? &*it : nullptr;
+}
+
+bool runnable(const CUstream_st::Op& op) {
+  return op.kind != CUstream_st::Op::wait || op.event->completed >= op.generation;
+}
+
+void execute(CUstream_st& stream, CUstream_st::Op& op) {
+  switch (op.kind) {
+    case CUstream_st::Op::copy: {
+      // Each device end must be allocated when the copy runs, on the stream's own device (remat
+      // copies between host and device only; a peer copy would be a mistake here).
+      auto end_ok = [&](const void* p) {
+        auto* block = find_block(p, op.n);
+        if (!block) state().misuse.push_back("a copy ran on device memory that is no longer allocated");
+        else if (block->second.second != stream.device)
+          state().misuse.push_back("a copy on a stream of cuda:" + std::to_string(stream.device) +
+                                   " touched memory of cuda:" + std::to_string(block->second.second));
+        return block && block->second.second == stream.device;
+      };
+      bool to_device = op.direction == cudaMemcpyHostToDevice || op.direction == cudaMemcpyDeviceToDevice;
+      bool from_device = op.direction == cudaMemcpyDeviceToHost || op.direction == cudaMemcpyDeviceToDevice;
+      if ((to_device && !end_ok(op.dst)) || (from_device && !end_ok(op.src))) return;
+      std::memmove(op.dst, op.src, op.n);
+      return;
+    }
+    case CUstream_st::Op::kernel: op.work(); return;
+    case CUstream_st::Op::record: op.event->completed = std::max(op.event->completed, op.generation); return;
+    case CUstream_st::Op::wait: return;
+  }
+}
+
+}  // namespace
+
+void reset(int devices, size_t capacity) {
+  State& s = state();
+  std::lock_guard lock(s.mutex);
+  for (auto& stream : s.compute_streams) stream->ops.clear();
+  for (auto& stream : s.copy_streams) stream->ops.clear();
+  for (auto& [start, block] : s.device_blocks) std::free(const_cast<char*>(start));
+  s.device_blocks.clear();
+  s.devices = devices;
+  s.capacity = capacity;
+  s.counters = {};
+  s.misuse.clear();
+  current_device = 0;
+  last_error = cudaSuccess;
+}
+
+Counters counters() {
+  std::lock_guard lock(state().mutex);
+  return state().counters;
+}
+
+bool is_device_memory(const void* p, size_t n) {
+  std::lock_guard lock(state().mutex);
+  return find_block(p, n) != nullptr;
+}
+
+void enqueue(cudaStream_t stream, std::function<void()> work) {
+  std::lock_guard lock(state().mutex);
+  CUstream_st::Op op(CUstream_st::Op::kernel);
+  op.work = std::move(work);
+  resolve(stream)->ops.push_back(std::move(op));
+}
+
+void run(Order order) {
+  State& s = state();
+  std::lock_guard lock(s.mutex);
+  std::vector<CUstream_st*> streams;
+  for (auto& st : s.compute_streams) streams.push_back(st.get());
+  for (auto& st : s.copy_streams) streams.push_back(st.get());
+  if (order == Order::copies_first) std::stable_partition(streams.begin(), streams.end(), [](auto* st) { return !st->compute; });
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (CUstream_st* st : streams) {
+      if (st->ops.empty() || !runnable(st->ops.front())) continue;
+      CUstream_st::Op op = std::move(st->ops.front());
+      st->ops.pop_front();
+      execute(*st, op);
+      progress = true;
+      break;  // back to the first stream of the order
+    }
+  }
+}
+
+size_t pending() {
+  State& s = state();
+  std::lock_guard lock(s.mutex);
+  size_t n = 0;
+  for (auto& st : s.compute_streams) n += st->ops.size();
+  for (auto& st : s.copy_streams) n += st->ops.size();
+  return n;
+}
+
+std::vector<std::string> misuse() {
+  std::lock_guard lock(state().mutex);
+  return state().misuse;
+}
+
+}  // namespace fake_cuda
+
+using fake_cuda::state;
+
+extern "C" {
+
+cudaError_t cudaGetLastError() {
+  cudaError_t e = fake_cuda::last_error;
+  fake_cuda::last_error = cudaSuccess;
+  return e;
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    default: return "unexpected error (fake_cuda)";
+  }
+}
+
+cudaError_t cudaSetDevice(int device) {
+  std::lock_guard lock(state().mutex);
+  if (device < 0 || device >= state().devices)
+    return fake_cuda::fail(cudaErrorInvalidDevice, "cudaSetDevice(" + std::to_string(device) + ")");
+  fake_cuda::current_device = device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = fake_cuda::current_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** ptr, size_t size) {
+  auto& s = state();
+  std::lock_guard lock(s.mutex);
+  size_t live = 0;
+  for (auto& [start, block] : s.device_blocks)
+    if (block.second == fake_cuda::current_device) live += block.first;
+  if (live + size > s.capacity) {
+    ++s.counters.failed_mallocs;
+    fake_cuda::last_error = cudaErrorMemoryAllocation;  // an expected failure, not a misuse
+    return cudaErrorMemoryAllocation;
+  }
+  // 256-byte alignment: what cudaMalloc promises, and no more.
+  size_t rounded = std::max<size_t>((size + 255) / 256 * 256, 256);
+  char* p = static_cast<char*>(std::aligned_alloc(256, rounded));
+  s.device_blocks[p] = {size, fake_cuda::current_device};
+  ++s.counters.device_mallocs;
+  s.counters.device_live += size;
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  auto& s = state();
+  std::lock_guard lock(s.mutex);
+  if (ptr == nullptr) return cudaSuccess;
+  auto it = s.device_blocks.find(static_cast<const char*>(ptr));
+  if (it == s.device_blocks.end()) return fake_cuda::fail(cudaErrorInvalidValue, "cudaFree of a pointer cudaMalloc did not return");
+  fake_cuda::run(fake_cuda::Order::compute_first);  // cudaFree waits for the device's queued work
+  s.counters.device_live -= it->second.first;
+  ++s.counters.device_frees;
+  std::free(ptr);
+  s.device_blocks.erase(it);
+  return cudaSuccess;
+}
+
+cudaError_t cudaHostAlloc(void** ptr, size_t size, unsigned int) {
+  std::lock_guard lock(state().mutex);
+  *ptr = std::malloc(std::max<size_t>(size, 1));  // never freed: remat keeps its pinned blocks
+  ++state().counters.host_allocs;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
+  auto& s = state();
+  std::lock_guard lock(s.mutex);
+  if (!(flags & cudaStreamNonBlocking))
+    return fake_cuda::fail(cudaErrorInvalidValue, "a blocking stream (fake_cuda simulates non-blocking ones only)");
+  auto st = std::make_unique<CUstream_st>();
+  st->device = fake_cuda::current_device;
+  *stream = st.get();
+  s.copy_streams.push_back(std::move(st));
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  auto& s = state();
+  std::lock_guard lock(s.mutex);
+  auto e = std::make_unique<CUevent_st>();
+  e->device = fake_cuda::current_device;
+  *event = e.get();
+  s.events.push_back(std::move(e));
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  std::lock_guard lock(state().mutex);
+  if (event->destroyed) return fake_cuda::fail(cudaErrorInvalidResourceHandle, "an event destroyed twice");
+  event->destroyed = true;  // a pending record still completes, as on a GPU
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  auto& s = state();
+  std::lock_guard lock(s.mutex);
+  CUstream_st* st = fake_cuda::resolve(stream);
+  if (event->destroyed) return fake_cuda::fail(cudaErrorInvalidResourceHandle, "a record of a destroyed event");
+  if (event->device != st->device)
+    return fake_cuda::fail(cudaErrorInvalidResourceHandle,
+                           "an event of cuda:" + std::to_string(event->device) + " recorded on a stream of cuda:" +
+                               std::to_string(st->device));
+  CUstream_st::Op op(CUstream_st::Op::record);
+  op.event = event;
+  op.generation = event->recorded = ++s.generation;
+  st->ops.push_back(std::move(op));
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+  std::lock_guard lock(state().mutex);
+  if (event->destroyed) return fake_cuda::fail(cudaErrorInvalidResourceHandle, "a query of a destroyed event");
+  return event->completed >= event->recorded ? cudaSuccess : cudaErrorNotReady;
+}
+
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
+  std::lock_guard lock(state().mutex);
+  if (event->destroyed) return fake_cuda::fail(cudaErrorInvalidResourceHandle, "a wait on a destroyed event");
+  CUstream_st::Op op(CUstream_st::Op::wait);
+  op.event = event;
+  op.generation = event->recorded;  // the record made before this call, as on a GPU
+  fake_cuda::resolve(stream)->ops.push_back(std::move(op));
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind, cudaStream_t stream) {
+  std::lock_guard lock(state().mutex);
+  if (kind != cudaMemcpyHostToDevice && kind != cudaMemcpyDeviceToHost && kind != cudaMemcpyDeviceToDevice)
+    return fake_cuda::fail(cudaErrorInvalidValue, "a copy of a kind fake_cuda does not simulate");
+  CUstream_st::Op op(CUstream_st::Op::copy);
+  op.dst = dst;
+  op.src = src;
+  op.n = count;
+  op.direction = kind;
+  fake_cuda::resolve(stream)->ops.push_back(std::move(op));
+  return cudaSuccess;
+}
+
+}  // extern "C"
