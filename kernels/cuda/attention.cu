@@ -44,8 +44,8 @@ Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
   }
   if (rows == 0) return row_dot;
   dispatch(o.dtype(), "attention_backward", [&]<typename T>() {
-    attention_row_dot_kernel<T><<<blocks_for(rows), kThreads>>>(d_o.data<T>(), o.data<T>(), row_dot.data<Acc<T>>(),
-                                                                rows, static_cast<int>(d));
+    REMAT_LAUNCH(blocks_for(rows), kThreads, 0, attention_row_dot_kernel<T>)(
+        d_o.data<T>(), o.data<T>(), row_dot.data<Acc<T>>(), rows, static_cast<int>(d));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return row_dot;
@@ -71,7 +71,7 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
     using A = Acc<T>;
     size_t smem = 2 * kTile<A> * d * sizeof(A);
     dispatch_head_dim(d, [&]<int DMAX>() {
-      attention_forward_kernel<T, DMAX><<<attention_grid(heads, t), kRows, smem>>>(
+      REMAT_LAUNCH(attention_grid(heads, t), kRows, smem, attention_forward_kernel<T, DMAX>)(
           q.data<T>(), k.data<T>(), v.data<T>(), o.data<T>(), lse.data<A>(), t, static_cast<int>(d), causal,
           static_cast<A>(scale));
     });
@@ -101,10 +101,10 @@ std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Ten
     size_t smem_dq = 2 * kTile<A> * d * sizeof(A);
     size_t smem_dkv = (2 * kTile<A> * d + 2 * kTile<A>) * sizeof(A);
     dispatch_head_dim(d, [&]<int DMAX>() {
-      attention_dq_kernel<T, DMAX><<<attention_grid(heads, t), kRows, smem_dq>>>(
+      REMAT_LAUNCH(attention_grid(heads, t), kRows, smem_dq, attention_dq_kernel<T, DMAX>)(
           q.data<T>(), k.data<T>(), v.data<T>(), d_o.data<T>(), lse.data<A>(), row_dot.data<A>(), dq.data<T>(), t,
           static_cast<int>(d), causal, static_cast<A>(scale));
-      attention_dkv_kernel<T, DMAX><<<attention_grid(heads, t), kRows, smem_dkv>>>(
+      REMAT_LAUNCH(attention_grid(heads, t), kRows, smem_dkv, attention_dkv_kernel<T, DMAX>)(
           q.data<T>(), k.data<T>(), v.data<T>(), d_o.data<T>(), lse.data<A>(), row_dot.data<A>(), dk.data<T>(),
           dv.data<T>(), t, static_cast<int>(d), causal, static_cast<A>(scale));
     });

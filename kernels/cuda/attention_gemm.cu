@@ -74,8 +74,8 @@ std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tenso
     times_transposed(q, k, h0, g, scale, s);  // S = scale Q K^T
     dispatch(q.dtype(), "attention", [&]<typename T>() {
       using A = Acc<T>;
-      masked_softmax_kernel<T><<<one_block_per_row(g * t), kThreads>>>(s.data<A>(), p.data<T>(),
-                                                                        lse.data<A>() + h0 * t, t, causal);
+      REMAT_LAUNCH(one_block_per_row(g * t), kThreads, 0, masked_softmax_kernel<T>)(
+          s.data<A>(), p.data<T>(), lse.data<A>() + h0 * t, t, causal);
     });
     REMAT_CUDA_LAUNCH_CHECK();
     // O = P V, per head [T, T] x [T, D].
@@ -110,7 +110,7 @@ std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, 
     times_transposed(d_o, v, h0, g, 1.0, dp);  // dP = dO V^T
     dispatch(q.dtype(), "attention_backward", [&]<typename T>() {
       using A = Acc<T>;
-      softmax_grad_kernel<T><<<one_block_per_row(g * t), kThreads>>>(
+      REMAT_LAUNCH(one_block_per_row(g * t), kThreads, 0, softmax_grad_kernel<T>)(
           s.data<A>(), dp.data<A>(), lse.data<A>() + h0 * t, row_dot.data<A>() + h0 * t, p.data<T>(), ds.data<T>(), t,
           causal, static_cast<A>(scale));
     });

@@ -56,7 +56,7 @@ std::vector<Tensor> attention_mma(const Tensor& q, const Tensor& k, const Tensor
   if (heads == 0 || t == 0) return {o, lse};
   count_cuda_attention_call(CudaAttention::mma);
   dispatch_mma_head_dim(d, [&]<int D>() {
-    mma_forward_kernel<D><<<grid(heads, t, kQueryTile), kBlockThreads>>>(
+    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, 0, mma_forward_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), o.data<bf16>(), lse.data<float>(), t, causal,
         static_cast<float>(scale));
   });
@@ -76,7 +76,7 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o, const Tensor& q, c
   count_cuda_attention_call(CudaAttention::mma);
   Tensor row_dot = attention_row_dots(d_o, o);
   dispatch_mma_head_dim(d, [&]<int D>() {
-    mma_dq_kernel<D><<<grid(heads, t, kQueryTile), kBlockThreads>>>(
+    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, 0, mma_dq_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
         dq.data<bf16>(), t, causal, static_cast<float>(scale));
     REMAT_CUDA_LAUNCH_CHECK();
@@ -84,7 +84,7 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o, const Tensor& q, c
     // Past 48 KiB a kernel must opt in to its dynamic shared memory (D 128: 51 KiB).
     REMAT_CUDA_CHECK(cudaFuncSetAttribute(mma_dkv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
-    mma_dkv_kernel<D><<<grid(heads, t, kKeyBlock), kBlockThreads, smem>>>(
+    REMAT_LAUNCH(grid(heads, t, kKeyBlock), kBlockThreads, smem, mma_dkv_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
         dk.data<bf16>(), dv.data<bf16>(), t, causal, static_cast<float>(scale));
   });

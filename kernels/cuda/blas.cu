@@ -125,7 +125,7 @@ Tensor CudaBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   if (b.defined()) {
     int64_t n = rows * out_features;
     dispatch(x.dtype(), "linear", [&]<typename T>() {
-      add_bias_kernel<T><<<blocks_for(n), kThreads>>>(y.data<T>(), b.data<T>(), rows, out_features);
+      REMAT_LAUNCH(blocks_for(n), kThreads, 0, add_bias_kernel<T>)(y.data<T>(), b.data<T>(), rows, out_features);
     });
     REMAT_CUDA_LAUNCH_CHECK();
   }

@@ -40,7 +40,8 @@ Tensor conv2d_gemm(const Tensor& x, const Tensor& w, int stride, int padding) {
   if (y.numel() == 0) return y;
   Tensor cols = workspace({s.n, s.k(), s.p()}, x.dtype(), x.device());
   dispatch(x.dtype(), "conv2d", [&]<typename T>() {
-    im2col_kernel<T><<<blocks_for(cols.numel()), kThreads>>>(x.data<T>(), cols.data<T>(), s, s.k() * s.p(), s.p());
+    REMAT_LAUNCH(blocks_for(cols.numel()), kThreads, 0, im2col_kernel<T>)(
+        x.data<T>(), cols.data<T>(), s, s.k() * s.p(), s.p());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   // y[i] [Cout, P] = W [Cout, K] cols[i] [K, P], W shared by the batch.
@@ -63,15 +64,16 @@ std::pair<Tensor, Tensor> conv2d_backward_gemm(const Tensor& dy, const Tensor& x
               dcols.raw_data(), s.k() * s.p(), s.n},
              x.dtype(), x.device().index);
     dispatch(x.dtype(), "conv2d_backward", [&]<typename T>() {
-      col2im_kernel<T><<<blocks_for(x.numel()), kThreads>>>(dcols.data<T>(), dx.data<T>(), s);
+      REMAT_LAUNCH(blocks_for(x.numel()), kThreads, 0, col2im_kernel<T>)(dcols.data<T>(), dx.data<T>(), s);
     });
     REMAT_CUDA_LAUNCH_CHECK();
   }
   // d(weight): dw [Cout, K] = dy' [Cout, N*P] cols' [K, N*P]^T, images side by side in both.
   Tensor cols = workspace({s.k(), np}, x.dtype(), x.device()), dyc = workspace({s.cout, np}, x.dtype(), x.device());
   dispatch(x.dtype(), "conv2d_backward", [&]<typename T>() {
-    im2col_kernel<T><<<blocks_for(cols.numel()), kThreads>>>(x.data<T>(), cols.data<T>(), s, s.p(), np);
-    channels_first_kernel<T><<<blocks_for(dy.numel()), kThreads>>>(dy.data<T>(), dyc.data<T>(), s.n, s.cout, s.p());
+    REMAT_LAUNCH(blocks_for(cols.numel()), kThreads, 0, im2col_kernel<T>)(x.data<T>(), cols.data<T>(), s, s.p(), np);
+    REMAT_LAUNCH(blocks_for(dy.numel()), kThreads, 0, channels_first_kernel<T>)(
+        dy.data<T>(), dyc.data<T>(), s.n, s.cout, s.p());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   run_gemm({false, true, s.cout, s.k(), np, dyc.raw_data(), np, 0, cols.raw_data(), np, 0, dw.raw_data(), 0, 1},
@@ -91,8 +93,8 @@ Tensor CudaBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, in
   if (b.defined() && y.numel() > 0) {
     int64_t total = y.numel();
     dispatch(x.dtype(), "conv2d", [&]<typename T>() {
-      add_channel_bias_kernel<T><<<blocks_for(total), kThreads>>>(y.data<T>(), b.data<T>(), total, y.size(1),
-                                                                  y.size(2) * y.size(3));
+      REMAT_LAUNCH(blocks_for(total), kThreads, 0, add_channel_bias_kernel<T>)(
+          y.data<T>(), b.data<T>(), total, y.size(1), y.size(2) * y.size(3));
     });
     REMAT_CUDA_LAUNCH_CHECK();
   }
@@ -113,7 +115,8 @@ std::vector<Tensor> CudaBackend::conv2d_backward(const Tensor& dy, const Tensor&
     db = Tensor::zeros({c}, x.dtype(), x.device());
     if (c > 0 && n * hw > 0) {
       dispatch(x.dtype(), "conv2d_backward", [&]<typename T>() {
-        channel_sum_kernel<T><<<static_cast<unsigned>(c), kThreads>>>(dy.data<T>(), db.data<T>(), n, c, hw);
+        REMAT_LAUNCH(static_cast<unsigned>(c), kThreads, 0, channel_sum_kernel<T>)(
+            dy.data<T>(), db.data<T>(), n, c, hw);
       });
       REMAT_CUDA_LAUNCH_CHECK();
     }

@@ -12,6 +12,7 @@
 #include "../backend.h"
 #include "../../runtime/half.h"
 #include "../../runtime/cuda/cuda_check.h"
+#include "../../runtime/cuda/launch.h"
 
 namespace remat {
 // bf16 tensors hand out __nv_bfloat16 pointers to device code.

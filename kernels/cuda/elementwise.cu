@@ -24,7 +24,8 @@ Tensor CudaBackend::unary(UnaryFn fn, const Tensor& x, double scalar) {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   int64_t n = x.numel();
   dispatch(x.dtype(), "unary", [&]<typename T>() {
-    unary_kernel<T><<<blocks_for(n), kThreads>>>(fn, x.data<T>(), y.data<T>(), n, static_cast<Acc<T>>(scalar));
+    REMAT_LAUNCH(blocks_for(n), kThreads, 0, unary_kernel<T>)(
+        fn, x.data<T>(), y.data<T>(), n, static_cast<Acc<T>>(scalar));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -35,9 +36,9 @@ Tensor CudaBackend::unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x
   Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
   int64_t n = dy.numel();
   dispatch(dy.dtype(), "unary_backward", [&]<typename T>() {
-    unary_backward_kernel<T><<<blocks_for(n), kThreads>>>(fn, dy.data<T>(), x.defined() ? x.data<T>() : nullptr,
-                                                          y.defined() ? y.data<T>() : nullptr, dx.data<T>(), n,
-                                                          static_cast<Acc<T>>(scalar));
+    REMAT_LAUNCH(blocks_for(n), kThreads, 0, unary_backward_kernel<T>)(
+        fn, dy.data<T>(), x.defined() ? x.data<T>() : nullptr, y.defined() ? y.data<T>() : nullptr, dx.data<T>(), n,
+        static_cast<Acc<T>>(scalar));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dx;
@@ -51,8 +52,10 @@ Tensor CudaBackend::binary(BinaryFn fn, const Tensor& a, const Tensor& b) {
   bool same = a.shape() == b.shape() && a.is_contiguous() && b.is_contiguous();
   Indexer ix = make_indexer(out_shape, a, &b, "binary");
   dispatch(a.dtype(), "binary", [&]<typename T>() {
-    if (same) binary_same_kernel<T><<<blocks_for(n), kThreads>>>(fn, a.data<T>(), b.data<T>(), out.data<T>(), n);
-    else binary_broadcast_kernel<T><<<blocks_for(n), kThreads>>>(fn, a.data<T>(), b.data<T>(), out.data<T>(), n, ix);
+    if (same) REMAT_LAUNCH(blocks_for(n), kThreads, 0, binary_same_kernel<T>)(
+        fn, a.data<T>(), b.data<T>(), out.data<T>(), n);
+    else REMAT_LAUNCH(blocks_for(n), kThreads, 0, binary_broadcast_kernel<T>)(
+        fn, a.data<T>(), b.data<T>(), out.data<T>(), n, ix);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return out;
@@ -69,10 +72,14 @@ Tensor CudaBackend::copy_strided(const Tensor& x) {
   }
   Indexer ix = make_indexer(x.shape(), x, nullptr, "copy_strided");
   switch (dtype_size(x.dtype())) {
-    case 1: gather_kernel<<<blocks_for(n), kThreads>>>(static_cast<const uint8_t*>(x.raw_data()), static_cast<uint8_t*>(out.raw_data()), n, ix); break;
-    case 2: gather_kernel<<<blocks_for(n), kThreads>>>(static_cast<const uint16_t*>(x.raw_data()), static_cast<uint16_t*>(out.raw_data()), n, ix); break;
-    case 4: gather_kernel<<<blocks_for(n), kThreads>>>(static_cast<const uint32_t*>(x.raw_data()), static_cast<uint32_t*>(out.raw_data()), n, ix); break;
-    case 8: gather_kernel<<<blocks_for(n), kThreads>>>(static_cast<const uint64_t*>(x.raw_data()), static_cast<uint64_t*>(out.raw_data()), n, ix); break;
+    case 1: REMAT_LAUNCH(blocks_for(n), kThreads, 0, gather_kernel<uint8_t>)(
+        static_cast<const uint8_t*>(x.raw_data()), static_cast<uint8_t*>(out.raw_data()), n, ix); break;
+    case 2: REMAT_LAUNCH(blocks_for(n), kThreads, 0, gather_kernel<uint16_t>)(
+        static_cast<const uint16_t*>(x.raw_data()), static_cast<uint16_t*>(out.raw_data()), n, ix); break;
+    case 4: REMAT_LAUNCH(blocks_for(n), kThreads, 0, gather_kernel<uint32_t>)(
+        static_cast<const uint32_t*>(x.raw_data()), static_cast<uint32_t*>(out.raw_data()), n, ix); break;
+    case 8: REMAT_LAUNCH(blocks_for(n), kThreads, 0, gather_kernel<uint64_t>)(
+        static_cast<const uint64_t*>(x.raw_data()), static_cast<uint64_t*>(out.raw_data()), n, ix); break;
     default: REMAT_FAIL("copy_strided: unexpected element size ", dtype_size(x.dtype()));
   }
   REMAT_CUDA_LAUNCH_CHECK();
@@ -99,8 +106,8 @@ Tensor CudaBackend::dropout(const Tensor& x, double p, uint64_t seed, uint64_t o
   int64_t n = x.numel();
   dispatch(x.dtype(), "dropout", [&]<typename T>() {
     Acc<T> keep_scale = Acc<T>(1) / (Acc<T>(1) - static_cast<Acc<T>>(p));  // as the CPU computes it
-    dropout_kernel<T><<<blocks_for(n), kThreads>>>(x.data<T>(), y.data<T>(), n, static_cast<float>(p), keep_scale,
-                                                   seed, offset);
+    REMAT_LAUNCH(blocks_for(n), kThreads, 0, dropout_kernel<T>)(
+        x.data<T>(), y.data<T>(), n, static_cast<float>(p), keep_scale, seed, offset);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -113,10 +120,9 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
     using A = Acc<T>;
     A bias1 = A(1) - static_cast<A>(std::pow(s.beta1, static_cast<double>(s.step)));
     A bias2 = A(1) - static_cast<A>(std::pow(s.beta2, static_cast<double>(s.step)));
-    adamw_kernel<T><<<blocks_for(n), kThreads>>>(param.data<T>(), grad.data<T>(), m.data<T>(), v.data<T>(), n,
-                                                 static_cast<A>(s.beta1), static_cast<A>(s.beta2), bias1, bias2,
-                                                 static_cast<A>(s.lr), static_cast<A>(s.eps),
-                                                 static_cast<A>(s.lr * s.weight_decay));
+    REMAT_LAUNCH(blocks_for(n), kThreads, 0, adamw_kernel<T>)(
+        param.data<T>(), grad.data<T>(), m.data<T>(), v.data<T>(), n, static_cast<A>(s.beta1), static_cast<A>(s.beta2),
+        bias1, bias2, static_cast<A>(s.lr), static_cast<A>(s.eps), static_cast<A>(s.lr * s.weight_decay));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   param.storage()->bump_version();
@@ -142,7 +148,7 @@ void CudaBackend::adamw_update_all(const std::vector<AdamWTensors>& items) {
       AdamWChunk<T> chunk{};
       auto launch = [&] {
         if (chunk.count > 0 && chunk.start[chunk.count] > 0) {
-          adamw_chunk_kernel<T><<<blocks_for(chunk.start[chunk.count]), kThreads>>>(
+          REMAT_LAUNCH(blocks_for(chunk.start[chunk.count]), kThreads, 0, adamw_chunk_kernel<T>)(
               chunk, static_cast<A>(s.beta1), static_cast<A>(s.beta2), bias1, bias2, static_cast<A>(s.eps));
           REMAT_CUDA_LAUNCH_CHECK();
         }
@@ -177,7 +183,7 @@ Tensor CudaBackend::cast(const Tensor& x, DType dtype) {
   int64_t n = x.numel();
   dispatch(x.dtype(), "cast", [&]<typename From>() {
     dispatch(dtype, "cast", [&]<typename To>() {
-      cast_kernel<From, To><<<blocks_for(n), kThreads>>>(x.data<From>(), y.data<To>(), n);
+      REMAT_LAUNCH(blocks_for(n), kThreads, 0, cast_kernel<From, To>)(x.data<From>(), y.data<To>(), n);
     });
   });
   REMAT_CUDA_LAUNCH_CHECK();

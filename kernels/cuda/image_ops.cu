@@ -16,7 +16,7 @@ Tensor CudaBackend::upsample_nearest(const Tensor& x, int f) {
   Tensor y = Tensor::empty({x.size(0), x.size(1), h * f, w * f}, x.dtype(), x.device());
   int64_t total = y.numel();
   dispatch(x.dtype(), "upsample_nearest", [&]<typename T>() {
-    upsample_kernel<T><<<blocks_for(total), kThreads>>>(x.data<T>(), y.data<T>(), total, h, w, f);
+    REMAT_LAUNCH(blocks_for(total), kThreads, 0, upsample_kernel<T>)(x.data<T>(), y.data<T>(), total, h, w, f);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -28,7 +28,8 @@ Tensor CudaBackend::upsample_nearest_backward(const Tensor& dy, int f) {
   Tensor dx = Tensor::empty({dy.size(0), dy.size(1), h, w}, dy.dtype(), dy.device());
   int64_t total = dx.numel();
   dispatch(dy.dtype(), "upsample_nearest_backward", [&]<typename T>() {
-    window_sum_kernel<T><<<blocks_for(total), kThreads>>>(dy.data<T>(), dx.data<T>(), total, h, w, f, Acc<T>(1));
+    REMAT_LAUNCH(blocks_for(total), kThreads, 0, window_sum_kernel<T>)(
+        dy.data<T>(), dx.data<T>(), total, h, w, f, Acc<T>(1));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dx;
@@ -41,7 +42,7 @@ Tensor CudaBackend::avg_pool(const Tensor& x, int f) {
   int64_t total = y.numel();
   dispatch(x.dtype(), "avg_pool", [&]<typename T>() {
     Acc<T> inv = Acc<T>(1) / static_cast<Acc<T>>(f * f);
-    window_sum_kernel<T><<<blocks_for(total), kThreads>>>(x.data<T>(), y.data<T>(), total, h, w, f, inv);
+    REMAT_LAUNCH(blocks_for(total), kThreads, 0, window_sum_kernel<T>)(x.data<T>(), y.data<T>(), total, h, w, f, inv);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -54,7 +55,7 @@ Tensor CudaBackend::avg_pool_backward(const Tensor& dy, int f) {
   int64_t total = dx.numel();
   dispatch(dy.dtype(), "avg_pool_backward", [&]<typename T>() {
     Acc<T> inv = Acc<T>(1) / static_cast<Acc<T>>(f * f);
-    spread_kernel<T><<<blocks_for(total), kThreads>>>(dy.data<T>(), dx.data<T>(), total, h, w, f, inv);
+    REMAT_LAUNCH(blocks_for(total), kThreads, 0, spread_kernel<T>)(dy.data<T>(), dx.data<T>(), total, h, w, f, inv);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dx;
@@ -65,8 +66,8 @@ Tensor CudaBackend::modulate(const Tensor& x, const Tensor& shift, const Tensor&
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   int64_t total = x.numel();
   dispatch(x.dtype(), "modulate", [&]<typename T>() {
-    modulate_kernel<T><<<blocks_for(total), kThreads>>>(x.data<T>(), shift.data<T>(), scale.data<T>(), y.data<T>(),
-                                                        total, x.size(1), x.size(2));
+    REMAT_LAUNCH(blocks_for(total), kThreads, 0, modulate_kernel<T>)(
+        x.data<T>(), shift.data<T>(), scale.data<T>(), y.data<T>(), total, x.size(1), x.size(2));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -78,8 +79,8 @@ std::vector<Tensor> CudaBackend::modulate_backward(const Tensor& dy, const Tenso
   Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device()), dshift = Tensor::empty({b, c}, x.dtype(), x.device()),
          dscale = Tensor::empty({b, c}, x.dtype(), x.device());
   dispatch(x.dtype(), "modulate_backward", [&]<typename T>() {
-    modulate_backward_kernel<T><<<blocks_for(b * c), kThreads>>>(dy.data<T>(), x.data<T>(), scale.data<T>(), dx.data<T>(),
-                                                                 dshift.data<T>(), dscale.data<T>(), b, t, c);
+    REMAT_LAUNCH(blocks_for(b * c), kThreads, 0, modulate_backward_kernel<T>)(
+        dy.data<T>(), x.data<T>(), scale.data<T>(), dx.data<T>(), dshift.data<T>(), dscale.data<T>(), b, t, c);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {dx, dshift, dscale};
@@ -90,7 +91,8 @@ Tensor CudaBackend::timestep_embedding(const Tensor& t, int dim, double max_peri
   int64_t b = t.size(0), half = dim / 2;
   Tensor y = Tensor::empty({b, static_cast<int64_t>(dim)}, t.dtype(), t.device());
   dispatch(t.dtype(), "timestep_embedding", [&]<typename T>() {
-    timestep_kernel<T><<<blocks_for(b * half), kThreads>>>(t.data<T>(), y.data<T>(), b, half, dim, max_period);
+    REMAT_LAUNCH(blocks_for(b * half), kThreads, 0, timestep_kernel<T>)(
+        t.data<T>(), y.data<T>(), b, half, dim, max_period);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -101,8 +103,8 @@ Tensor CudaBackend::timestep_embedding_backward(const Tensor& dy, const Tensor& 
   int64_t b = t.size(0), half = dim / 2;
   Tensor dt = Tensor::empty({b}, t.dtype(), t.device());
   dispatch(t.dtype(), "timestep_embedding_backward", [&]<typename T>() {
-    timestep_backward_kernel<T><<<blocks_for(b), kThreads>>>(t.data<T>(), dy.data<T>(), dt.data<T>(), b, half, dim,
-                                                             max_period);
+    REMAT_LAUNCH(blocks_for(b), kThreads, 0, timestep_backward_kernel<T>)(
+        t.data<T>(), dy.data<T>(), dt.data<T>(), b, half, dim, max_period);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dt;

@@ -47,9 +47,9 @@ std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, co
   Tensor mean = Tensor::empty(stat_shape, x.dtype(), x.device()), rstd = Tensor::empty(stat_shape, x.dtype(), x.device());
   if (rows == 0) return {y, mean, rstd};
   dispatch(x.dtype(), "layer_norm", [&]<typename T>() {
-    layer_norm_kernel<T><<<grid_of(rows, "layer_norm"), kRowThreads>>>(x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(),
-                                                                       mean.data<T>(), rstd.data<T>(), c,
-                                                                       static_cast<Acc<T>>(eps));
+    REMAT_LAUNCH(grid_of(rows, "layer_norm"), kRowThreads, 0, layer_norm_kernel<T>)(
+        x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), c,
+        static_cast<Acc<T>>(eps));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {y, mean, rstd};
@@ -69,12 +69,13 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   Tensor pw = workspace({chunks, c}, acc_dtype(x.dtype()), x.device()), pb = workspace({chunks, c}, acc_dtype(x.dtype()), x.device());
   dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
     using A = Acc<T>;
-    layer_norm_dx_kernel<T><<<grid_of(rows, "layer_norm_backward"), kRowThreads>>>(
+    REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T>)(
         dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
     dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
-    layer_norm_param_partial_kernel<T><<<grid, kThreads>>>(dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(),
-                                                           rows, c, row_chunk, pw.data<A>(), pb.data<A>());
-    sum_chunks_kernel<T><<<blocks_for(c), kThreads>>>(pw.data<A>(), pb.data<A>(), chunks, c, dw.data<T>(), db.data<T>());
+    REMAT_LAUNCH(grid, kThreads, 0, layer_norm_param_partial_kernel<T>)(
+        dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), rows, c, row_chunk, pw.data<A>(), pb.data<A>());
+    REMAT_LAUNCH(blocks_for(c), kThreads, 0, sum_chunks_kernel<T>)(
+        pw.data<A>(), pb.data<A>(), chunks, c, dw.data<T>(), db.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {dx, dw, db};
@@ -86,7 +87,7 @@ Tensor CudaBackend::softmax(const Tensor& x) {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   if (rows == 0) return y;
   dispatch(x.dtype(), "softmax", [&]<typename T>() {
-    softmax_kernel<T><<<grid_of(rows, "softmax"), kRowThreads>>>(x.data<T>(), y.data<T>(), c);
+    REMAT_LAUNCH(grid_of(rows, "softmax"), kRowThreads, 0, softmax_kernel<T>)(x.data<T>(), y.data<T>(), c);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
@@ -98,7 +99,8 @@ Tensor CudaBackend::softmax_backward(const Tensor& dy, const Tensor& y) {
   Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
   if (rows == 0) return dx;
   dispatch(y.dtype(), "softmax_backward", [&]<typename T>() {
-    softmax_backward_kernel<T><<<grid_of(rows, "softmax_backward"), kRowThreads>>>(dy.data<T>(), y.data<T>(), dx.data<T>(), c);
+    REMAT_LAUNCH(grid_of(rows, "softmax_backward"), kRowThreads, 0, softmax_backward_kernel<T>)(
+        dy.data<T>(), y.data<T>(), dx.data<T>(), c);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dx;
@@ -114,9 +116,9 @@ std::vector<Tensor> CudaBackend::group_norm(const Tensor& x, const Tensor& w, co
   Tensor mean = Tensor::empty({n, groups}, x.dtype(), x.device()), rstd = Tensor::empty({n, groups}, x.dtype(), x.device());
   int64_t hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
   dispatch(x.dtype(), "group_norm", [&]<typename T>() {
-    group_norm_kernel<T><<<grid_of(n * groups, "group_norm"), kThreads>>>(x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(),
-                                                                         mean.data<T>(), rstd.data<T>(), m, hw, groups,
-                                                                         cg, static_cast<Acc<T>>(eps));
+    REMAT_LAUNCH(grid_of(n * groups, "group_norm"), kThreads, 0, group_norm_kernel<T>)(
+        x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), m, hw, groups, cg,
+        static_cast<Acc<T>>(eps));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {y, mean, rstd};
@@ -131,9 +133,9 @@ std::vector<Tensor> CudaBackend::group_norm_backward(const Tensor& dy, const Ten
   int64_t hw = x.numel() / (n * c), cg = c / groups, m = cg * hw;
   Tensor dw = Tensor::empty({c}, x.dtype(), x.device()), db = Tensor::empty({c}, x.dtype(), x.device());
   dispatch(x.dtype(), "group_norm_backward", [&]<typename T>() {
-    group_norm_dx_kernel<T><<<grid_of(n * groups, "group_norm_backward"), kThreads>>>(
+    REMAT_LAUNCH(grid_of(n * groups, "group_norm_backward"), kThreads, 0, group_norm_dx_kernel<T>)(
         dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), m, hw, groups, cg);
-    group_norm_param_kernel<T><<<grid_of(c, "group_norm_backward"), kThreads>>>(
+    REMAT_LAUNCH(grid_of(c, "group_norm_backward"), kThreads, 0, group_norm_param_kernel<T>)(
         dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), n, c, hw, groups, cg, dw.data<T>(), db.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
@@ -153,10 +155,11 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
   bool is64 = targets.dtype() == DType::i64;
   dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
     if (n > 0)
-      cross_entropy_rows_kernel<T><<<grid_of(n, "cross_entropy"), kThreads>>>(
-          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>(), fault);
-    cross_entropy_mean_kernel<T><<<1, kThreads>>>(row_loss.data<Acc<T>>(), targets.raw_data(), is64, n, v, ignore_index,
-                                                  loss.data<T>());
+      REMAT_LAUNCH(grid_of(n, "cross_entropy"), kThreads, 0, cross_entropy_rows_kernel<T>)(
+          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>(),
+          fault);
+    REMAT_LAUNCH(1, kThreads, 0, cross_entropy_mean_kernel<T>)(
+        row_loss.data<Acc<T>>(), targets.raw_data(), is64, n, v, ignore_index, loss.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {loss, lse};
@@ -174,9 +177,9 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
   Tensor count = workspace({1}, DType::i64, logits.device());
   bool is64 = targets.dtype() == DType::i64;
   auto* counted = reinterpret_cast<long long*>(count.data<int64_t>());
-  cross_entropy_count_kernel<<<1, kThreads>>>(targets.raw_data(), is64, n, v, ignore_index, counted);
+  REMAT_LAUNCH(1, kThreads, 0, cross_entropy_count_kernel)(targets.raw_data(), is64, n, v, ignore_index, counted);
   dispatch(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
-    cross_entropy_backward_kernel<T><<<grid_of(n, "cross_entropy_backward"), kThreads>>>(
+    REMAT_LAUNCH(grid_of(n, "cross_entropy_backward"), kThreads, 0, cross_entropy_backward_kernel<T>)(
         dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, counted,
         dl.data<T>(), fault);
   });

@@ -26,12 +26,11 @@ void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identi
     partial = Tensor::empty({slices, cols}, std::is_same_v<Acc<T>, double> ? DType::f64 : DType::f32, device);
   }
   Acc<T>* partial_data = slices > 1 ? partial.data<Acc<T>>() : nullptr;
-  reduce_columns_kernel<T><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)),
-                             dim3(kColumnTile, kRowLanes)>>>(x, rows, cols, rows_per_slice, op, identity,
-                                                             partial_data, y);
+  dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)), block(kColumnTile, kRowLanes);
+  REMAT_LAUNCH(grid, block, 0, reduce_columns_kernel<T>)(x, rows, cols, rows_per_slice, op, identity, partial_data, y);
   REMAT_CUDA_LAUNCH_CHECK();
   if (slices > 1) {
-    fold_slices_kernel<T><<<blocks_for(cols), kThreads>>>(partial_data, slices, cols, op, y);
+    REMAT_LAUNCH(blocks_for(cols), kThreads, 0, fold_slices_kernel<T>)(partial_data, slices, cols, op, y);
     REMAT_CUDA_LAUNCH_CHECK();
   }
 }
@@ -47,9 +46,11 @@ Tensor reduce(const Tensor& x, const std::vector<int64_t>& axes, Op op, bool is_
     if (plan.by_columns())
       reduce_columns<T>(x.data<T>(), plan.n_red, plan.n_out, op, identity, out.data<T>(), x.device());
     else if (plan.block_per_output())
-      reduce_block_kernel<T><<<static_cast<unsigned>(plan.n_out), kThreads>>>(x.data<T>(), out.data<T>(), plan.index(), op, identity);
+      REMAT_LAUNCH(static_cast<unsigned>(plan.n_out), kThreads, 0, reduce_block_kernel<T>)(
+          x.data<T>(), out.data<T>(), plan.index(), op, identity);
     else
-      reduce_thread_kernel<T><<<blocks_for(plan.n_out), kThreads>>>(x.data<T>(), out.data<T>(), plan.index(), op, identity);
+      REMAT_LAUNCH(blocks_for(plan.n_out), kThreads, 0, reduce_thread_kernel<T>)(
+          x.data<T>(), out.data<T>(), plan.index(), op, identity);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return out;
@@ -76,7 +77,8 @@ Tensor CudaBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const
   if (x.numel() == 0) return dx;
   REMAT_CUDA_CHECK(cudaMemsetAsync(dx.raw_data(), 0, dx.nbytes()));
   dispatch(x.dtype(), "max_backward", [&]<typename T>() {
-    max_backward_kernel<T><<<blocks_for(plan.n_out), kThreads>>>(dy.data<T>(), x.data<T>(), y.data<T>(), dx.data<T>(), plan.index());
+    REMAT_LAUNCH(blocks_for(plan.n_out), kThreads, 0, max_backward_kernel<T>)(
+        dy.data<T>(), x.data<T>(), y.data<T>(), dx.data<T>(), plan.index());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dx;
@@ -102,10 +104,10 @@ Tensor queue_sum_squares(const std::vector<Tensor>& xs) {
                 x.device().str());
     double* slots = partial.data<double>() + i * kSquareBlocks;
     dispatch(x.dtype(), "sum_squares", [&]<typename T>() {
-      sum_squares_partial_kernel<T><<<kSquareBlocks, kThreads>>>(x.data<T>(), x.numel(), slots);
+      REMAT_LAUNCH(kSquareBlocks, kThreads, 0, sum_squares_partial_kernel<T>)(x.data<T>(), x.numel(), slots);
     });
     REMAT_CUDA_LAUNCH_CHECK();
-    sum_partials_kernel<<<1, kThreads>>>(slots, kSquareBlocks, totals.data<double>() + i);
+    REMAT_LAUNCH(1, kThreads, 0, sum_partials_kernel)(slots, kSquareBlocks, totals.data<double>() + i);
     REMAT_CUDA_LAUNCH_CHECK();
   }
   return totals;
@@ -129,13 +131,14 @@ bool CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max_n
     MemoryCategoryScope scope(MemoryCategory::workspace);
     clip = Tensor::empty({2}, DType::f64, device);
   }
-  clip_coefficient_kernel<<<1, 1>>>(totals.data<double>(), static_cast<int64_t>(xs.size()), max_norm,
-                                    norm.data<double>(), clip.data<double>());
+  REMAT_LAUNCH(1, 1, 0, clip_coefficient_kernel)(
+      totals.data<double>(), static_cast<int64_t>(xs.size()), max_norm, norm.data<double>(), clip.data<double>());
   REMAT_CUDA_LAUNCH_CHECK();
   for (const Tensor& x : xs) {
     if (x.numel() == 0) continue;
     dispatch(x.dtype(), "clip_by_total_norm", [&]<typename T>() {
-      scale_by_clip_kernel<T><<<blocks_for(x.numel()), kThreads>>>(x.data<T>(), x.numel(), clip.data<double>());
+      REMAT_LAUNCH(blocks_for(x.numel()), kThreads, 0, scale_by_clip_kernel<T>)(
+          x.data<T>(), x.numel(), clip.data<double>());
     });
     REMAT_CUDA_LAUNCH_CHECK();
     x.storage()->bump_version();

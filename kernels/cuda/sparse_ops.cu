@@ -52,8 +52,9 @@ void group_on_device(const Tensor& idx, int64_t vocab, Tensor& order_dev, Tensor
   auto* k_in = static_cast<uint32_t*>(keys.raw_data());
   auto* k_out = static_cast<uint32_t*>(sorted_keys.raw_data());
   if (n > 0) {
-    embedding_keys_kernel<<<blocks_for(n), kThreads>>>(idx.raw_data(), idx.dtype() == DType::i64, n, vocab, k_in,
-                                                       positions.data<int32_t>(), index_fault_record(device.index));
+    REMAT_LAUNCH(blocks_for(n), kThreads, 0, embedding_keys_kernel)(
+        idx.raw_data(), idx.dtype() == DType::i64, n, vocab, k_in, positions.data<int32_t>(),
+        index_fault_record(device.index));
     REMAT_CUDA_LAUNCH_CHECK();
     size_t temp_bytes = 0;
     REMAT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, k_in, k_out, positions.data<int32_t>(),
@@ -63,7 +64,8 @@ void group_on_device(const Tensor& idx, int64_t vocab, Tensor& order_dev, Tensor
                                                      positions.data<int32_t>(), order_dev.data<int32_t>(),
                                                      static_cast<int>(n), 0, bits));
   }
-  embedding_offsets_kernel<<<blocks_for(vocab + 1), kThreads>>>(k_out, n, vocab, offsets_dev.data<int32_t>());
+  REMAT_LAUNCH(blocks_for(vocab + 1), kThreads, 0, embedding_offsets_kernel)(
+      k_out, n, vocab, offsets_dev.data<int32_t>());
   REMAT_CUDA_LAUNCH_CHECK();
 }
 
@@ -80,8 +82,8 @@ Tensor CudaBackend::embedding(const Tensor& idx, const Tensor& weight) {
   if (n * c == 0) return out;
   IndexFault* fault = on_host ? nullptr : index_fault_record(weight.device().index);
   dispatch(weight.dtype(), "embedding", [&]<typename T>() {
-    embedding_kernel<T><<<blocks_for(n * c), kThreads>>>(idx.raw_data(), idx.dtype() == DType::i64, weight.data<T>(),
-                                                         out.data<T>(), n, c, weight.size(0), fault);
+    REMAT_LAUNCH(blocks_for(n * c), kThreads, 0, embedding_kernel<T>)(
+        idx.raw_data(), idx.dtype() == DType::i64, weight.data<T>(), out.data<T>(), n, c, weight.size(0), fault);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return out;
@@ -102,8 +104,8 @@ Tensor CudaBackend::embedding_backward(const Tensor& dy, const Tensor& idx, int6
   Tensor dw = Tensor::empty({vocab, c}, dy.dtype(), dy.device());
   if (vocab * c == 0) return dw;
   dispatch(dy.dtype(), "embedding_backward", [&]<typename T>() {
-    embedding_backward_kernel<T><<<blocks_for(vocab * c), kThreads>>>(dy.data<T>(), order_dev.data<int32_t>(),
-                                                                      offsets_dev.data<int32_t>(), dw.data<T>(), vocab, c);
+    REMAT_LAUNCH(blocks_for(vocab * c), kThreads, 0, embedding_backward_kernel<T>)(
+        dy.data<T>(), order_dev.data<int32_t>(), offsets_dev.data<int32_t>(), dw.data<T>(), vocab, c);
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return dw;

@@ -12,6 +12,7 @@
 #include "runtime/cuda/copy_engine.h"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/index_faults.h"
+#include "runtime/cuda/launch.h"
 #include "runtime/cuda/runtime_api.h"
 
 namespace remat {
@@ -86,10 +87,10 @@ void fill(void* dst, Device device, size_t count, size_t element_bytes, uint64_t
   REMAT_CUDA_CHECK(cudaSetDevice(device.index));
   unsigned blocks = static_cast<unsigned>(std::min<size_t>((count + 255) / 256, 65536));
   switch (element_bytes) {
-    case 1: fill_kernel<<<blocks, 256>>>(static_cast<uint8_t*>(dst), count, static_cast<uint8_t>(pattern)); break;
-    case 2: fill_kernel<<<blocks, 256>>>(static_cast<uint16_t*>(dst), count, static_cast<uint16_t>(pattern)); break;
-    case 4: fill_kernel<<<blocks, 256>>>(static_cast<uint32_t*>(dst), count, static_cast<uint32_t>(pattern)); break;
-    case 8: fill_kernel<<<blocks, 256>>>(static_cast<uint64_t*>(dst), count, pattern); break;
+    case 1: REMAT_LAUNCH(blocks, 256, 0, fill_kernel<uint8_t>)(static_cast<uint8_t*>(dst), count, pattern); break;
+    case 2: REMAT_LAUNCH(blocks, 256, 0, fill_kernel<uint16_t>)(static_cast<uint16_t*>(dst), count, pattern); break;
+    case 4: REMAT_LAUNCH(blocks, 256, 0, fill_kernel<uint32_t>)(static_cast<uint32_t*>(dst), count, pattern); break;
+    case 8: REMAT_LAUNCH(blocks, 256, 0, fill_kernel<uint64_t>)(static_cast<uint64_t*>(dst), count, pattern); break;
     default: REMAT_FAIL("fill on ", device.str(), ": expected elements of 1, 2, 4 or 8 bytes, got ", element_bytes);
   }
   REMAT_CUDA_CHECK(cudaGetLastError());
