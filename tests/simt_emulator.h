@@ -1,5 +1,5 @@
-// A SIMT emulator for testing CUDA kernels on the CPU: each GPU thread of a block is an OS thread,
-// __syncthreads a barrier of the block, and the warp-wide operations (__shfl_xor_sync, the
+// A SIMT emulator for testing CUDA kernels on the CPU: each GPU thread of a block is a fiber on its
+// own stack (an OS thread under the sanitizers), __syncthreads a barrier of the block, and the warp-wide operations (__shfl_xor_sync, the
 // m16n8k16 bf16 tensor-core product) meet at a barrier of their warp, where every lane reads what
 // the others put down. Blocks run one after another. Within a block one thread runs at a time, in a
 // fixed order, until it reaches a barrier or ends (a cooperative scheduler, not the OS's): each
@@ -37,6 +37,10 @@
 #include <thread>
 #include <vector>
 
+#include <exception>
+#include <sys/mman.h>
+#include <ucontext.h>
+
 namespace remat_simt {
 
 struct Dim3 {
@@ -50,95 +54,191 @@ constexpr int kWarpSize = 32;
 
 inline unsigned linear_thread();
 
-// Runs the threads of a block one at a time: a thread holds the turn until it reaches a barrier or
-// ends, then hands it to the next runnable thread in the block's order; when the last thread of a
-// barrier arrives, its threads become runnable again and the order starts over.
-class Scheduler {
+// A barrier of `count` threads (the block's, or a warp's).
+struct Meet {
+  explicit Meet(int count) : count(count) {}
+  int count;
+  std::vector<int> waiting;
+};
+
+// Which thread of a block runs next: one at a time, a thread holding the turn until it reaches a
+// barrier or ends, then the next runnable one in the block's order; when the last thread of a
+// barrier arrives, its threads become runnable again and the order starts over. None runnable
+// while some wait: a deadlock (threads at a barrier that the others never reach).
+class TurnOrder {
  public:
-  Scheduler(int threads, bool reverse) : go_(threads), state_(threads, State::runnable) {
-    for (int t = 0; t < threads; ++t) {
-      go_[t] = std::make_unique<std::counting_semaphore<>>(0);
-      order_.push_back(reverse ? threads - 1 - t : t);
+  TurnOrder(int threads, bool reverse) : state_(threads, State::runnable) {
+    for (int t = 0; t < threads; ++t) order_.push_back(reverse ? threads - 1 - t : t);
+  }
+  void block(Meet& meet, int me) {
+    meet.waiting.push_back(me);
+    state_[me] = State::blocked;
+    if (static_cast<int>(meet.waiting.size()) == meet.count) {
+      for (int t : meet.waiting) state_[t] = State::runnable;
+      meet.waiting.clear();
+      position_ = -1;  // the next phase runs in the block's order from its start
     }
   }
+  void done(int me) { state_[me] = State::done; }
+  // The thread to run next, or -1: then either all are done, or deadlocked() says they are stuck.
+  int next() {
+    const int n = static_cast<int>(order_.size());
+    for (int k = 1; k <= n; ++k) {
+      const int at = (position_ + k) % n;  // (position_ -1: from the order's start)
+      if (state_[order_[at]] == State::runnable) {
+        position_ = at;
+        return order_[at];
+      }
+    }
+    return -1;
+  }
+  bool deadlocked() const {
+    return std::any_of(state_.begin(), state_.end(), [](State s) { return s == State::blocked; });
+  }
 
-  // A barrier of `count` threads (the block's, or a warp's).
-  struct Meet {
-    explicit Meet(int count) : count(count) {}
-    int count;
-    std::vector<int> waiting;
-  };
+ private:
+  enum class State { runnable, blocked, done };
+  std::vector<State> state_;
+  std::vector<int> order_;
+  int position_ = -1;
+};
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define REMAT_SIMT_OS_THREADS 1
+#endif
+
+#ifdef REMAT_SIMT_OS_THREADS
+// Under the sanitizers (which do not follow stack switches) each GPU thread is an OS thread, and
+// the turn passes between them through semaphores.
+class Scheduler {
+ public:
+  Scheduler(int threads, bool reverse) : turns_(threads, reverse), go_(threads) {
+    for (auto& g : go_) g = std::make_unique<std::counting_semaphore<>>(0);
+  }
   void start() { pass_turn(); }
   void wait_turn(int me) {
     if (!stuck()) go_[me]->acquire();
   }
-
   void arrive(Meet& meet, int me) {
     {
       std::lock_guard lock(mutex_);
       if (stuck_) return;  // after a deadlock the threads run on unscheduled, to their end
-      meet.waiting.push_back(me);
-      state_[me] = State::blocked;
-      if (static_cast<int>(meet.waiting.size()) == meet.count) {
-        for (int t : meet.waiting) state_[t] = State::runnable;
-        meet.waiting.clear();
-        position_ = -1;  // the next phase runs in the block's order from its start
-      }
+      turns_.block(meet, me);
       pass_turn_locked();
     }
     wait_turn(me);
   }
-
   void finish(int me) {
     std::lock_guard lock(mutex_);
-    state_[me] = State::done;
+    turns_.done(me);
     if (!stuck_) pass_turn_locked();
   }
-
   bool stuck() {
     std::lock_guard lock(mutex_);
     return stuck_;
   }
 
  private:
-  enum class State { runnable, blocked, done };
-
   void pass_turn() {
     std::lock_guard lock(mutex_);
     pass_turn_locked();
   }
-
-  // The next runnable thread after the current position (cyclically) gets the turn. None while
-  // some wait at a barrier that the others will never reach: a deadlock, reported by launch().
   void pass_turn_locked() {
-    const int n = static_cast<int>(order_.size());
-    for (int k = 1; k <= n; ++k) {
-      const int at = (position_ + k) % n;  // (position_ -1: from the order's start)
-      if (state_[order_[at]] == State::runnable) {
-        position_ = at;
-        go_[order_[at]]->release();
-        return;
-      }
-    }
-    if (std::any_of(state_.begin(), state_.end(), [](State s) { return s == State::blocked; })) {
+    int next = turns_.next();
+    if (next >= 0) {
+      go_[next]->release();
+    } else if (turns_.deadlocked()) {
       stuck_ = true;
       for (auto& g : go_) g->release();
     }
   }
-
   std::mutex mutex_;
+  TurnOrder turns_;
   std::vector<std::unique_ptr<std::counting_semaphore<>>> go_;  // (counting: a deadlock releases all)
-  std::vector<State> state_;
-  std::vector<int> order_;
-  int position_ = -1;
   bool stuck_ = false;
 };
+#else
+// Elsewhere each GPU thread is a fiber (ucontext) on its own stack, and the launching thread
+// switches between them: the same order, with no OS thread and no system scheduler in between.
+class Scheduler {
+ public:
+  static constexpr size_t kStackBytes = 256 * 1024;
+
+  Scheduler(int threads, bool reverse) : turns_(threads, reverse), fibers_(threads) {}
+  // Runs every thread to its end or to a deadlock; `enter(t)` makes t the current thread's
+  // identity before it runs, `body(t)` is its code.
+  template <typename Enter, typename Body>
+  void run(Enter enter, Body body) {
+    const int n = static_cast<int>(fibers_.size());
+    auto& stacks = stack_pool();
+    while (static_cast<int>(stacks.size()) < n) stacks.push_back(Stack());
+    Entry entry{this, [&](int t) { body(t); }};
+    for (int t = 0; t < n; ++t) {
+      getcontext(&fibers_[t]);
+      fibers_[t].uc_stack.ss_sp = stacks[t].base;
+      fibers_[t].uc_stack.ss_size = kStackBytes;
+      fibers_[t].uc_link = &home_;
+      // makecontext passes ints: the entry's address in two halves, and the thread.
+      auto address = reinterpret_cast<uintptr_t>(&entry);
+      makecontext(&fibers_[t], reinterpret_cast<void (*)()>(&Scheduler::fiber_main), 3,
+                  static_cast<unsigned>(address >> 32), static_cast<unsigned>(address & 0xffffffffu), t);
+    }
+    for (int t = turns_.next(); t >= 0; t = turns_.next()) {
+      enter(t);
+      swapcontext(&home_, &fibers_[t]);
+      if (failure_) std::rethrow_exception(failure_);
+    }
+    stuck_ = turns_.deadlocked();  // the stuck threads' stacks are abandoned with the block
+  }
+  void arrive(Meet& meet, int me) {
+    turns_.block(meet, me);
+    swapcontext(&fibers_[me], &home_);
+  }
+  bool stuck() const { return stuck_; }
+
+ private:
+  struct Entry {
+    Scheduler* self;
+    std::function<void(int)> body;
+  };
+  // A stack with a guard page below it, kept for later launches (only touched pages use memory).
+  struct Stack {
+    Stack() {
+      const size_t page = 4096;
+      void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("simt: no memory for a fiber stack");
+      mprotect(p, page, PROT_NONE);  // a stack overflow faults instead of writing over a neighbour
+      base = static_cast<char*>(p) + page;
+    }
+    char* base;
+  };
+  static std::vector<Stack>& stack_pool() {
+    static std::vector<Stack> pool;  // never unmapped: reused by every launch
+    return pool;
+  }
+  static void fiber_main(unsigned high, unsigned low, int t) {
+    auto* entry = reinterpret_cast<Entry*>((static_cast<uintptr_t>(high) << 32) | low);
+    try {
+      entry->body(t);
+    } catch (...) {
+      entry->self->failure_ = std::current_exception();
+    }
+    entry->self->turns_.done(t);
+  }  // returns to home_ (uc_link)
+
+  TurnOrder turns_;
+  std::vector<ucontext_t> fibers_;
+  ucontext_t home_{};
+  bool stuck_ = false;
+  std::exception_ptr failure_;
+};
+#endif
 
 // What the lanes of one warp exchange at their barrier.
 struct Warp {
   explicit Warp(int lanes) : meet(lanes) {}
-  Scheduler::Meet meet;
+  Meet meet;
   uint64_t shuffled[kWarpSize];
   uint32_t a[kWarpSize][4], b[kWarpSize][2];
 };
@@ -152,11 +252,11 @@ struct Block {
     }
   }
   Scheduler scheduler;
-  Scheduler::Meet sync;
+  Meet sync;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> dynamic;
 
-  void meet(Scheduler::Meet& m) { scheduler.arrive(m, static_cast<int>(linear_thread())); }
+  void meet(Meet& m) { scheduler.arrive(m, static_cast<int>(linear_thread())); }
 };
 
 inline Block* g_block = nullptr;
@@ -232,17 +332,24 @@ inline void launch(Dim3 grid, Dim3 block_dim, size_t dynamic_bytes, const std::f
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block block(threads, dynamic_bytes, (by * grid.x + bx) % 2 == 1);
       g_block = &block;
+      auto identity = [&](int t) {
+        t_thread = {static_cast<unsigned>(t) % g_block_dim.x, static_cast<unsigned>(t) / g_block_dim.x, 0};
+        t_block = {bx, by, 0};
+      };
+#ifdef REMAT_SIMT_OS_THREADS
       std::vector<std::thread> lanes;
       for (int t = 0; t < threads; ++t)
         lanes.emplace_back([&, t] {
-          t_thread = {static_cast<unsigned>(t) % g_block_dim.x, static_cast<unsigned>(t) / g_block_dim.x, 0};
-          t_block = {bx, by, 0};
+          identity(t);
           block.scheduler.wait_turn(t);
           kernel();
           block.scheduler.finish(t);
         });
       block.scheduler.start();
       for (std::thread& l : lanes) l.join();
+#else
+      block.scheduler.run(identity, [&](int) { kernel(); });
+#endif
       g_block = nullptr;
       if (block.scheduler.stuck())
         throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
