@@ -233,7 +233,11 @@ int64_t Graph::offload(int64_t value) {
                   both_ends(src, host));
   v.data = host;
   v.version = host.version();  // the host copy's own counter from now on
-  cuda_poll_copies();           // frees the device copies of earlier offloads that have landed
+  // The device copy is freed only once its copy has run. When the GPU runs behind the host (a
+  // large model: the host queues far ahead), the copies of every offload so far would otherwise
+  // wait together, each holding its device copy, and offload would save nothing. So the host waits
+  // here until the earlier offloads' copies have landed: one copy in flight at a time.
+  cuda_wait_copies(src.device().index, 1);
   return static_cast<int64_t>(host.nbytes());
 }
 

@@ -83,7 +83,7 @@ void RegionManager::on_record(Graph& graph, int64_t node, const std::vector<Tens
         // OFFLOAD: the saved copy waits in host memory; its users copy it back (Graph::value_data).
         if (d == Decision::must_offload || d == Decision::prefer_offload) {
           int64_t bytes = graph.offload(n.outputs[i]);
-          offloaded_any_ = offloaded_any_ || bytes > 0;
+          if (bytes > 0) offload_devices_.insert(outputs[i].device().index);
           r.counters.bytes_offloaded += bytes;
           t_totals.bytes_offloaded += bytes;
         }
@@ -536,9 +536,12 @@ void RegionManager::before_slot_release(Graph& graph, int64_t node, size_t s) {
 
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
   const Node& n = *graph.nodes[node];
-  // Device copies of offloaded tensors go as soon as their copy to the host has landed, not at
-  // the end of backward: the last ones offloaded in forward would otherwise stay through it.
-  if (offloaded_any_) cuda_poll_copies();
+  // Device copies of offloaded tensors go as soon as their copies have landed, not at the end of
+  // backward: the last ones offloaded in forward would otherwise stay through it, and so would
+  // every prefetched copy when the GPU runs behind the host. The host waits for the GPU when more
+  // copies than a prefetch window's are in flight, which bounds the device memory they hold.
+  constexpr int kCopiesInFlight = 8;
+  for (int device : offload_devices_) cuda_wait_copies(device, kCopiesInFlight);
   // Offloaded tensors of the next nodes start back to the GPU now, on the copy stream, while the
   // compute stream runs the nodes in between.
   constexpr int64_t kPrefetchNodes = 4;
@@ -581,7 +584,7 @@ void RegionManager::after_backward(Graph& graph, bool retain_graph) {
   graph.prefetched.clear();  // prefetches for nodes that needed no gradient
   // Only when something was offloaded: polling loads the CUDA part (CUDA's libraries, ~150 MiB of
   // RSS), which a CPU run never needs.
-  if (offloaded_any_) cuda_poll_copies();
+  if (!offload_devices_.empty()) cuda_poll_copies();
   for (auto [node, slot] : std::vector<std::pair<int64_t, int64_t>>(rebuilt_holds_.begin(), rebuilt_holds_.end())) {
     int64_t value = node >= 0 ? graph.nodes[node]->saved[slot].value : regions_[-1 - node].inputs[slot].value;
     release_rebuilt(graph, node, slot, value);

@@ -107,7 +107,7 @@ class RegionManager final : public SavedTensorHooks {
   std::set<std::pair<int64_t, int64_t>> rebuilt_holds_;
   std::unordered_set<int64_t> must_saved_;      // producer nodes some region marked MUST_SAVE
   std::unordered_set<int64_t> dropped_values_;  // values already counted in bytes_dropped
-  bool offloaded_any_ = false;                  // some saved output went to host memory
+  std::set<int> offload_devices_;              // the GPUs whose saved outputs went to host memory
   // This backward: the root's value (-1: not on this graph, or between backwards), retain_graph,
   // and per region whether all its remaining nodes are the root's ancestors (computed on first use).
   int64_t backward_root_ = -1;

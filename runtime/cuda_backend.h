@@ -31,6 +31,10 @@ CopyTicket cuda_copy_async(void* dst, const void* src, size_t n, int index, bool
 void cuda_wait(const CopyTicket& ticket);
 // Lets go of what finished copies kept alive; returns the copies still in flight.
 int cuda_poll_copies();
+// Waits (the host for the GPU) until at most `keep_in_flight` copies of device `index` are in
+// flight, oldest first, then polls: what offload uses to bound the device memory its copies hold
+// when the GPU runs behind the host.
+int cuda_wait_copies(int index, int keep_in_flight);
 // A contiguous copy of a strided view on a GPU (the CUDA kernels' copy, reached through the CUDA part).
 class Tensor;
 Tensor cuda_copy_strided(const Tensor& t);

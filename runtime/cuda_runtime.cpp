@@ -113,6 +113,10 @@ void cuda_wait(const CopyTicket& ticket) {
 
 int cuda_poll_copies() { return api() ? api()->poll_copies() : 0; }
 
+int cuda_wait_copies(int index, int keep_in_flight) {
+  return require(device_str(index) + " copy").wait_copies(index, keep_in_flight);
+}
+
 Tensor cuda_copy_strided(const Tensor& t) { return require(t.device().str() + " copy").copy_strided(t); }
 
 void cuda_set_device(int index) { require(device_str(index) + " made current").set_device(index); }

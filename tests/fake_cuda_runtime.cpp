@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -45,7 +46,7 @@ namespace {
 struct State {
   std::recursive_mutex mutex;
   int devices = 1;
-  size_t capacity = 0;
+  size_t capacity = size_t(16) << 30;
   Counters counters;
   std::map<const char*, std::pair<size_t, int>> device_blocks;  // start -> (bytes, device)
   std::vector<std::string> misuse;
@@ -54,6 +55,7 @@ struct State {
   // blocks in statics for the life of the process, as it may with the real runtime.
   std::vector<std::unique_ptr<CUstream_st>> compute_streams, copy_streams;
   std::vector<std::unique_ptr<CUevent_st>> events;
+  std::map<const void*, int> max_dynamic_shared;  // per kernel, from cudaFuncSetAttribute
 };
 
 State& state() {
@@ -125,6 +127,22 @@ void execute(CUstream_st& stream, CUstream_st::Op& op) {
   }
 }
 
+// Queues an operation. With REMAT_FAKE_CUDA_EAGER=1 in the environment the device then runs
+// everything it can at once: a GPU that is never behind the host, against the default of one
+// that runs only when the host waits for it.
+bool step(Order order);
+
+void queue(CUstream_st* stream, CUstream_st::Op op) {
+  static const bool eager = [] {
+    const char* e = std::getenv("REMAT_FAKE_CUDA_EAGER");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  stream->ops.push_back(std::move(op));
+  if (eager)
+    while (step(Order::compute_first)) {
+    }
+}
+
 }  // namespace
 
 void reset(int devices, size_t capacity) {
@@ -156,26 +174,63 @@ void enqueue(cudaStream_t stream, std::function<void()> work) {
   std::lock_guard lock(state().mutex);
   CUstream_st::Op op(CUstream_st::Op::kernel);
   op.work = std::move(work);
-  resolve(stream)->ops.push_back(std::move(op));
+  fake_cuda::queue(resolve(stream), std::move(op));
 }
 
-void run(Order order) {
+void launch(const void* kernel, const unsigned grid[3], const unsigned block[3], size_t shared_bytes,
+            std::function<void()> body) {
   State& s = state();
   std::lock_guard lock(s.mutex);
+  auto dims = [](const unsigned d[3]) {
+    char text[64];
+    std::snprintf(text, sizeof text, "(%u, %u, %u)", d[0], d[1], d[2]);
+    return std::string(text);
+  };
+  uint64_t threads = uint64_t(block[0]) * block[1] * block[2];
+  auto found = s.max_dynamic_shared.find(kernel);
+  size_t shared_limit = found != s.max_dynamic_shared.end() ? static_cast<size_t>(found->second) : 48 * 1024;
+  std::string wrong;
+  if (threads == 0 || threads > 1024 || block[2] > 64) wrong = "a block of " + dims(block) + " threads";
+  else if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[1] > 65535 || grid[2] > 65535 ||
+           grid[0] > 2147483647u)
+    wrong = "a grid of " + dims(grid) + " blocks";
+  else if (shared_bytes > shared_limit)
+    wrong = std::to_string(shared_bytes) + " bytes of dynamic shared memory (the kernel may use " +
+            std::to_string(shared_limit) + ")";
+  if (!wrong.empty()) {
+    fail(cudaErrorInvalidConfiguration, "a launch with " + wrong);
+    return;
+  }
+  CUstream_st::Op op(CUstream_st::Op::kernel);
+  op.work = std::move(body);
+  fake_cuda::queue(resolve(nullptr), std::move(op));
+}
+
+namespace {
+
+// Runs one operation: the head of the first stream in `order` whose head can run. False when none can.
+bool step(Order order) {
+  State& s = state();
   std::vector<CUstream_st*> streams;
   for (auto& st : s.compute_streams) streams.push_back(st.get());
   for (auto& st : s.copy_streams) streams.push_back(st.get());
-  if (order == Order::copies_first) std::stable_partition(streams.begin(), streams.end(), [](auto* st) { return !st->compute; });
-  for (bool progress = true; progress;) {
-    progress = false;
-    for (CUstream_st* st : streams) {
-      if (st->ops.empty() || !runnable(st->ops.front())) continue;
-      CUstream_st::Op op = std::move(st->ops.front());
-      st->ops.pop_front();
-      execute(*st, op);
-      progress = true;
-      break;  // back to the first stream of the order
-    }
+  if (order == Order::copies_first)
+    std::stable_partition(streams.begin(), streams.end(), [](auto* st) { return !st->compute; });
+  for (CUstream_st* st : streams) {
+    if (st->ops.empty() || !runnable(st->ops.front())) continue;
+    CUstream_st::Op op = std::move(st->ops.front());
+    st->ops.pop_front();
+    execute(*st, op);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void run(Order order) {
+  std::lock_guard lock(state().mutex);
+  while (step(order)) {
   }
 }
 
@@ -213,6 +268,7 @@ const char* cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotReady: return "device not ready";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     default: return "unexpected error (fake_cuda)";
   }
 }
@@ -313,7 +369,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   CUstream_st::Op op(CUstream_st::Op::record);
   op.event = event;
   op.generation = event->recorded = ++s.generation;
-  st->ops.push_back(std::move(op));
+  fake_cuda::queue(st, std::move(op));
   return cudaSuccess;
 }
 
@@ -329,7 +385,118 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
   CUstream_st::Op op(CUstream_st::Op::wait);
   op.event = event;
   op.generation = event->recorded;  // the record made before this call, as on a GPU
-  fake_cuda::resolve(stream)->ops.push_back(std::move(op));
+  fake_cuda::queue(fake_cuda::resolve(stream), std::move(op));
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  std::lock_guard lock(state().mutex);
+  *count = state().devices;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  std::lock_guard lock(state().mutex);
+  if (device < 0 || device >= state().devices) return fake_cuda::fail(cudaErrorInvalidDevice, "properties of a device");
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof prop->name, "fake_cuda emulated device %d", device);
+  prop->major = 9;
+  prop->minor = 0;
+  prop->totalGlobalMem = state().capacity;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  std::lock_guard lock(state().mutex);
+  if (device < 0 || device >= state().devices) return fake_cuda::fail(cudaErrorInvalidDevice, "an attribute of a device");
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;  // an H200's
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    default: return fake_cuda::fail(cudaErrorInvalidValue, "a device attribute fake_cuda does not simulate");
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  std::lock_guard lock(state().mutex);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024)
+    return fake_cuda::fail(cudaErrorInvalidValue, "a kernel attribute out of an H200's range");
+  state().max_dynamic_shared[func] = value;
+  return cudaSuccess;
+}
+
+// The points where the host waits for the device: everything queued runs.
+cudaError_t cudaDeviceSynchronize() {
+  fake_cuda::run(fake_cuda::Order::compute_first);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t) {
+  fake_cuda::run(fake_cuda::Order::compute_first);  // a query finds the emulated device done
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, cudaEventDefault); }
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  std::lock_guard lock(state().mutex);
+  if (event->destroyed) return fake_cuda::fail(cudaErrorInvalidResourceHandle, "a wait for a destroyed event");
+  // The device runs until it reaches the event, and no further.
+  while (event->completed < event->recorded && fake_cuda::step(fake_cuda::Order::compute_first)) {
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  std::lock_guard lock(state().mutex);
+  if (start->completed < start->recorded || end->completed < end->recorded)
+    return fake_cuda::fail(cudaErrorNotReady, "the time between events not yet reached");
+  *ms = static_cast<float>(end->completed - start->completed) * 1e-3f;  // generations stand in for time
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
+  fake_cuda::run(fake_cuda::Order::compute_first);  // ordered after the device's queued work
+  std::lock_guard lock(state().mutex);
+  if (count == 0) return cudaSuccess;
+  bool device_dst = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  bool device_src = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if ((device_dst && !fake_cuda::find_block(dst, count)) || (device_src && !fake_cuda::find_block(src, count)))
+    return fake_cuda::fail(cudaErrorInvalidValue, "a cudaMemcpy on device memory that is not allocated");
+  std::memmove(dst, src, count);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t stream) {
+  std::lock_guard lock(state().mutex);
+  if (count == 0) return cudaSuccess;  // any pointer, as the runtime allows
+  if (!fake_cuda::find_block(ptr, count))
+    return fake_cuda::fail(cudaErrorInvalidValue, "a memset of device memory that is not allocated");
+  CUstream_st::Op op(CUstream_st::Op::kernel);
+  op.work = [ptr, value, count] { std::memset(ptr, value, count); };
+  fake_cuda::queue(fake_cuda::resolve(stream), std::move(op));
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void* ptr, int value, size_t count) {
+  cudaError_t e = cudaMemsetAsync(ptr, value, count, nullptr);
+  if (e == cudaSuccess) fake_cuda::run(fake_cuda::Order::compute_first);
+  return e;
+}
+
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind kind, cudaStream_t stream) {
+  std::lock_guard lock(state().mutex);
+  if (kind != cudaMemcpyDeviceToDevice)
+    return fake_cuda::fail(cudaErrorInvalidValue, "a 2-D copy of a kind fake_cuda does not simulate");
+  if (height > 0 && (!fake_cuda::find_block(dst, dpitch * (height - 1) + width) ||
+                     !fake_cuda::find_block(src, spitch * (height - 1) + width)))
+    return fake_cuda::fail(cudaErrorInvalidValue, "a 2-D copy on device memory that is not allocated");
+  CUstream_st::Op op(CUstream_st::Op::kernel);
+  op.work = [=] {
+    for (size_t r = 0; r < height; ++r)
+      std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+  };
+  fake_cuda::queue(fake_cuda::resolve(stream), std::move(op));
   return cudaSuccess;
 }
 
@@ -342,7 +509,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
   op.src = src;
   op.n = count;
   op.direction = kind;
-  fake_cuda::resolve(stream)->ops.push_back(std::move(op));
+  fake_cuda::queue(fake_cuda::resolve(stream), std::move(op));
   return cudaSuccess;
 }
 

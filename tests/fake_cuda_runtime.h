@@ -15,7 +15,8 @@
 namespace fake_cuda {
 
 // Forgets every allocation, stream and event, and makes `devices` devices of `capacity` bytes each.
-void reset(int devices = 1, size_t capacity = size_t(1) << 40);
+// Before the first reset: one device of 16 GiB.
+void reset(int devices = 1, size_t capacity = size_t(16) << 30);
 
 struct Counters {
   int device_mallocs = 0;   // cudaMalloc calls that succeeded
@@ -29,6 +30,13 @@ Counters counters();
 // Work on a stream of the current device (nullptr: its compute stream, the legacy default
 // stream), as a kernel would be queued: `work` runs when the stream reaches it.
 void enqueue(cudaStream_t stream, std::function<void()> work);
+
+// A kernel launch on the current device's compute stream: checks the configuration as the real
+// runtime does (block size, grid extents, dynamic shared memory against 48 KiB or what
+// cudaFuncSetAttribute allowed for `kernel`), then queues `body`. A bad configuration sets the
+// error cudaGetLastError returns, and is recorded as misuse.
+void launch(const void* kernel, const unsigned grid[3], const unsigned block[3], size_t shared_bytes,
+            std::function<void()> body);
 
 // Runs queued work until nothing more can run. Which stream goes first when several can: the
 // orders a GPU might take, so that a missing dependency shows.

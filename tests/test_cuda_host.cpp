@@ -259,3 +259,28 @@ TEST_CASE("copy engine: copies to a second device use that device's streams and 
   CHECK(cuda::poll_copies() == 0);
   CHECK(fake_cuda::misuse().empty());
 }
+
+TEST_CASE("copy engine: wait_for_copies waits for the oldest copies and lets go of what they kept", "[cuda_host]") {
+  fake_cuda::reset();
+  const size_t n = 128;
+  auto* dev = static_cast<unsigned char*>(device_malloc(3 * n));
+  std::vector<unsigned char> host(3 * n, 5);
+  std::vector<bool> released(3, false);
+  std::vector<CopyTicket> tickets;
+  for (int i = 0; i < 3; ++i) {
+    std::shared_ptr<const void> keep(host.data(), [&released, i](const void*) { released[i] = true; });
+    tickets.push_back(cuda::copy_async(dev + i * n, host.data() + i * n, n, 0, true, std::move(keep)));
+  }
+  CHECK(cuda::wait_for_copies(0, 5) == 0);  // at most five in flight already: no wait
+  CHECK(released == std::vector<bool>{false, false, false});
+  CHECK(cuda::wait_for_copies(0, 1) == 2);  // the two oldest waited for, their ends let go
+  CHECK(released[0]);
+  CHECK(released[1]);
+  CHECK_FALSE(released[2]);  // the newest may still be in flight
+  CHECK(bytes_at(dev, 2 * n) == std::vector<unsigned char>(2 * n, 5));
+  tickets.clear();
+  fake_cuda::run(fake_cuda::Order::compute_first);
+  CHECK(cuda::poll_copies() == 0);
+  CHECK(released[2]);
+  CHECK(fake_cuda::misuse().empty());
+}

@@ -7,6 +7,7 @@ filter (default: everything not tagged [slow]). With the default filter, the scr
 tests/scripts/ run too (unless --no-scripts), each one case given the build folder: exit 0
 passed, 77 skipped, anything else failed.
 """
+import os
 import re
 import shutil
 import subprocess
@@ -30,6 +31,38 @@ def count_listed(binary, test_filter):
     return len([line for line in out.splitlines() if line.strip()])
 
 
+def run_binary(label, command, case_filter, env=None):
+    """Runs one Catch2 binary and prints a line; returns its (passed, failed, skipped) test cases and exit code."""
+    start = time.time()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.time() - start
+    out = proc.stdout + proc.stderr
+    binary = next(c for c in command if "/tests/" in c)
+    if proc.returncode == 77:
+        n = count_listed(binary, case_filter)
+        lines = out.strip().splitlines()
+        reason = next((l for l in lines if "skipping" in l), lines[-1] if lines else "exit 77")
+        print(f"{label}: {n} skipped ({reason})", flush=True)
+        return 0, 0, n, 77
+    all_passed = re.search(r"All tests passed \(\d+ assertions? in (\d+) test cases?\)", out)
+    summary = re.search(r"test cases:\s*(\d+)\s*\|\s*(\d+) passed\s*\|\s*(\d+) failed", out)
+    only_failed = re.search(r"test cases:\s*(\d+)\s*\|\s*(\d+) failed", out)
+    if all_passed and proc.returncode == 0:
+        p, f = int(all_passed.group(1)), 0
+    elif summary:
+        p, f = int(summary.group(2)), int(summary.group(3))
+    elif only_failed:
+        p, f = 0, int(only_failed.group(2))
+    elif "No tests ran" in out and proc.returncode in (0, 2):
+        p, f = 0, 0
+    else:
+        p, f = 0, 1  # crashed before Catch2 could report
+    if f or proc.returncode != 0:
+        sys.stdout.write(out)
+    print(f"{label}: {p} passed, {f} failed ({seconds:.1f} s)", flush=True)
+    return p, f, 0, proc.returncode
+
+
 def main():
     args = [a for a in sys.argv[1:] if a != "--no-scripts"]
     run_scripts = "--no-scripts" not in sys.argv[1:]
@@ -39,6 +72,7 @@ def main():
     # this, a filter of exclusions alone would select them.
     case_filter = test_filter + "~[.]"
     passed = failed = skipped = 0
+    gpu_skipped = False
     for name in BINARIES:
         binary = build / "tests" / name
         if not binary.exists() and name in OPTIONAL:
@@ -49,39 +83,23 @@ def main():
             print(f"{name}: not built", flush=True)
             failed += 1
             continue
-        start = time.time()
         command = [str(binary), case_filter]
         if name in MPI_RANKS and shutil.which("mpirun"):
             command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(MPI_RANKS[name])] + command
             command += ["--use-colour", "no"]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        seconds = time.time() - start
-        out = proc.stdout + proc.stderr
-        if proc.returncode == 77:
-            n = count_listed(str(binary), case_filter)
-            skipped += n
-            lines = out.strip().splitlines()
-            reason = next((l for l in lines if "skipping" in l), lines[-1] if lines else "exit 77")
-            print(f"{name}: {n} skipped ({reason})", flush=True)
-            continue
-        all_passed = re.search(r"All tests passed \(\d+ assertions? in (\d+) test cases?\)", out)
-        summary = re.search(r"test cases:\s*(\d+)\s*\|\s*(\d+) passed\s*\|\s*(\d+) failed", out)
-        only_failed = re.search(r"test cases:\s*(\d+)\s*\|\s*(\d+) failed", out)
-        if all_passed and proc.returncode == 0:
-            p, f = int(all_passed.group(1)), 0
-        elif summary:
-            p, f = int(summary.group(2)), int(summary.group(3))
-        elif only_failed:
-            p, f = 0, int(only_failed.group(2))
-        elif "No tests ran" in out and proc.returncode in (0, 2):
-            p, f = 0, 0
-        else:
-            p, f = 0, 1  # crashed before Catch2 could report
-        if f or proc.returncode != 0:
-            sys.stdout.write(out)
-        print(f"{name}: {p} passed, {f} failed ({seconds:.1f} s)", flush=True)
-        passed += p
-        failed += f
+        p, f, s, rc = run_binary(name, command, case_filter)
+        passed, failed, skipped = passed + p, failed + f, skipped + s
+        gpu_skipped = gpu_skipped or (name == "test_cuda" and rc == 77)
+    # Without a GPU, the [cuda] suite again on the emulated CUDA part (tests/simt_launch.h): remat's
+    # CUDA sources with their kernels under the SIMT emulator. Cases at a GPU's scale ([large],
+    # minutes each there) run in `make test-slow`; NCCL needs a real GPU.
+    emulated = build / "tests" / "libremat_cuda_emulated.so"
+    if gpu_skipped and emulated.exists():
+        scale = "[large]" if test_filter == "[slow]" else case_filter + "~[large]"
+        env = dict(os.environ, REMAT_CUDA_MODULE=str(emulated.resolve()))
+        command = [str(build / "tests" / "test_cuda"), scale + "~[nccl]"]
+        p, f, s, _ = run_binary("test_cuda (emulated GPU)", command, command[1], env)
+        passed, failed, skipped = passed + p, failed + f, skipped + s
     if test_filter == "~[slow]" and run_scripts:
         for name in SCRIPTS:
             start = time.time()

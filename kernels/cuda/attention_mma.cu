@@ -82,8 +82,8 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o, const Tensor& q, c
     REMAT_CUDA_LAUNCH_CHECK();
     constexpr size_t smem = dkv_shared_bytes<D>();
     // Past 48 KiB a kernel must opt in to its dynamic shared memory (D 128: 51 KiB).
-    REMAT_CUDA_CHECK(cudaFuncSetAttribute(mma_dkv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+    REMAT_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&mma_dkv_kernel<D>),
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     REMAT_LAUNCH(grid(heads, t, kKeyBlock), kBlockThreads, smem, mma_dkv_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
         dk.data<bf16>(), dv.data<bf16>(), t, causal, static_cast<float>(scale));

@@ -27,10 +27,10 @@ void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identi
   }
   Acc<T>* partial_data = slices > 1 ? partial.data<Acc<T>>() : nullptr;
   dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)), block(kColumnTile, kRowLanes);
-  REMAT_LAUNCH(grid, block, 0, reduce_columns_kernel<T>)(x, rows, cols, rows_per_slice, op, identity, partial_data, y);
+  REMAT_LAUNCH(grid, block, 0, reduce_columns_kernel<T, Op>)(x, rows, cols, rows_per_slice, op, identity, partial_data, y);
   REMAT_CUDA_LAUNCH_CHECK();
   if (slices > 1) {
-    REMAT_LAUNCH(blocks_for(cols), kThreads, 0, fold_slices_kernel<T>)(partial_data, slices, cols, op, y);
+    REMAT_LAUNCH(blocks_for(cols), kThreads, 0, fold_slices_kernel<T, Op>)(partial_data, slices, cols, op, y);
     REMAT_CUDA_LAUNCH_CHECK();
   }
 }
@@ -46,10 +46,10 @@ Tensor reduce(const Tensor& x, const std::vector<int64_t>& axes, Op op, bool is_
     if (plan.by_columns())
       reduce_columns<T>(x.data<T>(), plan.n_red, plan.n_out, op, identity, out.data<T>(), x.device());
     else if (plan.block_per_output())
-      REMAT_LAUNCH(static_cast<unsigned>(plan.n_out), kThreads, 0, reduce_block_kernel<T>)(
+      REMAT_LAUNCH(static_cast<unsigned>(plan.n_out), kThreads, 0, reduce_block_kernel<T, Op>)(
           x.data<T>(), out.data<T>(), plan.index(), op, identity);
     else
-      REMAT_LAUNCH(blocks_for(plan.n_out), kThreads, 0, reduce_thread_kernel<T>)(
+      REMAT_LAUNCH(blocks_for(plan.n_out), kThreads, 0, reduce_thread_kernel<T, Op>)(
           x.data<T>(), out.data<T>(), plan.index(), op, identity);
   });
   REMAT_CUDA_LAUNCH_CHECK();

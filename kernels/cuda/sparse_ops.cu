@@ -3,7 +3,9 @@
 // id there with CUB's radix sort, which is stable: each weight row then sums its tokens in position
 // order, the order the CPU uses, with no atomics and no copy to the host. REMAT_CUDA_INDEX_CHECK=host
 // keeps the reference path: indices checked and grouped on the host.
+#ifndef REMAT_SIMT_EMULATION  // the emulated CUDA part has its own (tests/simt_launch.h)
 #include <cub/device/device_radix_sort.cuh>
+#endif
 
 #include <limits>
 

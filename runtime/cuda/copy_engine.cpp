@@ -3,6 +3,7 @@
 #include "runtime/cuda/copy_engine.h"
 
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -149,6 +150,23 @@ int poll_copies() {
     }
   }
   return pending;
+}
+
+int wait_for_copies(int index, int keep_in_flight) {
+  int waited = 0;
+  {
+    std::lock_guard lock(g_copy_mutex);
+    REMAT_CHECK(index >= 0 && index < kMaxDevices, "cuda:", index, ": device index out of range");
+    auto& list = copy_engines()[index].in_flight;
+    while (static_cast<int>(list.size()) > std::max(keep_in_flight, 0)) {
+      REMAT_CUDA_CHECK(cudaEventSynchronize(list.front().first));
+      REMAT_CUDA_CHECK(cudaEventDestroy(list.front().first));
+      list.erase(list.begin());  // what the copy kept alive goes now
+      ++waited;
+    }
+  }
+  poll_copies();
+  return waited;
 }
 
 void copy_staged_to_device(void* dst, int index, const void* src, size_t n) {

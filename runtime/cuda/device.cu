@@ -131,6 +131,12 @@ bool compute_idle(int index) {
   return true;
 }
 
+// An offload's bound on the copies in flight: a wait for the GPU when it is behind.
+int wait_copies(int index, int keep_in_flight) {
+  if (cuda::wait_for_copies(index, keep_in_flight) > 0) g_host_syncs.fetch_add(1, std::memory_order_relaxed);
+  return cuda::poll_copies();
+}
+
 void empty_cache(int index) { static_cast<CachingAllocator*>(allocator(index))->empty_cache(); }
 
 int64_t segment_count(int index) { return static_cast<CachingAllocator*>(allocator(index))->segment_count(); }
@@ -144,7 +150,7 @@ extern "C" void* remat_cuda_runtime_entry() {
                                     cuda::pinned_allocator, cuda::copy_async, cuda::wait_for_copy,
                                     cuda::poll_copies, cuda_kernels_copy_strided, set_device,
                                     compute_idle,    record_event,   elapsed_ms,
-                                    host_syncs};
+                                    host_syncs,      wait_copies};
   return const_cast<CudaRuntimeApi*>(&table);
 }
 

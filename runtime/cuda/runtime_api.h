@@ -37,6 +37,9 @@ struct CudaRuntimeApi {
   // Milliseconds from one event to a later one of the same device (waits for the later).
   float (*elapsed_ms)(const std::shared_ptr<void>& start, const std::shared_ptr<void>& end);
   int64_t (*host_syncs)();  // the times the host has waited for a GPU (cuda_host_syncs)
+  // Waits until at most `keep_in_flight` copies of device `index` are in flight, oldest first, and
+  // lets go of what the finished ones kept; returns the copies still in flight on every device.
+  int (*wait_copies)(int index, int keep_in_flight);
 };
 
 // The CUDA kernels' strided copy, for the table (kernels/cuda/cuda_backend.cu).

@@ -270,7 +270,7 @@ TEST_CASE("casts of views on cuda (permuted heads under autocast, an expanded gr
 }
 
 TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits, no wait for the GPU",
-          "[cuda][optim]") {
+          "[cuda][optim][large]") {
   manual_seed(43);
   auto bytes = [](const Tensor& t) {
     Tensor c = t.to(Device::cpu());
@@ -333,7 +333,7 @@ TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits
 }
 
 TEST_CASE("indices checked on the GPU: the cpu's results, no wait for the GPU, the error at the next wait",
-          "[cuda][index]") {
+          "[cuda][index][large]") {
   manual_seed(41);
   // Embedding gradients grouped by id on the GPU (a stable radix sort) sum each row's tokens in
   // position order, as the cpu does: the same bits. One id 1500 times, then ids spread over a
@@ -454,7 +454,7 @@ TEST_CASE("the budget planner times GPU ops with events on the compute stream", 
 }
 
 TEST_CASE("attention through cuBLAS GEMMs matches the cpu and the flash kernel, and repeats its bits",
-          "[cuda][op][attention]") {
+          "[cuda][op][attention][large]") {
   manual_seed(22);
   RestoreAttention restore;
   const std::vector<OpCase> cases = {
@@ -631,7 +631,7 @@ TEST_CASE("TF32 for f32 GEMMs: off by default, near f32 when on, the same bits e
   CHECK(worst(fast) > worst(strict));
 }
 
-TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's y extent match the cpu", "[cuda][op]") {
+TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's y extent match the cpu", "[cuda][op][large]") {
   manual_seed(23);
   OpCase empty{"group_norm [0, 4, 3, 3]", [](auto& in) { return group_norm(in[0], in[1], in[2], 2); },
                {randn64({0, 4, 3, 3}), randn64({4}), randn64({4})}};
@@ -643,7 +643,7 @@ TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's 
   check_parity(tall, DType::f64);
 }
 
-TEST_CASE("a prefetched copy dropped before use does not write into memory allocated after it", "[cuda][offload]") {
+TEST_CASE("a prefetched copy dropped before use does not write into memory allocated after it", "[cuda][offload][large]") {
   manual_seed(24);
   const Shape shape{16, 1024, 1024};  // 64 MiB: the copy back takes a few milliseconds
   for (int round = 0; round < 5; ++round) {
@@ -904,7 +904,7 @@ TEST_CASE("moving a model to cuda moves every parameter in place", "[cuda][modul
   CHECK(model.parameters().front().device().is_cpu());
 }
 
-TEST_CASE("gpt tiny trains on cuda and follows the cpu run", "[cuda][train]") {
+TEST_CASE("gpt tiny trains on cuda and follows the cpu run", "[cuda][train][large]") {
   TrainOptions o;
   o.config = "tiny";
   o.overrides["batch"] = 16;
