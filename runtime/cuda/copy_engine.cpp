@@ -165,7 +165,6 @@ int wait_for_copies(int index, int keep_in_flight) {
       ++waited;
     }
   }
-  poll_copies();
   return waited;
 }
 

@@ -26,8 +26,8 @@ void wait_for_copy(const CopyTicket& ticket);
 // Lets go of what finished copies kept alive; returns the copies still in flight.
 int poll_copies();
 
-// Waits for the oldest copies of device `index` until at most `keep_in_flight` are in flight, then
-// polls; returns how many copies it waited for.
+// Waits for the oldest copies of device `index` until at most `keep_in_flight` are in flight, and
+// lets go of what they kept; returns how many copies it waited for.
 int wait_for_copies(int index, int keep_in_flight);
 
 // A copy from the host to device `index` through a page-locked block, queued on the compute
