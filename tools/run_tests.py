@@ -92,12 +92,12 @@ def main():
         gpu_skipped = gpu_skipped or (name == "test_cuda" and rc == 77)
     # Without a GPU, the [cuda] suite again on the emulated CUDA part (tests/simt_launch.h): remat's
     # CUDA sources with their kernels under the SIMT emulator. Cases at a GPU's scale ([large],
-    # minutes each there) run in `make test-slow`; NCCL needs a real GPU.
+    # minutes each there) run in `make test-slow`; [gpu-only] ones (NCCL, 2e9 threads) need a GPU.
     emulated = build / "tests" / "libremat_cuda_emulated.so"
     if gpu_skipped and emulated.exists():
         scale = "[large]" if test_filter == "[slow]" else case_filter + "~[large]"
         env = dict(os.environ, REMAT_CUDA_MODULE=str(emulated.resolve()))
-        command = [str(build / "tests" / "test_cuda"), scale + "~[nccl]"]
+        command = [str(build / "tests" / "test_cuda"), scale + "~[gpu-only]"]
         p, f, s, _ = run_binary("test_cuda (emulated GPU)", command, command[1], env)
         passed, failed, skipped = passed + p, failed + f, skipped + s
     if test_filter == "~[slow]" and run_scripts:

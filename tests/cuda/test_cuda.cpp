@@ -631,7 +631,9 @@ TEST_CASE("TF32 for f32 GEMMs: off by default, near f32 when on, the same bits e
   CHECK(worst(fast) > worst(strict));
 }
 
-TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's y extent match the cpu", "[cuda][op][large]") {
+// [gpu-only]: 16.7 million rows are two billion emulated threads, beyond the emulated GPU.
+TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's y extent match the cpu",
+          "[cuda][op][large][gpu-only]") {
   manual_seed(23);
   OpCase empty{"group_norm [0, 4, 3, 3]", [](auto& in) { return group_norm(in[0], in[1], in[2], 2); },
                {randn64({0, 4, 3, 3}), randn64({4}), randn64({4})}};
@@ -923,7 +925,7 @@ TEST_CASE("gpt tiny trains on cuda and follows the cpu run", "[cuda][train][larg
 }
 
 TEST_CASE("NCCL on one rank: collectives of CUDA tensors, and data parallel gradients on cuda equal backward's",
-          "[cuda][nccl]") {
+          "[cuda][nccl][gpu-only]") {
   // One process (no launcher): the world is one rank, and CUDA tensors still go through NCCL when
   // it loads, so this runs NCCL's communicator, all-gather and broadcast and the device-side sum.
   dist::ProcessGroup& world = dist::ProcessGroup::world();
