@@ -130,17 +130,13 @@ void execute(CUstream_st& stream, CUstream_st::Op& op) {
 // Queues an operation. With REMAT_FAKE_CUDA_EAGER=1 in the environment the device then runs
 // everything it can at once: a GPU that is never behind the host, against the default of one
 // that runs only when the host waits for it.
-bool step(Order order);
-
 void queue(CUstream_st* stream, CUstream_st::Op op) {
   static const bool eager = [] {
     const char* e = std::getenv("REMAT_FAKE_CUDA_EAGER");
     return e != nullptr && std::string(e) == "1";
   }();
   stream->ops.push_back(std::move(op));
-  if (eager)
-    while (step(Order::compute_first)) {
-    }
+  if (eager) run(Order::compute_first);
 }
 
 }  // namespace
