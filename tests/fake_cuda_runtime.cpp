@@ -308,7 +308,8 @@ cudaError_t cudaFree(void* ptr) {
   std::lock_guard lock(s.mutex);
   if (ptr == nullptr) return cudaSuccess;
   auto it = s.device_blocks.find(static_cast<const char*>(ptr));
-  if (it == s.device_blocks.end()) return fake_cuda::fail(cudaErrorInvalidValue, "cudaFree of a pointer cudaMalloc did not return");
+  if (it == s.device_blocks.end())
+    return fake_cuda::fail(cudaErrorInvalidValue, "cudaFree of a pointer cudaMalloc did not return");
   fake_cuda::run(fake_cuda::Order::compute_first);  // cudaFree waits for the device's queued work
   s.counters.device_live -= it->second.first;
   ++s.counters.device_frees;
@@ -404,7 +405,8 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   std::lock_guard lock(state().mutex);
-  if (device < 0 || device >= state().devices) return fake_cuda::fail(cudaErrorInvalidDevice, "an attribute of a device");
+  if (device < 0 || device >= state().devices)
+    return fake_cuda::fail(cudaErrorInvalidDevice, "an attribute of a device");
   switch (attr) {
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;  // an H200's
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;

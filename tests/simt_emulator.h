@@ -1,20 +1,21 @@
 // A SIMT emulator for testing CUDA kernels on the CPU: each GPU thread of a block is a fiber on its
-// own stack (an OS thread under the sanitizers), __syncthreads a barrier of the block, and the warp-wide operations (__shfl_xor_sync, the
-// m16n8k16 bf16 tensor-core product) meet at a barrier of their warp, where every lane reads what
-// the others put down. Blocks run one after another. Within a block one thread runs at a time, in a
-// fixed order, until it reaches a barrier or ends (a cooperative scheduler, not the OS's): each
-// phase between barriers runs thread by thread, the first block's from thread 0 up, the next one's
-// from the last thread down, and so on. So a missing __syncthreads, which on a GPU is a race that
-// shows now and then, fails here every time: a thread that reads a shared tile before the others
-// have written it, or overwrites it while they still read, sees or leaves the wrong values. Threads
-// that wait at different barriers (a barrier in divergent code) stop the launch with an error.
-// Slow, exact in what it checks: indexing, tiling, masking, barriers, fragment layouts and the
-// arithmetic they feed, for kernels written to compile under it (REMAT_SIMT_EMULATION: no launch
-// syntax, and dynamic shared memory through REMAT_DYNAMIC_SHARED; kernels/cuda/*_kernels.cuh). A
-// host compiler reads `__device__` and `__global__` as nothing; `__shared__` becomes `static` here
-// (one array for the block, as blocks run one at a time). Not what it checks: timing, memory
-// ordering beyond what barriers give (fences, the visibility of atomics), and the tensor core's
-// own rounding (products here are summed in f32, in k order).
+// own stack (an OS thread under the sanitizers), __syncthreads a barrier of the block, and the
+// warp-wide operations (__shfl_xor_sync, the m16n8k16 bf16 tensor-core product) meet at a barrier
+// of their warp, where every lane reads what the others put down. Blocks run one after another.
+// Within a block one thread runs at a time, in a fixed order, until it reaches a barrier or ends (a
+// cooperative scheduler, not the OS's): each phase between barriers runs thread by thread, the
+// first block's from thread 0 up, the next one's from the last thread down, and so on. So a missing
+// __syncthreads, which on a GPU is a race that shows now and then, fails here every time: a thread
+// that reads a shared tile before the others have written it, or overwrites it while they still
+// read, sees or leaves the wrong values. Threads that wait at different barriers (a barrier in
+// divergent code) stop the launch with an error. Slow, exact in what it checks: indexing, tiling,
+// masking, barriers, fragment layouts and the arithmetic they feed, for kernels written to compile
+// under it (REMAT_SIMT_EMULATION: no launch syntax, and dynamic shared memory through
+// REMAT_DYNAMIC_SHARED; kernels/cuda/*_kernels.cuh). A host compiler reads `__device__` and
+// `__global__` as nothing; `__shared__` becomes `static` here (one array for the block, as blocks
+// run one at a time). Not what it checks: timing, memory ordering beyond what barriers give
+// (fences, the visibility of atomics), and the tensor core's own rounding (products here are summed
+// in f32, in k order).
 #pragma once
 
 #define REMAT_SIMT_EMULATION 1
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -37,7 +39,6 @@
 #include <thread>
 #include <vector>
 
-#include <exception>
 #include <sys/mman.h>
 #include <ucontext.h>
 

@@ -205,8 +205,9 @@ TEST_CASE("copy engine: kernels after wait_for_copy read the copy; what it keeps
   CHECK(fake_cuda::misuse().empty());
 }
 
-TEST_CASE("copy engine: a device block dropped while a prefetch writes it stays out of the cache until the copy has run",
-          "[cuda_host]") {
+TEST_CASE(
+    "copy engine: a device block dropped while a prefetch writes it stays out of the cache until the copy has run",
+    "[cuda_host]") {
   fake_cuda::reset();
   CachingAllocator a(0);
   const size_t n = 64 * 1024;
