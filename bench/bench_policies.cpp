@@ -109,7 +109,9 @@ int run_policies(const PolicyOptions& o) {
              o.rounds, o.steps, o.warmup,
              device.is_cpu() ? ", GEMM " + cpu::gemm_library()
                              : std::string(", attention ") + cuda_attention_name(cuda_attention()) +
-                                   " (REMAT_CUDA_ATTENTION=flash|gemm|mma)");
+                                   " (REMAT_CUDA_ATTENTION=flash|gemm|mma), linear's bias " +
+                                   (cuda_bias_epilogue() ? "in cuBLASLt's epilogue" : "by its own kernel") +
+                                   " (REMAT_CUDA_BIAS_EPILOGUE=1|0)");
 
   const double peak = o.peak_tflops > 0 ? o.peak_tflops
                       : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype, o.tf32)
@@ -257,7 +259,10 @@ int run_policies(const PolicyOptions& o) {
   if (o.pareto) print_pareto(results);
   nlohmann::json run = {{"model", o.model}, {"config", subject.config()}, {"device", device.str()}, {"dtype", o.dtype},
                         {"steps", o.steps}, {"warmup", o.warmup}, {"rounds", o.rounds}, {"seed", o.seed}};
-  if (device.is_cuda()) run["cuda_attention"] = cuda_attention_name(cuda_attention());
+  if (device.is_cuda()) {
+    run["cuda_attention"] = cuda_attention_name(cuda_attention());
+    run["cuda_bias_epilogue"] = cuda_bias_epilogue();
+  }
   if (!o.json_path.empty()) write_json(o.json_path, machine, run, results);
   if (!o.csv_path.empty()) write_csv(o.csv_path, results);
   if (!o.trace_path.empty()) write_trace(o.trace_path, traces, trace_memory);

@@ -2,6 +2,7 @@
 // waiting for them, and giving cached memory back. Safe to call on any machine.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace remat {
@@ -26,6 +27,17 @@ long long cuda_host_syncs();
 // same kernels every call). A process-wide setting, read at each GEMM.
 void set_cuda_tf32(bool enabled);
 bool cuda_tf32();
+
+// linear's bias on CUDA, in cuBLASLt's epilogue: y = x W^T + b in one GEMM call, the bias added to
+// the accumulator before its one rounding to y's dtype, no second pass over y (bf16 and f32; f64
+// and shapes cuBLASLt has no algorithm for keep the GEMM then the bias kernel). Off by default until
+// a GPU run has checked it (docs/results/gpu.md); deterministic either way. The default comes from
+// the environment, REMAT_CUDA_BIAS_EPILOGUE=1|0; a process-wide setting, read at each call.
+void set_cuda_bias_epilogue(bool enabled);
+bool cuda_bias_epilogue();  // throws on a bad REMAT_CUDA_BIAS_EPILOGUE, naming what it accepts
+// linear calls whose bias went through the epilogue since the process began (what tests read).
+void count_cuda_bias_epilogue_call();
+int64_t cuda_bias_epilogue_calls();
 
 // How attention runs on CUDA: `flash`, remat's own kernel (CUDA cores, one query row per thread,
 // nothing T x T in memory; the reference), `gemm`, batched cuBLAS GEMMs on the tensor cores with

@@ -2,6 +2,7 @@
 // that part comes from), or with zero devices and a clear error on use where there is none.
 #include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "runtime/cuda/module.h"
 #include "runtime/cuda/runtime_api.h"
@@ -32,6 +33,31 @@ std::atomic<bool> g_cuda_tf32{false};
 
 void set_cuda_tf32(bool enabled) { g_cuda_tf32.store(enabled, std::memory_order_relaxed); }
 bool cuda_tf32() { return g_cuda_tf32.load(std::memory_order_relaxed); }
+
+namespace {
+// -1: not chosen yet (the environment decides at the first call), else 0 or 1.
+std::atomic<int> g_cuda_bias_epilogue{-1};
+std::atomic<int64_t> g_cuda_bias_epilogue_calls{0};
+}  // namespace
+
+void set_cuda_bias_epilogue(bool enabled) { g_cuda_bias_epilogue.store(enabled ? 1 : 0); }
+
+bool cuda_bias_epilogue() {
+  int enabled = g_cuda_bias_epilogue.load();
+  if (enabled < 0) {
+    const char* env = std::getenv("REMAT_CUDA_BIAS_EPILOGUE");
+    const std::string value = env == nullptr ? "" : env;
+    REMAT_CHECK(value.empty() || value == "0" || value == "1", "REMAT_CUDA_BIAS_EPILOGUE: expected 0 or 1, got '",
+                value, "'");
+    int expected = -1;
+    g_cuda_bias_epilogue.compare_exchange_strong(expected, value == "1" ? 1 : 0);
+    enabled = g_cuda_bias_epilogue.load();
+  }
+  return enabled == 1;
+}
+
+void count_cuda_bias_epilogue_call() { g_cuda_bias_epilogue_calls.fetch_add(1, std::memory_order_relaxed); }
+int64_t cuda_bias_epilogue_calls() { return g_cuda_bias_epilogue_calls.load(std::memory_order_relaxed); }
 
 CudaAttention parse_cuda_attention(const std::string& name) {
   if (name == "flash") return CudaAttention::flash;

@@ -267,6 +267,23 @@ TEST_CASE("cuda discovery reports devices without throwing, zero on a machine wi
   if (n == 0) CHECK_THROWS_WITH(Tensor::zeros({2}).to(Device::cuda(0)), Contains("cuda:0"));
 }
 
+TEST_CASE("linear's cuBLASLt bias epilogue: read from the environment once, a bad value a clear error",
+          "[runtime][cuda-discovery]") {
+  // Nothing else in this binary asks for the setting, so the first read here is the first read.
+  const char* was = std::getenv("REMAT_CUDA_BIAS_EPILOGUE");
+  const std::string saved = was ? was : "";
+  setenv("REMAT_CUDA_BIAS_EPILOGUE", "yes", 1);
+  CHECK_THROWS_WITH(cuda_bias_epilogue(), Contains("REMAT_CUDA_BIAS_EPILOGUE: expected 0 or 1, got 'yes'"));
+  setenv("REMAT_CUDA_BIAS_EPILOGUE", "1", 1);
+  CHECK(cuda_bias_epilogue());
+  setenv("REMAT_CUDA_BIAS_EPILOGUE", "0", 1);
+  CHECK(cuda_bias_epilogue());  // read once: the process keeps what it read
+  set_cuda_bias_epilogue(false);
+  CHECK_FALSE(cuda_bias_epilogue());
+  if (was) setenv("REMAT_CUDA_BIAS_EPILOGUE", saved.c_str(), 1);
+  else unsetenv("REMAT_CUDA_BIAS_EPILOGUE");
+}
+
 TEST_CASE("the cuda attention path is flash unless chosen, by name or by setting", "[runtime][cuda-discovery]") {
   // Unset in the test environment: the reference kernel.
   if (std::getenv("REMAT_CUDA_ATTENTION") == nullptr) CHECK(cuda_attention() == CudaAttention::flash);

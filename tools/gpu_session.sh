@@ -146,9 +146,10 @@ for name in "${failures[@]}"; do
   fi
 done
 
-# The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
-# run attention on the tensor-core kernels (mma) only when their case passed.
-attention=mma
+# The benchmarks fall back to the reference index checks on the host if the GPU's own failed, run
+# attention on the tensor-core kernels (mma) and linear's bias in cuBLASLt's epilogue only when
+# their cases passed.
+attention=mma bias_epilogue=1
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -157,10 +158,14 @@ for name in "${failures[@]}"; do
     "attention on the tensor cores (mma)"*)
       attention=flash
       echo "gpu_session: benchmarks with the flash attention kernel (the mma case failed)" ;;
+    "linear's bias in cuBLASLt's epilogue"*)
+      bias_epilogue=0
+      echo "gpu_session: benchmarks with linear's bias by its own kernel (the cuBLASLt epilogue case failed)" ;;
   esac
 done
-[ -n "$dry" ] || export REMAT_CUDA_ATTENTION=$attention
-echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-flash}"
+[ -n "$dry" ] || export REMAT_CUDA_ATTENTION=$attention REMAT_CUDA_BIAS_EPILOGUE=$bias_epilogue
+echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-flash}," \
+  "linear's bias in cuBLASLt's epilogue: ${REMAT_CUDA_BIAS_EPILOGUE:-0}"
 
 # ---- benchmarks: kernels, gpt2 under four policies in f32 and bf16, and the PyTorch peer ----------
 if [ -n "$dry" ]; then device=cpu peer_device=cpu config=tiny steps=1 warmup=0; else device=cuda:0 peer_device=cuda config=gpt2 steps=5 warmup=2; fi
@@ -208,5 +213,14 @@ for other in flash gemm; do
     echo "SKIPPED (dry run or out of time): remat-bench with the attention path $other"
   fi
 done
+# What the bias epilogue is worth: the same bf16 run with linear's bias by its own kernel.
+if [ -z "$dry" ] && [ "$bias_epilogue" = 1 ] && fits 60; then
+  step "remat-bench $config none in bf16 on $device, linear's bias by its own kernel"
+  REMAT_CUDA_BIAS_EPILOGUE=0 timeout 120 "$bin/bench/remat-bench" --config "$config" --policies none \
+    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
+  echo "remat-bench exit $?"
+else
+  echo "SKIPPED (dry run, epilogue off or out of time): remat-bench with linear's bias by its own kernel"
+fi
 step "done: test_cuda ${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ]

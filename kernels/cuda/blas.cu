@@ -1,4 +1,5 @@
-// CUDA GEMM through cuBLAS: batched matmul with transposed operands, and linear (GEMM + bias).
+// CUDA GEMM through cuBLAS: batched matmul with transposed operands, and linear (GEMM + bias, or
+// cuBLASLt's bias epilogue when set_cuda_bias_epilogue asks for it: blas_lt.cu).
 // Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which is the
 // same memory. One handle per device with a fixed workspace: with a single stream this makes
 // cuBLAS pick the same kernels every call, so replays reproduce bits.
@@ -24,22 +25,30 @@ using cuda::elementwise_kernels::add_bias_kernel;
 
 constexpr size_t kCublasWorkspace = 32u << 20;  // cuBLAS's recommendation for Hopper
 
-cublasHandle_t handle_for(int device) {
+struct DeviceGemm {
+  cublasHandle_t handle = nullptr;
+  void* workspace = nullptr;
+};
+
+DeviceGemm& gemm_of(int device) {
   static std::mutex mutex;
-  static std::array<cublasHandle_t, 64> handles{};
+  static std::array<DeviceGemm, 64> devices{};
   std::lock_guard lock(mutex);
   REMAT_CHECK(device >= 0 && device < 64, "cublas: device index ", device, " out of range");
-  if (!handles[device]) {
-    REMAT_CUBLAS_CHECK(cublasCreate(&handles[device]));
+  DeviceGemm& d = devices[device];
+  if (!d.handle) {
+    REMAT_CUBLAS_CHECK(cublasCreate(&d.handle));
     // The workspace lives as long as the process and is counted under `workspace`.
-    void* workspace = allocator_for(Device::cuda(device)).allocate(kCublasWorkspace, MemoryCategory::workspace);
-    REMAT_CUBLAS_CHECK(cublasSetWorkspace(handles[device], workspace, kCublasWorkspace));
+    d.workspace = allocator_for(Device::cuda(device)).allocate(kCublasWorkspace, MemoryCategory::workspace);
+    REMAT_CUBLAS_CHECK(cublasSetWorkspace(d.handle, d.workspace, kCublasWorkspace));
     // No TF32 unless asked for (set_cuda_tf32, per GEMM below): f32 GEMMs stay f32 so that
     // results compare with the CPU.
-    REMAT_CUBLAS_CHECK(cublasSetMathMode(handles[device], CUBLAS_DEFAULT_MATH));
+    REMAT_CUBLAS_CHECK(cublasSetMathMode(d.handle, CUBLAS_DEFAULT_MATH));
   }
-  return handles[device];
+  return d;
 }
+
+cublasHandle_t handle_for(int device) { return gemm_of(device).handle; }
 
 int checked_int(int64_t v, const char* what) {
   REMAT_CHECK(v >= 0 && v <= INT32_MAX, "cublas: ", what, " = ", v, " exceeds the 32-bit range of cuBLAS");
@@ -49,6 +58,8 @@ int checked_int(int64_t v, const char* what) {
 }  // namespace
 
 namespace cuda {
+
+GemmWorkspace gemm_workspace(int device) { return {gemm_of(device).workspace, kCublasWorkspace}; }
 
 void run_gemm(const Gemm& g, DType dtype, int device) { run_gemm_into(g, dtype, dtype, 1.0, device); }
 
@@ -115,6 +126,12 @@ Tensor CudaBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   out_shape.back() = out_features;
   Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
   if (y.numel() == 0) return y;
+  if (in > 0 && b.defined() && cuda_bias_epilogue() &&
+      linear_bias_epilogue(x.raw_data(), w.raw_data(), b.raw_data(), y.raw_data(), rows, in, out_features, x.dtype(),
+                           x.device().index)) {
+    count_cuda_bias_epilogue_call();
+    return y;
+  }
   if (in == 0) {
     REMAT_CUDA_CHECK(cudaMemsetAsync(y.raw_data(), 0, y.nbytes()));
   } else {

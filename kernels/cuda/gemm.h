@@ -1,7 +1,9 @@
 // One cuBLAS GEMM call of the CUDA backend, shared by matmul/linear (blas.cu) and the im2col
-// convolution (conv_gemm.cu). Host-only header. Matrices are row-major, batches strided.
+// convolution (conv_gemm.cu), and linear's cuBLASLt call (blas_lt.cu). Host-only header. Matrices
+// are row-major, batches strided.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../../runtime/dtype.h"
@@ -28,5 +30,22 @@ void run_gemm(const Gemm& g, DType dtype, int device);
 // C = alpha op(A) op(B) with C in c_dtype: the inputs' dtype, or f32 for bf16 inputs (the
 // attention scores, kept in f32).
 void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha, int device);
+
+// The device's GEMM workspace: cuBLAS's, which cuBLASLt shares (both run on the one compute
+// stream, so no two calls use it at once).
+struct GemmWorkspace {
+  void* data;
+  size_t bytes;
+};
+GemmWorkspace gemm_workspace(int device);
+
+// y[rows, out] = x[rows, in] w[out, in]^T + b[out] in one cuBLASLt call, the bias added in the
+// epilogue (f32 accumulation, one rounding to y's dtype), for bf16 and f32 (TF32 when
+// set_cuda_tf32). false, with nothing queued, where cuBLASLt offers no algorithm (f64, or the
+// shape and alignment): the caller then runs the GEMM and the bias kernel. The algorithm is chosen
+// once per shape, dtype and pointer alignment and kept, so every call of a shape (a replay) runs
+// the same kernel.
+bool linear_bias_epilogue(const void* x, const void* w, const void* b, void* y, int64_t rows, int64_t in, int64_t out,
+                          DType dtype, int device);
 
 }  // namespace remat::cuda

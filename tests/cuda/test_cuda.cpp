@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "../models_for_tests.h"
@@ -184,6 +185,78 @@ GptConfig gpu_gpt() {
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bits, and keeps every policy bitwise",
+          "[cuda][op][bf16]") {
+  manual_seed(29);
+  struct Restore {
+    ~Restore() { set_cuda_bias_epilogue(false); }
+  } restore;
+  auto lin = [](const std::vector<Tensor>& in) { return linear(in[0], in[1], in[2]); };
+  // x one row into a larger tensor: its address is 4-byte aligned only, so the algorithm must be
+  // chosen for that alignment and not reused from the aligned call of the same shape.
+  auto offset_lin = [](const std::vector<Tensor>& in) { return linear(slice(in[0], 0, 1, 38), in[1], in[2]); };
+  const std::vector<OpCase> cases = {
+      {"linear [2, 37, 65] -> 129", lin, {randn64({2, 37, 65}), randn64({129, 65}), randn64({129})}},
+      {"linear [300, 40] -> 1100", lin, {randn64({300, 40}), randn64({1100, 40}), randn64({1100})}},
+      {"linear [37, 65] -> 129", lin, {randn64({37, 65}), randn64({129, 65}), randn64({129})}},
+      {"linear [37, 65] -> 129 at an odd offset", offset_lin, {randn64({38, 65}), randn64({129, 65}), randn64({129})}},
+      {"linear [5, 8] -> 3", lin, {randn64({5, 8}), randn64({3, 8}), randn64({3})}},
+  };
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    for (const OpCase& c : cases) {
+      INFO(c.description << " in " << dtype_name(dtype));
+      set_cuda_bias_epilogue(true);
+      const int64_t before = cuda_bias_epilogue_calls();
+      Outcome lt = evaluate(c, kGpu, dtype), again = evaluate(c, kGpu, dtype);
+      CHECK(cuda_bias_epilogue_calls() - before == 2);
+      CHECK(lt.out == again.out);
+      CHECK(lt.grads == again.grads);
+      set_cuda_bias_epilogue(false);
+      // The cpu computes f32 only; bf16 is held to the GEMM and bias kernel on the GPU.
+      Outcome plain = evaluate(c, kGpu, dtype), cpu = dtype == DType::f32 ? evaluate(c, Device::cpu(), dtype) : plain;
+      CHECK(cuda_bias_epilogue_calls() - before == 2);
+      CHECK(compare(cpu.out, lt.out, tolerance(dtype)) == "");
+      CHECK(compare(plain.out, lt.out, tolerance(dtype)) == "");
+      REQUIRE(cpu.grads.size() == lt.grads.size());
+      for (size_t i = 0; i < cpu.grads.size(); ++i) {
+        INFO("gradient of input " << i);
+        CHECK(compare(cpu.grads[i], lt.grads[i], tolerance(dtype)) == "");
+      }
+    }
+  }
+  // f64 keeps the GEMM and the bias kernel.
+  set_cuda_bias_epilogue(true);
+  const int64_t before = cuda_bias_epilogue_calls();
+  check_parity(cases[0], DType::f64);
+  CHECK(cuda_bias_epilogue_calls() == before);
+  // gpt with dropout in f32 and under bf16 autocast: every policy bitwise equal to none.
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  for (bool bf16 : {false, true}) {
+    INFO((bf16 ? "bf16" : "f32"));
+    auto loss = [&] {
+      std::optional<AutocastScope> autocast;
+      if (bf16) autocast.emplace(DType::bf16);
+      return model.loss(idx, targets);
+    };
+    remove_checkpointing(model);
+    const int64_t calls = cuda_bias_epilogue_calls();
+    auto plain = run_grads(model.parameters(), loss);
+    CHECK(cuda_bias_epilogue_calls() > calls);
+    for (const char* policy : {"full", "ops", "block_skip:2", "level:3"}) {
+      INFO(policy);
+      apply_policy(model, parse_policy(policy));
+      reset_checkpoint_counters();
+      CHECK(run_grads(model.parameters(), loss) == plain);
+      CHECK(checkpoint_counters().replays > 0);
+      CHECK(checkpoint_counters().bytes_dropped > 0);
+    }
+  }
+  remove_checkpointing(model);
+}
+
 TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
           "every policy bitwise", "[cuda][op][attention][bf16]") {
   manual_seed(23);
