@@ -443,7 +443,7 @@ std::pair<int64_t, int64_t> advance(const PlannedBlock& b, size_t i, const StepM
                                     int64_t worst) {
   const BlockOption& o = b.options[i];
   worst = std::max(worst, prefix + b.alive_before_bytes + o.forward_peak_bytes + o.extra_forward_bytes);
-  if (i > 0) worst = std::max(worst, step.pre_saved + prefix + o.kept_bytes + o.rebuilt_bytes);
+  if (i > 0) worst = std::max(worst, step.pre_saved + step.held + prefix + o.kept_bytes + o.rebuilt_bytes);
   return {prefix + o.kept_bytes, worst};
 }
 
@@ -582,6 +582,12 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
 
   BudgetPlan p;
   p.tape_signature = tape_signature(loss);
+  // The loss stays alive through backward, so through every replay (the forward's own timeline
+  // counts it already).
+  const std::shared_ptr<Storage>& loss_storage = loss.storage();
+  if (loss_storage && loss_storage->serial() >= step_first_storage &&
+      loss_storage->category() == MemoryCategory::activation)
+    p.step.held = static_cast<int64_t>(loss_storage->bytes());
   // The step's tape (over every graph its forward started), in recording order; a value is known
   // by the graph and value that produced it, whatever graph reads it.
   std::vector<TapeNode> tape = tape_of(loss);
@@ -703,9 +709,27 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   OptionChoice choice = choose_options(p.blocks, p.step, p.budget_bytes);
   REMAT_ASSERT(choice.fits, "the floor fits the budget but the search found no plan");
   p.search_states = choice.search_states;
-  for (size_t i = 0; i < p.blocks.size(); ++i) {
-    PlannedBlock& b = p.blocks[i];
-    b.choice = choice.choice[i];
+  plan_ = std::move(p);
+  return place(choice.choice);
+}
+
+const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
+  std::vector<Span> spans;
+  collect_blocks(model_, spans);
+  REMAT_CHECK(!plan_.blocks.empty() && spans.size() == plan_.blocks.size(),
+              "budget planner: place() needs a plan of this model's blocks first (plan())");
+  REMAT_CHECK(choice.size() == plan_.blocks.size(), "budget planner: expected a choice for each of the ",
+              plan_.blocks.size(), " blocks, got ", choice.size());
+  for (size_t i = 0; i < choice.size(); ++i)
+    REMAT_CHECK(choice[i] >= 0 && static_cast<size_t>(choice[i]) < plan_.blocks[i].options.size(), "budget planner: ",
+                plan_.blocks[i].name, " has options 0 to ", plan_.blocks[i].options.size() - 1, ", got ", choice[i]);
+  remove_checkpointing(model_);
+  plan_.predicted_recompute_ms = 0;
+  for (size_t i = 0; i < plan_.blocks.size(); ++i) {
+    PlannedBlock& b = plan_.blocks[i];
+    REMAT_CHECK(spans[i].name == b.name, "budget planner: the model's blocks changed since plan() (", b.name, " is now ",
+                spans[i].name, ")");
+    b.choice = choice[i];
     b.checkpointed = b.choice != 0;
     if (b.checkpointed) {
       const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
@@ -713,11 +737,12 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
       opts.name = b.name;
       opts.policy = position_policy(o.recompute, "planned: " + o.name);
       checkpoint(*spans[i].module, opts);
+      plan_.predicted_recompute_ms += o.recompute_ms;
     }
   }
-  p.predicted_peak_bytes = simulate_peak(p.blocks, p.step);
-  p.predicted_recompute_ms = choice.recompute_ms;
-  plan_ = std::move(p);
+  plan_.predicted_peak_bytes = simulate_peak(plan_.blocks, plan_.step);
+  plan_.measured_peak_bytes = -1;
+  plan_.measured_replay_ms = -1;
   return plan_;
 }
 

@@ -77,6 +77,7 @@ struct PlannedBlock {
 struct StepMemory {
   int64_t before_blocks_peak = 0;  // the peak before the first block started
   int64_t pre_saved = 0;           // saved by the ops before the first block (alive through every replay)
+  int64_t held = 0;                // the loss, which the program holds through backward (and every replay)
   int64_t after_blocks_peak = 0;   // the peak from the last block's end through backward
 };
 
@@ -127,6 +128,10 @@ class BudgetPlanner {
   // places the regions. Throws when the budget is below the floor, stating the floor.
   const BudgetPlan& plan(const std::function<Tensor()>& loss_fn,
                          const std::function<void(const Tensor&)>& backward_fn = {});
+  // Places another choice of the planned options (one index per block into its options, 0 for
+  // keep) in place of the one plan() chose, budget or not, and returns the plan with its simulated
+  // peak and recompute time: a plan pinned by hand, or each option measured against its prediction.
+  const BudgetPlan& place(const std::vector<int>& choice);
   // After a step under the plan: records its measured peak and replay time; returns false when the
   // tape no longer has the recorded shape (call plan() again).
   bool observe(const Tensor& loss, int64_t activation_peak_bytes, double replay_ms);
