@@ -24,6 +24,7 @@ struct Counters {
   int failed_mallocs = 0;   // cudaMalloc calls refused for want of capacity
   int host_allocs = 0;      // cudaHostAlloc calls
   size_t device_live = 0;   // bytes allocated by cudaMalloc and not freed, all devices
+  long long launches = 0;   // kernels and library calls queued by launch()
 };
 Counters counters();
 
