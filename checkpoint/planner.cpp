@@ -720,15 +720,16 @@ const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
               "budget planner: place() needs a plan of this model's blocks first (plan())");
   REMAT_CHECK(choice.size() == plan_.blocks.size(), "budget planner: expected a choice for each of the ",
               plan_.blocks.size(), " blocks, got ", choice.size());
-  for (size_t i = 0; i < choice.size(); ++i)
+  for (size_t i = 0; i < choice.size(); ++i) {
+    REMAT_CHECK(spans[i].name == plan_.blocks[i].name, "budget planner: the model's blocks changed since plan() (",
+                plan_.blocks[i].name, " is now ", spans[i].name, ")");
     REMAT_CHECK(choice[i] >= 0 && static_cast<size_t>(choice[i]) < plan_.blocks[i].options.size(), "budget planner: ",
                 plan_.blocks[i].name, " has options 0 to ", plan_.blocks[i].options.size() - 1, ", got ", choice[i]);
+  }
   remove_checkpointing(model_);
   plan_.predicted_recompute_ms = 0;
   for (size_t i = 0; i < plan_.blocks.size(); ++i) {
     PlannedBlock& b = plan_.blocks[i];
-    REMAT_CHECK(spans[i].name == b.name, "budget planner: the model's blocks changed since plan() (", b.name, " is now ",
-                spans[i].name, ")");
     b.choice = choice[i];
     b.checkpointed = b.choice != 0;
     if (b.checkpointed) {

@@ -197,8 +197,8 @@ cublasStatus_t read(T& out, const void* buf, size_t size) {
   return CUBLAS_STATUS_SUCCESS;
 }
 
-// The problem as cuBLASLt validates it: D = op(A) op(B) with C = D's shape, a bias only with the
-// bias epilogue and only of D's rows. 0 when inconsistent, else k.
+// The problem as cuBLASLt validates it: D = op(A) op(B) with C of D's shape and type, leading
+// dimensions that hold their rows, the bias epilogue only with a bias. 0 when inconsistent, else k.
 int64_t check(const Desc& d, const Layout& a, const Layout& b, const Layout& c, const Layout& dl) {
   uint64_t am = d.transa == CUBLAS_OP_N ? a.rows : a.cols, ak = d.transa == CUBLAS_OP_N ? a.cols : a.rows;
   uint64_t bk = d.transb == CUBLAS_OP_N ? b.rows : b.cols, bn = d.transb == CUBLAS_OP_N ? b.cols : b.rows;

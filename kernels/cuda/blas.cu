@@ -1,5 +1,5 @@
 // CUDA GEMM through cuBLAS: batched matmul with transposed operands, and linear (GEMM + bias, or
-// cuBLASLt's bias epilogue when set_cuda_bias_epilogue asks for it: blas_lt.cu).
+// cuBLASLt's bias epilogue when set_cuda_bias_epilogue asks for it: blas_lt.cpp).
 // Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which is the
 // same memory. One handle per device with a fixed workspace: with a single stream this makes
 // cuBLAS pick the same kernels every call, so replays reproduce bits.

@@ -110,8 +110,10 @@ bool linear_bias_epilogue(const void* x, const void* w, const void* b, void* y, 
       if (status == CUBLAS_STATUS_SUCCESS && count > 0 && result.state == CUBLAS_STATUS_SUCCESS &&
           result.workspaceSize <= workspace.bytes)
         algo = result.algo;
-      else if (status != CUBLAS_STATUS_SUCCESS && status != CUBLAS_STATUS_NOT_SUPPORTED)
-        REMAT_CUBLASLT_CHECK(status);
+      else
+        REMAT_CHECK(status == CUBLAS_STATUS_SUCCESS || status == CUBLAS_STATUS_NOT_SUPPORTED,
+                    "cublasLt: the heuristic for linear [", rows, ", ", in, "] -> ", out, " in ", dtype_name(dtype),
+                    " failed: ", cublasLtGetStatusString(status));
       algorithms.emplace(key, algo);
     }
   }

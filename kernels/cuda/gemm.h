@@ -1,5 +1,5 @@
 // One cuBLAS GEMM call of the CUDA backend, shared by matmul/linear (blas.cu) and the im2col
-// convolution (conv_gemm.cu), and linear's cuBLASLt call (blas_lt.cu). Host-only header. Matrices
+// convolution (conv_gemm.cu), and linear's cuBLASLt call (blas_lt.cpp). Host-only header. Matrices
 // are row-major, batches strided.
 #pragma once
 
