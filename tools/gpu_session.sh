@@ -101,7 +101,7 @@ esac
 
 # ---- the [cuda] suite, one process per test case: a sticky kernel fault cannot hide the rest ----
 step "test_cuda, case by case"
-passed=0 failed=0 skipped=0 failures=()
+passed=0 failed=0 skipped=0 failures=() passes=()
 : > "$out/test_cuda.txt"
 : > "$out/failures.txt"
 mapfile -t cases < <("$bin/tests/test_cuda" --list-test-names-only | grep -v '^$')
@@ -116,7 +116,7 @@ for name in "${cases[@]}"; do
   { echo "---- $name"; timeout 150 "$bin/tests/test_cuda" "$spec" --durations yes; } >> "$out/test_cuda.txt" 2>&1
   rc=$?
   case $rc in
-    0) passed=$((passed + 1)); verdict=passed ;;
+    0) passed=$((passed + 1)); verdict=passed; passes+=("$name") ;;
     77) if [ -n "$dry" ]; then skipped=$((skipped + 1)); verdict=skipped
         else  # a GPU is here, so a skip means remat could not reach it
           failed=$((failed + 1)); verdict="FAILED (skipped on a GPU machine: $(tail -1 "$out/test_cuda.txt"))"; failures+=("$name")
@@ -146,23 +146,25 @@ for name in "${failures[@]}"; do
   fi
 done
 
-# The benchmarks fall back to the reference index checks on the host if the GPU's own failed, run
-# attention on the tensor-core kernels (mma) and linear's bias in cuBLASLt's epilogue only when
-# their cases passed.
-attention=mma bias_epilogue=1
+# The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
+# run attention on the tensor-core kernels (mma) and linear's bias in cuBLASLt's epilogue only when
+# their cases passed (not when they failed or ran out of time).
+attention=flash bias_epilogue=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
       export REMAT_CUDA_INDEX_CHECK=host
       echo "gpu_session: benchmarks with REMAT_CUDA_INDEX_CHECK=host (the device index checks failed)" ;;
-    "attention on the tensor cores (mma)"*)
-      attention=flash
-      echo "gpu_session: benchmarks with the flash attention kernel (the mma case failed)" ;;
-    "linear's bias in cuBLASLt's epilogue"*)
-      bias_epilogue=0
-      echo "gpu_session: benchmarks with linear's bias by its own kernel (the cuBLASLt epilogue case failed)" ;;
   esac
 done
+for name in "${passes[@]}"; do
+  case $name in
+    "attention on the tensor cores (mma)"*) attention=mma ;;
+    "linear's bias in cuBLASLt's epilogue"*) bias_epilogue=1 ;;
+  esac
+done
+[ "$attention" = mma ] || echo "gpu_session: benchmarks with the flash attention kernel (the mma case did not pass)"
+[ "$bias_epilogue" = 1 ] || echo "gpu_session: benchmarks with linear's bias by its own kernel (the epilogue case did not pass)"
 [ -n "$dry" ] || export REMAT_CUDA_ATTENTION=$attention REMAT_CUDA_BIAS_EPILOGUE=$bias_epilogue
 echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-flash}," \
   "linear's bias in cuBLASLt's epilogue: ${REMAT_CUDA_BIAS_EPILOGUE:-0}"
