@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -182,6 +183,21 @@ GptConfig gpu_gpt() {
   return c;
 }
 
+// Every policy's gradients bitwise equal to `plain` (none's), with replays and dropped bytes; the
+// model is left without checkpointing.
+void check_policies_bitwise(Module& model, const std::function<Tensor()>& loss,
+                            const std::vector<std::vector<char>>& plain) {
+  for (const char* policy : {"full", "ops", "block_skip:2", "level:3"}) {
+    INFO(policy);
+    apply_policy(model, parse_policy(policy));
+    reset_checkpoint_counters();
+    CHECK(run_grads(model.parameters(), loss) == plain);
+    CHECK(checkpoint_counters().replays > 0);
+    CHECK(checkpoint_counters().bytes_dropped > 0);
+  }
+  remove_checkpointing(model);
+}
+
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
@@ -241,20 +257,11 @@ TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bit
       if (bf16) autocast.emplace(DType::bf16);
       return model.loss(idx, targets);
     };
-    remove_checkpointing(model);
     const int64_t calls = cuda_bias_epilogue_calls();
     auto plain = run_grads(model.parameters(), loss);
     CHECK(cuda_bias_epilogue_calls() > calls);
-    for (const char* policy : {"full", "ops", "block_skip:2", "level:3"}) {
-      INFO(policy);
-      apply_policy(model, parse_policy(policy));
-      reset_checkpoint_counters();
-      CHECK(run_grads(model.parameters(), loss) == plain);
-      CHECK(checkpoint_counters().replays > 0);
-      CHECK(checkpoint_counters().bytes_dropped > 0);
-    }
+    check_policies_bitwise(model, loss, plain);
   }
-  remove_checkpointing(model);
 }
 
 TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
@@ -308,14 +315,7 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
   const int64_t before = cuda_attention_calls(CudaAttention::mma);
   auto plain = run_grads(model.parameters(), loss);
   CHECK(cuda_attention_calls(CudaAttention::mma) > before);
-  for (const char* policy : {"full", "ops", "block_skip:2", "level:3"}) {
-    INFO(policy);
-    apply_policy(model, parse_policy(policy));
-    reset_checkpoint_counters();
-    CHECK(run_grads(model.parameters(), loss) == plain);
-    CHECK(checkpoint_counters().replays > 0);
-  }
-  remove_checkpointing(model);
+  check_policies_bitwise(model, loss, plain);
 }
 
 TEST_CASE("casts of views on cuda (permuted heads under autocast, an expanded gradient) match the cpu",
