@@ -156,8 +156,9 @@ struct Preference {
   uint32_t align[4] = {256, 256, 256, 256};  // A, B, C, D: cuBLASLt's defaults
 };
 // What the "algorithm" carries: the alignments it was chosen for, which the matmul then requires.
+constexpr uint32_t kAlgoMagic = 0x1a160;  // marks an algorithm the heuristic below made
 struct Algo {
-  uint32_t magic;  // 0x1a160: made by the heuristic below
+  uint32_t magic;
   uint32_t align[5];  // A, B, C, D, bias
   uint64_t workspace;
 };
@@ -293,7 +294,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   if (dd.compute == CUBLAS_COMPUTE_64F && dd.epilogue != CUBLASLT_EPILOGUE_DEFAULT) return CUBLAS_STATUS_NOT_SUPPORTED;
   results[0] = {};
   // It uses what workspace it may, up to 1 MiB, as a split-k algorithm would.
-  const Algo algo{0x1a160, {p.align[0], p.align[1], p.align[2], p.align[3], dd.bias ? alignment(dd.bias) : 256u},
+  const Algo algo{kAlgoMagic, {p.align[0], p.align[1], p.align[2], p.align[3], dd.bias ? alignment(dd.bias) : 256u},
                   std::min<uint64_t>(p.workspace, 1u << 20)};
   std::memcpy(&results[0].algo, &algo, sizeof algo);
   results[0].workspaceSize = algo.workspace;
@@ -317,7 +318,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
   // What the real library would refuse or get wrong: no algorithm from its heuristic, pointers
   // less aligned than the algorithm was chosen for, too little workspace, C in place of D but not
   // the same, another stream than remat's compute stream.
-  if (k == 0 || algo == nullptr || chosen.magic != 0x1a160 || alignment(A) < chosen.align[0] ||
+  if (k == 0 || algo == nullptr || chosen.magic != kAlgoMagic || alignment(A) < chosen.align[0] ||
       alignment(B) < chosen.align[1] || alignment(C) < chosen.align[2] || alignment(D) < chosen.align[3] ||
       (dd.bias != nullptr && alignment(dd.bias) < chosen.align[4]) || (workspace == nullptr && workspace_bytes > 0) ||
       workspace_bytes < chosen.workspace || C != D || stream != nullptr)

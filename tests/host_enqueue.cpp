@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,13 +27,9 @@ namespace {
 
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t comma = s.find(',', start);
-    if (comma == std::string::npos) comma = s.size();
-    out.push_back(s.substr(start, comma - start));
-    start = comma + 1;
-  }
+  std::stringstream list(s);
+  for (std::string item; std::getline(list, item, ',');)
+    if (!item.empty()) out.push_back(item);
   return out;
 }
 
