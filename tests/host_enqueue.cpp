@@ -3,7 +3,7 @@
 // caching allocator, launch setup), which the GPU's time per step must exceed for the GPU and not
 // the host to set the pace. Exits without running the queued work (hours under emulation).
 //   REMAT_CUDA_MODULE=$PWD/build/tests/libremat_cuda_emulated.so build/tests/host_enqueue
-//     [config gpt2] [policies none,full,ops,block_skip:2] [dtype bf16] [batch 8]
+//     [config gpt2] [policies none,full,ops,block_skip:2] [dtype bf16] [batch 8] [layers 12]
 #include <dlfcn.h>
 #include <fmt/core.h>
 #include <unistd.h>
@@ -53,6 +53,7 @@ int run(int argc, char** argv) {
 
   GptConfig c = gpt_config(config);
   if (argc > 4) c.batch = std::stoll(argv[4]);
+  if (argc > 5) c.layers = std::stoll(argv[5]);
   manual_seed(1);
   Gpt model(c);
   const Device gpu = Device::cuda(0);
