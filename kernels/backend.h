@@ -75,7 +75,8 @@ class Backend {
   virtual Tensor embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) = 0;
 
   // logits [N, V], targets [N] -> mean loss (scalar) and lse [N]; rows whose target is
-  // ignore_index count neither in the loss nor in the mean.
+  // ignore_index count neither in the loss nor in the mean. The loss, lse and dloss are in the
+  // logits' accumulation dtype (f32 for bf16 logits); the logits' gradient in their own dtype.
   virtual std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) = 0;
   virtual Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
                                         const Tensor& lse, int64_t ignore_index) = 0;

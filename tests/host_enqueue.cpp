@@ -1,7 +1,9 @@
 // How long the host takes to queue gpt training steps for a GPU, measured on the emulated GPU, where
 // no kernel runs until the host waits: remat's own host cost per step (autograd, checkpointing, the
 // caching allocator, launch setup), which the GPU's time per step must exceed for the GPU and not
-// the host to set the pace. Exits without running the queued work (hours under emulation).
+// the host to set the pace; and the caching allocator's peaks per step, which the same code reaches
+// on a real GPU (allocation sizes do not depend on the kernels having run). Exits without running
+// the queued work (hours under emulation).
 //   REMAT_CUDA_MODULE=$PWD/build/tests/libremat_cuda_emulated.so build/tests/host_enqueue
 //     [config gpt2] [policies none,full,ops,block_skip:2] [dtype bf16] [batch 8] [layers 12]
 #include <dlfcn.h>
@@ -70,13 +72,15 @@ int run(int argc, char** argv) {
   fmt::print("host_enqueue: gpt {} (B {}, T {}, C {}, layers {}), {}; each step: forward, backward, clipping, "
              "AdamW, queued on the emulated GPU and never run\n",
              config, c.batch, c.seq_len, c.channels, c.layers, dtype);
-  fmt::print("| policy | step | host ms | launches | us per launch | host waits |\n|---|---|---|---|---|---|\n");
+  fmt::print("| policy | step | host ms | launches | us per launch | host waits | peak MiB | activation peak MiB |\n"
+             "|---|---|---|---|---|---|---|---|\n");
   long long later_waits = 0;  // after each policy's first step, which may set things up
   for (const std::string& policy : policies) {
     remove_checkpointing(model);
     if (policy != "none") apply_policy(model, parse_policy(policy));
     for (int step = 0; step < 3; ++step) {
       const long long launches_before = launches(), waits_before = cuda_host_syncs();
+      reset_peak_memory(gpu);
       const auto start = std::chrono::steady_clock::now();
       {
         std::optional<AutocastScope> autocast;
@@ -91,7 +95,11 @@ int run(int argc, char** argv) {
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
       const long long n = launches() - launches_before, waits = cuda_host_syncs() - waits_before;
       if (step > 0) later_waits += waits;
-      fmt::print("| {} | {} | {:.1f} | {} | {:.1f} | {} |\n", policy, step, ms, n, n > 0 ? 1000 * ms / n : 0.0, waits);
+      const MemoryStats memory = memory_stats(gpu);
+      constexpr double kMiB = 1024.0 * 1024.0;
+      fmt::print("| {} | {} | {:.1f} | {} | {:.1f} | {} | {:.1f} | {:.1f} |\n", policy, step, ms, n,
+                 n > 0 ? 1000 * ms / n : 0.0, waits, memory.total.peak / kMiB,
+                 memory[MemoryCategory::activation].peak / kMiB);
       std::fflush(stdout);
     }
   }

@@ -148,9 +148,10 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
   bool on_host = index_checks_on_host();
   if (on_host) check_targets_on_host(targets, v, ignore_index);
   IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
-  // The log-sum-exp in the accumulation type: bf16 would round it before exp(logit - lse) in backward.
+  // The log-sum-exp and the loss in the accumulation type: bf16 would round the log-sum-exp before
+  // exp(logit - lse) in backward, and the loss to three digits.
   Tensor lse = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
-  Tensor loss = Tensor::empty({}, logits.dtype(), logits.device());
+  Tensor loss = Tensor::empty({}, acc_dtype(logits.dtype()), logits.device());
   Tensor row_loss = workspace({n}, acc_dtype(logits.dtype()), logits.device());
   bool is64 = targets.dtype() == DType::i64;
   dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
@@ -159,7 +160,7 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
           logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>(),
           fault);
     REMAT_LAUNCH(1, kThreads, 0, cross_entropy_mean_kernel<T>)(
-        row_loss.data<Acc<T>>(), targets.raw_data(), is64, n, v, ignore_index, loss.data<T>());
+        row_loss.data<Acc<T>>(), targets.raw_data(), is64, n, v, ignore_index, loss.data<Acc<T>>());
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {loss, lse};
@@ -168,6 +169,9 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
 Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
                                            const Tensor& lse, int64_t ignore_index) {
   set_device_of(logits);
+  REMAT_CHECK(dloss.dtype() == acc_dtype(logits.dtype()), "cross_entropy_backward: expected the loss's gradient in ",
+              dtype_name(acc_dtype(logits.dtype())), " for ", dtype_name(logits.dtype()), " logits, got ",
+              dtype_name(dloss.dtype()));
   int64_t n = logits.size(0), v = logits.size(1);
   bool on_host = index_checks_on_host();
   if (on_host) check_targets_on_host(targets, v, ignore_index);
@@ -180,7 +184,7 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
   REMAT_LAUNCH(1, kThreads, 0, cross_entropy_count_kernel)(targets.raw_data(), is64, n, v, ignore_index, counted);
   dispatch(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
     REMAT_LAUNCH(grid_of(n, "cross_entropy_backward"), kThreads, 0, cross_entropy_backward_kernel<T>)(
-        dloss.data<T>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, counted,
+        dloss.data<Acc<T>>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, counted,
         dl.data<T>(), fault);
   });
   REMAT_CUDA_LAUNCH_CHECK();

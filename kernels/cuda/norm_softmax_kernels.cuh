@@ -243,7 +243,7 @@ __device__ long long used_targets(const void* targets, bool is64, int64_t n, int
 
 template <typename T>
 __global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, const void* targets, bool is64, int64_t n, int64_t v,
-                                          int64_t ignore_index, T* loss) {
+                                          int64_t ignore_index, Acc<T>* loss) {
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   REMAT_REDUCE_SCRATCH(long long, counts);
@@ -252,7 +252,7 @@ __global__ void cross_entropy_mean_kernel(const Acc<T>* row_loss, const void* ta
   s = block_sum(s, scratch);
   long long count = used_targets(targets, is64, n, v, ignore_index, counts);
   // All rows ignored: the mean is 0/0; PyTorch returns NaN, so do we.
-  if (threadIdx.x == 0) loss[0] = cast_to<T>(count ? s / static_cast<A>(count) : std::numeric_limits<A>::quiet_NaN());
+  if (threadIdx.x == 0) loss[0] = count ? s / static_cast<A>(count) : std::numeric_limits<A>::quiet_NaN();
 }
 
 __global__ void cross_entropy_count_kernel(const void* targets, bool is64, int64_t n, int64_t v, int64_t ignore_index,
@@ -263,7 +263,7 @@ __global__ void cross_entropy_count_kernel(const void* targets, bool is64, int64
 }
 
 template <typename T>
-__global__ void cross_entropy_backward_kernel(const T* dloss, const T* logits, const void* targets, bool is64,
+__global__ void cross_entropy_backward_kernel(const Acc<T>* dloss, const T* logits, const void* targets, bool is64,
                                               const Acc<T>* lse, int64_t v, int64_t ignore_index, const long long* count,
                                               T* dl, IndexFault* fault) {
   using A = Acc<T>;
@@ -271,7 +271,7 @@ __global__ void cross_entropy_backward_kernel(const T* dloss, const T* logits, c
   bool used = target_used(t, v, ignore_index, blockIdx.x, threadIdx.x == 0 ? fault : nullptr,
                           IndexFaultOp::cross_entropy_backward);
   T* row = dl + blockIdx.x * v;
-  A g = load(dloss, 0) / static_cast<A>(*count ? *count : 1);
+  A g = dloss[0] / static_cast<A>(*count ? *count : 1);
   A l = lse[blockIdx.x];
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
     if (!used) row[j] = cast_to<T>(A(0));

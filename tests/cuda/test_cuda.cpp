@@ -661,10 +661,12 @@ TEST_CASE("conv2d through im2col and cuBLAS matches the cpu and repeats its bits
   unsetenv("REMAT_CUDA_CONV");
 }
 
-TEST_CASE("cross_entropy called in bf16 keeps its log-sum-exp in f32", "[cuda][bf16][op]") {
+TEST_CASE("cross_entropy reads bf16 logits into f32: its loss and log-sum-exp in f32, the f32 cast's bits",
+          "[cuda][bf16][op]") {
   manual_seed(22);
   Tensor logits = Tensor::randn({64, 1000}).to(DType::bf16).to(kGpu), targets = ids(64, 1000, 37).to(kGpu);
   std::vector<Tensor> out = backend_for(OpKind::cross_entropy, kGpu).cross_entropy(logits, targets, -100);
+  CHECK(out[0].dtype() == DType::f32);
   CHECK(out[1].dtype() == DType::f32);
   // The gradient from the bf16 logits against the same logits in f32: only the final rounding differs.
   Tensor lb = logits.clone().detach().set_requires_grad(true), lf = logits.to(DType::f32).clone().detach().set_requires_grad(true);
@@ -672,6 +674,28 @@ TEST_CASE("cross_entropy called in bf16 keeps its log-sum-exp in f32", "[cuda][b
   backward(cross_entropy(lf, targets));
   std::vector<double> gb = lb.grad().to_vector<double>(), gf = lf.grad().to_vector<double>();
   CHECK(compare(gf, gb, {1e-6, 1e-2}) == "");
+  // Under autocast the logits are not cast to f32 (no f32 copy saved for backward), and nothing
+  // changes but memory: the loss and the bf16 gradient have the bits of the f32 cast's path (the
+  // cast is exact, the f32 arithmetic the same, the gradient rounded to bf16 as the cast's backward
+  // rounds it). Ignored rows included.
+  std::vector<int64_t> t = ids(64, 1000, 41).to_vector<int64_t>();
+  t[3] = t[17] = -100;
+  Tensor targets2 = Tensor::from_vector(t, {64}, kGpu);
+  Tensor direct = logits.clone().detach().set_requires_grad(true), via_f32 = logits.clone().detach().set_requires_grad(true);
+  Tensor loss_direct, loss_via_f32 = cross_entropy(cast(via_f32, DType::f32), targets2);
+  const int64_t before = memory_stats(kGpu).total.current;
+  {
+    AutocastScope autocast(DType::bf16);
+    loss_direct = cross_entropy(direct, targets2);
+  }
+  // What the direct path holds for backward: the f32 log-sum-exp and loss, no f32 logits.
+  CHECK(memory_stats(kGpu).total.current - before == 64 * 4 + 4);
+  REQUIRE(loss_direct.dtype() == DType::f32);
+  CHECK(loss_direct.item() == loss_via_f32.item());
+  backward(loss_direct);
+  backward(loss_via_f32);
+  REQUIRE(direct.grad().dtype() == DType::bf16);
+  CHECK(direct.grad().to(DType::f32).to_vector<float>() == via_f32.grad().to(DType::f32).to_vector<float>());
 }
 
 TEST_CASE("TF32 for f32 GEMMs: off by default, near f32 when on, the same bits every call, f32 again when off",
