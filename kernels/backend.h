@@ -80,6 +80,12 @@ class Backend {
   virtual std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) = 0;
   virtual Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
                                         const Tensor& lse, int64_t ignore_index) = 0;
+  // The same, written over the logits (the caller holds their storage alone); false where this
+  // backend does not, and then the logits are untouched.
+  virtual bool cross_entropy_backward_in_place(const Tensor& /*dloss*/, Tensor& /*logits*/, const Tensor& /*targets*/,
+                                               const Tensor& /*lse*/, int64_t /*ignore_index*/) {
+    return false;
+  }
 
   // Images are [N, C, H, W]. conv2d: w [Cout, Cin, kh, kw], b [Cout] or undefined.
   virtual Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) = 0;

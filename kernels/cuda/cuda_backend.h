@@ -16,6 +16,8 @@ class CudaBackend final : public Backend {
   REMAT_BACKEND_KERNELS(override)
   void adamw_update_all(const std::vector<AdamWTensors>& items) override;
   bool clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm) override;
+  bool cross_entropy_backward_in_place(const Tensor& dloss, Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                       int64_t ignore_index) override;
 };
 
 // Shared by the .cu files: makes the tensor's GPU the current device before a launch.

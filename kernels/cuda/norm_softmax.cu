@@ -166,8 +166,12 @@ std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tenso
   return {loss, lse};
 }
 
-Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
-                                           const Tensor& lse, int64_t ignore_index) {
+namespace {
+
+// d(logits) = (softmax - onehot(target)) * dloss / count into `dl`, which may be the logits
+// themselves: each thread reads a logit and then writes its gradient in the same place.
+void cross_entropy_backward_into(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                 int64_t ignore_index, Tensor& dl) {
   set_device_of(logits);
   REMAT_CHECK(dloss.dtype() == acc_dtype(logits.dtype()), "cross_entropy_backward: expected the loss's gradient in ",
               dtype_name(acc_dtype(logits.dtype())), " for ", dtype_name(logits.dtype()), " logits, got ",
@@ -175,8 +179,7 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
   int64_t n = logits.size(0), v = logits.size(1);
   bool on_host = index_checks_on_host();
   if (on_host) check_targets_on_host(targets, v, ignore_index);
-  Tensor dl = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
-  if (n == 0) return dl;
+  if (n == 0) return;
   IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
   Tensor count = workspace({1}, DType::i64, logits.device());
   bool is64 = targets.dtype() == DType::i64;
@@ -188,7 +191,22 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
         dl.data<T>(), fault);
   });
   REMAT_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
+                                           const Tensor& lse, int64_t ignore_index) {
+  set_device_of(logits);
+  Tensor dl = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
+  cross_entropy_backward_into(dloss, logits, targets, lse, ignore_index, dl);
   return dl;
+}
+
+bool CudaBackend::cross_entropy_backward_in_place(const Tensor& dloss, Tensor& logits, const Tensor& targets,
+                                                  const Tensor& lse, int64_t ignore_index) {
+  cross_entropy_backward_into(dloss, logits, targets, lse, ignore_index, logits);
+  return true;
 }
 
 }  // namespace remat

@@ -698,6 +698,39 @@ TEST_CASE("cross_entropy reads bf16 logits into f32: its loss and log-sum-exp in
   CHECK(direct.grad().to(DType::f32).to_vector<float>() == via_f32.grad().to(DType::f32).to_vector<float>());
 }
 
+TEST_CASE("cross_entropy's gradient takes the place of logits nothing else holds: same bits, the logits off the peak",
+          "[cuda][bf16][op][memory]") {
+  manual_seed(23);
+  Tensor h = Tensor::randn({64, 32}).to(kGpu).set_requires_grad(true);
+  Tensor w = Tensor::randn({1000, 32}).to(kGpu).set_requires_grad(true);
+  Tensor targets = ids(64, 1000, 37).to(kGpu);
+  // The tied-head shape of gpt under autocast: bf16 logits from a GEMM, read by the loss alone
+  // unless the caller keeps them.
+  auto run = [&](bool caller_keeps_logits, int64_t& backward_peak) {
+    h.zero_grad();
+    w.zero_grad();
+    Tensor kept, loss;
+    {
+      AutocastScope autocast(DType::bf16);
+      Tensor logits = matmul(h, w, false, true);
+      if (caller_keeps_logits) kept = logits;
+      loss = cross_entropy(logits, targets);
+    }
+    reset_peak_memory(kGpu);
+    const int64_t start = memory_stats(kGpu).total.current;
+    backward(loss);
+    backward_peak = memory_stats(kGpu).total.peak - start;
+    std::vector<float> grads = h.grad().to(Device::cpu()).to_vector<float>();
+    for (float x : w.grad().to(Device::cpu()).to_vector<float>()) grads.push_back(x);
+    return grads;
+  };
+  int64_t peak_in_place = 0, peak_kept = 0;
+  std::vector<float> in_place = run(false, peak_in_place), beside = run(true, peak_kept);
+  CHECK(in_place == beside);
+  // Kept logits make the gradient a tensor of its own: 64 x 1000 bf16 more at backward's peak.
+  CHECK(peak_kept - peak_in_place >= 64 * 1000 * 2);
+}
+
 TEST_CASE("TF32 for f32 GEMMs: off by default, near f32 when on, the same bits every call, f32 again when off",
           "[cuda][op][tf32]") {
   manual_seed(31);
