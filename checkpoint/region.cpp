@@ -535,7 +535,33 @@ void RegionManager::hand_over(Graph& graph, int64_t node, int64_t value) {
 void RegionManager::before_slot_release(Graph& graph, int64_t node, size_t s) {
   const SavedSlot& slot = graph.nodes[node]->saved[s];
   release_rebuilt(graph, node, static_cast<int64_t>(s), slot.value);
-  if (slot.state == SlotState::kept && graph.values[slot.value].holds == 1) hand_over(graph, node, slot.value);
+  if (slot.state != SlotState::kept) return;
+  if (graph.values[slot.value].holds == 1) hand_over(graph, node, slot.value);
+  release_saved_outputs_done_with(graph, slot.value, 1);
+}
+
+void RegionManager::release_saved_outputs_done_with(Graph& graph, int64_t value, int going) {
+  const Tensor& data = graph.values[value].data;
+  if (!data.defined() || !data.storage()) return;
+  // The saved outputs on the slot's storage: the value itself, or the value it is a view of (the
+  // loss reads gpt's logits through a reshape).
+  std::vector<std::pair<int, int64_t>> holders;  // (region, saved value)
+  std::unordered_map<int64_t, int> region_holds;
+  for (const Region& r : regions_)
+    for (const RegionInput& out : r.saved_outputs)
+      if (out.state == SlotState::kept && graph.values[out.value].data.storage() == data.storage()) {
+        holders.push_back({r.id, out.value});
+        ++region_holds[out.value];
+      }
+  if (holders.empty()) return;
+  // Nothing but the going slots and those regions holds them: no other slot reads them.
+  auto own = region_holds.find(value);
+  if (graph.values[value].holds != going + (own == region_holds.end() ? 0 : own->second)) return;
+  for (auto [u, n] : region_holds)
+    if (u != value && graph.values[u].holds != n) return;
+  for (auto [id, u] : holders)
+    if (whole_region_in_this_backward(graph, id) && !saved_outputs_still_needed(graph, id, {}).count(u))
+      release_saved_output(graph, id, u);
 }
 
 void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_graph) {
@@ -560,6 +586,7 @@ void RegionManager::after_backward_node(Graph& graph, int64_t node, bool retain_
         return o.state == SlotState::kept && o.value == slot.value;
       }));
       if (graph.values[slot.value].holds == own) hand_over(graph, node, slot.value);
+      release_saved_outputs_done_with(graph, slot.value, own);
     }
   // Backward has passed below the start of these regions: their inputs are needed no more, unless
   // some of their nodes belong to another loss whose backward is still to come.

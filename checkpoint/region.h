@@ -90,6 +90,11 @@ class RegionManager final : public SavedTensorHooks {
   bool whole_region_in_this_backward(const Graph& graph, int region);
   // Lets go of a saved output `region` holds for replay.
   void release_saved_output(Graph& graph, int region, int64_t value);
+  // The last slots that read `value` (`going` holds of it) are going: the regions that keep it, or
+  // the value it is a view of, as a saved output and whose replays still to come cannot read it let
+  // go of it now, not when a replay or the end of backward gets to it (gpt's logits under `ops`,
+  // whose gradient may then take their place).
+  void release_saved_outputs_done_with(Graph& graph, int64_t value, int going);
   void hold_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value, const Tensor& data);
   void release_rebuilt(Graph& graph, int64_t node, int64_t slot, int64_t value);
   // Gives the data of `value`, whose last kept slot (of `node`) is going, to the dropped slots that

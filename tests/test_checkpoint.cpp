@@ -289,6 +289,54 @@ TEST_CASE("a whole-chain region that saves linear outputs replays per backward n
   CHECK(ops == plain);
 }
 
+TEST_CASE("a saved output goes when the last slot that reads it, through a view, goes and no replay needs it",
+          "[checkpoint][memory][replay]") {
+  // gpt's head under `ops`: the region (the model's logits) saves the head's product, and the loss,
+  // outside the region, reads it through a reshape. Once the loss's backward has read it, nothing
+  // needs it: the region lets go of it then (on a GPU the gradient may then take its place), not
+  // when a replay or the end of backward gets to it. Here a scale `s` between the reshape and the
+  // loss reads the view; its gradient is final right after that read.
+  auto blocks = mlp_chain(4, 16, 64);
+  Tensor x = Tensor::randn({8, 16}).set_requires_grad(true);
+  Tensor head = Tensor::randn({512, 16}).set_requires_grad(true);
+  Tensor s = Tensor::from_vector<float>({0.5f}, {1}).set_requires_grad(true);
+  std::vector<Tensor> leaves = all_params(blocks);
+  for (const Tensor& t : {x, head, s}) leaves.push_back(t);
+  Tensor targets = Tensor::from_vector<int64_t>({1, 7, 30, 511, 0, 2, 9, 100}, {8});
+  std::weak_ptr<Storage> logits_storage;
+  auto loss_of = [&](bool region) {
+    std::unique_ptr<CheckpointScope> scope;
+    if (region) {
+      CheckpointOptions o;
+      o.policy = save_ops({OpKind::linear, OpKind::matmul});
+      scope = std::make_unique<CheckpointScope>(o);
+    }
+    Tensor h = x;
+    for (const MlpBlock& b : blocks) h = b(h);
+    Tensor logits = matmul(h, head, false, true);
+    logits_storage = logits.storage();
+    scope.reset();
+    return cross_entropy(mul(reshape(logits, {8, 512}), s), targets);
+  };
+  for (bool region : {false, true}) {
+    INFO((region ? "ops region" : "no region"));
+    bool checked = false, gone = false;
+    {
+      LeafGradReadyScope ready([&](const AutogradMeta* leaf, const Tensor&) {
+        if (leaf != s.autograd_meta_ptr().get()) return;
+        checked = true;
+        gone = logits_storage.expired();
+      });
+      reset_checkpoint_counters();
+      backward(loss_of(region));
+    }
+    CHECK(checked);
+    CHECK(gone);
+    if (region) CHECK(checkpoint_counters().bytes_released_early >= 8 * 512 * 4);
+  }
+  CHECK(run_grads(leaves, [&] { return loss_of(true); }) == run_grads(leaves, [&] { return loss_of(false); }));
+}
+
 TEST_CASE("saved outputs go early only when no later backward can need them: retain_graph, a second loss",
           "[checkpoint][replay]") {
   // A whole-chain region saving linear outputs, with two heads inside it: one on the chain's end,
