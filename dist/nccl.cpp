@@ -5,6 +5,7 @@
 #include <dlfcn.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <thread>
 
 #include "runtime/cuda_backend.h"
@@ -31,17 +32,20 @@ struct NcclLibrary {
   const char* (*error_string)(ncclResult_t) = nullptr;
 
   NcclLibrary() {
-    void* lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    // REMAT_NCCL_LIBRARY: another build of NCCL, or the emulated GPU's one-rank NCCL in tests.
+    const char* chosen = std::getenv("REMAT_NCCL_LIBRARY");
+    const std::string path = chosen && *chosen ? chosen : "libnccl.so.2";
+    void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
       const char* why = dlerror();
-      problem = std::string("libnccl.so.2 could not be loaded (") + (why ? why : "unknown reason") +
+      problem = path + " could not be loaded (" + (why ? why : "unknown reason") +
                 "); install NCCL (the nvidia-nccl-cu13 wheel, or the CUDA toolkit's) and put its lib folder on "
-                "LD_LIBRARY_PATH";
+                "LD_LIBRARY_PATH, or name the library in REMAT_NCCL_LIBRARY";
       return;
     }
     auto find = [&](auto& fn, const char* name) {
       fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
-      if (!fn && problem.empty()) problem = std::string("libnccl.so.2 lacks ") + name;
+      if (!fn && problem.empty()) problem = path + " lacks " + name;
     };
     find(get_unique_id, "ncclGetUniqueId");
     find(comm_init_rank, "ncclCommInitRank");

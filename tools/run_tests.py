@@ -91,12 +91,14 @@ def main():
         passed, failed, skipped = passed + p, failed + f, skipped + s
         gpu_skipped = gpu_skipped or (name == "test_cuda" and rc == 77)
     # Without a GPU, the [cuda] suite again on the emulated CUDA part (tests/simt_launch.h): remat's
-    # CUDA sources with their kernels under the SIMT emulator. Cases at a GPU's scale ([large],
-    # minutes each there) run in `make test-slow`; [gpu-only] ones (NCCL, 2e9 threads) need a GPU.
+    # CUDA sources with their kernels under the SIMT emulator, and the module's one-rank NCCL in
+    # place of libnccl. Cases at a GPU's scale ([large], minutes each there) run in `make
+    # test-slow`; [gpu-only] ones (2e9 threads) need a GPU.
     emulated = build / "tests" / "libremat_cuda_emulated.so"
     if gpu_skipped and emulated.exists():
         scale = "[large]" if test_filter == "[slow]" else case_filter + "~[large]"
-        env = dict(os.environ, REMAT_CUDA_MODULE=str(emulated.resolve()))
+        module = str(emulated.resolve())
+        env = dict(os.environ, REMAT_CUDA_MODULE=module, REMAT_NCCL_LIBRARY=module)
         command = [str(build / "tests" / "test_cuda"), scale + "~[gpu-only]"]
         p, f, s, _ = run_binary("test_cuda (emulated GPU)", command, command[1], env)
         passed, failed, skipped = passed + p, failed + f, skipped + s
