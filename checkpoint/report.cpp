@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "autograd/grad_mode.h"
 #include "checkpoint/apply.h"
@@ -37,37 +38,46 @@ SaveReport report_with(Module& model, const std::string& name, const std::functi
   model.train(was_training);
   set_rng_state(rng);
   if (!out.defined() || !out.autograd_meta_ptr() || !out.autograd_meta_ptr()->graph) return report;
-  Graph& graph = *static_cast<Graph*>(out.autograd_meta_ptr()->graph.get());
-  if (!graph.hooks) return report;
-  const auto& regions = RegionManager::of(graph).regions();
-  report.regions = static_cast<int>(regions.size());
-
-  // For every value produced inside a region and read by some slot: kept if any slot keeps it.
-  std::unordered_map<int64_t, bool> kept;
-  for (const auto& node : graph.nodes)
-    for (const SavedSlot& slot : node->saved) kept[slot.value] = kept[slot.value] || slot.state == SlotState::kept;
-  for (const Region& r : regions)  // outputs the policy saved, read by replay rather than by backward
-    for (const RegionInput& out : r.saved_outputs) kept[out.value] = kept[out.value] || out.state == SlotState::kept;
-  for (const auto& [value, is_kept] : kept) {
-    const ValueInfo& v = graph.values[value];
-    if (v.producer < 0) continue;
-    int region = graph.nodes[v.producer]->region;
-    if (region < 0) continue;
-    SavedTensorEntry e;
-    e.region = regions[region].options.name;
-    e.depth = regions[region].depth;
-    e.op = graph.nodes[v.producer]->name();
-    e.shape = v.shape;
-    e.dtype = v.dtype;
-    e.bytes = numel_of(v.shape) * static_cast<int64_t>(dtype_size(v.dtype));
-    e.saved = is_kept;
-    (is_kept ? report.saved_bytes : report.recomputed_bytes) += e.bytes;
-    (is_kept ? report.saved_by_op : report.recomputed_by_op)[e.op] += e.bytes;
-    report.entries.push_back(std::move(e));
+  // The output's graph and every graph it imports from, directly or not: a forward can span
+  // several (under autocast a parameter's cast starts a graph of its own, and the loss's part of
+  // the model then records there, apart from the blocks' regions).
+  std::vector<Graph*> graphs{static_cast<Graph*>(out.autograd_meta_ptr()->graph.get())};
+  std::unordered_set<const Graph*> seen{graphs.front()};
+  for (size_t i = 0; i < graphs.size(); ++i)
+    for (const ValueInfo& v : graphs[i]->values)
+      if (v.source && seen.insert(v.source.get()).second) graphs.push_back(v.source.get());
+  for (Graph* g : graphs) {
+    if (!g->hooks) continue;
+    const Graph& graph = *g;
+    const auto& regions = RegionManager::of(*g).regions();
+    report.regions += static_cast<int>(regions.size());
+    // For every value produced inside a region and read by some slot: kept if any slot keeps it.
+    std::unordered_map<int64_t, bool> kept;
+    for (const auto& node : graph.nodes)
+      for (const SavedSlot& slot : node->saved) kept[slot.value] = kept[slot.value] || slot.state == SlotState::kept;
+    for (const Region& r : regions)  // outputs the policy saved, read by replay rather than by backward
+      for (const RegionInput& saved : r.saved_outputs) kept[saved.value] = kept[saved.value] || saved.state == SlotState::kept;
+    for (const auto& [value, is_kept] : kept) {
+      const ValueInfo& v = graph.values[value];
+      if (v.producer < 0) continue;
+      int region = graph.nodes[v.producer]->region;
+      if (region < 0) continue;
+      SavedTensorEntry e;
+      e.region = regions[region].options.name;
+      e.depth = regions[region].depth;
+      e.op = graph.nodes[v.producer]->name();
+      e.shape = v.shape;
+      e.dtype = v.dtype;
+      e.bytes = numel_of(v.shape) * static_cast<int64_t>(dtype_size(v.dtype));
+      e.saved = is_kept;
+      (is_kept ? report.saved_bytes : report.recomputed_bytes) += e.bytes;
+      (is_kept ? report.saved_by_op : report.recomputed_by_op)[e.op] += e.bytes;
+      report.entries.push_back(std::move(e));
+    }
+    for (const Region& r : regions)
+      for (Decision d : r.decisions) report.offload_decisions += d == Decision::must_offload || d == Decision::prefer_offload;
   }
-  for (const Region& r : regions)
-    for (Decision d : r.decisions) report.offload_decisions += d == Decision::must_offload || d == Decision::prefer_offload;
-  if (report.offload_decisions > 0 && graph.values[out.autograd_meta_ptr()->value_id].device.is_cpu())
+  if (report.offload_decisions > 0 && out.device().is_cpu())
     report.note = std::to_string(report.offload_decisions) +
                   " offload decision(s) on cpu: offloading moves saved tensors to host memory, where they already are, "
                   "so they are kept (listed as saved)";

@@ -264,6 +264,25 @@ TEST_CASE("what_is_saved lists saved and recomputed tensors per region with tota
   CHECK(ops.saved_by_op.at("attention") == 4 * 4 * (2 * 4 * 16 * 8 + 2 * 4 * 16));
   CHECK_THAT(ops.to_string(), Contains("saved") && Contains("recomputed"));
   CHECK_FALSE(is_checkpointed(f.model));  // the report removes its hooks
+
+  // A forward that spans graphs: an op on leaves alone after the blocks (as autocast's cast of the
+  // tied head's weight is) starts a graph of its own, and the loss records there, importing the
+  // blocks' output. The report follows the imports to the blocks' regions.
+  Tensor other_head = Tensor::randn({64, 32}).set_requires_grad(true);
+  auto split_loss = [&] {
+    Tensor h = f.model.logits(f.idx);
+    Tensor scaled_head = mul(other_head, Tensor::full({1}, 0.5));
+    return sum(matmul(h, scaled_head));
+  };
+  {
+    Tensor h = f.model.logits(f.idx);
+    Tensor loss = sum(matmul(h, mul(other_head, Tensor::full({1}, 0.5))));
+    REQUIRE(loss.autograd_meta_ptr()->graph != h.autograd_meta_ptr()->graph);
+  }
+  SaveReport split = what_is_saved(f.model, "full", split_loss);
+  CHECK(split.regions == 4);
+  CHECK(split.saved_bytes == full.saved_bytes);
+  CHECK(split.recomputed_bytes == full.recomputed_bytes);
 }
 
 TEST_CASE("application errors say what was expected", "[policy][errors]") {
