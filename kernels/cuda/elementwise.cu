@@ -31,9 +31,10 @@ Tensor CudaBackend::unary(UnaryFn fn, const Tensor& x, double scalar) {
   return y;
 }
 
-Tensor CudaBackend::unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x, const Tensor& y, double scalar) {
-  set_device_of(dy);
-  Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+namespace {
+
+// dx = dy * f'(x) into `dx`, which may be dy itself: each thread reads its element, then writes it.
+void unary_backward_into(UnaryFn fn, const Tensor& dy, const Tensor& x, const Tensor& y, double scalar, Tensor& dx) {
   int64_t n = dy.numel();
   dispatch(dy.dtype(), "unary_backward", [&]<typename T>() {
     REMAT_LAUNCH(blocks_for(n), kThreads, 0, unary_backward_kernel<T>)(
@@ -41,7 +42,22 @@ Tensor CudaBackend::unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x
         static_cast<Acc<T>>(scalar));
   });
   REMAT_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+Tensor CudaBackend::unary_backward(UnaryFn fn, const Tensor& dy, const Tensor& x, const Tensor& y, double scalar) {
+  set_device_of(dy);
+  Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  unary_backward_into(fn, dy, x, y, scalar, dx);
   return dx;
+}
+
+bool CudaBackend::unary_backward_in_place(UnaryFn fn, Tensor& dy, const Tensor& x, const Tensor& y, double scalar) {
+  set_device_of(dy);
+  unary_backward_into(fn, dy, x, y, scalar, dy);
+  dy.storage()->bump_version();
+  return true;
 }
 
 Tensor CudaBackend::binary(BinaryFn fn, const Tensor& a, const Tensor& b) {

@@ -206,6 +206,7 @@ Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& lo
 bool CudaBackend::cross_entropy_backward_in_place(const Tensor& dloss, Tensor& logits, const Tensor& targets,
                                                   const Tensor& lse, int64_t ignore_index) {
   cross_entropy_backward_into(dloss, logits, targets, lse, ignore_index, logits);
+  logits.storage()->bump_version();
   return true;
 }
 
