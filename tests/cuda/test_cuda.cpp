@@ -729,6 +729,24 @@ TEST_CASE("cross_entropy's gradient takes the place of logits nothing else holds
   CHECK(in_place == beside);
   // Kept logits make the gradient a tensor of its own: 64 x 1000 bf16 more at backward's peak.
   CHECK(peak_kept - peak_in_place >= 64 * 1000 * 2);
+  // A graph kept for another backward keeps its logits intact: the second backward's gradients are
+  // the first's.
+  Tensor loss;
+  {
+    AutocastScope autocast(DType::bf16);
+    loss = cross_entropy(matmul(h, w, false, true), targets);
+  }
+  auto grads_of = [&](bool retain) {
+    h.zero_grad();
+    w.zero_grad();
+    backward(loss, Tensor(), {.retain_graph = retain});
+    std::vector<float> grads = h.grad().to(Device::cpu()).to_vector<float>();
+    for (float x : w.grad().to(Device::cpu()).to_vector<float>()) grads.push_back(x);
+    return grads;
+  };
+  std::vector<float> first = grads_of(true);
+  CHECK(first == in_place);
+  CHECK(grads_of(false) == first);
 }
 
 TEST_CASE("TF32 for f32 GEMMs: off by default, near f32 when on, the same bits every call, f32 again when off",
