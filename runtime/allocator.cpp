@@ -73,6 +73,28 @@ void Allocator::count(int64_t bytes, MemoryCategory category) noexcept {
   }
 }
 
+void Allocator::recount(size_t bytes, MemoryCategory from, MemoryCategory to) noexcept {
+  if (bytes == 0 || from == to) return;
+  const auto n = static_cast<int64_t>(bytes);
+  auto move = [&](MemoryStats& s) {
+    MemoryCounters& out = s.by_category[static_cast<int>(from)];
+    out.current -= n;
+    out.freed += n;
+    MemoryCounters& in = s.by_category[static_cast<int>(to)];
+    in.current += n;
+    in.allocated += n;
+    if (in.current > in.peak) in.peak = in.current;
+  };
+  if (int slot = thread_slot(device()); slot >= 0) move(t_thread_stats[slot]);
+  std::lock_guard lock(mutex_);
+  move(stats_);
+  if (recording_) {
+    double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - record_start_).count();
+    events_.push_back({us, -n, from});
+    events_.push_back({us, n, to});
+  }
+}
+
 MemoryStats Allocator::stats() const {
   std::lock_guard lock(mutex_);
   MemoryStats s = stats_;

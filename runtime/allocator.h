@@ -44,6 +44,9 @@ class Allocator {
   virtual ~Allocator() = default;
   void* allocate(size_t bytes, MemoryCategory category);
   void deallocate(void* ptr, size_t bytes, MemoryCategory category) noexcept;
+  // Bytes allocated as `from` that now hold a `to` (a gradient written over an activation): freed
+  // from the one category, allocated to the other; the total does not change.
+  void recount(size_t bytes, MemoryCategory from, MemoryCategory to) noexcept;
 
   MemoryStats stats() const;
   void reset_peak();  // peak := current, overall and per category

@@ -41,6 +41,11 @@ void Storage::take_contents(Storage& other) {
 
 Storage::~Storage() { allocator_->deallocate(data_, bytes_, category_); }
 
+void Storage::set_category(MemoryCategory category) {
+  if (data_) allocator_->recount(bytes_, category_, category);
+  category_ = category;
+}
+
 void Storage::move_to(Device device) {
   if (device == device_) return;
   Allocator& target = allocator_for(device);

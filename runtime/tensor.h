@@ -31,6 +31,9 @@ class Storage {
   size_t bytes() const { return bytes_; }
   Device device() const { return device_; }
   MemoryCategory category() const { return category_; }
+  // The bytes now hold something of another category (a backward wrote a gradient over an
+  // activation it was the last to read): counted under that one from now on.
+  void set_category(MemoryCategory category);
   // The element type of every tensor viewing these bytes (views never reinterpret).
   DType dtype() const { return dtype_; }
   uint64_t version() const { return version_; }

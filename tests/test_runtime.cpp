@@ -261,6 +261,34 @@ TEST_CASE("the memory recorder logs allocs and frees with their category", "[run
   CHECK(events[1].time_us >= events[0].time_us);
 }
 
+TEST_CASE("storage that changes what it holds moves between categories, the total unchanged", "[runtime][memory]") {
+  Allocator& cpu = allocator_for(Device::cpu());
+  cpu.reset_peak();
+  MemoryStats base = cpu.stats();
+  auto moved = [&](const MemoryStats& s, MemoryCategory c) { return s[c].current - base[c].current; };
+  cpu.start_recording();
+  {
+    Tensor t = Tensor::empty({100}, DType::f32);  // 400 bytes of activation
+    t.storage()->set_category(MemoryCategory::gradient);
+    MemoryStats s = cpu.stats();
+    CHECK(s.total.current - base.total.current == 400);
+    CHECK(s.total.peak - base.total.current == 400);
+    CHECK(moved(s, MemoryCategory::activation) == 0);
+    CHECK(moved(s, MemoryCategory::gradient) == 400);
+    CHECK(s[MemoryCategory::gradient].peak - base[MemoryCategory::gradient].current >= 400);
+    CHECK(s[MemoryCategory::activation].freed - base[MemoryCategory::activation].freed == 400);
+  }
+  auto events = cpu.stop_recording();
+  MemoryStats end = cpu.stats();
+  CHECK(end.total.current == base.total.current);
+  CHECK(moved(end, MemoryCategory::gradient) == 0);  // freed as what it held last
+  CHECK(moved(end, MemoryCategory::activation) == 0);
+  REQUIRE(events.size() == 4);  // allocated, moved out and in, freed
+  CHECK((events[1].bytes == -400 && events[1].category == MemoryCategory::activation));
+  CHECK((events[2].bytes == 400 && events[2].category == MemoryCategory::gradient));
+  CHECK((events[3].bytes == -400 && events[3].category == MemoryCategory::gradient));
+}
+
 TEST_CASE("cuda discovery reports devices without throwing, zero on a machine without a GPU", "[runtime][cuda-discovery]") {
   int n = cuda_device_count();
   CHECK(n >= 0);
