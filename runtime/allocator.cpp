@@ -53,46 +53,48 @@ int thread_slot(Device device) { return device.is_cpu() ? 0 : device.index + 1 <
 
 }  // namespace
 
+namespace {
+
+// Bytes handed out (> 0) or returned (< 0) under one counter.
+void add_to(MemoryCounters& c, int64_t bytes) {
+  c.current += bytes;
+  if (bytes > 0) c.allocated += bytes;
+  else c.freed -= bytes;
+  if (c.current > c.peak) c.peak = c.current;
+}
+
+}  // namespace
+
 void Allocator::count(int64_t bytes, MemoryCategory category) noexcept {
-  auto bump = [bytes](MemoryCounters& c) {
-    c.current += bytes;
-    if (bytes > 0) c.allocated += bytes;
-    else c.freed -= bytes;
-    if (c.current > c.peak) c.peak = c.current;
-  };
+  const auto c = static_cast<int>(category);
   if (int slot = thread_slot(device()); slot >= 0) {
-    bump(t_thread_stats[slot].total);
-    bump(t_thread_stats[slot].by_category[static_cast<int>(category)]);
+    add_to(t_thread_stats[slot].total, bytes);
+    add_to(t_thread_stats[slot].by_category[c], bytes);
   }
   std::lock_guard lock(mutex_);
-  bump(stats_.total);
-  bump(stats_.by_category[static_cast<int>(category)]);
-  if (recording_) {
-    double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - record_start_).count();
-    events_.push_back({us, bytes, category});
-  }
+  add_to(stats_.total, bytes);
+  add_to(stats_.by_category[c], bytes);
+  note_event(bytes, category);
 }
 
 void Allocator::recount(size_t bytes, MemoryCategory from, MemoryCategory to) noexcept {
   if (bytes == 0 || from == to) return;
   const auto n = static_cast<int64_t>(bytes);
   auto move = [&](MemoryStats& s) {
-    MemoryCounters& out = s.by_category[static_cast<int>(from)];
-    out.current -= n;
-    out.freed += n;
-    MemoryCounters& in = s.by_category[static_cast<int>(to)];
-    in.current += n;
-    in.allocated += n;
-    if (in.current > in.peak) in.peak = in.current;
+    add_to(s.by_category[static_cast<int>(from)], -n);
+    add_to(s.by_category[static_cast<int>(to)], n);
   };
   if (int slot = thread_slot(device()); slot >= 0) move(t_thread_stats[slot]);
   std::lock_guard lock(mutex_);
   move(stats_);
-  if (recording_) {
-    double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - record_start_).count();
-    events_.push_back({us, -n, from});
-    events_.push_back({us, n, to});
-  }
+  note_event(-n, from);
+  note_event(n, to);
+}
+
+void Allocator::note_event(int64_t bytes, MemoryCategory category) {
+  if (!recording_) return;
+  double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - record_start_).count();
+  events_.push_back({us, bytes, category});
 }
 
 MemoryStats Allocator::stats() const {

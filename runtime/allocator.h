@@ -72,6 +72,7 @@ class Allocator {
 
  private:
   void count(int64_t bytes, MemoryCategory category) noexcept;
+  void note_event(int64_t bytes, MemoryCategory category);  // for the recorder; mutex_ held
   mutable std::mutex mutex_;
   MemoryStats stats_;
   int64_t limit_ = 0;
