@@ -61,6 +61,17 @@ Tensor dropout(const Tensor& x, double p, bool training = true);
 Tensor embedding(const Tensor& idx, const Tensor& weight);
 // logits[N, V], targets[N] (i32/i64) -> mean negative log-likelihood over rows != ignore_index.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+// cross_entropy(matmul(h, weight, false, true), targets) for h [N, C], weight [V, C] (a language
+// model's head and its loss) without ever holding the [N, V] logits: they are made chunk_rows rows
+// at a time (0: chunks of at most 64 MiB of logits), and again in backward, where each chunk's
+// gradient takes its place. One more head GEMM per step for N x V logits' bytes. The row losses
+// are summed as cross_entropy sums them: on the CPU the loss has the unfused bits (the GEMM's rows
+// do not depend on the chunk), and so have the gradients in one chunk; in several, dW differs by
+// its order of summation.
+Tensor linear_cross_entropy(const Tensor& h, const Tensor& weight, const Tensor& targets, int64_t ignore_index = -100,
+                            int64_t chunk_rows = 0);
+// The chunk linear_cross_entropy takes for `rows` rows of `vocab` logits of `logits_dtype`.
+int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab, DType logits_dtype);
 
 // Images are [N, C, H, W]. conv2d: weight [Cout, Cin, kh, kw], bias [Cout] or undefined.
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), int stride = 1, int padding = 0);

@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   app.add_option("--layers", layers, "override the config's layers");
   app.add_option("--seq-len", seq_len, "override the config's sequence length");
   app.add_option("--dropout", dropout, "override the config's dropout");
+  bool fused_loss = false;
+  app.add_flag("--fused-loss", fused_loss,
+               "gpt: the head and loss as linear_cross_entropy (the logits never whole; one more head GEMM a step)");
   app.add_option("--json", p.json_path, "write the results as JSON (schema in docs/bench.md)");
   app.add_option("--csv", p.csv_path, "write the results as CSV");
   app.add_option("--trace", p.trace_path, "write a Chrome trace (Perfetto, chrome://tracing) of one step per policy");
@@ -89,6 +92,7 @@ int main(int argc, char** argv) {
     if (layers) p.overrides["layers"] = static_cast<double>(layers);
     if (seq_len) p.overrides["seq_len"] = static_cast<double>(seq_len);
     if (dropout >= 0) p.overrides["dropout"] = dropout;
+    if (fused_loss) p.overrides["fused_loss"] = 1;
     if (ranks->count() > 0) return remat::bench::run_data_parallel(p, dist);
     return remat::bench::run_policies(p);
   } catch (const remat::Error& e) {

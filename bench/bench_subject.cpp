@@ -21,7 +21,8 @@ GptConfig gpt_bench_config(const PolicyOptions& o) {
     else if (key == "layers") c.layers = static_cast<int64_t>(value);
     else if (key == "seq_len") c.seq_len = static_cast<int64_t>(value);
     else if (key == "dropout") c.dropout = value;
-    else REMAT_FAIL("unknown config override '", key, "': expected batch, layers, seq_len or dropout");
+    else if (key == "fused_loss") c.fused_loss = value != 0;
+    else REMAT_FAIL("unknown config override '", key, "': expected batch, layers, seq_len, dropout or fused_loss");
   }
   return c;
 }
@@ -76,8 +77,9 @@ double Subject::items_per_step() const {
 
 std::string Subject::describe() const {
   if (gpt_)
-    return fmt::format("gpt {} (B {}, T {}, C {}, layers {}, dropout {})", gpt_config_.name, gpt_config_.batch,
-                       gpt_config_.seq_len, gpt_config_.channels, gpt_config_.layers, gpt_config_.dropout);
+    return fmt::format("gpt {} (B {}, T {}, C {}, layers {}, dropout {}{})", gpt_config_.name, gpt_config_.batch,
+                       gpt_config_.seq_len, gpt_config_.channels, gpt_config_.layers, gpt_config_.dropout,
+                       gpt_config_.fused_loss ? ", fused loss" : "");
   return fmt::format("{} {} ({})", model_name_, config_name_, task_->config().dump());
 }
 
@@ -85,7 +87,8 @@ nlohmann::json Subject::config() const {
   if (!gpt_) return task_->config();
   const GptConfig& c = gpt_config_;
   return {{"name", c.name},       {"batch", c.batch},   {"seq_len", c.seq_len}, {"channels", c.channels},
-          {"heads", c.heads},     {"layers", c.layers}, {"vocab", c.vocab},     {"dropout", c.dropout}};
+          {"heads", c.heads},     {"layers", c.layers}, {"vocab", c.vocab},     {"dropout", c.dropout},
+          {"fused_loss", c.fused_loss}};
 }
 
 int64_t Subject::activation_floor(const PolicySpec& spec) const {
@@ -97,7 +100,9 @@ int64_t Subject::activation_floor(const PolicySpec& spec) const {
   // view (no re-laid-out copy) saves one E less.
   const bool shared_output = backend_for(OpKind::attention, x_.device()).attention_reads_strided();
   const int64_t S = (shared_output ? 16 : 17) * E + 4 * st + lse;
-  const int64_t head = 2 * E + 3 * st + c.batch * c.seq_len * c.vocab * f;  // ln_f in/out, stats, logits, lse
+  // ln_f in/out, stats, lse, and the logits, which the fused loss does not keep.
+  const int64_t logits = c.batch * c.seq_len * c.vocab * f;
+  const int64_t head = 2 * E + 3 * st + (c.fused_loss ? 0 : logits);
   int n = 0;
   switch (spec.kind) {
     case PolicySpec::Kind::none: n = 0; break;

@@ -245,7 +245,7 @@ Candidate option_cost(const BlockTape& b, std::vector<bool> recompute) {
 }
 
 // How cheap an op is to recompute: 1 shape and pointwise ops (dropout and casts included), 2 norms
-// and reductions, 3 matrix products and convolutions, 4 the rest (attention, cross-entropy, custom).
+// and reductions, 3 matrix products and convolutions, 4 the rest (attention, the losses, custom).
 int op_class(OpKind op) {
   switch (op) {
     case OpKind::layer_norm: case OpKind::group_norm: case OpKind::softmax: case OpKind::sum: case OpKind::mean:
@@ -254,7 +254,7 @@ int op_class(OpKind op) {
       return 2;
     case OpKind::matmul: case OpKind::linear: case OpKind::conv2d:
       return 3;
-    case OpKind::attention: case OpKind::cross_entropy: case OpKind::custom:
+    case OpKind::attention: case OpKind::cross_entropy: case OpKind::linear_cross_entropy: case OpKind::custom:
       return 4;
     default:
       return 1;

@@ -38,7 +38,9 @@ Policy save_ops(const std::vector<OpKind>& ops, std::string name) {
           }};
 }
 
-Policy ops_preset() { return save_ops({OpKind::matmul, OpKind::linear, OpKind::attention}, "ops"); }
+Policy ops_preset() {
+  return save_ops({OpKind::matmul, OpKind::linear, OpKind::attention, OpKind::linear_cross_entropy}, "ops");
+}
 
 Policy save_names(const std::vector<std::string>& names) {
   return {"save_names", [names](const PolicyContext& ctx) {

@@ -1,4 +1,5 @@
-// Backend selection by device, op-name parsing, and sums of squares over tensors on any devices.
+// Backend selection by device, op-name parsing, cross-entropy from its rows, and sums of squares
+// over tensors on any devices.
 #include "kernels/backend.h"
 
 #include <algorithm>
@@ -16,6 +17,11 @@ OpKind parse_op(const std::string& name) {
     known += (i ? ", " : "") + std::string(kOpInfo[i].name);
   }
   REMAT_FAIL("unknown op '", name, "': expected one of ", known);
+}
+
+std::vector<Tensor> Backend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  std::vector<Tensor> rows = cross_entropy_rows(logits, targets, {.ignore_index = ignore_index});
+  return {cross_entropy_mean(rows[0], targets, logits.size(1), ignore_index), rows[1]};
 }
 
 bool Backend::clip_by_total_norm(const std::vector<Tensor>&, double, Tensor&) { return false; }

@@ -48,6 +48,10 @@ class Backend {
 
   // C[..., M, N] = op(A)[..., M, K] @ op(B)[..., K, N]; batch dims of A and B equal, or B 2-D.
   virtual Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) = 0;
+  // c[M, N] = op(a) op(b) for 2-D a and b, written into c, or added to it (`accumulate`): c in a's
+  // dtype or, for bf16 a and b, in f32 (a sum over chunks of K with one rounding at the end:
+  // linear_cross_entropy's dW). The same bits as matmul where c is a's dtype and nothing is added.
+  virtual void matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool accumulate) = 0;
   // y[R, O] = x[R, I] W[O, I]^T + b[O] (b may be undefined).
   virtual Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) = 0;
 
@@ -74,16 +78,32 @@ class Backend {
   virtual Tensor embedding(const Tensor& idx, const Tensor& weight) = 0;
   virtual Tensor embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) = 0;
 
-  // logits [N, V], targets [N] -> mean loss (scalar) and lse [N]; rows whose target is
-  // ignore_index count neither in the loss nor in the mean. The loss, lse and dloss are in the
-  // logits' accumulation dtype (f32 for bf16 logits); the logits' gradient in their own dtype.
-  virtual std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) = 0;
+  // Cross-entropy, by rows so that a batch can come in chunks (linear_cross_entropy computes the
+  // head's logits a chunk of rows at a time). `rows` names the chunk: error messages give the
+  // batch's row, and the mean divides by the used rows of the batch's targets. The loss, row
+  // losses, lse and dloss are in the logits' accumulation dtype (f32 for bf16 logits); the logits'
+  // gradient in their own dtype. Rows whose target is ignore_index count neither in the loss nor
+  // in the mean.
+  struct CrossEntropyRows {
+    int64_t ignore_index = -100;
+    int64_t first_row = 0;  // the chunk's first row in the batch
+    Tensor batch_targets;   // the batch's targets [N]; undefined: the call's own
+  };
+  // logits [R, V], targets [R] -> row_loss [R] (lse - logit of the target; 0 where ignored), lse [R].
+  virtual std::vector<Tensor> cross_entropy_rows(const Tensor& logits, const Tensor& targets,
+                                                 const CrossEntropyRows& rows) = 0;
+  // The mean of the used rows' losses (a scalar); NaN when every row is ignored, as in PyTorch.
+  virtual Tensor cross_entropy_mean(const Tensor& row_loss, const Tensor& targets, int64_t vocab,
+                                    int64_t ignore_index) = 0;
+  // logits [N, V], targets [N] -> mean loss (scalar) and lse [N]: rows, then their mean.
+  std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index);
+  // d(logits) = (softmax - onehot(target)) * dloss / (used rows of the batch).
   virtual Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
-                                        const Tensor& lse, int64_t ignore_index) = 0;
+                                        const Tensor& lse, const CrossEntropyRows& rows) = 0;
   // The same, written over the logits (the caller holds their storage alone); false where this
   // backend does not, and then the logits are untouched.
   virtual bool cross_entropy_backward_in_place(const Tensor& /*dloss*/, Tensor& /*logits*/, const Tensor& /*targets*/,
-                                               const Tensor& /*lse*/, int64_t /*ignore_index*/) {
+                                               const Tensor& /*lse*/, const CrossEntropyRows& /*rows*/) {
     return false;
   }
 
@@ -152,6 +172,7 @@ class Backend {
   Tensor copy_strided(const Tensor& x) SPEC; \
   void copy_into_slice(Tensor& dst, const Tensor& src, int64_t axis, int64_t start) SPEC; \
   Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) SPEC; \
+  void matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool accumulate) SPEC; \
   Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) SPEC; \
   std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) SPEC; \
   std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd) SPEC; \
@@ -162,8 +183,9 @@ class Backend {
   Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) SPEC; \
   Tensor embedding(const Tensor& idx, const Tensor& weight) SPEC; \
   Tensor embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) SPEC; \
-  std::vector<Tensor> cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) SPEC; \
-  Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse, int64_t ignore_index) SPEC; \
+  std::vector<Tensor> cross_entropy_rows(const Tensor& logits, const Tensor& targets, const CrossEntropyRows& rows) SPEC; \
+  Tensor cross_entropy_mean(const Tensor& row_loss, const Tensor& targets, int64_t vocab, int64_t ignore_index) SPEC; \
+  Tensor cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse, const CrossEntropyRows& rows) SPEC; \
   Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) SPEC; \
   std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride, int padding, bool has_bias) SPEC; \
   std::vector<Tensor> group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) SPEC; \

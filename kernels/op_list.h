@@ -45,6 +45,7 @@ namespace remat {
   X(dropout, 1, 1)              \
   X(embedding, 2, 1)            \
   X(cross_entropy, 2, 2)        \
+  X(linear_cross_entropy, 3, 2) \
   X(conv2d, -1, 1)              \
   X(group_norm, 3, 3)           \
   X(upsample_nearest, 1, 1)     \

@@ -47,6 +47,7 @@ void check_config(const GptConfig& c) {
               ", heads ", c.heads, ", layers ", c.layers, ", seq_len ", c.seq_len, ", batch ", c.batch);
   REMAT_CHECK(c.channels % c.heads == 0, "gpt: expected channels (", c.channels, ") divisible by heads (", c.heads, ")");
   REMAT_CHECK(c.dropout >= 0 && c.dropout < 1, "gpt: expected dropout in [0, 1), got ", c.dropout);
+  REMAT_CHECK(c.loss_chunk_rows >= 0, "gpt: expected loss_chunk_rows >= 0 (0: chosen by size), got ", c.loss_chunk_rows);
 }
 
 int64_t parameter_count(const GptConfig& c) {
@@ -78,21 +79,35 @@ Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
   set_checkpoint_level_of_module(5);  // the whole network
 }
 
-Tensor Gpt::logits(const Tensor& idx) {
-  auto guard = enter();
+Tensor Gpt::hidden(const Tensor& idx) {
   REMAT_CHECK(idx.dim() == 2 && idx.size(1) <= config.seq_len, "gpt: expected token ids [B, T] with T <= ",
               config.seq_len, ", got ", idx.meta_str());
   int64_t t = idx.size(1);
   Tensor pos = Tensor::arange(t, DType::i64, idx.device());
   Tensor h = (*drop)(add((*wte)(idx), (*wpe)(pos)));
   for (size_t i = 0; i < blocks->size(); ++i) h = blocks->at<GptBlock>(i)(h);
-  h = (*ln_f)(h);
-  return matmul(h, wte->weight, false, true);  // tied LM head: h @ wte^T
+  return (*ln_f)(h);
+}
+
+Tensor Gpt::logits(const Tensor& idx) {
+  auto guard = enter();
+  return matmul(hidden(idx), wte->weight, false, true);  // tied LM head: h @ wte^T
 }
 
 Tensor Gpt::loss(const Tensor& idx, const Tensor& targets) {
-  Tensor lg = logits(idx);
   int64_t n = idx.numel();
+  if (config.fused_loss) {
+    // The head goes with the loss, after the model's forward (and outside its checkpoint regions,
+    // as the unfused loss is): a region over the whole model does not re-run it.
+    Tensor h;
+    {
+      auto guard = enter();
+      h = hidden(idx);
+    }
+    return linear_cross_entropy(reshape(h, {n, config.channels}), wte->weight, reshape(targets, {n}), -100,
+                                config.loss_chunk_rows);
+  }
+  Tensor lg = logits(idx);
   return cross_entropy(reshape(lg, {n, config.vocab}), reshape(targets, {n}));
 }
 

@@ -15,6 +15,10 @@ struct GptConfig {
   int64_t vocab = 64, channels = 32, heads = 4, layers = 2, seq_len = 16, batch = 2;
   double dropout = 0.1;
   DType dtype = DType::f32;  // of the parameters and activations (f64 for exact gradient checks on the cpu)
+  // The loss through linear_cross_entropy: the [B T, V] logits never whole (gpt2 at B 8, T 1024:
+  // 786 MiB in bf16, 1.5 GiB in f32), for one more head GEMM a step.
+  bool fused_loss = false;
+  int64_t loss_chunk_rows = 0;  // rows of logits per chunk of the fused loss (0: chunks of at most 64 MiB)
 };
 
 // Named configurations: tiny (tests), small (CPU demo and bench), gpt2 (124M, GPU bench).
@@ -53,6 +57,10 @@ class Gpt final : public Module {
   std::shared_ptr<nn::Dropout> drop;
   std::shared_ptr<nn::ModuleList> blocks;
   std::shared_ptr<nn::LayerNorm> ln_f;
+
+ private:
+  // The final layer norm's output [B, T, C]: what the head reads (called inside forward's guard).
+  Tensor hidden(const Tensor& idx);
 };
 
 }  // namespace remat

@@ -55,7 +55,7 @@ class GptTask final : public TrainTask {
   nlohmann::json config() const override {
     const GptConfig& c = config_;
     return {{"name", c.name}, {"vocab", c.vocab}, {"channels", c.channels}, {"heads", c.heads}, {"layers", c.layers},
-            {"seq_len", c.seq_len}, {"batch", c.batch}, {"dropout", c.dropout}};
+            {"seq_len", c.seq_len}, {"batch", c.batch}, {"dropout", c.dropout}, {"fused_loss", c.fused_loss}};
   }
   RngState data_state() const override { return data_.state(); }
   void set_data_state(RngState s) override { data_.set_state(s); }
@@ -70,6 +70,7 @@ class GptTask final : public TrainTask {
     GptConfig c;
     c.name = j.at("name"), c.vocab = j.at("vocab"), c.channels = j.at("channels"), c.heads = j.at("heads");
     c.layers = j.at("layers"), c.seq_len = j.at("seq_len"), c.batch = j.at("batch"), c.dropout = j.at("dropout");
+    c.fused_loss = j.value("fused_loss", false);  // a run resumed goes on with the loss it trained with
     return c;
   }
 
@@ -160,7 +161,9 @@ GptConfig gpt_from(const std::string& name, const std::map<std::string, double>&
     else if (key == "seq_len") c.seq_len = positive_int(key, value);
     else if (key == "batch") c.batch = positive_int(key, value);
     else if (key == "dropout") c.dropout = probability(key, value);
-    else REMAT_FAIL("unknown config field '", key, "' for gpt: expected vocab, channels, heads, layers, seq_len, batch or dropout");
+    else if (key == "fused_loss") c.fused_loss = value != 0;
+    else REMAT_FAIL("unknown config field '", key,
+                    "' for gpt: expected vocab, channels, heads, layers, seq_len, batch, dropout or fused_loss");
   });
   check_config(c);
   return c;

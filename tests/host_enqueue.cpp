@@ -5,7 +5,8 @@
 // on a real GPU (allocation sizes do not depend on the kernels having run). Exits without running
 // the queued work (hours under emulation).
 //   REMAT_CUDA_MODULE=$PWD/build/tests/libremat_cuda_emulated.so build/tests/host_enqueue
-//     [config gpt2] [policies none,full,ops,block_skip:2] [dtype bf16] [batch 8] [layers 12]
+//     [config gpt2] [policies none,full,ops,block_skip:2] [dtype bf16] [batch 8] [layers 12] [fused]
+// (`fused`: the head and loss as linear_cross_entropy, GptConfig::fused_loss).
 #include <dlfcn.h>
 #include <fmt/core.h>
 #include <unistd.h>
@@ -56,6 +57,10 @@ int run(int argc, char** argv) {
   GptConfig c = gpt_config(config);
   if (argc > 4) c.batch = std::stoll(argv[4]);
   if (argc > 5) c.layers = std::stoll(argv[5]);
+  if (argc > 6) {
+    REMAT_CHECK(std::string(argv[6]) == "fused", "host_enqueue: expected 'fused' as the 6th argument, got '", argv[6], "'");
+    c.fused_loss = true;
+  }
   manual_seed(1);
   Gpt model(c);
   const Device gpu = Device::cuda(0);

@@ -118,6 +118,13 @@ std::vector<OpCase> cases_for(OpKind op) {
     case OpKind::cross_entropy:
       return {{"with an ignored row", [](auto& in) { return cross_entropy(in[0], in[1], -100); },
                {randn64({4, 6}), index_tensor({2, -100, 5, 0}, {4})}}};
+    case OpKind::linear_cross_entropy:
+      // In chunks of 2 rows: the chunks' sums of dW, the batch's divisor in every chunk, the
+      // ignored row in the second chunk.
+      return {{"chunks of 2 rows, an ignored row", [](auto& in) { return linear_cross_entropy(in[0], in[1], in[2], -100, 2); },
+               {randn64({5, 3}), randn64({6, 3}), index_tensor({2, 4, -100, 5, 0}, {5})}},
+              {"one chunk", [](auto& in) { return linear_cross_entropy(in[0], in[1], in[2]); },
+               {randn64({4, 3}), randn64({6, 3}), index_tensor({1, 0, 5, 3}, {4})}}};
     case OpKind::conv2d:
       return {{"3x3 stride 1 padding 1 with bias", [](auto& in) { return conv2d(in[0], in[1], in[2], 1, 1); },
                {randn64({2, 3, 5, 4}), randn64({4, 3, 3, 3}), randn64({4})}},

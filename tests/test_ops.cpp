@@ -392,6 +392,102 @@ TEST_CASE("cross_entropy equals the mean of logsumexp minus the target logit", "
                     Contains("cross_entropy: expected targets in [0, 3) or ignore_index -100, got 7 at row 2"));
 }
 
+namespace {
+
+// The head and loss unfused and fused, from the same leaves: loss, dh and dW of each.
+struct HeadRun {
+  Tensor loss, dh, dw;
+};
+HeadRun run_head(const Tensor& h0, const Tensor& w0, const Tensor& targets, int64_t chunk_rows, bool fused) {
+  Tensor h = h0.clone().set_requires_grad(true), w = w0.clone().set_requires_grad(true);
+  Tensor loss = fused ? linear_cross_entropy(h, w, targets, -100, chunk_rows)
+                      : cross_entropy(matmul(h, w, false, true), targets);
+  backward(loss);
+  return {loss, h.grad(), w.grad()};
+}
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         std::memcmp(a.as_contiguous().raw_data(), b.as_contiguous().raw_data(), a.nbytes()) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("linear_cross_entropy is the head's matmul and cross_entropy: bit for bit in one chunk, within rounding "
+          "in several",
+          "[op][cross_entropy][fused-loss]") {
+  manual_seed(31);
+  for (DType dtype : {DType::f64, DType::f32}) {
+    INFO(dtype_name(dtype));
+    Tensor h = Tensor::randn({37, 16}, dtype), w = Tensor::randn({50, 16}, dtype);
+    std::vector<int64_t> ids;
+    for (int64_t i = 0; i < 37; ++i) ids.push_back(i % 9 == 4 ? -100 : (i * 13 + 5) % 50);
+    Tensor targets = Tensor::from_vector(ids, {37});
+    HeadRun plain = run_head(h, w, targets, 0, false);
+    HeadRun one = run_head(h, w, targets, 37, true);
+    CHECK(same_bits(one.loss, plain.loss));
+    CHECK(same_bits(one.dh, plain.dh));
+    CHECK(same_bits(one.dw, plain.dw));
+    // Chunks of 8 rows (the last of 5): the divisor is the batch's used rows in every chunk, dW a
+    // sum of the chunks' products.
+    HeadRun chunks = run_head(h, w, targets, 8, true);
+    const double tol = dtype == DType::f64 ? 1e-12 : 1e-5;
+    check_close(chunks.loss, values(plain.loss), tol);
+    check_close(chunks.dh, values(plain.dh), tol);
+    check_close(chunks.dw, values(plain.dw), tol);
+  }
+}
+
+TEST_CASE("linear_cross_entropy never holds the logits: its peak is a chunk's, the unfused one all of them",
+          "[op][cross_entropy][fused-loss][memory]") {
+  manual_seed(32);
+  const int64_t n = 512, v = 2000, c = 8, logits_bytes = n * v * 4;
+  Tensor h = Tensor::randn({n, c}), w = Tensor::randn({v, c});
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < n; ++i) ids.push_back((i * 7 + 1) % v);
+  Tensor targets = Tensor::from_vector(ids, {n});
+  auto peak_of = [&](bool fused) {
+    HeadRun warm = run_head(h, w, targets, 32, fused);  // the GEMM's per-thread buffers come first
+    int64_t base = memory_stats().total.current;
+    reset_peak_memory();
+    HeadRun run = run_head(h, w, targets, 32, fused);
+    return memory_stats().total.peak - base;
+  };
+  int64_t unfused = peak_of(false), fused = peak_of(true);
+  INFO("logits " << logits_bytes << " bytes; peak above the inputs: unfused " << unfused << ", fused " << fused);
+  CHECK(unfused >= logits_bytes);
+  // A chunk's logits and their gradient (32 x 2000 floats each: 512,000 bytes), dW twice and a
+  // chunk's part of it (192,000), the leaves' copies and gradients (160,000): under a quarter.
+  CHECK(fused < logits_bytes / 4);
+}
+
+TEST_CASE("linear_cross_entropy: a second backward, an ignored batch, and errors that say what was expected",
+          "[op][cross_entropy][fused-loss][errors]") {
+  manual_seed(33);
+  Tensor h = Tensor::randn({6, 4}).set_requires_grad(true), w = Tensor::randn({5, 4}).set_requires_grad(true);
+  Tensor targets = Tensor::from_vector<int64_t>({0, 4, 2, 1, 3, 0}, {6});
+  Tensor loss = linear_cross_entropy(h, w, targets, -100, 4);
+  backward(loss, Tensor(), {.retain_graph = true});
+  std::vector<float> dh1 = h.grad().to_vector<float>(), dw1 = w.grad().to_vector<float>();
+  h.zero_grad();
+  w.zero_grad();
+  backward(loss);
+  CHECK(h.grad().to_vector<float>() == dh1);
+  CHECK(w.grad().to_vector<float>() == dw1);
+  // Every row ignored: NaN, as cross_entropy (and PyTorch).
+  CHECK(std::isnan(linear_cross_entropy(h, w, Tensor::full({6}, -100, DType::i64)).item()));
+  CHECK_THROWS_WITH(linear_cross_entropy(h, Tensor::randn({5, 3}), targets),
+                    Contains("linear_cross_entropy: expected h [N, C], weight [V, C] and targets [N], got [6,4], [5,3]"));
+  CHECK_THROWS_WITH(linear_cross_entropy(h, w, Tensor::from_vector<int64_t>({0, 1, 2, 3, 4, 9}, {6}), -100, 4),
+                    Contains("expected targets in [0, 5) or ignore_index -100, got 9 at row 5"));
+  CHECK_THROWS_WITH(linear_cross_entropy(h, w, targets, -100, -1), Contains("expected chunk_rows >= 0"));
+  CHECK_THROWS_WITH(linear_cross_entropy(h, w, h), Contains("expected targets of dtype i32 or i64"));
+  // The chunk by size: whole tiles of 64 rows, at most 64 MiB of logits, at least a row.
+  CHECK(linear_cross_entropy_chunk_rows(8192, 50304, DType::bf16) == 640);
+  CHECK(linear_cross_entropy_chunk_rows(100, 256, DType::f32) == 100);
+  CHECK(linear_cross_entropy_chunk_rows(10, int64_t{1} << 30, DType::f32) == 1);
+}
+
 TEST_CASE("the op list names every op once and parses names back", "[op]") {
   for (int i = 0; i < kOpCount; ++i) CHECK(parse_op(kOpInfo[i].name) == static_cast<OpKind>(i));
   CHECK_THROWS_WITH(parse_op("conv3d"), Contains("unknown op 'conv3d'"));

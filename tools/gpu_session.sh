@@ -149,7 +149,7 @@ done
 # The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
 # run attention on the tensor-core kernels (mma) and linear's bias in cuBLASLt's epilogue only when
 # their cases passed (not when they failed or ran out of time).
-attention=flash bias_epilogue=0
+attention=flash bias_epilogue=0 fused_loss=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -161,6 +161,7 @@ for name in "${passes[@]}"; do
   case $name in
     "attention on the tensor cores (mma)"*) attention=mma ;;
     "linear's bias in cuBLASLt's epilogue"*) bias_epilogue=1 ;;
+    "linear_cross_entropy on cuda"*) fused_loss=1 ;;
   esac
 done
 [ "$attention" = mma ] || echo "gpu_session: benchmarks with the flash attention kernel (the mma case did not pass)"
@@ -223,6 +224,18 @@ if [ -z "$dry" ] && [ "$bias_epilogue" = 1 ] && fits 60; then
   echo "remat-bench exit $?"
 else
   echo "SKIPPED (dry run, epilogue off or out of time): remat-bench with linear's bias by its own kernel"
+fi
+# What the fused head and loss cost and save: none and full in bf16 with --fused-loss, against the
+# bf16 table above (its case must have passed; the dry run takes the path on the cpu).
+if { [ -n "$dry" ] || [ "$fused_loss" = 1 ]; } && fits 75; then
+  bench_dtype=bf16
+  [ -n "$dry" ] && bench_dtype=f32
+  step "remat-bench $config none,full in $bench_dtype on $device, the head and loss fused"
+  timeout 150 "$bin/bench/remat-bench" --config "$config" --policies none,full --device "$device" \
+    --dtype "$bench_dtype" --steps "$steps" --warmup "$warmup" --fused-loss
+  echo "remat-bench exit $?"
+else
+  echo "SKIPPED (its case did not pass, or out of time): remat-bench with the head and loss fused"
 fi
 step "done: test_cuda ${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ]

@@ -129,11 +129,12 @@ class CrossEntropyNode final : public Node {
     // that the step's peak, at the start of backward, then does without).
     ctx.release_saved(0);
     Backend& backend = backend_for(kind(), g.device());
-    if (detail::sole_owner(logits) && backend.cross_entropy_backward_in_place(g, logits, targets, lse, ignore_index_)) {
+    const Backend::CrossEntropyRows rows{.ignore_index = ignore_index_};
+    if (detail::sole_owner(logits) && backend.cross_entropy_backward_in_place(g, logits, targets, lse, rows)) {
       logits.storage()->set_category(MemoryCategory::gradient);  // the bytes hold a gradient now
       return {logits, Tensor()};
     }
-    return {backend.cross_entropy_backward(g, logits, targets, lse, ignore_index_), Tensor()};
+    return {backend.cross_entropy_backward(g, logits, targets, lse, rows), Tensor()};
   }
 
  private:

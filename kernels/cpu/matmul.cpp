@@ -37,6 +37,20 @@ Tensor CpuBackend::matmul(const Tensor& a, const Tensor& b, bool trans_a, bool t
   return out;
 }
 
+void CpuBackend::matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool accumulate) {
+  REMAT_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && c.dtype() == a.dtype() && b.dtype() == a.dtype(),
+              "matmul_into: expected 2-D a, b and c of one dtype on the cpu, got ", a.meta_str(), ", ", b.meta_str(),
+              " and ", c.meta_str());
+  int64_t ra = a.size(0), ca = a.size(1), cb = b.size(1);
+  int64_t m = trans_a ? ca : ra, n = trans_b ? b.size(0) : cb, k = trans_a ? ra : ca;
+  REMAT_CHECK(c.size(0) == m && c.size(1) == n, "matmul_into: expected c [", m, ", ", n, "], got ", c.meta_str());
+  cpu::dispatch_float(a.dtype(), "matmul", [&]<typename T>() {
+    cpu::gemm<T>(trans_a, trans_b, m, n, k, T(1), a.data<T>(), ca, b.data<T>(), cb, accumulate ? T(1) : T(0),
+                 c.data<T>(), n);
+  });
+  c.storage()->bump_version();
+}
+
 Tensor CpuBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   int64_t in = x.size(-1), rows = x.numel() / (in == 0 ? 1 : in), out_features = w.size(0);
   Shape out_shape = x.shape();

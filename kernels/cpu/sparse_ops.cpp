@@ -64,48 +64,61 @@ Tensor CpuBackend::embedding_backward(const Tensor& dy, const Tensor& idx, int64
   return dw;
 }
 
-std::vector<Tensor> CpuBackend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
-  int64_t n = logits.size(0), v = logits.size(1);
+std::vector<Tensor> CpuBackend::cross_entropy_rows(const Tensor& logits, const Tensor& targets,
+                                                   const CrossEntropyRows& rows) {
+  int64_t n = logits.size(0), v = logits.size(1), ignore_index = rows.ignore_index;
   Tensor lse = Tensor::empty({n}, logits.dtype());
-  Tensor loss = Tensor::empty({}, logits.dtype());
+  Tensor row_loss = Tensor::empty({n}, logits.dtype());
   for (int64_t i = 0; i < n; ++i) {
     int64_t t = cpu::index_at(targets, i);
     REMAT_CHECK(t == ignore_index || (t >= 0 && t < v), "cross_entropy: expected targets in [0, ", v,
-                ") or ignore_index ", ignore_index, ", got ", t, " at row ", i);
+                ") or ignore_index ", ignore_index, ", got ", t, " at row ", rows.first_row + i);
   }
   cpu::dispatch_float(logits.dtype(), "cross_entropy", [&]<typename T>() {
     const T* pl = logits.data<T>();
-    T* plse = lse.data<T>();
+    T *plse = lse.data<T>(), *ploss = row_loss.data<T>();
 #pragma omp parallel for if (n * v > cpu::kParallelGrain)
     for (int64_t i = 0; i < n; ++i) {
       const T* row = pl + i * v;
       T mx = -std::numeric_limits<T>::infinity();
       for (int64_t j = 0; j < v; ++j) mx = row[j] > mx ? row[j] : mx;
       plse[i] = mx + std::log(cpu::sum_exp_shifted(row, mx, v));
+      int64_t t = cpu::index_at(targets, i);
+      ploss[i] = t == ignore_index ? T(0) : plse[i] - row[t];
     }
+  });
+  return {row_loss, lse};
+}
+
+Tensor CpuBackend::cross_entropy_mean(const Tensor& row_loss, const Tensor& targets, int64_t, int64_t ignore_index) {
+  int64_t n = row_loss.size(0);
+  Tensor loss = Tensor::empty({}, row_loss.dtype());
+  cpu::dispatch_float(row_loss.dtype(), "cross_entropy", [&]<typename T>() {
+    const T* ploss = row_loss.data<T>();
+    // In row order, the used rows only: the same sum whether the rows came in one call or in chunks.
     T total = 0;
     int64_t count = 0;
     for (int64_t i = 0; i < n; ++i) {
-      int64_t t = cpu::index_at(targets, i);
-      if (t == ignore_index) continue;
-      total += plse[i] - pl[i * v + t];
+      if (cpu::index_at(targets, i) == ignore_index) continue;
+      total += ploss[i];
       ++count;
     }
     // All rows ignored: the mean is 0/0; PyTorch returns NaN, so do we.
     loss.data<T>()[0] = count ? total / static_cast<T>(count) : std::numeric_limits<T>::quiet_NaN();
   });
-  return {loss, lse};
+  return loss;
 }
 
 Tensor CpuBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
-                                          const Tensor& lse, int64_t ignore_index) {
-  int64_t n = logits.size(0), v = logits.size(1);
+                                          const Tensor& lse, const CrossEntropyRows& rows) {
+  int64_t n = logits.size(0), v = logits.size(1), ignore_index = rows.ignore_index;
+  const Tensor& counted = rows.batch_targets.defined() ? rows.batch_targets : targets;
   Tensor dl = Tensor::empty(logits.shape(), logits.dtype());
   cpu::dispatch_float(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
     const T *pl = logits.data<T>(), *plse = lse.data<T>();
     T* pd = dl.data<T>();
     int64_t count = 0;
-    for (int64_t i = 0; i < n; ++i) count += cpu::index_at(targets, i) != ignore_index;
+    for (int64_t i = 0; i < counted.numel(); ++i) count += cpu::index_at(counted, i) != ignore_index;
     T g = dloss.data<T>()[0] / static_cast<T>(count ? count : 1);
 #pragma omp parallel for if (n * v > cpu::kParallelGrain)
     for (int64_t i = 0; i < n; ++i) {

@@ -1,5 +1,6 @@
-// CUDA GEMM through cuBLAS: batched matmul with transposed operands, and linear (GEMM + bias, or
-// cuBLASLt's bias epilogue when set_cuda_bias_epilogue asks for it: blas_lt.cpp).
+// CUDA GEMM through cuBLAS: batched matmul with transposed operands, a GEMM into (or added to) a
+// given tensor, and linear (GEMM + bias, or cuBLASLt's bias epilogue when set_cuda_bias_epilogue
+// asks for it: blas_lt.cpp).
 // Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which is the
 // same memory. One handle per device with a fixed workspace: with a single stream this makes
 // cuBLAS pick the same kernels every call, so replays reproduce bits.
@@ -63,15 +64,15 @@ GemmWorkspace gemm_workspace(int device) { return {gemm_of(device).workspace, kC
 
 void run_gemm(const Gemm& g, DType dtype, int device) { run_gemm_into(g, dtype, dtype, 1.0, device); }
 
-void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha_value, int device) {
+void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha_value, int device, double beta_value) {
   REMAT_CHECK(c_dtype == dtype || (dtype == DType::bf16 && c_dtype == DType::f32), "matmul: the cuda backend writes ",
               dtype_name(dtype), " products as ", dtype_name(dtype), dtype == DType::bf16 ? " or f32" : "", ", not ",
               dtype_name(c_dtype));
   cublasHandle_t h = handle_for(device);
   cudaDataType_t type;
   cublasComputeType_t compute;
-  float alpha32 = static_cast<float>(alpha_value), beta32 = 0;
-  double alpha64 = alpha_value, beta64 = 0;
+  float alpha32 = static_cast<float>(alpha_value), beta32 = static_cast<float>(beta_value);
+  double alpha64 = alpha_value, beta64 = beta_value;
   const void *alpha = &alpha32, *beta = &beta32;
   switch (dtype) {
     case DType::f32:
@@ -117,6 +118,25 @@ Tensor CudaBackend::matmul(const Tensor& a, const Tensor& b, bool trans_a, bool 
             out.raw_data(), m * n, batch},
            a.dtype(), a.device().index);
   return out;
+}
+
+void CudaBackend::matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                              bool accumulate) {
+  set_device_of(a);
+  REMAT_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && b.dtype() == a.dtype() && c.device() == a.device(),
+              "matmul_into: expected 2-D a, b and c on one device, a and b of one dtype, got ", a.meta_str(), ", ",
+              b.meta_str(), " and ", c.meta_str());
+  int64_t ra = a.size(0), ca = a.size(1), cb = b.size(1);
+  int64_t m = trans_a ? ca : ra, n = trans_b ? b.size(0) : cb, k = trans_a ? ra : ca;
+  REMAT_CHECK(c.size(0) == m && c.size(1) == n, "matmul_into: expected c [", m, ", ", n, "], got ", c.meta_str());
+  if (c.numel() == 0) return;
+  if (k == 0) {
+    if (!accumulate) REMAT_CUDA_CHECK(cudaMemsetAsync(c.raw_data(), 0, c.nbytes()));
+    return;
+  }
+  run_gemm_into({trans_a, trans_b, m, n, k, a.raw_data(), ca, 0, b.raw_data(), cb, 0, c.raw_data(), 0, 1}, a.dtype(),
+                c.dtype(), 1.0, a.device().index, accumulate ? 1.0 : 0.0);
+  c.storage()->bump_version();
 }
 
 Tensor CudaBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {

@@ -18,7 +18,7 @@ class CudaBackend final : public Backend {
   bool clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm) override;
   bool unary_backward_in_place(UnaryFn fn, Tensor& dy, const Tensor& x, const Tensor& y, double scalar) override;
   bool cross_entropy_backward_in_place(const Tensor& dloss, Tensor& logits, const Tensor& targets, const Tensor& lse,
-                                       int64_t ignore_index) override;
+                                       const CrossEntropyRows& rows) override;
 };
 
 // Shared by the .cu files: makes the tensor's GPU the current device before a launch.

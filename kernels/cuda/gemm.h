@@ -27,9 +27,9 @@ struct Gemm {
 // On the device's one handle with its fixed workspace (same kernels every call: replays
 // reproduce bits). f32, f64 and bf16 (f32 accumulation).
 void run_gemm(const Gemm& g, DType dtype, int device);
-// C = alpha op(A) op(B) with C in c_dtype: the inputs' dtype, or f32 for bf16 inputs (the
-// attention scores, kept in f32).
-void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha, int device);
+// C = alpha op(A) op(B) + beta C with C in c_dtype: the inputs' dtype, or f32 for bf16 inputs
+// (the attention scores, kept in f32; dW summed over chunks).
+void run_gemm_into(const Gemm& g, DType dtype, DType c_dtype, double alpha, int device, double beta = 0.0);
 
 // The device's GEMM workspace: cuBLAS's, which cuBLASLt shares (both run on the one compute
 // stream, so no two calls use it at once).

@@ -28,12 +28,12 @@ unsigned grid_of(int64_t rows, const char* op) {
 }
 
 // The reference path (REMAT_CUDA_INDEX_CHECK=host): targets checked on the host, the error at the op.
-void check_targets_on_host(const Tensor& targets, int64_t v, int64_t ignore_index) {
+void check_targets_on_host(const Tensor& targets, int64_t v, int64_t ignore_index, int64_t first_row) {
   std::vector<int64_t> host = targets.to_vector<int64_t>();
   for (size_t i = 0; i < host.size(); ++i) {
     int64_t t = host[i];
     REMAT_CHECK(t == ignore_index || (t >= 0 && t < v), "cross_entropy: expected targets in [0, ", v,
-                ") or ignore_index ", ignore_index, ", got ", t, " at row ", i);
+                ") or ignore_index ", ignore_index, ", got ", t, " at row ", first_row + static_cast<int64_t>(i));
   }
 }
 
@@ -142,28 +142,41 @@ std::vector<Tensor> CudaBackend::group_norm_backward(const Tensor& dy, const Ten
   return {dx, dw, db};
 }
 
-std::vector<Tensor> CudaBackend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+std::vector<Tensor> CudaBackend::cross_entropy_rows(const Tensor& logits, const Tensor& targets,
+                                                    const CrossEntropyRows& rows) {
   set_device_of(logits);
   int64_t n = logits.size(0), v = logits.size(1);
   bool on_host = index_checks_on_host();
-  if (on_host) check_targets_on_host(targets, v, ignore_index);
+  if (on_host) check_targets_on_host(targets, v, rows.ignore_index, rows.first_row);
   IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
-  // The log-sum-exp and the loss in the accumulation type: bf16 would round the log-sum-exp before
-  // exp(logit - lse) in backward, and the loss to three digits.
+  // The log-sum-exp and the losses in the accumulation type: bf16 would round the log-sum-exp
+  // before exp(logit - lse) in backward, and the loss to three digits.
   Tensor lse = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
-  Tensor loss = Tensor::empty({}, acc_dtype(logits.dtype()), logits.device());
-  Tensor row_loss = workspace({n}, acc_dtype(logits.dtype()), logits.device());
+  Tensor row_loss = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
   bool is64 = targets.dtype() == DType::i64;
+  if (n == 0) return {row_loss, lse};
   dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
-    if (n > 0)
-      REMAT_LAUNCH(grid_of(n, "cross_entropy"), kThreads, 0, cross_entropy_rows_kernel<T>)(
-          logits.data<T>(), targets.raw_data(), is64, v, ignore_index, lse.data<Acc<T>>(), row_loss.data<Acc<T>>(),
-          fault);
-    REMAT_LAUNCH(1, kThreads, 0, cross_entropy_mean_kernel<T>)(
-        row_loss.data<Acc<T>>(), targets.raw_data(), is64, n, v, ignore_index, loss.data<Acc<T>>());
+    REMAT_LAUNCH(grid_of(n, "cross_entropy"), kThreads, 0, cross_entropy_rows_kernel<T>)(
+        logits.data<T>(), targets.raw_data(), is64, v, rows.ignore_index, rows.first_row, lse.data<Acc<T>>(),
+        row_loss.data<Acc<T>>(), fault);
   });
   REMAT_CUDA_LAUNCH_CHECK();
-  return {loss, lse};
+  return {row_loss, lse};
+}
+
+Tensor CudaBackend::cross_entropy_mean(const Tensor& row_loss, const Tensor& targets, int64_t vocab,
+                                       int64_t ignore_index) {
+  set_device_of(row_loss);
+  Tensor loss = Tensor::empty({}, row_loss.dtype(), row_loss.device());
+  bool is64 = targets.dtype() == DType::i64;
+  // The accumulation dtype names the kernel: f32 row losses are bf16's and f32's alike.
+  dispatch(row_loss.dtype(), "cross_entropy", [&]<typename T>() {
+    REMAT_LAUNCH(1, kThreads, 0, cross_entropy_mean_kernel<T>)(row_loss.data<Acc<T>>(), targets.raw_data(), is64,
+                                                                 row_loss.size(0), vocab, ignore_index,
+                                                                 loss.data<Acc<T>>());
+  });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return loss;
 }
 
 namespace {
@@ -171,24 +184,26 @@ namespace {
 // d(logits) = (softmax - onehot(target)) * dloss / count into `dl`, which may be the logits
 // themselves: each thread reads a logit and then writes its gradient in the same place.
 void cross_entropy_backward_into(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
-                                 int64_t ignore_index, Tensor& dl) {
+                                 const Backend::CrossEntropyRows& rows, Tensor& dl) {
   set_device_of(logits);
   REMAT_CHECK(dloss.dtype() == acc_dtype(logits.dtype()), "cross_entropy_backward: expected the loss's gradient in ",
               dtype_name(acc_dtype(logits.dtype())), " for ", dtype_name(logits.dtype()), " logits, got ",
               dtype_name(dloss.dtype()));
-  int64_t n = logits.size(0), v = logits.size(1);
+  int64_t n = logits.size(0), v = logits.size(1), ignore_index = rows.ignore_index;
   bool on_host = index_checks_on_host();
-  if (on_host) check_targets_on_host(targets, v, ignore_index);
+  if (on_host) check_targets_on_host(targets, v, ignore_index, rows.first_row);
   if (n == 0) return;
   IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
+  const Tensor& batch = rows.batch_targets.defined() ? rows.batch_targets : targets;
   Tensor count = workspace({1}, DType::i64, logits.device());
-  bool is64 = targets.dtype() == DType::i64;
   auto* counted = reinterpret_cast<long long*>(count.data<int64_t>());
-  REMAT_LAUNCH(1, kThreads, 0, cross_entropy_count_kernel)(targets.raw_data(), is64, n, v, ignore_index, counted);
+  REMAT_LAUNCH(1, kThreads, 0, cross_entropy_count_kernel)(batch.raw_data(), batch.dtype() == DType::i64,
+                                                           batch.numel(), v, ignore_index, counted);
+  bool is64 = targets.dtype() == DType::i64;
   dispatch(logits.dtype(), "cross_entropy_backward", [&]<typename T>() {
     REMAT_LAUNCH(grid_of(n, "cross_entropy_backward"), kThreads, 0, cross_entropy_backward_kernel<T>)(
-        dloss.data<Acc<T>>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index, counted,
-        dl.data<T>(), fault);
+        dloss.data<Acc<T>>(), logits.data<T>(), targets.raw_data(), is64, lse.data<Acc<T>>(), v, ignore_index,
+        rows.first_row, counted, dl.data<T>(), fault);
   });
   REMAT_CUDA_LAUNCH_CHECK();
 }
@@ -196,16 +211,16 @@ void cross_entropy_backward_into(const Tensor& dloss, const Tensor& logits, cons
 }  // namespace
 
 Tensor CudaBackend::cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets,
-                                           const Tensor& lse, int64_t ignore_index) {
+                                           const Tensor& lse, const CrossEntropyRows& rows) {
   set_device_of(logits);
   Tensor dl = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
-  cross_entropy_backward_into(dloss, logits, targets, lse, ignore_index, dl);
+  cross_entropy_backward_into(dloss, logits, targets, lse, rows, dl);
   return dl;
 }
 
 bool CudaBackend::cross_entropy_backward_in_place(const Tensor& dloss, Tensor& logits, const Tensor& targets,
-                                                  const Tensor& lse, int64_t ignore_index) {
-  cross_entropy_backward_into(dloss, logits, targets, lse, ignore_index, logits);
+                                                  const Tensor& lse, const CrossEntropyRows& rows) {
+  cross_entropy_backward_into(dloss, logits, targets, lse, rows, logits);
   logits.storage()->bump_version();
   return true;
 }

@@ -211,7 +211,8 @@ __device__ __forceinline__ bool target_used(int64_t t, int64_t v, int64_t ignore
 
 template <typename T>
 __global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, bool is64, int64_t v,
-                                          int64_t ignore_index, Acc<T>* lse, Acc<T>* row_loss, IndexFault* fault) {
+                                          int64_t ignore_index, int64_t first_row, Acc<T>* lse, Acc<T>* row_loss,
+                                          IndexFault* fault) {
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   const T* row = logits + blockIdx.x * v;
@@ -225,7 +226,7 @@ __global__ void cross_entropy_rows_kernel(const T* logits, const void* targets, 
     A l = mx + log(s);
     lse[blockIdx.x] = l;
     int64_t t = target_at(targets, is64, blockIdx.x);
-    bool used = target_used(t, v, ignore_index, blockIdx.x, fault, IndexFaultOp::cross_entropy);
+    bool used = target_used(t, v, ignore_index, first_row + blockIdx.x, fault, IndexFaultOp::cross_entropy);
     row_loss[blockIdx.x] = used ? l - load(row, t) : A(0);
   }
 }
@@ -264,11 +265,11 @@ __global__ void cross_entropy_count_kernel(const void* targets, bool is64, int64
 
 template <typename T>
 __global__ void cross_entropy_backward_kernel(const Acc<T>* dloss, const T* logits, const void* targets, bool is64,
-                                              const Acc<T>* lse, int64_t v, int64_t ignore_index, const long long* count,
-                                              T* dl, IndexFault* fault) {
+                                              const Acc<T>* lse, int64_t v, int64_t ignore_index, int64_t first_row,
+                                              const long long* count, T* dl, IndexFault* fault) {
   using A = Acc<T>;
   int64_t t = target_at(targets, is64, blockIdx.x);
-  bool used = target_used(t, v, ignore_index, blockIdx.x, threadIdx.x == 0 ? fault : nullptr,
+  bool used = target_used(t, v, ignore_index, first_row + blockIdx.x, threadIdx.x == 0 ? fault : nullptr,
                           IndexFaultOp::cross_entropy_backward);
   T* row = dl + blockIdx.x * v;
   A g = dloss[0] / static_cast<A>(*count ? *count : 1);

@@ -127,6 +127,9 @@ int main(int argc, char** argv) {
       {"seq_len", train->add_option("--seq-len", seq_len, "override the config's sequence length")},
       {"batch", train->add_option("--batch", batch, "override the config's batch size")}};
   CLI::Option* dropout_option = train->add_option("--dropout", dropout, "override the config's dropout");
+  bool fused_loss = false;
+  train->add_flag("--fused-loss", fused_loss,
+                  "gpt: the head and loss as linear_cross_entropy (the logits never whole; one more head GEMM a step)");
   CLI::App* ops = app.add_subcommand("ops", "list the ops and which backends have kernels for them");
   remat::SampleOptions so;
   CLI::App* sample = app.add_subcommand("sample", "generate images with a trained dit or unet (PNG grid)");
@@ -214,6 +217,7 @@ int main(int argc, char** argv) {
       for (auto [key, option] : size_overrides)
         if (option->count() > 0) t.overrides[key] = static_cast<double>(values.at(key));
       if (dropout_option->count() > 0) t.overrides["dropout"] = dropout;
+      if (fused_loss) t.overrides["fused_loss"] = 1;
       if (!max_memory.empty()) remat::set_memory_limit(remat::parse_device(t.device), remat::parse_byte_count(max_memory));
       t.keep_step_metrics = false;  // the progress bar and metrics.jsonl have every step
       world = &remat::dist::ProcessGroup::world();

@@ -201,6 +201,73 @@ void check_policies_bitwise(Module& model, const std::function<Tensor()>& loss,
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf16, a chunk's memory, gpt bitwise "
+          "under every policy",
+          "[cuda][op][bf16][fused-loss][memory]") {
+  manual_seed(41);
+  const int64_t n = 1024, v = 3000, c = 16;
+  Tensor h0 = Tensor::randn({n, c}).to(kGpu), w0 = Tensor::randn({v, c}).to(kGpu);
+  std::vector<int64_t> t = ids(n, v, 43).to_vector<int64_t>();
+  t[5] = t[300] = -100;
+  Tensor targets = Tensor::from_vector(t, {n}, kGpu);
+  struct Run {
+    std::vector<float> loss, dh, dw;
+    int64_t peak = 0;
+  };
+  auto run = [&](bool fused, bool bf16) {
+    Tensor h = h0.clone().set_requires_grad(true), w = w0.clone().set_requires_grad(true);
+    const int64_t start = memory_stats(kGpu).total.current;
+    reset_peak_memory(kGpu);
+    Tensor loss;
+    {
+      std::optional<AutocastScope> autocast;
+      if (bf16) autocast.emplace(DType::bf16);
+      loss = fused ? linear_cross_entropy(h, w, targets, -100, 64) : cross_entropy(matmul(h, w, false, true), targets);
+    }
+    backward(loss);
+    Run r{loss.to(DType::f32).to_vector<float>(), h.grad().to_vector<float>(), w.grad().to_vector<float>()};
+    r.peak = memory_stats(kGpu).total.peak - start;
+    return r;
+  };
+  for (bool bf16 : {false, true}) {
+    INFO((bf16 ? "bf16 autocast" : "f32"));
+    Run plain = run(false, bf16), fused = run(true, bf16), again = run(true, bf16);
+    CHECK(fused.loss == again.loss);
+    CHECK(fused.dh == again.dh);
+    CHECK(fused.dw == again.dw);
+    // The gradients are about 1e-3 here (a thousandth of a softmax); dW summed over chunks in f32.
+    const Tolerance tol = bf16 ? Tolerance{1e-5, 3e-2} : Tolerance{1e-8, 1e-4};
+    std::vector<double> a(plain.loss.begin(), plain.loss.end()), b(fused.loss.begin(), fused.loss.end());
+    CHECK(compare(a, b, tol) == "");
+    a.assign(plain.dh.begin(), plain.dh.end()), b.assign(fused.dh.begin(), fused.dh.end());
+    CHECK(compare(a, b, tol) == "");
+    a.assign(plain.dw.begin(), plain.dw.end()), b.assign(fused.dw.begin(), fused.dw.end());
+    CHECK(compare(a, b, tol) == "");
+    // The logits (1024 x 3000) never whole: a chunk of 64 rows in their place, its gradient over it.
+    const int64_t logits_bytes = n * v * (bf16 ? 2 : 4);
+    INFO("logits " << logits_bytes << " bytes; peak: unfused " << plain.peak << ", fused " << fused.peak);
+    CHECK(plain.peak >= logits_bytes);
+    CHECK(fused.peak < logits_bytes / 3);
+  }
+  // gpt with dropout and the fused loss in chunks, f32 and bf16: every policy bitwise equal to none.
+  GptConfig config = gpu_gpt();
+  config.fused_loss = true;
+  config.loss_chunk_rows = 12;
+  Gpt model(config);
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), next = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  for (bool bf16 : {false, true}) {
+    INFO((bf16 ? "gpt bf16" : "gpt f32"));
+    auto loss = [&] {
+      std::optional<AutocastScope> autocast;
+      if (bf16) autocast.emplace(DType::bf16);
+      return model.loss(idx, next);
+    };
+    check_policies_bitwise(model, loss, run_grads(model.parameters(), loss));
+  }
+}
+
 TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bits, and keeps every policy bitwise",
           "[cuda][op][bf16]") {
   manual_seed(29);

@@ -18,6 +18,7 @@ grep -q "^test_cuda: 0 passed, 0 failed, $cases skipped (one process per case)$"
   fail "expected all $cases cases skipped, one process each"
 [ "$(grep -c '^skipped in ' "$out/session.txt")" -eq "$cases" ] || fail "expected one 'skipped in' line per case"
 grep -q "^ldd: every library found$" "$out/session.txt" || fail "the library check did not pass"
+grep -q "^remat-bench: gpt tiny .*, fused loss) on cpu" "$out/session.txt" || fail "the fused-loss benchmark did not run"
 for f in session.txt test_cuda.txt failures.txt ops-gpu.json bench-gpt2-f32.json bench-gpt2-bf16.json; do
   [ -s "$out/$f" ] || [ "$f" = failures.txt ] || fail "$f missing or empty"
 done
