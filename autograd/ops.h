@@ -64,10 +64,10 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 // cross_entropy(matmul(h, weight, false, true), targets) for h [N, C], weight [V, C] (a language
 // model's head and its loss) without ever holding the [N, V] logits: they are made chunk_rows rows
 // at a time (0: chunks of at most 64 MiB of logits), and again in backward, where each chunk's
-// gradient takes its place. One more head GEMM per step for N x V logits' bytes. The row losses
-// are summed as cross_entropy sums them: on the CPU the loss has the unfused bits (the GEMM's rows
-// do not depend on the chunk), and so have the gradients in one chunk; in several, dW differs by
-// its order of summation.
+// gradient takes its place. One more head GEMM per step for N x V logits' bytes. In one chunk,
+// the unfused path's bits (the same GEMMs, the row losses summed in cross_entropy's order); in
+// several, within rounding of it (a GEMM over fewer rows may round them differently; dW is summed
+// chunk by chunk).
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& weight, const Tensor& targets, int64_t ignore_index = -100,
                             int64_t chunk_rows = 0);
 // The chunk linear_cross_entropy takes for `rows` rows of `vocab` logits of `logits_dtype`.
