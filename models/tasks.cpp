@@ -176,6 +176,7 @@ DitConfig dit_from(const std::string& name, const std::map<std::string, double>&
     else if (key == "heads") c.heads = positive_int(key, value);
     else if (key == "batch") c.batch = positive_int(key, value);
     else if (key == "layers") c.single_blocks = positive_int(key, value);
+    else if (key == "fused_loss") REMAT_FAIL("--fused-loss: only gpt has a language model's head to fuse with its loss");
     else REMAT_FAIL("unknown config field '", key, "' for dit: expected channels, heads, batch or layers (single blocks)");
   });
   check_config(c);
@@ -188,6 +189,7 @@ UnetConfig unet_from(const std::string& name, const std::map<std::string, double
     if (key == "channels") c.base = positive_int(key, value);
     else if (key == "batch") c.batch = positive_int(key, value);
     else if (key == "dropout") c.dropout = probability(key, value);
+    else if (key == "fused_loss") REMAT_FAIL("--fused-loss: only gpt has a language model's head to fuse with its loss");
     else REMAT_FAIL("unknown config field '", key, "' for unet: expected channels (base width), batch or dropout");
   });
   check_config(c);
