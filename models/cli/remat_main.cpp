@@ -42,13 +42,13 @@ void print_progress(const remat::StepMetrics& m, int64_t total) {
 }
 
 int list_ops() {
-  fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", "op", "inputs", "outputs", "cpu", "cuda");
+  fmt::print("{:<20} {:>6} {:>7}  {:<4} {:<4}\n", "op", "inputs", "outputs", "cpu", "cuda");
   for (int i = 0; i < remat::kOpCount; ++i) {
     const auto& info = remat::kOpInfo[i];
     auto arity = [](int n) { return n < 0 ? std::string("n") : std::to_string(n); };
     remat::Backend* cuda = remat::cuda_kernels();
     auto op = static_cast<remat::OpKind>(i);
-    fmt::print("{:<16} {:>6} {:>7}  {:<4} {:<4}\n", info.name, arity(info.inputs), arity(info.outputs), "yes",
+    fmt::print("{:<20} {:>6} {:>7}  {:<4} {:<4}\n", info.name, arity(info.inputs), arity(info.outputs), "yes",
                cuda ? (cuda->supports(op) ? "yes" : "no") : remat::cuda_built() ? "no (not loaded)" : "no (not built)");
   }
   return 0;
