@@ -12,6 +12,20 @@
 #include <memory>
 #include <mutex>
 
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FAKE_CUDA_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(FAKE_CUDA_ASAN)
+#include <sanitizer/asan_interface.h>
+#define FAKE_CUDA_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define FAKE_CUDA_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define FAKE_CUDA_POISON(p, n) ((void)(p), (void)(n))
+#define FAKE_CUDA_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 // The runtime's opaque handle types, defined here: a stream is a queue, an event a pair of
 // generation counters (the latest record, and the latest record its stream has reached).
 struct CUevent_st {
@@ -297,6 +311,9 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
   // 256-byte alignment: what cudaMalloc promises, and no more.
   size_t rounded = std::max<size_t>((size + 255) / 256 * 256, 256);
   char* p = static_cast<char*>(std::aligned_alloc(256, rounded));
+  // Under AddressSanitizer the rounding is off limits: a kernel reading past the bytes asked for
+  // is an error, as under compute-sanitizer on a GPU.
+  FAKE_CUDA_POISON(p + size, rounded - size);
   s.device_blocks[p] = {size, fake_cuda::current_device};
   ++s.counters.device_mallocs;
   s.counters.device_live += size;
@@ -314,6 +331,8 @@ cudaError_t cudaFree(void* ptr) {
   fake_cuda::run(fake_cuda::Order::compute_first);  // cudaFree waits for the device's queued work
   s.counters.device_live -= it->second.first;
   ++s.counters.device_frees;
+  const size_t size = it->second.first;
+  FAKE_CUDA_UNPOISON(static_cast<char*>(ptr) + size, std::max<size_t>((size + 255) / 256 * 256, 256) - size);
   std::free(ptr);
   s.device_blocks.erase(it);
   return cudaSuccess;

@@ -119,6 +119,31 @@ TEST_CASE("caching allocator: once warm, a repeated step takes nothing from the 
   CHECK(fake_cuda::misuse().empty());
 }
 
+TEST_CASE("caching allocator off (REMAT_CUDA_CACHING=0): a cudaMalloc and a cudaFree per block, the same counters",
+          "[cuda_host]") {
+  fake_cuda::reset(1, 10 * MiB);
+  CachingAllocator a(0, /*caching=*/false);
+  void* p = a.allocate(3 * MiB, act);
+  void* q = a.allocate(1000, act);
+  CHECK(fake_cuda::counters().device_mallocs == 2);
+  CHECK(fake_cuda::counters().device_live == 3 * MiB + 1000);  // the bytes asked for, not segments
+  CHECK(a.stats().reserved == static_cast<int64_t>(3 * MiB + 1000));
+  CHECK(a.stats().total.current == static_cast<int64_t>(3 * MiB + 1000));
+  a.deallocate(p, 3 * MiB, act);
+  CHECK(fake_cuda::counters().device_frees == 1);  // at once: nothing cached
+  REQUIRE_THROWS_WITH(a.allocate(10 * MiB, act), Contains("out of memory on cuda:0: requested 10485760 bytes"));
+  a.deallocate(q, 1000, act);
+  CHECK(fake_cuda::counters().device_live == 0);
+  CHECK(a.segment_count() == 0);
+  CHECK(fake_cuda::misuse().empty());
+  setenv("REMAT_CUDA_CACHING", "maybe", 1);
+  CHECK_THROWS_WITH(CachingAllocator::caching_from_environment(), Contains("REMAT_CUDA_CACHING: expected 1"));
+  setenv("REMAT_CUDA_CACHING", "0", 1);
+  CHECK_FALSE(CachingAllocator::caching_from_environment());
+  unsetenv("REMAT_CUDA_CACHING");
+  CHECK(CachingAllocator::caching_from_environment());
+}
+
 TEST_CASE("caching allocator: out of memory returns cached segments and retries, then fails with the figures",
           "[cuda_host]") {
   fake_cuda::reset(1, 10 * MiB);

@@ -128,7 +128,8 @@ for name in "${cases[@]}"; do
 done
 echo "test_cuda: ${passed} passed, ${failed} failed, ${skipped} skipped (one process per case)"
 
-# A failed case again, synchronously (the failing launch names itself) and under memcheck.
+# A failed case again, synchronously (the failing launch names itself) and under memcheck, with the
+# caching allocator off so that memcheck sees each tensor's bounds (REMAT_CUDA_CACHING=0).
 sanitizer=$(command -v compute-sanitizer || echo "${cuda_lib%/lib64}/bin/compute-sanitizer")
 for name in "${failures[@]}"; do
   spec=$(printf '%s' "$name" | sed 's/[],[*\\]/\\&/g')
@@ -141,7 +142,8 @@ for name in "${failures[@]}"; do
   if [ -x "$sanitizer" ] && fits 120; then
     step "compute-sanitizer memcheck: $name"
     { echo "---- compute-sanitizer --tool memcheck: $name"
-      timeout 240 "$sanitizer" --tool memcheck --print-limit 20 "$bin/tests/test_cuda" "$spec"; } >> "$out/failures.txt" 2>&1
+      REMAT_CUDA_CACHING=0 timeout 240 "$sanitizer" --tool memcheck --print-limit 20 "$bin/tests/test_cuda" "$spec"
+    } >> "$out/failures.txt" 2>&1
     grep -E "ERROR SUMMARY|Invalid|out of bounds" "$out/failures.txt" | tail -8
   fi
 done

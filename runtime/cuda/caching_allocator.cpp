@@ -1,8 +1,12 @@
 // The CUDA caching allocator: best-fit blocks from cached segments, split on allocation and
 // coalesced with free neighbours on release; on out-of-memory it returns free segments to the
-// driver and retries once before failing with the figures a user needs.
+// driver and retries once before failing with the figures a user needs. Or, with the cache off, a
+// cudaMalloc and cudaFree per block.
 #include "runtime/cuda/caching_allocator.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "runtime/cuda/cuda_check.h"
@@ -14,6 +18,14 @@ namespace {
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 }  // namespace
+
+bool CachingAllocator::caching_from_environment() {
+  const char* value = std::getenv("REMAT_CUDA_CACHING");
+  if (value == nullptr || std::string(value) == "1") return true;
+  REMAT_CHECK(std::string(value) == "0", "REMAT_CUDA_CACHING: expected 1 (cache device memory, the default) or 0 (a ",
+              "cudaMalloc per tensor, for compute-sanitizer), got '", value, "'");
+  return false;
+}
 
 CachingAllocator::~CachingAllocator() {
   // Segments are left to the driver at exit (the CUDA runtime may already be shutting down);
@@ -62,7 +74,26 @@ void CachingAllocator::release_free_segments() {
   }
 }
 
+void CachingAllocator::out_of_memory(size_t bytes) const {
+  MemoryStats s = stats();
+  REMAT_FAIL("out of memory on cuda:", device_, ": requested ", bytes, " bytes, allocated ", s.total.current,
+             ", reserved ", s.reserved, ", peak ", s.total.peak,
+             " (free memory elsewhere on the device, or lower the batch or use a checkpoint policy)");
+}
+
 void* CachingAllocator::raw_allocate(size_t bytes) {
+  if (!caching_) {
+    REMAT_CUDA_CHECK(cudaSetDevice(device_));
+    void* ptr = nullptr;
+    if (cudaMalloc(&ptr, std::max<size_t>(bytes, 1)) != cudaSuccess) {
+      cudaGetLastError();
+      out_of_memory(bytes);
+    }
+    reserved_ += static_cast<int64_t>(bytes);
+    std::lock_guard lock(mutex_);
+    ++segments_;
+    return ptr;
+  }
   size_t size = round_up(bytes, kAlign);
   bool small = size <= kSmallRequest;
   std::unique_lock lock(mutex_);
@@ -77,10 +108,7 @@ void* CachingAllocator::raw_allocate(size_t bytes) {
     }
     if (!b) {
       lock.unlock();
-      MemoryStats s = stats();
-      REMAT_FAIL("out of memory on cuda:", device_, ": requested ", bytes, " bytes, allocated ", s.total.current,
-                 ", reserved ", s.reserved, ", peak ", s.total.peak,
-                 " (free memory elsewhere on the device, or lower the batch or use a checkpoint policy)");
+      out_of_memory(bytes);
     }
   }
   // Split off the tail when it is worth keeping: any aligned rest in the small pool, more than a
@@ -100,8 +128,15 @@ void* CachingAllocator::raw_allocate(size_t bytes) {
   return b->ptr;
 }
 
-void CachingAllocator::raw_deallocate(void* ptr, size_t) noexcept {
+void CachingAllocator::raw_deallocate(void* ptr, size_t bytes) noexcept {
   std::lock_guard lock(mutex_);
+  if (!caching_) {
+    // cudaFree waits for the device: no kernel still queued can read the block once it is gone.
+    REMAT_CUDA_CHECK_NOTHROW(cudaFree(ptr));
+    reserved_ -= static_cast<int64_t>(bytes);
+    --segments_;
+    return;
+  }
   auto it = live_.find(ptr);
   if (it == live_.end()) {
     fprintf(stderr, "remat: cuda:%d: free of a pointer this allocator did not hand out\n", device_);

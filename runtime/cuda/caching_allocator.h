@@ -1,6 +1,9 @@
 // The CUDA caching allocator: device memory is taken from the driver in segments and handed out
 // as best-fit blocks, split and coalesced in place, so that a training step does no cudaMalloc
 // once the cache is warm. Same counters as the CPU allocator, plus the bytes reserved in segments.
+// REMAT_CUDA_CACHING=0 turns the cache off: every tensor gets its own cudaMalloc and cudaFree, so
+// that compute-sanitizer (and AddressSanitizer on the emulated GPU) sees each tensor's bounds,
+// where a read past a tensor inside a cached segment goes unnoticed. Slow: for debugging.
 #pragma once
 
 #include <atomic>
@@ -24,7 +27,10 @@ class CachingAllocator final : public Allocator {
   static constexpr size_t kSmallSegment = 2u << 20;
   static constexpr size_t kLargeRound = 2u << 20;
 
-  explicit CachingAllocator(int device) : device_(device) {}
+  explicit CachingAllocator(int device, bool caching = caching_from_environment())
+      : device_(device), caching_(caching) {}
+  // REMAT_CUDA_CACHING: unset or 1 caches, 0 does not; anything else throws.
+  static bool caching_from_environment();
   ~CachingAllocator() override;
   Device device() const override { return Device::cuda(device_); }
   // Returns every wholly free segment to the driver.
@@ -55,8 +61,10 @@ class CachingAllocator final : public Allocator {
   Block* take_free_block(Pool& pool, size_t size);
   Block* new_segment(size_t segment_bytes, bool small);  // nullptr when the driver is out of memory
   void release_free_segments();                           // caller holds mutex_
+  [[noreturn]] void out_of_memory(size_t bytes) const;
 
   int device_;
+  bool caching_;
   mutable std::mutex mutex_;
   Pool small_pool_, large_pool_;
   std::unordered_map<void*, Block*> live_;
