@@ -27,9 +27,10 @@ class MatmulNode final : public Node {
       ga = ta_ ? transpose_last(d_op_a) : d_op_a;
     }
     if (ctx.needs_input_grad(1)) {
-      if (b.dim() == 2 && a.dim() > 2 && !ta_) {
-        // A 2-D b shared by the batch (a tied head, a projection): one GEMM over all rows of the
-        // batch, no per-batch temporary. op(b) = b: db = a^T g; op(b) = b^T: db = g^T a.
+      if (b.dim() == 2 && !ta_) {
+        // A 2-D b (shared by the batch when a has more axes: a tied head, a projection): one GEMM
+        // over all rows, no per-batch temporary, and for op(b) = b^T no transposed copy either.
+        // op(b) = b: db = a^T g; op(b) = b^T: db = g^T a (the GEMM linear_cross_entropy's dW runs).
         Tensor a2 = reshape(a, {-1, a.size(-1)}), g2 = reshape(g, {-1, g.size(-1)});
         gb = tb_ ? matmul(g2, a2, true, false) : matmul(a2, g2, true, false);
       } else {
