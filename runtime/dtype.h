@@ -40,6 +40,10 @@ inline constexpr bool is_floating(DType t) {
 }
 inline constexpr bool is_integer(DType t) { return t == DType::i32 || t == DType::i64 || t == DType::u8; }
 
+// The type a floating-point tensor's sums, statistics and losses are kept in: f64 stays f64, and
+// f32, bf16 and f16 accumulate in f32 (bf16's 8-bit mantissa would lose a long sum's small terms).
+inline constexpr DType accumulation_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
+
 // Parses "f32", "f64", ...; throws listing the accepted names otherwise.
 DType parse_dtype(const std::string& name);
 

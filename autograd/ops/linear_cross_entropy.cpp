@@ -86,8 +86,6 @@ class LinearCrossEntropyNode final : public Node {
   }
 
  private:
-  static DType accumulation_dtype(DType t) { return t == DType::bf16 ? DType::f32 : t; }
-
   Backend::CrossEntropyRows chunk(int64_t first, const Tensor& targets) const {
     return {.ignore_index = ignore_index_, .first_row = first, .batch_targets = targets};
   }

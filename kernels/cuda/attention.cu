@@ -40,7 +40,7 @@ Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
   Tensor row_dot;
   {
     MemoryCategoryScope scope(MemoryCategory::workspace);
-    row_dot = Tensor::empty({rows}, o.dtype() == DType::f64 ? DType::f64 : DType::f32, o.device());
+    row_dot = Tensor::empty({rows}, accumulation_dtype(o.dtype()), o.device());
   }
   if (rows == 0) return row_dot;
   dispatch(o.dtype(), "attention_backward", [&]<typename T>() {
@@ -64,7 +64,7 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
   // The log-sum-exp stays in the accumulation dtype: rounded to bf16 it would skew every
   // probability the backward rebuilds by up to a few percent.
-  DType lse_dtype = q.dtype() == DType::bf16 ? DType::f32 : q.dtype();
+  DType lse_dtype = accumulation_dtype(q.dtype());
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, lse_dtype, q.device());
   if (heads == 0 || t == 0) return {o, lse};
   dispatch(q.dtype(), "attention", [&]<typename T>() {

@@ -22,8 +22,6 @@ using namespace attention_gemm_kernels;
 
 constexpr int64_t kChunkBytes = int64_t{64} << 20;
 
-DType acc_dtype(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
-
 // Heads per pass: a [T, T] temporary in the accumulation dtype for each fits in kChunkBytes.
 int64_t heads_per_chunk(int64_t heads, int64_t t, DType acc) {
   const int64_t per_head = std::max<int64_t>(1, t * t * static_cast<int64_t>(dtype_size(acc)));
@@ -56,7 +54,7 @@ std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tenso
   set_device_of(q);
   count_cuda_attention_call(CudaAttention::gemm);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3), td = t * d, tt = t * t;
-  const DType acc = acc_dtype(q.dtype());
+  const DType acc = accumulation_dtype(q.dtype());
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, acc, q.device());
   if (heads == 0 || t == 0) return {o, lse};
@@ -90,7 +88,7 @@ std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, 
   set_device_of(q);
   count_cuda_attention_call(CudaAttention::gemm);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3), td = t * d, tt = t * t;
-  const DType acc = acc_dtype(q.dtype());
+  const DType acc = accumulation_dtype(q.dtype());
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());
   if (heads == 0 || t == 0 || d == 0) return {dq, dk, dv};

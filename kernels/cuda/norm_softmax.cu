@@ -15,8 +15,6 @@ namespace {
 using namespace cuda;
 using namespace cuda::row_kernels;
 
-DType acc_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
-
 Tensor workspace(const Shape& shape, DType dtype, Device device) {
   MemoryCategoryScope scope(MemoryCategory::workspace);
   return Tensor::empty(shape, dtype, device);
@@ -66,7 +64,7 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   // depends on the shape alone.
   int64_t row_chunk = std::max(kRowChunk, (rows + kMaxGridY - 1) / kMaxGridY);
   int64_t chunks = (rows + row_chunk - 1) / row_chunk;
-  Tensor pw = workspace({chunks, c}, acc_dtype(x.dtype()), x.device()), pb = workspace({chunks, c}, acc_dtype(x.dtype()), x.device());
+  Tensor pw = workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device()), pb = workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
   dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
     using A = Acc<T>;
     REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T>)(
@@ -151,8 +149,8 @@ std::vector<Tensor> CudaBackend::cross_entropy_rows(const Tensor& logits, const 
   IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
   // The log-sum-exp and the losses in the accumulation type: bf16 would round the log-sum-exp
   // before exp(logit - lse) in backward, and the loss to three digits.
-  Tensor lse = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
-  Tensor row_loss = Tensor::empty({n}, acc_dtype(logits.dtype()), logits.device());
+  Tensor lse = Tensor::empty({n}, accumulation_dtype(logits.dtype()), logits.device());
+  Tensor row_loss = Tensor::empty({n}, accumulation_dtype(logits.dtype()), logits.device());
   bool is64 = targets.dtype() == DType::i64;
   if (n == 0) return {row_loss, lse};
   dispatch(logits.dtype(), "cross_entropy", [&]<typename T>() {
@@ -186,8 +184,8 @@ namespace {
 void cross_entropy_backward_into(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                                  const Backend::CrossEntropyRows& rows, Tensor& dl) {
   set_device_of(logits);
-  REMAT_CHECK(dloss.dtype() == acc_dtype(logits.dtype()), "cross_entropy_backward: expected the loss's gradient in ",
-              dtype_name(acc_dtype(logits.dtype())), " for ", dtype_name(logits.dtype()), " logits, got ",
+  REMAT_CHECK(dloss.dtype() == accumulation_dtype(logits.dtype()), "cross_entropy_backward: expected the loss's gradient in ",
+              dtype_name(accumulation_dtype(logits.dtype())), " for ", dtype_name(logits.dtype()), " logits, got ",
               dtype_name(dloss.dtype()));
   int64_t n = logits.size(0), v = logits.size(1), ignore_index = rows.ignore_index;
   bool on_host = index_checks_on_host();
