@@ -43,13 +43,14 @@ class GptTask final : public TrainTask {
   GptTask(GptConfig c, uint64_t seed) : config_(std::move(c)), model_((manual_seed(seed), config_)), data_(config_.vocab, seed + 1) {}
   Module& model() override { return model_; }
   Tensor next_loss() override {
-    const int64_t b = config_.batch;
-    auto [x, y] = data_.batch(b * ranks_, config_.seq_len);
-    if (ranks_ == 1) return model_.loss(x.to(device()), y.to(device()));
-    auto mine = [&](const Tensor& v) { return contiguous(slice(v, 0, rank_ * b, (rank_ + 1) * b)).to(device()); };
-    RngBatchShardScope shard(rank_ * b, b, ranks_ * b);
+    const StepRows r = step_rows();
+    auto [x, y] = data_.batch(r.total, config_.seq_len);
+    if (r.rows == r.total) return model_.loss(x.to(device()), y.to(device()));
+    auto mine = [&](const Tensor& v) { return contiguous(slice(v, 0, r.begin, r.begin + r.rows)).to(device()); };
+    RngBatchShardScope shard(r.begin, r.rows, r.total);
     return model_.loss(mine(x), mine(y));
   }
+  int64_t batch() const override { return config_.batch; }
   double items_per_step() const override { return static_cast<double>(config_.batch * config_.seq_len); }
   const char* item_name() const override { return "tokens"; }
   nlohmann::json config() const override {
@@ -87,12 +88,13 @@ class FlowTask final : public TrainTask {
   FlowTask(Config c, uint64_t seed) : config_(std::move(c)), model_((manual_seed(seed), config_)), data_(config_.image, seed + 1) {}
   Module& model() override { return model_; }
   Tensor next_loss() override {
-    const int64_t b = this->config_.batch;
-    auto [x0, labels] = data_.batch(b * this->ranks_, label_dropout_);
+    const StepRows r = this->step_rows();
+    auto [x0, labels] = data_.batch(r.total, label_dropout_);
     x0 = x0.to(device()), labels = labels.to(device());
     return rectified_flow_loss([this](const Tensor& x, const Tensor& t, const Tensor& y) { return model_.forward(x, t, y); },
-                               x0, labels, time_sampling_, this->rank_ * b, b);
+                               x0, labels, time_sampling_, r.begin, r.rows);
   }
+  int64_t batch() const override { return config_.batch; }
   double items_per_step() const override { return static_cast<double>(config_.batch); }
   const char* item_name() const override { return "images"; }
   Tensor velocity(const Tensor& x_t, const Tensor& t, const Tensor& labels) override { return model_.forward(x_t, t, labels); }

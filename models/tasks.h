@@ -44,6 +44,17 @@ class TrainTask {
     rank_ = rank, ranks_ = ranks;
   }
   int ranks() const { return ranks_; }
+  // Gradient accumulation: this process's rows of a step computed in `count` micro-batches of
+  // batch / count rows, micro-batch `index` by the next next_loss() (which draws the step's whole
+  // batch again: the caller restores the data and random state before each micro-batch after the
+  // first), with random ops in a batch shard, so that each sample sees what it would in one pass.
+  void set_micro_batch(int64_t index, int64_t count) {
+    REMAT_CHECK(count >= 1 && count <= batch() && batch() % count == 0, "expected a number of micro-batches that divides ",
+                "the batch of ", batch(), " rows, got ", count);
+    REMAT_CHECK(index >= 0 && index < count, "set_micro_batch: expected 0 <= index < ", count, ", got ", index);
+    micro_index_ = index, micro_count_ = count;
+  }
+  virtual int64_t batch() const = 0;  // rows a process computes in a step (the config's batch)
   virtual double uniform_loss() const { return 0; }
 
   // Moves the model's parameters to `device`; batches are drawn on the host (the same data on
@@ -55,7 +66,17 @@ class TrainTask {
   Device device() const { return device_; }
 
  protected:
+  // The rows of the drawn batch (ranks x batch rows) that the next loss computes.
+  struct StepRows {
+    int64_t begin = 0, rows = 0, total = 0;
+  };
+  StepRows step_rows() const {
+    const int64_t b = batch(), micro = b / micro_count_;
+    return {rank_ * b + micro_index_ * micro, micro, ranks_ * b};
+  }
+
   int rank_ = 0, ranks_ = 1;
+  int64_t micro_index_ = 0, micro_count_ = 1;
 
  private:
   Device device_ = Device::cpu();

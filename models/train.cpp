@@ -20,6 +20,7 @@
 
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
+#include "autograd/ops.h"
 #include "checkpoint/apply.h"
 #include "autograd/autocast.h"
 #include "checkpoint/planner.h"
@@ -168,6 +169,7 @@ void save_snapshot(const std::string& dir, TrainTask& task, Optimizer& opt, cons
                          {"ema", sched.ema}, {"ema_updates", average ? average->updates() : 0},
                          {"label_dropout", sched.label_dropout}, {"time_sampling", sched.time_sampling},
                          {"schedule_start", sched.start}, {"ranks", task.ranks()},
+                         {"micro_batches", o.micro_batches.value_or(1)},
                          {"optimizer_sharding", o.group ? o.group->sharding() : std::string()}};
   save_safetensors(dir + "/state.safetensors", state, {{"training_state", meta.dump()}});
   append_metrics(dir + "/metrics.jsonl", run.pending_metrics);
@@ -212,6 +214,7 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     if (o.out.empty()) o.out = o.resume;
   }
   if (o.policy.empty()) o.policy = "none";
+  if (!o.micro_batches) o.micro_batches = resumed.is_null() ? 1 : resumed.value("micro_batches", int64_t{1});
   if (o.steps) sched.steps = *o.steps;
   if (o.lr) sched.lr = *o.lr;
   if (o.min_lr) sched.min_lr = *o.min_lr;
@@ -248,6 +251,11 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
   std::unique_ptr<TrainTask> task = resumed.is_null() ? make_task(o.model, o.config, o.overrides, o.seed)
                                                       : make_task_from_json(o.model, resumed.at("config"), o.seed);
   if (group) task->set_batch_shard(group->rank(), ranks);
+  const int64_t micro_batches = *o.micro_batches;
+  task->set_micro_batch(0, micro_batches);  // checks that they divide the batch
+  if (!resumed.is_null() && on_note && micro_batches != resumed.value("micro_batches", int64_t{1}))
+    on_note(fmt::format("micro-batches changed from {} to {}: the same data and masks, the gradients summed in "
+                        "another order", resumed.value("micro_batches", int64_t{1}), micro_batches));
   std::unique_ptr<RunLock> lock;
   if (!o.out.empty() && lead) {
     std::error_code ec;
@@ -343,28 +351,41 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
     double lr = sched.lr_at(step);
     double loss_value = 0;
     AutocastScope autocast(compute);  // casts are recorded on the tape, so replays need no scope
-    if (planner && !planned) {
-      planner->plan(
-          [&] {
-            Tensor l = task->next_loss();
-            loss_value = l.item();
-            return l;
-          },
-          [&](const Tensor& l) { group ? group->backward(l) : backward(l); });
-      planned = true;
-    } else {
-      reset_checkpoint_counters();
-      Tensor loss = task->next_loss();
-      // Backward is queued before the loss is read: on a GPU, reading it first would make the host
-      // wait for the forward before it could queue a single backward kernel.
-      if (group) group->backward(loss);
-      else backward(loss);
-      loss_value = loss.item();
-      if (planner) {
-        MemoryStats after = alloc.stats();
-        planned = planner->observe(loss, after[MemoryCategory::activation].peak, checkpoint_counters().replay_ns / 1e6);
+    // Each micro-batch draws the step's batch again from the same data and random state and
+    // computes its rows; the streams end where one pass over the batch leaves them. Its loss counts
+    // 1 / micro_batches (the batch's mean), and its gradients add to the earlier ones'. Under data
+    // parallel, one backward is overlapped with the gradients' averaging; several are averaged once.
+    const RngState rng_at_start = rng_state(), data_at_start = task->data_state();
+    const bool overlapped = group && micro_batches == 1;
+    auto micro_loss = [&](const Tensor& l) { return micro_batches == 1 ? l : mul_scalar(l, 1.0 / micro_batches); };
+    auto micro_backward = [&](const Tensor& l) { overlapped ? group->backward(l) : backward(l); };
+    for (int64_t micro = 0; micro < micro_batches; ++micro) {
+      if (micro > 0) set_rng_state(rng_at_start), task->set_data_state(data_at_start);
+      task->set_micro_batch(micro, micro_batches);
+      if (planner && !planned) {
+        // The planner records one micro-batch: its budget is a micro-batch's peak.
+        planner->plan(
+            [&] {
+              Tensor l = micro_loss(task->next_loss());
+              loss_value += l.item();
+              return l;
+            },
+            micro_backward);
+        planned = true;
+      } else {
+        reset_checkpoint_counters();
+        Tensor loss = micro_loss(task->next_loss());
+        // Backward is queued before the loss is read: on a GPU, reading it first would make the host
+        // wait for the forward before it could queue a single backward kernel.
+        micro_backward(loss);
+        loss_value += loss.item();
+        if (planner) {
+          MemoryStats after = alloc.stats();
+          planned = planner->observe(loss, after[MemoryCategory::activation].peak, checkpoint_counters().replay_ns / 1e6);
+        }
       }
     }
+    if (group && !overlapped) group->average_gradients();
     if (group) loss_value = group->mean(loss_value);
     REMAT_CHECK(std::isfinite(loss_value), "training diverged: loss is ", loss_value, " at step ", step + 1);
     if (group) group->clip_grad_norm(params, o.clip);

@@ -30,6 +30,8 @@ class TrainGroup {
   virtual void start(Module& model) = 0;
   // Backward of this rank's loss; then every gradient is the mean over ranks.
   virtual void backward(const Tensor& loss) = 0;
+  // After plain remat::backward on each micro-batch of a step: every gradient the mean over ranks.
+  virtual void average_gradients() = 0;
   // The mean over ranks of a per-rank value (the loss), the same bits on every rank.
   virtual double mean(double value) = 0;
   // The optimizer of the run: AdamW, or one whose state is sharded over the ranks (ZeRO-1). Its
@@ -74,6 +76,11 @@ struct TrainOptions {
   // min_lr at `steps`): a warm restart, to continue a run that has finished its decay at a useful rate.
   // Without it the cosine stays the one over the run's whole length, only stretched to a new `steps`.
   bool restart = false;
+  // Gradient accumulation: each step's batch in this many micro-batches, one after the other,
+  // their gradients summed before the update; the activations of one micro-batch at a time. The
+  // same data, dropout masks and noise as one pass; the sums in another order (within rounding).
+  // Unset: 1, or when resuming the run's own.
+  std::optional<int64_t> micro_batches;
   double weight_decay = 0.1, clip = 1.0;
   int64_t save_every = 100;   // snapshot period in steps (and at the end)
   // An --out that holds a run already is refused unless resumed into or replaced on purpose.

@@ -110,6 +110,8 @@ TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
   check_one_line_error(run("train --config tiny --steps 1 --tf32"),
                        "--tf32 applies to f32 GEMMs on cuda; this run is on cpu");
   check_one_line_error(run("train --config tiny --steps 1 --dtype f16"), "--dtype: expected f32 or bf16, got 'f16'");
+  check_one_line_error(run("train --config tiny --steps 1 --micro-batches 3"),
+                       "expected a number of micro-batches that divides the batch of 2 rows, got 3");
   check_one_line_error(run("train --model dit --config tiny --steps 1 --fused-loss"),
                        "--fused-loss: only gpt has a language model's head to fuse with its loss");
   check_one_line_error(run("frobnicate"), "frobnicate");

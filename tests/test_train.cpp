@@ -193,6 +193,65 @@ TEST_CASE("resuming after k steps gives bitwise the same weights as an uninterru
   std::filesystem::remove_all(b);
 }
 
+TEST_CASE("micro-batches: one pass's losses within rounding, the same bits every run and under checkpointing, "
+          "a smaller activation peak, resume bit for bit",
+          "[gpt][train][micro-batches]") {
+  std::string dirs = temp_dir("micro");
+  auto run = [&](const std::string& model, int64_t micro, const std::string& policy, const std::string& name) {
+    TrainOptions o;
+    o.model = model;
+    o.config = "tiny";
+    o.overrides = {{"batch", 4.0}};
+    if (model == "gpt") o.overrides["dropout"] = 0.1;  // masks drawn per sample, whichever micro-batch
+    o.steps = 10, o.warmup = 2, o.seed = 3, o.policy = policy;
+    o.micro_batches = micro;
+    o.out = dirs + "/" + name;
+    return train(o);
+  };
+  auto weights = [&](const std::string& name) {
+    std::vector<std::vector<float>> out;
+    for (auto& [key, t] : load_safetensors(dirs + "/" + name + "/model.safetensors").tensors) out.push_back(t.to_vector<float>());
+    return out;
+  };
+  TrainResult one = run("gpt", 1, "none", "one"), two = run("gpt", 2, "none", "two"), again = run("gpt", 2, "none", "again");
+  reset_checkpoint_counters();
+  TrainResult full = run("gpt", 2, "full", "full");
+  CHECK(checkpoint_counters().replays > 0);
+  CHECK(checkpoint_counters().bytes_dropped > 0);
+  REQUIRE(two.steps.size() == 10);
+  for (size_t i = 0; i < two.steps.size(); ++i) {
+    INFO("step " << i + 1);
+    // The same data and masks as one pass over the 4 rows: only the order of the f32 sums differs
+    // (two means of 2 rows, halved and added, against one mean of 4).
+    CHECK(std::abs(two.steps[i].loss - one.steps[i].loss) < 1e-5);
+    CHECK(again.steps[i].loss == two.steps[i].loss);
+    CHECK(full.steps[i].loss == two.steps[i].loss);
+  }
+  CHECK(weights("again") == weights("two"));
+  CHECK(weights("full") == weights("two"));
+  CHECK(weights("one") != weights("two"));  // not one pass under another name
+  CHECK(two.activation_peak_bytes < one.activation_peak_bytes * 3 / 4);
+  // Stopped at step 4 and resumed without --micro-batches: the run's own 2, bit for bit.
+  TrainOptions stopped;
+  stopped.config = "tiny";
+  stopped.overrides = {{"batch", 4.0}, {"dropout", 0.1}};
+  stopped.steps = 10, stopped.warmup = 2, stopped.seed = 3, stopped.micro_batches = 2, stopped.stop_at = 4;
+  stopped.out = dirs + "/resumed";
+  train(stopped);
+  TrainOptions resume;
+  resume.resume = dirs + "/resumed";
+  TrainResult rest = train(resume);
+  CHECK(rest.steps.front().step == 5);
+  CHECK(rest.final_loss == two.final_loss);
+  CHECK(weights("resumed") == weights("two"));
+  // dit: the noise and flow times of the whole batch, each micro-batch its rows of them.
+  TrainResult dit_one = run("dit", 1, "none", "dit_one"), dit_two = run("dit", 2, "none", "dit_two");
+  for (size_t i = 0; i < dit_two.steps.size(); ++i) CHECK(std::abs(dit_two.steps[i].loss - dit_one.steps[i].loss) < 1e-5);
+  CHECK_THROWS_WITH(run("gpt", 3, "none", "three"), Contains("divides the batch of 4 rows, got 3"));
+  CHECK_THROWS_WITH(run("gpt", 0, "none", "zero"), Contains("divides the batch of 4 rows, got 0"));
+  std::filesystem::remove_all(dirs);
+}
+
 TEST_CASE("the weight average follows d * average + (1 - d) * weights with a ramped-up decay", "[train][ema]") {
   Tensor p = Tensor::from_vector<double>({1.0, -2.0, 4.0}, {3});
   WeightAverage avg({p}, 0.5);

@@ -49,6 +49,11 @@ void DataParallelGroup::backward(const Tensor& loss) {
   data_parallel_->backward(loss);
 }
 
+void DataParallelGroup::average_gradients() {
+  REMAT_CHECK(data_parallel_ != nullptr, "DataParallelGroup: start(model) must come before average_gradients");
+  data_parallel_->average_gradients();
+}
+
 double DataParallelGroup::mean(double value) {
   Tensor t = Tensor::full({1}, value, DType::f64);
   group_.all_reduce_sum(t);

@@ -20,6 +20,7 @@ class DataParallelGroup final : public TrainGroup {
   int size() const override { return group_.size(); }
   void start(Module& model) override;
   void backward(const Tensor& loss) override;
+  void average_gradients() override;
   double mean(double value) override;
   std::unique_ptr<Optimizer> make_optimizer(std::vector<std::pair<std::string, Tensor>> params,
                                             AdamWOptions options) override;

@@ -105,6 +105,9 @@ int main(int argc, char** argv) {
   train->add_option("--time-sampling", t.time_sampling,
                     "dit, unet: how the flow time is drawn, uniform or logit-normal (default uniform)");
   train->add_option("--clip", t.clip, "gradient clipping by global norm")->capture_default_str();
+  train->add_option("--micro-batches", t.micro_batches,
+                    "gradient accumulation: each step's batch in N micro-batches, one at a time (the activations of "
+                    "one; the same data and masks, sums in another order; default 1, on --resume the run's own)");
   train->add_option("--save-every", t.save_every, "snapshot period in steps")->capture_default_str();
   train->add_flag("--overwrite", t.overwrite, "replace the run in --out (without it, a folder holding a run is refused)");
   bool tf32 = false;
