@@ -15,6 +15,7 @@
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/vector_math.h"
+#include "runtime/workspace.h"
 
 namespace remat {
 
@@ -63,8 +64,7 @@ void block_scores(HeadRows<T> q, HeadRows<T> k, int64_t r0, int64_t r1, int64_t 
 // Per-thread scratch, allocated before the parallel loop (workspace memory; an allocation that
 // fails is then an ordinary error, not one thrown inside a parallel region).
 Tensor scratch(int64_t per_thread, DType dtype) {
-  MemoryCategoryScope scope(MemoryCategory::workspace);
-  return Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), per_thread}, dtype);
+  return empty_workspace({static_cast<int64_t>(omp_get_max_threads()), per_thread}, dtype);
 }
 
 }  // namespace

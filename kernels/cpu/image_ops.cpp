@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "runtime/workspace.h"
 
 namespace remat {
 
@@ -70,11 +71,7 @@ Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int
     Eigen::Map<const Mat<T>> W(w.data<T>(), s.cout, k);
     // Column buffers for every thread, allocated before the parallel loop: an allocation that fails
     // is then an ordinary error, never one thrown inside a parallel region (which terminates).
-    Tensor scratch;
-    {
-      MemoryCategoryScope scope(MemoryCategory::workspace);
-      scratch = Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), k, p}, x.dtype());
-    }
+    Tensor scratch = empty_workspace({static_cast<int64_t>(omp_get_max_threads()), k, p}, x.dtype());
 #pragma omp parallel for if (s.n * s.cout * p * k > cpu::kParallelGrain)
     for (int64_t n = 0; n < s.n; ++n) {
       T* cols = scratch.data<T>() + omp_get_thread_num() * k * p;
@@ -97,12 +94,7 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
     int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo;
     Eigen::Map<const Mat<T>> W(w.data<T>(), s.cout, k);
     Eigen::Map<Mat<T>> dW(dw.data<T>(), s.cout, k);
-    Tensor cols, dcols;
-    {
-      MemoryCategoryScope scope(MemoryCategory::workspace);
-      cols = Tensor::empty({k, p}, x.dtype());
-      dcols = Tensor::empty({k, p}, x.dtype());
-    }
+    Tensor cols = empty_workspace({k, p}, x.dtype()), dcols = empty_workspace({k, p}, x.dtype());
     // Images in order, so dW and db sum in a fixed order; each GEMM is threaded by Eigen.
     for (int64_t n = 0; n < s.n; ++n) {
       Eigen::Map<const Mat<T>> dY(dy.data<T>() + n * s.cout * p, s.cout, p);

@@ -9,6 +9,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "runtime/cuda_devices.h"
+#include "runtime/workspace.h"
 
 namespace remat {
 
@@ -37,11 +38,7 @@ namespace cuda {
 
 Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
   const int64_t rows = o.size(0) * o.size(1) * o.size(2), d = o.size(3);
-  Tensor row_dot;
-  {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    row_dot = Tensor::empty({rows}, accumulation_dtype(o.dtype()), o.device());
-  }
+  Tensor row_dot = empty_workspace({rows}, accumulation_dtype(o.dtype()), o.device());
   if (rows == 0) return row_dot;
   dispatch(o.dtype(), "attention_backward", [&]<typename T>() {
     REMAT_LAUNCH(blocks_for(rows), kThreads, 0, attention_row_dot_kernel<T>)(

@@ -13,6 +13,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
 #include "runtime/cuda_devices.h"
+#include "runtime/workspace.h"
 
 namespace remat::cuda {
 
@@ -60,12 +61,7 @@ std::vector<Tensor> attention_gemm(const Tensor& q, const Tensor& k, const Tenso
   if (heads == 0 || t == 0) return {o, lse};
   REMAT_CHECK(d > 0, "attention: the gemm path needs a head dim of at least 1");
   const int64_t chunk = heads_per_chunk(heads, t, acc);
-  Tensor s, p;
-  {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    s = Tensor::empty({chunk, t, t}, acc, q.device());
-    p = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
-  }
+  Tensor s = empty_workspace({chunk, t, t}, acc, q.device()), p = empty_workspace({chunk, t, t}, q.dtype(), q.device());
   const int device = q.device().index;
   for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
     const int64_t g = std::min(chunk, heads - h0), at = h0 * td;
@@ -93,14 +89,10 @@ std::vector<Tensor> attention_backward_gemm(const Tensor& d_o, const Tensor& q, 
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());
   if (heads == 0 || t == 0 || d == 0) return {dq, dk, dv};
   const int64_t chunk = heads_per_chunk(heads, t, acc);
-  Tensor row_dot = attention_row_dots(d_o, o), s, dp, p, ds;
-  {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    s = Tensor::empty({chunk, t, t}, acc, q.device());
-    dp = Tensor::empty({chunk, t, t}, acc, q.device());
-    p = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
-    ds = Tensor::empty({chunk, t, t}, q.dtype(), q.device());
-  }
+  Tensor row_dot = attention_row_dots(d_o, o);
+  Tensor s = empty_workspace({chunk, t, t}, acc, q.device()), dp = empty_workspace({chunk, t, t}, acc, q.device());
+  Tensor p = empty_workspace({chunk, t, t}, q.dtype(), q.device());
+  Tensor ds = empty_workspace({chunk, t, t}, q.dtype(), q.device());
   const int device = q.device().index;
   for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
     const int64_t g = std::min(chunk, heads - h0), at = h0 * td;

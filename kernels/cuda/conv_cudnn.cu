@@ -14,6 +14,7 @@
 #include "kernels/cuda/conv.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "runtime/workspace.h"
 
 #define REMAT_CUDNN_CHECK(expr) REMAT_STATUS_CHECK(expr, CUDNN_STATUS_SUCCESS, cudnnGetErrorString)
 
@@ -110,8 +111,7 @@ auto pick_deterministic(Query query, const char* what) {
 }
 
 Tensor workspace_bytes(size_t bytes, Device device) {
-  MemoryCategoryScope scope(MemoryCategory::workspace);
-  return Tensor::empty({static_cast<int64_t>(bytes)}, DType::u8, device);
+  return empty_workspace({static_cast<int64_t>(bytes)}, DType::u8, device);
 }
 
 // alpha = 1, beta = 0 in the scaling type cuDNN expects for the data type.

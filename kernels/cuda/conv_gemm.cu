@@ -9,6 +9,7 @@
 #include "kernels/cuda/conv_kernels.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
+#include "runtime/workspace.h"
 
 namespace remat {
 
@@ -16,11 +17,6 @@ namespace {
 
 using namespace cuda;
 using namespace cuda::conv_kernels;
-
-Tensor workspace(const Shape& shape, DType dtype, Device device) {
-  MemoryCategoryScope scope(MemoryCategory::workspace);
-  return Tensor::empty(shape, dtype, device);
-}
 
 // REMAT_CUDA_CONV=gemm sends every convolution down the im2col path (to test it on a machine
 // whose cuDNN would take them).
@@ -38,7 +34,7 @@ Tensor conv2d_gemm(const Tensor& x, const Tensor& w, int stride, int padding) {
   if (s.k() == 0) return Tensor::zeros({s.n, s.cout, s.ho, s.wo}, x.dtype(), x.device());
   Tensor y = Tensor::empty({s.n, s.cout, s.ho, s.wo}, x.dtype(), x.device());
   if (y.numel() == 0) return y;
-  Tensor cols = workspace({s.n, s.k(), s.p()}, x.dtype(), x.device());
+  Tensor cols = empty_workspace({s.n, s.k(), s.p()}, x.dtype(), x.device());
   dispatch(x.dtype(), "conv2d", [&]<typename T>() {
     REMAT_LAUNCH(blocks_for(cols.numel()), kThreads, 0, im2col_kernel<T>)(
         x.data<T>(), cols.data<T>(), s, s.k() * s.p(), s.p());
@@ -59,7 +55,7 @@ std::pair<Tensor, Tensor> conv2d_backward_gemm(const Tensor& dy, const Tensor& x
   int64_t np = s.n * s.p();
   {
     // d(input): dcols[i] [K, P] = W^T dy[i], gathered back onto the pixels.
-    Tensor dcols = workspace({s.n, s.k(), s.p()}, x.dtype(), x.device());
+    Tensor dcols = empty_workspace({s.n, s.k(), s.p()}, x.dtype(), x.device());
     run_gemm({true, false, s.k(), s.p(), s.cout, w.raw_data(), s.k(), 0, dy.raw_data(), s.p(), s.cout * s.p(),
               dcols.raw_data(), s.k() * s.p(), s.n},
              x.dtype(), x.device().index);
@@ -69,7 +65,8 @@ std::pair<Tensor, Tensor> conv2d_backward_gemm(const Tensor& dy, const Tensor& x
     REMAT_CUDA_LAUNCH_CHECK();
   }
   // d(weight): dw [Cout, K] = dy' [Cout, N*P] cols' [K, N*P]^T, images side by side in both.
-  Tensor cols = workspace({s.k(), np}, x.dtype(), x.device()), dyc = workspace({s.cout, np}, x.dtype(), x.device());
+  Tensor cols = empty_workspace({s.k(), np}, x.dtype(), x.device());
+  Tensor dyc = empty_workspace({s.cout, np}, x.dtype(), x.device());
   dispatch(x.dtype(), "conv2d_backward", [&]<typename T>() {
     REMAT_LAUNCH(blocks_for(cols.numel()), kThreads, 0, im2col_kernel<T>)(x.data<T>(), cols.data<T>(), s, s.p(), np);
     REMAT_LAUNCH(blocks_for(dy.numel()), kThreads, 0, channels_first_kernel<T>)(

@@ -7,6 +7,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/norm_softmax_kernels.cuh"
 #include "runtime/cuda/index_faults.h"
+#include "runtime/workspace.h"
 
 namespace remat {
 
@@ -14,11 +15,6 @@ namespace {
 
 using namespace cuda;
 using namespace cuda::row_kernels;
-
-Tensor workspace(const Shape& shape, DType dtype, Device device) {
-  MemoryCategoryScope scope(MemoryCategory::workspace);
-  return Tensor::empty(shape, dtype, device);
-}
 
 unsigned grid_of(int64_t rows, const char* op) {
   REMAT_CHECK(rows <= INT32_MAX, op, ": ", rows, " rows exceed the cuda grid");
@@ -64,7 +60,8 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   // depends on the shape alone.
   int64_t row_chunk = std::max(kRowChunk, (rows + kMaxGridY - 1) / kMaxGridY);
   int64_t chunks = (rows + row_chunk - 1) / row_chunk;
-  Tensor pw = workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device()), pb = workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
+  Tensor pw = empty_workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
+  Tensor pb = empty_workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
   dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
     using A = Acc<T>;
     REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T>)(
@@ -193,7 +190,7 @@ void cross_entropy_backward_into(const Tensor& dloss, const Tensor& logits, cons
   if (n == 0) return;
   IndexFault* fault = on_host ? nullptr : index_fault_record(logits.device().index);
   const Tensor& batch = rows.batch_targets.defined() ? rows.batch_targets : targets;
-  Tensor count = workspace({1}, DType::i64, logits.device());
+  Tensor count = empty_workspace({1}, DType::i64, logits.device());
   auto* counted = reinterpret_cast<long long*>(count.data<int64_t>());
   REMAT_LAUNCH(1, kThreads, 0, cross_entropy_count_kernel)(batch.raw_data(), batch.dtype() == DType::i64,
                                                            batch.numel(), v, ignore_index, counted);

@@ -7,6 +7,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/reduce_kernels.cuh"
+#include "runtime/workspace.h"
 
 namespace remat {
 
@@ -21,10 +22,7 @@ void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identi
   const int64_t tiles = (cols + kColumnTile - 1) / kColumnTile;
   REMAT_CHECK(tiles <= INT32_MAX, "sum: ", cols, " columns exceed the cuda backend's grid");
   Tensor partial;
-  if (slices > 1) {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    partial = Tensor::empty({slices, cols}, std::is_same_v<Acc<T>, double> ? DType::f64 : DType::f32, device);
-  }
+  if (slices > 1) partial = empty_workspace({slices, cols}, dtype_of<Acc<T>>::value, device);
   Acc<T>* partial_data = slices > 1 ? partial.data<Acc<T>>() : nullptr;
   dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)), block(kColumnTile, kRowLanes);
   REMAT_LAUNCH(grid, block, 0, reduce_columns_kernel<T, Op>)(x, rows, cols, rows_per_slice, op, identity, partial_data, y);
@@ -91,12 +89,8 @@ Tensor queue_sum_squares(const std::vector<Tensor>& xs) {
   set_device_of(xs.front());
   const Device device = xs.front().device();
   const int64_t count = static_cast<int64_t>(xs.size());
-  Tensor partial, totals;
-  {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    partial = Tensor::empty({count, kSquareBlocks}, DType::f64, device);
-    totals = Tensor::empty({count}, DType::f64, device);
-  }
+  Tensor partial = empty_workspace({count, kSquareBlocks}, DType::f64, device);
+  Tensor totals = empty_workspace({count}, DType::f64, device);
   // Each tensor's two stages as for one tensor, into its own slots; one copy back for all.
   for (int64_t i = 0; i < count; ++i) {
     const Tensor& x = xs[static_cast<size_t>(i)];
@@ -126,11 +120,7 @@ bool CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max_n
   Tensor totals = queue_sum_squares(xs);
   const Device device = xs.front().device();
   norm = Tensor::empty({}, DType::f64, device);
-  Tensor clip;
-  {
-    MemoryCategoryScope scope(MemoryCategory::workspace);
-    clip = Tensor::empty({2}, DType::f64, device);
-  }
+  Tensor clip = empty_workspace({2}, DType::f64, device);
   REMAT_LAUNCH(1, 1, 0, clip_coefficient_kernel)(
       totals.data<double>(), static_cast<int64_t>(xs.size()), max_norm, norm.data<double>(), clip.data<double>());
   REMAT_CUDA_LAUNCH_CHECK();
