@@ -82,6 +82,27 @@ void sum_block(const T* px, T* po, const BlockShape& b) {
   }
 }
 
+// Any reduction: each output folds its inputs into `identity` with `combine`, in row-major order.
+template <typename Combine>
+Tensor fold(const Tensor& x, const std::vector<int64_t>& axes, const char* op, double identity, Combine combine) {
+  ReducePlan plan = plan_reduce(x.shape(), axes);
+  Tensor out = Tensor::empty(plan.out_shape, x.dtype());
+  cpu::dispatch_float(x.dtype(), op, [&]<typename T>() {
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    int64_t n_out = static_cast<int64_t>(plan.out_offsets.size());
+    int64_t n_red = static_cast<int64_t>(plan.red_offsets.size());
+#pragma omp parallel for if (n_out * n_red > cpu::kParallelGrain)
+    for (int64_t o = 0; o < n_out; ++o) {
+      const T* base = px + plan.out_offsets[o];
+      T acc = static_cast<T>(identity);
+      for (int64_t r = 0; r < n_red; ++r) acc = combine(acc, base[plan.red_offsets[r]]);
+      po[o] = acc;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 Tensor CpuBackend::reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) {
@@ -92,42 +113,13 @@ Tensor CpuBackend::reduce_sum(const Tensor& x, const std::vector<int64_t>& axes)
     cpu::dispatch_float(x.dtype(), "sum", [&]<typename T>() { sum_block(x.data<T>(), out.data<T>(), *block); });
     return out;
   }
-  ReducePlan plan = plan_reduce(x.shape(), axes);
-  Tensor out = Tensor::empty(plan.out_shape, x.dtype());
-  cpu::dispatch_float(x.dtype(), "sum", [&]<typename T>() {
-    const T* px = x.data<T>();
-    T* po = out.data<T>();
-    int64_t n_out = static_cast<int64_t>(plan.out_offsets.size());
-    int64_t n_red = static_cast<int64_t>(plan.red_offsets.size());
-#pragma omp parallel for if (n_out * n_red > cpu::kParallelGrain)
-    for (int64_t o = 0; o < n_out; ++o) {
-      const T* base = px + plan.out_offsets[o];
-      T acc = T(0);
-      for (int64_t r = 0; r < n_red; ++r) acc += base[plan.red_offsets[r]];
-      po[o] = acc;
-    }
-  });
-  return out;
+  return fold(x, axes, "sum", 0.0, [](auto acc, auto v) { return acc + v; });
 }
 
 Tensor CpuBackend::reduce_max(const Tensor& x, const std::vector<int64_t>& axes) {
   for (int64_t a : axes) REMAT_CHECK(x.shape()[a] > 0, "max: cannot reduce an empty axis of ", x.meta_str());
-  ReducePlan plan = plan_reduce(x.shape(), axes);
-  Tensor out = Tensor::empty(plan.out_shape, x.dtype());
-  cpu::dispatch_float(x.dtype(), "max", [&]<typename T>() {
-    const T* px = x.data<T>();
-    T* po = out.data<T>();
-    int64_t n_out = static_cast<int64_t>(plan.out_offsets.size());
-    int64_t n_red = static_cast<int64_t>(plan.red_offsets.size());
-#pragma omp parallel for if (n_out * n_red > cpu::kParallelGrain)
-    for (int64_t o = 0; o < n_out; ++o) {
-      const T* base = px + plan.out_offsets[o];
-      T best = -std::numeric_limits<T>::infinity();
-      for (int64_t r = 0; r < n_red; ++r) best = base[plan.red_offsets[r]] > best ? base[plan.red_offsets[r]] : best;
-      po[o] = best;
-    }
-  });
-  return out;
+  return fold(x, axes, "max", -std::numeric_limits<double>::infinity(),
+              [](auto best, auto v) { return v > best ? v : best; });
 }
 
 Tensor CpuBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const Tensor& y) {
