@@ -116,6 +116,8 @@ int run_data_parallel(const PolicyOptions& o, const DataParallelBenchOptions& d)
   REMAT_CHECK(world.size() == d.ranks, "--ranks ", d.ranks, ": expected to run under mpirun -np ", d.ranks, ", found ",
               world.size(), " process", world.size() == 1 ? "" : "es");
   REMAT_CHECK(d.bucket_mib > 0, "--bucket-mib: expected > 0, got ", d.bucket_mib);
+  REMAT_CHECK(o.micro_batches == 1, "--ranks times one backward per step (its overlap with the all-reduce); "
+              "--micro-batches applies without --ranks");
   REMAT_CHECK(o.steps >= 1 && o.warmup >= 0, "remat-bench: expected --steps >= 1 and --warmup >= 0");
   Device device = parse_device(o.device);
   REMAT_CHECK(device.is_cpu(), "--ranks: the data parallel bench runs on the host (MPI) for now, not on ", device.str());

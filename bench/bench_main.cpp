@@ -27,6 +27,9 @@ int main(int argc, char** argv) {
   app.add_option("--rounds", p.rounds, "run every policy in turn this many times, pooling the times (a drifting machine "
                                        "then affects all policies alike)")->capture_default_str();
   app.add_option("--seed", p.seed, "seed of weights, data and dropout")->capture_default_str();
+  app.add_option("--micro-batches", p.micro_batches,
+                 "each step's batch as N micro-batches, a forward and backward each (gradient accumulation), under "
+                 "every policy; the planner and the saved-bytes report see the first")->capture_default_str();
   app.add_option("--batch", batch, "override the config's batch size");
   app.add_option("--layers", layers, "override the config's layers");
   app.add_option("--seq-len", seq_len, "override the config's sequence length");

@@ -89,10 +89,13 @@ int run_policies(const PolicyOptions& o) {
   std::vector<Tensor> params = model.parameters();
   std::vector<std::vector<char>> initial = grad_bytes(params, /*of_grad=*/false);
   subject.to(device);
-  auto loss_of_step = [&] {
+  auto micro_loss = [&](int64_t micro) {
     AutocastScope autocast(compute);
-    return subject.loss();
+    return subject.loss(micro);
   };
+  // What the planner records and the saved-bytes report looks at: the first micro-batch (the whole
+  // step with one), as `remat train` plans one micro-batch.
+  auto loss_of_step = [&] { return micro_loss(0); };
   if (o.pareto) {
     // The planner's range on this model: ten budgets from its floor to no checkpointing's peak.
     model.train();
@@ -160,7 +163,7 @@ int run_policies(const PolicyOptions& o) {
         for (Tensor& p : params) p.zero_grad();
       };
       auto step = [&] {
-        backward(loss_of_step());
+        for (int64_t micro = 0; micro < subject.micro_batches(); ++micro) backward(micro_loss(micro));
         if (device.is_cuda()) cuda_synchronize(device.index);  // step time covers the queued kernels
       };
       if (budget) {  // the planner's recording step stands in for one warm-up step (it plans each round)
@@ -258,7 +261,8 @@ int run_policies(const PolicyOptions& o) {
   nlohmann::json machine = machine_info();
   if (o.pareto) print_pareto(results);
   nlohmann::json run = {{"model", o.model}, {"config", subject.config()}, {"device", device.str()}, {"dtype", o.dtype},
-                        {"steps", o.steps}, {"warmup", o.warmup}, {"rounds", o.rounds}, {"seed", o.seed}};
+                        {"steps", o.steps}, {"warmup", o.warmup}, {"rounds", o.rounds}, {"seed", o.seed},
+                        {"micro_batches", o.micro_batches}};
   if (device.is_cuda()) {
     run["cuda_attention"] = cuda_attention_name(cuda_attention());
     run["cuda_bias_epilogue"] = cuda_bias_epilogue();

@@ -21,6 +21,9 @@ struct PolicyOptions {
   std::string dtype = "f32";  // compute dtype: f32 or bf16 (cuda)
   int steps = 5, warmup = 1;
   int rounds = 1;  // every policy in turn, this many times; times pooled per policy
+  // Gradient accumulation: each step's batch as this many micro-batches, one forward and backward
+  // each (as `remat train --micro-batches`); every policy, `none` included, runs them.
+  int64_t micro_batches = 1;
   uint64_t seed = 0;
   std::string json_path, csv_path, trace_path, plot_path;
   // Also the budget planner at ten budgets from its floor to no checkpointing's peak, with a table

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "autograd/ops.h"
 #include "kernels/backend.h"
 #include "models/data.h"
 #include "runtime/random.h"
@@ -29,11 +30,14 @@ GptConfig gpt_bench_config(const PolicyOptions& o) {
 
 }  // namespace
 
-Subject::Subject(const PolicyOptions& o) : model_name_(o.model), config_name_(o.config), seed_(o.seed) {
+Subject::Subject(const PolicyOptions& o)
+    : model_name_(o.model), config_name_(o.config), seed_(o.seed), micro_batches_(o.micro_batches) {
   REMAT_CHECK(o.model == "gpt" || o.model == "dit" || o.model == "unet", "unknown model '", o.model,
               "': expected gpt, dit or unet");
   if (o.model == "gpt") {
     gpt_config_ = gpt_bench_config(o);
+    REMAT_CHECK(micro_batches_ >= 1 && gpt_config_.batch % micro_batches_ == 0, "--micro-batches: expected a number ",
+                "that divides the batch of ", gpt_config_.batch, " rows, got ", micro_batches_);
     {
       MemoryCategoryScope scope(MemoryCategory::workspace);  // the batch is input data, not activations
       AdditionTask data(gpt_config_.vocab, o.seed + 1);
@@ -45,6 +49,7 @@ Subject::Subject(const PolicyOptions& o) : model_name_(o.model), config_name_(o.
   }
   REMAT_CHECK(!o.overrides.count("seq_len"), "--seq-len: only gpt has a sequence length");
   task_ = make_task(o.model, o.config, o.overrides, o.seed);
+  task_->set_micro_batch(0, micro_batches_);  // checks that they divide the batch
   data_state_ = task_->data_state();
 }
 
@@ -60,11 +65,34 @@ void Subject::to(Device device) {
   }
 }
 
-Tensor Subject::loss() {
+Tensor Subject::loss(int64_t micro) {
+  REMAT_CHECK(micro >= 0 && micro < micro_batches_, "Subject::loss: expected a micro-batch below ", micro_batches_,
+              ", got ", micro);
   set_rng_state({seed_ + 7, 0});  // the same dropout masks, noise and times every step and every policy
-  if (gpt_) return gpt_->loss(x_, y_);
-  task_->set_data_state(data_state_);
-  return task_->next_loss();
+  Tensor loss;
+  if (gpt_ && micro_batches_ == 1) {
+    loss = gpt_->loss(x_, y_);
+  } else if (gpt_) {
+    const int64_t rows = gpt_config_.batch / micro_batches_, begin = micro * rows;
+    Tensor x, y;
+    {
+      MemoryCategoryScope scope(MemoryCategory::workspace);  // input data, as the whole batch is
+      x = contiguous(slice(x_, 0, begin, begin + rows)), y = contiguous(slice(y_, 0, begin, begin + rows));
+    }
+    RngBatchShardScope shard(begin, rows, gpt_config_.batch);
+    loss = gpt_->loss(x, y);
+  } else {
+    task_->set_data_state(data_state_);
+    task_->set_micro_batch(micro, micro_batches_);
+    loss = task_->next_loss();
+  }
+  return micro_batches_ == 1 ? loss : mul_scalar(loss, 1.0 / static_cast<double>(micro_batches_));
+}
+
+std::string Subject::micro_description() const {
+  if (micro_batches_ == 1) return "";
+  const int64_t batch = gpt_ ? gpt_config_.batch : task_->batch();
+  return fmt::format(" in {} micro-batches of {} rows", micro_batches_, batch / micro_batches_);
 }
 
 double Subject::model_flops_per_step() const {
@@ -77,10 +105,10 @@ double Subject::items_per_step() const {
 
 std::string Subject::describe() const {
   if (gpt_)
-    return fmt::format("gpt {} (B {}, T {}, C {}, layers {}, dropout {}{})", gpt_config_.name, gpt_config_.batch,
+    return fmt::format("gpt {} (B {}, T {}, C {}, layers {}, dropout {}{}){}", gpt_config_.name, gpt_config_.batch,
                        gpt_config_.seq_len, gpt_config_.channels, gpt_config_.layers, gpt_config_.dropout,
-                       gpt_config_.fused_loss ? ", fused loss" : "");
-  return fmt::format("{} {} ({})", model_name_, config_name_, task_->config().dump());
+                       gpt_config_.fused_loss ? ", fused loss" : "", micro_description());
+  return fmt::format("{} {} ({}){}", model_name_, config_name_, task_->config().dump(), micro_description());
 }
 
 nlohmann::json Subject::config() const {
@@ -94,14 +122,16 @@ nlohmann::json Subject::config() const {
 int64_t Subject::activation_floor(const PolicySpec& spec) const {
   if (!gpt_) return -1;
   const GptConfig& c = gpt_config_;
-  const int64_t f = 4, E = c.batch * c.seq_len * c.channels * f, st = c.batch * c.seq_len * f;
-  const int64_t lse = c.batch * c.heads * c.seq_len * f;
+  // A micro-batch's rows: each is a forward and backward of its own.
+  const int64_t rows = c.batch / micro_batches_;
+  const int64_t f = 4, E = rows * c.seq_len * c.channels * f, st = rows * c.seq_len * f;
+  const int64_t lse = rows * c.heads * c.seq_len * f;
   // What backward saves of one block; a backend whose attention output the projection reads as a
   // view (no re-laid-out copy) saves one E less.
   const bool shared_output = backend_for(OpKind::attention, x_.device()).attention_reads_strided();
   const int64_t S = (shared_output ? 16 : 17) * E + 4 * st + lse;
   // ln_f in/out, stats, lse, and the logits, which the fused loss does not keep.
-  const int64_t logits = c.batch * c.seq_len * c.vocab * f;
+  const int64_t logits = rows * c.seq_len * c.vocab * f;
   const int64_t head = 2 * E + 3 * st + (c.fused_loss ? 0 : logits);
   int n = 0;
   switch (spec.kind) {

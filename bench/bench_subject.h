@@ -21,8 +21,11 @@ class Subject {
   explicit Subject(const PolicyOptions& o);
   Module& model();
   void to(Device device);
-  // The step's loss: data and the random stream reset first.
-  Tensor loss();
+  // The loss of micro-batch `micro` of the step (the whole batch with one micro-batch), scaled by
+  // 1 / micro_batches: data and the random stream reset first, each sample's dropout mask, noise
+  // and time the same whichever micro-batch computes it.
+  Tensor loss(int64_t micro = 0);
+  int64_t micro_batches() const { return micro_batches_; }
   double items_per_step() const;
   // Model FLOPs of one training step (models/gpt.h: train_flops_per_token); -1 for dit and unet,
   // which have no formula here.
@@ -33,8 +36,11 @@ class Subject {
   int64_t activation_floor(const PolicySpec& spec) const;
 
  private:
+  std::string micro_description() const;  // "" or " in N micro-batches of R rows"
+
   std::string model_name_, config_name_;
   uint64_t seed_;
+  int64_t micro_batches_ = 1;
   // gpt
   GptConfig gpt_config_;
   std::unique_ptr<Gpt> gpt_;
