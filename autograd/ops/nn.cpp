@@ -129,7 +129,7 @@ class CrossEntropyNode final : public Node {
     // that the step's peak, at the start of backward, then does without).
     ctx.release_saved(0);
     Backend& backend = backend_for(kind(), g.device());
-    const Backend::CrossEntropyRows rows{.ignore_index = ignore_index_};
+    const Backend::CrossEntropyRows rows{.ignore_index = ignore_index_, .first_row = 0, .batch_targets = {}};
     if (detail::sole_owner(logits) && backend.cross_entropy_backward_in_place(g, logits, targets, lse, rows)) {
       logits.storage()->set_category(MemoryCategory::gradient);  // the bytes hold a gradient now
       return {logits, Tensor()};
