@@ -83,7 +83,7 @@ Tensor checkpoint_sequential(const std::vector<TensorFn>& fns, int segments, con
     };
     if (s < segments - 1) {
       CheckpointOptions segment_options = options;
-      if (!segment_options.name.empty()) segment_options.name += "." + std::to_string(s);
+      if (!segment_options.name.empty()) segment_options.name += '.' + std::to_string(s);
       CheckpointScope scope(segment_options);
       run();
     } else {

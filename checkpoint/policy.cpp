@@ -29,7 +29,10 @@ Policy save_all() {
 Policy save_ops(const std::vector<OpKind>& ops, std::string name) {
   if (name.empty()) {
     name = "sac:";
-    for (size_t i = 0; i < ops.size(); ++i) name += (i ? "," : "") + std::string(op_name(ops[i]));
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (i) name += ',';
+      name += op_name(ops[i]);
+    }
   }
   return {name, [ops](const PolicyContext& ctx) {
             for (OpKind k : ops)
