@@ -170,6 +170,8 @@ int run_policies(const PolicyOptions& o) {
         BudgetPlanner planner(model, spec.budget_bytes, spec.budget_percent, spec.budget_scope);
         zero_grads();
         const BudgetPlan& plan = planner.plan(loss_of_step);
+        // The rest of that step's micro-batches, under the plan: the warm-up step is then whole.
+        for (int64_t micro = 1; micro < subject.micro_batches(); ++micro) backward(micro_loss(micro));
         r.budget_bytes = plan.budget_bytes;
         r.planned_blocks.clear();
         r.predicted_peak_bytes = std::max(r.predicted_peak_bytes, plan.predicted_peak_bytes);  // rounds replan
