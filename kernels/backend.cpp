@@ -20,7 +20,8 @@ OpKind parse_op(const std::string& name) {
 }
 
 std::vector<Tensor> Backend::cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
-  std::vector<Tensor> rows = cross_entropy_rows(logits, targets, {.ignore_index = ignore_index, .first_row = 0, .batch_targets = {}});
+  const CrossEntropyRows options{.ignore_index = ignore_index, .first_row = 0, .batch_targets = {}};
+  std::vector<Tensor> rows = cross_entropy_rows(logits, targets, options);
   return {cross_entropy_mean(rows[0], targets, logits.size(1), ignore_index), rows[1]};
 }
 
