@@ -1,5 +1,5 @@
-// CPU GEMM: CBLAS when a BLAS was configured (REMAT_HAVE_CBLAS), remat's own AVX-512 SGEMM, or
-// Eigen's GEMM on mapped, strided matrices; the fastest of those for this process's CPU and kernels.
+// CPU GEMM: remat's own AVX-512 SGEMM, CBLAS when a BLAS was configured (REMAT_HAVE_CBLAS), or
+// Eigen's GEMM on mapped, strided matrices; the fastest of those measured for this CPU and kernels.
 #include "kernels/cpu/gemm.h"
 
 #include <Eigen/Core>
@@ -26,24 +26,43 @@ namespace {
 enum class Library { eigen, openblas, avx512 };
 
 #ifdef REMAT_HAVE_CBLAS
-// OpenBLAS's kernel sets that use AVX-512 (its corename, lower case).
+// Whether OpenBLAS's kernel set (the one it chose at start-up, from the CPU or OPENBLAS_CORETYPE)
+// uses AVX-512.
 bool blas_kernels_use_avx512() {
-  std::string core = openblas_get_corename();
-  std::transform(core.begin(), core.end(), core.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  return core == "skylakex" || core == "cooperlake" || core == "sapphirerapids";
+  static const bool avx512 = [] {
+    std::string core = openblas_get_corename();
+    std::transform(core.begin(), core.end(), core.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    return core == "skylakex" || core == "cooperlake" || core == "sapphirerapids";
+  }();
+  return avx512;
 }
 #endif
 
-// The automatic choice: the BLAS when its kernels use AVX-512 or the build lacks AVX-512; else
-// remat's AVX-512 SGEMM (f64 through Eigen's AVX-512 GEMM). On an AVX-512 AMD EPYC whose environment
-// sets OPENBLAS_CORETYPE=Haswell (old OpenBLAS builds misbehave on new CPUs), the AVX-512 SGEMM runs
-// 1.7-2.0x OpenBLAS's AVX2 kernels and Eigen's GEMM 1.1-1.3x them (docs/results/cpu.md). All three
-// split only rows and columns of C among threads, so each is deterministic for a fixed thread count.
+// The automatic choice: remat's AVX-512 SGEMM wherever it is built, else the BLAS, else Eigen's
+// GEMM. On the AVX-512 AMD EPYCs measured (docs/results/cpu.md) it ran 1.7-2.0x OpenBLAS's AVX2
+// kernels (an environment with OPENBLAS_CORETYPE=Haswell, as old OpenBLAS builds misbehave on new
+// CPUs), and against OpenBLAS's own AVX-512 kernels (Cooperlake) 1.05-1.10x at gpt's shapes, a gpt
+// small step about 10% faster, dit and unet the same within noise. All three split only rows and
+// columns of C among threads, so each is deterministic for a fixed thread count.
 Library automatic() {
+  if (sgemm_avx512_built()) return Library::avx512;
 #ifdef REMAT_HAVE_CBLAS
-  if (!sgemm_avx512_built() || blas_kernels_use_avx512()) return Library::openblas;
+  return Library::openblas;
+#else
+  return Library::eigen;
 #endif
-  return sgemm_avx512_built() ? Library::avx512 : Library::eigen;
+}
+
+// f64 has no remat kernel: beside the AVX-512 SGEMM it runs on the BLAS where its kernels use
+// AVX-512 (100 against Eigen's 72 GFLOP/s at 1024 x 256 x 768 on 2 threads), else on Eigen's
+// AVX-512 GEMM (1.1-1.3x OpenBLAS's AVX2 kernels).
+bool f64_on_blas(Library lib) {
+#ifdef REMAT_HAVE_CBLAS
+  return lib == Library::openblas || (lib == Library::avx512 && blas_kernels_use_avx512());
+#else
+  (void)lib;
+  return false;
+#endif
 }
 
 // Which library runs the GEMMs: -1 not decided yet, else a Library.
@@ -113,7 +132,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
   if constexpr (std::is_same_v<T, float>)
     if (lib == Library::avx512) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #ifdef REMAT_HAVE_CBLAS
-  if (lib == Library::openblas) {
+  if (std::is_same_v<T, float> ? lib == Library::openblas : f64_on_blas(lib)) {
     auto op = [](bool t) { return t ? CblasTrans : CblasNoTrans; };
     if constexpr (std::is_same_v<T, float>)
       cblas_sgemm(CblasRowMajor, op(ta), op(tb), blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"), alpha, a,
@@ -148,12 +167,12 @@ std::vector<std::string> gemm_libraries() {
 }
 
 std::string gemm_library() {
-  std::string chosen = library() == Library::avx512 ? "avx512 (f64: eigen)"
-                       : library() == Library::eigen ? "eigen"
-                                                     : "openblas";
+  const Library lib = library();
+  std::string chosen = lib == Library::eigen ? "eigen" : "openblas";
+  if (lib == Library::avx512) chosen = std::string("avx512 (f64: ") + (f64_on_blas(lib) ? "openblas)" : "eigen)");
 #ifdef REMAT_HAVE_CBLAS
   std::string blas = std::string("openblas (") + openblas_get_corename() + " kernels)";
-  return library() == Library::openblas ? blas : chosen + " beside " + blas;
+  return lib == Library::openblas ? blas : chosen + " beside " + blas;
 #else
   return chosen;
 #endif

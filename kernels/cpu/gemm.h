@@ -1,6 +1,6 @@
 // The CPU GEMM every kernel uses: row-major C = alpha op(A) op(B) + beta C with leading dimensions,
-// through the tuned BLAS remat was built with (meson option -Dblas: OpenBLAS by default), remat's
-// own AVX-512 SGEMM (kernels/cpu/sgemm_avx512.h) where the BLAS runs older kernels, or Eigen's GEMM.
+// through remat's own AVX-512 SGEMM (kernels/cpu/sgemm_avx512.h) where it is built, the tuned BLAS
+// remat was built with (meson option -Dblas: OpenBLAS by default), or Eigen's GEMM.
 // Deterministic for a fixed thread count and kernel set (each library splits rows and columns of C
 // among threads, never the sum over k); inside an OpenMP parallel region it runs on the calling
 // thread alone.
@@ -18,14 +18,14 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 
 // Which GEMM that is, its library's name first: "openblas (<kernel set> kernels)" with the set
 // OpenBLAS chose at start-up (from the CPU, or the environment's OPENBLAS_CORETYPE), or "avx512
-// (f64: eigen) beside openblas (...)", or "eigen ...".
+// (f64: openblas|eigen) beside openblas (...)", or "eigen ...".
 std::string gemm_library();
 // The libraries this build can run GEMMs with, the chosen one first: of "avx512", "openblas", "eigen".
 std::vector<std::string> gemm_libraries();
 
-// Which library runs the GEMMs from now on: "auto" (the BLAS, unless it runs older kernels than
-// the CPU has and remat's AVX-512 SGEMM is built: gemm.cpp), "avx512" (f32; f64 through Eigen),
-// "openblas" or "eigen". The environment variable REMAT_CPU_GEMM sets the first choice; tests and
+// Which library runs the GEMMs from now on: "auto" (remat's AVX-512 SGEMM where it is built, else
+// the BLAS: gemm.cpp), "avx512" (f32; f64 through the BLAS where its kernels use AVX-512, else
+// Eigen), "openblas" or "eigen". The environment variable REMAT_CPU_GEMM sets the first choice; tests and
 // benchmarks that compare them call this between GEMMs.
 void set_gemm_library(const std::string& name);
 
