@@ -698,12 +698,20 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
                                ? static_cast<int64_t>(static_cast<double>(p.none_total_peak_bytes) * percent_ / 100.0)
                                : budget_bytes_;
     p.budget_bytes = p.total_budget_bytes - p.fixed_bytes;
+    // Each category counts at its own peak, the gradients as if alive from the step's start (as
+    // in a later micro-batch): where parameters and optimizer state dwarf the activations, the
+    // floor can lie above the peak this step measured, and the message says why.
     REMAT_CHECK(p.floor_bytes <= p.budget_bytes, "budget total ", p.total_budget_bytes,
                 " bytes is below the achievable floor of ", p.floor_bytes + p.fixed_bytes,
                 " bytes (every block checkpointed as little as memory allows: ",
                 p.floor_bytes, " bytes of activations, plus ", p.fixed_bytes,
-                " bytes of parameters, gradients, optimizer state and workspace; ", p.none_total_peak_bytes,
-                " bytes without checkpointing)");
+                " bytes of parameters, gradients, optimizer state and workspace, each counted at its peak; ",
+                p.none_total_peak_bytes, " bytes measured without checkpointing",
+                p.floor_bytes + p.fixed_bytes >= p.none_total_peak_bytes
+                    ? ", where the gradients' and the activations' peaks did not coincide: budget the "
+                      "activations alone (budget:act:...) to plan below it"
+                    : "",
+                ")");
   }
 
   OptionChoice choice = choose_options(p.blocks, p.step, p.budget_bytes);
