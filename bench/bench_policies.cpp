@@ -169,12 +169,23 @@ int run_policies(const PolicyOptions& o) {
       if (budget) {  // the planner's recording step stands in for one warm-up step (it plans each round)
         BudgetPlanner planner(model, spec.budget_bytes, spec.budget_percent, spec.budget_scope);
         zero_grads();
-        const BudgetPlan& plan = planner.plan(loss_of_step);
+        planner.plan(loss_of_step);
         // The rest of that step's micro-batches, under the plan: the warm-up step is then whole.
         for (int64_t micro = 1; micro < subject.micro_batches(); ++micro) backward(micro_loss(micro));
+        // One more step, under the plan, whose op times the planner chooses again with (as a
+        // training run's second step does): the recording step's are the first of a cold model.
+        zero_grads();
+        Tensor retimed_loss = micro_loss(0);
+        backward(retimed_loss);
+        planner.retime(retimed_loss);
+        retimed_loss = Tensor();
+        for (int64_t micro = 1; micro < subject.micro_batches(); ++micro) backward(micro_loss(micro));
+        const BudgetPlan& plan = planner.current();
         r.budget_bytes = plan.budget_bytes;
         r.planned_blocks.clear();
         r.predicted_peak_bytes = std::max(r.predicted_peak_bytes, plan.predicted_peak_bytes);  // rounds replan
+        r.predicted_recompute_ms =  // a running mean over the rounds
+            (r.predicted_recompute_ms * round + plan.predicted_recompute_ms) / (round + 1);
         for (const auto& b : plan.blocks)
           if (b.checkpointed) {  // name:re-run/ops
             const auto& rec = b.options[static_cast<size_t>(b.choice)].reruns;

@@ -58,6 +58,7 @@ struct PolicyResult {
   double grads_max_abs_diff = 0;
   // Budget policies: the budget, the planner's prediction and choice.
   int64_t budget_bytes = -1, predicted_peak_bytes = -1;
+  double predicted_recompute_ms = -1;  // the plan's, from its retimed op times (a mean over rounds)
   std::string planned_blocks;
   // With --profile: the traced step's time per op and phase (autograd/trace.h's self_times); the
   // step's host time is timeline_step_us.

@@ -610,10 +610,12 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     b.forward_ms = s.ms;
     std::set<Key> saved, inputs;
     std::vector<TapeNode> nodes;  // the block's nodes, in recording order
-    for (const TapeNode& at : tape) {
+    for (size_t position = 0; position < tape.size(); ++position) {
+      const TapeNode& at = tape[position];
       const Node& node = *at.graph->nodes[at.index];
       if (static_cast<int64_t>(node.seq) < s.begin || static_cast<int64_t>(node.seq) >= s.end) continue;
       nodes.push_back(at);
+      b.tape_positions.push_back(position);
       for (const SavedSlot& slot : node.saved) {
         Key k = resolve_value(at.graph, slot.value);
         if (counts(k)) saved.insert(k);
@@ -758,7 +760,44 @@ const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
 bool BudgetPlanner::observe(const Tensor& loss, int64_t activation_peak_bytes, double replay_ms) {
   plan_.measured_peak_bytes = activation_peak_bytes;
   plan_.measured_replay_ms = replay_ms;
-  return tape_signature(loss) == plan_.tape_signature;
+  if (tape_signature(loss) != plan_.tape_signature) return false;
+  if (!plan_.retimed) retime(loss);  // a new choice resets the measured figures: not measured yet
+  return true;
+}
+
+bool BudgetPlanner::retime(const Tensor& loss) {
+  std::vector<Tensor> params = model_.parameters();
+  if (plan_.blocks.empty() || plan_.retimed || (!params.empty() && params.front().device().is_cuda()) ||
+      tape_signature(loss) != plan_.tape_signature)
+    return false;
+  const std::vector<TapeNode> tape = tape_of(loss);
+  for (PlannedBlock& b : plan_.blocks) {
+    std::vector<double> ms;
+    for (size_t position : b.tape_positions) {
+      REMAT_ASSERT(position < tape.size(), "a block's op past the end of a tape of the recorded shape");
+      ms.push_back(tape[position].graph->nodes[tape[position].index]->forward_us / 1000.0);
+    }
+    for (size_t i = 1; i < b.options.size(); ++i) {  // options[0] keeps the block: no recompute
+      BlockOption& o = b.options[i];
+      o.recompute_ms = 0;
+      for (size_t k = 0; k < o.reruns.size() && k < ms.size(); ++k)
+        if (o.reruns[k]) o.recompute_ms += ms[k];
+    }
+  }
+  plan_.retimed = true;
+  OptionChoice choice = choose_options(plan_.blocks, plan_.step, plan_.budget_bytes);
+  REMAT_ASSERT(choice.fits, "the planned choice fits the budget but the search found none after retiming");
+  std::vector<int> current;
+  for (const PlannedBlock& b : plan_.blocks) current.push_back(b.choice);
+  plan_.search_states = choice.search_states;
+  if (choice.choice == current) {
+    plan_.predicted_recompute_ms = 0;
+    for (const PlannedBlock& b : plan_.blocks)
+      plan_.predicted_recompute_ms += b.options[static_cast<size_t>(b.choice)].recompute_ms;
+    return false;
+  }
+  place(choice.choice);
+  return true;
 }
 
 std::string BudgetPlan::to_string() const {
@@ -777,7 +816,7 @@ std::string BudgetPlan::to_string() const {
   for (const PlannedBlock& b : blocks)
     if (b.checkpointed) out << "\n  " << b.name << ": recompute " << b.options[static_cast<size_t>(b.choice)].name;
   out << "\npredicted activation peak " << mib(predicted_peak_bytes) << " MiB, recompute " << predicted_recompute_ms
-      << " ms per step\n";
+      << " ms per step (op times of " << (retimed ? "a step under the plan" : "the recorded step") << ")\n";
   if (measured_peak_bytes >= 0)
     out << "measured activation peak " << mib(measured_peak_bytes) << " MiB, replay " << measured_replay_ms << " ms\n";
   return out.str();

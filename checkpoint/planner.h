@@ -25,7 +25,8 @@
 // equals the measured peak when nothing is checkpointed and bounds what per-node replay holds. The
 // planner picks the options with the least recompute time whose simulated peak fits the budget, by
 // an exact search over Pareto-optimal prefixes (time, kept bytes, worst peak so far), and places a
-// region on each block that recomputes anything, with a policy that decides by op position.
+// region on each block that recomputes anything, with a policy that decides by op position. The
+// first step under the plan times the ops again, warm, and the search runs again with those times.
 #pragma once
 
 #include <cstdint>
@@ -68,6 +69,7 @@ struct PlannedBlock {
   double forward_ms = 0;
   // options[0]: keep; none dominated by another in kept bytes, replay peak, forward peak and time
   std::vector<BlockOption> options;
+  std::vector<size_t> tape_positions;  // where the block's ops sit on the step's tape, in its order
   int choice = 0;                    // the plan's option
   bool checkpointed = false;         // choice != 0
 };
@@ -95,6 +97,7 @@ struct BudgetPlan {
   double predicted_recompute_ms = 0;
   std::vector<PlannedBlock> blocks;
   uint64_t tape_signature = 0;       // op sequence of the recorded step
+  bool retimed = false;              // op times from a step under the plan (BudgetPlanner::retime)
   // Filled after a step under the plan.
   int64_t measured_peak_bytes = -1;
   double measured_replay_ms = -1;
@@ -132,9 +135,20 @@ class BudgetPlanner {
   // keep) in place of the one plan() chose, budget or not, and returns the plan with its simulated
   // peak and recompute time: a plan pinned by hand, or each option measured against its prediction.
   const BudgetPlan& place(const std::vector<int>& choice);
-  // After a step under the plan: records its measured peak and replay time; returns false when the
-  // tape no longer has the recorded shape (call plan() again).
+  // After a step under the plan (its backward done, `loss` still held): records its measured peak
+  // and replay time, and the first time also retimes; returns false when the tape no longer has
+  // the recorded shape (call plan() again).
   bool observe(const Tensor& loss, int64_t activation_peak_bytes, double replay_ms);
+  // Takes the ops' times from a step under the plan (`loss`'s tape) in place of the recording
+  // step's, and chooses again among the planned options with them. The recording step is the
+  // run's first, cold (fresh pages behind every new allocation, cold caches): on gpt small it timed
+  // a block's layer norm and GELU 2.6x their later times, and those with its linears 1.6x, so the
+  // ranking it gave favoured pointwise ops less than it should. Memory figures stay the recorded
+  // ones, so the new choice fits the budget as the old one did (a choice placed by hand is
+  // replaced by the search's too). Returns whether the choice changed (then placed); false also
+  // when the tape differs from the recorded one, on a GPU (an op's forward time there is its
+  // launch, not its kernels), or when the plan was retimed already.
+  bool retime(const Tensor& loss);
   const BudgetPlan& current() const { return plan_; }
 
  private:

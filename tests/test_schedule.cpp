@@ -284,6 +284,80 @@ TEST_CASE("the budget planner chooses op by op what each block recomputes, cheap
   remove_checkpointing(g.model);
 }
 
+TEST_CASE("the planner retimes its ops from a step under the plan and chooses again, gradients still exact",
+          "[planner][budget]") {
+  TinyGpt g;
+  auto plain = run_grads(g.model.parameters(), [&] { return g.loss(); });
+  for (Tensor& p : g.model.parameters()) p.zero_grad();
+  BudgetPlanner planner(g.model, 0, 50);
+  const BudgetPlan& plan = planner.plan([&] { return g.loss(); });
+  CHECK_FALSE(plan.retimed);
+  // Pin the costliest plan (every block whole in replay): the search with any op times beats it.
+  std::vector<int> everything;
+  for (const PlannedBlock& b : plan.blocks) {
+    size_t costliest = 1;
+    for (size_t i = 1; i < b.options.size(); ++i)
+      if (b.options[i].recompute_ms > b.options[costliest].recompute_ms) costliest = i;
+    everything.push_back(static_cast<int>(costliest));
+  }
+  planner.place(everything);
+  REQUIRE(plan.predicted_peak_bytes <= plan.budget_bytes);  // the least recompute fits, so this does
+
+  for (Tensor& p : g.model.parameters()) p.zero_grad();
+  Tensor loss = g.loss();
+  backward(loss);
+  CHECK(planner.retime(loss));  // a different choice, placed
+  CHECK(plan.retimed);
+  // Each option's time is the sum of what that step measured for the ops its replay re-runs.
+  const std::vector<TapeNode> tape = tape_of(loss);
+  double chosen_ms = 0;
+  for (const PlannedBlock& b : plan.blocks) {
+    REQUIRE(b.tape_positions.size() == b.options[1].reruns.size());
+    for (size_t i = 1; i < b.options.size(); ++i) {
+      double ms = 0;
+      for (size_t k = 0; k < b.tape_positions.size(); ++k)
+        if (b.options[i].reruns[k])
+          ms += tape[b.tape_positions[k]].graph->nodes[tape[b.tape_positions[k]].index]->forward_us / 1000.0;
+      CHECK(b.options[i].recompute_ms == ms);
+    }
+    chosen_ms += b.options[static_cast<size_t>(b.choice)].recompute_ms;
+  }
+  CHECK(plan.predicted_recompute_ms == chosen_ms);
+  OptionChoice best = choose_options(plan.blocks, plan.step, plan.budget_bytes);
+  CHECK(best.recompute_ms == plan.predicted_recompute_ms);
+  std::vector<int> now;
+  for (const PlannedBlock& b : plan.blocks) now.push_back(b.choice);
+  CHECK(now != everything);
+  CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
+  CHECK_FALSE(planner.retime(loss));  // once
+  loss = Tensor();
+
+  // The new choice runs: within the budget, replaying, and the same bits as no checkpointing.
+  for (Tensor& p : g.model.parameters()) p.zero_grad();
+  reset_peak_memory();
+  int64_t base = memory_stats()[MemoryCategory::activation].current;
+  reset_checkpoint_counters();
+  backward(g.loss());
+  CHECK(memory_stats()[MemoryCategory::activation].peak - base <= plan.budget_bytes);
+  CHECK(checkpoint_counters().replays > 0);
+  CHECK(checkpoint_counters().bytes_dropped > 0);
+  CHECK(run_grads(g.model.parameters(), [&] { return g.loss(); }) == plain);
+
+  // observe() retimes on the first step it sees; a tape of another shape is not retimed from.
+  for (Tensor& p : g.model.parameters()) p.zero_grad();
+  BudgetPlanner observed(g.model, 0, 50);
+  observed.plan([&] { return g.loss(); });
+  Tensor other = g.model.loss(slice(g.idx, 1, 0, 8), slice(g.targets, 1, 0, 8));
+  backward(other);
+  CHECK_FALSE(observed.retime(other));
+  CHECK_FALSE(observed.current().retimed);
+  loss = g.loss();
+  backward(loss);
+  CHECK(observed.observe(loss, 0, 0));
+  CHECK(observed.current().retimed);
+  remove_checkpointing(g.model);
+}
+
 TEST_CASE("the planner's search is exact: it matches every choice enumerated", "[planner][budget]") {
   // Random blocks with four options each (keep and three others), six blocks: 4^6 choices.
   std::mt19937_64 rng(5);
