@@ -14,7 +14,9 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
+#include "autograd/graph.h"
 #include "autograd/trace.h"
 #include "bench_output.h"
 #include "bench_subject.h"
@@ -175,7 +177,10 @@ int run_policies(const PolicyOptions& o) {
         // One more step, under the plan, whose op times the planner chooses again with (as a
         // training run's second step does): the recording step's are the first of a cold model.
         zero_grads();
+        std::optional<DeviceOpTiming> timing;  // on a GPU, events time the ops' kernels
+        if (device.is_cuda()) timing.emplace();
         Tensor retimed_loss = micro_loss(0);
+        timing.reset();
         backward(retimed_loss);
         planner.retime(retimed_loss);
         retimed_loss = Tensor();

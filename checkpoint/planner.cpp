@@ -405,6 +405,22 @@ std::vector<BlockOption> undominated(std::vector<BlockOption> candidates, int64_
   return out;
 }
 
+// GPU ops timed under DeviceOpTiming: their kernels' time, from the events around them, in place
+// of the host's (their launch). Returns whether any op had them (the step ran under the timing).
+bool take_device_times(const std::vector<TapeNode>& tape) {
+  bool any = false;
+  for (const TapeNode& at : tape) {
+    Node& node = *at.graph->nodes[at.index];
+    if (node.forward_start_event && node.forward_end_event) {
+      node.forward_us = 1000.0f * cuda_elapsed_ms(node.forward_start_event, node.forward_end_event);
+      any = true;
+    }
+    node.forward_start_event.reset();
+    node.forward_end_event.reset();
+  }
+  return any;
+}
+
 }  // namespace
 
 uint64_t tape_signature(const Tensor& t) {
@@ -591,13 +607,7 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   // The step's tape (over every graph its forward started), in recording order; a value is known
   // by the graph and value that produced it, whatever graph reads it.
   std::vector<TapeNode> tape = tape_of(loss);
-  for (const TapeNode& at : tape) {  // GPU ops: their kernels' time, from the events around them
-    Node& node = *at.graph->nodes[at.index];
-    if (node.forward_start_event && node.forward_end_event)
-      node.forward_us = 1000.0f * cuda_elapsed_ms(node.forward_start_event, node.forward_end_event);
-    node.forward_start_event.reset();
-    node.forward_end_event.reset();
-  }
+  take_device_times(tape);
   // Values saved at the end of forward, attributed to the block whose node saves them, each
   // storage to the first block that holds it.
   std::set<Key> counted;
@@ -765,12 +775,14 @@ bool BudgetPlanner::observe(const Tensor& loss, int64_t activation_peak_bytes, d
   return true;
 }
 
+bool BudgetPlanner::wants_retime() const { return !plan_.blocks.empty() && !plan_.retimed; }
+
 bool BudgetPlanner::retime(const Tensor& loss) {
-  std::vector<Tensor> params = model_.parameters();
-  if (plan_.blocks.empty() || plan_.retimed || (!params.empty() && params.front().device().is_cuda()) ||
-      tape_signature(loss) != plan_.tape_signature)
-    return false;
+  if (!wants_retime() || tape_signature(loss) != plan_.tape_signature) return false;
   const std::vector<TapeNode> tape = tape_of(loss);
+  std::vector<Tensor> params = model_.parameters();
+  // On a GPU an op's host time is its launch: only a step run under DeviceOpTiming can retime.
+  if (!take_device_times(tape) && !params.empty() && params.front().device().is_cuda()) return false;
   for (PlannedBlock& b : plan_.blocks) {
     std::vector<double> ms;
     for (size_t position : b.tape_positions) {

@@ -145,10 +145,13 @@ class BudgetPlanner {
   // a block's layer norm and GELU 2.6x their later times, and those with its linears 1.6x, so the
   // ranking it gave favoured pointwise ops less than it should. Memory figures stay the recorded
   // ones, so the new choice fits the budget as the old one did (a choice placed by hand is
-  // replaced by the search's too). Returns whether the choice changed (then placed); false also
-  // when the tape differs from the recorded one, on a GPU (an op's forward time there is its
-  // launch, not its kernels), or when the plan was retimed already.
+  // replaced by the search's too). On a GPU an op's host time is its launch, not its kernels: the
+  // step's forward must run under DeviceOpTiming (autograd/graph.h), whose events then give the
+  // times. Returns whether the choice changed (then placed); false also when the tape differs from
+  // the recorded one, on a GPU without events, or when the plan was retimed already.
   bool retime(const Tensor& loss);
+  // Whether a plan waits to be retimed (a GPU step's forward then wants DeviceOpTiming).
+  bool wants_retime() const;
   const BudgetPlan& current() const { return plan_; }
 
  private:

@@ -14,12 +14,14 @@
 #include <filesystem>
 #include <fmt/format.h>
 #include <map>
+#include <optional>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
+#include "autograd/graph.h"
 #include "autograd/ops.h"
 #include "checkpoint/apply.h"
 #include "autograd/autocast.h"
@@ -374,7 +376,11 @@ TrainResult train(const TrainOptions& options, const StepCallback& on_step, cons
         planned = true;
       } else {
         reset_checkpoint_counters();
+        // The step that retimes the plan: on a GPU, events time its ops' kernels (BudgetPlanner::retime).
+        std::optional<DeviceOpTiming> timing;
+        if (planner && planner->wants_retime() && device.is_cuda()) timing.emplace();
         Tensor loss = micro_loss(task->next_loss());
+        timing.reset();
         // Backward is queued before the loss is read: on a GPU, reading it first would make the host
         // wait for the forward before it could queue a single backward kernel.
         micro_backward(loss);

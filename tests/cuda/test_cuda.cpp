@@ -590,6 +590,34 @@ TEST_CASE("the budget planner times GPU ops with events on the compute stream", 
       CHECK(b.options[i].recompute_ms > 0);
       CHECK(std::isfinite(b.options[i].recompute_ms));
     }
+  // Retimed from a step under the plan only when that step's forward ran under the events: its
+  // host times would be the launches'.
+  for (Tensor& p : model.parameters()) p.zero_grad();
+  Tensor untimed = model.loss(idx, targets);
+  backward(untimed);
+  CHECK_FALSE(planner.retime(untimed));
+  CHECK(planner.wants_retime());
+  Tensor timed;
+  {
+    DeviceOpTiming timing;
+    timed = model.loss(idx, targets);
+  }
+  backward(timed);
+  planner.retime(timed);
+  CHECK_FALSE(planner.wants_retime());
+  CHECK(plan.retimed);
+  const std::vector<TapeNode> tape = tape_of(timed);
+  for (const PlannedBlock& b : plan.blocks)
+    for (size_t i = 1; i < b.options.size(); ++i) {
+      double ms = 0;
+      for (size_t k = 0; k < b.tape_positions.size(); ++k) {
+        const Node& node = *tape[b.tape_positions[k]].graph->nodes[tape[b.tape_positions[k]].index];
+        CHECK_FALSE(node.forward_start_event);  // turned into its time
+        if (b.options[i].reruns[k]) ms += node.forward_us / 1000.0;
+      }
+      CHECK(b.options[i].recompute_ms == ms);
+      CHECK(b.options[i].recompute_ms > 0);
+    }
   remove_checkpointing(model);
 }
 
