@@ -25,7 +25,8 @@ struct Run {
   AdditionTask data{config().vocab, 11};
   std::unique_ptr<BudgetPlanner> planner;
 
-  // Steps [from, to) of the schedule; the planner records the first step it sees.
+  // Steps [from, to) of the schedule; the planner records the first step it sees and retimes its
+  // ops from the second.
   void train(int from, int to) {
     model.train();
     for (int step = from; step < to; ++step) {
@@ -38,6 +39,7 @@ struct Run {
       } else {
         loss = model.loss(x, y);
         backward(loss);
+        planner->retime(loss);  // once: the ops' times of a warm step, and the choice made again
       }
       clip_grad_norm(model.parameters(), 1.0);
       optimizer.step(cosine_lr(step, 5, 40, 3e-3, 3e-4));
