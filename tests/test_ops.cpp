@@ -238,6 +238,9 @@ TEST_CASE("the CPU GEMM through each of its libraries matches a naive loop", "[o
           CHECK(padding_untouched);
         }
   }
+  // auto: remat's AVX-512 SGEMM wherever it is built (f64 beside it on the BLAS or Eigen), else the BLAS.
+  cpu::set_gemm_library("auto");
+  CHECK((cpu::gemm_library().rfind("avx512 (f64: ", 0) == 0) == cpu::sgemm_avx512_built());
   cpu::set_gemm_library(libraries.front());
   CHECK_THROWS_WITH(cpu::set_gemm_library("mkl"),
                     Contains("set_gemm_library: expected auto, avx512, openblas or eigen, got 'mkl'"));
