@@ -2,7 +2,8 @@
 # remat-bench as a user runs it: gpt tiny under none, full and a budget in one pass and in two
 # micro-batches, with --json; every policy's gradients bitwise equal to none's, checkpointing
 # happening (ops replayed, activation peak below none's), the micro-batch halving the activation
-# peak, the floor matching the measured peak; and a bad --micro-batches one line and exit 2.
+# peak, the floor matching the measured peak, the budget's predicted recompute reported; and a bad
+# --micro-batches one line and exit 2.
 set -uo pipefail
 build=${1:-build}
 bench=$build/bench/remat-bench
@@ -36,6 +37,9 @@ for n, run in runs.items():
               f"{name} at {n}: peak {p[name]['activation_peak_bytes']} vs floor {p[name]['activation_floor_bytes']}")
     b = p["budget:50%"]
     check(b["activation_peak_bytes"] <= b["budget_bytes"], f"budget:50% at {n}: peak above its budget")
+    check(b["predicted_recompute_ms"] is not None and b["predicted_recompute_ms"] > 0,
+          f"budget:50% at {n}: predicted recompute {b['predicted_recompute_ms']}")
+    check(p["none"]["predicted_recompute_ms"] is None, "none: a predicted recompute")
 one, two = by_policy(runs[1])["none"]["activation_peak_bytes"], by_policy(runs[2])["none"]["activation_peak_bytes"]
 check(two * 2 <= one + 1024, f"none: activation peak {two} in 2 micro-batches, {one} in one")
 if failures:
