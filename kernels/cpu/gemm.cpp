@@ -41,7 +41,7 @@ bool blas_kernels_use_avx512() {
 // The automatic choice: remat's AVX-512 SGEMM wherever it is built, else the BLAS, else Eigen's
 // GEMM. On the AVX-512 AMD EPYCs measured (docs/results/cpu.md) it ran 1.7-2.0x OpenBLAS's AVX2
 // kernels (an environment with OPENBLAS_CORETYPE=Haswell, as old OpenBLAS builds misbehave on new
-// CPUs), and against OpenBLAS's own AVX-512 kernels (Cooperlake) 1.05-1.10x at gpt's shapes, a gpt
+// CPUs), and against OpenBLAS's own AVX-512 kernels (Cooperlake) 1.03-1.10x at gpt's shapes, a gpt
 // small step about 10% faster, dit and unet the same within noise. All three split only rows and
 // columns of C among threads, so each is deterministic for a fixed thread count.
 Library automatic() {
