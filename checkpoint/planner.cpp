@@ -447,6 +447,14 @@ Policy position_policy(std::vector<bool> recompute, std::string name) {
 
 namespace {
 
+// The recorded (or retimed) time of what the blocks' chosen options re-run.
+double chosen_recompute_ms(const std::vector<PlannedBlock>& blocks) {
+  double ms = 0;
+  for (const PlannedBlock& b : blocks)
+    if (b.choice != 0) ms += b.options[static_cast<size_t>(b.choice)].recompute_ms;
+  return ms;
+}
+
 int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
   int64_t saved = 0;
   for (const PlannedBlock& b : blocks) saved += b.saved_bytes;
@@ -747,7 +755,6 @@ const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
                 plan_.blocks[i].name, " has options 0 to ", plan_.blocks[i].options.size() - 1, ", got ", choice[i]);
   }
   remove_checkpointing(model_);
-  plan_.predicted_recompute_ms = 0;
   for (size_t i = 0; i < plan_.blocks.size(); ++i) {
     PlannedBlock& b = plan_.blocks[i];
     b.choice = choice[i];
@@ -758,9 +765,9 @@ const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
       opts.name = b.name;
       opts.policy = position_policy(o.recompute, "planned: " + o.name);
       checkpoint(*spans[i].module, opts);
-      plan_.predicted_recompute_ms += o.recompute_ms;
     }
   }
+  plan_.predicted_recompute_ms = chosen_recompute_ms(plan_.blocks);
   plan_.predicted_peak_bytes = simulate_peak(plan_.blocks, plan_.step);
   plan_.measured_peak_bytes = -1;
   plan_.measured_replay_ms = -1;
@@ -803,9 +810,7 @@ bool BudgetPlanner::retime(const Tensor& loss) {
   for (const PlannedBlock& b : plan_.blocks) current.push_back(b.choice);
   plan_.search_states = choice.search_states;
   if (choice.choice == current) {
-    plan_.predicted_recompute_ms = 0;
-    for (const PlannedBlock& b : plan_.blocks)
-      plan_.predicted_recompute_ms += b.options[static_cast<size_t>(b.choice)].recompute_ms;
+    plan_.predicted_recompute_ms = chosen_recompute_ms(plan_.blocks);
     return false;
   }
   place(choice.choice);

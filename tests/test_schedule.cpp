@@ -292,7 +292,7 @@ TEST_CASE("the planner retimes its ops from a step under the plan and chooses ag
   BudgetPlanner planner(g.model, 0, 50);
   const BudgetPlan& plan = planner.plan([&] { return g.loss(); });
   CHECK_FALSE(plan.retimed);
-  // Pin the costliest plan (every block whole in replay): the search with any op times beats it.
+  // Pin each block's costliest option: the search with any op times finds a cheaper plan.
   std::vector<int> everything;
   for (const PlannedBlock& b : plan.blocks) {
     size_t costliest = 1;
