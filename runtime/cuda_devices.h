@@ -30,9 +30,10 @@ bool cuda_tf32();
 
 // linear's bias on CUDA, in cuBLASLt's epilogue: y = x W^T + b in one GEMM call, the bias added to
 // the accumulator before its one rounding to y's dtype, no second pass over y (bf16 and f32; f64
-// and shapes cuBLASLt has no algorithm for keep the GEMM then the bias kernel). Off by default until
-// a GPU run has checked it (docs/results/gpu.md); deterministic either way. The default comes from
-// the environment, REMAT_CUDA_BIAS_EPILOGUE=1|0; a process-wide setting, read at each call.
+// and shapes cuBLASLt has no algorithm for keep the GEMM then the bias kernel). On by default since
+// its [cuda] case passed on an H200 (docs/results/gpu.md: 41.5 against 43.6 ms a gpt2 step in
+// bf16); deterministic either way. The default comes from the environment,
+// REMAT_CUDA_BIAS_EPILOGUE=1|0 (1 when unset); a process-wide setting, read at each call.
 void set_cuda_bias_epilogue(bool enabled);
 bool cuda_bias_epilogue();  // throws on a bad REMAT_CUDA_BIAS_EPILOGUE, naming what it accepts
 // linear calls whose bias went through the epilogue since the process began (what tests read).
@@ -41,18 +42,22 @@ int64_t cuda_bias_epilogue_calls();
 
 // How attention runs on CUDA: `flash`, remat's own kernel (CUDA cores, one query row per thread,
 // nothing T x T in memory; the reference), `gemm`, batched cuBLAS GEMMs on the tensor cores with
-// [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each), or `mma`, remat's own
+// [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each), `mma`, remat's own
 // flash kernels on the tensor cores (bf16, head dims 32, 64 and 128, compute capability 8.0 on;
-// other inputs take the flash kernel). The default comes from the environment,
-// REMAT_CUDA_ATTENTION=flash|gemm|mma (flash when unset); a process-wide setting, read at each call.
-enum class CudaAttention { flash, gemm, mma };
+// other inputs take the flash kernel), or `auto` (the default): `mma` where it applies, else
+// `gemm` in f32 and bf16 and `flash` in f64 (the exact reference; its parity tests keep it), per
+// call, from the inputs alone, so a replay takes the path its forward took. On an H200 a gpt2 step
+// in bf16 took 41.5 ms on `mma`, 50.9 on `gemm`, 250.5 on `flash` (docs/results/gpu.md). The
+// default comes from the environment, REMAT_CUDA_ATTENTION=auto|flash|gemm|mma (auto when unset);
+// a process-wide setting, read at each call.
+enum class CudaAttention { flash, gemm, mma, automatic };
 void set_cuda_attention(CudaAttention path);
 CudaAttention cuda_attention();  // throws on a bad REMAT_CUDA_ATTENTION, naming what it accepts
-// "flash", "gemm" or "mma"; anything else a clear error.
+// "auto", "flash", "gemm" or "mma"; anything else a clear error.
 CudaAttention parse_cuda_attention(const std::string& name);
 const char* cuda_attention_name(CudaAttention path);
-// Attention calls (forward and backward) each path has run since the process began: what the
-// tests read to know that the path they chose is the one that ran.
+// Attention calls (forward and backward) each path (flash, gemm or mma; never `automatic`) has run
+// since the process began: what the tests read to know that the path they chose is the one that ran.
 void count_cuda_attention_call(CudaAttention path);
 int64_t cuda_attention_calls(CudaAttention path);
 

@@ -50,7 +50,7 @@ bool cuda_bias_epilogue() {
     REMAT_CHECK(value.empty() || value == "0" || value == "1", "REMAT_CUDA_BIAS_EPILOGUE: expected 0 or 1, got '",
                 value, "'");
     int expected = -1;
-    g_cuda_bias_epilogue.compare_exchange_strong(expected, value == "1" ? 1 : 0);
+    g_cuda_bias_epilogue.compare_exchange_strong(expected, value == "0" ? 0 : 1);
     enabled = g_cuda_bias_epilogue.load();
   }
   return enabled == 1;
@@ -60,16 +60,18 @@ void count_cuda_bias_epilogue_call() { g_cuda_bias_epilogue_calls.fetch_add(1, s
 int64_t cuda_bias_epilogue_calls() { return g_cuda_bias_epilogue_calls.load(std::memory_order_relaxed); }
 
 CudaAttention parse_cuda_attention(const std::string& name) {
+  if (name == "auto") return CudaAttention::automatic;
   if (name == "flash") return CudaAttention::flash;
   if (name == "gemm") return CudaAttention::gemm;
   if (name == "mma") return CudaAttention::mma;
-  REMAT_FAIL("cuda attention: expected flash, gemm or mma, got '", name, "'");
+  REMAT_FAIL("cuda attention: expected auto, flash, gemm or mma, got '", name, "'");
 }
 
 const char* cuda_attention_name(CudaAttention path) {
   switch (path) {
     case CudaAttention::gemm: return "gemm";
     case CudaAttention::mma: return "mma";
+    case CudaAttention::automatic: return "auto";
     default: return "flash";
   }
 }
@@ -93,11 +95,11 @@ CudaAttention cuda_attention() {
   int path = g_cuda_attention.load();
   if (path < 0) {
     const char* env = std::getenv("REMAT_CUDA_ATTENTION");
-    CudaAttention chosen = CudaAttention::flash;
+    CudaAttention chosen = CudaAttention::automatic;
     if (env != nullptr && *env != '\0') {
       const std::string value(env);
-      REMAT_CHECK(value == "flash" || value == "gemm" || value == "mma",
-                  "REMAT_CUDA_ATTENTION: expected flash, gemm or mma, got '", value, "'");
+      REMAT_CHECK(value == "auto" || value == "flash" || value == "gemm" || value == "mma",
+                  "REMAT_CUDA_ATTENTION: expected auto, flash, gemm or mma, got '", value, "'");
       chosen = parse_cuda_attention(value);
     }
     int expected = -1;

@@ -312,14 +312,16 @@ TEST_CASE("linear's cuBLASLt bias epilogue: read from the environment once, a ba
   else unsetenv("REMAT_CUDA_BIAS_EPILOGUE");
 }
 
-TEST_CASE("the cuda attention path is flash unless chosen, by name or by setting", "[runtime][cuda-discovery]") {
-  // Unset in the test environment: the reference kernel.
-  if (std::getenv("REMAT_CUDA_ATTENTION") == nullptr) CHECK(cuda_attention() == CudaAttention::flash);
+TEST_CASE("the cuda attention path is auto unless chosen, by name or by setting", "[runtime][cuda-discovery]") {
+  // Unset in the test environment: each call picks the fastest path that fits its inputs.
+  if (std::getenv("REMAT_CUDA_ATTENTION") == nullptr) CHECK(cuda_attention() == CudaAttention::automatic);
+  CHECK(parse_cuda_attention("auto") == CudaAttention::automatic);
+  CHECK(std::string(cuda_attention_name(CudaAttention::automatic)) == "auto");
   CHECK(parse_cuda_attention("gemm") == CudaAttention::gemm);
   CHECK(parse_cuda_attention("flash") == CudaAttention::flash);
   CHECK(parse_cuda_attention("mma") == CudaAttention::mma);
   CHECK(std::string(cuda_attention_name(CudaAttention::mma)) == "mma");
-  CHECK_THROWS_WITH(parse_cuda_attention("cudnn"), Contains("expected flash, gemm or mma, got 'cudnn'"));
+  CHECK_THROWS_WITH(parse_cuda_attention("cudnn"), Contains("expected auto, flash, gemm or mma, got 'cudnn'"));
   const CudaAttention before = cuda_attention();
   set_cuda_attention(CudaAttention::gemm);
   CHECK(cuda_attention() == CudaAttention::gemm);

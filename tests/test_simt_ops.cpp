@@ -220,6 +220,60 @@ TEST_CASE("elementwise kernels, emulated: dropout draws the cpu's mask and casts
   CHECK(same_bits(back, cpu().cast(to_bf16, DType::f32)));
 }
 
+TEST_CASE("elementwise kernels, emulated: packs of 16 bytes and one element at a time give the same bits",
+          "[simt][elementwise]") {
+  std::mt19937 rng(14);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  // 1001 values (packs of kPack, then a tail of 1), laid out at the start of a buffer (aligned: the
+  // kernels take packs) and one element in (misaligned: the same kernels take each element alone).
+  const int64_t n = 1001;
+  std::vector<double> a_values(n), b_values(n);
+  for (int64_t i = 0; i < n; ++i) a_values[i] = normal(rng), b_values[i] = normal(rng);
+  auto placed = [&](const std::vector<double>& v, int64_t offset, DType dtype) {
+    std::vector<double> buffer(n + 1, 0.0);
+    std::copy(v.begin(), v.end(), buffer.begin() + offset);
+    return Tensor::from_vector(buffer, {n + 1}).to(dtype).view({n}, {1}, offset);
+  };
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    INFO(dtype_name(dtype));
+    std::vector<Tensor> results[2];
+    for (int64_t offset : {0, 1}) {
+      INFO("at element offset " << offset);
+      Tensor a = placed(a_values, offset, dtype), b = placed(b_values, offset, dtype);
+      Tensor product = placed(a_values, offset, dtype), dropped = placed(a_values, offset, dtype),
+             gelu = placed(a_values, offset, dtype), gelu_grad = placed(a_values, offset, dtype),
+             as_f32 = placed(a_values, offset, DType::f32);
+      auto run = [&]<typename T>() {
+        CHECK(cuda::packed_elements(n, cuda::packable(a.data<T>(), b.data<T>(), product.data<T>())) ==
+              (offset == 0 ? 1000 : 0));
+        grid_stride([&] { ew::binary_same_kernel<T>(BinaryFn::mul, a.data<T>(), b.data<T>(), product.data<T>(), n); });
+        grid_stride([&] { ew::dropout_kernel<T>(a.data<T>(), dropped.data<T>(), n, 0.3f, 1.0f / 0.7f, 99, 5); });
+        grid_stride([&] { ew::unary_kernel<T>(UnaryFn::gelu, a.data<T>(), gelu.data<T>(), n, 0.0f); });
+        grid_stride([&] {
+          ew::unary_backward_kernel<T>(UnaryFn::gelu, b.data<T>(), a.data<T>(), nullptr, gelu_grad.data<T>(), n, 0.0f);
+        });
+        grid_stride([&] { ew::cast_kernel<T, float>(a.data<T>(), as_f32.data<float>(), n); });
+      };
+      if (dtype == DType::f32) run.operator()<float>();
+      else run.operator()<cuda::bf16>();
+      if (dtype == DType::f32) {  // the cpu backend computes in f32, not bf16
+        CHECK(same_bits(product, cpu().binary(BinaryFn::mul, a, b)));
+        CHECK(same_bits(dropped, cpu().dropout(a, 0.3, 99, 5)));
+      }
+      CHECK(same_bits(as_f32, cpu().cast(a, DType::f32)));
+      results[offset] = {product, dropped, as_f32, gelu, gelu_grad};
+    }
+    // One operation per element (a product, dropout's mask and scale, a cast): the same bits either
+    // way. A function of several operations (GELU and its gradient) within rounding: the compiler
+    // may contract a * b + c into one FMA differently in the two loops (the host's does here).
+    for (size_t k = 0; k < results[0].size(); ++k) {
+      INFO("result " << k << " packed against one element at a time");
+      if (k < 3) CHECK(same_bits(results[0][k], results[1][k]));
+      else CHECK(worst_relative(results[0][k].to(DType::f32), results[1][k].to(DType::f32)) < (dtype == DType::f32 ? 1e-6 : 1e-2));
+    }
+  }
+}
+
 TEST_CASE("elementwise kernels, emulated: unary functions and their gradients within rounding of the cpu's",
           "[simt][elementwise]") {
   std::mt19937 rng(13);

@@ -149,9 +149,9 @@ for name in "${failures[@]}"; do
 done
 
 # The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
-# run attention on the tensor-core kernels (mma) and linear's bias in cuBLASLt's epilogue only when
-# their cases passed (not when they failed or ran out of time).
-attention=flash bias_epilogue=0 fused_loss=0
+# take only attention paths and linear's bias epilogue whose cases passed: the defaults (`auto`:
+# mma in bf16, the GEMMs in f32; the epilogue on) when the cases of both passed, else what did.
+attention=flash bias_epilogue=0 fused_loss=0 mma_ok=0 gemm_ok=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -161,16 +161,22 @@ for name in "${failures[@]}"; do
 done
 for name in "${passes[@]}"; do
   case $name in
-    "attention on the tensor cores (mma)"*) attention=mma ;;
+    "attention on the tensor cores (mma)"*) mma_ok=1 ;;
+    "attention through cuBLAS GEMMs"*) gemm_ok=1 ;;
     "linear's bias in cuBLASLt's epilogue"*) bias_epilogue=1 ;;
     "linear_cross_entropy on cuda"*) fused_loss=1 ;;
   esac
 done
-[ "$attention" = mma ] || echo "gpu_session: benchmarks with the flash attention kernel (the mma case did not pass)"
+case $mma_ok$gemm_ok in
+  11) attention=auto ;;
+  10) attention=mma ;;
+  01) attention=gemm ;;
+esac
+[ "$attention" = auto ] || echo "gpu_session: benchmarks with the attention path $attention (a tensor-core path's case did not pass)"
 [ "$bias_epilogue" = 1 ] || echo "gpu_session: benchmarks with linear's bias by its own kernel (the epilogue case did not pass)"
 [ -n "$dry" ] || export REMAT_CUDA_ATTENTION=$attention REMAT_CUDA_BIAS_EPILOGUE=$bias_epilogue
-echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-flash}," \
-  "linear's bias in cuBLASLt's epilogue: ${REMAT_CUDA_BIAS_EPILOGUE:-0}"
+echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-auto}," \
+  "linear's bias in cuBLASLt's epilogue: ${REMAT_CUDA_BIAS_EPILOGUE:-1}"
 
 # ---- benchmarks: kernels, gpt2 under four policies in f32 and bf16, and the PyTorch peer ----------
 if [ -n "$dry" ]; then device=cpu peer_device=cpu config=tiny steps=1 warmup=0; else device=cuda:0 peer_device=cuda config=gpt2 steps=5 warmup=2; fi
@@ -205,10 +211,12 @@ for dtype in bf16 f32; do
     echo "SKIPPED (out of time): the PyTorch peer in $dtype"
   fi
 done
-# The other attention paths against the one above, in bf16 (not mma when its case failed: its
-# numbers would mean nothing); the tables go to session.txt only ($OUT holds at most 8 files).
+# The other attention paths against the one above, in bf16 (where auto takes mma; not mma when its
+# case failed: its numbers would mean nothing); the tables go to session.txt only ($OUT holds at
+# most 8 files).
 for other in flash gemm; do
   [ "$other" = "$attention" ] && continue
+  [ "$other" = gemm ] && [ "$gemm_ok" = 0 ] && continue
   if [ -z "$dry" ] && fits 75; then
     step "remat-bench $config none,full in bf16 on $device, attention path $other"
     REMAT_CUDA_ATTENTION=$other timeout 150 "$bin/bench/remat-bench" --config "$config" --policies none,full \

@@ -1,8 +1,9 @@
 // CUDA fused scaled dot-product attention, q/k/v [B, H, T, D] with D <= 128, flash style: key and
 // value tiles are staged in shared memory, each thread owns one query row with an online softmax,
 // and only the row log-sum-exp is saved. The backward rebuilds probabilities from it in two
-// passes, dq by query rows and dk/dv by key rows, so no gradient is ever summed with atomics. With
-// set_cuda_attention(gemm) (REMAT_CUDA_ATTENTION=gemm) both go through cuBLAS (attention_gemm.cu).
+// passes, dq by query rows and dk/dv by key rows, so no gradient is ever summed with atomics. The
+// other paths (runtime/cuda_devices.h, CudaAttention) go through cuBLAS (attention_gemm.cu) or
+// remat's tensor-core kernels (attention_mma.cu); `auto`, the default, picks per call.
 #include "kernels/cuda/attention_flash_kernels.cuh"
 #include "kernels/cuda/attention_gemm.h"
 #include "kernels/cuda/attention_mma.h"
@@ -25,6 +26,22 @@ void dispatch_head_dim(int64_t d, F&& f) {
   if (d <= 32) f.template operator()<32>();
   else if (d <= 64) f.template operator()<64>();
   else f.template operator()<128>();
+}
+
+// The path this call takes: the chosen one, or under `auto` the tensor-core kernels where they
+// apply, else the GEMMs in f32 and bf16 and the reference kernel in f64. `mma` falls back to the
+// flash kernel, `gemm` to it only for an empty head dim. From the inputs alone, so every call of
+// the same shapes and dtypes (a replay, a second step) takes the same path.
+CudaAttention attention_path(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* d_o) {
+  const bool mma_fits = mma_attention_supported(q, k, v) && (d_o == nullptr || mma_attention_supported(*d_o, *d_o, *d_o));
+  switch (cuda_attention()) {
+    case CudaAttention::gemm: return q.size(3) > 0 ? CudaAttention::gemm : CudaAttention::flash;
+    case CudaAttention::mma: return mma_fits ? CudaAttention::mma : CudaAttention::flash;
+    case CudaAttention::automatic:
+      if (mma_fits) return CudaAttention::mma;
+      return q.dtype() != DType::f64 && q.size(3) > 0 ? CudaAttention::gemm : CudaAttention::flash;
+    default: return CudaAttention::flash;
+  }
 }
 
 dim3 attention_grid(int64_t heads, int64_t t) {
@@ -52,10 +69,10 @@ Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
 
 std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                            double scale) {
-  if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0) return attention_gemm(q, k, v, causal, scale);
+  const CudaAttention path = attention_path(q, k, v, nullptr);
+  if (path == CudaAttention::gemm) return attention_gemm(q, k, v, causal, scale);
   set_device_of(q);
-  if (cuda_attention() == CudaAttention::mma && mma_attention_supported(q, k, v))
-    return attention_mma(q, k, v, causal, scale);
+  if (path == CudaAttention::mma) return attention_mma(q, k, v, causal, scale);
   count_cuda_attention_call(CudaAttention::flash);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
@@ -80,13 +97,11 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
 std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k,
                                                     const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
                                                     double scale) {
-  if (cuda_attention() == CudaAttention::gemm && q.size(3) > 0)
-    return attention_backward_gemm(d_o, q, k, v, o, lse, causal, scale);
+  // The lse of any forward serves any backward (f32 for bf16, m + log l of the scaled scores).
+  const CudaAttention path = attention_path(q, k, v, &d_o);
+  if (path == CudaAttention::gemm) return attention_backward_gemm(d_o, q, k, v, o, lse, causal, scale);
   set_device_of(q);
-  // The lse of either forward serves either backward (f32 for bf16, m + log l of the scaled scores).
-  if (cuda_attention() == CudaAttention::mma && mma_attention_supported(q, k, v) &&
-      mma_attention_supported(d_o, d_o, d_o))
-    return attention_backward_mma(d_o, q, k, v, o, lse, causal, scale);
+  if (path == CudaAttention::mma) return attention_backward_mma(d_o, q, k, v, o, lse, causal, scale);
   count_cuda_attention_call(CudaAttention::flash);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),

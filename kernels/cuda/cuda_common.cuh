@@ -58,6 +58,40 @@ inline unsigned blocks_for(int64_t n, int threads = kThreads) {
 #define REMAT_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
+// A grid-stride loop over [first, n): the scalar tail after a kernel's packed part.
+#define REMAT_GRID_STRIDE_FROM(i, first, n) \
+  for (int64_t i = (first) + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+// Elementwise kernels over contiguous memory move kPack elements a thread per step in whole
+// 16-byte words (one for bf16, two for f32) where every pointer is 16-byte aligned: a 2-byte load
+// per thread leaves most of a memory transaction unused. Each element's arithmetic is unchanged:
+// one operation per element (a copy, a cast, a product, dropout) gives the same bits either way; a
+// function of several may round differently in its last bit, as the compiler may contract a * b + c
+// into an FMA in one loop and not the other. Which path runs depends only on the tensors' layout
+// (the caching allocator's blocks are aligned), so a replay repeats its forward's bits.
+inline constexpr int kPack = 8;
+template <typename T>
+struct alignas(16) Pack {
+  T v[kPack];
+};
+__host__ __device__ __forceinline__ bool aligned_for_pack(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;  // a null pointer (an unused input) passes
+}
+template <typename... P>
+__host__ __device__ __forceinline__ bool packable(const P*... p) {
+  return (aligned_for_pack(p) && ...);
+}
+// The elements a kernel takes in packs: all but the tail of fewer than kPack, or none.
+__host__ __device__ __forceinline__ int64_t packed_elements(int64_t n, bool aligned) { return aligned ? n / kPack * kPack : 0; }
+template <typename T> __device__ __forceinline__ Pack<T> load_pack(const T* p, int64_t pack) {
+  return reinterpret_cast<const Pack<T>*>(p)[pack];
+}
+template <typename T> __device__ __forceinline__ void store_pack(T* p, int64_t pack, const Pack<T>& v) {
+  reinterpret_cast<Pack<T>*>(p)[pack] = v;
+}
+// 1-D grid for a kernel that takes n elements kPack at a time.
+inline unsigned blocks_for_packs(int64_t n) { return blocks_for((n + kPack - 1) / kPack); }
+
 // Checks the launch that just happened (configuration errors surface here, not later).
 #define REMAT_CUDA_LAUNCH_CHECK() REMAT_CUDA_CHECK(cudaGetLastError())
 

@@ -59,14 +59,34 @@ __device__ A unary_grad(UnaryFn fn, A g, A x, A y, A s) {
   return A(0);
 }
 
+// The contiguous kernels below take their elements in packs where their pointers allow
+// (cuda_common.cuh, kPack), then the rest one at a time; launched with blocks_for_packs(n).
 template <typename T>
 __global__ void unary_kernel(UnaryFn fn, const T* x, T* y, int64_t n, Acc<T> s) {
-  REMAT_GRID_STRIDE(i, n) y[i] = cast_to<T>(unary_value(fn, load(x, i), s));
+  const int64_t head = packed_elements(n, packable(x, y));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<T> in = load_pack(x, p), out;
+    for (int j = 0; j < kPack; ++j) out.v[j] = cast_to<T>(unary_value(fn, load(in.v, j), s));
+    store_pack(y, p, out);
+  }
+  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = cast_to<T>(unary_value(fn, load(x, i), s));
 }
 
+// x or y may be null (the function needs only the other).
 template <typename T>
 __global__ void unary_backward_kernel(UnaryFn fn, const T* dy, const T* x, const T* y, T* dx, int64_t n, Acc<T> s) {
-  REMAT_GRID_STRIDE(i, n) {
+  const int64_t head = packed_elements(n, packable(dy, x, y, dx));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<T> g = load_pack(dy, p), xp{}, yp{}, out;
+    if (x) xp = load_pack(x, p);
+    if (y) yp = load_pack(y, p);
+    for (int j = 0; j < kPack; ++j) {
+      Acc<T> xv = x ? load(xp.v, j) : Acc<T>(0), yv = y ? load(yp.v, j) : Acc<T>(0);
+      out.v[j] = cast_to<T>(unary_grad(fn, load(g.v, j), xv, yv, s));
+    }
+    store_pack(dx, p, out);
+  }
+  REMAT_GRID_STRIDE_FROM(i, head, n) {
     Acc<T> xv = x ? load(x, i) : Acc<T>(0), yv = y ? load(y, i) : Acc<T>(0);
     dx[i] = cast_to<T>(unary_grad(fn, load(dy, i), xv, yv, s));
   }
@@ -120,7 +140,13 @@ inline Indexer make_indexer(const Shape& out, const Tensor& a, const Tensor* b, 
 
 template <typename T>
 __global__ void binary_same_kernel(BinaryFn fn, const T* a, const T* b, T* y, int64_t n) {
-  REMAT_GRID_STRIDE(i, n) y[i] = cast_to<T>(binary_value(fn, load(a, i), load(b, i)));
+  const int64_t head = packed_elements(n, packable(a, b, y));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<T> pa = load_pack(a, p), pb = load_pack(b, p), out;
+    for (int j = 0; j < kPack; ++j) out.v[j] = cast_to<T>(binary_value(fn, load(pa.v, j), load(pb.v, j)));
+    store_pack(y, p, out);
+  }
+  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = cast_to<T>(binary_value(fn, load(a, i), load(b, i)));
 }
 
 template <typename T>
@@ -132,7 +158,23 @@ __global__ void binary_broadcast_kernel(BinaryFn fn, const T* a, const T* b, T* 
   }
 }
 
-// Copies by element width so that any dtype moves unchanged.
+// A strided copy's source seen as `sizes` with element `strides` (CudaBackend::copy_strided merges
+// and widens them first), for gather_kernel.
+inline Indexer gather_indexer(const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
+  REMAT_CHECK(sizes.size() <= static_cast<size_t>(kMaxRank), "copy_strided: the cuda backend handles up to ", kMaxRank,
+              " dims, got ", sizes.size());
+  Indexer ix{};
+  ix.rank = static_cast<int>(sizes.size());
+  for (size_t d = 0; d < sizes.size(); ++d) ix.sizes[d] = sizes[d], ix.strides[0][d] = strides[d];
+  return ix;
+}
+
+// The widest word a strided copy moves (16 bytes: eight bf16 at once).
+struct alignas(16) Word16 {
+  uint32_t w[4];
+};
+
+// Copies by word so that any dtype moves unchanged.
 template <typename W>
 __global__ void gather_kernel(const W* src, W* dst, int64_t n, Indexer ix) {
   REMAT_GRID_STRIDE(i, n) {
@@ -149,12 +191,23 @@ __global__ void add_bias_kernel(T* y, const T* b, int64_t rows, int64_t cols) {
 }
 
 template <typename T>
+__device__ __forceinline__ T dropout_element(Acc<T> x, int64_t i, float threshold, Acc<T> keep_scale, uint64_t seed,
+                                             uint64_t offset) {
+  float u = philox::uniform_from_bits(philox::bits_at(seed, offset, static_cast<uint64_t>(i)));
+  return u >= threshold ? cast_to<T>(x * keep_scale) : cast_to<T>(Acc<T>(0));
+}
+
+template <typename T>
 __global__ void dropout_kernel(const T* x, T* y, int64_t n, float threshold, Acc<T> keep_scale, uint64_t seed,
                                uint64_t offset) {
-  REMAT_GRID_STRIDE(i, n) {
-    float u = philox::uniform_from_bits(philox::bits_at(seed, offset, static_cast<uint64_t>(i)));
-    y[i] = u >= threshold ? cast_to<T>(load(x, i) * keep_scale) : cast_to<T>(Acc<T>(0));
+  const int64_t head = packed_elements(n, packable(x, y));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<T> in = load_pack(x, p), out;
+    for (int j = 0; j < kPack; ++j)
+      out.v[j] = dropout_element<T>(load(in.v, j), p * kPack + j, threshold, keep_scale, seed, offset);
+    store_pack(y, p, out);
   }
+  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = dropout_element<T>(load(x, i), i, threshold, keep_scale, seed, offset);
 }
 
 // One element of the AdamW update, shared by the per-tensor and the multi-tensor kernel so that
@@ -209,7 +262,14 @@ __global__ void adamw_chunk_kernel(AdamWChunk<T> c, Acc<T> b1, Acc<T> b2, Acc<T>
 
 template <typename From, typename To>
 __global__ void cast_kernel(const From* x, To* y, int64_t n) {
-  REMAT_GRID_STRIDE(i, n) y[i] = cast_to<To>(static_cast<Acc<To>>(load(x, i)));
+  const int64_t head = packed_elements(n, packable(x, y));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<From> in = load_pack(x, p);
+    Pack<To> out;
+    for (int j = 0; j < kPack; ++j) out.v[j] = cast_to<To>(static_cast<Acc<To>>(load(in.v, j)));
+    store_pack(y, p, out);
+  }
+  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = cast_to<To>(static_cast<Acc<To>>(load(x, i)));
 }
 
 }  // namespace remat::cuda::elementwise_kernels

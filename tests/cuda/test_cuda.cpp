@@ -126,9 +126,10 @@ Tensor ids(int64_t n, int64_t vocab, int64_t stride) {
   return Tensor::from_vector(v, {n});
 }
 
-// Puts the attention path back to the reference when a test that chose another ends.
+// Puts the attention path back to what it was when a test that chose another ends.
 struct RestoreAttention {
-  ~RestoreAttention() { set_cuda_attention(CudaAttention::flash); }
+  CudaAttention was = cuda_attention();
+  ~RestoreAttention() { set_cuda_attention(was); }
 };
 
 // attention(q, k, v) as an op case, and random q, k, v of one shape.
@@ -201,6 +202,63 @@ void check_policies_bitwise(Module& model, const std::function<Tensor()>& loss,
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+TEST_CASE("the defaults: attention picks mma in bf16 where it applies, the GEMMs in f32, the flash kernel in f64, "
+          "gpt tiny on them bitwise under every policy; linear's bias in cuBLASLt's epilogue",
+          "[cuda][op][bf16]") {
+  manual_seed(53);
+  if (std::getenv("REMAT_CUDA_ATTENTION") == nullptr) CHECK(cuda_attention() == CudaAttention::automatic);
+  if (std::getenv("REMAT_CUDA_BIAS_EPILOGUE") == nullptr) CHECK(cuda_bias_epilogue());
+  RestoreAttention restore;
+  set_cuda_attention(CudaAttention::automatic);
+  struct Expect {
+    const char* description;
+    Shape shape;
+    DType dtype;
+    CudaAttention path;
+  };
+  const std::vector<Expect> expected = {
+      {"bf16 D 64", {1, 2, 40, 64}, DType::bf16, CudaAttention::mma},
+      {"bf16 D 128", {1, 1, 33, 128}, DType::bf16, CudaAttention::mma},
+      {"bf16 D 5 (no mma kernel)", {1, 2, 9, 5}, DType::bf16, CudaAttention::gemm},
+      {"f32 D 64", {1, 2, 40, 64}, DType::f32, CudaAttention::gemm},
+      {"f64 D 64", {1, 2, 40, 64}, DType::f64, CudaAttention::flash},
+  };
+  for (const Expect& e : expected) {
+    INFO(e.description);
+    OpCase c{e.description, attn(true), qkv(e.shape)};
+    const int64_t before = cuda_attention_calls(e.path);
+    Outcome chosen = evaluate(c, kGpu, e.dtype);
+    CHECK(cuda_attention_calls(e.path) - before == 2);  // forward and backward
+    // The same result as choosing that path by name.
+    set_cuda_attention(e.path);
+    Outcome named = evaluate(c, kGpu, e.dtype);
+    set_cuda_attention(CudaAttention::automatic);
+    CHECK(chosen.out == named.out);
+    CHECK(chosen.grads == named.grads);
+  }
+  // gpt in bf16 with heads of 32 and in f32 under auto: every policy bitwise equal to none.
+  GptConfig config = gpu_gpt();
+  config.channels = 64;
+  config.heads = 2;
+  Gpt model(config);
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  for (DType dtype : {DType::bf16, DType::f32}) {
+    INFO(dtype_name(dtype));
+    auto loss = [&] {
+      std::optional<AutocastScope> autocast;
+      if (dtype == DType::bf16) autocast.emplace(DType::bf16);
+      return model.loss(idx, targets);
+    };
+    const CudaAttention path = dtype == DType::bf16 ? CudaAttention::mma : CudaAttention::gemm;
+    const int64_t before = cuda_attention_calls(path);
+    auto plain = run_grads(model.parameters(), loss);
+    CHECK(cuda_attention_calls(path) > before);
+    check_policies_bitwise(model, loss, plain);
+  }
+}
+
 TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf16, a chunk's memory, gpt bitwise "
           "under every policy",
           "[cuda][op][bf16][fused-loss][memory]") {
@@ -272,7 +330,8 @@ TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bit
           "[cuda][op][bf16]") {
   manual_seed(29);
   struct Restore {
-    ~Restore() { set_cuda_bias_epilogue(false); }
+    bool was = cuda_bias_epilogue();
+    ~Restore() { set_cuda_bias_epilogue(was); }
   } restore;
   auto lin = [](const std::vector<Tensor>& in) { return linear(in[0], in[1], in[2]); };
   // x one row into a larger tensor: its address is 4-byte aligned only, so the algorithm must be
@@ -383,6 +442,43 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
   auto plain = run_grads(model.parameters(), loss);
   CHECK(cuda_attention_calls(CudaAttention::mma) > before);
   check_policies_bitwise(model, loss, plain);
+}
+
+TEST_CASE("strided copies on cuda move words of 16, 8, 4 or 2 bytes as the layout allows: the cpu's bits",
+          "[cuda][op][bf16]") {
+  manual_seed(59);
+  struct Case {
+    const char* description;
+    DType dtype;
+    std::function<Tensor(const Tensor&)> view;  // a strided view of a contiguous [4, 6, 5, 8] tensor
+  };
+  auto heads = [](const Tensor& x) { return permute(x, {0, 2, 1, 3}); };
+  const std::vector<Case> cases = {
+      {"bf16 heads, rows of 8 (16-byte words)", DType::bf16, heads},
+      {"f32 heads, rows of 8 (16-byte words)", DType::f32, heads},
+      {"f64 heads, rows of 8 (16-byte words)", DType::f64, heads},
+      {"bf16 heads, rows of 6 (4-byte words)", DType::bf16,
+       [&](const Tensor& x) { return heads(slice(x, 3, 0, 6)); }},
+      {"bf16 rows of 4 (8-byte words)", DType::bf16, [&](const Tensor& x) { return heads(slice(x, 3, 4, 8)); }},
+      {"bf16 rows of 8 one element in (2-byte words)", DType::bf16,
+       [](const Tensor& x) { return slice(reshape(x, {4, 6, 40}), 2, 1, 9); }},
+      {"bf16 last dim strided (2-byte words)", DType::bf16, [](const Tensor& x) { return transpose(x, 2, 3); }},
+      {"bf16 expanded rows (stride 0, 16-byte words)", DType::bf16,
+       [](const Tensor& x) { return expand(slice(x, 1, 0, 1), {4, 3, 5, 8}); }},
+      {"f32 rows at an offset of 32 bytes (16-byte words)", DType::f32,
+       [](const Tensor& x) { return slice(reshape(x, {4, 240}), 1, 8, 128); }},
+      {"f32 batches swapped, the last two dims back to back (merged)", DType::f32,
+       [](const Tensor& x) { return permute(x, {1, 0, 2, 3}); }},
+  };
+  Tensor base = Tensor::randn({4, 6, 5, 8});
+  for (const Case& c : cases) {
+    INFO(c.description);
+    Tensor x = cast(base, c.dtype), on_gpu = c.view(x.to(kGpu));
+    REQUIRE_FALSE(on_gpu.is_contiguous());
+    Tensor want = c.view(x).as_contiguous(), got = on_gpu.as_contiguous().to(Device::cpu());
+    REQUIRE(got.shape() == want.shape());
+    CHECK(std::memcmp(got.raw_data(), want.raw_data(), want.nbytes()) == 0);
+  }
 }
 
 TEST_CASE("casts of views on cuda (permuted heads under autocast, an expanded gradient) match the cpu",
