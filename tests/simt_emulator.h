@@ -242,6 +242,7 @@ struct Warp {
   Meet meet;
   uint64_t shuffled[kWarpSize];
   uint32_t a[kWarpSize][4], b[kWarpSize][2];
+  const uint16_t* rows[kWarpSize];  // ldmatrix: each lane's row address
 };
 
 struct Block {
@@ -320,6 +321,27 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
     for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
     d[e] = s;
   }
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 for the warp: lanes 8 i .. 8 i + 7 give the
+// addresses of matrix i's eight rows (16 bytes each, 16-byte aligned); register i of lane (g, c)
+// (lane = 4 g + c) gets row g, columns 2c and 2c + 1 of matrix i, or with .trans column g, rows 2c
+// and 2c + 1 (the lower index in the low half), as the PTX ISA lays them out: the fragments of
+// mma.m16n8k16.
+inline void ldmatrix(uint32_t* regs, int matrices, const void* row_address, bool trans) {
+  Warp& w = my_warp();
+  const int lane = my_lane();
+  if (lane < 8 * matrices && reinterpret_cast<uintptr_t>(row_address) % 16 != 0)
+    throw std::runtime_error("ldmatrix: a row address not 16-byte aligned");
+  w.rows[lane] = static_cast<const uint16_t*>(row_address);
+  g_block->meet(w.meet);
+  const int g = lane / 4, c = lane % 4;
+  for (int i = 0; i < matrices; ++i) {
+    const uint16_t* const* rows = &w.rows[8 * i];
+    const uint16_t lo = trans ? rows[2 * c][g] : rows[g][2 * c], hi = trans ? rows[2 * c + 1][g] : rows[g][2 * c + 1];
+    regs[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  g_block->meet(w.meet);
 }
 
 // Runs kernel() as a grid of blocks of block.x x block.y threads, one block at a time, each block's

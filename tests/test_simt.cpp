@@ -458,6 +458,68 @@ TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax, cross-entr
   check_group_norm(3, 4, 300, 1, rng);   // one group: 1200 values a block
 }
 
+namespace {
+
+// Each lane's fragments from the tensor-core kernels' shared-tile loaders (ldmatrix) against the
+// element loads they replaced, which are the PTX fragment layouts written out and which ran on an
+// H200 (session 25): A [r0 + g (+8)][c0 + 2c (+8)], B = M^T [n0 + g][k0 + 2c (+8)], B = M
+// [k0 + 2c (+8), + 1][n0 + g], the lower index in the low half.
+template <int D>
+void check_fragment_loaders(std::mt19937& rng) {
+  constexpr int kRows = 48, ld = mma::kLd<D>;
+  alignas(16) static bf16 tile[kRows * mma::kLd<128>];
+  std::vector<bf16> values = random_bf16(kRows * ld, rng);
+  std::copy(values.begin(), values.end(), tile);
+  auto bits = [&](int row, int col) { return static_cast<uint32_t>(__bfloat16_as_ushort(tile[row * ld + col])); };
+  auto pair = [&](int row0, int col0, int row1, int col1) { return bits(row0, col0) | (bits(row1, col1) << 16); };
+  struct Lane {
+    uint32_t a[4], bt[2], b[2];
+  };
+  for (int r0 : {0, 16, 32})
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      INFO("head dim " << D << ", tile at row " << r0 << ", column " << c0);
+      std::vector<Lane> got(32);
+      remat_simt::launch({1, 1, 1}, 32, 0, [&] {
+        Lane& mine = got[threadIdx.x];
+        mma::load_a<D>(mine.a, tile, r0, c0);
+        mma::load_b_transposed<D>(mine.bt[0], mine.bt[1], tile, r0, c0);  // n0 = r0, k0 = c0
+        mma::load_b<D>(mine.b[0], mine.b[1], tile, r0, c0 / 2);           // k0 = r0, n0 a multiple of 8
+      });
+      int wrong = 0;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, c = 2 * (lane % 4), n0 = c0 / 2;
+        const Lane& l = got[lane];
+        wrong += l.a[0] != pair(r0 + g, c0 + c, r0 + g, c0 + c + 1);
+        wrong += l.a[1] != pair(r0 + g + 8, c0 + c, r0 + g + 8, c0 + c + 1);
+        wrong += l.a[2] != pair(r0 + g, c0 + c + 8, r0 + g, c0 + c + 9);
+        wrong += l.a[3] != pair(r0 + g + 8, c0 + c + 8, r0 + g + 8, c0 + c + 9);
+        wrong += l.bt[0] != pair(r0 + g, c0 + c, r0 + g, c0 + c + 1);
+        wrong += l.bt[1] != pair(r0 + g, c0 + c + 8, r0 + g, c0 + c + 9);
+        wrong += l.b[0] != pair(r0 + c, n0 + g, r0 + c + 1, n0 + g);
+        wrong += l.b[1] != pair(r0 + c + 8, n0 + g, r0 + c + 9, n0 + g);
+      }
+      CHECK(wrong == 0);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("the tensor-core kernels' ldmatrix loaders give each lane the mma fragment layout's registers",
+          "[attention][simt]") {
+  std::mt19937 rng(8);
+  check_fragment_loaders<32>(rng);
+  check_fragment_loaders<64>(rng);
+  check_fragment_loaders<128>(rng);
+  // A row address off 16 bytes is refused, as the hardware requires.
+  alignas(16) static bf16 tile[32 * mma::kLd<64>];
+  CHECK_THROWS_WITH(remat_simt::launch({1, 1, 1}, 32, 0,
+                                       [&] {
+                                         uint32_t r[2];
+                                         mma::ldmatrix<2, false>(r, tile + 1 + 8 * (threadIdx.x & 7));
+                                       }),
+                    Catch::Matchers::Contains("not 16-byte aligned"));
+}
+
 TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute attention and its gradients",
           "[attention][simt]") {
   std::mt19937 rng(7);

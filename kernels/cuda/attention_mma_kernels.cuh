@@ -45,8 +45,6 @@ constexpr int kKeyBlock = 16 * kWarps;   // dk/dv: keys per block, 16 per warp
 // Shared tiles keep rows D + 8 wide: consecutive rows start 16 bytes apart in the banks.
 template <int D> constexpr int kLd = D + 8;
 
-REMAT_MMA_DEVICE uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // Two bf16 in one register, the first in the low half (the element with the lower index).
 REMAT_MMA_DEVICE uint32_t pack(bf16 lo, bf16 hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
@@ -68,31 +66,64 @@ REMAT_MMA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, ui
 #endif
 }
 
-// The A fragment of rows [r0, r0 + 16) and columns [c0, c0 + 16) of a row-major shared tile.
+// ldmatrix: `count` 8 x 8 bf16 matrices from shared memory into the warp's fragments, one
+// instruction where loading them one element pair at a time takes two to four loads per register
+// (and, transposed, a pack). Lanes 8 i .. 8 i + 7 give matrix i's row addresses (16-byte aligned:
+// rows of a shared tile start kLd * 2 = a multiple of 16 bytes apart). Register i of lane (g, c)
+// gets row g, columns 2c and 2c + 1 of matrix i; with `trans`, column g, rows 2c and 2c + 1: the
+// same registers, bit for bit, as the element loads they replace (tests/test_simt.cpp checks both
+// against the fragment layouts above).
+template <int count, bool trans>
+REMAT_MMA_DEVICE void ldmatrix(uint32_t (&r)[count], const bf16* row) {
+#if defined(REMAT_SIMT_EMULATION)
+  ::remat_simt::ldmatrix(r, count, row, trans);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 750
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (count == 2 && !trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+  else if constexpr (count == 2 && trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(address));
+  else if constexpr (count == 4 && !trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  else
+    static_assert(count == 4 && !trans, "ldmatrix: x2, x2.trans or x4");
+#else
+  __trap();  // the host never launches these below sm_80 (mma_attention_supported)
+#endif
+}
+
+// The A fragment of rows [r0, r0 + 16) and columns [c0, c0 + 16) of a row-major shared tile:
+// matrices (rows, columns) [r0, c0], [r0 + 8, c0], [r0, c0 + 8], [r0 + 8, c0 + 8].
 template <int D>
 REMAT_MMA_DEVICE void load_a(uint32_t (&a)[4], const bf16* s, int r0, int c0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = c0 + 2 * (lane & 3);
-  a[0] = ld32(s + (r0 + g) * kLd<D> + c);
-  a[1] = ld32(s + (r0 + g + 8) * kLd<D> + c);
-  a[2] = ld32(s + (r0 + g) * kLd<D> + c + 8);
-  a[3] = ld32(s + (r0 + g + 8) * kLd<D> + c + 8);
+  const int lane = threadIdx.x & 31, row = r0 + (lane & 7) + 8 * ((lane >> 3) & 1), col = c0 + 8 * (lane >> 4);
+  ldmatrix<4, false>(a, s + row * kLd<D> + col);
 }
 
-// B = M^T for a row-major shared tile M: B[k][n] = M[n0 + n][k0 + k] (rows of M are B's columns).
+// B = M^T for a row-major shared tile M: B[k][n] = M[n0 + n][k0 + k] (rows of M are B's columns):
+// matrices [n0, k0] and [n0, k0 + 8] of M as they lie.
 template <int D>
 REMAT_MMA_DEVICE void load_b_transposed(uint32_t& b0, uint32_t& b1, const bf16* s, int n0, int k0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = k0 + 2 * (lane & 3);
-  b0 = ld32(s + (n0 + g) * kLd<D> + c);
-  b1 = ld32(s + (n0 + g) * kLd<D> + c + 8);
+  const int lane = threadIdx.x & 31, row = n0 + (lane & 7), col = k0 + 8 * ((lane >> 3) & 1);
+  uint32_t r[2];
+  ldmatrix<2, false>(r, s + row * kLd<D> + col);
+  b0 = r[0];
+  b1 = r[1];
 }
 
-// B = M for a row-major shared tile M: B[k][n] = M[k0 + k][n0 + n].
+// B = M for a row-major shared tile M: B[k][n] = M[k0 + k][n0 + n]: matrices [k0, n0] and
+// [k0 + 8, n0] of M, transposed.
 template <int D>
 REMAT_MMA_DEVICE void load_b(uint32_t& b0, uint32_t& b1, const bf16* s, int k0, int n0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, k = k0 + 2 * (lane & 3);
-  const bf16* p = s + k * kLd<D> + n0 + g;
-  b0 = pack(p[0], p[kLd<D>]);
-  b1 = pack(p[8 * kLd<D>], p[9 * kLd<D>]);
+  const int lane = threadIdx.x & 31, row = k0 + (lane & 15);
+  uint32_t r[2];
+  ldmatrix<2, true>(r, s + row * kLd<D> + n0);
+  b0 = r[0];
+  b1 = r[1];
 }
 
 // The A fragment of columns [16 kk, 16 kk + 16) of a row of C tiles (8 columns each), rounded to bf16.
