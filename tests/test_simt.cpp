@@ -454,6 +454,8 @@ TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax, cross-entr
   check_cross_entropy<double>(6, 300, rng, 1e-10, 1e-10);
   check_cross_entropy<float>(4, 1000, rng, 1e-5, 1e-5);
   check_cross_entropy<bf16>(4, 1000, rng, 1e-5, 1e-2);  // bf16 logits as autocast passes them
+  check_cross_entropy<bf16>(4, 1001, rng, 1e-5, 1e-2);  // rows off 16 bytes: one logit at a time
+  check_cross_entropy<float>(3, 1001, rng, 1e-5, 1e-5);
   check_group_norm(2, 6, 37, 3, rng);    // blocks of 2 x 37 values, channel sums over 2 x 37
   check_group_norm(3, 4, 300, 1, rng);   // one group: 1200 values a block
 }
@@ -518,6 +520,28 @@ TEST_CASE("the tensor-core kernels' ldmatrix loaders give each lane the mma frag
                                          mma::ldmatrix<2, false>(r, tile + 1 + 8 * (threadIdx.x & 7));
                                        }),
                     Catch::Matchers::Contains("not 16-byte aligned"));
+}
+
+TEST_CASE("cross-entropy's row sums have the same bits whether a row is read in 16-byte packs or a value at a time",
+          "[simt]") {
+  std::mt19937 rng(9);
+  const int64_t v = 1001;
+  std::vector<bf16> values = random_bf16(v, rng);
+  // The same row at the start of a buffer (aligned) and one value in (misaligned).
+  std::vector<bf16> buffer(2 * v + 8);
+  std::copy(values.begin(), values.end(), buffer.begin());
+  std::copy(values.begin(), values.end(), buffer.begin() + v + 1);
+  const bf16* rows_at[2] = {buffer.data(), buffer.data() + v + 1};
+  REQUIRE(remat::cuda::aligned_for_pack(rows_at[0]));
+  REQUIRE_FALSE(remat::cuda::aligned_for_pack(rows_at[1]));
+  float lse[2], row_loss[2];
+  const int64_t target = 17;
+  for (int k = 0; k < 2; ++k)
+    remat_simt::launch({1, 1, 1}, remat::cuda::kThreads, 0, [&] {
+      rows::cross_entropy_rows_kernel<bf16>(rows_at[k], &target, true, v, -100, 0, &lse[k], &row_loss[k], nullptr);
+    });
+  CHECK(std::memcmp(&lse[0], &lse[1], sizeof(float)) == 0);
+  CHECK(std::memcmp(&row_loss[0], &row_loss[1], sizeof(float)) == 0);
 }
 
 TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute attention and its gradients",
