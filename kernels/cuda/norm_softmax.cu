@@ -54,9 +54,10 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   set_device_of(x);
   int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
   Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor dw = Tensor::zeros(w.shape(), x.dtype(), x.device()), db = Tensor::zeros(w.shape(), x.dtype(), x.device());
-  if (rows == 0) return {dx, dw, db};
-  // Fixed-size chunks of rows, larger ones only past 65535 * 256 rows: the order of each sum
+  if (rows == 0) return {dx, Tensor::zeros(w.shape(), x.dtype(), x.device()), Tensor::zeros(w.shape(), x.dtype(), x.device())};
+  // Every channel's sum is written below: no fill first.
+  Tensor dw = Tensor::empty(w.shape(), x.dtype(), x.device()), db = Tensor::empty(w.shape(), x.dtype(), x.device());
+  // Fixed-size chunks of rows, larger ones only past 65535 * kRowChunk rows: the order of each sum
   // depends on the shape alone.
   int64_t row_chunk = std::max(kRowChunk, (rows + kMaxGridY - 1) / kMaxGridY);
   int64_t chunks = (rows + row_chunk - 1) / row_chunk;

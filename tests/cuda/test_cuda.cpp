@@ -977,7 +977,8 @@ TEST_CASE("group_norm on an empty batch and layer_norm backward past the grid's 
   OpCase empty{"group_norm [0, 4, 3, 3]", [](auto& in) { return group_norm(in[0], in[1], in[2], 2); },
                {randn64({0, 4, 3, 3}), randn64({4}), randn64({4})}};
   check_parity(empty, DType::f32);
-  // 65535 * 256 rows is where one chunk of 256 rows per grid row runs out.
+  // Past 65535 * kRowChunk (64) rows one chunk of kRowChunk rows per grid row runs out and the
+  // chunks grow (here to 257 rows); past 65535 * 256 a grid of 256-row chunks would too.
   const int64_t rows = 65535 * 256 + 1000;
   OpCase tall{"layer_norm [16778960, 2]", [](auto& in) { return layer_norm(in[0], in[1], in[2]); },
               {randn64({rows, 2}), randn64({2}), randn64({2})}};
