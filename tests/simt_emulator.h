@@ -257,6 +257,9 @@ struct Block {
   Meet sync;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> dynamic;
+  // A lane's ldmatrix row address was not 16-byte aligned: reported by launch() once the block
+  // ends (a lane cannot throw here: under AddressSanitizer lanes are OS threads).
+  std::atomic<bool> misaligned_ldmatrix{false};
 
   void meet(Meet& m) { scheduler.arrive(m, static_cast<int>(linear_thread())); }
 };
@@ -331,12 +334,15 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
 inline void ldmatrix(uint32_t* regs, int matrices, const void* row_address, bool trans) {
   Warp& w = my_warp();
   const int lane = my_lane();
-  if (lane < 8 * matrices && reinterpret_cast<uintptr_t>(row_address) % 16 != 0)
-    throw std::runtime_error("ldmatrix: a row address not 16-byte aligned");
+  const bool misaligned = lane < 8 * matrices && reinterpret_cast<uintptr_t>(row_address) % 16 != 0;
   w.rows[lane] = static_cast<const uint16_t*>(row_address);
   g_block->meet(w.meet);
+  bool any_misaligned = false;
+  for (int l = 0; l < 8 * matrices; ++l) any_misaligned |= reinterpret_cast<uintptr_t>(w.rows[l]) % 16 != 0;
+  if (misaligned) g_block->misaligned_ldmatrix = true;
   const int g = lane / 4, c = lane % 4;
-  for (int i = 0; i < matrices; ++i) {
+  for (int i = 0; i < matrices; ++i) regs[i] = 0;  // what a refused load leaves (the launch then throws)
+  for (int i = 0; i < matrices && !any_misaligned; ++i) {
     const uint16_t* const* rows = &w.rows[8 * i];
     const uint16_t lo = trans ? rows[2 * c][g] : rows[g][2 * c], hi = trans ? rows[2 * c + 1][g] : rows[g][2 * c + 1];
     regs[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
@@ -374,6 +380,9 @@ inline void launch(Dim3 grid, Dim3 block_dim, size_t dynamic_bytes, const std::f
       block.scheduler.run(identity, [&](int) { kernel(); });
 #endif
       g_block = nullptr;
+      if (block.misaligned_ldmatrix)
+        throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                                 "): ldmatrix: a row address not 16-byte aligned");
       if (block.scheduler.stuck())
         throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
                                  "): threads wait at a barrier the others never reach (a barrier in divergent code?)");
