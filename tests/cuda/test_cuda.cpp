@@ -184,6 +184,14 @@ GptConfig gpu_gpt() {
   return c;
 }
 
+// gpu_gpt with heads of 32, a head dim the tensor-core attention kernels take.
+GptConfig gpu_gpt_heads_of_32() {
+  GptConfig c = gpu_gpt();
+  c.channels = 64;
+  c.heads = 2;
+  return c;
+}
+
 // Every policy's gradients bitwise equal to `plain` (none's), with replays and dropped bytes; the
 // model is left without checkpointing.
 void check_policies_bitwise(Module& model, const std::function<Tensor()>& loss,
@@ -237,10 +245,7 @@ TEST_CASE("the defaults: attention picks mma in bf16 where it applies, the GEMMs
     CHECK(chosen.grads == named.grads);
   }
   // gpt in bf16 with heads of 32 and in f32 under auto: every policy bitwise equal to none.
-  GptConfig config = gpu_gpt();
-  config.channels = 64;
-  config.heads = 2;
-  Gpt model(config);
+  Gpt model(gpu_gpt_heads_of_32());
   model.to(kGpu);
   model.train();
   Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
@@ -427,10 +432,7 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
   evaluate({"T 9 D 64 in f32", attn(false), qkv({1, 1, 9, 64})}, kGpu, DType::f32);
   CHECK(cuda_attention_calls(CudaAttention::flash) - flash_before == 4);
   // gpt in bf16 with heads of 32 on the mma path: every policy bitwise equal to none.
-  GptConfig config = gpu_gpt();
-  config.channels = 64;
-  config.heads = 2;
-  Gpt model(config);
+  Gpt model(gpu_gpt_heads_of_32());
   model.to(kGpu);
   model.train();
   Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
