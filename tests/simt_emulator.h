@@ -334,12 +334,11 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
 inline void ldmatrix(uint32_t* regs, int matrices, const void* row_address, bool trans) {
   Warp& w = my_warp();
   const int lane = my_lane();
-  const bool misaligned = lane < 8 * matrices && reinterpret_cast<uintptr_t>(row_address) % 16 != 0;
   w.rows[lane] = static_cast<const uint16_t*>(row_address);
   g_block->meet(w.meet);
   bool any_misaligned = false;
   for (int l = 0; l < 8 * matrices; ++l) any_misaligned |= reinterpret_cast<uintptr_t>(w.rows[l]) % 16 != 0;
-  if (misaligned) g_block->misaligned_ldmatrix = true;
+  if (any_misaligned) g_block->misaligned_ldmatrix = true;
   const int g = lane / 4, c = lane % 4;
   for (int i = 0; i < matrices; ++i) regs[i] = 0;  // what a refused load leaves (the launch then throws)
   for (int i = 0; i < matrices && !any_misaligned; ++i) {
