@@ -465,7 +465,8 @@ namespace {
 // Each lane's fragments from the tensor-core kernels' shared-tile loaders (ldmatrix) against the
 // element loads they replaced, which are the PTX fragment layouts written out and which ran on an
 // H200 (session 25): A [r0 + g (+8)][c0 + 2c (+8)], B = M^T [n0 + g][k0 + 2c (+8)], B = M
-// [k0 + 2c (+8), + 1][n0 + g], the lower index in the low half.
+// [k0 + 2c (+8), + 1][n0 + g], the lower index in the low half; the B loaders fetch two fragments
+// at once (k0 and k0 + 16, n0 and n0 + 8).
 template <int D>
 void check_fragment_loaders(std::mt19937& rng) {
   constexpr int kRows = 48, ld = mma::kLd<D>;
@@ -475,17 +476,17 @@ void check_fragment_loaders(std::mt19937& rng) {
   auto bits = [&](int row, int col) { return static_cast<uint32_t>(__bfloat16_as_ushort(tile[row * ld + col])); };
   auto pair = [&](int row0, int col0, int row1, int col1) { return bits(row0, col0) | (bits(row1, col1) << 16); };
   struct Lane {
-    uint32_t a[4], bt[2], b[2];
+    uint32_t a[4], bt[4], b[4];
   };
   for (int r0 : {0, 16, 32})
-    for (int c0 = 0; c0 < D; c0 += 16) {
+    for (int c0 = 0; c0 < D; c0 += 32) {
       INFO("head dim " << D << ", tile at row " << r0 << ", column " << c0);
       std::vector<Lane> got(32);
       remat_simt::launch({1, 1, 1}, 32, 0, [&] {
         Lane& mine = got[threadIdx.x];
         mma::load_a<D>(mine.a, tile, r0, c0);
-        mma::load_b_transposed<D>(mine.bt[0], mine.bt[1], tile, r0, c0);  // n0 = r0, k0 = c0
-        mma::load_b<D>(mine.b[0], mine.b[1], tile, r0, c0 / 2);           // k0 = r0, n0 a multiple of 8
+        mma::load_b_transposed_pair<D>(mine.bt, tile, r0, c0);  // n0 = r0, k0 = c0 and c0 + 16
+        mma::load_b_pair<D>(mine.b, tile, r0, c0 / 2);          // k0 = r0, n0 = c0 / 2 and + 8
       });
       int wrong = 0;
       for (int lane = 0; lane < 32; ++lane) {
@@ -495,10 +496,13 @@ void check_fragment_loaders(std::mt19937& rng) {
         wrong += l.a[1] != pair(r0 + g + 8, c0 + c, r0 + g + 8, c0 + c + 1);
         wrong += l.a[2] != pair(r0 + g, c0 + c + 8, r0 + g, c0 + c + 9);
         wrong += l.a[3] != pair(r0 + g + 8, c0 + c + 8, r0 + g + 8, c0 + c + 9);
-        wrong += l.bt[0] != pair(r0 + g, c0 + c, r0 + g, c0 + c + 1);
-        wrong += l.bt[1] != pair(r0 + g, c0 + c + 8, r0 + g, c0 + c + 9);
-        wrong += l.b[0] != pair(r0 + c, n0 + g, r0 + c + 1, n0 + g);
-        wrong += l.b[1] != pair(r0 + c + 8, n0 + g, r0 + c + 9, n0 + g);
+        for (int h = 0; h < 2; ++h) {
+          const int k0 = c0 + 16 * h, n = n0 + 8 * h;
+          wrong += l.bt[2 * h] != pair(r0 + g, k0 + c, r0 + g, k0 + c + 1);
+          wrong += l.bt[2 * h + 1] != pair(r0 + g, k0 + c + 8, r0 + g, k0 + c + 9);
+          wrong += l.b[2 * h] != pair(r0 + c, n + g, r0 + c + 1, n + g);
+          wrong += l.b[2 * h + 1] != pair(r0 + c + 8, n + g, r0 + c + 9, n + g);
+        }
       }
       CHECK(wrong == 0);
     }
@@ -551,6 +555,9 @@ TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute atten
   check_mma<64>({1, 1, true}, rng);     // one row
   check_mma<128>({1, 70, false}, rng);  // the widest head, not causal
   check_mma<32>({2, 130, true}, rng);   // three query tiles, five key blocks' worth of tails
+  // Tiles every query of which sees every key take the unmasked path: several per block here.
+  check_mma<64>({1, 256, true}, rng);
+  check_mma<64>({1, 160, false}, rng);
 }
 
 TEST_CASE("the flash attention kernels, emulated on the cpu, compute attention and its gradients in f32 and f64",

@@ -42,6 +42,8 @@ bool aligned16(const Tensor& x) { return reinterpret_cast<uintptr_t>(x.raw_data(
 bool mma_attention_supported(const Tensor& q, const Tensor& k, const Tensor& v) {
   const int64_t d = q.size(3);
   if (q.dtype() != DType::bf16 || (d != 32 && d != 64 && d != 128)) return false;
+  // The kernels count positions in int: T up to 2^30 leaves room for a tile past the end.
+  if (q.size(2) > (int64_t{1} << 30)) return false;
   for (const Tensor* x : {&q, &k, &v})
     if (!x->is_contiguous() || !aligned16(*x)) return false;
   int major = 0;

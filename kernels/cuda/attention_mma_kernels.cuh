@@ -90,7 +90,10 @@ REMAT_MMA_DEVICE void ldmatrix(uint32_t (&r)[count], const bf16* row) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));
   else
-    static_assert(count == 4 && !trans, "ldmatrix: x2, x2.trans or x4");
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  static_assert(count == 2 || count == 4, "ldmatrix: x2 or x4");
 #else
   __trap();  // the host never launches these below sm_80 (mma_attention_supported)
 #endif
@@ -104,26 +107,21 @@ REMAT_MMA_DEVICE void load_a(uint32_t (&a)[4], const bf16* s, int r0, int c0) {
   ldmatrix<4, false>(a, s + row * kLd<D> + col);
 }
 
-// B = M^T for a row-major shared tile M: B[k][n] = M[n0 + n][k0 + k] (rows of M are B's columns):
-// matrices [n0, k0] and [n0, k0 + 8] of M as they lie.
+// B = M^T for a row-major shared tile M, B[k][n] = M[n0 + n][k0 + k] (rows of M are B's columns),
+// for k0 and k0 + 16 in one load: b[0..1] and b[2..3], matrices [n0, k0 + 8 i], i < 4, as they lie.
 template <int D>
-REMAT_MMA_DEVICE void load_b_transposed(uint32_t& b0, uint32_t& b1, const bf16* s, int n0, int k0) {
-  const int lane = threadIdx.x & 31, row = n0 + (lane & 7), col = k0 + 8 * ((lane >> 3) & 1);
-  uint32_t r[2];
-  ldmatrix<2, false>(r, s + row * kLd<D> + col);
-  b0 = r[0];
-  b1 = r[1];
+REMAT_MMA_DEVICE void load_b_transposed_pair(uint32_t (&b)[4], const bf16* s, int n0, int k0) {
+  const int lane = threadIdx.x & 31, row = n0 + (lane & 7), col = k0 + 8 * (lane >> 3);
+  ldmatrix<4, false>(b, s + row * kLd<D> + col);
 }
 
-// B = M for a row-major shared tile M: B[k][n] = M[k0 + k][n0 + n]: matrices [k0, n0] and
-// [k0 + 8, n0] of M, transposed.
+// B = M for a row-major shared tile M, B[k][n] = M[k0 + k][n0 + n], for n0 and n0 + 8 in one
+// load: b[0..1] and b[2..3], matrices [k0, n0], [k0 + 8, n0], [k0, n0 + 8], [k0 + 8, n0 + 8] of M,
+// transposed.
 template <int D>
-REMAT_MMA_DEVICE void load_b(uint32_t& b0, uint32_t& b1, const bf16* s, int k0, int n0) {
-  const int lane = threadIdx.x & 31, row = k0 + (lane & 15);
-  uint32_t r[2];
-  ldmatrix<2, true>(r, s + row * kLd<D> + n0);
-  b0 = r[0];
-  b1 = r[1];
+REMAT_MMA_DEVICE void load_b_pair(uint32_t (&b)[4], const bf16* s, int k0, int n0) {
+  const int lane = threadIdx.x & 31, row = k0 + (lane & 15), col = n0 + 8 * (lane >> 4);
+  ldmatrix<4, true>(b, s + row * kLd<D> + col);
 }
 
 // The A fragment of columns [16 kk, 16 kk + 16) of a row of C tiles (8 columns each), rounded to bf16.
@@ -141,10 +139,11 @@ REMAT_MMA_DEVICE void mma_by_transposed(float (*s)[4], const uint32_t (*a)[4], c
 #pragma unroll
   for (int j = 0; j < N / 8; ++j)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t b0, b1;
-      load_b_transposed<D>(b0, b1, m, 8 * j, 16 * kk);
-      mma(s[j], a[kk], b0, b1);
+    for (int kk = 0; kk < D / 16; kk += 2) {
+      uint32_t b[4];
+      load_b_transposed_pair<D>(b, m, 8 * j, 16 * kk);
+      mma(s[j], a[kk], b[0], b[1]);
+      mma(s[j], a[kk + 1], b[2], b[3]);
     }
 }
 
@@ -157,10 +156,11 @@ REMAT_MMA_DEVICE void mma_tiles_by(float (*acc)[4], const float (*c)[4], const b
     uint32_t a[4];
     c_to_a(a, c, kk);
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      uint32_t b0, b1;
-      load_b<D>(b0, b1, m, 16 * kk, 8 * n);
-      mma(acc[n], a, b0, b1);
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      load_b_pair<D>(b, m, 16 * kk, 8 * n);
+      mma(acc[n], a, b[0], b[1]);
+      mma(acc[n + 1], a, b[2], b[3]);
     }
   }
 }
@@ -198,20 +198,41 @@ REMAT_MMA_DEVICE float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Whether query `row` sees key `key`.
-REMAT_MMA_DEVICE bool visible(int64_t row, int64_t key, int64_t t, bool causal) {
-  return key < t && !(causal && key > row);
+// Whether query `row` sees key `key` (positions fit an int: attention_mma.cu checks T).
+REMAT_MMA_DEVICE bool visible(int row, int key, int t, bool causal) { return key < t && !(causal && key > row); }
+
+// Whether every query in [row0, row0 + rows) and every key in [key0, key0 + keys) lie before t
+// and each query sees each key: such a tile needs no mask, and most tiles of a long sequence are
+// such tiles (the mask's compares and selects cost more than the tile's products).
+REMAT_MMA_DEVICE bool all_visible(int row0, int rows, int key0, int keys, int t, bool causal) {
+  return row0 + rows <= t && key0 + keys <= t && (!causal || key0 + keys - 1 <= row0);
 }
 
-// Forward: a block of 64 query rows (16 per warp) of one head, key tiles of 64.
+// Softmax in base 2: exp(x) = 2^(x log2 e), so a scaled score and its exponent cost one multiply
+// (or fused multiply-add) and one ex2 on the special-function unit, as __expf does underneath.
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+REMAT_MMA_DEVICE float exp2_approx(float x) {  // 0 for -inf
+#ifdef REMAT_SIMT_EMULATION
+  return std::exp2(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// Forward: a block of 64 query rows (16 per warp) of one head, key tiles of 64. Scores are kept
+// in base-2 units (s scale log2 e), the row maxima m too; lse is stored in natural units.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k, const bf16* v,
-                                                                     bf16* o, float* lse, int64_t t, bool causal,
+                                                                     bf16* o, float* lse, int64_t t64, bool causal,
                                                                      float scale) {
   REMAT_MMA_SHARED(bf16, ks, kKeyTile * kLd<D>);
   REMAT_MMA_SHARED(bf16, vs, kKeyTile * kLd<D>);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t head = blockIdx.y, base = head * t * D, q0 = blockIdx.x * static_cast<int64_t>(kQueryTile);
+  const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
+  const int64_t head = blockIdx.y, base = head * t64 * D;
+  const float scale_log2 = scale * kLog2e;
   // The warp's 16 query rows stay in registers as A fragments (staged through the key tile).
   uint32_t qa[D / 16][4];
   stage<D>(ks, q + base, q0, kQueryTile, t);
@@ -219,34 +240,42 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], ks, 16 * warp, 16 * kk);
   __syncthreads();
-  const int64_t row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
+  const int row[2] = {row0 + g, row0 + g + 8};
   float acc[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int64_t key_end = causal ? min(t, q0 + kQueryTile) : t;
-  for (int64_t kb = 0; kb < key_end; kb += kKeyTile) {
+  const int key_end = causal ? min(t, q0 + kQueryTile) : t;
+  for (int kb = 0; kb < key_end; kb += kKeyTile) {
     stage<D>(ks, k + base, kb, kKeyTile, t);
     stage<D>(vs, v + base, kb, kKeyTile, t);
     __syncthreads();
     float s[kKeyTile / 8][4] = {};
     mma_by_transposed<D, kKeyTile>(s, qa, ks);
-    // Scaled and masked scores; the rows' new maxima (key 0 is in the first tile and visible to
-    // every row, so a maximum is finite from the first tile on).
+    // Scaled scores, masked where the tile needs it; the rows' new maxima (key 0 is in the first
+    // tile and visible to every row, so a maximum is finite from the first tile on).
     float mx[2] = {m[0], m[1]};
+    if (all_visible(row0, 16, kb, kKeyTile, t, causal)) {
 #pragma unroll
-    for (int j = 0; j < kKeyTile / 8; ++j)
+      for (int j = 0; j < kKeyTile / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int64_t key = kb + 8 * j + 2 * c + (e & 1);
-        const float x = visible(row[r], key, t, causal) ? s[j][e] * scale : -INFINITY;
-        s[j][e] = x;
-        mx[r] = fmaxf(mx[r], x);
-      }
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] *= scale_log2;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kKeyTile / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = kb + 8 * j + 2 * c + (e & 1);
+          s[j][e] = visible(row[e >> 1], key, t, causal) ? s[j][e] * scale_log2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+        }
+    }
     float corr[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
-      corr[r] = __expf(m[r] - mx[r]);  // 0 while m is -inf
+      corr[r] = exp2_approx(m[r] - mx[r]);  // 0 while m is -inf
       l[r] *= corr[r];
       m[r] = mx[r];
     }
@@ -259,7 +288,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
     for (int j = 0; j < kKeyTile / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = __expf(s[j][e] - m[e >> 1]);
+        s[j][e] = exp2_approx(s[j][e] - m[e >> 1]);
         l[e >> 1] += s[j][e];
       }
     mma_tiles_by<D, kKeyTile>(acc, s, vs);  // O += P V, P rounded to bf16
@@ -271,22 +300,25 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= t) continue;
-    store_row<D>(o + base + row[r] * D, acc, r, l[r]);
-    if (c == 0) lse[head * t + row[r]] = m[r] + logf(l[r]);
+    store_row<D>(o + base + static_cast<int64_t>(row[r]) * D, acc, r, l[r]);
+    if (c == 0) lse[head * t64 + row[r]] = m[r] * kLn2 + logf(l[r]);
   }
 }
 
-// dq: a block of 64 query rows (16 per warp), key tiles of 32. dS = P (dP - D) scale, dq = dS K.
+// dq: a block of 64 query rows (16 per warp), key tiles of 32. P = 2^(s scale log2 e - lse log2 e),
+// dS = P (dP - D) scale, dq = dS K.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, const bf16* v,
                                                                 const bf16* d_o, const float* lse,
-                                                                const float* row_dot, bf16* dq, int64_t t,
+                                                                const float* row_dot, bf16* dq, int64_t t64,
                                                                 bool causal, float scale) {
   REMAT_MMA_SHARED(bf16, ks, kOtherTile * kLd<D>);
   REMAT_MMA_SHARED(bf16, vs, kOtherTile * kLd<D>);
   REMAT_MMA_SHARED(bf16, rows, kQueryTile * kLd<D>);  // stages q, then dO
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t head = blockIdx.y, base = head * t * D, q0 = blockIdx.x * static_cast<int64_t>(kQueryTile);
+  const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
+  const int64_t head = blockIdx.y, base = head * t64 * D;
+  const float scale_log2 = scale * kLog2e;
   uint32_t qa[D / 16][4], da[D / 16][4];
   stage<D>(rows, q + base, q0, kQueryTile, t);
   __syncthreads();
@@ -297,37 +329,47 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
   __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(da[kk], rows, 16 * warp, 16 * kk);
-  const int64_t row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
-  float L[2], Di[2];
+  const int row[2] = {row0 + g, row0 + g + 8};
+  float L[2], Di[2];  // the rows' lse in base-2 units, and dO . O
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    L[r] = row[r] < t ? lse[head * t + row[r]] : 0.f;
-    Di[r] = row[r] < t ? row_dot[head * t + row[r]] : 0.f;
+    L[r] = row[r] < t ? lse[head * t64 + row[r]] * kLog2e : 0.f;
+    Di[r] = row[r] < t ? row_dot[head * t64 + row[r]] : 0.f;
   }
   float acc[D / 8][4] = {};
-  const int64_t key_end = causal ? min(t, q0 + kQueryTile) : t;
-  for (int64_t kb = 0; kb < key_end; kb += kOtherTile) {
+  const int key_end = causal ? min(t, q0 + kQueryTile) : t;
+  for (int kb = 0; kb < key_end; kb += kOtherTile) {
     stage<D>(ks, k + base, kb, kOtherTile, t);
     stage<D>(vs, v + base, kb, kOtherTile, t);
     __syncthreads();
     float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
     mma_by_transposed<D, kOtherTile>(s, qa, ks);
     mma_by_transposed<D, kOtherTile>(dp, da, vs);
+    if (all_visible(row0, 16, kb, kOtherTile, t, causal)) {
 #pragma unroll
-    for (int j = 0; j < kOtherTile / 8; ++j)
+      for (int j = 0; j < kOtherTile / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int64_t key = kb + 8 * j + 2 * c + (e & 1);
-        const float p = row[r] < t && visible(row[r], key, t, causal) ? __expf(s[j][e] * scale - L[r]) : 0.f;
-        s[j][e] = p * (dp[j][e] - Di[r]) * scale;
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          s[j][e] = exp2_approx(fmaf(s[j][e], scale_log2, -L[r])) * (dp[j][e] - Di[r]) * scale;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, key = kb + 8 * j + 2 * c + (e & 1);
+          const float p =
+              row[r] < t && visible(row[r], key, t, causal) ? exp2_approx(fmaf(s[j][e], scale_log2, -L[r])) : 0.f;
+          s[j][e] = p * (dp[j][e] - Di[r]) * scale;
+        }
+    }
     mma_tiles_by<D, kOtherTile>(acc, s, ks);  // dQ += dS K
     __syncthreads();
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (row[r] < t) store_row<D>(dq + base + row[r] * D, acc, r);
+    if (row[r] < t) store_row<D>(dq + base + static_cast<int64_t>(row[r]) * D, acc, r);
   }
 }
 
@@ -339,62 +381,82 @@ constexpr size_t dkv_shared_bytes() {
 }
 
 // dk and dv: a block of 64 keys (16 per warp), query tiles of 32, in the transposed products:
-// P^T = exp(K Q^T scale - lse), dV = P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q.
+// P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D) scale,
+// dK = dS^T Q.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, const bf16* v,
                                                                  const bf16* d_o, const float* lse,
                                                                  const float* row_dot, bf16* dk, bf16* dv,
-                                                                 int64_t t, bool causal, float scale) {
+                                                                 int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* vs = ks + kKeyBlock * kLd<D>;
   bf16* qs = vs + kKeyBlock * kLd<D>;
   bf16* dos = qs + kOtherTile * kLd<D>;
-  float* lse_s = reinterpret_cast<float*>(dos + kOtherTile * kLd<D>);
+  float* lse_s = reinterpret_cast<float*>(dos + kOtherTile * kLd<D>);  // in base-2 units
   float* dot_s = lse_s + kOtherTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t head = blockIdx.y, base = head * t * D, k0 = blockIdx.x * static_cast<int64_t>(kKeyBlock);
+  const int t = static_cast<int>(t64), k0 = blockIdx.x * kKeyBlock, key0 = k0 + 16 * warp;
+  const int64_t head = blockIdx.y, base = head * t64 * D;
+  const float scale_log2 = scale * kLog2e;
   stage<D>(ks, k + base, k0, kKeyBlock, t);
   stage<D>(vs, v + base, k0, kKeyBlock, t);
-  const int64_t key[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};
+  const int key[2] = {key0 + g, key0 + g + 8};
   float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   // Queries before the block's first key see none of its keys under a causal mask.
-  const int64_t q_begin = causal ? (k0 / kOtherTile) * kOtherTile : 0;
-  for (int64_t qb = q_begin; qb < t; qb += kOtherTile) {
+  const int q_begin = causal ? (k0 / kOtherTile) * kOtherTile : 0;
+  for (int qb = q_begin; qb < t; qb += kOtherTile) {
     stage<D>(qs, q + base, qb, kOtherTile, t);
     stage<D>(dos, d_o + base, qb, kOtherTile, t);
     for (int i = threadIdx.x; i < kOtherTile; i += blockDim.x) {
-      lse_s[i] = qb + i < t ? lse[head * t + qb + i] : 0.f;
-      dot_s[i] = qb + i < t ? row_dot[head * t + qb + i] : 0.f;
+      lse_s[i] = qb + i < t ? lse[head * t64 + qb + i] * kLog2e : 0.f;
+      dot_s[i] = qb + i < t ? row_dot[head * t64 + qb + i] : 0.f;
     }
     __syncthreads();
     float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t ka[4], va[4];
-      load_a<D>(ka, ks, 16 * warp, 16 * kk);
-      load_a<D>(va, vs, 16 * warp, 16 * kk);
+    for (int kk = 0; kk < D / 16; kk += 2) {
+      uint32_t ka[2][4], va[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        load_a<D>(ka[h], ks, 16 * warp, 16 * (kk + h));
+        load_a<D>(va[h], vs, 16 * warp, 16 * (kk + h));
+      }
 #pragma unroll
       for (int j = 0; j < kOtherTile / 8; ++j) {
-        uint32_t b0, b1;
-        load_b_transposed<D>(b0, b1, qs, 8 * j, 16 * kk);
-        mma(s[j], ka, b0, b1);
-        load_b_transposed<D>(b0, b1, dos, 8 * j, 16 * kk);
-        mma(dp[j], va, b0, b1);
+        uint32_t b[4];
+        load_b_transposed_pair<D>(b, qs, 8 * j, 16 * kk);
+        mma(s[j], ka[0], b[0], b[1]);
+        mma(s[j], ka[1], b[2], b[3]);
+        load_b_transposed_pair<D>(b, dos, 8 * j, 16 * kk);
+        mma(dp[j], va[0], b[0], b[1]);
+        mma(dp[j], va[1], b[2], b[3]);
       }
     }
-    // s becomes P^T, dp becomes dS^T.
+    // s becomes P^T, dp becomes dS^T (the tile's rows are keys, its columns queries).
+    if (all_visible(qb, kOtherTile, key0, 16, t, causal)) {
 #pragma unroll
-    for (int j = 0; j < kOtherTile / 8; ++j)
+      for (int j = 0; j < kOtherTile / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = 8 * j + 2 * c + (e & 1);
-        const int64_t query = qb + qi;
-        const float p =
-            query < t && visible(query, key[e >> 1], t, causal) ? __expf(s[j][e] * scale - lse_s[qi]) : 0.f;
-        s[j][e] = p;
-        dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int qi = 8 * j + 2 * c + (e & 1);
+          const float p = exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi]));
+          s[j][e] = p;
+          dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = 8 * j + 2 * c + (e & 1), query = qb + qi;
+          const float p = query < t && visible(query, key[e >> 1], t, causal)
+                              ? exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi]))
+                              : 0.f;
+          s[j][e] = p;
+          dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
+        }
+    }
     mma_tiles_by<D, kOtherTile>(dv_acc, s, dos);  // dV += P^T dO
     mma_tiles_by<D, kOtherTile>(dk_acc, dp, qs);   // dK += dS^T Q
     __syncthreads();
@@ -402,8 +464,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= t) continue;
-    store_row<D>(dk + base + key[r] * D, dk_acc, r);
-    store_row<D>(dv + base + key[r] * D, dv_acc, r);
+    store_row<D>(dk + base + static_cast<int64_t>(key[r]) * D, dk_acc, r);
+    store_row<D>(dv + base + static_cast<int64_t>(key[r]) * D, dv_acc, r);
   }
 }
 
