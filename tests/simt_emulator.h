@@ -13,7 +13,8 @@
 // under it (REMAT_SIMT_EMULATION: no launch syntax, and dynamic shared memory through
 // REMAT_DYNAMIC_SHARED; kernels/cuda/*_kernels.cuh). A host compiler reads `__device__` and
 // `__global__` as nothing; `__shared__` becomes `static` here (one array for the block, as blocks
-// run one at a time). Not what it checks: timing, memory ordering beyond what barriers give
+// run one at a time). cp.async copies happen when a wait retires their group, so a tile read
+// before its wait is stale. Not what it checks: timing, memory ordering beyond what barriers give
 // (fences, the visibility of atomics), and the tensor core's own rounding (products here are summed
 // in f32, in k order).
 #pragma once
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -247,7 +249,7 @@ struct Warp {
 
 struct Block {
   Block(int threads, size_t dynamic_bytes, bool reverse)
-      : scheduler(threads, reverse), sync(threads), dynamic(dynamic_bytes + 16) {
+      : scheduler(threads, reverse), sync(threads), dynamic(dynamic_bytes + 16), async(threads) {
     for (int w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w) {
       const int lanes = std::min(kWarpSize, threads - w * kWarpSize);
       warps.push_back(std::make_unique<Warp>(lanes));
@@ -260,6 +262,21 @@ struct Block {
   // A lane's ldmatrix row address was not 16-byte aligned: reported by launch() once the block
   // ends (a lane cannot throw here: under AddressSanitizer lanes are OS threads).
   std::atomic<bool> misaligned_ldmatrix{false};
+  // cp.async: each thread's copies not yet in a group, and its committed groups, oldest first. A
+  // copy happens only when a wait retires its group, so a tile read before its wait reads what
+  // was there before. A thread that ends with copies outstanding is reported by launch().
+  struct AsyncCopy {
+    void* to;
+    const void* from;
+    size_t bytes;
+  };
+  struct AsyncCopies {
+    std::vector<AsyncCopy> open;
+    std::deque<std::vector<AsyncCopy>> groups;
+    bool idle() const { return open.empty() && groups.empty(); }
+  };
+  std::vector<AsyncCopies> async;
+  std::atomic<bool> async_outstanding{false}, misaligned_cp_async{false};
 
   void meet(Meet& m) { scheduler.arrive(m, static_cast<int>(linear_thread())); }
 };
@@ -349,6 +366,29 @@ inline void ldmatrix(uint32_t* regs, int matrices, const void* row_address, bool
   g_block->meet(w.meet);
 }
 
+// cp.async.{ca,cg}.shared.global of `bytes` (4, 8 or 16, both addresses aligned to them): joins the
+// thread's open group; cp.async.commit_group closes it; cp.async.wait_group n copies the thread's
+// groups but its n newest, oldest first.
+inline void cp_async(void* to, const void* from, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(to) % bytes != 0 || reinterpret_cast<uintptr_t>(from) % bytes != 0) {
+    g_block->misaligned_cp_async = true;  // reported by launch() (a lane cannot throw: see Block)
+    return;
+  }
+  g_block->async[linear_thread()].open.push_back({to, from, bytes});
+}
+inline void cp_async_commit() {
+  Block::AsyncCopies& mine = g_block->async[linear_thread()];
+  mine.groups.push_back(std::move(mine.open));
+  mine.open.clear();
+}
+inline void cp_async_wait(int newest_pending) {
+  Block::AsyncCopies& mine = g_block->async[linear_thread()];
+  while (static_cast<int>(mine.groups.size()) > newest_pending) {
+    for (const Block::AsyncCopy& c : mine.groups.front()) std::memcpy(c.to, c.from, c.bytes);
+    mine.groups.pop_front();
+  }
+}
+
 // Runs kernel() as a grid of blocks of block.x x block.y threads, one block at a time, each block's
 // threads in turn (forward order for even blocks, reverse for odd ones). Throws when a block's
 // threads wait at barriers that the others never reach.
@@ -371,17 +411,27 @@ inline void launch(Dim3 grid, Dim3 block_dim, size_t dynamic_bytes, const std::f
           identity(t);
           block.scheduler.wait_turn(t);
           kernel();
+          if (!block.async[t].idle()) block.async_outstanding = true;
           block.scheduler.finish(t);
         });
       block.scheduler.start();
       for (std::thread& l : lanes) l.join();
 #else
-      block.scheduler.run(identity, [&](int) { kernel(); });
+      block.scheduler.run(identity, [&](int t) {
+        kernel();
+        if (!block.async[t].idle()) block.async_outstanding = true;
+      });
 #endif
       g_block = nullptr;
       if (block.misaligned_ldmatrix)
         throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
                                  "): ldmatrix: a row address not 16-byte aligned");
+      if (block.misaligned_cp_async)
+        throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                                 "): cp.async: an address not aligned to the copy's size");
+      if (block.async_outstanding)
+        throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                                 "): a thread ended with cp.async copies not waited for");
       if (block.scheduler.stuck())
         throw std::runtime_error("simt: block (" + std::to_string(bx) + ", " + std::to_string(by) +
                                  "): threads wait at a barrier the others never reach (a barrier in divergent code?)");

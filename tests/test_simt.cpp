@@ -129,7 +129,7 @@ void check_mma(const Case& c, std::mt19937& rng) {
   // The kernels, as attention_mma.cu launches them.
   std::vector<bf16> o(n), dq(n), dk(n), dv(n);
   std::vector<float> lse(heads * t), row_dot(heads * t);
-  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, 0, [&] {
+  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, mma::forward_shared_bytes<D>(), [&] {
     mma::mma_forward_kernel<D>(q.data(), k.data(), v.data(), o.data(), lse.data(), t, c.causal, scale);
   });
   for (int64_t r = 0; r < heads * t; ++r) {  // attention_row_dots: dO . O in f32, O as stored (bf16)
@@ -137,7 +137,7 @@ void check_mma(const Case& c, std::mt19937& rng) {
     for (int e = 0; e < D; ++e) s += __bfloat162float(d_o[r * D + e]) * __bfloat162float(o[r * D + e]);
     row_dot[r] = s;
   }
-  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, 0, [&] {
+  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, mma::dq_shared_bytes<D>(), [&] {
     mma::mma_dq_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dq.data(), t,
                           c.causal, scale);
   });

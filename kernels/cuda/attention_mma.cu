@@ -1,8 +1,8 @@
 // Attention on the tensor cores with remat's own kernels: bf16 q/k/v [B, H, T, D] (D 32, 64 or
 // 128, contiguous), mma.sync m16n8k16 with f32 accumulation, flash style (an online softmax over
-// key tiles staged in shared memory, only the row log-sum-exp saved). The backward rebuilds the
-// probabilities from it in two kernels, dq by query tiles and dk/dv by key tiles, each summing in
-// a fixed order: no atomics, so a replay repeats the bits and every policy stays bitwise equal to
+// key tiles double-buffered in shared memory by cp.async, only the row log-sum-exp saved). The
+// backward rebuilds the probabilities from it in two kernels, dq by query tiles and dk/dv by key
+// tiles, each summing in a fixed order: no atomics, so a replay repeats the bits and every policy stays bitwise equal to
 // none. Chosen by set_cuda_attention(mma) (REMAT_CUDA_ATTENTION=mma); the flash kernel of
 // attention.cu stays the reference it is tested against.
 
@@ -37,6 +37,14 @@ dim3 grid(int64_t heads, int64_t t, int rows_per_block) {
 
 bool aligned16(const Tensor& x) { return reinterpret_cast<uintptr_t>(x.raw_data()) % 16 == 0; }
 
+// Lets `kernel` take `bytes` of dynamic shared memory: past 48 KiB a kernel must opt in (the
+// double-buffered tiles at head dim 128 take 51-70 KiB).
+template <typename Kernel>
+void allow_shared_bytes(Kernel* kernel, size_t bytes) {
+  REMAT_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 }  // namespace
 
 bool mma_attention_supported(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -58,7 +66,9 @@ std::vector<Tensor> attention_mma(const Tensor& q, const Tensor& k, const Tensor
   if (heads == 0 || t == 0) return {o, lse};
   count_cuda_attention_call(CudaAttention::mma);
   dispatch_mma_head_dim(d, [&]<int D>() {
-    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, 0, mma_forward_kernel<D>)(
+    constexpr size_t smem = forward_shared_bytes<D>();
+    allow_shared_bytes(&mma_forward_kernel<D>, smem);
+    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, smem, mma_forward_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), o.data<bf16>(), lse.data<float>(), t, causal,
         static_cast<float>(scale));
   });
@@ -78,15 +88,14 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o, const Tensor& q, c
   count_cuda_attention_call(CudaAttention::mma);
   Tensor row_dot = attention_row_dots(d_o, o);
   dispatch_mma_head_dim(d, [&]<int D>() {
-    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, 0, mma_dq_kernel<D>)(
+    constexpr size_t dq_smem = dq_shared_bytes<D>(), dkv_smem = dkv_shared_bytes<D>();
+    allow_shared_bytes(&mma_dq_kernel<D>, dq_smem);
+    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, dq_smem, mma_dq_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
         dq.data<bf16>(), t, causal, static_cast<float>(scale));
     REMAT_CUDA_LAUNCH_CHECK();
-    constexpr size_t smem = dkv_shared_bytes<D>();
-    // Past 48 KiB a kernel must opt in to its dynamic shared memory (D 128: 51 KiB).
-    REMAT_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&mma_dkv_kernel<D>),
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    REMAT_LAUNCH(grid(heads, t, kKeyBlock), kBlockThreads, smem, mma_dkv_kernel<D>)(
+    allow_shared_bytes(&mma_dkv_kernel<D>, dkv_smem);
+    REMAT_LAUNCH(grid(heads, t, kKeyBlock), kBlockThreads, dkv_smem, mma_dkv_kernel<D>)(
         q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
         dk.data<bf16>(), dv.data<bf16>(), t, causal, static_cast<float>(scale));
   });

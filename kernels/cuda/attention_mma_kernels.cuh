@@ -20,12 +20,10 @@
 #ifdef REMAT_SIMT_EMULATION
 #define REMAT_MMA_DEVICE inline
 #define REMAT_MMA_KERNEL(threads) inline void
-#define REMAT_MMA_SHARED(type, name, count) alignas(16) static type name[count]
 #define REMAT_MMA_DYNAMIC_SHARED(name) unsigned char* name = ::remat_simt::dynamic_shared()
 #else
 #define REMAT_MMA_DEVICE __device__ __forceinline__
 #define REMAT_MMA_KERNEL(threads) __global__ void __launch_bounds__(threads)
-#define REMAT_MMA_SHARED(type, name, count) __shared__ __align__(16) type name[count]
 #define REMAT_MMA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
@@ -165,17 +163,61 @@ REMAT_MMA_DEVICE void mma_tiles_by(float (*acc)[4], const float (*c)[4], const b
   }
 }
 
-// Rows [row0, row0 + rows) of a head's contiguous [T, D] matrix into a shared tile, 16 bytes at a
-// time; rows at or past t are zeros.
+// cp.async (sm_80): a copy from global to shared memory that runs while the thread goes on. A
+// thread's copies join a group at commit_copies(); wait_copies<n>() returns once all but its n
+// newest groups have landed (a __syncthreads() after it makes them the block's). So the next
+// tile loads while the tensor cores work on this one.
+template <int bytes>
+REMAT_MMA_DEVICE void copy_async(void* to, const void* from) {
+#if defined(REMAT_SIMT_EMULATION)
+  ::remat_simt::cp_async(to, from, bytes);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+  if constexpr (bytes == 16)  // .cg: through L2 only, the tiles are read once per block
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(from) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(from), "n"(bytes) : "memory");
+#else
+  __trap();  // the host never launches these below sm_80 (mma_attention_supported)
+#endif
+}
+REMAT_MMA_DEVICE void commit_copies() {
+#if defined(REMAT_SIMT_EMULATION)
+  ::remat_simt::cp_async_commit();
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int pending>
+REMAT_MMA_DEVICE void wait_copies() {
+#if defined(REMAT_SIMT_EMULATION)
+  ::remat_simt::cp_async_wait(pending);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+
+// Rows [row0, row0 + rows) of a head's contiguous [T, D] matrix into a shared tile, 16 bytes a
+// copy, asynchronously (the caller commits and waits); rows at or past t are zeros, stored now.
 template <int D>
-REMAT_MMA_DEVICE void stage(bf16* s, const bf16* head, int64_t row0, int rows, int64_t t) {
+REMAT_MMA_DEVICE void stage(bf16* s, const bf16* head, int row0, int rows, int t) {
   constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < rows * kChunks; i += blockDim.x) {
+#pragma unroll 1  // unrolled, the copies' addresses held 30 more registers at D 64 (ptxas -v)
+  for (int i = threadIdx.x; i < rows * kChunks; i += kBlockThreads) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row0 + r < t) v = *reinterpret_cast<const uint4*>(head + (row0 + r) * D + c);
-    *reinterpret_cast<uint4*>(s + r * kLd<D> + c) = v;
+    bf16* to = s + r * kLd<D> + c;
+    if (row0 + r < t) copy_async<16>(to, head + static_cast<int64_t>(row0 + r) * D + c);
+    else *reinterpret_cast<uint4*>(to) = make_uint4(0, 0, 0, 0);
   }
+}
+
+// Values [i0, i0 + n) of a head's per-row f32 vector (n <= the block's threads) into shared
+// memory, asynchronously; those at or past t are zeros.
+REMAT_MMA_DEVICE void stage_rows(float* s, const float* head, int i0, int n, int t) {
+  const int i = threadIdx.x;
+  if (i >= n) return;
+  if (i0 + i < t) copy_async<4>(s + i, head + i0 + i);
+  else s[i] = 0.f;
 }
 
 // Row r (0: the lane's row g, 1: g + 8) of a warp's D / 8 C tiles, divided by `divisor`, as bf16
@@ -221,32 +263,55 @@ REMAT_MMA_DEVICE float exp2_approx(float x) {  // 0 for -inf
 #endif
 }
 
-// Forward: a block of 64 query rows (16 per warp) of one head, key tiles of 64. Scores are kept
-// in base-2 units (s scale log2 e), the row maxima m too; lse is stored in natural units.
+// The forward kernel's shared memory: two buffers of a key tile and a value tile.
+template <int D>
+constexpr size_t forward_shared_bytes() {
+  return 4 * kKeyTile * kLd<D> * sizeof(bf16);
+}
+
+// Forward: a block of 64 query rows (16 per warp) of one head, key tiles of 64, the next tile
+// loading while this one is used. Scores are kept in base-2 units (s scale log2 e), the row
+// maxima m too; lse is stored in natural units.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k, const bf16* v,
                                                                      bf16* o, float* lse, int64_t t64, bool causal,
                                                                      float scale) {
-  REMAT_MMA_SHARED(bf16, ks, kKeyTile * kLd<D>);
-  REMAT_MMA_SHARED(bf16, vs, kKeyTile * kLd<D>);
+  REMAT_MMA_DYNAMIC_SHARED(smem);
+  constexpr int kTileElements = kKeyTile * kLd<D>;
+  bf16* const tiles = reinterpret_cast<bf16*>(smem);  // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
   const int64_t head = blockIdx.y, base = head * t64 * D;
   const float scale_log2 = scale * kLog2e;
-  // The warp's 16 query rows stay in registers as A fragments (staged through the key tile).
-  uint32_t qa[D / 16][4];
-  stage<D>(ks, q + base, q0, kQueryTile, t);
+  const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kKeyTile - 1) / kKeyTile;
+  // The first key and value tiles load while the queries pass through the second buffer into
+  // registers, where the warp's 16 rows stay as A fragments.
+  stage<D>(tiles, k + base, 0, kKeyTile, t);
+  stage<D>(tiles + kTileElements, v + base, 0, kKeyTile, t);
+  stage<D>(tiles + 2 * kTileElements, q + base, q0, kQueryTile, t);
+  commit_copies();
+  wait_copies<0>();
   __syncthreads();
+  uint32_t qa[D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], ks, 16 * warp, 16 * kk);
+  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], tiles + 2 * kTileElements, 16 * warp, 16 * kk);
   __syncthreads();
   const int row[2] = {row0 + g, row0 + g + 8};
   float acc[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int key_end = causal ? min(t, q0 + kQueryTile) : t;
-  for (int kb = 0; kb < key_end; kb += kKeyTile) {
-    stage<D>(ks, k + base, kb, kKeyTile, t);
-    stage<D>(vs, v + base, kb, kKeyTile, t);
+  for (int i = 0; i < key_tiles; ++i) {
+    const int kb = i * kKeyTile;
+    const bf16* ks = tiles + 2 * (i & 1) * kTileElements;
+    const bf16* vs = ks + kTileElements;
+    if (i + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
+      bf16* next = tiles + 2 * ((i + 1) & 1) * kTileElements;
+      stage<D>(next, k + base, kb + kKeyTile, kKeyTile, t);
+      stage<D>(next + kTileElements, v + base, kb + kKeyTile, kKeyTile, t);
+      commit_copies();
+      wait_copies<1>();
+    } else {
+      wait_copies<0>();
+    }
     __syncthreads();
     float s[kKeyTile / 8][4] = {};
     mma_by_transposed<D, kKeyTile>(s, qa, ks);
@@ -305,27 +370,43 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
   }
 }
 
-// dq: a block of 64 query rows (16 per warp), key tiles of 32. P = 2^(s scale log2 e - lse log2 e),
-// dS = P (dP - D) scale, dq = dS K.
+// The dq kernel's shared memory: the block's 64 rows (q, then dO) and two buffers of a key tile
+// and a value tile of 32.
+template <int D>
+constexpr size_t dq_shared_bytes() {
+  return (kQueryTile + 4 * kOtherTile) * kLd<D> * sizeof(bf16);
+}
+
+// dq: a block of 64 query rows (16 per warp), key tiles of 32, the next loading while this one is
+// used. P = 2^(s scale log2 e - lse log2 e), dS = P (dP - D) scale, dq = dS K.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, const bf16* v,
                                                                 const bf16* d_o, const float* lse,
                                                                 const float* row_dot, bf16* dq, int64_t t64,
                                                                 bool causal, float scale) {
-  REMAT_MMA_SHARED(bf16, ks, kOtherTile * kLd<D>);
-  REMAT_MMA_SHARED(bf16, vs, kOtherTile * kLd<D>);
-  REMAT_MMA_SHARED(bf16, rows, kQueryTile * kLd<D>);  // stages q, then dO
+  REMAT_MMA_DYNAMIC_SHARED(smem);
+  constexpr int kTileElements = kOtherTile * kLd<D>;
+  bf16* const rows = reinterpret_cast<bf16*>(smem);  // stages q, then dO
+  bf16* const tiles = rows + kQueryTile * kLd<D>;     // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
   const int64_t head = blockIdx.y, base = head * t64 * D;
   const float scale_log2 = scale * kLog2e;
-  uint32_t qa[D / 16][4], da[D / 16][4];
+  const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kOtherTile - 1) / kOtherTile;
+  // The first key and value tiles load while q and dO pass through `rows` into registers.
+  stage<D>(tiles, k + base, 0, kOtherTile, t);
+  stage<D>(tiles + kTileElements, v + base, 0, kOtherTile, t);
   stage<D>(rows, q + base, q0, kQueryTile, t);
+  commit_copies();
+  wait_copies<0>();
   __syncthreads();
+  uint32_t qa[D / 16][4], da[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], rows, 16 * warp, 16 * kk);
   __syncthreads();
   stage<D>(rows, d_o + base, q0, kQueryTile, t);
+  commit_copies();
+  wait_copies<0>();
   __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(da[kk], rows, 16 * warp, 16 * kk);
@@ -337,10 +418,19 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
     Di[r] = row[r] < t ? row_dot[head * t64 + row[r]] : 0.f;
   }
   float acc[D / 8][4] = {};
-  const int key_end = causal ? min(t, q0 + kQueryTile) : t;
-  for (int kb = 0; kb < key_end; kb += kOtherTile) {
-    stage<D>(ks, k + base, kb, kOtherTile, t);
-    stage<D>(vs, v + base, kb, kOtherTile, t);
+  for (int i = 0; i < key_tiles; ++i) {
+    const int kb = i * kOtherTile;
+    const bf16* ks = tiles + 2 * (i & 1) * kTileElements;
+    const bf16* vs = ks + kTileElements;
+    if (i + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
+      bf16* next = tiles + 2 * ((i + 1) & 1) * kTileElements;
+      stage<D>(next, k + base, kb + kOtherTile, kOtherTile, t);
+      stage<D>(next + kTileElements, v + base, kb + kOtherTile, kOtherTile, t);
+      commit_copies();
+      wait_copies<1>();
+    } else {
+      wait_copies<0>();
+    }
     __syncthreads();
     float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
     mma_by_transposed<D, kOtherTile>(s, qa, ks);
@@ -373,44 +463,59 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
   }
 }
 
-// The dk/dv kernel's shared memory: its 64 keys and values, a tile of 32 queries and their dO,
-// and those queries' log-sum-exp and row dots.
+// The dk/dv kernel's shared memory: its 64 keys and values, and two buffers of a tile of 32
+// queries, their dO, log-sum-exp and row dots.
 template <int D>
 constexpr size_t dkv_shared_bytes() {
-  return (2 * kKeyBlock + 2 * kOtherTile) * kLd<D> * sizeof(bf16) + 2 * kOtherTile * sizeof(float);
+  return (2 * kKeyBlock + 4 * kOtherTile) * kLd<D> * sizeof(bf16) + 4 * kOtherTile * sizeof(float);
 }
 
-// dk and dv: a block of 64 keys (16 per warp), query tiles of 32, in the transposed products:
-// P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D) scale,
-// dK = dS^T Q.
+// dk and dv: a block of 64 keys (16 per warp), query tiles of 32 (the next loading while this one
+// is used), in the transposed products: P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO,
+// dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, const bf16* v,
                                                                  const bf16* d_o, const float* lse,
                                                                  const float* row_dot, bf16* dk, bf16* dv,
                                                                  int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
-  bf16* ks = reinterpret_cast<bf16*>(smem);
-  bf16* vs = ks + kKeyBlock * kLd<D>;
-  bf16* qs = vs + kKeyBlock * kLd<D>;
-  bf16* dos = qs + kOtherTile * kLd<D>;
-  float* lse_s = reinterpret_cast<float*>(dos + kOtherTile * kLd<D>);  // in base-2 units
-  float* dot_s = lse_s + kOtherTile;
+  constexpr int kTileElements = kOtherTile * kLd<D>;
+  bf16* const ks = reinterpret_cast<bf16*>(smem);
+  bf16* const vs = ks + kKeyBlock * kLd<D>;
+  bf16* const tiles = vs + kKeyBlock * kLd<D>;  // buffer b: queries at 2 b, their dO at 2 b + 1
+  float* const row_values = reinterpret_cast<float*>(tiles + 4 * kTileElements);  // buffer b: lse at 2 b, dots at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), k0 = blockIdx.x * kKeyBlock, key0 = k0 + 16 * warp;
   const int64_t head = blockIdx.y, base = head * t64 * D;
   const float scale_log2 = scale * kLog2e;
-  stage<D>(ks, k + base, k0, kKeyBlock, t);
-  stage<D>(vs, v + base, k0, kKeyBlock, t);
-  const int key[2] = {key0 + g, key0 + g + 8};
-  float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   // Queries before the block's first key see none of its keys under a causal mask.
   const int q_begin = causal ? (k0 / kOtherTile) * kOtherTile : 0;
-  for (int qb = q_begin; qb < t; qb += kOtherTile) {
+  const int query_tiles = (t - q_begin + kOtherTile - 1) / kOtherTile;
+  auto stage_queries = [&](int b, int qb) {
+    bf16* qs = tiles + 2 * b * kTileElements;
     stage<D>(qs, q + base, qb, kOtherTile, t);
-    stage<D>(dos, d_o + base, qb, kOtherTile, t);
-    for (int i = threadIdx.x; i < kOtherTile; i += blockDim.x) {
-      lse_s[i] = qb + i < t ? lse[head * t64 + qb + i] * kLog2e : 0.f;
-      dot_s[i] = qb + i < t ? row_dot[head * t64 + qb + i] : 0.f;
+    stage<D>(qs + kTileElements, d_o + base, qb, kOtherTile, t);
+    stage_rows(row_values + 2 * b * kOtherTile, lse + head * t64, qb, kOtherTile, t);
+    stage_rows(row_values + (2 * b + 1) * kOtherTile, row_dot + head * t64, qb, kOtherTile, t);
+  };
+  stage<D>(ks, k + base, k0, kKeyBlock, t);
+  stage<D>(vs, v + base, k0, kKeyBlock, t);
+  stage_queries(0, q_begin);
+  commit_copies();
+  const int key[2] = {key0 + g, key0 + g + 8};
+  float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
+  for (int i = 0; i < query_tiles; ++i) {
+    const int qb = q_begin + i * kOtherTile;
+    const bf16* qs = tiles + 2 * (i & 1) * kTileElements;
+    const bf16* dos = qs + kTileElements;
+    const float* lse_s = row_values + 2 * (i & 1) * kOtherTile;
+    const float* dot_s = lse_s + kOtherTile;
+    if (i + 1 < query_tiles) {  // the other buffer, free since the last iteration's closing barrier
+      stage_queries((i + 1) & 1, qb + kOtherTile);
+      commit_copies();
+      wait_copies<1>();
+    } else {
+      wait_copies<0>();
     }
     __syncthreads();
     float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
@@ -440,7 +545,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = 8 * j + 2 * c + (e & 1);
-          const float p = exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi]));
+          const float p = exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi] * kLog2e));
           s[j][e] = p;
           dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
         }
@@ -451,7 +556,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
         for (int e = 0; e < 4; ++e) {
           const int qi = 8 * j + 2 * c + (e & 1), query = qb + qi;
           const float p = query < t && visible(query, key[e >> 1], t, causal)
-                              ? exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi]))
+                              ? exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi] * kLog2e))
                               : 0.f;
           s[j][e] = p;
           dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
