@@ -259,8 +259,10 @@ void check_attention_gemm(const Case& c, int64_t d, std::mt19937& rng) {
   CHECK(excess(times(p2, true, d_o), ref.dv, tol, tol) <= 0);
 }
 
-// layer_norm forward and backward over rows x c, the parameter gradients in chunks of row_chunk rows.
-template <typename T>
+// layer_norm forward and backward over rows x c as norm_softmax.cu launches it: a warp per row
+// (kPerLane values a lane, the parameter gradients in blocks of kNormRowsPerBlock rows), or with
+// kPerLane 0 a block per row (the parameter gradients in chunks of row_chunk rows).
+template <typename T, int kPerLane>
 void check_layer_norm(int64_t n, int64_t c, int64_t row_chunk, std::mt19937& rng, double tol) {
   using A = remat::cuda::Acc<T>;
   std::vector<T> x = random_vector<T>(n * c, rng), w = random_vector<T>(c, rng), b = random_vector<T>(c, rng),
@@ -288,24 +290,39 @@ void check_layer_norm(int64_t n, int64_t c, int64_t row_chunk, std::mt19937& rng
     }
   }
   std::vector<T> y(n * c), mean(n), rstd(n), dx(n * c), dw(c), db(c);
+  if (kPerLane > 0) row_chunk = rows::kNormRowsPerBlock;
   const int64_t chunks = (n + row_chunk - 1) / row_chunk;
   std::vector<A> pw(chunks * c), pb(chunks * c);
   const int threads = remat::cuda::kThreads;
-  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0, [&] {
-    rows::layer_norm_kernel<T>(x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data(), c, static_cast<A>(eps));
-  });
-  remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0, [&] {
-    rows::layer_norm_dx_kernel<T>(dy.data(), x.data(), w.data(), mean.data(), rstd.data(), dx.data(), c);
-  });
-  remat_simt::launch({static_cast<unsigned>((c + threads - 1) / threads), static_cast<unsigned>(chunks), 1}, threads, 0,
-                     [&] {
-                       rows::layer_norm_param_partial_kernel<T>(dy.data(), x.data(), mean.data(), rstd.data(), n, c,
-                                                                row_chunk, pw.data(), pb.data());
-                     });
-  remat_simt::launch({2, 1, 1}, threads, 0, [&] {
+  if constexpr (kPerLane > 0) {
+    const unsigned warps = rows::kNormWarps;
+    remat_simt::launch({static_cast<unsigned>((n + warps - 1) / warps), 1, 1}, 32 * warps, 0, [&] {
+      rows::layer_norm_warp_kernel<T, kPerLane>(x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data(), n,
+                                                static_cast<int>(c), static_cast<A>(eps));
+    });
+    remat_simt::launch({static_cast<unsigned>(chunks), 1, 1}, 32 * warps, 0, [&] {
+      rows::layer_norm_backward_warp_kernel<T, kPerLane>(dy.data(), x.data(), w.data(), mean.data(), rstd.data(),
+                                                         dx.data(), n, static_cast<int>(c), pw.data(), pb.data());
+    });
+  } else {
+    remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0, [&] {
+      rows::layer_norm_kernel<T>(x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data(), c,
+                                 static_cast<A>(eps));
+    });
+    remat_simt::launch({static_cast<unsigned>(n), 1, 1}, rows::kRowThreads, 0, [&] {
+      rows::layer_norm_dx_kernel<T>(dy.data(), x.data(), w.data(), mean.data(), rstd.data(), dx.data(), c);
+    });
+    remat_simt::launch({static_cast<unsigned>((c + threads - 1) / threads), static_cast<unsigned>(chunks), 1}, threads,
+                       0, [&] {
+                         rows::layer_norm_param_partial_kernel<T>(dy.data(), x.data(), mean.data(), rstd.data(), n, c,
+                                                                  row_chunk, pw.data(), pb.data());
+                       });
+  }
+  remat_simt::launch({static_cast<unsigned>((c + 31) / 32), 1, 1}, {32, rows::kSumSlices, 1}, 0, [&] {
     rows::sum_chunks_kernel<T>(pw.data(), pb.data(), chunks, c, dw.data(), db.data());
   });
-  INFO("layer_norm in " << sizeof(T) * 8 << "-bit floats, " << n << " x " << c << ", chunks of " << row_chunk);
+  INFO("layer_norm in " << sizeof(T) * 8 << "-bit floats, " << n << " x " << c << ", "
+                        << (kPerLane > 0 ? "a warp per row" : "a block per row") << ", chunks of " << row_chunk);
   CHECK(excess(y, y_ref, tol, tol) <= 0);
   CHECK(excess(mean, mean_ref, tol, tol) <= 0);
   CHECK(excess(rstd, rstd_ref, tol, tol) <= 0);
@@ -447,8 +464,13 @@ void check_cross_entropy(int64_t n, int64_t v, std::mt19937& rng, double tol, do
 TEST_CASE("the row kernels, emulated on the cpu: layer_norm, softmax, cross-entropy and group_norm",
           "[simt][norm]") {
   std::mt19937 rng(9);
-  check_layer_norm<double>(5, 300, 2, rng, 1e-10);  // rows past 2 x 128 threads, three chunks of partials
-  check_layer_norm<float>(3, 40, 256, rng, 1e-4);
+  // A block per row (past 1024 channels): rows past 2 x 128 threads, three chunks of partials.
+  check_layer_norm<double, 0>(5, 300, 2, rng, 1e-10);
+  check_layer_norm<float, 0>(3, 40, 256, rng, 1e-4);
+  // A warp per row: lanes past the row, a block's rows past the end, more chunks than slices.
+  check_layer_norm<double, 24>(70, 300, 0, rng, 1e-10);
+  check_layer_norm<float, 8>(300, 40, 0, rng, 1e-4);
+  check_layer_norm<double, 32>(9, 1024, 0, rng, 1e-10);
   check_softmax<double>(3, 1000, rng, 1e-10);
   check_softmax<float>(2, 77, rng, 1e-5);
   check_cross_entropy<double>(6, 300, rng, 1e-10, 1e-10);

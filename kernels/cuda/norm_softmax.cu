@@ -1,6 +1,7 @@
 // CUDA row kernels: layer_norm and group_norm forward/backward, softmax, fused cross-entropy.
-// One block per row (or group) with block reductions; parameter gradients sum row chunks into
-// partials and then the partials in order, so every sum has a fixed order.
+// layer_norm takes a warp per row up to 1024 channels, else (and the others) one block per row (or
+// group) with block reductions; parameter gradients sum row chunks into partials and then the
+// partials in order, so every sum has a fixed order.
 #include <algorithm>
 
 #include "kernels/cuda/cuda_backend.h"
@@ -19,6 +20,24 @@ using namespace cuda::row_kernels;
 unsigned grid_of(int64_t rows, const char* op) {
   REMAT_CHECK(rows <= INT32_MAX, op, ": ", rows, " rows exceed the cuda grid");
   return static_cast<unsigned>(rows);
+}
+
+// layer_norm takes a warp per row where a row fits in the warp's registers: up to 1024 channels.
+bool warp_rows_fit(int64_t c) { return c <= 32 * 32; }
+
+// Runs f.template operator()<kPerLane>() with the fewest values per lane that hold c channels (8,
+// 24 for gpt2's 768, or 32); false, running nothing, where c is too wide.
+template <typename F>
+bool dispatch_per_lane(int64_t c, F&& f) {
+  if (c <= 32 * 8) f.template operator()<8>();
+  else if (c <= 32 * 24) f.template operator()<24>();
+  else if (c <= 32 * 32) f.template operator()<32>();
+  else return false;
+  return true;
+}
+
+unsigned warp_row_blocks(int64_t rows, const char* op) {
+  return grid_of((rows + kNormWarps - 1) / kNormWarps, op);
 }
 
 // The reference path (REMAT_CUDA_INDEX_CHECK=host): targets checked on the host, the error at the op.
@@ -41,9 +60,15 @@ std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, co
   Tensor mean = Tensor::empty(stat_shape, x.dtype(), x.device()), rstd = Tensor::empty(stat_shape, x.dtype(), x.device());
   if (rows == 0) return {y, mean, rstd};
   dispatch(x.dtype(), "layer_norm", [&]<typename T>() {
-    REMAT_LAUNCH(grid_of(rows, "layer_norm"), kRowThreads, 0, layer_norm_kernel<T>)(
-        x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), c,
-        static_cast<Acc<T>>(eps));
+    const bool by_warps = dispatch_per_lane(c, [&]<int kPerLane>() {
+      REMAT_LAUNCH(warp_row_blocks(rows, "layer_norm"), 32 * kNormWarps, 0, layer_norm_warp_kernel<T, kPerLane>)(
+          x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), rows,
+          static_cast<int>(c), static_cast<Acc<T>>(eps));
+    });
+    if (!by_warps)
+      REMAT_LAUNCH(grid_of(rows, "layer_norm"), kRowThreads, 0, layer_norm_kernel<T>)(
+          x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), c,
+          static_cast<Acc<T>>(eps));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {y, mean, rstd};
@@ -57,20 +82,30 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   if (rows == 0) return {dx, Tensor::zeros(w.shape(), x.dtype(), x.device()), Tensor::zeros(w.shape(), x.dtype(), x.device())};
   // Every channel's sum is written below: no fill first.
   Tensor dw = Tensor::empty(w.shape(), x.dtype(), x.device()), db = Tensor::empty(w.shape(), x.dtype(), x.device());
-  // Fixed-size chunks of rows, larger ones only past 65535 * kRowChunk rows: the order of each sum
-  // depends on the shape alone.
-  int64_t row_chunk = std::max(kRowChunk, (rows + kMaxGridY - 1) / kMaxGridY);
-  int64_t chunks = (rows + row_chunk - 1) / row_chunk;
+  const bool by_warps = warp_rows_fit(c);
+  // Fixed-size chunks of rows (larger ones, on the block-per-row path, only past 65535 * kRowChunk
+  // rows): the order of each sum depends on the shape alone.
+  const int64_t row_chunk = by_warps ? kNormRowsPerBlock : std::max(kRowChunk, (rows + kMaxGridY - 1) / kMaxGridY);
+  const int64_t chunks = (rows + row_chunk - 1) / row_chunk;
   Tensor pw = empty_workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
   Tensor pb = empty_workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
   dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
     using A = Acc<T>;
-    REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T>)(
-        dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
-    dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
-    REMAT_LAUNCH(grid, kThreads, 0, layer_norm_param_partial_kernel<T>)(
-        dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), rows, c, row_chunk, pw.data<A>(), pb.data<A>());
-    REMAT_LAUNCH(blocks_for(c), kThreads, 0, sum_chunks_kernel<T>)(
+    if (by_warps) {
+      REMAT_CHECK(chunks <= INT32_MAX, "layer_norm_backward: ", rows, " rows exceed the cuda grid");
+      dispatch_per_lane(c, [&]<int kPerLane>() {
+        REMAT_LAUNCH(static_cast<unsigned>(chunks), 32 * kNormWarps, 0, layer_norm_backward_warp_kernel<T, kPerLane>)(
+            dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), rows,
+            static_cast<int>(c), pw.data<A>(), pb.data<A>());
+      });
+    } else {
+      REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T>)(
+          dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
+      dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+      REMAT_LAUNCH(grid, kThreads, 0, layer_norm_param_partial_kernel<T>)(
+          dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), rows, c, row_chunk, pw.data<A>(), pb.data<A>());
+    }
+    REMAT_LAUNCH(static_cast<unsigned>((c + 31) / 32), dim3(32, kSumSlices), 0, sum_chunks_kernel<T>)(
         pw.data<A>(), pb.data<A>(), chunks, c, dw.data<T>(), db.data<T>());
   });
   REMAT_CUDA_LAUNCH_CHECK();

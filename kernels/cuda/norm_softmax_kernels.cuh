@@ -17,8 +17,9 @@ using std::sqrt;
 #endif
 
 constexpr int kRowThreads = 128;       // threads per row of layer_norm and softmax
-// Rows per partial sum of a parameter gradient (at least): gpt2's 8192 rows give 128 partials, so
-// 384 blocks of 256 channels' partial sums fill an H200's 132 SMs (256 rows gave 96 blocks).
+// Rows per partial sum of a parameter gradient (at least) on layer_norm's block-per-row path (rows
+// past 1024 channels): 8192 rows give 128 partials, 3 x 128 blocks of 256 channels at 768 (256
+// rows gave 96 blocks, too few for an H200's 132 SMs).
 constexpr int64_t kRowChunk = 64;
 constexpr int64_t kMaxGridY = 65535;   // the grid's y extent, where those partials are laid out
 
@@ -102,17 +103,132 @@ __global__ void layer_norm_param_partial_kernel(const T* dy, const T* x, const T
   partial_b[blockIdx.y * c + ch] = sb;
 }
 
+// dw and db from the partial sums [chunks, c]: a block of kSumSlices x 32 threads per 32 channels,
+// slice s summing chunks s, s + kSumSlices, ... in order, then the slices' sums in slice order: a
+// fixed order for a given number of chunks, and few dependent loads per thread (a thread per
+// channel summing every chunk took 8192 / 64 = 128 in turn on gpt2).
+constexpr int kSumSlices = 8;
 template <typename T>
 __global__ void sum_chunks_kernel(const Acc<T>* partial_w, const Acc<T>* partial_b, int64_t chunks, int64_t c, T* dw,
                                   T* db) {
-  REMAT_GRID_STRIDE(ch, c) {
-    Acc<T> sw = 0, sb = 0;
-    for (int64_t k = 0; k < chunks; ++k) {
+  using A = Acc<T>;
+  __shared__ A slice_w[kSumSlices][32], slice_b[kSumSlices][32];
+  const int lane = threadIdx.x, slice = threadIdx.y;
+  const int64_t ch = blockIdx.x * int64_t{32} + lane;
+  A sw = 0, sb = 0;
+  if (ch < c)
+    for (int64_t k = slice; k < chunks; k += kSumSlices) {
       sw += partial_w[k * c + ch];
       sb += partial_b[k * c + ch];
     }
-    dw[ch] = cast_to<T>(sw);
-    db[ch] = cast_to<T>(sb);
+  slice_w[slice][lane] = sw;
+  slice_b[slice][lane] = sb;
+  __syncthreads();
+  if (slice != 0 || ch >= c) return;
+  for (int i = 1; i < kSumSlices; ++i) {
+    sw += slice_w[i][lane];
+    sb += slice_b[i][lane];
+  }
+  dw[ch] = cast_to<T>(sw);
+  db[ch] = cast_to<T>(sb);
+}
+
+// ---- layer_norm a warp per row (rows of at most 32 kPerLane channels) ---------------------------
+// The row's values stay in registers, channel lane + 32 k in slot k: the row is read once and the
+// sums are shuffles, with no block barriers (a block per row read it three times and met at four
+// barriers per row). Backward: each block takes kNormRowsPerBlock rows, its warps every
+// kNormWarps-th, and leaves the parameter gradients' sums over them, warps added in warp order, as
+// one chunk for sum_chunks_kernel: an order fixed by the shape.
+constexpr int kNormWarps = 4, kNormRowsPerBlock = 32;
+
+// The sum over the warp, the same bits in every lane (each step adds a + b in one lane and b + a
+// in its partner).
+template <typename A>
+__device__ __forceinline__ A warp_all_sum(A v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T, int kPerLane>
+__global__ void layer_norm_warp_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t rows,
+                                       int c, Acc<T> eps) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x * int64_t{kNormWarps} + (threadIdx.x >> 5);
+  if (row >= rows) return;  // the whole warp
+  const T* in = x + row * c;
+  A v[kPerLane], s = 0;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int i = lane + 32 * k;
+    v[k] = i < c ? load(in, i) : A(0);
+    s += v[k];
+  }
+  const A mu = warp_all_sum(s) / static_cast<A>(c);
+  A q = 0;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k)
+    if (lane + 32 * k < c) q += (v[k] - mu) * (v[k] - mu);
+  const A rs = A(1) / sqrt(warp_all_sum(q) / static_cast<A>(c) + eps);
+  T* out = y + row * c;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int i = lane + 32 * k;
+    if (i < c) out[i] = cast_to<T>((v[k] - mu) * rs * load(w, i) + load(b, i));
+  }
+  if (lane == 0) {
+    mean[row] = cast_to<T>(mu);
+    rstd[row] = cast_to<T>(rs);
+  }
+}
+
+// dx of each row, and partial_w/b[block, channel]: the sums of dy xhat and dy over the block's rows.
+template <typename T, int kPerLane>
+__global__ void layer_norm_backward_warp_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd,
+                                                T* dx, int64_t rows, int c, Acc<T>* partial_w, Acc<T>* partial_b) {
+  using A = Acc<T>;
+  __shared__ A block_w[32 * kPerLane], block_b[32 * kPerLane];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row0 = blockIdx.x * int64_t{kNormRowsPerBlock}, row_end = min(rows, row0 + kNormRowsPerBlock);
+  A pw[kPerLane] = {}, pb[kPerLane] = {};
+  for (int64_t r = row0 + warp; r < row_end; r += kNormWarps) {
+    const A mu = load(mean, r), rs = load(rstd, r);
+    A xhat[kPerLane], g[kPerLane], s1 = 0, s2 = 0;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int i = lane + 32 * k;
+      xhat[k] = g[k] = 0;
+      if (i >= c) continue;
+      g[k] = load(dy, r * c + i);
+      xhat[k] = (load(x, r * c + i) - mu) * rs;
+      const A d = g[k] * load(w, i);
+      s1 += d;
+      s2 += d * xhat[k];
+      pw[k] += g[k] * xhat[k];
+      pb[k] += g[k];
+    }
+    const A mean_d = warp_all_sum(s1) / static_cast<A>(c), mean_dx = warp_all_sum(s2) / static_cast<A>(c);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int i = lane + 32 * k;
+      if (i < c) dx[r * c + i] = cast_to<T>(rs * (g[k] * load(w, i) - mean_d - xhat[k] * mean_dx));
+    }
+  }
+  // The block's sums, the warps' added in warp order.
+  for (int turn = 0; turn < kNormWarps; ++turn) {
+    if (warp == turn)
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int i = lane + 32 * k;
+        if (i >= c) continue;
+        block_w[i] = turn == 0 ? pw[k] : block_w[i] + pw[k];
+        block_b[i] = turn == 0 ? pb[k] : block_b[i] + pb[k];
+      }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < c; i += blockDim.x) {
+    partial_w[blockIdx.x * int64_t{c} + i] = block_w[i];
+    partial_b[blockIdx.x * int64_t{c} + i] = block_b[i];
   }
 }
 
