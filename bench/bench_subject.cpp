@@ -126,9 +126,10 @@ int64_t Subject::activation_floor(const PolicySpec& spec) const {
   const int64_t rows = c.batch / micro_batches_;
   const int64_t f = 4, E = rows * c.seq_len * c.channels * f, st = rows * c.seq_len * f;
   const int64_t lse = rows * c.heads * c.seq_len * f;
-  // What backward saves of one block; a backend whose attention output the projection reads as a
-  // view (no re-laid-out copy) saves one E less.
-  const bool shared_output = backend_for(OpKind::attention, x_.device()).attention_reads_strided();
+  // What backward saves of one block; where the projection reads attention's output as a view (no
+  // re-laid-out copy), one E less: the CPU kernel, and on CUDA only the bf16 tensor-core kernels,
+  // which f = 4 does not describe (f32 takes the GEMM path, which writes [B, H, T, D]).
+  const bool shared_output = x_.device().is_cpu();
   const int64_t S = (shared_output ? 16 : 17) * E + 4 * st + lse;
   // ln_f in/out, stats, lse, and the logits, which the fused loss does not keep.
   const int64_t logits = rows * c.seq_len * c.vocab * f;

@@ -19,9 +19,10 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
   virtual bool supports(OpKind op) const = 0;
-  // Whether attention and its backward read q, k, v, o and dO as strided views (unit stride over D
-  // only; else the caller passes contiguous copies), with o returned as a [B, H, T, D] view of
-  // [B, T, H, D] memory (so merging the heads needs no copy).
+  // Whether attention and its backward take q, k, v, o and dO as strided views (unit stride over D
+  // only; else the caller passes contiguous copies). Such a backend may return o (and the
+  // gradients) as [B, H, T, D] views of [B, T, H, D] memory, so that merging the heads needs no
+  // copy: the CPU's kernel and CUDA's tensor-core kernels do.
   virtual bool attention_reads_strided() const { return false; }
 
   // Elementwise. unary_backward returns dy * f'(x), reading x or y = f(x), whichever f needs.

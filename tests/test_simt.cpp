@@ -118,40 +118,57 @@ remat_simt::Dim3 grid(int64_t t, int64_t heads, int rows_per_block) {
   return {static_cast<unsigned>((t + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(heads), 1};
 }
 
+// The tensor-core kernels as attention_mma.cu launches them on the heads of a fused projection:
+// q, k and v read where they lie in a [B, T, 3, H, D] buffer, dO and the outputs [B, T, H, D]
+// (B 2 where the case's heads split evenly).
 template <int D>
 void check_mma(const Case& c, std::mt19937& rng) {
-  const int64_t heads = c.heads, t = c.t, n = heads * t * D;
+  const int64_t heads = c.heads, t = c.t, n = heads * t * D, b = heads % 2 == 0 ? 2 : 1, h = heads / b;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<bf16> q = random_bf16(n, rng), k = random_bf16(n, rng), v = random_bf16(n, rng),
                     d_o = random_bf16(n, rng);
   auto get = [](const std::vector<bf16>& x) { return [&x](int64_t i) { return at(x, static_cast<size_t>(i)); }; };
   const Reference ref = reference(c, D, get(q), get(k), get(v), get(d_o));
-  // The kernels, as attention_mma.cu launches them.
-  std::vector<bf16> o(n), dq(n), dk(n), dv(n);
+  // Element i of head-major [heads, T, D] in the packed layouts: `parts` tensors side by side per token.
+  auto packed = [&](int64_t i, int64_t parts, int64_t part) {
+    const int64_t bh = i / (t * D), row = i / D % t, e = i % D;
+    return ((bh / h * t + row) * parts + part) * h * D + bh % h * D + e;
+  };
+  std::vector<bf16> qkv(3 * n), d_o_packed(n), o(n), dq(n), dk(n), dv(n);
+  for (int64_t i = 0; i < n; ++i) {
+    qkv[packed(i, 3, 0)] = q[i], qkv[packed(i, 3, 1)] = k[i], qkv[packed(i, 3, 2)] = v[i];
+    d_o_packed[packed(i, 1, 0)] = d_o[i];
+  }
+  const int hi = static_cast<int>(h);
+  auto in = [&](int part) { return mma::Heads<const bf16>{qkv.data() + part * h * D, t * 3 * h * D, D, 3 * h * D, hi}; };
+  auto out = [&](std::vector<bf16>& x) { return mma::Heads<bf16>{x.data(), t * h * D, D, h * D, hi}; };
+  const mma::Heads<const bf16> dO{d_o_packed.data(), t * h * D, D, h * D, hi}, O{o.data(), t * h * D, D, h * D, hi};
   std::vector<float> lse(heads * t), row_dot(heads * t);
   remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, mma::forward_shared_bytes<D>(), [&] {
-    mma::mma_forward_kernel<D>(q.data(), k.data(), v.data(), o.data(), lse.data(), t, c.causal, scale);
+    mma::mma_forward_kernel<D>(in(0), in(1), in(2), out(o), lse.data(), t, c.causal, scale);
   });
-  for (int64_t r = 0; r < heads * t; ++r) {  // attention_row_dots: dO . O in f32, O as stored (bf16)
-    float s = 0;
-    for (int e = 0; e < D; ++e) s += __bfloat162float(d_o[r * D + e]) * __bfloat162float(o[r * D + e]);
-    row_dot[r] = s;
-  }
+  remat_simt::launch({static_cast<unsigned>((heads * t + mma::kBlockThreads - 1) / mma::kBlockThreads), 1, 1},
+                     mma::kBlockThreads, 0, [&] { mma::mma_row_dot_kernel<D>(dO, O, row_dot.data(), t, heads * t); });
   remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, mma::dq_shared_bytes<D>(), [&] {
-    mma::mma_dq_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dq.data(), t,
-                          c.causal, scale);
+    mma::mma_dq_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dq), t, c.causal, scale);
   });
   remat_simt::launch(grid(t, heads, mma::kKeyBlock), mma::kBlockThreads, mma::dkv_shared_bytes<D>(), [&] {
-    mma::mma_dkv_kernel<D>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), row_dot.data(), dk.data(),
-                           dv.data(), t, c.causal, scale);
+    mma::mma_dkv_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dk), out(dv), t, c.causal,
+                           scale);
   });
-  INFO("mma: heads " << heads << ", T " << t << ", D " << D << (c.causal ? ", causal" : ""));
+  // Back to head-major order for the reference.
+  auto unpacked = [&](const std::vector<bf16>& x) {
+    std::vector<bf16> y(n);
+    for (int64_t i = 0; i < n; ++i) y[i] = x[packed(i, 1, 0)];
+    return y;
+  };
+  INFO("mma: B " << b << ", H " << h << ", T " << t << ", D " << D << (c.causal ? ", causal" : ""));
   // bf16 outputs (8 bits of mantissa), probabilities and dS rounded to bf16 as product inputs.
-  CHECK(excess(o, ref.o, 0.01, 0.02) <= 0);
+  CHECK(excess(unpacked(o), ref.o, 0.01, 0.02) <= 0);
   CHECK(excess(lse, ref.lse, 1e-4, 1e-4) <= 0);
-  CHECK(excess(dq, ref.dq, 0.01, 0.03) <= 0);
-  CHECK(excess(dk, ref.dk, 0.01, 0.03) <= 0);
-  CHECK(excess(dv, ref.dv, 0.01, 0.03) <= 0);
+  CHECK(excess(unpacked(dq), ref.dq, 0.01, 0.03) <= 0);
+  CHECK(excess(unpacked(dk), ref.dk, 0.01, 0.03) <= 0);
+  CHECK(excess(unpacked(dv), ref.dv, 0.01, 0.03) <= 0);
 }
 
 // The flash kernels in T (float or double) with the register width DMAX >= d, as attention.cu
@@ -573,9 +590,9 @@ TEST_CASE("cross-entropy's row sums have the same bits whether a row is read in 
 TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute attention and its gradients",
           "[attention][simt]") {
   std::mt19937 rng(7);
-  check_mma<64>({2, 100, true}, rng);   // a query tile's tail, key tiles of 64 and 32
+  check_mma<64>({4, 100, true}, rng);   // a query tile's tail, key tiles of 64 and 32; B 2, H 2
   check_mma<64>({1, 1, true}, rng);     // one row
-  check_mma<128>({1, 70, false}, rng);  // the widest head, not causal
+  check_mma<128>({3, 70, false}, rng);  // the widest head, not causal; B 1, H 3
   check_mma<32>({2, 130, true}, rng);   // three query tiles, five key blocks' worth of tails
   // Tiles every query of which sees every key take the unmasked path: several per block here.
   check_mma<64>({1, 256, true}, rng);

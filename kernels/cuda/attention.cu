@@ -30,10 +30,11 @@ void dispatch_head_dim(int64_t d, F&& f) {
 
 // The path this call takes: the chosen one, or under `auto` the tensor-core kernels where they
 // apply, else the GEMMs in f32 and bf16 and the reference kernel in f64. `mma` falls back to the
-// flash kernel, `gemm` to it only for an empty head dim. From the inputs alone, so every call of
-// the same shapes and dtypes (a replay, a second step) takes the same path.
-CudaAttention attention_path(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* d_o) {
-  const bool mma_fits = mma_attention_supported(q, k, v) && (d_o == nullptr || mma_attention_supported(*d_o, *d_o, *d_o));
+// flash kernel, `gemm` to it only for an empty head dim. From the shape, dtype and device alone,
+// so every call of the same shapes and dtypes (a replay, a second step, the backward of a
+// forward) takes the same path, whatever the inputs' layouts.
+CudaAttention attention_path(const Tensor& q) {
+  const bool mma_fits = mma_attention_supported(q);
   switch (cuda_attention()) {
     case CudaAttention::gemm: return q.size(3) > 0 ? CudaAttention::gemm : CudaAttention::flash;
     case CudaAttention::mma: return mma_fits ? CudaAttention::mma : CudaAttention::flash;
@@ -43,6 +44,10 @@ CudaAttention attention_path(const Tensor& q, const Tensor& k, const Tensor& v, 
     default: return CudaAttention::flash;
   }
 }
+
+// The flash and GEMM paths read contiguous heads; the heads of a fused projection arrive as
+// strided views (attention_reads_strided), which the tensor-core kernels read where they lie.
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.as_contiguous(); }
 
 dim3 attention_grid(int64_t heads, int64_t t) {
   REMAT_CHECK(heads <= 65535, "attention: ", heads, " batch x heads exceed the cuda grid (65535)");
@@ -67,12 +72,13 @@ Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
 
 }  // namespace cuda
 
-std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+std::vector<Tensor> CudaBackend::attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
                                            double scale) {
-  const CudaAttention path = attention_path(q, k, v, nullptr);
+  const CudaAttention path = attention_path(q_in);
+  set_device_of(q_in);
+  if (path == CudaAttention::mma) return attention_mma(q_in, k_in, v_in, causal, scale);
+  const Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   if (path == CudaAttention::gemm) return attention_gemm(q, k, v, causal, scale);
-  set_device_of(q);
-  if (path == CudaAttention::mma) return attention_mma(q, k, v, causal, scale);
   count_cuda_attention_call(CudaAttention::flash);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
@@ -94,14 +100,15 @@ std::vector<Tensor> CudaBackend::attention(const Tensor& q, const Tensor& k, con
   return {o, lse};
 }
 
-std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
-                                                    double scale) {
+std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o_in, const Tensor& q_in, const Tensor& k_in,
+                                                    const Tensor& v_in, const Tensor& o_in, const Tensor& lse,
+                                                    bool causal, double scale) {
   // The lse of any forward serves any backward (f32 for bf16, m + log l of the scaled scores).
-  const CudaAttention path = attention_path(q, k, v, &d_o);
+  const CudaAttention path = attention_path(q_in);
+  set_device_of(q_in);
+  if (path == CudaAttention::mma) return attention_backward_mma(d_o_in, q_in, k_in, v_in, o_in, lse, causal, scale);
+  const Tensor d_o = dense(d_o_in), q = dense(q_in), k = dense(k_in), v = dense(v_in), o = dense(o_in);
   if (path == CudaAttention::gemm) return attention_backward_gemm(d_o, q, k, v, o, lse, causal, scale);
-  set_device_of(q);
-  if (path == CudaAttention::mma) return attention_backward_mma(d_o, q, k, v, o, lse, causal, scale);
   count_cuda_attention_call(CudaAttention::flash);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),

@@ -8,10 +8,10 @@
 
 #include "kernels/cuda/attention_mma.h"
 
-#include "kernels/cuda/attention_gemm.h"
 #include "kernels/cuda/attention_mma_kernels.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "runtime/cuda_devices.h"
+#include "runtime/workspace.h"
 
 namespace remat::cuda {
 
@@ -35,7 +35,27 @@ dim3 grid(int64_t heads, int64_t t, int rows_per_block) {
   return dim3(static_cast<unsigned>((t + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(heads));
 }
 
-bool aligned16(const Tensor& x) { return reinterpret_cast<uintptr_t>(x.raw_data()) % 16 == 0; }
+// The layout the kernels read (Heads): unit stride over D, the other strides multiples of 8
+// elements and the data 16-byte aligned, as the heads of a fused projection are; else a
+// contiguous copy.
+Tensor readable(const Tensor& x) {
+  const auto& st = x.strides();
+  const bool fits = (x.size(3) == 1 || st[3] == 1) && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(x.raw_data()) % 16 == 0;
+  return fits ? x : x.as_contiguous();
+}
+
+template <typename E>
+Heads<E> heads_of(const Tensor& x) {
+  const auto& st = x.strides();
+  return {reinterpret_cast<E*>(x.raw_data()), st[0], st[1], st[2], static_cast<int>(x.size(1))};
+}
+
+// A [B, H, T, D] bf16 tensor laid out [B, T, H, D] (the file's head says why).
+Tensor empty_heads(const Tensor& like) {
+  const int64_t b = like.size(0), h = like.size(1), t = like.size(2), d = like.size(3);
+  return Tensor::empty({b, t, h, d}, like.dtype(), like.device()).view({b, h, t, d}, {t * h * d, d, h * d, 1}, 0);
+}
 
 // Lets `kernel` take `bytes` of dynamic shared memory: past 48 KiB a kernel must opt in (the
 // double-buffered tiles at head dim 128 take 51-70 KiB).
@@ -47,21 +67,21 @@ void allow_shared_bytes(Kernel* kernel, size_t bytes) {
 
 }  // namespace
 
-bool mma_attention_supported(const Tensor& q, const Tensor& k, const Tensor& v) {
+bool mma_attention_supported(const Tensor& q) {
   const int64_t d = q.size(3);
   if (q.dtype() != DType::bf16 || (d != 32 && d != 64 && d != 128)) return false;
   // The kernels count positions in int: T up to 2^30 leaves room for a tile past the end.
   if (q.size(2) > (int64_t{1} << 30)) return false;
-  for (const Tensor* x : {&q, &k, &v})
-    if (!x->is_contiguous() || !aligned16(*x)) return false;
   int major = 0;
   REMAT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index));
   return major >= 8;
 }
 
-std::vector<Tensor> attention_mma(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+std::vector<Tensor> attention_mma(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
+                                  double scale) {
+  const Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor o = empty_heads(q);
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, DType::f32, q.device());
   if (heads == 0 || t == 0) return {o, lse};
   count_cuda_attention_call(CudaAttention::mma);
@@ -69,35 +89,39 @@ std::vector<Tensor> attention_mma(const Tensor& q, const Tensor& k, const Tensor
     constexpr size_t smem = forward_shared_bytes<D>();
     allow_shared_bytes(&mma_forward_kernel<D>, smem);
     REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, smem, mma_forward_kernel<D>)(
-        q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), o.data<bf16>(), lse.data<float>(), t, causal,
-        static_cast<float>(scale));
+        heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<bf16>(o),
+        lse.data<float>(), t, causal, static_cast<float>(scale));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {o, lse};
 }
 
-std::vector<Tensor> attention_backward_mma(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
-                                           const Tensor& o, const Tensor& lse, bool causal, double scale) {
+std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q_in, const Tensor& k_in,
+                                           const Tensor& v_in, const Tensor& o_in, const Tensor& lse, bool causal,
+                                           double scale) {
+  const Tensor d_o = readable(d_o_in), q = readable(q_in), k = readable(k_in), v = readable(v_in), o = readable(o_in);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
-         dv = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor dq = empty_heads(q), dk = empty_heads(q), dv = empty_heads(q);
   if (heads == 0 || t == 0) return {dq, dk, dv};
-  REMAT_CHECK(d_o.is_contiguous() && aligned16(d_o), "attention (mma): expected a contiguous, 16-byte aligned dO");
   REMAT_CHECK(lse.dtype() == DType::f32, "attention (mma): expected the forward's f32 log-sum-exp, got ",
               dtype_name(lse.dtype()));
   count_cuda_attention_call(CudaAttention::mma);
-  Tensor row_dot = attention_row_dots(d_o, o);
+  Tensor row_dot = empty_workspace({heads * t}, DType::f32, q.device());
   dispatch_mma_head_dim(d, [&]<int D>() {
+    REMAT_LAUNCH(static_cast<unsigned>((heads * t + kBlockThreads - 1) / kBlockThreads), kBlockThreads, 0,
+                 mma_row_dot_kernel<D>)(heads_of<const bf16>(d_o), heads_of<const bf16>(o), row_dot.data<float>(), t,
+                                        heads * t);
     constexpr size_t dq_smem = dq_shared_bytes<D>(), dkv_smem = dkv_shared_bytes<D>();
     allow_shared_bytes(&mma_dq_kernel<D>, dq_smem);
     REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, dq_smem, mma_dq_kernel<D>)(
-        q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
-        dq.data<bf16>(), t, causal, static_cast<float>(scale));
+        heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
+        lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dq), t, causal, static_cast<float>(scale));
     REMAT_CUDA_LAUNCH_CHECK();
     allow_shared_bytes(&mma_dkv_kernel<D>, dkv_smem);
     REMAT_LAUNCH(grid(heads, t, kKeyBlock), kBlockThreads, dkv_smem, mma_dkv_kernel<D>)(
-        q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), d_o.data<bf16>(), lse.data<float>(), row_dot.data<float>(),
-        dk.data<bf16>(), dv.data<bf16>(), t, causal, static_cast<float>(scale));
+        heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
+        lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dk), heads_of<bf16>(dv), t, causal,
+        static_cast<float>(scale));
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {dq, dk, dv};

@@ -197,16 +197,29 @@ REMAT_MMA_DEVICE void wait_copies() {
 #endif
 }
 
-// Rows [row0, row0 + rows) of a head's contiguous [T, D] matrix into a shared tile, 16 bytes a
-// copy, asynchronously (the caller commits and waits); rows at or past t are zeros, stored now.
+// A [B, H, T, D] bf16 tensor with unit stride over D, as the kernels address it: head bh = b H + h
+// begins at data + b batch + h head and its rows lie `row` elements apart (each stride a multiple
+// of 8 elements and data 16-byte aligned: attention_mma.cu makes sure). So the heads of a fused
+// qkv projection are read where they lie, and o and the gradients are written [B, T, H, D].
+template <typename E>
+struct Heads {
+  E* data;
+  int64_t batch, head, row;
+  int heads;
+  REMAT_MMA_DEVICE E* of(int64_t bh) const { return data + (bh / heads) * batch + (bh % heads) * head; }
+};
+
+// Rows [row0, row0 + rows) of one head's [T, D] matrix (rows ld elements apart) into a shared
+// tile, 16 bytes a copy, asynchronously (the caller commits and waits); rows at or past t are
+// zeros, stored now.
 template <int D>
-REMAT_MMA_DEVICE void stage(bf16* s, const bf16* head, int row0, int rows, int t) {
+REMAT_MMA_DEVICE void stage(bf16* s, const bf16* head, int64_t ld, int row0, int rows, int t) {
   constexpr int kChunks = D / 8;
 #pragma unroll 1  // unrolled, the copies' addresses held 30 more registers at D 64 (ptxas -v)
   for (int i = threadIdx.x; i < rows * kChunks; i += kBlockThreads) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
     bf16* to = s + r * kLd<D> + c;
-    if (row0 + r < t) copy_async<16>(to, head + static_cast<int64_t>(row0 + r) * D + c);
+    if (row0 + r < t) copy_async<16>(to, head + static_cast<int64_t>(row0 + r) * ld + c);
     else *reinterpret_cast<uint4*>(to) = make_uint4(0, 0, 0, 0);
   }
 }
@@ -273,22 +286,23 @@ constexpr size_t forward_shared_bytes() {
 // loading while this one is used. Scores are kept in base-2 units (s scale log2 e), the row
 // maxima m too; lse is stored in natural units.
 template <int D>
-REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k, const bf16* v,
-                                                                     bf16* o, float* lse, int64_t t64, bool causal,
-                                                                     float scale) {
+REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
+                                                   Heads<const bf16> v_heads, Heads<bf16> o_heads, float* lse,
+                                                   int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
   constexpr int kTileElements = kKeyTile * kLd<D>;
   bf16* const tiles = reinterpret_cast<bf16*>(smem);  // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
-  const int64_t head = blockIdx.y, base = head * t64 * D;
+  const int64_t head = blockIdx.y;
+  const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head);
   const float scale_log2 = scale * kLog2e;
   const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kKeyTile - 1) / kKeyTile;
   // The first key and value tiles load while the queries pass through the second buffer into
   // registers, where the warp's 16 rows stay as A fragments.
-  stage<D>(tiles, k + base, 0, kKeyTile, t);
-  stage<D>(tiles + kTileElements, v + base, 0, kKeyTile, t);
-  stage<D>(tiles + 2 * kTileElements, q + base, q0, kQueryTile, t);
+  stage<D>(tiles, k, k_heads.row, 0, kKeyTile, t);
+  stage<D>(tiles + kTileElements, v, v_heads.row, 0, kKeyTile, t);
+  stage<D>(tiles + 2 * kTileElements, q, q_heads.row, q0, kQueryTile, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
@@ -305,8 +319,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
     const bf16* vs = ks + kTileElements;
     if (i + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
       bf16* next = tiles + 2 * ((i + 1) & 1) * kTileElements;
-      stage<D>(next, k + base, kb + kKeyTile, kKeyTile, t);
-      stage<D>(next + kTileElements, v + base, kb + kKeyTile, kKeyTile, t);
+      stage<D>(next, k, k_heads.row, kb + kKeyTile, kKeyTile, t);
+      stage<D>(next + kTileElements, v, v_heads.row, kb + kKeyTile, kKeyTile, t);
       commit_copies();
       wait_copies<1>();
     } else {
@@ -365,7 +379,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(const bf16* q, const bf16* k,
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= t) continue;
-    store_row<D>(o + base + static_cast<int64_t>(row[r]) * D, acc, r, l[r]);
+    store_row<D>(o_heads.of(head) + row[r] * o_heads.row, acc, r, l[r]);
     if (c == 0) lse[head * t64 + row[r]] = m[r] * kLn2 + logf(l[r]);
   }
 }
@@ -380,23 +394,24 @@ constexpr size_t dq_shared_bytes() {
 // dq: a block of 64 query rows (16 per warp), key tiles of 32, the next loading while this one is
 // used. P = 2^(s scale log2 e - lse log2 e), dS = P (dP - D) scale, dq = dS K.
 template <int D>
-REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, const bf16* v,
-                                                                const bf16* d_o, const float* lse,
-                                                                const float* row_dot, bf16* dq, int64_t t64,
-                                                                bool causal, float scale) {
+REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
+                                              Heads<const bf16> v_heads, Heads<const bf16> do_heads, const float* lse,
+                                              const float* row_dot, Heads<bf16> dq_heads, int64_t t64, bool causal,
+                                              float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
   constexpr int kTileElements = kOtherTile * kLd<D>;
   bf16* const rows = reinterpret_cast<bf16*>(smem);  // stages q, then dO
   bf16* const tiles = rows + kQueryTile * kLd<D>;     // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
-  const int64_t head = blockIdx.y, base = head * t64 * D;
+  const int64_t head = blockIdx.y;
+  const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head), *d_o = do_heads.of(head);
   const float scale_log2 = scale * kLog2e;
   const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kOtherTile - 1) / kOtherTile;
   // The first key and value tiles load while q and dO pass through `rows` into registers.
-  stage<D>(tiles, k + base, 0, kOtherTile, t);
-  stage<D>(tiles + kTileElements, v + base, 0, kOtherTile, t);
-  stage<D>(rows, q + base, q0, kQueryTile, t);
+  stage<D>(tiles, k, k_heads.row, 0, kOtherTile, t);
+  stage<D>(tiles + kTileElements, v, v_heads.row, 0, kOtherTile, t);
+  stage<D>(rows, q, q_heads.row, q0, kQueryTile, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
@@ -404,7 +419,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], rows, 16 * warp, 16 * kk);
   __syncthreads();
-  stage<D>(rows, d_o + base, q0, kQueryTile, t);
+  stage<D>(rows, d_o, do_heads.row, q0, kQueryTile, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
@@ -424,8 +439,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
     const bf16* vs = ks + kTileElements;
     if (i + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
       bf16* next = tiles + 2 * ((i + 1) & 1) * kTileElements;
-      stage<D>(next, k + base, kb + kOtherTile, kOtherTile, t);
-      stage<D>(next + kTileElements, v + base, kb + kOtherTile, kOtherTile, t);
+      stage<D>(next, k, k_heads.row, kb + kOtherTile, kOtherTile, t);
+      stage<D>(next + kTileElements, v, v_heads.row, kb + kOtherTile, kOtherTile, t);
       commit_copies();
       wait_copies<1>();
     } else {
@@ -459,7 +474,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(const bf16* q, const bf16* k, cons
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (row[r] < t) store_row<D>(dq + base + static_cast<int64_t>(row[r]) * D, acc, r);
+    if (row[r] < t) store_row<D>(dq_heads.of(head) + row[r] * dq_heads.row, acc, r);
   }
 }
 
@@ -474,10 +489,10 @@ constexpr size_t dkv_shared_bytes() {
 // is used), in the transposed products: P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO,
 // dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q.
 template <int D>
-REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, const bf16* v,
-                                                                 const bf16* d_o, const float* lse,
-                                                                 const float* row_dot, bf16* dk, bf16* dv,
-                                                                 int64_t t64, bool causal, float scale) {
+REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
+                                               Heads<const bf16> v_heads, Heads<const bf16> do_heads,
+                                               const float* lse, const float* row_dot, Heads<bf16> dk_heads,
+                                               Heads<bf16> dv_heads, int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
   constexpr int kTileElements = kOtherTile * kLd<D>;
   bf16* const ks = reinterpret_cast<bf16*>(smem);
@@ -486,20 +501,21 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
   float* const row_values = reinterpret_cast<float*>(tiles + 4 * kTileElements);  // buffer b: lse at 2 b, dots at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), k0 = blockIdx.x * kKeyBlock, key0 = k0 + 16 * warp;
-  const int64_t head = blockIdx.y, base = head * t64 * D;
+  const int64_t head = blockIdx.y;
+  const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head), *d_o = do_heads.of(head);
   const float scale_log2 = scale * kLog2e;
   // Queries before the block's first key see none of its keys under a causal mask.
   const int q_begin = causal ? (k0 / kOtherTile) * kOtherTile : 0;
   const int query_tiles = (t - q_begin + kOtherTile - 1) / kOtherTile;
   auto stage_queries = [&](int b, int qb) {
     bf16* qs = tiles + 2 * b * kTileElements;
-    stage<D>(qs, q + base, qb, kOtherTile, t);
-    stage<D>(qs + kTileElements, d_o + base, qb, kOtherTile, t);
+    stage<D>(qs, q, q_heads.row, qb, kOtherTile, t);
+    stage<D>(qs + kTileElements, d_o, do_heads.row, qb, kOtherTile, t);
     stage_rows(row_values + 2 * b * kOtherTile, lse + head * t64, qb, kOtherTile, t);
     stage_rows(row_values + (2 * b + 1) * kOtherTile, row_dot + head * t64, qb, kOtherTile, t);
   };
-  stage<D>(ks, k + base, k0, kKeyBlock, t);
-  stage<D>(vs, v + base, k0, kKeyBlock, t);
+  stage<D>(ks, k, k_heads.row, k0, kKeyBlock, t);
+  stage<D>(vs, v, v_heads.row, k0, kKeyBlock, t);
   stage_queries(0, q_begin);
   commit_copies();
   const int key[2] = {key0 + g, key0 + g + 8};
@@ -569,9 +585,35 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(const bf16* q, const bf16* k, con
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= t) continue;
-    store_row<D>(dk + base + static_cast<int64_t>(key[r]) * D, dk_acc, r);
-    store_row<D>(dv + base + static_cast<int64_t>(key[r]) * D, dv_acc, r);
+    store_row<D>(dk_heads.of(head) + key[r] * dk_heads.row, dk_acc, r);
+    store_row<D>(dv_heads.of(head) + key[r] * dv_heads.row, dv_acc, r);
   }
+}
+
+// dO . O for each of the B H T rows (the backward's D), summed in f32 over d in order, a thread a
+// row reading 16 bytes at a time.
+template <int D>
+REMAT_MMA_KERNEL(kBlockThreads) mma_row_dot_kernel(Heads<const bf16> do_heads, Heads<const bf16> o_heads, float* out,
+                                                   int64_t t, int64_t rows) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kBlockThreads) + threadIdx.x;
+  if (r >= rows) return;
+  const int64_t head = r / t, i = r % t;
+  const bf16* d_o = do_heads.of(head) + i * do_heads.row;
+  const bf16* o = o_heads.of(head) + i * o_heads.row;
+  float s = 0.f;
+#pragma unroll
+  for (int c = 0; c < D; c += 8) {
+    const uint4 a = *reinterpret_cast<const uint4*>(d_o + c), b = *reinterpret_cast<const uint4*>(o + c);
+    const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t x = aw[e / 2], y = bw[e / 2];
+      const bf16 xe = __ushort_as_bfloat16(static_cast<unsigned short>(e % 2 ? x >> 16 : x & 0xffffu));
+      const bf16 ye = __ushort_as_bfloat16(static_cast<unsigned short>(e % 2 ? y >> 16 : y & 0xffffu));
+      s += __bfloat162float(xe) * __bfloat162float(ye);
+    }
+  }
+  out[r] = s;
 }
 
 }  // namespace remat::cuda::mma_attention
