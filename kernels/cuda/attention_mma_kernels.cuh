@@ -206,7 +206,12 @@ struct Heads {
   E* data;
   int64_t batch, head, row;
   int heads;
-  REMAT_MMA_DEVICE E* of(int64_t bh) const { return data + (bh / heads) * batch + (bh % heads) * head; }
+  // bh < B H fits an int (a grid dimension): 32-bit division, where a 64-bit one is a called
+  // routine that held 45 more registers in the forward kernel (ptxas -v).
+  REMAT_MMA_DEVICE E* of(int bh) const {
+    const int b = bh / heads, h = bh - b * heads;
+    return data + b * batch + h * head;
+  }
 };
 
 // Rows [row0, row0 + rows) of one head's [T, D] matrix (rows ld elements apart) into a shared
@@ -294,7 +299,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
   bf16* const tiles = reinterpret_cast<bf16*>(smem);  // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
-  const int64_t head = blockIdx.y;
+  const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head);
   const float scale_log2 = scale * kLog2e;
   const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kKeyTile - 1) / kKeyTile;
@@ -404,7 +409,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
   bf16* const tiles = rows + kQueryTile * kLd<D>;     // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
-  const int64_t head = blockIdx.y;
+  const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head), *d_o = do_heads.of(head);
   const float scale_log2 = scale * kLog2e;
   const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kOtherTile - 1) / kOtherTile;
@@ -501,7 +506,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<
   float* const row_values = reinterpret_cast<float*>(tiles + 4 * kTileElements);  // buffer b: lse at 2 b, dots at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int t = static_cast<int>(t64), k0 = blockIdx.x * kKeyBlock, key0 = k0 + 16 * warp;
-  const int64_t head = blockIdx.y;
+  const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head), *d_o = do_heads.of(head);
   const float scale_log2 = scale * kLog2e;
   // Queries before the block's first key see none of its keys under a causal mask.
@@ -597,7 +602,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_row_dot_kernel(Heads<const bf16> do_heads, H
                                                    int64_t t, int64_t rows) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kBlockThreads) + threadIdx.x;
   if (r >= rows) return;
-  const int64_t head = r / t, i = r % t;
+  const int head = static_cast<int>(r / t);
+  const int64_t i = r % t;
   const bf16* d_o = do_heads.of(head) + i * do_heads.row;
   const bf16* o = o_heads.of(head) + i * o_heads.row;
   float s = 0.f;
