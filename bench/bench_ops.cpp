@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <tuple>
 #include <vector>
 
 #include "remat.h"
@@ -74,6 +76,40 @@ void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
     rows.push_back(row);
   }
   cpu::set_gemm_library(chosen);
+}
+
+// Attention at gpt2's shape (B 8, H 12, T 1024, D 64, causal) in bf16 on each tensor-core path,
+// forward and backward apart: the kernels' own speed, which a step's profile mixes with its
+// copies. TFLOP/s counts what FlashAttention's papers count: the causal half of two T x T x D
+// products per head forward, five backward (2.5x; remat's backward runs seven, recomputing the
+// scores and dP in both of its kernels).
+void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
+  const int64_t b = 8, h = 12, t = 1024, d = 64;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const double forward_flops = 4.0 * b * h * t * t * d / 2, backward_flops = 2.5 * forward_flops;
+  auto input = [&] { return cast(Tensor::randn({b, h, t, d}).to(device), DType::bf16); };
+  const Tensor q = input(), k = input(), v = input(), d_o = input();
+  Backend& backend = backend_for(device);
+  const CudaAttention before = cuda_attention();
+  for (CudaAttention path : {CudaAttention::mma, CudaAttention::gemm}) try {
+    set_cuda_attention(path);
+    std::vector<Tensor> out = backend.attention(q, k, v, true, scale);
+    const double forward = median_seconds(device, repeats, [&] { backend.attention(q, k, v, true, scale); });
+    const double backward = median_seconds(device, repeats, [&] {
+      backend.attention_backward(d_o, q, k, v, out[0], out[1], true, scale);
+    });
+    for (const auto& [phase, seconds, flops] :
+         {std::tuple{"forward", forward, forward_flops}, std::tuple{"backward", backward, backward_flops}}) {
+      const std::string name =
+          fmt::format("attention {} {} [{},{},{},{}] bf16 causal", cuda_attention_name(path), phase, b, h, t, d);
+      fmt::print("{:<50} {:>8.3f} ms {:>7.1f} TFLOP/s\n", name, seconds * 1e3, flops / seconds / 1e12);
+      rows.push_back({{"op", name}, {"median_ms", seconds * 1e3}, {"tflops", flops / seconds / 1e12}});
+    }
+  } catch (const std::exception& e) {  // the other path and the JSON still come out
+    fmt::print("attention {}: failed: {}\n", cuda_attention_name(path), e.what());
+    rows.push_back({{"op", fmt::format("attention {}", cuda_attention_name(path))}, {"error", e.what()}});
+  }
+  set_cuda_attention(before);
 }
 
 }  // namespace
@@ -145,6 +181,7 @@ int run_ops(const OpsOptions& options) {
     fmt::print("{:<34} {:>12.3f} ms\n", name, s * 1e3);
     rows.push_back({{"op", name}, {"median_ms", s * 1e3}});
   }
+  if (device.is_cuda()) time_cuda_attention(device, options.repeats, rows);
   if (!options.json_path.empty()) {
     std::string tmp = options.json_path + ".tmp";
     std::ofstream(tmp) << nlohmann::json{{"device", device.str()}, {"threads", omp_get_max_threads()}, {"rows", rows}}.dump(2);

@@ -144,7 +144,7 @@ void check_mma(const Case& c, std::mt19937& rng) {
   auto out = [&](std::vector<bf16>& x) { return mma::Heads<bf16>{x.data(), t * h * D, D, h * D, hi}; };
   const mma::Heads<const bf16> dO{d_o_packed.data(), t * h * D, D, h * D, hi}, O{o.data(), t * h * D, D, h * D, hi};
   std::vector<float> lse(heads * t), row_dot(heads * t);
-  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, mma::forward_shared_bytes<D>(), [&] {
+  remat_simt::launch(grid(t, heads, mma::kForwardRows<D>), mma::kBlockThreads, mma::forward_shared_bytes<D>(), [&] {
     mma::mma_forward_kernel<D>(in(0), in(1), in(2), out(o), lse.data(), t, c.causal, scale);
   });
   remat_simt::launch({static_cast<unsigned>((heads * t + mma::kBlockThreads - 1) / mma::kBlockThreads), 1, 1},

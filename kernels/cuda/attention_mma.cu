@@ -88,7 +88,7 @@ std::vector<Tensor> attention_mma(const Tensor& q_in, const Tensor& k_in, const 
   dispatch_mma_head_dim(d, [&]<int D>() {
     constexpr size_t smem = forward_shared_bytes<D>();
     allow_shared_bytes(&mma_forward_kernel<D>, smem);
-    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, smem, mma_forward_kernel<D>)(
+    REMAT_LAUNCH(grid(heads, t, kForwardRows<D>), kBlockThreads, smem, mma_forward_kernel<D>)(
         heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<bf16>(o),
         lse.data<float>(), t, causal, static_cast<float>(scale));
   });

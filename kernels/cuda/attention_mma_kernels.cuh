@@ -35,7 +35,7 @@ using std::min;
 #endif
 
 constexpr int kWarps = 4, kBlockThreads = 32 * kWarps;
-constexpr int kQueryTile = 16 * kWarps;  // forward and dq: query rows per block, 16 per warp
+constexpr int kQueryTile = 16 * kWarps;  // dq: query rows per block, 16 per warp
 constexpr int kKeyTile = 64;             // forward: keys per shared tile
 constexpr int kOtherTile = 32;           // dq: keys per tile; dk/dv: queries per tile
 constexpr int kKeyBlock = 16 * kWarps;   // dk/dv: keys per block, 16 per warp
@@ -130,35 +130,45 @@ REMAT_MMA_DEVICE void c_to_a(uint32_t (&a)[4], const float (*c)[4], int kk) {
   a[3] = pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// s[j] += A M^T for the N / 8 tiles j: the warp's A fragments over D columns (registers) against
-// rows [0, N) of a row-major shared tile M (S = Q K^T, dP = dO V^T).
-template <int D, int N>
-REMAT_MMA_DEVICE void mma_by_transposed(float (*s)[4], const uint32_t (*a)[4], const bf16* m) {
+// s[i][j] += A_i M^T for kM row tiles i (16 rows each) and the N / 8 tiles j: the warp's A
+// fragments over D columns (registers) against rows [0, N) of a row-major shared tile M (S = Q K^T,
+// dP = dO V^T). Each B fragment loaded feeds the kM row tiles; each sum runs over kk in order,
+// whatever kM is, so the bits do not depend on it.
+template <int D, int N, int kM = 1>
+REMAT_MMA_DEVICE void mma_by_transposed(float (*s)[N / 8][4], const uint32_t (*a)[D / 16][4], const bf16* m) {
 #pragma unroll
   for (int j = 0; j < N / 8; ++j)
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk += 2) {
       uint32_t b[4];
       load_b_transposed_pair<D>(b, m, 8 * j, 16 * kk);
-      mma(s[j], a[kk], b[0], b[1]);
-      mma(s[j], a[kk + 1], b[2], b[3]);
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        mma(s[i][j], a[i][kk], b[0], b[1]);
+        mma(s[i][j], a[i][kk + 1], b[2], b[3]);
+      }
     }
 }
 
-// acc[n] += C M for the D / 8 tiles n: a row of C tiles K columns wide (rounded to bf16 as the A
-// operand) against rows [0, K) of a row-major shared tile M (O = P V, dQ = dS K, dV = P^T dO, ...).
-template <int D, int K>
-REMAT_MMA_DEVICE void mma_tiles_by(float (*acc)[4], const float (*c)[4], const bf16* m) {
+// acc[i][n] += C_i M for kM rows of C tiles i (K columns wide, rounded to bf16 as the A operand)
+// and the D / 8 tiles n, against rows [0, K) of a row-major shared tile M (O = P V, dQ = dS K,
+// dV = P^T dO, ...). Each B fragment loaded feeds the kM rows; sums run over kk in order.
+template <int D, int K, int kM = 1>
+REMAT_MMA_DEVICE void mma_tiles_by(float (*acc)[D / 8][4], const float (*c)[K / 8][4], const bf16* m) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
-    c_to_a(a, c, kk);
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int i = 0; i < kM; ++i) c_to_a(a[i], c[i], kk);
 #pragma unroll
     for (int n = 0; n < D / 8; n += 2) {
       uint32_t b[4];
       load_b_pair<D>(b, m, 16 * kk, 8 * n);
-      mma(acc[n], a, b[0], b[1]);
-      mma(acc[n + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        mma(acc[i][n], a[i], b[0], b[1]);
+        mma(acc[i][n + 1], a[i], b[2], b[3]);
+      }
     }
   }
 }
@@ -281,49 +291,70 @@ REMAT_MMA_DEVICE float exp2_approx(float x) {  // 0 for -inf
 #endif
 }
 
-// The forward kernel's shared memory: two buffers of a key tile and a value tile.
+// Forward: row tiles of 16 queries per warp, two where the registers allow (head dim up to 64:
+// about 190 registers at 64, where one tile took 132), so each K and V fragment loaded from shared
+// memory feeds two MMAs; 64 or 128 query rows per block.
+template <int D> constexpr int kForwardTilesPerWarp = D <= 64 ? 2 : 1;
+template <int D> constexpr int kForwardRows = 16 * kForwardTilesPerWarp<D> * kWarps;
+
+// The forward kernel's shared memory: two buffers of a key tile and a value tile (the second
+// buffer stages the block's queries first).
 template <int D>
 constexpr size_t forward_shared_bytes() {
+  static_assert(kForwardRows<D> <= 2 * kKeyTile, "the queries pass through one buffer");
   return 4 * kKeyTile * kLd<D> * sizeof(bf16);
 }
 
-// Forward: a block of 64 query rows (16 per warp) of one head, key tiles of 64, the next tile
-// loading while this one is used. Scores are kept in base-2 units (s scale log2 e), the row
-// maxima m too; lse is stored in natural units.
+// The forward's block for grid column x of `blocks`: under a causal mask the last query blocks
+// see the most keys, so they take the first columns (the grid starts in column order) and the
+// light blocks fill the tail of the launch.
+REMAT_MMA_DEVICE int forward_block(int x, int blocks, bool causal) { return causal ? blocks - 1 - x : x; }
+
+// Forward: a block of kForwardRows query rows of one head, key tiles of 64, the next tile loading
+// while this one is used. Scores are kept in base-2 units (s scale log2 e), the row maxima m too;
+// lse is stored in natural units.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
                                                    Heads<const bf16> v_heads, Heads<bf16> o_heads, float* lse,
                                                    int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
+  constexpr int kM = kForwardTilesPerWarp<D>, kRows = kForwardRows<D>;
   constexpr int kTileElements = kKeyTile * kLd<D>;
   bf16* const tiles = reinterpret_cast<bf16*>(smem);  // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
+  const int t = static_cast<int>(t64), q0 = forward_block(blockIdx.x, gridDim.x, causal) * kRows;
+  const int row0 = q0 + 16 * kM * warp;  // the warp's first row; its tile i starts at row0 + 16 i
   const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head);
   const float scale_log2 = scale * kLog2e;
-  const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kKeyTile - 1) / kKeyTile;
+  const int key_end = causal ? min(t, q0 + kRows) : t, key_tiles = (key_end + kKeyTile - 1) / kKeyTile;
   // The first key and value tiles load while the queries pass through the second buffer into
-  // registers, where the warp's 16 rows stay as A fragments.
+  // registers, where the warp's rows stay as A fragments.
   stage<D>(tiles, k, k_heads.row, 0, kKeyTile, t);
   stage<D>(tiles + kTileElements, v, v_heads.row, 0, kKeyTile, t);
-  stage<D>(tiles + 2 * kTileElements, q, q_heads.row, q0, kQueryTile, t);
+  stage<D>(tiles + 2 * kTileElements, q, q_heads.row, q0, kRows, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
-  uint32_t qa[D / 16][4];
+  uint32_t qa[kM][D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], tiles + 2 * kTileElements, 16 * warp, 16 * kk);
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[i][kk], tiles + 2 * kTileElements, row0 - q0 + 16 * i, 16 * kk);
   __syncthreads();
-  const int row[2] = {row0 + g, row0 + g + 8};
-  float acc[D / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  for (int i = 0; i < key_tiles; ++i) {
-    const int kb = i * kKeyTile;
-    const bf16* ks = tiles + 2 * (i & 1) * kTileElements;
+  int row[kM][2];  // the lane's rows: g and g + 8 of each tile
+#pragma unroll
+  for (int i = 0; i < kM; ++i) row[i][0] = row0 + 16 * i + g, row[i][1] = row0 + 16 * i + g + 8;
+  float acc[kM][D / 8][4] = {};
+  float m[kM][2], l[kM][2] = {};
+#pragma unroll
+  for (int i = 0; i < kM; ++i) m[i][0] = m[i][1] = -INFINITY;
+  for (int step = 0; step < key_tiles; ++step) {
+    const int kb = step * kKeyTile;
+    const bf16* ks = tiles + 2 * (step & 1) * kTileElements;
     const bf16* vs = ks + kTileElements;
-    if (i + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
-      bf16* next = tiles + 2 * ((i + 1) & 1) * kTileElements;
+    if (step + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
+      bf16* next = tiles + 2 * ((step + 1) & 1) * kTileElements;
       stage<D>(next, k, k_heads.row, kb + kKeyTile, kKeyTile, t);
       stage<D>(next + kTileElements, v, v_heads.row, kb + kKeyTile, kKeyTile, t);
       commit_copies();
@@ -332,60 +363,72 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
       wait_copies<0>();
     }
     __syncthreads();
-    float s[kKeyTile / 8][4] = {};
-    mma_by_transposed<D, kKeyTile>(s, qa, ks);
+    float s[kM][kKeyTile / 8][4] = {};
+    mma_by_transposed<D, kKeyTile, kM>(s, qa, ks);
     // Scaled scores, masked where the tile needs it; the rows' new maxima (key 0 is in the first
     // tile and visible to every row, so a maximum is finite from the first tile on).
-    float mx[2] = {m[0], m[1]};
-    if (all_visible(row0, 16, kb, kKeyTile, t, causal)) {
+    float mx[kM][2];
 #pragma unroll
-      for (int j = 0; j < kKeyTile / 8; ++j)
+    for (int i = 0; i < kM; ++i) mx[i][0] = m[i][0], mx[i][1] = m[i][1];
+    if (all_visible(row0, 16 * kM, kb, kKeyTile, t, causal)) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] *= scale_log2;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-        }
+      for (int i = 0; i < kM; ++i)
+#pragma unroll
+        for (int j = 0; j < kKeyTile / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[i][j][e] *= scale_log2;
+            mx[i][e >> 1] = fmaxf(mx[i][e >> 1], s[i][j][e]);
+          }
     } else {
 #pragma unroll
+      for (int i = 0; i < kM; ++i)
+#pragma unroll
+        for (int j = 0; j < kKeyTile / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = kb + 8 * j + 2 * c + (e & 1);
+            s[i][j][e] = visible(row[i][e >> 1], key, t, causal) ? s[i][j][e] * scale_log2 : -INFINITY;
+            mx[i][e >> 1] = fmaxf(mx[i][e >> 1], s[i][j][e]);
+          }
+    }
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      float corr[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[i][r] = quad_max(mx[i][r]);
+        corr[r] = exp2_approx(m[i][r] - mx[i][r]);  // 0 while m is -inf
+        l[i][r] *= corr[r];
+        m[i][r] = mx[i][r];
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[i][n][0] *= corr[0], acc[i][n][1] *= corr[0];
+        acc[i][n][2] *= corr[1], acc[i][n][3] *= corr[1];
+      }
+#pragma unroll
       for (int j = 0; j < kKeyTile / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = kb + 8 * j + 2 * c + (e & 1);
-          s[j][e] = visible(row[e >> 1], key, t, causal) ? s[j][e] * scale_log2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+          s[i][j][e] = exp2_approx(s[i][j][e] - m[i][e >> 1]);
+          l[i][e >> 1] += s[i][j][e];
         }
     }
-    float corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);
-      corr[r] = exp2_approx(m[r] - mx[r]);  // 0 while m is -inf
-      l[r] *= corr[r];
-      m[r] = mx[r];
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc[n][0] *= corr[0], acc[n][1] *= corr[0];
-      acc[n][2] *= corr[1], acc[n][3] *= corr[1];
-    }
-#pragma unroll
-    for (int j = 0; j < kKeyTile / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2_approx(s[j][e] - m[e >> 1]);
-        l[e >> 1] += s[j][e];
-      }
-    mma_tiles_by<D, kKeyTile>(acc, s, vs);  // O += P V, P rounded to bf16
+    mma_tiles_by<D, kKeyTile, kM>(acc, s, vs);  // O += P V, P rounded to bf16
     __syncthreads();
   }
-  // Every lane shuffles before any branches off (rows past t).
-  l[0] = quad_sum(l[0]);
-  l[1] = quad_sum(l[1]);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= t) continue;
-    store_row<D>(o_heads.of(head) + row[r] * o_heads.row, acc, r, l[r]);
-    if (c == 0) lse[head * t64 + row[r]] = m[r] * kLn2 + logf(l[r]);
+  for (int i = 0; i < kM; ++i) {
+    // Every lane shuffles before any branches off (rows past t).
+    l[i][0] = quad_sum(l[i][0]);
+    l[i][1] = quad_sum(l[i][1]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[i][r] >= t) continue;
+      store_row<D>(o_heads.of(head) + row[i][r] * o_heads.row, acc[i], r, l[i][r]);
+      if (c == 0) lse[head * t64 + row[i][r]] = m[i][r] * kLn2 + logf(l[i][r]);
+    }
   }
 }
 
@@ -453,8 +496,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
     }
     __syncthreads();
     float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
-    mma_by_transposed<D, kOtherTile>(s, qa, ks);
-    mma_by_transposed<D, kOtherTile>(dp, da, vs);
+    mma_by_transposed<D, kOtherTile>(&s, &qa, ks);
+    mma_by_transposed<D, kOtherTile>(&dp, &da, vs);
     if (all_visible(row0, 16, kb, kOtherTile, t, causal)) {
 #pragma unroll
       for (int j = 0; j < kOtherTile / 8; ++j)
@@ -474,7 +517,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
           s[j][e] = p * (dp[j][e] - Di[r]) * scale;
         }
     }
-    mma_tiles_by<D, kOtherTile>(acc, s, ks);  // dQ += dS K
+    mma_tiles_by<D, kOtherTile>(&acc, &s, ks);  // dQ += dS K
     __syncthreads();
   }
 #pragma unroll
@@ -583,8 +626,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<
           dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
         }
     }
-    mma_tiles_by<D, kOtherTile>(dv_acc, s, dos);  // dV += P^T dO
-    mma_tiles_by<D, kOtherTile>(dk_acc, dp, qs);   // dK += dS^T Q
+    mma_tiles_by<D, kOtherTile>(&dv_acc, &s, dos);  // dV += P^T dO
+    mma_tiles_by<D, kOtherTile>(&dk_acc, &dp, qs);   // dK += dS^T Q
     __syncthreads();
   }
 #pragma unroll
