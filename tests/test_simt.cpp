@@ -149,7 +149,7 @@ void check_mma(const Case& c, std::mt19937& rng) {
   });
   remat_simt::launch({static_cast<unsigned>((heads * t + mma::kBlockThreads - 1) / mma::kBlockThreads), 1, 1},
                      mma::kBlockThreads, 0, [&] { mma::mma_row_dot_kernel<D>(dO, O, row_dot.data(), t, heads * t); });
-  remat_simt::launch(grid(t, heads, mma::kQueryTile), mma::kBlockThreads, mma::dq_shared_bytes<D>(), [&] {
+  remat_simt::launch(grid(t, heads, mma::kDqRows<D>), mma::kBlockThreads, mma::dq_shared_bytes<D>(), [&] {
     mma::mma_dq_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dq), t, c.causal, scale);
   });
   remat_simt::launch(grid(t, heads, mma::kKeyBlock), mma::kBlockThreads, mma::dkv_shared_bytes<D>(), [&] {

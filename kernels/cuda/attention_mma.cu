@@ -113,7 +113,7 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q
                                         heads * t);
     constexpr size_t dq_smem = dq_shared_bytes<D>(), dkv_smem = dkv_shared_bytes<D>();
     allow_shared_bytes(&mma_dq_kernel<D>, dq_smem);
-    REMAT_LAUNCH(grid(heads, t, kQueryTile), kBlockThreads, dq_smem, mma_dq_kernel<D>)(
+    REMAT_LAUNCH(grid(heads, t, kDqRows<D>), kBlockThreads, dq_smem, mma_dq_kernel<D>)(
         heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
         lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dq), t, causal, static_cast<float>(scale));
     REMAT_CUDA_LAUNCH_CHECK();

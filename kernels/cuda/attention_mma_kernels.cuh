@@ -35,7 +35,6 @@ using std::min;
 #endif
 
 constexpr int kWarps = 4, kBlockThreads = 32 * kWarps;
-constexpr int kQueryTile = 16 * kWarps;  // dq: query rows per block, 16 per warp
 constexpr int kKeyTile = 64;             // forward: keys per shared tile
 constexpr int kOtherTile = 32;           // dq: keys per tile; dk/dv: queries per tile
 constexpr int kKeyBlock = 16 * kWarps;   // dk/dv: keys per block, 16 per warp
@@ -305,10 +304,11 @@ constexpr size_t forward_shared_bytes() {
   return 4 * kKeyTile * kLd<D> * sizeof(bf16);
 }
 
-// The forward's block for grid column x of `blocks`: under a causal mask the last query blocks
-// see the most keys, so they take the first columns (the grid starts in column order) and the
-// light blocks fill the tail of the launch.
-REMAT_MMA_DEVICE int forward_block(int x, int blocks, bool causal) { return causal ? blocks - 1 - x : x; }
+// The query block (forward and dq) for grid column x of `blocks`: under a causal mask the last
+// query blocks see the most keys, so they take the first columns (the grid starts in column
+// order) and the light blocks fill the tail of the launch. (dk/dv's key blocks are heaviest first
+// as they are numbered.)
+REMAT_MMA_DEVICE int query_block(int x, int blocks, bool causal) { return causal ? blocks - 1 - x : x; }
 
 // Forward: a block of kForwardRows query rows of one head, key tiles of 64, the next tile loading
 // while this one is used. Scores are kept in base-2 units (s scale log2 e), the row maxima m too;
@@ -322,7 +322,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
   constexpr int kTileElements = kKeyTile * kLd<D>;
   bf16* const tiles = reinterpret_cast<bf16*>(smem);  // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int t = static_cast<int>(t64), q0 = forward_block(blockIdx.x, gridDim.x, causal) * kRows;
+  const int t = static_cast<int>(t64), q0 = query_block(blockIdx.x, gridDim.x, causal) * kRows;
   const int row0 = q0 + 16 * kM * warp;  // the warp's first row; its tile i starts at row0 + 16 i
   const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head);
@@ -432,61 +432,75 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
   }
 }
 
-// The dq kernel's shared memory: the block's 64 rows (q, then dO) and two buffers of a key tile
-// and a value tile of 32.
+// dq: row tiles of 16 queries per warp, two where the registers allow (head dim up to 64), as in
+// the forward; 64 or 128 query rows per block.
+template <int D> constexpr int kDqTilesPerWarp = D <= 64 ? 2 : 1;
+template <int D> constexpr int kDqRows = 16 * kDqTilesPerWarp<D> * kWarps;
+
+// The dq kernel's shared memory: the block's rows (q, then dO) and two buffers of a key tile and a
+// value tile of 32.
 template <int D>
 constexpr size_t dq_shared_bytes() {
-  return (kQueryTile + 4 * kOtherTile) * kLd<D> * sizeof(bf16);
+  return (kDqRows<D> + 4 * kOtherTile) * kLd<D> * sizeof(bf16);
 }
 
-// dq: a block of 64 query rows (16 per warp), key tiles of 32, the next loading while this one is
-// used. P = 2^(s scale log2 e - lse log2 e), dS = P (dP - D) scale, dq = dS K.
+// dq: a block of kDqRows query rows, key tiles of 32, the next loading while this one is used.
+// P = 2^(s scale log2 e - lse log2 e), dS = P (dP - D) scale, dq = dS K.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
                                               Heads<const bf16> v_heads, Heads<const bf16> do_heads, const float* lse,
                                               const float* row_dot, Heads<bf16> dq_heads, int64_t t64, bool causal,
                                               float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
+  constexpr int kM = kDqTilesPerWarp<D>, kRows = kDqRows<D>;
   constexpr int kTileElements = kOtherTile * kLd<D>;
   bf16* const rows = reinterpret_cast<bf16*>(smem);  // stages q, then dO
-  bf16* const tiles = rows + kQueryTile * kLd<D>;     // buffer b: keys at 2 b, values at 2 b + 1
+  bf16* const tiles = rows + kRows * kLd<D>;          // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int t = static_cast<int>(t64), q0 = blockIdx.x * kQueryTile, row0 = q0 + 16 * warp;
+  const int t = static_cast<int>(t64), q0 = query_block(blockIdx.x, gridDim.x, causal) * kRows;
+  const int row0 = q0 + 16 * kM * warp;  // the warp's first row; its tile i starts at row0 + 16 i
   const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head), *d_o = do_heads.of(head);
   const float scale_log2 = scale * kLog2e;
-  const int key_end = causal ? min(t, q0 + kQueryTile) : t, key_tiles = (key_end + kOtherTile - 1) / kOtherTile;
+  const int key_end = causal ? min(t, q0 + kRows) : t, key_tiles = (key_end + kOtherTile - 1) / kOtherTile;
   // The first key and value tiles load while q and dO pass through `rows` into registers.
   stage<D>(tiles, k, k_heads.row, 0, kOtherTile, t);
   stage<D>(tiles + kTileElements, v, v_heads.row, 0, kOtherTile, t);
-  stage<D>(rows, q, q_heads.row, q0, kQueryTile, t);
+  stage<D>(rows, q, q_heads.row, q0, kRows, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
-  uint32_t qa[D / 16][4], da[D / 16][4];
+  uint32_t qa[kM][D / 16][4], da[kM][D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], rows, 16 * warp, 16 * kk);
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[i][kk], rows, row0 - q0 + 16 * i, 16 * kk);
   __syncthreads();
-  stage<D>(rows, d_o, do_heads.row, q0, kQueryTile, t);
+  stage<D>(rows, d_o, do_heads.row, q0, kRows, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(da[kk], rows, 16 * warp, 16 * kk);
-  const int row[2] = {row0 + g, row0 + g + 8};
-  float L[2], Di[2];  // the rows' lse in base-2 units, and dO . O
+  for (int i = 0; i < kM; ++i)
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    L[r] = row[r] < t ? lse[head * t64 + row[r]] * kLog2e : 0.f;
-    Di[r] = row[r] < t ? row_dot[head * t64 + row[r]] : 0.f;
-  }
-  float acc[D / 8][4] = {};
-  for (int i = 0; i < key_tiles; ++i) {
-    const int kb = i * kOtherTile;
-    const bf16* ks = tiles + 2 * (i & 1) * kTileElements;
+    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(da[i][kk], rows, row0 - q0 + 16 * i, 16 * kk);
+  int row[kM][2];           // the lane's rows: g and g + 8 of each tile
+  float L[kM][2], Di[kM][2];  // the rows' lse in base-2 units, and dO . O
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row[i][r] = row0 + 16 * i + g + 8 * r;
+      L[i][r] = row[i][r] < t ? lse[head * t64 + row[i][r]] * kLog2e : 0.f;
+      Di[i][r] = row[i][r] < t ? row_dot[head * t64 + row[i][r]] : 0.f;
+    }
+  float acc[kM][D / 8][4] = {};
+  for (int step = 0; step < key_tiles; ++step) {
+    const int kb = step * kOtherTile;
+    const bf16* ks = tiles + 2 * (step & 1) * kTileElements;
     const bf16* vs = ks + kTileElements;
-    if (i + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
-      bf16* next = tiles + 2 * ((i + 1) & 1) * kTileElements;
+    if (step + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
+      bf16* next = tiles + 2 * ((step + 1) & 1) * kTileElements;
       stage<D>(next, k, k_heads.row, kb + kOtherTile, kOtherTile, t);
       stage<D>(next + kTileElements, v, v_heads.row, kb + kOtherTile, kOtherTile, t);
       commit_copies();
@@ -495,35 +509,42 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
       wait_copies<0>();
     }
     __syncthreads();
-    float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
-    mma_by_transposed<D, kOtherTile>(&s, &qa, ks);
-    mma_by_transposed<D, kOtherTile>(&dp, &da, vs);
-    if (all_visible(row0, 16, kb, kOtherTile, t, causal)) {
+    float s[kM][kOtherTile / 8][4] = {}, dp[kM][kOtherTile / 8][4] = {};
+    mma_by_transposed<D, kOtherTile, kM>(s, qa, ks);
+    mma_by_transposed<D, kOtherTile, kM>(dp, da, vs);
+    if (all_visible(row0, 16 * kM, kb, kOtherTile, t, causal)) {
 #pragma unroll
-      for (int j = 0; j < kOtherTile / 8; ++j)
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          s[j][e] = exp2_approx(fmaf(s[j][e], scale_log2, -L[r])) * (dp[j][e] - Di[r]) * scale;
-        }
+        for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            s[i][j][e] = exp2_approx(fmaf(s[i][j][e], scale_log2, -L[i][r])) * (dp[i][j][e] - Di[i][r]) * scale;
+          }
     } else {
 #pragma unroll
-      for (int j = 0; j < kOtherTile / 8; ++j)
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1, key = kb + 8 * j + 2 * c + (e & 1);
-          const float p =
-              row[r] < t && visible(row[r], key, t, causal) ? exp2_approx(fmaf(s[j][e], scale_log2, -L[r])) : 0.f;
-          s[j][e] = p * (dp[j][e] - Di[r]) * scale;
-        }
+        for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1, key = kb + 8 * j + 2 * c + (e & 1);
+            const float p = row[i][r] < t && visible(row[i][r], key, t, causal)
+                                ? exp2_approx(fmaf(s[i][j][e], scale_log2, -L[i][r]))
+                                : 0.f;
+            s[i][j][e] = p * (dp[i][j][e] - Di[i][r]) * scale;
+          }
     }
-    mma_tiles_by<D, kOtherTile>(&acc, &s, ks);  // dQ += dS K
+    mma_tiles_by<D, kOtherTile, kM>(acc, s, ks);  // dQ += dS K
     __syncthreads();
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] < t) store_row<D>(dq_heads.of(head) + row[r] * dq_heads.row, acc, r);
-  }
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[i][r] < t) store_row<D>(dq_heads.of(head) + row[i][r] * dq_heads.row, acc[i], r);
+    }
 }
 
 // The dk/dv kernel's shared memory: its 64 keys and values, and two buffers of a tile of 32
