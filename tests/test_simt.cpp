@@ -152,7 +152,7 @@ void check_mma(const Case& c, std::mt19937& rng) {
   remat_simt::launch(grid(t, heads, mma::kDqRows<D>), mma::kBlockThreads, mma::dq_shared_bytes<D>(), [&] {
     mma::mma_dq_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dq), t, c.causal, scale);
   });
-  remat_simt::launch(grid(t, heads, mma::kKeyBlock), mma::kBlockThreads, mma::dkv_shared_bytes<D>(), [&] {
+  remat_simt::launch(grid(t, heads, mma::kDkvKeys<D>), mma::kBlockThreads, mma::dkv_shared_bytes<D>(), [&] {
     mma::mma_dkv_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dk), out(dv), t, c.causal,
                            scale);
   });

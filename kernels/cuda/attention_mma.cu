@@ -118,7 +118,7 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q
         lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dq), t, causal, static_cast<float>(scale));
     REMAT_CUDA_LAUNCH_CHECK();
     allow_shared_bytes(&mma_dkv_kernel<D>, dkv_smem);
-    REMAT_LAUNCH(grid(heads, t, kKeyBlock), kBlockThreads, dkv_smem, mma_dkv_kernel<D>)(
+    REMAT_LAUNCH(grid(heads, t, kDkvKeys<D>), kBlockThreads, dkv_smem, mma_dkv_kernel<D>)(
         heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
         lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dk), heads_of<bf16>(dv), t, causal,
         static_cast<float>(scale));

@@ -37,7 +37,6 @@ using std::min;
 constexpr int kWarps = 4, kBlockThreads = 32 * kWarps;
 constexpr int kKeyTile = 64;             // forward: keys per shared tile
 constexpr int kOtherTile = 32;           // dq: keys per tile; dk/dv: queries per tile
-constexpr int kKeyBlock = 16 * kWarps;   // dk/dv: keys per block, 16 per warp
 
 // Shared tiles keep rows D + 8 wide: consecutive rows start 16 bytes apart in the banks.
 template <int D> constexpr int kLd = D + 8;
@@ -147,6 +146,30 @@ REMAT_MMA_DEVICE void mma_by_transposed(float (*s)[N / 8][4], const uint32_t (*a
         mma(s[i][j], a[i][kk + 1], b[2], b[3]);
       }
     }
+}
+
+// The same product with A's kM row tiles (rows r0 + 16 i of a row-major shared tile) loaded 32
+// columns at a time as they are used, not held in registers: the dk/dv kernel's keys and values.
+template <int D, int N, int kM>
+REMAT_MMA_DEVICE void mma_shared_by_transposed(float (*s)[N / 8][4], const bf16* a_tile, int r0, const bf16* m) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk += 2) {
+    uint32_t a[kM][2][4];
+#pragma unroll
+    for (int i = 0; i < kM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) load_a<D>(a[i][h], a_tile, r0 + 16 * i, 16 * (kk + h));
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      uint32_t b[4];
+      load_b_transposed_pair<D>(b, m, 8 * j, 16 * kk);
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        mma(s[i][j], a[i][0], b[0], b[1]);
+        mma(s[i][j], a[i][1], b[2], b[3]);
+      }
+    }
+  }
 }
 
 // acc[i][n] += C_i M for kM rows of C tiles i (K columns wide, rounded to bf16 as the A operand)
@@ -547,29 +570,37 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
     }
 }
 
-// The dk/dv kernel's shared memory: its 64 keys and values, and two buffers of a tile of 32
-// queries, their dO, log-sum-exp and row dots.
+// dk/dv: row tiles of 16 keys per warp, two where the registers allow (head dim up to 64), so
+// each Q and dO fragment read from shared memory feeds two MMAs; 64 or 128 keys per block.
+template <int D> constexpr int kDkvTilesPerWarp = D <= 64 ? 2 : 1;
+template <int D> constexpr int kDkvKeys = 16 * kDkvTilesPerWarp<D> * kWarps;
+
+// The dk/dv kernel's shared memory: its keys and values, and two buffers of a tile of 32 queries,
+// their dO, log-sum-exp and row dots.
 template <int D>
 constexpr size_t dkv_shared_bytes() {
-  return (2 * kKeyBlock + 4 * kOtherTile) * kLd<D> * sizeof(bf16) + 4 * kOtherTile * sizeof(float);
+  return (2 * kDkvKeys<D> + 4 * kOtherTile) * kLd<D> * sizeof(bf16) + 4 * kOtherTile * sizeof(float);
 }
 
-// dk and dv: a block of 64 keys (16 per warp), query tiles of 32 (the next loading while this one
-// is used), in the transposed products: P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO,
-// dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q.
+// dk and dv: a block of kDkvKeys keys, query tiles of 32 (the next loading while this one is
+// used), in the transposed products: P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO,
+// dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q. Under a causal mask the first key
+// blocks see the most queries: the grid's order is heaviest first as it stands.
 template <int D>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
                                                Heads<const bf16> v_heads, Heads<const bf16> do_heads,
                                                const float* lse, const float* row_dot, Heads<bf16> dk_heads,
                                                Heads<bf16> dv_heads, int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
+  constexpr int kM = kDkvTilesPerWarp<D>, kKeys = kDkvKeys<D>;
   constexpr int kTileElements = kOtherTile * kLd<D>;
   bf16* const ks = reinterpret_cast<bf16*>(smem);
-  bf16* const vs = ks + kKeyBlock * kLd<D>;
-  bf16* const tiles = vs + kKeyBlock * kLd<D>;  // buffer b: queries at 2 b, their dO at 2 b + 1
+  bf16* const vs = ks + kKeys * kLd<D>;
+  bf16* const tiles = vs + kKeys * kLd<D>;  // buffer b: queries at 2 b, their dO at 2 b + 1
   float* const row_values = reinterpret_cast<float*>(tiles + 4 * kTileElements);  // buffer b: lse at 2 b, dots at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int t = static_cast<int>(t64), k0 = blockIdx.x * kKeyBlock, key0 = k0 + 16 * warp;
+  const int t = static_cast<int>(t64), k0 = blockIdx.x * kKeys;
+  const int key0 = k0 + 16 * kM * warp;  // the warp's first key; its tile i starts at key0 + 16 i
   const int head = blockIdx.y;
   const bf16 *q = q_heads.of(head), *k = k_heads.of(head), *v = v_heads.of(head), *d_o = do_heads.of(head);
   const float scale_log2 = scale * kLog2e;
@@ -583,80 +614,71 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<
     stage_rows(row_values + 2 * b * kOtherTile, lse + head * t64, qb, kOtherTile, t);
     stage_rows(row_values + (2 * b + 1) * kOtherTile, row_dot + head * t64, qb, kOtherTile, t);
   };
-  stage<D>(ks, k, k_heads.row, k0, kKeyBlock, t);
-  stage<D>(vs, v, v_heads.row, k0, kKeyBlock, t);
+  stage<D>(ks, k, k_heads.row, k0, kKeys, t);
+  stage<D>(vs, v, v_heads.row, k0, kKeys, t);
   stage_queries(0, q_begin);
   commit_copies();
-  const int key[2] = {key0 + g, key0 + g + 8};
-  float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
-  for (int i = 0; i < query_tiles; ++i) {
-    const int qb = q_begin + i * kOtherTile;
-    const bf16* qs = tiles + 2 * (i & 1) * kTileElements;
+  int key[kM][2];  // the lane's keys: g and g + 8 of each tile
+#pragma unroll
+  for (int i = 0; i < kM; ++i) key[i][0] = key0 + 16 * i + g, key[i][1] = key0 + 16 * i + g + 8;
+  float dk_acc[kM][D / 8][4] = {}, dv_acc[kM][D / 8][4] = {};
+  for (int step = 0; step < query_tiles; ++step) {
+    const int qb = q_begin + step * kOtherTile;
+    const bf16* qs = tiles + 2 * (step & 1) * kTileElements;
     const bf16* dos = qs + kTileElements;
-    const float* lse_s = row_values + 2 * (i & 1) * kOtherTile;
+    const float* lse_s = row_values + 2 * (step & 1) * kOtherTile;
     const float* dot_s = lse_s + kOtherTile;
-    if (i + 1 < query_tiles) {  // the other buffer, free since the last iteration's closing barrier
-      stage_queries((i + 1) & 1, qb + kOtherTile);
+    if (step + 1 < query_tiles) {  // the other buffer, free since the last iteration's closing barrier
+      stage_queries((step + 1) & 1, qb + kOtherTile);
       commit_copies();
       wait_copies<1>();
     } else {
       wait_copies<0>();
     }
     __syncthreads();
-    float s[kOtherTile / 8][4] = {}, dp[kOtherTile / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk += 2) {
-      uint32_t ka[2][4], va[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        load_a<D>(ka[h], ks, 16 * warp, 16 * (kk + h));
-        load_a<D>(va[h], vs, 16 * warp, 16 * (kk + h));
-      }
-#pragma unroll
-      for (int j = 0; j < kOtherTile / 8; ++j) {
-        uint32_t b[4];
-        load_b_transposed_pair<D>(b, qs, 8 * j, 16 * kk);
-        mma(s[j], ka[0], b[0], b[1]);
-        mma(s[j], ka[1], b[2], b[3]);
-        load_b_transposed_pair<D>(b, dos, 8 * j, 16 * kk);
-        mma(dp[j], va[0], b[0], b[1]);
-        mma(dp[j], va[1], b[2], b[3]);
-      }
-    }
+    float s[kM][kOtherTile / 8][4] = {}, dp[kM][kOtherTile / 8][4] = {};
+    mma_shared_by_transposed<D, kOtherTile, kM>(s, ks, key0 - k0, qs);   // S^T = K Q^T
+    mma_shared_by_transposed<D, kOtherTile, kM>(dp, vs, key0 - k0, dos);  // dP^T = V dO^T
     // s becomes P^T, dp becomes dS^T (the tile's rows are keys, its columns queries).
-    if (all_visible(qb, kOtherTile, key0, 16, t, causal)) {
+    if (all_visible(qb, kOtherTile, key0, 16 * kM, t, causal)) {
 #pragma unroll
-      for (int j = 0; j < kOtherTile / 8; ++j)
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = 8 * j + 2 * c + (e & 1);
-          const float p = exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi] * kLog2e));
-          s[j][e] = p;
-          dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
-        }
+        for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qi = 8 * j + 2 * c + (e & 1);
+            const float p = exp2_approx(fmaf(s[i][j][e], scale_log2, -lse_s[qi] * kLog2e));
+            s[i][j][e] = p;
+            dp[i][j][e] = p * (dp[i][j][e] - dot_s[qi]) * scale;
+          }
     } else {
 #pragma unroll
-      for (int j = 0; j < kOtherTile / 8; ++j)
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = 8 * j + 2 * c + (e & 1), query = qb + qi;
-          const float p = query < t && visible(query, key[e >> 1], t, causal)
-                              ? exp2_approx(fmaf(s[j][e], scale_log2, -lse_s[qi] * kLog2e))
-                              : 0.f;
-          s[j][e] = p;
-          dp[j][e] = p * (dp[j][e] - dot_s[qi]) * scale;
-        }
+        for (int j = 0; j < kOtherTile / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qi = 8 * j + 2 * c + (e & 1), query = qb + qi;
+            const float p = query < t && visible(query, key[i][e >> 1], t, causal)
+                                ? exp2_approx(fmaf(s[i][j][e], scale_log2, -lse_s[qi] * kLog2e))
+                                : 0.f;
+            s[i][j][e] = p;
+            dp[i][j][e] = p * (dp[i][j][e] - dot_s[qi]) * scale;
+          }
     }
-    mma_tiles_by<D, kOtherTile>(&dv_acc, &s, dos);  // dV += P^T dO
-    mma_tiles_by<D, kOtherTile>(&dk_acc, &dp, qs);   // dK += dS^T Q
+    mma_tiles_by<D, kOtherTile, kM>(dv_acc, s, dos);  // dV += P^T dO
+    mma_tiles_by<D, kOtherTile, kM>(dk_acc, dp, qs);   // dK += dS^T Q
     __syncthreads();
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (key[r] >= t) continue;
-    store_row<D>(dk_heads.of(head) + key[r] * dk_heads.row, dk_acc, r);
-    store_row<D>(dv_heads.of(head) + key[r] * dv_heads.row, dv_acc, r);
-  }
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (key[i][r] >= t) continue;
+      store_row<D>(dk_heads.of(head) + key[i][r] * dk_heads.row, dk_acc[i], r);
+      store_row<D>(dv_heads.of(head) + key[i][r] * dv_heads.row, dv_acc[i], r);
+    }
 }
 
 // dO . O for each of the B H T rows (the backward's D), summed in f32 over d in order, a thread a
