@@ -38,6 +38,10 @@ class Backend {
 
   // Reductions over `axes` (sorted, unique) keeping them as size-1 dims.
   virtual Tensor reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) = 0;
+  // The same sum in x's accumulation dtype: for bf16 x an f32 result, rounded once (linear's bias
+  // gradient under autocast). A backend without bf16 arithmetic (the CPU's) sums in x's dtype,
+  // which is then its accumulation dtype.
+  virtual Tensor reduce_sum_accumulated(const Tensor& x, const std::vector<int64_t>& axes) { return reduce_sum(x, axes); }
   virtual Tensor reduce_max(const Tensor& x, const std::vector<int64_t>& axes) = 0;
   // dx for max: dy spread evenly over the positions that attain the max.
   virtual Tensor reduce_max_backward(const Tensor& dy, const Tensor& x, const Tensor& y) = 0;

@@ -46,34 +46,57 @@ class MatmulNode final : public Node {
   bool ta_, tb_;
 };
 
+// y = x W^T + b. Under autocast the node may take the f32 weight and bias themselves (the master
+// weights) and compute in x's dtype: it casts them as it runs, so their bf16 copies are
+// temporaries rather than tape values held until backward (gpt2: 170 MB of bf16 weights at
+// `none`), and backward gives dW and db in f32 straight from the GEMM and the column sum, each
+// rounded once, instead of rounding them to bf16 and casting back (two launches a linear fewer).
 class LinearNode final : public Node {
  public:
-  explicit LinearNode(bool has_bias) : has_bias_(has_bias) {}
+  LinearNode(bool has_bias, DType compute) : has_bias_(has_bias), compute_(compute) {}
   OpKind kind() const override { return OpKind::linear; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    Tensor bias = has_bias_ ? detail::dense(in[2]) : Tensor();
-    return {backend_for(kind(), in[0].device()).linear(detail::dense(in[0]), detail::dense(in[1]), bias)};
+    Backend& backend = backend_for(kind(), in[0].device());
+    Tensor bias = has_bias_ ? in_compute_dtype(backend, detail::dense(in[2])) : Tensor();
+    return {backend.linear(detail::dense(in[0]), in_compute_dtype(backend, detail::dense(in[1])), bias)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
     Tensor g = detail::dense(ctx.grad_output(0));
     int64_t out_features = g.size(-1);
     Tensor g2 = reshape(g, {-1, out_features});
+    const Tensor& weight = ctx.saved(1);
+    const bool master = weight.dtype() != compute_;  // f32 weight and bias, computed in compute_
+    Backend& backend = backend_for(kind(), g.device());
     std::vector<Tensor> grads(has_bias_ ? 3 : 2);
     if (ctx.needs_input_grad(1)) {
       Tensor x = ctx.saved(0);
-      grads[1] = matmul(g2, reshape(x, {-1, x.size(-1)}), true, false);  // dW = dy^T x
+      Tensor x2 = reshape(x, {-1, x.size(-1)});
+      if (master) {  // dW = dy^T x in f32 (matmul_into's f32 result for bf16 products)
+        grads[1] = Tensor::empty(weight.shape(), weight.dtype(), weight.device());
+        backend.matmul_into(grads[1], g2, detail::dense(x2), true, false, false);
+      } else {
+        grads[1] = matmul(g2, x2, true, false);  // dW = dy^T x
+      }
     }
-    if (has_bias_ && ctx.needs_input_grad(2)) grads[2] = sum(g2, {0});  // db = sum over rows of dy
+    if (has_bias_ && ctx.needs_input_grad(2)) {  // db = sum over rows of dy
+      grads[2] = master ? backend.reduce_sum_accumulated(g2, {0}).view({out_features}, {1}, 0) : sum(g2, {0});
+    }
     // dx reads only dy and W: the saved input (as large as dx for an MLP's down projection) goes
     // before dx is allocated, which lowers backward's peak where it starts (the last block's MLP).
     ctx.release_saved(0);
-    if (ctx.needs_input_grad(0)) grads[0] = matmul(g, ctx.saved(1));  // dx = dy W
+    if (ctx.needs_input_grad(0))  // dx = dy W
+      grads[0] = master ? backend.matmul(g, in_compute_dtype(backend, weight), false, false) : matmul(g, weight);
     return grads;
   }
 
  private:
+  Tensor in_compute_dtype(Backend& backend, const Tensor& t) const {
+    return t.dtype() == compute_ ? t : backend.cast(t, compute_);
+  }
+
   bool has_bias_;
+  DType compute_;  // the dtype of x and y: the weight's, or autocast's with f32 master weights
 };
 
 }  // namespace
@@ -96,21 +119,31 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b
 }
 
 Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
-  Tensor x = detail::autocast_compute(x_in), weight = detail::autocast_compute(weight_in),
-         bias = detail::autocast_compute(bias_in);
+  // Under autocast, f32 weights (and bias) go to the node as they are, which computes in the
+  // autocast dtype (LinearNode says why); anything else is cast here as any GEMM-like op's inputs.
+  Tensor x = detail::autocast_compute(x_in);
+  // (bf16 only: the f32 dW of bf16 products is matmul_into's, and f16 and f64 have none.)
+  const bool master = autocast_dtype() == DType::bf16 && x.defined() && x.dtype() == DType::bf16 &&
+                      weight_in.defined() && weight_in.dtype() == DType::f32 &&
+                      (!bias_in.defined() || bias_in.dtype() == DType::f32);
+  Tensor weight = master ? weight_in : detail::autocast_compute(weight_in);
+  Tensor bias = master ? bias_in : detail::autocast_compute(bias_in);
   detail::check_float(x, "linear", "x");
   detail::check_float(weight, "linear", "weight");
-  detail::check_same(x, weight, "linear");
+  if (!master) detail::check_same(x, weight, "linear");
+  REMAT_CHECK(x.device() == weight.device(), "linear: expected x and weight on the same device, got ", x.meta_str(),
+              " and ", weight.meta_str());
   REMAT_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
               "linear: expected x[..., I] and weight[O, I] with matching I, got ", shape_str(x.shape()), " and ",
               shape_str(weight.shape()));
   if (bias.defined()) {
-    detail::check_same(x, bias, "linear");
+    detail::check_float(bias, "linear", "bias");
+    detail::check_same(weight, bias, "linear");
     REMAT_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "linear: expected bias[", weight.size(0), "], got ",
                 shape_str(bias.shape()));
-    return detail::apply<LinearNode>({x, weight, bias}, true)[0];
+    return detail::apply<LinearNode>({x, weight, bias}, true, x.dtype())[0];
   }
-  return detail::apply<LinearNode>({x, weight}, false)[0];
+  return detail::apply<LinearNode>({x, weight}, false, x.dtype())[0];
 }
 
 }  // namespace remat

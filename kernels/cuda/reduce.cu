@@ -16,8 +16,8 @@ namespace {
 using namespace cuda;
 using namespace cuda::reduce_kernels;
 
-template <typename T, typename Op>
-void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identity, T* y, Device device) {
+template <typename T, typename Op, typename Y>
+void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identity, Y* y, Device device) {
   const int64_t slices = column_slices(rows), rows_per_slice = (rows + slices - 1) / slices;
   const int64_t tiles = (cols + kColumnTile - 1) / kColumnTile;
   REMAT_CHECK(tiles <= INT32_MAX, "sum: ", cols, " columns exceed the cuda backend's grid");
@@ -25,30 +25,37 @@ void reduce_columns(const T* x, int64_t rows, int64_t cols, Op op, Acc<T> identi
   if (slices > 1) partial = empty_workspace({slices, cols}, dtype_of<Acc<T>>::value, device);
   Acc<T>* partial_data = slices > 1 ? partial.data<Acc<T>>() : nullptr;
   dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slices)), block(kColumnTile, kRowLanes);
-  REMAT_LAUNCH(grid, block, 0, reduce_columns_kernel<T, Op>)(x, rows, cols, rows_per_slice, op, identity, partial_data, y);
+  REMAT_LAUNCH(grid, block, 0, reduce_columns_kernel<T, Op, Y>)(x, rows, cols, rows_per_slice, op, identity, partial_data, y);
   REMAT_CUDA_LAUNCH_CHECK();
   if (slices > 1) {
-    REMAT_LAUNCH(blocks_for(cols), kThreads, 0, fold_slices_kernel<T, Op>)(partial_data, slices, cols, op, y);
+    REMAT_LAUNCH(blocks_for(cols), kThreads, 0, fold_slices_kernel<T, Op, Y>)(partial_data, slices, cols, op, y);
     REMAT_CUDA_LAUNCH_CHECK();
   }
 }
 
+// The reduction in x's dtype, or with `accumulated` in its accumulation dtype (one rounding, to
+// f32, for bf16 x).
 template <typename Op>
-Tensor reduce(const Tensor& x, const std::vector<int64_t>& axes, Op op, bool is_max, const char* name) {
+Tensor reduce(const Tensor& x, const std::vector<int64_t>& axes, Op op, bool is_max, const char* name,
+              bool accumulated = false) {
   set_device_of(x);
   ReducePlan plan = plan_reduce(x.shape(), axes);
-  Tensor out = Tensor::empty(plan.out_shape, x.dtype(), x.device());
+  Tensor out = Tensor::empty(plan.out_shape, accumulated ? accumulation_dtype(x.dtype()) : x.dtype(), x.device());
   if (plan.n_out == 0) return out;
   dispatch(x.dtype(), name, [&]<typename T>() {
-    Acc<T> identity = is_max ? -std::numeric_limits<Acc<T>>::infinity() : Acc<T>(0);
-    if (plan.by_columns())
-      reduce_columns<T>(x.data<T>(), plan.n_red, plan.n_out, op, identity, out.data<T>(), x.device());
-    else if (plan.block_per_output())
-      REMAT_LAUNCH(static_cast<unsigned>(plan.n_out), kThreads, 0, reduce_block_kernel<T, Op>)(
-          x.data<T>(), out.data<T>(), plan.index(), op, identity);
-    else
-      REMAT_LAUNCH(blocks_for(plan.n_out), kThreads, 0, reduce_thread_kernel<T, Op>)(
-          x.data<T>(), out.data<T>(), plan.index(), op, identity);
+    auto run = [&]<typename Y>() {
+      Acc<T> identity = is_max ? -std::numeric_limits<Acc<T>>::infinity() : Acc<T>(0);
+      if (plan.by_columns())
+        reduce_columns<T>(x.data<T>(), plan.n_red, plan.n_out, op, identity, out.data<Y>(), x.device());
+      else if (plan.block_per_output())
+        REMAT_LAUNCH(static_cast<unsigned>(plan.n_out), kThreads, 0, reduce_block_kernel<T, Op, Y>)(
+            x.data<T>(), out.data<Y>(), plan.index(), op, identity);
+      else
+        REMAT_LAUNCH(blocks_for(plan.n_out), kThreads, 0, reduce_thread_kernel<T, Op, Y>)(
+            x.data<T>(), out.data<Y>(), plan.index(), op, identity);
+    };
+    if (accumulated) run.template operator()<Acc<T>>();
+    else run.template operator()<T>();
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return out;
@@ -58,6 +65,10 @@ Tensor reduce(const Tensor& x, const std::vector<int64_t>& axes, Op op, bool is_
 
 Tensor CudaBackend::reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) {
   return reduce(x, axes, SumOp{}, false, "sum");
+}
+
+Tensor CudaBackend::reduce_sum_accumulated(const Tensor& x, const std::vector<int64_t>& axes) {
+  return reduce(x, axes, SumOp{}, false, "sum", true);
 }
 
 Tensor CudaBackend::reduce_max(const Tensor& x, const std::vector<int64_t>& axes) {

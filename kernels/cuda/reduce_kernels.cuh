@@ -23,10 +23,12 @@ inline int64_t column_slices(int64_t rows) {
   return std::min<int64_t>(kMaxSlices, std::max<int64_t>(1, (rows + kRowsPerSlice - 1) / kRowsPerSlice));
 }
 
-// Writes partial[slice * cols + c], or y[c] directly (cast to T) when there is one slice.
-template <typename T, typename Op>
+// Writes partial[slice * cols + c], or y[c] directly (cast to Y) when there is one slice. Y, the
+// output's type, is T, or Acc<T> for a sum rounded once, to f32, where T is bf16 (linear's bias
+// gradient under autocast); so in the kernels below.
+template <typename T, typename Op, typename Y = T>
 __global__ void reduce_columns_kernel(const T* x, int64_t rows, int64_t cols, int64_t rows_per_slice, Op op,
-                                      Acc<T> identity, Acc<T>* partial, T* y) {
+                                      Acc<T> identity, Acc<T>* partial, Y* y) {
   __shared__ Acc<T> lanes[kRowLanes][kColumnTile + 1];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColumnTile + threadIdx.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
@@ -39,16 +41,16 @@ __global__ void reduce_columns_kernel(const T* x, int64_t rows, int64_t cols, in
   if (threadIdx.y != 0 || c >= cols) return;
   Acc<T> total = lanes[0][threadIdx.x];
   for (int l = 1; l < kRowLanes; ++l) total = op(total, lanes[l][threadIdx.x]);
-  if (gridDim.y == 1) y[c] = cast_to<T>(total);
+  if (gridDim.y == 1) y[c] = cast_to<Y>(total);
   else partial[blockIdx.y * cols + c] = total;
 }
 
-template <typename T, typename Op>
-__global__ void fold_slices_kernel(const Acc<T>* partial, int64_t slices, int64_t cols, Op op, T* y) {
+template <typename T, typename Op, typename Y = T>
+__global__ void fold_slices_kernel(const Acc<T>* partial, int64_t slices, int64_t cols, Op op, Y* y) {
   REMAT_GRID_STRIDE(c, cols) {
     Acc<T> total = partial[c];
     for (int64_t s = 1; s < slices; ++s) total = op(total, partial[s * cols + c]);
-    y[c] = cast_to<T>(total);
+    y[c] = cast_to<Y>(total);
   }
 }
 
@@ -108,24 +110,24 @@ inline ReducePlan plan_reduce(const Shape& shape, const std::vector<int64_t>& ax
   return p;
 }
 
-template <typename T, typename Op>
-__global__ void reduce_thread_kernel(const T* x, T* y, ReduceIndex p, Op op, Acc<T> identity) {
+template <typename T, typename Op, typename Y = T>
+__global__ void reduce_thread_kernel(const T* x, Y* y, ReduceIndex p, Op op, Acc<T> identity) {
   REMAT_GRID_STRIDE(o, p.n_out) {
     const T* base = x + p.kept.offset(o);
     Acc<T> acc = identity;
     for (int64_t r = 0; r < p.n_red; ++r) acc = op(acc, load(base, p.reduced.offset(r)));
-    y[o] = cast_to<T>(acc);
+    y[o] = cast_to<Y>(acc);
   }
 }
 
-template <typename T, typename Op>
-__global__ void reduce_block_kernel(const T* x, T* y, ReduceIndex p, Op op, Acc<T> identity) {
+template <typename T, typename Op, typename Y = T>
+__global__ void reduce_block_kernel(const T* x, Y* y, ReduceIndex p, Op op, Acc<T> identity) {
   REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
   const T* base = x + p.kept.offset(blockIdx.x);
   Acc<T> acc = identity;
   for (int64_t r = threadIdx.x; r < p.n_red; r += blockDim.x) acc = op(acc, load(base, p.reduced.offset(r)));
   acc = block_reduce(acc, op, identity, scratch);
-  if (threadIdx.x == 0) y[blockIdx.x] = cast_to<T>(acc);
+  if (threadIdx.x == 0) y[blockIdx.x] = cast_to<Y>(acc);
 }
 
 template <typename T>
