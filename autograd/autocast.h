@@ -2,8 +2,8 @@
 // their f32 inputs to the compute dtype (bf16 on GPUs), normalisations, softmax and the loss run
 // in f32, and a binary op on two floating dtypes computes in the wider one. Parameters, their
 // gradients and the optimizer stay f32 (master weights); the casts are ops on the tape, so
-// checkpoint replays repeat them exactly. linear in bf16 takes f32 weights as they are and casts
-// them inside its node (autograd/ops/matmul.cpp says why).
+// checkpoint replays repeat them exactly. linear in bf16 (and matmul by a 2-D f32 weight) takes
+// f32 weights as they are and casts them inside its node (autograd/ops/matmul.cpp says why).
 #pragma once
 
 #include <string>

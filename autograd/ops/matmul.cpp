@@ -9,21 +9,27 @@ namespace {
 
 Tensor transpose_last(const Tensor& t) { return contiguous(transpose(t, -1, -2)); }
 
+// C = op(A) op(B). Under bf16 autocast a 2-D f32 B with an untransposed A (a tied LM head, a
+// projection by a parameter) comes in as it is, like linear's weight (LinearNode says why): cast
+// as the node runs, its gradient in f32 from the GEMM.
 class MatmulNode final : public Node {
  public:
-  MatmulNode(bool ta, bool tb) : ta_(ta), tb_(tb) {}
+  MatmulNode(bool ta, bool tb, DType compute) : ta_(ta), tb_(tb), compute_(compute) {}
   OpKind kind() const override { return OpKind::matmul; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    return {backend_for(kind(), in[0].device()).matmul(detail::dense(in[0]), detail::dense(in[1]), ta_, tb_)};
+    Backend& backend = backend_for(kind(), in[0].device());
+    return {backend.matmul(detail::dense(in[0]), in_compute_dtype(backend, detail::dense(in[1])), ta_, tb_)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
     // C = op(A) op(B): d op(A) = dC op(B)^T, d op(B) = op(A)^T dC.
     Tensor g = detail::dense(ctx.grad_output(0));
     Tensor a = ctx.saved(0), b = ctx.saved(1);
+    const bool master = b.dtype() != compute_;  // an f32 b computed in compute_ (2-D, a untransposed)
+    Backend& backend = backend_for(kind(), g.device());
     Tensor ga, gb;
     if (ctx.needs_input_grad(0)) {
-      Tensor d_op_a = matmul(g, b, false, !tb_);
+      Tensor d_op_a = master ? backend.matmul(g, in_compute_dtype(backend, b), false, !tb_) : matmul(g, b, false, !tb_);
       ga = ta_ ? transpose_last(d_op_a) : d_op_a;
     }
     if (ctx.needs_input_grad(1)) {
@@ -32,7 +38,13 @@ class MatmulNode final : public Node {
         // over all rows, no per-batch temporary, and for op(b) = b^T no transposed copy either.
         // op(b) = b: db = a^T g; op(b) = b^T: db = g^T a (the GEMM linear_cross_entropy's dW runs).
         Tensor a2 = reshape(a, {-1, a.size(-1)}), g2 = reshape(g, {-1, g.size(-1)});
-        gb = tb_ ? matmul(g2, a2, true, false) : matmul(a2, g2, true, false);
+        if (master) {
+          gb = Tensor::empty(b.shape(), b.dtype(), b.device());
+          if (tb_) backend.matmul_into(gb, g2, detail::dense(a2), true, false, false);
+          else backend.matmul_into(gb, detail::dense(a2), g2, true, false, false);
+        } else {
+          gb = tb_ ? matmul(g2, a2, true, false) : matmul(a2, g2, true, false);
+        }
       } else {
         Tensor d_op_b = matmul(a, g, !ta_, false);
         if (b.dim() == 2 && d_op_b.dim() > 2) d_op_b = reshape(sum(reshape(d_op_b, {-1, d_op_b.size(-2), d_op_b.size(-1)}), {0}), {d_op_b.size(-2), d_op_b.size(-1)});
@@ -43,7 +55,12 @@ class MatmulNode final : public Node {
   }
 
  private:
+  Tensor in_compute_dtype(Backend& backend, const Tensor& t) const {
+    return t.dtype() == compute_ ? t : backend.cast(t, compute_);
+  }
+
   bool ta_, tb_;
+  DType compute_;  // a's dtype: b's too, or autocast's with an f32 b
 };
 
 // y = x W^T + b. Under autocast the node may take the f32 weight and bias themselves (the master
@@ -102,10 +119,17 @@ class LinearNode final : public Node {
 }  // namespace
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b) {
-  Tensor a = detail::autocast_compute(a_in), b = detail::autocast_compute(b_in);
+  Tensor a = detail::autocast_compute(a_in);
+  // Under bf16 autocast a 2-D f32 b goes to the node as it is (MatmulNode says why; bf16 only, as
+  // in linear).
+  const bool master = autocast_dtype() == DType::bf16 && a.defined() && a.dtype() == DType::bf16 && !trans_a &&
+                      b_in.defined() && b_in.dtype() == DType::f32 && b_in.dim() == 2;
+  Tensor b = master ? b_in : detail::autocast_compute(b_in);
   detail::check_float(a, "matmul", "a");
   detail::check_float(b, "matmul", "b");
-  detail::check_same(a, b, "matmul");
+  if (!master) detail::check_same(a, b, "matmul");
+  REMAT_CHECK(a.device() == b.device(), "matmul: expected a and b on the same device, got ", a.meta_str(), " and ",
+              b.meta_str());
   REMAT_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul: expected tensors with at least 2 dims, got ",
               shape_str(a.shape()), " x ", shape_str(b.shape()));
   int64_t k_a = trans_a ? a.size(-2) : a.size(-1);
@@ -115,7 +139,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b
   bool batch_ok = b.dim() == 2 || (a.dim() == b.dim() && std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin()));
   REMAT_CHECK(batch_ok, "matmul: expected equal batch dims or a 2-D b, got ", shape_str(a.shape()), " x ",
               shape_str(b.shape()));
-  return detail::apply<MatmulNode>({a, b}, trans_a, trans_b)[0];
+  return detail::apply<MatmulNode>({a, b}, trans_a, trans_b, a.dtype())[0];
 }
 
 Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {

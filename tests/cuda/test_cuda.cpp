@@ -395,8 +395,8 @@ TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bit
   }
 }
 
-TEST_CASE("linear under bf16 autocast takes its f32 weight and bias: dW and db rounded once, to f32, and no "
-          "bf16 weight held until backward",
+TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 weights: dW and db rounded once, "
+          "to f32, and no bf16 weight held until backward",
           "[cuda][op][bf16]") {
   manual_seed(53);
   const int64_t batch = 3, t = 100, in = 96, out = 72, rows = batch * t;
@@ -405,40 +405,43 @@ TEST_CASE("linear under bf16 autocast takes its f32 weight and bias: dW and db r
   // The bf16 values the products see, exactly.
   const std::vector<float> xb = cast(x0, DType::bf16).to(DType::f32).to_vector<float>();
   const std::vector<float> dyb = cast(dy0, DType::bf16).to(DType::f32).to_vector<float>();
-  Tensor x = x0.to(kGpu), w = w0.to(kGpu).set_requires_grad(true), b = b0.to(kGpu).set_requires_grad(true);
-  Tensor dy = cast(dy0.to(kGpu), DType::bf16);
-  auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation].current; };
-  const int64_t start = activations();
-  Tensor y;
-  {
-    AutocastScope autocast(DType::bf16);
-    y = linear(x, w, b);
-  }
-  CHECK(y.dtype() == DType::bf16);
-  // Held until backward: y and x's bf16 copy (saved), not a bf16 copy of the weight or the bias.
-  CHECK(activations() - start == 2 * rows * (out + in));
-  backward(y, dy);
-  REQUIRE(w.grad().dtype() == DType::f32);
-  REQUIRE(b.grad().dtype() == DType::f32);
-  const std::vector<float> dw = w.grad().to_vector<float>(), db = b.grad().to_vector<float>();
-  // Against the sums in double: f32 accumulation over 300 rows is within 1e-5 of them; a result
-  // rounded to bf16 on the way (8 bits) would be off by up to 2e-3.
-  double worst_w = 0, worst_b = 0;
-  for (int64_t o = 0; o < out; ++o) {
-    double sb = 0, scale_b = 0;
-    for (int64_t r = 0; r < rows; ++r) sb += dyb[r * out + o], scale_b += std::abs(dyb[r * out + o]);
-    worst_b = std::max(worst_b, std::abs(db[o] - sb) / scale_b);
-    for (int64_t i = 0; i < in; ++i) {
-      double sw = 0, scale_w = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        sw += static_cast<double>(dyb[r * out + o]) * xb[r * in + i];
-        scale_w += std::abs(static_cast<double>(dyb[r * out + o]) * xb[r * in + i]);
-      }
-      worst_w = std::max(worst_w, std::abs(dw[o * in + i] - sw) / scale_w);
+  for (bool head : {false, true}) {  // linear(x, W, b), or matmul(x, W^T) as gpt's tied head
+    INFO((head ? "matmul(x, W, false, true)" : "linear(x, W, b)"));
+    Tensor x = x0.to(kGpu), w = w0.to(kGpu).set_requires_grad(true), b = b0.to(kGpu).set_requires_grad(true);
+    Tensor dy = cast(dy0.to(kGpu), DType::bf16);
+    auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation].current; };
+    const int64_t start = activations();
+    Tensor y;
+    {
+      AutocastScope autocast(DType::bf16);
+      y = head ? matmul(x, w, false, true) : linear(x, w, b);
     }
+    CHECK(y.dtype() == DType::bf16);
+    // Held until backward: y and x's bf16 copy (saved), not a bf16 copy of the weight or the bias.
+    CHECK(activations() - start == 2 * rows * (out + in));
+    backward(y, dy);
+    REQUIRE(w.grad().dtype() == DType::f32);
+    const std::vector<float> dw = w.grad().to_vector<float>();
+    const std::vector<float> db = head ? std::vector<float>() : b.grad().to_vector<float>();
+    // Against the sums in double: f32 accumulation over 300 rows is within 1e-5 of them; a result
+    // rounded to bf16 on the way (8 bits) would be off by up to 2e-3.
+    double worst_w = 0, worst_b = 0;
+    for (int64_t o = 0; o < out; ++o) {
+      double sb = 0, scale_b = 0;
+      for (int64_t r = 0; r < rows; ++r) sb += dyb[r * out + o], scale_b += std::abs(dyb[r * out + o]);
+      if (!head) worst_b = std::max(worst_b, std::abs(db[o] - sb) / scale_b);
+      for (int64_t i = 0; i < in; ++i) {
+        double sw = 0, scale_w = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          sw += static_cast<double>(dyb[r * out + o]) * xb[r * in + i];
+          scale_w += std::abs(static_cast<double>(dyb[r * out + o]) * xb[r * in + i]);
+        }
+        worst_w = std::max(worst_w, std::abs(dw[o * in + i] - sw) / scale_w);
+      }
+    }
+    CHECK(worst_w < 1e-5);
+    CHECK(worst_b < 1e-5);
   }
-  CHECK(worst_w < 1e-5);
-  CHECK(worst_b < 1e-5);
 }
 
 TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
