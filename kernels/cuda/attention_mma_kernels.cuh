@@ -300,6 +300,18 @@ REMAT_MMA_DEVICE bool all_visible(int row0, int rows, int key0, int keys, int t,
   return row0 + rows <= t && key0 + keys <= t && (!causal || key0 + keys - 1 <= row0);
 }
 
+// f(i, j, e) for each element e of C tile j (8 keys or queries) of row tile i, unrolled: a warp's
+// scores, where the kernels turn them into probabilities, masked or not.
+template <int kM, int N, typename F>
+REMAT_MMA_DEVICE void for_each_score(F&& f) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(i, j, e);
+}
+
 // Softmax in base 2: exp(x) = 2^(x log2 e), so a scaled score and its exponent cost one multiply
 // (or fused multiply-add) and one ex2 on the special-function unit, as __expf does underneath.
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -311,6 +323,27 @@ REMAT_MMA_DEVICE float exp2_approx(float x) {  // 0 for -inf
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #endif
+}
+
+// The forward's and dq's key loop, before key tile `step` of `steps` (kKeys keys each, a buffer
+// of keys then values at tiles + 2 b tile sizes, b = step & 1) is used: the next tile's keys and
+// values start loading into the other buffer (free since the last iteration's closing barrier),
+// and this one's have landed for the whole block. Returns this tile's keys; its values follow.
+template <int D, int kKeys>
+REMAT_MMA_DEVICE const bf16* key_tile(bf16* tiles, int step, int steps, const bf16* k, int64_t k_ld, const bf16* v,
+                                      int64_t v_ld, int t) {
+  constexpr int kTileElements = kKeys * kLd<D>;
+  if (step + 1 < steps) {
+    bf16* next = tiles + 2 * ((step + 1) & 1) * kTileElements;
+    stage<D>(next, k, k_ld, (step + 1) * kKeys, kKeys, t);
+    stage<D>(next + kTileElements, v, v_ld, (step + 1) * kKeys, kKeys, t);
+    commit_copies();
+    wait_copies<1>();
+  } else {
+    wait_copies<0>();
+  }
+  __syncthreads();
+  return tiles + 2 * (step & 1) * kTileElements;
 }
 
 // Forward: row tiles of 16 queries per warp, two where the registers allow (head dim up to 64:
@@ -374,18 +407,8 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
   for (int i = 0; i < kM; ++i) m[i][0] = m[i][1] = -INFINITY;
   for (int step = 0; step < key_tiles; ++step) {
     const int kb = step * kKeyTile;
-    const bf16* ks = tiles + 2 * (step & 1) * kTileElements;
+    const bf16* ks = key_tile<D, kKeyTile>(tiles, step, key_tiles, k, k_heads.row, v, v_heads.row, t);
     const bf16* vs = ks + kTileElements;
-    if (step + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
-      bf16* next = tiles + 2 * ((step + 1) & 1) * kTileElements;
-      stage<D>(next, k, k_heads.row, kb + kKeyTile, kKeyTile, t);
-      stage<D>(next + kTileElements, v, v_heads.row, kb + kKeyTile, kKeyTile, t);
-      commit_copies();
-      wait_copies<1>();
-    } else {
-      wait_copies<0>();
-    }
-    __syncthreads();
     float s[kM][kKeyTile / 8][4] = {};
     mma_by_transposed<D, kKeyTile, kM>(s, qa, ks);
     // Scaled scores, masked where the tile needs it; the rows' new maxima (key 0 is in the first
@@ -393,28 +416,16 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
     float mx[kM][2];
 #pragma unroll
     for (int i = 0; i < kM; ++i) mx[i][0] = m[i][0], mx[i][1] = m[i][1];
-    if (all_visible(row0, 16 * kM, kb, kKeyTile, t, causal)) {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int j = 0; j < kKeyTile / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[i][j][e] *= scale_log2;
-            mx[i][e >> 1] = fmaxf(mx[i][e >> 1], s[i][j][e]);
-          }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int j = 0; j < kKeyTile / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = kb + 8 * j + 2 * c + (e & 1);
-            s[i][j][e] = visible(row[i][e >> 1], key, t, causal) ? s[i][j][e] * scale_log2 : -INFINITY;
-            mx[i][e >> 1] = fmaxf(mx[i][e >> 1], s[i][j][e]);
-          }
-    }
+    auto scale_scores = [&]<bool kMasked>() {
+      for_each_score<kM, kKeyTile>([&](int i, int j, int e) {
+        const int key = kb + 8 * j + 2 * c + (e & 1);
+        const bool seen = !kMasked || visible(row[i][e >> 1], key, t, causal);
+        s[i][j][e] = seen ? s[i][j][e] * scale_log2 : -INFINITY;
+        mx[i][e >> 1] = fmaxf(mx[i][e >> 1], s[i][j][e]);
+      });
+    };
+    if (all_visible(row0, 16 * kM, kb, kKeyTile, t, causal)) scale_scores.template operator()<false>();
+    else scale_scores.template operator()<true>();
 #pragma unroll
     for (int i = 0; i < kM; ++i) {
       float corr[2];
@@ -520,45 +531,21 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
   float acc[kM][D / 8][4] = {};
   for (int step = 0; step < key_tiles; ++step) {
     const int kb = step * kOtherTile;
-    const bf16* ks = tiles + 2 * (step & 1) * kTileElements;
+    const bf16* ks = key_tile<D, kOtherTile>(tiles, step, key_tiles, k, k_heads.row, v, v_heads.row, t);
     const bf16* vs = ks + kTileElements;
-    if (step + 1 < key_tiles) {  // the other buffer, free since the last iteration's closing barrier
-      bf16* next = tiles + 2 * ((step + 1) & 1) * kTileElements;
-      stage<D>(next, k, k_heads.row, kb + kOtherTile, kOtherTile, t);
-      stage<D>(next + kTileElements, v, v_heads.row, kb + kOtherTile, kOtherTile, t);
-      commit_copies();
-      wait_copies<1>();
-    } else {
-      wait_copies<0>();
-    }
-    __syncthreads();
     float s[kM][kOtherTile / 8][4] = {}, dp[kM][kOtherTile / 8][4] = {};
     mma_by_transposed<D, kOtherTile, kM>(s, qa, ks);
     mma_by_transposed<D, kOtherTile, kM>(dp, da, vs);
-    if (all_visible(row0, 16 * kM, kb, kOtherTile, t, causal)) {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int j = 0; j < kOtherTile / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = e >> 1;
-            s[i][j][e] = exp2_approx(fmaf(s[i][j][e], scale_log2, -L[i][r])) * (dp[i][j][e] - Di[i][r]) * scale;
-          }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int j = 0; j < kOtherTile / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = e >> 1, key = kb + 8 * j + 2 * c + (e & 1);
-            const float p = row[i][r] < t && visible(row[i][r], key, t, causal)
-                                ? exp2_approx(fmaf(s[i][j][e], scale_log2, -L[i][r]))
-                                : 0.f;
-            s[i][j][e] = p * (dp[i][j][e] - Di[i][r]) * scale;
-          }
-    }
+    auto scores_to_ds = [&]<bool kMasked>() {  // s becomes dS
+      for_each_score<kM, kOtherTile>([&](int i, int j, int e) {
+        const int r = e >> 1, key = kb + 8 * j + 2 * c + (e & 1);
+        const bool seen = !kMasked || (row[i][r] < t && visible(row[i][r], key, t, causal));
+        const float p = seen ? exp2_approx(fmaf(s[i][j][e], scale_log2, -L[i][r])) : 0.f;
+        s[i][j][e] = p * (dp[i][j][e] - Di[i][r]) * scale;
+      });
+    };
+    if (all_visible(row0, 16 * kM, kb, kOtherTile, t, causal)) scores_to_ds.template operator()<false>();
+    else scores_to_ds.template operator()<true>();
     mma_tiles_by<D, kOtherTile, kM>(acc, s, ks);  // dQ += dS K
     __syncthreads();
   }
@@ -640,33 +627,17 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<
     mma_shared_by_transposed<D, kOtherTile, kM>(s, ks, key0 - k0, qs);   // S^T = K Q^T
     mma_shared_by_transposed<D, kOtherTile, kM>(dp, vs, key0 - k0, dos);  // dP^T = V dO^T
     // s becomes P^T, dp becomes dS^T (the tile's rows are keys, its columns queries).
-    if (all_visible(qb, kOtherTile, key0, 16 * kM, t, causal)) {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int j = 0; j < kOtherTile / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int qi = 8 * j + 2 * c + (e & 1);
-            const float p = exp2_approx(fmaf(s[i][j][e], scale_log2, -lse_s[qi] * kLog2e));
-            s[i][j][e] = p;
-            dp[i][j][e] = p * (dp[i][j][e] - dot_s[qi]) * scale;
-          }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int j = 0; j < kOtherTile / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int qi = 8 * j + 2 * c + (e & 1), query = qb + qi;
-            const float p = query < t && visible(query, key[i][e >> 1], t, causal)
-                                ? exp2_approx(fmaf(s[i][j][e], scale_log2, -lse_s[qi] * kLog2e))
-                                : 0.f;
-            s[i][j][e] = p;
-            dp[i][j][e] = p * (dp[i][j][e] - dot_s[qi]) * scale;
-          }
-    }
+    auto scores_to_p_ds = [&]<bool kMasked>() {
+      for_each_score<kM, kOtherTile>([&](int i, int j, int e) {
+        const int qi = 8 * j + 2 * c + (e & 1), query = qb + qi;
+        const bool seen = !kMasked || (query < t && visible(query, key[i][e >> 1], t, causal));
+        const float p = seen ? exp2_approx(fmaf(s[i][j][e], scale_log2, -lse_s[qi] * kLog2e)) : 0.f;
+        s[i][j][e] = p;
+        dp[i][j][e] = p * (dp[i][j][e] - dot_s[qi]) * scale;
+      });
+    };
+    if (all_visible(qb, kOtherTile, key0, 16 * kM, t, causal)) scores_to_p_ds.template operator()<false>();
+    else scores_to_p_ds.template operator()<true>();
     mma_tiles_by<D, kOtherTile, kM>(dv_acc, s, dos);  // dV += P^T dO
     mma_tiles_by<D, kOtherTile, kM>(dk_acc, dp, qs);   // dK += dS^T Q
     __syncthreads();
