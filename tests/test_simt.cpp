@@ -593,7 +593,8 @@ TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute atten
   check_mma<64>({4, 100, true}, rng);   // a query tile's tail, key tiles of 64 and 32; B 2, H 2
   check_mma<64>({1, 1, true}, rng);     // one row
   check_mma<128>({3, 70, false}, rng);  // the widest head, not causal; B 1, H 3
-  check_mma<32>({2, 130, true}, rng);   // three query tiles, five key blocks' worth of tails
+  check_mma<32>({2, 130, true}, rng);   // two blocks of 128 queries (keys), the second 2 rows long
+  check_mma<64>({2, 200, true}, rng);   // a warp whose second row tile lies past T, and one all past it
   // Tiles every query of which sees every key take the unmasked path: several per block here.
   check_mma<64>({1, 256, true}, rng);
   check_mma<64>({1, 160, false}, rng);

@@ -67,7 +67,8 @@ class MatmulNode final : public Node {
 // weights) and compute in x's dtype: it casts them as it runs, so their bf16 copies are
 // temporaries rather than tape values held until backward (gpt2: 170 MB of bf16 weights at
 // `none`), and backward gives dW and db in f32 straight from the GEMM and the column sum, each
-// rounded once, instead of rounding them to bf16 and casting back (two launches a linear fewer).
+// rounded once, instead of rounding them to bf16 and casting back (backward casts the weight
+// again for dx in place of casting dW back, and db's cast goes: a launch a linear fewer).
 class LinearNode final : public Node {
  public:
   LinearNode(bool has_bias, DType compute) : has_bias_(has_bias), compute_(compute) {}

@@ -1,10 +1,11 @@
 // Attention on the tensor cores with remat's own kernels: bf16 q/k/v [B, H, T, D] (D 32, 64 or
-// 128, contiguous), mma.sync m16n8k16 with f32 accumulation, flash style (an online softmax over
-// key tiles double-buffered in shared memory by cp.async, only the row log-sum-exp saved). The
-// backward rebuilds the probabilities from it in two kernels, dq by query tiles and dk/dv by key
-// tiles, each summing in a fixed order: no atomics, so a replay repeats the bits and every policy stays bitwise equal to
-// none. Chosen by set_cuda_attention(mma) (REMAT_CUDA_ATTENTION=mma); the flash kernel of
-// attention.cu stays the reference it is tested against.
+// 128; strided heads read where they lie, outputs written [B, T, H, D]: attention_mma.h), mma.sync
+// m16n8k16 with f32 accumulation, flash style (an online softmax over key tiles double-buffered in
+// shared memory by cp.async, only the row log-sum-exp saved). The backward rebuilds the
+// probabilities from it in two kernels, dq by query tiles and dk/dv by key tiles, each summing in
+// a fixed order: no atomics, so a replay repeats the bits and every policy stays bitwise equal to
+// none. `auto` (the default) and set_cuda_attention(mma) choose it where it applies; the flash
+// kernel of attention.cu stays the reference it is tested against.
 
 #include "kernels/cuda/attention_mma.h"
 
