@@ -1,6 +1,7 @@
 // Mixed precision: inside an AutocastScope, GEMM-like ops (linear, matmul, attention, conv2d) cast
 // their f32 inputs to the compute dtype (bf16 on GPUs), normalisations, softmax and the loss run
-// in f32, and a binary op on two floating dtypes computes in the wider one. Parameters, their
+// in f32, and a binary op on two floating dtypes computes in the wider one (add and sub of f32 and
+// bf16 of one shape without a cast node where the backend widens in its kernel). Parameters, their
 // gradients and the optimizer stay f32 (master weights); the casts are ops on the tape, so
 // checkpoint replays repeat them exactly. linear in bf16 (and matmul by a 2-D f32 weight) takes
 // f32 weights as they are and casts them inside its node (autograd/ops/matmul.cpp says why).

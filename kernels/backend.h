@@ -33,8 +33,11 @@ class Backend {
   virtual bool unary_backward_in_place(UnaryFn, Tensor& /*dy*/, const Tensor& /*x*/, const Tensor& /*y*/, double) {
     return false;
   }
-  // Broadcasting binary op; strided (broadcast) inputs allowed.
+  // Broadcasting binary op; strided (broadcast) inputs allowed. a and b of one dtype; or, where
+  // binary_mixes_dtypes(), contiguous f32 and bf16 of one shape (either first), the result f32 with
+  // the bits of casting the bf16 one to f32 first: autocast's residual additions, without the cast.
   virtual Tensor binary(BinaryFn fn, const Tensor& a, const Tensor& b) = 0;
+  virtual bool binary_mixes_dtypes() const { return false; }
 
   // Reductions over `axes` (sorted, unique) keeping them as size-1 dims.
   virtual Tensor reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) = 0;

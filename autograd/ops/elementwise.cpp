@@ -34,12 +34,19 @@ OpKind op_of(UnaryFn fn) {
   return OpKind::neg;
 }
 
+// a op b. Under autocast an addition or subtraction of an f32 and a bf16 tensor of one shape (the
+// residual stream plus a block's bf16 output) takes both as they are where the backend widens the
+// bf16 one as it reads it (binary_mixes_dtypes): the bits of casting it first, without the cast's
+// pass over memory; the bf16 operand's gradient is then cast here, as the cast's backward would.
 class BinaryNode final : public Node {
  public:
-  BinaryNode(BinaryFn fn, Shape a_shape, Shape b_shape) : fn_(fn), a_shape_(std::move(a_shape)), b_shape_(std::move(b_shape)) {}
+  BinaryNode(BinaryFn fn, Shape a_shape, Shape b_shape, DType a_dtype, DType b_dtype)
+      : fn_(fn), a_shape_(std::move(a_shape)), b_shape_(std::move(b_shape)), a_dtype_(a_dtype), b_dtype_(b_dtype) {}
   OpKind kind() const override { return op_of(fn_); }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    return {backend_for(kind(), in[0].device()).binary(fn_, in[0], in[1])};
+    Backend& backend = backend_for(kind(), in[0].device());
+    if (a_dtype_ != b_dtype_) return {backend.binary(fn_, detail::dense(in[0]), detail::dense(in[1]))};
+    return {backend.binary(fn_, in[0], in[1])};
   }
   std::vector<int> saved_indices(size_t) const override {
     switch (fn_) {
@@ -74,12 +81,16 @@ class BinaryNode final : public Node {
         break;
       }
     }
+    // Mixed dtypes (add and sub only): each gradient in its operand's dtype.
+    if (ga.defined() && ga.dtype() != a_dtype_) ga = backend_for(kind(), ga.device()).cast(detail::dense(ga), a_dtype_);
+    if (gb.defined() && gb.dtype() != b_dtype_) gb = backend_for(kind(), gb.device()).cast(detail::dense(gb), b_dtype_);
     return {ga, gb};
   }
 
  private:
   BinaryFn fn_;
   Shape a_shape_, b_shape_;
+  DType a_dtype_, b_dtype_;
 };
 
 class UnaryNode final : public Node {
@@ -148,10 +159,17 @@ Tensor binary_op(BinaryFn fn, const Tensor& a_in, const Tensor& b_in) {
   detail::check_float(a_in, name, "a");
   detail::check_float(b_in, name, "b");
   Tensor a = a_in, b = b_in;
-  detail::autocast_match(a, b);
-  detail::check_same(a, b, name);
+  const bool f32_and_bf16 = (a.dtype() == DType::f32 && b.dtype() == DType::bf16) ||
+                            (a.dtype() == DType::bf16 && b.dtype() == DType::f32);
+  const bool mixed = autocast_active() && (fn == BinaryFn::add || fn == BinaryFn::sub) && f32_and_bf16 &&
+                     a.shape() == b.shape() && a.device() == b.device() &&
+                     backend_for(op_of(fn), a.device()).binary_mixes_dtypes();
+  if (!mixed) {
+    detail::autocast_match(a, b);
+    detail::check_same(a, b, name);
+  }
   broadcast_shapes(a.shape(), b.shape(), name);
-  return detail::apply<BinaryNode>({a, b}, fn, a.shape(), b.shape())[0];
+  return detail::apply<BinaryNode>({a, b}, fn, a.shape(), b.shape(), a.dtype(), b.dtype())[0];
 }
 
 Tensor unary_op(UnaryFn fn, const Tensor& x, double scalar = 0.0) {

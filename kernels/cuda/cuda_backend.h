@@ -17,6 +17,7 @@ class CudaBackend final : public Backend {
   // The tensor-core kernels read strided heads as they lie; the other paths copy them (attention.cu).
   bool attention_reads_strided() const override { return true; }
   Tensor reduce_sum_accumulated(const Tensor& x, const std::vector<int64_t>& axes) override;
+  bool binary_mixes_dtypes() const override { return true; }
   void adamw_update_all(const std::vector<AdamWTensors>& items) override;
   bool clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm) override;
   bool unary_backward_in_place(UnaryFn fn, Tensor& dy, const Tensor& x, const Tensor& y, double scalar) override;

@@ -62,6 +62,22 @@ bool CudaBackend::unary_backward_in_place(UnaryFn fn, Tensor& dy, const Tensor& 
 
 Tensor CudaBackend::binary(BinaryFn fn, const Tensor& a, const Tensor& b) {
   set_device_of(a);
+  if (a.dtype() != b.dtype()) {  // f32 and bf16 (binary_mixes_dtypes)
+    const bool narrow_first = a.dtype() == DType::bf16;
+    const Tensor& wide = narrow_first ? b : a;
+    const Tensor& narrow = narrow_first ? a : b;
+    REMAT_CHECK(wide.dtype() == DType::f32 && narrow.dtype() == DType::bf16 && a.shape() == b.shape() &&
+                    a.is_contiguous() && b.is_contiguous(),
+                "binary: expected operands of one dtype, or contiguous f32 and bf16 of one shape, got ", a.meta_str(),
+                " and ", b.meta_str());
+    Tensor out = Tensor::empty(a.shape(), DType::f32, a.device());
+    const int64_t n = out.numel();
+    if (n > 0)
+      REMAT_LAUNCH(blocks_for_packs(n), kThreads, 0, binary_widening_kernel<float, bf16>)(
+          fn, wide.data<float>(), narrow.data<bf16>(), narrow_first, out.data<float>(), n);
+    REMAT_CUDA_LAUNCH_CHECK();
+    return out;
+  }
   Shape out_shape = broadcast_shapes(a.shape(), b.shape(), "binary");
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
   int64_t n = out.numel();

@@ -149,6 +149,23 @@ __global__ void binary_same_kernel(BinaryFn fn, const T* a, const T* b, T* y, in
   REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = cast_to<T>(binary_value(fn, load(a, i), load(b, i)));
 }
 
+// fn(a, b) where one operand is f32 and the other bf16 of the same shape (an f32 residual stream
+// plus a bf16 branch under autocast): the bf16 one (`narrow`, the first operand where
+// narrow_first) is widened exactly as it is read, so y has the bits of a cast to f32 and then the
+// f32 op, without the cast's pass over memory.
+template <typename W, typename N>  // float and bf16
+__global__ void binary_widening_kernel(BinaryFn fn, const W* wide, const N* narrow, bool narrow_first, W* y, int64_t n) {
+  auto value = [&](W w, W v) { return narrow_first ? binary_value(fn, v, w) : binary_value(fn, w, v); };
+  const int64_t head = packed_elements(n, packable(wide, narrow, y));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<W> pw = load_pack(wide, p), out;
+    Pack<N> pn = load_pack(narrow, p);
+    for (int j = 0; j < kPack; ++j) out.v[j] = value(pw.v[j], load(pn.v, j));
+    store_pack(y, p, out);
+  }
+  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = value(wide[i], load(narrow, i));
+}
+
 template <typename T>
 __global__ void binary_broadcast_kernel(BinaryFn fn, const T* a, const T* b, T* y, int64_t n, Indexer ix) {
   REMAT_GRID_STRIDE(i, n) {

@@ -444,6 +444,50 @@ TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 we
   }
 }
 
+TEST_CASE("an f32 plus a bf16 tensor under autocast: no cast, the cast's bits, forward and backward", "[cuda][op][bf16]") {
+  manual_seed(59);
+  const Tensor wide_src = Tensor::randn({8, 125}), narrow_src = Tensor::randn({8, 125}), dy = Tensor::randn({8, 125});
+  // A leaf on the GPU with src's values (rounded to bf16 for the narrow one), aligned (packs of 8)
+  // or one element into its storage (the scalar loop for every value).
+  auto leaf = [](const Tensor& src, DType dtype, bool offset) {
+    std::vector<float> v = src.to_vector<float>();
+    if (offset) v.insert(v.begin(), 0.f);
+    Tensor t = cast(Tensor::from_vector(v, {static_cast<int64_t>(v.size())}, kGpu), dtype);
+    if (offset) t = slice(t, 0, 1, static_cast<int64_t>(v.size()));
+    return reshape(t, src.shape()).detach().set_requires_grad(true);
+  };
+  for (bool offset : {false, true}) {
+    for (BinaryFn fn : {BinaryFn::add, BinaryFn::sub}) {
+      for (bool narrow_first : {false, true}) {
+        INFO((fn == BinaryFn::add ? "add" : "sub") << (narrow_first ? ", bf16 first" : ", f32 first")
+                                                   << (offset ? ", one element into storage" : ""));
+        auto run = [&](bool autocast_on) {
+          Tensor w = leaf(wide_src, DType::f32, offset), n = leaf(narrow_src, DType::bf16, offset);
+          auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation]; };
+          reset_peak_memory(kGpu);
+          const int64_t start = activations().current;
+          Tensor y;
+          {
+            std::optional<AutocastScope> autocast;
+            if (autocast_on) autocast.emplace(DType::bf16);
+            // Without autocast, the cast by hand: what autocast did before the mixed kernel.
+            Tensor nn = autocast_on ? n : cast(n, DType::f32);
+            y = fn == BinaryFn::add ? (narrow_first ? add(nn, w) : add(w, nn)) : (narrow_first ? sub(nn, w) : sub(w, nn));
+          }
+          CHECK(y.dtype() == DType::f32);
+          // Under autocast only y is made: no f32 copy of the bf16 operand.
+          if (autocast_on) CHECK(activations().peak - start == y.nbytes());
+          backward(y, dy.to(kGpu));
+          REQUIRE(n.grad().dtype() == DType::bf16);
+          return std::vector<std::vector<float>>{y.to_vector<float>(), w.grad().to_vector<float>(),
+                                                 n.grad().to(DType::f32).to_vector<float>()};
+        };
+        CHECK(run(true) == run(false));
+      }
+    }
+  }
+}
+
 TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
           "every policy bitwise", "[cuda][op][attention][bf16]") {
   manual_seed(23);
