@@ -476,7 +476,7 @@ TEST_CASE("an f32 plus a bf16 tensor under autocast: no cast, the cast's bits, f
           }
           CHECK(y.dtype() == DType::f32);
           // Under autocast only y is made: no f32 copy of the bf16 operand.
-          if (autocast_on) CHECK(activations().peak - start == y.nbytes());
+          if (autocast_on) CHECK(activations().peak - start == static_cast<int64_t>(y.nbytes()));
           backward(y, dy.to(kGpu));
           REQUIRE(n.grad().dtype() == DType::bf16);
           return std::vector<std::vector<float>>{y.to_vector<float>(), w.grad().to_vector<float>(),
