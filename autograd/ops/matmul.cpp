@@ -9,6 +9,19 @@ namespace {
 
 Tensor transpose_last(const Tensor& t) { return contiguous(transpose(t, -1, -2)); }
 
+// Whether a GEMM-like op under bf16 autocast takes its f32 weight into its node (LinearNode says
+// why): x in bf16 (after autocast's cast) and the weight f32 (bf16 only: the f32 gradient of bf16
+// products is matmul_into's, and f16 and f64 have none).
+bool takes_f32_weight(const Tensor& x, const Tensor& weight) {
+  return autocast_dtype() == DType::bf16 && x.defined() && x.dtype() == DType::bf16 && weight.defined() &&
+         weight.dtype() == DType::f32;
+}
+
+// t in `dtype`: itself, or a cast by the backend (inside a node, not a node of its own).
+Tensor in_dtype(Backend& backend, const Tensor& t, DType dtype) {
+  return t.dtype() == dtype ? t : backend.cast(t, dtype);
+}
+
 // C = op(A) op(B). Under bf16 autocast a 2-D f32 B with an untransposed A (a tied LM head, a
 // projection by a parameter) comes in as it is, like linear's weight (LinearNode says why): cast
 // as the node runs, its gradient in f32 from the GEMM.
@@ -18,7 +31,7 @@ class MatmulNode final : public Node {
   OpKind kind() const override { return OpKind::matmul; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     Backend& backend = backend_for(kind(), in[0].device());
-    return {backend.matmul(detail::dense(in[0]), in_compute_dtype(backend, detail::dense(in[1])), ta_, tb_)};
+    return {backend.matmul(detail::dense(in[0]), in_dtype(backend, detail::dense(in[1]), compute_), ta_, tb_)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
@@ -29,7 +42,8 @@ class MatmulNode final : public Node {
     Backend& backend = backend_for(kind(), g.device());
     Tensor ga, gb;
     if (ctx.needs_input_grad(0)) {
-      Tensor d_op_a = master ? backend.matmul(g, in_compute_dtype(backend, b), false, !tb_) : matmul(g, b, false, !tb_);
+      Tensor d_op_a =
+          master ? backend.matmul(g, in_dtype(backend, b, compute_), false, !tb_) : matmul(g, b, false, !tb_);
       ga = ta_ ? transpose_last(d_op_a) : d_op_a;
     }
     if (ctx.needs_input_grad(1)) {
@@ -55,10 +69,6 @@ class MatmulNode final : public Node {
   }
 
  private:
-  Tensor in_compute_dtype(Backend& backend, const Tensor& t) const {
-    return t.dtype() == compute_ ? t : backend.cast(t, compute_);
-  }
-
   bool ta_, tb_;
   DType compute_;  // a's dtype: b's too, or autocast's with an f32 b
 };
@@ -75,8 +85,8 @@ class LinearNode final : public Node {
   OpKind kind() const override { return OpKind::linear; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     Backend& backend = backend_for(kind(), in[0].device());
-    Tensor bias = has_bias_ ? in_compute_dtype(backend, detail::dense(in[2])) : Tensor();
-    return {backend.linear(detail::dense(in[0]), in_compute_dtype(backend, detail::dense(in[1])), bias)};
+    Tensor bias = has_bias_ ? in_dtype(backend, detail::dense(in[2]), compute_) : Tensor();
+    return {backend.linear(detail::dense(in[0]), in_dtype(backend, detail::dense(in[1]), compute_), bias)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
@@ -104,15 +114,11 @@ class LinearNode final : public Node {
     // before dx is allocated, which lowers backward's peak where it starts (the last block's MLP).
     ctx.release_saved(0);
     if (ctx.needs_input_grad(0))  // dx = dy W
-      grads[0] = master ? backend.matmul(g, in_compute_dtype(backend, weight), false, false) : matmul(g, weight);
+      grads[0] = master ? backend.matmul(g, in_dtype(backend, weight, compute_), false, false) : matmul(g, weight);
     return grads;
   }
 
  private:
-  Tensor in_compute_dtype(Backend& backend, const Tensor& t) const {
-    return t.dtype() == compute_ ? t : backend.cast(t, compute_);
-  }
-
   bool has_bias_;
   DType compute_;  // the dtype of x and y: the weight's, or autocast's with f32 master weights
 };
@@ -121,10 +127,8 @@ class LinearNode final : public Node {
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b) {
   Tensor a = detail::autocast_compute(a_in);
-  // Under bf16 autocast a 2-D f32 b goes to the node as it is (MatmulNode says why; bf16 only, as
-  // in linear).
-  const bool master = autocast_dtype() == DType::bf16 && a.defined() && a.dtype() == DType::bf16 && !trans_a &&
-                      b_in.defined() && b_in.dtype() == DType::f32 && b_in.dim() == 2;
+  // Under bf16 autocast a 2-D f32 b goes to the node as it is (MatmulNode says why).
+  const bool master = takes_f32_weight(a, b_in) && !trans_a && b_in.dim() == 2;
   Tensor b = master ? b_in : detail::autocast_compute(b_in);
   detail::check_float(a, "matmul", "a");
   detail::check_float(b, "matmul", "b");
@@ -147,10 +151,7 @@ Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in
   // Under autocast, f32 weights (and bias) go to the node as they are, which computes in the
   // autocast dtype (LinearNode says why); anything else is cast here as any GEMM-like op's inputs.
   Tensor x = detail::autocast_compute(x_in);
-  // (bf16 only: the f32 dW of bf16 products is matmul_into's, and f16 and f64 have none.)
-  const bool master = autocast_dtype() == DType::bf16 && x.defined() && x.dtype() == DType::bf16 &&
-                      weight_in.defined() && weight_in.dtype() == DType::f32 &&
-                      (!bias_in.defined() || bias_in.dtype() == DType::f32);
+  const bool master = takes_f32_weight(x, weight_in) && (!bias_in.defined() || bias_in.dtype() == DType::f32);
   Tensor weight = master ? weight_in : detail::autocast_compute(weight_in);
   Tensor bias = master ? bias_in : detail::autocast_compute(bias_in);
   detail::check_float(x, "linear", "x");

@@ -103,6 +103,16 @@ REMAT_MMA_DEVICE void load_a(uint32_t (&a)[4], const bf16* s, int r0, int c0) {
   ldmatrix<4, false>(a, s + row * kLd<D> + col);
 }
 
+// The A fragments of kM row tiles, rows [r0 + 16 i, r0 + 16 i + 16), over all D columns of a
+// row-major shared tile: a warp's queries (or dO) held in registers through a kernel.
+template <int D, int kM>
+REMAT_MMA_DEVICE void load_row_tiles(uint32_t (&a)[kM][D / 16][4], const bf16* s, int r0) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(a[i][kk], s, r0 + 16 * i, 16 * kk);
+}
+
 // B = M^T for a row-major shared tile M, B[k][n] = M[n0 + n][k0 + k] (rows of M are B's columns),
 // for k0 and k0 + 16 in one load: b[0..1] and b[2..3], matrices [n0, k0 + 8 i], i < 4, as they lie.
 template <int D>
@@ -239,7 +249,7 @@ struct Heads {
   int64_t batch, head, row;
   int heads;
   // bh < B H fits an int (a grid dimension): 32-bit division, where a 64-bit one is a called
-  // routine that held 45 more registers in the forward kernel (ptxas -v).
+  // routine that held 20 more registers in the forward kernel (ptxas -v).
   REMAT_MMA_DEVICE E* of(int bh) const {
     const int b = bh / heads, h = bh - b * heads;
     return data + b * batch + h * head;
@@ -347,8 +357,9 @@ REMAT_MMA_DEVICE const bf16* key_tile(bf16* tiles, int step, int steps, const bf
 }
 
 // Forward: row tiles of 16 queries per warp, two where the registers allow (head dim up to 64:
-// about 190 registers at 64, where one tile took 132), so each K and V fragment loaded from shared
-// memory feeds two MMAs; 64 or 128 query rows per block.
+// 255 registers at 64 by ptxas, where one tile took 132), so each K and V fragment loaded from
+// shared memory feeds two MMAs; 64 or 128 query rows per block. (Each kernel has its own count,
+// so that a GPU's measurements can set them apart.)
 template <int D> constexpr int kForwardTilesPerWarp = D <= 64 ? 2 : 1;
 template <int D> constexpr int kForwardRows = 16 * kForwardTilesPerWarp<D> * kWarps;
 
@@ -393,10 +404,7 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
   wait_copies<0>();
   __syncthreads();
   uint32_t qa[kM][D / 16][4];
-#pragma unroll
-  for (int i = 0; i < kM; ++i)
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[i][kk], tiles + 2 * kTileElements, row0 - q0 + 16 * i, 16 * kk);
+  load_row_tiles<D, kM>(qa, tiles + 2 * kTileElements, row0 - q0);
   __syncthreads();
   int row[kM][2];  // the lane's rows: g and g + 8 of each tile
 #pragma unroll
@@ -505,19 +513,13 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
   wait_copies<0>();
   __syncthreads();
   uint32_t qa[kM][D / 16][4], da[kM][D / 16][4];
-#pragma unroll
-  for (int i = 0; i < kM; ++i)
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[i][kk], rows, row0 - q0 + 16 * i, 16 * kk);
+  load_row_tiles<D, kM>(qa, rows, row0 - q0);
   __syncthreads();
   stage<D>(rows, d_o, do_heads.row, q0, kRows, t);
   commit_copies();
   wait_copies<0>();
   __syncthreads();
-#pragma unroll
-  for (int i = 0; i < kM; ++i)
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a<D>(da[i][kk], rows, row0 - q0 + 16 * i, 16 * kk);
+  load_row_tiles<D, kM>(da, rows, row0 - q0);
   int row[kM][2];           // the lane's rows: g and g + 8 of each tile
   float L[kM][2], Di[kM][2];  // the rows' lse in base-2 units, and dO . O
 #pragma unroll
