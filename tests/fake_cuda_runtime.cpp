@@ -62,6 +62,7 @@ struct State {
   int devices = 1;
   size_t capacity = size_t(16) << 30;
   Counters counters;
+  std::map<const void*, long long> launches_by_kernel;  // since the process began
   std::map<const char*, std::pair<size_t, int>> device_blocks;  // start -> (bytes, device)
   std::vector<std::string> misuse;
   uint64_t generation = 0;
@@ -215,6 +216,7 @@ void launch(const void* kernel, const unsigned grid[3], const unsigned block[3],
   op.work = std::move(body);
   fake_cuda::queue(resolve(nullptr), std::move(op));
   ++s.counters.launches;
+  ++s.launches_by_kernel[kernel];
 }
 
 namespace {
@@ -534,5 +536,12 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 // For a program that loads the emulated part through REMAT_CUDA_MODULE and cannot name this
 // namespace (tests/host_enqueue.cpp): the kernels and library calls queued so far.
 long long fake_cuda_launches() { return fake_cuda::counters().launches; }
+
+// Launches so far per kernel (the kernel's host address, which names it through the module's
+// symbol table), for a per-kernel breakdown: `visit` is called once per kernel launched.
+void fake_cuda_launches_by_kernel(void (*visit)(const void* kernel, long long launches, void* context), void* context) {
+  std::lock_guard lock(fake_cuda::state().mutex);
+  for (const auto& [kernel, n] : fake_cuda::state().launches_by_kernel) visit(kernel, n, context);
+}
 
 }  // extern "C"

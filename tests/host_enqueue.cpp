@@ -6,12 +6,17 @@
 // the queued work (hours under emulation).
 //   REMAT_CUDA_MODULE=$PWD/build/tests/libremat_cuda_emulated.so build/tests/host_enqueue
 //     [config gpt2] [policies none,full,ops,block_skip:2] [dtype bf16] [batch 8] [layers 12] [fused]
-// (`fused`: the head and loss as linear_cross_entropy, GptConfig::fused_loss).
+// (`fused`: the head and loss as linear_cross_entropy, GptConfig::fused_loss). With
+// REMAT_HOST_ENQUEUE_KERNELS=1 it also lists each policy's last step's launches per kernel (names
+// by addr2line from the module's symbol table).
 #include <dlfcn.h>
 #include <fmt/core.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
+#include <map>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
@@ -42,6 +47,46 @@ LaunchCount launch_counter() {
   const char* module = std::getenv("REMAT_CUDA_MODULE");
   void* handle = module ? dlopen(module, RTLD_NOW | RTLD_NOLOAD) : nullptr;
   return handle ? reinterpret_cast<LaunchCount>(dlsym(handle, "fake_cuda_launches")) : nullptr;
+}
+
+// Launches per kernel so far (fake_cuda_launches_by_kernel in tests/fake_cuda_runtime.cpp).
+using KernelCounts = std::map<const void*, long long>;
+KernelCounts launches_by_kernel() {
+  using Visit = void (*)(const void*, long long, void*);
+  using ByKernel = void (*)(Visit, void*);
+  void* handle = dlopen(std::getenv("REMAT_CUDA_MODULE"), RTLD_NOW | RTLD_NOLOAD);
+  auto by_kernel = handle ? reinterpret_cast<ByKernel>(dlsym(handle, "fake_cuda_launches_by_kernel")) : nullptr;
+  KernelCounts counts;
+  if (by_kernel != nullptr)
+    by_kernel([](const void* kernel, long long n, void* out) { (*static_cast<KernelCounts*>(out))[kernel] = n; },
+              &counts);
+  return counts;
+}
+
+// Prints the launches between two tallies, most first, each kernel named by addr2line.
+void print_kernel_launches(const KernelCounts& before, const KernelCounts& after) {
+  std::vector<std::pair<long long, const void*>> rows;
+  for (const auto& [kernel, n] : after) {
+    auto it = before.find(kernel);
+    long long delta = n - (it == before.end() ? 0 : it->second);
+    if (delta > 0) rows.emplace_back(delta, kernel);
+  }
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  Dl_info info{};
+  if (rows.empty() || dladdr(rows.front().second, &info) == 0) return;
+  std::string command = fmt::format("addr2line -f -C -e '{}'", info.dli_fname);
+  for (const auto& [n, kernel] : rows)
+    command += fmt::format(" {:#x}", reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase));
+  std::vector<std::string> names;
+  if (FILE* pipe = popen(command.c_str(), "r")) {
+    char line[4096];
+    // addr2line prints two lines an address: the function, then its file and line.
+    for (int i = 0; std::fgets(line, sizeof line, pipe) != nullptr; ++i)
+      if (i % 2 == 0) names.emplace_back(line, std::strcspn(line, "\n"));
+    pclose(pipe);
+  }
+  for (size_t i = 0; i < rows.size(); ++i)
+    fmt::print("  {:6} {}\n", rows[i].first, i < names.size() ? names[i].substr(0, 160) : "?");
 }
 
 int run(int argc, char** argv) {
@@ -79,12 +124,14 @@ int run(int argc, char** argv) {
              config, c.batch, c.seq_len, c.channels, c.layers, dtype);
   fmt::print("| policy | step | host ms | launches | us per launch | host waits | peak MiB | activation peak MiB |\n"
              "|---|---|---|---|---|---|---|---|\n");
+  const bool per_kernel = std::getenv("REMAT_HOST_ENQUEUE_KERNELS") != nullptr;
   long long later_waits = 0;  // after each policy's first step, which may set things up
   for (const std::string& policy : policies) {
     remove_checkpointing(model);
     if (policy != "none") apply_policy(model, parse_policy(policy));
     for (int step = 0; step < 3; ++step) {
       const long long launches_before = launches(), waits_before = cuda_host_syncs();
+      const KernelCounts kernels_before = per_kernel ? launches_by_kernel() : KernelCounts{};
       reset_peak_memory(gpu);
       const auto start = std::chrono::steady_clock::now();
       {
@@ -105,6 +152,7 @@ int run(int argc, char** argv) {
       fmt::print("| {} | {} | {:.1f} | {} | {:.1f} | {} | {:.1f} | {:.1f} |\n", policy, step, ms, n,
                  n > 0 ? 1000 * ms / n : 0.0, waits, memory.total.peak / kMiB,
                  memory[MemoryCategory::activation].peak / kMiB);
+      if (per_kernel && step == 2) print_kernel_launches(kernels_before, launches_by_kernel());
       std::fflush(stdout);
     }
   }

@@ -444,31 +444,58 @@ TEST_CASE("reduction kernels, emulated: sums and maxima over any axes, the max b
   CHECK(dx.to_vector<float>()[1] == 0.25f);
 
   // Clipping: each tensor's sum of squares in f64 (two fixed-order stages), then the norm and the
-  // scale as the host computes them from the same sums, then the tensors scaled in their dtype.
-  std::vector<Tensor> grads = {random_tensor({1000}, DType::f32, rng), random_tensor({77}, DType::f32, rng)};
-  std::vector<double> partial(red::kSquareBlocks), totals(grads.size());
+  // scale as the host computes them from the same sums, then the tensors scaled in their dtype;
+  // several tensors a launch, each in its slot, its bits the same whatever shares its launch.
+  std::vector<Tensor> grads = {random_tensor({1000}, DType::f32, rng), random_tensor({0}, DType::f32, rng),
+                               random_tensor({77}, DType::f32, rng)};
+  auto chunk_of = [](std::vector<Tensor>& xs, const std::vector<int>& slots) {
+    red::ClipChunk<float> c{};
+    for (size_t k = 0; k < xs.size(); ++k) {
+      c.x[k] = xs[k].data<float>();
+      c.n[k] = xs[k].numel();
+      c.slot[k] = slots[k];
+      c.start[k + 1] = c.start[k] + xs[k].numel();
+    }
+    c.count = static_cast<int>(xs.size());
+    return c;
+  };
+  auto sums_of = [&](const red::ClipChunk<float>& c, int slots) {
+    std::vector<double> partial(static_cast<size_t>(slots) * red::kSquareBlocks, -1.0), totals(slots, -1.0);
+    remat_simt::launch({red::kSquareBlocks, static_cast<unsigned>(c.count), 1}, kThreads, 0,
+                       [&] { red::sum_squares_partial_kernel<float>(c, partial.data()); });
+    remat_simt::launch({static_cast<unsigned>(slots), 1, 1}, kThreads, 0,
+                       [&] { red::sum_partials_kernel(partial.data(), red::kSquareBlocks, totals.data()); });
+    return totals;
+  };
+  // All three in one launch, the slots reversed.
+  std::vector<double> totals = sums_of(chunk_of(grads, {2, 1, 0}), 3);
   for (size_t i = 0; i < grads.size(); ++i) {
-    remat_simt::launch({red::kSquareBlocks, 1, 1}, kThreads, 0, [&] {
-      red::sum_squares_partial_kernel<float>(grads[i].data<float>(), grads[i].numel(), partial.data());
-    });
-    remat_simt::launch({1, 1, 1}, kThreads, 0,
-                       [&] { red::sum_partials_kernel(partial.data(), red::kSquareBlocks, &totals[i]); });
     double want = 0;
     for (float g : grads[i].to_vector<float>()) want += static_cast<double>(g) * g;
-    CHECK(std::abs(totals[i] - want) <= 1e-12 * want);
+    CHECK(std::abs(totals[2 - i] - want) <= 1e-12 * want);
   }
+  CHECK(totals[1] == 0.0);
+  // Each alone: the same bits.
+  for (size_t i = 0; i < grads.size(); ++i) {
+    std::vector<Tensor> one = {grads[i]};
+    CHECK(sums_of(chunk_of(one, {0}), 1)[0] == totals[2 - i]);
+  }
+  std::reverse(totals.begin(), totals.end());
   for (double max_norm : {1.0, 1e6}) {
     double norm = 0, clip[2] = {0, 0};
     remat_simt::launch({1, 1, 1}, 1, 0, [&] {
       red::clip_coefficient_kernel(totals.data(), static_cast<int64_t>(totals.size()), max_norm, &norm, clip);
     });
-    const double want_norm = std::sqrt(totals[0] + totals[1]);
+    const double want_norm = std::sqrt(totals[0] + totals[1] + totals[2]);
     CHECK(norm == want_norm);
     const bool scaled = want_norm > max_norm;
     CHECK(clip[1] == (scaled ? 1.0 : 0.0));
-    Tensor g = grads[1].clone();
-    grid_stride([&] { red::scale_by_clip_kernel<float>(g.data<float>(), g.numel(), clip); });
-    CHECK(same_bits(g, scaled ? cpu().unary(UnaryFn::mul_scalar, grads[1], max_norm / (want_norm + 1e-6)) : grads[1]));
+    std::vector<Tensor> g = {grads[0].clone(), grads[1].clone(), grads[2].clone()};
+    red::ClipChunk<float> c = chunk_of(g, {0, 1, 2});
+    grid_stride([&] { red::scale_by_clip_kernel<float>(c, clip); });
+    for (size_t i = 0; i < g.size(); ++i)
+      CHECK(same_bits(g[i], scaled ? cpu().unary(UnaryFn::mul_scalar, grads[i], max_norm / (want_norm + 1e-6))
+                                   : grads[i]));
   }
 }
 

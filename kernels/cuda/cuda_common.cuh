@@ -92,6 +92,19 @@ template <typename T> __device__ __forceinline__ void store_pack(T* p, int64_t p
 // 1-D grid for a kernel that takes n elements kPack at a time.
 inline unsigned blocks_for_packs(int64_t n) { return blocks_for((n + kPack - 1) / kPack); }
 
+// Multi-tensor kernels (AdamW, clipping) grid-stride over their tensors' elements end to end; the
+// tensor holding element e is the last whose start (ascending from start[0] = 0) is at or before
+// e: an empty tensor shares its start with the next, which wins.
+__host__ __device__ __forceinline__ int tensor_holding(const int64_t* start, int count, int64_t e) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (start[mid] <= e) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
 // Checks the launch that just happened (configuration errors surface here, not later).
 #define REMAT_CUDA_LAUNCH_CHECK() REMAT_CUDA_CHECK(cudaGetLastError())
 

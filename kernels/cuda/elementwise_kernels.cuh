@@ -266,12 +266,7 @@ struct AdamWChunk {
 template <typename T>
 __global__ void adamw_chunk_kernel(AdamWChunk<T> c, Acc<T> b1, Acc<T> b2, Acc<T> bias1, Acc<T> bias2, Acc<T> eps) {
   REMAT_GRID_STRIDE(e, c.start[c.count]) {
-    int lo = 0, hi = c.count - 1;  // the tensor holding element e: the last one starting at or before it
-    while (lo < hi) {
-      int mid = (lo + hi + 1) / 2;
-      if (c.start[mid] <= e) lo = mid;
-      else hi = mid - 1;
-    }
+    const int lo = tensor_holding(c.start, c.count, e);
     adamw_element(c.p[lo], c.g[lo], c.m[lo], c.v[lo], e - c.start[lo], b1, b2, bias1, bias2, c.lr[lo], eps,
                   c.decay[lo]);
   }

@@ -95,26 +95,56 @@ Tensor CudaBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const
 
 namespace {
 
-// Each tensor's sum of squares into totals[i], on the device (two fixed-order stages per tensor).
+// Calls fn(chunk) for xs in chunks of at most kClipChunk tensors of one dtype, each tensor's slot
+// its place in xs (empty tensors included: their sum of squares is 0).
+template <typename Fn>
+void for_each_clip_chunk(const std::vector<Tensor>& xs, Fn&& fn) {
+  const Device device = xs.front().device();
+  std::vector<bool> done(xs.size(), false);
+  for (size_t first = 0; first < xs.size(); ++first) {
+    if (done[first]) continue;
+    const DType dtype = xs[first].dtype();
+    dispatch(dtype, "clip_grad_norm", [&]<typename T>() {
+      ClipChunk<T> chunk{};
+      for (size_t i = first; i < xs.size(); ++i) {
+        const Tensor& x = xs[i];
+        if (done[i] || x.dtype() != dtype) continue;
+        REMAT_CHECK(x.device() == device, "clip_grad_norm: expected every tensor on ", device.str(), ", got one on ",
+                    x.device().str());
+        done[i] = true;
+        const int k = chunk.count;
+        chunk.x[k] = x.data<T>();
+        chunk.n[k] = x.numel();
+        chunk.slot[k] = static_cast<int>(i);
+        chunk.start[k + 1] = chunk.start[k] + x.numel();
+        chunk.count = k + 1;
+        if (chunk.count == kClipChunk) {
+          fn(chunk);
+          chunk = ClipChunk<T>{};
+        }
+      }
+      if (chunk.count > 0) fn(chunk);
+    });
+  }
+}
+
+// Each tensor's sum of squares into totals[i], on the device: two fixed-order stages, so a
+// tensor's sum has the same bits whatever else is clipped with it.
 Tensor queue_sum_squares(const std::vector<Tensor>& xs) {
   set_device_of(xs.front());
   const Device device = xs.front().device();
-  const int64_t count = static_cast<int64_t>(xs.size());
+  REMAT_CHECK(xs.size() <= INT32_MAX, "clip_grad_norm: ", xs.size(), " tensors exceed the cuda backend's grid");
+  const int count = static_cast<int>(xs.size());
   Tensor partial = empty_workspace({count, kSquareBlocks}, DType::f64, device);
   Tensor totals = empty_workspace({count}, DType::f64, device);
-  // Each tensor's two stages as for one tensor, into its own slots; one copy back for all.
-  for (int64_t i = 0; i < count; ++i) {
-    const Tensor& x = xs[static_cast<size_t>(i)];
-    REMAT_CHECK(x.device() == device, "sum_squares: expected every tensor on ", device.str(), ", got one on ",
-                x.device().str());
-    double* slots = partial.data<double>() + i * kSquareBlocks;
-    dispatch(x.dtype(), "sum_squares", [&]<typename T>() {
-      REMAT_LAUNCH(kSquareBlocks, kThreads, 0, sum_squares_partial_kernel<T>)(x.data<T>(), x.numel(), slots);
-    });
+  for_each_clip_chunk(xs, [&]<typename T>(const ClipChunk<T>& chunk) {
+    REMAT_LAUNCH(dim3(kSquareBlocks, static_cast<unsigned>(chunk.count)), kThreads, 0, sum_squares_partial_kernel<T>)(
+        chunk, partial.data<double>());
     REMAT_CUDA_LAUNCH_CHECK();
-    REMAT_LAUNCH(1, kThreads, 0, sum_partials_kernel)(slots, kSquareBlocks, totals.data<double>() + i);
-    REMAT_CUDA_LAUNCH_CHECK();
-  }
+  });
+  REMAT_LAUNCH(static_cast<unsigned>(count), kThreads, 0, sum_partials_kernel)(partial.data<double>(), kSquareBlocks,
+                                                                               totals.data<double>());
+  REMAT_CUDA_LAUNCH_CHECK();
   return totals;
 }
 
@@ -135,15 +165,12 @@ bool CudaBackend::clip_by_total_norm(const std::vector<Tensor>& xs, double max_n
   REMAT_LAUNCH(1, 1, 0, clip_coefficient_kernel)(
       totals.data<double>(), static_cast<int64_t>(xs.size()), max_norm, norm.data<double>(), clip.data<double>());
   REMAT_CUDA_LAUNCH_CHECK();
-  for (const Tensor& x : xs) {
-    if (x.numel() == 0) continue;
-    dispatch(x.dtype(), "clip_by_total_norm", [&]<typename T>() {
-      REMAT_LAUNCH(blocks_for(x.numel()), kThreads, 0, scale_by_clip_kernel<T>)(
-          x.data<T>(), x.numel(), clip.data<double>());
-    });
+  for_each_clip_chunk(xs, [&]<typename T>(const ClipChunk<T>& chunk) {
+    if (chunk.start[chunk.count] == 0) return;
+    REMAT_LAUNCH(blocks_for(chunk.start[chunk.count]), kThreads, 0, scale_by_clip_kernel<T>)(chunk, clip.data<double>());
     REMAT_CUDA_LAUNCH_CHECK();
-    x.storage()->bump_version();
-  }
+  });
+  for (const Tensor& x : xs) x.storage()->bump_version();
   return true;
 }
 

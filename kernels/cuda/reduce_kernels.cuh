@@ -145,26 +145,46 @@ __global__ void max_backward_kernel(const T* dy, const T* x, const T* y, T* dx, 
   }
 }
 
-constexpr int kSquareBlocks = 128;
+// Clipping's kernels take up to kClipChunk tensors of one dtype a launch (a gpt2 step's 148
+// gradients in 3 launches a stage, not 148), passed by value: their data, sizes, slots (places in
+// the clipped list, where their sums go) and, for the scale, where each starts in the chunk's
+// elements end to end. What a tensor gets does not depend on the others in its chunk.
+constexpr int kSquareBlocks = 128, kClipChunk = 64;
 
 template <typename T>
-__global__ void sum_squares_partial_kernel(const T* x, int64_t n, double* partial) {
+struct ClipChunk {
+  T* x[kClipChunk];
+  int64_t n[kClipChunk];
+  int slot[kClipChunk];
+  int64_t start[kClipChunk + 1];  // start[count]: all the chunk's elements
+  int count;
+};
+
+// Each tensor's f64 sum of squares in two fixed-order stages: a grid of kSquareBlocks x count
+// blocks, thread j of block (b, t) summing tensor t's elements b x threads + j and on every
+// kSquareBlocks x threads, the block's sum into partial[slot * kSquareBlocks + b]; then
+// sum_partials_kernel.
+template <typename T>
+__global__ void sum_squares_partial_kernel(ClipChunk<T> c, double* partial) {
   REMAT_REDUCE_SCRATCH(double, scratch);
+  const T* x = c.x[blockIdx.y];
   double acc = 0;
-  REMAT_GRID_STRIDE(i, n) {
+  REMAT_GRID_STRIDE(i, c.n[blockIdx.y]) {
     double v = static_cast<double>(load(x, i));
     acc += v * v;
   }
   acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+  if (threadIdx.x == 0) partial[static_cast<int64_t>(c.slot[blockIdx.y]) * kSquareBlocks + blockIdx.x] = acc;
 }
 
+// Block s sums partial[s * count, (s + 1) * count) in a fixed order into out[s].
 __global__ void sum_partials_kernel(const double* partial, int count, double* out) {
   REMAT_REDUCE_SCRATCH(double, scratch);
+  const double* slots = partial + static_cast<int64_t>(blockIdx.x) * count;
   double acc = 0;
-  for (int i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+  for (int i = threadIdx.x; i < count; i += blockDim.x) acc += slots[i];
   acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) out[0] = acc;
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
 // The norm and the scale from the sums, as the host computes them (IEEE f64 add, sqrt and divide):
@@ -179,12 +199,17 @@ __global__ void clip_coefficient_kernel(const double* totals, int64_t count, dou
   clip[1] = n > max_norm ? 1.0 : 0.0;
 }
 
-// x *= scale in x's dtype, as mul_scalar computes it (the scale rounded to the accumulation type).
+// x *= scale in x's dtype, for each tensor of the chunk, as mul_scalar computes it (the scale
+// rounded to the accumulation type).
 template <typename T>
-__global__ void scale_by_clip_kernel(T* x, int64_t n, const double* clip) {
+__global__ void scale_by_clip_kernel(ClipChunk<T> c, const double* clip) {
   if (clip[1] == 0.0) return;
   const Acc<T> s = static_cast<Acc<T>>(clip[0]);
-  REMAT_GRID_STRIDE(i, n) x[i] = cast_to<T>(load(x, i) * s);
+  REMAT_GRID_STRIDE(e, c.start[c.count]) {
+    const int t = tensor_holding(c.start, c.count, e);
+    const int64_t i = e - c.start[t];
+    c.x[t][i] = cast_to<T>(load(c.x[t], i) * s);
+  }
 }
 
 }  // namespace remat::cuda::reduce_kernels

@@ -639,12 +639,15 @@ TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits
   }
 
   // Clipping on the GPU (clip_grad_norm_): clip_grad_norm's norm and scaled gradients, bit for bit,
-  // in every dtype, clipping or not, without a wait for the GPU.
-  for (DType dtype : {DType::f32, DType::f64, DType::bf16}) {
+  // in every dtype and in all three mixed (150 tensors: three launches of a dtype, or more mixed),
+  // clipping or not, without a wait for the GPU.
+  const std::vector<DType> dtypes = {DType::f32, DType::f64, DType::bf16};
+  for (int mix = 0; mix <= 3; ++mix) {
     for (double max_norm : {1.0, 1e4}) {
       std::vector<Tensor> a, b;
-      for (int i = 0; i < 50; ++i) {
-        Tensor g = Tensor::randn({(i * 7919) % 5000 + 1}).to(dtype).to(kGpu);
+      for (int i = 0; i < 150; ++i) {
+        const DType dtype = dtypes[static_cast<size_t>(mix < 3 ? mix : i % 3)];
+        Tensor g = Tensor::randn({i % 23 == 0 ? 0 : (i * 7919) % 5000 + 1}).to(dtype).to(kGpu);
         a.push_back(Tensor::zeros(g.shape(), dtype, kGpu).set_requires_grad(true));
         b.push_back(Tensor::zeros(g.shape(), dtype, kGpu).set_requires_grad(true));
         a.back().set_grad(g.clone());
@@ -656,7 +659,8 @@ TEST_CASE("multi-tensor AdamW and clipping on cuda: the per-tensor update's bits
       long long before = cuda_host_syncs();
       Tensor lazy = clip_grad_norm_(b, max_norm);
       CHECK(cuda_host_syncs() - before == 0);
-      INFO(dtype_name(dtype) << " max_norm " << max_norm << " norm " << norm);
+      INFO((mix < 3 ? dtype_name(dtypes[static_cast<size_t>(mix)]) : "mixed") << " max_norm " << max_norm << " norm "
+                                                                              << norm);
       CHECK(lazy.item() == norm);
       for (size_t i = 0; i < a.size(); ++i) CHECK(bytes(a[i].grad()) == bytes(b[i].grad()));
     }
