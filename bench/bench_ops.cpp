@@ -7,10 +7,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -80,9 +83,11 @@ void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
 
 // Attention at gpt2's shape (B 8, H 12, T 1024, D 64, causal) in bf16 on each tensor-core path,
 // forward and backward apart: the kernels' own speed, which a step's profile mixes with its
-// copies. TFLOP/s counts what FlashAttention's papers count: the causal half of two T x T x D
-// products per head forward, five backward (2.5x; remat's backward runs seven, recomputing the
-// scores and dP in both of its kernels).
+// copies; the mma kernels with two row tiles a warp (the default at this head dim) and with one
+// (REMAT_CUDA_MMA_TILES, attention_mma.cu), for a GPU to say which is faster. TFLOP/s counts what
+// FlashAttention's papers count: the causal half of two T x T x D products per head forward, five
+// backward (2.5x; remat's backward runs seven, recomputing the scores and dP in both of its
+// kernels).
 void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
   const int64_t b = 8, h = 12, t = 1024, d = 64;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -91,8 +96,17 @@ void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
   const Tensor q = input(), k = input(), v = input(), d_o = input();
   Backend& backend = backend_for(device);
   const CudaAttention before = cuda_attention();
-  for (CudaAttention path : {CudaAttention::mma, CudaAttention::gemm}) try {
-    set_cuda_attention(path);
+  const char* tiles_env = std::getenv("REMAT_CUDA_MMA_TILES");
+  const std::optional<std::string> tiles_before = tiles_env ? std::optional<std::string>(tiles_env) : std::nullopt;
+  struct Variant {
+    CudaAttention path;
+    const char* tiles;  // REMAT_CUDA_MMA_TILES for the mma kernels
+    const char* label;
+  };
+  for (const Variant& variant : {Variant{CudaAttention::mma, "2", "mma"}, Variant{CudaAttention::mma, "1", "mma-1tile"},
+                                 Variant{CudaAttention::gemm, "2", "gemm"}}) try {
+    set_cuda_attention(variant.path);
+    setenv("REMAT_CUDA_MMA_TILES", variant.tiles, 1);
     std::vector<Tensor> out = backend.attention(q, k, v, true, scale);
     const double forward = median_seconds(device, repeats, [&] { backend.attention(q, k, v, true, scale); });
     const double backward = median_seconds(device, repeats, [&] {
@@ -100,16 +114,17 @@ void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
     });
     for (const auto& [phase, seconds, flops] :
          {std::tuple{"forward", forward, forward_flops}, std::tuple{"backward", backward, backward_flops}}) {
-      const std::string name =
-          fmt::format("attention {} {} [{},{},{},{}] bf16 causal", cuda_attention_name(path), phase, b, h, t, d);
-      fmt::print("{:<50} {:>8.3f} ms {:>7.1f} TFLOP/s\n", name, seconds * 1e3, flops / seconds / 1e12);
+      const std::string name = fmt::format("attention {} {} [{},{},{},{}] bf16 causal", variant.label, phase, b, h, t, d);
+      fmt::print("{:<56} {:>8.3f} ms {:>7.1f} TFLOP/s\n", name, seconds * 1e3, flops / seconds / 1e12);
       rows.push_back({{"op", name}, {"median_ms", seconds * 1e3}, {"tflops", flops / seconds / 1e12}});
     }
-  } catch (const std::exception& e) {  // the other path and the JSON still come out
-    fmt::print("attention {}: failed: {}\n", cuda_attention_name(path), e.what());
-    rows.push_back({{"op", fmt::format("attention {}", cuda_attention_name(path))}, {"error", e.what()}});
+  } catch (const std::exception& e) {  // the other paths and the JSON still come out
+    fmt::print("attention {}: failed: {}\n", variant.label, e.what());
+    rows.push_back({{"op", fmt::format("attention {}", variant.label)}, {"error", e.what()}});
   }
   set_cuda_attention(before);
+  if (tiles_before) setenv("REMAT_CUDA_MMA_TILES", tiles_before->c_str(), 1);
+  else unsetenv("REMAT_CUDA_MMA_TILES");
 }
 
 }  // namespace

@@ -120,9 +120,10 @@ remat_simt::Dim3 grid(int64_t t, int64_t heads, int rows_per_block) {
 
 // The tensor-core kernels as attention_mma.cu launches them on the heads of a fused projection:
 // q, k and v read where they lie in a [B, T, 3, H, D] buffer, dO and the outputs [B, T, H, D]
-// (B 2 where the case's heads split evenly).
-template <int D>
-void check_mma(const Case& c, std::mt19937& rng) {
+// (B 2 where the case's heads split evenly), with kM row tiles a warp. Returns o, lse, dq, dk and
+// dv's bits, to compare across kM.
+template <int D, int kM = mma::kDefaultRowTiles<D>>
+std::vector<uint16_t> check_mma(const Case& c, std::mt19937& rng) {
   const int64_t heads = c.heads, t = c.t, n = heads * t * D, b = heads % 2 == 0 ? 2 : 1, h = heads / b;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<bf16> q = random_bf16(n, rng), k = random_bf16(n, rng), v = random_bf16(n, rng),
@@ -144,16 +145,16 @@ void check_mma(const Case& c, std::mt19937& rng) {
   auto out = [&](std::vector<bf16>& x) { return mma::Heads<bf16>{x.data(), t * h * D, D, h * D, hi}; };
   const mma::Heads<const bf16> dO{d_o_packed.data(), t * h * D, D, h * D, hi}, O{o.data(), t * h * D, D, h * D, hi};
   std::vector<float> lse(heads * t), row_dot(heads * t);
-  remat_simt::launch(grid(t, heads, mma::kForwardRows<D>), mma::kBlockThreads, mma::forward_shared_bytes<D>(), [&] {
-    mma::mma_forward_kernel<D>(in(0), in(1), in(2), out(o), lse.data(), t, c.causal, scale);
+  remat_simt::launch(grid(t, heads, mma::kBlockRows<kM>), mma::kBlockThreads, mma::forward_shared_bytes<D, kM>(), [&] {
+    mma::mma_forward_kernel<D, kM>(in(0), in(1), in(2), out(o), lse.data(), t, c.causal, scale);
   });
   remat_simt::launch({static_cast<unsigned>((heads * t + mma::kBlockThreads - 1) / mma::kBlockThreads), 1, 1},
                      mma::kBlockThreads, 0, [&] { mma::mma_row_dot_kernel<D>(dO, O, row_dot.data(), t, heads * t); });
-  remat_simt::launch(grid(t, heads, mma::kDqRows<D>), mma::kBlockThreads, mma::dq_shared_bytes<D>(), [&] {
-    mma::mma_dq_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dq), t, c.causal, scale);
+  remat_simt::launch(grid(t, heads, mma::kBlockRows<kM>), mma::kBlockThreads, mma::dq_shared_bytes<D, kM>(), [&] {
+    mma::mma_dq_kernel<D, kM>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dq), t, c.causal, scale);
   });
-  remat_simt::launch(grid(t, heads, mma::kDkvKeys<D>), mma::kBlockThreads, mma::dkv_shared_bytes<D>(), [&] {
-    mma::mma_dkv_kernel<D>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dk), out(dv), t, c.causal,
+  remat_simt::launch(grid(t, heads, mma::kBlockRows<kM>), mma::kBlockThreads, mma::dkv_shared_bytes<D, kM>(), [&] {
+    mma::mma_dkv_kernel<D, kM>(in(0), in(1), in(2), dO, lse.data(), row_dot.data(), out(dk), out(dv), t, c.causal,
                            scale);
   });
   // Back to head-major order for the reference.
@@ -162,13 +163,22 @@ void check_mma(const Case& c, std::mt19937& rng) {
     for (int64_t i = 0; i < n; ++i) y[i] = x[packed(i, 1, 0)];
     return y;
   };
-  INFO("mma: B " << b << ", H " << h << ", T " << t << ", D " << D << (c.causal ? ", causal" : ""));
+  INFO("mma: B " << b << ", H " << h << ", T " << t << ", D " << D << ", " << kM << " row tiles a warp"
+                 << (c.causal ? ", causal" : ""));
   // bf16 outputs (8 bits of mantissa), probabilities and dS rounded to bf16 as product inputs.
   CHECK(excess(unpacked(o), ref.o, 0.01, 0.02) <= 0);
   CHECK(excess(lse, ref.lse, 1e-4, 1e-4) <= 0);
   CHECK(excess(unpacked(dq), ref.dq, 0.01, 0.03) <= 0);
   CHECK(excess(unpacked(dk), ref.dk, 0.01, 0.03) <= 0);
   CHECK(excess(unpacked(dv), ref.dv, 0.01, 0.03) <= 0);
+  std::vector<uint16_t> bits;
+  auto append = [&](const void* data, size_t bytes) {
+    const auto* at = static_cast<const uint16_t*>(data);
+    bits.insert(bits.end(), at, at + bytes / 2);
+  };
+  append(lse.data(), lse.size() * sizeof(float));
+  for (const auto* x : {&o, &dq, &dk, &dv}) append(x->data(), x->size() * sizeof(bf16));
+  return bits;
 }
 
 // The flash kernels in T (float or double) with the register width DMAX >= d, as attention.cu
@@ -598,6 +608,13 @@ TEST_CASE("the tensor-core attention kernels, emulated on the cpu, compute atten
   // Tiles every query of which sees every key take the unmasked path: several per block here.
   check_mma<64>({1, 256, true}, rng);
   check_mma<64>({1, 160, false}, rng);
+  // One row tile a warp (REMAT_CUDA_MMA_TILES=1) gives two's bits, causal or not, tails and all.
+  for (const Case& c : {Case{3, 150, true}, Case{2, 90, false}}) {
+    std::mt19937 one_rng(11), two_rng(11);
+    CHECK(check_mma<64, 1>(c, one_rng) == check_mma<64, 2>(c, two_rng));
+    std::mt19937 one_rng32(12), two_rng32(12);
+    CHECK(check_mma<32, 1>(c, one_rng32) == check_mma<32, 2>(c, two_rng32));
+  }
 }
 
 TEST_CASE("the flash attention kernels, emulated on the cpu, compute attention and its gradients in f32 and f64",

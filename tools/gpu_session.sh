@@ -226,6 +226,17 @@ for other in flash gemm; do
     echo "SKIPPED (dry run or out of time): remat-bench with the attention path $other"
   fi
 done
+# The mma kernels with one row tile a warp instead of two (remat-bench ops times both kernels
+# alone; this is the whole step): if it is faster, make it the default (kDefaultRowTiles in
+# kernels/cuda/attention_mma_kernels.cuh; the bits are the same).
+if [ -z "$dry" ] && [ "$mma_ok" = 1 ] && fits 60; then
+  step "remat-bench $config none in bf16 on $device, mma attention with one row tile a warp"
+  REMAT_CUDA_MMA_TILES=1 timeout 120 "$bin/bench/remat-bench" --config "$config" --policies none \
+    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
+  echo "remat-bench exit $?"
+else
+  echo "SKIPPED (dry run, mma case failed or out of time): remat-bench with one mma row tile a warp"
+fi
 # What the bias epilogue is worth: the same bf16 run with linear's bias by its own kernel.
 if [ -z "$dry" ] && [ "$bias_epilogue" = 1 ] && fits 60; then
   step "remat-bench $config none in bf16 on $device, linear's bias by its own kernel"

@@ -9,6 +9,9 @@
 
 #include "kernels/cuda/attention_mma.h"
 
+#include <cstdlib>
+#include <string>
+
 #include "kernels/cuda/attention_mma_kernels.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "runtime/cuda_devices.h"
@@ -29,6 +32,40 @@ void dispatch_mma_head_dim(int64_t d, F&& f) {
     case 128: return f.template operator()<128>();
     default: REMAT_FAIL("attention (mma): head dim ", d, " is not 32, 64 or 128");
   }
+}
+
+// Row tiles a warp for each kernel (kBlockRows says what they are) from REMAT_CUDA_MMA_TILES,
+// read at each call: unset or "auto", the defaults (two at head dims up to 64, else one); "1" or
+// "2", all three kernels; three digits ("211"), forward, dq and dk/dv each. A GPU's measurements
+// compare them (tools/gpu_session.sh); the bits are the same. Head dim 128 takes one whatever is
+// asked: two do not fit its registers.
+struct RowTiles {
+  int forward, dq, dkv;
+};
+RowTiles row_tiles(int64_t d) {
+  const int fallback = d <= 64 ? 2 : 1;
+  const char* env = std::getenv("REMAT_CUDA_MMA_TILES");
+  const std::string value = env != nullptr ? env : "";
+  auto digit = [&](char c) { return c == '1' ? 1 : 2; };
+  const bool ok = value.empty() || value == "auto" ||
+                  ((value.size() == 1 || value.size() == 3) &&
+                   value.find_first_not_of("12") == std::string::npos);
+  REMAT_CHECK(ok, "REMAT_CUDA_MMA_TILES: expected auto, 1, 2 or three of them (forward, dq, dk/dv: 211), got '",
+              value, "'");
+  if (value.empty() || value == "auto") return {fallback, fallback, fallback};
+  RowTiles r = value.size() == 1 ? RowTiles{digit(value[0]), digit(value[0]), digit(value[0])}
+                                 : RowTiles{digit(value[0]), digit(value[1]), digit(value[2])};
+  if (d > 64) r = {1, 1, 1};
+  return r;
+}
+
+// Runs f.template operator()<kM>() for `tiles` row tiles a warp (2 built at head dims up to 64).
+template <int D, typename F>
+void dispatch_row_tiles(int tiles, F&& f) {
+  if constexpr (D <= 64) {
+    if (tiles == 2) return f.template operator()<2>();
+  }
+  return f.template operator()<1>();
 }
 
 dim3 grid(int64_t heads, int64_t t, int rows_per_block) {
@@ -86,12 +123,15 @@ std::vector<Tensor> attention_mma(const Tensor& q_in, const Tensor& k_in, const 
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, DType::f32, q.device());
   if (heads == 0 || t == 0) return {o, lse};
   count_cuda_attention_call(CudaAttention::mma);
+  const RowTiles tiles = row_tiles(d);
   dispatch_mma_head_dim(d, [&]<int D>() {
-    constexpr size_t smem = forward_shared_bytes<D>();
-    allow_shared_bytes(&mma_forward_kernel<D>, smem);
-    REMAT_LAUNCH(grid(heads, t, kForwardRows<D>), kBlockThreads, smem, mma_forward_kernel<D>)(
-        heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<bf16>(o),
-        lse.data<float>(), t, causal, static_cast<float>(scale));
+    dispatch_row_tiles<D>(tiles.forward, [&]<int kM>() {
+      constexpr size_t smem = forward_shared_bytes<D, kM>();
+      allow_shared_bytes(&mma_forward_kernel<D, kM>, smem);
+      REMAT_LAUNCH(grid(heads, t, kBlockRows<kM>), kBlockThreads, smem, mma_forward_kernel<D, kM>)(
+          heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<bf16>(o),
+          lse.data<float>(), t, causal, static_cast<float>(scale));
+    });
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {o, lse};
@@ -108,21 +148,27 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q
               dtype_name(lse.dtype()));
   count_cuda_attention_call(CudaAttention::mma);
   Tensor row_dot = empty_workspace({heads * t}, DType::f32, q.device());
+  const RowTiles tiles = row_tiles(d);
   dispatch_mma_head_dim(d, [&]<int D>() {
     REMAT_LAUNCH(static_cast<unsigned>((heads * t + kBlockThreads - 1) / kBlockThreads), kBlockThreads, 0,
                  mma_row_dot_kernel<D>)(heads_of<const bf16>(d_o), heads_of<const bf16>(o), row_dot.data<float>(), t,
                                         heads * t);
-    constexpr size_t dq_smem = dq_shared_bytes<D>(), dkv_smem = dkv_shared_bytes<D>();
-    allow_shared_bytes(&mma_dq_kernel<D>, dq_smem);
-    REMAT_LAUNCH(grid(heads, t, kDqRows<D>), kBlockThreads, dq_smem, mma_dq_kernel<D>)(
-        heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
-        lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dq), t, causal, static_cast<float>(scale));
+    dispatch_row_tiles<D>(tiles.dq, [&]<int kM>() {
+      constexpr size_t smem = dq_shared_bytes<D, kM>();
+      allow_shared_bytes(&mma_dq_kernel<D, kM>, smem);
+      REMAT_LAUNCH(grid(heads, t, kBlockRows<kM>), kBlockThreads, smem, mma_dq_kernel<D, kM>)(
+          heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
+          lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dq), t, causal, static_cast<float>(scale));
+    });
     REMAT_CUDA_LAUNCH_CHECK();
-    allow_shared_bytes(&mma_dkv_kernel<D>, dkv_smem);
-    REMAT_LAUNCH(grid(heads, t, kDkvKeys<D>), kBlockThreads, dkv_smem, mma_dkv_kernel<D>)(
-        heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
-        lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dk), heads_of<bf16>(dv), t, causal,
-        static_cast<float>(scale));
+    dispatch_row_tiles<D>(tiles.dkv, [&]<int kM>() {
+      constexpr size_t smem = dkv_shared_bytes<D, kM>();
+      allow_shared_bytes(&mma_dkv_kernel<D, kM>, smem);
+      REMAT_LAUNCH(grid(heads, t, kBlockRows<kM>), kBlockThreads, smem, mma_dkv_kernel<D, kM>)(
+          heads_of<const bf16>(q), heads_of<const bf16>(k), heads_of<const bf16>(v), heads_of<const bf16>(d_o),
+          lse.data<float>(), row_dot.data<float>(), heads_of<bf16>(dk), heads_of<bf16>(dv), t, causal,
+          static_cast<float>(scale));
+    });
   });
   REMAT_CUDA_LAUNCH_CHECK();
   return {dq, dk, dv};

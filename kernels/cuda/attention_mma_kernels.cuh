@@ -356,18 +356,20 @@ REMAT_MMA_DEVICE const bf16* key_tile(bf16* tiles, int step, int steps, const bf
   return tiles + 2 * (step & 1) * kTileElements;
 }
 
-// Forward: row tiles of 16 queries per warp, two where the registers allow (head dim up to 64:
-// 255 registers at 64 by ptxas, where one tile took 132), so each K and V fragment loaded from
-// shared memory feeds two MMAs; 64 or 128 query rows per block. (Each kernel has its own count,
-// so that a GPU's measurements can set them apart.)
-template <int D> constexpr int kForwardTilesPerWarp = D <= 64 ? 2 : 1;
-template <int D> constexpr int kForwardRows = 16 * kForwardTilesPerWarp<D> * kWarps;
+// Each kernel takes kM row tiles of 16 a warp (queries in forward and dq, keys in dk/dv), so a
+// block takes 16 kM kWarps rows. Two where the registers allow (head dim up to 64: 255 registers
+// at 64 by ptxas, where one tile took 132): each fragment loaded from shared memory then feeds two
+// MMAs. kM is a template argument of each kernel, chosen per kernel at run time
+// (REMAT_CUDA_MMA_TILES, attention_mma.cu) so that a GPU's measurements can compare; sums keep
+// their order, so the bits do not depend on it.
+template <int D> constexpr int kDefaultRowTiles = D <= 64 ? 2 : 1;
+template <int kM> constexpr int kBlockRows = 16 * kM * kWarps;
 
 // The forward kernel's shared memory: two buffers of a key tile and a value tile (the second
 // buffer stages the block's queries first).
-template <int D>
+template <int D, int kM>
 constexpr size_t forward_shared_bytes() {
-  static_assert(kForwardRows<D> <= 2 * kKeyTile, "the queries pass through one buffer");
+  static_assert(kBlockRows<kM> <= 2 * kKeyTile, "the queries pass through one buffer");
   return 4 * kKeyTile * kLd<D> * sizeof(bf16);
 }
 
@@ -377,15 +379,15 @@ constexpr size_t forward_shared_bytes() {
 // as they are numbered.)
 REMAT_MMA_DEVICE int query_block(int x, int blocks, bool causal) { return causal ? blocks - 1 - x : x; }
 
-// Forward: a block of kForwardRows query rows of one head, key tiles of 64, the next tile loading
-// while this one is used. Scores are kept in base-2 units (s scale log2 e), the row maxima m too;
-// lse is stored in natural units.
-template <int D>
+// Forward: a block of kBlockRows<kM> query rows of one head, key tiles of 64, the next tile
+// loading while this one is used. Scores are kept in base-2 units (s scale log2 e), the row
+// maxima m too; lse is stored in natural units.
+template <int D, int kM>
 REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
                                                    Heads<const bf16> v_heads, Heads<bf16> o_heads, float* lse,
                                                    int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
-  constexpr int kM = kForwardTilesPerWarp<D>, kRows = kForwardRows<D>;
+  constexpr int kRows = kBlockRows<kM>;
   constexpr int kTileElements = kKeyTile * kLd<D>;
   bf16* const tiles = reinterpret_cast<bf16*>(smem);  // buffer b: keys at 2 b, values at 2 b + 1
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -474,27 +476,22 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_forward_kernel(Heads<const bf16> q_heads, He
   }
 }
 
-// dq: row tiles of 16 queries per warp, two where the registers allow (head dim up to 64), as in
-// the forward; 64 or 128 query rows per block.
-template <int D> constexpr int kDqTilesPerWarp = D <= 64 ? 2 : 1;
-template <int D> constexpr int kDqRows = 16 * kDqTilesPerWarp<D> * kWarps;
-
 // The dq kernel's shared memory: the block's rows (q, then dO) and two buffers of a key tile and a
 // value tile of 32.
-template <int D>
+template <int D, int kM>
 constexpr size_t dq_shared_bytes() {
-  return (kDqRows<D> + 4 * kOtherTile) * kLd<D> * sizeof(bf16);
+  return (kBlockRows<kM> + 4 * kOtherTile) * kLd<D> * sizeof(bf16);
 }
 
-// dq: a block of kDqRows query rows, key tiles of 32, the next loading while this one is used.
-// P = 2^(s scale log2 e - lse log2 e), dS = P (dP - D) scale, dq = dS K.
-template <int D>
+// dq: a block of kBlockRows<kM> query rows, key tiles of 32, the next loading while this one is
+// used. P = 2^(s scale log2 e - lse log2 e), dS = P (dP - D) scale, dq = dS K.
+template <int D, int kM>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
                                               Heads<const bf16> v_heads, Heads<const bf16> do_heads, const float* lse,
                                               const float* row_dot, Heads<bf16> dq_heads, int64_t t64, bool causal,
                                               float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
-  constexpr int kM = kDqTilesPerWarp<D>, kRows = kDqRows<D>;
+  constexpr int kRows = kBlockRows<kM>;
   constexpr int kTileElements = kOtherTile * kLd<D>;
   bf16* const rows = reinterpret_cast<bf16*>(smem);  // stages q, then dO
   bf16* const tiles = rows + kRows * kLd<D>;          // buffer b: keys at 2 b, values at 2 b + 1
@@ -559,29 +556,24 @@ REMAT_MMA_KERNEL(kBlockThreads) mma_dq_kernel(Heads<const bf16> q_heads, Heads<c
     }
 }
 
-// dk/dv: row tiles of 16 keys per warp, two where the registers allow (head dim up to 64), so
-// each Q and dO fragment read from shared memory feeds two MMAs; 64 or 128 keys per block.
-template <int D> constexpr int kDkvTilesPerWarp = D <= 64 ? 2 : 1;
-template <int D> constexpr int kDkvKeys = 16 * kDkvTilesPerWarp<D> * kWarps;
-
 // The dk/dv kernel's shared memory: its keys and values, and two buffers of a tile of 32 queries,
 // their dO, log-sum-exp and row dots.
-template <int D>
+template <int D, int kM>
 constexpr size_t dkv_shared_bytes() {
-  return (2 * kDkvKeys<D> + 4 * kOtherTile) * kLd<D> * sizeof(bf16) + 4 * kOtherTile * sizeof(float);
+  return (2 * kBlockRows<kM> + 4 * kOtherTile) * kLd<D> * sizeof(bf16) + 4 * kOtherTile * sizeof(float);
 }
 
-// dk and dv: a block of kDkvKeys keys, query tiles of 32 (the next loading while this one is
+// dk and dv: a block of kBlockRows<kM> keys, query tiles of 32 (the next loading while this one is
 // used), in the transposed products: P^T = 2^(K Q^T scale log2 e - lse log2 e), dV = P^T dO,
 // dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK = dS^T Q. Under a causal mask the first key
 // blocks see the most queries: the grid's order is heaviest first as it stands.
-template <int D>
+template <int D, int kM>
 REMAT_MMA_KERNEL(kBlockThreads) mma_dkv_kernel(Heads<const bf16> q_heads, Heads<const bf16> k_heads,
                                                Heads<const bf16> v_heads, Heads<const bf16> do_heads,
                                                const float* lse, const float* row_dot, Heads<bf16> dk_heads,
                                                Heads<bf16> dv_heads, int64_t t64, bool causal, float scale) {
   REMAT_MMA_DYNAMIC_SHARED(smem);
-  constexpr int kM = kDkvTilesPerWarp<D>, kKeys = kDkvKeys<D>;
+  constexpr int kKeys = kBlockRows<kM>;
   constexpr int kTileElements = kOtherTile * kLd<D>;
   bf16* const ks = reinterpret_cast<bf16*>(smem);
   bf16* const vs = ks + kKeys * kLd<D>;

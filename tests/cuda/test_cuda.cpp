@@ -132,6 +132,20 @@ struct RestoreAttention {
   ~RestoreAttention() { set_cuda_attention(was); }
 };
 
+// Sets an environment variable for a scope, then puts back what was there.
+struct ScopedEnv {
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* was = std::getenv(name)) was_ = was;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (was_) setenv(name_, was_->c_str(), 1);
+    else unsetenv(name_);
+  }
+  const char* name_;
+  std::optional<std::string> was_;
+};
+
 // attention(q, k, v) as an op case, and random q, k, v of one shape.
 Fn attn(bool causal) {
   return [causal](const std::vector<Tensor>& in) { return attention(in[0], in[1], in[2], causal); };
@@ -511,6 +525,16 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
     Outcome flash = evaluate(c, kGpu, DType::bf16);
     CHECK(mma.out == again.out);
     CHECK(mma.grads == again.grads);
+    // One row tile a warp in every kernel, or in some (REMAT_CUDA_MMA_TILES): the same bits.
+    for (const char* tiles : {"1", "121", "212"}) {
+      INFO("REMAT_CUDA_MMA_TILES=" << tiles);
+      set_cuda_attention(CudaAttention::mma);
+      ScopedEnv env("REMAT_CUDA_MMA_TILES", tiles);
+      Outcome other = evaluate(c, kGpu, DType::bf16);
+      CHECK(other.out == mma.out);
+      CHECK(other.grads == mma.grads);
+    }
+    set_cuda_attention(CudaAttention::flash);
     CHECK(compare(flash.out, mma.out, tolerance(DType::bf16)) == "");
     REQUIRE(flash.grads.size() == mma.grads.size());
     for (size_t i = 0; i < flash.grads.size(); ++i) {
@@ -518,8 +542,15 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
       CHECK(compare(flash.grads[i], mma.grads[i], tolerance(DType::bf16)) == "");
     }
   }
-  // f32 inputs and other head dims take the flash kernel.
+  // A setting it cannot read is a clear error.
   set_cuda_attention(CudaAttention::mma);
+  {
+    ScopedEnv env("REMAT_CUDA_MMA_TILES", "3");
+    CHECK_THROWS_WITH(evaluate(cases[0], kGpu, DType::bf16),
+                      Contains("REMAT_CUDA_MMA_TILES: expected auto, 1, 2") &&
+                          Contains("got '3'"));
+  }
+  // f32 inputs and other head dims take the flash kernel.
   const int64_t flash_before = cuda_attention_calls(CudaAttention::flash);
   evaluate({"T 9 D 5", attn(false), qkv({1, 1, 9, 5})}, kGpu, DType::bf16);
   evaluate({"T 9 D 64 in f32", attn(false), qkv({1, 1, 9, 64})}, kGpu, DType::f32);
