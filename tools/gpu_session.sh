@@ -226,26 +226,25 @@ for other in flash gemm; do
     echo "SKIPPED (dry run or out of time): remat-bench with the attention path $other"
   fi
 done
+# The bf16 `none` step once more with one setting changed (`VAR=value`), if `ok` is 1 and time
+# allows: what that setting is worth against the bf16 table above.
+bench_none_with() {
+  local setting=$1 ok=$2 what=$3
+  if [ -z "$dry" ] && [ "$ok" = 1 ] && fits 60; then
+    step "remat-bench $config none in bf16 on $device, $what"
+    env "$setting" timeout 120 "$bin/bench/remat-bench" --config "$config" --policies none \
+      --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
+    echo "remat-bench exit $?"
+  else
+    echo "SKIPPED (dry run, its case did not pass, or out of time): remat-bench with $what"
+  fi
+}
 # The mma kernels with one row tile a warp instead of two (remat-bench ops times both kernels
 # alone; this is the whole step): if it is faster, make it the default (kDefaultRowTiles in
 # kernels/cuda/attention_mma_kernels.cuh; the bits are the same).
-if [ -z "$dry" ] && [ "$mma_ok" = 1 ] && fits 60; then
-  step "remat-bench $config none in bf16 on $device, mma attention with one row tile a warp"
-  REMAT_CUDA_MMA_TILES=1 timeout 120 "$bin/bench/remat-bench" --config "$config" --policies none \
-    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
-  echo "remat-bench exit $?"
-else
-  echo "SKIPPED (dry run, mma case failed or out of time): remat-bench with one mma row tile a warp"
-fi
-# What the bias epilogue is worth: the same bf16 run with linear's bias by its own kernel.
-if [ -z "$dry" ] && [ "$bias_epilogue" = 1 ] && fits 60; then
-  step "remat-bench $config none in bf16 on $device, linear's bias by its own kernel"
-  REMAT_CUDA_BIAS_EPILOGUE=0 timeout 120 "$bin/bench/remat-bench" --config "$config" --policies none \
-    --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
-  echo "remat-bench exit $?"
-else
-  echo "SKIPPED (dry run, epilogue off or out of time): remat-bench with linear's bias by its own kernel"
-fi
+bench_none_with REMAT_CUDA_MMA_TILES=1 "$mma_ok" "mma attention with one row tile a warp"
+# What the bias epilogue is worth: linear's bias by its own kernel.
+bench_none_with REMAT_CUDA_BIAS_EPILOGUE=0 "$bias_epilogue" "linear's bias by its own kernel"
 # What the fused head and loss cost and save: none and full in bf16 with --fused-loss, against the
 # bf16 table above (its case must have passed; the dry run takes the path on the cpu).
 if { [ -n "$dry" ] || [ "$fused_loss" = 1 ]; } && fits 75; then
