@@ -35,33 +35,29 @@ void dispatch_mma_head_dim(int64_t d, F&& f) {
 }
 
 // Row tiles a warp for each kernel (kBlockRows says what they are) from REMAT_CUDA_MMA_TILES,
-// read at each call: unset or "auto", the defaults (two at head dims up to 64, else one); "1" or
-// "2", all three kernels; three digits ("211"), forward, dq and dk/dv each. A GPU's measurements
-// compare them (tools/gpu_session.sh); the bits are the same. Head dim 128 takes one whatever is
-// asked: two do not fit its registers.
+// read at each call: unset or "auto", kDefaultRowTiles (0 here); "1" or "2", all three kernels;
+// three digits ("211"), forward, dq and dk/dv each. A GPU's measurements compare them
+// (tools/gpu_session.sh); the bits are the same. Head dim 128 takes one whatever is asked: two do
+// not fit its registers.
 struct RowTiles {
   int forward, dq, dkv;
 };
-RowTiles row_tiles(int64_t d) {
-  const int fallback = d <= 64 ? 2 : 1;
+RowTiles row_tiles() {
   const char* env = std::getenv("REMAT_CUDA_MMA_TILES");
   const std::string value = env != nullptr ? env : "";
-  auto digit = [&](char c) { return c == '1' ? 1 : 2; };
-  const bool ok = value.empty() || value == "auto" ||
-                  ((value.size() == 1 || value.size() == 3) &&
-                   value.find_first_not_of("12") == std::string::npos);
-  REMAT_CHECK(ok, "REMAT_CUDA_MMA_TILES: expected auto, 1, 2 or three of them (forward, dq, dk/dv: 211), got '",
-              value, "'");
-  if (value.empty() || value == "auto") return {fallback, fallback, fallback};
-  RowTiles r = value.size() == 1 ? RowTiles{digit(value[0]), digit(value[0]), digit(value[0])}
-                                 : RowTiles{digit(value[0]), digit(value[1]), digit(value[2])};
-  if (d > 64) r = {1, 1, 1};
-  return r;
+  if (value.empty() || value == "auto") return {0, 0, 0};
+  REMAT_CHECK((value.size() == 1 || value.size() == 3) && value.find_first_not_of("12") == std::string::npos,
+              "REMAT_CUDA_MMA_TILES: expected auto, 1, 2 or three of them (forward, dq, dk/dv: 211), got '", value,
+              "'");
+  const std::string each = value.size() == 1 ? std::string(3, value[0]) : value;
+  return {each[0] - '0', each[1] - '0', each[2] - '0'};  // dispatch_row_tiles takes one at head dim 128
 }
 
-// Runs f.template operator()<kM>() for `tiles` row tiles a warp (2 built at head dims up to 64).
+// Runs f.template operator()<kM>() for `tiles` row tiles a warp (0: the default; 2 built at head
+// dims up to 64).
 template <int D, typename F>
 void dispatch_row_tiles(int tiles, F&& f) {
+  if (tiles == 0) tiles = kDefaultRowTiles<D>;
   if constexpr (D <= 64) {
     if (tiles == 2) return f.template operator()<2>();
   }
@@ -123,7 +119,7 @@ std::vector<Tensor> attention_mma(const Tensor& q_in, const Tensor& k_in, const 
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, DType::f32, q.device());
   if (heads == 0 || t == 0) return {o, lse};
   count_cuda_attention_call(CudaAttention::mma);
-  const RowTiles tiles = row_tiles(d);
+  const RowTiles tiles = row_tiles();
   dispatch_mma_head_dim(d, [&]<int D>() {
     dispatch_row_tiles<D>(tiles.forward, [&]<int kM>() {
       constexpr size_t smem = forward_shared_bytes<D, kM>();
@@ -148,7 +144,7 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q
               dtype_name(lse.dtype()));
   count_cuda_attention_call(CudaAttention::mma);
   Tensor row_dot = empty_workspace({heads * t}, DType::f32, q.device());
-  const RowTiles tiles = row_tiles(d);
+  const RowTiles tiles = row_tiles();
   dispatch_mma_head_dim(d, [&]<int D>() {
     REMAT_LAUNCH(static_cast<unsigned>((heads * t + kBlockThreads - 1) / kBlockThreads), kBlockThreads, 0,
                  mma_row_dot_kernel<D>)(heads_of<const bf16>(d_o), heads_of<const bf16>(o), row_dot.data<float>(), t,
