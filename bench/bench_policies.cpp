@@ -116,7 +116,9 @@ int run_policies(const PolicyOptions& o) {
                              : std::string(", attention ") + cuda_attention_name(cuda_attention()) +
                                    " (REMAT_CUDA_ATTENTION=flash|gemm|mma), linear's bias " +
                                    (cuda_bias_epilogue() ? "in cuBLASLt's epilogue" : "by its own kernel") +
-                                   " (REMAT_CUDA_BIAS_EPILOGUE=1|0)");
+                                   " (REMAT_CUDA_BIAS_EPILOGUE=1|0), its gradient " +
+                                   (cuda_bias_grad_epilogue() ? "from dW's GEMM (BGRADB)" : "by a column sum") +
+                                   " (REMAT_CUDA_BIAS_GRAD_EPILOGUE=1|0)");
 
   const double peak = o.peak_tflops > 0 ? o.peak_tflops
                       : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype, o.tf32)
@@ -284,6 +286,7 @@ int run_policies(const PolicyOptions& o) {
   if (device.is_cuda()) {
     run["cuda_attention"] = cuda_attention_name(cuda_attention());
     run["cuda_bias_epilogue"] = cuda_bias_epilogue();
+    run["cuda_bias_grad_epilogue"] = cuda_bias_grad_epilogue();
   }
   if (!o.json_path.empty()) write_json(o.json_path, machine, run, results);
   if (!o.csv_path.empty()) write_csv(o.csv_path, results);

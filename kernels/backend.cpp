@@ -1,5 +1,6 @@
-// Backend selection by device, op-name parsing, cross-entropy from its rows, and sums of squares
-// over tensors on any devices.
+// Backend selection by device, op-name parsing, the methods a backend may override (cross-entropy
+// from its rows, linear's parameter gradients, clipping, AdamW over many tensors), and sums of
+// squares over tensors on any devices.
 #include "kernels/backend.h"
 
 #include <algorithm>
@@ -23,6 +24,13 @@ std::vector<Tensor> Backend::cross_entropy(const Tensor& logits, const Tensor& t
   const CrossEntropyRows options{.ignore_index = ignore_index, .first_row = 0, .batch_targets = {}};
   std::vector<Tensor> rows = cross_entropy_rows(logits, targets, options);
   return {cross_entropy_mean(rows[0], targets, logits.size(1), ignore_index), rows[1]};
+}
+
+std::pair<Tensor, Tensor> Backend::linear_weight_bias_grads(const Tensor& dy, const Tensor& x) {
+  const int64_t out = dy.size(1);
+  Tensor dw = Tensor::empty({out, x.size(1)}, DType::f32, dy.device());
+  matmul_into(dw, dy, x, true, false, false);
+  return {dw, reduce_sum_accumulated(dy, {0}).view({out}, {1}, 0)};
 }
 
 bool Backend::clip_by_total_norm(const std::vector<Tensor>&, double, Tensor&) { return false; }

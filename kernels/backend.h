@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "op_list.h"
@@ -62,6 +63,11 @@ class Backend {
   virtual void matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool accumulate) = 0;
   // y[R, O] = x[R, I] W[O, I]^T + b[O] (b may be undefined).
   virtual Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) = 0;
+  // linear's f32 parameter gradients from dy[R, O] and x[R, I] (f32, or bf16 under autocast with
+  // f32 weights): {dW[O, I] = dy^T x, db[O] = the column sums of dy}. By default matmul_into and
+  // reduce_sum_accumulated, the bits of each computed alone; the CUDA backend may take both from one
+  // GEMM (set_cuda_bias_grad_epilogue).
+  virtual std::pair<Tensor, Tensor> linear_weight_bias_grads(const Tensor& dy, const Tensor& x);
 
   // Rows of C channels: y, mean[R], rstd[R].
   virtual std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) = 0;

@@ -40,6 +40,20 @@ bool cuda_bias_epilogue();  // throws on a bad REMAT_CUDA_BIAS_EPILOGUE, naming 
 void count_cuda_bias_epilogue_call();
 int64_t cuda_bias_epilogue_calls();
 
+// linear's weight and bias gradients on CUDA in one cuBLASLt call: dW = dy^T x with the BGRADB
+// epilogue summing dy's columns into db as the GEMM reads them, where otherwise a column
+// reduction reads dy again (two launches a linear). For f32 gradients (f32 linears, and bf16 ones
+// under autocast with f32 weights); shapes cuBLASLt has no algorithm for keep the GEMM and the
+// reduction. Deterministic either way (the algorithm is chosen once per shape), but db's bits
+// differ from the reduction's. Off by default until a GPU has timed it against the reduction
+// (tools/gpu_session.sh does); REMAT_CUDA_BIAS_GRAD_EPILOGUE=1|0 (0 when unset), a process-wide
+// setting read at each call.
+void set_cuda_bias_grad_epilogue(bool enabled);
+bool cuda_bias_grad_epilogue();  // throws on a bad REMAT_CUDA_BIAS_GRAD_EPILOGUE, naming what it accepts
+// linear backward calls whose gradients came from that one call since the process began.
+void count_cuda_bias_grad_epilogue_call();
+int64_t cuda_bias_grad_epilogue_calls();
+
 // How attention runs on CUDA: `flash`, remat's own kernel (CUDA cores, one query row per thread,
 // nothing T x T in memory; the reference), `gemm`, batched cuBLAS GEMMs on the tensor cores with
 // [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each), `mma`, remat's own

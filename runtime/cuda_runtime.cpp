@@ -35,29 +35,49 @@ void set_cuda_tf32(bool enabled) { g_cuda_tf32.store(enabled, std::memory_order_
 bool cuda_tf32() { return g_cuda_tf32.load(std::memory_order_relaxed); }
 
 namespace {
-// -1: not chosen yet (the environment decides at the first call), else 0 or 1.
-std::atomic<int> g_cuda_bias_epilogue{-1};
-std::atomic<int64_t> g_cuda_bias_epilogue_calls{0};
+
+// A process-wide on/off setting whose default an environment variable (0 or 1) gives at its first
+// read; set() overrides it from then on.
+class EnvSwitch {
+ public:
+  EnvSwitch(const char* variable, bool fallback) : variable_(variable), fallback_(fallback) {}
+  void set(bool enabled) { state_.store(enabled ? 1 : 0); }
+  bool get() {
+    int enabled = state_.load();
+    if (enabled < 0) {
+      const char* env = std::getenv(variable_);
+      const std::string value = env == nullptr ? "" : env;
+      REMAT_CHECK(value.empty() || value == "0" || value == "1", variable_, ": expected 0 or 1, got '", value, "'");
+      int expected = -1;
+      state_.compare_exchange_strong(expected, value.empty() ? int{fallback_} : int{value == "1"});
+      enabled = state_.load();
+    }
+    return enabled == 1;
+  }
+
+ private:
+  const char* variable_;
+  bool fallback_;
+  std::atomic<int> state_{-1};  // -1: not read yet, else 0 or 1
+};
+
+EnvSwitch g_cuda_bias_epilogue{"REMAT_CUDA_BIAS_EPILOGUE", true};
+EnvSwitch g_cuda_bias_grad_epilogue{"REMAT_CUDA_BIAS_GRAD_EPILOGUE", false};
+std::atomic<int64_t> g_cuda_bias_epilogue_calls{0}, g_cuda_bias_grad_epilogue_calls{0};
+
 }  // namespace
 
-void set_cuda_bias_epilogue(bool enabled) { g_cuda_bias_epilogue.store(enabled ? 1 : 0); }
-
-bool cuda_bias_epilogue() {
-  int enabled = g_cuda_bias_epilogue.load();
-  if (enabled < 0) {
-    const char* env = std::getenv("REMAT_CUDA_BIAS_EPILOGUE");
-    const std::string value = env == nullptr ? "" : env;
-    REMAT_CHECK(value.empty() || value == "0" || value == "1", "REMAT_CUDA_BIAS_EPILOGUE: expected 0 or 1, got '",
-                value, "'");
-    int expected = -1;
-    g_cuda_bias_epilogue.compare_exchange_strong(expected, value == "0" ? 0 : 1);
-    enabled = g_cuda_bias_epilogue.load();
-  }
-  return enabled == 1;
-}
-
+void set_cuda_bias_epilogue(bool enabled) { g_cuda_bias_epilogue.set(enabled); }
+bool cuda_bias_epilogue() { return g_cuda_bias_epilogue.get(); }
 void count_cuda_bias_epilogue_call() { g_cuda_bias_epilogue_calls.fetch_add(1, std::memory_order_relaxed); }
 int64_t cuda_bias_epilogue_calls() { return g_cuda_bias_epilogue_calls.load(std::memory_order_relaxed); }
+
+void set_cuda_bias_grad_epilogue(bool enabled) { g_cuda_bias_grad_epilogue.set(enabled); }
+bool cuda_bias_grad_epilogue() { return g_cuda_bias_grad_epilogue.get(); }
+void count_cuda_bias_grad_epilogue_call() {
+  g_cuda_bias_grad_epilogue_calls.fetch_add(1, std::memory_order_relaxed);
+}
+int64_t cuda_bias_grad_epilogue_calls() { return g_cuda_bias_grad_epilogue_calls.load(std::memory_order_relaxed); }
 
 CudaAttention parse_cuda_attention(const std::string& name) {
   if (name == "auto") return CudaAttention::automatic;

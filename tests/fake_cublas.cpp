@@ -1,7 +1,7 @@
 // The cuBLAS and cuBLASLt calls of the emulated CUDA part (tests/simt_launch.h), over the simulated
-// runtime: a strided batched GEMM, and cuBLASLt's matmul with its bias epilogue, queued on the
-// current device's compute stream, computed in the compute type in k order (so not cuBLAS's bits:
-// parity with the CPU is within rounding, as on a GPU).
+// runtime: a strided batched GEMM, and cuBLASLt's matmul with its bias and bias-gradient (BGRADB)
+// epilogues, queued on the current device's compute stream, computed in the compute type in k order
+// (so not cuBLAS's bits: parity with the CPU is within rounding, as on a GPU).
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -52,12 +52,13 @@ bool simulated(cudaDataType t) { return t == CUDA_R_32F || t == CUDA_R_64F || t 
 
 // C = alpha op(A) op(B) + beta C (+ bias[i] down C's rows when `bias` is given, of C's type),
 // column-major, each product summed in Acc in k order: op(A)'s rows and op(B)'s columns are first
-// gathered into contiguous arrays of Acc.
+// gathered into contiguous arrays of Acc. With `bias_grad`, also bias_grad[j] = the sum of op(B)'s
+// column j over k (in Acc, k order, of C's type): cuBLASLt's BGRADB.
 template <typename Acc>
 void gemm(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k, double alpha, const void* A,
           cudaDataType Atype, int lda, long long strideA, const void* B, cudaDataType Btype, int ldb,
           long long strideB, double beta, void* C, cudaDataType Ctype, int ldc, long long strideC, int batch,
-          bool tf32, const void* bias = nullptr) {
+          bool tf32, const void* bias = nullptr, void* bias_grad = nullptr) {
   std::vector<Acc> rows(static_cast<size_t>(m) * k), cols(static_cast<size_t>(n) * k);
   auto input = [&](const void* base, cudaDataType type, long long at) {
     Acc v = static_cast<Acc>(load(base, type, at));
@@ -73,6 +74,12 @@ void gemm(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int 
       for (int l = 0; l < k; ++l)
         cols[size_t(j) * k + l] =
             input(B, Btype, p * strideB + (transb == CUBLAS_OP_N ? l + j * (long long)ldb : j + l * (long long)ldb));
+    if (bias_grad != nullptr)
+      for (int j = 0; j < n; ++j) {
+        Acc sum = 0;
+        for (int l = 0; l < k; ++l) sum += cols[size_t(j) * k + l];
+        store(bias_grad, Ctype, j, static_cast<double>(sum));
+      }
     for (int j = 0; j < n; ++j)
       for (int i = 0; i < m; ++i) {
         const Acc* r = &rows[size_t(i) * k];
@@ -199,14 +206,16 @@ cublasStatus_t read(T& out, const void* buf, size_t size) {
 }
 
 // The problem as cuBLASLt validates it: D = op(A) op(B) with C of D's shape and type, leading
-// dimensions that hold their rows, the bias epilogue only with a bias. 0 when inconsistent, else k.
+// dimensions that hold their rows, the bias and bias-gradient epilogues only with a bias pointer. 0
+// when inconsistent, else k.
 int64_t check(const Desc& d, const Layout& a, const Layout& b, const Layout& c, const Layout& dl) {
   uint64_t am = d.transa == CUBLAS_OP_N ? a.rows : a.cols, ak = d.transa == CUBLAS_OP_N ? a.cols : a.rows;
   uint64_t bk = d.transb == CUBLAS_OP_N ? b.rows : b.cols, bn = d.transb == CUBLAS_OP_N ? b.cols : b.rows;
   bool ok = am == dl.rows && bn == dl.cols && ak == bk && c.rows == dl.rows && c.cols == dl.cols && c.type == dl.type &&
             a.ld >= static_cast<int64_t>(a.rows) && b.ld >= static_cast<int64_t>(b.rows) &&
             dl.ld >= static_cast<int64_t>(dl.rows) && a.type == b.type && simulated(a.type) && simulated(dl.type) &&
-            (d.epilogue == CUBLASLT_EPILOGUE_DEFAULT || (d.epilogue == CUBLASLT_EPILOGUE_BIAS && d.bias != nullptr));
+            (d.epilogue == CUBLASLT_EPILOGUE_DEFAULT ||
+             ((d.epilogue == CUBLASLT_EPILOGUE_BIAS || d.epilogue == CUBLASLT_EPILOGUE_BGRADB) && d.bias != nullptr));
   return ok ? static_cast<int64_t>(ak) : 0;
 }
 }  // namespace fake_lt
@@ -330,12 +339,17 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
   int m = static_cast<int>(dl.rows), n = static_cast<int>(dl.cols), kk = static_cast<int>(k);
   int lda = static_cast<int>(al.ld), ldb = static_cast<int>(bl.ld), ldd = static_cast<int>(dl.ld);
   const void* bias = dd.epilogue == CUBLASLT_EPILOGUE_BIAS ? dd.bias : nullptr;
+  void* bias_grad = dd.epilogue == CUBLASLT_EPILOGUE_BGRADB ? const_cast<void*>(dd.bias) : nullptr;
   const unsigned one[3] = {1, 1, 1};
   static const char lt_kernel = 0;  // the launch's key: this fake's cuBLASLt "kernel"
   cudaDataType at = al.type, dt = dl.type;
   fake_cuda::launch(&lt_kernel, one, one, 0, [=] {
-    if (wide) gemm<double>(ta, tb, m, n, kk, a_scale, A, at, lda, 0, B, at, ldb, 0, b_scale, D, dt, ldd, 0, 1, false, bias);
-    else gemm<float>(ta, tb, m, n, kk, a_scale, A, at, lda, 0, B, at, ldb, 0, b_scale, D, dt, ldd, 0, 1, tf32, bias);
+    if (wide)
+      gemm<double>(ta, tb, m, n, kk, a_scale, A, at, lda, 0, B, at, ldb, 0, b_scale, D, dt, ldd, 0, 1, false, bias,
+                   bias_grad);
+    else
+      gemm<float>(ta, tb, m, n, kk, a_scale, A, at, lda, 0, B, at, ldb, 0, b_scale, D, dt, ldd, 0, 1, tf32, bias,
+                  bias_grad);
   });
   return cudaGetLastError() == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }

@@ -295,21 +295,33 @@ TEST_CASE("cuda discovery reports devices without throwing, zero on a machine wi
   if (n == 0) CHECK_THROWS_WITH(Tensor::zeros({2}).to(Device::cuda(0)), Contains("cuda:0"));
 }
 
-TEST_CASE("linear's cuBLASLt bias epilogue: read from the environment once, a bad value a clear error",
+TEST_CASE("linear's cuBLASLt epilogue switches: their defaults, read from the environment once, a bad value a "
+          "clear error",
           "[runtime][cuda-discovery]") {
-  // Nothing else in this binary asks for the setting, so the first read here is the first read.
-  const char* was = std::getenv("REMAT_CUDA_BIAS_EPILOGUE");
-  const std::string saved = was ? was : "";
-  setenv("REMAT_CUDA_BIAS_EPILOGUE", "yes", 1);
-  CHECK_THROWS_WITH(cuda_bias_epilogue(), Contains("REMAT_CUDA_BIAS_EPILOGUE: expected 0 or 1, got 'yes'"));
-  setenv("REMAT_CUDA_BIAS_EPILOGUE", "1", 1);
-  CHECK(cuda_bias_epilogue());
-  setenv("REMAT_CUDA_BIAS_EPILOGUE", "0", 1);
-  CHECK(cuda_bias_epilogue());  // read once: the process keeps what it read
-  set_cuda_bias_epilogue(false);
-  CHECK_FALSE(cuda_bias_epilogue());
-  if (was) setenv("REMAT_CUDA_BIAS_EPILOGUE", saved.c_str(), 1);
-  else unsetenv("REMAT_CUDA_BIAS_EPILOGUE");
+  // Nothing else in this binary asks for these settings, so the first read here is the first read.
+  struct Switch {
+    const char* variable;
+    bool (*get)();
+    void (*set)(bool);
+    bool fallback;  // when the variable is unset
+  };
+  for (const Switch& s : {Switch{"REMAT_CUDA_BIAS_EPILOGUE", cuda_bias_epilogue, set_cuda_bias_epilogue, true},
+                          Switch{"REMAT_CUDA_BIAS_GRAD_EPILOGUE", cuda_bias_grad_epilogue,
+                                 set_cuda_bias_grad_epilogue, false}}) {
+    INFO(s.variable);
+    const char* was = std::getenv(s.variable);
+    const std::string saved = was ? was : "";
+    setenv(s.variable, "yes", 1);
+    CHECK_THROWS_WITH(s.get(), Contains(std::string(s.variable) + ": expected 0 or 1, got 'yes'"));
+    unsetenv(s.variable);
+    CHECK(s.get() == s.fallback);
+    setenv(s.variable, s.fallback ? "0" : "1", 1);
+    CHECK(s.get() == s.fallback);  // read once: the process keeps what it read
+    s.set(!s.fallback);
+    CHECK(s.get() == !s.fallback);
+    if (was) setenv(s.variable, saved.c_str(), 1);
+    else unsetenv(s.variable);
+  }
 }
 
 TEST_CASE("the cuda attention path is auto unless chosen, by name or by setting", "[runtime][cuda-discovery]") {

@@ -151,7 +151,7 @@ done
 # The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
 # take only attention paths and linear's bias epilogue whose cases passed: the defaults (`auto`:
 # mma in bf16, the GEMMs in f32; the epilogue on) when the cases of both passed, else what did.
-attention=flash bias_epilogue=0 fused_loss=0 mma_ok=0 gemm_ok=0
+attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -164,6 +164,7 @@ for name in "${passes[@]}"; do
     "attention on the tensor cores (mma)"*) mma_ok=1 ;;
     "attention through cuBLAS GEMMs"*) gemm_ok=1 ;;
     "linear's bias in cuBLASLt's epilogue"*) bias_epilogue=1 ;;
+    "linear's dW and db from one cuBLASLt call"*) bias_grad_ok=1 ;;
     "linear_cross_entropy on cuda"*) fused_loss=1 ;;
   esac
 done
@@ -245,6 +246,9 @@ bench_none_with() {
 bench_none_with REMAT_CUDA_MMA_TILES=1 "$mma_ok" "mma attention with one row tile a warp"
 # What the bias epilogue is worth: linear's bias by its own kernel.
 bench_none_with REMAT_CUDA_BIAS_EPILOGUE=0 "$bias_epilogue" "linear's bias by its own kernel"
+# What taking db from dW's GEMM (cuBLASLt's BGRADB, off by default) is worth: if it is faster, make it
+# the default (REMAT_CUDA_BIAS_GRAD_EPILOGUE's fallback in runtime/cuda_runtime.cpp).
+bench_none_with REMAT_CUDA_BIAS_GRAD_EPILOGUE=1 "$bias_grad_ok" "linear's dW and db from one cuBLASLt call"
 # What the fused head and loss cost and save: none and full in bf16 with --fused-loss, against the
 # bf16 table above (its case must have passed; the dry run takes the path on the cpu).
 if { [ -n "$dry" ] || [ "$fused_loss" = 1 ]; } && fits 75; then

@@ -1,5 +1,6 @@
 // matmul (batched, transposed operands) and linear (GEMM + bias), with their backward as GEMMs.
 #include <algorithm>
+#include <tuple>
 
 #include "autograd/ops/op_helpers.h"
 
@@ -97,7 +98,12 @@ class LinearNode final : public Node {
     const bool master = weight.dtype() != compute_;  // f32 weight and bias, computed in compute_
     Backend& backend = backend_for(kind(), g.device());
     std::vector<Tensor> grads(has_bias_ ? 3 : 2);
-    if (ctx.needs_input_grad(1)) {
+    const bool bias_grad = has_bias_ && ctx.needs_input_grad(2);
+    if (ctx.needs_input_grad(1) && bias_grad && weight.dtype() == DType::f32) {
+      // Both f32 gradients at once (the CUDA backend can take db from dW's GEMM as it reads dy).
+      Tensor x = ctx.saved(0);
+      std::tie(grads[1], grads[2]) = backend.linear_weight_bias_grads(g2, detail::dense(reshape(x, {-1, x.size(-1)})));
+    } else if (ctx.needs_input_grad(1)) {
       Tensor x = ctx.saved(0);
       Tensor x2 = reshape(x, {-1, x.size(-1)});
       if (master) {  // dW = dy^T x in f32 (matmul_into's f32 result for bf16 products)
@@ -107,7 +113,7 @@ class LinearNode final : public Node {
         grads[1] = matmul(g2, x2, true, false);  // dW = dy^T x
       }
     }
-    if (has_bias_ && ctx.needs_input_grad(2)) {  // db = sum over rows of dy
+    if (bias_grad && !grads[2].defined()) {  // db = sum over rows of dy
       grads[2] = master ? backend.reduce_sum_accumulated(g2, {0}).view({out_features}, {1}, 0) : sum(g2, {0});
     }
     // dx reads only dy and W: the saved input (as large as dx for an MLP's down projection) goes

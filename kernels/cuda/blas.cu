@@ -1,6 +1,7 @@
 // CUDA GEMM through cuBLAS: batched matmul with transposed operands, a GEMM into (or added to) a
-// given tensor, and linear (GEMM + bias, or cuBLASLt's bias epilogue when set_cuda_bias_epilogue
-// asks for it: blas_lt.cpp).
+// given tensor, linear (GEMM + bias, or cuBLASLt's bias epilogue when set_cuda_bias_epilogue asks
+// for it: blas_lt.cpp), and linear's dW and db (one cuBLASLt call when set_cuda_bias_grad_epilogue
+// asks for it).
 // Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which is the
 // same memory. One handle per device with a fixed workspace: with a single stream this makes
 // cuBLAS pick the same kernels every call, so replays reproduce bits.
@@ -167,6 +168,20 @@ Tensor CudaBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {
     REMAT_CUDA_LAUNCH_CHECK();
   }
   return y;
+}
+
+std::pair<Tensor, Tensor> CudaBackend::linear_weight_bias_grads(const Tensor& dy, const Tensor& x) {
+  const int64_t rows = dy.size(0), in = x.size(1), out = dy.size(1);
+  if (rows > 0 && in > 0 && out > 0 && cuda_bias_grad_epilogue()) {
+    set_device_of(x);
+    Tensor dw = Tensor::empty({out, in}, DType::f32, x.device()), db = Tensor::empty({out}, DType::f32, x.device());
+    if (cuda::linear_weight_bias_grads(dy.raw_data(), x.raw_data(), dw.raw_data(), db.raw_data(), rows, in, out,
+                                       x.dtype(), DType::f32, x.device().index)) {
+      count_cuda_bias_grad_epilogue_call();
+      return {dw, db};
+    }
+  }
+  return Backend::linear_weight_bias_grads(dy, x);
 }
 
 }  // namespace remat

@@ -17,6 +17,7 @@ class CudaBackend final : public Backend {
   // The tensor-core kernels read strided heads as they lie; the other paths copy them (attention.cu).
   bool attention_reads_strided() const override { return true; }
   Tensor reduce_sum_accumulated(const Tensor& x, const std::vector<int64_t>& axes) override;
+  std::pair<Tensor, Tensor> linear_weight_bias_grads(const Tensor& dy, const Tensor& x) override;
   bool binary_mixes_dtypes() const override { return true; }
   void adamw_update_all(const std::vector<AdamWTensors>& items) override;
   bool clip_by_total_norm(const std::vector<Tensor>& xs, double max_norm, Tensor& norm) override;

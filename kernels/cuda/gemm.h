@@ -1,5 +1,5 @@
 // One cuBLAS GEMM call of the CUDA backend, shared by matmul/linear (blas.cu) and the im2col
-// convolution (conv_gemm.cu), and linear's cuBLASLt call (blas_lt.cpp). Host-only header. Matrices
+// convolution (conv_gemm.cu), and linear's cuBLASLt calls (blas_lt.cpp). Host-only header. Matrices
 // are row-major, batches strided.
 #pragma once
 
@@ -47,5 +47,13 @@ GemmWorkspace gemm_workspace(int device);
 // the same kernel.
 bool linear_bias_epilogue(const void* x, const void* w, const void* b, void* y, int64_t rows, int64_t in, int64_t out,
                           DType dtype, int device);
+
+// dw[out, in] = dy[rows, out]^T x[rows, in] and db[out] = the column sums of dy in one cuBLASLt
+// call, db from the BGRADB epilogue as the GEMM reads dy: dy and x bf16 or f32 (`dtype`), dw and db
+// f32 (`grad_dtype`; TF32 for f32 when set_cuda_tf32). false, with nothing queued, where cuBLASLt
+// offers no algorithm: the caller then runs the GEMM and the column reduction. Chosen once per
+// problem and kept, as above.
+bool linear_weight_bias_grads(const void* dy, const void* x, void* dw, void* db, int64_t rows, int64_t in,
+                              int64_t out, DType dtype, DType grad_dtype, int device);
 
 }  // namespace remat::cuda

@@ -221,9 +221,81 @@ void check_policies_bitwise(Module& model, const std::function<Tensor()>& loss,
   remove_checkpointing(model);
 }
 
+// gpt tiny with dropout on the GPU, in f32 and under bf16 autocast: `calls` (the counter of the path
+// under test) moves in none's run, and every policy's gradients are bitwise equal to none's.
+void check_gpt_policies_bitwise(const std::function<int64_t()>& calls) {
+  Gpt model(gpu_gpt());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  for (bool bf16 : {false, true}) {
+    INFO((bf16 ? "bf16" : "f32"));
+    auto loss = [&] {
+      std::optional<AutocastScope> autocast;
+      if (bf16) autocast.emplace(DType::bf16);
+      return model.loss(idx, targets);
+    };
+    const int64_t before = calls();
+    auto plain = run_grads(model.parameters(), loss);
+    CHECK(calls() > before);
+    check_policies_bitwise(model, loss, plain);
+  }
+}
+
+// linear cases for the cuBLASLt paths: shapes that cross tiles, and x one row into a larger tensor
+// (its address 4-byte aligned only, so the algorithm must be chosen for that alignment and not
+// reused from the aligned call of the same shape).
+std::vector<OpCase> lt_linear_cases() {
+  auto lin = [](const std::vector<Tensor>& in) { return linear(in[0], in[1], in[2]); };
+  auto offset_lin = [](const std::vector<Tensor>& in) { return linear(slice(in[0], 0, 1, 38), in[1], in[2]); };
+  return {
+      {"linear [2, 37, 65] -> 129", lin, {randn64({2, 37, 65}), randn64({129, 65}), randn64({129})}},
+      {"linear [300, 40] -> 1100", lin, {randn64({300, 40}), randn64({1100, 40}), randn64({1100})}},
+      {"linear [37, 65] -> 129", lin, {randn64({37, 65}), randn64({129, 65}), randn64({129})}},
+      {"linear [37, 65] -> 129 at an odd offset", offset_lin, {randn64({38, 65}), randn64({129, 65}), randn64({129})}},
+      {"linear [5, 8] -> 3", lin, {randn64({5, 8}), randn64({3, 8}), randn64({3})}},
+  };
+}
+
 }  // namespace
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
+
+TEST_CASE("linear's dW and db from one cuBLASLt call (BGRADB) match the cpu, repeat their bits, and keep every policy "
+          "bitwise",
+          "[cuda][op]") {
+  manual_seed(31);
+  struct Restore {
+    bool was = cuda_bias_grad_epilogue();
+    ~Restore() { set_cuda_bias_grad_epilogue(was); }
+  } restore;
+  for (const OpCase& c : lt_linear_cases()) {
+    INFO(c.description);
+    set_cuda_bias_grad_epilogue(true);
+    const int64_t before = cuda_bias_grad_epilogue_calls();
+    Outcome fused = evaluate(c, kGpu, DType::f32), again = evaluate(c, kGpu, DType::f32);
+    CHECK(cuda_bias_grad_epilogue_calls() - before == 2);
+    CHECK(fused.grads == again.grads);
+    set_cuda_bias_grad_epilogue(false);
+    Outcome plain = evaluate(c, kGpu, DType::f32), cpu = evaluate(c, Device::cpu(), DType::f32);
+    CHECK(cuda_bias_grad_epilogue_calls() - before == 2);
+    // Only backward's dW and db change path: the output and dx keep their bits.
+    CHECK(fused.out == plain.out);
+    REQUIRE(fused.grads.size() == 3);
+    CHECK(fused.grads[0] == plain.grads[0]);
+    for (size_t i = 1; i < 3; ++i) {
+      INFO("gradient of input " << i);
+      CHECK(compare(cpu.grads[i], fused.grads[i], tolerance(DType::f32)) == "");
+      CHECK(compare(plain.grads[i], fused.grads[i], tolerance(DType::f32)) == "");
+    }
+  }
+  // f64 keeps the GEMM and the reduction.
+  set_cuda_bias_grad_epilogue(true);
+  const int64_t before = cuda_bias_grad_epilogue_calls();
+  check_parity(lt_linear_cases()[0], DType::f64);
+  CHECK(cuda_bias_grad_epilogue_calls() == before);
+  check_gpt_policies_bitwise(cuda_bias_grad_epilogue_calls);
+}
 TEST_CASE("the defaults: attention picks mma in bf16 where it applies, the GEMMs in f32, the flash kernel in f64, "
           "gpt tiny on them bitwise under every policy; linear's bias in cuBLASLt's epilogue",
           "[cuda][op][bf16]") {
@@ -352,17 +424,7 @@ TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bit
     bool was = cuda_bias_epilogue();
     ~Restore() { set_cuda_bias_epilogue(was); }
   } restore;
-  auto lin = [](const std::vector<Tensor>& in) { return linear(in[0], in[1], in[2]); };
-  // x one row into a larger tensor: its address is 4-byte aligned only, so the algorithm must be
-  // chosen for that alignment and not reused from the aligned call of the same shape.
-  auto offset_lin = [](const std::vector<Tensor>& in) { return linear(slice(in[0], 0, 1, 38), in[1], in[2]); };
-  const std::vector<OpCase> cases = {
-      {"linear [2, 37, 65] -> 129", lin, {randn64({2, 37, 65}), randn64({129, 65}), randn64({129})}},
-      {"linear [300, 40] -> 1100", lin, {randn64({300, 40}), randn64({1100, 40}), randn64({1100})}},
-      {"linear [37, 65] -> 129", lin, {randn64({37, 65}), randn64({129, 65}), randn64({129})}},
-      {"linear [37, 65] -> 129 at an odd offset", offset_lin, {randn64({38, 65}), randn64({129, 65}), randn64({129})}},
-      {"linear [5, 8] -> 3", lin, {randn64({5, 8}), randn64({3, 8}), randn64({3})}},
-  };
+  const std::vector<OpCase> cases = lt_linear_cases();
   for (DType dtype : {DType::f32, DType::bf16}) {
     for (const OpCase& c : cases) {
       INFO(c.description << " in " << dtype_name(dtype));
@@ -390,23 +452,7 @@ TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bit
   const int64_t before = cuda_bias_epilogue_calls();
   check_parity(cases[0], DType::f64);
   CHECK(cuda_bias_epilogue_calls() == before);
-  // gpt with dropout in f32 and under bf16 autocast: every policy bitwise equal to none.
-  Gpt model(gpu_gpt());
-  model.to(kGpu);
-  model.train();
-  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
-  for (bool bf16 : {false, true}) {
-    INFO((bf16 ? "bf16" : "f32"));
-    auto loss = [&] {
-      std::optional<AutocastScope> autocast;
-      if (bf16) autocast.emplace(DType::bf16);
-      return model.loss(idx, targets);
-    };
-    const int64_t calls = cuda_bias_epilogue_calls();
-    auto plain = run_grads(model.parameters(), loss);
-    CHECK(cuda_bias_epilogue_calls() > calls);
-    check_policies_bitwise(model, loss, plain);
-  }
+  check_gpt_policies_bitwise(cuda_bias_epilogue_calls);
 }
 
 TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 weights: dW and db rounded once, "
@@ -419,8 +465,17 @@ TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 we
   // The bf16 values the products see, exactly.
   const std::vector<float> xb = cast(x0, DType::bf16).to(DType::f32).to_vector<float>();
   const std::vector<float> dyb = cast(dy0, DType::bf16).to(DType::f32).to_vector<float>();
-  for (bool head : {false, true}) {  // linear(x, W, b), or matmul(x, W^T) as gpt's tied head
-    INFO((head ? "matmul(x, W, false, true)" : "linear(x, W, b)"));
+  struct Restore {
+    bool was = cuda_bias_grad_epilogue();
+    ~Restore() { set_cuda_bias_grad_epilogue(was); }
+  } restore;
+  // linear(x, W, b) with db from the column reduction, then from dW's GEMM (BGRADB); matmul(x, W^T)
+  // as gpt's tied head.
+  for (int variant : {0, 1, 2}) {
+    const bool head = variant == 2;
+    INFO((head ? "matmul(x, W, false, true)" : variant == 1 ? "linear(x, W, b), BGRADB" : "linear(x, W, b)"));
+    set_cuda_bias_grad_epilogue(variant == 1);
+    const int64_t fused_before = cuda_bias_grad_epilogue_calls();
     Tensor x = x0.to(kGpu), w = w0.to(kGpu).set_requires_grad(true), b = b0.to(kGpu).set_requires_grad(true);
     Tensor dy = cast(dy0.to(kGpu), DType::bf16);
     auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation].current; };
@@ -434,6 +489,7 @@ TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 we
     // Held until backward: y and x's bf16 copy (saved), not a bf16 copy of the weight or the bias.
     CHECK(activations() - start == 2 * rows * (out + in));
     backward(y, dy);
+    CHECK(cuda_bias_grad_epilogue_calls() - fused_before == (variant == 1 ? 1 : 0));
     REQUIRE(w.grad().dtype() == DType::f32);
     const std::vector<float> dw = w.grad().to_vector<float>();
     const std::vector<float> db = head ? std::vector<float>() : b.grad().to_vector<float>();
