@@ -132,6 +132,15 @@ struct RestoreAttention {
   ~RestoreAttention() { set_cuda_attention(was); }
 };
 
+// Puts an on/off setting (get, set) back to what it was when a test that changed it ends.
+template <bool (*Get)(), void (*Set)(bool)>
+struct RestoreSwitch {
+  bool was = Get();
+  ~RestoreSwitch() { Set(was); }
+};
+using RestoreBiasEpilogue = RestoreSwitch<cuda_bias_epilogue, set_cuda_bias_epilogue>;
+using RestoreBiasGradEpilogue = RestoreSwitch<cuda_bias_grad_epilogue, set_cuda_bias_grad_epilogue>;
+
 // Sets an environment variable for a scope, then puts back what was there.
 struct ScopedEnv {
   ScopedEnv(const char* name, const char* value) : name_(name) {
@@ -265,10 +274,7 @@ TEST_CASE("linear's dW and db from one cuBLASLt call (BGRADB) match the cpu, rep
           "bitwise",
           "[cuda][op]") {
   manual_seed(31);
-  struct Restore {
-    bool was = cuda_bias_grad_epilogue();
-    ~Restore() { set_cuda_bias_grad_epilogue(was); }
-  } restore;
+  RestoreBiasGradEpilogue restore;
   for (const OpCase& c : lt_linear_cases()) {
     INFO(c.description);
     set_cuda_bias_grad_epilogue(true);
@@ -420,10 +426,7 @@ TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf
 TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bits, and keeps every policy bitwise",
           "[cuda][op][bf16]") {
   manual_seed(29);
-  struct Restore {
-    bool was = cuda_bias_epilogue();
-    ~Restore() { set_cuda_bias_epilogue(was); }
-  } restore;
+  RestoreBiasEpilogue restore;
   const std::vector<OpCase> cases = lt_linear_cases();
   for (DType dtype : {DType::f32, DType::bf16}) {
     for (const OpCase& c : cases) {
@@ -465,10 +468,7 @@ TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 we
   // The bf16 values the products see, exactly.
   const std::vector<float> xb = cast(x0, DType::bf16).to(DType::f32).to_vector<float>();
   const std::vector<float> dyb = cast(dy0, DType::bf16).to(DType::f32).to_vector<float>();
-  struct Restore {
-    bool was = cuda_bias_grad_epilogue();
-    ~Restore() { set_cuda_bias_grad_epilogue(was); }
-  } restore;
+  RestoreBiasGradEpilogue restore;
   // linear(x, W, b) with db from the column reduction, then from dW's GEMM (BGRADB); matmul(x, W^T)
   // as gpt's tied head.
   for (int variant : {0, 1, 2}) {
