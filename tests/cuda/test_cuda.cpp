@@ -230,10 +230,11 @@ void check_policies_bitwise(Module& model, const std::function<Tensor()>& loss,
   remove_checkpointing(model);
 }
 
-// gpt tiny with dropout on the GPU, in f32 and under bf16 autocast: `calls` (the counter of the path
-// under test) moves in none's run, and every policy's gradients are bitwise equal to none's.
-void check_gpt_policies_bitwise(const std::function<int64_t()>& calls) {
-  Gpt model(gpu_gpt());
+// gpt (`config`, with dropout) on the GPU, in f32 and under bf16 autocast: every policy's gradients
+// bitwise equal to none's, and `calls`, where given (the counter of the path under test), moving in
+// none's run.
+void check_gpt_policies_bitwise(const GptConfig& config, const std::function<int64_t()>& calls = {}) {
+  Gpt model(config);
   model.to(kGpu);
   model.train();
   Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
@@ -244,9 +245,9 @@ void check_gpt_policies_bitwise(const std::function<int64_t()>& calls) {
       if (bf16) autocast.emplace(DType::bf16);
       return model.loss(idx, targets);
     };
-    const int64_t before = calls();
+    const int64_t before = calls ? calls() : 0;
     auto plain = run_grads(model.parameters(), loss);
-    CHECK(calls() > before);
+    if (calls) CHECK(calls() > before);
     check_policies_bitwise(model, loss, plain);
   }
 }
@@ -300,7 +301,7 @@ TEST_CASE("linear's dW and db from one cuBLASLt call (BGRADB) match the cpu, rep
   const int64_t before = cuda_bias_grad_epilogue_calls();
   check_parity(lt_linear_cases()[0], DType::f64);
   CHECK(cuda_bias_grad_epilogue_calls() == before);
-  check_gpt_policies_bitwise(cuda_bias_grad_epilogue_calls);
+  check_gpt_policies_bitwise(gpu_gpt(), cuda_bias_grad_epilogue_calls);
 }
 TEST_CASE("the defaults: attention picks mma in bf16 where it applies, the GEMMs in f32, the flash kernel in f64, "
           "gpt tiny on them bitwise under every policy; linear's bias in cuBLASLt's epilogue",
@@ -408,19 +409,7 @@ TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf
   GptConfig config = gpu_gpt();
   config.fused_loss = true;
   config.loss_chunk_rows = 12;
-  Gpt model(config);
-  model.to(kGpu);
-  model.train();
-  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), next = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
-  for (bool bf16 : {false, true}) {
-    INFO((bf16 ? "gpt bf16" : "gpt f32"));
-    auto loss = [&] {
-      std::optional<AutocastScope> autocast;
-      if (bf16) autocast.emplace(DType::bf16);
-      return model.loss(idx, next);
-    };
-    check_policies_bitwise(model, loss, run_grads(model.parameters(), loss));
-  }
+  check_gpt_policies_bitwise(config);
 }
 
 TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bits, and keeps every policy bitwise",
@@ -455,7 +444,7 @@ TEST_CASE("linear's bias in cuBLASLt's epilogue matches the cpu, repeats its bit
   const int64_t before = cuda_bias_epilogue_calls();
   check_parity(cases[0], DType::f64);
   CHECK(cuda_bias_epilogue_calls() == before);
-  check_gpt_policies_bitwise(cuda_bias_epilogue_calls);
+  check_gpt_policies_bitwise(gpu_gpt(), cuda_bias_epilogue_calls);
 }
 
 TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 weights: dW and db rounded once, "
