@@ -13,6 +13,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -84,7 +85,8 @@ void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
 // Attention at gpt2's shape (B 8, H 12, T 1024, D 64, causal) in bf16 on each tensor-core path,
 // forward and backward apart: the kernels' own speed, which a step's profile mixes with its
 // copies; the mma kernels with two row tiles a warp (the default at this head dim) and with one
-// (REMAT_CUDA_MMA_TILES, attention_mma.cu), for a GPU to say which is faster. TFLOP/s counts what
+// (REMAT_CUDA_MMA_TILES, attention_mma.cu), for a GPU to say which is faster, and cuDNN's fused
+// attention (its deterministic backward), where the build has it. TFLOP/s counts what
 // FlashAttention's papers count: the causal half of two T x T x D products per head forward, five
 // backward (2.5x; remat's backward runs seven, recomputing the scores and dP in both of its
 // kernels).
@@ -103,11 +105,18 @@ void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
     const char* tiles;  // REMAT_CUDA_MMA_TILES for the mma kernels
     const char* label;
   };
-  for (const Variant& variant : {Variant{CudaAttention::mma, "2", "mma"}, Variant{CudaAttention::mma, "1", "mma-1tile"},
-                                 Variant{CudaAttention::gemm, "2", "gemm"}}) try {
+  const Variant variants[] = {{CudaAttention::mma, "2", "mma"},
+                              {CudaAttention::mma, "1", "mma-1tile"},
+                              {CudaAttention::gemm, "2", "gemm"},
+                              {CudaAttention::cudnn, "2", "cudnn"}};
+  for (const Variant& variant : variants) try {
     set_cuda_attention(variant.path);
     setenv("REMAT_CUDA_MMA_TILES", variant.tiles, 1);
+    const int64_t calls = cuda_attention_calls(variant.path);
     std::vector<Tensor> out = backend.attention(q, k, v, true, scale);
+    // A path that does not take the problem hands it to another: not this path's time.
+    if (cuda_attention_calls(variant.path) == calls)
+      throw std::runtime_error("another path ran (this build lacks it, or it declined the problem: see stderr)");
     const double forward = median_seconds(device, repeats, [&] { backend.attention(q, k, v, true, scale); });
     const double backward = median_seconds(device, repeats, [&] {
       backend.attention_backward(d_o, q, k, v, out[0], out[1], true, scale);

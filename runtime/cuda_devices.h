@@ -58,20 +58,23 @@ int64_t cuda_bias_grad_epilogue_calls();
 // nothing T x T in memory; the reference), `gemm`, batched cuBLAS GEMMs on the tensor cores with
 // [T, T] temporaries for a chunk of heads at a time (at most 64 MiB each), `mma`, remat's own
 // flash kernels on the tensor cores (bf16, head dims 32, 64 and 128, compute capability 8.0 on;
-// other inputs take the flash kernel), or `auto` (the default): `mma` where it applies, else
-// `gemm` in f32 and bf16 and `flash` in f64 (the exact reference; its parity tests keep it), per
-// call, from the inputs alone, so a replay takes the path its forward took. On an H200 a gpt2 step
-// in bf16 took 41.5 ms on `mma`, 50.9 on `gemm`, 250.5 on `flash` (docs/results/gpu.md). The
-// default comes from the environment, REMAT_CUDA_ATTENTION=auto|flash|gemm|mma (auto when unset);
-// a process-wide setting, read at each call.
-enum class CudaAttention { flash, gemm, mma, automatic };
+// other inputs take the flash kernel), `cudnn`, cuDNN's fused attention with its deterministic
+// backward (bf16, head dims up to 128 in multiples of 8, compute capability 8.0 on, in a build
+// with cuDNN's frontend; where it does not apply or cuDNN declines a shape, the call takes what
+// `auto` would), or `auto` (the default): `mma` where it applies, else `gemm` in f32 and bf16 and
+// `flash` in f64 (the exact reference; its parity tests keep it), per call, from the inputs alone,
+// so a replay takes the path its forward took. On an H200 a gpt2 step in bf16 took 41.5 ms on
+// `mma`, 50.9 on `gemm`, 250.5 on `flash` (docs/results/gpu.md); `cudnn` has not run on a GPU yet.
+// The default comes from the environment, REMAT_CUDA_ATTENTION=auto|flash|gemm|mma|cudnn (auto
+// when unset); a process-wide setting, read at each call.
+enum class CudaAttention { flash, gemm, mma, cudnn, automatic };
 void set_cuda_attention(CudaAttention path);
 CudaAttention cuda_attention();  // throws on a bad REMAT_CUDA_ATTENTION, naming what it accepts
-// "auto", "flash", "gemm" or "mma"; anything else a clear error.
+// "auto", "flash", "gemm", "mma" or "cudnn"; anything else a clear error.
 CudaAttention parse_cuda_attention(const std::string& name);
 const char* cuda_attention_name(CudaAttention path);
-// Attention calls (forward and backward) each path (flash, gemm or mma; never `automatic`) has run
-// since the process began: what the tests read to know that the path they chose is the one that ran.
+// Attention calls (forward and backward) each path (never `automatic`) has run since the process
+// began: what the tests read to know that the path they chose is the one that ran.
 void count_cuda_attention_call(CudaAttention path);
 int64_t cuda_attention_calls(CudaAttention path);
 

@@ -84,13 +84,15 @@ CudaAttention parse_cuda_attention(const std::string& name) {
   if (name == "flash") return CudaAttention::flash;
   if (name == "gemm") return CudaAttention::gemm;
   if (name == "mma") return CudaAttention::mma;
-  REMAT_FAIL("cuda attention: expected auto, flash, gemm or mma, got '", name, "'");
+  if (name == "cudnn") return CudaAttention::cudnn;
+  REMAT_FAIL("cuda attention: expected auto, flash, gemm, mma or cudnn, got '", name, "'");
 }
 
 const char* cuda_attention_name(CudaAttention path) {
   switch (path) {
     case CudaAttention::gemm: return "gemm";
     case CudaAttention::mma: return "mma";
+    case CudaAttention::cudnn: return "cudnn";
     case CudaAttention::automatic: return "auto";
     default: return "flash";
   }
@@ -99,7 +101,7 @@ const char* cuda_attention_name(CudaAttention path) {
 namespace {
 // -1: not chosen yet (the environment decides at the first call), else a CudaAttention.
 std::atomic<int> g_cuda_attention{-1};
-std::atomic<int64_t> g_cuda_attention_calls[3];
+std::atomic<int64_t> g_cuda_attention_calls[static_cast<int>(CudaAttention::automatic)];
 }  // namespace
 
 void count_cuda_attention_call(CudaAttention path) {
@@ -118,8 +120,8 @@ CudaAttention cuda_attention() {
     CudaAttention chosen = CudaAttention::automatic;
     if (env != nullptr && *env != '\0') {
       const std::string value(env);
-      REMAT_CHECK(value == "auto" || value == "flash" || value == "gemm" || value == "mma",
-                  "REMAT_CUDA_ATTENTION: expected auto, flash, gemm or mma, got '", value, "'");
+      REMAT_CHECK(value == "auto" || value == "flash" || value == "gemm" || value == "mma" || value == "cudnn",
+                  "REMAT_CUDA_ATTENTION: expected auto, flash, gemm, mma or cudnn, got '", value, "'");
       chosen = parse_cuda_attention(value);
     }
     int expected = -1;

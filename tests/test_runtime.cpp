@@ -293,6 +293,9 @@ TEST_CASE("cuda discovery reports devices without throwing, zero on a machine wi
   int n = cuda_device_count();
   CHECK(n >= 0);
   if (n == 0) CHECK_THROWS_WITH(Tensor::zeros({2}).to(Device::cuda(0)), Contains("cuda:0"));
+  // The CUDA part built beside this binary loads, GPU or not: a symbol it leaves unresolved (a
+  // library it names but does not link) would fail the load and turn every GPU away.
+  if (cuda_built()) CHECK(cuda_unavailable_reason().find("could not be loaded") == std::string::npos);
 }
 
 TEST_CASE("linear's cuBLASLt epilogue switches: their defaults, read from the environment once, a bad value a "
@@ -333,7 +336,9 @@ TEST_CASE("the cuda attention path is auto unless chosen, by name or by setting"
   CHECK(parse_cuda_attention("flash") == CudaAttention::flash);
   CHECK(parse_cuda_attention("mma") == CudaAttention::mma);
   CHECK(std::string(cuda_attention_name(CudaAttention::mma)) == "mma");
-  CHECK_THROWS_WITH(parse_cuda_attention("cudnn"), Contains("expected auto, flash, gemm or mma, got 'cudnn'"));
+  CHECK(parse_cuda_attention("cudnn") == CudaAttention::cudnn);
+  CHECK(std::string(cuda_attention_name(CudaAttention::cudnn)) == "cudnn");
+  CHECK_THROWS_WITH(parse_cuda_attention("cudnn9"), Contains("expected auto, flash, gemm, mma or cudnn, got 'cudnn9'"));
   const CudaAttention before = cuda_attention();
   set_cuda_attention(CudaAttention::gemm);
   CHECK(cuda_attention() == CudaAttention::gemm);

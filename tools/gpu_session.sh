@@ -73,6 +73,8 @@ case "$what" in
       exit 3
     fi
     echo "ldd: every library found"
+    # Which cuDNN runs (its kernels and its deterministic attention backward vary by version).
+    ldd "$bin/libremat_cuda.so" | grep -E "libcudnn|libcublas\." | sed 's/^[[:space:]]*/cuda library: /'
     ;;
   build | tests | all)
     # The fallback: build on the GPU machine from the carried .kit/ (its build-time dependencies).
@@ -151,7 +153,7 @@ done
 # The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
 # take only attention paths and linear's bias epilogue whose cases passed: the defaults (`auto`:
 # mma in bf16, the GEMMs in f32; the epilogue on) when the cases of both passed, else what did.
-attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0
+attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0 cudnn_ok=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -163,6 +165,7 @@ for name in "${passes[@]}"; do
   case $name in
     "attention on the tensor cores (mma)"*) mma_ok=1 ;;
     "attention through cuBLAS GEMMs"*) gemm_ok=1 ;;
+    "attention on cuDNN's fused SDPA"*) cudnn_ok=1 ;;
     "linear's bias in cuBLASLt's epilogue"*) bias_epilogue=1 ;;
     "linear's dW and db from one cuBLASLt call"*) bias_grad_ok=1 ;;
     "linear_cross_entropy on cuda"*) fused_loss=1 ;;
@@ -244,6 +247,9 @@ bench_none_with() {
 # alone; this is the whole step): if it is faster, make it the default (kDefaultRowTiles in
 # kernels/cuda/attention_mma_kernels.cuh; the bits are the same).
 bench_none_with REMAT_CUDA_MMA_TILES=1 "$mma_ok" "mma attention with one row tile a warp"
+# cuDNN's fused attention (deterministic backward) in place of the mma kernels: if it is faster,
+# make it `auto`'s choice where it applies (automatic_path in kernels/cuda/attention.cu).
+bench_none_with REMAT_CUDA_ATTENTION=cudnn "$cudnn_ok" "attention on cuDNN's fused SDPA"
 # What the bias epilogue is worth: linear's bias by its own kernel.
 bench_none_with REMAT_CUDA_BIAS_EPILOGUE=0 "$bias_epilogue" "linear's bias by its own kernel"
 # What taking db from dW's GEMM (cuBLASLt's BGRADB, off by default) is worth: if it is faster, make it

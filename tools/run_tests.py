@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 SCRIPTS = ["test_install.sh", "test_bench.sh", "test_gpu_bundle.sh", "test_host_enqueue.sh", "test_dist_failure.sh", "test_dist_train.sh"]
-BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_library", "test_graphs", "test_reliability", "test_cli", "test_dist", "test_simt", "test_cuda_host", "test_cuda"]
+BINARIES = ["test_runtime", "test_ops", "test_gradcheck", "test_autograd", "test_checkpoint", "test_policy", "test_train", "test_schedule", "test_diffusion", "test_library", "test_graphs", "test_reliability", "test_cli", "test_dist", "test_simt", "test_cuda_host", "test_cudnn_graphs", "test_cuda"]
 # Binaries a build makes only with some dependency: absent, they count as one skipped case.
 OPTIONAL = {"test_simt": "built only with the CUDA toolkit (its headers)",
-            "test_cuda_host": "built only with the CUDA toolkit (its headers)"}
+            "test_cuda_host": "built only with the CUDA toolkit (its headers)",
+            "test_cudnn_graphs": "built only with cuDNN and its frontend"}
 # Binaries run on several MPI ranks (rank 0 reports): launched by mpirun when there is one, else alone
 # (they then exit 77, skipped). --allow-run-as-root: CI runs as root; --oversubscribe: 2 ranks on any
 # number of cores.

@@ -2,8 +2,10 @@
 // value tiles are staged in shared memory, each thread owns one query row with an online softmax,
 // and only the row log-sum-exp is saved. The backward rebuilds probabilities from it in two
 // passes, dq by query rows and dk/dv by key rows, so no gradient is ever summed with atomics. The
-// other paths (runtime/cuda_devices.h, CudaAttention) go through cuBLAS (attention_gemm.cu) or
-// remat's tensor-core kernels (attention_mma.cu); `auto`, the default, picks per call.
+// other paths (runtime/cuda_devices.h, CudaAttention) go through cuBLAS (attention_gemm.cu),
+// remat's tensor-core kernels (attention_mma.cu) or cuDNN's fused attention (attention_cudnn.cpp);
+// `auto`, the default, picks per call.
+#include "kernels/cuda/attention_cudnn.h"
 #include "kernels/cuda/attention_flash_kernels.cuh"
 #include "kernels/cuda/attention_gemm.h"
 #include "kernels/cuda/attention_mma.h"
@@ -28,19 +30,24 @@ void dispatch_head_dim(int64_t d, F&& f) {
   else f.template operator()<128>();
 }
 
-// The path this call takes: the chosen one, or under `auto` the tensor-core kernels where they
-// apply, else the GEMMs in f32 and bf16 and the reference kernel in f64. `mma` falls back to the
-// flash kernel, `gemm` to it only for an empty head dim. From the shape, dtype and device alone,
-// so every call of the same shapes and dtypes (a replay, a second step, the backward of a
-// forward) takes the same path, whatever the inputs' layouts.
+// The path `auto` takes: the tensor-core kernels where they apply, else the GEMMs in f32 and bf16
+// and the reference kernel in f64.
+CudaAttention automatic_path(const Tensor& q) {
+  if (mma_attention_supported(q)) return CudaAttention::mma;
+  return q.dtype() != DType::f64 && q.size(3) > 0 ? CudaAttention::gemm : CudaAttention::flash;
+}
+
+// The path this call takes: the chosen one, or `auto`'s. `mma` falls back to the flash kernel,
+// `gemm` to it only for an empty head dim, `cudnn` to `auto`'s path (also where cuDNN declines a
+// shape: the callers below). From the shape, dtype and device alone, so every call of the same
+// shapes and dtypes (a replay, a second step, the backward of a forward) takes the same path,
+// whatever the inputs' layouts.
 CudaAttention attention_path(const Tensor& q) {
-  const bool mma_fits = mma_attention_supported(q);
   switch (cuda_attention()) {
     case CudaAttention::gemm: return q.size(3) > 0 ? CudaAttention::gemm : CudaAttention::flash;
-    case CudaAttention::mma: return mma_fits ? CudaAttention::mma : CudaAttention::flash;
-    case CudaAttention::automatic:
-      if (mma_fits) return CudaAttention::mma;
-      return q.dtype() != DType::f64 && q.size(3) > 0 ? CudaAttention::gemm : CudaAttention::flash;
+    case CudaAttention::mma: return mma_attention_supported(q) ? CudaAttention::mma : CudaAttention::flash;
+    case CudaAttention::cudnn: return cudnn_attention_supported(q) ? CudaAttention::cudnn : automatic_path(q);
+    case CudaAttention::automatic: return automatic_path(q);
     default: return CudaAttention::flash;
   }
 }
@@ -74,8 +81,12 @@ Tensor attention_row_dots(const Tensor& d_o, const Tensor& o) {
 
 std::vector<Tensor> CudaBackend::attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
                                            double scale) {
-  const CudaAttention path = attention_path(q_in);
+  CudaAttention path = attention_path(q_in);
   set_device_of(q_in);
+  if (path == CudaAttention::cudnn) {
+    if (auto done = attention_cudnn(q_in, k_in, v_in, causal, scale)) return *done;
+    path = automatic_path(q_in);  // declined (and its backward will be)
+  }
   if (path == CudaAttention::mma) return attention_mma(q_in, k_in, v_in, causal, scale);
   const Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   if (path == CudaAttention::gemm) return attention_gemm(q, k, v, causal, scale);
@@ -104,8 +115,12 @@ std::vector<Tensor> CudaBackend::attention_backward(const Tensor& d_o_in, const 
                                                     const Tensor& v_in, const Tensor& o_in, const Tensor& lse,
                                                     bool causal, double scale) {
   // The lse of any forward serves any backward (f32 for bf16, m + log l of the scaled scores).
-  const CudaAttention path = attention_path(q_in);
+  CudaAttention path = attention_path(q_in);
   set_device_of(q_in);
+  if (path == CudaAttention::cudnn) {
+    if (auto done = attention_backward_cudnn(d_o_in, q_in, k_in, v_in, o_in, lse, causal, scale)) return *done;
+    path = automatic_path(q_in);  // declined, as its forward was
+  }
   if (path == CudaAttention::mma) return attention_backward_mma(d_o_in, q_in, k_in, v_in, o_in, lse, causal, scale);
   const Tensor d_o = dense(d_o_in), q = dense(q_in), k = dense(k_in), v = dense(v_in), o = dense(o_in);
   if (path == CudaAttention::gemm) return attention_backward_gemm(d_o, q, k, v, o, lse, causal, scale);

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "kernels/cuda/attention_heads.h"
 #include "kernels/cuda/attention_mma_kernels.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "runtime/cuda_devices.h"
@@ -69,26 +70,10 @@ dim3 grid(int64_t heads, int64_t t, int rows_per_block) {
   return dim3(static_cast<unsigned>((t + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(heads));
 }
 
-// The layout the kernels read (Heads): unit stride over D, the other strides multiples of 8
-// elements and the data 16-byte aligned, as the heads of a fused projection are; else a
-// contiguous copy.
-Tensor readable(const Tensor& x) {
-  const auto& st = x.strides();
-  const bool fits = (x.size(3) == 1 || st[3] == 1) && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0 &&
-                    reinterpret_cast<uintptr_t>(x.raw_data()) % 16 == 0;
-  return fits ? x : x.as_contiguous();
-}
-
 template <typename E>
 Heads<E> heads_of(const Tensor& x) {
   const auto& st = x.strides();
   return {reinterpret_cast<E*>(x.raw_data()), st[0], st[1], st[2], static_cast<int>(x.size(1))};
-}
-
-// A [B, H, T, D] bf16 tensor laid out [B, T, H, D] (the file's head says why).
-Tensor empty_heads(const Tensor& like) {
-  const int64_t b = like.size(0), h = like.size(1), t = like.size(2), d = like.size(3);
-  return Tensor::empty({b, t, h, d}, like.dtype(), like.device()).view({b, h, t, d}, {t * h * d, d, h * d, 1}, 0);
 }
 
 // Lets `kernel` take `bytes` of dynamic shared memory: past 48 KiB a kernel must opt in (the
@@ -113,7 +98,7 @@ bool mma_attention_supported(const Tensor& q) {
 
 std::vector<Tensor> attention_mma(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
                                   double scale) {
-  const Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
+  const Tensor q = readable_heads(q_in), k = readable_heads(k_in), v = readable_heads(v_in);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor o = empty_heads(q);
   Tensor lse = Tensor::empty({q.size(0), q.size(1), t}, DType::f32, q.device());
@@ -136,7 +121,8 @@ std::vector<Tensor> attention_mma(const Tensor& q_in, const Tensor& k_in, const 
 std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q_in, const Tensor& k_in,
                                            const Tensor& v_in, const Tensor& o_in, const Tensor& lse, bool causal,
                                            double scale) {
-  const Tensor d_o = readable(d_o_in), q = readable(q_in), k = readable(k_in), v = readable(v_in), o = readable(o_in);
+  const Tensor d_o = readable_heads(d_o_in), q = readable_heads(q_in), k = readable_heads(k_in),
+               v = readable_heads(v_in), o = readable_heads(o_in);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
   Tensor dq = empty_heads(q), dk = empty_heads(q), dv = empty_heads(q);
   if (heads == 0 || t == 0) return {dq, dk, dv};

@@ -3,8 +3,6 @@
 // runs with FMA math only (no TF32) so results compare with the CPU. Where cuDNN has no such
 // algorithm or does not support the case (f64 on some versions), the caller falls back to the
 // im2col path (conv_gemm.cu), saying so once.
-#include <cudnn.h>
-
 #include <array>
 #include <cstdio>
 #include <mutex>
@@ -14,24 +12,14 @@
 #include "kernels/cuda/conv.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/cudnn_handle.h"
 #include "runtime/workspace.h"
-
-#define REMAT_CUDNN_CHECK(expr) REMAT_STATUS_CHECK(expr, CUDNN_STATUS_SUCCESS, cudnnGetErrorString)
 
 namespace remat {
 
 namespace {
 
 using namespace cuda;
-
-cudnnHandle_t cudnn_for(int device) {
-  static std::mutex mutex;
-  static std::array<cudnnHandle_t, 64> handles{};
-  std::lock_guard lock(mutex);
-  REMAT_CHECK(device >= 0 && device < 64, "cudnn: device index ", device, " out of range");
-  if (!handles[device]) REMAT_CUDNN_CHECK(cudnnCreate(&handles[device]));
-  return handles[device];
-}
 
 // Why cuDNN declined a convolution; thrown inside this file only, and turned into a fallback.
 struct Declined {
@@ -142,7 +130,7 @@ namespace cuda {
 
 std::optional<Tensor> conv2d_cudnn(const Tensor& x, const Tensor& w, int stride, int padding) {
   try {
-    cudnnHandle_t h = cudnn_for(x.device().index);
+    cudnnHandle_t h = cudnn_handle(x.device().index);
     ConvDescriptors d;
     d.configure(x, w, stride, padding);
     int64_t ho = (x.size(2) + 2 * padding - w.size(2)) / stride + 1, wo = (x.size(3) + 2 * padding - w.size(3)) / stride + 1;
@@ -169,7 +157,7 @@ std::optional<Tensor> conv2d_cudnn(const Tensor& x, const Tensor& w, int stride,
 std::optional<std::pair<Tensor, Tensor>> conv2d_backward_cudnn(const Tensor& dy, const Tensor& x, const Tensor& w,
                                                                int stride, int padding) {
   try {
-    cudnnHandle_t h = cudnn_for(x.device().index);
+    cudnnHandle_t h = cudnn_handle(x.device().index);
     ConvDescriptors d;
     d.configure(x, w, stride, padding);
     Scaling s(x.dtype());

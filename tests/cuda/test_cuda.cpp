@@ -252,6 +252,24 @@ void check_gpt_policies_bitwise(const GptConfig& config, const std::function<int
   }
 }
 
+// gpt with heads of 32 under bf16 autocast on attention path `path`: the path runs, and every
+// policy's gradients are bitwise equal to none's.
+void check_gpt_attention_path_bitwise(CudaAttention path) {
+  set_cuda_attention(path);
+  Gpt model(gpu_gpt_heads_of_32());
+  model.to(kGpu);
+  model.train();
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  auto loss = [&] {
+    AutocastScope autocast(DType::bf16);
+    return model.loss(idx, targets);
+  };
+  const int64_t before = cuda_attention_calls(path);
+  auto plain = run_grads(model.parameters(), loss);
+  CHECK(cuda_attention_calls(path) > before);
+  check_policies_bitwise(model, loss, plain);
+}
+
 // linear cases for the cuBLASLt paths: shapes that cross tiles, and x one row into a larger tensor
 // (its address 4-byte aligned only, so the algorithm must be chosen for that alignment and not
 // reused from the aligned call of the same shape).
@@ -600,19 +618,86 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
   evaluate({"T 9 D 5", attn(false), qkv({1, 1, 9, 5})}, kGpu, DType::bf16);
   evaluate({"T 9 D 64 in f32", attn(false), qkv({1, 1, 9, 64})}, kGpu, DType::f32);
   CHECK(cuda_attention_calls(CudaAttention::flash) - flash_before == 4);
-  // gpt in bf16 with heads of 32 on the mma path: every policy bitwise equal to none.
-  Gpt model(gpu_gpt_heads_of_32());
-  model.to(kGpu);
-  model.train();
-  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
-  auto loss = [&] {
-    AutocastScope autocast(DType::bf16);
-    return model.loss(idx, targets);
+  check_gpt_attention_path_bitwise(CudaAttention::mma);
+}
+
+// [gpu-only]: the emulated GPU has no cuDNN. Built where the build found cuDNN's frontend
+// (REMAT_TEST_CUDNN_ATTENTION); elsewhere the path is absent and the case checks the fallback.
+TEST_CASE("attention on cuDNN's fused SDPA (cudnn) matches the flash kernel in bf16, repeats its bits, shares the "
+          "log-sum-exp of the mma kernels, and keeps every policy bitwise",
+          "[cuda][op][attention][bf16][gpu-only]") {
+  manual_seed(29);
+  RestoreAttention restore;
+#ifndef REMAT_TEST_CUDNN_ATTENTION
+  WARN("this build has no cuDNN frontend: REMAT_CUDA_ATTENTION=cudnn takes auto's path");
+  set_cuda_attention(CudaAttention::cudnn);
+  const int64_t mma_before = cuda_attention_calls(CudaAttention::mma);
+  evaluate({"causal T 100 D 64", attn(true), qkv({1, 2, 100, 64})}, kGpu, DType::bf16);
+  CHECK(cuda_attention_calls(CudaAttention::cudnn) == 0);
+  CHECK(cuda_attention_calls(CudaAttention::mma) - mma_before == 2);
+#else
+  // The heads of a packed [B, T, 3 C] projection, as gpt hands them over (strided views).
+  auto packed = [](int64_t heads) -> Fn {
+    return [heads](const std::vector<Tensor>& in) {
+      const int64_t b = in[0].size(0), t = in[0].size(1), c = in[0].size(2) / 3;
+      auto parts = split(in[0], 2, {c, c, c});
+      auto to_heads = [&](const Tensor& m) { return permute(reshape(m, {b, t, heads, c / heads}), {0, 2, 1, 3}); };
+      return attention(to_heads(parts[0]), to_heads(parts[1]), to_heads(parts[2]), /*causal=*/true);
+    };
   };
-  const int64_t before = cuda_attention_calls(CudaAttention::mma);
-  auto plain = run_grads(model.parameters(), loss);
-  CHECK(cuda_attention_calls(CudaAttention::mma) > before);
-  check_policies_bitwise(model, loss, plain);
+  const std::vector<OpCase> cases = {
+      {"causal T 100 D 64", attn(true), qkv({2, 3, 100, 64})},
+      {"T 70 D 64", attn(false), qkv({1, 2, 70, 64})},
+      {"causal T 130 D 128", attn(true), qkv({1, 2, 130, 128})},
+      {"T 33 D 128", attn(false), qkv({2, 1, 33, 128})},
+      {"causal T 200 D 32", attn(true), qkv({1, 2, 200, 32})},
+      {"causal T 2 D 64", attn(true), qkv({1, 1, 2, 64})},
+      {"causal T 96 D 16 (no mma kernel)", attn(true), qkv({1, 2, 96, 16})},
+      {"causal heads of a packed [2, 80, 3 x 4 x 64] projection", packed(4), {randn64({2, 80, 768})}},
+  };
+  for (const OpCase& c : cases) {
+    INFO(c.description);
+    set_cuda_attention(CudaAttention::cudnn);
+    const int64_t before = cuda_attention_calls(CudaAttention::cudnn);
+    Outcome cudnn = evaluate(c, kGpu, DType::bf16), again = evaluate(c, kGpu, DType::bf16);
+    CHECK(cuda_attention_calls(CudaAttention::cudnn) - before == 4);  // two forwards, two backwards
+    CHECK(cudnn.out == again.out);
+    CHECK(cudnn.grads == again.grads);  // the deterministic backward
+    set_cuda_attention(CudaAttention::flash);
+    Outcome flash = evaluate(c, kGpu, DType::bf16);
+    CHECK(compare(flash.out, cudnn.out, tolerance(DType::bf16)) == "");
+    REQUIRE(flash.grads.size() == cudnn.grads.size());
+    for (size_t i = 0; i < flash.grads.size(); ++i) {
+      INFO("gradient of input " << i);
+      CHECK(compare(flash.grads[i], cudnn.grads[i], tolerance(DType::bf16)) == "");
+    }
+  }
+  // cuDNN's statistics are the log-sum-exp the other paths keep (the max plus the natural log of
+  // the sum of exponentials of the scaled scores), so a backward can take either's.
+  {
+    Backend& cuda = backend_for(kGpu);
+    std::vector<Tensor> in;
+    for (const Tensor& t : qkv({1, 2, 77, 64})) in.push_back(t.to(DType::bf16).to(kGpu));
+    set_cuda_attention(CudaAttention::cudnn);
+    std::vector<Tensor> by_cudnn = cuda.attention(in[0], in[1], in[2], true, 0.125);
+    set_cuda_attention(CudaAttention::mma);
+    std::vector<Tensor> by_mma = cuda.attention(in[0], in[1], in[2], true, 0.125);
+    CHECK(compare(by_mma[1].to_vector<double>(), by_cudnn[1].to_vector<double>(), {1e-3, 1e-3}) == "");
+  }
+  // f32 inputs and head dims cuDNN's path does not take run where auto would; so does a problem
+  // cuDNN declines (a single query and key: no backward kernel), both ways.
+  set_cuda_attention(CudaAttention::cudnn);
+  const int64_t cudnn_before = cuda_attention_calls(CudaAttention::cudnn);
+  const int64_t gemm_before = cuda_attention_calls(CudaAttention::gemm);
+  const int64_t mma_before = cuda_attention_calls(CudaAttention::mma);
+  evaluate({"T 9 D 5", attn(false), qkv({1, 1, 9, 5})}, kGpu, DType::bf16);
+  evaluate({"T 9 D 64 in f32", attn(false), qkv({1, 1, 9, 64})}, kGpu, DType::f32);
+  evaluate({"causal T 1 D 64", attn(true), qkv({1, 1, 1, 64})}, kGpu, DType::bf16);
+  CHECK(cuda_attention_calls(CudaAttention::cudnn) == cudnn_before);
+  CHECK(cuda_attention_calls(CudaAttention::gemm) - gemm_before == 4);
+  CHECK(cuda_attention_calls(CudaAttention::mma) - mma_before == 2);
+  check_gpt_attention_path_bitwise(CudaAttention::cudnn);
+#endif
 }
 
 TEST_CASE("strided copies on cuda move words of 16, 8, 4 or 2 bytes as the layout allows: the cpu's bits",
