@@ -114,7 +114,7 @@ int run_policies(const PolicyOptions& o) {
              o.rounds, o.steps, o.warmup,
              device.is_cpu() ? ", GEMM " + cpu::gemm_library()
                              : std::string(", attention ") + cuda_attention_name(cuda_attention()) +
-                                   " (REMAT_CUDA_ATTENTION=flash|gemm|mma), linear's bias " +
+                                   " (REMAT_CUDA_ATTENTION=auto|flash|gemm|mma|cudnn), linear's bias " +
                                    (cuda_bias_epilogue() ? "in cuBLASLt's epilogue" : "by its own kernel") +
                                    " (REMAT_CUDA_BIAS_EPILOGUE=1|0), its gradient " +
                                    (cuda_bias_grad_epilogue() ? "from dW's GEMM (BGRADB)" : "by a column sum") +

@@ -43,6 +43,8 @@ TEST_CASE("cuDNN's attention graphs validate without a GPU for the problems rema
       {"B 1, H 2, T 96, D 16", {1, 2, 96, 16}, false},
       {"B 1, H 1, T 2, D 64", {1, 1, 2, 64}, false},
       {"B 2, H 4, T 80, D 64, packed", {2, 4, 80, 64}, true},
+      {"gpt tiny with heads of 32 (test_cuda's): B 2, H 2, T 16, D 32, packed", {2, 2, 16, 32}, true},
+      {"B 1, H 2, T 200, D 32", {1, 2, 200, 32}, false},
   };
   for (const Problem& p : problems)
     for (bool causal : {true, false})

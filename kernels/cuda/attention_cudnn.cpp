@@ -238,26 +238,29 @@ bool cudnn_attention_supported(const Tensor& q) {
 std::optional<std::vector<Tensor>> attention_cudnn(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                    bool causal, double scale) {
   const Tensor q = readable_heads(q_in), k = readable_heads(k_in), v = readable_heads(v_in);
-  Tensor o = empty_heads(q);
-  Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, DType::f32, q.device());
-  if (q.numel() == 0) return std::vector<Tensor>{o, lse};
+  auto outputs = [&] {  // o, and the f32 log-sum-exp
+    Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, DType::f32, q.device());
+    return std::vector<Tensor>{empty_heads(q), lse};
+  };
+  if (q.numel() == 0) return outputs();
   const Key key = key_of(q, k, v, causal, scale);
   std::lock_guard lock(g_mutex);
   const Graphs& graphs = graphs_for(key);
   if (!graphs.forward) return std::nullopt;
   count_cuda_attention_call(CudaAttention::cudnn);
+  std::vector<Tensor> out = outputs();
+  const Tensor &o = out[0], &lse = out[1];
   std::unordered_map<int64_t, void*> pack = {{kQ, q.raw_data()}, {kK, k.raw_data()}, {kV, v.raw_data()},
                                              {kO, o.raw_data()}, {kStats, lse.raw_data()}};
   execute(*graphs.forward, key, pack, graphs.forward_workspace);
-  return std::vector<Tensor>{o, lse};
+  return out;
 }
 
 std::optional<std::vector<Tensor>> attention_backward_cudnn(const Tensor& d_o_in, const Tensor& q_in,
                                                             const Tensor& k_in, const Tensor& v_in, const Tensor& o_in,
                                                             const Tensor& lse_in, bool causal, double scale) {
   const Tensor q = readable_heads(q_in), k = readable_heads(k_in), v = readable_heads(v_in);
-  Tensor dq = empty_heads(q), dk = empty_heads(q), dv = empty_heads(q);
-  if (q.numel() == 0) return std::vector<Tensor>{dq, dk, dv};
+  if (q.numel() == 0) return std::vector<Tensor>{empty_heads(q), empty_heads(q), empty_heads(q)};
   REMAT_CHECK(lse_in.dtype() == DType::f32, "attention (cudnn): expected the forward's f32 log-sum-exp, got ",
               dtype_name(lse_in.dtype()));
   const Key key = key_of(q, k, v, causal, scale);
@@ -266,6 +269,7 @@ std::optional<std::vector<Tensor>> attention_backward_cudnn(const Tensor& d_o_in
   if (!graphs.backward) return std::nullopt;
   count_cuda_attention_call(CudaAttention::cudnn);
   const Tensor d_o = in_bthd_layout(d_o_in), o = in_bthd_layout(o_in), lse = lse_in.as_contiguous();
+  Tensor dq = empty_heads(q), dk = empty_heads(q), dv = empty_heads(q);
   std::unordered_map<int64_t, void*> pack = {{kQ, q.raw_data()},   {kK, k.raw_data()},   {kV, v.raw_data()},
                                              {kO, o.raw_data()},   {kDO, d_o.raw_data()}, {kStats, lse.raw_data()},
                                              {kDQ, dq.raw_data()}, {kDK, dk.raw_data()}, {kDV, dv.raw_data()}};
