@@ -61,6 +61,12 @@ int main(int argc, char** argv) {
   ops_cmd->add_option("--device", ops.device, "cpu or cuda:N")->capture_default_str();
   ops_cmd->add_option("--repeats", ops.repeats, "timed repeats per op (median reported)")->capture_default_str();
   ops_cmd->add_option("--json", ops.json_path, "also write the figures as JSON to this file");
+  ops_cmd
+      ->add_option("--attention", ops.attention,
+                   "on cuda, the attention paths to time at gpt2's shape, comma-separated (none: none)")
+      ->delimiter(',')
+      ->check(CLI::IsMember(remat::bench::attention_variants()))
+      ->capture_default_str();
   remat::bench::SoakOptions soak;
   std::string soak_policies = "none,full,ops,block_skip:2,level:3";
   CLI::App* soak_cmd = app.add_subcommand("soak", "many training steps per policy: is live memory flat?");

@@ -90,7 +90,7 @@ void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
 // FlashAttention's papers count: the causal half of two T x T x D products per head forward, five
 // backward (2.5x; remat's backward runs seven, recomputing the scores and dP in both of its
 // kernels).
-void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
+void time_cuda_attention(Device device, int repeats, const std::vector<std::string>& chosen, nlohmann::json& rows) {
   const int64_t b = 8, h = 12, t = 1024, d = 64;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const double forward_flops = 4.0 * b * h * t * t * d / 2, backward_flops = 2.5 * forward_flops;
@@ -110,6 +110,7 @@ void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
                               {CudaAttention::gemm, "2", "gemm"},
                               {CudaAttention::cudnn, "2", "cudnn"}};
   for (const Variant& variant : variants) try {
+    if (std::find(chosen.begin(), chosen.end(), variant.label) == chosen.end()) continue;
     set_cuda_attention(variant.path);
     setenv("REMAT_CUDA_MMA_TILES", variant.tiles, 1);
     const int64_t calls = cuda_attention_calls(variant.path);
@@ -137,6 +138,8 @@ void time_cuda_attention(Device device, int repeats, nlohmann::json& rows) {
 }
 
 }  // namespace
+
+std::vector<std::string> attention_variants() { return {"mma", "mma-1tile", "gemm", "cudnn", "none"}; }
 
 int run_ops(const OpsOptions& options) {
   Device device = parse_device(options.device);
@@ -205,7 +208,7 @@ int run_ops(const OpsOptions& options) {
     fmt::print("{:<34} {:>12.3f} ms\n", name, s * 1e3);
     rows.push_back({{"op", name}, {"median_ms", s * 1e3}});
   }
-  if (device.is_cuda()) time_cuda_attention(device, options.repeats, rows);
+  if (device.is_cuda()) time_cuda_attention(device, options.repeats, options.attention, rows);
   if (!options.json_path.empty()) {
     std::string tmp = options.json_path + ".tmp";
     std::ofstream(tmp) << nlohmann::json{{"device", device.str()}, {"threads", omp_get_max_threads()}, {"rows", rows}}.dump(2);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace remat::bench {
 
@@ -9,7 +10,12 @@ struct OpsOptions {
   std::string device = "cpu";
   int repeats = 10;
   std::string json_path;  // empty: no JSON
+  // On cuda, the attention paths to time at gpt2's shape (attention_variants(); "none": none).
+  std::vector<std::string> attention = {"mma", "mma-1tile", "gemm", "cudnn"};
 };
+
+// The names --attention takes.
+std::vector<std::string> attention_variants();
 
 int run_ops(const OpsOptions& options);
 

@@ -187,9 +187,15 @@ if [ -n "$dry" ]; then device=cpu peer_device=cpu config=tiny steps=1 warmup=0; 
 policies=none,full,ops,block_skip:2
 have_torch=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
 if fits 60; then
-  step "remat-bench ops on $device"
+  # Only the attention paths whose cases passed: a path that crashes would take the JSON with it.
+  paths=()
+  [ "$mma_ok" = 1 ] && paths+=(mma mma-1tile)
+  [ "$gemm_ok" = 1 ] && paths+=(gemm)
+  [ "$cudnn_ok" = 1 ] && paths+=(cudnn)
+  [ ${#paths[@]} -gt 0 ] || paths=(none)
+  step "remat-bench ops on $device (attention: ${paths[*]})"
   timeout 120 "$bin/bench/remat-bench" ops --device "$device" --repeats $([ -n "$dry" ] && echo 1 || echo 20) \
-    --json "$out/ops-gpu.json" | tail -40
+    --attention "$(IFS=,; echo "${paths[*]}")" --json "$out/ops-gpu.json" | tail -40
 else
   echo "SKIPPED (out of time): remat-bench ops"
 fi

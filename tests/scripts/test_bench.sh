@@ -3,7 +3,7 @@
 # micro-batches, with --json; every policy's gradients bitwise equal to none's, checkpointing
 # happening (ops replayed, activation peak below none's), the micro-batch halving the activation
 # peak, the floor matching the measured peak, the budget's predicted recompute reported; and a bad
-# --micro-batches one line and exit 2.
+# --micro-batches or `ops --attention` one line and exit 2.
 set -uo pipefail
 build=${1:-build}
 bench=$build/bench/remat-bench
@@ -50,4 +50,8 @@ out=$(timeout 60 "$bench" --config tiny --micro-batches 3 2>&1)
 status=$?
 [ $status -eq 2 ] && [ "$(echo "$out" | wc -l)" -eq 1 ] && echo "$out" | grep -q "divides the batch" ||
   { echo "$out"; echo "--micro-batches 3 on a batch of 2: expected one line and exit 2, got exit $status"; exit 1; }
-echo "gpt tiny: remat-bench --micro-batches 1 and 2 checked; a bad count is one line and exit 2"
+out=$(timeout 60 "$bench" ops --attention mma,flash 2>&1)
+status=$?
+[ $status -eq 2 ] && [ "$(echo "$out" | wc -l)" -eq 1 ] && echo "$out" | grep -q "flash not in" ||
+  { echo "$out"; echo "remat-bench ops --attention mma,flash: expected one line and exit 2, got exit $status"; exit 1; }
+echo "gpt tiny: remat-bench --micro-batches 1 and 2 checked; a bad count or attention path is one line and exit 2"
