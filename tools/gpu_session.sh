@@ -236,13 +236,13 @@ for other in flash gemm; do
     echo "SKIPPED (dry run or out of time): remat-bench with the attention path $other"
   fi
 done
-# The bf16 `none` step once more with one setting changed (`VAR=value`), if `ok` is 1 and time
-# allows: what that setting is worth against the bf16 table above.
+# The bf16 `none` step (or the policies given fourth) once more with one setting changed
+# (`VAR=value`), if `ok` is 1 and time allows: what that setting is worth against the bf16 table.
 bench_none_with() {
-  local setting=$1 ok=$2 what=$3
+  local setting=$1 ok=$2 what=$3 policies=${4:-none}
   if [ -z "$dry" ] && [ "$ok" = 1 ] && fits 60; then
-    step "remat-bench $config none in bf16 on $device, $what"
-    env "$setting" timeout 120 "$bin/bench/remat-bench" --config "$config" --policies none \
+    step "remat-bench $config $policies in bf16 on $device, $what"
+    env "$setting" timeout 120 "$bin/bench/remat-bench" --config "$config" --policies "$policies" \
       --device "$device" --dtype bf16 --steps "$steps" --warmup "$warmup"
     echo "remat-bench exit $?"
   else
@@ -255,7 +255,7 @@ bench_none_with() {
 bench_none_with REMAT_CUDA_MMA_TILES=1 "$mma_ok" "mma attention with one row tile a warp"
 # cuDNN's fused attention (deterministic backward) in place of the mma kernels: if it is faster,
 # make it `auto`'s choice where it applies (automatic_path in kernels/cuda/attention.cu).
-bench_none_with REMAT_CUDA_ATTENTION=cudnn "$cudnn_ok" "attention on cuDNN's fused SDPA"
+bench_none_with REMAT_CUDA_ATTENTION=cudnn "$cudnn_ok" "attention on cuDNN's fused SDPA" none,full
 # What the bias epilogue is worth: linear's bias by its own kernel.
 bench_none_with REMAT_CUDA_BIAS_EPILOGUE=0 "$bias_epilogue" "linear's bias by its own kernel"
 # What taking db from dW's GEMM (cuBLASLt's BGRADB, off by default) is worth: if it is faster, make it
