@@ -565,29 +565,51 @@ TEST_CASE("an f32 plus a bf16 tensor under autocast: no cast, the cast's bits, f
   }
 }
 
-TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
-          "every policy bitwise", "[cuda][op][attention][bf16]") {
-  manual_seed(23);
-  RestoreAttention restore;
-  // Tails of every tile (64 queries, 64 and 32 keys), causal and not, each head dim built.
-  const std::vector<OpCase> cases = {
+namespace {
+
+// Shapes that cross the tensor-core paths' tiles (64 queries, 64 and 32 keys), causal and not, at
+// each head dim the mma kernels are built for.
+std::vector<OpCase> tile_crossing_attention_cases() {
+  return {
       {"causal T 100 D 64", attn(true), qkv({2, 3, 100, 64})},
       {"T 70 D 64", attn(false), qkv({1, 2, 70, 64})},
       {"causal T 130 D 128", attn(true), qkv({1, 2, 130, 128})},
       {"T 33 D 128", attn(false), qkv({2, 1, 33, 128})},
       {"causal T 200 D 32", attn(true), qkv({1, 2, 200, 32})},
-      {"causal T 1 D 64", attn(true), qkv({1, 1, 1, 64})},
   };
+}
+
+// `c` in bf16 on attention path `path`, twice: the path runs (two forwards, two backwards), the
+// bits repeat, and output and gradients match the flash kernel's within bf16's tolerance.
+Outcome check_attention_path(const OpCase& c, CudaAttention path) {
+  set_cuda_attention(path);
+  const int64_t before = cuda_attention_calls(path);
+  Outcome first = evaluate(c, kGpu, DType::bf16), again = evaluate(c, kGpu, DType::bf16);
+  CHECK(cuda_attention_calls(path) - before == 4);
+  CHECK(first.out == again.out);
+  CHECK(first.grads == again.grads);
+  set_cuda_attention(CudaAttention::flash);
+  Outcome flash = evaluate(c, kGpu, DType::bf16);
+  CHECK(compare(flash.out, first.out, tolerance(DType::bf16)) == "");
+  REQUIRE(flash.grads.size() == first.grads.size());
+  for (size_t i = 0; i < flash.grads.size(); ++i) {
+    INFO("gradient of input " << i);
+    CHECK(compare(flash.grads[i], first.grads[i], tolerance(DType::bf16)) == "");
+  }
+  return first;
+}
+
+}  // namespace
+
+TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16, repeats its bits, and keeps "
+          "every policy bitwise", "[cuda][op][attention][bf16]") {
+  manual_seed(23);
+  RestoreAttention restore;
+  std::vector<OpCase> cases = tile_crossing_attention_cases();
+  cases.push_back({"causal T 1 D 64", attn(true), qkv({1, 1, 1, 64})});
   for (const OpCase& c : cases) {
     INFO(c.description);
-    set_cuda_attention(CudaAttention::mma);
-    const int64_t before = cuda_attention_calls(CudaAttention::mma);
-    Outcome mma = evaluate(c, kGpu, DType::bf16), again = evaluate(c, kGpu, DType::bf16);
-    CHECK(cuda_attention_calls(CudaAttention::mma) - before == 4);  // two forwards, two backwards
-    set_cuda_attention(CudaAttention::flash);
-    Outcome flash = evaluate(c, kGpu, DType::bf16);
-    CHECK(mma.out == again.out);
-    CHECK(mma.grads == again.grads);
+    Outcome mma = check_attention_path(c, CudaAttention::mma);
     // One row tile a warp in every kernel, or in some (REMAT_CUDA_MMA_TILES): the same bits.
     for (const char* tiles : {"1", "121", "212"}) {
       INFO("REMAT_CUDA_MMA_TILES=" << tiles);
@@ -596,13 +618,6 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
       Outcome other = evaluate(c, kGpu, DType::bf16);
       CHECK(other.out == mma.out);
       CHECK(other.grads == mma.grads);
-    }
-    set_cuda_attention(CudaAttention::flash);
-    CHECK(compare(flash.out, mma.out, tolerance(DType::bf16)) == "");
-    REQUIRE(flash.grads.size() == mma.grads.size());
-    for (size_t i = 0; i < flash.grads.size(); ++i) {
-      INFO("gradient of input " << i);
-      CHECK(compare(flash.grads[i], mma.grads[i], tolerance(DType::bf16)) == "");
     }
   }
   // A setting it cannot read is a clear error.
@@ -645,32 +660,14 @@ TEST_CASE("attention on cuDNN's fused SDPA (cudnn) matches the flash kernel in b
       return attention(to_heads(parts[0]), to_heads(parts[1]), to_heads(parts[2]), /*causal=*/true);
     };
   };
-  const std::vector<OpCase> cases = {
-      {"causal T 100 D 64", attn(true), qkv({2, 3, 100, 64})},
-      {"T 70 D 64", attn(false), qkv({1, 2, 70, 64})},
-      {"causal T 130 D 128", attn(true), qkv({1, 2, 130, 128})},
-      {"T 33 D 128", attn(false), qkv({2, 1, 33, 128})},
-      {"causal T 200 D 32", attn(true), qkv({1, 2, 200, 32})},
-      {"causal T 2 D 64", attn(true), qkv({1, 1, 2, 64})},
-      {"causal T 96 D 16 (no mma kernel)", attn(true), qkv({1, 2, 96, 16})},
-      {"causal heads of a packed [2, 80, 3 x 4 x 64] projection", packed(4), {randn64({2, 80, 768})}},
-  };
+  std::vector<OpCase> cases = tile_crossing_attention_cases();
+  cases.push_back({"causal T 2 D 64", attn(true), qkv({1, 1, 2, 64})});
+  cases.push_back({"causal T 96 D 16 (no mma kernel)", attn(true), qkv({1, 2, 96, 16})});
+  cases.push_back(
+      {"causal heads of a packed [2, 80, 3 x 4 x 64] projection", packed(4), {randn64({2, 80, 768})}});
   for (const OpCase& c : cases) {
     INFO(c.description);
-    set_cuda_attention(CudaAttention::cudnn);
-    const int64_t before = cuda_attention_calls(CudaAttention::cudnn);
-    Outcome cudnn = evaluate(c, kGpu, DType::bf16), again = evaluate(c, kGpu, DType::bf16);
-    CHECK(cuda_attention_calls(CudaAttention::cudnn) - before == 4);  // two forwards, two backwards
-    CHECK(cudnn.out == again.out);
-    CHECK(cudnn.grads == again.grads);  // the deterministic backward
-    set_cuda_attention(CudaAttention::flash);
-    Outcome flash = evaluate(c, kGpu, DType::bf16);
-    CHECK(compare(flash.out, cudnn.out, tolerance(DType::bf16)) == "");
-    REQUIRE(flash.grads.size() == cudnn.grads.size());
-    for (size_t i = 0; i < flash.grads.size(); ++i) {
-      INFO("gradient of input " << i);
-      CHECK(compare(flash.grads[i], cudnn.grads[i], tolerance(DType::bf16)) == "");
-    }
+    check_attention_path(c, CudaAttention::cudnn);  // the bits repeat: cuDNN's deterministic backward
   }
   // cuDNN's statistics are the log-sum-exp the other paths keep (the max plus the natural log of
   // the sum of exponentials of the scaled scores), so a backward can take either's.
