@@ -12,6 +12,7 @@
 
 #include <cudnn_frontend.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstring>
