@@ -63,10 +63,9 @@ int main(int argc, char** argv) {
   ops_cmd->add_option("--json", ops.json_path, "also write the figures as JSON to this file");
   ops_cmd
       ->add_option("--attention", ops.attention,
-                   "on cuda, the attention paths to time at gpt2's shape, comma-separated (none: none)")
+                   "on cuda, the attention paths to time at gpt2's shape, comma-separated (default: all; none: none)")
       ->delimiter(',')
-      ->check(CLI::IsMember(remat::bench::attention_variants()))
-      ->capture_default_str();
+      ->check(CLI::IsMember(remat::bench::attention_variants()));
   remat::bench::SoakOptions soak;
   std::string soak_policies = "none,full,ops,block_skip:2,level:3";
   CLI::App* soak_cmd = app.add_subcommand("soak", "many training steps per policy: is live memory flat?");

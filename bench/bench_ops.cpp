@@ -82,6 +82,17 @@ void compare_cpu_gemms(int repeats, nlohmann::json& rows) {
   cpu::set_gemm_library(chosen);
 }
 
+// The attention paths `remat-bench ops` times on cuda (--attention names them by label).
+struct AttentionVariant {
+  CudaAttention path;
+  const char* tiles;  // REMAT_CUDA_MMA_TILES for the mma kernels
+  const char* label;
+};
+constexpr AttentionVariant kAttentionVariants[] = {{CudaAttention::mma, "2", "mma"},
+                                                   {CudaAttention::mma, "1", "mma-1tile"},
+                                                   {CudaAttention::gemm, "2", "gemm"},
+                                                   {CudaAttention::cudnn, "2", "cudnn"}};
+
 // Attention at gpt2's shape (B 8, H 12, T 1024, D 64, causal) in bf16 on each tensor-core path,
 // forward and backward apart: the kernels' own speed, which a step's profile mixes with its
 // copies; the mma kernels with two row tiles a warp (the default at this head dim) and with one
@@ -100,17 +111,8 @@ void time_cuda_attention(Device device, int repeats, const std::vector<std::stri
   const CudaAttention before = cuda_attention();
   const char* tiles_env = std::getenv("REMAT_CUDA_MMA_TILES");
   const std::optional<std::string> tiles_before = tiles_env ? std::optional<std::string>(tiles_env) : std::nullopt;
-  struct Variant {
-    CudaAttention path;
-    const char* tiles;  // REMAT_CUDA_MMA_TILES for the mma kernels
-    const char* label;
-  };
-  const Variant variants[] = {{CudaAttention::mma, "2", "mma"},
-                              {CudaAttention::mma, "1", "mma-1tile"},
-                              {CudaAttention::gemm, "2", "gemm"},
-                              {CudaAttention::cudnn, "2", "cudnn"}};
-  for (const Variant& variant : variants) try {
-    if (std::find(chosen.begin(), chosen.end(), variant.label) == chosen.end()) continue;
+  for (const AttentionVariant& variant : kAttentionVariants) try {
+    if (!chosen.empty() && std::find(chosen.begin(), chosen.end(), variant.label) == chosen.end()) continue;
     set_cuda_attention(variant.path);
     setenv("REMAT_CUDA_MMA_TILES", variant.tiles, 1);
     const int64_t calls = cuda_attention_calls(variant.path);
@@ -139,7 +141,12 @@ void time_cuda_attention(Device device, int repeats, const std::vector<std::stri
 
 }  // namespace
 
-std::vector<std::string> attention_variants() { return {"mma", "mma-1tile", "gemm", "cudnn", "none"}; }
+std::vector<std::string> attention_variants() {
+  std::vector<std::string> names;
+  for (const AttentionVariant& variant : kAttentionVariants) names.push_back(variant.label);
+  names.push_back("none");
+  return names;
+}
 
 int run_ops(const OpsOptions& options) {
   Device device = parse_device(options.device);

@@ -10,8 +10,9 @@ struct OpsOptions {
   std::string device = "cpu";
   int repeats = 10;
   std::string json_path;  // empty: no JSON
-  // On cuda, the attention paths to time at gpt2's shape (attention_variants(); "none": none).
-  std::vector<std::string> attention = {"mma", "mma-1tile", "gemm", "cudnn"};
+  // On cuda, the attention paths to time at gpt2's shape (attention_variants(); empty: all of
+  // them, "none": none).
+  std::vector<std::string> attention;
 };
 
 // The names --attention takes.

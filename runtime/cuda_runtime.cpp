@@ -2,6 +2,7 @@
 // that part comes from), or with zero devices and a clear error on use where there is none.
 #include <atomic>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "runtime/cuda/module.h"
@@ -79,13 +80,21 @@ void count_cuda_bias_grad_epilogue_call() {
 }
 int64_t cuda_bias_grad_epilogue_calls() { return g_cuda_bias_grad_epilogue_calls.load(std::memory_order_relaxed); }
 
+namespace {
+// The attention paths by name, and what an error says a name may be.
+constexpr const char* kCudaAttentionNames = "auto, flash, gemm, mma or cudnn";
+std::optional<CudaAttention> cuda_attention_named(const std::string& name) {
+  for (CudaAttention path : {CudaAttention::automatic, CudaAttention::flash, CudaAttention::gemm, CudaAttention::mma,
+                             CudaAttention::cudnn})
+    if (name == cuda_attention_name(path)) return path;
+  return std::nullopt;
+}
+}  // namespace
+
 CudaAttention parse_cuda_attention(const std::string& name) {
-  if (name == "auto") return CudaAttention::automatic;
-  if (name == "flash") return CudaAttention::flash;
-  if (name == "gemm") return CudaAttention::gemm;
-  if (name == "mma") return CudaAttention::mma;
-  if (name == "cudnn") return CudaAttention::cudnn;
-  REMAT_FAIL("cuda attention: expected auto, flash, gemm, mma or cudnn, got '", name, "'");
+  std::optional<CudaAttention> path = cuda_attention_named(name);
+  REMAT_CHECK(path, "cuda attention: expected ", kCudaAttentionNames, ", got '", name, "'");
+  return *path;
 }
 
 const char* cuda_attention_name(CudaAttention path) {
@@ -120,9 +129,9 @@ CudaAttention cuda_attention() {
     CudaAttention chosen = CudaAttention::automatic;
     if (env != nullptr && *env != '\0') {
       const std::string value(env);
-      REMAT_CHECK(value == "auto" || value == "flash" || value == "gemm" || value == "mma" || value == "cudnn",
-                  "REMAT_CUDA_ATTENTION: expected auto, flash, gemm, mma or cudnn, got '", value, "'");
-      chosen = parse_cuda_attention(value);
+      std::optional<CudaAttention> named = cuda_attention_named(value);
+      REMAT_CHECK(named, "REMAT_CUDA_ATTENTION: expected ", kCudaAttentionNames, ", got '", value, "'");
+      chosen = *named;
     }
     int expected = -1;
     g_cuda_attention.compare_exchange_strong(expected, static_cast<int>(chosen));
