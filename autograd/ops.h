@@ -49,8 +49,17 @@ Tensor contiguous(const Tensor& x);
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
 // x[..., I] W[O, I]^T + bias[O]; bias may be undefined.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+// What a norm of f32 x returns under autocast. It runs in f32 either way; `f32` returns f32, as
+// PyTorch's autocast does. `compute` returns the compute dtype (bf16 on GPUs), for a norm whose
+// output feeds GEMMs (linear, matmul, attention) that would cast it anyway: the bits of that cast,
+// without its pass over memory in forward and its gradient's in backward. With several such
+// consumers their gradients then add up in the compute dtype (a cast each adds them in f32).
+// Outside autocast both return x's dtype.
+enum class AutocastOutput { f32, compute };
+
 // Normalises the last axis: x[..., C], weight[C], bias[C].
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5,
+                  AutocastOutput output = AutocastOutput::f32);
 Tensor softmax(const Tensor& x);  // over the last axis
 // q, k, v [B, H, T, D] -> [B, H, T, D]; scale defaults to 1/sqrt(D).
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale = 0.0);

@@ -69,9 +69,10 @@ class Backend {
   // GEMM (set_cuda_bias_grad_epilogue).
   virtual std::pair<Tensor, Tensor> linear_weight_bias_grads(const Tensor& dy, const Tensor& x);
 
-  // Rows of C channels: y, mean[R], rstd[R].
-  virtual std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) = 0;
-  // dx, dw, db.
+  // Rows of C channels: y, mean[R], rstd[R]; y in `out` (x's dtype, or autocast's compute dtype),
+  // the bits of a cast of the result in x's dtype.
+  virtual std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) = 0;
+  // dx, dw, db; dy in any floating dtype, the bits of casting it to x's dtype first.
   virtual std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
                                                   const Tensor& mean, const Tensor& rstd) = 0;
   virtual Tensor softmax(const Tensor& x) = 0;  // over the last axis
@@ -188,7 +189,7 @@ class Backend {
   Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) SPEC; \
   void matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool accumulate) SPEC; \
   Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) SPEC; \
-  std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) SPEC; \
+  std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) SPEC; \
   std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd) SPEC; \
   Tensor softmax(const Tensor& x) SPEC; \
   Tensor softmax_backward(const Tensor& dy, const Tensor& y) SPEC; \

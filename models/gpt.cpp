@@ -20,12 +20,18 @@ GptConfig gpt_config(const std::string& name) {
   return c;
 }
 
+namespace {
+// Every layer norm of the model feeds GEMMs alone (the qkv projection, the MLP's first linear, the
+// head): under autocast they return bf16, the bits those GEMMs' casts gave.
+constexpr AutocastOutput kGemmInput = AutocastOutput::compute;
+}  // namespace
+
 GptBlock::GptBlock(const GptConfig& c) : UnaryModule("GptBlock") {
   // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers).
   double proj_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.layers));
-  ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.channels));
+  ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.channels, 1e-5, kGemmInput));
   attn = register_module("attn", std::make_shared<nn::CausalSelfAttention>(c.channels, c.heads, c.dropout, proj_std));
-  ln2 = register_module("ln2", std::make_shared<nn::LayerNorm>(c.channels));
+  ln2 = register_module("ln2", std::make_shared<nn::LayerNorm>(c.channels, 1e-5, kGemmInput));
   mlp = register_module("mlp", std::make_shared<nn::Mlp>(c.channels, 4 * c.channels, c.dropout, proj_std));
   // Checkpoint levels: 1 single layers, 2 attention and MLP, 3 the transformer layer.
   for (auto& [path, m] : named_modules()) {
@@ -75,7 +81,7 @@ Gpt::Gpt(const GptConfig& c) : Module("Gpt"), config(c) {
   drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout));
   blocks = register_module("blocks", std::make_shared<nn::ModuleList>());
   for (int64_t i = 0; i < c.layers; ++i) blocks->push_back(std::make_shared<GptBlock>(c));
-  ln_f = register_module("ln_f", std::make_shared<nn::LayerNorm>(c.channels));
+  ln_f = register_module("ln_f", std::make_shared<nn::LayerNorm>(c.channels, 1e-5, kGemmInput));
   set_checkpoint_level_of_module(5);  // the whole network
 }
 

@@ -299,6 +299,37 @@ TEST_CASE("layer_norm normalises each row to zero mean and unit variance", "[op]
                     Contains("layer_norm: expected weight and bias of shape [16]"));
 }
 
+TEST_CASE("layer_norm for a GEMM under autocast returns the compute dtype: the cast's bits, forward and backward",
+          "[op][layer_norm][autocast]") {
+  manual_seed(61);
+  // bf16 is the GPU's compute dtype; on the CPU, f64 takes the same path (the CUDA suite runs bf16).
+  const Tensor x0 = Tensor::randn({6, 40}), w0 = Tensor::randn({40}), b0 = Tensor::randn({40});
+  for (DType compute : {DType::f64, DType::bf16}) {
+    INFO(dtype_name(compute));
+    const Tensor dy = Tensor::randn({6, 40}).to(compute);
+    auto run = [&](AutocastOutput output) {
+      Tensor x = x0.clone().set_requires_grad(true), w = w0.clone().set_requires_grad(true);
+      Tensor b = b0.clone().set_requires_grad(true), y;
+      {
+        AutocastScope autocast(compute);
+        y = layer_norm(x, w, b, 1e-5, output);
+        // The f32 output, cast as a GEMM's autocast would cast it.
+        if (output == AutocastOutput::f32) y = cast(y, compute);
+      }
+      CHECK(y.dtype() == compute);
+      backward(y, dy);
+      return std::vector<std::vector<double>>{values(y.to(DType::f64)), values(x.grad().to(DType::f64)),
+                                              values(w.grad().to(DType::f64)), values(b.grad().to(DType::f64))};
+    };
+    CHECK(run(AutocastOutput::compute) == run(AutocastOutput::f32));
+  }
+  // Outside autocast, and for f64 x under it, x's dtype.
+  CHECK(layer_norm(x0, w0, b0, 1e-5, AutocastOutput::compute).dtype() == DType::f32);
+  AutocastScope autocast(DType::bf16);
+  const Tensor x64 = x0.to(DType::f64), w64 = w0.to(DType::f64), b64 = b0.to(DType::f64);
+  CHECK(layer_norm(x64, w64, b64, 1e-5, AutocastOutput::compute).dtype() == DType::f64);
+}
+
 TEST_CASE("softmax rows sum to one and match exp(x)/sum(exp(x))", "[op][softmax]") {
   Tensor x = f64({1, 2, 3, -1, 0, 1000}, {2, 3});
   auto y = values(softmax(x));

@@ -10,11 +10,11 @@ namespace {
 
 class LayerNormNode final : public Node {
  public:
-  explicit LayerNormNode(double eps) : eps_(eps) {}
+  LayerNormNode(double eps, DType out) : eps_(eps), out_(out) {}
   OpKind kind() const override { return OpKind::layer_norm; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     return backend_for(kind(), in[0].device())
-        .layer_norm(detail::dense(in[0]), detail::dense(in[1]), detail::dense(in[2]), eps_);
+        .layer_norm(detail::dense(in[0]), detail::dense(in[1]), detail::dense(in[2]), eps_, out_);
   }
   bool output_differentiable(size_t i) const override { return i == 0; }  // mean and rstd are statistics
   std::vector<int> saved_indices(size_t) const override { return {0, 1, 4, 5}; }  // x, weight, mean, rstd
@@ -30,6 +30,7 @@ class LayerNormNode final : public Node {
 
  private:
   double eps_;
+  DType out_;  // y's dtype: x's, or the compute dtype (AutocastOutput::compute)
 };
 
 class SoftmaxNode final : public Node {
@@ -143,7 +144,7 @@ class CrossEntropyNode final : public Node {
 
 }  // namespace
 
-Tensor layer_norm(const Tensor& x_in, const Tensor& weight, const Tensor& bias, double eps) {
+Tensor layer_norm(const Tensor& x_in, const Tensor& weight, const Tensor& bias, double eps, AutocastOutput output) {
   Tensor x = detail::autocast_full(x_in);
   detail::check_float(x, "layer_norm", "x");
   detail::check_float(weight, "layer_norm", "weight");
@@ -154,7 +155,9 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& weight, const Tensor& bias, 
               "layer_norm: expected weight and bias of shape [", x.dim() ? x.size(-1) : 0, "] for x ",
               shape_str(x.shape()), ", got ", shape_str(weight.shape()), " and ", shape_str(bias.shape()));
   REMAT_CHECK(eps > 0, "layer_norm: expected eps > 0, got ", eps);
-  return detail::apply<LayerNormNode>({x, weight, bias}, eps)[0];
+  // f32 x under autocast is all that narrows: f64 stays f64, as autocast leaves f64 GEMMs alone.
+  const bool narrow = output == AutocastOutput::compute && autocast_active() && x.dtype() == DType::f32;
+  return detail::apply<LayerNormNode>({x, weight, bias}, eps, narrow ? autocast_dtype() : x.dtype())[0];
 }
 
 Tensor softmax(const Tensor& x_in) {

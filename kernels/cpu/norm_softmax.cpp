@@ -7,7 +7,9 @@
 
 namespace remat {
 
-std::vector<Tensor> CpuBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
+// y in another dtype than x (AutocastOutput::compute) is the result cast, dy in another dtype is
+// cast to x's first: the bits of the cast nodes it replaces (bf16 is a storage format only here).
+std::vector<Tensor> CpuBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) {
   int64_t c = x.size(-1), rows = x.numel() / (c == 0 ? 1 : c);
   Tensor y = Tensor::empty(x.shape(), x.dtype());
   Shape stat_shape(x.shape().begin(), x.shape().end() - 1);
@@ -29,11 +31,13 @@ std::vector<Tensor> CpuBackend::layer_norm(const Tensor& x, const Tensor& w, con
       pr[r] = rs;
     }
   });
+  if (out != y.dtype()) y = y.to(out);
   return {y, mean, rstd};
 }
 
-std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy_in, const Tensor& x, const Tensor& w,
                                                     const Tensor& mean, const Tensor& rstd) {
+  const Tensor dy = dy_in.dtype() == x.dtype() ? dy_in : dy_in.to(x.dtype());
   int64_t c = x.size(-1), rows = x.numel() / (c == 0 ? 1 : c);
   Tensor dx = Tensor::empty(x.shape(), x.dtype());
   Tensor dw = Tensor::empty(w.shape(), x.dtype()), db = Tensor::empty(w.shape(), x.dtype());

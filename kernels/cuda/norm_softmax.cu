@@ -50,24 +50,41 @@ void check_targets_on_host(const Tensor& targets, int64_t v, int64_t ignore_inde
   }
 }
 
+// layer_norm's y or its backward's dy in another dtype than x: bf16 for f32 x (autocast's GEMM
+// inputs; AutocastOutput in autograd/ops.h) has kernels of its own; other pairs take a cast.
+bool has_narrow_kernels(DType x_dtype, DType other) { return x_dtype == DType::f32 && other == DType::bf16; }
+
+// Runs f.template operator()<T, O>() for x's dtype T and O, the dtype of y (layer_norm) or dy (its
+// backward): T itself, or bf16 for f32 x.
+template <typename F>
+void dispatch_with_narrow(DType x_dtype, DType other, const char* op, F&& f) {
+  if (has_narrow_kernels(x_dtype, other)) f.template operator()<float, bf16>();
+  else dispatch(x_dtype, op, [&]<typename T>() { f.template operator()<T, T>(); });
+}
+
 }  // namespace
 
-std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
+std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) {
+  if (out != x.dtype() && !has_narrow_kernels(x.dtype(), out)) {
+    std::vector<Tensor> result = layer_norm(x, w, b, eps, x.dtype());
+    result[0] = cast(result[0], out);
+    return result;
+  }
   set_device_of(x);
   int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = Tensor::empty(x.shape(), out, x.device());
   Shape stat_shape(x.shape().begin(), x.shape().end() - 1);
   Tensor mean = Tensor::empty(stat_shape, x.dtype(), x.device()), rstd = Tensor::empty(stat_shape, x.dtype(), x.device());
-  if (rows == 0) return {y, mean, rstd};
-  dispatch(x.dtype(), "layer_norm", [&]<typename T>() {
+  dispatch_with_narrow(x.dtype(), out, "layer_norm", [&]<typename T, typename O>() {
+    if (rows == 0) return;
     const bool by_warps = dispatch_per_lane(c, [&]<int kPerLane>() {
-      REMAT_LAUNCH(warp_row_blocks(rows, "layer_norm"), 32 * kNormWarps, 0, layer_norm_warp_kernel<T, kPerLane>)(
-          x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), rows,
+      REMAT_LAUNCH(warp_row_blocks(rows, "layer_norm"), 32 * kNormWarps, 0, layer_norm_warp_kernel<T, kPerLane, O>)(
+          x.data<T>(), w.data<T>(), b.data<T>(), y.data<O>(), mean.data<T>(), rstd.data<T>(), rows,
           static_cast<int>(c), static_cast<Acc<T>>(eps));
     });
     if (!by_warps)
-      REMAT_LAUNCH(grid_of(rows, "layer_norm"), kRowThreads, 0, layer_norm_kernel<T>)(
-          x.data<T>(), w.data<T>(), b.data<T>(), y.data<T>(), mean.data<T>(), rstd.data<T>(), c,
+      REMAT_LAUNCH(grid_of(rows, "layer_norm"), kRowThreads, 0, layer_norm_kernel<T, O>)(
+          x.data<T>(), w.data<T>(), b.data<T>(), y.data<O>(), mean.data<T>(), rstd.data<T>(), c,
           static_cast<Acc<T>>(eps));
   });
   REMAT_CUDA_LAUNCH_CHECK();
@@ -76,6 +93,8 @@ std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, co
 
 std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
                                                      const Tensor& mean, const Tensor& rstd) {
+  if (dy.dtype() != x.dtype() && !has_narrow_kernels(x.dtype(), dy.dtype()))
+    return layer_norm_backward(cast(dy, x.dtype()), x, w, mean, rstd);
   set_device_of(x);
   int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
   Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
@@ -89,21 +108,21 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
   const int64_t chunks = (rows + row_chunk - 1) / row_chunk;
   Tensor pw = empty_workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
   Tensor pb = empty_workspace({chunks, c}, accumulation_dtype(x.dtype()), x.device());
-  dispatch(x.dtype(), "layer_norm_backward", [&]<typename T>() {
+  dispatch_with_narrow(x.dtype(), dy.dtype(), "layer_norm_backward", [&]<typename T, typename G>() {
     using A = Acc<T>;
     if (by_warps) {
       REMAT_CHECK(chunks <= INT32_MAX, "layer_norm_backward: ", rows, " rows exceed the cuda grid");
       dispatch_per_lane(c, [&]<int kPerLane>() {
-        REMAT_LAUNCH(static_cast<unsigned>(chunks), 32 * kNormWarps, 0, layer_norm_backward_warp_kernel<T, kPerLane>)(
-            dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), rows,
+        REMAT_LAUNCH(static_cast<unsigned>(chunks), 32 * kNormWarps, 0, layer_norm_backward_warp_kernel<T, kPerLane, G>)(
+            dy.data<G>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), rows,
             static_cast<int>(c), pw.data<A>(), pb.data<A>());
       });
     } else {
-      REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T>)(
-          dy.data<T>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
+      REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T, G>)(
+          dy.data<G>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
       dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
-      REMAT_LAUNCH(grid, kThreads, 0, layer_norm_param_partial_kernel<T>)(
-          dy.data<T>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), rows, c, row_chunk, pw.data<A>(), pb.data<A>());
+      REMAT_LAUNCH(grid, kThreads, 0, layer_norm_param_partial_kernel<T, G>)(
+          dy.data<G>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), rows, c, row_chunk, pw.data<A>(), pb.data<A>());
     }
     REMAT_LAUNCH(static_cast<unsigned>((c + 31) / 32), dim3(32, kSumSlices), 0, sum_chunks_kernel<T>)(
         pw.data<A>(), pb.data<A>(), chunks, c, dw.data<T>(), db.data<T>());

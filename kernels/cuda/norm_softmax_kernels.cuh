@@ -41,9 +41,9 @@ __device__ void block_mean_rstd(const T* x, int64_t n, Acc<T> eps, Acc<T>* scrat
 }
 
 // dx of a normalisation over the n values at x: rstd * (d - mean(d) - xhat * mean(d * xhat)) with
-// d = dy * w[channel(i)], by the whole block.
-template <typename T, typename Channel>
-__device__ void block_norm_dx(const T* dy, const T* x, const T* w, Acc<T> mu, Acc<T> rs, T* dx, int64_t n,
+// d = dy * w[channel(i)], by the whole block. dy in T or, for f32 T, bf16 (G).
+template <typename T, typename G, typename Channel>
+__device__ void block_norm_dx(const G* dy, const T* x, const T* w, Acc<T> mu, Acc<T> rs, T* dx, int64_t n,
                               Channel channel, Acc<T>* scratch) {
   using A = Acc<T>;
   A s1 = 0, s2 = 0;
@@ -61,24 +61,26 @@ __device__ void block_norm_dx(const T* dy, const T* x, const T* w, Acc<T> mu, Ac
 }
 
 // ---- layer_norm -------------------------------------------------------------------------------
+// y may be in bf16 for f32 x (O), rounded once from the f32 result; dy may be in bf16 (G), widened
+// as it is read: the bits of a cast after the forward and of one before the backward.
 
-template <typename T>
-__global__ void layer_norm_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t c, Acc<T> eps) {
+template <typename T, typename O = T>
+__global__ void layer_norm_kernel(const T* x, const T* w, const T* b, O* y, T* mean, T* rstd, int64_t c, Acc<T> eps) {
   using A = Acc<T>;
   REMAT_REDUCE_SCRATCH(A, scratch);
   const T* row = x + blockIdx.x * c;
   A mu, rs;
   block_mean_rstd(row, c, eps, scratch, mu, rs);
   for (int64_t i = threadIdx.x; i < c; i += blockDim.x)
-    y[blockIdx.x * c + i] = cast_to<T>((load(row, i) - mu) * rs * load(w, i) + load(b, i));
+    y[blockIdx.x * c + i] = cast_to<O>((load(row, i) - mu) * rs * load(w, i) + load(b, i));
   if (threadIdx.x == 0) {
     mean[blockIdx.x] = cast_to<T>(mu);
     rstd[blockIdx.x] = cast_to<T>(rs);
   }
 }
 
-template <typename T>
-__global__ void layer_norm_dx_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c) {
+template <typename T, typename G = T>
+__global__ void layer_norm_dx_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c) {
   REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
   int64_t base = blockIdx.x * c;
   block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, c,
@@ -86,8 +88,8 @@ __global__ void layer_norm_dx_kernel(const T* dy, const T* x, const T* w, const 
 }
 
 // partial_w/b[chunk, channel]: sums over the chunk's rows, in row order.
-template <typename T>
-__global__ void layer_norm_param_partial_kernel(const T* dy, const T* x, const T* mean, const T* rstd, int64_t rows,
+template <typename T, typename G = T>
+__global__ void layer_norm_param_partial_kernel(const G* dy, const T* x, const T* mean, const T* rstd, int64_t rows,
                                                 int64_t c, int64_t row_chunk, Acc<T>* partial_w, Acc<T>* partial_b) {
   using A = Acc<T>;
   int64_t ch = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -149,8 +151,8 @@ __device__ __forceinline__ A warp_all_sum(A v) {
   return v;
 }
 
-template <typename T, int kPerLane>
-__global__ void layer_norm_warp_kernel(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t rows,
+template <typename T, int kPerLane, typename O = T>
+__global__ void layer_norm_warp_kernel(const T* x, const T* w, const T* b, O* y, T* mean, T* rstd, int64_t rows,
                                        int c, Acc<T> eps) {
   using A = Acc<T>;
   const int lane = threadIdx.x & 31;
@@ -170,11 +172,11 @@ __global__ void layer_norm_warp_kernel(const T* x, const T* w, const T* b, T* y,
   for (int k = 0; k < kPerLane; ++k)
     if (lane + 32 * k < c) q += (v[k] - mu) * (v[k] - mu);
   const A rs = A(1) / sqrt(warp_all_sum(q) / static_cast<A>(c) + eps);
-  T* out = y + row * c;
+  O* out = y + row * c;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int i = lane + 32 * k;
-    if (i < c) out[i] = cast_to<T>((v[k] - mu) * rs * load(w, i) + load(b, i));
+    if (i < c) out[i] = cast_to<O>((v[k] - mu) * rs * load(w, i) + load(b, i));
   }
   if (lane == 0) {
     mean[row] = cast_to<T>(mu);
@@ -183,8 +185,8 @@ __global__ void layer_norm_warp_kernel(const T* x, const T* w, const T* b, T* y,
 }
 
 // dx of each row, and partial_w/b[block, channel]: the sums of dy xhat and dy over the block's rows.
-template <typename T, int kPerLane>
-__global__ void layer_norm_backward_warp_kernel(const T* dy, const T* x, const T* w, const T* mean, const T* rstd,
+template <typename T, int kPerLane, typename G = T>
+__global__ void layer_norm_backward_warp_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd,
                                                 T* dx, int64_t rows, int c, Acc<T>* partial_w, Acc<T>* partial_b) {
   using A = Acc<T>;
   __shared__ A block_w[32 * kPerLane], block_b[32 * kPerLane];

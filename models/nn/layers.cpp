@@ -49,14 +49,15 @@ Linear::Linear(int64_t in, int64_t out, bool has_bias, double init_std) : UnaryM
 
 Tensor Linear::forward(const Tensor& x) { return linear(x, weight, bias); }
 
-LayerNorm::LayerNorm(int64_t channels, double eps_) : UnaryModule("LayerNorm"), eps(eps_) {
+LayerNorm::LayerNorm(int64_t channels, double eps_, AutocastOutput output_)
+    : UnaryModule("LayerNorm"), eps(eps_), output(output_) {
   weight = init_constant({channels}, 1.0);
   register_parameter("weight", &weight);
   bias = init_constant({channels}, 0.0);
   register_parameter("bias", &bias);
 }
 
-Tensor LayerNorm::forward(const Tensor& x) { return layer_norm(x, weight, bias, eps); }
+Tensor LayerNorm::forward(const Tensor& x) { return layer_norm(x, weight, bias, eps, output); }
 
 Embedding::Embedding(int64_t vocab, int64_t channels, double init_std) : UnaryModule("Embedding") {
   weight = init_normal({vocab, channels}, init_std);

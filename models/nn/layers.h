@@ -46,12 +46,15 @@ class Linear final : public UnaryModule {
   Tensor weight, bias;
 };
 
+// `output`: what it returns under autocast (AutocastOutput in autograd/ops.h): `compute` where
+// its output only feeds a GEMM.
 class LayerNorm final : public UnaryModule {
  public:
-  explicit LayerNorm(int64_t channels, double eps = 1e-5);
+  explicit LayerNorm(int64_t channels, double eps = 1e-5, AutocastOutput output = AutocastOutput::f32);
   Tensor forward(const Tensor& x) override;
   Tensor weight, bias;
   double eps;
+  AutocastOutput output;
 };
 
 // idx [...] -> [..., C].

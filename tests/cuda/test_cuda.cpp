@@ -565,6 +565,46 @@ TEST_CASE("an f32 plus a bf16 tensor under autocast: no cast, the cast's bits, f
   }
 }
 
+TEST_CASE("layer_norm for a GEMM under autocast writes bf16 and reads a bf16 gradient: the casts' bits, no f32 copy",
+          "[cuda][op][bf16]") {
+  manual_seed(62);
+  // Rows a warp each (40: a partial lane slot; 768: gpt2's) and a block each (1100 channels).
+  for (int64_t c : {40, 768, 1100}) {
+    INFO(c << " channels");
+    const int64_t rows = 37;
+    const Tensor x0 = Tensor::randn({rows, c}).to(kGpu), w0 = Tensor::randn({c}).to(kGpu), b0 = Tensor::randn({c}).to(kGpu);
+    const Tensor dy = cast(Tensor::randn({rows, c}).to(kGpu), DType::bf16);
+    auto run = [&](AutocastOutput output) {
+      Tensor x = x0.clone().set_requires_grad(true), w = w0.clone().set_requires_grad(true);
+      Tensor b = b0.clone().set_requires_grad(true), y;
+      auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation]; };
+      reset_peak_memory(kGpu);
+      const int64_t start = activations().current;
+      {
+        AutocastScope autocast(DType::bf16);
+        y = layer_norm(x, w, b, 1e-5, output);
+        // The f32 output, cast as a GEMM's autocast would cast it.
+        if (output == AutocastOutput::f32) y = cast(y, DType::bf16);
+      }
+      REQUIRE(y.dtype() == DType::bf16);
+      // y in bf16 and the f32 mean and rstd: no f32 y on the way.
+      if (output == AutocastOutput::compute)
+        CHECK(activations().peak - start == static_cast<int64_t>(y.nbytes() + 2 * rows * sizeof(float)));
+      backward(y, dy);
+      return std::vector<std::vector<float>>{y.to(DType::f32).to_vector<float>(), x.grad().to_vector<float>(),
+                                             w.grad().to_vector<float>(), b.grad().to_vector<float>()};
+    };
+    auto fused = run(AutocastOutput::compute), cast_path = run(AutocastOutput::f32);
+    const char* names[] = {"y", "dx", "dw", "db"};
+    for (size_t i = 0; i < 4; ++i) {
+      INFO(names[i]);
+      size_t differ = 0;
+      for (size_t j = 0; j < fused[i].size(); ++j) differ += fused[i][j] != cast_path[i][j];
+      CHECK(differ == 0);
+    }
+  }
+}
+
 namespace {
 
 // Shapes that cross the tensor-core paths' tiles (64 queries, 64 and 32 keys), causal and not, at
