@@ -66,6 +66,11 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
 // Zeroes each element with probability p and scales the rest by 1/(1-p); identity when !training.
 // The mask comes from the global Philox stream and is stored as (seed, offset) on the node.
 Tensor dropout(const Tensor& x, double p, bool training = true);
+// residual + dropout(x, p, training): a residual connection after a dropout (GPT-2's blocks), with
+// the same mask and bits as the two ops, in one kernel each way (two forward and, under autocast
+// with bf16 x and f32 residual, three backward: the add's gradient cast, then dropout's). x and
+// residual of one shape; others (broadcasting) run as the two ops.
+Tensor dropout_add(const Tensor& x, const Tensor& residual, double p, bool training = true);
 // idx[...] (i32/i64) into weight[V, C] -> [..., C].
 Tensor embedding(const Tensor& idx, const Tensor& weight);
 // logits[N, V], targets[N] (i32/i64) -> mean negative log-likelihood over rows != ignore_index.

@@ -87,7 +87,13 @@ class Backend {
                                                  bool causal, double scale) = 0;
 
   // y = x * keep / (1 - p), keep drawn from Philox (seed, offset); also the backward (same mask).
-  virtual Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) = 0;
+  // y in `out`: x's dtype, or a narrower one with the bits of casting x to it first (dropout_add's
+  // backward: the f32 gradient of the sum, for a bf16 x).
+  virtual Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, DType out) = 0;
+  // residual + dropout(x) with dropout's mask: x and residual of one shape, contiguous, of one
+  // dtype or (where binary_mixes_dtypes) bf16 x and f32 residual; y in residual's dtype, with the
+  // bits of dropout and then add.
+  virtual Tensor dropout_add(const Tensor& x, const Tensor& residual, double p, uint64_t seed, uint64_t offset) = 0;
 
   // out[..., C] = weight[idx[...], :]; backward accumulates rows in a fixed order.
   virtual Tensor embedding(const Tensor& idx, const Tensor& weight) = 0;
@@ -195,7 +201,8 @@ class Backend {
   Tensor softmax_backward(const Tensor& dy, const Tensor& y) SPEC; \
   std::vector<Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) SPEC; \
   std::vector<Tensor> attention_backward(const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, bool causal, double scale) SPEC; \
-  Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) SPEC; \
+  Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, DType out) SPEC; \
+  Tensor dropout_add(const Tensor& x, const Tensor& residual, double p, uint64_t seed, uint64_t offset) SPEC; \
   Tensor embedding(const Tensor& idx, const Tensor& weight) SPEC; \
   Tensor embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) SPEC; \
   std::vector<Tensor> cross_entropy_rows(const Tensor& logits, const Tensor& targets, const CrossEntropyRows& rows) SPEC; \

@@ -43,6 +43,7 @@ namespace remat {
   X(softmax, 1, 1)              \
   X(attention, 3, 2)            \
   X(dropout, 1, 1)              \
+  X(dropout_add, 2, 1)          \
   X(embedding, 2, 1)            \
   X(cross_entropy, 2, 2)        \
   X(linear_cross_entropy, 3, 2) \

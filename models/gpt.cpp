@@ -29,10 +29,14 @@ constexpr AutocastOutput kGemmInput = AutocastOutput::compute;
 GptBlock::GptBlock(const GptConfig& c) : UnaryModule("GptBlock") {
   // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers).
   double proj_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.layers));
+  // The attention's and the MLP's output dropouts go with the residual additions (dropout_add: one
+  // kernel each way where the two ops take two, or three in backward under autocast), so their own
+  // are off; the masks are drawn at the same points of the random stream as theirs were.
   ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.channels, 1e-5, kGemmInput));
-  attn = register_module("attn", std::make_shared<nn::CausalSelfAttention>(c.channels, c.heads, c.dropout, proj_std));
+  attn = register_module("attn", std::make_shared<nn::CausalSelfAttention>(c.channels, c.heads, 0.0, proj_std));
   ln2 = register_module("ln2", std::make_shared<nn::LayerNorm>(c.channels, 1e-5, kGemmInput));
-  mlp = register_module("mlp", std::make_shared<nn::Mlp>(c.channels, 4 * c.channels, c.dropout, proj_std));
+  mlp = register_module("mlp", std::make_shared<nn::Mlp>(c.channels, 4 * c.channels, 0.0, proj_std));
+  residual_dropout = c.dropout;
   // Checkpoint levels: 1 single layers, 2 attention and MLP, 3 the transformer layer.
   for (auto& [path, m] : named_modules()) {
     if (m->type_name() == "Linear") m->set_checkpoint_level_of_module(1);
@@ -43,8 +47,8 @@ GptBlock::GptBlock(const GptConfig& c) : UnaryModule("GptBlock") {
 }
 
 Tensor GptBlock::forward(const Tensor& x) {
-  Tensor h = add(x, (*attn)((*ln1)(x)));
-  return add(h, (*mlp)((*ln2)(h)));
+  Tensor h = dropout_add((*attn)((*ln1)(x)), x, residual_dropout, is_training());
+  return dropout_add((*mlp)((*ln2)(h)), h, residual_dropout, is_training());
 }
 
 void check_config(const GptConfig& c) {

@@ -42,6 +42,7 @@ class GptBlock final : public nn::UnaryModule {
   std::shared_ptr<nn::LayerNorm> ln1, ln2;
   std::shared_ptr<nn::CausalSelfAttention> attn;
   std::shared_ptr<nn::Mlp> mlp;
+  double residual_dropout;  // on attn's and mlp's outputs, applied with the residual additions
 };
 
 class Gpt final : public Module {

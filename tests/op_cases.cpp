@@ -111,6 +111,8 @@ std::vector<OpCase> cases_for(OpKind op) {
                {randn64({2, 1, 4, 3}), randn64({2, 1, 4, 3}), randn64({2, 1, 4, 3})}}};
     case OpKind::dropout:
       return unary("p = 0.3", [](auto& in) { return dropout(in[0], 0.3); }, randn64({4, 8}));
+    case OpKind::dropout_add:
+      return {{"p = 0.3", [](auto& in) { return dropout_add(in[0], in[1], 0.3); }, {randn64({4, 8}), randn64({4, 8})}}};
     case OpKind::embedding:
       return {{"weight gradient with repeated ids",
                [](auto& in) { return embedding(in[0], in[1]); },

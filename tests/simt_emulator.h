@@ -462,6 +462,9 @@ V __shfl_down_sync(unsigned /*mask*/, V v, unsigned delta) {  // lanes past the 
   });
 }
 inline float __expf(float x) { return std::exp(x); }
+// Additions never merged into an FMA: the host compiler contracts nothing in the emulated build.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
 inline unsigned atomicCAS(unsigned* address, unsigned compare, unsigned value) {
   std::atomic_ref<unsigned> at(*address);
   at.compare_exchange_strong(compare, value);

@@ -7,6 +7,7 @@
 #include <functional>
 #include <limits>
 
+#include "autograd/graph.h"
 #include "runtime/philox.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm.h"
@@ -405,6 +406,34 @@ TEST_CASE("dropout draws its mask from philox (seed, offset) and scales the kept
   CHECK(kept < 800);
   CHECK(values(dropout(x, 0.25, /*training=*/false)) == values(x));
   CHECK_THROWS_WITH(dropout(x, 1.0), Contains("dropout: expected 0 <= p < 1, got 1"));
+}
+
+TEST_CASE("dropout_add is add(residual, dropout(x)) in one node: the same mask, bits and random stream", "[op][dropout]") {
+  manual_seed(63);
+  const Tensor x0 = Tensor::randn({5, 300}), r0 = Tensor::randn({5, 300}), dy = Tensor::randn({5, 300});
+  // Values, both gradients and the stream's offset after, and the ops the tape recorded.
+  auto run = [&](bool fused, const Tensor& r_src, bool training = true) {
+    Tensor x = x0.clone().set_requires_grad(true), r = r_src.clone().set_requires_grad(true);
+    set_rng_state({41, 7});
+    Tensor y = fused ? dropout_add(x, r, 0.3, training) : add(r, training ? dropout(x, 0.3) : x);
+    const double offset = static_cast<double>(rng_state().offset);
+    std::vector<std::string> ops;
+    for (const auto& node : std::static_pointer_cast<Graph>(y.autograd_meta_ptr()->graph)->nodes)
+      ops.push_back(node->name());
+    backward(y, dy);
+    return std::pair{std::vector<std::vector<double>>{values(y), values(x.grad()), values(r.grad()), {offset}}, ops};
+  };
+  auto [fused, fused_ops] = run(true, r0);
+  CHECK(fused == run(false, r0).first);
+  CHECK(fused_ops == std::vector<std::string>{"dropout_add"});
+  CHECK(std::count(fused[0].begin(), fused[0].end(), 0.0) == 0);  // y is not x's dropout alone
+  // A residual that broadcasts runs as the two ops; eval mode is the addition.
+  const Tensor row = Tensor::randn({300});
+  auto [broadcast, broadcast_ops] = run(true, row);
+  CHECK(broadcast == run(false, row).first);
+  CHECK(broadcast_ops == std::vector<std::string>{"dropout", "add"});
+  CHECK(run(true, r0, false) == run(false, r0, false));
+  CHECK_THROWS_WITH(dropout_add(x0, r0, 1.0), Contains("dropout_add: expected 0 <= p < 1, got 1"));
 }
 
 TEST_CASE("embedding gathers rows and rejects out-of-range ids", "[op][embedding]") {

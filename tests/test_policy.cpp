@@ -284,9 +284,10 @@ TEST_CASE("what_is_saved lists saved and recomputed tensors per region with tota
   SaveReport ops = what_is_saved(f.model, "ops", [&] { return f.model.loss(f.idx, f.targets); });
   SaveReport none = what_is_saved(f.model, "none", [&] { return f.model.loss(f.idx, f.targets); });
   CHECK(full.regions == 4);
-  // Under full, the only tensors kept are block outputs that the next block (or ln_f) reads.
+  // Under full, the only tensors kept are block outputs that the next block (or ln_f) reads: the
+  // sums of the MLP's dropped output and the residual (dropout_add).
   CHECK(full.saved_bytes == 4 * (2 * 16 * 32 * 4));
-  CHECK(full.saved_by_op.at("add") == full.saved_bytes);
+  CHECK(full.saved_by_op.at("dropout_add") == full.saved_bytes);
   CHECK(full.recomputed_bytes > 0);
   CHECK(none.entries.empty());
   CHECK(ops.regions == 1);

@@ -193,7 +193,7 @@ TEST_CASE("elementwise kernels, emulated: dropout draws the cpu's mask and casts
         ew::dropout_kernel<double>(x.data<double>(), y.data<double>(), x.numel(), static_cast<float>(p),
                                    1.0 / (1.0 - p), seed, offset);
       });
-    Tensor want = cpu().dropout(x, p, seed, offset);
+    Tensor want = cpu().dropout(x, p, seed, offset, x.dtype());
     INFO("dropout in " << dtype_name(dtype));
     CHECK(same_bits(y, want));
     // Not a vacuous match: some dropped and some kept.
@@ -258,7 +258,7 @@ TEST_CASE("elementwise kernels, emulated: packs of 16 bytes and one element at a
       else run.operator()<cuda::bf16>();
       if (dtype == DType::f32) {  // the cpu backend computes in f32, not bf16
         CHECK(same_bits(product, cpu().binary(BinaryFn::mul, a, b)));
-        CHECK(same_bits(dropped, cpu().dropout(a, 0.3, 99, 5)));
+        CHECK(same_bits(dropped, cpu().dropout(a, 0.3, 99, 5, a.dtype())));
       }
       CHECK(same_bits(as_f32, cpu().cast(a, DType::f32)));
       results[offset] = {product, dropped, as_f32, gelu, gelu_grad};

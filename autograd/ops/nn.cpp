@@ -1,4 +1,5 @@
-// Fused neural-network ops: layer_norm, softmax, attention, dropout, embedding, cross_entropy.
+// Fused neural-network ops: layer_norm, softmax, attention, dropout, dropout_add, embedding,
+// cross_entropy.
 #include <cmath>
 
 #include "autograd/ops/op_helpers.h"
@@ -83,17 +84,44 @@ class DropoutNode final : public Node {
   DropoutNode(double p, RngState rng) : p_(p), rng_(rng) {}
   OpKind kind() const override { return OpKind::dropout; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    return {backend_for(kind(), in[0].device()).dropout(detail::dense(in[0]), p_, rng_.seed, rng_.offset)};
+    const Tensor x = detail::dense(in[0]);
+    return {backend_for(kind(), x.device()).dropout(x, p_, rng_.seed, rng_.offset, x.dtype())};
   }
   std::vector<int> saved_indices(size_t) const override { return {}; }  // the mask is regenerated from (seed, offset)
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
     Tensor g = detail::dense(ctx.grad_output(0));
-    return {backend_for(kind(), g.device()).dropout(g, p_, rng_.seed, rng_.offset)};
+    return {backend_for(kind(), g.device()).dropout(g, p_, rng_.seed, rng_.offset, g.dtype())};
   }
 
  private:
   double p_;
   RngState rng_;
+};
+
+// residual + dropout(x) as one op (dropout_add in autograd/ops.h says when): the gradient passes
+// to the residual as it is and to x through the mask, in x's dtype, as add's and dropout's
+// backwards give it.
+class DropoutAddNode final : public Node {
+ public:
+  DropoutAddNode(double p, RngState rng, DType x_dtype) : p_(p), rng_(rng), x_dtype_(x_dtype) {}
+  OpKind kind() const override { return OpKind::dropout_add; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
+    return {backend_for(kind(), in[0].device())
+                .dropout_add(detail::dense(in[0]), detail::dense(in[1]), p_, rng_.seed, rng_.offset)};
+  }
+  std::vector<int> saved_indices(size_t) const override { return {}; }
+  std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    const Tensor& g = ctx.grad_output(0);
+    Tensor gx;
+    if (ctx.needs_input_grad(0))
+      gx = backend_for(kind(), g.device()).dropout(detail::dense(g), p_, rng_.seed, rng_.offset, x_dtype_);
+    return {gx, ctx.needs_input_grad(1) ? g : Tensor()};
+  }
+
+ private:
+  double p_;
+  RngState rng_;
+  DType x_dtype_;
 };
 
 class EmbeddingNode final : public Node {
@@ -184,6 +212,21 @@ Tensor dropout(const Tensor& x, double p, bool training) {
   REMAT_CHECK(p >= 0.0 && p < 1.0, "dropout: expected 0 <= p < 1, got ", p);
   if (!training || p == 0.0) return x;
   return detail::apply<DropoutNode>({x}, p, next_rng(static_cast<uint64_t>(x.numel())))[0];
+}
+
+Tensor dropout_add(const Tensor& x, const Tensor& residual, double p, bool training) {
+  detail::check_float(x, "dropout_add", "x");
+  detail::check_float(residual, "dropout_add", "residual");
+  REMAT_CHECK(p >= 0.0 && p < 1.0, "dropout_add: expected 0 <= p < 1, got ", p);
+  if (!training || p == 0.0) return add(residual, x);
+  const bool one_dtype = x.dtype() == residual.dtype();
+  const bool widening = autocast_active() && x.dtype() == DType::bf16 && residual.dtype() == DType::f32 &&
+                        backend_for(OpKind::dropout_add, x.device()).binary_mixes_dtypes();
+  // Anything else (broadcasting, dtypes add would cast) is the two ops.
+  if (x.shape() != residual.shape() || x.device() != residual.device() || !(one_dtype || widening))
+    return add(residual, dropout(x, p, training));
+  // The mask draws what dropout(x) would: the same stream position, so the same mask.
+  return detail::apply<DropoutAddNode>({x, residual}, p, next_rng(static_cast<uint64_t>(x.numel())), x.dtype())[0];
 }
 
 Tensor embedding(const Tensor& idx, const Tensor& weight) {

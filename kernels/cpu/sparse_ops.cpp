@@ -1,4 +1,5 @@
-// CPU dropout (Philox mask), embedding lookup and its deterministic backward, fused cross-entropy.
+// CPU dropout (Philox mask) and dropout_add, embedding lookup and its deterministic backward, fused
+// cross-entropy.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,25 +11,59 @@
 
 namespace remat {
 
-Tensor CpuBackend::dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) {
+namespace {
+
+// f(start, len, bits) for each chunk of whole Philox blocks of n elements, with the mask bits of the
+// chunk's elements [start, start + len) drawn at once.
+template <typename F>
+void for_mask_chunks(int64_t n, uint64_t seed, uint64_t offset, F&& f) {
+  constexpr int64_t kChunk = 1024;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for if (n > cpu::kParallelGrain)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t start = c * kChunk, len = std::min<int64_t>(kChunk, n - start);
+    uint32_t bits[kChunk];
+    philox::fill_bits(seed, offset, static_cast<uint64_t>(start), static_cast<uint64_t>(len), bits);
+    f(start, len, bits);
+  }
+}
+
+}  // namespace
+
+Tensor CpuBackend::dropout(const Tensor& x_in, double p, uint64_t seed, uint64_t offset, DType out) {
+  const Tensor x = out == x_in.dtype() ? x_in : x_in.to(out);
   Tensor y = Tensor::empty(x.shape(), x.dtype());
   cpu::dispatch_float(x.dtype(), "dropout", [&]<typename T>() {
     const T* px = x.data<T>();
     T* py = y.data<T>();
-    int64_t n = x.numel();
     T keep_scale = T(1) / (T(1) - static_cast<T>(p));
     float threshold = static_cast<float>(p);
-    // Chunks of whole Philox blocks: the mask bits of a chunk at once, then the select.
-    constexpr int64_t kChunk = 1024;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for if (n > cpu::kParallelGrain)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t start = c * kChunk, len = std::min<int64_t>(kChunk, n - start);
-      uint32_t bits[kChunk];
-      philox::fill_bits(seed, offset, static_cast<uint64_t>(start), static_cast<uint64_t>(len), bits);
+    for_mask_chunks(x.numel(), seed, offset, [&](int64_t start, int64_t len, const uint32_t* bits) {
       for (int64_t j = 0; j < len; ++j)
         py[start + j] = philox::uniform_from_bits(bits[j]) >= threshold ? px[start + j] * keep_scale : T(0);
-    }
+    });
+  });
+  return y;
+}
+
+// One dtype here (the CPU has no bf16 arithmetic). The dropped values are written out and added in
+// a second loop: in one, the compiler may contract r + x * scale into an FMA, one rounding where
+// dropout and then add round twice.
+Tensor CpuBackend::dropout_add(const Tensor& x, const Tensor& residual, double p, uint64_t seed, uint64_t offset) {
+  REMAT_CHECK(x.dtype() == residual.dtype() && x.shape() == residual.shape(),
+              "dropout_add: expected x and residual of one dtype and shape on the cpu, got ", x.meta_str(), " and ",
+              residual.meta_str());
+  Tensor y = Tensor::empty(x.shape(), x.dtype());
+  cpu::dispatch_float(x.dtype(), "dropout_add", [&]<typename T>() {
+    const T *px = x.data<T>(), *pr = residual.data<T>();
+    T* py = y.data<T>();
+    T keep_scale = T(1) / (T(1) - static_cast<T>(p));
+    float threshold = static_cast<float>(p);
+    for_mask_chunks(x.numel(), seed, offset, [&](int64_t start, int64_t len, const uint32_t* bits) {
+      for (int64_t j = 0; j < len; ++j)
+        py[start + j] = philox::uniform_from_bits(bits[j]) >= threshold ? px[start + j] * keep_scale : T(0);
+      for (int64_t j = 0; j < len; ++j) py[start + j] = pr[start + j] + py[start + j];
+    });
   });
   return y;
 }

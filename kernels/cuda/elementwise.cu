@@ -178,15 +178,46 @@ void CudaBackend::copy_into_slice(Tensor& dst, const Tensor& src, int64_t axis, 
                                      src.raw_data(), src_block, src_block, outer, cudaMemcpyDeviceToDevice));
 }
 
-Tensor CudaBackend::dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) {
+Tensor CudaBackend::dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, DType out) {
+  // bf16 from f32 in one kernel (dropout_add's backward); another narrowing takes a cast first.
+  const bool from_f32 = out == DType::bf16 && x.dtype() == DType::f32;
+  if (out != x.dtype() && !from_f32) return dropout(cast(x, out), p, seed, offset, out);
   set_device_of(x);
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = Tensor::empty(x.shape(), out, x.device());
   int64_t n = x.numel();
-  dispatch(x.dtype(), "dropout", [&]<typename T>() {
+  dispatch(out, "dropout", [&]<typename T>() {
     Acc<T> keep_scale = Acc<T>(1) / (Acc<T>(1) - static_cast<Acc<T>>(p));  // as the CPU computes it
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (from_f32) {
+        REMAT_LAUNCH(blocks_for_packs(n), kThreads, 0, dropout_kernel<bf16, float>)(
+            x.data<float>(), y.data<bf16>(), n, static_cast<float>(p), keep_scale, seed, offset);
+        return;
+      }
+    }
     REMAT_LAUNCH(blocks_for_packs(n), kThreads, 0, dropout_kernel<T>)(
         x.data<T>(), y.data<T>(), n, static_cast<float>(p), keep_scale, seed, offset);
   });
+  REMAT_CUDA_LAUNCH_CHECK();
+  return y;
+}
+
+Tensor CudaBackend::dropout_add(const Tensor& x, const Tensor& residual, double p, uint64_t seed, uint64_t offset) {
+  const bool widening = x.dtype() == DType::bf16 && residual.dtype() == DType::f32;
+  REMAT_CHECK((x.dtype() == residual.dtype() || widening) && x.shape() == residual.shape() && x.is_contiguous() &&
+                  residual.is_contiguous(),
+              "dropout_add: expected contiguous x and residual of one shape, of one dtype or bf16 and f32, got ",
+              x.meta_str(), " and ", residual.meta_str());
+  set_device_of(x);
+  Tensor y = Tensor::empty(x.shape(), residual.dtype(), x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  auto launch = [&]<typename X, typename R>() {
+    Acc<X> keep_scale = Acc<X>(1) / (Acc<X>(1) - static_cast<Acc<X>>(p));  // dropout's
+    REMAT_LAUNCH(blocks_for_packs(n), kThreads, 0, dropout_add_kernel<X, R>)(
+        x.data<X>(), residual.data<R>(), y.data<R>(), n, static_cast<float>(p), keep_scale, seed, offset);
+  };
+  if (widening) launch.template operator()<bf16, float>();
+  else dispatch(x.dtype(), "dropout_add", [&]<typename T>() { launch.template operator()<T, T>(); });
   REMAT_CUDA_LAUNCH_CHECK();
   return y;
 }

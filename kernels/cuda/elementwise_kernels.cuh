@@ -4,6 +4,8 @@
 // on the CPU under the SIMT emulator (tests/simt_emulator.h).
 #pragma once
 
+#include <type_traits>
+
 #include "kernels/common/elementwise_math.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "runtime/philox.h"
@@ -214,17 +216,57 @@ __device__ __forceinline__ T dropout_element(Acc<T> x, int64_t i, float threshol
   return u >= threshold ? cast_to<T>(x * keep_scale) : cast_to<T>(Acc<T>(0));
 }
 
-template <typename T>
-__global__ void dropout_kernel(const T* x, T* y, int64_t n, float threshold, Acc<T> keep_scale, uint64_t seed,
+// x's value as dropout in T reads it: for a wider In (dropout_add's f32 gradient for a bf16 x),
+// rounded to T first, as a cast to T and then dropout would.
+template <typename T, typename In>
+__device__ __forceinline__ Acc<T> dropout_input(Acc<In> v) {
+  if constexpr (std::is_same_v<T, In>) {
+    return v;
+  } else {
+    const T rounded = cast_to<T>(static_cast<Acc<T>>(v));
+    return load(&rounded, 0);
+  }
+}
+
+// y in T from x in In (T, or f32 for bf16 T: dropout_input).
+template <typename T, typename In = T>
+__global__ void dropout_kernel(const In* x, T* y, int64_t n, float threshold, Acc<T> keep_scale, uint64_t seed,
                                uint64_t offset) {
   const int64_t head = packed_elements(n, packable(x, y));
   REMAT_GRID_STRIDE(p, head / kPack) {
-    Pack<T> in = load_pack(x, p), out;
+    Pack<In> in = load_pack(x, p);
+    Pack<T> out;
     for (int j = 0; j < kPack; ++j)
-      out.v[j] = dropout_element<T>(load(in.v, j), p * kPack + j, threshold, keep_scale, seed, offset);
+      out.v[j] = dropout_element<T>(dropout_input<T, In>(load(in.v, j)), p * kPack + j, threshold, keep_scale, seed,
+                                    offset);
     store_pack(y, p, out);
   }
-  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = dropout_element<T>(load(x, i), i, threshold, keep_scale, seed, offset);
+  REMAT_GRID_STRIDE_FROM(i, head, n)
+  y[i] = dropout_element<T>(dropout_input<T, In>(load(x, i)), i, threshold, keep_scale, seed, offset);
+}
+
+// a + b, never merged with the product before it into an FMA (which rounds once where the
+// unfused ops round the product, store it, and round the sum).
+__device__ __forceinline__ float add_uncontracted(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_uncontracted(double a, double b) { return __dadd_rn(a, b); }
+
+// y = residual + dropout(x) in R (x in X: R, or bf16 for f32 R): the dropped value rounded to X,
+// as dropout's output is, then widened and added, as the add (binary_widening_kernel) does.
+template <typename X, typename R>
+__global__ void dropout_add_kernel(const X* x, const R* residual, R* y, int64_t n, float threshold,
+                                   Acc<X> keep_scale, uint64_t seed, uint64_t offset) {
+  auto sum = [&](Acc<R> r, Acc<X> v, int64_t i) {
+    const X dropped = dropout_element<X>(v, i, threshold, keep_scale, seed, offset);
+    return cast_to<R>(add_uncontracted(r, static_cast<Acc<R>>(load(&dropped, 0))));
+  };
+  const int64_t head = packed_elements(n, packable(x, residual, y));
+  REMAT_GRID_STRIDE(p, head / kPack) {
+    Pack<X> in = load_pack(x, p);
+    Pack<R> res = load_pack(residual, p), out;
+    for (int j = 0; j < kPack; ++j) out.v[j] = sum(load(res.v, j), load(in.v, j), p * kPack + j);
+    store_pack(y, p, out);
+  }
+  REMAT_GRID_STRIDE_FROM(i, head, n) y[i] = sum(load(residual, i), load(x, i), i);
 }
 
 // One element of the AdamW update, shared by the per-tensor and the multi-tensor kernel so that

@@ -565,6 +565,45 @@ TEST_CASE("an f32 plus a bf16 tensor under autocast: no cast, the cast's bits, f
   }
 }
 
+TEST_CASE("dropout_add on cuda: dropout and then add's bits in one kernel each way, bf16 x with f32 residual too",
+          "[cuda][op][bf16]") {
+  manual_seed(64);
+  const Tensor x_src = Tensor::randn({8, 125}), r_src = Tensor::randn({8, 125}), dy = Tensor::randn({8, 125});
+  // A leaf on the GPU with src's values in `dtype`, aligned (packs of 8) or one element into its
+  // storage (the scalar loop for every value).
+  auto leaf = [](const Tensor& src, DType dtype, bool offset) {
+    std::vector<float> v = src.to_vector<float>();
+    if (offset) v.insert(v.begin(), 0.f);
+    Tensor t = cast(Tensor::from_vector(v, {static_cast<int64_t>(v.size())}, kGpu), dtype);
+    if (offset) t = slice(t, 0, 1, static_cast<int64_t>(v.size()));
+    return reshape(t, src.shape()).detach().set_requires_grad(true);
+  };
+  for (DType x_dtype : {DType::bf16, DType::f32}) {
+    for (bool offset : {false, true}) {
+      INFO("x in " << dtype_name(x_dtype) << (offset ? ", one element into storage" : ""));
+      auto run = [&](bool fused) {
+        Tensor x = leaf(x_src, x_dtype, offset), r = leaf(r_src, DType::f32, offset), y;
+        auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation]; };
+        reset_peak_memory(kGpu);
+        const int64_t start = activations().current;
+        set_rng_state({43, 9});
+        {
+          AutocastScope autocast(DType::bf16);
+          y = fused ? dropout_add(x, r, 0.3) : add(r, dropout(x, 0.3));
+        }
+        REQUIRE(y.dtype() == DType::f32);
+        // Only y is made: no dropped copy of x.
+        if (fused) CHECK(activations().peak - start == static_cast<int64_t>(y.nbytes()));
+        backward(y, dy.to(kGpu));
+        REQUIRE(x.grad().dtype() == x_dtype);
+        return std::vector<std::vector<float>>{y.to_vector<float>(), x.grad().to(DType::f32).to_vector<float>(),
+                                               r.grad().to_vector<float>()};
+      };
+      CHECK(run(true) == run(false));
+    }
+  }
+}
+
 TEST_CASE("layer_norm for a GEMM under autocast writes bf16 and reads a bf16 gradient: the casts' bits, no f32 copy",
           "[cuda][op][bf16]") {
   manual_seed(62);
