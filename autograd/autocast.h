@@ -4,7 +4,9 @@
 // bf16 of one shape without a cast node where the backend widens in its kernel). Parameters, their
 // gradients and the optimizer stay f32 (master weights); the casts are ops on the tape, so
 // checkpoint replays repeat them exactly. linear in bf16 (and matmul by a 2-D f32 weight) takes
-// f32 weights as they are and casts them inside its node (autograd/ops/matmul.cpp says why).
+// f32 weights as they are and casts them inside its node (autograd/ops/matmul.cpp says why). A
+// norm that only feeds GEMMs may return the compute dtype itself (AutocastOutput in ops.h), and
+// dropout_add adds a bf16 branch to an f32 residual as add does: the casts' bits without them.
 #pragma once
 
 #include <string>

@@ -28,6 +28,20 @@ void for_mask_chunks(int64_t n, uint64_t seed, uint64_t offset, F&& f) {
   }
 }
 
+// y = x * keep_scale where the element's mask bits say keep, else 0. Values passed in, not read
+// through a lambda's captures: the compiler must assume that stores to y may change those, and
+// would not vectorise the loop.
+template <typename T>
+void drop_chunk(const T* x, T* y, int64_t len, const uint32_t* bits, float threshold, T keep_scale) {
+  for (int64_t j = 0; j < len; ++j) y[j] = philox::uniform_from_bits(bits[j]) >= threshold ? x[j] * keep_scale : T(0);
+}
+
+// y = residual + y.
+template <typename T>
+void add_chunk(const T* residual, T* y, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) y[j] = residual[j] + y[j];
+}
+
 }  // namespace
 
 Tensor CpuBackend::dropout(const Tensor& x_in, double p, uint64_t seed, uint64_t offset, DType out) {
@@ -39,8 +53,7 @@ Tensor CpuBackend::dropout(const Tensor& x_in, double p, uint64_t seed, uint64_t
     T keep_scale = T(1) / (T(1) - static_cast<T>(p));
     float threshold = static_cast<float>(p);
     for_mask_chunks(x.numel(), seed, offset, [&](int64_t start, int64_t len, const uint32_t* bits) {
-      for (int64_t j = 0; j < len; ++j)
-        py[start + j] = philox::uniform_from_bits(bits[j]) >= threshold ? px[start + j] * keep_scale : T(0);
+      drop_chunk(px + start, py + start, len, bits, threshold, keep_scale);
     });
   });
   return y;
@@ -60,9 +73,8 @@ Tensor CpuBackend::dropout_add(const Tensor& x, const Tensor& residual, double p
     T keep_scale = T(1) / (T(1) - static_cast<T>(p));
     float threshold = static_cast<float>(p);
     for_mask_chunks(x.numel(), seed, offset, [&](int64_t start, int64_t len, const uint32_t* bits) {
-      for (int64_t j = 0; j < len; ++j)
-        py[start + j] = philox::uniform_from_bits(bits[j]) >= threshold ? px[start + j] * keep_scale : T(0);
-      for (int64_t j = 0; j < len; ++j) py[start + j] = pr[start + j] + py[start + j];
+      drop_chunk(px + start, py + start, len, bits, threshold, keep_scale);
+      add_chunk(pr + start, py + start, len);
     });
   });
   return y;
