@@ -521,25 +521,30 @@ TEST_CASE("linear and a tied head's matmul under bf16 autocast take their f32 we
   }
 }
 
+namespace {
+
+// A leaf on the GPU with src's values in `dtype` (rounded for bf16), aligned (packs of 8) or one
+// element into its storage (an elementwise kernel's scalar loop for every value).
+Tensor gpu_leaf(const Tensor& src, DType dtype, bool offset) {
+  std::vector<float> v = src.to_vector<float>();
+  if (offset) v.insert(v.begin(), 0.f);
+  Tensor t = cast(Tensor::from_vector(v, {static_cast<int64_t>(v.size())}, kGpu), dtype);
+  if (offset) t = slice(t, 0, 1, static_cast<int64_t>(v.size()));
+  return reshape(t, src.shape()).detach().set_requires_grad(true);
+}
+
+}  // namespace
+
 TEST_CASE("an f32 plus a bf16 tensor under autocast: no cast, the cast's bits, forward and backward", "[cuda][op][bf16]") {
   manual_seed(59);
   const Tensor wide_src = Tensor::randn({8, 125}), narrow_src = Tensor::randn({8, 125}), dy = Tensor::randn({8, 125});
-  // A leaf on the GPU with src's values (rounded to bf16 for the narrow one), aligned (packs of 8)
-  // or one element into its storage (the scalar loop for every value).
-  auto leaf = [](const Tensor& src, DType dtype, bool offset) {
-    std::vector<float> v = src.to_vector<float>();
-    if (offset) v.insert(v.begin(), 0.f);
-    Tensor t = cast(Tensor::from_vector(v, {static_cast<int64_t>(v.size())}, kGpu), dtype);
-    if (offset) t = slice(t, 0, 1, static_cast<int64_t>(v.size()));
-    return reshape(t, src.shape()).detach().set_requires_grad(true);
-  };
   for (bool offset : {false, true}) {
     for (BinaryFn fn : {BinaryFn::add, BinaryFn::sub}) {
       for (bool narrow_first : {false, true}) {
         INFO((fn == BinaryFn::add ? "add" : "sub") << (narrow_first ? ", bf16 first" : ", f32 first")
                                                    << (offset ? ", one element into storage" : ""));
         auto run = [&](bool autocast_on) {
-          Tensor w = leaf(wide_src, DType::f32, offset), n = leaf(narrow_src, DType::bf16, offset);
+          Tensor w = gpu_leaf(wide_src, DType::f32, offset), n = gpu_leaf(narrow_src, DType::bf16, offset);
           auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation]; };
           reset_peak_memory(kGpu);
           const int64_t start = activations().current;
@@ -569,20 +574,11 @@ TEST_CASE("dropout_add on cuda: dropout and then add's bits in one kernel each w
           "[cuda][op][bf16]") {
   manual_seed(64);
   const Tensor x_src = Tensor::randn({8, 125}), r_src = Tensor::randn({8, 125}), dy = Tensor::randn({8, 125});
-  // A leaf on the GPU with src's values in `dtype`, aligned (packs of 8) or one element into its
-  // storage (the scalar loop for every value).
-  auto leaf = [](const Tensor& src, DType dtype, bool offset) {
-    std::vector<float> v = src.to_vector<float>();
-    if (offset) v.insert(v.begin(), 0.f);
-    Tensor t = cast(Tensor::from_vector(v, {static_cast<int64_t>(v.size())}, kGpu), dtype);
-    if (offset) t = slice(t, 0, 1, static_cast<int64_t>(v.size()));
-    return reshape(t, src.shape()).detach().set_requires_grad(true);
-  };
   for (DType x_dtype : {DType::bf16, DType::f32}) {
     for (bool offset : {false, true}) {
       INFO("x in " << dtype_name(x_dtype) << (offset ? ", one element into storage" : ""));
       auto run = [&](bool fused) {
-        Tensor x = leaf(x_src, x_dtype, offset), r = leaf(r_src, DType::f32, offset), y;
+        Tensor x = gpu_leaf(x_src, x_dtype, offset), r = gpu_leaf(r_src, DType::f32, offset), y;
         auto activations = [] { return memory_stats(kGpu)[MemoryCategory::activation]; };
         reset_peak_memory(kGpu);
         const int64_t start = activations().current;
