@@ -44,7 +44,7 @@ namespace remat {
 // on top (re-run as one pass; replay per backward node holds less), and the recorded time of the
 // ops the replay re-runs.
 struct BlockOption {
-  std::string name;            // "keep", "all", or what replay re-runs, e.g. "3 of 21 ops: layer_norm, gelu"
+  std::string name;            // "keep", "all", or what replay re-runs, e.g. "3 of 19 ops: layer_norm, gelu"
   std::vector<bool> recompute;  // by position: dropped in forward (the others' outputs are saved)
   int64_t kept_bytes = 0, rebuilt_bytes = 0;
   double recompute_ms = 0;
