@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include "autograd/grad_mode.h"
 #include "autograd/graph.h"
@@ -134,6 +135,15 @@ class Backward {
       for (size_t i = 0; i < node.inputs.size(); ++i)
         needs[i] = node.inputs[i] >= 0 && g.values[node.inputs[i]].requires_grad;
       BackwardContext ctx(g, index, std::move(grad_outputs), needs, retain_);
+      // The sums so far of this graph's inputs, moved into the context: a backward may add into
+      // one it alone holds (BackwardContext::take_partial_grad).
+      std::vector<char> offered(node.inputs.size(), 0);
+      for (size_t i = 0; i < node.inputs.size(); ++i) {
+        const int64_t v = node.inputs[i];
+        if (!needs[i] || g.values[v].source || g.values[v].leaf || !walk.grads[v].defined()) continue;
+        ctx.offer_partial_grad(i, std::exchange(walk.grads[v], Tensor()));  // undefined here: an input twice is offered once
+        offered[i] = 1;
+      }
       std::vector<Tensor> input_grads;
       {
         TraceSpan span(node.name(), "backward");
@@ -141,8 +151,24 @@ class Backward {
       }
       REMAT_CHECK(input_grads.size() == node.inputs.size(), "backward of ", node.name(), " returned ",
                   input_grads.size(), " gradients for its ", node.inputs.size(), " inputs");
+      // The sums back first (taken ones as the backward returned them), then the other
+      // gradients added to them: an input that appears twice gets both. (walks_[w], not `walk`:
+      // a replay inside the backward may have added walks.)
+      std::vector<Tensor>& grads = walks_[w].grads;
       for (size_t i = 0; i < node.inputs.size(); ++i) {
-        if (!needs[i] || !input_grads[i].defined()) continue;
+        if (!offered[i]) continue;
+        if (!ctx.took_partial_grad(i)) {
+          grads[node.inputs[i]] = ctx.untaken_partial_grad(i);
+          continue;
+        }
+        REMAT_CHECK(input_grads[i].defined() && input_grads[i].shape() == g.values[node.inputs[i]].shape &&
+                        input_grads[i].dtype() == g.values[node.inputs[i]].dtype,
+                    "backward of ", node.name(), " took the partial gradient of input ", i,
+                    " and did not return the sum in its place");
+        grads[node.inputs[i]] = std::move(input_grads[i]);
+      }
+      for (size_t i = 0; i < node.inputs.size(); ++i) {
+        if (!needs[i] || !input_grads[i].defined() || (offered[i] && ctx.took_partial_grad(i))) continue;
         const ValueInfo& v = g.values[node.inputs[i]];
         REMAT_CHECK(input_grads[i].shape() == v.shape && input_grads[i].dtype() == v.dtype, "backward of ",
                     node.name(), " returned a gradient for input ", i, " as ", input_grads[i].meta_str(),

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <utility>
 
 #include "runtime/cuda_backend.h"
 
@@ -27,6 +28,17 @@ std::string ValueInfo::meta_str() const {
 }
 
 Tensor BackwardContext::saved(size_t slot) const { return graph_.unpack(node_, slot); }
+
+Tensor BackwardContext::take_partial_grad(size_t i) const {
+  REMAT_CHECK(partials_[i].defined(), "backward: no partial gradient of input ", i, " to take");
+  taken_[i] = true;
+  return std::exchange(partials_[i], Tensor());
+}
+
+void BackwardContext::offer_partial_grad(size_t i, Tensor partial) {
+  partials_[i] = std::move(partial);
+  taken_[i] = false;
+}
 
 void BackwardContext::release_saved(size_t slot) const {
   if (!retain_graph_) graph_.release_slot(node_, slot);

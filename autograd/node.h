@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../kernels/op_list.h"
@@ -35,7 +36,9 @@ class BackwardContext {
         node_(node),
         grad_outputs_(std::move(grad_outputs)),
         needs_(std::move(needs_input_grad)),
-        retain_graph_(retain_graph) {}
+        retain_graph_(retain_graph),
+        partials_(needs_.size()),
+        taken_(needs_.size(), false) {}
   const Tensor& grad_output(size_t i) const { return grad_outputs_[i]; }
   // Moves the gradient out: when the caller then holds the only reference to its storage, a
   // backward may write its result over it (sole_owner in autograd/ops/op_helpers.h).
@@ -47,12 +50,27 @@ class BackwardContext {
   // retain_graph (a later backward reads it again).
   void release_saved(size_t slot) const;
 
+  // The gradient of input i summed so far from the nodes that ran before this one, where the
+  // engine offers it (an input of this graph, not a leaf or an import; undefined otherwise or when
+  // none reached it yet). A backward may take it, add its own gradient for input i into it in
+  // place, as partial + gradient (the bits of the engine's sum), and return it as input i's
+  // gradient: the pass the engine's addition takes over memory goes. One not taken, the engine
+  // adds to as before.
+  const Tensor& partial_grad(size_t i) const { return partials_[i]; }
+  Tensor take_partial_grad(size_t i) const;
+  // The engine's side.
+  void offer_partial_grad(size_t i, Tensor partial);
+  bool took_partial_grad(size_t i) const { return taken_[i]; }
+  Tensor untaken_partial_grad(size_t i) { return std::exchange(partials_[i], Tensor()); }
+
  private:
   Graph& graph_;
   int64_t node_;
   mutable std::vector<Tensor> grad_outputs_;
   std::vector<bool> needs_;
   bool retain_graph_;
+  mutable std::vector<Tensor> partials_;
+  mutable std::vector<bool> taken_;
 };
 
 class Node {

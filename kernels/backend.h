@@ -72,9 +72,12 @@ class Backend {
   // Rows of C channels: y, mean[R], rstd[R]; y in `out` (x's dtype, or autocast's compute dtype),
   // the bits of a cast of the result in x's dtype.
   virtual std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) = 0;
-  // dx, dw, db; dy in any floating dtype, the bits of casting it to x's dtype first.
+  // dx, dw, db; dy in any floating dtype, the bits of casting it to x's dtype first. With
+  // `dx_into` (x's dtype and shape, contiguous) dx is added into it, as dx_into + dx with the bits
+  // of that addition, and returned in its place (BackwardContext::take_partial_grad).
   virtual std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
-                                                  const Tensor& mean, const Tensor& rstd) = 0;
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  const Tensor& dx_into = Tensor()) = 0;
   virtual Tensor softmax(const Tensor& x) = 0;  // over the last axis
   virtual Tensor softmax_backward(const Tensor& dy, const Tensor& y) = 0;
 
@@ -196,7 +199,7 @@ class Backend {
   void matmul_into(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool accumulate) SPEC; \
   Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) SPEC; \
   std::vector<Tensor> layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) SPEC; \
-  std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd) SPEC; \
+  std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd, const Tensor& dx_into) SPEC; \
   Tensor softmax(const Tensor& x) SPEC; \
   Tensor softmax_backward(const Tensor& dy, const Tensor& y) SPEC; \
   std::vector<Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) SPEC; \

@@ -332,6 +332,36 @@ TEST_CASE("layer_norm for a GEMM under autocast returns the compute dtype: the c
   CHECK(layer_norm(x64, w64, b64, 1e-5, AutocastOutput::compute).dtype() == DType::f64);
 }
 
+TEST_CASE("layer_norm adds dx into a gradient it alone holds, with the engine's bits and one tensor less",
+          "[autograd][layer_norm]") {
+  manual_seed(65);
+  const Tensor x0 = Tensor::randn({64, 512}), w = Tensor::randn({512}), b = Tensor::randn({512});
+  const Tensor dy = Tensor::randn({64, 512});
+  // A pre-norm residual step, y = h + dropout(layer_norm(h)): backward gives h the residual's
+  // gradient first, then layer_norm's dx. Unless something else holds the first (here grad()
+  // keeping y's gradient, which the residual passes on as it is), layer_norm adds into it.
+  auto run = [&](bool keep_y_grad) {
+    Tensor x = x0.clone().set_requires_grad(true);
+    Tensor h = mul_scalar(x, 1.0);  // a value of the graph (a leaf's gradient is summed apart)
+    set_rng_state({5, 1});
+    Tensor y = dropout_add(layer_norm(h, w, b), h, 0.2);
+    reset_peak_memory();
+    const int64_t start = memory_stats().total.current;
+    // mul_scalar: y's gradient a tensor of its own, not dy.
+    std::vector<Tensor> g = keep_y_grad ? grad(mul_scalar(y, 1.0), {x, y}, dy) : grad(mul_scalar(y, 1.0), {x}, dy);
+    return std::pair{values(g[0]), memory_stats().total.peak - start};
+  };
+  auto [added_in, peak_in] = run(false);
+  auto [added_after, peak_after] = run(true);
+  REQUIRE(added_in.size() == added_after.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < added_in.size(); ++i) differ += added_in[i] != added_after[i];
+  CHECK(differ == 0);
+  // The engine's sum is not made; layer_norm's dw and db (not wanted here, so let go before the
+  // engine's addition) are alive at the peak of the run that adds into the gradient.
+  CHECK(peak_after - peak_in == static_cast<int64_t>(x0.nbytes() - 2 * w.nbytes()));
+}
+
 TEST_CASE("softmax rows sum to one and match exp(x)/sum(exp(x))", "[op][softmax]") {
   Tensor x = f64({1, 2, 3, -1, 0, 1000}, {2, 3});
   auto y = values(softmax(x));

@@ -21,9 +21,13 @@ class LayerNormNode final : public Node {
   std::vector<int> saved_indices(size_t) const override { return {0, 1, 4, 5}; }  // x, weight, mean, rstd
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
     Tensor g = detail::dense(ctx.grad_output(0));
+    // dx goes straight into x's gradient so far where nothing else holds it (a pre-norm block's
+    // residual stream: the residual addition's gradient), without the engine's addition after.
+    Tensor into;
+    if (detail::sole_owner(ctx.partial_grad(0))) into = ctx.take_partial_grad(0);
     auto grads = backend_for(kind(), g.device())
                      .layer_norm_backward(g, detail::dense(ctx.saved(0)), detail::dense(ctx.saved(1)), ctx.saved(2),
-                                          ctx.saved(3));
+                                          ctx.saved(3), into);
     for (size_t i = 0; i < 3; ++i)
       if (!ctx.needs_input_grad(i)) grads[i] = Tensor();
     return grads;

@@ -36,7 +36,7 @@ std::vector<Tensor> CpuBackend::layer_norm(const Tensor& x, const Tensor& w, con
 }
 
 std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy_in, const Tensor& x, const Tensor& w,
-                                                    const Tensor& mean, const Tensor& rstd) {
+                                                    const Tensor& mean, const Tensor& rstd, const Tensor& dx_into) {
   const Tensor dy = dy_in.dtype() == x.dtype() ? dy_in : dy_in.to(x.dtype());
   int64_t c = x.size(-1), rows = x.numel() / (c == 0 ? 1 : c);
   Tensor dx = Tensor::empty(x.shape(), x.dtype());
@@ -75,7 +75,18 @@ std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy_in, const T
       pdb[i] = sb;
     }
   });
-  return {dx, dw, db};
+  if (!dx_into.defined()) return {dx, dw, db};
+  // Added in a pass of its own: the dx formula's last product and this sum must not become one
+  // FMA (the engine's addition rounds dx first).
+  Tensor sum = dx_into;
+  cpu::dispatch_float(x.dtype(), "layer_norm_backward", [&]<typename T>() {
+    T* ps = sum.data<T>();
+    const T* pd = dx.data<T>();
+    const int64_t n = x.numel();
+#pragma omp parallel for if (n > cpu::kParallelGrain)
+    for (int64_t i = 0; i < n; ++i) ps[i] = ps[i] + pd[i];
+  });
+  return {sum, dw, db};
 }
 
 Tensor CpuBackend::softmax(const Tensor& x) {

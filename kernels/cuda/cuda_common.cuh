@@ -37,6 +37,12 @@ template <> __device__ __forceinline__ bf16 cast_to<bf16>(float v) {
   return v != v ? __ushort_as_bfloat16(f32_to_bf16(v)) : __float2bfloat16(v);
 }
 
+// a + b, never merged with a product before it into an FMA (which rounds once where unfused ops
+// round the product, store it, and round the sum): a kernel that adds what another would have
+// stored first (dropout_add, a gradient added into its partial sum).
+__device__ __forceinline__ float add_uncontracted(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_uncontracted(double a, double b) { return __dadd_rn(a, b); }
+
 // Runs f.template operator()<T>() for T = float, double or bf16.
 template <typename F>
 decltype(auto) dispatch(DType dtype, const char* op, F&& f) {

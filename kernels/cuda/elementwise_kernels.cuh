@@ -245,11 +245,6 @@ __global__ void dropout_kernel(const In* x, T* y, int64_t n, float threshold, Ac
   y[i] = dropout_element<T>(dropout_input<T, In>(load(x, i)), i, threshold, keep_scale, seed, offset);
 }
 
-// a + b, never merged with the product before it into an FMA (which rounds once where the
-// unfused ops round the product, store it, and round the sum).
-__device__ __forceinline__ float add_uncontracted(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_uncontracted(double a, double b) { return __dadd_rn(a, b); }
-
 // y = residual + dropout(x) in R (x in X: R, or bf16 for f32 R): the dropped value rounded to X,
 // as dropout's output is, then widened and added, as the add (binary_widening_kernel) does.
 template <typename X, typename R>

@@ -92,12 +92,16 @@ std::vector<Tensor> CudaBackend::layer_norm(const Tensor& x, const Tensor& w, co
 }
 
 std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
-                                                     const Tensor& mean, const Tensor& rstd) {
+                                                     const Tensor& mean, const Tensor& rstd, const Tensor& dx_into) {
   if (dy.dtype() != x.dtype() && !has_narrow_kernels(x.dtype(), dy.dtype()))
-    return layer_norm_backward(cast(dy, x.dtype()), x, w, mean, rstd);
+    return layer_norm_backward(cast(dy, x.dtype()), x, w, mean, rstd, dx_into);
   set_device_of(x);
   int64_t c = x.size(-1), rows = c == 0 ? 0 : x.numel() / c;
-  Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  const bool accumulate = dx_into.defined();
+  REMAT_CHECK(!accumulate || (dx_into.dtype() == x.dtype() && dx_into.shape() == x.shape() && dx_into.is_contiguous()),
+              "layer_norm_backward: expected dx_into contiguous in x's dtype and shape ", x.meta_str(), ", got ",
+              dx_into.meta_str());
+  Tensor dx = accumulate ? dx_into : Tensor::empty(x.shape(), x.dtype(), x.device());
   if (rows == 0) return {dx, Tensor::zeros(w.shape(), x.dtype(), x.device()), Tensor::zeros(w.shape(), x.dtype(), x.device())};
   // Every channel's sum is written below: no fill first.
   Tensor dw = Tensor::empty(w.shape(), x.dtype(), x.device()), db = Tensor::empty(w.shape(), x.dtype(), x.device());
@@ -115,11 +119,11 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
       dispatch_per_lane(c, [&]<int kPerLane>() {
         REMAT_LAUNCH(static_cast<unsigned>(chunks), 32 * kNormWarps, 0, layer_norm_backward_warp_kernel<T, kPerLane, G>)(
             dy.data<G>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), rows,
-            static_cast<int>(c), pw.data<A>(), pb.data<A>());
+            static_cast<int>(c), pw.data<A>(), pb.data<A>(), accumulate);
       });
     } else {
       REMAT_LAUNCH(grid_of(rows, "layer_norm_backward"), kRowThreads, 0, layer_norm_dx_kernel<T, G>)(
-          dy.data<G>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c);
+          dy.data<G>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), c, accumulate);
       dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
       REMAT_LAUNCH(grid, kThreads, 0, layer_norm_param_partial_kernel<T, G>)(
           dy.data<G>(), x.data<T>(), mean.data<T>(), rstd.data<T>(), rows, c, row_chunk, pw.data<A>(), pb.data<A>());

@@ -40,11 +40,19 @@ __device__ void block_mean_rstd(const T* x, int64_t n, Acc<T> eps, Acc<T>* scrat
   rs = A(1) / sqrt(block_sum(v, scratch) / static_cast<A>(n) + eps);
 }
 
+// dx[i] = v, rounded to T; or, accumulating, dx[i] + that, with the bits of adding the stored v.
+template <typename T>
+__device__ __forceinline__ void store_or_add(T* dx, int64_t i, Acc<T> v, bool accumulate) {
+  const T rounded = cast_to<T>(v);
+  dx[i] = accumulate ? cast_to<T>(add_uncontracted(load(dx, i), load(&rounded, 0))) : rounded;
+}
+
 // dx of a normalisation over the n values at x: rstd * (d - mean(d) - xhat * mean(d * xhat)) with
-// d = dy * w[channel(i)], by the whole block. dy in T or, for f32 T, bf16 (G).
+// d = dy * w[channel(i)], by the whole block, written or (accumulate) added into dx. dy in T or,
+// for f32 T, bf16 (G).
 template <typename T, typename G, typename Channel>
 __device__ void block_norm_dx(const G* dy, const T* x, const T* w, Acc<T> mu, Acc<T> rs, T* dx, int64_t n,
-                              Channel channel, Acc<T>* scratch) {
+                              Channel channel, Acc<T>* scratch, bool accumulate = false) {
   using A = Acc<T>;
   A s1 = 0, s2 = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -56,7 +64,7 @@ __device__ void block_norm_dx(const G* dy, const T* x, const T* w, Acc<T> mu, Ac
   A mean_dx = block_sum(s2, scratch) / static_cast<A>(n);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     A xhat = (load(x, i) - mu) * rs, d = load(dy, i) * load(w, channel(i));
-    dx[i] = cast_to<T>(rs * (d - mean_d - xhat * mean_dx));
+    store_or_add(dx, i, rs * (d - mean_d - xhat * mean_dx), accumulate);
   }
 }
 
@@ -80,11 +88,12 @@ __global__ void layer_norm_kernel(const T* x, const T* w, const T* b, O* y, T* m
 }
 
 template <typename T, typename G = T>
-__global__ void layer_norm_dx_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c) {
+__global__ void layer_norm_dx_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c,
+                                     bool accumulate = false) {
   REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
   int64_t base = blockIdx.x * c;
   block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, c,
-                [](int64_t i) { return i; }, scratch);
+                [](int64_t i) { return i; }, scratch, accumulate);
 }
 
 // partial_w/b[chunk, channel]: sums over the chunk's rows, in row order.
@@ -184,10 +193,12 @@ __global__ void layer_norm_warp_kernel(const T* x, const T* w, const T* b, O* y,
   }
 }
 
-// dx of each row, and partial_w/b[block, channel]: the sums of dy xhat and dy over the block's rows.
+// dx of each row, written or (accumulate) added into dx, and partial_w/b[block, channel]: the sums
+// of dy xhat and dy over the block's rows.
 template <typename T, int kPerLane, typename G = T>
 __global__ void layer_norm_backward_warp_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd,
-                                                T* dx, int64_t rows, int c, Acc<T>* partial_w, Acc<T>* partial_b) {
+                                                T* dx, int64_t rows, int c, Acc<T>* partial_w, Acc<T>* partial_b,
+                                                bool accumulate = false) {
   using A = Acc<T>;
   __shared__ A block_w[32 * kPerLane], block_b[32 * kPerLane];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -213,7 +224,7 @@ __global__ void layer_norm_backward_warp_kernel(const G* dy, const T* x, const T
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const int i = lane + 32 * k;
-      if (i < c) dx[r * c + i] = cast_to<T>(rs * (g[k] * load(w, i) - mean_d - xhat[k] * mean_dx));
+      if (i < c) store_or_add(dx, r * c + i, rs * (g[k] * load(w, i) - mean_d - xhat[k] * mean_dx), accumulate);
     }
   }
   // The block's sums, the warps' added in warp order.

@@ -640,6 +640,41 @@ TEST_CASE("layer_norm for a GEMM under autocast writes bf16 and reads a bf16 gra
   }
 }
 
+TEST_CASE("layer_norm on cuda adds dx into a gradient it alone holds: the engine's bits, no dx or sum made",
+          "[cuda][op][bf16]") {
+  manual_seed(66);
+  // gpt's residual step under bf16 autocast, y = h + dropout(layer_norm(h)) with the norm's output
+  // in bf16, at rows a warp each (768 channels) and a block each (1100).
+  for (int64_t c : {768, 1100}) {
+    INFO(c << " channels");
+    const Tensor x0 = Tensor::randn({37, c}).to(kGpu), w = Tensor::randn({c}).to(kGpu), b = Tensor::randn({c}).to(kGpu);
+    const Tensor dy = Tensor::randn({37, c}).to(kGpu);
+    auto run = [&](bool keep_y_grad) {
+      Tensor x = x0.clone().set_requires_grad(true), y;
+      set_rng_state({6, 2});
+      {
+        AutocastScope autocast(DType::bf16);
+        Tensor h = mul_scalar(x, 1.0);  // a value of the graph (a leaf's gradient is summed apart)
+        y = dropout_add(layer_norm(h, w, b, 1e-5, AutocastOutput::compute), h, 0.2);
+      }
+      reset_peak_memory(kGpu);
+      const int64_t start = memory_stats(kGpu).total.current;
+      // Keeping y's gradient (which the residual passes on as it is) leaves the engine to add.
+      std::vector<Tensor> g = keep_y_grad ? grad(mul_scalar(y, 1.0), {x, y}, dy) : grad(mul_scalar(y, 1.0), {x}, dy);
+      return std::pair{g[0].to_vector<float>(), memory_stats(kGpu).total.peak - start};
+    };
+    auto [added_in, peak_in] = run(false);
+    auto [added_after, peak_after] = run(true);
+    REQUIRE(added_in.size() == added_after.size());
+    size_t differ = 0;
+    for (size_t i = 0; i < added_in.size(); ++i) differ += added_in[i] != added_after[i];
+    CHECK(differ == 0);
+    // Neither dx nor the engine's sum is made: more than one [rows, c] tensor off the peak (less
+    // than two: layer_norm's dw, db and partial sums are alive at one of the peaks, not the other).
+    CHECK(peak_after - peak_in > static_cast<int64_t>(x0.nbytes()));
+  }
+}
+
 namespace {
 
 // Shapes that cross the tensor-core paths' tiles (64 queries, 64 and 32 keys), causal and not, at
