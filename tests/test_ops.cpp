@@ -353,10 +353,7 @@ TEST_CASE("layer_norm adds dx into a gradient it alone holds, with the engine's 
   };
   auto [added_in, peak_in] = run(false);
   auto [added_after, peak_after] = run(true);
-  REQUIRE(added_in.size() == added_after.size());
-  size_t differ = 0;
-  for (size_t i = 0; i < added_in.size(); ++i) differ += added_in[i] != added_after[i];
-  CHECK(differ == 0);
+  CHECK((added_in == added_after));  // not expanded: tens of thousands of values
   // The engine's sum is not made; layer_norm's dw and db (not wanted here, so let go before the
   // engine's addition) are alive at the peak of the run that adds into the gradient.
   CHECK(peak_after - peak_in == static_cast<int64_t>(x0.nbytes() - 2 * w.nbytes()));

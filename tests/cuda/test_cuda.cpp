@@ -665,10 +665,7 @@ TEST_CASE("layer_norm on cuda adds dx into a gradient it alone holds: the engine
     };
     auto [added_in, peak_in] = run(false);
     auto [added_after, peak_after] = run(true);
-    REQUIRE(added_in.size() == added_after.size());
-    size_t differ = 0;
-    for (size_t i = 0; i < added_in.size(); ++i) differ += added_in[i] != added_after[i];
-    CHECK(differ == 0);
+    CHECK((added_in == added_after));  // not expanded: tens of thousands of values
     // Neither dx nor the engine's sum is made: more than one [rows, c] tensor off the peak (less
     // than two: layer_norm's dw, db and partial sums are alive at one of the peaks, not the other).
     CHECK(peak_after - peak_in > static_cast<int64_t>(x0.nbytes()));
