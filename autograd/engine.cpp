@@ -136,12 +136,13 @@ class Backward {
         needs[i] = node.inputs[i] >= 0 && g.values[node.inputs[i]].requires_grad;
       BackwardContext ctx(g, index, std::move(grad_outputs), needs, retain_);
       // The sums so far of this graph's inputs, moved into the context: a backward may add into
-      // one it alone holds (BackwardContext::take_partial_grad).
+      // one it alone holds (BackwardContext::take_partial_grad). Left undefined here, so that an
+      // input that appears twice is offered once.
       std::vector<char> offered(node.inputs.size(), 0);
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         const int64_t v = node.inputs[i];
         if (!needs[i] || g.values[v].source || g.values[v].leaf || !walk.grads[v].defined()) continue;
-        ctx.offer_partial_grad(i, std::exchange(walk.grads[v], Tensor()));  // undefined here: an input twice is offered once
+        ctx.offer_partial_grad(i, std::exchange(walk.grads[v], Tensor()));
         offered[i] = 1;
       }
       std::vector<Tensor> input_grads;
@@ -152,20 +153,18 @@ class Backward {
       REMAT_CHECK(input_grads.size() == node.inputs.size(), "backward of ", node.name(), " returned ",
                   input_grads.size(), " gradients for its ", node.inputs.size(), " inputs");
       // The sums back first (taken ones as the backward returned them), then the other
-      // gradients added to them: an input that appears twice gets both. (walks_[w], not `walk`:
-      // a replay inside the backward may have added walks.)
-      std::vector<Tensor>& grads = walks_[w].grads;
+      // gradients added to them: an input that appears twice gets both.
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         if (!offered[i]) continue;
         if (!ctx.took_partial_grad(i)) {
-          grads[node.inputs[i]] = ctx.untaken_partial_grad(i);
+          walk.grads[node.inputs[i]] = ctx.untaken_partial_grad(i);
           continue;
         }
         REMAT_CHECK(input_grads[i].defined() && input_grads[i].shape() == g.values[node.inputs[i]].shape &&
                         input_grads[i].dtype() == g.values[node.inputs[i]].dtype,
                     "backward of ", node.name(), " took the partial gradient of input ", i,
                     " and did not return the sum in its place");
-        grads[node.inputs[i]] = std::move(input_grads[i]);
+        walk.grads[node.inputs[i]] = std::move(input_grads[i]);
       }
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         if (!needs[i] || !input_grads[i].defined() || (offered[i] && ctx.took_partial_grad(i))) continue;

@@ -436,7 +436,8 @@ TEST_CASE("dropout draws its mask from philox (seed, offset) and scales the kept
   CHECK_THROWS_WITH(dropout(x, 1.0), Contains("dropout: expected 0 <= p < 1, got 1"));
 }
 
-TEST_CASE("dropout_add is add(residual, dropout(x)) in one node: the same mask, bits and random stream", "[op][dropout]") {
+TEST_CASE("dropout_add is add(residual, dropout(x)) in one node: the same mask, bits and random stream",
+          "[op][dropout]") {
   manual_seed(63);
   const Tensor x0 = Tensor::randn({5, 300}), r0 = Tensor::randn({5, 300}), dy = Tensor::randn({5, 300});
   // Values, both gradients and the stream's offset after, and the ops the tape recorded.

@@ -117,7 +117,8 @@ std::vector<Tensor> CudaBackend::layer_norm_backward(const Tensor& dy, const Ten
     if (by_warps) {
       REMAT_CHECK(chunks <= INT32_MAX, "layer_norm_backward: ", rows, " rows exceed the cuda grid");
       dispatch_per_lane(c, [&]<int kPerLane>() {
-        REMAT_LAUNCH(static_cast<unsigned>(chunks), 32 * kNormWarps, 0, layer_norm_backward_warp_kernel<T, kPerLane, G>)(
+        const auto kernel = layer_norm_backward_warp_kernel<T, kPerLane, G>;
+        REMAT_LAUNCH(static_cast<unsigned>(chunks), 32 * kNormWarps, 0, kernel)(
             dy.data<G>(), x.data<T>(), w.data<T>(), mean.data<T>(), rstd.data<T>(), dx.data<T>(), rows,
             static_cast<int>(c), pw.data<A>(), pb.data<A>(), accumulate);
       });

@@ -88,8 +88,8 @@ __global__ void layer_norm_kernel(const T* x, const T* w, const T* b, O* y, T* m
 }
 
 template <typename T, typename G = T>
-__global__ void layer_norm_dx_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, int64_t c,
-                                     bool accumulate = false) {
+__global__ void layer_norm_dx_kernel(const G* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx,
+                                     int64_t c, bool accumulate = false) {
   REMAT_REDUCE_SCRATCH(Acc<T>, scratch);
   int64_t base = blockIdx.x * c;
   block_norm_dx(dy + base, x + base, w, load(mean, blockIdx.x), load(rstd, blockIdx.x), dx + base, c,

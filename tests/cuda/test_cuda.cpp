@@ -607,7 +607,8 @@ TEST_CASE("layer_norm for a GEMM under autocast writes bf16 and reads a bf16 gra
   for (int64_t c : {40, 768, 1100}) {
     INFO(c << " channels");
     const int64_t rows = 37;
-    const Tensor x0 = Tensor::randn({rows, c}).to(kGpu), w0 = Tensor::randn({c}).to(kGpu), b0 = Tensor::randn({c}).to(kGpu);
+    const Tensor x0 = Tensor::randn({rows, c}).to(kGpu), w0 = Tensor::randn({c}).to(kGpu);
+    const Tensor b0 = Tensor::randn({c}).to(kGpu);
     const Tensor dy = cast(Tensor::randn({rows, c}).to(kGpu), DType::bf16);
     auto run = [&](AutocastOutput output) {
       Tensor x = x0.clone().set_requires_grad(true), w = w0.clone().set_requires_grad(true);
