@@ -31,6 +31,30 @@ class AutocastScope {
   DType previous_;
 };
 
+// The cache of parameters' compute-dtype copies. linear and matmul under bf16 autocast cast an f32
+// parameter (a leaf that requires grad) once and keep the copy with it while it is unchanged: the
+// next forward, checkpoint replays and backward take the copy instead of casting again, and AdamW
+// rewrites it as it updates the parameter, so a training step casts no weight at all (gpt2 in bf16:
+// 146 cast launches a step otherwise). Same bits as the casts. A copy is current while its
+// parameter's version is the one it was made at: every write through remat (ops, copy_, fill_,
+// optimizers, load_state_dict, collectives) moves the version on; a program that writes a
+// parameter's memory itself (data<T>(), raw_data()) must call storage()->bump_version() after, as
+// autograd's checks of saved tensors already ask. The copies are counted as parameters (half the
+// f32 bytes of the weights cast, bf16), freed with their parameters or by clear_autocast_cache().
+// On by default; REMAT_AUTOCAST_CACHE=0 (or set_autocast_cache_enabled(false), which also frees
+// the copies) casts at every use, as before.
+void set_autocast_cache_enabled(bool enabled);
+bool autocast_cache_enabled();
+void clear_autocast_cache();
+struct AutocastCacheStats {
+  int64_t copies = 0;     // copies kept now
+  int64_t bytes = 0;      // their bytes
+  int64_t hits = 0;       // uses served by a kept copy (since the process started)
+  int64_t casts = 0;      // copies made
+  int64_t refreshes = 0;  // copies rewritten by an optimizer's update
+};
+AutocastCacheStats autocast_cache_stats();
+
 // "f32" or "bf16" (the CLI's --dtype); bf16 needs a cuda device, the CPU kernels compute in f32/f64.
 DType parse_compute_dtype(const std::string& text, Device device);
 

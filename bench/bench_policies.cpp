@@ -118,7 +118,11 @@ int run_policies(const PolicyOptions& o) {
                                    (cuda_bias_epilogue() ? "in cuBLASLt's epilogue" : "by its own kernel") +
                                    " (REMAT_CUDA_BIAS_EPILOGUE=1|0), its gradient " +
                                    (cuda_bias_grad_epilogue() ? "from dW's GEMM (BGRADB)" : "by a column sum") +
-                                   " (REMAT_CUDA_BIAS_GRAD_EPILOGUE=1|0)");
+                                   " (REMAT_CUDA_BIAS_GRAD_EPILOGUE=1|0)" +
+                                   (o.dtype == "bf16" ? std::string(", weights' bf16 copies ") +
+                                                            (autocast_cache_enabled() ? "kept" : "cast at every use") +
+                                                            " (REMAT_AUTOCAST_CACHE=1|0)"
+                                                      : std::string()));
 
   const double peak = o.peak_tflops > 0 ? o.peak_tflops
                       : device.is_cuda() ? peak_tflops_of(cuda_device_name(device.index), o.dtype, o.tf32)
@@ -288,6 +292,7 @@ int run_policies(const PolicyOptions& o) {
     run["cuda_bias_epilogue"] = cuda_bias_epilogue();
     run["cuda_bias_grad_epilogue"] = cuda_bias_grad_epilogue();
   }
+  if (o.dtype == "bf16") run["autocast_cache"] = autocast_cache_enabled();
   if (!o.json_path.empty()) write_json(o.json_path, machine, run, results);
   if (!o.csv_path.empty()) write_csv(o.csv_path, results);
   if (!o.trace_path.empty()) write_trace(o.trace_path, traces, trace_memory);

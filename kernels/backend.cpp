@@ -36,7 +36,10 @@ std::pair<Tensor, Tensor> Backend::linear_weight_bias_grads(const Tensor& dy, co
 bool Backend::clip_by_total_norm(const std::vector<Tensor>&, double, Tensor&) { return false; }
 
 void Backend::adamw_update_all(const std::vector<AdamWTensors>& items) {
-  for (const AdamWTensors& t : items) adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
+  for (const AdamWTensors& t : items) {
+    adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
+    if (t.compute_copy) t.compute_copy->copy_(cast(*t.param, t.compute_copy->dtype()));
+  }
 }
 
 void adamw_update_by_device(const std::vector<Backend::AdamWTensors>& items) {

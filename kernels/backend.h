@@ -171,6 +171,9 @@ class Backend {
     Tensor* m;
     Tensor* v;
     AdamWStep step;
+    // Where given, param's bf16 copy (autocast's cache) gets the updated values, rounded as a cast
+    // rounds them, in the same pass (param f32): no cast of the weight in the next forward.
+    Tensor* compute_copy = nullptr;
   };
   virtual void adamw_update_all(const std::vector<AdamWTensors>& items);
   // Each tensor's sum of squares, accumulated in f64 (for global-norm gradient clipping); on a GPU

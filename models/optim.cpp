@@ -7,6 +7,7 @@
 #include <map>
 #include <set>
 
+#include "autograd/cast_cache.h"
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 #include "kernels/backend.h"
@@ -90,7 +91,7 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options) : Optimizer(s
 void AdamW::step(double lr) {
   NoGradGuard no_grad;
   ++steps_;
-  std::vector<Tensor> grads(params_.size());
+  std::vector<Tensor> grads(params_.size()), copies(params_.size());
   std::vector<Backend::AdamWTensors> items;
   for (size_t i = 0; i < params_.size(); ++i) {
     grads[i] = params_[i].grad();
@@ -98,9 +99,13 @@ void AdamW::step(double lr) {
     const ParamGroup& group = groups_[group_of_[i]];
     double decay = group.weight_decay ? *group.weight_decay : params_[i].dim() >= 2 ? options_.weight_decay : 0.0;
     Backend::AdamWStep s{lr * group.lr_scale, options_.beta1, options_.beta2, options_.eps, decay, steps_};
-    items.push_back({&params_[i], &grads[i], &m_[i], &v_[i], s});
+    // The parameter's bf16 copy under autocast is rewritten in the update's pass, not cast again.
+    copies[i] = detail::compute_copy_for_update(params_[i]);
+    items.push_back({&params_[i], &grads[i], &m_[i], &v_[i], s, copies[i].defined() ? &copies[i] : nullptr});
   }
   adamw_update_by_device(items);
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (copies[i].defined()) detail::compute_copy_updated(params_[i]);
 }
 
 std::vector<std::pair<std::string, Tensor>> AdamW::state() {

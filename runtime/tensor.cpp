@@ -37,6 +37,17 @@ void Storage::take_contents(Storage& other) {
   std::swap(category_, other.category_);
   std::swap(dtype_, other.dtype_);
   bump_version();
+  drop_converted_copy();
+}
+
+bool Storage::converted_copy_current(DType dtype) const {
+  return converted_ && converted_version_ == version_ && converted_->dtype() == dtype &&
+         converted_->device() == device_;
+}
+
+void Storage::keep_converted_copy(std::shared_ptr<Storage> copy) {
+  converted_ = std::move(copy);
+  converted_version_ = version_;
 }
 
 Storage::~Storage() { allocator_->deallocate(data_, bytes_, category_); }
@@ -48,6 +59,7 @@ void Storage::set_category(MemoryCategory category) {
 
 void Storage::move_to(Device device) {
   if (device == device_) return;
+  drop_converted_copy();
   Allocator& target = allocator_for(device);
   void* moved = target.allocate(bytes_, category_);
   copy_bytes(moved, device, data_, device_, bytes_);
@@ -255,6 +267,18 @@ Tensor Tensor::view(const Shape& shape, const Strides& strides, int64_t offset) 
   t.offset_ = offset;
   t.dtype_ = dtype();
   t.device_ = device();
+  t.defined_ = true;
+  return t;
+}
+
+Tensor Tensor::over(std::shared_ptr<Storage> storage) {
+  REMAT_CHECK(storage != nullptr, "Tensor::over: expected a storage, got null");
+  Tensor t;
+  t.dtype_ = storage->dtype();
+  t.device_ = storage->device();
+  t.shape_ = {static_cast<int64_t>(storage->bytes() / dtype_size(t.dtype_))};
+  t.strides_ = {1};
+  t.storage_ = std::move(storage);
   t.defined_ = true;
   return t;
 }

@@ -48,6 +48,16 @@ class Storage {
   // how Module::to(dtype) converts a parameter that every handle follows. Counts as a write.
   void take_contents(Storage& other);
 
+  // A copy of these bytes in another dtype kept with them (autocast's compute-dtype copy of a
+  // parameter, autograd/cast_cache.h): null when there is none in `dtype` or these bytes were
+  // written since it was kept (the version moved on). Moving or converting the bytes drops it; it
+  // dies with them. Not synchronised: its one user, the cast cache, holds a lock around these.
+  const std::shared_ptr<Storage>& converted_copy() const { return converted_; }
+  bool converted_copy_current(DType dtype) const;
+  void keep_converted_copy(std::shared_ptr<Storage> copy);  // current at this version
+  void mark_converted_copy_current() { converted_version_ = version_; }
+  void drop_converted_copy() { converted_.reset(); }
+
  private:
   void* data_ = nullptr;
   size_t bytes_ = 0;
@@ -57,6 +67,8 @@ class Storage {
   DType dtype_;
   uint64_t version_ = 0;
   uint64_t serial_ = 0;
+  std::shared_ptr<Storage> converted_;
+  uint64_t converted_version_ = 0;
 };
 
 // The serial the next storage made will get.
@@ -113,6 +125,9 @@ class Tensor {
   // Typed pointer to the first element (CPU or device); checks the dtype.
   template <typename T> T* data() const;
   void* raw_data() const;
+
+  // A contiguous tensor over all of `storage` (its dtype and device): view() it for any other layout.
+  static Tensor over(std::shared_ptr<Storage> storage);
 
   // A view over the same storage.
   Tensor view(const Shape& shape, const Strides& strides, int64_t offset) const;

@@ -2,6 +2,7 @@
 // activation memory read from the allocator counters.
 #include <catch.hpp>
 
+#include "autograd/cast_cache.h"
 #include "autograd/graph.h"
 #include "remat.h"
 
@@ -214,4 +215,87 @@ TEST_CASE("reshape of a projection's slice into heads is a view; one that must m
   backward(add(sum(mul_scalar(k, 2.0)), sum(mul_scalar(t, 3.0))));
   std::vector<float> g = qkv.grad().to_vector<float>();
   for (size_t i = 0; i < g.size(); ++i) CHECK(g[i] == (i % 24 < 8 ? 0.0f : i % 24 < 16 ? 2.0f : 3.0f));
+}
+
+TEST_CASE("autocast keeps a parameter's bf16 copy while it is unchanged, with a cast's bits, and AdamW rewrites it",
+          "[autograd][autocast]") {
+  // The cache itself (the CPU computes no GEMM in bf16: the CUDA suite runs linear and matmul on
+  // it, and gpt bf16 training with and without it).
+  manual_seed(71);
+  clear_autocast_cache();
+  Backend& cpu = backend_for(Device::cpu());
+  auto parameter_bytes = [] { return memory_stats()[MemoryCategory::parameter].current; };
+  const int64_t params0 = parameter_bytes();
+  Tensor w, b;
+  {
+    MemoryCategoryScope scope(MemoryCategory::activation);  // so that the parameter count is the copies'
+    w = Tensor::randn({16, 32}).set_requires_grad(true), b = Tensor::randn({16}).set_requires_grad(true);
+  }
+  // Which tensors are parameters to the cache: leaves that require grad, f32, contiguous.
+  CHECK(detail::caches_compute_copy(w));
+  CHECK_FALSE(detail::caches_compute_copy(w.detach()));
+  CHECK_FALSE(detail::caches_compute_copy(mul_scalar(w, 1.0)));
+  CHECK_FALSE(detail::caches_compute_copy(transpose(w.detach(), 0, 1).set_requires_grad(true)));
+  CHECK_FALSE(detail::caches_compute_copy(w.to(DType::f64).set_requires_grad(true)));
+
+  auto copy_of = [&](const Tensor& t) { return detail::compute_copy(cpu, t, DType::bf16); };
+  auto cast_of = [&](const Tensor& t) { return cpu.cast(t, DType::bf16).to_vector<float>(); };
+  const int64_t copy_bytes = (16 * 32 + 16) * 2;
+  const AutocastCacheStats s0 = autocast_cache_stats();
+  CHECK(copy_of(w).to_vector<float>() == cast_of(w));  // made
+  CHECK(copy_of(b).to_vector<float>() == cast_of(b));
+  Tensor first = copy_of(w);                           // and taken: the same memory
+  CHECK(copy_of(w).raw_data() == first.raw_data());
+  first = Tensor();
+  const AutocastCacheStats s1 = autocast_cache_stats();
+  CHECK(s1.casts - s0.casts == 2);
+  CHECK(s1.hits - s0.hits == 2);
+  CHECK(s1.copies == 2);
+  CHECK(s1.bytes == copy_bytes);
+  CHECK(parameter_bytes() - params0 == copy_bytes);  // counted as parameters
+
+  {
+    // AdamW updates the weights and writes their copies in the same pass: the next use casts
+    // nothing and reads what a cast of the updated weights gives.
+    AdamW optimizer(std::vector<std::pair<std::string, Tensor>>{{"w", w}, {"b", b}});
+    const std::vector<float> w_before = w.to_vector<float>();
+    w.set_grad(Tensor::randn({16, 32})), b.set_grad(Tensor::randn({16}));
+    optimizer.step(1e-2);
+    CHECK(w.to_vector<float>() != w_before);
+    const AutocastCacheStats s2 = autocast_cache_stats();
+    CHECK(s2.refreshes - s1.refreshes == 2);
+    CHECK(copy_of(w).to_vector<float>() == cast_of(w));
+    CHECK(copy_of(b).to_vector<float>() == cast_of(b));
+    CHECK(autocast_cache_stats().casts == s2.casts);
+
+    // A write through copy_ moves the version on: that copy is made again, the other stays.
+    w.copy_(Tensor::randn({16, 32}));
+    CHECK(copy_of(w).to_vector<float>() == cast_of(w));
+    CHECK(autocast_cache_stats().casts - s2.casts == 1);
+
+    // A copy an op holds while the optimizer runs is not rewritten under it: dropped, made again.
+    Tensor held = copy_of(w);
+    const std::vector<float> held_values = held.to_vector<float>();
+    CHECK_FALSE(detail::compute_copy_for_update(w).defined());
+    CHECK(autocast_cache_stats().copies == 1);
+    w.set_grad(Tensor::randn({16, 32})), b.set_grad(Tensor::randn({16}));
+    optimizer.step(1e-2);
+    CHECK(held.to_vector<float>() == held_values);
+    CHECK(copy_of(w).to_vector<float>() == cast_of(w));
+    CHECK(copy_of(b).to_vector<float>() == cast_of(b));
+  }
+
+  // Off: no copy kept, those there freed; on again, made again; they go with their parameters.
+  set_autocast_cache_enabled(false);
+  CHECK(parameter_bytes() == params0);
+  const int64_t casts = autocast_cache_stats().casts;
+  CHECK(copy_of(w).to_vector<float>() == cast_of(w));
+  CHECK(autocast_cache_stats().casts == casts);
+  CHECK(autocast_cache_stats().copies == 0);
+  set_autocast_cache_enabled(true);
+  copy_of(w), copy_of(b);
+  CHECK(parameter_bytes() - params0 == copy_bytes);
+  w = Tensor(), b = Tensor();
+  CHECK(autocast_cache_stats().copies == 0);
+  CHECK(parameter_bytes() == params0);
 }

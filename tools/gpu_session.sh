@@ -153,7 +153,7 @@ done
 # The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
 # take only attention paths and linear's bias epilogue whose cases passed: the defaults (`auto`:
 # mma in bf16, the GEMMs in f32; the epilogue on) when the cases of both passed, else what did.
-attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0 cudnn_ok=0
+attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0 cudnn_ok=0 copies_ok=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -169,6 +169,7 @@ for name in "${passes[@]}"; do
     "linear's bias in cuBLASLt's epilogue"*) bias_epilogue=1 ;;
     "linear's dW and db from one cuBLASLt call"*) bias_grad_ok=1 ;;
     "linear_cross_entropy on cuda"*) fused_loss=1 ;;
+    "autocast's weight copies on cuda"*) copies_ok=1 ;;
   esac
 done
 case $mma_ok$gemm_ok in
@@ -179,6 +180,11 @@ esac
 [ "$attention" = auto ] || echo "gpu_session: benchmarks with the attention path $attention (a tensor-core path's case did not pass)"
 [ "$bias_epilogue" = 1 ] || echo "gpu_session: benchmarks with linear's bias by its own kernel (the epilogue case did not pass)"
 [ -n "$dry" ] || export REMAT_CUDA_ATTENTION=$attention REMAT_CUDA_BIAS_EPILOGUE=$bias_epilogue
+# autocast's kept weight copies are on by default; off (a cast at every use) if their case failed.
+if [ -z "$dry" ] && [ "$copies_ok" = 0 ]; then
+  export REMAT_AUTOCAST_CACHE=0
+  echo "gpu_session: benchmarks with REMAT_AUTOCAST_CACHE=0 (the weight copies' case did not pass)"
+fi
 echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-auto}," \
   "linear's bias in cuBLASLt's epilogue: ${REMAT_CUDA_BIAS_EPILOGUE:-1}"
 
@@ -256,6 +262,10 @@ bench_none_with REMAT_CUDA_MMA_TILES=1 "$mma_ok" "mma attention with one row til
 # cuDNN's fused attention (deterministic backward) in place of the mma kernels: if it is faster,
 # make it `auto`'s choice where it applies (automatic_path in kernels/cuda/attention.cu).
 bench_none_with REMAT_CUDA_ATTENTION=cudnn "$cudnn_ok" "attention on cuDNN's fused SDPA" none,full
+# What autocast's kept weight copies are worth (146 cast launches a gpt2 step, 236 MiB more at the
+# peak): a cast at every use, against the bf16 table. If the copies are slower, make them opt-in
+# (g_enabled's fallback in autograd/cast_cache.cpp).
+bench_none_with REMAT_AUTOCAST_CACHE=0 "$copies_ok" "a cast of each weight at every use" none,full
 # What the bias epilogue is worth: linear's bias by its own kernel.
 bench_none_with REMAT_CUDA_BIAS_EPILOGUE=0 "$bias_epilogue" "linear's bias by its own kernel"
 # What taking db from dW's GEMM (cuBLASLt's BGRADB, off by default) is worth: if it is faster, make it

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "autograd/cast_cache.h"
 #include "autograd/ops/op_helpers.h"
 
 namespace remat {
@@ -18,9 +19,11 @@ bool takes_f32_weight(const Tensor& x, const Tensor& weight) {
          weight.dtype() == DType::f32;
 }
 
-// t in `dtype`: itself, or a cast by the backend (inside a node, not a node of its own).
-Tensor in_dtype(Backend& backend, const Tensor& t, DType dtype) {
-  return t.dtype() == dtype ? t : backend.cast(t, dtype);
+// t in `dtype`: itself, or a cast by the backend (inside a node, not a node of its own); for a
+// parameter (caches_compute_copy when the op was recorded), autocast's kept copy.
+Tensor in_dtype(Backend& backend, const Tensor& t, DType dtype, bool parameter = false) {
+  if (t.dtype() == dtype) return detail::dense(t);
+  return parameter ? detail::compute_copy(backend, t, dtype) : backend.cast(detail::dense(t), dtype);
 }
 
 // C = op(A) op(B). Under bf16 autocast a 2-D f32 B with an untransposed A (a tied LM head, a
@@ -28,11 +31,12 @@ Tensor in_dtype(Backend& backend, const Tensor& t, DType dtype) {
 // as the node runs, its gradient in f32 from the GEMM.
 class MatmulNode final : public Node {
  public:
-  MatmulNode(bool ta, bool tb, DType compute) : ta_(ta), tb_(tb), compute_(compute) {}
+  MatmulNode(bool ta, bool tb, DType compute, bool b_parameter)
+      : ta_(ta), tb_(tb), compute_(compute), b_parameter_(b_parameter) {}
   OpKind kind() const override { return OpKind::matmul; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     Backend& backend = backend_for(kind(), in[0].device());
-    return {backend.matmul(detail::dense(in[0]), in_dtype(backend, detail::dense(in[1]), compute_), ta_, tb_)};
+    return {backend.matmul(detail::dense(in[0]), in_dtype(backend, in[1], compute_, b_parameter_), ta_, tb_)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
@@ -44,7 +48,8 @@ class MatmulNode final : public Node {
     Tensor ga, gb;
     if (ctx.needs_input_grad(0)) {
       Tensor d_op_a =
-          master ? backend.matmul(g, in_dtype(backend, b, compute_), false, !tb_) : matmul(g, b, false, !tb_);
+          master ? backend.matmul(g, in_dtype(backend, b, compute_, b_parameter_), false, !tb_)
+                 : matmul(g, b, false, !tb_);
       ga = ta_ ? transpose_last(d_op_a) : d_op_a;
     }
     if (ctx.needs_input_grad(1)) {
@@ -71,7 +76,8 @@ class MatmulNode final : public Node {
 
  private:
   bool ta_, tb_;
-  DType compute_;  // a's dtype: b's too, or autocast's with an f32 b
+  DType compute_;     // a's dtype: b's too, or autocast's with an f32 b
+  bool b_parameter_;  // that f32 b is a parameter: its copy comes from autocast's cache
 };
 
 // y = x W^T + b. Under autocast the node may take the f32 weight and bias themselves (the master
@@ -82,12 +88,13 @@ class MatmulNode final : public Node {
 // again for dx in place of casting dW back, and db's cast goes: a launch a linear fewer).
 class LinearNode final : public Node {
  public:
-  LinearNode(bool has_bias, DType compute) : has_bias_(has_bias), compute_(compute) {}
+  LinearNode(bool has_bias, DType compute, bool weight_parameter, bool bias_parameter)
+      : has_bias_(has_bias), compute_(compute), weight_parameter_(weight_parameter), bias_parameter_(bias_parameter) {}
   OpKind kind() const override { return OpKind::linear; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     Backend& backend = backend_for(kind(), in[0].device());
-    Tensor bias = has_bias_ ? in_dtype(backend, detail::dense(in[2]), compute_) : Tensor();
-    return {backend.linear(detail::dense(in[0]), in_dtype(backend, detail::dense(in[1]), compute_), bias)};
+    Tensor bias = has_bias_ ? in_dtype(backend, in[2], compute_, bias_parameter_) : Tensor();
+    return {backend.linear(detail::dense(in[0]), in_dtype(backend, in[1], compute_, weight_parameter_), bias)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
@@ -120,13 +127,15 @@ class LinearNode final : public Node {
     // before dx is allocated, which lowers backward's peak where it starts (the last block's MLP).
     ctx.release_saved(0);
     if (ctx.needs_input_grad(0))  // dx = dy W
-      grads[0] = master ? backend.matmul(g, in_dtype(backend, weight, compute_), false, false) : matmul(g, weight);
+      grads[0] = master ? backend.matmul(g, in_dtype(backend, weight, compute_, weight_parameter_), false, false)
+                        : matmul(g, weight);
     return grads;
   }
 
  private:
   bool has_bias_;
   DType compute_;  // the dtype of x and y: the weight's, or autocast's with f32 master weights
+  bool weight_parameter_, bias_parameter_;  // f32 parameters: their copies come from autocast's cache
 };
 
 }  // namespace
@@ -150,7 +159,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b
   bool batch_ok = b.dim() == 2 || (a.dim() == b.dim() && std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin()));
   REMAT_CHECK(batch_ok, "matmul: expected equal batch dims or a 2-D b, got ", shape_str(a.shape()), " x ",
               shape_str(b.shape()));
-  return detail::apply<MatmulNode>({a, b}, trans_a, trans_b, a.dtype())[0];
+  return detail::apply<MatmulNode>({a, b}, trans_a, trans_b, a.dtype(), master && detail::caches_compute_copy(b))[0];
 }
 
 Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
@@ -173,9 +182,11 @@ Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in
     detail::check_same(weight, bias, "linear");
     REMAT_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "linear: expected bias[", weight.size(0), "], got ",
                 shape_str(bias.shape()));
-    return detail::apply<LinearNode>({x, weight, bias}, true, x.dtype())[0];
+    return detail::apply<LinearNode>({x, weight, bias}, true, x.dtype(), master && detail::caches_compute_copy(weight),
+                                     master && detail::caches_compute_copy(bias))[0];
   }
-  return detail::apply<LinearNode>({x, weight}, false, x.dtype())[0];
+  return detail::apply<LinearNode>({x, weight}, false, x.dtype(), master && detail::caches_compute_copy(weight),
+                                   false)[0];
 }
 
 }  // namespace remat

@@ -274,6 +274,14 @@ void CudaBackend::adamw_update_all(const std::vector<AdamWTensors>& items) {
         chunk.g[k] = t.grad->data<T>();
         chunk.m[k] = t.m->data<T>();
         chunk.v[k] = t.v->data<T>();
+        if (t.compute_copy != nullptr) {
+          REMAT_CHECK((std::is_same_v<T, float>) && t.compute_copy->dtype() == DType::bf16 &&
+                          t.compute_copy->numel() == n && t.compute_copy->is_contiguous() &&
+                          t.compute_copy->device() == t.param->device(),
+                      "adamw_update_all: expected an f32 parameter's contiguous bf16 copy of its shape, got ",
+                      t.param->meta_str(), " and ", t.compute_copy->meta_str());
+          chunk.copy[k] = t.compute_copy->data<bf16>();
+        }
         chunk.lr[k] = static_cast<A>(t.step.lr);
         chunk.decay[k] = static_cast<A>(t.step.lr * t.step.weight_decay);
         chunk.start[k + 1] = chunk.start[k] + n;

@@ -267,8 +267,8 @@ __global__ void dropout_add_kernel(const X* x, const R* residual, R* y, int64_t 
 // One element of the AdamW update, shared by the per-tensor and the multi-tensor kernel so that
 // both give the same bits.
 template <typename T>
-__device__ __forceinline__ void adamw_element(T* p, const T* g, T* m, T* v, int64_t i, Acc<T> b1, Acc<T> b2,
-                                              Acc<T> bias1, Acc<T> bias2, Acc<T> lr, Acc<T> eps, Acc<T> decay) {
+__device__ __forceinline__ T adamw_element(T* p, const T* g, T* m, T* v, int64_t i, Acc<T> b1, Acc<T> b2,
+                                           Acc<T> bias1, Acc<T> bias2, Acc<T> lr, Acc<T> eps, Acc<T> decay) {
   using A = Acc<T>;
   A gi = load(g, i), pi = load(p, i);
   A mi = b1 * load(m, i) + (A(1) - b1) * gi;
@@ -276,7 +276,9 @@ __device__ __forceinline__ void adamw_element(T* p, const T* g, T* m, T* v, int6
   m[i] = cast_to<T>(mi);
   v[i] = cast_to<T>(vi);
   A m_hat = mi / bias1, v_hat = vi / bias2;
-  p[i] = cast_to<T>(pi - decay * pi - lr * m_hat / (sqrt(v_hat) + eps));
+  const T updated = cast_to<T>(pi - decay * pi - lr * m_hat / (sqrt(v_hat) + eps));
+  p[i] = updated;
+  return updated;
 }
 
 template <typename T>
@@ -296,6 +298,7 @@ struct AdamWChunk {
   T* m[kAdamWChunk];
   T* v[kAdamWChunk];
   Acc<T> lr[kAdamWChunk], decay[kAdamWChunk];
+  bf16* copy[kAdamWChunk];         // the parameter's bf16 copy (autocast's cache) or null; T f32 only
   int64_t start[kAdamWChunk + 1];  // start[count]: all the chunk's elements
   int count;
 };
@@ -304,8 +307,11 @@ template <typename T>
 __global__ void adamw_chunk_kernel(AdamWChunk<T> c, Acc<T> b1, Acc<T> b2, Acc<T> bias1, Acc<T> bias2, Acc<T> eps) {
   REMAT_GRID_STRIDE(e, c.start[c.count]) {
     const int lo = tensor_holding(c.start, c.count, e);
-    adamw_element(c.p[lo], c.g[lo], c.m[lo], c.v[lo], e - c.start[lo], b1, b2, bias1, bias2, c.lr[lo], eps,
-                  c.decay[lo]);
+    const int64_t i = e - c.start[lo];
+    const T updated =
+        adamw_element(c.p[lo], c.g[lo], c.m[lo], c.v[lo], i, b1, b2, bias1, bias2, c.lr[lo], eps, c.decay[lo]);
+    // The cast kernel's rounding of the same value: the copy a cast of the updated weight makes.
+    if (c.copy[lo] != nullptr) c.copy[lo][i] = cast_to<bf16>(static_cast<Acc<bf16>>(updated));
   }
 }
 

@@ -289,6 +289,100 @@ std::vector<OpCase> lt_linear_cases() {
 
 // Cases for the newest kernels come first, so that a short GPU session runs them.
 
+TEST_CASE("autocast's weight copies on cuda: AdamW writes them with a cast's bits, and gpt trains as with casts",
+          "[cuda][bf16][optim]") {
+  RestoreSwitch<autocast_cache_enabled, set_autocast_cache_enabled> restore;
+  auto bytes = [](const Tensor& t) {
+    Tensor c = t.to(Device::cpu());
+    auto* at = static_cast<const uint8_t*>(c.raw_data());
+    return std::vector<uint8_t>(at, at + c.nbytes());
+  };
+  manual_seed(83);
+  // Multi-tensor AdamW over 60 f32 tensors (two chunks; some empty), every other one with a bf16
+  // copy to write: the parameters' bits as without copies, each copy a cast of its updated tensor.
+  {
+    std::vector<Tensor> p_plain, p_copied, m_plain, m_copied, v_plain, v_copied, grads, copies;
+    for (int i = 0; i < 60; ++i) {
+      const int64_t n = i % 13 == 0 ? 0 : (i * 7919) % 9000 + 1;
+      Tensor p = Tensor::randn({n}).to(kGpu);
+      p_plain.push_back(p.clone());
+      p_copied.push_back(p.clone());
+      for (auto* state : {&m_plain, &m_copied, &v_plain, &v_copied})
+        state->push_back(Tensor::zeros({n}, DType::f32, kGpu));
+      grads.push_back(Tensor::randn({n}).to(kGpu));
+      copies.push_back(Tensor::zeros({n}, DType::bf16, kGpu));
+    }
+    Backend& cuda = backend_for(kGpu);
+    for (int64_t step = 1; step <= 2; ++step) {
+      std::vector<Backend::AdamWTensors> plain, copied;
+      for (size_t i = 0; i < p_plain.size(); ++i) {
+        Backend::AdamWStep s{i % 2 ? 1e-3 : 3e-4, 0.9, 0.95, 1e-8, i % 3 ? 0.1 : 0.0, step};
+        plain.push_back({&p_plain[i], &grads[i], &m_plain[i], &v_plain[i], s});
+        copied.push_back({&p_copied[i], &grads[i], &m_copied[i], &v_copied[i], s, i % 2 ? &copies[i] : nullptr});
+      }
+      cuda.adamw_update_all(plain);
+      cuda.adamw_update_all(copied);
+    }
+    for (size_t i = 0; i < p_plain.size(); ++i) {
+      INFO("tensor " << i << " of " << p_plain[i].numel());
+      CHECK(bytes(p_copied[i]) == bytes(p_plain[i]));
+      CHECK(bytes(m_copied[i]) == bytes(m_plain[i]));
+      if (i % 2) CHECK(bytes(copies[i]) == bytes(cast(p_plain[i], DType::bf16)));
+      else CHECK(bytes(copies[i]) == bytes(Tensor::zeros({p_plain[i].numel()}, DType::bf16, kGpu)));
+    }
+    std::vector<Backend::AdamWTensors> wrong{{&m_plain[1], &grads[1], &m_copied[1], &v_copied[1], {}, &p_plain[1]}};
+    CHECK_THROWS_WITH(cuda.adamw_update_all(wrong), Contains("expected an f32 parameter's contiguous bf16 copy"));
+  }
+
+  // gpt under bf16 autocast, two training steps (dropout, clipping, AdamW) with the copies kept
+  // and with a cast at every use: the same losses and parameters, bit for bit; with them, the
+  // steps after the first cast no weight (linear's, the tied head's).
+  Tensor idx = reshape(ids(2 * 16, 64, 7), {2, 16}).to(kGpu), targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
+  // Under full checkpointing, so that replays take the copies too.
+  {
+    auto train = [&](bool keep_copies) {
+      set_autocast_cache_enabled(keep_copies);
+      manual_seed(84);
+      Gpt model(gpu_gpt());
+      model.to(kGpu);
+      model.train();
+      apply_policy(model, parse_policy("full"));
+      AdamW optimizer(model.named_parameters(), AdamWOptions{.weight_decay = 0.1});
+      const std::vector<Tensor> params = model.parameters();
+      set_rng_state({9, 0});
+      std::vector<double> losses;
+      AutocastCacheStats after_first{};
+      for (int step = 0; step < 2; ++step) {
+        Tensor loss;
+        {
+          AutocastScope autocast(DType::bf16);
+          loss = model.loss(idx, targets);
+        }
+        backward(loss);
+        clip_grad_norm_(params, 1.0);
+        optimizer.step(1e-3);
+        optimizer.zero_grad();
+        losses.push_back(loss.item());
+        if (step == 0) after_first = autocast_cache_stats();
+      }
+      const AutocastCacheStats end = autocast_cache_stats();
+      if (keep_copies) {
+        CHECK(end.casts == after_first.casts);
+        CHECK(end.hits > after_first.hits);
+        CHECK(end.refreshes - after_first.refreshes == after_first.copies);
+        CHECK(after_first.copies == 4 * 8 + 1);  // 4 blocks: 4 linears, weight and bias each; the tied head
+      }
+      std::vector<std::vector<uint8_t>> values;
+      for (const Tensor& p : params) values.push_back(bytes(p));
+      return std::pair{losses, values};
+    };
+    const auto with_casts = train(false);
+    const auto with_copies = train(true);
+    CHECK(with_copies.first == with_casts.first);
+    CHECK((with_copies.second == with_casts.second));
+  }
+}
+
 TEST_CASE("linear's dW and db from one cuBLASLt call (BGRADB) match the cpu, repeat their bits, and keep every policy "
           "bitwise",
           "[cuda][op]") {
