@@ -238,6 +238,15 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
 }
 
 void CudaBackend::adamw_update_all(const std::vector<AdamWTensors>& items) {
+  // Checked before anything is queued, so that a bad item updates nothing.
+  for (const AdamWTensors& t : items) {
+    const Tensor* copy = t.compute_copy;
+    REMAT_CHECK(copy == nullptr || (t.param->dtype() == DType::f32 && copy->dtype() == DType::bf16 &&
+                                    copy->numel() == t.param->numel() && copy->is_contiguous() &&
+                                    copy->device() == t.param->device()),
+                "adamw_update_all: expected an f32 parameter's contiguous bf16 copy of its shape, got ",
+                t.param->meta_str(), " and ", copy->meta_str());
+  }
   // Tensors that can share a launch: same dtype and the same betas, eps and step.
   auto same_launch = [](const AdamWTensors& a, const AdamWTensors& b) {
     return a.param->dtype() == b.param->dtype() && a.param->device() == b.param->device() &&
@@ -274,14 +283,7 @@ void CudaBackend::adamw_update_all(const std::vector<AdamWTensors>& items) {
         chunk.g[k] = t.grad->data<T>();
         chunk.m[k] = t.m->data<T>();
         chunk.v[k] = t.v->data<T>();
-        if (t.compute_copy != nullptr) {
-          REMAT_CHECK((std::is_same_v<T, float>) && t.compute_copy->dtype() == DType::bf16 &&
-                          t.compute_copy->numel() == n && t.compute_copy->is_contiguous() &&
-                          t.compute_copy->device() == t.param->device(),
-                      "adamw_update_all: expected an f32 parameter's contiguous bf16 copy of its shape, got ",
-                      t.param->meta_str(), " and ", t.compute_copy->meta_str());
-          chunk.copy[k] = t.compute_copy->data<bf16>();
-        }
+        if (t.compute_copy != nullptr) chunk.copy[k] = t.compute_copy->data<bf16>();
         chunk.lr[k] = static_cast<A>(t.step.lr);
         chunk.decay[k] = static_cast<A>(t.step.lr * t.step.weight_decay);
         chunk.start[k + 1] = chunk.start[k] + n;

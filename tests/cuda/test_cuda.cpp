@@ -330,8 +330,13 @@ TEST_CASE("autocast's weight copies on cuda: AdamW writes them with a cast's bit
       if (i % 2) CHECK(bytes(copies[i]) == bytes(cast(p_plain[i], DType::bf16)));
       else CHECK(bytes(copies[i]) == bytes(Tensor::zeros({p_plain[i].numel()}, DType::bf16, kGpu)));
     }
-    std::vector<Backend::AdamWTensors> wrong{{&m_plain[1], &grads[1], &m_copied[1], &v_copied[1], {}, &p_plain[1]}};
+    // A copy of the wrong dtype: an error, and nothing updated, not even the items before it.
+    const auto p2 = bytes(p_plain[2]);
+    Backend::AdamWStep s{1e-3, 0.9, 0.95, 1e-8, 0.0, 3};
+    std::vector<Backend::AdamWTensors> wrong{{&p_plain[2], &grads[2], &m_plain[2], &v_plain[2], s},
+                                             {&m_plain[1], &grads[1], &m_copied[1], &v_copied[1], s, &p_plain[1]}};
     CHECK_THROWS_WITH(cuda.adamw_update_all(wrong), Contains("expected an f32 parameter's contiguous bf16 copy"));
+    CHECK(bytes(p_plain[2]) == p2);
   }
 
   // gpt under bf16 autocast, two training steps (dropout, clipping, AdamW) with the copies kept
