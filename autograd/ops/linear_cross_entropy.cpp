@@ -1,5 +1,7 @@
 // linear_cross_entropy: a language model's head and its loss as one op, the logits made a chunk of
 // rows at a time and never whole (backward makes each chunk again, with its gradient in its place).
+// Under bf16 autocast it takes the f32 weight itself, as linear does (LinearNode in matmul.cpp says
+// why): its bf16 copy is autocast's kept one, and dW comes out in f32, rounded once.
 #include <algorithm>
 
 #include "autograd/ops/op_helpers.h"
@@ -22,13 +24,19 @@ constexpr int64_t kChunkBytes = int64_t{64} << 20;
 
 class LinearCrossEntropyNode final : public Node {
  public:
-  LinearCrossEntropyNode(int64_t ignore_index, int64_t chunk_rows, DType logits_dtype)
-      : ignore_index_(ignore_index), chunk_rows_(chunk_rows), logits_dtype_(logits_dtype) {}
+  LinearCrossEntropyNode(int64_t ignore_index, int64_t chunk_rows, DType logits_dtype, DType compute,
+                         bool weight_parameter)
+      : ignore_index_(ignore_index),
+        chunk_rows_(chunk_rows),
+        logits_dtype_(logits_dtype),
+        compute_(compute),
+        weight_parameter_(weight_parameter) {}
   OpKind kind() const override { return OpKind::linear_cross_entropy; }
 
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
-    const Tensor h = detail::dense(in[0]), w = detail::dense(in[1]), targets = detail::dense(in[2]);
+    const Tensor h = detail::dense(in[0]), targets = detail::dense(in[2]);
     Backend& backend = backend_for(kind(), h.device());
+    const Tensor w = detail::in_dtype(backend, in[1], compute_, weight_parameter_);
     const int64_t n = h.size(0);
     const DType loss_dtype = accumulation_dtype(logits_dtype_);
     Tensor row_loss = Tensor::empty({n}, loss_dtype, h.device()), lse = Tensor::empty({n}, loss_dtype, h.device());
@@ -47,14 +55,16 @@ class LinearCrossEntropyNode final : public Node {
 
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
     const Tensor g = detail::dense(ctx.grad_output(0));
-    const Tensor h = detail::dense(ctx.saved(0)), w = detail::dense(ctx.saved(1)),
-                 targets = detail::dense(ctx.saved(2)), lse = ctx.saved(3);
+    const Tensor h = detail::dense(ctx.saved(0)), targets = detail::dense(ctx.saved(2)), lse = ctx.saved(3);
+    const Tensor& weight = ctx.saved(1);  // f32 under bf16 autocast, the master weight
     Backend& backend = backend_for(kind(), g.device());
+    const Tensor w = detail::in_dtype(backend, weight, compute_, weight_parameter_);
     const int64_t n = h.size(0);
     const bool want_dh = ctx.needs_input_grad(0), want_dw = ctx.needs_input_grad(1);
     Tensor dh = want_dh ? Tensor::empty(h.shape(), h.dtype(), h.device()) : Tensor();
     // dW sums over every row: the chunks' GEMMs add into one tensor in the accumulation dtype
-    // (f32 for bf16 weights), rounded once at the end as one GEMM over all rows would be.
+    // (f32 for bf16 products), rounded once at the end as one GEMM over all rows would be (to a
+    // bf16 weight's dtype; an f32 master weight takes the sums as they are).
     Tensor dw;
     if (want_dw) {
       const DType dw_dtype = accumulation_dtype(w.dtype());
@@ -81,7 +91,7 @@ class LinearCrossEntropyNode final : public Node {
       }
       if (want_dw) backend.matmul_into(dw, dz, rows_of(h, first, rows), true, false, first > 0);  // += dz^T h
     }
-    if (want_dw && dw.dtype() != w.dtype()) dw = backend.cast(dw, w.dtype());
+    if (want_dw && dw.dtype() != weight.dtype()) dw = backend.cast(dw, weight.dtype());
     return {dh, dw, Tensor()};
   }
 
@@ -98,6 +108,8 @@ class LinearCrossEntropyNode final : public Node {
 
   int64_t ignore_index_, chunk_rows_;
   DType logits_dtype_;
+  DType compute_;          // h's dtype: the weight's, or autocast's with an f32 master weight
+  bool weight_parameter_;  // that f32 weight is a parameter: its copy comes from autocast's cache
 };
 
 }  // namespace
@@ -111,10 +123,15 @@ int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab, DType logit
 
 Tensor linear_cross_entropy(const Tensor& h_in, const Tensor& weight_in, const Tensor& targets, int64_t ignore_index,
                             int64_t chunk_rows) {
-  Tensor h = detail::autocast_compute(h_in), weight = detail::autocast_compute(weight_in);
+  Tensor h = detail::autocast_compute(h_in);
+  // Under bf16 autocast an f32 weight goes to the node as it is (linear's master weight).
+  const bool master = detail::takes_f32_weight(h, weight_in);
+  Tensor weight = master ? weight_in : detail::autocast_compute(weight_in);
   detail::check_float(h, "linear_cross_entropy", "h");
   detail::check_float(weight, "linear_cross_entropy", "weight");
-  detail::check_same(h, weight, "linear_cross_entropy");
+  if (!master) detail::check_same(h, weight, "linear_cross_entropy");
+  REMAT_CHECK(weight.device() == h.device(), "linear_cross_entropy: expected h and weight on the same device, got ",
+              h.meta_str(), " and ", weight.meta_str());
   detail::check_index(targets, "linear_cross_entropy", "targets");
   REMAT_CHECK(h.dim() == 2 && weight.dim() == 2 && targets.dim() == 1 && h.size(1) == weight.size(1) &&
                   targets.size(0) == h.size(0),
@@ -129,7 +146,8 @@ Tensor linear_cross_entropy(const Tensor& h_in, const Tensor& weight_in, const T
   const DType logits_dtype =
       autocast_active() && h.dtype() == autocast_dtype() && !reads_compute_dtype ? DType::f32 : h.dtype();
   if (chunk_rows == 0) chunk_rows = linear_cross_entropy_chunk_rows(h.size(0), weight.size(0), logits_dtype);
-  return detail::apply<LinearCrossEntropyNode>({h, weight, targets}, ignore_index, chunk_rows, logits_dtype)[0];
+  return detail::apply<LinearCrossEntropyNode>({h, weight, targets}, ignore_index, chunk_rows, logits_dtype, h.dtype(),
+                                               master && detail::caches_compute_copy(weight))[0];
 }
 
 }  // namespace remat

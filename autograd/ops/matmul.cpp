@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <tuple>
 
-#include "autograd/cast_cache.h"
 #include "autograd/ops/op_helpers.h"
 
 namespace remat {
@@ -10,21 +9,6 @@ namespace remat {
 namespace {
 
 Tensor transpose_last(const Tensor& t) { return contiguous(transpose(t, -1, -2)); }
-
-// Whether a GEMM-like op under bf16 autocast takes its f32 weight into its node (LinearNode says
-// why): x in bf16 (after autocast's cast) and the weight f32 (bf16 only: the f32 gradient of bf16
-// products is matmul_into's, and f16 and f64 have none).
-bool takes_f32_weight(const Tensor& x, const Tensor& weight) {
-  return autocast_dtype() == DType::bf16 && x.defined() && x.dtype() == DType::bf16 && weight.defined() &&
-         weight.dtype() == DType::f32;
-}
-
-// t in `dtype`: itself, or a cast by the backend (inside a node, not a node of its own); for a
-// parameter (caches_compute_copy when the op was recorded), autocast's kept copy.
-Tensor in_dtype(Backend& backend, const Tensor& t, DType dtype, bool parameter = false) {
-  if (t.dtype() == dtype) return detail::dense(t);
-  return parameter ? detail::compute_copy(backend, t, dtype) : backend.cast(detail::dense(t), dtype);
-}
 
 // C = op(A) op(B). Under bf16 autocast a 2-D f32 B with an untransposed A (a tied LM head, a
 // projection by a parameter) comes in as it is, like linear's weight (LinearNode says why): cast
@@ -36,7 +20,7 @@ class MatmulNode final : public Node {
   OpKind kind() const override { return OpKind::matmul; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     Backend& backend = backend_for(kind(), in[0].device());
-    return {backend.matmul(detail::dense(in[0]), in_dtype(backend, in[1], compute_, b_parameter_), ta_, tb_)};
+    return {backend.matmul(detail::dense(in[0]), detail::in_dtype(backend, in[1], compute_, b_parameter_), ta_, tb_)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
@@ -48,7 +32,7 @@ class MatmulNode final : public Node {
     Tensor ga, gb;
     if (ctx.needs_input_grad(0)) {
       Tensor d_op_a =
-          master ? backend.matmul(g, in_dtype(backend, b, compute_, b_parameter_), false, !tb_)
+          master ? backend.matmul(g, detail::in_dtype(backend, b, compute_, b_parameter_), false, !tb_)
                  : matmul(g, b, false, !tb_);
       ga = ta_ ? transpose_last(d_op_a) : d_op_a;
     }
@@ -67,7 +51,10 @@ class MatmulNode final : public Node {
         }
       } else {
         Tensor d_op_b = matmul(a, g, !ta_, false);
-        if (b.dim() == 2 && d_op_b.dim() > 2) d_op_b = reshape(sum(reshape(d_op_b, {-1, d_op_b.size(-2), d_op_b.size(-1)}), {0}), {d_op_b.size(-2), d_op_b.size(-1)});
+        if (b.dim() == 2 && d_op_b.dim() > 2) {
+          const int64_t rows = d_op_b.size(-2), cols = d_op_b.size(-1);
+          d_op_b = reshape(sum(reshape(d_op_b, {-1, rows, cols}), {0}), {rows, cols});
+        }
         gb = tb_ ? transpose_last(d_op_b) : d_op_b;
       }
     }
@@ -93,8 +80,8 @@ class LinearNode final : public Node {
   OpKind kind() const override { return OpKind::linear; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in) const override {
     Backend& backend = backend_for(kind(), in[0].device());
-    Tensor bias = has_bias_ ? in_dtype(backend, in[2], compute_, bias_parameter_) : Tensor();
-    return {backend.linear(detail::dense(in[0]), in_dtype(backend, in[1], compute_, weight_parameter_), bias)};
+    Tensor bias = has_bias_ ? detail::in_dtype(backend, in[2], compute_, bias_parameter_) : Tensor();
+    return {backend.linear(detail::dense(in[0]), detail::in_dtype(backend, in[1], compute_, weight_parameter_), bias)};
   }
   std::vector<int> saved_indices(size_t) const override { return {0, 1}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
@@ -127,8 +114,9 @@ class LinearNode final : public Node {
     // before dx is allocated, which lowers backward's peak where it starts (the last block's MLP).
     ctx.release_saved(0);
     if (ctx.needs_input_grad(0))  // dx = dy W
-      grads[0] = master ? backend.matmul(g, in_dtype(backend, weight, compute_, weight_parameter_), false, false)
-                        : matmul(g, weight);
+      grads[0] = master
+                     ? backend.matmul(g, detail::in_dtype(backend, weight, compute_, weight_parameter_), false, false)
+                     : matmul(g, weight);
     return grads;
   }
 
@@ -143,7 +131,7 @@ class LinearNode final : public Node {
 Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b) {
   Tensor a = detail::autocast_compute(a_in);
   // Under bf16 autocast a 2-D f32 b goes to the node as it is (MatmulNode says why).
-  const bool master = takes_f32_weight(a, b_in) && !trans_a && b_in.dim() == 2;
+  const bool master = detail::takes_f32_weight(a, b_in) && !trans_a && b_in.dim() == 2;
   Tensor b = master ? b_in : detail::autocast_compute(b_in);
   detail::check_float(a, "matmul", "a");
   detail::check_float(b, "matmul", "b");
@@ -156,7 +144,8 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool trans_a, bool trans_b
   int64_t k_b = trans_b ? b.size(-1) : b.size(-2);
   REMAT_CHECK(k_a == k_b, "matmul: expected a.shape[", trans_a ? -2 : -1, "] == b.shape[", trans_b ? -1 : -2,
               "], got ", shape_str(a.shape()), " x ", shape_str(b.shape()));
-  bool batch_ok = b.dim() == 2 || (a.dim() == b.dim() && std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin()));
+  bool batch_ok = b.dim() == 2 ||
+                  (a.dim() == b.dim() && std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin()));
   REMAT_CHECK(batch_ok, "matmul: expected equal batch dims or a 2-D b, got ", shape_str(a.shape()), " x ",
               shape_str(b.shape()));
   return detail::apply<MatmulNode>({a, b}, trans_a, trans_b, a.dtype(), master && detail::caches_compute_copy(b))[0];
@@ -166,7 +155,7 @@ Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in
   // Under autocast, f32 weights (and bias) go to the node as they are, which computes in the
   // autocast dtype (LinearNode says why); anything else is cast here as any GEMM-like op's inputs.
   Tensor x = detail::autocast_compute(x_in);
-  const bool master = takes_f32_weight(x, weight_in) && (!bias_in.defined() || bias_in.dtype() == DType::f32);
+  const bool master = detail::takes_f32_weight(x, weight_in) && (!bias_in.defined() || bias_in.dtype() == DType::f32);
   Tensor weight = master ? weight_in : detail::autocast_compute(weight_in);
   Tensor bias = master ? bias_in : detail::autocast_compute(bias_in);
   detail::check_float(x, "linear", "x");

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "../autocast.h"
+#include "../cast_cache.h"
 #include "../graph.h"
 #include "../ops.h"
 #include "../../kernels/backend.h"
@@ -41,6 +42,22 @@ inline void check_index(const Tensor& t, const char* op, const char* what) {
   check_defined(t, op, what);
   REMAT_CHECK(t.dtype() == DType::i32 || t.dtype() == DType::i64, op, ": expected ", what,
               " of dtype i32 or i64, got ", t.meta_str());
+}
+
+// Whether a GEMM-like op (linear, matmul, linear_cross_entropy) under bf16 autocast takes its f32
+// weight into its node, as the master weight, and computes in bf16 (LinearNode in matmul.cpp says
+// why): x in bf16 (after autocast's cast) and the weight f32 (bf16 only: the f32 gradient of bf16
+// products is matmul_into's, and f16 and f64 have none).
+inline bool takes_f32_weight(const Tensor& x, const Tensor& weight) {
+  return autocast_dtype() == DType::bf16 && x.defined() && x.dtype() == DType::bf16 && weight.defined() &&
+         weight.dtype() == DType::f32;
+}
+
+// t in `dtype`: itself, or a cast by the backend (inside a node, not a node of its own); for a
+// parameter (caches_compute_copy when the op was recorded), autocast's kept copy.
+inline Tensor in_dtype(Backend& backend, const Tensor& t, DType dtype, bool parameter = false) {
+  if (t.dtype() == dtype) return dense(t);
+  return parameter ? compute_copy(backend, t, dtype) : backend.cast(dense(t), dtype);
 }
 
 // Sums a broadcast gradient back down to `shape`.

@@ -474,8 +474,8 @@ TEST_CASE("the defaults: attention picks mma in bf16 where it applies, the GEMMs
   }
 }
 
-TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf16, a chunk's memory, gpt bitwise "
-          "under every policy",
+TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf16, a chunk's memory, the master "
+          "weight's kept copy and f32 dW under autocast, gpt bitwise under every policy",
           "[cuda][op][bf16][fused-loss][memory]") {
   manual_seed(41);
   const int64_t n = 512, v = 2000, c = 16;
@@ -485,26 +485,31 @@ TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf
   Tensor targets = Tensor::from_vector(t, {n}, kGpu);
   struct Run {
     std::vector<float> loss, dh, dw;
-    int64_t peak = 0;
+    int64_t peak = 0, copies_made = 0, copies_taken = 0;
   };
-  auto run = [&](bool fused, bool bf16) {
+  // chunk_rows 0: the unfused head (matmul and cross_entropy).
+  auto run = [&](int64_t chunk_rows, bool bf16) {
     Tensor h = h0.clone().set_requires_grad(true), w = w0.clone().set_requires_grad(true);
     const int64_t start = memory_stats(kGpu).total.current;
+    const AutocastCacheStats cache = autocast_cache_stats();
     reset_peak_memory(kGpu);
     Tensor loss;
     {
       std::optional<AutocastScope> autocast;
       if (bf16) autocast.emplace(DType::bf16);
-      loss = fused ? linear_cross_entropy(h, w, targets, -100, 64) : cross_entropy(matmul(h, w, false, true), targets);
+      loss = chunk_rows > 0 ? linear_cross_entropy(h, w, targets, -100, chunk_rows)
+                            : cross_entropy(matmul(h, w, false, true), targets);
     }
     backward(loss);
     Run r{loss.to(DType::f32).to_vector<float>(), h.grad().to_vector<float>(), w.grad().to_vector<float>()};
     r.peak = memory_stats(kGpu).total.peak - start;
+    r.copies_made = autocast_cache_stats().casts - cache.casts;
+    r.copies_taken = autocast_cache_stats().hits - cache.hits;
     return r;
   };
   for (bool bf16 : {false, true}) {
     INFO((bf16 ? "bf16 autocast" : "f32"));
-    Run plain = run(false, bf16), fused = run(true, bf16), again = run(true, bf16);
+    Run plain = run(0, bf16), fused = run(64, bf16), again = run(64, bf16);
     CHECK(fused.loss == again.loss);
     CHECK(fused.dh == again.dh);
     CHECK(fused.dw == again.dw);
@@ -521,6 +526,21 @@ TEST_CASE("linear_cross_entropy on cuda: the unfused head's values in f32 and bf
     INFO("logits " << logits_bytes << " bytes; peak: unfused " << plain.peak << ", fused " << fused.peak);
     CHECK(plain.peak >= logits_bytes);
     CHECK(fused.peak < logits_bytes / 3);
+    if (bf16) {
+      // The f32 weight goes into the node as linear's does: its bf16 copy made once by autocast's
+      // cache in forward and taken again in backward (no cast node), as the unfused head's matmul.
+      CHECK(plain.copies_made == 1);
+      CHECK(plain.copies_taken == 1);
+      CHECK(fused.copies_made == 1);
+      CHECK(fused.copies_taken == 1);
+      // In one chunk dW is the unfused head's GEMM over all rows into f32, the same bits: summed
+      // in f32 and not rounded to bf16 (some of its values are no bf16).
+      Run whole = run(n, true);
+      CHECK(whole.loss == plain.loss);
+      CHECK(whole.dw == plain.dw);
+      const Tensor dw = Tensor::from_vector(whole.dw, {v, c});
+      CHECK(dw.to(DType::bf16).to(DType::f32).to_vector<float>() != whole.dw);
+    }
   }
   // gpt with dropout and the fused loss in chunks, f32 and bf16: every policy bitwise equal to none.
   GptConfig config = gpu_gpt();
