@@ -19,6 +19,10 @@ grep -q "^test_cuda: 0 passed, 0 failed, $cases skipped (one process per case)$"
 [ "$(grep -c '^skipped in ' "$out/session.txt")" -eq "$cases" ] || fail "expected one 'skipped in' line per case"
 grep -q "^ldd: every library found$" "$out/session.txt" || fail "the library check did not pass"
 grep -q "^remat-bench: gpt tiny .*, fused loss) on cpu" "$out/session.txt" || fail "the fused-loss benchmark did not run"
+[ "$(grep -cE "^gpu_session: REMAT_[A-Z_]+=[0-9a-z]+ (wins|does not win): none [0-9.]+ ms against the table's [0-9.]+ ms$" \
+  "$out/session.txt")" -eq 5 ] || fail "expected each of the 5 settings weighed against the bf16 table's none step"
+grep -q "^== remat-bench tiny none,full,ops,block_skip:2 in f32 on cpu with the settings that won: " "$out/session.txt" ||
+  fail "the run with the settings that won did not run"
 for f in session.txt test_cuda.txt failures.txt ops-gpu.json bench-gpt2-f32.json bench-gpt2-bf16.json; do
   [ -s "$out/$f" ] || [ "$f" = failures.txt ] || fail "$f missing or empty"
 done
