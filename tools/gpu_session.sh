@@ -191,6 +191,8 @@ echo "gpu_session: attention path for the benchmarks: ${REMAT_CUDA_ATTENTION:-au
 # ---- benchmarks: kernels, gpt2 under four policies in f32 and bf16, and the PyTorch peer ----------
 if [ -n "$dry" ]; then device=cpu peer_device=cpu config=tiny steps=1 warmup=0; else device=cuda:0 peer_device=cuda config=gpt2 steps=5 warmup=2; fi
 policies=none,full,ops,block_skip:2
+bf16=bf16  # the dtype of the bf16 runs: f32 in the dry run, as bf16 compute is GPU-only
+[ -n "$dry" ] && bf16=f32
 have_torch=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
 if fits 60; then
   # Only the attention paths whose cases passed: a path that crashes would take the JSON with it.
@@ -208,7 +210,7 @@ fi
 # remat-bench's table of the four policies in $1 (bf16 or f32), then the PyTorch peer's.
 bench_table() {
   local dtype=$1 bench_dtype=$1
-  [ -n "$dry" ] && bench_dtype=f32  # bf16 compute is GPU-only
+  [ "$dtype" = bf16 ] && bench_dtype=$bf16
   if fits 90; then
     step "remat-bench $config $policies in $bench_dtype on $device"
     timeout 240 "$bin/bench/remat-bench" --config "$config" --policies "$policies" --device "$device" \
@@ -230,10 +232,6 @@ bench_table() {
 }
 # bf16 first: #20's targets are bf16's; f32 comes after the settings below are weighed.
 bench_table bf16
-# The bf16 `none` step (or the policies given fourth) once more with one setting changed
-# (`VAR=value`), if `ok` is 1 and time allows: what that setting is worth against the bf16 table.
-# A setting whose `none` step is at least 2% faster than the table's (run to run, steps moved by
-# about 1.5% in session 25) wins: the run below takes every winner at once.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 winners=()
@@ -242,15 +240,19 @@ none_ms() {  # the median `none` step (ms) in a remat-bench JSON file; nothing i
 print(next(p["median_step_ms"] for p in json.load(open(sys.argv[1]))["policies"] if p["policy"] == "none"))' \
     "$1" 2>/dev/null
 }
-# The dry run takes each (f32, gpt tiny on the cpu, where the settings change nothing).
+# The bf16 `none` step (or the policies given fourth) once more with one setting changed
+# (`VAR=value`), if `ok` is 1 and time allows: what that setting is worth against the bf16 table.
+# A setting whose `none` step is at least 2% faster than the table's (run to run, steps moved by
+# about 1.5% in session 25) wins: the run below takes every winner at once. The dry run takes
+# each (gpt tiny on the cpu, where the settings change nothing).
 bench_none_with() {
-  local setting=$1 ok=$2 what=$3 policies=${4:-none} ms base with_dtype=bf16
-  [ -n "$dry" ] && ok=1 with_dtype=f32
+  local setting=$1 ok=$2 what=$3 policies=${4:-none} ms base
+  [ -n "$dry" ] && ok=1
   if [ "$ok" = 1 ] && fits 60; then
-    step "remat-bench $config $policies in $with_dtype on $device, $what"
+    step "remat-bench $config $policies in $bf16 on $device, $what"
     rm -f "$scratch/with.json"
     env "$setting" timeout 120 "$bin/bench/remat-bench" --config "$config" --policies "$policies" \
-      --device "$device" --dtype "$with_dtype" --steps "$steps" --warmup "$warmup" --json "$scratch/with.json"
+      --device "$device" --dtype "$bf16" --steps "$steps" --warmup "$warmup" --json "$scratch/with.json"
     echo "remat-bench exit $?"
     ms=$(none_ms "$scratch/with.json") base=$(none_ms "$out/bench-gpt2-bf16.json")
     if [ -n "$ms" ] && [ -n "$base" ] && awk -v a="$ms" -v b="$base" 'BEGIN { exit !(a < 0.98 * b) }'; then
@@ -283,11 +285,9 @@ bench_none_with REMAT_CUDA_BIAS_GRAD_EPILOGUE=1 "$bias_grad_ok" "linear's dW and
 # (#20's targets): if it is faster than the first table, make those settings the defaults (each
 # setting's comment above says where). The dry run takes it whatever won.
 if { [ -n "$dry" ] || [ ${#winners[@]} -gt 0 ]; } && fits 90; then
-  best_dtype=bf16
-  [ -n "$dry" ] && best_dtype=f32
-  step "remat-bench $config $policies in $best_dtype on $device with the settings that won: ${winners[*]:-none}"
+  step "remat-bench $config $policies in $bf16 on $device with the settings that won: ${winners[*]:-none}"
   env "${winners[@]}" timeout 240 "$bin/bench/remat-bench" --config "$config" --policies "$policies" \
-    --device "$device" --dtype "$best_dtype" --steps "$steps" --warmup "$warmup" --json "$scratch/best.json"
+    --device "$device" --dtype "$bf16" --steps "$steps" --warmup "$warmup" --json "$scratch/best.json"
   echo "remat-bench exit $?"
   [ -s "$out/torch-gpt2-bf16.json" ] && [ -s "$scratch/best.json" ] &&
     python3 bench/peer/compare.py "$scratch/best.json" "$out/torch-gpt2-bf16.json"
@@ -298,11 +298,9 @@ bench_table f32
 # What the fused head and loss cost and save: none and full in bf16 with --fused-loss, against the
 # bf16 table above (its case must have passed; the dry run takes the path on the cpu).
 if { [ -n "$dry" ] || [ "$fused_loss" = 1 ]; } && fits 75; then
-  bench_dtype=bf16
-  [ -n "$dry" ] && bench_dtype=f32
-  step "remat-bench $config none,full in $bench_dtype on $device, the head and loss fused"
+  step "remat-bench $config none,full in $bf16 on $device, the head and loss fused"
   timeout 150 "$bin/bench/remat-bench" --config "$config" --policies none,full --device "$device" \
-    --dtype "$bench_dtype" --steps "$steps" --warmup "$warmup" --fused-loss
+    --dtype "$bf16" --steps "$steps" --warmup "$warmup" --fused-loss
   echo "remat-bench exit $?"
 else
   echo "SKIPPED (its case did not pass, or out of time): remat-bench with the head and loss fused"
