@@ -196,6 +196,8 @@ int run_ops(const OpsOptions& options) {
   std::vector<Backend::AdamWTensors> adamw_items;
   for (size_t i = 0; i < ps.size(); ++i) adamw_items.push_back({&ps[i], &gs[i], &ms[i], &vs[i], adamw_step});
   const std::string adamw_name = fmt::format("adamw {} tensors, ", ps.size());
+  const double attention_scale = 1 / std::sqrt(32.0);
+  const std::vector<Tensor> attention_out = backend.attention(q, q, q, true, attention_scale);
   std::vector<std::pair<std::string, std::function<void()>>> fused = {
       {"layer_norm [1024,256]", [&] { layer_norm(x, gamma, beta); }},
       {"softmax [1024,256]", [&] { softmax(x); }},
@@ -204,6 +206,9 @@ int run_ops(const OpsOptions& options) {
       {"silu [1024,1024]", [&] { silu(hidden); }},
       {"transpose copy [8,128,8,32]", [&] { transpose(heads, 1, 2).as_contiguous(); }},
       {"attention causal [8,8,128,32]", [&] { attention(q, q, q, true); }},
+      {"attention backward causal [8,8,128,32]", [&] {
+         backend.attention_backward(q, q, q, q, attention_out[0], attention_out[1], true, attention_scale);
+       }},
       {"cross_entropy [1024,256]", [&] { cross_entropy(logits, targets); }},
       {adamw_name + "one call each", [&] {
          for (auto& t : adamw_items) backend.adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
@@ -212,7 +217,7 @@ int run_ops(const OpsOptions& options) {
   };
   for (auto& [name, body] : fused) {
     double s = median_seconds(device, options.repeats, body);
-    fmt::print("{:<34} {:>12.3f} ms\n", name, s * 1e3);
+    fmt::print("{:<40} {:>12.3f} ms\n", name, s * 1e3);
     rows.push_back({{"op", name}, {"median_ms", s * 1e3}});
   }
   if (device.is_cuda()) time_cuda_attention(device, options.repeats, options.attention, rows);

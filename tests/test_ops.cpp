@@ -10,6 +10,7 @@
 #include "autograd/graph.h"
 #include "runtime/philox.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/attention_avx512.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/sgemm_avx512.h"
 #include "remat.h"
@@ -416,6 +417,53 @@ TEST_CASE("attention reads the heads of a fused projection in place and its outp
       CHECK(hv == values(dense[static_cast<size_t>(i)].grad()));
     }
   }
+}
+
+TEST_CASE("f32 attention on the AVX-512 kernels: the Eigen path's values, the same bits twice, strided heads",
+          "[op][attention]") {
+  // kernels/cpu/attention_avx512.cpp against attention.cpp's Eigen path (REMAT_CPU_GEMM=eigen):
+  // head dims 16-128, lengths that are and are not whole vectors, q, k, v as the heads of one
+  // [B, T, 3C] projection as gpt hands them. f64 never takes the kernels (test_gradcheck's cases).
+  if (!cpu::attention_avx512_built()) {
+    CHECK_FALSE(cpu::attention_avx512_fits(32));
+    WARN("this build has no AVX-512 attention kernels");
+    return;
+  }
+  CHECK(cpu::attention_avx512_fits(16));
+  CHECK(cpu::attention_avx512_fits(128));
+  CHECK_FALSE(cpu::attention_avx512_fits(24));
+  CHECK_FALSE(cpu::attention_avx512_fits(8));
+  const std::string before = cpu::gemm_libraries().front();
+  Backend& cpu = backend_for(Device::cpu());
+  manual_seed(12);
+  int differing = 0;  // the outputs whose bits differ from Eigen's somewhere: the kernels ran
+  for (auto [t, d] : {std::pair<int64_t, int64_t>{1, 16}, {5, 32}, {16, 16}, {17, 48}, {100, 32}, {128, 64}, {33, 128}})
+    for (bool causal : {false, true}) {
+      const int64_t b = 2, h = 3, c = h * d;
+      Tensor qkv = Tensor::randn({b, t, 3 * c});
+      auto head = [&](int64_t i) { return qkv.view({b, h, t, d}, {t * 3 * c, d, 3 * c, 1}, i * c); };
+      Tensor q = head(0), k = head(1), v = head(2), d_o = Tensor::randn({b, h, t, d});
+      const double scale = 1 / std::sqrt(static_cast<double>(d));
+      auto run = [&](const char* library) {
+        cpu::set_gemm_library(library);
+        std::vector<Tensor> out = cpu.attention(q, k, v, causal, scale);
+        std::vector<Tensor> grads = cpu.attention_backward(d_o, q, k, v, out[0], out[1], causal, scale);
+        out.insert(out.end(), grads.begin(), grads.end());
+        return out;  // o, lse, dq, dk, dv
+      };
+      const std::vector<Tensor> fast = run("avx512"), again = run("avx512"), eigen = run("eigen");
+      for (size_t i = 0; i < fast.size(); ++i) {
+        INFO("t " << t << " d " << d << " causal " << causal << " output " << i << " (o, lse, dq, dk, dv)");
+        const std::vector<double> f = values(fast[i]), e = values(eigen[i]);
+        CHECK(f == values(again[i]));
+        double worst = 0;
+        for (size_t j = 0; j < f.size(); ++j) worst = std::max(worst, std::abs(f[j] - e[j]) / (1 + std::abs(e[j])));
+        CHECK(worst < 1e-5);
+        differing += f != e;
+      }
+    }
+  CHECK(differing > 0);
+  cpu::set_gemm_library(before);
 }
 
 TEST_CASE("dropout draws its mask from philox (seed, offset) and scales the kept values", "[op][dropout]") {

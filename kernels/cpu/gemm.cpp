@@ -155,6 +155,8 @@ void set_gemm_library(const std::string& name) {
   g_library.store(static_cast<int>(choice_for(name, "set_gemm_library")));
 }
 
+bool f32_gemm_is_avx512() { return library() == Library::avx512; }
+
 std::vector<std::string> gemm_libraries() {
   const char* names[] = {"eigen", "openblas", "avx512"};
   std::vector<std::string> out = {names[static_cast<int>(library())]};
