@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <omp.h>
 
 #include "autograd/graph.h"
 #include "runtime/philox.h"
@@ -299,6 +300,38 @@ TEST_CASE("layer_norm normalises each row to zero mean and unit variance", "[op]
   }
   CHECK_THROWS_WITH(layer_norm(x, Tensor::ones({8}, DType::f64), Tensor::zeros({8}, DType::f64)),
                     Contains("layer_norm: expected weight and bias of shape [16]"));
+}
+
+TEST_CASE("layer_norm in f32: f64's values to rounding, and the same bits on 1 and 2 threads", "[op][layer_norm]") {
+  // The CPU kernel's row sums run in 16 interleaved lanes and its parameter gradients in runs of
+  // 64 channels (kernels/cpu/norm_softmax.cpp): widths that are and are not whole runs and lanes,
+  // enough rows to split among threads.
+  Backend& cpu = backend_for(Device::cpu());
+  manual_seed(21);
+  const int threads = omp_get_max_threads();
+  for (int64_t c : {5, 16, 37, 256, 300}) {
+    const int64_t rows = 24576 / c + 3;
+    Tensor x = Tensor::randn({rows, c}), w = Tensor::randn({c}), b = Tensor::randn({c}), dy = Tensor::randn({rows, c});
+    auto run = [&](const Tensor& xx, const Tensor& ww, const Tensor& bb, const Tensor& gg, int n) {
+      omp_set_num_threads(n);
+      std::vector<Tensor> f = cpu.layer_norm(xx, ww, bb, 1e-5, xx.dtype());
+      std::vector<Tensor> g = cpu.layer_norm_backward(gg, xx, ww, f[1], f[2], Tensor());
+      omp_set_num_threads(threads);
+      return std::vector<Tensor>{f[0], f[1], f[2], g[0], g[1], g[2]};  // y, mean, rstd, dx, dw, db
+    };
+    const auto one = run(x, w, b, dy, 1), two = run(x, w, b, dy, 2);
+    const auto exact = run(x.to(DType::f64), w.to(DType::f64), b.to(DType::f64), dy.to(DType::f64), threads);
+    for (size_t i = 0; i < one.size(); ++i) {
+      INFO("c " << c << " output " << i << " (y, mean, rstd, dx, dw, db)");
+      const std::vector<double> f = values(one[i]), e = values(exact[i]);
+      CHECK(f == values(two[i]));
+      // dw and db sum over every row: their rounding grows with the rows' count
+      const double tol = i >= 4 ? 2e-7 * static_cast<double>(rows) : 1e-5;
+      double worst = 0;
+      for (size_t j = 0; j < f.size(); ++j) worst = std::max(worst, std::abs(f[j] - e[j]) / (1 + std::abs(e[j])));
+      CHECK(worst < tol);
+    }
+  }
 }
 
 TEST_CASE("layer_norm for a GEMM under autocast returns the compute dtype: the cast's bits, forward and backward",
