@@ -217,6 +217,47 @@ TEST_CASE("reshape of a projection's slice into heads is a view; one that must m
   for (size_t i = 0; i < g.size(); ++i) CHECK(g[i] == (i % 24 < 8 ? 0.0f : i % 24 < 16 ? 2.0f : 3.0f));
 }
 
+TEST_CASE("split takes back gradients that lie side by side as its input's, without a copy", "[autograd]") {
+  // A custom op hands back its inputs' gradients as views of one buffer it makes, as CPU attention
+  // does for the heads of a fused projection: in the parts' order they are the split input's
+  // gradient as they lie (the buffer itself goes on), else a copy with the same values.
+  manual_seed(10);
+  Tensor x = Tensor::randn({2, 3, 10}, DType::f64).set_requires_grad(true);
+  const std::vector<double> values = Tensor::randn({60}, DType::f64).to_vector<double>();
+  const std::vector<int64_t> sizes{2, 3, 5}, in_order{0, 2, 5}, out_of_order{8, 0, 3};
+  for (const std::vector<int64_t>& starts : {in_order, out_of_order}) {
+    const Storage* made = nullptr;
+    std::vector<double> expected;
+    CustomOp total{"total",
+                   [](const std::vector<Tensor>& in) {
+                     return std::vector<Tensor>{add(add(sum(in[0]), sum(in[1])), sum(in[2]))};
+                   },
+                   [&](const std::vector<Tensor>&, const std::vector<Tensor>&) {
+                     Tensor buffer = Tensor::from_vector<double>(values, {2, 3, 10});
+                     made = buffer.storage().get();
+                     std::vector<Tensor> given;
+                     for (size_t i = 0; i < 3; ++i)
+                       given.push_back(buffer.view({2, 3, sizes[i]}, buffer.strides(), starts[i]));
+                     expected = concat(given, 2).to_vector<double>();
+                     return given;
+                   },
+                   {}};
+    // What reaches split's input: seen by the op before it, which passes it on.
+    const Storage* reached = nullptr;
+    std::vector<double> reached_values;
+    CustomOp probe{"probe", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul_scalar(in[0], 2.0)}; },
+                   [&](const std::vector<Tensor>& go, const std::vector<Tensor>&) {
+                     reached = go[0].storage().get();
+                     reached_values = go[0].to_vector<double>();
+                     return std::vector<Tensor>{mul_scalar(go[0], 2.0)};
+                   },
+                   {}};
+    backward(custom(total, split(custom(probe, {x})[0], 2, sizes))[0]);
+    CHECK((reached == made) == (starts == in_order));
+    CHECK(reached_values == expected);
+  }
+}
+
 TEST_CASE("autocast keeps a parameter's bf16 copy while it is unchanged, with a cast's bits, and AdamW rewrites it",
           "[autograd][autocast]") {
   // The cache itself (the CPU computes no GEMM in bf16: the CUDA suite runs linear and matmul on

@@ -125,6 +125,7 @@ class SplitNode final : public Node {
   }
   std::vector<int> saved_indices(size_t) const override { return {}; }
   std::vector<Tensor> backward(const BackwardContext& ctx) const override {
+    if (Tensor whole = side_by_side(ctx); whole.defined()) return {whole};
     // Outputs without a gradient contribute zeros of their shape.
     std::vector<Tensor> parts;
     const Tensor* any = nullptr;
@@ -143,6 +144,25 @@ class SplitNode final : public Node {
   }
 
  private:
+  // The outputs' gradients as x's gradient without a copy where they already lie as x's parts do:
+  // one buffer, the same strides, each part where its slice of x starts (attention's gradients of
+  // a fused projection's heads: kernels/cpu/attention.cpp). Undefined otherwise.
+  Tensor side_by_side(const BackwardContext& ctx) const {
+    const Tensor& first = ctx.grad_output(0);
+    if (!first.defined()) return Tensor();
+    int64_t start = 0;
+    for (size_t i = 0; i < sizes_.size(); ++i) {
+      const Tensor& g = ctx.grad_output(i);
+      if (!g.defined() || g.storage() != first.storage() || g.strides() != first.strides() ||
+          g.dtype() != first.dtype() || g.offset() != first.offset() + start * first.strides()[axis_])
+        return Tensor();
+      start += sizes_[i];
+    }
+    Shape shape = first.shape();
+    shape[axis_] = start;
+    return first.view(shape, first.strides(), first.offset());
+  }
+
   int64_t axis_;
   std::vector<int64_t> sizes_;
 };

@@ -5,7 +5,9 @@
 // q, k, v, o and dO may be strided views (any strides over B, H and T, unit stride over D), such
 // as the heads of a fused qkv projection: no copies. o is laid out [B, T, H, D] and returned as a
 // [B, H, T, D] view of it, so that merging the heads back to [B, T, H*D] is a view too (and the
-// output projection's saved input shares o's storage instead of copying it).
+// output projection's saved input shares o's storage instead of copying it). The gradients of
+// heads that lie side by side in one [B, T, 3C] projection are written side by side in one such
+// buffer, for the same reason (no copy to merge the heads, none in split's backward).
 // f32 heads of a dim that is a multiple of 16 take the AVX-512 kernels of attention_avx512.cpp
 // where remat's AVX-512 SGEMM runs the GEMMs (REMAT_CPU_GEMM=eigen or openblas keeps them on this
 // file's Eigen path, which f64 always takes): the same blocks of query rows, each sum in a fixed
@@ -78,6 +80,16 @@ cpu::HeadRowsF32 f32_head(const Tensor& t, int64_t h) {
   return {rows.base, rows.ld};
 }
 
+// Whether q, k and v are the heads of one [B, T, 3C] projection side by side, as gpt's fused qkv
+// hands them (split along the last dim, each [B, T, H, D] seen as [B, H, T, D]).
+bool packed_heads(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const int64_t t = q.size(2), d = q.size(3), c = q.size(1) * d;
+  const Strides packed{t * 3 * c, d, 3 * c, 1};
+  return q.storage() == k.storage() && q.storage() == v.storage() && q.strides() == packed &&
+         k.strides() == packed && v.strides() == packed && k.offset() == q.offset() + c &&
+         v.offset() == q.offset() + 2 * c;
+}
+
 // Per-thread scratch, allocated before the parallel loop (workspace memory; an allocation that
 // fails is then an ordinary error, not one thrown inside a parallel region).
 Tensor scratch(int64_t per_thread, DType dtype) {
@@ -135,8 +147,20 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const T
                                                    bool causal, double scale) {
   Tensor q = rows_of_d(q_in), k = rows_of_d(k_in), v = rows_of_d(v_in), o = rows_of_d(o_in), d_o = rows_of_d(d_o_in);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor dq = Tensor::empty(q.shape(), q.dtype()), dk = Tensor::zeros(q.shape(), q.dtype()),
-         dv = Tensor::zeros(q.shape(), q.dtype());
+  Tensor dq, dk, dv;
+  if (packed_heads(q, k, v)) {
+    // Their gradients side by side in one [B, T, 3C] buffer: the projection's split takes them
+    // back without a copy (SplitNode::backward), and merging each one's heads is a view.
+    const int64_t c = q.size(1) * d;
+    const Tensor grads = Tensor::zeros({q.size(0), t, 3 * c}, q.dtype());
+    dq = grads.view(q.shape(), q.strides(), 0);
+    dk = grads.view(q.shape(), q.strides(), c);
+    dv = grads.view(q.shape(), q.strides(), 2 * c);
+  } else {
+    dq = Tensor::empty(q.shape(), q.dtype());
+    dk = Tensor::zeros(q.shape(), q.dtype());
+    dv = Tensor::zeros(q.shape(), q.dtype());
+  }
   const bool avx512 = avx512_heads(q);
   Tensor work = scratch(avx512 ? cpu::attention_avx512_backward_scratch(t, d) : 2 * kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention_backward", [&]<typename T>() {
@@ -144,18 +168,15 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const T
     for (int64_t h = 0; h < heads; ++h) {
       if constexpr (std::is_same_v<T, float>)
         if (avx512) {
-          const size_t off = static_cast<size_t>(h * t * d);
+          HeadRows<float> dQ = head_of<float>(dq, h), dK = head_of<float>(dk, h), dV = head_of<float>(dv, h);
           cpu::attention_head_backward_avx512(f32_head(q, h), f32_head(k, h), f32_head(v, h), f32_head(o, h),
-                                              f32_head(d_o, h), lse.data<float>() + h * t, dq.data<float>() + off,
-                                              dk.data<float>() + off, dv.data<float>() + off, t, d, causal,
-                                              static_cast<float>(scale),
+                                              f32_head(d_o, h), lse.data<float>() + h * t, dQ.base, dK.base,
+                                              dV.base, dQ.ld, t, d, causal, static_cast<float>(scale),
                                               work.data<float>() + omp_get_thread_num() * work.size(1));
           continue;
         }
       HeadRows<T> Q = head_of<T>(q, h), K = head_of<T>(k, h), V = head_of<T>(v, h), O = head_of<T>(o, h),
-                  dO = head_of<T>(d_o, h);
-      size_t off = static_cast<size_t>(h * t * d);
-      T *dQ = dq.data<T>() + off, *dK = dk.data<T>() + off, *dV = dv.data<T>() + off;
+                  dO = head_of<T>(d_o, h), dQ = head_of<T>(dq, h), dK = head_of<T>(dk, h), dV = head_of<T>(dv, h);
       const T* L = lse.data<T>() + h * t;
       T* P = work.data<T>() + omp_get_thread_num() * 2 * kRows * t;
       T* dP = P + kRows * t;
@@ -169,15 +190,15 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const T
         MMap<T> Pb(P, rows, keys, Stride(t)), dPb(dP, rows, keys, Stride(t));
         CMap<T> dOb(dO.row(r0), rows, d, Stride(dO.ld)), Vk(V.base, keys, d, Stride(V.ld)),
             Kk(K.base, keys, d, Stride(K.ld)), Qb(Q.row(r0), rows, d, Stride(Q.ld));
-        Eigen::Map<Mat<T>>(dV, keys, d).noalias() += Pb.transpose() * dOb;  // d(v) term
+        MMap<T>(dV.base, keys, d, Stride(dV.ld)).noalias() += Pb.transpose() * dOb;  // d(v) term
         dPb.noalias() = dOb * Vk.transpose();
         for (int64_t i = 0; i < rows; ++i) {
           using Row = Eigen::Map<const Mat<T>>;
           T di = Row(dO.row(r0 + i), 1, d).cwiseProduct(Row(O.row(r0 + i), 1, d)).sum();  // D_i = dO_i . O_i
           for (int64_t j = 0; j < keys; ++j) dPb(i, j) = Pb(i, j) * (dPb(i, j) - di) * sc;  // dS, scaled
         }
-        Eigen::Map<Mat<T>>(dQ + r0 * d, rows, d).noalias() = dPb * Kk;              // d(q) term
-        Eigen::Map<Mat<T>>(dK, keys, d).noalias() += dPb.transpose() * Qb;          // d(k) term
+        MMap<T>(dQ.row(r0), rows, d, Stride(dQ.ld)).noalias() = dPb * Kk;        // d(q) term
+        MMap<T>(dK.base, keys, d, Stride(dK.ld)).noalias() += dPb.transpose() * Qb;  // d(k) term
       }
     }
   });

@@ -235,8 +235,8 @@ void attention_head_forward_avx512(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, 
 }
 
 void attention_head_backward_avx512(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, HeadRowsF32 o, HeadRowsF32 d_o,
-                                    const float* lse, float* dq, float* dk, float* dv, int64_t t, int64_t d,
-                                    bool causal, float scale, float* scratch) {
+                                    const float* lse, float* dq, float* dk, float* dv, int64_t grad_ld, int64_t t,
+                                    int64_t d, bool causal, float scale, float* scratch) {
   const int64_t tp = padded(t);
   float* kt = scratch;              // [d, tp]: the keys contiguous
   float* vt = kt + d * tp;          // [d, tp]: the values contiguous
@@ -256,7 +256,7 @@ void attention_head_backward_avx512(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v,
       exp_shifted_sum(row, lse[r0 + i], seen);
       std::fill(row + seen, row + keys, 0.0f);
     }
-    small_gemm<true>(keys, d, rows, p, 1, tp, do_block, d_o.ld, dv, d);          // dV += P^T dO
+    small_gemm<true>(keys, d, rows, p, 1, tp, do_block, d_o.ld, dv, grad_ld);          // dV += P^T dO
     small_gemm<false>(rows, keys, d, do_block, d_o.ld, 1, vt, tp, ds, tp);       // dP = dO V^T
     for (int64_t i = 0; i < rows; ++i) {  // dS = P (dP - D_i) scale, D_i = dO_i . O_i
       const __m512 di = _mm512_set1_ps(dot(do_block + i * d_o.ld, o.base + (r0 + i) * o.ld, d));
@@ -269,8 +269,8 @@ void attention_head_backward_avx512(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v,
         _mm512_mask_storeu_ps(dsr + j, mask, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, pr + j), g), sc));
       }
     }
-    small_gemm<false>(rows, d, keys, ds, tp, 1, k.base, k.ld, dq + r0 * d, d);  // dQ = dS K
-    small_gemm<true>(keys, d, rows, ds, 1, tp, q_block, q.ld, dk, d);           // dK += dS^T Q
+    small_gemm<false>(rows, d, keys, ds, tp, 1, k.base, k.ld, dq + r0 * grad_ld, grad_ld);  // dQ = dS K
+    small_gemm<true>(keys, d, rows, ds, 1, tp, q_block, q.ld, dk, grad_ld);           // dK += dS^T Q
   }
 }
 
@@ -284,7 +284,7 @@ void attention_head_forward_avx512(HeadRowsF32, HeadRowsF32, HeadRowsF32, float*
 }
 
 void attention_head_backward_avx512(HeadRowsF32, HeadRowsF32, HeadRowsF32, HeadRowsF32, HeadRowsF32, const float*,
-                                    float*, float*, float*, int64_t, int64_t, bool, float, float*) {
+                                    float*, float*, float*, int64_t, int64_t, int64_t, bool, float, float*) {
   REMAT_FAIL("attention (avx512): this build of remat was not compiled for AVX-512");
 }
 

@@ -31,10 +31,10 @@ int64_t attention_avx512_backward_scratch(int64_t t, int64_t d);
 void attention_head_forward_avx512(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, float* o, int64_t o_ld, float* lse,
                                    int64_t t, int64_t d, bool causal, float scale, float* scratch);
 
-// dq, dk, dv ([t, d] contiguous each; dk and dv zero on entry) for one head, the probabilities
-// rebuilt from lse.
+// dq, dk, dv for one head (t rows each, `grad_ld` floats apart; dk and dv zero on entry), the
+// probabilities rebuilt from lse.
 void attention_head_backward_avx512(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, HeadRowsF32 o, HeadRowsF32 d_o,
-                                    const float* lse, float* dq, float* dk, float* dv, int64_t t, int64_t d,
-                                    bool causal, float scale, float* scratch);
+                                    const float* lse, float* dq, float* dk, float* dv, int64_t grad_ld, int64_t t,
+                                    int64_t d, bool causal, float scale, float* scratch);
 
 }  // namespace remat::cpu
