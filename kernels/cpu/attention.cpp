@@ -6,8 +6,8 @@
 // as the heads of a fused qkv projection: no copies. o is laid out [B, T, H, D] and returned as a
 // [B, H, T, D] view of it, so that merging the heads back to [B, T, H*D] is a view too (and the
 // output projection's saved input shares o's storage instead of copying it). The gradients of
-// heads that lie side by side in one [B, T, 3C] projection are written side by side in one such
-// buffer, for the same reason (no copy to merge the heads, none in split's backward).
+// heads that lie side by side in one [B, T, 3C] projection go side by side into one such buffer
+// (kernels/attention_layout.h), for the same reason.
 // f32 heads of a dim that is a multiple of 16 take the AVX-512 kernels of attention_avx512.cpp
 // where remat's AVX-512 SGEMM runs the GEMMs (REMAT_CPU_GEMM=eigen or openblas keeps them on this
 // file's Eigen path, which f64 always takes): the same blocks of query rows, each sum in a fixed
@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/attention_layout.h"
 #include "kernels/cpu/attention_avx512.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/gemm.h"
@@ -80,16 +81,6 @@ cpu::HeadRowsF32 f32_head(const Tensor& t, int64_t h) {
   return {rows.base, rows.ld};
 }
 
-// Whether q, k and v are the heads of one [B, T, 3C] projection side by side, as gpt's fused qkv
-// hands them (split along the last dim, each [B, T, H, D] seen as [B, H, T, D]).
-bool packed_heads(const Tensor& q, const Tensor& k, const Tensor& v) {
-  const int64_t t = q.size(2), d = q.size(3), c = q.size(1) * d;
-  const Strides packed{t * 3 * c, d, 3 * c, 1};
-  return q.storage() == k.storage() && q.storage() == v.storage() && q.strides() == packed &&
-         k.strides() == packed && v.strides() == packed && k.offset() == q.offset() + c &&
-         v.offset() == q.offset() + 2 * c;
-}
-
 // Per-thread scratch, allocated before the parallel loop (workspace memory; an allocation that
 // fails is then an ordinary error, not one thrown inside a parallel region).
 Tensor scratch(int64_t per_thread, DType dtype) {
@@ -147,20 +138,13 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const T
                                                    bool causal, double scale) {
   Tensor q = rows_of_d(q_in), k = rows_of_d(k_in), v = rows_of_d(v_in), o = rows_of_d(o_in), d_o = rows_of_d(d_o_in);
   int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor dq, dk, dv;
-  if (packed_heads(q, k, v)) {
-    // Their gradients side by side in one [B, T, 3C] buffer: the projection's split takes them
-    // back without a copy (SplitNode::backward), and merging each one's heads is a view.
-    const int64_t c = q.size(1) * d;
-    const Tensor grads = Tensor::zeros({q.size(0), t, 3 * c}, q.dtype());
-    dq = grads.view(q.shape(), q.strides(), 0);
-    dk = grads.view(q.shape(), q.strides(), c);
-    dv = grads.view(q.shape(), q.strides(), 2 * c);
-  } else {
-    dq = Tensor::empty(q.shape(), q.dtype());
-    dk = Tensor::zeros(q.shape(), q.dtype());
-    dv = Tensor::zeros(q.shape(), q.dtype());
-  }
+  // dk and dv sum over query blocks: zeros to start from.
+  const std::vector<Tensor> grads =
+      packed_attention_heads(q, k, v)
+          ? packed_attention_grads(q, /*zeroed=*/true)
+          : std::vector<Tensor>{Tensor::empty(q.shape(), q.dtype()), Tensor::zeros(q.shape(), q.dtype()),
+                                Tensor::zeros(q.shape(), q.dtype())};
+  const Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2];
   const bool avx512 = avx512_heads(q);
   Tensor work = scratch(avx512 ? cpu::attention_avx512_backward_scratch(t, d) : 2 * kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention_backward", [&]<typename T>() {
@@ -202,7 +186,7 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const T
       }
     }
   });
-  return {dq, dk, dv};
+  return grads;
 }
 
 }  // namespace remat

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "kernels/attention_layout.h"
 #include "kernels/cuda/attention_heads.h"
 #include "kernels/cuda/attention_mma_kernels.cuh"
 #include "kernels/cuda/cuda_common.cuh"
@@ -124,8 +125,13 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q
   const Tensor d_o = readable_heads(d_o_in), q = readable_heads(q_in), k = readable_heads(k_in),
                v = readable_heads(v_in), o = readable_heads(o_in);
   const int64_t heads = q.size(0) * q.size(1), t = q.size(2), d = q.size(3);
-  Tensor dq = empty_heads(q), dk = empty_heads(q), dv = empty_heads(q);
-  if (heads == 0 || t == 0) return {dq, dk, dv};
+  // The heads of one fused projection get their gradients side by side in one buffer (no copy in
+  // split's backward), others each its own [B, T, H, D]; the kernels write every element.
+  const std::vector<Tensor> grads = packed_attention_heads(q, k, v)
+                                        ? packed_attention_grads(q, /*zeroed=*/false)
+                                        : std::vector<Tensor>{empty_heads(q), empty_heads(q), empty_heads(q)};
+  const Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2];
+  if (heads == 0 || t == 0) return grads;
   REMAT_CHECK(lse.dtype() == DType::f32, "attention (mma): expected the forward's f32 log-sum-exp, got ",
               dtype_name(lse.dtype()));
   count_cuda_attention_call(CudaAttention::mma);
@@ -153,7 +159,7 @@ std::vector<Tensor> attention_backward_mma(const Tensor& d_o_in, const Tensor& q
     });
   });
   REMAT_CUDA_LAUNCH_CHECK();
-  return {dq, dk, dv};
+  return grads;
 }
 
 }  // namespace remat::cuda

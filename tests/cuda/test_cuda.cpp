@@ -863,6 +863,39 @@ TEST_CASE("attention on the tensor cores (mma) matches the flash kernel in bf16,
   check_gpt_attention_path_bitwise(CudaAttention::mma);
 }
 
+TEST_CASE("attention (mma) writes a fused projection's head gradients side by side, with separate heads' bits",
+          "[cuda][op][attention][bf16]") {
+  // gpt's heads are views of one [B, T, 3C] projection: their gradients go into one such buffer
+  // (kernels/attention_layout.h) that split takes back without a copy. Against the same values
+  // as contiguous leaves (each gradient its own [B, T, H, D]): the same bits, forward and backward.
+  RestoreAttention restore;
+  set_cuda_attention(CudaAttention::mma);
+  manual_seed(31);
+  const int64_t b = 2, t = 40, h = 2, d = 32, c = h * d;
+  for (bool causal : {false, true}) {
+    INFO("causal " << causal);
+    Tensor qkv = Tensor::randn({b, t, 3 * c}).to(DType::bf16).to(kGpu).set_requires_grad(true);
+    const Tensor upstream = Tensor::randn({b, t, c}).to(DType::bf16).to(kGpu);
+    auto to_heads = [&](const Tensor& m) { return permute(reshape(m, {b, t, h, d}), {0, 2, 1, 3}); };
+    auto merged = [&](const Tensor& o) { return reshape(permute(o, {0, 2, 1, 3}), {b, t, c}); };
+    const int64_t calls = cuda_attention_calls(CudaAttention::mma);
+    auto parts = split(qkv, 2, {c, c, c});
+    Tensor o = attention(to_heads(parts[0]), to_heads(parts[1]), to_heads(parts[2]), causal);
+    backward(sum(mul(merged(o), upstream)));
+    std::vector<Tensor> dense;
+    for (const Tensor& p : parts) dense.push_back(to_heads(p).as_contiguous().detach().set_requires_grad(true));
+    Tensor o2 = attention(dense[0], dense[1], dense[2], causal);
+    backward(sum(mul(merged(o2), upstream)));
+    CHECK(cuda_attention_calls(CudaAttention::mma) - calls == 4);  // both ran on mma, both ways
+    CHECK(o2.to_vector<double>() == o.to_vector<double>());
+    for (int64_t i = 0; i < 3; ++i) {
+      INFO("gradient " << i << " (q, k, v)");
+      Tensor part = qkv.grad().view({b, t, c}, {t * 3 * c, 3 * c, 1}, i * c);
+      CHECK(to_heads(part).to_vector<double>() == dense[static_cast<size_t>(i)].grad().to_vector<double>());
+    }
+  }
+}
+
 // [gpu-only]: the emulated GPU has no cuDNN. Built where the build found cuDNN's frontend
 // (REMAT_TEST_CUDNN_ATTENTION); elsewhere the path is absent and the case checks the fallback.
 TEST_CASE("attention on cuDNN's fused SDPA (cudnn) matches the flash kernel in bf16, repeats its bits, shares the "
