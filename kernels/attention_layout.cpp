@@ -25,7 +25,8 @@ bool packed_attention_heads(const Tensor& q, const Tensor& k, const Tensor& v) {
 std::vector<Tensor> packed_attention_grads(const Tensor& q, bool zeroed) {
   const int64_t c = q.size(1) * q.size(3);
   const Shape shape{q.size(0), q.size(2), 3 * c};
-  const Tensor grads = zeroed ? Tensor::zeros(shape, q.dtype(), q.device()) : Tensor::empty(shape, q.dtype(), q.device());
+  const Tensor grads =
+      zeroed ? Tensor::zeros(shape, q.dtype(), q.device()) : Tensor::empty(shape, q.dtype(), q.device());
   const Strides strides = packed_strides(q);
   return {grads.view(q.shape(), strides, 0), grads.view(q.shape(), strides, c), grads.view(q.shape(), strides, 2 * c)};
 }
