@@ -13,13 +13,30 @@ namespace {
 // Sums over a row in kLanes interleaved partial sums (element i into lane i mod kLanes, each lane
 // in index order), the lanes then added pairwise: a fixed order, the same for every row and thread
 // count, that the compiler turns into vector adds where one running sum is a chain of dependent
-// adds, one at a time. A product is fused into its addition explicitly (std::fma), so no
+// adds, one at a time. A product is fused into its addition explicitly (mul_add), so no
 // element's rounding depends on what the compiler chose to contract.
 constexpr int kLanes = 16;
 
+// a b + c, one rounding where the CPU has FMA. Without FMA instructions (a build without
+// -march=native) std::fma is a software routine, tens of times slower, and nothing can contract.
+template <typename T>
+T mul_add(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The lanes are indexed by constants only (loops unrolled, the tail's lanes each under a test),
+// so that the compiler keeps them in registers: an array indexed by a variable lives in memory,
+// which under AddressSanitizer slowed layer_norm on tiny rows enough to change the options the
+// budget planner found cheapest in tests/test_schedule.cpp.
 template <typename T>
 T fold_lanes(T (&acc)[kLanes]) {
+#pragma GCC unroll 4
   for (int w = kLanes / 2; w > 0; w /= 2)
+#pragma GCC unroll 8
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
 }
@@ -30,8 +47,11 @@ T lane_sum(const T* x, int64_t n) {
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
+#pragma GCC unroll 16
     for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l];
-  for (int l = 0; i + l < n; ++l) acc[l] += x[i + l];
+#pragma GCC unroll 16
+  for (int l = 0; l < kLanes; ++l)
+    if (i + l < n) acc[l] += x[i + l];
   return fold_lanes(acc);
 }
 
@@ -41,8 +61,11 @@ T lane_dot(int64_t n, A a, B b) {
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] = std::fma(a(i + l), b(i + l), acc[l]);
-  for (int l = 0; i + l < n; ++l) acc[l] = std::fma(a(i + l), b(i + l), acc[l]);
+#pragma GCC unroll 16
+    for (int l = 0; l < kLanes; ++l) acc[l] = mul_add(a(i + l), b(i + l), acc[l]);
+#pragma GCC unroll 16
+  for (int l = 0; l < kLanes; ++l)
+    if (i + l < n) acc[l] = mul_add(a(i + l), b(i + l), acc[l]);
   return fold_lanes(acc);
 }
 
@@ -111,8 +134,8 @@ std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy_in, const T
         const T *g = pdy + r * c + i0, *xr = px + r * c + i0;
         const T mu = pm[r], rs = pr[r];
         for (int64_t i = 0; i < n; ++i) {
-          sw[i] = std::fma(g[i] * (xr[i] - mu), rs, sw[i]);  // d(weight) term: dy * xhat
-          sb[i] += g[i];                                      // d(bias) term
+          sw[i] = mul_add(g[i] * (xr[i] - mu), rs, sw[i]);  // d(weight) term: dy * xhat
+          sb[i] += g[i];                                     // d(bias) term
         }
       }
       std::copy(sw, sw + n, pdw + i0);
