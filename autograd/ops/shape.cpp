@@ -146,7 +146,7 @@ class SplitNode final : public Node {
  private:
   // The outputs' gradients as x's gradient without a copy where they already lie as x's parts do:
   // one buffer, the same strides, each part where its slice of x starts (attention's gradients of
-  // a fused projection's heads: kernels/cpu/attention.cpp). Undefined otherwise.
+  // a fused projection's heads: kernels/attention_layout.h). Undefined otherwise.
   Tensor side_by_side(const BackwardContext& ctx) const {
     const Tensor& first = ctx.grad_output(0);
     if (!first.defined()) return Tensor();

@@ -9,6 +9,8 @@
 #include <immintrin.h>
 
 #include <Eigen/Core>
+
+#include "kernels/cpu/vector_math.h"
 #endif
 
 #include "runtime/error.h"
@@ -148,7 +150,7 @@ void transpose_rows(HeadRowsF32 rows, int64_t t, int64_t d, float* out, int64_t 
 // lower clamp, so exp(-inf) is 0), on 16 lanes.
 __m512 exp_lanes(__m512 x) {
   const __m512 e = Eigen::internal::pexp(x);
-  const __mmask16 below = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.3762626647949f), _CMP_LT_OQ);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLowerClamp), _CMP_LT_OQ);
   return _mm512_mask_blend_ps(below, e, _mm512_setzero_ps());
 }
 

@@ -66,12 +66,14 @@ void map_blocks(const float* a, const float* b, float* y, int64_t n, F f) {
   }
 }
 
-// exp; below Eigen's lower clamp (-88.376...) Eigen returns a constant ~2.9e-39 instead of the
+inline constexpr float kExpLowerClamp = -88.3762626647949f;  // Eigen's; exp below it is taken as 0
+
+// exp; below Eigen's lower clamp (kExpLowerClamp) Eigen returns a constant ~2.9e-39 instead of the
 // decaying denormals, so those give 0: exp(-inf) is exactly 0, as masks rely on.
 // (A plain loop, not Eigen's select: select over a comparison is evaluated element by element.)
 inline VectorBlock exp_block(const VectorBlock& x) {
   VectorBlock e = x.exp();
-  for (int i = 0; i < kVectorBlock; ++i) e[i] = x[i] < -88.3762626647949f ? 0.0f : e[i];
+  for (int i = 0; i < kVectorBlock; ++i) e[i] = x[i] < kExpLowerClamp ? 0.0f : e[i];
   return e;
 }
 
