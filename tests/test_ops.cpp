@@ -276,6 +276,35 @@ TEST_CASE("the AVX-512 SGEMM gives the same bits for any thread count, and never
       }
 }
 
+TEST_CASE("gemm_bias gives the bits of the bias copied into C and a GEMM with beta 1, on every library",
+          "[op][matmul][gemm]") {
+  manual_seed(6);
+  const std::vector<std::string> libraries = cpu::gemm_libraries();
+  // Row and column splits, edge tiles, and k beyond one block of the AVX-512 SGEMM (512): there the
+  // bias goes in with the first block only.
+  for (const std::string& library : libraries) {
+    cpu::set_gemm_library(library);
+    for (auto [m, n, k] : {std::tuple{200, 90, 600}, {45, 700, 260}, {33, 47, 1}, {1000, 1000, 64}})
+      for (bool ta : {false, true})
+        for (bool tb : {false, true}) {
+          std::vector<float> a = Tensor::randn({m * k}).to_vector<float>(),
+                             b = Tensor::randn({k * n}).to_vector<float>(), bias = Tensor::randn({n}).to_vector<float>();
+          const int64_t lda = ta ? m : k, ldb = tb ? k : n, ldc = n + 3;  // padding after each row of C
+          std::vector<float> fused(static_cast<size_t>(m * ldc), -7.0f), copied = fused;
+          cpu::gemm_bias(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, bias.data(), fused.data(), ldc);
+          for (int64_t i = 0; i < m; ++i) std::copy(bias.begin(), bias.end(), copied.begin() + i * ldc);
+          cpu::gemm(ta, tb, m, n, k, 1.0f, a.data(), lda, b.data(), ldb, 1.0f, copied.data(), ldc);
+          INFO(library << " m " << m << " n " << n << " k " << k << " ta " << ta << " tb " << tb);
+          CHECK(std::memcmp(fused.data(), copied.data(), fused.size() * sizeof(float)) == 0);
+          // Not a GEMM without the bias: it was added.
+          std::vector<float> plain(fused.size(), -7.0f);
+          cpu::gemm(ta, tb, m, n, k, 1.0f, a.data(), lda, b.data(), ldb, 0.0f, plain.data(), ldc);
+          CHECK(fused[0] != plain[0]);
+        }
+  }
+  cpu::set_gemm_library(libraries.front());
+}
+
 TEST_CASE("linear equals matmul with the transposed weight plus bias", "[op][linear]") {
   manual_seed(2);
   Tensor x = Tensor::randn({2, 3, 4}, DType::f64), w = Tensor::randn({5, 4}, DType::f64), b = Tensor::randn({5}, DType::f64);

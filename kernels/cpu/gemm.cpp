@@ -151,6 +151,24 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
                            int64_t, double, double*, int64_t);
 
+template <typename T>
+void gemm_bias(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+               const T* bias, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<T, float>)
+    if (k > 0 && library() == Library::avx512)
+      return sgemm_avx512(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc, 0, bias);
+  constexpr int64_t kCopyGrain = 1 << 14;  // elements below which one thread copies (as kParallelGrain)
+#pragma omp parallel for if (m * n > kCopyGrain)
+  for (int64_t i = 0; i < m; ++i) std::copy(bias, bias + n, c + i * ldc);
+  gemm<T>(ta, tb, m, n, k, T(1), a, lda, b, ldb, T(1), c, ldc);
+}
+
+template void gemm_bias<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                               const float*, float*, int64_t);
+template void gemm_bias<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
+                                const double*, double*, int64_t);
+
 void set_gemm_library(const std::string& name) {
   g_library.store(static_cast<int>(choice_for(name, "set_gemm_library")));
 }

@@ -16,6 +16,13 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc);
 
+// C = op(A) op(B) + bias, the n values of bias added to every row of C (a linear layer): the bits of
+// copying bias into every row and gemm() with alpha 1 and beta 1. remat's AVX-512 SGEMM adds it as
+// it stores C, the other libraries take the copy first (one more pass over C).
+template <typename T>
+void gemm_bias(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+               int64_t ldb, const T* bias, T* c, int64_t ldc);
+
 // Which GEMM that is, its library's name first: "openblas (<kernel set> kernels)" with the set
 // OpenBLAS chose at start-up (from the CPU, or the environment's OPENBLAS_CORETYPE), or "avx512
 // (f64: openblas|eigen) beside openblas (...)", or "eigen ...".

@@ -58,14 +58,12 @@ Tensor CpuBackend::linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   Tensor y = Tensor::empty(out_shape, x.dtype());
   cpu::dispatch_float(x.dtype(), "linear", [&]<typename T>() {
     T* py = y.data<T>();
-    // y = x W^T (+ b): the bias is written first and the GEMM adds onto it (beta = 1), one pass.
-    if (b.defined()) {
-      const T* pb = b.data<T>();
-#pragma omp parallel for if (rows * out_features > cpu::kParallelGrain)
-      for (int64_t r = 0; r < rows; ++r) std::copy(pb, pb + out_features, py + r * out_features);
-    }
-    cpu::gemm<T>(false, true, rows, out_features, in, T(1), x.data<T>(), in, w.data<T>(), in, b.defined() ? T(1) : T(0),
-                 py, out_features);
+    // y = x W^T (+ b), the bias added as the GEMM stores y where it can (gemm_bias).
+    if (b.defined())
+      cpu::gemm_bias<T>(false, true, rows, out_features, in, x.data<T>(), in, w.data<T>(), in, b.data<T>(), py,
+                        out_features);
+    else
+      cpu::gemm<T>(false, true, rows, out_features, in, T(1), x.data<T>(), in, w.data<T>(), in, T(0), py, out_features);
   });
   return y;
 }

@@ -149,10 +149,11 @@ void pack_b(bool tb, const float* b, int64_t ldb, int64_t p0, int64_t kc, int64_
   }
 }
 
-// The first mr rows and nr columns of the tile at c: alpha (A panel . B panel) + beta c, where
-// beta = 0 does not read c. Every element goes through the same operations whatever mr and nr.
+// The first mr rows and nr columns of the tile at c: alpha (A panel . B panel) + beta c, plus the
+// tile's columns of bias in every row where bias is given; beta = 0 does not read c. Every element
+// goes through the same operations whatever mr and nr.
 void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
-                  int64_t mr, int64_t nr, float alpha, float beta) {
+                  int64_t mr, int64_t nr, float alpha, float beta, const float* bias) {
   __m512 acc0[kMR], acc1[kMR];
 #pragma GCC unroll 14
   for (int i = 0; i < kMR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
@@ -178,6 +179,8 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
   }
   const __mmask16 lo = lanes(nr), hi = lanes(nr - 16);
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(lo, bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(hi, bias + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 14
   for (int i = 0; i < kMR; ++i) {
     if (i >= mr) break;
@@ -187,24 +190,30 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
       r0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, row), r0);
       r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, row + 16), r1);
     }
+    // One rounded addition: the bits of the bias copied into c and added with beta = 1 (an FMA by 1).
+    if (bias) {
+      r0 = _mm512_add_ps(r0, bias0);
+      r1 = _mm512_add_ps(r1, bias1);
+    }
     _mm512_mask_storeu_ps(row, lo, r0);
     _mm512_mask_storeu_ps(row + 16, hi, r1);
   }
 }
 
 // The micro-kernels over one packed block of A (rows [ic, ic + mc) of C) and one of B (columns
-// [jc, jc + nc)): each 32-column panel of B serves every 14-row panel of A in turn.
+// [jc, jc + nc)): each 32-column panel of B serves every 14-row panel of A in turn. bias (its
+// columns [jc, jc + nc), or null) is added where this block of k is the first.
 void multiply_blocks(const float* packed_a, const float* packed_b, int64_t mc, int64_t nc, int64_t kc, float alpha,
-                     float beta, float* c, int64_t ldc) {
+                     float beta, const float* bias, float* c, int64_t ldc) {
   for (int64_t jr = 0; jr < nc; jr += kNR)
     for (int64_t ir = 0; ir < mc; ir += kMR)
       micro_kernel(kc, packed_a + ir * kc, packed_b + jr * kc, c + ir * ldc + jr, ldc, std::min(kMR, mc - ir),
-                   std::min(kNR, nc - jr), alpha, beta);
+                   std::min(kNR, nc - jr), alpha, beta, bias ? bias + jr : nullptr);
 }
 
-// One thread's GEMM over all of its C: a, b and c point at its first row / column.
+// One thread's GEMM over all of its C: a, b, bias and c point at its first row / column.
 void sgemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+                  const float* b, int64_t ldb, float beta, const float* bias, float* c, int64_t ldc) {
   PackBuffers& buf = pack_buffers();
   float* packed_a = buf.a(round_up(std::min(kMC, m), kMR) * std::min(kKC, k));
   float* packed_b = buf.b(std::min(kKC, k) * round_up(std::min(kNC, n), kNR));
@@ -212,12 +221,14 @@ void sgemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
     const int64_t nc = std::min(kNC, n - jc);
     for (int64_t pc = 0; pc < k; pc += kKC) {
       const int64_t kc = std::min(kKC, k - pc);
-      const float block_beta = pc == 0 ? beta : 1.0f;  // later blocks add to what the first wrote
+      // Later blocks add to what the first wrote (the bias with it).
+      const float block_beta = pc == 0 ? beta : 1.0f;
+      const float* block_bias = pc == 0 && bias ? bias + jc : nullptr;
       pack_b(tb, b, ldb, pc, kc, jc, nc, packed_b);
       for (int64_t ic = 0; ic < m; ic += kMC) {
         const int64_t mc = std::min(kMC, m - ic);
         pack_a(ta, a, lda, ic, mc, pc, kc, packed_a);
-        multiply_blocks(packed_a, packed_b, mc, nc, kc, alpha, block_beta, c + ic * ldc + jc, ldc);
+        multiply_blocks(packed_a, packed_b, mc, nc, kc, alpha, block_beta, block_bias, c + ic * ldc + jc, ldc);
       }
     }
   }
@@ -226,7 +237,7 @@ void sgemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
 // The threads split the rows of C and share each packed block of B, which they pack together
 // (each a share of its panels) between two barriers; each packs its own blocks of A.
 void sgemm_rows(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
+                const float* b, int64_t ldb, float beta, const float* bias, float* c, int64_t ldc, int threads) {
   float* shared_b = pack_buffers().b(std::min(kKC, k) * round_up(std::min(kNC, n), kNR));  // the calling thread's
   const int64_t tiles = (m + kMR - 1) / kMR;
   std::exception_ptr failure;  // a thread's buffer may fail to allocate: rethrown here
@@ -260,7 +271,8 @@ void sgemm_rows(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, 
         for (int64_t ic = first; ic < last; ic += kMC) {
           const int64_t mc = std::min(kMC, last - ic);
           pack_a(ta, a, lda, ic, mc, pc, kc, packed_a);
-          multiply_blocks(packed_a, shared_b, mc, nc, kc, alpha, pc == 0 ? beta : 1.0f, c + ic * ldc + jc, ldc);
+          multiply_blocks(packed_a, shared_b, mc, nc, kc, alpha, pc == 0 ? beta : 1.0f,
+                          pc == 0 && bias ? bias + jc : nullptr, c + ic * ldc + jc, ldc);
         }
       }
     }
@@ -273,9 +285,13 @@ void sgemm_rows(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, 
 bool sgemm_avx512_built() { return true; }
 
 void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads) {
-  // No products (C = beta C) or nothing to write: gemm() handles those before it picks a library.
-  if (m == 0 || n == 0 || k == 0) return gemm<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads, const float* bias) {
+  // No products (C = beta C + bias) or nothing to write: gemm() and gemm_bias() handle those before
+  // they pick a library.
+  if (m == 0 || n == 0 || k == 0) {
+    if (bias) return gemm_bias<float>(ta, tb, m, n, k, a, lda, b, ldb, bias, c, ldc);
+    return gemm<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
   // Each thread takes whole tiles of C, by rows (sharing the packed blocks of B) or by columns
   // (each packing all of A): by columns only when C is wider than tall.
   const bool split_rows = n <= m;
@@ -286,8 +302,8 @@ void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
   // (In double: m n k of huge operands would overflow 64 bits.)
   const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) / (1 << 20);
   threads = static_cast<int>(std::clamp<double>(std::min(work, static_cast<double>(tiles)), 1, threads));
-  if (threads == 1) return sgemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  if (split_rows) return sgemm_rows(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, threads);
+  if (threads == 1) return sgemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, bias, c, ldc);
+  if (split_rows) return sgemm_rows(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, bias, c, ldc, threads);
   std::exception_ptr failure;  // a thread's packing buffers may fail to allocate: rethrown here
 #pragma omp parallel num_threads(threads)
   {
@@ -296,7 +312,7 @@ void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
     try {
       if (last > first)
         sgemm_serial(ta, tb, m, last - first, k, alpha, a, lda, tb ? b + first * ldb : b + first, ldb, beta,
-                     c + first, ldc);
+                     bias ? bias + first : nullptr, c + first, ldc);
     } catch (...) {
 #pragma omp critical(remat_sgemm_failure)
       failure = std::current_exception();
@@ -310,7 +326,7 @@ void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
 bool sgemm_avx512_built() { return false; }
 
 void sgemm_avx512(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
-                  float*, int64_t, int) {
+                  float*, int64_t, int, const float*) {
   REMAT_FAIL("sgemm_avx512: this build of remat was not compiled for AVX-512 (meson option -Dnative on an "
              "AVX-512 CPU)");
 }

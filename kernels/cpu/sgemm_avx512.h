@@ -14,9 +14,12 @@ namespace remat::cpu {
 bool sgemm_avx512_built();
 
 // Row-major C = alpha op(A) op(B) + beta C, as gemm() (kernels/cpu/gemm.h); beta = 0 does not read
-// C. Splits the rows (or columns) of C among at most `threads` OpenMP threads (0: OpenMP's count;
-// one inside a parallel region). Throws when the build lacks the kernel.
+// C. With a bias (n values), (alpha op(A) op(B) + beta C) + bias in every row, added as C's tiles
+// are stored: gemm_bias()'s bits in one pass over C. Splits the rows (or columns) of C among at
+// most `threads` OpenMP threads (0: OpenMP's count; one inside a parallel region). Throws when the
+// build lacks the kernel.
 void sgemm_avx512(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads = 0);
+                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int threads = 0,
+                  const float* bias = nullptr);
 
 }  // namespace remat::cpu
