@@ -7,6 +7,7 @@
 #include "remat_version.h"
 
 #include "runtime/allocator.h"
+#include "runtime/cpu_allocator.h"
 #include "runtime/cuda_devices.h"
 #include "runtime/device.h"
 #include "runtime/dtype.h"

@@ -9,6 +9,7 @@
 #include <new>
 #include <string>
 
+#include "runtime/cpu_allocator.h"
 #include "runtime/error.h"
 
 namespace remat {
@@ -150,20 +151,6 @@ size_t Allocator::recorded_events() const {
 
 namespace {
 
-class CpuAllocator final : public Allocator {
- public:
-  Device device() const override { return Device::cpu(); }
-
- protected:
-  void* raw_allocate(size_t bytes) override {
-    size_t rounded = (bytes + 63) / 64 * 64;
-    void* ptr = rounded >= bytes ? std::aligned_alloc(64, rounded) : nullptr;
-    REMAT_CHECK(ptr != nullptr, "out of host memory: requested ", bytes, " bytes; ", usage());
-    return ptr;
-  }
-  void raw_deallocate(void* ptr, size_t) noexcept override { std::free(ptr); }
-};
-
 thread_local MemoryCategory t_category = MemoryCategory::activation;
 
 }  // namespace
@@ -171,14 +158,13 @@ thread_local MemoryCategory t_category = MemoryCategory::activation;
 Allocator* cuda_allocator(int index);  // runtime/cuda; throws when CUDA is not built or absent
 
 Allocator& allocator_for(Device device) {
-  if (device.is_cpu()) {
-    static CpuAllocator cpu;
-    return cpu;
-  }
+  if (device.is_cpu()) return cpu_allocator();
   return *cuda_allocator(device.index);
 }
 
 MemoryStats memory_stats(Device device) { return allocator_for(device).stats(); }
+
+void empty_cache(Device device) { allocator_for(device).release_cache(); }
 
 std::string format_bytes(int64_t bytes) {
   const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB"};

@@ -28,7 +28,7 @@ struct MemoryCounters {
 struct MemoryStats {
   MemoryCounters total;
   std::array<MemoryCounters, kMemoryCategoryCount> by_category{};
-  int64_t reserved = 0;  // bytes held from the system (caching allocators); equals total.current on CPU
+  int64_t reserved = 0;  // bytes held from the system: live, and cached for reuse (empty_cache gives those back)
   const MemoryCounters& operator[](MemoryCategory c) const { return by_category[static_cast<int>(c)]; }
 };
 
@@ -64,6 +64,8 @@ class Allocator {
   // block boundaries).
   size_t recorded_events() const;
   virtual Device device() const = 0;
+  // Gives the blocks a caching allocator keeps for reuse back to the system (none by default).
+  virtual void release_cache() noexcept {}
 
  protected:
   virtual void* raw_allocate(size_t bytes) = 0;
@@ -84,6 +86,9 @@ class Allocator {
 // The allocator of a device (cpu, or cuda:N when the CUDA backend is built).
 Allocator& allocator_for(Device device);
 MemoryStats memory_stats(Device device = Device::cpu());
+// Gives `device`'s cached free blocks back to the system (the CPU allocator's, or the CUDA caching
+// allocator's wholly free segments); live tensors keep theirs.
+void empty_cache(Device device = Device::cpu());
 // "1.5 GiB", "300 KiB", "12 bytes": for messages.
 std::string format_bytes(int64_t bytes);
 // "8GiB", "512M", "1e9", "4096": a byte count (K M G T powers of 1000, KiB MiB GiB TiB of 1024),

@@ -246,6 +246,44 @@ TEST_CASE("allocator counters are exact for a known sequence of allocations", "[
   CHECK(cpu.stats().total.peak == base.total.current);
 }
 
+TEST_CASE("the cpu allocator hands freed blocks of 64 KiB and more out again, as reserved bytes, until emptied",
+          "[runtime][memory]") {
+  const bool caching = cpu_caching();
+  set_cpu_caching(true);  // off by default under AddressSanitizer
+  empty_cache();
+  Allocator& cpu = allocator_for(Device::cpu());
+  const MemoryStats base = cpu.stats();
+  CHECK(cpu_cached_bytes() == 0);
+  constexpr int64_t kBlock = 256 << 10;
+  const void* first = nullptr;
+  {
+    Tensor t = Tensor::empty({kBlock / 4}, DType::f32);
+    first = t.raw_data();
+  }
+  CHECK(cpu_cached_bytes() == kBlock);
+  CHECK(cpu.stats().reserved - base.reserved == kBlock);
+  CHECK(cpu.stats().total.current == base.total.current);  // the counters count live bytes only
+  {
+    Tensor other = Tensor::empty({kBlock / 4 + 16}, DType::f32);  // another size: a block of its own
+    CHECK(other.raw_data() != first);
+    Tensor same = Tensor::empty({kBlock / 8}, DType::f64);  // the same size
+    CHECK(same.raw_data() == first);
+    CHECK(cpu_cached_bytes() == 0);
+    Tensor small = Tensor::empty({1000}, DType::f32);  // under 64 KiB: left to malloc
+  }
+  CHECK(cpu_cached_bytes() >= kBlock);
+  empty_cache();
+  CHECK(cpu_cached_bytes() == 0);
+  CHECK(cpu.stats().reserved == base.reserved);
+  set_cpu_caching(false);
+  {
+    Tensor t = Tensor::empty({kBlock / 4}, DType::f32);
+  }
+  CHECK(cpu_cached_bytes() == 0);
+  CHECK(cpu.stats().reserved == base.reserved);
+  set_cpu_caching(caching);
+}
+
 TEST_CASE("the memory recorder logs allocs and frees with their category", "[runtime][memory]") {
   Allocator& cpu = allocator_for(Device::cpu());
   cpu.start_recording();

@@ -35,6 +35,7 @@ class CachingAllocator final : public Allocator {
   Device device() const override { return Device::cuda(device_); }
   // Returns every wholly free segment to the driver.
   void empty_cache();
+  void release_cache() noexcept override { empty_cache(); }
   int64_t segment_count() const;
 
  protected:

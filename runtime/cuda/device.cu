@@ -137,7 +137,7 @@ int wait_copies(int index, int keep_in_flight) {
   return cuda::poll_copies();
 }
 
-void empty_cache(int index) { static_cast<CachingAllocator*>(allocator(index))->empty_cache(); }
+void empty_device_cache(int index) { static_cast<CachingAllocator*>(allocator(index))->empty_cache(); }
 
 int64_t segment_count(int index) { return static_cast<CachingAllocator*>(allocator(index))->segment_count(); }
 
@@ -146,7 +146,7 @@ int64_t segment_count(int index) { return static_cast<CachingAllocator*>(allocat
 extern "C" void* remat_cuda_runtime_entry() {
   static const CudaRuntimeApi table{device_count,    device_name,    allocator,
                                     copy_bytes_sync, memset_zero,    fill,
-                                    synchronize,     empty_cache,    segment_count,
+                                    synchronize,     empty_device_cache, segment_count,
                                     cuda::pinned_allocator, cuda::copy_async, cuda::wait_for_copy,
                                     cuda::poll_copies, cuda_kernels_copy_strided, set_device,
                                     compute_idle,    record_event,   elapsed_ms,
