@@ -32,12 +32,12 @@ namespace {
 
 EnvSwitch g_caching("REMAT_CPU_CACHING", kCachingByDefault);
 
-// Why a cache: a training step frees and asks again for the same large blocks every step. Given back
-// to the C library, they go back to the system whenever malloc trims its heap or unmaps them, and
-// each page costs a fault when the next step writes it: gpt small's steps ran 7% slower on a 2-core
-// VM without the cache (docs/results/cpu.md, session 36). Only blocks of kCachedFrom bytes and more
-// are kept (malloc keeps smaller ones itself), by exact size (steps repeat their shapes), and never
-// more bytes than were ever live at once, so that the process holds at most twice its peak.
+// Why a cache: a training step frees and asks again for the same large blocks every step. Given
+// back to the C library, they go back to the system whenever malloc trims its heap or unmaps them,
+// and each page costs a fault when the next step writes it: gpt small's steps ran up to 9% slower
+// on a 2-core VM without the cache (docs/results/cpu.md, session 36). Only blocks of kCachedFrom
+// bytes and more are kept (malloc keeps smaller ones itself), by exact size (steps repeat their
+// shapes), and never more bytes than were ever live at once: the process holds at most twice its peak.
 class CpuAllocator final : public Allocator {
  public:
   static constexpr size_t kAlign = 64;  // a cache line, and an AVX-512 vector
