@@ -44,6 +44,8 @@ class CpuAllocator final : public Allocator {
   static constexpr size_t kCachedFrom = 64 << 10;
 
   Device device() const override { return Device::cpu(); }
+  // What a request takes from the C library: whole lines of kAlign bytes (less than bytes on overflow).
+  static size_t rounded(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
   void release_cache() noexcept override {
     std::lock_guard lock(mutex_);
@@ -64,40 +66,40 @@ class CpuAllocator final : public Allocator {
 
  protected:
   void* raw_allocate(size_t bytes) override {
-    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
-    REMAT_CHECK(rounded >= bytes, "out of host memory: requested ", bytes, " bytes; ", usage());
-    if (rounded >= kCachedFrom && g_caching.get())  // (a bad REMAT_CPU_CACHING throws here, not in a free)
-      if (void* block = take_cached(rounded)) return block;
-    void* ptr = std::aligned_alloc(kAlign, rounded);
+    const size_t size = rounded(bytes);
+    REMAT_CHECK(size >= bytes, "out of host memory: requested ", bytes, " bytes; ", usage());
+    if (size >= kCachedFrom && g_caching.get())  // (a bad REMAT_CPU_CACHING throws here, not in a free)
+      if (void* block = take_cached(size)) return block;
+    void* ptr = std::aligned_alloc(kAlign, size);
     if (ptr == nullptr && cached_bytes() > 0) {  // the cache's blocks may be what the system lacks
       release_cache();
-      ptr = std::aligned_alloc(kAlign, rounded);
+      ptr = std::aligned_alloc(kAlign, size);
     }
     REMAT_CHECK(ptr != nullptr, "out of host memory: requested ", bytes, " bytes; ", usage());
     std::lock_guard lock(mutex_);
-    held_ += rounded;
+    held_ += size;
     max_live_ = std::max(max_live_, held_ - cached_);
     return ptr;
   }
 
   void raw_deallocate(void* ptr, size_t bytes) noexcept override {
-    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+    const size_t size = rounded(bytes);
     bool caching = false;
     try {
       caching = g_caching.get();
     } catch (...) {  // a bad REMAT_CPU_CACHING: the next allocation says so
     }
     std::lock_guard lock(mutex_);
-    if (caching && rounded >= kCachedFrom && cached_ + rounded <= max_live_) {
+    if (caching && size >= kCachedFrom && cached_ + size <= max_live_) {
       try {
-        cache_[rounded].push_back(ptr);
-        cached_ += rounded;
-        REMAT_POISON(ptr, rounded);
+        cache_[size].push_back(ptr);
+        cached_ += size;
+        REMAT_POISON(ptr, size);
         return;
       } catch (...) {  // no memory for the bookkeeping: the block goes back instead
       }
     }
-    held_ -= rounded;
+    held_ -= size;
     std::free(ptr);
   }
 
@@ -107,14 +109,14 @@ class CpuAllocator final : public Allocator {
   }
 
  private:
-  void* take_cached(size_t rounded) {
+  void* take_cached(size_t size) {
     std::lock_guard lock(mutex_);
-    auto it = cache_.find(rounded);
+    auto it = cache_.find(size);
     if (it == cache_.end() || it->second.empty()) return nullptr;
     void* block = it->second.back();
     it->second.pop_back();
-    cached_ -= rounded;
-    REMAT_UNPOISON(block, rounded);
+    cached_ -= size;
+    REMAT_UNPOISON(block, size);
     max_live_ = std::max(max_live_, held_ - cached_);
     return block;
   }

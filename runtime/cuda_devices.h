@@ -14,7 +14,8 @@ int cuda_device_count();   // 0 without a GPU, without CUDA's libraries or witho
 std::string cuda_unavailable_reason();
 std::string cuda_device_name(int index);
 void cuda_synchronize(int index);  // waits for all work queued on the device
-void cuda_empty_cache(int index);  // returns the caching allocator's wholly free segments to the driver
+// Returns the caching allocator's wholly free segments to the driver: empty_cache(Device::cuda(index)).
+void cuda_empty_cache(int index);
 // How many times remat has made the host wait for a GPU since the process started: copies to the
 // host (item(), to_vector, .to(cpu)), copies from the host of more than 1 MiB (smaller ones are
 // staged in page-locked memory and queued), cuda_synchronize, event timings. A training step that
