@@ -60,9 +60,10 @@ void print_budgets(const std::vector<PolicyResult>& results) {
     for (const auto& f : results)
       if (f.budget_bytes < 0 && f.activation_peak_bytes <= r.budget_bytes && (!best || f.median_step_ms < best->median_step_ms))
         best = &f;
-    fmt::print("{}: budget {:.2f} MiB, predicted {:.2f} MiB, measured {:.2f} MiB; checkpoints {}; recompute "
+    fmt::print("{}: budget {:.2f} MiB, predicted {:.2f} MiB (at {}), measured {:.2f} MiB; checkpoints {}; recompute "
                "predicted {:.1f} ms, replayed {:.1f} ms; {:.1f} ms",
-               r.policy, mib(r.budget_bytes), mib(r.predicted_peak_bytes), mib(r.activation_peak_bytes),
+               r.policy, mib(r.budget_bytes), mib(r.predicted_peak_bytes), r.predicted_peak_at,
+               mib(r.activation_peak_bytes),
                r.planned_blocks, r.predicted_recompute_ms, r.median_replay_ms, r.median_step_ms);
     if (best)
       fmt::print(" vs {:.1f} ms for {} (fastest fixed policy within the budget)\n", best->median_step_ms, best->policy);
@@ -154,6 +155,7 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                                                        ? nlohmann::json(nullptr)
                                                        : nlohmann::json(r.predicted_recompute_ms)},
                         {"planned_blocks", r.planned_blocks},
+                        {"predicted_peak_at", r.predicted_peak_at},
                         {"profile", profile_json(r.profile)}});
   }
   nlohmann::json doc = {{"schema", "remat-bench/1"}, {"machine", machine}, {"run", run}, {"policies", policies}};

@@ -197,7 +197,10 @@ int run_policies(const PolicyOptions& o) {
         const BudgetPlan& plan = planner.current();
         r.budget_bytes = plan.budget_bytes;
         r.planned_blocks.clear();
-        r.predicted_peak_bytes = std::max(r.predicted_peak_bytes, plan.predicted_peak_bytes);  // rounds replan
+        if (plan.predicted_peak_bytes >= r.predicted_peak_bytes) {  // rounds replan: the highest of their peaks
+          r.predicted_peak_bytes = plan.predicted_peak_bytes;
+          r.predicted_peak_at = plan.predicted_peak_at;
+        }
         r.predicted_recompute_ms =  // a running mean over the rounds
             (r.predicted_recompute_ms * round + plan.predicted_recompute_ms) / (round + 1);
         for (const auto& b : plan.blocks)

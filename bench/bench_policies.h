@@ -60,6 +60,7 @@ struct PolicyResult {
   int64_t budget_bytes = -1, predicted_peak_bytes = -1;
   double predicted_recompute_ms = -1;  // the plan's, from its retimed op times (a mean over rounds)
   std::string planned_blocks;
+  std::string predicted_peak_at;  // where the simulation puts that peak (BudgetPlan::predicted_peak_at)
   // With --profile: the traced step's time per op and phase (autograd/trace.h's self_times); the
   // step's host time is timeline_step_us.
   std::vector<OpTime> profile;

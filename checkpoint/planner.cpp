@@ -461,23 +461,45 @@ int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
   return saved;
 }
 
-// One block of the simulation (planner.h): from the bytes kept by the blocks before it and the
-// worst peak so far, those after block `b` under option `i` (its forward, and its replay if any).
+// The simulation's terms (planner.h) for block `b` under option `o`, after blocks that keep
+// `prefix` bytes: its forward, and its replay (for an option that recomputes anything).
+int64_t forward_term(const PlannedBlock& b, const BlockOption& o, int64_t prefix) {
+  return prefix + b.alive_before_bytes + o.forward_peak_bytes + o.extra_forward_bytes;
+}
+int64_t replay_term(const BlockOption& o, const StepMemory& step, int64_t prefix) {
+  return step.pre_saved + step.held + prefix + o.kept_bytes + o.rebuilt_bytes;
+}
+
+// One block of the simulation: from the bytes kept by the blocks before it and the worst peak so
+// far, those after block `b` under option `i`.
 std::pair<int64_t, int64_t> advance(const PlannedBlock& b, size_t i, const StepMemory& step, int64_t prefix,
                                     int64_t worst) {
   const BlockOption& o = b.options[i];
-  worst = std::max(worst, prefix + b.alive_before_bytes + o.forward_peak_bytes + o.extra_forward_bytes);
-  if (i > 0) worst = std::max(worst, step.pre_saved + step.held + prefix + o.kept_bytes + o.rebuilt_bytes);
+  worst = std::max(worst, forward_term(b, o, prefix));
+  if (i > 0) worst = std::max(worst, replay_term(o, step, prefix));
   return {prefix + o.kept_bytes, worst};
 }
 
 }  // namespace
 
+SimulatedPeak locate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
+  SimulatedPeak peak{step.before_blocks_peak, "before the blocks"};
+  auto consider = [&](int64_t bytes, const std::string& where) {
+    if (bytes > peak.bytes) peak = {bytes, where};
+  };
+  int64_t kept = 0;
+  for (const PlannedBlock& b : blocks) {
+    const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
+    consider(forward_term(b, o, kept), b.name + "'s forward");
+    if (b.choice > 0) consider(replay_term(o, step, kept), b.name + "'s replay");
+    kept += o.kept_bytes;
+  }
+  consider(step.after_blocks_peak - saved_by_blocks(blocks) + kept, "the head, the loss and backward");
+  return peak;
+}
+
 int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
-  int64_t kept = 0, peak = step.before_blocks_peak;
-  for (const PlannedBlock& b : blocks)
-    std::tie(kept, peak) = advance(b, static_cast<size_t>(b.choice), step, kept, peak);
-  return std::max(peak, step.after_blocks_peak - saved_by_blocks(blocks) + kept);
+  return locate_peak(blocks, step).bytes;
 }
 
 int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
@@ -768,7 +790,9 @@ const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
     }
   }
   plan_.predicted_recompute_ms = chosen_recompute_ms(plan_.blocks);
-  plan_.predicted_peak_bytes = simulate_peak(plan_.blocks, plan_.step);
+  const SimulatedPeak peak = locate_peak(plan_.blocks, plan_.step);
+  plan_.predicted_peak_bytes = peak.bytes;
+  plan_.predicted_peak_at = peak.where;
   plan_.measured_peak_bytes = -1;
   plan_.measured_replay_ms = -1;
   return plan_;
@@ -829,11 +853,21 @@ std::string BudgetPlan::to_string() const {
       << " MiB, floor " << mib(floor_bytes) << " MiB)\n";
   int n = 0;
   for (const PlannedBlock& b : blocks) n += b.checkpointed;
-  out << "checkpoint " << n << " of " << blocks.size() << " blocks";
-  for (const PlannedBlock& b : blocks)
-    if (b.checkpointed) out << "\n  " << b.name << ": recompute " << b.options[static_cast<size_t>(b.choice)].name;
-  out << "\npredicted activation peak " << mib(predicted_peak_bytes) << " MiB, recompute " << predicted_recompute_ms
-      << " ms per step (op times of " << (retimed ? "a step under the plan" : "the recorded step") << ")\n";
+  out << "checkpoint " << n << " of " << blocks.size() << " blocks (each keeps through forward, of what it saves"
+      << " without checkpointing)";
+  for (const PlannedBlock& b : blocks) {
+    const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
+    out << "\n  " << b.name << ": ";
+    if (b.checkpointed)
+      out << "recompute " << o.name << "; keeps " << mib(o.kept_bytes) << " of " << mib(b.saved_bytes) << " MiB, "
+          << o.recompute_ms << " ms";
+    else
+      out << "keep, " << mib(b.saved_bytes) << " MiB";
+  }
+  out << "\npredicted activation peak " << mib(predicted_peak_bytes) << " MiB";
+  if (!predicted_peak_at.empty()) out << " at " << predicted_peak_at;
+  out << ", recompute " << predicted_recompute_ms << " ms per step (op times of "
+      << (retimed ? "a step under the plan" : "the recorded step") << ")\n";
   if (measured_peak_bytes >= 0)
     out << "measured activation peak " << mib(measured_peak_bytes) << " MiB, replay " << measured_replay_ms << " ms\n";
   return out.str();

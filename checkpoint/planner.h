@@ -92,6 +92,7 @@ struct BudgetPlan {
   int64_t none_peak_bytes = 0;       // measured while recording (no checkpointing)
   StepMemory step;
   int64_t predicted_peak_bytes = 0;
+  std::string predicted_peak_at;     // where the simulation puts that peak (locate_peak)
   int64_t floor_bytes = 0;           // the least simulated peak of any choice (floor_peak)
   size_t search_states = 0;          // the largest Pareto front the search kept
   double predicted_recompute_ms = 0;
@@ -106,6 +107,14 @@ struct BudgetPlan {
 
 // Simulated activation peak for the options chosen in `blocks`.
 int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step);
+// The same, and which term of the simulation reaches it first: "before the blocks", "<block>'s
+// forward", "<block>'s replay" or "the head, the loss and backward". Where a budget's cost comes
+// from: the blocks before that point must keep less for a lower budget to fit.
+struct SimulatedPeak {
+  int64_t bytes = 0;
+  std::string where;
+};
+SimulatedPeak locate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step);
 // The least simulated peak any choice of options reaches.
 int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step);
 

@@ -139,6 +139,9 @@ TEST_CASE("the budget planner fits 25, 50 and 75 percent of the no-checkpoint pe
     INFO(percent << "%: " << plan.to_string());
     CHECK(plan.none_peak_bytes == none_peak);
     CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
+    CHECK(locate_peak(plan.blocks, plan.step).where == plan.predicted_peak_at);
+    CHECK_THAT(plan.to_string(), Catch::Matchers::Contains(" at " + plan.predicted_peak_at + ", recompute") &&
+                                     Catch::Matchers::Contains("; keeps "));
     int64_t measured = g.step_peak();
     // The simulation counts forward working sets and replay transients: no slack.
     CHECK(measured <= plan.predicted_peak_bytes);
@@ -415,6 +418,52 @@ TEST_CASE("the planner's search is exact: it matches every choice enumerated", "
       }
     }
   }
+}
+
+TEST_CASE("the plan names the term of the simulation where its peak lies", "[planner][budget]") {
+  // Two blocks: keep (10 bytes kept, a forward working set of 12) or recompute (2 kept, a forward
+  // working set of 11, `rebuilt` held by the replay); 1 byte alive at each block's start.
+  auto blocks_with = [](int64_t rebuilt) {
+    std::vector<PlannedBlock> blocks(2);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      PlannedBlock& b = blocks[i];
+      b.name = "blocks." + std::to_string(i);
+      b.saved_bytes = 10;
+      b.alive_before_bytes = 1;
+      BlockOption keep, drop;
+      keep.name = "keep", keep.kept_bytes = 10, keep.forward_peak_bytes = 12;
+      drop.name = "drop", drop.recompute = {true}, drop.kept_bytes = 2, drop.rebuilt_bytes = rebuilt;
+      drop.forward_peak_bytes = 11;
+      b.options = {keep, drop};
+    }
+    return blocks;
+  };
+  // 3 before the blocks, 1 saved before them, the head 5 above what the blocks save.
+  const StepMemory step{3, 1, 0, 25};
+  struct Case {
+    int first, second;
+    int64_t rebuilt, bytes;
+    std::string where;
+  };
+  for (const Case& c : std::vector<Case>{{0, 0, 8, 25, "the head, the loss and backward"},  // 5 + 10 + 10
+                                         {1, 0, 8, 17, "the head, the loss and backward"},  // 5 + 2 + 10
+                                         {0, 1, 8, 22, "blocks.1's forward"},               // 10 + 1 + 11
+                                         {1, 1, 20, 25, "blocks.1's replay"},               // 1 + 2 + 2 + 20
+                                         {1, 0, 30, 33, "blocks.0's replay"}}) {            // 1 + 0 + 2 + 30
+    std::vector<PlannedBlock> blocks = blocks_with(c.rebuilt);
+    blocks[0].choice = c.first, blocks[1].choice = c.second;
+    const SimulatedPeak peak = locate_peak(blocks, step);
+    INFO("choice " << c.first << c.second << ", rebuilt " << c.rebuilt);
+    CHECK(peak.bytes == c.bytes);
+    CHECK(peak.where == c.where);
+    CHECK(simulate_peak(blocks, step) == peak.bytes);
+  }
+  // Below everything the blocks do: the peak before them.
+  std::vector<PlannedBlock> blocks = blocks_with(0);
+  blocks[0].choice = blocks[1].choice = 1;
+  const SimulatedPeak early = locate_peak(blocks, StepMemory{40, 1, 0, 25});
+  CHECK(early.bytes == 40);
+  CHECK(early.where == "before the blocks");
 }
 
 TEST_CASE("a budget covers the activations or every byte, in bytes with units or as a percentage",

@@ -2,8 +2,8 @@
 # remat-bench as a user runs it: gpt tiny under none, full and a budget in one pass and in two
 # micro-batches, with --json; every policy's gradients bitwise equal to none's, checkpointing
 # happening (ops replayed, activation peak below none's), the micro-batch halving the activation
-# peak, the floor matching the measured peak, the budget's predicted recompute reported; and a bad
-# --micro-batches or `ops --attention` one line and exit 2.
+# peak, the floor matching the measured peak, the budget's predicted recompute and the place of its
+# predicted peak reported; and a bad --micro-batches or `ops --attention` one line and exit 2.
 set -uo pipefail
 build=${1:-build}
 bench=$build/bench/remat-bench
@@ -40,6 +40,9 @@ for n, run in runs.items():
     check(b["predicted_recompute_ms"] is not None and b["predicted_recompute_ms"] > 0,
           f"budget:50% at {n}: predicted recompute {b['predicted_recompute_ms']}")
     check(p["none"]["predicted_recompute_ms"] is None, "none: a predicted recompute")
+    check(b["predicted_peak_at"].startswith("blocks.") or b["predicted_peak_at"] in
+          ("before the blocks", "the head, the loss and backward"),
+          f"budget:50% at {n}: predicted peak at {b['predicted_peak_at']!r}")
 one, two = by_policy(runs[1])["none"]["activation_peak_bytes"], by_policy(runs[2])["none"]["activation_peak_bytes"]
 check(two * 2 <= one + 1024, f"none: activation peak {two} in 2 micro-batches, {one} in one")
 if failures:
