@@ -723,6 +723,63 @@ TEST_CASE("conv2d equals a naive direct convolution for strides and paddings", "
                     Contains("conv2d: expected weight [Cout, 3, kh, kw]"));
 }
 
+TEST_CASE("conv2d's gradients equal direct sums: one image or several per GEMM, kernels past the border",
+          "[op][conv2d]") {
+  // The CPU backend puts about 2^19 column values in one GEMM: [3, 32, 32, 32] by 3x3 is one image
+  // per GEMM (three GEMMs), [5, 16, 32, 32] three then two, the small ones every image in one.
+  struct Case {
+    int64_t n, cin, h, w, cout, kh, kw;
+    int stride, padding;
+  };
+  manual_seed(11);
+  for (const Case& c : {Case{3, 32, 32, 32, 2, 3, 3, 1, 1}, Case{5, 16, 32, 32, 2, 3, 3, 2, 1},
+                        Case{4, 3, 7, 6, 5, 3, 3, 1, 1}, Case{2, 2, 2, 3, 3, 5, 4, 3, 2}, Case{3, 2, 5, 5, 2, 1, 1, 2, 0},
+                        Case{2, 3, 6, 7, 2, 4, 2, 2, 3}}) {
+    INFO("x [" << c.n << ", " << c.cin << ", " << c.h << ", " << c.w << "], w [" << c.cout << ", " << c.cin << ", "
+               << c.kh << ", " << c.kw << "], stride " << c.stride << ", padding " << c.padding);
+    Tensor x = Tensor::randn({c.n, c.cin, c.h, c.w}, DType::f64).set_requires_grad(true);
+    Tensor w = Tensor::randn({c.cout, c.cin, c.kh, c.kw}, DType::f64).set_requires_grad(true);
+    Tensor b = Tensor::randn({c.cout}, DType::f64).set_requires_grad(true);
+    Tensor y = conv2d(x, w, b, c.stride, c.padding);
+    const int64_t ho = y.size(2), wo = y.size(3);
+    REQUIRE(ho == (c.h + 2 * c.padding - c.kh) / c.stride + 1);
+    REQUIRE(wo == (c.w + 2 * c.padding - c.kw) / c.stride + 1);
+    Tensor dy = Tensor::randn(y.shape(), DType::f64);
+    backward(y, dy);
+    auto X = values(x), W = values(w), B = values(b), Y = values(y), DY = values(dy);
+    std::vector<double> want_y(Y.size()), dx(X.size(), 0.0), dw(W.size(), 0.0), db(B.size(), 0.0);
+    auto xi = [&](int64_t n, int64_t ch, int64_t iy, int64_t ix) { return ((n * c.cin + ch) * c.h + iy) * c.w + ix; };
+    auto wi = [&](int64_t o, int64_t ch, int64_t i, int64_t j) { return ((o * c.cin + ch) * c.kh + i) * c.kw + j; };
+    for (int64_t n = 0; n < c.n; ++n)
+      for (int64_t o = 0; o < c.cout; ++o)
+        for (int64_t oy = 0; oy < ho; ++oy)
+          for (int64_t ox = 0; ox < wo; ++ox) {
+            const size_t yi = static_cast<size_t>(((n * c.cout + o) * ho + oy) * wo + ox);
+            double acc = B[o];
+            db[o] += DY[yi];
+            for (int64_t ch = 0; ch < c.cin; ++ch)
+              for (int64_t i = 0; i < c.kh; ++i)
+                for (int64_t j = 0; j < c.kw; ++j) {
+                  const int64_t iy = oy * c.stride - c.padding + i, ix = ox * c.stride - c.padding + j;
+                  if (iy < 0 || iy >= c.h || ix < 0 || ix >= c.w) continue;
+                  acc += X[xi(n, ch, iy, ix)] * W[wi(o, ch, i, j)];
+                  dx[xi(n, ch, iy, ix)] += DY[yi] * W[wi(o, ch, i, j)];
+                  dw[wi(o, ch, i, j)] += DY[yi] * X[xi(n, ch, iy, ix)];
+                }
+            want_y[yi] = acc;
+          }
+    auto close = [](const std::vector<double>& got, const std::vector<double>& want) {
+      double worst = 0;
+      for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::abs(got[i] - want[i]) / (1 + std::abs(want[i])));
+      return worst;
+    };
+    CHECK(close(Y, want_y) < 1e-12);
+    CHECK(close(values(x.grad()), dx) < 1e-12);
+    CHECK(close(values(w.grad()), dw) < 1e-12);
+    CHECK(close(values(b.grad()), db) < 1e-12);
+  }
+}
+
 TEST_CASE("group_norm, resampling, modulation and timestep embedding compute the textbook values", "[op][image]") {
   manual_seed(8);
   Tensor x = Tensor::randn({2, 4, 3, 3}, DType::f64);

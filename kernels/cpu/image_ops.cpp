@@ -1,19 +1,15 @@
-// CPU image ops: conv2d (im2col + Eigen GEMM), group_norm, nearest upsampling, average pooling,
+// CPU image ops: conv2d (im2col + remat's GEMM), group_norm, nearest upsampling, average pooling,
 // adaLN modulation and the sinusoidal timestep embedding. Images are [N, C, H, W].
-#include <Eigen/Core>
-#include <omp.h>
-
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/gemm.h"
 #include "runtime/workspace.h"
 
 namespace remat {
 
 namespace {
-
-template <typename T>
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 struct ConvShape {
   int64_t n, cin, h, w, cout, kh, kw, ho, wo;
@@ -26,84 +22,178 @@ ConvShape conv_shape(const Tensor& x, const Tensor& w, int stride, int padding) 
   return s;
 }
 
-// cols [cin * kh * kw, ho * wo] of one image; zero outside the padded border.
-template <typename T>
-void im2col(const T* x, const ConvShape& s, int stride, int padding, T* cols) {
-  for (int64_t c = 0; c < s.cin; ++c)
-    for (int64_t i = 0; i < s.kh; ++i)
-      for (int64_t j = 0; j < s.kw; ++j) {
-        T* row = cols + ((c * s.kh + i) * s.kw + j) * s.ho * s.wo;
-        for (int64_t oy = 0; oy < s.ho; ++oy) {
-          int64_t iy = oy * stride - padding + i;
-          for (int64_t ox = 0; ox < s.wo; ++ox) {
-            int64_t ix = ox * stride - padding + j;
-            row[oy * s.wo + ox] = (iy >= 0 && iy < s.h && ix >= 0 && ix < s.w) ? x[(c * s.h + iy) * s.w + ix] : T(0);
-          }
-        }
-      }
+// The output columns [lo, hi) whose input column ox * stride - padding + j lies inside the image
+// for kernel column j: the rest read the zero border.
+std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int stride, int padding, int64_t j) {
+  auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  const int64_t lo = std::clamp<int64_t>(-floor_div(j - padding, stride), 0, s.wo);  // ceil((padding - j) / stride)
+  const int64_t hi = std::clamp<int64_t>(floor_div(s.w - 1 + padding - j, stride) + 1, lo, s.wo);
+  return {lo, hi};
 }
 
-// The adjoint of im2col: adds each column entry back to the pixel it came from.
+// Channel c's rows of one image's columns: row (c, i, j) holds, for each output pixel, the input
+// pixel under kernel tap (i, j), zero outside the padded border. Rows are `ld` apart (the columns
+// of several images lie side by side). Each output row is zeros, a run of the input row (a copy
+// at stride 1) and zeros.
 template <typename T>
-void col2im(const T* cols, const ConvShape& s, int stride, int padding, T* x) {
-  for (int64_t c = 0; c < s.cin; ++c)
-    for (int64_t i = 0; i < s.kh; ++i)
-      for (int64_t j = 0; j < s.kw; ++j) {
-        const T* row = cols + ((c * s.kh + i) * s.kw + j) * s.ho * s.wo;
-        for (int64_t oy = 0; oy < s.ho; ++oy) {
-          int64_t iy = oy * stride - padding + i;
-          if (iy < 0 || iy >= s.h) continue;
-          for (int64_t ox = 0; ox < s.wo; ++ox) {
-            int64_t ix = ox * stride - padding + j;
-            if (ix >= 0 && ix < s.w) x[(c * s.h + iy) * s.w + ix] += row[oy * s.wo + ox];
-          }
+void im2col_channel(const T* x, const ConvShape& s, int stride, int padding, int64_t c, T* cols, int64_t ld) {
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) {
+      T* row = cols + ((c * s.kh + i) * s.kw + j) * ld;
+      const auto [lo, hi] = inside_columns(s, stride, padding, j);
+      if (stride == 1 && s.wo == s.w) {
+        // Output rows as wide as the input's ("same" padding): the tap's rows are the input plane
+        // shifted by (i - padding) rows and (j - padding) columns, one copy for all of them; the
+        // columns the shift wraps onto the neighbouring row are then zeroed (a strided store per
+        // row, where a copy per row cost a library call for some 30 values).
+        const int64_t top = std::clamp<int64_t>(padding - i, 0, s.ho);
+        const int64_t bottom = std::clamp<int64_t>(s.h + padding - i, top, s.ho);
+        std::fill(row, row + top * s.wo, T(0));
+        std::fill(row + bottom * s.wo, row + s.ho * s.wo, T(0));
+        if (top == bottom) continue;
+        const int64_t begin = top * s.wo + lo, end = (bottom - 1) * s.wo + hi;
+        const T* plane = x + c * s.h * s.w;
+        const int64_t shift = (i - padding) * s.w + (j - padding);  // input index = output index + shift
+        if (begin < end) std::copy(plane + (begin + shift), plane + (end + shift), row + begin);
+        for (int64_t oy = top; oy < bottom; ++oy) {
+          T* out = row + oy * s.wo;
+          for (int64_t ox = 0; ox < lo; ++ox) out[ox] = T(0);
+          for (int64_t ox = hi; ox < s.wo; ++ox) out[ox] = T(0);
         }
+        continue;
       }
+      for (int64_t oy = 0; oy < s.ho; ++oy) {
+        T* out = row + oy * s.wo;
+        const int64_t iy = oy * stride - padding + i;
+        if (iy < 0 || iy >= s.h) {
+          std::fill(out, out + s.wo, T(0));
+          continue;
+        }
+        std::fill(out, out + lo, T(0));
+        const T* in = x + (c * s.h + iy) * s.w + (lo * stride - padding + j);
+        if (stride == 1)
+          std::copy(in, in + (hi - lo), out + lo);
+        else
+          for (int64_t ox = lo; ox < hi; ++ox) out[ox] = in[(ox - lo) * stride];
+        std::fill(out + hi, out + s.wo, T(0));
+      }
+    }
+}
+
+// The adjoint for channel c: adds each column entry back to the pixel it came from, taps in order
+// (each pixel's sum in the same order whatever the layout of the loops over pixels).
+template <typename T>
+void col2im_channel(const T* cols, int64_t ld, const ConvShape& s, int stride, int padding, int64_t c, T* x) {
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const T* row = cols + ((c * s.kh + i) * s.kw + j) * ld;
+      const auto [lo, hi] = inside_columns(s, stride, padding, j);
+      for (int64_t oy = 0; oy < s.ho; ++oy) {
+        const int64_t iy = oy * stride - padding + i;
+        if (iy < 0 || iy >= s.h) continue;
+        T* dst = x + (c * s.h + iy) * s.w + (lo * stride - padding + j);
+        const T* src = row + oy * s.wo;
+        if (stride == 1)
+          for (int64_t ox = lo; ox < hi; ++ox) dst[ox - lo] += src[ox];
+        else
+          for (int64_t ox = lo; ox < hi; ++ox) dst[(ox - lo) * stride] += src[ox];
+      }
+    }
+}
+
+// Images per GEMM: the columns of that many images side by side, about kChunkElements values (at
+// least one image). From the shape alone, so the sums over images (dW, db) take an order the shape
+// fixes. One GEMM over several images' columns gives remat's GEMM more columns than one small
+// image has, and the column buffers stay at 2 MiB in f32 (or one image's).
+constexpr int64_t kChunkElements = int64_t{1} << 19;
+int64_t images_per_chunk(const ConvShape& s) {
+  const int64_t per_image = std::max<int64_t>(s.cin * s.kh * s.kw * s.ho * s.wo, 1);
+  return std::clamp<int64_t>(kChunkElements / per_image, 1, std::max<int64_t>(s.n, 1));
+}
+
+// The columns of images [first, first + g) side by side: cols [k, g * p], image i at column i * p.
+template <typename T>
+void im2col_images(const T* x, const ConvShape& s, int stride, int padding, int64_t first, int64_t g, T* cols) {
+  const int64_t p = s.ho * s.wo, ld = g * p;
+#pragma omp parallel for collapse(2) if (g * s.cin * s.kh * s.kw * p > cpu::kParallelGrain)
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t c = 0; c < s.cin; ++c)
+      im2col_channel(x + (first + i) * s.cin * s.h * s.w, s, stride, padding, c, cols + i * p, ld);
 }
 
 }  // namespace
 
+// y = W cols per chunk of images (remat's GEMM: cpu::gemm), then each image's [Cout, p] block of
+// the chunk's [Cout, g * p] product copied into y with the bias added (one rounding, as a bias
+// added after the product).
 Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) {
   ConvShape s = conv_shape(x, w, stride, padding);
   Tensor y = Tensor::empty({s.n, s.cout, s.ho, s.wo}, x.dtype());
   cpu::dispatch_float(x.dtype(), "conv2d", [&]<typename T>() {
-    int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo;
-    Eigen::Map<const Mat<T>> W(w.data<T>(), s.cout, k);
-    // Column buffers for every thread, allocated before the parallel loop: an allocation that fails
-    // is then an ordinary error, never one thrown inside a parallel region (which terminates).
-    Tensor scratch = empty_workspace({static_cast<int64_t>(omp_get_max_threads()), k, p}, x.dtype());
-#pragma omp parallel for if (s.n * s.cout * p * k > cpu::kParallelGrain)
-    for (int64_t n = 0; n < s.n; ++n) {
-      T* cols = scratch.data<T>() + omp_get_thread_num() * k * p;
-      im2col(x.data<T>() + n * s.cin * s.h * s.w, s, stride, padding, cols);
-      Eigen::Map<Mat<T>> Y(y.data<T>() + n * s.cout * p, s.cout, p);
-      Y.noalias() = W * Eigen::Map<const Mat<T>>(cols, k, p);
-      if (b.defined())
-        for (int64_t o = 0; o < s.cout; ++o) Y.row(o).array() += b.data<T>()[o];
+    const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
+    // Allocated before any parallel loop: an allocation that fails is an ordinary error, never one
+    // thrown inside a parallel region (which terminates).
+    Tensor cols = empty_workspace({k, chunk * p}, x.dtype()), prod = empty_workspace({s.cout, chunk * p}, x.dtype());
+    const T* bias = b.defined() ? b.data<T>() : nullptr;
+    for (int64_t first = 0; first < s.n; first += chunk) {
+      const int64_t g = std::min(chunk, s.n - first), ld = g * p;
+      im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
+      cpu::gemm<T>(false, false, s.cout, ld, k, T(1), w.data<T>(), k, cols.data<T>(), ld, T(0), prod.data<T>(), ld);
+      const T* pr = prod.data<T>();
+      T* py = y.data<T>() + first * s.cout * p;
+#pragma omp parallel for collapse(2) if (g * s.cout * p > cpu::kParallelGrain)
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t o = 0; o < s.cout; ++o) {
+          const T* src = pr + o * ld + i * p;
+          T* dst = py + (i * s.cout + o) * p;
+          if (bias)
+            for (int64_t e = 0; e < p; ++e) dst[e] = src[e] + bias[o];
+          else
+            std::copy(src, src + p, dst);
+        }
     }
   });
   return y;
 }
 
+// Per chunk of images: dy's blocks side by side (dyc [Cout, g * p]), then dW += dyc cols^T,
+// dcols = W^T dyc gathered back onto each image's pixels, and db += dyc's row sums. dW and db sum
+// over the chunks in order and within a chunk over its images' pixels in order (the GEMM's sums
+// over k are never split among threads; gemm.h), so replays and reruns repeat the bits.
 std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride,
                                                 int padding, bool has_bias) {
   ConvShape s = conv_shape(x, w, stride, padding);
   Tensor dx = Tensor::zeros(x.shape(), x.dtype()), dw = Tensor::zeros(w.shape(), x.dtype());
   Tensor db = has_bias ? Tensor::zeros({s.cout}, x.dtype()) : Tensor();
   cpu::dispatch_float(x.dtype(), "conv2d_backward", [&]<typename T>() {
-    int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo;
-    Eigen::Map<const Mat<T>> W(w.data<T>(), s.cout, k);
-    Eigen::Map<Mat<T>> dW(dw.data<T>(), s.cout, k);
-    Tensor cols = empty_workspace({k, p}, x.dtype()), dcols = empty_workspace({k, p}, x.dtype());
-    // Images in order, so dW and db sum in a fixed order; each GEMM is threaded by Eigen.
-    for (int64_t n = 0; n < s.n; ++n) {
-      Eigen::Map<const Mat<T>> dY(dy.data<T>() + n * s.cout * p, s.cout, p);
-      im2col(x.data<T>() + n * s.cin * s.h * s.w, s, stride, padding, cols.data<T>());
-      dW.noalias() += dY * Eigen::Map<const Mat<T>>(cols.data<T>(), k, p).transpose();  // d(weight) term
-      Eigen::Map<Mat<T>>(dcols.data<T>(), k, p).noalias() = W.transpose() * dY;          // d(input) columns
-      col2im(dcols.data<T>(), s, stride, padding, dx.data<T>() + n * s.cin * s.h * s.w);
-      if (has_bias)
-        for (int64_t o = 0; o < s.cout; ++o) db.data<T>()[o] += dY.row(o).sum();  // d(bias) term
+    const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
+    Tensor cols = empty_workspace({k, chunk * p}, x.dtype()), dcols = empty_workspace({k, chunk * p}, x.dtype());
+    Tensor dyc = empty_workspace({s.cout, chunk * p}, x.dtype());
+    for (int64_t first = 0; first < s.n; first += chunk) {
+      const int64_t g = std::min(chunk, s.n - first), ld = g * p;
+      const T* pdy = dy.data<T>() + first * s.cout * p;
+      T* pc = dyc.data<T>();
+#pragma omp parallel for collapse(2) if (g * s.cout * p > cpu::kParallelGrain)
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t o = 0; o < s.cout; ++o) std::copy_n(pdy + (i * s.cout + o) * p, p, pc + o * ld + i * p);
+      im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
+      cpu::gemm<T>(false, true, s.cout, k, ld, T(1), pc, ld, cols.data<T>(), ld, T(first == 0 ? 0 : 1),
+                   dw.data<T>(), k);  // d(weight) term
+      cpu::gemm<T>(true, false, k, ld, s.cout, T(1), w.data<T>(), k, pc, ld, T(0), dcols.data<T>(), ld);
+      const T* pd = dcols.data<T>();
+#pragma omp parallel for collapse(2) if (g * k * p > cpu::kParallelGrain)
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t c = 0; c < s.cin; ++c)
+          col2im_channel(pd + i * p, ld, s, stride, padding, c, dx.data<T>() + (first + i) * s.cin * s.h * s.w);
+      if (has_bias) {
+        T* pb = db.data<T>();
+#pragma omp parallel for if (s.cout * ld > cpu::kParallelGrain)
+        for (int64_t o = 0; o < s.cout; ++o) {
+          T sum = pb[o];
+          for (int64_t e = 0; e < ld; ++e) sum += pc[o * ld + e];  // d(bias) term
+          pb[o] = sum;
+        }
+      }
     }
   });
   return {dx, dw, db};
