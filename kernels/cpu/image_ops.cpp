@@ -5,6 +5,7 @@
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/lane_sums.h"
 #include "runtime/workspace.h"
 
 namespace remat {
@@ -199,6 +200,10 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
   return {dx, dw, db};
 }
 
+// A group's statistics and gradients sum its channels one after another, each channel's pixels in
+// kLanes interleaved partial sums (kernels/cpu/lane_sums.h): a fixed order that vectorises, where
+// one running sum over the group was a chain of dependent adds and each element looked up its
+// channel's weight through a division.
 std::vector<Tensor> CpuBackend::group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, double eps) {
   int64_t n = x.size(0), c = x.size(1);
   // An empty batch (or empty images): nothing to normalise, statistics 0.
@@ -213,15 +218,24 @@ std::vector<Tensor> CpuBackend::group_norm(const Tensor& x, const Tensor& w, con
 #pragma omp parallel for if (x.numel() > cpu::kParallelGrain)
     for (int64_t ng = 0; ng < n * groups; ++ng) {
       const T* g = px + ng * m;  // a group's channels are contiguous in [N, C, H, W]
-      T sum = 0;
-      for (int64_t i = 0; i < m; ++i) sum += g[i];
-      T mu = sum / static_cast<T>(m), var = 0;
-      for (int64_t i = 0; i < m; ++i) var += (g[i] - mu) * (g[i] - mu);
-      T rs = T(1) / std::sqrt(var / static_cast<T>(m) + static_cast<T>(eps));
-      int64_t c0 = (ng % groups) * cg;
-      for (int64_t i = 0; i < m; ++i) {
-        int64_t ch = c0 + i / hw;
-        py[ng * m + i] = (g[i] - mu) * rs * pw[ch] + pb[ch];
+      T acc[cpu::kLanes] = {};
+      for (int64_t cc = 0; cc < cg; ++cc) {
+        const T* pixels = g + cc * hw;
+        cpu::lane_sum_into(acc, hw, [pixels](int64_t i) { return pixels[i]; });
+      }
+      const T mu = cpu::fold_lanes(acc) / static_cast<T>(m);
+      T sq[cpu::kLanes] = {};
+      for (int64_t cc = 0; cc < cg; ++cc) {
+        const T* pixels = g + cc * hw;
+        auto centred = [pixels, mu](int64_t i) { return pixels[i] - mu; };
+        cpu::lane_dot_into(sq, hw, centred, centred);
+      }
+      const T rs = T(1) / std::sqrt(cpu::fold_lanes(sq) / static_cast<T>(m) + static_cast<T>(eps));
+      const int64_t c0 = (ng % groups) * cg;
+      for (int64_t cc = 0; cc < cg; ++cc) {
+        const T *pixels = g + cc * hw, wc = pw[c0 + cc], bc = pb[c0 + cc];
+        T* out = py + ng * m + cc * hw;
+        for (int64_t i = 0; i < hw; ++i) out[i] = (pixels[i] - mu) * rs * wc + bc;
       }
       pm[ng] = mu;
       pr[ng] = rs;
@@ -241,32 +255,40 @@ std::vector<Tensor> CpuBackend::group_norm_backward(const Tensor& dy, const Tens
     T *pdx = dx.data<T>(), *pdw = dw.data<T>(), *pdb = db.data<T>();
 #pragma omp parallel for if (x.numel() > cpu::kParallelGrain)
     for (int64_t ng = 0; ng < n * groups; ++ng) {
-      int64_t c0 = (ng % groups) * cg;
-      T mu = pm[ng], rs = pr[ng], mean_d = 0, mean_dx = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        T xhat = (px[ng * m + i] - mu) * rs, d = pdy[ng * m + i] * pw[c0 + i / hw];
-        mean_d += d;
-        mean_dx += d * xhat;
+      const int64_t c0 = (ng % groups) * cg;
+      const T mu = pm[ng], rs = pr[ng];
+      T sum_d[cpu::kLanes] = {}, sum_dx[cpu::kLanes] = {};
+      for (int64_t cc = 0; cc < cg; ++cc) {
+        const T *xs = px + ng * m + cc * hw, *gs = pdy + ng * m + cc * hw, wc = pw[c0 + cc];
+        auto d = [gs, wc](int64_t i) { return gs[i] * wc; };
+        cpu::lane_sum_into(sum_d, hw, d);
+        cpu::lane_dot_into(sum_dx, hw, d, [xs, mu, rs](int64_t i) { return (xs[i] - mu) * rs; });
       }
-      mean_d /= static_cast<T>(m);
-      mean_dx /= static_cast<T>(m);
-      for (int64_t i = 0; i < m; ++i) {
-        T xhat = (px[ng * m + i] - mu) * rs, d = pdy[ng * m + i] * pw[c0 + i / hw];
-        pdx[ng * m + i] = rs * (d - mean_d - xhat * mean_dx);  // as layer_norm, over the group
+      const T mean_d = cpu::fold_lanes(sum_d) / static_cast<T>(m);
+      const T mean_dx = cpu::fold_lanes(sum_dx) / static_cast<T>(m);
+      for (int64_t cc = 0; cc < cg; ++cc) {
+        const T *xs = px + ng * m + cc * hw, *gs = pdy + ng * m + cc * hw, wc = pw[c0 + cc];
+        T* out = pdx + ng * m + cc * hw;
+        for (int64_t i = 0; i < hw; ++i) {
+          const T xhat = (xs[i] - mu) * rs, d = gs[i] * wc;
+          out[i] = rs * (d - mean_d - xhat * mean_dx);  // as layer_norm, over the group
+        }
       }
     }
+    // Each channel's parameter gradients over the images in order, each image's pixels in lanes.
 #pragma omp parallel for if (x.numel() > cpu::kParallelGrain)
     for (int64_t ch = 0; ch < c; ++ch) {
-      int64_t g = ch / cg;
-      T sw = 0, sb = 0;
-      for (int64_t b = 0; b < n; ++b)
-        for (int64_t i = 0; i < hw; ++i) {
-          int64_t at = (b * c + ch) * hw + i;
-          sw += pdy[at] * (px[at] - pm[b * groups + g]) * pr[b * groups + g];  // d(weight) term
-          sb += pdy[at];                                                      // d(bias) term
-        }
-      pdw[ch] = sw;
-      pdb[ch] = sb;
+      const int64_t g = ch / cg;
+      T sw[cpu::kLanes] = {}, sb[cpu::kLanes] = {};
+      for (int64_t b = 0; b < n; ++b) {
+        const T *xs = px + (b * c + ch) * hw, *gs = pdy + (b * c + ch) * hw;
+        const T mu = pm[b * groups + g], rs = pr[b * groups + g];
+        cpu::lane_dot_into(sw, hw, [gs](int64_t i) { return gs[i]; },
+                           [xs, mu, rs](int64_t i) { return (xs[i] - mu) * rs; });  // d(weight) term: dy * xhat
+        cpu::lane_sum_into(sb, hw, [gs](int64_t i) { return gs[i]; });         // d(bias) term
+      }
+      pdw[ch] = cpu::fold_lanes(sw);
+      pdb[ch] = cpu::fold_lanes(sb);
     }
   });
   return {dx, dw, db};

@@ -4,72 +4,10 @@
 #include <limits>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/lane_sums.h"
 #include "kernels/cpu/vector_math.h"
 
 namespace remat {
-
-namespace {
-
-// Sums over a row in kLanes interleaved partial sums (element i into lane i mod kLanes, each lane
-// in index order), the lanes then added pairwise: a fixed order, the same for every row and thread
-// count, that the compiler turns into vector adds where one running sum is a chain of dependent
-// adds, one at a time. A product is fused into its addition explicitly (mul_add), so no
-// element's rounding depends on what the compiler chose to contract.
-constexpr int kLanes = 16;
-
-// a b + c, one rounding where the CPU has FMA. Without FMA instructions (a build without
-// -march=native) std::fma is a software routine, tens of times slower, and nothing can contract.
-template <typename T>
-T mul_add(T a, T b, T c) {
-#ifdef __FMA__
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-// The lanes are indexed by constants only (loops unrolled, the tail's lanes each under a test),
-// so that the compiler keeps them in registers: an array indexed by a variable lives in memory,
-// which under AddressSanitizer slowed layer_norm on tiny rows enough to change the options the
-// budget planner found cheapest in tests/test_schedule.cpp.
-template <typename T>
-T fold_lanes(T (&acc)[kLanes]) {
-#pragma GCC unroll 4
-  for (int w = kLanes / 2; w > 0; w /= 2)
-#pragma GCC unroll 8
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
-}
-
-// sum_i x[i], i < n.
-template <typename T>
-T lane_sum(const T* x, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-#pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l];
-#pragma GCC unroll 16
-  for (int l = 0; l < kLanes; ++l)
-    if (i + l < n) acc[l] += x[i + l];
-  return fold_lanes(acc);
-}
-
-// sum_i a(i) b(i), i < n.
-template <typename T, typename A, typename B>
-T lane_dot(int64_t n, A a, B b) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-#pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) acc[l] = mul_add(a(i + l), b(i + l), acc[l]);
-#pragma GCC unroll 16
-  for (int l = 0; l < kLanes; ++l)
-    if (i + l < n) acc[l] = mul_add(a(i + l), b(i + l), acc[l]);
-  return fold_lanes(acc);
-}
-
-}  // namespace
 
 // y in another dtype than x (AutocastOutput::compute) is the result cast, dy in another dtype is
 // cast to x's first: the bits of the cast nodes it replaces (bf16 is a storage format only here).
@@ -84,9 +22,9 @@ std::vector<Tensor> CpuBackend::layer_norm(const Tensor& x, const Tensor& w, con
 #pragma omp parallel for if (rows * c > cpu::kParallelGrain)
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = px + r * c;
-      T mu = lane_sum(row, c) / static_cast<T>(c);
+      T mu = cpu::lane_sum(row, c) / static_cast<T>(c);
       auto centred = [&](int64_t i) { return row[i] - mu; };
-      T var = lane_dot<T>(c, centred, centred);
+      T var = cpu::lane_dot<T>(c, centred, centred);
       T rs = T(1) / std::sqrt(var / static_cast<T>(c) + static_cast<T>(eps));
       for (int64_t i = 0; i < c; ++i) py[r * c + i] = (row[i] - mu) * rs * pw[i] + pb[i];
       pm[r] = mu;
@@ -112,9 +50,9 @@ std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy_in, const T
       T mu = pm[r], rs = pr[r];
       auto dxhat = [&](int64_t i) { return g[i] * pw[i]; };
       auto xhat = [&](int64_t i) { return (row[i] - mu) * rs; };
-      const T mean_dxhat = lane_dot<T>(c, [&](int64_t i) { return g[i]; }, [&](int64_t i) { return pw[i]; }) /
+      const T mean_dxhat = cpu::lane_dot<T>(c, [&](int64_t i) { return g[i]; }, [&](int64_t i) { return pw[i]; }) /
                            static_cast<T>(c);
-      const T mean_dxhat_xhat = lane_dot<T>(c, dxhat, xhat) / static_cast<T>(c);
+      const T mean_dxhat_xhat = cpu::lane_dot<T>(c, dxhat, xhat) / static_cast<T>(c);
       for (int64_t i = 0; i < c; ++i) {
         T xhat = (row[i] - mu) * rs;
         // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -134,7 +72,7 @@ std::vector<Tensor> CpuBackend::layer_norm_backward(const Tensor& dy_in, const T
         const T *g = pdy + r * c + i0, *xr = px + r * c + i0;
         const T mu = pm[r], rs = pr[r];
         for (int64_t i = 0; i < n; ++i) {
-          sw[i] = mul_add(g[i] * (xr[i] - mu), rs, sw[i]);  // d(weight) term: dy * xhat
+          sw[i] = cpu::mul_add(g[i] * (xr[i] - mu), rs, sw[i]);  // d(weight) term: dy * xhat
           sb[i] += g[i];                                     // d(bias) term
         }
       }
