@@ -126,7 +126,7 @@ void im2col_images(const T* x, const ConvShape& s, int stride, int padding, int6
 
 // y = W cols per chunk of images (remat's GEMM: cpu::gemm), then each image's [Cout, p] block of
 // the chunk's [Cout, g * p] product copied into y with the bias added (one rounding, as a bias
-// added after the product).
+// added after the product). A chunk of one image is already y's layout: the GEMM writes y.
 Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) {
   ConvShape s = conv_shape(x, w, stride, padding);
   Tensor y = Tensor::empty({s.n, s.cout, s.ho, s.wo}, x.dtype());
@@ -134,14 +134,16 @@ Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int
     const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
     // Allocated before any parallel loop: an allocation that fails is an ordinary error, never one
     // thrown inside a parallel region (which terminates).
-    Tensor cols = empty_workspace({k, chunk * p}, x.dtype()), prod = empty_workspace({s.cout, chunk * p}, x.dtype());
+    Tensor cols = empty_workspace({k, chunk * p}, x.dtype());
+    Tensor prod = chunk > 1 ? empty_workspace({s.cout, chunk * p}, x.dtype()) : Tensor();
     const T* bias = b.defined() ? b.data<T>() : nullptr;
     for (int64_t first = 0; first < s.n; first += chunk) {
       const int64_t g = std::min(chunk, s.n - first), ld = g * p;
-      im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
-      cpu::gemm<T>(false, false, s.cout, ld, k, T(1), w.data<T>(), k, cols.data<T>(), ld, T(0), prod.data<T>(), ld);
-      const T* pr = prod.data<T>();
       T* py = y.data<T>() + first * s.cout * p;
+      T* pr = chunk > 1 ? prod.data<T>() : py;
+      im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
+      cpu::gemm<T>(false, false, s.cout, ld, k, T(1), w.data<T>(), k, cols.data<T>(), ld, T(0), pr, ld);
+      if (chunk == 1 && !bias) continue;
 #pragma omp parallel for collapse(2) if (g * s.cout * p > cpu::kParallelGrain)
       for (int64_t i = 0; i < g; ++i)
         for (int64_t o = 0; o < s.cout; ++o) {
@@ -169,14 +171,19 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
   cpu::dispatch_float(x.dtype(), "conv2d_backward", [&]<typename T>() {
     const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
     Tensor cols = empty_workspace({k, chunk * p}, x.dtype()), dcols = empty_workspace({k, chunk * p}, x.dtype());
-    Tensor dyc = empty_workspace({s.cout, chunk * p}, x.dtype());
+    Tensor dyc = chunk > 1 ? empty_workspace({s.cout, chunk * p}, x.dtype()) : Tensor();
     for (int64_t first = 0; first < s.n; first += chunk) {
       const int64_t g = std::min(chunk, s.n - first), ld = g * p;
       const T* pdy = dy.data<T>() + first * s.cout * p;
-      T* pc = dyc.data<T>();
+      const T* pc = pdy;  // a chunk of one image: dy's block is dyc already
+      if (chunk > 1) {
+        T* gathered = dyc.data<T>();
 #pragma omp parallel for collapse(2) if (g * s.cout * p > cpu::kParallelGrain)
-      for (int64_t i = 0; i < g; ++i)
-        for (int64_t o = 0; o < s.cout; ++o) std::copy_n(pdy + (i * s.cout + o) * p, p, pc + o * ld + i * p);
+        for (int64_t i = 0; i < g; ++i)
+          for (int64_t o = 0; o < s.cout; ++o)
+            std::copy_n(pdy + (i * s.cout + o) * p, p, gathered + o * ld + i * p);
+        pc = gathered;
+      }
       im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
       cpu::gemm<T>(false, true, s.cout, k, ld, T(1), pc, ld, cols.data<T>(), ld, T(first == 0 ? 0 : 1),
                    dw.data<T>(), k);  // d(weight) term
