@@ -391,19 +391,27 @@ std::vector<Tensor> CpuBackend::modulate_backward(const Tensor& dy, const Tensor
   cpu::dispatch_float(x.dtype(), "modulate_backward", [&]<typename T>() {
     const T *pdy = dy.data<T>(), *px = x.data<T>(), *psc = scale.data<T>();
     T *pdx = dx.data<T>(), *pdsh = dshift.data<T>(), *pdsc = dscale.data<T>();
+    // Row by row, every channel's sums advanced together (each still over the tokens in order): a
+    // channel at a time read dy and x a column at a time, c values apart, one dependent add after
+    // another.
 #pragma omp parallel for if (x.numel() > cpu::kParallelGrain)
-    for (int64_t bi = 0; bi < b; ++bi)
-      for (int64_t k = 0; k < c; ++k) {
-        T sh = 0, sc = 0;
-        for (int64_t i = 0; i < t; ++i) {
-          int64_t at = (bi * t + i) * c + k;
-          pdx[at] = pdy[at] * (T(1) + psc[bi * c + k]);  // d(x) term
-          sh += pdy[at];                                 // d(shift) term
-          sc += pdy[at] * px[at];                        // d(scale) term
+    for (int64_t bi = 0; bi < b; ++bi) {
+      T* __restrict sh = pdsh + bi * c;
+      T* __restrict sc = pdsc + bi * c;
+      const T* __restrict s = psc + bi * c;
+      std::fill(sh, sh + c, T(0));
+      std::fill(sc, sc + c, T(0));
+      for (int64_t i = 0; i < t; ++i) {
+        const T* __restrict g = pdy + (bi * t + i) * c;
+        const T* __restrict xr = px + (bi * t + i) * c;
+        T* __restrict d = pdx + (bi * t + i) * c;
+        for (int64_t k = 0; k < c; ++k) {
+          d[k] = g[k] * (T(1) + s[k]);  // d(x) term
+          sh[k] += g[k];                // d(shift) term
+          sc[k] = cpu::mul_add(g[k], xr[k], sc[k]);  // d(scale) term
         }
-        pdsh[bi * c + k] = sh;
-        pdsc[bi * c + k] = sc;
       }
+    }
   });
   return {dx, dshift, dscale};
 }
