@@ -7,6 +7,9 @@
 #pragma once
 
 #include <Eigen/Core>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,11 +72,20 @@ void map_blocks(const float* a, const float* b, float* y, int64_t n, F f) {
 inline constexpr float kExpLowerClamp = -88.3762626647949f;  // Eigen's; exp below it is taken as 0
 
 // exp; below Eigen's lower clamp (kExpLowerClamp) Eigen returns a constant ~2.9e-39 instead of the
-// decaying denormals, so those give 0: exp(-inf) is exactly 0, as masks rely on.
-// (A plain loop, not Eigen's select: select over a comparison is evaluated element by element.)
+// decaying denormals, so those give 0: exp(-inf) is exactly 0, as masks rely on. With AVX-512 one
+// masked blend (inlined into SiLU's block, the plain loop's 16 compares and blends went one
+// element at a time, and SiLU took 2.5x sigmoid's time); else a plain loop, not Eigen's select,
+// which evaluates a comparison element by element. Either way the same values.
 inline VectorBlock exp_block(const VectorBlock& x) {
   VectorBlock e = x.exp();
+#ifdef __AVX512F__
+  static_assert(kVectorBlock == 16, "one AVX-512 vector a block");
+  const __m512 v = _mm512_loadu_ps(x.data());
+  const __mmask16 below = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kExpLowerClamp), _CMP_LT_OQ);
+  _mm512_storeu_ps(e.data(), _mm512_mask_blend_ps(below, _mm512_loadu_ps(e.data()), _mm512_setzero_ps()));
+#else
   for (int i = 0; i < kVectorBlock; ++i) e[i] = x[i] < kExpLowerClamp ? 0.0f : e[i];
+#endif
   return e;
 }
 
