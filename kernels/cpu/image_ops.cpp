@@ -71,11 +71,13 @@ void im2col_channel(const T* x, const ConvShape& s, int stride, int padding, int
           continue;
         }
         std::fill(out, out + lo, T(0));
-        const T* in = x + (c * s.h + iy) * s.w + (lo * stride - padding + j);
-        if (stride == 1)
-          std::copy(in, in + (hi - lo), out + lo);
-        else
-          for (int64_t ox = lo; ox < hi; ++ox) out[ox] = in[(ox - lo) * stride];
+        if (lo < hi) {  // (the first input column is inside the image only then)
+          const T* in = x + (c * s.h + iy) * s.w + (lo * stride - padding + j);
+          if (stride == 1)
+            std::copy(in, in + (hi - lo), out + lo);
+          else
+            for (int64_t ox = lo; ox < hi; ++ox) out[ox] = in[(ox - lo) * stride];
+        }
         std::fill(out + hi, out + s.wo, T(0));
       }
     }
@@ -89,6 +91,7 @@ void col2im_channel(const T* cols, int64_t ld, const ConvShape& s, int stride, i
     for (int64_t j = 0; j < s.kw; ++j) {
       const T* row = cols + ((c * s.kh + i) * s.kw + j) * ld;
       const auto [lo, hi] = inside_columns(s, stride, padding, j);
+      if (lo == hi) continue;  // the tap reads only the zero border
       for (int64_t oy = 0; oy < s.ho; ++oy) {
         const int64_t iy = oy * stride - padding + i;
         if (iy < 0 || iy >= s.h) continue;
@@ -160,9 +163,10 @@ Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int
 }
 
 // Per chunk of images: dy's blocks side by side (dyc [Cout, g * p]), then dW += dyc cols^T,
-// dcols = W^T dyc gathered back onto each image's pixels, and db += dyc's row sums. dW and db sum
-// over the chunks in order and within a chunk over its images' pixels in order (the GEMM's sums
-// over k are never split among threads; gemm.h), so replays and reruns repeat the bits.
+// dcols = W^T dyc gathered back onto each image's pixels, and db += dyc's row sums (in lanes:
+// kernels/cpu/lane_sums.h). dW and db sum over the chunks in order and within a chunk in an order
+// its shape fixes (the GEMM's sums over k are never split among threads; gemm.h), so replays and
+// reruns repeat the bits.
 std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride,
                                                 int padding, bool has_bias) {
   ConvShape s = conv_shape(x, w, stride, padding);
@@ -196,11 +200,7 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
       if (has_bias) {
         T* pb = db.data<T>();
 #pragma omp parallel for if (s.cout * ld > cpu::kParallelGrain)
-        for (int64_t o = 0; o < s.cout; ++o) {
-          T sum = pb[o];
-          for (int64_t e = 0; e < ld; ++e) sum += pc[o * ld + e];  // d(bias) term
-          pb[o] = sum;
-        }
+        for (int64_t o = 0; o < s.cout; ++o) pb[o] += cpu::lane_sum(pc + o * ld, ld);  // d(bias) term
       }
     }
   });
