@@ -149,101 +149,6 @@ struct Candidate {
   std::vector<std::pair<size_t, int64_t>> releases;  // (event count, bytes)
 };
 
-// The bytes, rebuilds and time of recomputing the nodes marked in `recompute`: the block keeps its
-// inputs, the outputs of the nodes it saves and the saved slots those cover; replay rebuilds the
-// other saved slots, re-running their producers back to kept values, and allocates their outputs.
-Candidate option_cost(const BlockTape& b, std::vector<bool> recompute) {
-  std::set<Key> kept = b.inputs, rebuilt;
-  for (size_t i = 0; i < b.nodes.size(); ++i) {
-    if (recompute[i]) continue;
-    for (int64_t v : b.node(i).outputs)
-      if (counts({b.nodes[i].graph, v})) kept.insert({b.nodes[i].graph, v});
-  }
-  for (const Key& k : b.saved) (b.producer_of.count(k) && !kept.count(k) ? rebuilt : kept).insert(k);
-  std::vector<char> needed(b.nodes.size(), 0);
-  std::vector<Key> stack(rebuilt.begin(), rebuilt.end());
-  while (!stack.empty()) {
-    Key k = stack.back();
-    stack.pop_back();
-    auto found = b.producer_of.find(k);
-    if (found == b.producer_of.end() || kept.count(k) || needed[found->second]) continue;
-    needed[found->second] = 1;
-    for (int64_t u : b.node(found->second).inputs)
-      if (u >= 0) stack.push_back(resolve_value(b.nodes[found->second].graph, u));
-  }
-  // A saved op whose outputs no backward node reads and no replay re-runs from costs bytes and
-  // buys nothing: it is dropped too (the region lets it go; replay never asks for it).
-  std::set<Key> read_by_replay;
-  for (size_t i = 0; i < b.nodes.size(); ++i)
-    if (needed[i])
-      for (int64_t u : b.node(i).inputs)
-        if (u >= 0) read_by_replay.insert(resolve_value(b.nodes[i].graph, u));
-  for (size_t i = 0; i < b.nodes.size(); ++i) {
-    if (recompute[i]) continue;
-    bool unused = true;
-    for (int64_t v : b.node(i).outputs) {
-      Key k{b.nodes[i].graph, v};
-      unused = unused && (!counts(k) || (!b.saved.count(k) && !read_by_replay.count(k)));
-    }
-    if (!unused) continue;
-    recompute[i] = true;
-    for (int64_t v : b.node(i).outputs) kept.erase({b.nodes[i].graph, v});
-  }
-  BlockOption o;
-  HeldBytes held(b.step_first_storage);
-  for (const Key& k : kept) {
-    held.add(k);
-    // Saved outputs no backward reads stay alive in forward too, on top of what it held without checkpointing.
-    if (!b.saved.count(k) && !b.inputs.count(k)) o.extra_forward_bytes += value_bytes(k.first->values[k.second]);
-  }
-  // A kept view keeps its base's storage: a view kept beside a base that is rebuilt costs both.
-  o.kept_bytes = held.total();
-  // The replay re-run as one pass in tape order: rebuilt slots stay, other outputs go after their
-  // last use in the pass; its peak bounds what the passes of per-node replay hold.
-  std::map<Key, int> uses;
-  for (size_t i = 0; i < b.nodes.size(); ++i)
-    if (needed[i])
-      for (int64_t u : b.node(i).inputs)
-        if (u >= 0) ++uses[resolve_value(b.nodes[i].graph, u)];
-  int64_t alive = 0;
-  for (size_t i = 0; i < b.nodes.size(); ++i) {
-    if (!needed[i]) continue;
-    for (int64_t v : b.node(i).outputs) {
-      Key k{b.nodes[i].graph, v};
-      if (!kept.count(k)) alive += value_bytes(k.first->values[k.second]);
-    }
-    o.rebuilt_bytes = std::max(o.rebuilt_bytes, alive);
-    for (int64_t v : b.node(i).outputs) {  // outputs nothing reads: gone at once
-      Key k{b.nodes[i].graph, v};
-      if (!kept.count(k) && !rebuilt.count(k) && !uses.count(k)) alive -= value_bytes(k.first->values[k.second]);
-    }
-    for (int64_t u : b.node(i).inputs) {
-      if (u < 0) continue;
-      Key k = resolve_value(b.nodes[i].graph, u);
-      if (--uses[k] == 0 && b.producer_of.count(k) && !kept.count(k) && !rebuilt.count(k))
-        alive -= value_bytes(k.first->values[k.second]);
-    }
-  }
-  for (size_t i = 0; i < b.nodes.size(); ++i)
-    if (needed[i]) o.recompute_ms += b.node(i).forward_us / 1000.0;
-  o.recompute = std::move(recompute);
-  o.reruns.assign(needed.begin(), needed.end());
-  // In forward, a saved storage that no kept value holds goes when the program lets go of it
-  // (the region drops its slot at once); without checkpointing it stayed until backward.
-  Candidate c{std::move(o), {}};
-  std::set<const Storage*> kept_storages, freed;
-  for (const Key& k : kept)
-    if (const Storage* s = storage_of(k)) kept_storages.insert(s);
-  for (const Key& k : rebuilt) {
-    const Storage* s = storage_of(k);
-    if (!s || s->serial() < b.step_first_storage || kept_storages.count(s) || !freed.insert(s).second || !b.released)
-      continue;
-    auto at = b.released->find(s);
-    if (at != b.released->end()) c.releases.emplace_back(at->second, static_cast<int64_t>(s->bytes()));
-  }
-  return c;
-}
-
 // How cheap an op is to recompute: 1 shape and pointwise ops (dropout and casts included), 2 norms
 // and reductions, 3 matrix products and convolutions, 4 the rest (attention, the losses, custom).
 int op_class(OpKind op) {
@@ -266,24 +171,274 @@ bool is_view(OpKind op) {
          op == OpKind::split;
 }
 
+// Whether output `k` of the block's node `i` shares its input's memory. Only view ops' outputs do,
+// and a reshape's only where its input's strides allow: as recorded where the output still has its
+// data (the same storage as the nearest value up the chain of views that has its data; without
+// one, a storage larger than the output), else by the op (a reshape is taken for a copy).
+bool aliases_input(const BlockTape& b, size_t i, const Key& k) {
+  const Node& node = b.node(i);
+  if (!is_view(node.kind()) || node.inputs.empty() || node.inputs[0] < 0) return false;
+  const Storage* out = storage_of(k);
+  if (!out) return node.kind() != OpKind::reshape;
+  Key up = resolve_value(b.nodes[i].graph, node.inputs[0]);
+  for (;;) {
+    if (const Storage* in = storage_of(up)) return in == out;
+    auto producer = b.producer_of.find(up);
+    if (producer == b.producer_of.end()) break;
+    const Node& p = b.node(producer->second);
+    if (!is_view(p.kind()) || p.inputs.empty() || p.inputs[0] < 0) break;
+    up = resolve_value(b.nodes[producer->second].graph, p.inputs[0]);
+  }
+  return static_cast<int64_t>(out->bytes()) > value_bytes(k.first->values[k.second]);
+}
+
+// The most the replay holds above the kept bytes when it re-runs the `needed` nodes as one pass in
+// tape order: rebuilt slots stay, other outputs go after their last use in the pass; memory is
+// counted once per allocation, so a view costs nothing but keeps what it views alive; an offloaded
+// value the pass reads comes back as a copy of its own for that op (and for as long as a view of
+// it lives). Its peak bounds what the passes of per-node replay hold.
+int64_t replay_pass_peak(const BlockTape& b, const std::vector<char>& needed, const std::set<Key>& kept,
+                         const std::set<Key>& rebuilt, const std::set<Key>& offloaded) {
+  std::map<Key, int> uses;
+  for (size_t i = 0; i < b.nodes.size(); ++i)
+    if (needed[i])
+      for (int64_t u : b.node(i).inputs)
+        if (u >= 0) ++uses[resolve_value(b.nodes[i].graph, u)];
+  // Allocations: bytes and the live values that hold each; -1 for memory the pass does not pay
+  // for (kept values, the block's inputs).
+  std::vector<int64_t> bytes, holders;
+  std::map<Key, int64_t> allocation;
+  int64_t alive = 0, peak = 0;
+  auto hold = [&](int64_t a, int delta) {
+    if (a < 0) return;
+    if (holders[a] == 0) alive += bytes[a];
+    holders[a] += delta;
+    if (holders[a] == 0) alive -= bytes[a];
+  };
+  auto allocate = [&](int64_t n) {
+    bytes.push_back(n);
+    holders.push_back(0);
+    return static_cast<int64_t>(bytes.size()) - 1;
+  };
+  auto allocation_of = [&](const Key& k) {
+    auto found = allocation.find(k);
+    return found == allocation.end() ? int64_t{-1} : found->second;
+  };
+  for (size_t i = 0; i < b.nodes.size(); ++i) {
+    if (!needed[i]) continue;
+    const Node& node = b.node(i);
+    std::vector<int64_t> copies;  // offloaded inputs, back for this op
+    std::map<Key, int64_t> input_allocation;
+    for (int64_t u : node.inputs) {
+      if (u < 0) continue;
+      Key k = resolve_value(b.nodes[i].graph, u);
+      if (offloaded.count(k) && !input_allocation.count(k)) {
+        copies.push_back(allocate(value_bytes(k.first->values[k.second])));
+        hold(copies.back(), 1);
+        input_allocation[k] = copies.back();
+      } else if (!input_allocation.count(k)) {
+        input_allocation[k] = kept.count(k) ? -1 : allocation_of(k);
+      }
+    }
+    for (int64_t v : node.outputs) {
+      Key k{b.nodes[i].graph, v};
+      if (kept.count(k)) continue;
+      int64_t a = aliases_input(b, i, k) ? input_allocation[resolve_value(b.nodes[i].graph, node.inputs[0])]
+                                         : allocate(value_bytes(k.first->values[k.second]));
+      allocation[k] = a;
+      hold(a, 1);
+    }
+    peak = std::max(peak, alive);
+    for (int64_t v : node.outputs) {  // outputs nothing reads: gone at once
+      Key k{b.nodes[i].graph, v};
+      if (!kept.count(k) && !rebuilt.count(k) && !uses.count(k)) hold(allocation_of(k), -1);
+    }
+    for (int64_t u : node.inputs) {
+      if (u < 0) continue;
+      Key k = resolve_value(b.nodes[i].graph, u);
+      if (--uses[k] == 0 && b.producer_of.count(k) && !kept.count(k) && !rebuilt.count(k) && !offloaded.count(k))
+        hold(allocation_of(k), -1);
+    }
+    for (int64_t a : copies) hold(a, -1);
+  }
+  return peak;
+}
+
+// The most that copies of offloaded values back on the device hold at once in the block's backward:
+// a node unpacks its offloaded slots (a copy each) while prefetch brings back those of the next
+// four nodes (RegionManager::after_backward_node), so the most over five consecutive nodes.
+int64_t prefetch_window_bytes(const BlockTape& b, const std::set<Key>& offloaded) {
+  if (offloaded.empty()) return 0;
+  constexpr size_t kWindow = 5;
+  std::vector<int64_t> per_node(b.nodes.size(), 0);
+  for (size_t i = 0; i < b.nodes.size(); ++i)
+    for (const SavedSlot& slot : b.node(i).saved) {
+      Key k = resolve_value(b.nodes[i].graph, slot.value);
+      if (offloaded.count(k)) per_node[i] += value_bytes(k.first->values[k.second]);
+    }
+  int64_t most = 0, sum = 0;
+  for (size_t i = 0; i < per_node.size(); ++i) {
+    sum += per_node[i] - (i >= kWindow ? per_node[i - kWindow] : 0);
+    most = std::max(most, sum);
+  }
+  return most;
+}
+
+// The bytes, rebuilds and time of recomputing the nodes marked in `recompute` and offloading the
+// outputs of those marked in `offload` (empty: none): the block keeps its inputs, the outputs of
+// the nodes it saves on the device and the saved slots those cover; replay rebuilds the other
+// saved slots, re-running their producers back to kept or offloaded values, and allocates their
+// outputs.
+Candidate option_cost(const BlockTape& b, std::vector<bool> recompute, std::vector<bool> offload = {}) {
+  offload.resize(b.nodes.size(), false);
+  std::set<Key> kept = b.inputs, rebuilt, offloaded;
+  for (size_t i = 0; i < b.nodes.size(); ++i) {
+    if (recompute[i]) continue;
+    for (int64_t v : b.node(i).outputs)
+      if (counts({b.nodes[i].graph, v})) (offload[i] ? offloaded : kept).insert({b.nodes[i].graph, v});
+  }
+  for (const Key& k : b.saved)
+    if (!offloaded.count(k)) (b.producer_of.count(k) && !kept.count(k) ? rebuilt : kept).insert(k);
+  std::vector<char> needed(b.nodes.size(), 0);
+  std::vector<Key> stack(rebuilt.begin(), rebuilt.end());
+  while (!stack.empty()) {
+    Key k = stack.back();
+    stack.pop_back();
+    auto found = b.producer_of.find(k);
+    if (found == b.producer_of.end() || kept.count(k) || offloaded.count(k) || needed[found->second]) continue;
+    needed[found->second] = 1;
+    for (int64_t u : b.node(found->second).inputs)
+      if (u >= 0) stack.push_back(resolve_value(b.nodes[found->second].graph, u));
+  }
+  // A saved op whose outputs no backward node reads and no replay re-runs from costs bytes and
+  // buys nothing: it is dropped too (the region lets it go; replay never asks for it).
+  std::set<Key> read_by_replay;
+  for (size_t i = 0; i < b.nodes.size(); ++i)
+    if (needed[i])
+      for (int64_t u : b.node(i).inputs)
+        if (u >= 0) read_by_replay.insert(resolve_value(b.nodes[i].graph, u));
+  for (size_t i = 0; i < b.nodes.size(); ++i) {
+    if (recompute[i]) continue;
+    bool unused = true;
+    for (int64_t v : b.node(i).outputs) {
+      Key k{b.nodes[i].graph, v};
+      unused = unused && (!counts(k) || (!b.saved.count(k) && !read_by_replay.count(k)));
+    }
+    if (!unused) continue;
+    recompute[i] = true;
+    offload[i] = false;
+    for (int64_t v : b.node(i).outputs) kept.erase({b.nodes[i].graph, v}), offloaded.erase({b.nodes[i].graph, v});
+  }
+  BlockOption o;
+  HeldBytes held(b.step_first_storage);
+  for (const Key& k : kept) {
+    held.add(k);
+    // Saved outputs no backward reads stay alive in forward too, on top of what it held without checkpointing.
+    if (!b.saved.count(k) && !b.inputs.count(k)) o.extra_forward_bytes += value_bytes(k.first->values[k.second]);
+  }
+  // A kept view keeps its base's storage: a view kept beside a base that is rebuilt costs both.
+  o.kept_bytes = held.total();
+  // An offloaded value moves as one contiguous copy of its own size; its device storage stays
+  // until its copy has landed.
+  for (const Key& k : offloaded) {
+    const int64_t bytes = value_bytes(k.first->values[k.second]);
+    const Storage* s = storage_of(k);
+    o.offloaded_bytes += bytes;
+    o.in_flight_bytes = std::max({o.in_flight_bytes, bytes, s ? static_cast<int64_t>(s->bytes()) : int64_t{0}});
+  }
+  o.rebuilt_bytes = replay_pass_peak(b, needed, kept, rebuilt, offloaded);
+  o.prefetch_bytes = prefetch_window_bytes(b, offloaded);
+  for (size_t i = 0; i < b.nodes.size(); ++i)
+    if (needed[i]) o.recompute_ms += b.node(i).forward_us / 1000.0;
+  o.recompute = std::move(recompute);
+  if (!offloaded.empty()) o.offload = std::move(offload);
+  o.reruns.assign(needed.begin(), needed.end());
+  // In forward, a saved storage that no kept value holds goes when the program lets go of it
+  // (the region drops its slot at once, or holds only its host copy); without checkpointing it
+  // stayed until backward.
+  Candidate c{std::move(o), {}};
+  std::set<const Storage*> kept_storages, freed;
+  for (const Key& k : kept)
+    if (const Storage* s = storage_of(k)) kept_storages.insert(s);
+  std::vector<Key> going(rebuilt.begin(), rebuilt.end());
+  going.insert(going.end(), offloaded.begin(), offloaded.end());
+  for (const Key& k : going) {
+    const Storage* s = storage_of(k);
+    if (!s || s->serial() < b.step_first_storage || kept_storages.count(s) || !freed.insert(s).second || !b.released)
+      continue;
+    auto at = b.released->find(s);
+    if (at != b.released->end()) c.releases.emplace_back(at->second, static_cast<int64_t>(s->bytes()));
+  }
+  return c;
+}
+
 // "all" when every op is dropped, else what replay re-runs ("3 of 21 ops: layer_norm, gelu").
+// An option that offloads adds what ("...; offload 3 of 21 ops: linear, attention"), or is named by
+// that alone when replay re-runs nothing.
 std::string option_name(const BlockTape& b, const BlockOption& o) {
   if (std::count(o.recompute.begin(), o.recompute.end(), true) == static_cast<std::ptrdiff_t>(b.nodes.size()))
     return "all";
-  size_t n = std::count(o.reruns.begin(), o.reruns.end(), true);
-  std::string kinds;
-  std::set<std::string> seen;
-  for (size_t i = 0; i < b.nodes.size(); ++i)
-    if (o.reruns[i] && seen.insert(b.node(i).name()).second)
-      kinds += (kinds.empty() ? "" : ", ") + std::string(b.node(i).name());
-  return std::to_string(n) + " of " + std::to_string(b.nodes.size()) + " ops: " + kinds;
+  auto ops = [&](const std::vector<bool>& marked) {
+    size_t n = std::count(marked.begin(), marked.end(), true);
+    std::string kinds;
+    std::set<std::string> seen;
+    for (size_t i = 0; i < b.nodes.size(); ++i)
+      if (marked[i] && seen.insert(b.node(i).name()).second)
+        kinds += (kinds.empty() ? "" : ", ") + std::string(b.node(i).name());
+    return std::to_string(n) + " of " + std::to_string(b.nodes.size()) + " ops: " + kinds;
+  };
+  const bool reruns = std::count(o.reruns.begin(), o.reruns.end(), true) > 0;
+  std::string name = reruns ? ops(o.reruns) : "";
+  if (!o.offload.empty()) name += (reruns ? "; offload " : "offload ") + ops(o.offload);
+  return name;
+}
+
+// Whose saved outputs an offloading option moves to host memory: matrix products and attention,
+// the large outputs that cost most to rebuild.
+bool offloadable(OpKind op) { return op_class(op) == 3 || op == OpKind::attention; }
+
+// Options that offload on a GPU, for `add`: for each recompute set of `sets` and for none, every
+// matrix product and attention it saves offloaded, views re-run (a view kept on the device would
+// keep its offloaded base there); and, re-running shape, pointwise and norm ops (or nothing), the
+// largest of those outputs alone, the two largest, ...: less to move where the bandwidth is short.
+template <class Add>
+void add_offload_candidates(const BlockTape& b, std::vector<std::vector<bool>> sets, const Add& add) {
+  const size_t n = b.nodes.size();
+  std::vector<size_t> movable;  // offloadable ops, largest output first
+  std::vector<int64_t> bytes(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (!offloadable(b.node(i).kind())) continue;
+    movable.push_back(i);
+    for (int64_t v : b.node(i).outputs) bytes[i] += value_bytes(b.nodes[i].graph->values[v]);
+  }
+  if (movable.empty()) return;
+  std::stable_sort(movable.begin(), movable.end(), [&](size_t a, size_t c) { return bytes[a] > bytes[c]; });
+  auto with_views = [&](std::vector<bool> set) {
+    for (size_t i = 0; i < n; ++i) set[i] = set[i] || is_view(b.node(i).kind());
+    return set;
+  };
+  auto variant = [&](const std::vector<bool>& recompute, size_t most) {
+    std::vector<bool> moved(n, false);
+    size_t count = 0;
+    for (size_t i : movable)
+      if (!recompute[i] && count < most) moved[i] = true, ++count;
+    if (count > 0) add(option_cost(b, recompute, moved));
+  };
+  sets.push_back(std::vector<bool>(n, false));
+  for (const std::vector<bool>& set : sets) variant(with_views(set), movable.size());
+  for (int cls = 0; cls <= 2; ++cls) {
+    std::vector<bool> set(n);
+    for (size_t i = 0; i < n; ++i) set[i] = op_class(b.node(i).kind()) <= cls;
+    for (size_t most = 1; most < movable.size(); ++most) variant(with_views(set), most);
+  }
 }
 
 // The block's candidate options (besides keep): every prefix of its ops ordered by recorded time
 // per output byte (views first, as they cost no memory of their own); the op classes cumulatively;
-// the sets by what is dropped. Those keeping no less than the block without checkpointing are left
-// out; `undominated` filters the rest once the timeline gives their forward peaks.
-std::vector<Candidate> block_candidates(const BlockTape& b, int64_t saved_bytes) {
+// the sets by what is dropped; with `offload`, variants of those that move saved outputs to host
+// memory. Those keeping no less than the block without checkpointing are left out; `undominated`
+// filters the rest once the timeline gives their forward peaks.
+std::vector<Candidate> block_candidates(const BlockTape& b, int64_t saved_bytes, bool offload) {
   const size_t n = b.nodes.size();
   std::vector<std::vector<bool>> sets;
   std::vector<double> score(n);
@@ -317,6 +472,7 @@ std::vector<Candidate> block_candidates(const BlockTape& b, int64_t saved_bytes)
     if (std::count(set.begin(), set.end(), true) > 0) add(option_cost(b, set));
   };
   for (auto& set : sets) consider(set);
+  if (offload) add_offload_candidates(b, sets, add);
   // By what is dropped rather than by op: the ops whose outputs the block's backward reads are the
   // units; an option keeps some of them and re-runs whatever rebuilding the others needs, back to
   // kept values. Every subset where there are few units (gpt: 10), else a greedy walk that drops
@@ -383,13 +539,15 @@ int64_t forward_peak(const std::vector<int64_t>& alive, size_t first, size_t end
 }
 
 // The block's options once each candidate's forward peak is known: keep first, then those no
-// other beats in kept bytes, replay peak, forward peak and time.
+// other beats in kept bytes, replay peak, forward peak, what offload holds and time.
 std::vector<BlockOption> undominated(std::vector<BlockOption> candidates, int64_t saved_bytes,
                                      int64_t forward_peak_bytes) {
   auto beats = [](const BlockOption& a, const BlockOption& c) {
-    return a.kept_bytes <= c.kept_bytes && a.kept_bytes + a.rebuilt_bytes <= c.kept_bytes + c.rebuilt_bytes &&
+    return a.kept_bytes <= c.kept_bytes &&
+           a.kept_bytes + a.rebuilt_bytes + a.prefetch_bytes <= c.kept_bytes + c.rebuilt_bytes + c.prefetch_bytes &&
            a.forward_peak_bytes + a.extra_forward_bytes <= c.forward_peak_bytes + c.extra_forward_bytes &&
-           a.recompute_ms <= c.recompute_ms;
+           a.prefetch_bytes <= c.prefetch_bytes && a.in_flight_bytes <= c.in_flight_bytes &&
+           a.cost_ms() <= c.cost_ms();
   };
   BlockOption keep;
   keep.name = "keep";
@@ -436,138 +594,36 @@ uint64_t tape_signature(const Tensor& t) {
   return h;
 }
 
-Policy position_policy(std::vector<bool> recompute, std::string name) {
-  return {std::move(name), [recompute = std::move(recompute)](const PolicyContext& ctx) {
-            bool inside = ctx.position >= 0 && static_cast<size_t>(ctx.position) < recompute.size();
+Policy position_policy(std::vector<bool> recompute, std::string name, std::vector<bool> offload) {
+  return {std::move(name),
+          [recompute = std::move(recompute), offload = std::move(offload)](const PolicyContext& ctx) {
             // An op past the recorded ones (the tape changed) is saved; the planner replans.
-            return inside && recompute[static_cast<size_t>(ctx.position)] ? Decision::prefer_recompute
-                                                                           : Decision::must_save;
+            auto marked = [&](const std::vector<bool>& by_position) {
+              return ctx.position >= 0 && static_cast<size_t>(ctx.position) < by_position.size() &&
+                     by_position[static_cast<size_t>(ctx.position)];
+            };
+            if (marked(recompute)) return Decision::prefer_recompute;
+            return marked(offload) ? Decision::must_offload : Decision::must_save;
           }};
 }
 
 namespace {
 
-// The recorded (or retimed) time of what the blocks' chosen options re-run.
+// The recorded (or retimed) time of what the blocks' chosen options re-run, and the transfers
+// their offloads expose.
 double chosen_recompute_ms(const std::vector<PlannedBlock>& blocks) {
   double ms = 0;
   for (const PlannedBlock& b : blocks)
     if (b.choice != 0) ms += b.options[static_cast<size_t>(b.choice)].recompute_ms;
   return ms;
 }
-
-int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
-  int64_t saved = 0;
-  for (const PlannedBlock& b : blocks) saved += b.saved_bytes;
-  return saved;
-}
-
-// The simulation's terms (planner.h) for block `b` under option `o`, after blocks that keep
-// `prefix` bytes: its forward, and its replay (for an option that recomputes anything).
-int64_t forward_term(const PlannedBlock& b, const BlockOption& o, int64_t prefix) {
-  return prefix + b.alive_before_bytes + o.forward_peak_bytes + o.extra_forward_bytes;
-}
-int64_t replay_term(const BlockOption& o, const StepMemory& step, int64_t prefix) {
-  return step.pre_saved + step.held + prefix + o.kept_bytes + o.rebuilt_bytes;
-}
-
-// One block of the simulation: from the bytes kept by the blocks before it and the worst peak so
-// far, those after block `b` under option `i`.
-std::pair<int64_t, int64_t> advance(const PlannedBlock& b, size_t i, const StepMemory& step, int64_t prefix,
-                                    int64_t worst) {
-  const BlockOption& o = b.options[i];
-  worst = std::max(worst, forward_term(b, o, prefix));
-  if (i > 0) worst = std::max(worst, replay_term(o, step, prefix));
-  return {prefix + o.kept_bytes, worst};
+double chosen_transfer_ms(const std::vector<PlannedBlock>& blocks) {
+  double ms = 0;
+  for (const PlannedBlock& b : blocks) ms += b.options[static_cast<size_t>(b.choice)].transfer_ms;
+  return ms;
 }
 
 }  // namespace
-
-SimulatedPeak locate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
-  SimulatedPeak peak{step.before_blocks_peak, "before the blocks"};
-  auto consider = [&](int64_t bytes, const std::string& where) {
-    if (bytes > peak.bytes) peak = {bytes, where};
-  };
-  int64_t kept = 0;
-  for (const PlannedBlock& b : blocks) {
-    const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
-    consider(forward_term(b, o, kept), b.name + "'s forward");
-    if (b.choice > 0) consider(replay_term(o, step, kept), b.name + "'s replay");
-    kept += o.kept_bytes;
-  }
-  consider(step.after_blocks_peak - saved_by_blocks(blocks) + kept, "the head, the loss and backward");
-  return peak;
-}
-
-int64_t simulate_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
-  return locate_peak(blocks, step).bytes;
-}
-
-int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step) {
-  // The search below without the time: states no other beats in bytes kept and worst peak so far.
-  std::vector<std::pair<int64_t, int64_t>> states{{0, step.before_blocks_peak}};  // (kept so far, worst)
-  for (const PlannedBlock& b : blocks) {
-    std::vector<std::pair<int64_t, int64_t>> next;
-    for (auto [prefix, worst] : states)
-      for (size_t i = 0; i < b.options.size(); ++i) next.push_back(advance(b, i, step, prefix, worst));
-    std::sort(next.begin(), next.end());
-    states.clear();
-    for (auto& c : next)
-      if (states.empty() || c.second < states.back().second) states.push_back(c);
-  }
-  int64_t best = -1, tail = step.after_blocks_peak - saved_by_blocks(blocks);
-  for (auto [prefix, worst] : states) {
-    int64_t peak = std::max(worst, tail + prefix);
-    if (best < 0 || peak < best) best = peak;
-  }
-  return best;
-}
-
-OptionChoice choose_options(const std::vector<PlannedBlock>& blocks, const StepMemory& step, int64_t budget_bytes) {
-  // Walk the blocks in order, trying every option of each, keeping the states no other beats in
-  // all of recompute time, bytes kept so far and worst peak so far: a state dropped this way has a
-  // state at least as good in every later comparison, so the search is exact.
-  struct State {
-    int64_t prefix, worst;
-    double cost;
-    std::vector<int> choice;
-  };
-  OptionChoice out;
-  if (step.before_blocks_peak > budget_bytes) return out;
-  const int64_t tail = step.after_blocks_peak - saved_by_blocks(blocks);
-  std::vector<State> states{{0, step.before_blocks_peak, 0.0, {}}};
-  for (const PlannedBlock& b : blocks) {
-    std::vector<State> next;
-    for (const State& s : states) {
-      for (size_t i = 0; i < b.options.size(); ++i) {
-        State t = s;
-        std::tie(t.prefix, t.worst) = advance(b, i, step, s.prefix, s.worst);
-        if (i > 0) t.cost += b.options[i].recompute_ms;
-        t.choice.push_back(static_cast<int>(i));
-        // Kept bytes only grow, so a prefix past the tail's share of the budget never fits.
-        if (t.worst <= budget_bytes && tail + t.prefix <= budget_bytes) next.push_back(std::move(t));
-      }
-    }
-    std::sort(next.begin(), next.end(), [](const State& a, const State& b) {
-      return a.cost != b.cost ? a.cost < b.cost : a.prefix != b.prefix ? a.prefix < b.prefix : a.worst < b.worst;
-    });
-    states.clear();
-    for (State& c : next) {
-      bool dominated = std::any_of(states.begin(), states.end(), [&](const State& o) {
-        return o.cost <= c.cost && o.prefix <= c.prefix && o.worst <= c.worst;
-      });
-      if (!dominated) states.push_back(std::move(c));
-    }
-    out.search_states = std::max(out.search_states, states.size());
-  }
-  const State* best = nullptr;
-  for (const State& s : states)
-    if (std::max(s.worst, tail + s.prefix) <= budget_bytes && (!best || s.cost < best->cost)) best = &s;
-  if (!best) return out;
-  out.fits = true;
-  out.recompute_ms = best->cost;
-  out.choice = best->choice;
-  return out;
-}
 
 BudgetPlanner::BudgetPlanner(Module& model, int64_t budget_bytes, double percent, BudgetScope scope)
     : model_(model), budget_bytes_(budget_bytes), percent_(percent), scope_(scope) {
@@ -604,6 +660,9 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
            s.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - *start).count();
          }});
   }
+  // Copies of an earlier step's offloads hold device memory until a poll after they land: let them
+  // go now, or their release would count as the recorded step's.
+  if (!params.empty() && params.front().device().is_cuda()) cuda_wait_copies(params.front().device().index, 0);
   alloc.reset_peak();
   int64_t base = alloc.stats()[MemoryCategory::activation].current;
   const uint64_t step_first_storage = next_storage_serial();
@@ -628,6 +687,9 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
 
   BudgetPlan p;
   p.tape_signature = tape_signature(loss);
+  // Offload is an option where the parameters live on a GPU (its bandwidth measured after the
+  // step, the copies being the only work then).
+  const bool offload = offload_.enabled && !params.empty() && params.front().device().is_cuda();
   // The loss stays alive through backward, so through every replay (the forward's own timeline
   // counts it already).
   const std::shared_ptr<Storage>& loss_storage = loss.storage();
@@ -673,7 +735,8 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     BlockTape bt{std::move(nodes), std::move(inputs), std::move(saved), {}, &releases.released(), step_first_storage};
     for (size_t i = 0; i < bt.nodes.size(); ++i)
       for (int64_t v : bt.node(i).outputs) bt.producer_of[{bt.nodes[i].graph, v}] = i;
-    candidates.push_back(block_candidates(bt, b.saved_bytes));
+    for (size_t i = 0; i < bt.nodes.size(); ++i) b.ops_ms += bt.node(i).forward_us / 1000.0;
+    candidates.push_back(block_candidates(bt, b.saved_bytes, offload));
     p.blocks.push_back(std::move(b));
   }
   for (const TapeNode& at : tape) {  // what the ops before the blocks save
@@ -695,6 +758,8 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
   loss = Tensor();
   std::vector<MemoryEvent> events = alloc.stop_recording();
   MemoryStats stats = alloc.stats();
+  if (offload)
+    p.offload_gbps = offload_.gbps > 0 ? offload_.gbps : offload_bandwidth_gbps(params.front().device().index);
   p.none_peak_bytes = stats[MemoryCategory::activation].peak - base;
   p.none_total_peak_bytes = stats.total.peak;
   // The activations alive (above the step's start) before each event, and the peak over a range.
@@ -715,6 +780,7 @@ const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,
     std::vector<BlockOption> options;
     for (Candidate& c : candidates[j]) {
       c.option.forward_peak_bytes = forward_peak(alive, spans[j].first_event, spans[j].end_event, std::move(c.releases));
+      c.option.transfer_ms = offload_exposed_ms(c.option.offloaded_bytes, b.ops_ms, p.offload_gbps);
       options.push_back(std::move(c.option));
     }
     b.options = undominated(std::move(options), b.saved_bytes, b.forward_peak_bytes);
@@ -785,11 +851,15 @@ const BudgetPlan& BudgetPlanner::place(const std::vector<int>& choice) {
       const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
       CheckpointOptions opts;
       opts.name = b.name;
-      opts.policy = position_policy(o.recompute, "planned: " + o.name);
+      opts.policy = position_policy(o.recompute, "planned: " + o.name, o.offload);
       checkpoint(*spans[i].module, opts);
     }
   }
   plan_.predicted_recompute_ms = chosen_recompute_ms(plan_.blocks);
+  plan_.predicted_transfer_ms = chosen_transfer_ms(plan_.blocks);
+  plan_.predicted_offloaded_bytes = 0;
+  for (const PlannedBlock& b : plan_.blocks)
+    plan_.predicted_offloaded_bytes += b.options[static_cast<size_t>(b.choice)].offloaded_bytes;
   const SimulatedPeak peak = locate_peak(plan_.blocks, plan_.step);
   plan_.predicted_peak_bytes = peak.bytes;
   plan_.predicted_peak_at = peak.where;
@@ -816,15 +886,18 @@ bool BudgetPlanner::retime(const Tensor& loss) {
   if (!take_device_times(tape) && !params.empty() && params.front().device().is_cuda()) return false;
   for (PlannedBlock& b : plan_.blocks) {
     std::vector<double> ms;
+    b.ops_ms = 0;
     for (size_t position : b.tape_positions) {
       REMAT_ASSERT(position < tape.size(), "a block's op past the end of a tape of the recorded shape");
       ms.push_back(tape[position].graph->nodes[tape[position].index]->forward_us / 1000.0);
+      b.ops_ms += ms.back();
     }
     for (size_t i = 1; i < b.options.size(); ++i) {  // options[0] keeps the block: no recompute
       BlockOption& o = b.options[i];
       o.recompute_ms = 0;
       for (size_t k = 0; k < o.reruns.size() && k < ms.size(); ++k)
         if (o.reruns[k]) o.recompute_ms += ms[k];
+      o.transfer_ms = offload_exposed_ms(o.offloaded_bytes, b.ops_ms, plan_.offload_gbps);
     }
   }
   plan_.retimed = true;
@@ -835,6 +908,7 @@ bool BudgetPlanner::retime(const Tensor& loss) {
   plan_.search_states = choice.search_states;
   if (choice.choice == current) {
     plan_.predicted_recompute_ms = chosen_recompute_ms(plan_.blocks);
+    plan_.predicted_transfer_ms = chosen_transfer_ms(plan_.blocks);
     return false;
   }
   place(choice.choice);
@@ -858,16 +932,23 @@ std::string BudgetPlan::to_string() const {
   for (const PlannedBlock& b : blocks) {
     const BlockOption& o = b.options[static_cast<size_t>(b.choice)];
     out << "\n  " << b.name << ": ";
-    if (b.checkpointed)
-      out << "recompute " << o.name << "; keeps " << mib(o.kept_bytes) << " of " << mib(b.saved_bytes) << " MiB, "
-          << o.recompute_ms << " ms";
-    else
+    if (b.checkpointed) {
+      out << (o.name.rfind("offload", 0) == 0 ? "" : "recompute ") << o.name << "; keeps " << mib(o.kept_bytes)
+          << " of " << mib(b.saved_bytes) << " MiB";
+      if (o.offloaded_bytes > 0) out << " (" << mib(o.offloaded_bytes) << " MiB to host)";
+      out << ", " << o.recompute_ms << " ms";
+      if (o.offloaded_bytes > 0) out << " + " << o.transfer_ms << " ms transfer";
+    } else
       out << "keep, " << mib(b.saved_bytes) << " MiB";
   }
   out << "\npredicted activation peak " << mib(predicted_peak_bytes) << " MiB";
   if (!predicted_peak_at.empty()) out << " at " << predicted_peak_at;
   out << ", recompute " << predicted_recompute_ms << " ms per step (op times of "
-      << (retimed ? "a step under the plan" : "the recorded step") << ")\n";
+      << (retimed ? "a step under the plan" : "the recorded step") << ")";
+  if (predicted_offloaded_bytes > 0)
+    out << ", offload " << mib(predicted_offloaded_bytes) << " MiB (" << predicted_transfer_ms
+        << " ms of transfer not hidden, at " << offload_gbps << " GB/s)";
+  out << "\n";
   if (measured_peak_bytes >= 0)
     out << "measured activation peak " << mib(measured_peak_bytes) << " MiB, replay " << measured_replay_ms << " ms\n";
   return out.str();

@@ -27,6 +27,17 @@
 // an exact search over Pareto-optimal prefixes (time, kept bytes, worst peak so far), and places a
 // region on each block that recomputes anything, with a policy that decides by op position. The
 // first step under the plan times the ops again, warm, and the search runs again with those times.
+//
+// On a GPU an option can also offload: the saved outputs of some of the block's matrix products and
+// attention go to host memory in forward and come back in backward (Graph::offload). Their device
+// bytes leave the kept ones; the simulation adds what the copies hold on the device (one copy in
+// flight in forward, at most the largest tensor offloaded so far; in a block's backward the copies
+// its replay reads, those its nodes unpack and those prefetch brings back four nodes ahead, into
+// the block before it too; the largest such window through the head's and kept blocks' backward),
+// and the time
+// counts the transfer the block's compute does not hide: max(0, bytes / bandwidth - forward time)
+// in forward and max(0, bytes / bandwidth - 2 x forward time) in backward (backward's matrix
+// products do twice forward's work), the bandwidth timed once on the device.
 #pragma once
 
 #include <cstdint>
@@ -42,12 +53,19 @@ namespace remat {
 // One way to treat a block: which of its ops replay re-runs (by position in the block's region;
 // empty: keep the block, no region), the bytes it keeps through forward, the most its replay holds
 // on top (re-run as one pass; replay per backward node holds less), and the recorded time of the
-// ops the replay re-runs.
+// ops the replay re-runs; on a GPU, which saved outputs go to host memory, and the transfer time
+// forward and backward do not hide.
 struct BlockOption {
   std::string name;            // "keep", "all", or what replay re-runs, e.g. "3 of 19 ops: layer_norm, gelu"
   std::vector<bool> recompute;  // by position: dropped in forward (the others' outputs are saved)
+  std::vector<bool> offload;    // by position: saved outputs moved to host memory (empty: none)
   int64_t kept_bytes = 0, rebuilt_bytes = 0;
   double recompute_ms = 0;
+  int64_t offloaded_bytes = 0;   // moved to host in forward, back in backward
+  int64_t in_flight_bytes = 0;   // the largest of them: a copy in flight holds it on the device
+  int64_t prefetch_bytes = 0;    // the most their copies back hold at once in backward (5 nodes' slots)
+  double transfer_ms = 0;        // the exposed transfer time (offload_exposed_ms)
+  double cost_ms() const { return recompute_ms + transfer_ms; }
   int64_t extra_forward_bytes = 0;  // saved outputs no backward reads: held in forward beyond what none holds
   std::vector<bool> reruns;         // by position: what replay re-runs to rebuild the dropped slots
   // The block's forward working set under this option (above what was alive at its start): the
@@ -55,9 +73,24 @@ struct BlockOption {
   int64_t forward_peak_bytes = 0;
 };
 
-// The region policy of an option: the ops at the positions marked recompute are recomputed, the
-// others' outputs saved.
-Policy position_policy(std::vector<bool> recompute, std::string name);
+// The region policy of an option: the ops at the positions marked recompute are recomputed, those
+// marked offload have their outputs moved to host memory (MUST_OFFLOAD), the others' saved.
+Policy position_policy(std::vector<bool> recompute, std::string name, std::vector<bool> offload = {});
+
+// The transfer time of `bytes` offloaded by a block whose ops take `forward_ms` that its compute
+// does not hide: the copy out overlaps forward, the copy back backward (about twice forward).
+double offload_exposed_ms(int64_t bytes, double forward_ms, double gbps);
+
+// Offload as a planner option: only where the model's parameters live on a GPU. The bandwidth in
+// GB/s between device and pinned host memory: 0 measures it once per device (64 MiB each way,
+// timed on the host; REMAT_OFFLOAD_GBPS overrides).
+struct OffloadSettings {
+  bool enabled = true;
+  double gbps = 0;
+};
+// Device-to-host-and-back bandwidth of GPU `index` in GB/s (REMAT_OFFLOAD_GBPS when set), measured
+// on the first call and remembered.
+double offload_bandwidth_gbps(int index);
 
 struct PlannedBlock {
   std::string name;  // dotted path of the block
@@ -67,7 +100,9 @@ struct PlannedBlock {
   // option has its own, this one's when kept).
   int64_t alive_before_bytes = 0, forward_peak_bytes = 0;
   double forward_ms = 0;
-  // options[0]: keep; none dominated by another in kept bytes, replay peak, forward peak and time
+  double ops_ms = 0;  // its ops' recorded (or retimed) forward times added up: what hides a transfer
+  // options[0]: keep; none dominated by another in kept bytes, replay peak, forward peak,
+  // offloaded bytes and time
   std::vector<BlockOption> options;
   std::vector<size_t> tape_positions;  // where the block's ops sit on the step's tape, in its order
   int choice = 0;                    // the plan's option
@@ -96,6 +131,9 @@ struct BudgetPlan {
   int64_t floor_bytes = 0;           // the least simulated peak of any choice (floor_peak)
   size_t search_states = 0;          // the largest Pareto front the search kept
   double predicted_recompute_ms = 0;
+  double offload_gbps = 0;              // 0: offload not considered (a CPU model, or turned off)
+  int64_t predicted_offloaded_bytes = 0;
+  double predicted_transfer_ms = 0;     // exposed transfer time of the chosen offloads
   std::vector<PlannedBlock> blocks;
   uint64_t tape_signature = 0;       // op sequence of the recorded step
   bool retimed = false;              // op times from a step under the plan (BudgetPlanner::retime)
@@ -118,12 +156,12 @@ SimulatedPeak locate_peak(const std::vector<PlannedBlock>& blocks, const StepMem
 // The least simulated peak any choice of options reaches.
 int64_t floor_peak(const std::vector<PlannedBlock>& blocks, const StepMemory& step);
 
-// The options with the least recompute time whose simulated peak fits the budget (fits = false
-// when none does), and the largest Pareto front the search kept.
+// The options with the least recompute and exposed transfer time whose simulated peak fits the
+// budget (fits = false when none does), and the largest Pareto front the search kept.
 struct OptionChoice {
   bool fits = false;
   std::vector<int> choice;  // per block, an index into its options
-  double recompute_ms = 0;
+  double cost_ms = 0;
   size_t search_states = 0;
 };
 OptionChoice choose_options(const std::vector<PlannedBlock>& blocks, const StepMemory& step, int64_t budget_bytes);
@@ -135,6 +173,8 @@ class BudgetPlanner {
   // (the peaks of the other categories while recording, an upper bound) come off the budget first.
   BudgetPlanner(Module& model, int64_t budget_bytes, double percent = 0,
                 BudgetScope scope = BudgetScope::activations);
+  // Whether (and at what bandwidth) plans may offload on a GPU; takes effect at the next plan().
+  void set_offload(OffloadSettings settings) { offload_ = settings; }
   // Runs `loss_fn` once without checkpointing (then backward on its result, or `backward_fn` when
   // given, e.g. data parallel's, so the step's gradients are those of a normal step), solves, and
   // places the regions. Throws when the budget is below the floor, stating the floor.
@@ -168,6 +208,7 @@ class BudgetPlanner {
   int64_t budget_bytes_;
   double percent_;
   BudgetScope scope_;
+  OffloadSettings offload_;
   BudgetPlan plan_;
 };
 

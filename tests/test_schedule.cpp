@@ -327,7 +327,7 @@ TEST_CASE("the planner retimes its ops from a step under the plan and chooses ag
   }
   CHECK(plan.predicted_recompute_ms == chosen_ms);
   OptionChoice best = choose_options(plan.blocks, plan.step, plan.budget_bytes);
-  CHECK(best.recompute_ms == plan.predicted_recompute_ms);
+  CHECK(best.cost_ms == plan.predicted_recompute_ms);
   std::vector<int> now;
   for (const PlannedBlock& b : plan.blocks) now.push_back(b.choice);
   CHECK(now != everything);
@@ -362,7 +362,8 @@ TEST_CASE("the planner retimes its ops from a step under the plan and chooses ag
 }
 
 TEST_CASE("the planner's search is exact: it matches every choice enumerated", "[planner][budget]") {
-  // Random blocks with four options each (keep and three others), six blocks: 4^6 choices.
+  // Random blocks with four options each (keep and three others, half of the instances with options
+  // that offload), six blocks: 4^6 choices.
   std::mt19937_64 rng(5);
   auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
   for (int instance = 0; instance < 30; ++instance) {
@@ -384,6 +385,13 @@ TEST_CASE("the planner's search is exact: it matches every choice enumerated", "
         o.rebuilt_bytes = uniform(0, 100);
         o.recompute_ms = static_cast<double>(uniform(1, 50));
         o.forward_peak_bytes = uniform(0, b.forward_peak_bytes);
+        if (instance % 2 == 1 && uniform(0, 1) == 1) {
+          o.offload = {true};
+          o.offloaded_bytes = uniform(1, 60);
+          o.in_flight_bytes = uniform(1, o.offloaded_bytes);
+          o.prefetch_bytes = uniform(o.in_flight_bytes, o.offloaded_bytes);
+          o.transfer_ms = static_cast<double>(uniform(0, 5));
+        }
         b.options.push_back(o);
       }
     }
@@ -401,7 +409,7 @@ TEST_CASE("the planner's search is exact: it matches every choice enumerated", "
         double cost = 0;
         for (int i = 0, c = code; i < 6; ++i, c /= 4) {
           trial[i].choice = c % 4;
-          cost += trial[i].options[c % 4].recompute_ms;
+          cost += trial[i].options[c % 4].cost_ms();
         }
         int64_t peak = simulate_peak(trial, other);
         if (least < 0 || peak < least) least = peak;
@@ -411,7 +419,7 @@ TEST_CASE("the planner's search is exact: it matches every choice enumerated", "
       CHECK(floor == least);
       REQUIRE(choice.fits == (best >= 0));
       if (choice.fits) {
-        CHECK(choice.recompute_ms == best);
+        CHECK(choice.cost_ms == best);
         std::vector<PlannedBlock> chosen = blocks;
         for (size_t i = 0; i < chosen.size(); ++i) chosen[i].choice = choice.choice[i];
         CHECK(simulate_peak(chosen, other) <= budget);
@@ -464,6 +472,63 @@ TEST_CASE("the plan names the term of the simulation where its peak lies", "[pla
   const SimulatedPeak early = locate_peak(blocks, StepMemory{40, 1, 0, 25});
   CHECK(early.bytes == 40);
   CHECK(early.where == "before the blocks");
+}
+
+TEST_CASE("the simulation counts what offloading holds on the device: a copy in flight, copies back in backward",
+          "[planner][budget][offload]") {
+  // Three blocks, each: keep (10 kept, a forward working set of 12) or offload (2 kept, 8 to host,
+  // largest tensor 5, its backward's copies back at most 6 at once, a forward working set of 11).
+  std::vector<PlannedBlock> blocks(3);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    PlannedBlock& b = blocks[i];
+    b.name = "blocks." + std::to_string(i);
+    b.saved_bytes = 10;
+    b.alive_before_bytes = 1;
+    BlockOption keep, offload;
+    keep.name = "keep", keep.kept_bytes = 10, keep.forward_peak_bytes = 12;
+    offload.name = "offload", offload.offload = {true}, offload.recompute = {false};
+    offload.kept_bytes = 2, offload.forward_peak_bytes = 11, offload.offloaded_bytes = 8;
+    offload.in_flight_bytes = 5, offload.prefetch_bytes = 6, offload.transfer_ms = 1;
+    b.options = {keep, offload};
+  }
+  const StepMemory step{3, 1, 0, 35};  // the head 5 above what the blocks save
+  auto at = [&](std::vector<int> choice) {
+    for (size_t i = 0; i < blocks.size(); ++i) blocks[i].choice = choice[i];
+    return locate_peak(blocks, step);
+  };
+  // Nothing offloaded: the measured peak after the blocks.
+  CHECK(at({0, 0, 0}).bytes == 35);
+  // blocks.0 offloads: its forward 1 + 11 and its copy in flight (5) = 17; its backward 1 saved
+  // before the blocks, 2 kept, 6 back = 9; blocks.1's forward 2 + 1 + 12 and blocks.0's copy, which
+  // may still be in flight (5) = 20; the head 5 + 22 kept, and blocks.0's copies back (6) = 33.
+  SimulatedPeak p = at({1, 0, 0});
+  CHECK(p.bytes == 33);
+  CHECK(p.where == "the head, the loss and backward");
+  // With the head at what the blocks save, blocks.2's forward leads: 12 + 1 + 12 and the copy
+  // blocks.0 may still have in flight, as nothing since waited for it.
+  p = locate_peak(blocks, StepMemory{3, 1, 0, 30});
+  CHECK(p.bytes == 30);
+  CHECK(p.where == "blocks.2's forward");
+  // blocks.2 offloads too: its forward 12 + 1 + 11 + 5 = 29; its backward 1 + 12 + 2 + 6 and
+  // blocks.1's window (0) = 21; the head 5 + 14 + 6 = 25.
+  p = at({1, 0, 1});
+  CHECK(p.bytes == 29);
+  CHECK(p.where == "blocks.2's forward");
+  // All three offload: blocks.2's forward 4 + 1 + 11 + 5 = 21 is the largest term; its backward
+  // sees blocks.1's copies prefetched: 1 + 4 + 2 + 6 + 6 = 19.
+  p = at({1, 1, 1});
+  CHECK(p.bytes == 21);
+  CHECK(p.where == "blocks.2's forward");
+  CHECK(floor_peak(blocks, step) == 21);
+  // The search pays the transfer: with room for one offload (blocks.0's or blocks.1's: blocks.2's
+  // forward would hold 37), one; no choice fits below the floor.
+  OptionChoice one = choose_options(blocks, step, 34);
+  REQUIRE(one.fits);
+  CHECK(one.cost_ms == 1);
+  CHECK(std::count(one.choice.begin(), one.choice.end(), 1) == 1);
+  CHECK(one.choice[2] == 0);
+  CHECK(choose_options(blocks, step, 21).cost_ms == 3);
+  CHECK_FALSE(choose_options(blocks, step, 20).fits);
 }
 
 TEST_CASE("a budget covers the activations or every byte, in bytes with units or as a percentage",
