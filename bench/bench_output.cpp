@@ -65,6 +65,9 @@ void print_budgets(const std::vector<PolicyResult>& results) {
                r.policy, mib(r.budget_bytes), mib(r.predicted_peak_bytes), r.predicted_peak_at,
                mib(r.activation_peak_bytes),
                r.planned_blocks, r.predicted_recompute_ms, r.median_replay_ms, r.median_step_ms);
+    if (r.predicted_offloaded_bytes > 0)
+      fmt::print(" (offload {:.2f} MiB, {:.2f} MiB measured, transfer not hidden {:.1f} ms predicted)",
+                 mib(r.predicted_offloaded_bytes), mib(r.offloaded_bytes), r.predicted_transfer_ms);
     if (best)
       fmt::print(" vs {:.1f} ms for {} (fastest fixed policy within the budget)\n", best->median_step_ms, best->policy);
     else
@@ -141,6 +144,7 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                         {"heap_step_peak_bytes", r.heap_step_peak_bytes < 0 ? nlohmann::json(nullptr)
                                                                             : nlohmann::json(r.heap_step_peak_bytes)},
                         {"ops_replayed", r.ops_replayed},
+                        {"offloaded_bytes", r.offloaded_bytes},
                         {"tokens_per_s", r.tokens_per_s},
                         {"model_tflops", r.model_tflops < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.model_tflops)},
                         {"mfu", r.mfu < 0 ? nlohmann::json(nullptr) : nlohmann::json(r.mfu)},
@@ -156,6 +160,12 @@ void write_json(const std::string& path, const nlohmann::json& machine, const nl
                                                        : nlohmann::json(r.predicted_recompute_ms)},
                         {"planned_blocks", r.planned_blocks},
                         {"predicted_peak_at", r.predicted_peak_at},
+                        {"predicted_offloaded_bytes", r.predicted_offloaded_bytes < 0
+                                                          ? nlohmann::json(nullptr)
+                                                          : nlohmann::json(r.predicted_offloaded_bytes)},
+                        {"predicted_transfer_ms", r.predicted_offloaded_bytes < 0
+                                                      ? nlohmann::json(nullptr)
+                                                      : nlohmann::json(r.predicted_transfer_ms)},
                         {"profile", profile_json(r.profile)}});
   }
   nlohmann::json doc = {{"schema", "remat-bench/1"}, {"machine", machine}, {"run", run}, {"policies", policies}};

@@ -201,8 +201,10 @@ int run_policies(const PolicyOptions& o) {
           r.predicted_peak_bytes = plan.predicted_peak_bytes;
           r.predicted_peak_at = plan.predicted_peak_at;
         }
-        r.predicted_recompute_ms =  // a running mean over the rounds
+        r.predicted_recompute_ms =  // running means over the rounds
             (r.predicted_recompute_ms * round + plan.predicted_recompute_ms) / (round + 1);
+        r.predicted_transfer_ms = (r.predicted_transfer_ms * round + plan.predicted_transfer_ms) / (round + 1);
+        r.predicted_offloaded_bytes = plan.predicted_offloaded_bytes;
         for (const auto& b : plan.blocks)
           if (b.checkpointed) {  // name:re-run/ops
             const auto& rec = b.options[static_cast<size_t>(b.choice)].reruns;
@@ -240,6 +242,7 @@ int run_policies(const PolicyOptions& o) {
         r.activation_peak_bytes = std::max(r.activation_peak_bytes, s[MemoryCategory::activation].peak - base_act);
         replays.push_back(checkpoint_counters().replay_ns / 1e6);
         r.ops_replayed = checkpoint_counters().ops_replayed;
+        r.offloaded_bytes = checkpoint_counters().bytes_offloaded;
       }
       if (heap && device.is_cpu()) {
         // The heap figure (the peers' measure: the most malloc handed out during a step) in one more

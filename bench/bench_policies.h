@@ -46,7 +46,8 @@ struct PolicyResult {
   int64_t heap_step_peak_bytes = -1;  // from the LD_PRELOAD heap tracker when present, else -1
   int64_t activation_floor_bytes = -1;  // -1: no formula for this policy
   std::map<std::string, int64_t> saved_bytes_by_op, recomputed_bytes_by_op;
-  int64_t ops_replayed = 0;  // per step
+  int64_t ops_replayed = 0;
+  int64_t offloaded_bytes = 0;  // moved to host memory in a timed step (checkpoint_counters)  // per step
   double tokens_per_s = 0;
   // Model FLOPs per second (train_flops_per_token x tokens / median step; -1 without a formula for
   // the model) and their fraction of the device's peak (-1 when the peak is unknown).
@@ -59,6 +60,9 @@ struct PolicyResult {
   // Budget policies: the budget, the planner's prediction and choice.
   int64_t budget_bytes = -1, predicted_peak_bytes = -1;
   double predicted_recompute_ms = -1;  // the plan's, from its retimed op times (a mean over rounds)
+  // On a GPU, what the plan offloads and the transfer time it expects not to hide (a mean over rounds).
+  int64_t predicted_offloaded_bytes = -1;
+  double predicted_transfer_ms = 0;
   std::string planned_blocks;
   std::string predicted_peak_at;  // where the simulation puts that peak (BudgetPlan::predicted_peak_at)
   // With --profile: the traced step's time per op and phase (autograd/trace.h's self_times); the

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <optional>
 #include <set>
@@ -629,6 +630,12 @@ BudgetPlanner::BudgetPlanner(Module& model, int64_t budget_bytes, double percent
     : model_(model), budget_bytes_(budget_bytes), percent_(percent), scope_(scope) {
   REMAT_CHECK(percent > 0 || budget_bytes > 0, "budget: expected a positive byte count or percentage");
   REMAT_CHECK(percent <= 0 || percent <= 100, "budget: expected a percentage in (0, 100], got ", percent);
+  if (const char* env = std::getenv("REMAT_OFFLOAD")) {
+    const std::string value = env;
+    REMAT_CHECK(value == "0" || value == "1", "REMAT_OFFLOAD: expected 0 (plans never offload) or 1 (they may, on a GPU; ",
+                "the default), got '", value, "'");
+    offload_.enabled = value == "1";
+  }
 }
 
 const BudgetPlan& BudgetPlanner::plan(const std::function<Tensor()>& loss_fn,

@@ -81,9 +81,9 @@ Policy position_policy(std::vector<bool> recompute, std::string name, std::vecto
 // does not hide: the copy out overlaps forward, the copy back backward (about twice forward).
 double offload_exposed_ms(int64_t bytes, double forward_ms, double gbps);
 
-// Offload as a planner option: only where the model's parameters live on a GPU. The bandwidth in
-// GB/s between device and pinned host memory: 0 measures it once per device (64 MiB each way,
-// timed on the host; REMAT_OFFLOAD_GBPS overrides).
+// Offload as a planner option: only where the model's parameters live on a GPU (REMAT_OFFLOAD=0
+// turns it off for every planner). The bandwidth in GB/s between device and pinned host memory: 0
+// measures it once per device (64 MiB each way, timed on the host; REMAT_OFFLOAD_GBPS overrides).
 struct OffloadSettings {
   bool enabled = true;
   double gbps = 0;

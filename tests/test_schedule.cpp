@@ -3,6 +3,7 @@
 #include <catch.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <random>
 
@@ -529,6 +530,27 @@ TEST_CASE("the simulation counts what offloading holds on the device: a copy in 
   CHECK(one.choice[2] == 0);
   CHECK(choose_options(blocks, step, 21).cost_ms == 3);
   CHECK_FALSE(choose_options(blocks, step, 20).fits);
+}
+
+TEST_CASE("on the cpu the planner never offloads, and REMAT_OFFLOAD takes 0 or 1", "[planner][budget][offload]") {
+  TinyGpt g;
+  BudgetPlanner planner(g.model, 0, 30);
+  const BudgetPlan& plan = planner.plan([&] { return g.loss(); });
+  CHECK(plan.offload_gbps == 0);
+  CHECK(plan.predicted_offloaded_bytes == 0);
+  for (const PlannedBlock& b : plan.blocks)
+    for (const BlockOption& o : b.options) CHECK((o.offload.empty() && o.offloaded_bytes == 0 && o.transfer_ms == 0));
+  remove_checkpointing(g.model);
+  ::setenv("REMAT_OFFLOAD", "yes", 1);
+  CHECK_THROWS_WITH(BudgetPlanner(g.model, 0, 30), Catch::Matchers::Contains("REMAT_OFFLOAD: expected 0") &&
+                                                       Catch::Matchers::Contains("got 'yes'"));
+  ::setenv("REMAT_OFFLOAD", "0", 1);
+  CHECK_NOTHROW(BudgetPlanner(g.model, 0, 30));
+  ::unsetenv("REMAT_OFFLOAD");
+  CHECK(offload_exposed_ms(0, 1, 10) == 0);
+  CHECK(offload_exposed_ms(50'000'000, 1, 10) == Approx(4 + 3));  // 5 ms each way, 1 and 2 ms hidden
+  CHECK(offload_exposed_ms(50'000'000, 5, 10) == 0);
+  CHECK_THROWS_WITH(offload_exposed_ms(1, 1, 0), Catch::Matchers::Contains("positive bandwidth"));
 }
 
 TEST_CASE("a budget covers the activations or every byte, in bytes with units or as a percentage",

@@ -3,7 +3,8 @@
 # micro-batches, with --json; every policy's gradients bitwise equal to none's, checkpointing
 # happening (ops replayed, activation peak below none's), the micro-batch halving the activation
 # peak, the floor matching the measured peak, the budget's predicted recompute and the place of its
-# predicted peak reported; and a bad --micro-batches or `ops --attention` one line and exit 2.
+# predicted peak reported, nothing offloaded on the CPU; and a bad --micro-batches or
+# `ops --attention` one line and exit 2.
 set -uo pipefail
 build=${1:-build}
 bench=$build/bench/remat-bench
@@ -40,6 +41,10 @@ for n, run in runs.items():
     check(b["predicted_recompute_ms"] is not None and b["predicted_recompute_ms"] > 0,
           f"budget:50% at {n}: predicted recompute {b['predicted_recompute_ms']}")
     check(p["none"]["predicted_recompute_ms"] is None, "none: a predicted recompute")
+    # On the CPU nothing is offloaded: the plan says so, and the step moved nothing.
+    check(b["predicted_offloaded_bytes"] == 0 and b["predicted_transfer_ms"] == 0 and b["offloaded_bytes"] == 0,
+          f"budget:50% at {n}: offload on the cpu ({b['predicted_offloaded_bytes']}, {b['offloaded_bytes']})")
+    check(p["none"]["predicted_offloaded_bytes"] is None, "none: a predicted offload")
     check(b["predicted_peak_at"].startswith("blocks.") or b["predicted_peak_at"] in
           ("before the blocks", "the head, the loss and backward"),
           f"budget:50% at {n}: predicted peak at {b['predicted_peak_at']!r}")
