@@ -1675,82 +1675,108 @@ TEST_CASE("offload on cuda moves saved outputs to host memory: gradients bitwise
   CHECK(offloaded < kept);
 }
 
-TEST_CASE("the budget planner's offload options on cuda: bitwise, each measured peak within its prediction",
-          "[cuda][planner][offload]") {
-  manual_seed(37);
-  Gpt model(gpu_gpt());
-  model.to(kGpu);
-  model.train();
+namespace {
+
+// gpt tiny on the GPU for the budget planner's offload cases: its step, the gradients without
+// checkpointing, a plan with offload set as given, and a step's activation peak (gradients checked).
+struct OffloadPlanning {
+  Gpt model{gpu_gpt()};
   Tensor idx = reshape(ids(2 * 16, 64, 7).to(DType::i64), {2, 16}).to(kGpu),
          targets = reshape(ids(2 * 16, 64, 5), {2, 16}).to(kGpu);
-  auto loss = [&] { return model.loss(idx, targets); };
-  auto plain = run_grads(model.parameters(), loss);
-  auto plan_at = [&](BudgetPlanner& planner) -> const BudgetPlan& {
+  std::function<Tensor()> loss = [this] { return model.loss(idx, targets); };
+  std::vector<std::vector<char>> plain;
+  OffloadPlanning() {
+    model.to(kGpu);
+    model.train();
+    plain = run_grads(model.parameters(), loss);
+  }
+  const BudgetPlan& plan(BudgetPlanner& planner, OffloadSettings offload) {
     for (Tensor& p : model.parameters()) p.zero_grad();
     set_rng_state({1234, 0});
+    planner.set_offload(offload);
     return planner.plan(loss);
-  };
-  auto step_peak = [&] {
+  }
+  int64_t step_peak() {
     reset_checkpoint_counters();
     reset_peak_memory(kGpu);
     int64_t base = memory_stats(kGpu)[MemoryCategory::activation].current;
     CHECK(run_grads(model.parameters(), loss) == plain);
     return memory_stats(kGpu)[MemoryCategory::activation].peak - base;
-  };
-  BudgetPlanner recompute_only(model, 0, 50);
-  recompute_only.set_offload({false, 0});
-  const BudgetPlan without = plan_at(recompute_only);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the budget planner offloads on cuda when the transfer hides: bitwise, the peak within its prediction",
+          "[cuda][planner][offload]") {
+  manual_seed(37);
+  OffloadPlanning g;
+  BudgetPlanner recompute_only(g.model, 0, 50);
+  const BudgetPlan without = g.plan(recompute_only, {false, 0});
   CHECK(without.offload_gbps == 0);
   for (const PlannedBlock& b : without.blocks)
     for (const BlockOption& o : b.options) CHECK(o.offload.empty());
   // A bandwidth no transfer outruns: an offload costs only the views its replay re-runs.
-  BudgetPlanner fast(model, 0, 50);
-  fast.set_offload({true, 1e6});
-  const BudgetPlan& plan = plan_at(fast);
+  BudgetPlanner fast(g.model, 0, 50);
+  const BudgetPlan& plan = g.plan(fast, {true, 1e6});
   INFO(plan.to_string());
   CHECK(plan.offload_gbps == 1e6);
   CHECK(plan.floor_bytes <= without.floor_bytes);
   CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
   CHECK(plan.predicted_recompute_ms + plan.predicted_transfer_ms <= without.predicted_recompute_ms);
-  CHECK(step_peak() <= plan.predicted_peak_bytes);
-  // Each offloading option of the first and the last block, the other blocks kept: the step's
-  // gradients, what it moved, and its peak against the simulation's.
+  size_t offloading = 0;
+  for (const PlannedBlock& b : plan.blocks)
+    for (const BlockOption& o : b.options) {
+      offloading += !o.offload.empty();
+      CHECK((o.offload.empty() || (o.offloaded_bytes > 0 && o.transfer_ms == 0)));
+      for (size_t k = 0; k < o.offload.size(); ++k) CHECK_FALSE((o.offload[k] && o.recompute[k]));
+    }
+  CHECK(offloading >= plan.blocks.size());
+  CHECK(g.step_peak() <= plan.predicted_peak_bytes);
+  CHECK(checkpoint_counters().bytes_offloaded == plan.predicted_offloaded_bytes);
+  // Down to the floor with offload: still within the prediction.
+  BudgetPlanner lowest(g.model, plan.floor_bytes);
+  const BudgetPlan& floor_plan = g.plan(lowest, {true, 1e6});
+  INFO(floor_plan.to_string());
+  CHECK(floor_plan.predicted_peak_bytes <= floor_plan.budget_bytes);
+  CHECK(g.step_peak() <= floor_plan.predicted_peak_bytes);
+  CHECK(checkpoint_counters().bytes_offloaded == floor_plan.predicted_offloaded_bytes);
+  // At a bandwidth where every transfer shows, the budget recomputes instead, as without offload.
+  BudgetPlanner slow(g.model, 0, 50);
+  const BudgetPlan& slow_plan = g.plan(slow, {true, 1e-3});
+  INFO(slow_plan.to_string());
+  CHECK(slow_plan.predicted_offloaded_bytes == 0);
+  CHECK(g.step_peak() <= slow_plan.predicted_peak_bytes);
+  CHECK(checkpoint_counters().bytes_offloaded == 0);
+  CHECK(checkpoint_counters().replays > 0);
+  remove_checkpointing(g.model);
+}
+
+TEST_CASE("every offloading option of the first and the last block measures at most its simulated peak on cuda",
+          "[cuda][planner][offload][large]") {
+  manual_seed(37);
+  OffloadPlanning g;
+  BudgetPlanner planner(g.model, 0, 50);
+  const BudgetPlan& plan = g.plan(planner, {true, 1e6});
+  // Each placed by hand, the other blocks kept: the step's gradients, what it moved, and its peak
+  // against the simulation's.
   size_t placed = 0;
   for (size_t j : {size_t{0}, plan.blocks.size() - 1}) {
     const std::vector<BlockOption> options = plan.blocks[j].options;
     for (size_t i = 1; i < options.size(); ++i) {
       if (options[i].offload.empty()) continue;
       INFO(plan.blocks[j].name << ": " << options[i].name);
-      CHECK(options[i].offloaded_bytes > 0);
-      CHECK(options[i].transfer_ms == 0);
-      for (size_t k = 0; k < options[i].offload.size(); ++k) CHECK_FALSE((options[i].offload[k] && options[i].recompute[k]));
       std::vector<int> choice(plan.blocks.size(), 0);
       choice[j] = static_cast<int>(i);
-      const int64_t predicted = fast.place(choice).predicted_peak_bytes;
-      const int64_t measured = step_peak();
+      const int64_t predicted = planner.place(choice).predicted_peak_bytes;
+      const int64_t measured = g.step_peak();
       CHECK(checkpoint_counters().bytes_offloaded == options[i].offloaded_bytes);
       CHECK(measured <= predicted);
       ++placed;
     }
   }
   CHECK(placed >= 4);
-  // Down to the floor with offload: still within the prediction.
-  BudgetPlanner lowest(model, plan.floor_bytes);
-  lowest.set_offload({true, 1e6});
-  const BudgetPlan& floor_plan = plan_at(lowest);
-  INFO(floor_plan.to_string());
-  CHECK(floor_plan.predicted_peak_bytes <= floor_plan.budget_bytes);
-  CHECK(step_peak() <= floor_plan.predicted_peak_bytes);
-  // At a bandwidth where every transfer shows, the budget recomputes instead, as without offload.
-  BudgetPlanner slow(model, 0, 50);
-  slow.set_offload({true, 1e-3});
-  const BudgetPlan& slow_plan = plan_at(slow);
-  INFO(slow_plan.to_string());
-  CHECK(slow_plan.predicted_offloaded_bytes == 0);
-  CHECK(step_peak() <= slow_plan.predicted_peak_bytes);
-  CHECK(checkpoint_counters().bytes_offloaded == 0);
-  CHECK(checkpoint_counters().replays > 0);
-  remove_checkpointing(model);
+  remove_checkpointing(g.model);
 }
 
 TEST_CASE("dit and unet tiny gradients on cuda under their policies are bitwise equal to none", "[cuda][policy][diffusion]") {
@@ -1785,6 +1811,31 @@ TEST_CASE("dit and unet tiny gradients on cuda under their policies are bitwise 
     apply_policy(unet, parse_policy(policy));
     CHECK(run_grads(unet.parameters(), unet_loss) == unet_plain);
   }
+  // The budget planner at its floor with offload free to choose (a bandwidth no transfer outruns):
+  // the same bits, the bytes it plans to move moved, the peak within its prediction.
+  auto budgets = [](Module& model, const std::function<Tensor()>& loss, const std::vector<std::vector<char>>& plain) {
+    auto plan_at = [&](BudgetPlanner& planner) -> const BudgetPlan& {
+      for (Tensor& p : model.parameters()) p.zero_grad();
+      planner.set_offload({true, 1e6});
+      return planner.plan(loss);
+    };
+    BudgetPlanner half(model, 0, 50);
+    BudgetPlanner lowest(model, plan_at(half).floor_bytes);
+    {
+      const BudgetPlan& plan = plan_at(lowest);
+      INFO(model.type_name() << ": " << plan.to_string());
+      reset_checkpoint_counters();
+      reset_peak_memory(kGpu);
+      const int64_t base = memory_stats(kGpu)[MemoryCategory::activation].current;
+      CHECK(run_grads(model.parameters(), loss) == plain);
+      CHECK(memory_stats(kGpu)[MemoryCategory::activation].peak - base <= plan.predicted_peak_bytes);
+      CHECK(checkpoint_counters().bytes_offloaded == plan.predicted_offloaded_bytes);
+      CHECK(plan.predicted_peak_bytes <= plan.budget_bytes);
+    }
+    remove_checkpointing(model);
+  };
+  budgets(dit, dit_loss, dit_plain);
+  budgets(unet, unet_loss, unet_plain);
 }
 
 TEST_CASE("the caching allocator counts requested bytes exactly and reuses its segments", "[cuda][memory]") {
