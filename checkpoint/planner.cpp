@@ -632,8 +632,8 @@ BudgetPlanner::BudgetPlanner(Module& model, int64_t budget_bytes, double percent
   REMAT_CHECK(percent <= 0 || percent <= 100, "budget: expected a percentage in (0, 100], got ", percent);
   if (const char* env = std::getenv("REMAT_OFFLOAD")) {
     const std::string value = env;
-    REMAT_CHECK(value == "0" || value == "1", "REMAT_OFFLOAD: expected 0 (plans never offload) or 1 (they may, on a GPU; ",
-                "the default), got '", value, "'");
+    REMAT_CHECK(value == "0" || value == "1", "REMAT_OFFLOAD: expected 0 (plans never offload) or 1 (they may, ",
+                "on a GPU; the default), got '", value, "'");
     offload_.enabled = value == "1";
   }
 }

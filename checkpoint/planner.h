@@ -8,14 +8,16 @@
 // order of recorded time per byte of output, cheapest first (views and pointwise ops come first on
 // their own), every prefix of that order, and the sets by op class (shape and pointwise; + norms
 // and reductions; + matrix products; everything). An op whose outputs neither backward nor replay
-// reads is dropped in every option. For each option the tape gives what the block keeps through forward (kept: its
-// inputs, the outputs of the ops it saves and the saved slots those cover) and the most its replay
-// holds above that (rebuilt: the re-run ops in one pass, rebuilt slots kept and other outputs
-// freed after their last use there), and the recorded time of those ops. The timeline gives, per block, what was alive at its start besides
-// earlier blocks' saved tensors (A) and its forward working set under each option (F: the recorded
-// one, less each saved storage the option drops from the moment the program let go of it, which a
-// watch on the recording dates), and the peaks before the first block and after the last one. The
-// simulated activation peak of a choice is the largest of
+// reads is dropped in every option. For each option the tape gives what the block keeps through
+// forward (kept: its inputs, the outputs of the ops it saves and the saved slots those cover) and
+// the most its replay holds above that (rebuilt: the re-run ops in one pass, rebuilt slots kept
+// and other outputs freed after their last use there, each allocation counted once: a view costs
+// nothing but keeps what it views alive), and the recorded time of those ops. The timeline gives,
+// per block, what was alive at its start besides earlier blocks' saved tensors (A) and its forward
+// working set under each option (F: the recorded one, less each saved storage the option drops
+// from the moment the program let go of it, which a watch on the recording dates), and the peaks
+// before the first block and after the last one. The simulated activation peak of a choice is the
+// largest of
 //   before the blocks:              the measured peak there,
 //   block j's forward:              sum_{i<j} kept(i) + A_j + F_j(option) + X_j,
 //   block j's replay (if any):      P + sum_{i<j} kept(i) + kept(j) + rebuilt(j),
@@ -24,7 +26,8 @@
 // P: what the ops before the blocks save), which
 // equals the measured peak when nothing is checkpointed and bounds what per-node replay holds. The
 // planner picks the options with the least recompute time whose simulated peak fits the budget, by
-// an exact search over Pareto-optimal prefixes (time, kept bytes, worst peak so far), and places a
+// an exact search over Pareto-optimal prefixes (time, kept bytes, worst peak so far, and what
+// offloads hold later), and places a
 // region on each block that recomputes anything, with a policy that decides by op position. The
 // first step under the plan times the ops again, warm, and the search runs again with those times.
 //
@@ -34,10 +37,10 @@
 // flight in forward, at most the largest tensor offloaded so far; in a block's backward the copies
 // its replay reads, those its nodes unpack and those prefetch brings back four nodes ahead, into
 // the block before it too; the largest such window through the head's and kept blocks' backward),
-// and the time
-// counts the transfer the block's compute does not hide: max(0, bytes / bandwidth - forward time)
-// in forward and max(0, bytes / bandwidth - 2 x forward time) in backward (backward's matrix
-// products do twice forward's work), the bandwidth timed once on the device.
+// and the time counts the transfer the block's compute does not hide: max(0, bytes / bandwidth -
+// forward time) in forward and max(0, bytes / bandwidth - 2 x forward time) in backward
+// (backward's matrix products do twice forward's work), the bandwidth timed once on the device.
+// The simulation and the search live in plan_search.cpp, offload's costs in offload_cost.cpp.
 #pragma once
 
 #include <cstdint>

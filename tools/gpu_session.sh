@@ -153,7 +153,7 @@ done
 # The benchmarks fall back to the reference index checks on the host if the GPU's own failed, and
 # take only attention paths and linear's bias epilogue whose cases passed: the defaults (`auto`:
 # mma in bf16, the GEMMs in f32; the epilogue on) when the cases of both passed, else what did.
-attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0 cudnn_ok=0 copies_ok=0
+attention=flash bias_epilogue=0 bias_grad_ok=0 fused_loss=0 mma_ok=0 gemm_ok=0 cudnn_ok=0 copies_ok=0 offload_ok=0
 for name in "${failures[@]}"; do
   case $name in
     "indices checked on the GPU"*)
@@ -170,6 +170,7 @@ for name in "${passes[@]}"; do
     "linear's dW and db from one cuBLASLt call"*) bias_grad_ok=1 ;;
     "linear_cross_entropy on cuda"*) fused_loss=1 ;;
     "autocast's weight copies on cuda"*) copies_ok=1 ;;
+    "the budget planner offloads on cuda"*) offload_ok=1 ;;
   esac
 done
 case $mma_ok$gemm_ok in
@@ -318,6 +319,23 @@ for other in flash gemm; do
     echo "remat-bench exit $?"
   else
     echo "SKIPPED (dry run or out of time): remat-bench with the attention path $other"
+  fi
+done
+# The budget planner in bf16: offload where the block's compute hides the transfer (the default on
+# a GPU; its case must have passed), then recompute alone, each against none in the same run (gpt
+# tiny's floor lies at 47% of its peak).
+budgets=budget:50%,budget:25%
+[ -n "$dry" ] && budgets=budget:80%,budget:50%
+for offload in 1 0; do
+  if [ "$offload" = 1 ] && [ -z "$dry" ] && [ "$offload_ok" = 0 ]; then
+    echo "SKIPPED (its case did not pass): remat-bench budgets with offload"
+  elif fits 75; then
+    step "remat-bench $config none,$budgets in $bf16 on $device, REMAT_OFFLOAD=$offload"
+    REMAT_OFFLOAD=$offload timeout 150 "$bin/bench/remat-bench" --config "$config" --policies "none,$budgets" \
+      --device "$device" --dtype "$bf16" --steps "$steps" --warmup "$warmup"
+    echo "remat-bench exit $?"
+  else
+    echo "SKIPPED (out of time): remat-bench budgets with REMAT_OFFLOAD=$offload"
   fi
 done
 step "done: test_cuda ${passed} passed, ${failed} failed, ${skipped} skipped"

@@ -23,6 +23,8 @@ grep -q "^remat-bench: gpt tiny .*, fused loss) on cpu" "$out/session.txt" || fa
   "$out/session.txt")" -eq 5 ] || fail "expected each of the 5 settings weighed against the bf16 table's none step"
 grep -q "^== remat-bench tiny none,full,ops,block_skip:2 in f32 on cpu with the settings that won: " "$out/session.txt" ||
   fail "the run with the settings that won did not run"
+[ "$(grep -cE "^budget:(80|50)%: budget .* predicted .* measured " "$out/session.txt")" -eq 4 ] ||
+  fail "expected the budget planner's two budgets with offload and without"
 for f in session.txt test_cuda.txt failures.txt ops-gpu.json bench-gpt2-f32.json bench-gpt2-bf16.json; do
   [ -s "$out/$f" ] || [ "$f" = failures.txt ] || fail "$f missing or empty"
 done
