@@ -34,20 +34,25 @@ double offload_bandwidth_gbps(int index) {
   static std::map<int, double> measured;
   std::lock_guard<std::mutex> lock(mutex);
   if (auto found = measured.find(index); found != measured.end()) return found->second;
-  // 64 MiB to the host and back, as Graph::offload and a prefetch copy them, after a small copy
-  // that waits for the compute stream's queue (a copy starts after the kernels queued before it).
-  constexpr int64_t kBytes = int64_t{64} << 20;
+  // 64 MiB to the host and back, in copies of 8 MiB as Graph::offload and a prefetch make them
+  // (one buffer, so that the measurement adds only 8 MiB of workspace to the device's peak, once),
+  // after a small copy that waits for the compute stream's queue (a copy starts after the kernels
+  // queued before it).
+  constexpr int64_t kBytes = int64_t{8} << 20;
+  constexpr int kRounds = 8;
   MemoryCategoryScope category(MemoryCategory::workspace);
   Tensor device = Tensor::empty({kBytes}, DType::u8, Device::cuda(index));
   Tensor host = Tensor::empty_pinned({kBytes}, DType::u8);
   cuda_copy_async(host.raw_data(), device.raw_data(), 4096, index, false, nullptr);
   cuda_wait_copies(index, 0);
   const auto start = std::chrono::steady_clock::now();
-  cuda_copy_async(host.raw_data(), device.raw_data(), kBytes, index, false, nullptr);
-  cuda_copy_async(device.raw_data(), host.raw_data(), kBytes, index, true, nullptr);
+  for (int round = 0; round < kRounds; ++round) {
+    cuda_copy_async(host.raw_data(), device.raw_data(), kBytes, index, false, nullptr);
+    cuda_copy_async(device.raw_data(), host.raw_data(), kBytes, index, true, nullptr);
+  }
   cuda_wait_copies(index, 0);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const double gbps = 2.0 * static_cast<double>(kBytes) / std::max(seconds, 1e-9) / 1e9;
+  const double gbps = 2.0 * kRounds * static_cast<double>(kBytes) / std::max(seconds, 1e-9) / 1e9;
   measured[index] = gbps;
   return gbps;
 }

@@ -86,7 +86,8 @@ double offload_exposed_ms(int64_t bytes, double forward_ms, double gbps);
 
 // Offload as a planner option: only where the model's parameters live on a GPU (REMAT_OFFLOAD=0
 // turns it off for every planner). The bandwidth in GB/s between device and pinned host memory: 0
-// measures it once per device (64 MiB each way, timed on the host; REMAT_OFFLOAD_GBPS overrides).
+// measures it once per device (64 MiB each way through an 8 MiB buffer, timed on the host;
+// REMAT_OFFLOAD_GBPS overrides).
 struct OffloadSettings {
   bool enabled = true;
   double gbps = 0;
