@@ -15,10 +15,10 @@ int64_t saved_by_blocks(const std::vector<PlannedBlock>& blocks) {
 }
 
 // Where the simulation stands after some blocks: what they keep, the worst peak so far, and what
-// their offloads still hold on the device later: the copy that may be in flight (at most the
-// largest tensor of the last block that offloaded), the last block's prefetch window (its copies
-// back during the next block's backward) and the largest block's (during the backward of a block
-// that keeps everything, or of the head).
+// their offloads still hold on the device later: the copy that may be in flight until backward
+// starts (at most the largest tensor of the last block that offloaded), the last block's prefetch
+// window (its copies back during the next block's backward) and the largest block's (during the
+// backward of a block that keeps everything, or of the head).
 struct SimState {
   int64_t prefix = 0, worst = 0;
   int64_t in_flight = 0, last_prefetch = 0, most_prefetch = 0;
@@ -37,8 +37,10 @@ int64_t forward_term(const PlannedBlock& b, const BlockOption& o, const SimState
 int64_t replay_term(const BlockOption& o, const StepMemory& step, const SimState& s) {
   return step.pre_saved + step.held + s.prefix + o.kept_bytes + o.rebuilt_bytes + o.prefetch_bytes + s.last_prefetch;
 }
+// The head's forward may still have forward's last copy in flight; its backward and that of kept
+// blocks have prefetched copies (RegionManager::before_backward waits for the first to land).
 int64_t tail_term(const std::vector<PlannedBlock>& blocks, const StepMemory& step, const SimState& s) {
-  return step.after_blocks_peak - saved_by_blocks(blocks) + s.prefix + s.most_prefetch;
+  return step.after_blocks_peak - saved_by_blocks(blocks) + s.prefix + std::max(s.in_flight, s.most_prefetch);
 }
 
 // One block of the simulation: the state after block `b` under option `i`.

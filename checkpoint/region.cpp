@@ -410,6 +410,10 @@ void RegionManager::before_backward(Graph&, bool retain_graph, int64_t root_valu
   backward_root_ = root_value;
   backward_retains_ = retain_graph;
   whole_region_.clear();
+  // The last copy forward offloaded lands before backward's prefetches start, so the device memory
+  // copies hold is one forward copy or backward's prefetches, never both (what the budget
+  // planner's simulation counts).
+  for (int device : offload_devices_) cuda_wait_copies(device, 0);
 }
 
 bool RegionManager::whole_region_in_this_backward(const Graph& graph, int id) {

@@ -505,6 +505,13 @@ TEST_CASE("the simulation counts what offloading holds on the device: a copy in 
   SimulatedPeak p = at({1, 0, 0});
   CHECK(p.bytes == 33);
   CHECK(p.where == "the head, the loss and backward");
+  // Where a block's copies back hold less than its largest tensor, the head counts that tensor: the
+  // copy forward may still have in flight until backward starts.
+  std::vector<PlannedBlock> small_window = blocks;
+  for (PlannedBlock& b : small_window) b.options[1].prefetch_bytes = 2;
+  p = locate_peak(small_window, step);
+  CHECK(p.bytes == 32);  // 5 + 22 + 5
+  CHECK(p.where == "the head, the loss and backward");
   // With the head at what the blocks save, blocks.2's forward leads: 12 + 1 + 12 and the copy
   // blocks.0 may still have in flight, as nothing since waited for it.
   p = locate_peak(blocks, StepMemory{3, 1, 0, 30});
