@@ -324,7 +324,7 @@ done
 # The budget planner in bf16: offload where the block's compute hides the transfer (the default on
 # a GPU; its case must have passed), then recompute alone, each against none in the same run (gpt
 # tiny's floor lies at 47% of its peak).
-budgets=budget:50%,budget:25%
+budgets=budget:50%,budget:30%
 [ -n "$dry" ] && budgets=budget:80%,budget:50%
 for offload in 1 0; do
   if [ "$offload" = 1 ] && [ -z "$dry" ] && [ "$offload_ok" = 0 ]; then
