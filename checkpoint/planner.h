@@ -40,7 +40,8 @@
 // and the time counts the transfer the block's compute does not hide: max(0, bytes / bandwidth -
 // forward time) in forward and max(0, bytes / bandwidth - 2 x forward time) in backward
 // (backward's matrix products do twice forward's work), the bandwidth timed once on the device.
-// The simulation and the search live in plan_search.cpp, offload's costs in offload_cost.cpp.
+// Each block's options are built in block_options.cpp, the simulation and the search live in
+// plan_search.cpp, offload's costs in offload_cost.cpp.
 #pragma once
 
 #include <cstdint>
