@@ -429,23 +429,33 @@ TEST_CASE("the planner's search is exact: it matches every choice enumerated", "
   }
 }
 
+namespace {
+
+// `n` hand-built blocks, each saving 10 bytes with 1 alive at its start, with two options: keep
+// (10 kept, a forward working set of 12) and `other`.
+std::vector<PlannedBlock> blocks_keeping_or(size_t n, const BlockOption& other) {
+  std::vector<PlannedBlock> blocks(n);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    PlannedBlock& b = blocks[i];
+    b.name = "blocks." + std::to_string(i);
+    b.saved_bytes = 10;
+    b.alive_before_bytes = 1;
+    BlockOption keep;
+    keep.name = "keep", keep.kept_bytes = 10, keep.forward_peak_bytes = 12;
+    b.options = {keep, other};
+  }
+  return blocks;
+}
+
+}  // namespace
+
 TEST_CASE("the plan names the term of the simulation where its peak lies", "[planner][budget]") {
-  // Two blocks: keep (10 bytes kept, a forward working set of 12) or recompute (2 kept, a forward
-  // working set of 11, `rebuilt` held by the replay); 1 byte alive at each block's start.
+  // Two blocks: keep or recompute (2 kept, a forward working set of 11, `rebuilt` held by the replay).
   auto blocks_with = [](int64_t rebuilt) {
-    std::vector<PlannedBlock> blocks(2);
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      PlannedBlock& b = blocks[i];
-      b.name = "blocks." + std::to_string(i);
-      b.saved_bytes = 10;
-      b.alive_before_bytes = 1;
-      BlockOption keep, drop;
-      keep.name = "keep", keep.kept_bytes = 10, keep.forward_peak_bytes = 12;
-      drop.name = "drop", drop.recompute = {true}, drop.kept_bytes = 2, drop.rebuilt_bytes = rebuilt;
-      drop.forward_peak_bytes = 11;
-      b.options = {keep, drop};
-    }
-    return blocks;
+    BlockOption drop;
+    drop.name = "drop", drop.recompute = {true}, drop.kept_bytes = 2, drop.rebuilt_bytes = rebuilt;
+    drop.forward_peak_bytes = 11;
+    return blocks_keeping_or(2, drop);
   };
   // 3 before the blocks, 1 saved before them, the head 5 above what the blocks save.
   const StepMemory step{3, 1, 0, 25};
@@ -477,21 +487,13 @@ TEST_CASE("the plan names the term of the simulation where its peak lies", "[pla
 
 TEST_CASE("the simulation counts what offloading holds on the device: a copy in flight, copies back in backward",
           "[planner][budget][offload]") {
-  // Three blocks, each: keep (10 kept, a forward working set of 12) or offload (2 kept, 8 to host,
-  // largest tensor 5, its backward's copies back at most 6 at once, a forward working set of 11).
-  std::vector<PlannedBlock> blocks(3);
-  for (size_t i = 0; i < blocks.size(); ++i) {
-    PlannedBlock& b = blocks[i];
-    b.name = "blocks." + std::to_string(i);
-    b.saved_bytes = 10;
-    b.alive_before_bytes = 1;
-    BlockOption keep, offload;
-    keep.name = "keep", keep.kept_bytes = 10, keep.forward_peak_bytes = 12;
-    offload.name = "offload", offload.offload = {true}, offload.recompute = {false};
-    offload.kept_bytes = 2, offload.forward_peak_bytes = 11, offload.offloaded_bytes = 8;
-    offload.in_flight_bytes = 5, offload.prefetch_bytes = 6, offload.transfer_ms = 1;
-    b.options = {keep, offload};
-  }
+  // Three blocks, each: keep or offload (2 kept, 8 to host, largest tensor 5, its backward's copies
+  // back at most 6 at once, a forward working set of 11).
+  BlockOption offload;
+  offload.name = "offload", offload.offload = {true}, offload.recompute = {false};
+  offload.kept_bytes = 2, offload.forward_peak_bytes = 11, offload.offloaded_bytes = 8;
+  offload.in_flight_bytes = 5, offload.prefetch_bytes = 6, offload.transfer_ms = 1;
+  std::vector<PlannedBlock> blocks = blocks_keeping_or(3, offload);
   const StepMemory step{3, 1, 0, 35};  // the head 5 above what the blocks save
   auto at = [&](std::vector<int> choice) {
     for (size_t i = 0; i < blocks.size(); ++i) blocks[i].choice = choice[i];
