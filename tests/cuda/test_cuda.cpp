@@ -1779,6 +1779,46 @@ TEST_CASE("every offloading option of the first and the last block measures at m
   remove_checkpointing(g.model);
 }
 
+TEST_CASE("every offloading option of dit's first block measures at most its simulated peak on cuda",
+          "[cuda][planner][offload][diffusion][large]") {
+  manual_seed(32);
+  DitConfig dc = dit_config("tiny");
+  dc.ada_zero = false;
+  Dit dit(dc);
+  dit.to(kGpu);
+  ShapesTask data(8, 3);
+  auto [x0, labels] = data.batch(3);
+  x0 = x0.to(kGpu), labels = labels.to(kGpu);
+  std::function<Tensor()> loss = [&] {
+    set_rng_state({99, 0});
+    return rectified_flow_loss([&](const Tensor& x, const Tensor& t, const Tensor& y) { return dit.forward(x, t, y); },
+                               x0, labels);
+  };
+  auto plain = run_grads(dit.parameters(), loss);
+  BudgetPlanner planner(dit, 0, 50);
+  planner.set_offload({true, 1e6});
+  for (Tensor& p : dit.parameters()) p.zero_grad();
+  const BudgetPlan& plan = planner.plan(loss);
+  const std::vector<BlockOption> options = plan.blocks[0].options;
+  size_t placed = 0;
+  for (size_t i = 1; i < options.size(); ++i) {
+    if (options[i].offload.empty()) continue;
+    INFO(plan.blocks[0].name << ": " << options[i].name);
+    std::vector<int> choice(plan.blocks.size(), 0);
+    choice[0] = static_cast<int>(i);
+    const int64_t predicted = planner.place(choice).predicted_peak_bytes;
+    reset_checkpoint_counters();
+    reset_peak_memory(kGpu);
+    const int64_t base = memory_stats(kGpu)[MemoryCategory::activation].current;
+    CHECK(run_grads(dit.parameters(), loss) == plain);
+    CHECK(memory_stats(kGpu)[MemoryCategory::activation].peak - base <= predicted);
+    CHECK(checkpoint_counters().bytes_offloaded == options[i].offloaded_bytes);
+    ++placed;
+  }
+  CHECK(placed >= 4);
+  remove_checkpointing(dit);
+}
+
 TEST_CASE("dit and unet tiny gradients on cuda under their policies are bitwise equal to none", "[cuda][policy][diffusion]") {
   manual_seed(32);
   DitConfig dc = dit_config("tiny");
