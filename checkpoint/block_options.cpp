@@ -262,6 +262,20 @@ std::string option_name(const BlockTape& b, const BlockOption& o) {
   return name;
 }
 
+// The bytes of node `i`'s outputs.
+int64_t output_bytes(const BlockTape& b, size_t i) {
+  int64_t bytes = 0;
+  for (int64_t v : b.node(i).outputs) bytes += value_bytes(b.nodes[i].graph->values[v]);
+  return bytes;
+}
+
+// By position: the block's ops of class `cls` or cheaper (op_class).
+std::vector<bool> ops_up_to_class(const BlockTape& b, int cls) {
+  std::vector<bool> set(b.nodes.size());
+  for (size_t i = 0; i < set.size(); ++i) set[i] = op_class(b.node(i).kind()) <= cls;
+  return set;
+}
+
 // Whose saved outputs an offloading option moves to host memory: matrix products and attention,
 // the large outputs that cost most to rebuild.
 bool offloadable(OpKind op) { return op_class(op) == 3 || op == OpKind::attention; }
@@ -278,7 +292,7 @@ void add_offload_candidates(const BlockTape& b, std::vector<std::vector<bool>> s
   for (size_t i = 0; i < n; ++i) {
     if (!offloadable(b.node(i).kind())) continue;
     movable.push_back(i);
-    for (int64_t v : b.node(i).outputs) bytes[i] += value_bytes(b.nodes[i].graph->values[v]);
+    bytes[i] = output_bytes(b, i);
   }
   if (movable.empty()) return;
   std::stable_sort(movable.begin(), movable.end(), [&](size_t a, size_t c) { return bytes[a] > bytes[c]; });
@@ -295,11 +309,8 @@ void add_offload_candidates(const BlockTape& b, std::vector<std::vector<bool>> s
   };
   sets.push_back(std::vector<bool>(n, false));
   for (const std::vector<bool>& set : sets) variant(with_views(set), movable.size());
-  for (int cls = 0; cls <= 2; ++cls) {
-    std::vector<bool> set(n);
-    for (size_t i = 0; i < n; ++i) set[i] = op_class(b.node(i).kind()) <= cls;
-    for (size_t most = 1; most < movable.size(); ++most) variant(with_views(set), most);
-  }
+  for (int cls = 0; cls <= 2; ++cls)
+    for (size_t most = 1; most < movable.size(); ++most) variant(with_views(ops_up_to_class(b, cls)), most);
 }
 
 }  // namespace
@@ -310,9 +321,8 @@ std::vector<Candidate> block_candidates(const BlockTape& b, int64_t saved_bytes,
   std::vector<double> score(n);
   for (size_t i = 0; i < n; ++i) {
     const Node& node = b.node(i);
-    int64_t bytes = 0;
-    for (int64_t v : node.outputs) bytes += value_bytes(b.nodes[i].graph->values[v]);
-    score[i] = is_view(node.kind()) ? -1.0 : node.forward_us / static_cast<double>(std::max<int64_t>(bytes, 1));
+    score[i] = is_view(node.kind()) ? -1.0
+                                    : node.forward_us / static_cast<double>(std::max<int64_t>(output_bytes(b, i), 1));
   }
   std::vector<size_t> order(n);
   for (size_t i = 0; i < n; ++i) order[i] = i;
@@ -322,11 +332,7 @@ std::vector<Candidate> block_candidates(const BlockTape& b, int64_t saved_bytes,
     prefix[order[k]] = true;
     sets.push_back(prefix);
   }
-  for (int cls = 1; cls <= 3; ++cls) {
-    std::vector<bool> set(n);
-    for (size_t i = 0; i < n; ++i) set[i] = op_class(b.node(i).kind()) <= cls;
-    sets.push_back(set);
-  }
+  for (int cls = 1; cls <= 3; ++cls) sets.push_back(ops_up_to_class(b, cls));
   std::vector<Candidate> candidates;
   auto add = [&](Candidate c) {
     // Keeping the block beats an option that keeps as much (it saves outputs no backward reads).
