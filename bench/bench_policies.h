@@ -46,8 +46,8 @@ struct PolicyResult {
   int64_t heap_step_peak_bytes = -1;  // from the LD_PRELOAD heap tracker when present, else -1
   int64_t activation_floor_bytes = -1;  // -1: no formula for this policy
   std::map<std::string, int64_t> saved_bytes_by_op, recomputed_bytes_by_op;
-  int64_t ops_replayed = 0;
-  int64_t offloaded_bytes = 0;  // moved to host memory in a timed step (checkpoint_counters)  // per step
+  int64_t ops_replayed = 0;      // per step
+  int64_t offloaded_bytes = 0;   // moved to host memory in a timed step (checkpoint_counters)
   double tokens_per_s = 0;
   // Model FLOPs per second (train_flops_per_token x tokens / median step; -1 without a formula for
   // the model) and their fraction of the device's peak (-1 when the peak is unknown).
