@@ -1,5 +1,6 @@
-// remat-bench: peak memory and step time per model x checkpoint policy (default), or kernel
-// throughput (`remat-bench ops`). Errors print one line and exit 2.
+// remat-bench: peak memory and step time per model x checkpoint policy (default), kernel throughput
+// (`remat-bench ops`), a soak test (`soak`), or the f64 step a PyTorch twin checks itself against
+// (`twin`). Errors print one line and exit 2.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <sstream>
@@ -8,6 +9,7 @@
 #include "bench_ops.h"
 #include "bench_policies.h"
 #include "bench_soak.h"
+#include "bench_twin.h"
 #include "runtime/error.h"
 
 int main(int argc, char** argv) {
@@ -74,6 +76,14 @@ int main(int argc, char** argv) {
   soak_cmd->add_option("--steps", soak.steps, "training steps per policy")->capture_default_str();
   soak_cmd->add_option("--samples", soak.samples, "memory samples per policy")->capture_default_str();
   soak_cmd->add_option("--json", soak.json_path, "also write the samples as JSON to this file");
+  remat::bench::TwinOptions twin;
+  CLI::App* twin_cmd = app.add_subcommand(
+      "twin", "one f64 step of the model, its weights, inputs, loss and gradients to a safetensors file, for "
+              "the PyTorch peer's --check (bench/peer/gpt_peer.py, diffusion_peer.py)");
+  twin_cmd->add_option("--model", twin.model, "gpt, dit or unet")->capture_default_str();
+  twin_cmd->add_option("--config", twin.config, "tiny or small (gpt also gpt2)")->capture_default_str();
+  twin_cmd->add_option("--seed", twin.seed, "seed of the weights and inputs")->capture_default_str();
+  twin_cmd->add_option("--out", twin.out, "the safetensors file to write")->required();
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -84,6 +94,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (*ops_cmd) return remat::bench::run_ops(ops);
+    if (*twin_cmd) return remat::bench::run_twin(twin);
     if (*soak_cmd) {
       soak.policies.clear();
       std::stringstream list(soak_policies);

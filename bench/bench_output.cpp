@@ -39,9 +39,10 @@ nlohmann::json machine_info() {
           {"git_commit", REMAT_GIT_COMMIT}};
 }
 
-void print_table(const std::vector<PolicyResult>& results) {
+void print_table(const std::vector<PolicyResult>& results, const std::string& item_name) {
+  const char* rate = item_name == "images" ? "img/s" : "tok/s";
   fmt::print("{:<14} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8} {:>6} {:>8}\n", "policy", "median ms",
-             "min ms", "replay ms", "act MiB", "floor MiB", "total MiB", "replayed", "tok/s", "TFLOP/s", "MFU",
+             "min ms", "replay ms", "act MiB", "floor MiB", "total MiB", "replayed", rate, "TFLOP/s", "MFU",
              "bitwise");
   for (const auto& r : results)
     fmt::print("{:<14} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.2f} {:>10} {:>10.2f} {:>8} {:>9.0f} {:>8} {:>6} {:>8}\n",

@@ -12,7 +12,7 @@
 namespace remat::bench {
 
 nlohmann::json machine_info();  // CPU model, threads, compiler, flags, git commit
-void print_table(const std::vector<PolicyResult>& results);
+void print_table(const std::vector<PolicyResult>& results, const std::string& item_name);
 // For each budget policy: measured vs budget, and the fastest fixed policy of the run that fits.
 void print_budgets(const std::vector<PolicyResult>& results);
 // --profile: per policy, the `rows` ops and phases that took longest in the traced step.

@@ -89,6 +89,8 @@ int run_policies(const PolicyOptions& o) {
   Subject subject(o);
   Module& model = subject.model();
   std::vector<Tensor> params = model.parameters();
+  int64_t parameter_count = 0;
+  for (const Tensor& p : params) parameter_count += p.numel();
   std::vector<std::vector<char>> initial = grad_bytes(params, /*of_grad=*/false);
   subject.to(device);
   auto micro_loss = [&](int64_t micro) {
@@ -297,7 +299,7 @@ int run_policies(const PolicyOptions& o) {
     if (asked) results.push_back(std::move(all[index]));
   }
 
-  print_table(results);
+  print_table(results, subject.item_name());
   if (device.is_cuda()) {
     fmt::print("host waits for the GPU per step (most over the timed steps):");
     for (const auto& r : results) fmt::print(" {} {}", r.policy, r.host_syncs_per_step);
@@ -309,7 +311,7 @@ int run_policies(const PolicyOptions& o) {
   if (o.pareto) print_pareto(results);
   nlohmann::json run = {{"model", o.model}, {"config", subject.config()}, {"device", device.str()}, {"dtype", o.dtype},
                         {"steps", o.steps}, {"warmup", o.warmup}, {"rounds", o.rounds}, {"seed", o.seed},
-                        {"micro_batches", o.micro_batches}};
+                        {"micro_batches", o.micro_batches}, {"parameters", parameter_count}};
   if (device.is_cuda()) {
     run["cuda_attention"] = cuda_attention_name(cuda_attention());
     run["cuda_bias_epilogue"] = cuda_bias_epilogue();

@@ -103,6 +103,8 @@ double Subject::items_per_step() const {
   return gpt_ ? static_cast<double>(gpt_config_.batch * gpt_config_.seq_len) : task_->items_per_step();
 }
 
+const char* Subject::item_name() const { return gpt_ ? "tokens" : task_->item_name(); }
+
 std::string Subject::describe() const {
   if (gpt_)
     return fmt::format("gpt {} (B {}, T {}, C {}, layers {}, dropout {}{}){}", gpt_config_.name, gpt_config_.batch,

@@ -27,6 +27,7 @@ class Subject {
   Tensor loss(int64_t micro = 0);
   int64_t micro_batches() const { return micro_batches_; }
   double items_per_step() const;
+  const char* item_name() const;  // what items_per_step counts: "tokens" or "images"
   // Model FLOPs of one training step (models/gpt.h: train_flops_per_token); -1 for dit and unet,
   // which have no formula here.
   double model_flops_per_step() const;

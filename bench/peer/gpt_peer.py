@@ -6,17 +6,16 @@ Run it under the heap tracker (bench/peer/heap_tracker.c, LD_PRELOAD) to get hea
 exactly as remat's are: `make bench-peer` does both sides and prints the ratios.
 """
 import argparse
-import ctypes
-import json
 import math
 import os
-import statistics
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from peer_common import HAS_SAC, block_interval, check_twin, heap_tracker, policy_row, selective_ops, time_steps, \
+    write_json
 
 CONFIGS = {
     "tiny": dict(vocab=64, channels=32, heads=4, layers=2, seq_len=16, batch=2),
@@ -24,7 +23,6 @@ CONFIGS = {
     "gpt2": dict(vocab=50304, channels=768, heads=12, layers=12, seq_len=1024, batch=8),
 }
 HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
-HAS_SAC = hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
 
 
 class Block(nn.Module):
@@ -80,40 +78,22 @@ class Gpt(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
+# remat's names (models/gpt.cpp) of the parameters named otherwise here.
+REMAT_NAMES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc": "mlp.fc", "mlp_proj": "mlp.proj"}
+
+
 def apply_policy(model, policy):
     """Returns False when this PyTorch cannot express the policy."""
     if policy == "none":
         return True
-    if policy == "full" or policy.startswith("block_skip:"):
-        n = 1 if policy == "full" else int(policy.split(":")[1])
-        model.wrap = lambda i, block, h: checkpoint(block, h, use_reentrant=False) if i % n == 0 else block(h)
+    every = block_interval(policy)
+    if every:
+        model.wrap = lambda i, block, h: checkpoint(block, h, use_reentrant=False) if i % every == 0 else block(h)
         return True
     if policy == "ops" and HAS_SAC:
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-        saved = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                 torch.ops.aten._scaled_dot_product_flash_attention.default,
-                 torch.ops.aten._scaled_dot_product_efficient_attention.default}
-
-        def policy_fn(ctx, op, *args, **kwargs):
-            return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
-
-        inner = model.forward
-        model.forward = lambda idx, targets: checkpoint(
-            inner, idx, targets, use_reentrant=False,
-            context_fn=lambda: create_selective_checkpoint_contexts(policy_fn))
+        model.forward = selective_ops(model.forward)
         return True
     return False
-
-
-def heap_tracker():
-    lib = ctypes.CDLL(None)
-    try:
-        peak, current, reset = lib.heap_tracker_peak, lib.heap_tracker_current, lib.heap_tracker_reset_peak
-    except AttributeError:
-        return None
-    peak.restype = current.restype = ctypes.c_longlong
-    return peak, current, reset
 
 
 def main():
@@ -127,6 +107,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (memory then from torch.cuda's counters)")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: torch.autocast, f32 weights")
     ap.add_argument("--json", default="")
+    ap.add_argument("--check", default="", metavar="FILE",
+                    help="instead of timing: compare the twin in f64 with `remat-bench twin --model gpt`'s FILE")
     args = ap.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -135,6 +117,9 @@ def main():
         torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
+    if args.check:
+        check_twin(Gpt(cfg, 0.0).double().train(), lambda m, i: m(i["idx"], i["targets"]), args.check, REMAT_NAMES)
+        return
     tracker = heap_tracker()
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 13, (cfg["batch"], cfg["seq_len"]), generator=gen).to(device)
@@ -149,49 +134,20 @@ def main():
             print(f"{policy:<14} not expressible in PyTorch {torch.__version__}")
             rows.append({"policy": policy, "supported": False})
             continue
-        times, heap, device_peak = [], 0, 0
-        for step in range(args.warmup + args.steps):
-            for p in model.parameters():
-                p.grad = None
-            torch.manual_seed(7)
-            if tracker:
-                tracker[2]()
-                base = tracker[1]()
-            if on_gpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
+
+        def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-                loss = model(idx, targets)
-            loss.backward()
-            if on_gpu:
-                torch.cuda.synchronize()
-            elapsed = (time.perf_counter() - start) * 1e3
-            if step >= args.warmup:
-                times.append(elapsed)
-                if tracker:
-                    heap = max(heap, tracker[0]() - base)
-                if on_gpu:
-                    device_peak = max(device_peak, torch.cuda.max_memory_allocated())
-        med = statistics.median(times)
-        row = {"policy": policy, "supported": True, "median_step_ms": med, "min_step_ms": min(times),
-               "heap_step_peak_bytes": heap if tracker else None,
-               "device_peak_bytes": device_peak if on_gpu else None,
-               "tokens_per_s": cfg["batch"] * cfg["seq_len"] / (med / 1e3)}
-        rows.append(row)
-        heap_text = f"{heap / 2**20:8.2f} MiB" if tracker else "n/a (run under the heap tracker)"
-        if on_gpu:
-            heap_text = f"{device_peak / 2**20:8.1f} MiB on the GPU (max_memory_allocated)"
-        print(f"{policy:<14} median {med:8.1f} ms  min {min(times):8.1f} ms  heap peak {heap_text}")
+                return model(idx, targets)
+
+        times, heap, device_peak = time_steps(model, step, args.steps, args.warmup, tracker, on_gpu)
+        rows.append(policy_row(policy, times, heap, device_peak, cfg["batch"] * cfg["seq_len"], "tokens"))
     if args.json:
         doc = {"schema": "remat-bench-peer/1", "torch": torch.__version__, "threads": args.threads,
                "device": str(device), "dtype": args.dtype,
-               "config": args.config, "fused_attention": HAS_SDPA, "selective_checkpointing": HAS_SAC,
+               "config": args.config, "parameters": sum(p.numel() for p in Gpt(cfg, args.dropout).parameters()),
+               "fused_attention": HAS_SDPA, "selective_checkpointing": HAS_SAC,
                "policies": rows}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, doc)
 
 
 if __name__ == "__main__":

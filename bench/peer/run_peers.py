@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""remat against its peers, PyTorch 2.x and JAX, on the same GPT: interleaved rounds (remat, then
+"""remat against its peers, PyTorch 2.x and JAX, on the same model: interleaved rounds (remat, then
 PyTorch, then JAX, again and again, so that a slow spell of the machine hits all three), each side
-under the same LD_PRELOAD heap tracker. Prints, per policy, the median over the rounds of each
+under the same LD_PRELOAD heap tracker. `--model gpt` (the default) runs bench/peer/gpt_peer.py and
+gpt_jax.py; `--model dit` and `--model unet` run bench/peer/diffusion_peer.py (PyTorch only). First
+the PyTorch twin must compute remat's function (`remat-bench twin`, then the peer's `--check`: one
+f64 step, the loss and every gradient compared), and every round the two sides must report the same
+parameter count, or the run stops: they would not be the same model. Prints, per policy, the median over the rounds of each
 side's median step time, the spread over the rounds (min..max), the heap peak, and the ratios
 remat / peer (below 1: remat is faster or leaner). Then, from the same rounds, the f32 GEMM at
 1024^3 and gpt small's shapes: every library of remat's (`remat-bench ops`) against numpy's and
@@ -9,6 +13,7 @@ PyTorch's BLAS (bench/peer/gemm_peer.py), and numpy once more with OPENBLAS_CORE
 environment sets it. Writes every round's JSON and summary.json.
 
   python3 bench/peer/run_peers.py --build build --python ~/.cache/remat-peer/venv/bin/python --rounds 3
+  python3 bench/peer/run_peers.py --model dit --no-gemm --python ~/.cache/remat-peer/venv/bin/python
 """
 import argparse
 import json
@@ -32,6 +37,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default="build")
     ap.add_argument("--python", default=sys.executable, help="a Python with torch (and jax) installed")
+    ap.add_argument("--model", default="gpt", choices=["gpt", "dit", "unet"])
     ap.add_argument("--config", default="small")
     ap.add_argument("--policies", default="none,full,ops,block_skip:2")
     ap.add_argument("--rounds", type=int, default=3)
@@ -45,14 +51,21 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, LD_PRELOAD=str(build / "bench" / "libheap_tracker.so"), OMP_NUM_THREADS=str(args.threads))
-    have_jax = subprocess.run([args.python, "-c", "import jax"], capture_output=True).returncode == 0
+    have_jax = args.model == "gpt" and subprocess.run([args.python, "-c", "import jax"],
+                                                      capture_output=True).returncode == 0
     common = ["--config", args.config, "--policies", args.policies, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     peers = ["torch"] + (["jax"] if have_jax else [])
+    torch_peer = ["bench/peer/gpt_peer.py"] if args.model == "gpt" else ["bench/peer/diffusion_peer.py", "--model", args.model]
+    # The twin must compute remat's function before the two are timed: one f64 step, compared.
+    twin = str(out / "twin.safetensors")
+    run([str(build / "bench" / "remat-bench"), "twin", "--model", args.model, "--config", args.config, "--out", twin], env)
+    run([args.python, *torch_peer, "--config", args.config, "--check", twin], env)
     for r in range(args.rounds):
         print(f"== round {r + 1} of {args.rounds}", flush=True)
-        run([str(build / "bench" / "remat-bench"), "--model", "gpt", *common, "--json", str(out / f"remat-{r}.json")], env)
-        run([args.python, "bench/peer/gpt_peer.py", *common, "--threads", str(args.threads),
-             "--json", str(out / f"torch-{r}.json")], env)
+        run([str(build / "bench" / "remat-bench"), "--model", args.model, *common, "--json", str(out / f"remat-{r}.json")],
+            env)
+        run([args.python, *torch_peer, *common, "--threads", str(args.threads), "--json", str(out / f"torch-{r}.json")], env)
+        check_same_model(out / f"remat-{r}.json", out / f"torch-{r}.json")
         if have_jax:
             run([args.python, "bench/peer/gpt_jax.py", *common, "--threads", str(args.threads),
                  "--json", str(out / f"jax-{r}.json")], env)
@@ -82,7 +95,7 @@ def main():
         doc, rows = rounds_of(peer)
         sides[peer] = rows
         versions[peer] = doc.get(peer if peer == "jax" else "torch")
-    summary = {"config": args.config, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+    summary = {"model": args.model, "config": args.config, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
                "peers": versions, "policies": []}
     head = f"{'policy':<13} {'remat ms':>17}"
     for peer in peers:
@@ -91,7 +104,7 @@ def main():
     for peer in peers:
         head += f" {peer + ' heap':>11} {'ratio':>6}"
     print(f"\nremat vs " + ", ".join(f"{p} {v}" for p, v in versions.items()) +
-          f": gpt {args.config}, {args.threads} threads, median of {args.rounds} interleaved rounds (min..max)")
+          f": {args.model} {args.config}, {args.threads} threads, median of {args.rounds} interleaved rounds (min..max)")
     print(head)
     for policy in args.policies.split(","):
         entry = {"policy": policy}
@@ -127,6 +140,14 @@ def main():
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nper-round JSON and summary.json in {out}")
+
+
+def check_same_model(remat_json, peer_json):
+    """Stops the run unless both sides built a model of the same parameter count."""
+    mine = json.load(open(remat_json))["run"].get("parameters")
+    theirs = json.load(open(peer_json)).get("parameters")
+    if mine != theirs:
+        raise SystemExit(f"run_peers: remat's model has {mine} parameters and the peer's {theirs}: not the same model")
 
 
 def summarize_gemm(out, rounds, threads):
