@@ -3,8 +3,10 @@
 # micro-batches, with --json; every policy's gradients bitwise equal to none's, checkpointing
 # happening (ops replayed, activation peak below none's), the micro-batch halving the activation
 # peak, the floor matching the measured peak, the budget's predicted recompute and the place of its
-# predicted peak reported, nothing offloaded on the CPU; and a bad --micro-batches or
-# `ops --attention` one line and exit 2.
+# predicted peak reported, nothing offloaded on the CPU; `remat-bench twin` writing every
+# parameter with its gradient, the inputs and the loss for each model (as many parameters as the
+# bench's JSON counts for gpt); and a bad --micro-batches, `ops --attention` or twin model one line
+# and exit 2.
 set -uo pipefail
 build=${1:-build}
 bench=$build/bench/remat-bench
@@ -16,6 +18,11 @@ for n in 1 2; do
         --json "$dir/bench$n.json" 2>&1)
   status=$?
   [ $status -eq 0 ] || { echo "$out"; echo "remat-bench --micro-batches $n: exit $status"; exit 1; }
+done
+for model in gpt dit unet; do
+  out=$(timeout 120 "$bench" twin --model $model --config tiny --out "$dir/twin-$model.safetensors" 2>&1)
+  status=$?
+  [ $status -eq 0 ] || { echo "$out"; echo "remat-bench twin --model $model: exit $status"; exit 1; }
 done
 python3 - "$dir" <<'PY' || exit 1
 import json, sys
@@ -48,6 +55,27 @@ for n, run in runs.items():
     check(b["predicted_peak_at"].startswith("blocks.") or b["predicted_peak_at"] in
           ("before the blocks", "the head, the loss and backward"),
           f"budget:50% at {n}: predicted peak at {b['predicted_peak_at']!r}")
+for model, inputs in (("gpt", {"idx", "targets"}), ("dit", {"x_t", "t", "labels", "target"}),
+                      ("unet", {"x_t", "t", "labels", "target"})):
+    with open(f"{sys.argv[1]}/twin-{model}.safetensors", "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    names = {n for n in header if n != "__metadata__"}
+    params = {n[6:] for n in names if n.startswith("param.")}
+    check(params and params == {n[5:] for n in names if n.startswith("grad.")},
+          f"twin {model}: parameters and gradients differ")
+    check({n[6:] for n in names if n.startswith("input.")} == inputs, f"twin {model}: inputs {sorted(names)}")
+    check(header["output.loss"]["dtype"] == "F64" and header["param." + sorted(params)[0]]["dtype"] == "F64",
+          f"twin {model}: not f64")
+    if model == "gpt":
+        count = 0
+        for n in params:
+            numel = 1
+            for d in header["param." + n]["shape"]:
+                numel *= d
+            count += numel
+        bench_count = runs[1]["run"]["parameters"]
+        check(count == bench_count, f"twin gpt: {count} parameters, the bench {bench_count}")
 one, two = by_policy(runs[1])["none"]["activation_peak_bytes"], by_policy(runs[2])["none"]["activation_peak_bytes"]
 check(two * 2 <= one + 1024, f"none: activation peak {two} in 2 micro-batches, {one} in one")
 if failures:
@@ -62,4 +90,9 @@ out=$(timeout 60 "$bench" ops --attention mma,flash 2>&1)
 status=$?
 [ $status -eq 2 ] && [ "$(echo "$out" | wc -l)" -eq 1 ] && echo "$out" | grep -q "flash not in" ||
   { echo "$out"; echo "remat-bench ops --attention mma,flash: expected one line and exit 2, got exit $status"; exit 1; }
-echo "gpt tiny: remat-bench --micro-batches 1 and 2 checked; a bad count or attention path is one line and exit 2"
+out=$(timeout 60 "$bench" twin --model vit --out "$dir/x.safetensors" 2>&1)
+status=$?
+[ $status -eq 2 ] && [ "$(echo "$out" | wc -l)" -eq 1 ] && echo "$out" | grep -q "expected --model gpt, dit or unet" ||
+  { echo "$out"; echo "remat-bench twin --model vit: expected one line and exit 2, got exit $status"; exit 1; }
+echo "gpt tiny: remat-bench --micro-batches 1 and 2 and twin checked;" \
+  "a bad count, attention path or model is one line and exit 2"
