@@ -276,6 +276,37 @@ TEST_CASE("the AVX-512 SGEMM gives the same bits for any thread count, and never
       }
 }
 
+TEST_CASE("the AVX-512 SGEMM gives a row of C the same bits whatever rows the product has", "[op][matmul][gemm]") {
+  if (!cpu::sgemm_avx512_built()) {
+    WARN("this build has no AVX-512 SGEMM");
+    return;
+  }
+  // A block's last panel of rows runs a narrower kernel (2, 4 or 8 rows) where few rows are left;
+  // the rows it computes must equal the same rows computed in a full 14-row panel (70 rows: five).
+  manual_seed(8);
+  const int64_t n = 45, k = 600, full = 70;  // k past one block of depth (512): beta and bias apply once
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      std::vector<float> a = Tensor::randn({full * k}).to_vector<float>();
+      std::vector<float> b = Tensor::randn({k * n}).to_vector<float>(), bias = Tensor::randn({n}).to_vector<float>();
+      std::vector<float> c0 = Tensor::randn({full * n}).to_vector<float>();
+      auto product = [&](int64_t m, bool with_bias) {
+        std::vector<float> c(c0.begin(), c0.begin() + m * n);
+        // With ta, op(A)'s first m rows are the first m columns of a [k, full] matrix.
+        cpu::sgemm_avx512(ta, tb, m, n, k, 0.5f, a.data(), ta ? full : k, b.data(), tb ? k : n,
+                          with_bias ? 1.0f : -2.0f, c.data(), n, 1, with_bias ? bias.data() : nullptr);
+        return c;
+      };
+      for (bool with_bias : {false, true}) {
+        const std::vector<float> reference = product(full, with_bias);
+        for (int64_t m : {1, 2, 3, 4, 5, 8, 9, 13, 16, 18, 22, 32, 64}) {
+          INFO("m " << m << " ta " << ta << " tb " << tb << " bias " << with_bias);
+          CHECK(std::memcmp(product(m, with_bias).data(), reference.data(), m * n * sizeof(float)) == 0);
+        }
+      }
+    }
+}
+
 TEST_CASE("gemm_bias gives the bits of the bias copied into C and a GEMM with beta 1, on every library",
           "[op][matmul][gemm]") {
   manual_seed(6);
@@ -723,10 +754,14 @@ TEST_CASE("conv2d equals a naive direct convolution for strides and paddings", "
                     Contains("conv2d: expected weight [Cout, 3, kh, kw]"));
 }
 
-TEST_CASE("conv2d's gradients equal direct sums: one image or several per GEMM, kernels past the border",
+TEST_CASE("conv2d's gradients equal direct sums: images and tiles per GEMM, kernels past the border",
           "[op][conv2d]") {
-  // The CPU backend puts about 2^19 column values in one GEMM: [3, 32, 32, 32] by 3x3 is one image
-  // per GEMM (three GEMMs), [5, 16, 32, 32] three then two, the small ones every image in one.
+  // The CPU backend's backward puts about 2^19 column values in one GEMM: [3, 32, 32, 32] by 3x3 is
+  // one image per GEMM (three GEMMs), [5, 16, 32, 32] three then two, the small ones every image in
+  // one. Its forward runs tiles of about 2^18 column values of one image: [3, 32, 32, 32] in two
+  // tiles of 16 rows, [2, 48, 30, 25] two split inside row 15 (the "same" padding copy),
+  // [2, 80, 45, 41] at stride 2 two split inside row 11 and [2, 64, 30, 27] without padding two split
+  // inside row 14 (the copies row by row).
   struct Case {
     int64_t n, cin, h, w, cout, kh, kw;
     int stride, padding;
@@ -734,7 +769,8 @@ TEST_CASE("conv2d's gradients equal direct sums: one image or several per GEMM, 
   manual_seed(11);
   for (const Case& c : {Case{3, 32, 32, 32, 2, 3, 3, 1, 1}, Case{5, 16, 32, 32, 2, 3, 3, 2, 1},
                         Case{4, 3, 7, 6, 5, 3, 3, 1, 1}, Case{2, 2, 2, 3, 3, 5, 4, 3, 2}, Case{3, 2, 5, 5, 2, 1, 1, 2, 0},
-                        Case{2, 3, 6, 7, 2, 4, 2, 2, 3}}) {
+                        Case{2, 3, 6, 7, 2, 4, 2, 2, 3}, Case{2, 48, 30, 25, 3, 3, 3, 1, 1},
+                        Case{2, 80, 45, 41, 3, 3, 3, 2, 0}, Case{2, 64, 30, 27, 3, 3, 3, 1, 0}}) {
     INFO("x [" << c.n << ", " << c.cin << ", " << c.h << ", " << c.w << "], w [" << c.cout << ", " << c.cin << ", "
                << c.kh << ", " << c.kw << "], stride " << c.stride << ", padding " << c.padding);
     Tensor x = Tensor::randn({c.n, c.cin, c.h, c.w}, DType::f64).set_requires_grad(true);

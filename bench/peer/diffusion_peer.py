@@ -55,6 +55,10 @@ def attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def gelu(x):
+    return F.gelu(x, approximate="tanh")  # remat's GELU is the tanh form
+
+
 # --- DiT ---------------------------------------------------------------------------------------
 
 def sincos_position_embedding(grid, c):
@@ -118,8 +122,8 @@ class DitDoubleBlock(nn.Module):
         joint = from_heads(attention(q, k, v))
         txt1 = txt + mt[2][:, None] * self.txt_proj(joint[:, :m])
         img1 = img + mi[2][:, None] * self.img_proj(joint[:, m:])
-        img2 = img1 + mi[5][:, None] * self.img_fc_out(F.gelu(self.img_fc(norm(img1, mi[3], mi[4])), approximate="tanh"))
-        txt2 = txt1 + mt[5][:, None] * self.txt_fc_out(F.gelu(self.txt_fc(norm(txt1, mt[3], mt[4])), approximate="tanh"))
+        img2 = img1 + mi[5][:, None] * self.img_fc_out(gelu(self.img_fc(norm(img1, mi[3], mi[4]))))
+        txt2 = txt1 + mt[5][:, None] * self.txt_fc_out(gelu(self.txt_fc(norm(txt1, mt[3], mt[4]))))
         return img2, txt2
 
 
@@ -137,7 +141,7 @@ class DitSingleBlock(nn.Module):
         shift, scale, gate = self.mod(c)
         q, k, v, mlp = self.lin1(norm(x, shift, scale)).split([w, w, w, 4 * w], dim=2)
         attn = from_heads(attention(to_heads(q, self.heads), to_heads(k, self.heads), to_heads(v, self.heads)))
-        return x + gate[:, None] * self.lin2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=2))
+        return x + gate[:, None] * self.lin2(torch.cat([attn, gelu(mlp)], dim=2))
 
 
 class Dit(nn.Module):

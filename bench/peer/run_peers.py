@@ -55,16 +55,18 @@ def main():
                                                       capture_output=True).returncode == 0
     common = ["--config", args.config, "--policies", args.policies, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     peers = ["torch"] + (["jax"] if have_jax else [])
-    torch_peer = ["bench/peer/gpt_peer.py"] if args.model == "gpt" else ["bench/peer/diffusion_peer.py", "--model", args.model]
+    torch_peer = (["bench/peer/gpt_peer.py"] if args.model == "gpt"
+                  else ["bench/peer/diffusion_peer.py", "--model", args.model])
     # The twin must compute remat's function before the two are timed: one f64 step, compared.
     twin = str(out / "twin.safetensors")
-    run([str(build / "bench" / "remat-bench"), "twin", "--model", args.model, "--config", args.config, "--out", twin], env)
+    bench = str(build / "bench" / "remat-bench")
+    run([bench, "twin", "--model", args.model, "--config", args.config, "--out", twin], env)
     run([args.python, *torch_peer, "--config", args.config, "--check", twin], env)
     for r in range(args.rounds):
         print(f"== round {r + 1} of {args.rounds}", flush=True)
-        run([str(build / "bench" / "remat-bench"), "--model", args.model, *common, "--json", str(out / f"remat-{r}.json")],
+        run([bench, "--model", args.model, *common, "--json", str(out / f"remat-{r}.json")], env)
+        run([args.python, *torch_peer, *common, "--threads", str(args.threads), "--json", str(out / f"torch-{r}.json")],
             env)
-        run([args.python, *torch_peer, *common, "--threads", str(args.threads), "--json", str(out / f"torch-{r}.json")], env)
         check_same_model(out / f"remat-{r}.json", out / f"torch-{r}.json")
         if have_jax:
             run([args.python, "bench/peer/gpt_jax.py", *common, "--threads", str(args.threads),
