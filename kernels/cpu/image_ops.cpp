@@ -1,7 +1,10 @@
 // CPU image ops: conv2d (im2col + remat's GEMM), group_norm, nearest upsampling, average pooling,
 // adaLN modulation and the sinusoidal timestep embedding. Images are [N, C, H, W].
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <exception>
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/gemm.h"
@@ -32,53 +35,58 @@ std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int stride, int p
   return {lo, hi};
 }
 
-// Channel c's rows of one image's columns: row (c, i, j) holds, for each output pixel, the input
-// pixel under kernel tap (i, j), zero outside the padded border. Rows are `ld` apart (the columns
-// of several images lie side by side). Each output row is zeros, a run of the input row (a copy
-// at stride 1) and zeros.
+// Channel c's rows of one image's columns [c0, c1) (output pixels, in row-major order): row (c, i,
+// j) holds, for each of those pixels, the input pixel under kernel tap (i, j), zero outside the
+// padded border. Rows are `ld` apart (the columns of several images may lie side by side).
 template <typename T>
-void im2col_channel(const T* x, const ConvShape& s, int stride, int padding, int64_t c, T* cols, int64_t ld) {
+void im2col_channel(const T* x, const ConvShape& s, int stride, int padding, int64_t c, int64_t c0, int64_t c1, T* cols,
+                    int64_t ld) {
   for (int64_t i = 0; i < s.kh; ++i)
     for (int64_t j = 0; j < s.kw; ++j) {
-      T* row = cols + ((c * s.kh + i) * s.kw + j) * ld;
+      T* row = cols + ((c * s.kh + i) * s.kw + j) * ld;  // row[o - c0]: output pixel o
       const auto [lo, hi] = inside_columns(s, stride, padding, j);
       if (stride == 1 && s.wo == s.w) {
-        // Output rows as wide as the input's ("same" padding): the tap's rows are the input plane
-        // shifted by (i - padding) rows and (j - padding) columns, one copy for all of them; the
-        // columns the shift wraps onto the neighbouring row are then zeroed (a strided store per
-        // row, where a copy per row cost a library call for some 30 values).
+        // Output rows as wide as the input's ("same" padding): the tap's values are the input plane
+        // shifted by (i - padding) rows and (j - padding) columns, one copy for the whole range; the
+        // columns the shift wraps onto the neighbouring row are then zeroed, a column at a time (a
+        // strided store, where a fill per row became a library call for one value).
         const int64_t top = std::clamp<int64_t>(padding - i, 0, s.ho);
         const int64_t bottom = std::clamp<int64_t>(s.h + padding - i, top, s.ho);
-        std::fill(row, row + top * s.wo, T(0));
-        std::fill(row + bottom * s.wo, row + s.ho * s.wo, T(0));
-        if (top == bottom) continue;
-        const int64_t begin = top * s.wo + lo, end = (bottom - 1) * s.wo + hi;
+        const int64_t begin = std::clamp(top * s.wo + lo, c0, c1);
+        const int64_t end = top == bottom ? begin : std::clamp((bottom - 1) * s.wo + hi, begin, c1);
+        std::fill(row, row + (begin - c0), T(0));
+        std::fill(row + (end - c0), row + (c1 - c0), T(0));
+        if (begin == end) continue;
         const T* plane = x + c * s.h * s.w;
         const int64_t shift = (i - padding) * s.w + (j - padding);  // input index = output index + shift
-        if (begin < end) std::copy(plane + (begin + shift), plane + (end + shift), row + begin);
-        for (int64_t oy = top; oy < bottom; ++oy) {
-          T* out = row + oy * s.wo;
-          for (int64_t ox = 0; ox < lo; ++ox) out[ox] = T(0);
-          for (int64_t ox = hi; ox < s.wo; ++ox) out[ox] = T(0);
-        }
+        std::copy(plane + (begin + shift), plane + (end + shift), row + (begin - c0));
+        auto zero_column = [&](int64_t ox) {
+          for (int64_t o = begin + (ox - begin % s.wo + s.wo) % s.wo; o < end; o += s.wo) row[o - c0] = T(0);
+        };
+        for (int64_t ox = 0; ox < lo; ++ox) zero_column(ox);
+        for (int64_t ox = hi; ox < s.wo; ++ox) zero_column(ox);
         continue;
       }
-      for (int64_t oy = 0; oy < s.ho; ++oy) {
-        T* out = row + oy * s.wo;
+      for (int64_t oy = c0 / s.wo; oy * s.wo < c1; ++oy) {
+        // Columns ox in [a, b) of this output row lie in the range; out[ox - a] is pixel (oy, ox).
+        const int64_t a = std::max(c0 - oy * s.wo, int64_t{0}), b = std::min(c1 - oy * s.wo, s.wo);
+        T* out = row + (oy * s.wo + a - c0);
         const int64_t iy = oy * stride - padding + i;
         if (iy < 0 || iy >= s.h) {
-          std::fill(out, out + s.wo, T(0));
+          std::fill(out, out + (b - a), T(0));
           continue;
         }
-        std::fill(out, out + lo, T(0));
-        if (lo < hi) {  // (the first input column is inside the image only then)
-          const T* in = x + (c * s.h + iy) * s.w + (lo * stride - padding + j);
+        const int64_t in_lo = std::clamp(lo, a, b), in_hi = std::clamp(hi, in_lo, b);
+        std::fill(out, out + (in_lo - a), T(0));
+        if (in_lo < in_hi) {
+          // The pixel under (oy, ox) for ox in [lo, hi): input column ox * stride - padding + j.
+          const T* in = x + (c * s.h + iy) * s.w + (in_lo * stride - padding + j);
           if (stride == 1)
-            std::copy(in, in + (hi - lo), out + lo);
+            std::copy(in, in + (in_hi - in_lo), out + (in_lo - a));
           else
-            for (int64_t ox = lo; ox < hi; ++ox) out[ox] = in[(ox - lo) * stride];
+            for (int64_t ox = in_lo; ox < in_hi; ++ox) out[ox - a] = in[(ox - in_lo) * stride];
         }
-        std::fill(out + hi, out + s.wo, T(0));
+        std::fill(out + (in_hi - a), out + (b - a), T(0));
       }
     }
 }
@@ -122,42 +130,57 @@ void im2col_images(const T* x, const ConvShape& s, int stride, int padding, int6
 #pragma omp parallel for collapse(2) if (g * s.cin * s.kh * s.kw * p > cpu::kParallelGrain)
   for (int64_t i = 0; i < g; ++i)
     for (int64_t c = 0; c < s.cin; ++c)
-      im2col_channel(x + (first + i) * s.cin * s.h * s.w, s, stride, padding, c, cols + i * p, ld);
+      im2col_channel(x + (first + i) * s.cin * s.h * s.w, s, stride, padding, c, 0, p, cols + i * p, ld);
 }
 
 }  // namespace
 
-// y = W cols per chunk of images (remat's GEMM: cpu::gemm), then each image's [Cout, p] block of
-// the chunk's [Cout, g * p] product copied into y with the bias added (one rounding, as a bias
-// added after the product). A chunk of one image is already y's layout: the GEMM writes y.
+// The forward's tiles: output columns (pixels) of one image, as many as keep the tile's columns (k
+// rows) near 1 MiB in f32, so that they are still in L2 when the GEMM packs them (an image's
+// columns at once were 3.5 MiB at unet's widest convolution, and the copy that wrote them took as
+// long as the GEMM); whole panels of remat's GEMM (32 columns), the image's pixels split evenly.
+constexpr int64_t kTileElements = int64_t{1} << 18;
+int64_t tile_columns(const ConvShape& s) {
+  const int64_t k = std::max<int64_t>(s.cin * s.kh * s.kw, 1), p = std::max<int64_t>(s.ho * s.wo, 1);
+  const int64_t pieces = std::max<int64_t>(1, (k * p + kTileElements - 1) / kTileElements);
+  return std::min(p, ((p + pieces - 1) / pieces + 31) / 32 * 32);
+}
+
+// Tile by tile, each thread on its own tiles: the tile's columns (im2col), y's columns = W cols
+// (remat's GEMM on the calling thread: cpu::gemm), then the bias added to them (one rounding, as a
+// bias added after the product). Each output element's sum is the GEMM's over k, whatever the
+// tiling and the threads: the bits of one GEMM over all the columns.
 Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) {
   ConvShape s = conv_shape(x, w, stride, padding);
   Tensor y = Tensor::empty({s.n, s.cout, s.ho, s.wo}, x.dtype());
   cpu::dispatch_float(x.dtype(), "conv2d", [&]<typename T>() {
-    const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
-    // Allocated before any parallel loop: an allocation that fails is an ordinary error, never one
+    const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, tile = tile_columns(s);
+    const int64_t per_image = (p + tile - 1) / tile, tiles = s.n * per_image;
+    const int threads = s.n * s.cout * p * k > cpu::kParallelGrain ? omp_get_max_threads() : 1;
+    // Allocated before the parallel loop: an allocation that fails is an ordinary error, never one
     // thrown inside a parallel region (which terminates).
-    Tensor cols = empty_workspace({k, chunk * p}, x.dtype());
-    Tensor prod = chunk > 1 ? empty_workspace({s.cout, chunk * p}, x.dtype()) : Tensor();
+    Tensor cols = empty_workspace({threads, k * tile}, x.dtype());
     const T* bias = b.defined() ? b.data<T>() : nullptr;
-    for (int64_t first = 0; first < s.n; first += chunk) {
-      const int64_t g = std::min(chunk, s.n - first), ld = g * p;
-      T* py = y.data<T>() + first * s.cout * p;
-      T* pr = chunk > 1 ? prod.data<T>() : py;
-      im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
-      cpu::gemm<T>(false, false, s.cout, ld, k, T(1), w.data<T>(), k, cols.data<T>(), ld, T(0), pr, ld);
-      if (chunk == 1 && !bias) continue;
-#pragma omp parallel for collapse(2) if (g * s.cout * p > cpu::kParallelGrain)
-      for (int64_t i = 0; i < g; ++i)
-        for (int64_t o = 0; o < s.cout; ++o) {
-          const T* src = pr + o * ld + i * p;
-          T* dst = py + (i * s.cout + o) * p;
-          if (bias)
-            for (int64_t e = 0; e < p; ++e) dst[e] = src[e] + bias[o];
-          else
-            std::copy(src, src + p, dst);
-        }
+    std::exception_ptr failure;  // the GEMM's packing buffers may fail to allocate: rethrown below
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t image = t / per_image, c0 = t % per_image * tile, width = std::min(tile, p - c0);
+      T* block = cols.data<T>() + omp_get_thread_num() * k * tile;
+      for (int64_t c = 0; c < s.cin; ++c)
+        im2col_channel(x.data<T>() + image * s.cin * s.h * s.w, s, stride, padding, c, c0, c0 + width, block, width);
+      T* out = y.data<T>() + image * s.cout * p + c0;  // columns [c0, c0 + width) of the image's [Cout, p]
+      try {
+        cpu::gemm<T>(false, false, s.cout, width, k, T(1), w.data<T>(), k, block, width, T(0), out, p);
+      } catch (...) {
+#pragma omp critical(remat_conv2d_failure)
+        failure = std::current_exception();
+        continue;
+      }
+      if (bias)
+        for (int64_t o = 0; o < s.cout; ++o)
+          for (int64_t e = 0; e < width; ++e) out[o * p + e] += bias[o];
     }
+    if (failure) std::rethrow_exception(failure);
   });
   return y;
 }
