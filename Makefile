@@ -84,11 +84,14 @@ bench-ops: build
 	$(BUILD)/bench/remat-bench ops --device cpu
 
 # remat against PyTorch 2.x and JAX from PyPI (a venv in the cache folder, outside the repo: about
-# 6 GB, most of it the CUDA wheels torch brings), interleaved rounds under the same heap tracker.
+# 6 GB, most of it the CUDA wheels torch brings), interleaved rounds under the same heap tracker,
+# after an f64 step that shows the PyTorch twin computes remat's model. PEER_MODEL=dit or unet
+# compares those (PyTorch only).
 # Without PyPI it falls back to Debian's python3-torch (1.13: no fused attention, no selective
 # checkpointing) and no JAX.
 PEER_VENV ?= $(HOME)/.cache/remat-peer/venv
 PEER_ROUNDS ?= 3
+PEER_MODEL ?= gpt
 bench-peer: build
 	@if [ ! -x $(PEER_VENV)/bin/python ] || ! $(PEER_VENV)/bin/python -c 'import torch' 2>/dev/null; then \
 	  echo "installing torch and jax from PyPI into $(PEER_VENV) (about 6 GB)"; \
@@ -96,7 +99,7 @@ bench-peer: build
 	  { echo "no PyPI: falling back to Debian's python3-torch"; rm -rf $(PEER_VENV); \
 	    $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-torch libopenblas0-pthread; }; \
 	fi
-	python3 bench/peer/run_peers.py --build $(BUILD) --rounds $(PEER_ROUNDS) --out runs/bench/peer \
+	python3 bench/peer/run_peers.py --build $(BUILD) --model $(PEER_MODEL) --rounds $(PEER_ROUNDS) --out runs/bench/peer-$(PEER_MODEL) \
 	  --python $$( [ -x $(PEER_VENV)/bin/python ] && echo $(PEER_VENV)/bin/python || echo /usr/bin/python3 )
 
 clean:

@@ -52,7 +52,10 @@ def timestep_embedding(t, dim, max_period=10000.0):
 
 
 def attention(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v)
+    if hasattr(F, "scaled_dot_product_attention"):
+        return F.scaled_dot_product_attention(q, k, v)
+    # PyTorch < 2.0 has no fused attention: the N x N matrix is materialised
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
 
 
 def gelu(x):
