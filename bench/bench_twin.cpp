@@ -70,7 +70,7 @@ int dump(Config config, const TwinOptions& o) {
     tensors.push_back({"grad." + name, p.grad()});
   }
   save_safetensors(o.out, tensors, {{"model", o.model}, {"config", o.config}});
-  fmt::print("{} {}: loss {:.17g}, {} parameters and their gradients written to {}\n", o.model, o.config,
+  fmt::print("{} {}: loss {:.17g}; {} parameter tensors and their gradients written to {}\n", o.model, o.config,
              loss.item(), model.named_parameters().size(), o.out);
   return 0;
 }

@@ -163,11 +163,13 @@ def check_twin(model, loss_fn, path, renames=None, tolerance=1e-10):
     loss = loss_fn(model, inputs)
     loss.backward()
 
-    def error(mine, theirs):
-        return ((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-300)).item()
+    def error(got, want):
+        return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 
     worst = ("loss", error(loss.detach(), ref["output.loss"]))
     for name, p in params.items():
+        if p.grad is None:
+            raise SystemExit(f"twin check: {name} got no gradient here; remat's model uses it")
         e = error(p.grad, ref["grad." + name])
         if e > worst[1]:
             worst = (name, e)

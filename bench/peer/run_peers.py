@@ -5,9 +5,9 @@ under the same LD_PRELOAD heap tracker. `--model gpt` (the default) runs bench/p
 gpt_jax.py; `--model dit` and `--model unet` run bench/peer/diffusion_peer.py (PyTorch only). First
 the PyTorch twin must compute remat's function (`remat-bench twin`, then the peer's `--check`: one
 f64 step, the loss and every gradient compared), and every round the two sides must report the same
-parameter count, or the run stops: they would not be the same model. Prints, per policy, the median over the rounds of each
-side's median step time, the spread over the rounds (min..max), the heap peak, and the ratios
-remat / peer (below 1: remat is faster or leaner). Then, from the same rounds, the f32 GEMM at
+parameter count, or the run stops: they would not be the same model. Prints, per policy, the median
+over the rounds of each side's median step time, the spread over the rounds (min..max), the heap
+peak, and the ratios remat / peer (below 1: remat is faster or leaner). Then, from the same rounds, the f32 GEMM at
 1024^3 and gpt small's shapes: every library of remat's (`remat-bench ops`) against numpy's and
 PyTorch's BLAS (bench/peer/gemm_peer.py), and numpy once more with OPENBLAS_CORETYPE unset when the
 environment sets it. Writes every round's JSON and summary.json.
@@ -97,8 +97,8 @@ def main():
         doc, rows = rounds_of(peer)
         sides[peer] = rows
         versions[peer] = doc.get(peer if peer == "jax" else "torch")
-    summary = {"model": args.model, "config": args.config, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
-               "peers": versions, "policies": []}
+    summary = {"model": args.model, "config": args.config, "rounds": args.rounds, "steps": args.steps,
+               "threads": args.threads, "peers": versions, "policies": []}
     head = f"{'policy':<13} {'remat ms':>17}"
     for peer in peers:
         head += f" {peer + ' ms':>17} {'ratio':>6}"
