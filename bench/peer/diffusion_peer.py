@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peer_common import HAS_SAC, block_interval, check_twin, checkpoint_blocks, heap_tracker, policy_row, \
-    selective_ops, time_steps, write_json
+from peer_common import HAS_SAC, apply_policy, check_twin, heap_tracker, policy_row, time_steps, write_json
 
 DIT_CONFIGS = {
     "tiny": dict(image=8, patch=2, channels=32, heads=4, double_blocks=2, single_blocks=2, classes=4, batch=4),
@@ -307,20 +306,6 @@ class FlowLoss(nn.Module):
         return ((v - (noise - x0)) ** 2).mean()
 
 
-def apply_policy(loss, policy):
-    """Returns False when this PyTorch cannot express the policy."""
-    if policy == "none":
-        return True
-    every = block_interval(policy)
-    if every:
-        checkpoint_blocks(loss.model.containers(), every)
-        return True
-    if policy == "ops" and HAS_SAC:
-        loss.forward = selective_ops(loss.forward)
-        return True
-    return False
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dit", choices=["dit", "unet"])
@@ -352,7 +337,7 @@ def main():
     for policy in args.policies.split(","):
         torch.manual_seed(0)
         loss = FlowLoss(make(cfg)).train()
-        if not apply_policy(loss, policy):
+        if not apply_policy(policy, loss.model.containers(), loss):
             print(f"{policy:<14} not expressible in PyTorch {torch.__version__}")
             rows.append({"policy": policy, "supported": False})
             continue

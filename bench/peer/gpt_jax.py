@@ -10,7 +10,6 @@ A step is forward plus backward (jax.value_and_grad), jitted; its time excludes 
 Run it under the heap tracker (LD_PRELOAD) for heap peaks measured as remat's are.
 """
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -39,6 +38,8 @@ ARGS = parse()
 os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from heap import heap_tracker  # noqa: E402
 
 
 def init_params(cfg, key):
@@ -117,16 +118,6 @@ def make_loss(cfg, policy):
     if policy == "ops":
         return jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_saveable)
     return loss
-
-
-def heap_tracker():
-    lib = ctypes.CDLL(None)
-    try:
-        peak, current, reset = lib.heap_tracker_peak, lib.heap_tracker_current, lib.heap_tracker_reset_peak
-    except AttributeError:
-        return None
-    peak.restype = current.restype = ctypes.c_longlong
-    return peak, current, reset
 
 
 def main():

@@ -12,10 +12,8 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from peer_common import HAS_SAC, block_interval, check_twin, heap_tracker, policy_row, selective_ops, time_steps, \
-    write_json
+from peer_common import HAS_SAC, apply_policy, check_twin, heap_tracker, policy_row, time_steps, write_json
 
 CONFIGS = {
     "tiny": dict(vocab=64, channels=32, heads=4, layers=2, seq_len=16, batch=2),
@@ -67,33 +65,18 @@ class Gpt(nn.Module):
         nn.init.normal_(self.wpe.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(c, cfg["heads"], dropout, cfg["layers"]) for _ in range(cfg["layers"]))
         self.ln_f = nn.LayerNorm(c)
-        self.wrap = lambda i, block, h: block(h)
 
     def forward(self, idx, targets):
         t = idx.shape[1]
         h = F.dropout(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)), self.dropout, self.training)
-        for i, block in enumerate(self.blocks):
-            h = self.wrap(i, block, h)
+        for block in self.blocks:
+            h = block(h)
         logits = self.ln_f(h) @ self.wte.weight.t()  # tied head
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
 # remat's names (models/gpt.cpp) of the parameters named otherwise here.
 REMAT_NAMES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc": "mlp.fc", "mlp_proj": "mlp.proj"}
-
-
-def apply_policy(model, policy):
-    """Returns False when this PyTorch cannot express the policy."""
-    if policy == "none":
-        return True
-    every = block_interval(policy)
-    if every:
-        model.wrap = lambda i, block, h: checkpoint(block, h, use_reentrant=False) if i % every == 0 else block(h)
-        return True
-    if policy == "ops" and HAS_SAC:
-        model.forward = selective_ops(model.forward)
-        return True
-    return False
 
 
 def main():
@@ -130,7 +113,7 @@ def main():
     for policy in args.policies.split(","):
         torch.manual_seed(0)
         model = Gpt(cfg, args.dropout).to(device).train()
-        if not apply_policy(model, policy):
+        if not apply_policy(policy, [model.blocks], model):
             print(f"{policy:<14} not expressible in PyTorch {torch.__version__}")
             rows.append({"policy": policy, "supported": False})
             continue

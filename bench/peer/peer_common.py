@@ -1,7 +1,6 @@
 """What the PyTorch peers share: the heap tracker's counters, PyTorch's forms of remat's policies
 (checkpointed blocks, selective checkpointing that saves matrix products and attention), the timed
 steps and the JSON they write."""
-import ctypes
 import json
 import os
 import statistics
@@ -10,18 +9,9 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from heap import heap_tracker  # noqa: F401 (the peers take it from here)
+
 HAS_SAC = hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
-
-
-def heap_tracker():
-    """(peak, current, reset) from bench/peer/heap_tracker.c when it is preloaded, else None."""
-    lib = ctypes.CDLL(None)
-    try:
-        peak, current, reset = lib.heap_tracker_peak, lib.heap_tracker_current, lib.heap_tracker_reset_peak
-    except AttributeError:
-        return None
-    peak.restype = current.restype = ctypes.c_longlong
-    return peak, current, reset
 
 
 def saved_ops():
@@ -55,6 +45,22 @@ def checkpoint_blocks(containers, every):
         for i, block in enumerate(container):
             if i % every == 0:
                 block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
+
+
+def apply_policy(policy, containers, module):
+    """PyTorch's form of a remat policy: `full` and `block_skip:N` checkpoint blocks of
+    `containers`, `ops` puts `module`'s forward under the selective checkpoint. Returns False when
+    this PyTorch cannot express the policy."""
+    if policy == "none":
+        return True
+    every = block_interval(policy)
+    if every:
+        checkpoint_blocks(containers, every)
+        return True
+    if policy == "ops" and HAS_SAC:
+        module.forward = selective_ops(module.forward)
+        return True
+    return False
 
 
 def block_interval(policy):
