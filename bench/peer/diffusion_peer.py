@@ -36,8 +36,12 @@ UNET_CONFIGS = {
 
 
 def linear(cin, cout, std=0.02):
+    """remat's nn::Linear: weights N(0, std) (zeros at std 0), bias zeros."""
     lin = nn.Linear(cin, cout)
-    nn.init.normal_(lin.weight, std=std) if std > 0 else nn.init.zeros_(lin.weight)
+    if std > 0:
+        nn.init.normal_(lin.weight, std=std)
+    else:
+        nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     return lin
 
