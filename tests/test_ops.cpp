@@ -12,6 +12,7 @@
 #include "runtime/philox.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/attention_avx512.h"
+#include "kernels/cpu/conv_avx512.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/sgemm_avx512.h"
 #include "remat.h"
@@ -814,6 +815,72 @@ TEST_CASE("conv2d's gradients equal direct sums: images and tiles per GEMM, kern
     CHECK(close(values(w.grad()), dw) < 1e-12);
     CHECK(close(values(b.grad()), db) < 1e-12);
   }
+}
+
+TEST_CASE("f32 'same' convolutions on the AVX-512 kernel: f64's values to rounding, the same bits on 1 and 2 threads",
+          "[op][conv2d]") {
+  // kernels/cpu/conv_avx512.cpp runs the forward and the input gradient of f32 convolutions at
+  // stride 1 whose output is as large as the input. Cases: tiles of 32 pixels that end inside a
+  // row and past the image (5x7, 3x37, 9x13), images narrower than a vector (1x1, 3x37's rows),
+  // output channels that are and are not whole 14-row panels (both ways: the input gradient's
+  // outputs are the input channels), 3x3, 5x5 and 7x7 kernels (7x7 wider than the image).
+  if (!cpu::conv_same_avx512_built()) {
+    CHECK_FALSE(cpu::conv_same_avx512_fits(3, 3, 1, 1));
+    WARN("this build has no AVX-512 convolution kernel");
+    return;
+  }
+  CHECK(cpu::conv_same_avx512_fits(3, 3, 1, 1));
+  CHECK(cpu::conv_same_avx512_fits(5, 5, 1, 2));
+  CHECK(cpu::conv_same_avx512_fits(7, 7, 1, 3));
+  CHECK_FALSE(cpu::conv_same_avx512_fits(3, 3, 2, 1));
+  CHECK_FALSE(cpu::conv_same_avx512_fits(3, 3, 1, 0));
+  CHECK_FALSE(cpu::conv_same_avx512_fits(2, 2, 1, 1));
+  CHECK_FALSE(cpu::conv_same_avx512_fits(3, 5, 1, 1));
+  CHECK_FALSE(cpu::conv_same_avx512_fits(9, 9, 1, 4));
+  CHECK_FALSE(cpu::conv_same_avx512_fits(1, 1, 1, 0));  // packed columns are faster
+  struct Case {
+    int64_t n, cin, h, w, cout, k;
+  };
+  Backend& cpu = backend_for(Device::cpu());
+  const std::string before = cpu::gemm_libraries().front();
+  const int threads = omp_get_max_threads();
+  manual_seed(23);
+  int differing = 0;  // outputs whose bits differ from the im2col path's somewhere: the kernel ran
+  for (const Case& c : {Case{2, 3, 5, 7, 4, 3}, Case{3, 32, 16, 16, 29, 3}, Case{2, 17, 8, 8, 15, 7},
+                        Case{1, 5, 1, 1, 3, 3}, Case{2, 20, 3, 37, 33, 5}, Case{2, 40, 9, 13, 2, 3},
+                        Case{1, 3, 32, 32, 32, 3}}) {
+    INFO("x [" << c.n << ", " << c.cin << ", " << c.h << ", " << c.w << "], w [" << c.cout << ", " << c.cin << ", "
+               << c.k << ", " << c.k << "]");
+    const int padding = static_cast<int>(c.k - 1) / 2;
+    Tensor x = Tensor::randn({c.n, c.cin, c.h, c.w}), w = Tensor::randn({c.cout, c.cin, c.k, c.k});
+    Tensor b = Tensor::randn({c.cout}), dy = Tensor::randn({c.n, c.cout, c.h, c.w});
+    auto run = [&](const Tensor& xx, const Tensor& ww, const Tensor& bb, const Tensor& gg, int n, const char* library) {
+      cpu::set_gemm_library(library);
+      omp_set_num_threads(n);
+      Tensor y = cpu.conv2d(xx, ww, bb, 1, padding);
+      std::vector<Tensor> g = cpu.conv2d_backward(gg, xx, ww, 1, padding, true);
+      omp_set_num_threads(threads);
+      cpu::set_gemm_library(before);
+      return std::vector<Tensor>{y, g[0], g[1], g[2]};  // y, dx, dw, db
+    };
+    const auto one = run(x, w, b, dy, 1, "avx512"), two = run(x, w, b, dy, 2, "avx512");
+    const auto columns = run(x, w, b, dy, threads, "eigen");
+    const auto exact = run(x.to(DType::f64), w.to(DType::f64), b.to(DType::f64), dy.to(DType::f64), threads, "auto");
+    for (size_t i = 0; i < one.size(); ++i) {
+      INFO("output " << i << " (y, dx, dw, db)");
+      const std::vector<double> f = values(one[i]), e = values(exact[i]);
+      CHECK(f == values(two[i]));
+      // Rounding grows with the terms of each sum: cin k^2 for y, cout k^2 for dx, every pixel of
+      // every image for dw and db.
+      const int64_t terms[] = {c.cin * c.k * c.k, c.cout * c.k * c.k, c.n * c.h * c.w, c.n * c.h * c.w};
+      const double tol = 2e-7 * static_cast<double>(terms[i]);
+      double worst = 0;
+      for (size_t j = 0; j < f.size(); ++j) worst = std::max(worst, std::abs(f[j] - e[j]) / (1 + std::abs(e[j])));
+      CHECK(worst < tol);
+      differing += i < 2 && f != values(columns[i]);
+    }
+  }
+  CHECK(differing > 0);
 }
 
 TEST_CASE("group_norm, resampling, modulation and timestep embedding compute the textbook values", "[op][image]") {

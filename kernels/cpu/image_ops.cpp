@@ -1,4 +1,5 @@
-// CPU image ops: conv2d (im2col + remat's GEMM), group_norm, nearest upsampling, average pooling,
+// CPU image ops: conv2d (im2col + remat's GEMM; f32 "same" convolutions on the direct AVX-512
+// kernel of kernels/cpu/conv_avx512.h), group_norm, nearest upsampling, average pooling,
 // adaLN modulation and the sinusoidal timestep embedding. Images are [N, C, H, W].
 #include <omp.h>
 
@@ -6,6 +7,7 @@
 #include <cmath>
 #include <exception>
 
+#include "kernels/cpu/conv_avx512.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/lane_sums.h"
@@ -133,6 +135,21 @@ void im2col_images(const T* x, const ConvShape& s, int stride, int padding, int6
       im2col_channel(x + (first + i) * s.cin * s.h * s.w, s, stride, padding, c, 0, p, cols + i * p, ld);
 }
 
+// Whether an f32 convolution of this shape runs on kernels/cpu/conv_avx512.h: a "same" convolution
+// at stride 1, where f32 GEMMs run on remat's AVX-512 SGEMM (the kernel set the user chose).
+bool runs_direct(const Tensor& x, const ConvShape& s, int stride, int padding) {
+  return x.dtype() == DType::f32 && cpu::f32_gemm_is_avx512() && cpu::conv_same_avx512_fits(s.kh, s.kw, stride, padding);
+}
+
+// The direct kernel over all images: the forward (bias added) or, with `adjoint`, the input's
+// gradient from the output's.
+void conv_direct(const Tensor& in, const ConvShape& s, const Tensor& w, bool adjoint, const Tensor& b, Tensor& out) {
+  const int threads = s.n * s.cout * s.cin * s.kh * s.kw * s.h * s.w > cpu::kParallelGrain ? 0 : 1;
+  Tensor packed = empty_workspace({cpu::conv_same_avx512_scratch(s.cout, s.cin, s.kh, adjoint)}, DType::f32);
+  cpu::conv_same_avx512(in.data<float>(), s.n, s.h, s.w, w.data<float>(), s.cout, s.cin, s.kh, adjoint,
+                        b.defined() ? b.data<float>() : nullptr, out.data<float>(), packed.data<float>(), threads);
+}
+
 }  // namespace
 
 // The forward's tiles: output columns (pixels) of one image, as many as keep the tile's columns (k
@@ -149,10 +166,15 @@ int64_t tile_columns(const ConvShape& s) {
 // Tile by tile, each thread on its own tiles: the tile's columns (im2col), y's columns = W cols
 // (remat's GEMM on the calling thread: cpu::gemm), then the bias added to them (one rounding, as a
 // bias added after the product). Each output element's sum is the GEMM's over k, whatever the
-// tiling and the threads: the bits of one GEMM over all the columns.
+// tiling and the threads: the bits of one GEMM over all the columns. f32 "same" convolutions at
+// stride 1 (3x3 and up) run on the direct kernel instead, without columns (conv_avx512.h).
 Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) {
   ConvShape s = conv_shape(x, w, stride, padding);
   Tensor y = Tensor::empty({s.n, s.cout, s.ho, s.wo}, x.dtype());
+  if (runs_direct(x, s, stride, padding)) {
+    conv_direct(x, s, w, false, b, y);
+    return y;
+  }
   cpu::dispatch_float(x.dtype(), "conv2d", [&]<typename T>() {
     const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, tile = tile_columns(s);
     const int64_t per_image = (p + tile - 1) / tile, tiles = s.n * per_image;
@@ -189,15 +211,19 @@ Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int
 // dcols = W^T dyc gathered back onto each image's pixels, and db += dyc's row sums (in lanes:
 // kernels/cpu/lane_sums.h). dW and db sum over the chunks in order and within a chunk in an order
 // its shape fixes (the GEMM's sums over k are never split among threads; gemm.h), so replays and
-// reruns repeat the bits.
+// reruns repeat the bits. Where the forward runs on the direct kernel, so does dx (the adjoint of a
+// "same" convolution is one with the kernel flipped), and the chunks compute dW and db only.
 std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride,
                                                 int padding, bool has_bias) {
   ConvShape s = conv_shape(x, w, stride, padding);
-  Tensor dx = Tensor::zeros(x.shape(), x.dtype()), dw = Tensor::zeros(w.shape(), x.dtype());
-  Tensor db = has_bias ? Tensor::zeros({s.cout}, x.dtype()) : Tensor();
+  const bool direct = runs_direct(x, s, stride, padding);  // dx from the direct kernel, not from columns
+  Tensor dx = direct ? Tensor::empty(x.shape(), x.dtype()) : Tensor::zeros(x.shape(), x.dtype());
+  Tensor dw = Tensor::zeros(w.shape(), x.dtype()), db = has_bias ? Tensor::zeros({s.cout}, x.dtype()) : Tensor();
+  if (direct) conv_direct(dy, s, w, true, Tensor(), dx);
   cpu::dispatch_float(x.dtype(), "conv2d_backward", [&]<typename T>() {
     const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
-    Tensor cols = empty_workspace({k, chunk * p}, x.dtype()), dcols = empty_workspace({k, chunk * p}, x.dtype());
+    Tensor cols = empty_workspace({k, chunk * p}, x.dtype());
+    Tensor dcols = direct ? Tensor() : empty_workspace({k, chunk * p}, x.dtype());
     Tensor dyc = chunk > 1 ? empty_workspace({s.cout, chunk * p}, x.dtype()) : Tensor();
     for (int64_t first = 0; first < s.n; first += chunk) {
       const int64_t g = std::min(chunk, s.n - first), ld = g * p;
@@ -214,12 +240,14 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
       im2col_images(x.data<T>(), s, stride, padding, first, g, cols.data<T>());
       cpu::gemm<T>(false, true, s.cout, k, ld, T(1), pc, ld, cols.data<T>(), ld, T(first == 0 ? 0 : 1),
                    dw.data<T>(), k);  // d(weight) term
-      cpu::gemm<T>(true, false, k, ld, s.cout, T(1), w.data<T>(), k, pc, ld, T(0), dcols.data<T>(), ld);
-      const T* pd = dcols.data<T>();
+      if (!direct) {
+        cpu::gemm<T>(true, false, k, ld, s.cout, T(1), w.data<T>(), k, pc, ld, T(0), dcols.data<T>(), ld);
+        const T* pd = dcols.data<T>();
 #pragma omp parallel for collapse(2) if (g * k * p > cpu::kParallelGrain)
-      for (int64_t i = 0; i < g; ++i)
-        for (int64_t c = 0; c < s.cin; ++c)
-          col2im_channel(pd + i * p, ld, s, stride, padding, c, dx.data<T>() + (first + i) * s.cin * s.h * s.w);
+        for (int64_t i = 0; i < g; ++i)
+          for (int64_t c = 0; c < s.cin; ++c)
+            col2im_channel(pd + i * p, ld, s, stride, padding, c, dx.data<T>() + (first + i) * s.cin * s.h * s.w);
+      }
       if (has_bias) {
         T* pb = db.data<T>();
 #pragma omp parallel for if (s.cout * ld > cpu::kParallelGrain)

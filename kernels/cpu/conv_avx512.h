@@ -1,0 +1,35 @@
+// f32 "same" convolutions at stride 1 on AVX-512 CPUs, computed straight from the input planes:
+// a register tile of 14 output channels x 32 pixels sums broadcast weights times the input plane
+// shifted under each kernel tap (a masked load: the lanes a tap puts outside the image read zero).
+// No im2col columns are written and packed (at unet's shapes a fifth to a quarter of the forward),
+// and the input gradient is the same kernel over dy (the adjoint of a "same" convolution is one,
+// with the kernel flipped), where it was a GEMM over only Cout terms and a scatter of k^2 column
+// rows per channel.
+// Every output element is one sum over its inputs in a fixed order, whatever the tile it lies in
+// (edge tiles are masked) and the threads: a replay repeats the bits.
+#pragma once
+
+#include <cstdint>
+
+namespace remat::cpu {
+
+// Whether this build has the kernel (compiled for a CPU with AVX-512F).
+bool conv_same_avx512_built();
+// Whether it takes a convolution with this kernel, stride and padding: built, stride 1, and an
+// output as large as the input (an odd square kernel from 3x3 to 7x7, padding (k - 1) / 2).
+bool conv_same_avx512_fits(int64_t kh, int64_t kw, int stride, int padding);
+
+// Floats of scratch one call needs (the weights packed into panels).
+int64_t conv_same_avx512_scratch(int64_t cout, int64_t cin, int64_t k, bool adjoint);
+
+// With weight [cout, cin, k, k]:
+// - forward (adjoint false): out [n, cout, h, w] = the convolution of in [n, cin, h, w], plus bias
+//   (cout values, or null) added to each sum (one rounding, as a bias added after the product);
+// - adjoint (true): out [n, cin, h, w] = the gradient of that convolution's input for the output
+//   gradient in [n, cout, h, w] (bias ignored): a convolution of it by the flipped kernel.
+// Splits the images' pixel tiles among at most `threads` OpenMP threads. Throws when the build
+// lacks the kernel or the shape does not fit.
+void conv_same_avx512(const float* in, int64_t n, int64_t h, int64_t w, const float* weight, int64_t cout,
+                      int64_t cin, int64_t k, bool adjoint, const float* bias, float* out, float* scratch, int threads);
+
+}  // namespace remat::cpu
