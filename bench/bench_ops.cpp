@@ -182,6 +182,9 @@ int run_ops(const OpsOptions& options) {
   Tensor targets = Tensor::zeros({8 * 128}, DType::i64).to(device);
   Tensor hidden = Tensor::randn({8 * 128, 1024}).to(device);  // the MLP's inner width
   Tensor heads = Tensor::randn({8, 128, 8, 32}).to(device);   // [B, T, H, D] before the head split
+  // unet small's widest convolution: 16 images of 32 x 32, 96 -> 32 channels, 3x3 "same".
+  Tensor images = Tensor::randn({16, 96, 32, 32}).to(device), kernel = Tensor::randn({32, 96, 3, 3}).to(device);
+  Tensor conv_bias = Tensor::randn({32}).to(device), conv_dy = Tensor::randn({16, 32, 32, 32}).to(device);
   Backend& backend = backend_for(device);
   // AdamW over gpt small's parameters (76 tensors, 4.8 M values): one call per tensor against one
   // multi-tensor call (on a GPU, a launch per tensor against a few).
@@ -210,6 +213,8 @@ int run_ops(const OpsOptions& options) {
          backend.attention_backward(q, q, q, q, attention_out[0], attention_out[1], true, attention_scale);
        }},
       {"cross_entropy [1024,256]", [&] { cross_entropy(logits, targets); }},
+      {"conv2d 3x3 [16,96,32,32] -> 32", [&] { conv2d(images, kernel, conv_bias, 1, 1); }},
+      {"conv2d backward 3x3 [16,96,32,32] -> 32", [&] { backend.conv2d_backward(conv_dy, images, kernel, 1, 1, true); }},
       {adamw_name + "one call each", [&] {
          for (auto& t : adamw_items) backend.adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
        }},
