@@ -820,10 +820,12 @@ TEST_CASE("conv2d's gradients equal direct sums: images and tiles per GEMM, kern
 TEST_CASE("f32 'same' convolutions on the AVX-512 kernel: f64's values to rounding, the same bits on 1 and 2 threads",
           "[op][conv2d]") {
   // kernels/cpu/conv_avx512.cpp runs the forward and the input gradient of f32 convolutions at
-  // stride 1 whose output is as large as the input. Cases: tiles of 32 pixels that end inside a
-  // row and past the image (5x7, 3x37, 9x13), images narrower than a vector (1x1, 3x37's rows),
-  // output channels that are and are not whole 14-row panels (both ways: the input gradient's
-  // outputs are the input channels), 3x3, 5x5 and 7x7 kernels (7x7 wider than the image).
+  // stride 1 whose output is as large as the input, and the weight gradient of the 3x3 ones on
+  // images of at least 32 x 32. Cases: tiles of 32 pixels that end inside a row and past the image
+  // (5x7, 3x37, 9x13, 33x35), images narrower than a vector (1x1, 3x37's rows), output channels that
+  // are and are not whole 14-row panels (both ways: the input gradient's outputs are the input
+  // channels), 3x3, 5x5 and 7x7 kernels (7x7 wider than the image); for the weight gradient, output
+  // channels in tiles of 3, 2 and 1, and images in one pass and in two (an image's planes past 1 MiB).
   if (!cpu::conv_same_avx512_built()) {
     CHECK_FALSE(cpu::conv_same_avx512_fits(3, 3, 1, 1));
     WARN("this build has no AVX-512 convolution kernel");
@@ -838,6 +840,10 @@ TEST_CASE("f32 'same' convolutions on the AVX-512 kernel: f64's values to roundi
   CHECK_FALSE(cpu::conv_same_avx512_fits(3, 5, 1, 1));
   CHECK_FALSE(cpu::conv_same_avx512_fits(9, 9, 1, 4));
   CHECK_FALSE(cpu::conv_same_avx512_fits(1, 1, 1, 0));  // packed columns are faster
+  CHECK(cpu::conv_same_avx512_weight_grad_fits(3, 3, 1, 1, 32, 32, 32, 96));
+  CHECK_FALSE(cpu::conv_same_avx512_weight_grad_fits(5, 5, 1, 2, 32, 32, 32, 96));
+  CHECK_FALSE(cpu::conv_same_avx512_weight_grad_fits(3, 3, 1, 1, 16, 16, 64, 128));
+  CHECK_FALSE(cpu::conv_same_avx512_weight_grad_fits(3, 3, 1, 1, 64, 64, 128, 128));
   struct Case {
     int64_t n, cin, h, w, cout, k;
   };
@@ -846,9 +852,10 @@ TEST_CASE("f32 'same' convolutions on the AVX-512 kernel: f64's values to roundi
   const int threads = omp_get_max_threads();
   manual_seed(23);
   int differing = 0;  // outputs whose bits differ from the im2col path's somewhere: the kernel ran
+  int direct_weight_grads = 0;
   for (const Case& c : {Case{2, 3, 5, 7, 4, 3}, Case{3, 32, 16, 16, 29, 3}, Case{2, 17, 8, 8, 15, 7},
                         Case{1, 5, 1, 1, 3, 3}, Case{2, 20, 3, 37, 33, 5}, Case{2, 40, 9, 13, 2, 3},
-                        Case{1, 3, 32, 32, 32, 3}}) {
+                        Case{1, 3, 32, 32, 32, 3}, Case{3, 5, 33, 35, 8, 3}, Case{2, 200, 32, 32, 61, 3}}) {
     INFO("x [" << c.n << ", " << c.cin << ", " << c.h << ", " << c.w << "], w [" << c.cout << ", " << c.cin << ", "
                << c.k << ", " << c.k << "]");
     const int padding = static_cast<int>(c.k - 1) / 2;
@@ -879,8 +886,18 @@ TEST_CASE("f32 'same' convolutions on the AVX-512 kernel: f64's values to roundi
       CHECK(worst < tol);
       differing += i < 2 && f != values(columns[i]);
     }
+    if (cpu::conv_same_avx512_weight_grad_fits(c.k, c.k, 1, padding, c.h, c.w, c.cout, c.cin)) {
+      // The backend's dw is the kernel's, bit for bit.
+      std::vector<float> scratch(static_cast<size_t>(cpu::conv_same_avx512_weight_grad_scratch(c.cout, c.cin)));
+      Tensor dw = Tensor::empty(w.shape());
+      cpu::conv_same_avx512_weight_grad(x.data<float>(), dy.data<float>(), c.n, c.h, c.w, c.cout, c.cin,
+                                        dw.data<float>(), scratch.data(), 1);
+      CHECK(values(dw) == values(one[2]));
+      ++direct_weight_grads;
+    }
   }
   CHECK(differing > 0);
+  CHECK(direct_weight_grads == 3);
 }
 
 TEST_CASE("group_norm, resampling, modulation and timestep embedding compute the textbook values", "[op][image]") {

@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -29,6 +30,37 @@ int64_t panels(int64_t rows) { return (rows + kMR - 1) / kMR; }
 bool conv_same_avx512_fits(int64_t kh, int64_t kw, int stride, int padding) {
   return conv_same_avx512_built() && stride == 1 && kh == kw && kh >= 3 && kh % 2 == 1 && kh * kh <= kMaxTaps &&
          padding == (kh - 1) / 2;
+}
+
+// Measured at unet small's shapes on an AMD EPYC (docs/results/cpu.md, session 40): on 32 x 32
+// images the kernel ran dW at 160-165 GFLOP/s against the columns' 140-145 (and 4x as fast for 3 or
+// 32 -> 3 channels, where the GEMM has 3 rows); on 16 x 16 with 128 input channels the GEMM over
+// the columns reached 186. Each tile's loads (3 of dy, 9 shifted of x per 27 FMAs) are its limit,
+// where the GEMM streams packed panels: the kernel takes images of at least 32 x 32 whose planes
+// fit L2 together, so that a pass of one image stays there.
+bool conv_same_avx512_weight_grad_fits(int64_t kh, int64_t kw, int stride, int padding, int64_t h, int64_t w,
+                                       int64_t cout, int64_t cin) {
+  return conv_same_avx512_fits(kh, kw, stride, padding) && kh == 3 && h * w >= 1024 &&
+         (cout + cin) * h * w * 4 <= (int64_t{1} << 21);
+}
+
+namespace {
+
+constexpr int64_t kGradRows = 3, kGradTaps = 9;  // a weight-gradient tile: 27 accumulators
+constexpr int64_t kLanes = 16;
+
+// Images a pass of the weight gradient reads: as many as keep their dy and x planes within 2 MiB
+// (in L2 while every tile of the pass reads them), at least one.
+int64_t grad_images_per_pass(int64_t n, int64_t hw, int64_t cout, int64_t cin) {
+  const int64_t per_image = std::max<int64_t>((cout + cin) * hw * 4, 1);
+  return std::clamp<int64_t>((int64_t{1} << 21) / per_image, 1, std::max<int64_t>(n, 1));
+}
+
+}  // namespace
+
+int64_t conv_same_avx512_weight_grad_scratch(int64_t cout, int64_t cin) {
+  const int64_t tiles = (cout + kGradRows - 1) / kGradRows * cin;
+  return tiles * kGradRows * kGradTaps * kLanes;  // each tile's accumulators between passes
 }
 
 int64_t conv_same_avx512_scratch(int64_t cout, int64_t cin, int64_t k, bool adjoint) {
@@ -149,6 +181,75 @@ void tile_rows(const float* planes, int64_t plane_size, int64_t ins, int64_t tap
   return tile_kernel<kMR>(planes, plane_size, ins, taps, tt, packed, out, out_plane, rows, bias);
 }
 
+// Where each tap reads and which lanes count, for every vector of 16 pixels of an image: `valid`
+// the pixels inside the image, `inside` those whose shifted pixel is inside too (the rest read
+// zero; lanes past the image are never read, so a non-finite x there cannot reach a sum).
+struct GradMasks {
+  int64_t shift[kGradTaps];
+  std::vector<__mmask16> valid, inside;  // [vectors], [vectors][taps]
+};
+
+GradMasks grad_masks(int64_t h, int64_t w) {
+  GradMasks gm;
+  const int64_t hw = h * w, vectors = (hw + kLanes - 1) / kLanes;
+  gm.valid.assign(vectors, 0);
+  gm.inside.assign(vectors * kGradTaps, 0);
+  for (int64_t t = 0; t < kGradTaps; ++t) gm.shift[t] = (t / 3 - 1) * w + (t % 3 - 1);
+  for (int64_t p = 0; p < hw; ++p) {
+    const int64_t v = p / kLanes, lane = p % kLanes, y = p / w, x = p % w;
+    gm.valid[v] |= static_cast<__mmask16>(1u << lane);
+    for (int64_t t = 0; t < kGradTaps; ++t) {
+      const int64_t sy = y + t / 3 - 1, sx = x + t % 3 - 1;
+      if (sy >= 0 && sy < h && sx >= 0 && sx < w) gm.inside[v * kGradTaps + t] |= static_cast<__mmask16>(1u << lane);
+    }
+  }
+  return gm;
+}
+
+// Adds to a tile's accumulators (R output channels from o0 x the 9 taps of input channel c, 16
+// lanes each, kept in `acc` between passes; zeros first where `start`) dy's planes times x's plane
+// shifted under each tap, over images [first, first + g), pixels in order.
+template <int R>
+void grad_tile(const float* x, const float* dy, int64_t first, int64_t g, int64_t hw, int64_t cout, int64_t cin,
+               int64_t o0, int64_t c, const GradMasks& gm, float* acc, bool start) {
+  __m512 sum[R][kGradTaps];
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 9
+    for (int t = 0; t < kGradTaps; ++t)
+      sum[r][t] = start ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (r * kGradTaps + t) * kLanes);
+  const int64_t vectors = static_cast<int64_t>(gm.valid.size());
+  for (int64_t image = first; image < first + g; ++image) {
+    const float* xp = x + (image * cin + c) * hw;
+    const float* dp = dy + (image * cout + o0) * hw;
+    for (int64_t v = 0; v < vectors; ++v) {
+      __m512 d[R];
+#pragma GCC unroll 3
+      for (int r = 0; r < R; ++r) d[r] = _mm512_maskz_loadu_ps(gm.valid[v], dp + r * hw + v * kLanes);
+      const __mmask16* inside = gm.inside.data() + v * kGradTaps;
+#pragma GCC unroll 9
+      for (int t = 0; t < kGradTaps; ++t) {
+        const __m512 xv = _mm512_maskz_loadu_ps(inside[t], xp + v * kLanes + gm.shift[t]);
+#pragma GCC unroll 3
+        for (int r = 0; r < R; ++r) sum[r][t] = _mm512_fmadd_ps(d[r], xv, sum[r][t]);
+      }
+    }
+  }
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 9
+    for (int t = 0; t < kGradTaps; ++t) _mm512_storeu_ps(acc + (r * kGradTaps + t) * kLanes, sum[r][t]);
+}
+
+// The 16 lanes' sum in a fixed tree (halves, then quarters, ...).
+float lane_tree_sum(const float* lanes) {
+  float a[kLanes];
+  std::copy(lanes, lanes + kLanes, a);
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+    for (int64_t i = 0; i < width; ++i) a[i] += a[i + width];
+  return a[0];
+}
+
 }  // namespace
 
 bool conv_same_avx512_built() { return true; }
@@ -177,6 +278,40 @@ void conv_same_avx512(const float* in, int64_t n, int64_t h, int64_t w, const fl
   }
 }
 
+void conv_same_avx512_weight_grad(const float* x, const float* dy, int64_t n, int64_t h, int64_t w, int64_t cout,
+                                  int64_t cin, float* dw, float* scratch, int threads) {
+  const int64_t hw = h * w, blocks = (cout + kGradRows - 1) / kGradRows, tiles = blocks * cin;
+  if (tiles == 0) return;
+  if (n == 0 || hw == 0) {
+    std::fill(dw, dw + cout * cin * kGradTaps, 0.0f);
+    return;
+  }
+  const GradMasks gm = grad_masks(h, w);  // allocated here, before any parallel region
+  const int64_t per_pass = grad_images_per_pass(n, hw, cout, cin);
+  if (threads <= 0) threads = omp_get_max_threads();
+  if (omp_in_parallel()) threads = 1;
+  // Pass by pass over the images, every tile in each pass: a tile's lanes see the images in order.
+  for (int64_t first = 0; first < n; first += per_pass) {
+    const int64_t g = std::min(per_pass, n - first);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t o0 = tile / cin * kGradRows, c = tile % cin, rows = std::min(kGradRows, cout - o0);
+      float* acc = scratch + tile * kGradRows * kGradTaps * kLanes;
+      if (rows == 3) grad_tile<3>(x, dy, first, g, hw, cout, cin, o0, c, gm, acc, first == 0);
+      else if (rows == 2) grad_tile<2>(x, dy, first, g, hw, cout, cin, o0, c, gm, acc, first == 0);
+      else grad_tile<1>(x, dy, first, g, hw, cout, cin, o0, c, gm, acc, first == 0);
+    }
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t o0 = tile / cin * kGradRows, c = tile % cin, rows = std::min(kGradRows, cout - o0);
+    const float* acc = scratch + tile * kGradRows * kGradTaps * kLanes;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0; t < kGradTaps; ++t)
+        dw[((o0 + r) * cin + c) * kGradTaps + t] = lane_tree_sum(acc + (r * kGradTaps + t) * kLanes);
+  }
+}
+
 #else  // no AVX-512 in this build
 
 bool conv_same_avx512_built() { return false; }
@@ -185,6 +320,12 @@ void conv_same_avx512(const float*, int64_t, int64_t, int64_t, const float*, int
                       const float*, float*, float*, int) {
   REMAT_FAIL("conv_same_avx512: this build of remat was not compiled for AVX-512 (meson option -Dnative on an "
              "AVX-512 CPU)");
+}
+
+void conv_same_avx512_weight_grad(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                                  float*, int) {
+  REMAT_FAIL("conv_same_avx512_weight_grad: this build of remat was not compiled for AVX-512 (meson option -Dnative "
+             "on an AVX-512 CPU)");
 }
 
 #endif

@@ -1,6 +1,7 @@
 // f32 "same" convolutions at stride 1 on AVX-512 CPUs, computed straight from the input planes:
 // a register tile of 14 output channels x 32 pixels sums broadcast weights times the input plane
-// shifted under each kernel tap (a masked load: the lanes a tap puts outside the image read zero).
+// shifted under each kernel tap (a masked load: the lanes a tap puts outside the image read zero);
+// the 3x3 weight gradient sums dy times the shifted planes over the pixels in 16 lanes.
 // No im2col columns are written and packed (at unet's shapes a fifth to a quarter of the forward),
 // and the input gradient is the same kernel over dy (the adjoint of a "same" convolution is one,
 // with the kernel flipped), where it was a GEMM over only Cout terms and a scatter of k^2 column
@@ -31,5 +32,23 @@ int64_t conv_same_avx512_scratch(int64_t cout, int64_t cin, int64_t k, bool adjo
 // lacks the kernel or the shape does not fit.
 void conv_same_avx512(const float* in, int64_t n, int64_t h, int64_t w, const float* weight, int64_t cout,
                       int64_t cin, int64_t k, bool adjoint, const float* bias, float* out, float* scratch, int threads);
+
+// Whether conv_same_avx512_weight_grad takes such a convolution: one that fits, with a 3x3 kernel
+// (a tile holds 3 output channels x the 9 taps; wider kernels keep the columns), on images of at
+// least 32 x 32 whose dy and x planes fit 2 MiB (where it measured faster than the columns' GEMM).
+bool conv_same_avx512_weight_grad_fits(int64_t kh, int64_t kw, int stride, int padding, int64_t h, int64_t w,
+                                       int64_t cout, int64_t cin);
+
+// Floats of scratch conv_same_avx512_weight_grad needs.
+int64_t conv_same_avx512_weight_grad_scratch(int64_t cout, int64_t cin);
+
+// dw [cout, cin, 3, 3] = the weight gradient of that convolution for input x [n, cin, h, w] and
+// output gradient dy [n, cout, h, w], without im2col columns: each weight's sum of dy times the
+// shifted plane runs over the pixels in 16 lanes (images in order, pixels in order within each
+// lane), then adds the lanes in a fixed tree. Splits (output channels, input channel) pairs among
+// at most `threads` OpenMP threads: the same bits whatever their number. Throws when the build lacks
+// the kernel or the shape does not fit.
+void conv_same_avx512_weight_grad(const float* x, const float* dy, int64_t n, int64_t h, int64_t w, int64_t cout,
+                                  int64_t cin, float* dw, float* scratch, int threads);
 
 }  // namespace remat::cpu

@@ -212,7 +212,8 @@ Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int
 // kernels/cpu/lane_sums.h). dW and db sum over the chunks in order and within a chunk in an order
 // its shape fixes (the GEMM's sums over k are never split among threads; gemm.h), so replays and
 // reruns repeat the bits. Where the forward runs on the direct kernel, so does dx (the adjoint of a
-// "same" convolution is one with the kernel flipped), and the chunks compute dW and db only.
+// "same" convolution is one with the kernel flipped), and the chunks compute dW and db only; where
+// the direct weight gradient fits too (3x3 on images of 32 x 32 and up), there are no chunks.
 std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, int stride,
                                                 int padding, bool has_bias) {
   ConvShape s = conv_shape(x, w, stride, padding);
@@ -220,6 +221,22 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
   Tensor dx = direct ? Tensor::empty(x.shape(), x.dtype()) : Tensor::zeros(x.shape(), x.dtype());
   Tensor dw = Tensor::zeros(w.shape(), x.dtype()), db = has_bias ? Tensor::zeros({s.cout}, x.dtype()) : Tensor();
   if (direct) conv_direct(dy, s, w, true, Tensor(), dx);
+  if (direct && cpu::conv_same_avx512_weight_grad_fits(s.kh, s.kw, stride, padding, s.h, s.w, s.cout, s.cin)) {
+    // dW on the direct kernel too; db per output channel, each image's lane sum in image order.
+    const int threads = s.n * s.cout * s.cin * s.kh * s.kw * s.h * s.w > cpu::kParallelGrain ? 0 : 1;
+    Tensor acc = empty_workspace({cpu::conv_same_avx512_weight_grad_scratch(s.cout, s.cin)}, DType::f32);
+    cpu::conv_same_avx512_weight_grad(x.data<float>(), dy.data<float>(), s.n, s.h, s.w, s.cout, s.cin,
+                                      dw.data<float>(), acc.data<float>(), threads);
+    if (has_bias) {
+      const int64_t p = s.h * s.w;
+      const float* pdy = dy.data<float>();
+      float* pb = db.data<float>();
+#pragma omp parallel for if (s.n * s.cout * p > cpu::kParallelGrain)
+      for (int64_t o = 0; o < s.cout; ++o)
+        for (int64_t i = 0; i < s.n; ++i) pb[o] += cpu::lane_sum(pdy + (i * s.cout + o) * p, p);  // d(bias) term
+    }
+    return {dx, dw, db};
+  }
   cpu::dispatch_float(x.dtype(), "conv2d_backward", [&]<typename T>() {
     const int64_t k = s.cin * s.kh * s.kw, p = s.ho * s.wo, chunk = images_per_chunk(s);
     Tensor cols = empty_workspace({k, chunk * p}, x.dtype());
