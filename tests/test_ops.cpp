@@ -913,6 +913,29 @@ TEST_CASE("group_norm, resampling, modulation and timestep embedding compute the
   Tensor img = f64({1, 2, 3, 4}, {1, 1, 2, 2});
   check_close(upsample_nearest(img, 2), {1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4});
   check_close(avg_pool(upsample_nearest(img, 2), 2), {1, 2, 3, 4});
+  // A factor of 3 on a wider than tall image, and the backward ops: each window's sum, each value spread.
+  Tensor wide = f64({1, 2, 3, 4, 5, 6}, {1, 1, 2, 3});
+  Tensor up3 = upsample_nearest(wide, 3);
+  REQUIRE(up3.shape() == Shape{1, 1, 6, 9});
+  auto u = values(up3);
+  for (int i = 0; i < 6; ++i)
+    for (int j = 0; j < 9; ++j) CHECK(u[i * 9 + j] == 1 + (i / 3) * 3 + j / 3);
+  check_close(avg_pool(up3, 3), {1, 2, 3, 4, 5, 6});
+  Backend& cpu = backend_for(Device::cpu());
+  std::vector<double> grid(54);
+  for (size_t i = 0; i < grid.size(); ++i) grid[i] = static_cast<double>(i * i % 17);
+  auto sums = values(cpu.upsample_nearest_backward(Tensor::from_vector(grid, {1, 1, 6, 9}), 3));
+  REQUIRE(sums.size() == 6);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j) {
+      double want = 0;
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) want += grid[(3 * i + a) * 9 + 3 * j + b];
+      CHECK(sums[i * 3 + j] == want);
+    }
+  auto spread = values(cpu.avg_pool_backward(wide, 3));
+  for (int i = 0; i < 6; ++i)
+    for (int j = 0; j < 9; ++j) CHECK(spread[i * 9 + j] == Approx((1 + (i / 3) * 3 + j / 3) / 9.0));
   check_close(modulate(f64({1, 2, 3, 4}, {1, 2, 2}), f64({10, 20}, {1, 2}), f64({1, -1}, {1, 2})), {12, 20, 16, 20});
   auto e = values(timestep_embedding(f64({0.5}, {1}), 4, 100.0));
   CHECK(e[0] == Approx(std::cos(0.5)));

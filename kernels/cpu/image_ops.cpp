@@ -369,70 +369,84 @@ std::vector<Tensor> CpuBackend::group_norm_backward(const Tensor& dy, const Tens
   return {dx, dw, db};
 }
 
+namespace {
+
+// Each of nc planes [h, w] spread into [h f, w f]: every value times `scale` (or copied, where
+// scale is null) in its f x f block. A block's first row is written value by value, the other f - 1
+// copied from it: no division per element, where the loops had one for each output's source.
+template <typename T>
+void spread_blocks(const T* src, int64_t nc, int64_t h, int64_t w, int f, const T* scale, T* dst) {
+  const int64_t wf = w * f;
+#pragma omp parallel for if (nc * h * w * f * f > cpu::kParallelGrain)
+  for (int64_t p = 0; p < nc; ++p)
+    for (int64_t i = 0; i < h; ++i) {
+      const T* in = src + (p * h + i) * w;
+      T* first = dst + (p * h + i) * f * wf;
+      for (int64_t j = 0; j < w; ++j) {
+        const T v = scale ? in[j] * *scale : in[j];
+        for (int b = 0; b < f; ++b) first[j * f + b] = v;
+      }
+      for (int a = 1; a < f; ++a) std::copy(first, first + wf, first + a * wf);
+    }
+}
+
+// Each of nc planes [h f, w f] summed over its f x f blocks into [h, w], each sum from 0 in the
+// order (block row, then column), times `scale` where given: the bits of a sum per output, with
+// the additions running along a row, one block column at a time.
+template <typename T>
+void sum_blocks(const T* src, int64_t nc, int64_t h, int64_t w, int f, const T* scale, T* dst) {
+  const int64_t wf = w * f;
+#pragma omp parallel for if (nc * h * w * f * f > cpu::kParallelGrain)
+  for (int64_t p = 0; p < nc; ++p)
+    for (int64_t i = 0; i < h; ++i) {
+      T* out = dst + (p * h + i) * w;
+      std::fill(out, out + w, T(0));
+      for (int a = 0; a < f; ++a) {
+        const T* row = src + ((p * h + i) * f + a) * wf;
+        for (int b = 0; b < f; ++b)
+          for (int64_t j = 0; j < w; ++j) out[j] += row[j * f + b];
+      }
+      if (scale)
+        for (int64_t j = 0; j < w; ++j) out[j] *= *scale;
+    }
+}
+
+}  // namespace
+
 Tensor CpuBackend::upsample_nearest(const Tensor& x, int f) {
-  int64_t nc = x.size(0) * x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t nc = x.size(0) * x.size(1), h = x.size(2), w = x.size(3);
   Tensor y = Tensor::empty({x.size(0), x.size(1), h * f, w * f}, x.dtype());
   cpu::dispatch_float(x.dtype(), "upsample_nearest", [&]<typename T>() {
-    const T* px = x.data<T>();
-    T* py = y.data<T>();
-#pragma omp parallel for if (y.numel() > cpu::kParallelGrain)
-    for (int64_t p = 0; p < nc; ++p)
-      for (int64_t i = 0; i < h * f; ++i)
-        for (int64_t j = 0; j < w * f; ++j) py[(p * h * f + i) * w * f + j] = px[(p * h + i / f) * w + j / f];
+    spread_blocks<T>(x.data<T>(), nc, h, w, f, nullptr, y.data<T>());
   });
   return y;
 }
 
 Tensor CpuBackend::upsample_nearest_backward(const Tensor& dy, int f) {
-  int64_t nc = dy.size(0) * dy.size(1), h = dy.size(2) / f, w = dy.size(3) / f;
+  const int64_t nc = dy.size(0) * dy.size(1), h = dy.size(2) / f, w = dy.size(3) / f;
   Tensor dx = Tensor::empty({dy.size(0), dy.size(1), h, w}, dy.dtype());
   cpu::dispatch_float(dy.dtype(), "upsample_nearest_backward", [&]<typename T>() {
-    const T* pdy = dy.data<T>();
-    T* pdx = dx.data<T>();
-#pragma omp parallel for if (dy.numel() > cpu::kParallelGrain)
-    for (int64_t p = 0; p < nc; ++p)
-      for (int64_t i = 0; i < h; ++i)
-        for (int64_t j = 0; j < w; ++j) {
-          T s = 0;
-          for (int a = 0; a < f; ++a)
-            for (int b = 0; b < f; ++b) s += pdy[(p * h * f + i * f + a) * w * f + j * f + b];
-          pdx[(p * h + i) * w + j] = s;
-        }
+    sum_blocks<T>(dy.data<T>(), nc, h, w, f, nullptr, dx.data<T>());
   });
   return dx;
 }
 
 Tensor CpuBackend::avg_pool(const Tensor& x, int f) {
-  int64_t nc = x.size(0) * x.size(1), h = x.size(2) / f, w = x.size(3) / f;
+  const int64_t nc = x.size(0) * x.size(1), h = x.size(2) / f, w = x.size(3) / f;
   Tensor y = Tensor::empty({x.size(0), x.size(1), h, w}, x.dtype());
   cpu::dispatch_float(x.dtype(), "avg_pool", [&]<typename T>() {
-    const T* px = x.data<T>();
-    T* py = y.data<T>();
-    T inv = T(1) / static_cast<T>(f * f);
-#pragma omp parallel for if (x.numel() > cpu::kParallelGrain)
-    for (int64_t p = 0; p < nc; ++p)
-      for (int64_t i = 0; i < h; ++i)
-        for (int64_t j = 0; j < w; ++j) {
-          T s = 0;
-          for (int a = 0; a < f; ++a)
-            for (int b = 0; b < f; ++b) s += px[(p * h * f + i * f + a) * w * f + j * f + b];
-          py[(p * h + i) * w + j] = s * inv;
-        }
+    const T inv = T(1) / static_cast<T>(f * f);
+    sum_blocks<T>(x.data<T>(), nc, h, w, f, &inv, y.data<T>());
   });
   return y;
 }
 
 Tensor CpuBackend::avg_pool_backward(const Tensor& dy, int f) {
-  int64_t nc = dy.size(0) * dy.size(1), h = dy.size(2), w = dy.size(3);
+  const int64_t nc = dy.size(0) * dy.size(1), h = dy.size(2), w = dy.size(3);
   Tensor dx = Tensor::empty({dy.size(0), dy.size(1), h * f, w * f}, dy.dtype());
   cpu::dispatch_float(dy.dtype(), "avg_pool_backward", [&]<typename T>() {
-    const T* pdy = dy.data<T>();
-    T* pdx = dx.data<T>();
-    T inv = T(1) / static_cast<T>(f * f);
-#pragma omp parallel for if (dx.numel() > cpu::kParallelGrain)
-    for (int64_t p = 0; p < nc; ++p)
-      for (int64_t i = 0; i < h * f; ++i)
-        for (int64_t j = 0; j < w * f; ++j) pdx[(p * h * f + i) * w * f + j] = pdy[(p * h + i / f) * w + j / f] * inv;
+    const T inv = T(1) / static_cast<T>(f * f);
+    spread_blocks<T>(dy.data<T>(), nc, h, w, f, &inv, dx.data<T>());
   });
   return dx;
 }
