@@ -214,7 +214,8 @@ int run_ops(const OpsOptions& options) {
        }},
       {"cross_entropy [1024,256]", [&] { cross_entropy(logits, targets); }},
       {"conv2d 3x3 [16,96,32,32] -> 32", [&] { conv2d(images, kernel, conv_bias, 1, 1); }},
-      {"conv2d backward 3x3 [16,96,32,32] -> 32", [&] { backend.conv2d_backward(conv_dy, images, kernel, 1, 1, true); }},
+      {"conv2d backward 3x3 [16,96,32,32] -> 32",
+       [&] { backend.conv2d_backward(conv_dy, images, kernel, 1, 1, true); }},
       {adamw_name + "one call each", [&] {
          for (auto& t : adamw_items) backend.adamw_update(*t.param, *t.grad, *t.m, *t.v, t.step);
        }},

@@ -255,7 +255,8 @@ float lane_tree_sum(const float* lanes) {
 bool conv_same_avx512_built() { return true; }
 
 void conv_same_avx512(const float* in, int64_t n, int64_t h, int64_t w, const float* weight, int64_t cout,
-                      int64_t cin, int64_t k, bool adjoint, const float* bias, float* out, float* scratch, int threads) {
+                      int64_t cin, int64_t k, bool adjoint, const float* bias, float* out, float* scratch,
+                      int threads) {
   REMAT_CHECK(k >= 1 && k % 2 == 1 && k * k <= kMaxTaps, "conv_same_avx512: expected an odd kernel of at most ",
               kMaxTaps, " taps, got ", k, "x", k);
   const int64_t outs = adjoint ? cin : cout, ins = adjoint ? cout : cin, taps = k * k, hw = h * w;

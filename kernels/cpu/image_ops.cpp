@@ -138,13 +138,19 @@ void im2col_images(const T* x, const ConvShape& s, int stride, int padding, int6
 // Whether an f32 convolution of this shape runs on kernels/cpu/conv_avx512.h: a "same" convolution
 // at stride 1, where f32 GEMMs run on remat's AVX-512 SGEMM (the kernel set the user chose).
 bool runs_direct(const Tensor& x, const ConvShape& s, int stride, int padding) {
-  return x.dtype() == DType::f32 && cpu::f32_gemm_is_avx512() && cpu::conv_same_avx512_fits(s.kh, s.kw, stride, padding);
+  return x.dtype() == DType::f32 && cpu::f32_gemm_is_avx512() &&
+         cpu::conv_same_avx512_fits(s.kh, s.kw, stride, padding);
+}
+
+// The direct kernels' thread count: OpenMP's (0) above the grain, else one.
+int direct_threads(const ConvShape& s) {
+  return s.n * s.cout * s.cin * s.kh * s.kw * s.h * s.w > cpu::kParallelGrain ? 0 : 1;
 }
 
 // The direct kernel over all images: the forward (bias added) or, with `adjoint`, the input's
 // gradient from the output's.
 void conv_direct(const Tensor& in, const ConvShape& s, const Tensor& w, bool adjoint, const Tensor& b, Tensor& out) {
-  const int threads = s.n * s.cout * s.cin * s.kh * s.kw * s.h * s.w > cpu::kParallelGrain ? 0 : 1;
+  const int threads = direct_threads(s);
   Tensor packed = empty_workspace({cpu::conv_same_avx512_scratch(s.cout, s.cin, s.kh, adjoint)}, DType::f32);
   cpu::conv_same_avx512(in.data<float>(), s.n, s.h, s.w, w.data<float>(), s.cout, s.cin, s.kh, adjoint,
                         b.defined() ? b.data<float>() : nullptr, out.data<float>(), packed.data<float>(), threads);
@@ -223,10 +229,9 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
   if (direct) conv_direct(dy, s, w, true, Tensor(), dx);
   if (direct && cpu::conv_same_avx512_weight_grad_fits(s.kh, s.kw, stride, padding, s.h, s.w, s.cout, s.cin)) {
     // dW on the direct kernel too; db per output channel, each image's lane sum in image order.
-    const int threads = s.n * s.cout * s.cin * s.kh * s.kw * s.h * s.w > cpu::kParallelGrain ? 0 : 1;
     Tensor acc = empty_workspace({cpu::conv_same_avx512_weight_grad_scratch(s.cout, s.cin)}, DType::f32);
     cpu::conv_same_avx512_weight_grad(x.data<float>(), dy.data<float>(), s.n, s.h, s.w, s.cout, s.cin,
-                                      dw.data<float>(), acc.data<float>(), threads);
+                                      dw.data<float>(), acc.data<float>(), direct_threads(s));
     if (has_bias) {
       const int64_t p = s.h * s.w;
       const float* pdy = dy.data<float>();
