@@ -46,8 +46,9 @@ int64_t conv_same_avx512_weight_grad_scratch(int64_t cout, int64_t cin);
 // output gradient dy [n, cout, h, w], without im2col columns: each weight's sum of dy times the
 // shifted plane runs over the pixels in 16 lanes (images in order, pixels in order within each
 // lane), then adds the lanes in a fixed tree. Splits (output channels, input channel) pairs among
-// at most `threads` OpenMP threads: the same bits whatever their number. Throws when the build lacks
-// the kernel or the shape does not fit.
+// at most `threads` OpenMP threads: the same bits whatever their number. Any 3x3 "same" shape gives
+// the right values (conv_same_avx512_weight_grad_fits says where it is the faster path). Throws
+// when the build lacks the kernel.
 void conv_same_avx512_weight_grad(const float* x, const float* dy, int64_t n, int64_t h, int64_t w, int64_t cout,
                                   int64_t cin, float* dw, float* scratch, int threads);
 
