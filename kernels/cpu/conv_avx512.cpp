@@ -18,9 +18,18 @@ namespace remat::cpu {
 namespace {
 
 constexpr int64_t kMR = 14;       // output channels a tile (28 accumulators, as remat's SGEMM)
+constexpr int64_t kLanes = 16;
 constexpr int64_t kPixels = 32;   // pixels a tile: two vectors
 constexpr int64_t kMaxTaps = 49;  // kernels up to 7x7 (each tile's masks live on the stack)
+constexpr int64_t kGradRows = 3, kGradTaps = 9;  // a weight-gradient tile: 27 accumulators
 int64_t panels(int64_t rows) { return (rows + kMR - 1) / kMR; }
+
+// Images a pass of the weight gradient reads: as many as keep their dy and x planes within 2 MiB
+// (in L2 while every tile of the pass reads them), at least one.
+int64_t grad_images_per_pass(int64_t n, int64_t hw, int64_t cout, int64_t cin) {
+  const int64_t per_image = std::max<int64_t>((cout + cin) * hw * 4, 1);
+  return std::clamp<int64_t>((int64_t{1} << 21) / per_image, 1, std::max<int64_t>(n, 1));
+}
 
 }  // namespace
 
@@ -43,20 +52,6 @@ bool conv_same_avx512_weight_grad_fits(int64_t kh, int64_t kw, int stride, int p
   return conv_same_avx512_fits(kh, kw, stride, padding) && kh == 3 && h * w >= 1024 &&
          (cout + cin) * h * w * 4 <= (int64_t{1} << 21);
 }
-
-namespace {
-
-constexpr int64_t kGradRows = 3, kGradTaps = 9;  // a weight-gradient tile: 27 accumulators
-constexpr int64_t kLanes = 16;
-
-// Images a pass of the weight gradient reads: as many as keep their dy and x planes within 2 MiB
-// (in L2 while every tile of the pass reads them), at least one.
-int64_t grad_images_per_pass(int64_t n, int64_t hw, int64_t cout, int64_t cin) {
-  const int64_t per_image = std::max<int64_t>((cout + cin) * hw * 4, 1);
-  return std::clamp<int64_t>((int64_t{1} << 21) / per_image, 1, std::max<int64_t>(n, 1));
-}
-
-}  // namespace
 
 int64_t conv_same_avx512_weight_grad_scratch(int64_t cout, int64_t cin) {
   const int64_t tiles = (cout + kGradRows - 1) / kGradRows * cin;
@@ -183,7 +178,8 @@ void tile_rows(const float* planes, int64_t plane_size, int64_t ins, int64_t tap
 
 // Where each tap reads and which lanes count, for every vector of 16 pixels of an image: `valid`
 // the pixels inside the image, `inside` those whose shifted pixel is inside too (the rest read
-// zero; lanes past the image are never read, so a non-finite x there cannot reach a sum).
+// zero; lanes past the image are never read, so a non-finite x there cannot reach a sum). From
+// the forward's tiles' masks, two vectors a tile.
 struct GradMasks {
   int64_t shift[kGradTaps];
   std::vector<__mmask16> valid, inside;  // [vectors], [vectors][taps]
@@ -194,13 +190,12 @@ GradMasks grad_masks(int64_t h, int64_t w) {
   const int64_t hw = h * w, vectors = (hw + kLanes - 1) / kLanes;
   gm.valid.assign(vectors, 0);
   gm.inside.assign(vectors * kGradTaps, 0);
-  for (int64_t t = 0; t < kGradTaps; ++t) gm.shift[t] = (t / 3 - 1) * w + (t % 3 - 1);
-  for (int64_t p = 0; p < hw; ++p) {
-    const int64_t v = p / kLanes, lane = p % kLanes, y = p / w, x = p % w;
-    gm.valid[v] |= static_cast<__mmask16>(1u << lane);
-    for (int64_t t = 0; t < kGradTaps; ++t) {
-      const int64_t sy = y + t / 3 - 1, sx = x + t % 3 - 1;
-      if (sy >= 0 && sy < h && sx >= 0 && sx < w) gm.inside[v * kGradTaps + t] |= static_cast<__mmask16>(1u << lane);
+  for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
+    const TileTaps tt = tile_taps(p0, h, w, 3);
+    std::copy(tt.shift, tt.shift + kGradTaps, gm.shift);
+    for (int64_t half = 0, v = p0 / kLanes; half < 2 && v < vectors; ++half, ++v) {
+      gm.valid[v] = tt.store[half];
+      for (int64_t t = 0; t < kGradTaps; ++t) gm.inside[v * kGradTaps + t] = tt.inside[2 * t + half] & tt.store[half];
     }
   }
   return gm;
