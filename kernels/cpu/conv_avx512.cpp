@@ -19,17 +19,9 @@ namespace {
 
 constexpr int64_t kMR = 14;       // output channels a tile (28 accumulators, as remat's SGEMM)
 constexpr int64_t kLanes = 16;
-constexpr int64_t kPixels = 32;   // pixels a tile: two vectors
 constexpr int64_t kMaxTaps = 49;  // kernels up to 7x7 (each tile's masks live on the stack)
 constexpr int64_t kGradRows = 3, kGradTaps = 9;  // a weight-gradient tile: 27 accumulators
 int64_t panels(int64_t rows) { return (rows + kMR - 1) / kMR; }
-
-// Images a pass of the weight gradient reads: as many as keep their dy and x planes within 2 MiB
-// (in L2 while every tile of the pass reads them), at least one.
-int64_t grad_images_per_pass(int64_t n, int64_t hw, int64_t cout, int64_t cin) {
-  const int64_t per_image = std::max<int64_t>((cout + cin) * hw * 4, 1);
-  return std::clamp<int64_t>((int64_t{1} << 21) / per_image, 1, std::max<int64_t>(n, 1));
-}
 
 }  // namespace
 
@@ -66,6 +58,15 @@ int64_t conv_same_avx512_scratch(int64_t cout, int64_t cin, int64_t k, bool adjo
 #ifdef __AVX512F__
 
 namespace {
+
+constexpr int64_t kPixels = 32;   // pixels a tile: two vectors
+
+// Images a pass of the weight gradient reads: as many as keep their dy and x planes within 2 MiB
+// (in L2 while every tile of the pass reads them), at least one.
+int64_t grad_images_per_pass(int64_t n, int64_t hw, int64_t cout, int64_t cin) {
+  const int64_t per_image = std::max<int64_t>((cout + cin) * hw * 4, 1);
+  return std::clamp<int64_t>((int64_t{1} << 21) / per_image, 1, std::max<int64_t>(n, 1));
+}
 
 // The weights as panels of kMR output channels: for each term (input channel, tap) of their sums,
 // in the order they are summed, the panel's kMR weights in a row (zeros past the last channel).
