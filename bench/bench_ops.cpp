@@ -21,6 +21,7 @@
 #include "remat.h"
 #include "models/gpt.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/attention_heads.h"
 #include "kernels/cpu/gemm.h"
 #include "runtime/cuda_backend.h"
 
@@ -154,7 +155,8 @@ int run_ops(const OpsOptions& options) {
   manual_seed(0);
   nlohmann::json rows = nlohmann::json::array();
   fmt::print("remat-bench ops on {} ({} threads{})\n", device.str(), omp_get_max_threads(),
-             device.is_cpu() ? ", GEMM " + cpu::gemm_library() : std::string());
+             device.is_cpu() ? ", GEMM " + cpu::gemm_library() + ", attention " + cpu::attention_path()
+                             : std::string());
   fmt::print("{:<10} {:>22} {:>12} {:>10}\n", "op", "shape (M x K x N)", "median ms", "GFLOP/s");
   struct Gemm {
     int64_t m, k, n;

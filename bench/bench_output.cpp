@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "kernels/cpu/attention_heads.h"
 #include "kernels/cpu/gemm.h"
 #include "models/safetensors.h"  // write_file_atomically
 #include "version.h"
@@ -34,6 +35,7 @@ nlohmann::json machine_info() {
   return {{"cpu", cpu},
           {"threads", omp_get_max_threads()},
           {"cpu_gemm", cpu::gemm_library()},
+          {"cpu_attention", cpu::attention_path()},
           {"compiler", std::string("g++ ") + __VERSION__},
           {"flags", REMAT_BUILD_FLAGS},
           {"git_commit", REMAT_GIT_COMMIT}};

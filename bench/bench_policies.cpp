@@ -22,6 +22,7 @@
 #include "bench_subject.h"
 #include "checkpoint/planner.h"
 #include "checkpoint/report.h"
+#include "kernels/cpu/attention_heads.h"
 #include "kernels/cpu/gemm.h"
 #include "remat.h"
 
@@ -114,7 +115,7 @@ int run_policies(const PolicyOptions& o) {
   fmt::print("remat-bench: {} on {} in {}{}, {} threads, {} round(s) of {} timed steps after {} warm-up{}\n",
              subject.describe(), device.str(), o.dtype, o.tf32 ? " (f32 GEMMs in TF32)" : "", omp_get_max_threads(),
              o.rounds, o.steps, o.warmup,
-             device.is_cpu() ? ", GEMM " + cpu::gemm_library()
+             device.is_cpu() ? ", GEMM " + cpu::gemm_library() + ", attention " + cpu::attention_path()
                              : std::string(", attention ") + cuda_attention_name(cuda_attention()) +
                                    " (REMAT_CUDA_ATTENTION=auto|flash|gemm|mma|cudnn), linear's bias " +
                                    (cuda_bias_epilogue() ? "in cuBLASLt's epilogue" : "by its own kernel") +

@@ -102,6 +102,8 @@ TEST_CASE("every bad input exits with status 2 and one line", "[cli][errors]") {
   check_one_line_error(run("train --config tiny --steps 0"), "expected --steps >= 1");
   check_one_line_error(run("train --config tiny --steps 1", "REMAT_CPU_GEMM=fastest"),
                        "REMAT_CPU_GEMM: expected auto, avx512, openblas or eigen, got 'fastest'");
+  check_one_line_error(run("train --config tiny --steps 1", "REMAT_CPU_ATTENTION=fastest"),
+                       "REMAT_CPU_ATTENTION: expected auto or eigen, got 'fastest'");
   check_one_line_error(run("train --config tiny --steps 1 --ema 1"), "expected --ema 0 (off) or a decay in (0, 1), got 1");
   check_one_line_error(run("train --config tiny --steps 1 --out /proc/remat_cannot_write"), "--out /proc/remat_cannot_write");
   check_one_line_error(run("train --config tiny --steps 1 --device tpu"), "unknown device 'tpu'");

@@ -8,10 +8,10 @@
 // output projection's saved input shares o's storage instead of copying it). The gradients of
 // heads that lie side by side in one [B, T, 3C] projection go side by side into one such buffer
 // (kernels/attention_layout.h), for the same reason.
-// f32 heads of a dim that is a multiple of 16 take the AVX-512 kernels of attention_avx512.cpp
-// where remat's AVX-512 SGEMM runs the GEMMs (REMAT_CPU_GEMM=eigen or openblas keeps them on this
-// file's Eigen path, which f64 always takes): the same blocks of query rows, each sum in a fixed
-// order of its own; at gpt small's shape 3x faster forward, 1.9x backward (docs/results/cpu.md).
+// f32 heads of a dim that is a whole number of vectors take the AVX-512 or AVX2 kernels of
+// attention_heads.cpp where the build has them (REMAT_CPU_ATTENTION=eigen keeps them on this file's
+// Eigen path, which f64 always takes): the same blocks of query rows, each sum in a fixed order of
+// its own; at gpt small's shape 3x faster forward, 1.9x backward on AVX-512 (docs/results/cpu.md).
 #include <Eigen/Core>
 #include <omp.h>
 
@@ -20,9 +20,8 @@
 #include <limits>
 
 #include "kernels/attention_layout.h"
-#include "kernels/cpu/attention_avx512.h"
+#include "kernels/cpu/attention_heads.h"
 #include "kernels/cpu/cpu_backend.h"
-#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/vector_math.h"
 #include "runtime/workspace.h"
 
@@ -70,12 +69,10 @@ void block_scores(HeadRows<T> q, HeadRows<T> k, int64_t r0, int64_t r1, int64_t 
       for (int64_t j = i + 1; j < keys; ++j) S(i - r0, j) = -std::numeric_limits<T>::infinity();
 }
 
-// Whether q's heads take the AVX-512 kernels.
-bool avx512_heads(const Tensor& q) {
-  return q.dtype() == DType::f32 && cpu::attention_avx512_fits(q.size(3)) && cpu::f32_gemm_is_avx512();
-}
+// Whether q's heads take the vector kernels.
+bool vector_heads(const Tensor& q) { return q.dtype() == DType::f32 && cpu::attention_kernels_chosen(q.size(3)); }
 
-// A [B, H, T, D] view's head h as the AVX-512 kernels take it.
+// A [B, H, T, D] view's head h as the vector kernels take it.
 cpu::HeadRowsF32 f32_head(const Tensor& t, int64_t h) {
   HeadRows<float> rows = head_of<float>(t, h);
   return {rows.base, rows.ld};
@@ -96,17 +93,17 @@ std::vector<Tensor> CpuBackend::attention(const Tensor& q_in, const Tensor& k_in
   // o in [B, T, H, D] memory, seen as [B, H, T, D] (the file's comment says why).
   Tensor o = Tensor::empty({b, t, nh, d}, q.dtype()).view({b, nh, t, d}, {t * nh * d, d, nh * d, 1}, 0);
   Tensor lse = Tensor::empty({b, nh, t}, q.dtype());
-  const bool avx512 = avx512_heads(q);
-  Tensor work = scratch(avx512 ? cpu::attention_avx512_forward_scratch(t, d) : kRows * t, q.dtype());
+  const bool vector = vector_heads(q);
+  Tensor work = scratch(vector ? cpu::attention_forward_scratch(t, d) : kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention", [&]<typename T>() {
 #pragma omp parallel for if (heads * t * t * d > cpu::kParallelGrain)
     for (int64_t h = 0; h < heads; ++h) {
       if constexpr (std::is_same_v<T, float>)
-        if (avx512) {
+        if (vector) {
           HeadRows<float> O = head_of<float>(o, h);
-          cpu::attention_head_forward_avx512(f32_head(q, h), f32_head(k, h), f32_head(v, h), O.base, O.ld,
-                                             lse.data<float>() + h * t, t, d, causal, static_cast<float>(scale),
-                                             work.data<float>() + omp_get_thread_num() * work.size(1));
+          cpu::attention_head_forward(f32_head(q, h), f32_head(k, h), f32_head(v, h), O.base, O.ld,
+                                      lse.data<float>() + h * t, t, d, causal, static_cast<float>(scale),
+                                      work.data<float>() + omp_get_thread_num() * work.size(1));
           continue;
         }
       HeadRows<T> Q = head_of<T>(q, h), K = head_of<T>(k, h), V = head_of<T>(v, h), O = head_of<T>(o, h);
@@ -145,18 +142,18 @@ std::vector<Tensor> CpuBackend::attention_backward(const Tensor& d_o_in, const T
           : std::vector<Tensor>{Tensor::empty(q.shape(), q.dtype()), Tensor::zeros(q.shape(), q.dtype()),
                                 Tensor::zeros(q.shape(), q.dtype())};
   const Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2];
-  const bool avx512 = avx512_heads(q);
-  Tensor work = scratch(avx512 ? cpu::attention_avx512_backward_scratch(t, d) : 2 * kRows * t, q.dtype());
+  const bool vector = vector_heads(q);
+  Tensor work = scratch(vector ? cpu::attention_backward_scratch(t, d) : 2 * kRows * t, q.dtype());
   cpu::dispatch_float(q.dtype(), "attention_backward", [&]<typename T>() {
 #pragma omp parallel for if (heads * t * t * d > cpu::kParallelGrain)
     for (int64_t h = 0; h < heads; ++h) {
       if constexpr (std::is_same_v<T, float>)
-        if (avx512) {
+        if (vector) {
           HeadRows<float> dQ = head_of<float>(dq, h), dK = head_of<float>(dk, h), dV = head_of<float>(dv, h);
-          cpu::attention_head_backward_avx512(f32_head(q, h), f32_head(k, h), f32_head(v, h), f32_head(o, h),
-                                              f32_head(d_o, h), lse.data<float>() + h * t, dQ.base, dK.base,
-                                              dV.base, dQ.ld, t, d, causal, static_cast<float>(scale),
-                                              work.data<float>() + omp_get_thread_num() * work.size(1));
+          cpu::attention_head_backward(f32_head(q, h), f32_head(k, h), f32_head(v, h), f32_head(o, h),
+                                       f32_head(d_o, h), lse.data<float>() + h * t, dQ.base, dK.base, dV.base,
+                                       dQ.ld, t, d, causal, static_cast<float>(scale),
+                                       work.data<float>() + omp_get_thread_num() * work.size(1));
           continue;
         }
       HeadRows<T> Q = head_of<T>(q, h), K = head_of<T>(k, h), V = head_of<T>(v, h), O = head_of<T>(o, h),

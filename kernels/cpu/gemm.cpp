@@ -173,7 +173,7 @@ void set_gemm_library(const std::string& name) {
   g_library.store(static_cast<int>(choice_for(name, "set_gemm_library")));
 }
 
-bool f32_gemm_is_avx512() { return library() == Library::avx512; }
+bool gemm_is_eigen() { return library() == Library::eigen; }
 
 std::vector<std::string> gemm_libraries() {
   const char* names[] = {"eigen", "openblas", "avx512"};

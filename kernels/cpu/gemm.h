@@ -30,9 +30,9 @@ std::string gemm_library();
 // The libraries this build can run GEMMs with, the chosen one first: of "avx512", "openblas", "eigen".
 std::vector<std::string> gemm_libraries();
 
-// Whether f32 GEMMs run on remat's AVX-512 SGEMM now (attention's own AVX-512 block products
-// follow the same choice: kernels/cpu/attention.cpp).
-bool f32_gemm_is_avx512();
+// Whether GEMMs run on Eigen's now: the reference path, where convolutions go through im2col
+// columns too, not the direct kernels of kernels/cpu/conv_same.h.
+bool gemm_is_eigen();
 
 // Which library runs the GEMMs from now on: "auto" (remat's AVX-512 SGEMM where it is built, else
 // the BLAS: gemm.cpp), "avx512" (f32; f64 through the BLAS where its kernels use AVX-512, else

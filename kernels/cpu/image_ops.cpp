@@ -1,5 +1,5 @@
-// CPU image ops: conv2d (im2col + remat's GEMM; f32 "same" convolutions on the direct AVX-512
-// kernel of kernels/cpu/conv_avx512.h), group_norm, nearest upsampling, average pooling,
+// CPU image ops: conv2d (im2col + remat's GEMM; f32 "same" convolutions on the direct AVX-512 or
+// AVX2 kernel of kernels/cpu/conv_same.h), group_norm, nearest upsampling, average pooling,
 // adaLN modulation and the sinusoidal timestep embedding. Images are [N, C, H, W].
 #include <omp.h>
 
@@ -7,7 +7,7 @@
 #include <cmath>
 #include <exception>
 
-#include "kernels/cpu/conv_avx512.h"
+#include "kernels/cpu/conv_same.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/lane_sums.h"
@@ -135,11 +135,11 @@ void im2col_images(const T* x, const ConvShape& s, int stride, int padding, int6
       im2col_channel(x + (first + i) * s.cin * s.h * s.w, s, stride, padding, c, 0, p, cols + i * p, ld);
 }
 
-// Whether an f32 convolution of this shape runs on kernels/cpu/conv_avx512.h: a "same" convolution
-// at stride 1, where f32 GEMMs run on remat's AVX-512 SGEMM (the kernel set the user chose).
+// Whether an f32 convolution of this shape runs on kernels/cpu/conv_same.h: a "same" convolution
+// at stride 1 in a build with the kernel, unless the GEMMs run on Eigen's (the reference path the
+// user chose: REMAT_CPU_GEMM=eigen).
 bool runs_direct(const Tensor& x, const ConvShape& s, int stride, int padding) {
-  return x.dtype() == DType::f32 && cpu::f32_gemm_is_avx512() &&
-         cpu::conv_same_avx512_fits(s.kh, s.kw, stride, padding);
+  return x.dtype() == DType::f32 && !cpu::gemm_is_eigen() && cpu::conv_same_fits(s.kh, s.kw, stride, padding);
 }
 
 // The direct kernels' thread count: OpenMP's (0) above the grain, else one.
@@ -151,9 +151,9 @@ int direct_threads(const ConvShape& s) {
 // gradient from the output's.
 void conv_direct(const Tensor& in, const ConvShape& s, const Tensor& w, bool adjoint, const Tensor& b, Tensor& out) {
   const int threads = direct_threads(s);
-  Tensor packed = empty_workspace({cpu::conv_same_avx512_scratch(s.cout, s.cin, s.kh, adjoint)}, DType::f32);
-  cpu::conv_same_avx512(in.data<float>(), s.n, s.h, s.w, w.data<float>(), s.cout, s.cin, s.kh, adjoint,
-                        b.defined() ? b.data<float>() : nullptr, out.data<float>(), packed.data<float>(), threads);
+  Tensor packed = empty_workspace({cpu::conv_same_scratch(s.cout, s.cin, s.kh, adjoint)}, DType::f32);
+  cpu::conv_same(in.data<float>(), s.n, s.h, s.w, w.data<float>(), s.cout, s.cin, s.kh, adjoint,
+                 b.defined() ? b.data<float>() : nullptr, out.data<float>(), packed.data<float>(), threads);
 }
 
 }  // namespace
@@ -173,7 +173,7 @@ int64_t tile_columns(const ConvShape& s) {
 // (remat's GEMM on the calling thread: cpu::gemm), then the bias added to them (one rounding, as a
 // bias added after the product). Each output element's sum is the GEMM's over k, whatever the
 // tiling and the threads: the bits of one GEMM over all the columns. f32 "same" convolutions at
-// stride 1 (3x3 and up) run on the direct kernel instead, without columns (conv_avx512.h).
+// stride 1 (3x3 and up) run on the direct kernel instead, without columns (conv_same.h).
 Tensor CpuBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int padding) {
   ConvShape s = conv_shape(x, w, stride, padding);
   Tensor y = Tensor::empty({s.n, s.cout, s.ho, s.wo}, x.dtype());
@@ -227,11 +227,11 @@ std::vector<Tensor> CpuBackend::conv2d_backward(const Tensor& dy, const Tensor& 
   Tensor dx = direct ? Tensor::empty(x.shape(), x.dtype()) : Tensor::zeros(x.shape(), x.dtype());
   Tensor dw = Tensor::zeros(w.shape(), x.dtype()), db = has_bias ? Tensor::zeros({s.cout}, x.dtype()) : Tensor();
   if (direct) conv_direct(dy, s, w, true, Tensor(), dx);
-  if (direct && cpu::conv_same_avx512_weight_grad_fits(s.kh, s.kw, stride, padding, s.h, s.w, s.cout, s.cin)) {
+  if (direct && cpu::conv_same_weight_grad_fits(s.kh, s.kw, stride, padding, s.h, s.w, s.cout, s.cin)) {
     // dW on the direct kernel too; db per output channel, each image's lane sum in image order.
-    Tensor acc = empty_workspace({cpu::conv_same_avx512_weight_grad_scratch(s.cout, s.cin)}, DType::f32);
-    cpu::conv_same_avx512_weight_grad(x.data<float>(), dy.data<float>(), s.n, s.h, s.w, s.cout, s.cin,
-                                      dw.data<float>(), acc.data<float>(), direct_threads(s));
+    Tensor acc = empty_workspace({cpu::conv_same_weight_grad_scratch(s.cout, s.cin)}, DType::f32);
+    cpu::conv_same_weight_grad(x.data<float>(), dy.data<float>(), s.n, s.h, s.w, s.cout, s.cin, dw.data<float>(),
+                               acc.data<float>(), direct_threads(s));
     if (has_bias) {
       const int64_t p = s.h * s.w;
       const float* pdy = dy.data<float>();
