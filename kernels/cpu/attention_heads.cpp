@@ -15,7 +15,6 @@ namespace remat::cpu {
 
 namespace {
 
-
 #if defined(__AVX512F__)
 using Lanes = Avx512Lanes;
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -30,12 +29,6 @@ int path_from(const std::string& name, const char* what) {
   return name == "auto" ? 0 : 1;
 }
 
-}  // namespace
-
-void set_attention_path(const std::string& name) { g_path.store(path_from(name, "set_attention_path")); }
-
-namespace {
-
 // Decided at the first call from REMAT_CPU_ATTENTION (auto when unset), then fixed unless a test or
 // benchmark calls set_attention_path.
 bool automatic_path() {
@@ -49,6 +42,8 @@ bool automatic_path() {
 }
 
 }  // namespace
+
+void set_attention_path(const std::string& name) { g_path.store(path_from(name, "set_attention_path")); }
 
 bool attention_kernels_chosen(int64_t d) { return automatic_path() && attention_kernels_fit(d); }
 
