@@ -27,12 +27,12 @@ namespace {
 constexpr int kFailureTag = 7117;  // point-to-point messages that report a failed rank
 constexpr size_t kMetaBytes = 128;  // one tensor's description, exchanged before each collective
 
+#ifdef REMAT_HAVE_MPI
 // Started by an MPI launcher (Open MPI's mpirun, or any PMI/PMIx launcher).
 bool under_launcher() {
   return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMIX_RANK") || std::getenv("PMI_RANK");
 }
 
-#ifdef REMAT_HAVE_MPI
 struct Mpi {
   MPI_Comm comm = MPI_COMM_NULL;
   // The second phase of host sums (HostSum), which starts in the order the sums started but at
@@ -92,10 +92,12 @@ void check_tensor(const Tensor& t, const char* op) {
   REMAT_CHECK(t.is_contiguous(), op, ": expected a contiguous tensor, got a strided view ", t.meta_str());
 }
 
+#ifdef REMAT_HAVE_MPI
 // What must agree across ranks: dtype, shape and the kind of device (each rank has its own GPU).
 std::string layout_str(const Tensor& t) {
   return detail::concat(dtype_name(t.dtype()), shape_str(t.shape()), t.device().is_cuda() ? " on cuda" : " on cpu");
 }
+#endif
 
 }  // namespace
 
