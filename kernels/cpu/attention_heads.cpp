@@ -15,12 +15,6 @@ namespace remat::cpu {
 
 namespace {
 
-#if defined(__AVX512F__)
-using Lanes = Avx512Lanes;
-#elif defined(__AVX2__) && defined(__FMA__)
-using Lanes = Avx2Lanes;
-#endif
-
 // The path chosen: -1 not decided yet, 0 auto, 1 eigen.
 std::atomic<int> g_path{-1};
 
@@ -52,7 +46,7 @@ std::string attention_path() {
   return automatic_path() && !isa.empty() ? isa + " kernels" : "eigen";
 }
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef REMAT_CPU_LANES
 
 namespace {
 
@@ -285,27 +279,27 @@ void head_backward(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, HeadRowsF32 o, H
 
 }  // namespace
 
-const char* attention_kernels_isa() { return Lanes::kName; }
+const char* attention_kernels_isa() { return BuildLanes::kName; }
 
-bool attention_kernels_fit(int64_t d) { return d > 0 && d % Lanes::kLanes == 0 && d <= 256; }
+bool attention_kernels_fit(int64_t d) { return d > 0 && d % BuildLanes::kLanes == 0 && d <= 256; }
 
 int64_t attention_forward_scratch(int64_t t, int64_t d) {
-  return (d + kBlockRows<Lanes>) * padded(t, Lanes::kLanes);
+  return (d + kBlockRows<BuildLanes>) * padded(t, BuildLanes::kLanes);
 }
 
 int64_t attention_backward_scratch(int64_t t, int64_t d) {
-  return 2 * (d + kBlockRows<Lanes>) * padded(t, Lanes::kLanes);
+  return 2 * (d + kBlockRows<BuildLanes>) * padded(t, BuildLanes::kLanes);
 }
 
 void attention_head_forward(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, float* o, int64_t o_ld, float* lse,
                             int64_t t, int64_t d, bool causal, float scale, float* scratch) {
-  head_forward<Lanes>(q, k, v, o, o_ld, lse, t, d, causal, scale, scratch);
+  head_forward<BuildLanes>(q, k, v, o, o_ld, lse, t, d, causal, scale, scratch);
 }
 
 void attention_head_backward(HeadRowsF32 q, HeadRowsF32 k, HeadRowsF32 v, HeadRowsF32 o, HeadRowsF32 d_o,
                              const float* lse, float* dq, float* dk, float* dv, int64_t grad_ld, int64_t t, int64_t d,
                              bool causal, float scale, float* scratch) {
-  head_backward<Lanes>(q, k, v, o, d_o, lse, dq, dk, dv, grad_ld, t, d, causal, scale, scratch);
+  head_backward<BuildLanes>(q, k, v, o, d_o, lse, dq, dk, dv, grad_ld, t, d, causal, scale, scratch);
 }
 
 #else

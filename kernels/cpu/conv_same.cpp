@@ -20,12 +20,6 @@ namespace {
 constexpr int64_t kMaxTaps = 49;  // kernels up to 7x7 (each tile's masks live on the stack)
 constexpr int64_t kGradRows = 3, kGradTaps = 9, kGradLanes = 16;  // a weight-gradient tile: 27 accumulators
 
-#if defined(__AVX512F__)
-using Lanes = Avx512Lanes;
-#elif defined(__AVX2__) && defined(__FMA__)
-using Lanes = Avx2Lanes;
-#endif
-
 }  // namespace
 
 // 1x1 kernels stay with packed columns (kernels/cpu/image_ops.cpp): with one tap per input plane,
@@ -53,7 +47,7 @@ int64_t conv_same_weight_grad_scratch(int64_t cout, int64_t cin) {
   return tiles * kGradRows * kGradTaps * kGradLanes;  // each tile's accumulators between passes
 }
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef REMAT_CPU_LANES
 
 namespace {
 
@@ -212,18 +206,18 @@ void conv_tiles(const float* in, int64_t n, int64_t h, int64_t w, const float* w
 
 }  // namespace
 
-const char* conv_same_isa() { return Lanes::kName; }
+const char* conv_same_isa() { return BuildLanes::kName; }
 
 int64_t conv_same_scratch(int64_t cout, int64_t cin, int64_t k, bool adjoint) {
   const int64_t outs = adjoint ? cin : cout, ins = adjoint ? cout : cin;
-  return panels<Lanes>(outs) * kMR<Lanes> * ins * k * k;
+  return panels<BuildLanes>(outs) * kMR<BuildLanes> * ins * k * k;
 }
 
 void conv_same(const float* in, int64_t n, int64_t h, int64_t w, const float* weight, int64_t cout, int64_t cin,
                int64_t k, bool adjoint, const float* bias, float* out, float* scratch, int threads) {
   REMAT_CHECK(k >= 1 && k % 2 == 1 && k * k <= kMaxTaps, "conv_same: expected an odd kernel of at most ", kMaxTaps,
               " taps, got ", k, "x", k);
-  conv_tiles<Lanes>(in, n, h, w, weight, cout, cin, k, adjoint, bias, out, scratch, threads);
+  conv_tiles<BuildLanes>(in, n, h, w, weight, cout, cin, k, adjoint, bias, out, scratch, threads);
 }
 
 #else  // no vector kernels in this build

@@ -7,7 +7,12 @@
 
 #include <cstdint>
 
+// Whether this build has vector lanes for the kernels written over them (BuildLanes below).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define REMAT_CPU_LANES 1
+#endif
+
+#ifdef REMAT_CPU_LANES
 #include <immintrin.h>
 
 #include <Eigen/Core>
@@ -172,6 +177,13 @@ struct Avx2Lanes {
   }
 };
 
+#endif
+
+// The widest lanes this build was compiled for: the set the kernels over them run on.
+#if defined(__AVX512F__)
+using BuildLanes = Avx512Lanes;
+#elif defined(REMAT_CPU_LANES)
+using BuildLanes = Avx2Lanes;
 #endif
 
 }  // namespace remat::cpu
