@@ -12,6 +12,10 @@
 
 namespace remat::philox {
 
+// The round's multipliers and the key schedule's increments (Salmon et al.).
+inline constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+inline constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+
 struct U32x4 {
   uint32_t v[4];
 };
@@ -23,8 +27,6 @@ REMAT_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 }
 
 REMAT_HD U32x4 philox4x32_10(uint64_t counter, uint64_t seed) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
@@ -56,8 +58,7 @@ REMAT_HD float uniform_from_bits(uint32_t bits) { return static_cast<float>(bits
 // Zen 3 core against 0.7 ns here (docs/results/cpu.md, session 41).
 inline void blocks_avx2(uint64_t seed, uint64_t block, uint32_t* out) {
   constexpr int kGroups = 2;
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)),
-                m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kM0)), m1 = _mm256_set1_epi32(static_cast<int>(kM1));
   __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
   for (int g = 0; g < kGroups; ++g) {
     alignas(32) uint32_t lo[8], hi[8];
@@ -87,8 +88,8 @@ inline void blocks_avx2(uint64_t seed, uint64_t block, uint32_t* out) {
       c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[g]), key1);
       c1[g] = lo1, c3[g] = lo0;
     }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kW0;
+    k1 += kW1;
   }
   // Words to element order: block l's four words at out[4 l .. 4 l + 4).
   for (int g = 0; g < kGroups; ++g) {
@@ -111,8 +112,6 @@ inline void blocks_avx2(uint64_t seed, uint64_t block, uint32_t* out) {
 // compiler runs the rounds in vector registers (32x32->64 multiplies), or blocks_avx2 above.
 inline void fill_bits(uint64_t seed, uint64_t offset, uint64_t first, uint64_t n, uint32_t* out) {
   constexpr int kLanes = 16;
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   uint64_t i = first, end = first + n;
   // A head that does not start on a block boundary, one element at a time.
   for (; i < end && i % 4 != 0; ++i) *out++ = bits_at(seed, offset, i);
