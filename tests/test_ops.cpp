@@ -170,6 +170,47 @@ TEST_CASE("shape ops produce views where cheap and the right values", "[op]") {
   CHECK_THROWS_WITH(expand(m, {3, 3}), Contains("expand: cannot expand [2,3] to [3,3]"));
 }
 
+TEST_CASE("concat copies large parts in parallel pieces, every element where it belongs", "[op]") {
+  // Above 1 MiB the CPU copies run in parallel, rows of 128 KiB and more in several pieces: a
+  // part's rows, one long row (nothing before the axis), and odd byte counts (2-byte elements).
+  struct Case {
+    Shape a, b;
+    int64_t axis;
+    DType dtype;
+  };
+  const Case cases[] = {{{300, 1000}, {300, 41000}, 1, DType::f32},
+                        {{1, 300001}, {1, 5}, 1, DType::f32},
+                        {{3, 70001}, {2, 70001}, 0, DType::f32},
+                        {{2, 5, 100001}, {2, 3, 100001}, 1, DType::bf16}};
+  for (const Case& c : cases) {
+    INFO(shape_str(c.a) << " and " << shape_str(c.b) << " along axis " << c.axis);
+    // Distinct values exact in the dtype (bf16: below 256), a different sequence in each part.
+    auto values = [&](const Shape& shape, int64_t salt) {
+      const int64_t n = numel_of(shape);
+      std::vector<float> v(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i)
+        v[static_cast<size_t>(i)] = static_cast<float>(c.dtype == DType::bf16 ? (i * 7 + salt) % 251 : i * 3 + salt);
+      return Tensor::from_vector(v, shape).to(c.dtype);
+    };
+    Tensor a = values(c.a, 1), b = values(c.b, 2);
+    Tensor joined = concat({a, b}, c.axis).to(DType::f32);
+    std::vector<float> va = a.to(DType::f32).to_vector<float>(), vb = b.to(DType::f32).to_vector<float>();
+    std::vector<float> expected;
+    int64_t outer = 1, inner = 1;
+    for (int64_t d = 0; d < c.axis; ++d) outer *= c.a[static_cast<size_t>(d)];
+    for (size_t d = static_cast<size_t>(c.axis) + 1; d < c.a.size(); ++d) inner *= c.a[d];
+    const int64_t ra = c.a[static_cast<size_t>(c.axis)] * inner, rb = c.b[static_cast<size_t>(c.axis)] * inner;
+    for (int64_t o = 0; o < outer; ++o) {
+      expected.insert(expected.end(), va.begin() + o * ra, va.begin() + (o + 1) * ra);
+      expected.insert(expected.end(), vb.begin() + o * rb, vb.begin() + (o + 1) * rb);
+    }
+    const std::vector<float> got = joined.to_vector<float>();
+    REQUIRE(got.size() == expected.size());
+    const auto wrong = std::mismatch(got.begin(), got.end(), expected.begin()).first;  // printed, not the vectors
+    CHECK(wrong - got.begin() == static_cast<std::ptrdiff_t>(got.size()));
+  }
+}
+
 TEST_CASE("matmul matches a naive triple loop for every transpose combination", "[op][matmul]") {
   manual_seed(1);
   for (bool ta : {false, true})
