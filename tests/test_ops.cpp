@@ -14,7 +14,9 @@
 #include "kernels/cpu/attention_heads.h"
 #include "kernels/cpu/conv_same.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/lane_sums.h"
 #include "kernels/cpu/sgemm_avx512.h"
+#include "kernels/cpu/vector_math.h"
 #include "remat.h"
 
 using namespace remat;
@@ -114,9 +116,27 @@ TEST_CASE("reductions over axes with and without keepdim", "[op]") {
   CHECK_THROWS_WITH(sum(x, {1, -1}), Contains("listed twice"));
 }
 
-TEST_CASE("sum adds each output's inputs in index order, to the bit, on every axis set", "[op]") {
-  // The CPU kernel has a row-at-a-time path for adjacent axes and a general one; both must add
-  // x[.., r, ..] for r = 0, 1, ... starting from zero, which a naive f32 loop reproduces exactly.
+// sum(x)'s order over a run of contiguous inputs (the reduced axes are the last ones): pieces of
+// 8192 from the run's start, each in 16 interleaved lanes added pairwise, the pieces one after
+// another (kernels/cpu/reduce.cpp).
+float run_sum_reference(const float* x, int64_t n) {
+  constexpr int64_t kPiece = 8192;
+  float total = 0.0f;
+  for (int64_t begin = 0; begin < n || begin == 0; begin += kPiece) {
+    float lanes[16] = {};
+    for (int64_t i = begin; i < std::min(n, begin + kPiece); ++i) lanes[(i - begin) % 16] += x[i];
+    for (int w = 8; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    total = begin == 0 ? lanes[0] : total + lanes[0];
+    if (n == 0) break;
+  }
+  return total;
+}
+
+TEST_CASE("sum adds each output's inputs in a fixed order, to the bit, on every axis set", "[op]") {
+  // Reduced axes followed by kept ones add x[.., r, ..] for r = 0, 1, ... starting from zero (the
+  // row-at-a-time path for adjacent axes and the general one agree), which a naive f32 loop
+  // reproduces exactly; the last axes (a run of contiguous inputs per output) sum in lanes.
   Shape shape{3, 37, 5, 70};
   manual_seed(11);
   Tensor x = Tensor::randn(shape, DType::f32);
@@ -131,22 +151,52 @@ TEST_CASE("sum adds each output's inputs in index order, to the bit, on every ax
     for (int64_t a : axes) out_shape[a] = 1;
     REQUIRE(s.shape() == out_shape);
     std::vector<float> expected(numel_of(out_shape), 0.0f);
-    Strides out_strides = contiguous_strides(out_shape);
-    // Row-major over the input: for each output, its inputs arrive in increasing reduced index.
-    for (int64_t i0 = 0; i0 < shape[0]; ++i0)
-      for (int64_t i1 = 0; i1 < shape[1]; ++i1)
-        for (int64_t i2 = 0; i2 < shape[2]; ++i2)
-          for (int64_t i3 = 0; i3 < shape[3]; ++i3) {
-            int64_t idx[4] = {i0, i1, i2, i3}, in = 0, out = 0;
-            for (int d = 0; d < 4; ++d) {
-              in += idx[d] * strides[d];
-              out += (reduced[d] ? 0 : idx[d]) * out_strides[d];
+    if (reduced[3] && axes.size() == static_cast<size_t>(4 - axes.front())) {  // the last axes
+      int64_t run = numel_of(shape) / numel_of(out_shape);
+      for (size_t o = 0; o < expected.size(); ++o) expected[o] = run_sum_reference(v.data() + o * run, run);
+    } else {
+      Strides out_strides = contiguous_strides(out_shape);
+      // Row-major over the input: for each output, its inputs arrive in increasing reduced index.
+      for (int64_t i0 = 0; i0 < shape[0]; ++i0)
+        for (int64_t i1 = 0; i1 < shape[1]; ++i1)
+          for (int64_t i2 = 0; i2 < shape[2]; ++i2)
+            for (int64_t i3 = 0; i3 < shape[3]; ++i3) {
+              int64_t idx[4] = {i0, i1, i2, i3}, in = 0, out = 0;
+              for (int d = 0; d < 4; ++d) {
+                in += idx[d] * strides[d];
+                out += (reduced[d] ? 0 : idx[d]) * out_strides[d];
+              }
+              expected[out] += v[in];
             }
-            expected[out] += v[in];
-          }
+    }
     INFO("axes " << shape_str(Shape(axes.begin(), axes.end())));
     CHECK(s.to_vector<float>() == expected);
   }
+}
+
+TEST_CASE("sum over the last axes: pieces in lanes, the same bits on one thread and on two", "[op]") {
+  // Runs shorter than a piece, one piece and a tail, many pieces (the whole tensor: a loss's mean).
+  manual_seed(12);
+  for (Shape shape : std::vector<Shape>{{5, 3}, {3, 8200}, {2, 70001}, {1, 1}, {4, 0}}) {
+    Tensor x = Tensor::randn(shape, DType::f32);
+    std::vector<float> v = x.to_vector<float>();
+    const int64_t rows = shape[0], run = shape[1];
+    std::vector<float> rows_expected(rows);
+    for (int64_t r = 0; r < rows; ++r) rows_expected[r] = run_sum_reference(v.data() + r * run, run);
+    INFO("shape " << shape_str(shape));
+    CHECK(sum(x, {1}).to_vector<float>() == rows_expected);
+    const float all = run_sum_reference(v.data(), static_cast<int64_t>(v.size()));
+    CHECK(static_cast<float>(sum(x).item()) == all);
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    std::vector<float> one_thread = sum(x, {1}).to_vector<float>();
+    const double all_one = sum(x).item();
+    omp_set_num_threads(threads);
+    CHECK(one_thread == rows_expected);
+    CHECK(static_cast<float>(all_one) == all);
+  }
+  // f64 takes the same path: its mean of a million ones is exact.
+  CHECK(mean(Tensor::ones({1000, 1000}, DType::f64)).item() == 1.0);
 }
 
 TEST_CASE("shape ops produce views where cheap and the right values", "[op]") {
@@ -502,6 +552,56 @@ TEST_CASE("softmax rows sum to one and match exp(x)/sum(exp(x))", "[op][softmax]
   CHECK(y[0] == Approx(std::exp(1) / z));
   CHECK(y[5] == Approx(1.0));  // stable for large inputs
   CHECK(y[3] + y[4] + y[5] == Approx(1.0));
+}
+
+// A row's exp sum in kernels/cpu/lane_sums.h's order: element i into lane i mod 16, the lanes pairwise.
+float lane_exp_sum_reference(const std::vector<float>& exps) {
+  float lanes[16] = {};
+  for (size_t i = 0; i < exps.size(); ++i) lanes[i % 16] += exps[i];
+  for (int w = 8; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
+}
+
+TEST_CASE("softmax and cross_entropy take a row's maximum and exp sum in lanes, to the bit", "[op][softmax]") {
+  manual_seed(13);
+  for (int64_t n : {1, 5, 16, 17, 100, 1000, 4099}) {
+    INFO("row of " << n);
+    Tensor x = mul_scalar(Tensor::randn({3, n}, DType::f32), 3.0);
+    std::vector<float> v = x.to_vector<float>();
+    v[2 * n + n - 1] = 40.0f;  // the last row's maximum in its tail lane
+    x = Tensor::from_vector(v, {3, n});
+    std::vector<float> want_softmax(v.size()), rows_lse(3);
+    for (int64_t r = 0; r < 3; ++r) {
+      const float* row = v.data() + r * n;
+      const float mx = *std::max_element(row, row + n);
+      CHECK(cpu::lane_max(row, n) == mx);
+      std::vector<float> exps(n);
+      cpu::exp_shifted(row, mx, exps.data(), n);  // an element's exp depends on it alone
+      const float sum = lane_exp_sum_reference(exps);
+      CHECK(cpu::sum_exp_shifted(row, mx, n) == sum);
+      for (int64_t i = 0; i < n; ++i) want_softmax[r * n + i] = exps[i] / sum;
+      rows_lse[r] = mx + std::log(sum);
+    }
+    CHECK(softmax(x).to_vector<float>() == want_softmax);
+    Tensor targets = Tensor::from_vector(std::vector<int64_t>{0, n / 2, n - 1}, {3});
+    float total = 0.0f;  // cross_entropy's mean adds the rows' losses in row order
+    for (int64_t r = 0; r < 3; ++r) total += rows_lse[r] - v[r * n + targets.to_vector<int64_t>()[r]];
+    CHECK(static_cast<float>(cross_entropy(x, targets).item()) == total / 3.0f);
+    // One thread computes the same bits as two.
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    std::vector<float> one_thread = softmax(x).to_vector<float>();
+    omp_set_num_threads(threads);
+    CHECK(one_thread == want_softmax);
+  }
+  // NaNs are passed over as a running maximum passes over them; -inf gives probability 0.
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::vector<float> row{nan, 1.0f, -inf, 7.0f, nan, 2.0f, -3.0f, 6.5f, 0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 6.9f, 6.8f};
+  CHECK(cpu::lane_max(row.data(), static_cast<int64_t>(row.size())) == 7.0f);
+  CHECK(cpu::lane_max(row.data(), 0) == -inf);
+  std::vector<float> p = softmax(Tensor::from_vector(std::vector<float>{-inf, 0.0f, -inf, 0.0f}, {4})).to_vector<float>();
+  CHECK(p == std::vector<float>{0.0f, 0.5f, 0.0f, 0.5f});
 }
 
 TEST_CASE("fused attention equals the naive softmax(QK^T * scale)V", "[op][attention]") {

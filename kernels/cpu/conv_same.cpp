@@ -237,8 +237,6 @@ void conv_same(const float*, int64_t, int64_t, int64_t, const float*, int64_t, i
 
 namespace {
 
-constexpr int64_t kLanes = kGradLanes;
-
 // Images a pass of the weight gradient reads: as many as keep their dy and x planes within 2 MiB
 // (in L2 while every tile of the pass reads them), at least one.
 int64_t grad_images_per_pass(int64_t n, int64_t hw, int64_t cout, int64_t cin) {
@@ -258,13 +256,13 @@ struct GradMasks {
 GradMasks grad_masks(int64_t h, int64_t w) {
   constexpr int64_t kPixels = cpu::kPixels<Avx512Lanes>;
   GradMasks gm;
-  const int64_t hw = h * w, vectors = (hw + kLanes - 1) / kLanes;
+  const int64_t hw = h * w, vectors = (hw + kGradLanes - 1) / kGradLanes;
   gm.valid.assign(vectors, 0);
   gm.inside.assign(vectors * kGradTaps, 0);
   for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
     const TileTaps<Avx512Lanes> tt = tile_taps<Avx512Lanes>(p0, h, w, 3);
     std::copy(tt.shift, tt.shift + kGradTaps, gm.shift);
-    for (int64_t half = 0, v = p0 / kLanes; half < 2 && v < vectors; ++half, ++v) {
+    for (int64_t half = 0, v = p0 / kGradLanes; half < 2 && v < vectors; ++half, ++v) {
       gm.valid[v] = tt.store[half];
       for (int64_t t = 0; t < kGradTaps; ++t) gm.inside[v * kGradTaps + t] = tt.inside[2 * t + half] & tt.store[half];
     }
@@ -283,7 +281,7 @@ void grad_tile(const float* x, const float* dy, int64_t first, int64_t g, int64_
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 9
     for (int t = 0; t < kGradTaps; ++t)
-      sum[r][t] = start ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (r * kGradTaps + t) * kLanes);
+      sum[r][t] = start ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (r * kGradTaps + t) * kGradLanes);
   const int64_t vectors = static_cast<int64_t>(gm.valid.size());
   for (int64_t image = first; image < first + g; ++image) {
     const float* xp = x + (image * cin + c) * hw;
@@ -291,11 +289,11 @@ void grad_tile(const float* x, const float* dy, int64_t first, int64_t g, int64_
     for (int64_t v = 0; v < vectors; ++v) {
       __m512 d[R];
 #pragma GCC unroll 3
-      for (int r = 0; r < R; ++r) d[r] = _mm512_maskz_loadu_ps(gm.valid[v], dp + r * hw + v * kLanes);
+      for (int r = 0; r < R; ++r) d[r] = _mm512_maskz_loadu_ps(gm.valid[v], dp + r * hw + v * kGradLanes);
       const __mmask16* inside = gm.inside.data() + v * kGradTaps;
 #pragma GCC unroll 9
       for (int t = 0; t < kGradTaps; ++t) {
-        const __m512 xv = _mm512_maskz_loadu_ps(inside[t], xp + v * kLanes + gm.shift[t]);
+        const __m512 xv = _mm512_maskz_loadu_ps(inside[t], xp + v * kGradLanes + gm.shift[t]);
 #pragma GCC unroll 3
         for (int r = 0; r < R; ++r) sum[r][t] = _mm512_fmadd_ps(d[r], xv, sum[r][t]);
       }
@@ -304,14 +302,14 @@ void grad_tile(const float* x, const float* dy, int64_t first, int64_t g, int64_
 #pragma GCC unroll 3
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 9
-    for (int t = 0; t < kGradTaps; ++t) _mm512_storeu_ps(acc + (r * kGradTaps + t) * kLanes, sum[r][t]);
+    for (int t = 0; t < kGradTaps; ++t) _mm512_storeu_ps(acc + (r * kGradTaps + t) * kGradLanes, sum[r][t]);
 }
 
 // The 16 lanes' sum in a fixed tree (halves, then quarters, ...).
 float lane_tree_sum(const float* lanes) {
-  float a[kLanes];
-  std::copy(lanes, lanes + kLanes, a);
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+  float a[kGradLanes];
+  std::copy(lanes, lanes + kGradLanes, a);
+  for (int64_t width = kGradLanes / 2; width >= 1; width /= 2)
     for (int64_t i = 0; i < width; ++i) a[i] += a[i + width];
   return a[0];
 }
@@ -336,7 +334,7 @@ void conv_same_weight_grad(const float* x, const float* dy, int64_t n, int64_t h
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t o0 = tile / cin * kGradRows, c = tile % cin, rows = std::min(kGradRows, cout - o0);
-      float* acc = scratch + tile * kGradRows * kGradTaps * kLanes;
+      float* acc = scratch + tile * kGradRows * kGradTaps * kGradLanes;
       if (rows == 3) grad_tile<3>(x, dy, first, g, hw, cout, cin, o0, c, gm, acc, first == 0);
       else if (rows == 2) grad_tile<2>(x, dy, first, g, hw, cout, cin, o0, c, gm, acc, first == 0);
       else grad_tile<1>(x, dy, first, g, hw, cout, cin, o0, c, gm, acc, first == 0);
@@ -345,10 +343,10 @@ void conv_same_weight_grad(const float* x, const float* dy, int64_t n, int64_t h
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t o0 = tile / cin * kGradRows, c = tile % cin, rows = std::min(kGradRows, cout - o0);
-    const float* acc = scratch + tile * kGradRows * kGradTaps * kLanes;
+    const float* acc = scratch + tile * kGradRows * kGradTaps * kGradLanes;
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t t = 0; t < kGradTaps; ++t)
-        dw[((o0 + r) * cin + c) * kGradTaps + t] = lane_tree_sum(acc + (r * kGradTaps + t) * kLanes);
+        dw[((o0 + r) * cin + c) * kGradTaps + t] = lane_tree_sum(acc + (r * kGradTaps + t) * kGradLanes);
   }
 }
 

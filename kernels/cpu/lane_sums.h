@@ -1,8 +1,9 @@
-// Sums in a fixed order that vectorises: kLanes interleaved partial sums, then the lanes pairwise.
+// Sums (and maxima) in a fixed order that vectorises: kLanes interleaved partial sums, then the lanes pairwise.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace remat::cpu {
 
@@ -76,6 +77,30 @@ T lane_dot(int64_t n, A a, B b) {
   T acc[kLanes] = {};
   lane_dot_into(acc, n, a, b);
   return fold_lanes(acc);
+}
+
+// max_i x[i], i < n (-inf for n = 0), in kLanes interleaved running maxima folded pairwise. Each
+// step is `v > m ? v : m` (one vector max instruction), so NaNs are passed over as a running
+// maximum in index order passes over them, and the value is that maximum's; only the sign of a
+// maximum of zero may differ (+0 and -0 compare equal), which no shift by it can tell apart.
+template <typename T>
+T lane_max(const T* x, int64_t n) {
+  T acc[kLanes];
+#pragma GCC unroll 16
+  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+  auto take = [](T v, T m) { return v > m ? v : m; };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+#pragma GCC unroll 16
+    for (int l = 0; l < kLanes; ++l) acc[l] = take(x[i + l], acc[l]);
+#pragma GCC unroll 16
+  for (int l = 0; l < kLanes; ++l)
+    if (i + l < n) acc[l] = take(x[i + l], acc[l]);
+#pragma GCC unroll 4
+  for (int w = kLanes / 2; w > 0; w /= 2)
+#pragma GCC unroll 8
+    for (int l = 0; l < w; ++l) acc[l] = take(acc[l + w], acc[l]);
+  return acc[0];
 }
 
 }  // namespace remat::cpu

@@ -104,11 +104,9 @@ Tensor CpuBackend::softmax(const Tensor& x) {
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = px + r * c;
       T* out = py + r * c;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int64_t i = 0; i < c; ++i) mx = row[i] > mx ? row[i] : mx;
+      const T mx = cpu::lane_max(row, c);
       cpu::exp_shifted(row, mx, out, c);
-      T sum = 0;
-      for (int64_t i = 0; i < c; ++i) sum += out[i];
+      const T sum = cpu::lane_sum(out, c);
       for (int64_t i = 0; i < c; ++i) out[i] /= sum;
     }
   });
@@ -123,8 +121,8 @@ Tensor CpuBackend::softmax_backward(const Tensor& dy, const Tensor& y) {
     T* pdx = dx.data<T>();
 #pragma omp parallel for if (rows * c > cpu::kParallelGrain)
     for (int64_t r = 0; r < rows; ++r) {
-      T dot = 0;
-      for (int64_t i = 0; i < c; ++i) dot += pdy[r * c + i] * py[r * c + i];
+      const T *g = pdy + r * c, *p = py + r * c;
+      const T dot = cpu::lane_dot<T>(c, [g](int64_t i) { return g[i]; }, [p](int64_t i) { return p[i]; });
       for (int64_t i = 0; i < c; ++i) pdx[r * c + i] = py[r * c + i] * (pdy[r * c + i] - dot);
     }
   });

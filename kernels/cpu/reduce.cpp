@@ -1,10 +1,12 @@
-// CPU reductions (sum, max) over any set of axes, each output summed in a fixed order.
+// CPU reductions (sum, max) over any set of axes, each output reduced in a fixed order.
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/lane_sums.h"
 
 namespace remat {
 
@@ -61,24 +63,59 @@ std::optional<BlockShape> as_block(const Shape& shape, std::vector<int64_t> axes
   return b;
 }
 
-// Sums over the middle of [outer, red, inner] a row at a time, so the inner loop runs over
+Shape reduced_shape(Shape shape, const std::vector<int64_t>& axes) {
+  for (int64_t a : axes) shape[a] = 1;
+  return shape;
+}
+
+// Folds over the middle of [outer, red, inner] a row at a time, so the inner loop runs over
 // contiguous memory and vectorises (bias and broadcast gradients: [B*L, C] -> [C], [B, L, C] ->
-// [B, 1, C]). Each output still adds its inputs from r = 0 up, starting at zero, as the general
-// path does, so the two agree to the bit.
-template <typename T>
-void sum_block(const T* px, T* po, const BlockShape& b) {
+// [B, 1, C]). Each output still folds its inputs from r = 0 up, starting at `identity`, as the
+// general path does, so the two agree to the bit.
+template <typename T, typename Combine>
+void fold_block(const T* px, T* po, const BlockShape& b, T identity, Combine combine) {
   constexpr int64_t kTile = 64;  // outputs per task: 256 bytes of f32 per input row
   int64_t tiles = (b.inner + kTile - 1) / kTile;
 #pragma omp parallel for if (b.outer * b.red * b.inner > cpu::kParallelGrain)
   for (int64_t job = 0; job < b.outer * tiles; ++job) {
     int64_t o = job / tiles, begin = (job % tiles) * kTile, end = std::min(b.inner, begin + kTile);
     T* dst = po + o * b.inner;
-    for (int64_t i = begin; i < end; ++i) dst[i] = T(0);
+    for (int64_t i = begin; i < end; ++i) dst[i] = identity;
     const T* src = px + o * b.red * b.inner;
     for (int64_t r = 0; r < b.red; ++r) {
       const T* row = src + r * b.inner;
-      for (int64_t i = begin; i < end; ++i) dst[i] += row[i];
+      for (int64_t i = begin; i < end; ++i) dst[i] = combine(dst[i], row[i]);
     }
+  }
+}
+
+// Elements of a run that sum(x) adds in lanes before adding the pieces' sums one after another.
+constexpr int64_t kSumPiece = 8192;
+
+// Sums each run of `red` contiguous elements (the reduced axes are the last ones: x seen as
+// [outer, red]) in pieces of kSumPiece elements from the run's start, each piece in 16 interleaved
+// lanes (kernels/cpu/lane_sums.h), the pieces' sums then added in order. A fixed order, the same
+// for every thread count, that vectorises, runs in parallel however few outputs there are (a
+// loss's mean has one), and adds fewer rounding errors than one running sum, which added a
+// [16, 257, 1024] tensor one element after another in 24 ms on one core.
+template <typename T>
+void sum_runs(const T* px, T* po, int64_t outer, int64_t red) {
+  const int64_t pieces = (red + kSumPiece - 1) / kSumPiece;
+  if (pieces <= 1) {
+#pragma omp parallel for if (outer * red > cpu::kParallelGrain)
+    for (int64_t o = 0; o < outer; ++o) po[o] = cpu::lane_sum(px + o * red, red);
+    return;
+  }
+  std::vector<T> piece_sums(static_cast<size_t>(outer * pieces));
+#pragma omp parallel for
+  for (int64_t job = 0; job < outer * pieces; ++job) {
+    const int64_t o = job / pieces, begin = job % pieces * kSumPiece;
+    piece_sums[job] = cpu::lane_sum(px + o * red + begin, std::min(kSumPiece, red - begin));
+  }
+  for (int64_t o = 0; o < outer; ++o) {
+    T acc = piece_sums[o * pieces];
+    for (int64_t p = 1; p < pieces; ++p) acc += piece_sums[o * pieces + p];
+    po[o] = acc;
   }
 }
 
@@ -105,21 +142,29 @@ Tensor fold(const Tensor& x, const std::vector<int64_t>& axes, const char* op, d
 
 }  // namespace
 
+// Adjacent axes (every reduction remat's models and losses make) take the block paths; others the
+// general fold, which lists every input offset.
 Tensor CpuBackend::reduce_sum(const Tensor& x, const std::vector<int64_t>& axes) {
-  if (auto block = as_block(x.shape(), axes); block && block->inner > 1) {
-    Shape out_shape = x.shape();
-    for (int64_t a : axes) out_shape[a] = 1;
-    Tensor out = Tensor::empty(out_shape, x.dtype());
-    cpu::dispatch_float(x.dtype(), "sum", [&]<typename T>() { sum_block(x.data<T>(), out.data<T>(), *block); });
-    return out;
-  }
-  return fold(x, axes, "sum", 0.0, [](auto acc, auto v) { return acc + v; });
+  auto block = as_block(x.shape(), axes);
+  if (!block) return fold(x, axes, "sum", 0.0, [](auto acc, auto v) { return acc + v; });
+  Tensor out = Tensor::empty(reduced_shape(x.shape(), axes), x.dtype());
+  cpu::dispatch_float(x.dtype(), "sum", [&]<typename T>() {
+    if (block->inner == 1) sum_runs(x.data<T>(), out.data<T>(), block->outer, block->red);
+    else fold_block(x.data<T>(), out.data<T>(), *block, T(0), [](T acc, T v) { return acc + v; });
+  });
+  return out;
 }
 
 Tensor CpuBackend::reduce_max(const Tensor& x, const std::vector<int64_t>& axes) {
   for (int64_t a : axes) REMAT_CHECK(x.shape()[a] > 0, "max: cannot reduce an empty axis of ", x.meta_str());
-  return fold(x, axes, "max", -std::numeric_limits<double>::infinity(),
-              [](auto best, auto v) { return v > best ? v : best; });
+  auto best = [](auto acc, auto v) { return v > acc ? v : acc; };
+  auto block = as_block(x.shape(), axes);
+  if (!block) return fold(x, axes, "max", -std::numeric_limits<double>::infinity(), best);
+  Tensor out = Tensor::empty(reduced_shape(x.shape(), axes), x.dtype());
+  cpu::dispatch_float(x.dtype(), "max", [&]<typename T>() {
+    fold_block(x.data<T>(), out.data<T>(), *block, -std::numeric_limits<T>::infinity(), best);
+  });
+  return out;
 }
 
 Tensor CpuBackend::reduce_max_backward(const Tensor& dy, const Tensor& x, const Tensor& y) {

@@ -127,8 +127,7 @@ std::vector<Tensor> CpuBackend::cross_entropy_rows(const Tensor& logits, const T
 #pragma omp parallel for if (n * v > cpu::kParallelGrain)
     for (int64_t i = 0; i < n; ++i) {
       const T* row = pl + i * v;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < v; ++j) mx = row[j] > mx ? row[j] : mx;
+      const T mx = cpu::lane_max(row, v);
       plse[i] = mx + std::log(cpu::sum_exp_shifted(row, mx, v));
       int64_t t = cpu::index_at(targets, i);
       ploss[i] = t == ignore_index ? T(0) : plse[i] - row[t];

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "cpu_backend.h"
+#include "lane_sums.h"
 #include "../common/elementwise_math.h"
 
 // GCC 12 reports its own AVX-512 min/max intrinsics, inlined here through Eigen's packet math, as
@@ -127,22 +128,29 @@ void exp_shifted(const T* x, T shift, T* y, int64_t n) {
   }
 }
 
-// sum_i exp(x[i] - shift), summed in index order, on the calling thread.
+// sum_i exp(x[i] - shift) on the calling thread, in lane_sums.h's order: element i into lane
+// i mod kLanes, the lanes then pairwise (a vector add a block, where adding a block's exps one at a
+// time in index order made cross_entropy and softmax wait on one chain of dependent adds).
 template <typename T>
 T sum_exp_shifted(const T* x, T shift, int64_t n) {
-  T sum = 0;
+  T acc[kLanes] = {};
   if constexpr (std::is_same_v<T, float>) {
+    static_assert(kVectorBlock == kLanes, "a block's exps go to the lanes one for one");
     for (int64_t start = 0; start < n; start += kVectorBlock) {
       const int64_t len = std::min<int64_t>(kVectorBlock, n - start);
       VectorBlock in = VectorBlock::Zero();
       std::copy(x + start, x + start + len, in.data());
       VectorBlock e = exp_block(in - shift);
-      for (int64_t i = 0; i < len; ++i) sum += e[i];
+      if (len == kVectorBlock) {
+        Eigen::Map<VectorBlock>(acc) += e;
+      } else {
+        for (int64_t i = 0; i < len; ++i) acc[i] += e[i];
+      }
     }
   } else {
-    for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - shift);
+    lane_sum_into(acc, n, [&](int64_t i) { return std::exp(x[i] - shift); });
   }
-  return sum;
+  return fold_lanes(acc);
 }
 
 }  // namespace remat::cpu
