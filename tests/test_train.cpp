@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <omp.h>
 
 #include "kernels/backend.h"
 #include "models/data.h"
@@ -134,6 +135,27 @@ TEST_CASE("SGD with momentum, clipping by global norm and the cosine schedule", 
   CHECK(sums[1] == 0.0);
   CHECK(sums[2] == 0.25 + 2.25 + 4.0);
   CHECK(sum_squares_by_device({}).empty());
+  // A large gradient's sum in pieces of 16384 elements, each in 16 lanes folded pairwise, the pieces
+  // in order: the same bits alone or beside others, on one thread or two.
+  manual_seed(6);
+  Tensor big = Tensor::randn({40000}), small = Tensor::randn({33});
+  std::vector<float> v = big.to_vector<float>();
+  double want = 0.0;
+  for (size_t begin = 0; begin < v.size(); begin += 16384) {
+    double lanes[16] = {};
+    for (size_t i = begin; i < std::min(v.size(), begin + 16384); ++i)
+      lanes[(i - begin) % 16] = std::fma(double(v[i]), double(v[i]), lanes[(i - begin) % 16]);
+    for (int w = 8; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    want += lanes[0];
+  }
+  CHECK(sum_squares_by_device({big})[0] == want);
+  CHECK(sum_squares_by_device({small, big, small})[1] == want);
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const double one_thread = sum_squares_by_device({big, small})[0];
+  omp_set_num_threads(threads);
+  CHECK(one_thread == want);
   // clip_grad_norm_ (the norm left unread, as a tensor) gives clip_grad_norm's bits, clipping or not.
   manual_seed(5);
   for (double max_norm : {0.5, 1e3}) {
