@@ -54,6 +54,31 @@ TEST_CASE("elementwise ops compute the textbook values", "[op]") {
   check_close(silu(f64({x}, {1})), {x / (1 + std::exp(-x))});
 }
 
+TEST_CASE("pow_scalar squares as x * x and keeps x^1 as x, forward and backward, to the bit", "[op]") {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  manual_seed(14);
+  std::vector<float> v = Tensor::randn({1000}).to_vector<float>();
+  v.insert(v.end(), {0.0f, -0.0f, inf, -inf, nan, 3e19f, -3e-23f});
+  const int64_t n = static_cast<int64_t>(v.size());
+  std::vector<float> g = Tensor::randn({n}).to_vector<float>();
+  for (float e : {2.0f, 1.0f}) {
+    INFO("exponent " << e);
+    Tensor x = Tensor::from_vector(v, {n}).set_requires_grad(true);
+    Tensor y = pow_scalar(x, e);
+    backward(y, Tensor::from_vector(g, {n}));
+    std::vector<float> got = y.to_vector<float>(), dx = x.grad().to_vector<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      const float want = e == 2.0f ? v[i] * v[i] : v[i], want_dx = e == 2.0f ? g[i] * 2.0f * v[i] : g[i] * 1.0f;
+      INFO("x " << v[i]);
+      CHECK((std::memcmp(&got[i], &want, 4) == 0 || (std::isnan(got[i]) && std::isnan(want))));
+      CHECK((std::memcmp(&dx[i], &want_dx, 4) == 0 || (std::isnan(dx[i]) && std::isnan(want_dx))));
+    }
+  }
+  // Other exponents keep libm's pow.
+  CHECK(pow_scalar(Tensor::from_vector(std::vector<float>{2.0f}, {1}), 0.5).to_vector<float>()[0] ==
+        std::pow(2.0f, 0.5f));
+}
+
 TEST_CASE("f32 transcendentals are within a few ulp of f64 and do not depend on position", "[op]") {
   // The f32 CPU kernels use Eigen's packet math; compare with the f64 kernels (libm) on a sweep.
   std::vector<double> sweep;

@@ -25,7 +25,7 @@ __device__ A unary_value(UnaryFn fn, A v, A s) {
   switch (fn) {
     case UnaryFn::add_scalar: return v + s;
     case UnaryFn::mul_scalar: return v * s;
-    case UnaryFn::pow_scalar: return pow(v, s);
+    case UnaryFn::pow_scalar: return s == A(2) ? v * v : pow(v, s);  // a square as the CPU's: x * x
     case UnaryFn::neg: return -v;
     case UnaryFn::exp: return exp(v);
     case UnaryFn::log: return log(v);
