@@ -137,6 +137,8 @@ TEST_CASE("as_contiguous copies any strided view like an index-by-index walk", "
       {{0, 3}, {3, 1}, 0},                    // empty
       {{}, {}, 17},                           // a scalar
       {{4, 3, 30}, {0, 1, 3}, 0},             // broadcast (stride 0)
+      {{6, 60}, {1, 6}, 0},                   // a transpose (tiles through a buffer), smaller than a tile
+      {{2, 20, 9}, {180, 1, 20}, 0},          // [B, T, C] -> [B, C, T]: two runs of transposed rows
   };
   for (DType dtype : {DType::f32, DType::f64, DType::i64, DType::bf16}) {
     Tensor base = Tensor::arange(360, DType::f64).to(dtype);
@@ -152,6 +154,15 @@ TEST_CASE("as_contiguous copies any strided view like an index-by-index walk", "
   Tensor big = Tensor::arange(8 * 128 * 8 * 32, DType::f64).to(DType::f32);
   Tensor heads = big.view({8, 8, 128, 32}, {128 * 8 * 32, 32, 8 * 32, 1}, 0);  // [B,T,H,D] -> [B,H,T,D]
   CHECK(heads.as_contiguous().to_vector<double>() == naive(big, heads.shape(), heads.strides(), 0));
+  // Transposes over many tiles, with partial tiles and column chunks at the ends, in every width.
+  for (DType dtype : {DType::f32, DType::f64, DType::bf16}) {
+    Tensor wide = Tensor::arange(3 * 250 * 141, DType::f64).to(dtype);
+    for (const Case& c : std::vector<Case>{{{141, 250}, {1, 141}, 0}, {{3, 141, 250}, {250 * 141, 1, 141}, 0}}) {
+      INFO(dtype_name(dtype) << " " << shape_str(c.shape));
+      CHECK(wide.view(c.shape, c.strides, c.offset).as_contiguous().to_vector<double>() ==
+            naive(wide, c.shape, c.strides, c.offset));
+    }
+  }
 }
 
 TEST_CASE("in-place writes bump the version counter shared by views", "[runtime]") {
