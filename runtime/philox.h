@@ -4,7 +4,7 @@
 #pragma once
 
 #include <cstdint>
-#if defined(__AVX2__) && !defined(__AVX512F__) && !defined(__CUDACC__)
+#if defined(__AVX2__) && !defined(__CUDACC__)
 #include <immintrin.h>
 #endif
 
@@ -106,15 +106,77 @@ inline void blocks_avx2(uint64_t seed, uint64_t block, uint32_t* out) {
 }
 #endif
 
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+#define REMAT_PHILOX_AVX512 1
+// blocks_avx2's scheme on 16 blocks a vector, 4 vectors at once: the 4 x 64 words of Philox blocks
+// block..block + 63, in order, into out[0..256). 0.47 ns an element in cache where GCC's AVX-512
+// code for the plain loop below took 0.77 (session 43).
+inline void blocks_avx512(uint64_t seed, uint64_t block, uint32_t* out) {
+  constexpr int kGroups = 4;
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kM0)), m1 = _mm512_set1_epi32(static_cast<int>(kM1));
+  __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int g = 0; g < kGroups; ++g) {
+    alignas(64) uint32_t lo[16], hi[16];
+    for (int l = 0; l < 16; ++l) {
+      const uint64_t counter = block + static_cast<uint64_t>(16 * g + l);
+      lo[l] = static_cast<uint32_t>(counter), hi[l] = static_cast<uint32_t>(counter >> 32);
+    }
+    c0[g] = _mm512_load_si512(lo), c1[g] = _mm512_load_si512(hi);
+    c2[g] = _mm512_setzero_si512(), c3[g] = _mm512_setzero_si512();
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  // lo and hi words of m * c lane by lane.
+  auto mulhilo = [](__m512i m, __m512i c, __m512i& lo, __m512i& hi) {
+    const __m512i even = _mm512_mul_epu32(c, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  };
+  constexpr int kXor3 = 0x96;  // a ^ b ^ c as a ternary-logic table
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g) {
+      __m512i lo0, hi0, lo1, hi1;
+      mulhilo(m0, c0[g], lo0, hi0);
+      mulhilo(m1, c2[g], lo1, hi1);
+      c0[g] = _mm512_ternarylogic_epi32(hi1, c1[g], key0, kXor3);
+      c2[g] = _mm512_ternarylogic_epi32(hi0, c3[g], key1, kXor3);
+      c1[g] = lo1, c3[g] = lo0;
+    }
+    k0 += kW0;
+    k1 += kW1;
+  }
+  // Words to element order: b_j holds block 4 k + j's four words in its 128-bit lane k; then the
+  // 4 x 4 lanes of b_0..b_3 transposed, so that vector q holds blocks 4 q .. 4 q + 3.
+  for (int g = 0; g < kGroups; ++g) {
+    const __m512i a = _mm512_unpacklo_epi32(c0[g], c1[g]), b = _mm512_unpackhi_epi32(c0[g], c1[g]);
+    const __m512i c = _mm512_unpacklo_epi32(c2[g], c3[g]), d = _mm512_unpackhi_epi32(c2[g], c3[g]);
+    const __m512i b0 = _mm512_unpacklo_epi64(a, c), b1 = _mm512_unpackhi_epi64(a, c);
+    const __m512i b2 = _mm512_unpacklo_epi64(b, d), b3 = _mm512_unpackhi_epi64(b, d);
+    const __m512i t0 = _mm512_shuffle_i32x4(b0, b1, 0x44), t1 = _mm512_shuffle_i32x4(b2, b3, 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(b0, b1, 0xEE), t3 = _mm512_shuffle_i32x4(b2, b3, 0xEE);
+    uint32_t* o = out + 64 * g;
+    _mm512_storeu_si512(o, _mm512_shuffle_i32x4(t0, t1, 0x88));
+    _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+    _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+    _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+  }
+}
+#endif
+
 #ifndef __CUDA_ARCH__
 // bits_at(seed, offset, i) for i in [first, first + n), into out[0..n): the same values, a Philox
 // block per four elements instead of per element, and kLanes blocks side by side so that the
-// compiler runs the rounds in vector registers (32x32->64 multiplies), or blocks_avx2 above.
+// compiler runs the rounds in vector registers (32x32->64 multiplies), or blocks_avx512 or
+// blocks_avx2 above (the loop then takes a tail of fewer than 256 or 64 elements).
 inline void fill_bits(uint64_t seed, uint64_t offset, uint64_t first, uint64_t n, uint32_t* out) {
   constexpr int kLanes = 16;
   uint64_t i = first, end = first + n;
   // A head that does not start on a block boundary, one element at a time.
   for (; i < end && i % 4 != 0; ++i) *out++ = bits_at(seed, offset, i);
+#ifdef REMAT_PHILOX_AVX512
+  for (; end - i >= 256; out += 256, i += 256) blocks_avx512(seed, offset + i / 4, out);
+#endif
 #ifdef REMAT_PHILOX_AVX2
   for (; end - i >= 4 * static_cast<uint64_t>(kLanes); out += 4 * kLanes, i += 4 * kLanes)
     blocks_avx2(seed, offset + i / 4, out);
