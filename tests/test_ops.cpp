@@ -795,6 +795,25 @@ TEST_CASE("embedding gathers rows and rejects out-of-range ids", "[op][embedding
   CHECK_THROWS_WITH(embedding(w, w), Contains("embedding: expected indices of dtype i32 or i64"));
 }
 
+TEST_CASE("embedding's backward adds each id's gradients in token order, to the bit", "[op][embedding]") {
+  // 3000 tokens over 700 ids (repeats, ids never drawn), i32 and i64 ids: each row of dW equals a
+  // naive loop that adds the tokens' rows in token order, starting from zero.
+  manual_seed(15);
+  const int64_t vocab = 700, c = 37, n = 3000;
+  std::vector<int64_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = (i * i * 7 + i * 13) % 523 + (i % 3 == 0 ? 150 : 0);
+  Tensor dy = Tensor::randn({3, n / 3, c});
+  std::vector<float> g = dy.to_vector<float>(), want(vocab * c, 0.0f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < c; ++j) want[ids[i] * c + j] += g[i * c + j];
+  for (DType index_dtype : {DType::i64, DType::i32}) {
+    Tensor idx = Tensor::from_vector(ids, {3, n / 3}).to(index_dtype);
+    Tensor w = Tensor::randn({vocab, c}).set_requires_grad(true);
+    backward(embedding(idx, w), dy);
+    CHECK(w.grad().to_vector<float>() == want);
+  }
+}
+
 TEST_CASE("cross_entropy equals the mean of logsumexp minus the target logit", "[op][cross_entropy]") {
   Tensor logits = f64({1, 2, 3, 0, 0, 0, 5, 1, 1}, {3, 3});
   Tensor targets = Tensor::from_vector<int64_t>({2, -100, 0}, {3});

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "runtime/philox.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -97,16 +99,38 @@ Tensor CpuBackend::embedding(const Tensor& idx, const Tensor& weight) {
   return out;
 }
 
+// Each row of dW adds its tokens' gradients in token order (a fixed order: the CUDA kernel's too).
+// The tokens are grouped by id (a stable sort keeps token order within an id), so each id's row is
+// summed a contiguous row at a time and the ids run in parallel. Channel by channel over every
+// token, each addition went to a random row of dW: 76 ms for gpt2's [8, 1024] tokens and
+// [50304, 768] table, most of it cache misses.
 Tensor CpuBackend::embedding_backward(const Tensor& dy, const Tensor& idx, int64_t vocab) {
-  int64_t n = idx.numel(), c = dy.size(-1);
+  const int64_t n = idx.numel(), c = dy.size(-1);
   Tensor dw = Tensor::zeros({vocab, c}, dy.dtype());
+  std::vector<int64_t> ids(static_cast<size_t>(n)), order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    ids[i] = cpu::index_at(idx, i);
+    REMAT_CHECK(ids[i] >= 0 && ids[i] < vocab, "embedding backward: expected indices in [0, ", vocab, "), got ",
+                ids[i], " at position ", i);
+  }
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  std::vector<int64_t> starts;  // where each id's tokens begin in `order`, then n
+  for (int64_t k = 0; k < n; ++k)
+    if (k == 0 || ids[order[k]] != ids[order[k - 1]]) starts.push_back(k);
+  starts.push_back(n);
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
   cpu::dispatch_float(dy.dtype(), "embedding_backward", [&]<typename T>() {
     const T* pdy = dy.data<T>();
     T* pdw = dw.data<T>();
-    // Threads split channels; each channel adds tokens in their order, so the sum is deterministic.
-#pragma omp parallel for if (n * c > cpu::kParallelGrain)
-    for (int64_t j = 0; j < c; ++j)
-      for (int64_t i = 0; i < n; ++i) pdw[cpu::index_at(idx, i) * c + j] += pdy[i * c + j];
+#pragma omp parallel for schedule(dynamic, 16) if (n * c > cpu::kParallelGrain)
+    for (int64_t g = 0; g < groups; ++g) {
+      T* row = pdw + ids[order[starts[g]]] * c;
+      for (int64_t k = starts[g]; k < starts[g + 1]; ++k) {
+        const T* src = pdy + order[k] * c;
+        for (int64_t j = 0; j < c; ++j) row[j] += src[j];
+      }
+    }
   });
   return dw;
 }
