@@ -105,12 +105,13 @@ void copy_words(char* dst, const char* src, int64_t count, int64_t stride) {
 }
 
 // The copy of a transpose: output row i of a run of `rows` rows reads the source from src + i (the
-// source's unit-stride dim is the output's second innermost: x.t(), [B, T, C] -> [B, C, T]), its
-// column j at j * inner_step. A task copies columns [j0, j0 + kTransposeColumns) of every row of the
-// run, kTransposeTile x kTransposeTile elements at a time through a buffer: each source line is read
-// whole at once and each output line written whole at once. A [4096, 1024] f32 transpose: 15 ms row
-// by row (each element of an output row from another page), 7 ms in tiles written straight across
-// (the tile's rows, a power of two apart, evicted each other from the cache), 2.9 ms so.
+// source's unit-stride dim is the output's second innermost: a matrix's transpose, [B, T, C] ->
+// [B, C, T]), its column j at j * inner_step. A task copies columns [j0, j0 + kTransposeColumns) of
+// every row of the run, kTransposeTile x kTransposeTile elements at a time through a buffer: each
+// source line is read whole at once and each output line written whole at once. A [4096, 1024] f32
+// transpose: 15 ms row by row (each element of an output row from another page), 7 ms in tiles
+// written straight across (the tile's rows, a power of two apart, evicted each other from the
+// cache), 2.9 ms so.
 constexpr int64_t kTransposeTile = 16, kTransposeColumns = 64;
 
 template <typename Word>
