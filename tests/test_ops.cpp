@@ -141,20 +141,22 @@ TEST_CASE("reductions over axes with and without keepdim", "[op]") {
   CHECK_THROWS_WITH(sum(x, {1, -1}), Contains("listed twice"));
 }
 
+// A run's sum in kernels/cpu/lane_sums.h's order: element i into lane i mod 16, the lanes pairwise.
+float lane_sum_reference(const float* x, int64_t n) {
+  float lanes[16] = {};
+  for (int64_t i = 0; i < n; ++i) lanes[i % 16] += x[i];
+  for (int w = 8; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
+}
+
 // sum(x)'s order over a run of contiguous inputs (the reduced axes are the last ones): pieces of
-// 8192 from the run's start, each in 16 interleaved lanes added pairwise, the pieces one after
-// another (kernels/cpu/reduce.cpp).
+// 8192 from the run's start, each in lanes, the pieces one after another (kernels/cpu/reduce.cpp).
 float run_sum_reference(const float* x, int64_t n) {
   constexpr int64_t kPiece = 8192;
-  float total = 0.0f;
-  for (int64_t begin = 0; begin < n || begin == 0; begin += kPiece) {
-    float lanes[16] = {};
-    for (int64_t i = begin; i < std::min(n, begin + kPiece); ++i) lanes[(i - begin) % 16] += x[i];
-    for (int w = 8; w > 0; w /= 2)
-      for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-    total = begin == 0 ? lanes[0] : total + lanes[0];
-    if (n == 0) break;
-  }
+  float total = lane_sum_reference(x, std::min(n, kPiece));
+  for (int64_t begin = kPiece; begin < n; begin += kPiece)
+    total += lane_sum_reference(x + begin, std::min(kPiece, n - begin));
   return total;
 }
 
@@ -579,15 +581,6 @@ TEST_CASE("softmax rows sum to one and match exp(x)/sum(exp(x))", "[op][softmax]
   CHECK(y[3] + y[4] + y[5] == Approx(1.0));
 }
 
-// A row's exp sum in kernels/cpu/lane_sums.h's order: element i into lane i mod 16, the lanes pairwise.
-float lane_exp_sum_reference(const std::vector<float>& exps) {
-  float lanes[16] = {};
-  for (size_t i = 0; i < exps.size(); ++i) lanes[i % 16] += exps[i];
-  for (int w = 8; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-  return lanes[0];
-}
-
 TEST_CASE("softmax and cross_entropy take a row's maximum and exp sum in lanes, to the bit", "[op][softmax]") {
   manual_seed(13);
   for (int64_t n : {1, 5, 16, 17, 100, 1000, 4099}) {
@@ -603,7 +596,7 @@ TEST_CASE("softmax and cross_entropy take a row's maximum and exp sum in lanes, 
       CHECK(cpu::lane_max(row, n) == mx);
       std::vector<float> exps(n);
       cpu::exp_shifted(row, mx, exps.data(), n);  // an element's exp depends on it alone
-      const float sum = lane_exp_sum_reference(exps);
+      const float sum = lane_sum_reference(exps.data(), n);
       CHECK(cpu::sum_exp_shifted(row, mx, n) == sum);
       for (int64_t i = 0; i < n; ++i) want_softmax[r * n + i] = exps[i] / sum;
       rows_lse[r] = mx + std::log(sum);
